@@ -1,0 +1,103 @@
+#include "cli/generate_command.hpp"
+
+#include <chrono>
+#include <memory>
+#include <sstream>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include "engine/backend/cpu/cpu_backend.hpp"
+#include "engine/generate.hpp"
+
+namespace troupe::cli {
+
+namespace {
+
+struct generate_args {
+  std::string model;
+  std::string prompt_ids;
+  int32_t max_tokens = 16;
+  int32_t block_size = 16;
+  int32_t prefill_chunk = 0;
+  bool ignore_eos = false;
+};
+
+expected<std::vector<token_id>> parse_ids(const std::string& text) {
+  std::vector<token_id> ids;
+  std::stringstream in(text);
+  std::string item;
+  while (std::getline(in, item, ',')) {
+    try {
+      size_t used = 0;
+      long v = std::stol(item, &used);
+      if (used != item.size() || v < 0 || v > INT32_MAX)
+        throw std::invalid_argument(item);
+      ids.push_back(static_cast<token_id>(v));
+    } catch (const std::exception&) {
+      return make_error(errc::invalid_argument,
+                        "--prompt-ids: '{}' is not a token id (expected e.g. 1,2,3)", item);
+    }
+  }
+  if (ids.empty())
+    return make_error(errc::invalid_argument, "--prompt-ids: no token ids given");
+  return ids;
+}
+
+int run(const generate_args& args) {
+  auto prompt = parse_ids(args.prompt_ids);
+  if (!prompt) {
+    fmt::print(stderr, "error: {}\n", prompt.error().message());
+    return 2;
+  }
+  const int64_t tokens = static_cast<int64_t>(prompt->size()) + args.max_tokens;
+  engine::kv_cache_options kv{.num_blocks = static_cast<int32_t>(tokens / args.block_size + 1),
+                              .block_size = args.block_size};
+  auto t0 = std::chrono::steady_clock::now();
+  auto model = engine::cpu_backend::load(args.model, kv);
+  if (!model) {
+    fmt::print(stderr, "error: {}\n", model.error().to_string());
+    return 1;
+  }
+  auto t1 = std::chrono::steady_clock::now();
+  engine::generate_options opts{.max_new_tokens = args.max_tokens,
+                                .prefill_chunk = args.prefill_chunk,
+                                .stop_at_eos = !args.ignore_eos};
+  auto out = engine::generate_greedy(**model, {*prompt}, opts);
+  if (!out) {
+    fmt::print(stderr, "error: {}\n", out.error().to_string());
+    return 1;
+  }
+  auto t2 = std::chrono::steady_clock::now();
+  using ms = std::chrono::duration<double, std::milli>;
+  const auto& gen = out->front();
+  fmt::print("model: {} ({})\n", args.model, (*model)->config().architecture);
+  fmt::print("prompt ids: {}\n", fmt::join(gen.prompt, ","));
+  fmt::print("generated ids: {}\n", fmt::join(gen.output, ","));
+  fmt::print(stderr, "load {:.1f} ms, generate {} tokens in {:.1f} ms ({:.1f} tokens/s, cpu)\n",
+             ms(t1 - t0).count(), gen.output.size(), ms(t2 - t1).count(),
+             gen.output.size() / std::max(1e-9, ms(t2 - t1).count() / 1000));
+  return 0;
+}
+
+} // namespace
+
+void add_generate_command(CLI::App& app, int& exit_code) {
+  auto args = std::make_shared<generate_args>();
+  auto* cmd = app.add_subcommand("generate", "Greedy offline generation on the CPU backend");
+  cmd->add_option("--model", args->model, "Hugging Face model folder (config.json + safetensors)")
+    ->required();
+  cmd->add_option("--prompt-ids", args->prompt_ids, "Prompt token ids, comma separated")
+    ->required();
+  cmd->add_option("--max-tokens", args->max_tokens, "Tokens to generate")
+    ->check(CLI::Range(1, 1 << 20));
+  cmd->add_option("--block-size", args->block_size, "KV cache block size in tokens")
+    ->check(CLI::Range(1, 1024));
+  cmd->add_option("--prefill-chunk", args->prefill_chunk,
+                  "Prompt tokens per step (0 = whole prompt)")
+    ->check(CLI::NonNegativeNumber);
+  cmd->add_flag("--ignore-eos", args->ignore_eos, "Keep generating past EOS");
+  cmd->callback([args, &exit_code] { exit_code = run(*args); });
+}
+
+} // namespace troupe::cli

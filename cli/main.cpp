@@ -1,0 +1,23 @@
+// The `cluster` executable: every troupe subcommand behind one binary.
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
+#include "cli/generate_command.hpp"
+
+#ifndef TROUPE_VERSION
+#define TROUPE_VERSION "0.0.0"
+#endif
+
+int main(int argc, char** argv) {
+  CLI::App app{"troupe: actor-based distributed runtime for model-parallel LLM serving", "cluster"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", TROUPE_VERSION);
+  int exit_code = 0;
+  troupe::cli::add_generate_command(app, exit_code);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  return exit_code;
+}

@@ -1,0 +1,58 @@
+# Finds every third-party dependency (Debian 12 packages; scripts/deps.sh installs them) and
+# decides the optional CUDA and RDMA parts. Defines imported targets the folders link against.
+find_package(Threads REQUIRED)
+find_package(fmt REQUIRED)
+find_package(nlohmann_json REQUIRED)
+find_package(yaml-cpp REQUIRED)
+find_package(CLI11 REQUIRED)
+find_package(Boost 1.74 REQUIRED)
+find_package(doctest REQUIRED)
+list(APPEND CMAKE_MODULE_PATH ${doctest_DIR})
+
+# CAF 0.17 (libcaf-dev) ships no CMake package: find its headers and libraries directly.
+find_path(CAF_INCLUDE_DIR caf/all.hpp REQUIRED)
+find_library(CAF_CORE_LIBRARY caf_core REQUIRED)
+find_library(CAF_IO_LIBRARY caf_io REQUIRED)
+add_library(caf::core UNKNOWN IMPORTED)
+set_target_properties(caf::core PROPERTIES IMPORTED_LOCATION ${CAF_CORE_LIBRARY}
+                      INTERFACE_INCLUDE_DIRECTORIES ${CAF_INCLUDE_DIR})
+add_library(caf::io UNKNOWN IMPORTED)
+set_target_properties(caf::io PROPERTIES IMPORTED_LOCATION ${CAF_IO_LIBRARY}
+                      INTERFACE_LINK_LIBRARIES caf::core)
+
+# CUDA: AUTO builds the CUDA parts when nvcc and NCCL are both present.
+set(TROUPE_WITH_CUDA OFF)
+if(NOT TROUPE_CUDA STREQUAL "OFF")
+  include(CheckLanguage)
+  check_language(CUDA)
+  find_package(CUDAToolkit QUIET)
+  find_library(NCCL_LIBRARY nccl HINTS ${CUDAToolkit_LIBRARY_DIR} /usr/local/cuda/lib64)
+  find_path(NCCL_INCLUDE_DIR nccl.h HINTS ${CUDAToolkit_INCLUDE_DIRS} /usr/local/cuda/include)
+  if(CMAKE_CUDA_COMPILER AND CUDAToolkit_FOUND AND NCCL_LIBRARY AND NCCL_INCLUDE_DIR)
+    set(TROUPE_WITH_CUDA ON)
+    if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
+      set(CMAKE_CUDA_ARCHITECTURES 90a)
+    endif()
+    enable_language(CUDA)
+    add_library(troupe::nccl UNKNOWN IMPORTED)
+    set_target_properties(troupe::nccl PROPERTIES IMPORTED_LOCATION ${NCCL_LIBRARY}
+                          INTERFACE_INCLUDE_DIRECTORIES ${NCCL_INCLUDE_DIR})
+  elseif(TROUPE_CUDA STREQUAL "ON")
+    message(FATAL_ERROR "TROUPE_CUDA=ON but nvcc, the CUDA toolkit or NCCL was not found")
+  endif()
+endif()
+
+# RDMA: rdma-core's ibverbs (libibverbs-dev).
+set(TROUPE_WITH_RDMA OFF)
+if(NOT TROUPE_RDMA STREQUAL "OFF")
+  find_path(IBVERBS_INCLUDE_DIR infiniband/verbs.h)
+  find_library(IBVERBS_LIBRARY ibverbs)
+  if(IBVERBS_INCLUDE_DIR AND IBVERBS_LIBRARY)
+    set(TROUPE_WITH_RDMA ON)
+    add_library(troupe::ibverbs UNKNOWN IMPORTED)
+    set_target_properties(troupe::ibverbs PROPERTIES IMPORTED_LOCATION ${IBVERBS_LIBRARY}
+                          INTERFACE_INCLUDE_DIRECTORIES ${IBVERBS_INCLUDE_DIR})
+  elseif(TROUPE_RDMA STREQUAL "ON")
+    message(FATAL_ERROR "TROUPE_RDMA=ON but libibverbs was not found (apt-get install libibverbs-dev)")
+  endif()
+endif()

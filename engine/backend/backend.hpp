@@ -1,0 +1,57 @@
+// The compute interface every backend implements (cpu/ float32 reference, cuda/ bf16). A worker
+// owns one backend: its weight shard and its KV cache pool. forward() runs one step plan.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "engine/model/model_config.hpp"
+#include "runtime/error.hpp"
+#include "runtime/step.hpp"
+
+namespace troupe::engine {
+
+// The paged KV cache: num_blocks blocks of block_size tokens, per layer.
+struct kv_cache_options {
+  int32_t num_blocks = 256;
+  int32_t block_size = 16;
+};
+
+// Logits a forward pass produced, for the seq_steps that asked for them.
+struct forward_output {
+  int64_t vocab_size = 0;
+  std::vector<float> logits;      // [rows, vocab_size]
+  std::vector<int32_t> first_row; // per seq_step in plan order: first row, or -1 (logits_mode::none)
+  std::vector<int32_t> num_rows;  // per seq_step: 0, 1 (last) or its token count (all)
+
+  std::span<const float> row(int32_t r) const {
+    return {logits.data() + static_cast<size_t>(r) * vocab_size, static_cast<size_t>(vocab_size)};
+  }
+  // The logits of seq_step i's last fed token. Precondition: num_rows[i] > 0.
+  std::span<const float> last_row(size_t i) const { return row(first_row[i] + num_rows[i] - 1); }
+};
+
+class backend {
+public:
+  virtual ~backend() = default;
+
+  virtual const model_config& config() const = 0;
+  virtual kv_cache_options kv_options() const = 0;
+
+  // Feeds every seq_step's tokens at their positions, writes their keys and values into the KV
+  // blocks named by the block tables, and fills `out` with the requested logits. The plan may mix
+  // prefill chunks and decode tokens of many sequences. Blocks the calling thread until done.
+  virtual expected<void> forward(const step_plan& plan, forward_output& out) = 0;
+};
+
+// Checks a plan against a model and KV layout: token ids within the vocabulary, block tables
+// long enough and within the pool, no sequence twice. Backends call it before touching memory.
+expected<void> validate_plan(const step_plan& plan, const model_config& config,
+                             const kv_cache_options& kv);
+
+// Sizes `out` for `plan` (first_row/num_rows; logits zero-filled). Returns the row count.
+int32_t prepare_output(const step_plan& plan, int64_t vocab_size, forward_output& out);
+
+} // namespace troupe::engine

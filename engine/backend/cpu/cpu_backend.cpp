@@ -1,0 +1,304 @@
+#include "engine/backend/cpu/cpu_backend.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "engine/backend/cpu/ops.hpp"
+#include "engine/model/rope.hpp"
+
+namespace troupe::engine {
+
+using cpu::matmul_nt;
+using cpu::rms_norm;
+
+namespace {
+
+// Loads `name` with `shape` into `dst`, or returns the error from the enclosing function.
+#define TROUPE_LOAD(dst, name, ...)                                                                \
+  do {                                                                                             \
+    auto loaded_ = w.load_f32(name, {__VA_ARGS__});                                               \
+    if (!loaded_)                                                                                  \
+      return std::move(loaded_).error();                                                           \
+    dst = std::move(*loaded_);                                                                     \
+  } while (false)
+
+} // namespace
+
+expected<std::unique_ptr<cpu_backend>> cpu_backend::load(const std::filesystem::path& model_dir,
+                                                         kv_cache_options kv) {
+  auto config = load_model_config(model_dir);
+  if (!config)
+    return std::move(config).error();
+  auto weights = weight_store::open(model_dir);
+  if (!weights)
+    return std::move(weights).error();
+  return create(std::move(*config), *weights, kv);
+}
+
+expected<std::unique_ptr<cpu_backend>> cpu_backend::create(model_config config,
+                                                           const weight_store& w,
+                                                           kv_cache_options kv) {
+  if (kv.num_blocks <= 0 || kv.block_size <= 0)
+    return make_error(errc::invalid_argument, "KV cache needs num_blocks > 0 and block_size > 0");
+  std::unique_ptr<cpu_backend> b(new cpu_backend());
+  b->config_ = std::move(config);
+  b->kv_ = kv;
+  const auto& c = b->config_;
+  TROUPE_LOAD(b->embed_, "model.embed_tokens.weight", c.vocab_size, c.hidden_size);
+  TROUPE_LOAD(b->final_norm_, "model.norm.weight", c.hidden_size);
+  if (!c.tie_word_embeddings)
+    TROUPE_LOAD(b->lm_head_, "lm_head.weight", c.vocab_size, c.hidden_size);
+  b->layers_.resize(static_cast<size_t>(c.num_layers));
+  for (int64_t l = 0; l < c.num_layers; ++l)
+    TROUPE_TRY_VOID(b->load_layer(w, l));
+  b->inv_freq_ = rope_inv_freq(c);
+  size_t cache = static_cast<size_t>(c.num_layers) * kv.num_blocks * kv.block_size * c.kv_size();
+  b->k_cache_.assign(cache, 0.0f);
+  b->v_cache_.assign(cache, 0.0f);
+  return b;
+}
+
+expected<void> cpu_backend::load_layer(const weight_store& w, int64_t l) {
+  const auto& c = config_;
+  auto& L = layers_[static_cast<size_t>(l)];
+  const std::string p = fmt::format("model.layers.{}.", l);
+  const int64_t H = c.hidden_size;
+  TROUPE_LOAD(L.input_norm, p + "input_layernorm.weight", H);
+  TROUPE_LOAD(L.post_norm, p + "post_attention_layernorm.weight", H);
+  TROUPE_LOAD(L.wq, p + "self_attn.q_proj.weight", c.q_size(), H);
+  TROUPE_LOAD(L.wk, p + "self_attn.k_proj.weight", c.kv_size(), H);
+  TROUPE_LOAD(L.wv, p + "self_attn.v_proj.weight", c.kv_size(), H);
+  TROUPE_LOAD(L.wo, p + "self_attn.o_proj.weight", H, c.q_size());
+  if (c.attention_bias) {
+    TROUPE_LOAD(L.bq, p + "self_attn.q_proj.bias", c.q_size());
+    TROUPE_LOAD(L.bk, p + "self_attn.k_proj.bias", c.kv_size());
+    TROUPE_LOAD(L.bv, p + "self_attn.v_proj.bias", c.kv_size());
+  }
+  if (c.o_proj_bias)
+    TROUPE_LOAD(L.bo, p + "self_attn.o_proj.bias", H);
+  if (c.qk_norm) {
+    TROUPE_LOAD(L.q_norm, p + "self_attn.q_norm.weight", c.head_dim);
+    TROUPE_LOAD(L.k_norm, p + "self_attn.k_norm.weight", c.head_dim);
+  }
+  if (c.is_moe_layer(l)) {
+    const int64_t I = c.moe_intermediate_size;
+    TROUPE_LOAD(L.router, p + "mlp.gate.weight", c.num_experts, H);
+    L.experts.resize(static_cast<size_t>(c.num_experts));
+    for (int64_t e = 0; e < c.num_experts; ++e) {
+      auto& E = L.experts[static_cast<size_t>(e)];
+      const std::string ep = fmt::format("{}mlp.experts.{}.", p, e);
+      TROUPE_LOAD(E.gate, ep + "gate_proj.weight", I, H);
+      TROUPE_LOAD(E.up, ep + "up_proj.weight", I, H);
+      TROUPE_LOAD(E.down, ep + "down_proj.weight", H, I);
+    }
+  } else {
+    const int64_t I = c.intermediate_size;
+    TROUPE_LOAD(L.gate, p + "mlp.gate_proj.weight", I, H);
+    TROUPE_LOAD(L.up, p + "mlp.up_proj.weight", I, H);
+    TROUPE_LOAD(L.down, p + "mlp.down_proj.weight", H, I);
+  }
+  return {};
+}
+
+float* cpu_backend::k_block(int64_t l, int32_t block) const {
+  size_t per_block = static_cast<size_t>(kv_.block_size * config_.kv_size());
+  return k_cache_.data() + (static_cast<size_t>(l) * kv_.num_blocks + block) * per_block;
+}
+
+float* cpu_backend::v_block(int64_t l, int32_t block) const {
+  size_t per_block = static_cast<size_t>(kv_.block_size * config_.kv_size());
+  return v_cache_.data() + (static_cast<size_t>(l) * kv_.num_blocks + block) * per_block;
+}
+
+expected<void> cpu_backend::forward(const step_plan& plan, forward_output& out) {
+  TROUPE_TRY_VOID(validate_plan(plan, config_, kv_));
+  const auto& c = config_;
+  const int64_t H = c.hidden_size;
+  batch b;
+  for (size_t i = 0; i < plan.seqs.size(); ++i) {
+    const auto& s = plan.seqs[i];
+    for (size_t j = 0; j < s.tokens.size(); ++j) {
+      b.positions.push_back(s.start_pos + static_cast<int32_t>(j));
+      b.seq_of.push_back(static_cast<int32_t>(i));
+    }
+  }
+  const int64_t T = static_cast<int64_t>(b.positions.size());
+
+  // x[T, H]: the residual stream.
+  std::vector<float> x(static_cast<size_t>(T * H));
+  int64_t t = 0;
+  for (const auto& s : plan.seqs)
+    for (auto tok : s.tokens)
+      std::copy_n(embed_.data() + tok * H, H, x.data() + (t++) * H);
+
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const auto& L = layers_[static_cast<size_t>(l)];
+    attention_block(L, l, plan, b, x);
+    mlp_block(L, x, T);
+  }
+
+  // Final norm and lm_head only for the rows that asked for logits.
+  int32_t rows = prepare_output(plan, c.vocab_size, out);
+  std::vector<float> h(static_cast<size_t>(rows * H));
+  int32_t r = 0;
+  t = 0;
+  for (size_t i = 0; i < plan.seqs.size(); ++i) {
+    const int64_t n = static_cast<int64_t>(plan.seqs[i].tokens.size());
+    const int64_t first = t + n - out.num_rows[i]; // all rows, or only the last one
+    for (int64_t k = first; k < t + n; ++k)
+      rms_norm(x.data() + k * H, 1, H, final_norm_.data(), c.rms_norm_eps, h.data() + (r++) * H);
+    t += n;
+  }
+  const auto& head = lm_head_.empty() ? embed_ : lm_head_;
+  matmul_nt(h.data(), rows, H, head.data(), c.vocab_size, out.logits.data());
+  return {};
+}
+
+void cpu_backend::attention_block(const layer& L, int64_t l, const step_plan& plan, const batch& b,
+                                  std::vector<float>& x) {
+  const auto& c = config_;
+  const int64_t T = static_cast<int64_t>(b.positions.size());
+  const int64_t H = c.hidden_size, D = c.head_dim;
+  std::vector<float> h(static_cast<size_t>(T * H));
+  rms_norm(x.data(), T, H, L.input_norm.data(), c.rms_norm_eps, h.data());
+
+  std::vector<float> q(static_cast<size_t>(T * c.q_size()));
+  std::vector<float> k(static_cast<size_t>(T * c.kv_size()));
+  std::vector<float> v(static_cast<size_t>(T * c.kv_size()));
+  auto bias = [](const std::vector<float>& bv) { return bv.empty() ? nullptr : bv.data(); };
+  matmul_nt(h.data(), T, H, L.wq.data(), c.q_size(), q.data(), bias(L.bq));
+  matmul_nt(h.data(), T, H, L.wk.data(), c.kv_size(), k.data(), bias(L.bk));
+  matmul_nt(h.data(), T, H, L.wv.data(), c.kv_size(), v.data(), bias(L.bv));
+  if (c.qk_norm) {
+    rms_norm(q.data(), T * c.num_heads, D, L.q_norm.data(), c.rms_norm_eps, q.data());
+    rms_norm(k.data(), T * c.num_kv_heads, D, L.k_norm.data(), c.rms_norm_eps, k.data());
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    cpu::apply_rope(q.data() + t * c.q_size(), c.num_heads, D, b.positions[t], inv_freq_);
+    cpu::apply_rope(k.data() + t * c.kv_size(), c.num_kv_heads, D, b.positions[t], inv_freq_);
+  }
+  // Write this step's keys and values into their paged slots before attending, so that a token
+  // sees every earlier token of its sequence, whether cached in an earlier step or fed now.
+  for (int64_t t = 0; t < T; ++t) {
+    const auto& s = plan.seqs[static_cast<size_t>(b.seq_of[t])];
+    int32_t pos = b.positions[t];
+    int32_t block = s.block_table[static_cast<size_t>(pos / kv_.block_size)];
+    size_t slot = static_cast<size_t>((pos % kv_.block_size) * c.kv_size());
+    std::copy_n(k.data() + t * c.kv_size(), c.kv_size(), k_block(l, block) + slot);
+    std::copy_n(v.data() + t * c.kv_size(), c.kv_size(), v_block(l, block) + slot);
+  }
+  std::vector<float> attn(static_cast<size_t>(T * c.q_size()));
+  int64_t t = 0;
+  for (const auto& s : plan.seqs) {
+    for (size_t j = 0; j < s.tokens.size(); ++j, ++t) {
+      attend(l, s.block_table, s.start_pos + static_cast<int32_t>(j), q.data() + t * c.q_size(),
+             attn.data() + t * c.q_size());
+    }
+  }
+  std::vector<float> o(static_cast<size_t>(T * H));
+  matmul_nt(attn.data(), T, c.q_size(), L.wo.data(), H, o.data(), bias(L.bo));
+  for (size_t i = 0; i < x.size(); ++i)
+    x[i] += o[i];
+}
+
+void cpu_backend::attend(int64_t l, std::span<const int32_t> table, int32_t pos, const float* q,
+                         float* out) const {
+  // The query at `pos` over keys 0..pos of its sequence (causal), grouped-query heads.
+  const auto& c = config_;
+  const int64_t D = c.head_dim;
+  const int64_t group = c.num_heads / c.num_kv_heads;
+  const int32_t ctx = pos + 1;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  std::vector<float> scores(static_cast<size_t>(ctx));
+  for (int64_t h = 0; h < c.num_heads; ++h) {
+    const int64_t kvh = h / group;
+    const float* qh = q + h * D;
+    for (int32_t j = 0; j < ctx; ++j) {
+      const float* kj = k_block(l, table[static_cast<size_t>(j / kv_.block_size)])
+                        + (j % kv_.block_size) * c.kv_size() + kvh * D;
+      float dot = 0;
+      for (int64_t d = 0; d < D; ++d)
+        dot += qh[d] * kj[d];
+      scores[static_cast<size_t>(j)] = dot * scale;
+    }
+    cpu::softmax(scores.data(), ctx);
+    float* oh = out + h * D;
+    std::fill_n(oh, D, 0.0f);
+    for (int32_t j = 0; j < ctx; ++j) {
+      const float* vj = v_block(l, table[static_cast<size_t>(j / kv_.block_size)])
+                        + (j % kv_.block_size) * c.kv_size() + kvh * D;
+      const float p = scores[static_cast<size_t>(j)];
+      for (int64_t d = 0; d < D; ++d)
+        oh[d] += p * vj[d];
+    }
+  }
+}
+
+void cpu_backend::mlp_block(const layer& L, std::vector<float>& x, int64_t n) {
+  const auto& c = config_;
+  const int64_t H = c.hidden_size;
+  std::vector<float> h(static_cast<size_t>(n * H));
+  rms_norm(x.data(), n, H, L.post_norm.data(), c.rms_norm_eps, h.data());
+  std::vector<float> y(static_cast<size_t>(n * H));
+  if (!L.experts.empty()) {
+    moe(L, h.data(), n, y.data());
+  } else {
+    const int64_t I = c.intermediate_size;
+    std::vector<float> g(static_cast<size_t>(n * I)), u(static_cast<size_t>(n * I));
+    matmul_nt(h.data(), n, H, L.gate.data(), I, g.data());
+    matmul_nt(h.data(), n, H, L.up.data(), I, u.data());
+    cpu::silu_mul(g.data(), u.data(), n, I, g.data());
+    matmul_nt(g.data(), n, I, L.down.data(), H, y.data());
+  }
+  for (size_t i = 0; i < x.size(); ++i)
+    x[i] += y[i];
+}
+
+void cpu_backend::moe(const layer& L, const float* h, int64_t n, float* out) const {
+  // Softmax router, top-k experts per token (ties to the lower id), optionally renormalised.
+  const auto& c = config_;
+  const int64_t H = c.hidden_size, E = c.num_experts, K = c.num_experts_per_tok;
+  const int64_t I = c.moe_intermediate_size;
+  std::vector<float> probs(static_cast<size_t>(n * E));
+  matmul_nt(h, n, H, L.router.data(), E, probs.data());
+  std::vector<std::vector<std::pair<int64_t, float>>> routed(static_cast<size_t>(E));
+  std::vector<int64_t> order(static_cast<size_t>(E));
+  for (int64_t t = 0; t < n; ++t) {
+    float* p = probs.data() + t * E;
+    cpu::softmax(p, E);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return p[a] > p[b]; });
+    float sum = 0;
+    for (int64_t k = 0; k < K; ++k)
+      sum += p[order[k]];
+    for (int64_t k = 0; k < K; ++k) {
+      float weight = c.norm_topk_prob ? p[order[k]] / sum : p[order[k]];
+      routed[static_cast<size_t>(order[k])].emplace_back(t, weight);
+    }
+  }
+  std::fill_n(out, n * H, 0.0f);
+  std::vector<float> xs, g, u, y;
+  for (int64_t e = 0; e < E; ++e) {
+    const auto& tokens = routed[static_cast<size_t>(e)];
+    if (tokens.empty())
+      continue;
+    const auto m = static_cast<int64_t>(tokens.size());
+    xs.resize(static_cast<size_t>(m * H));
+    for (int64_t i = 0; i < m; ++i)
+      std::copy_n(h + tokens[i].first * H, H, xs.data() + i * H);
+    g.resize(static_cast<size_t>(m * I));
+    u.resize(static_cast<size_t>(m * I));
+    y.resize(static_cast<size_t>(m * H));
+    const auto& X = L.experts[static_cast<size_t>(e)];
+    matmul_nt(xs.data(), m, H, X.gate.data(), I, g.data());
+    matmul_nt(xs.data(), m, H, X.up.data(), I, u.data());
+    cpu::silu_mul(g.data(), u.data(), m, I, g.data());
+    matmul_nt(g.data(), m, I, X.down.data(), H, y.data());
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t d = 0; d < H; ++d)
+        out[tokens[i].first * H + d] += tokens[i].second * y[i * H + d];
+  }
+}
+
+} // namespace troupe::engine

@@ -1,0 +1,71 @@
+// The unit of work between the scheduler (serving actor) and the workers: a step plan says which
+// tokens of which sequences to run through the model this step; a step result says what came out.
+// Plans hold ids, positions and block tables, never tensors. Every TP rank gets the same plan.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace troupe {
+
+using seq_id = uint64_t;
+using token_id = int32_t;
+
+// How a request wants its next tokens chosen (OpenAI/vLLM semantics; validated by the scheduler).
+struct sampling_params {
+  float temperature = 1.0f;        // 0 = greedy
+  float top_p = 1.0f;              // (0, 1]
+  int32_t top_k = 0;               // 0 or -1 = off
+  float min_p = 0.0f;              // [0, 1]
+  float repetition_penalty = 1.0f; // > 0; 1 = off
+  float presence_penalty = 0.0f;   // [-2, 2]
+  float frequency_penalty = 0.0f;  // [-2, 2]
+  bool has_seed = false;
+  uint64_t seed = 0;
+  int32_t logprobs = -1; // -1 = none, else number of top logprobs to return (0 = sampled only)
+};
+
+// Which logits a sequence's share of a step produces.
+enum class logits_mode : uint8_t {
+  none, // middle chunk of a chunked prefill: nothing to sample
+  last, // logits of the last fed token (end of prefill, or decode)
+  all,  // logits of every fed token (prompt logprobs, conformance tests)
+};
+
+// One sequence's share of a step: feed `tokens` at positions start_pos .. start_pos+n-1.
+struct seq_step {
+  seq_id id = 0;
+  int32_t start_pos = 0;             // tokens of this sequence already in its KV cache
+  std::vector<token_id> tokens;      // [n] tokens fed this step (a prefill chunk, or one decode token)
+  std::vector<int32_t> block_table;  // physical KV blocks holding positions [0, start_pos + n)
+  logits_mode logits = logits_mode::last;
+  sampling_params sampling;
+};
+
+struct step_plan {
+  uint64_t step = 0; // monotonically increasing per replica
+  std::vector<seq_step> seqs;
+
+  int32_t num_tokens() const {
+    int32_t n = 0;
+    for (const auto& s : seqs)
+      n += static_cast<int32_t>(s.tokens.size());
+    return n;
+  }
+};
+
+// What the last pipeline stage (TP rank 0) sends back for one sequence.
+struct seq_output {
+  seq_id id = 0;
+  token_id token = -1;  // sampled token, -1 when the plan asked for no logits
+  float logprob = 0.0f; // log-probability of `token` under the sampling distribution
+  std::vector<token_id> top_ids;   // top logprobs when requested
+  std::vector<float> top_logprobs;
+};
+
+struct step_result {
+  uint64_t step = 0;
+  std::vector<seq_output> outputs; // one per seq_step with logits != none, in plan order
+};
+
+} // namespace troupe
