@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "engine/model/dtype.hpp"
+#include "engine/model/weight_source.hpp"
 #include "runtime/error.hpp"
 
 namespace troupe::engine {
@@ -71,25 +72,22 @@ private:
 };
 
 // All weights of one model folder (or one .safetensors file).
-class weight_store {
+class weight_store final : public weight_source {
 public:
   static expected<weight_store> open(const std::filesystem::path& path);
 
-  bool contains(std::string_view name) const;
+  bool contains(std::string_view name) const override;
   size_t num_tensors() const;
   const std::filesystem::path& root() const { return root_; }
   // The tensor's metadata and its file; error names the folder when absent.
   expected<std::pair<const safetensors_file*, const tensor_info*>> lookup(std::string_view name) const;
 
-  // Whole tensor as float32 after checking that its shape is `shape`.
-  expected<std::vector<float>> load_f32(std::string_view name, std::vector<int64_t> shape) const;
-  // Rows [row_begin, row_end) of the first dimension (shape checked in full first): sharding by
-  // output features for tensor parallelism. Reads only those rows.
+  expected<std::vector<float>> load_f32(std::string_view name,
+                                        std::vector<int64_t> shape) const override;
   expected<std::vector<float>> load_f32_rows(std::string_view name, std::vector<int64_t> shape,
-                                             int64_t row_begin, int64_t row_end) const;
-  // Columns [col_begin, col_end) of a 2-D tensor: sharding by input features.
+                                             int64_t row_begin, int64_t row_end) const override;
   expected<std::vector<float>> load_f32_cols(std::string_view name, std::vector<int64_t> shape,
-                                             int64_t col_begin, int64_t col_end) const;
+                                             int64_t col_begin, int64_t col_end) const override;
 
 private:
   expected<std::pair<const safetensors_file*, const tensor_info*>>

@@ -37,7 +37,7 @@ expected<std::unique_ptr<cpu_backend>> cpu_backend::load(const std::filesystem::
 }
 
 expected<std::unique_ptr<cpu_backend>> cpu_backend::create(model_config config,
-                                                           const weight_store& w,
+                                                           const weight_source& w,
                                                            kv_cache_options kv) {
   if (kv.num_blocks <= 0 || kv.block_size <= 0)
     return make_error(errc::invalid_argument, "KV cache needs num_blocks > 0 and block_size > 0");
@@ -59,7 +59,7 @@ expected<std::unique_ptr<cpu_backend>> cpu_backend::create(model_config config,
   return b;
 }
 
-expected<void> cpu_backend::load_layer(const weight_store& w, int64_t l) {
+expected<void> cpu_backend::load_layer(const weight_source& w, int64_t l) {
   const auto& c = config_;
   auto& L = layers_[static_cast<size_t>(l)];
   const std::string p = fmt::format("model.layers.{}.", l);

@@ -18,7 +18,7 @@ public:
   static expected<std::unique_ptr<cpu_backend>> load(const std::filesystem::path& model_dir,
                                                      kv_cache_options kv);
   static expected<std::unique_ptr<cpu_backend>> create(model_config config,
-                                                       const weight_store& weights,
+                                                       const weight_source& weights,
                                                        kv_cache_options kv);
 
   const model_config& config() const override { return config_; }
@@ -46,7 +46,7 @@ private:
   };
 
   cpu_backend() = default;
-  expected<void> load_layer(const weight_store& w, int64_t l);
+  expected<void> load_layer(const weight_source& w, int64_t l);
   void attention_block(const layer& w, int64_t l, const step_plan& plan, const batch& b,
                        std::vector<float>& x);
   void attend(int64_t l, std::span<const int32_t> table, int32_t pos, const float* q,
