@@ -30,10 +30,19 @@ if(NOT TROUPE_CUDA STREQUAL "OFF")
   find_path(NCCL_INCLUDE_DIR nccl.h HINTS ${CUDAToolkit_INCLUDE_DIRS} /usr/local/cuda/include)
   if(CMAKE_CUDA_COMPILER AND CUDAToolkit_FOUND AND NCCL_LIBRARY AND NCCL_INCLUDE_DIR)
     set(TROUPE_WITH_CUDA ON)
-    if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
-      set(CMAKE_CUDA_ARCHITECTURES 90a)
-    endif()
+    # Hopper (sm_90a: wgmma, setmaxnreg) unless the caller names other targets, e.g. -DTROUPE_CUDA_GENCODE="arch=compute_80,code=sm_80".
+    set(TROUPE_CUDA_GENCODE "arch=compute_90a,code=sm_90a" CACHE STRING "nvcc -gencode value(s), ';'-separated")
+    set(CMAKE_CUDA_ARCHITECTURES OFF)
     enable_language(CUDA)
+    # nvcc cannot compile fmt 9's headers: CUDA sources see runtime/error.hpp without fmt (TROUPE_NO_FMT).
+    # CMake 3.25 predates nvcc's C++20 mode; tell it the flag (nvcc 12+ accepts it).
+    set(CMAKE_CUDA20_STANDARD_COMPILE_OPTION "-std=c++20")
+    set(CMAKE_CUDA20_EXTENSION_COMPILE_OPTION "-std=c++20")
+    set(CMAKE_CUDA_STANDARD 20)
+    foreach(gencode ${TROUPE_CUDA_GENCODE})
+      add_compile_options("$<$<COMPILE_LANGUAGE:CUDA>:-gencode=${gencode}>")
+    endforeach()
+    add_compile_options("$<$<COMPILE_LANGUAGE:CUDA>:-DTROUPE_NO_FMT;-lineinfo;--diag-suppress=20012;-Xcompiler=-Wall>")
     add_library(troupe::nccl UNKNOWN IMPORTED)
     set_target_properties(troupe::nccl PROPERTIES IMPORTED_LOCATION ${NCCL_LIBRARY}
                           INTERFACE_INCLUDE_DIRECTORIES ${NCCL_INCLUDE_DIR})

@@ -9,7 +9,9 @@
 #include <utility>
 #include <variant>
 
+#ifndef TROUPE_NO_FMT // nvcc cannot compile fmt 9's headers: CUDA sources build errors with strf()
 #include <fmt/format.h>
+#endif
 
 namespace troupe {
 
@@ -50,10 +52,12 @@ private:
   std::string message_;
 };
 
+#ifndef TROUPE_NO_FMT
 template <class... Ts>
 error make_error(errc code, fmt::format_string<Ts...> format, Ts&&... args) {
   return error{code, fmt::format(format, std::forward<Ts>(args)...)};
 }
+#endif
 
 // A value or an error. Minimal on purpose: C++20 has no std::expected.
 template <class T>

@@ -1,0 +1,46 @@
+// The bf16 CUDA backend: weights and KV cache on one GPU, cuBLASLt and our own kernels
+// (kernels.cuh, attention.cu, gemm.cu). Plain C++ header, so that code built without nvcc can
+// create and drive it. forward() blocks the calling thread until the step's results are on the host.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/backend/backend.hpp"
+#include "engine/model/weight_source.hpp"
+
+namespace troupe::engine {
+
+struct cuda_options {
+  int device = 0;
+  int max_num_batched_tokens = 8192; // most tokens in one step (sizes the activation workspace)
+  int max_num_seqs = 256;            // most sequences in one step
+  int max_logit_rows = 256;          // most logits rows in one step
+  int max_model_len = 0;             // 0 = config.max_position_embeddings
+  float gpu_memory_utilization = 0.9f; // KV pool size when kv.num_blocks == 0
+  bool random_weights = false;       // benchmarks: fill weights on the GPU instead of loading
+  uint64_t seed = 1;
+};
+
+class cuda_backend : public backend {
+public:
+  // Greedy step: like forward(), but only each row's argmax comes back (one id per logits row).
+  virtual expected<void> forward_greedy(const step_plan& plan, std::vector<token_id>& tokens) = 0;
+  virtual size_t weight_bytes() const = 0;
+  virtual size_t kv_bytes() const = 0;
+  // Decode steps replay CUDA graphs captured per batch size; off = always eager.
+  virtual void set_use_graphs(bool on) = 0;
+  virtual void set_use_skinny_gemm(bool on) = 0;
+};
+
+// Empty when a CUDA device is usable, else why not ("built without CUDA", driver errors, ...).
+std::string cuda_unavailable_reason();
+
+// `weights` may be null only with options.random_weights.
+expected<std::unique_ptr<cuda_backend>> make_cuda_backend(const model_config& config,
+                                                          const weight_source* weights,
+                                                          kv_cache_options kv,
+                                                          cuda_options options);
+
+} // namespace troupe::engine

@@ -1,0 +1,130 @@
+// Internal to the CUDA backend: the implementation class shared by cuda_backend.cu (setup and
+// weight loading) and cuda_step.cu (running steps). Not for use outside engine/backend/cuda.
+#pragma once
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "engine/backend/cuda/cuda_backend.hpp"
+#include "engine/backend/cuda/gemm.cuh"
+#include "engine/backend/cuda/kernels.cuh"
+
+namespace troupe::engine::cuda {
+
+// One layer's weights on the GPU. Matrices are bf16 [out, in]; norms are fp32.
+struct gpu_layer {
+  bf16* qkv = nullptr;      // [(nh + 2 nkv) D, H]: q rows, then k rows, then v rows
+  bf16* qkv_bias = nullptr; // [(nh + 2 nkv) D] or null
+  bf16* o = nullptr;        // [H, nh D]
+  bf16* o_bias = nullptr;   // [H] or null
+  float* q_norm = nullptr;  // [D] or null
+  float* k_norm = nullptr;
+  float* in_norm = nullptr; // [H]
+  float* post_norm = nullptr;
+  bf16* gate_up = nullptr;  // [2 I, H]: gate rows, then up rows (dense)
+  bf16* down = nullptr;     // [H, I]
+  bf16* router = nullptr;   // [E, H] (MoE)
+  std::vector<bf16*> expert_gate_up, expert_down; // per expert, as above with moe_intermediate
+};
+
+// Per-step metadata, laid out in one pinned host buffer and one device buffer.
+struct step_meta {
+  int32_t* tokens;       // [T]
+  int32_t* positions;    // [T]
+  int32_t* token_seq;    // [T]
+  int32_t* slots;        // [T]
+  int32_t* logit_src;    // [R]
+  int32_t* block_tables; // [S, max_blocks]
+};
+
+class cuda_backend_impl final : public cuda_backend {
+public:
+  ~cuda_backend_impl() override;
+  expected<void> init(const model_config& c, const weight_source* w, kv_cache_options kv,
+                      cuda_options o);
+
+  const model_config& config() const override { return config_; }
+  kv_cache_options kv_options() const override { return kv_; }
+  expected<void> forward(const step_plan& plan, forward_output& out) override;
+  expected<void> forward_greedy(const step_plan& plan, std::vector<token_id>& tokens) override;
+  size_t weight_bytes() const override { return weight_bytes_; }
+  size_t kv_bytes() const override { return kv_buf_.bytes(); }
+  void set_use_graphs(bool on) override { use_graphs_ = on; }
+  void set_use_skinny_gemm(bool on) override {
+    if (on != gemm_.use_skinny)
+      drop_graphs(); // they captured the other GEMM path
+    gemm_.use_skinny = on;
+  }
+
+private:
+  // Uploads the plan's metadata and sets T_/S_/R_, the attention split and graph_step_.
+  expected<void> upload(const step_plan& plan);
+  void choose_split(int max_ctx);
+  void drop_graphs();
+  expected<void> run_model();   // every kernel of one step, on stream_ (graph-capturable)
+  expected<void> run_step();    // run_model eagerly, or through a captured graph
+  expected<void> layer(int l);
+  expected<void> moe(const gpu_layer& w);
+  expected<void> load_weights(const weight_source* w);
+  expected<bf16*> matrix(const weight_source* w, const std::vector<std::string>& names,
+                         const std::vector<int64_t>& rows, int64_t cols, float scale);
+  expected<float*> vector_f32(const weight_source* w, const std::string& name, int64_t n);
+  expected<bf16*> vector_bf16(const weight_source* w, const std::vector<std::string>& names,
+                              const std::vector<int64_t>& sizes);
+  template <class T>
+  expected<T*> alloc(size_t count);
+
+  model_config config_;
+  kv_cache_options kv_;
+  cuda_options opt_;
+  head_layout heads_;
+  cudaStream_t stream_ = nullptr;
+  gemm_runner gemm_;
+  std::vector<device_buffer> weights_; // every weight allocation
+  size_t weight_bytes_ = 0;
+  bf16* embed_ = nullptr;
+  bf16* lm_head_ = nullptr; // == embed_ when tied
+  float* final_norm_ = nullptr;
+  float* inv_freq_ = nullptr;
+  std::vector<gpu_layer> layers_;
+  device_buffer kv_buf_;
+  size_t layer_kv_elems_ = 0; // per layer, per K or V: [num_blocks * block_size, nkv, D]
+  int max_blocks_ = 0;
+
+  // Workspace for max_num_batched_tokens rows.
+  device_buffer work_;
+  float* resid_ = nullptr;  // [T, H]
+  bf16* h_ = nullptr;       // [T, H] normalised input of the next projection
+  bf16* qkv_ = nullptr;     // [T, qkv_width]
+  bf16* attn_ = nullptr;    // [T, nh D]
+  bf16* proj_ = nullptr;    // [T, H] o_proj / down_proj output
+  bf16* mlp_ = nullptr;     // [T, 2 I] gate_up, then [T, I] activation after it
+  bf16* act_ = nullptr;     // [T, I]
+  float* moe_acc_ = nullptr;// [T, H]
+  float* moe_out_ = nullptr;// [T, H] one expert's output, fp32 so the weighted sum rounds once
+  bf16* moe_in_ = nullptr;  // [T, H]
+  bf16* sel_ = nullptr;     // [R, H]
+  float* logits_ = nullptr; // [R, V]
+  float* router_ = nullptr; // [T, E]
+  int32_t* argmax_ = nullptr;
+  float* partial_ = nullptr;
+  size_t partial_floats_ = 0;
+  int32_t* moe_rows_ = nullptr; // [T] per expert
+  float* moe_w_ = nullptr;      // [T]
+
+  // Metadata
+  device_buffer meta_dev_;
+  int32_t* meta_host_ = nullptr;
+  size_t meta_ints_ = 0;
+  step_meta dev_{}, host_{};
+  int T_ = 0, S_ = 0, R_ = 0, mb_ = 0, splits_ = 1;
+  int sm_count_ = 132;
+  bool graph_step_ = false; // a pure decode step: fixed shapes, replayable as a graph
+
+  // CUDA graphs for pure decode steps, keyed by batch size.
+  bool use_graphs_ = true;
+  std::map<int, cudaGraphExec_t> graphs_;
+};
+
+} // namespace troupe::engine::cuda

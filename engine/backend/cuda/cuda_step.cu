@@ -1,0 +1,265 @@
+// Running steps on the CUDA backend: metadata upload, the layer sequence, MoE routing, CUDA graphs
+// for decode steps, and the two ways results come back (logits, or greedy ids).
+#include <algorithm>
+#include <numeric>
+
+#include "engine/backend/cuda/cuda_backend_impl.cuh"
+
+namespace troupe::engine::cuda {
+
+namespace {
+
+// Lays the step's metadata out back to back: [T] x4, [R], [S, mb].
+step_meta layout(int32_t* base, int T, int R) {
+  step_meta m;
+  m.tokens = base;
+  m.positions = base + T;
+  m.token_seq = base + 2 * T;
+  m.slots = base + 3 * T;
+  m.logit_src = base + 4 * T;
+  m.block_tables = base + 4 * T + R;
+  return m;
+}
+
+} // namespace
+
+void cuda_backend_impl::choose_split(int max_ctx) {
+  // Enough blocks to fill the GPU twice over, shares of at least 64 keys, within the buffer.
+  const int per_split = T_ * heads_.num_kv_heads;
+  int splits = std::max(1, (2 * sm_count_ + per_split - 1) / per_split);
+  splits = std::min({splits, std::max(1, (max_ctx + 63) / 64), 512});
+  const size_t one = attention_partial_floats(T_, heads_, 1);
+  splits = std::max(1, std::min<int>(splits, static_cast<int>(partial_floats_ / one)));
+  splits_ = splits;
+}
+
+expected<void> cuda_backend_impl::upload(const step_plan& plan) {
+  TROUPE_TRY_VOID(validate_plan(plan, config_, kv_));
+  T_ = plan.num_tokens();
+  S_ = static_cast<int>(plan.seqs.size());
+  R_ = 0;
+  graph_step_ = config_.num_experts == 0; // decode-shaped so far
+  int max_ctx = 1;
+  size_t widest = 0;
+  for (const auto& s : plan.seqs) {
+    const int n = static_cast<int>(s.tokens.size());
+    R_ += s.logits == logits_mode::none ? 0 : s.logits == logits_mode::last ? 1 : n;
+    graph_step_ = graph_step_ && n == 1 && s.logits == logits_mode::last;
+    max_ctx = std::max(max_ctx, s.start_pos + n);
+    widest = std::max(widest, s.block_table.size());
+  }
+  if (T_ > opt_.max_num_batched_tokens || S_ > opt_.max_num_seqs || R_ > opt_.max_logit_rows)
+    return error{errc::resource_exhausted,
+                 strf("step %llu: %d tokens, %d sequences, %d logits rows exceed the CUDA "
+                      "backend's limits (%d, %d, %d)",
+                      static_cast<unsigned long long>(plan.step), T_, S_, R_,
+                      opt_.max_num_batched_tokens, opt_.max_num_seqs, opt_.max_logit_rows)};
+  if (max_ctx > opt_.max_model_len)
+    return error{errc::out_of_range,
+                 strf("step %llu: context of %d tokens exceeds max_model_len %d",
+                      static_cast<unsigned long long>(plan.step), max_ctx, opt_.max_model_len)};
+  // Decode steps use fixed shapes (every table max_blocks_ wide, split for max_model_len) so that
+  // one captured graph per batch size serves every such step, and eager runs of them (graphs
+  // off) compute exactly the same sums.
+  mb_ = graph_step_ ? max_blocks_ : static_cast<int>(std::max<size_t>(widest, 1));
+  choose_split(graph_step_ ? opt_.max_model_len : max_ctx);
+  host_ = layout(meta_host_, T_, R_);
+  dev_ = layout(meta_dev_.as<int32_t>(), T_, R_);
+  int t = 0, r = 0;
+  for (int i = 0; i < S_; ++i) {
+    const auto& s = plan.seqs[static_cast<size_t>(i)];
+    const int n = static_cast<int>(s.tokens.size());
+    for (int j = 0; j < n; ++j, ++t) {
+      const int pos = s.start_pos + j;
+      host_.tokens[t] = s.tokens[static_cast<size_t>(j)];
+      host_.positions[t] = pos;
+      host_.token_seq[t] = i;
+      host_.slots[t] = s.block_table[static_cast<size_t>(pos / kv_.block_size)] * kv_.block_size
+                       + pos % kv_.block_size;
+      if (s.logits == logits_mode::all || (s.logits == logits_mode::last && j == n - 1))
+        host_.logit_src[r++] = t;
+    }
+    std::copy(s.block_table.begin(), s.block_table.end(),
+              host_.block_tables + static_cast<size_t>(i) * mb_);
+  }
+  const size_t ints = 4 * static_cast<size_t>(T_) + R_ + static_cast<size_t>(S_) * mb_;
+  TROUPE_CUDA(cudaMemcpyAsync(dev_.tokens, host_.tokens, ints * 4, cudaMemcpyHostToDevice, stream_));
+  return {};
+}
+
+expected<void> cuda_backend_impl::layer(int l) {
+  const auto& c = config_;
+  const auto& w = layers_[static_cast<size_t>(l)];
+  const int H = static_cast<int>(c.hidden_size);
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  bf16* k_cache = kv_buf_.as<bf16>() + static_cast<size_t>(2 * l) * layer_kv_elems_;
+  bf16* v_cache = k_cache + layer_kv_elems_;
+  TROUPE_TRY_VOID(gemm_.run(h_, T_, H, w.qkv, heads_.qkv_width(), qkv_, stream_));
+  TROUPE_TRY_VOID(qkv_rope_cache(qkv_, w.qkv_bias, w.q_norm, w.k_norm, eps, dev_.positions,
+                                 dev_.slots, inv_freq_, T_, heads_, k_cache, v_cache, stream_));
+  attention_args a;
+  a.qkv = qkv_;
+  a.k_cache = k_cache;
+  a.v_cache = v_cache;
+  a.token_seq = dev_.token_seq;
+  a.positions = dev_.positions;
+  a.block_tables = dev_.block_tables;
+  a.max_blocks = mb_;
+  a.block_size = kv_.block_size;
+  a.T = T_;
+  a.num_splits = splits_;
+  a.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  a.partial = partial_;
+  a.out = attn_;
+  TROUPE_TRY_VOID(paged_attention(a, heads_, stream_));
+  TROUPE_TRY_VOID(gemm_.run(attn_, T_, static_cast<int>(c.q_size()), w.o, H, proj_, stream_));
+  TROUPE_TRY_VOID(add_rms_norm(resid_, proj_, w.o_bias, T_, H, w.post_norm, eps, h_, stream_));
+  if (w.router != nullptr) {
+    TROUPE_TRY_VOID(moe(w));
+  } else {
+    const int I = static_cast<int>(c.intermediate_size);
+    TROUPE_TRY_VOID(gemm_.run(h_, T_, H, w.gate_up, 2 * I, mlp_, stream_));
+    TROUPE_TRY_VOID(silu_mul(mlp_, T_, I, act_, stream_));
+    TROUPE_TRY_VOID(gemm_.run(act_, T_, I, w.down, H, proj_, stream_));
+  }
+  const float* next = l + 1 < c.num_layers ? layers_[static_cast<size_t>(l + 1)].in_norm
+                                           : final_norm_;
+  return add_rms_norm(resid_, proj_, nullptr, T_, H, next, eps, h_, stream_);
+}
+
+expected<void> cuda_backend_impl::moe(const gpu_layer& w) {
+  // Routing on the host (softmax, top-k, optional renormalisation), experts on the GPU. The
+  // round trip makes MoE steps uncapturable; a device-side router is future work.
+  const auto& c = config_;
+  const int H = static_cast<int>(c.hidden_size), E = static_cast<int>(c.num_experts);
+  const int K = static_cast<int>(c.num_experts_per_tok), I = static_cast<int>(c.moe_intermediate_size);
+  TROUPE_TRY_VOID(gemm_.run(h_, T_, H, w.router, E, router_, stream_));
+  std::vector<float> probs(static_cast<size_t>(T_) * E);
+  TROUPE_CUDA(cudaMemcpyAsync(probs.data(), router_, probs.size() * 4, cudaMemcpyDeviceToHost, stream_));
+  TROUPE_CUDA(cudaStreamSynchronize(stream_));
+  std::vector<std::vector<std::pair<int32_t, float>>> routed(static_cast<size_t>(E));
+  std::vector<int> order(static_cast<size_t>(E));
+  for (int t = 0; t < T_; ++t) {
+    float* p = probs.data() + static_cast<size_t>(t) * E;
+    float m = *std::max_element(p, p + E);
+    double z = 0;
+    for (int e = 0; e < E; ++e)
+      z += std::exp(static_cast<double>(p[e] - m));
+    for (int e = 0; e < E; ++e)
+      p[e] = static_cast<float>(std::exp(static_cast<double>(p[e] - m)) / z);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return p[a] > p[b]; });
+    float sum = 0;
+    for (int k = 0; k < K; ++k)
+      sum += p[order[k]];
+    for (int k = 0; k < K; ++k)
+      routed[static_cast<size_t>(order[k])].emplace_back(t, c.norm_topk_prob ? p[order[k]] / sum
+                                                                             : p[order[k]]);
+  }
+  std::vector<int32_t> rows;
+  std::vector<float> weights;
+  std::vector<size_t> offset(static_cast<size_t>(E) + 1, 0);
+  for (int e = 0; e < E; ++e) {
+    for (auto [t, wt] : routed[static_cast<size_t>(e)]) {
+      rows.push_back(t);
+      weights.push_back(wt);
+    }
+    offset[static_cast<size_t>(e) + 1] = rows.size();
+  }
+  TROUPE_CUDA(cudaMemcpyAsync(moe_rows_, rows.data(), rows.size() * 4, cudaMemcpyHostToDevice, stream_));
+  TROUPE_CUDA(cudaMemcpyAsync(moe_w_, weights.data(), weights.size() * 4, cudaMemcpyHostToDevice, stream_));
+  TROUPE_TRY_VOID(fill_value(moe_acc_, static_cast<size_t>(T_) * H, 0.0f, stream_));
+  for (int e = 0; e < E; ++e) {
+    const int n = static_cast<int>(offset[static_cast<size_t>(e) + 1] - offset[static_cast<size_t>(e)]);
+    if (n == 0)
+      continue;
+    const int32_t* r = moe_rows_ + offset[static_cast<size_t>(e)];
+    TROUPE_TRY_VOID(gather_rows(h_, r, n, H, moe_in_, stream_));
+    TROUPE_TRY_VOID(gemm_.run(moe_in_, n, H, w.expert_gate_up[static_cast<size_t>(e)], 2 * I, mlp_, stream_));
+    TROUPE_TRY_VOID(silu_mul(mlp_, n, I, act_, stream_));
+    TROUPE_TRY_VOID(gemm_.run(act_, n, I, w.expert_down[static_cast<size_t>(e)], H, moe_out_, stream_));
+    TROUPE_TRY_VOID(scatter_add_rows(moe_out_, r, moe_w_ + offset[static_cast<size_t>(e)], n, H, moe_acc_, stream_));
+  }
+  // The pinned-less host vectors must outlive the async copies above.
+  TROUPE_CUDA(cudaStreamSynchronize(stream_));
+  return f32_to_bf16(moe_acc_, static_cast<size_t>(T_) * H, proj_, stream_);
+}
+
+expected<void> cuda_backend_impl::run_model() {
+  const auto& c = config_;
+  const int H = static_cast<int>(c.hidden_size);
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  TROUPE_TRY_VOID(embed(dev_.tokens, T_, embed_, H, resid_, stream_));
+  TROUPE_TRY_VOID(rms_norm(resid_, T_, H, layers_[0].in_norm, eps, h_, stream_));
+  for (int l = 0; l < static_cast<int>(c.num_layers); ++l)
+    TROUPE_TRY_VOID(layer(l));
+  TROUPE_TRY_VOID(gather_rms_norm(resid_, dev_.logit_src, R_, H, final_norm_, eps, sel_, stream_));
+  return gemm_.run(sel_, R_, H, lm_head_, static_cast<int>(c.vocab_size), logits_, stream_);
+}
+
+expected<void> cuda_backend_impl::run_step() {
+  if (!graph_step_ || !use_graphs_)
+    return run_model();
+  auto it = graphs_.find(T_);
+  if (it == graphs_.end()) {
+    cudaGraph_t graph = nullptr;
+    TROUPE_CUDA(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+    auto captured = run_model();
+    cudaError_t end = cudaStreamEndCapture(stream_, &graph);
+    if (!captured) {
+      if (graph != nullptr)
+        cudaGraphDestroy(graph);
+      return captured;
+    }
+    TROUPE_CUDA(end);
+    cudaGraphExec_t exec = nullptr;
+    cudaError_t inst = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    TROUPE_CUDA(inst);
+    it = graphs_.emplace(T_, exec).first;
+  }
+  TROUPE_CUDA(cudaGraphLaunch(it->second, stream_));
+  return {};
+}
+
+expected<void> cuda_backend_impl::forward(const step_plan& plan, forward_output& out) {
+  TROUPE_TRY_VOID(upload(plan));
+  prepare_output(plan, config_.vocab_size, out);
+  if (T_ == 0)
+    return {};
+  TROUPE_TRY_VOID(run_step());
+  TROUPE_CUDA(cudaMemcpyAsync(out.logits.data(), logits_, out.logits.size() * 4,
+                              cudaMemcpyDeviceToHost, stream_));
+  TROUPE_CUDA(cudaStreamSynchronize(stream_));
+  return {};
+}
+
+expected<void> cuda_backend_impl::forward_greedy(const step_plan& plan,
+                                                 std::vector<token_id>& tokens) {
+  TROUPE_TRY_VOID(upload(plan));
+  tokens.resize(static_cast<size_t>(R_));
+  if (T_ == 0)
+    return {};
+  TROUPE_TRY_VOID(run_step());
+  TROUPE_TRY_VOID(argmax_rows(logits_, R_, static_cast<int>(config_.vocab_size), argmax_, stream_));
+  TROUPE_CUDA(cudaMemcpyAsync(tokens.data(), argmax_, tokens.size() * 4, cudaMemcpyDeviceToHost,
+                              stream_));
+  TROUPE_CUDA(cudaStreamSynchronize(stream_));
+  return {};
+}
+
+} // namespace troupe::engine::cuda
+
+namespace troupe::engine {
+
+expected<std::unique_ptr<cuda_backend>> make_cuda_backend(const model_config& config,
+                                                          const weight_source* weights,
+                                                          kv_cache_options kv,
+                                                          cuda_options options) {
+  auto b = std::make_unique<cuda::cuda_backend_impl>();
+  if (auto r = b->init(config, weights, kv, options); !r)
+    return std::move(r).error().context("CUDA backend for " + config.architecture);
+  return std::unique_ptr<cuda_backend>(std::move(b));
+}
+
+} // namespace troupe::engine

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Builds the release binaries and bundles them with the non-system shared libraries they need
+# (CAF, fmt, yaml-cpp, ...) into dist/troupe/{bin,lib}; binaries find lib/ through RPATH
+# $ORIGIN/../lib. CUDA, cuBLAS(Lt) and NCCL are NOT bundled: the target's own CUDA 13 runtime,
+# cuBLASLt and NCCL 2.x are used. Usage: scripts/bundle.sh [extra targets...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/deps.sh
+cmake --preset release >/dev/null
+targets=(cluster "$@")
+cmake --build --preset release --target "${targets[@]}"
+out=dist/troupe
+rm -rf "$out"
+mkdir -p "$out/bin" "$out/lib"
+for t in "${targets[@]}"; do
+  bin=$(find build/release -type f -name "$t" -perm -u+x | head -n 1)
+  cp "$bin" "$out/bin/"
+  # Every resolved dependency except the C/C++ runtime, the loader and CUDA's own libraries.
+  ldd "$bin" | awk '/=> \//{print $3}' | while read -r lib; do
+    case "$(basename "$lib")" in
+      libc.so*|libm.so*|libstdc++*|libgcc_s*|ld-linux*|libpthread*|libdl.so*|librt.so*) ;;
+      libcuda.so*|libcudart*|libcublas*|libnccl*|libnvidia*) ;;
+      *) cp -nL "$lib" "$out/lib/" ;;
+    esac
+  done
+done
+cat > "$out/README.txt" <<TXT
+troupe $(git describe --always --dirty 2>/dev/null || echo dev) for x86-64 Linux, built on Debian 12.
+Needs on the target: glibc and libstdc++ as new as Debian 12's; for GPUs an NVIDIA driver with
+the CUDA 13 runtime, cuBLASLt 13 and NCCL 2.x on the library path (not bundled).
+TXT
+du -sh "$out"
