@@ -28,6 +28,8 @@ block_pool::block_pool(int32_t num_blocks, int32_t block_size, bool prefix_cachi
       parent_(ref_.size(), -1), parent_generation_(ref_.size(), 0), prev_(ref_.size(), -1),
       next_(ref_.size(), -1) {
   free_.reserve(ref_.size());
+  if (prefix_caching)
+    by_hash_.reserve(ref_.size()); // no rehash in the middle of a step
   // Popped from the back: block 0 is handed out first.
   for (int32_t b = num_blocks - 1; b >= 0; --b)
     free_.push_back(b);
