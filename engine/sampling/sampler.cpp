@@ -178,7 +178,7 @@ seq_output sample_row(std::span<const float> logits, const sample_inputs& in,
 expected<step_result> sampler::sample(const step_plan& plan, const forward_output& out) {
   for (seq_id id : plan.finished)
     state_.erase(id);
-  if (out.first_row.size() != plan.seqs.size())
+  if (!plan.seqs.empty() && out.first_row.size() != plan.seqs.size())
     return make_error(errc::internal, "step {}: forward output has {} sequences, plan {}",
                       plan.step, out.first_row.size(), plan.seqs.size());
   step_result result;

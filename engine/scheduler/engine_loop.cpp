@@ -4,15 +4,22 @@ namespace troupe::engine {
 
 expected<std::vector<request_output>> engine_loop::step() {
   std::vector<request_output> out;
+  if (failed_)
+    return make_error(errc::unavailable, "a step failed; call fail_all() before stepping again");
   scheduler_.schedule(plan_);
   if (plan_.seqs.empty() && plan_.finished.empty()) {
     scheduler_.take_pending(out);
     return out;
   }
   auto result = exec_.execute(plan_);
-  if (!result)
+  if (!result) {
+    failed_ = true;
     return std::move(result).error().context(fmt::format("step {}", plan_.step));
-  TROUPE_TRY_VOID(scheduler_.update(plan_, *result, out));
+  }
+  if (auto u = scheduler_.update(plan_, *result, out); !u) {
+    failed_ = true;
+    return std::move(u).error();
+  }
   return out;
 }
 
@@ -21,6 +28,7 @@ std::vector<request_output> engine_loop::fail_all() {
   for (seq_id id : scheduler_.unfinished())
     (void)scheduler_.cancel(id);
   scheduler_.take_pending(out);
+  failed_ = false;
   return out;
 }
 

@@ -22,7 +22,8 @@ public:
 
   // Schedules and runs one step; returns every request's delta (new token, logprobs, finish).
   // Returns only pending cancellations when there is nothing to run. An executor error is
-  // returned as is; the scheduler then holds the failed step (call fail_all() to end requests).
+  // returned with the step number; the engine then refuses to step until fail_all() has ended
+  // the requests (their KV state is unknown).
   expected<std::vector<request_output>> step();
 
   // Ends every request as cancelled (e.g. after an executor failure); returns their outputs.
@@ -35,6 +36,7 @@ private:
   scheduler scheduler_;
   executor& exec_;
   step_plan plan_;
+  bool failed_ = false;
 };
 
 } // namespace troupe::engine
