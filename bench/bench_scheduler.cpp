@@ -28,7 +28,8 @@ void answer(const step_plan& plan, step_result& r) {
   r.outputs.clear();
   for (const auto& s : plan.seqs)
     if (s.logits != logits_mode::none)
-      r.outputs.push_back({.id = s.id, .token = static_cast<token_id>((s.start_pos * 7 + 3) % 30000),
+      r.outputs.push_back({.id = s.id,
+                           .token = static_cast<token_id>((s.start_pos * 7 + 3) % 30000),
                            .logprob = -1.0f});
 }
 
@@ -40,22 +41,32 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto next = [&] { return i + 1 < argc ? std::atoi(argv[++i]) : 0; };
-    if (a == "--seqs") seqs = next();
-    else if (a == "--context") context = next();
-    else if (a == "--steps") steps = next();
-    else if (a == "--shared") shared = next();
-    else if (a == "--no-cache") cache = false;
+    if (a == "--seqs")
+      seqs = next();
+    else if (a == "--context")
+      context = next();
+    else if (a == "--steps")
+      steps = next();
+    else if (a == "--shared")
+      shared = next();
+    else if (a == "--no-cache")
+      cache = false;
     else {
-      std::fprintf(stderr, "usage: %s [--seqs N] [--context C] [--steps S] [--shared P] [--no-cache]\n",
+      std::fprintf(stderr,
+                   "usage: %s [--seqs N] [--context C] [--steps S] [--shared P] [--no-cache]\n",
                    argv[0]);
       return 2;
     }
   }
   const int32_t bs = 16;
   const int32_t per_seq = (context + steps + 512) / bs + 1;
-  scheduler_options o{.num_blocks = seqs * per_seq, .block_size = bs, .prefix_caching = cache,
-                      .max_num_batched_tokens = 8192, .max_num_seqs = seqs,
-                      .max_model_len = context + steps + 8192, .vocab_size = 32000,
+  scheduler_options o{.num_blocks = seqs * per_seq,
+                      .block_size = bs,
+                      .prefix_caching = cache,
+                      .max_num_batched_tokens = 8192,
+                      .max_num_seqs = seqs,
+                      .max_model_len = context + steps + 8192,
+                      .vocab_size = 32000,
                       .eos_token_ids = {2}};
   scheduler sched(o);
   for (int32_t i = 0; i < seqs; ++i) {

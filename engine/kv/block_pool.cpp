@@ -21,12 +21,12 @@ block_hash hash_block(block_hash parent, std::span<const token_id> tokens) {
 }
 
 block_pool::block_pool(int32_t num_blocks, int32_t block_size, bool prefix_caching)
-    : block_size_(block_size), prefix_caching_(prefix_caching),
-      ref_(static_cast<size_t>(num_blocks), 0), generation_(ref_.size(), 0),
-      cached_(ref_.size(), 0), hash_(ref_.size(), 0),
-      tokens_(prefix_caching ? ref_.size() * static_cast<size_t>(block_size) : 0),
-      parent_(ref_.size(), -1), parent_generation_(ref_.size(), 0), prev_(ref_.size(), -1),
-      next_(ref_.size(), -1) {
+  : block_size_(block_size), prefix_caching_(prefix_caching),
+    ref_(static_cast<size_t>(num_blocks), 0), generation_(ref_.size(), 0), cached_(ref_.size(), 0),
+    hash_(ref_.size(), 0),
+    tokens_(prefix_caching ? ref_.size() * static_cast<size_t>(block_size) : 0),
+    parent_(ref_.size(), -1), parent_generation_(ref_.size(), 0), prev_(ref_.size(), -1),
+    next_(ref_.size(), -1) {
   free_.reserve(ref_.size());
   if (prefix_caching)
     by_hash_.reserve(ref_.size()); // no rehash in the middle of a step
@@ -111,8 +111,8 @@ int32_t block_pool::lookup(block_hash hash, std::span<const token_id> tokens,
   if (it == by_hash_.end())
     return -1;
   int32_t b = it->second;
-  bool parent_ok = parent_[b] == parent_block
-                   && (parent_block < 0 || parent_generation_[b] == generation_[parent_block]);
+  bool parent_ok = parent_[b] == parent_block &&
+                   (parent_block < 0 || parent_generation_[b] == generation_[parent_block]);
   const token_id* mine = tokens_.data() + static_cast<size_t>(b) * block_size_;
   if (!parent_ok || !std::equal(tokens.begin(), tokens.end(), mine))
     return -1;
@@ -132,7 +132,8 @@ void block_pool::cache(int32_t b, block_hash hash, std::span<const token_id> tok
   by_hash_.emplace(hash, b);
   cached_[b] = 1;
   hash_[b] = hash;
-  std::copy(tokens.begin(), tokens.end(), tokens_.begin() + static_cast<ptrdiff_t>(b) * block_size_);
+  std::copy(tokens.begin(), tokens.end(),
+            tokens_.begin() + static_cast<ptrdiff_t>(b) * block_size_);
   parent_[b] = parent_block;
   parent_generation_[b] = parent_block >= 0 ? generation_[parent_block] : 0;
 }

@@ -30,7 +30,7 @@ struct pool_stats {
 // lookup's and its parent is the same physical block in the same generation (a block's
 // generation changes whenever it is handed out again), so a hash collision can never alias.
 class block_pool {
-public:
+ public:
   block_pool(int32_t num_blocks, int32_t block_size, bool prefix_caching);
 
   int32_t num_blocks() const { return static_cast<int32_t>(ref_.size()); }
@@ -67,7 +67,7 @@ public:
   // Checks every internal invariant (tests and simulations): counts, lists, map. O(num_blocks).
   expected<void> check() const;
 
-private:
+ private:
   void lru_push_back(int32_t b);
   void lru_remove(int32_t b);
   void uncache(int32_t b);

@@ -36,8 +36,8 @@ void apply_penalties(std::vector<float>& w, const sampling_params& p, const pena
     float& x = w[static_cast<size_t>(t)];
     if (p.repetition_penalty != 1.0f)
       x = x > 0 ? x / p.repetition_penalty : x * p.repetition_penalty;
-    x -= p.frequency_penalty * static_cast<float>(e.output_count)
-         + (e.output_count > 0 ? p.presence_penalty : 0.0f);
+    x -= p.frequency_penalty * static_cast<float>(e.output_count) +
+         (e.output_count > 0 ? p.presence_penalty : 0.0f);
   }
 }
 
@@ -125,8 +125,9 @@ expected<void> validate(const sampling_params& p) {
     return make_error(errc::invalid_argument, "frequency_penalty must be in [-2, 2], got {}",
                       p.frequency_penalty);
   if (p.logprobs < -1 || p.logprobs > max_logprobs)
-    return make_error(errc::invalid_argument, "logprobs must be in [0, {}] (or -1 for none), got {}",
-                      max_logprobs, p.logprobs);
+    return make_error(errc::invalid_argument,
+                      "logprobs must be in [0, {}] (or -1 for none), got {}", max_logprobs,
+                      p.logprobs);
   if (p.max_tokens < 1)
     return make_error(errc::invalid_argument, "max_tokens must be >= 1, got {}", p.max_tokens);
   if (p.min_tokens < 0 || p.min_tokens > p.max_tokens)
@@ -136,8 +137,7 @@ expected<void> validate(const sampling_params& p) {
 }
 
 bool uses_penalties(const sampling_params& p) {
-  return p.repetition_penalty != 1.0f || p.presence_penalty != 0.0f
-         || p.frequency_penalty != 0.0f;
+  return p.repetition_penalty != 1.0f || p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f;
 }
 
 seq_output sample_row(std::span<const float> logits, const sample_inputs& in,
@@ -203,7 +203,8 @@ expected<step_result> sampler::sample(const step_plan& plan, const forward_outpu
                         plan.step, s.id);
     const int64_t end = s.start_pos + static_cast<int64_t>(s.tokens.size());
     sample_inputs in{.params = &s.sampling,
-                     .index = static_cast<uint64_t>(std::max<int64_t>(0, end - s.num_prompt_tokens)),
+                     .index =
+                         static_cast<uint64_t>(std::max<int64_t>(0, end - s.num_prompt_tokens)),
                      .banned = s.banned_tokens,
                      .penalties = st};
     auto o = sample_row(out.last_row(i), in, scratch_);

@@ -39,8 +39,8 @@ struct penalty_state {
 // What one row's sampling needs beyond the logits.
 struct sample_inputs {
   const sampling_params* params = nullptr;
-  uint64_t index = 0;                      // generated tokens before this one (random draw)
-  std::span<const token_id> banned;        // logits forced to -inf
+  uint64_t index = 0;                       // generated tokens before this one (random draw)
+  std::span<const token_id> banned;         // logits forced to -inf
   const penalty_state* penalties = nullptr; // null when no penalty is on
 };
 
@@ -51,12 +51,12 @@ seq_output sample_row(std::span<const float> logits, const sample_inputs& in,
 // The per-worker sampler: keeps penalty state per sequence across steps (dropped on
 // plan.finished and seq_step::first_step) and samples every seq_step that asked for logits.
 class sampler {
-public:
+ public:
   expected<step_result> sample(const step_plan& plan, const forward_output& out);
 
   size_t num_tracked() const { return state_.size(); }
 
-private:
+ private:
   std::unordered_map<seq_id, penalty_state> state_;
   std::vector<float> scratch_;
 };

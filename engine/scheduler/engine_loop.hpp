@@ -11,9 +11,9 @@
 namespace troupe::engine {
 
 class engine_loop {
-public:
+ public:
   engine_loop(scheduler_options options, executor& exec)
-      : scheduler_(std::move(options)), exec_(exec) {}
+    : scheduler_(std::move(options)), exec_(exec) {}
 
   // Queues a request (see scheduler::add for the errors). Stop strings: set
   // request::stop_check from the detokenizer.
@@ -32,7 +32,7 @@ public:
   bool has_unfinished() const { return scheduler_.has_unfinished(); }
   const scheduler& sched() const { return scheduler_; }
 
-private:
+ private:
   scheduler scheduler_;
   executor& exec_;
   step_plan plan_;

@@ -8,7 +8,7 @@
 namespace troupe::engine {
 
 class executor {
-public:
+ public:
   virtual ~executor() = default;
   // Runs `plan` and returns one seq_output per seq_step that asked for logits, in plan order.
   // Blocks the calling thread until the step is done.

@@ -9,11 +9,11 @@
 namespace troupe::engine {
 
 class local_executor final : public executor {
-public:
+ public:
   explicit local_executor(backend& model) : model_(model) {}
   expected<step_result> execute(const step_plan& plan) override;
 
-private:
+ private:
   backend& model_;
   sampler sampler_;
   forward_output out_;

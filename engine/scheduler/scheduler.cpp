@@ -40,16 +40,20 @@ bool contains(const std::vector<token_id>& v, token_id t) {
 
 const char* to_string(finish_reason r) {
   switch (r) {
-  case finish_reason::none: return "none";
-  case finish_reason::stop: return "stop";
-  case finish_reason::length: return "length";
-  case finish_reason::cancelled: return "cancelled";
+  case finish_reason::none:
+    return "none";
+  case finish_reason::stop:
+    return "stop";
+  case finish_reason::length:
+    return "length";
+  case finish_reason::cancelled:
+    return "cancelled";
   }
   return "?";
 }
 
 scheduler::scheduler(scheduler_options options)
-    : opt_(std::move(options)), pool_(opt_.num_blocks, opt_.block_size, opt_.prefix_caching) {}
+  : opt_(std::move(options)), pool_(opt_.num_blocks, opt_.block_size, opt_.prefix_caching) {}
 
 scheduler::~scheduler() = default;
 
@@ -131,8 +135,8 @@ void scheduler::finish(sequence& s, finish_reason why, token_id stop_token, requ
 }
 
 bool scheduler::allocate_for(sequence& s, int32_t end_tokens) {
-  const int32_t need = (end_tokens + opt_.block_size - 1) / opt_.block_size
-                       - static_cast<int32_t>(s.blocks.size());
+  const int32_t need =
+      (end_tokens + opt_.block_size - 1) / opt_.block_size - static_cast<int32_t>(s.blocks.size());
   return need <= 0 || pool_.allocate(need, s.blocks);
 }
 
@@ -167,9 +171,9 @@ bool scheduler::admit_prefix(sequence& s) {
   const int32_t max_blocks = (s.len() - 1) / bs;
   for (int32_t i = 0; i < max_blocks; ++i) {
     if (static_cast<int32_t>(s.hashes.size()) <= i)
-      s.hashes.push_back(kv::hash_block(i ? s.hashes[i - 1] : 0,
-                                        {s.tokens.data() + static_cast<size_t>(i) * bs,
-                                         static_cast<size_t>(bs)}));
+      s.hashes.push_back(
+          kv::hash_block(i ? s.hashes[i - 1] : 0,
+                         {s.tokens.data() + static_cast<size_t>(i) * bs, static_cast<size_t>(bs)}));
     std::span<const token_id> toks{s.tokens.data() + static_cast<size_t>(i) * bs,
                                    static_cast<size_t>(bs)};
     int32_t b = pool_.lookup(s.hashes[i], toks, i ? s.blocks.back() : -1);
@@ -224,8 +228,7 @@ void scheduler::schedule(step_plan& plan) {
     for (size_t i = 0; i < running_.size() && budget > 0; ++i) {
       sequence& s = *running_[i];
       const bool decoding = s.num_computed >= s.num_prompt;
-      if (s.st != sequence::state::running || s.scheduled_step == step_
-          || decoding != (phase == 0))
+      if (s.st != sequence::state::running || s.scheduled_step == step_ || decoding != (phase == 0))
         continue;
       const int32_t n = std::min(s.len() - s.num_computed, budget);
       while (!allocate_for(s, s.num_computed + n)) {
@@ -242,8 +245,8 @@ void scheduler::schedule(step_plan& plan) {
     }
   std::erase_if(running_, [](sequence* s) { return s->st != sequence::state::running; });
   // Then waiting requests in arrival order, unless this step had to preempt.
-  while (!preempted && !waiting_.empty() && budget > 0
-         && static_cast<int32_t>(running_.size()) < opt_.max_num_seqs) {
+  while (!preempted && !waiting_.empty() && budget > 0 &&
+         static_cast<int32_t>(running_.size()) < opt_.max_num_seqs) {
     sequence& s = *waiting_.front();
     const bool hit = admit_prefix(s);
     const int32_t n = std::min(s.len() - s.num_computed, budget);
@@ -285,16 +288,15 @@ bool scheduler::should_stop(sequence& s, token_id t, finish_reason& why, token_i
       which = t;
       return true;
     }
-    if (s.stop_check
-        && s.stop_check(s.id, {s.tokens.data() + s.num_prompt,
-                               static_cast<size_t>(s.num_generated())})) {
+    if (s.stop_check && s.stop_check(s.id, {s.tokens.data() + s.num_prompt,
+                                            static_cast<size_t>(s.num_generated())})) {
       why = finish_reason::stop;
       return true;
     }
   }
   // The context limit, or the whole pool (a longer sequence could never be scheduled again).
-  if (s.num_generated() >= s.sampling.max_tokens || s.len() >= opt_.max_model_len
-      || s.len() >= opt_.num_blocks * opt_.block_size) {
+  if (s.num_generated() >= s.sampling.max_tokens || s.len() >= opt_.max_model_len ||
+      s.len() >= opt_.num_blocks * opt_.block_size) {
     why = finish_reason::length;
     return true;
   }

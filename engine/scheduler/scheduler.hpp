@@ -69,7 +69,7 @@ struct scheduler_stats {
 };
 
 class scheduler {
-public:
+ public:
   explicit scheduler(scheduler_options options);
   ~scheduler();
 
@@ -102,7 +102,7 @@ public:
   // Block reference counts equal block-table entries of live sequences; pool invariants.
   expected<void> check() const;
 
-private:
+ private:
   struct sequence;
   bool allocate_for(sequence& s, int32_t end_tokens);
   sequence* pick_victim(const sequence& except);

@@ -127,8 +127,10 @@ void run_model(const std::string& name) {
     auto model = load(*dir, c.kv);
     std::vector<seq_id> ids;
     auto r = run_all(*model,
-                     {.num_blocks = c.kv.num_blocks, .block_size = c.kv.block_size,
-                      .prefix_caching = c.caching, .max_num_batched_tokens = c.budget,
+                     {.num_blocks = c.kv.num_blocks,
+                      .block_size = c.kv.block_size,
+                      .prefix_caching = c.caching,
+                      .max_num_batched_tokens = c.budget,
                       .max_num_seqs = 16},
                      reqs, ids);
     for (size_t i = 0; i < ids.size(); ++i) {
@@ -137,7 +139,7 @@ void run_model(const std::string& name) {
       CHECK(r.finish[ids[i]] == finish_reason::length);
     }
     MESSAGE(std::string(c.what) << ": preemptions " << r.stats.preemptions << ", prefix-hit tokens "
-                   << r.stats.prefix_hit_tokens);
+                                << r.stats.prefix_hit_tokens);
     if (c.kv.num_blocks == 48)
       CHECK(r.stats.preemptions > 0);
     if (c.caching)
@@ -209,7 +211,9 @@ TEST_CASE("engine loop tiny-qwen3: cancelling mid-generation frees every block")
   const auto prompts = prompts_of(*dir);
   auto model = load(*dir, {.num_blocks = 64, .block_size = 16});
   local_executor exec(*model);
-  engine_loop loop({.num_blocks = 64, .block_size = 16, .max_num_batched_tokens = 32,
+  engine_loop loop({.num_blocks = 64,
+                    .block_size = 16,
+                    .max_num_batched_tokens = 32,
                     .vocab_size = model->config().vocab_size},
                    exec);
   sampling_params sp;

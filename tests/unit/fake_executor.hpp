@@ -24,11 +24,11 @@ inline token_id fake_next(token_id last, int64_t pos, int32_t vocab) {
 }
 
 class fake_executor final : public engine::executor {
-public:
+ public:
   using history_fn = std::function<const std::vector<token_id>*(seq_id)>;
   fake_executor(int32_t num_blocks, int32_t block_size, int32_t vocab, history_fn history)
-      : bs_(block_size), vocab_(vocab), history_(std::move(history)),
-        kv_(static_cast<size_t>(num_blocks) * block_size, {-1, -1}) {}
+    : bs_(block_size), vocab_(vocab), history_(std::move(history)),
+      kv_(static_cast<size_t>(num_blocks) * block_size, {-1, -1}) {}
 
   // Set by tests to fail the next execute().
   bool fail_next = false;
@@ -62,7 +62,7 @@ public:
     return r;
   }
 
-private:
+ private:
   std::pair<token_id, int64_t>& slot(const seq_step& s, int64_t p) {
     return kv_[static_cast<size_t>(s.block_table[static_cast<size_t>(p / bs_)]) * bs_ + p % bs_];
   }
@@ -82,8 +82,8 @@ inline std::vector<token_id> fake_alone(const std::vector<token_id>& prompt, int
                                         int32_t vocab, token_id eos, int32_t min_tokens,
                                         int32_t max_model_len) {
   std::vector<token_id> all = prompt, out;
-  while (static_cast<int32_t>(out.size()) < max_tokens
-         && static_cast<int32_t>(all.size()) < max_model_len) {
+  while (static_cast<int32_t>(out.size()) < max_tokens &&
+         static_cast<int32_t>(all.size()) < max_model_len) {
     token_id t = fake_next(all.back(), static_cast<int64_t>(all.size()) - 1, vocab);
     if (t == eos && static_cast<int32_t>(out.size()) < min_tokens)
       t = (t + 1) % vocab;

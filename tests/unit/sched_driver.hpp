@@ -27,11 +27,11 @@ struct sched_driver {
   std::vector<engine::request_output> outs;
 
   sched_driver(engine::scheduler_options o, int32_t vocab_size)
-      : sched(o), vocab(vocab_size), exec(o.num_blocks, o.block_size, vocab_size,
-                                          [this](seq_id id) -> const std::vector<token_id>* {
-                                            auto it = req.find(id);
-                                            return it == req.end() ? nullptr : &it->second.tokens;
-                                          }) {}
+    : sched(o), vocab(vocab_size), exec(o.num_blocks, o.block_size, vocab_size,
+                                        [this](seq_id id) -> const std::vector<token_id>* {
+                                          auto it = req.find(id);
+                                          return it == req.end() ? nullptr : &it->second.tokens;
+                                        }) {}
 
   seq_id add(std::vector<token_id> prompt, sampling_params sp = {},
              std::vector<token_id> stop_ids = {}) {

@@ -8,7 +8,9 @@ using namespace troupe;
 using namespace troupe::engine::kv;
 
 namespace {
-std::vector<token_id> toks(token_id a) { return {a, a + 1, a + 2, a + 3}; }
+std::vector<token_id> toks(token_id a) {
+  return {a, a + 1, a + 2, a + 3};
+}
 } // namespace
 
 TEST_CASE("block_pool: allocate is all or nothing; release returns blocks") {

@@ -15,9 +15,8 @@ struct fixture {
                              auto it = hist.find(id);
                              return it == hist.end() ? nullptr : &it->second;
                            }};
-  engine_loop loop{{.num_blocks = 32, .block_size = 4, .max_num_batched_tokens = 16,
-                    .vocab_size = 100},
-                   exec};
+  engine_loop loop{
+      {.num_blocks = 32, .block_size = 4, .max_num_batched_tokens = 16, .vocab_size = 100}, exec};
   seq_id add(std::vector<token_id> prompt, int32_t max_tokens) {
     sampling_params p;
     p.temperature = 0;

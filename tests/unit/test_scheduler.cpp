@@ -12,9 +12,15 @@ using troupe::test::sched_driver;
 namespace {
 constexpr int32_t vocab = 500;
 scheduler_options small(int32_t num_blocks = 64, int32_t budget = 64) {
-  return {.num_blocks = num_blocks, .block_size = 4, .prefix_caching = true,
-          .max_num_batched_tokens = budget, .max_num_seqs = 8, .max_waiting = 16,
-          .max_model_len = 256, .vocab_size = vocab, .eos_token_ids = {0}};
+  return {.num_blocks = num_blocks,
+          .block_size = 4,
+          .prefix_caching = true,
+          .max_num_batched_tokens = budget,
+          .max_num_seqs = 8,
+          .max_waiting = 16,
+          .max_model_len = 256,
+          .vocab_size = vocab,
+          .eos_token_ids = {0}};
 }
 sampling_params greedy(int32_t max_tokens) {
   sampling_params p;
@@ -262,7 +268,8 @@ TEST_CASE("scheduler: finish reasons") {
   }
   SUBCASE("stop hook (stop strings from the detokenizer)") {
     std::vector<token_id> seen;
-    auto id = d.sched.add({.prompt = prompt, .sampling = greedy(20),
+    auto id = d.sched.add({.prompt = prompt,
+                           .sampling = greedy(20),
                            .stop_check = [&](seq_id, std::span<const token_id> gen) {
                              seen.assign(gen.begin(), gen.end());
                              return gen.size() == 3;

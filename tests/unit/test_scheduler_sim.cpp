@@ -26,10 +26,15 @@ struct sim_config {
 };
 
 void simulate(const sim_config& c, uint64_t seed) {
-  scheduler_options o{.num_blocks = c.num_blocks, .block_size = c.block_size,
-                      .prefix_caching = c.prefix_caching, .max_num_batched_tokens = c.budget,
-                      .max_num_seqs = c.max_seqs, .max_waiting = 100000, .max_model_len = 400,
-                      .vocab_size = vocab, .eos_token_ids = {eos}};
+  scheduler_options o{.num_blocks = c.num_blocks,
+                      .block_size = c.block_size,
+                      .prefix_caching = c.prefix_caching,
+                      .max_num_batched_tokens = c.budget,
+                      .max_num_seqs = c.max_seqs,
+                      .max_waiting = 100000,
+                      .max_model_len = 400,
+                      .vocab_size = vocab,
+                      .eos_token_ids = {eos}};
   sched_driver d(o, vocab);
   std::mt19937_64 rng(seed);
   auto uni = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
@@ -106,19 +111,31 @@ void simulate(const sim_config& c, uint64_t seed) {
 } // namespace
 
 TEST_CASE("scheduler simulation: prefix caching, ample pool") {
-  simulate({.num_blocks = 2048, .block_size = 16, .budget = 256, .max_seqs = 32,
-            .prefix_caching = true, .num_requests = 1500},
+  simulate({.num_blocks = 2048,
+            .block_size = 16,
+            .budget = 256,
+            .max_seqs = 32,
+            .prefix_caching = true,
+            .num_requests = 1500},
            1);
 }
 
 TEST_CASE("scheduler simulation: prefix caching, small pool forces preemption") {
-  simulate({.num_blocks = 96, .block_size = 8, .budget = 128, .max_seqs = 24,
-            .prefix_caching = true, .num_requests = 1500},
+  simulate({.num_blocks = 96,
+            .block_size = 8,
+            .budget = 128,
+            .max_seqs = 24,
+            .prefix_caching = true,
+            .num_requests = 1500},
            2);
 }
 
 TEST_CASE("scheduler simulation: no prefix caching, tiny blocks, small pool") {
-  simulate({.num_blocks = 200, .block_size = 2, .budget = 64, .max_seqs = 16,
-            .prefix_caching = false, .num_requests = 1000},
+  simulate({.num_blocks = 200,
+            .block_size = 2,
+            .budget = 64,
+            .max_seqs = 16,
+            .prefix_caching = false,
+            .num_requests = 1000},
            3);
 }
