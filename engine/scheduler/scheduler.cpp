@@ -38,6 +38,25 @@ bool contains(const std::vector<token_id>& v, token_id t) {
 }
 } // namespace
 
+expected<void> validate(const scheduler_options& o) {
+  auto positive = [](int64_t v, const char* name) -> expected<void> {
+    if (v < 1)
+      return make_error(errc::invalid_argument, "{} must be >= 1, got {}", name, v);
+    return {};
+  };
+  TROUPE_TRY_VOID(positive(o.num_blocks, "num_blocks"));
+  TROUPE_TRY_VOID(positive(o.block_size, "block_size"));
+  TROUPE_TRY_VOID(positive(o.max_num_seqs, "max_num_seqs"));
+  TROUPE_TRY_VOID(positive(o.max_waiting, "max_waiting"));
+  TROUPE_TRY_VOID(positive(o.max_model_len, "max_model_len"));
+  if (o.max_num_batched_tokens < o.max_num_seqs)
+    return make_error(errc::invalid_argument,
+                      "max_num_batched_tokens ({}) must be >= max_num_seqs ({}) so every running "
+                      "sequence can decode each step",
+                      o.max_num_batched_tokens, o.max_num_seqs);
+  return {};
+}
+
 const char* to_string(finish_reason r) {
   switch (r) {
   case finish_reason::none:

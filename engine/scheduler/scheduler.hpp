@@ -31,6 +31,10 @@ struct scheduler_options {
   uint64_t seed = 0;                     // seeds requests that bring none
 };
 
+// Rejects option sets the scheduler cannot work with (naming the option), e.g. a budget smaller
+// than max_num_seqs would starve decodes. Call before constructing a scheduler.
+expected<void> validate(const scheduler_options& o);
+
 enum class finish_reason : uint8_t { none, stop, length, cancelled };
 const char* to_string(finish_reason r);
 

@@ -344,3 +344,13 @@ TEST_CASE("scheduler: requests without a seed get distinct ones; given seeds are
   CHECK(p.seqs[0].sampling.seed != p.seqs[1].sampling.seed);
   CHECK(p.seqs[2].sampling.seed == 42);
 }
+
+TEST_CASE("scheduler: option sets that cannot work are rejected by name") {
+  CHECK(validate(small()).has_value());
+  auto o = small();
+  o.block_size = 0;
+  CHECK(validate(o).error().message().find("block_size") != std::string::npos);
+  o = small();
+  o.max_num_batched_tokens = 4; // < max_num_seqs = 8
+  CHECK(validate(o).error().message().find("max_num_batched_tokens") != std::string::npos);
+}
