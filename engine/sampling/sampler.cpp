@@ -55,6 +55,8 @@ token_id draw(const std::vector<float>& w, const sampling_params& p, double u) {
   float top = -std::numeric_limits<float>::infinity();
   for (int32_t c : cand)
     top = std::max(top, w[c]);
+  if (!std::isfinite(top)) // everything banned or penalised away: fall back to the lowest id
+    return cand.front();
   // prob ∝ exp((w - top) / T); the best candidate has 1.
   std::vector<double> prob(cand.size());
   double total = 0;
