@@ -23,6 +23,12 @@ struct sampling_params {
   bool has_seed = false;
   uint64_t seed = 0;
   int32_t logprobs = -1; // -1 = none, else number of top logprobs to return (0 = sampled only)
+  // Not sampling knobs but request limits, kept here so that one struct carries a request's
+  // OpenAI parameters (validated by the scheduler; the sampler sees their effect through
+  // seq_step::banned_tokens).
+  int32_t max_tokens = 16; // >= 1
+  int32_t min_tokens = 0;  // [0, max_tokens]: EOS and stop_token_ids are banned until reached
+  bool ignore_eos = false; // keep generating after the model's EOS tokens
 };
 
 // Which logits a sequence's share of a step produces.
@@ -39,12 +45,28 @@ struct seq_step {
   std::vector<token_id> tokens;      // [n] tokens fed this step (a prefill chunk, or one decode token)
   std::vector<int32_t> block_table;  // physical KV blocks holding positions [0, start_pos + n)
   logits_mode logits = logits_mode::last;
-  sampling_params sampling;
+  sampling_params sampling; // the scheduler always sets has_seed (it picks a seed when the
+                            // request gave none), so every rank samples the same token
+  // Positions [0, num_prompt_tokens) hold the prompt; later ones generated tokens (penalties
+  // count those). The sampled token's index among generated tokens is
+  // start_pos + tokens.size() - num_prompt_tokens, which also picks its random draw.
+  int32_t num_prompt_tokens = 0;
+  // First step since the sequence was admitted (or re-admitted after preemption): drop any
+  // per-sequence state (penalty counts) and rebuild it from this and later steps' tokens.
+  bool first_step = false;
+  // With first_step, start_pos > 0 (prefix cache hit) and penalties on: the tokens at positions
+  // [0, start_pos), which this worker never saw fed. Empty otherwise.
+  std::vector<token_id> cached_prefix;
+  // Token ids whose logits are -inf this step (EOS and stop_token_ids until min_tokens).
+  std::vector<token_id> banned_tokens;
 };
 
 struct step_plan {
   uint64_t step = 0; // monotonically increasing per replica
   std::vector<seq_step> seqs;
+  // Sequences finished, cancelled or preempted since the previous plan: workers drop their
+  // per-sequence state (sampler penalty counts).
+  std::vector<seq_id> finished;
 
   int32_t num_tokens() const {
     int32_t n = 0;
@@ -58,8 +80,8 @@ struct step_plan {
 struct seq_output {
   seq_id id = 0;
   token_id token = -1;  // sampled token, -1 when the plan asked for no logits
-  float logprob = 0.0f; // log-probability of `token` under the sampling distribution
-  std::vector<token_id> top_ids;   // top logprobs when requested
+  float logprob = 0.0f; // log-probability of `token` under the model (log-softmax of raw logits)
+  std::vector<token_id> top_ids;   // top logprobs when requested (raw logits, ties: lower id)
   std::vector<float> top_logprobs;
 };
 

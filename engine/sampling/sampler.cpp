@@ -1,0 +1,219 @@
+#include "engine/sampling/sampler.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+
+namespace troupe::engine {
+
+namespace {
+
+constexpr float greedy_below = 1e-5f; // temperatures under this are greedy (as vLLM)
+constexpr int32_t max_logprobs = 20;
+
+uint64_t splitmix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+// A uniform draw in [0, 1) that depends only on the seed and the token's index.
+double uniform(uint64_t seed, uint64_t index) {
+  uint64_t bits = splitmix(splitmix(seed) ^ splitmix(index + 0x5eed));
+  return static_cast<double>(bits >> 11) * 0x1.0p-53;
+}
+
+// Higher logit first, lower id on ties: one total order for every rank.
+struct by_value_desc {
+  const float* v;
+  bool operator()(int32_t a, int32_t b) const { return v[a] > v[b] || (v[a] == v[b] && a < b); }
+};
+
+void apply_penalties(std::vector<float>& w, const sampling_params& p, const penalty_state& st) {
+  for (const auto& [t, e] : st.tokens) {
+    float& x = w[static_cast<size_t>(t)];
+    if (p.repetition_penalty != 1.0f)
+      x = x > 0 ? x / p.repetition_penalty : x * p.repetition_penalty;
+    x -= p.frequency_penalty * static_cast<float>(e.output_count) +
+         (e.output_count > 0 ? p.presence_penalty : 0.0f);
+  }
+}
+
+token_id draw(const std::vector<float>& w, const sampling_params& p, double u) {
+  const int32_t vocab = static_cast<int32_t>(w.size());
+  std::vector<int32_t> cand(w.size());
+  std::iota(cand.begin(), cand.end(), 0);
+  by_value_desc order{w.data()};
+  bool sorted = false;
+  if (p.top_k > 0 && p.top_k < vocab) {
+    std::partial_sort(cand.begin(), cand.begin() + p.top_k, cand.end(), order);
+    cand.resize(static_cast<size_t>(p.top_k));
+    sorted = true;
+  }
+  float top = -std::numeric_limits<float>::infinity();
+  for (int32_t c : cand)
+    top = std::max(top, w[c]);
+  if (!std::isfinite(top)) // everything banned or penalised away: fall back to the lowest id
+    return cand.front();
+  // prob ∝ exp((w - top) / T); the best candidate has 1.
+  std::vector<double> prob(cand.size());
+  double total = 0;
+  for (size_t i = 0; i < cand.size(); ++i)
+    total += prob[i] = std::exp(static_cast<double>(w[cand[i]] - top) / p.temperature);
+  if (p.top_p < 1.0f) {
+    if (!sorted) {
+      std::vector<size_t> idx(cand.size());
+      std::iota(idx.begin(), idx.end(), 0);
+      std::sort(idx.begin(), idx.end(), [&](size_t a, size_t b) {
+        return prob[a] > prob[b] || (prob[a] == prob[b] && cand[a] < cand[b]);
+      });
+      std::vector<int32_t> c2(cand.size());
+      std::vector<double> p2(cand.size());
+      for (size_t i = 0; i < idx.size(); ++i) {
+        c2[i] = cand[idx[i]];
+        p2[i] = prob[idx[i]];
+      }
+      cand.swap(c2);
+      prob.swap(p2);
+    }
+    double keep = p.top_p * total, sum = 0;
+    size_t n = 0;
+    while (n < cand.size() && (n == 0 || sum < keep))
+      sum += prob[n++];
+    cand.resize(n);
+    prob.resize(n);
+    total = sum;
+  }
+  if (p.min_p > 0.0f) // the best candidate has probability 1 before normalising
+    for (size_t i = 0; i < prob.size(); ++i)
+      if (prob[i] < p.min_p) {
+        total -= prob[i];
+        prob[i] = 0;
+      }
+  double target = u * total, sum = 0;
+  size_t last_nonzero = 0;
+  for (size_t i = 0; i < cand.size(); ++i) {
+    if (prob[i] == 0)
+      continue;
+    last_nonzero = i;
+    sum += prob[i];
+    if (target < sum)
+      return cand[i];
+  }
+  return cand[last_nonzero]; // rounding: u * total reached the end
+}
+
+} // namespace
+
+expected<void> validate(const sampling_params& p) {
+  if (!(p.temperature >= 0.0f) || !std::isfinite(p.temperature))
+    return make_error(errc::invalid_argument, "temperature must be >= 0, got {}", p.temperature);
+  if (!(p.top_p > 0.0f && p.top_p <= 1.0f))
+    return make_error(errc::invalid_argument, "top_p must be in (0, 1], got {}", p.top_p);
+  if (p.top_k < -1)
+    return make_error(errc::invalid_argument, "top_k must be -1, 0 (off) or positive, got {}",
+                      p.top_k);
+  if (!(p.min_p >= 0.0f && p.min_p <= 1.0f))
+    return make_error(errc::invalid_argument, "min_p must be in [0, 1], got {}", p.min_p);
+  if (!(p.repetition_penalty > 0.0f) || !std::isfinite(p.repetition_penalty))
+    return make_error(errc::invalid_argument, "repetition_penalty must be > 0, got {}",
+                      p.repetition_penalty);
+  if (!(p.presence_penalty >= -2.0f && p.presence_penalty <= 2.0f))
+    return make_error(errc::invalid_argument, "presence_penalty must be in [-2, 2], got {}",
+                      p.presence_penalty);
+  if (!(p.frequency_penalty >= -2.0f && p.frequency_penalty <= 2.0f))
+    return make_error(errc::invalid_argument, "frequency_penalty must be in [-2, 2], got {}",
+                      p.frequency_penalty);
+  if (p.logprobs < -1 || p.logprobs > max_logprobs)
+    return make_error(errc::invalid_argument,
+                      "logprobs must be in [0, {}] (or -1 for none), got {}", max_logprobs,
+                      p.logprobs);
+  if (p.max_tokens < 1)
+    return make_error(errc::invalid_argument, "max_tokens must be >= 1, got {}", p.max_tokens);
+  if (p.min_tokens < 0 || p.min_tokens > p.max_tokens)
+    return make_error(errc::invalid_argument, "min_tokens must be in [0, max_tokens={}], got {}",
+                      p.max_tokens, p.min_tokens);
+  return {};
+}
+
+bool uses_penalties(const sampling_params& p) {
+  return p.repetition_penalty != 1.0f || p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f;
+}
+
+seq_output sample_row(std::span<const float> logits, const sample_inputs& in,
+                      std::vector<float>& w) {
+  const auto& p = *in.params;
+  seq_output out;
+  w.assign(logits.begin(), logits.end());
+  if (in.penalties)
+    apply_penalties(w, p, *in.penalties);
+  for (token_id t : in.banned)
+    if (t >= 0 && static_cast<size_t>(t) < w.size())
+      w[static_cast<size_t>(t)] = -std::numeric_limits<float>::infinity();
+  if (p.temperature < greedy_below) // argmax, lowest id on ties
+    out.token = static_cast<token_id>(std::max_element(w.begin(), w.end()) - w.begin());
+  else
+    out.token = draw(w, p, uniform(p.seed, in.index));
+
+  // Logprobs under the model: log-softmax of the raw logits.
+  float top = *std::max_element(logits.begin(), logits.end());
+  double z = 0;
+  for (float x : logits)
+    z += std::exp(static_cast<double>(x - top));
+  const float log_z = top + static_cast<float>(std::log(z));
+  out.logprob = logits[static_cast<size_t>(out.token)] - log_z;
+  if (p.logprobs > 0) {
+    const int32_t n = std::min<int32_t>(p.logprobs, static_cast<int32_t>(logits.size()));
+    std::vector<int32_t> idx(logits.size());
+    std::iota(idx.begin(), idx.end(), 0);
+    std::partial_sort(idx.begin(), idx.begin() + n, idx.end(), by_value_desc{logits.data()});
+    for (int32_t i = 0; i < n; ++i) {
+      out.top_ids.push_back(idx[i]);
+      out.top_logprobs.push_back(logits[static_cast<size_t>(idx[i])] - log_z);
+    }
+  }
+  return out;
+}
+
+expected<step_result> sampler::sample(const step_plan& plan, const forward_output& out) {
+  for (seq_id id : plan.finished)
+    state_.erase(id);
+  if (!plan.seqs.empty() && out.first_row.size() != plan.seqs.size())
+    return make_error(errc::internal, "step {}: forward output has {} sequences, plan {}",
+                      plan.step, out.first_row.size(), plan.seqs.size());
+  step_result result;
+  result.step = plan.step;
+  for (size_t i = 0; i < plan.seqs.size(); ++i) {
+    const auto& s = plan.seqs[i];
+    penalty_state* st = nullptr;
+    if (uses_penalties(s.sampling)) {
+      if (s.first_step)
+        state_.erase(s.id);
+      st = &state_[s.id];
+      if (s.first_step)
+        for (size_t k = 0; k < s.cached_prefix.size(); ++k)
+          st->add(s.cached_prefix[k], static_cast<int32_t>(k) < s.num_prompt_tokens);
+      for (size_t k = 0; k < s.tokens.size(); ++k)
+        st->add(s.tokens[k], s.start_pos + static_cast<int32_t>(k) < s.num_prompt_tokens);
+    }
+    if (s.logits == logits_mode::none)
+      continue;
+    if (out.num_rows[i] <= 0)
+      return make_error(errc::internal, "step {}: sequence {} asked for logits but got none",
+                        plan.step, s.id);
+    const int64_t end = s.start_pos + static_cast<int64_t>(s.tokens.size());
+    sample_inputs in{.params = &s.sampling,
+                     .index =
+                         static_cast<uint64_t>(std::max<int64_t>(0, end - s.num_prompt_tokens)),
+                     .banned = s.banned_tokens,
+                     .penalties = st};
+    auto o = sample_row(out.last_row(i), in, scratch_);
+    o.id = s.id;
+    result.outputs.push_back(std::move(o));
+  }
+  return result;
+}
+
+} // namespace troupe::engine

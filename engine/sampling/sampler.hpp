@@ -1,0 +1,64 @@
+// Turns logits into tokens: penalties, banned tokens, greedy or temperature / top-k / top-p /
+// min-p sampling with a per-request seed, and logprobs. Runs on the worker of the last pipeline
+// stage (local_executor in-process); deterministic given the plan, so every rank agrees.
+// Nothing here blocks.
+#pragma once
+
+#include <span>
+#include <unordered_map>
+#include <vector>
+
+#include "engine/backend/backend.hpp"
+#include "runtime/error.hpp"
+#include "runtime/step.hpp"
+
+namespace troupe::engine {
+
+// Rejects parameters outside their ranges; the message names the parameter
+// (e.g. "top_p must be in (0, 1], got 0").
+expected<void> validate(const sampling_params& p);
+
+bool uses_penalties(const sampling_params& p);
+
+// Tokens a sequence has seen, for the repetition, presence and frequency penalties.
+struct penalty_state {
+  struct entry {
+    bool in_prompt = false;
+    int32_t output_count = 0;
+  };
+  std::unordered_map<token_id, entry> tokens;
+  void add(token_id t, bool prompt) {
+    auto& e = tokens[t];
+    if (prompt)
+      e.in_prompt = true;
+    else
+      ++e.output_count;
+  }
+};
+
+// What one row's sampling needs beyond the logits.
+struct sample_inputs {
+  const sampling_params* params = nullptr;
+  uint64_t index = 0;                       // generated tokens before this one (random draw)
+  std::span<const token_id> banned;         // logits forced to -inf
+  const penalty_state* penalties = nullptr; // null when no penalty is on
+};
+
+// Samples one token from `logits` ([vocab]). `scratch` is reused between calls.
+seq_output sample_row(std::span<const float> logits, const sample_inputs& in,
+                      std::vector<float>& scratch);
+
+// The per-worker sampler: keeps penalty state per sequence across steps (dropped on
+// plan.finished and seq_step::first_step) and samples every seq_step that asked for logits.
+class sampler {
+ public:
+  expected<step_result> sample(const step_plan& plan, const forward_output& out);
+
+  size_t num_tracked() const { return state_.size(); }
+
+ private:
+  std::unordered_map<seq_id, penalty_state> state_;
+  std::vector<float> scratch_;
+};
+
+} // namespace troupe::engine

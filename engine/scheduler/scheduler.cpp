@@ -1,0 +1,420 @@
+#include "engine/scheduler/scheduler.hpp"
+
+#include <algorithm>
+
+#include "engine/sampling/sampler.hpp"
+
+namespace troupe::engine {
+
+struct scheduler::sequence {
+  enum class state : uint8_t { waiting, running, finished };
+  seq_id id = 0;
+  std::vector<token_id> tokens; // prompt, then generated tokens
+  int32_t num_prompt = 0;
+  int32_t num_computed = 0; // tokens whose KV is in `blocks` (after the in-flight step)
+  std::vector<int32_t> blocks;
+  std::vector<kv::block_hash> hashes; // chained hashes of the full blocks of `tokens`
+  int32_t num_cached_blocks = 0;      // leading blocks already in the prefix cache
+  sampling_params sampling;
+  std::vector<token_id> stop_ids;
+  stop_hook stop_check;
+  state st = state::waiting;
+  bool first_step = true;
+  uint64_t scheduled_step = 0;
+
+  int32_t len() const { return static_cast<int32_t>(tokens.size()); }
+  int32_t num_generated() const { return len() - num_prompt; }
+};
+
+namespace {
+uint64_t splitmix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+bool contains(const std::vector<token_id>& v, token_id t) {
+  return std::find(v.begin(), v.end(), t) != v.end();
+}
+} // namespace
+
+expected<void> validate(const scheduler_options& o) {
+  auto positive = [](int64_t v, const char* name) -> expected<void> {
+    if (v < 1)
+      return make_error(errc::invalid_argument, "{} must be >= 1, got {}", name, v);
+    return {};
+  };
+  TROUPE_TRY_VOID(positive(o.num_blocks, "num_blocks"));
+  TROUPE_TRY_VOID(positive(o.block_size, "block_size"));
+  TROUPE_TRY_VOID(positive(o.max_num_seqs, "max_num_seqs"));
+  TROUPE_TRY_VOID(positive(o.max_waiting, "max_waiting"));
+  TROUPE_TRY_VOID(positive(o.max_model_len, "max_model_len"));
+  if (o.max_num_batched_tokens < o.max_num_seqs)
+    return make_error(errc::invalid_argument,
+                      "max_num_batched_tokens ({}) must be >= max_num_seqs ({}) so every running "
+                      "sequence can decode each step",
+                      o.max_num_batched_tokens, o.max_num_seqs);
+  return {};
+}
+
+const char* to_string(finish_reason r) {
+  switch (r) {
+  case finish_reason::none:
+    return "none";
+  case finish_reason::stop:
+    return "stop";
+  case finish_reason::length:
+    return "length";
+  case finish_reason::cancelled:
+    return "cancelled";
+  }
+  return "?";
+}
+
+scheduler::scheduler(scheduler_options options)
+  : opt_(std::move(options)), pool_(opt_.num_blocks, opt_.block_size, opt_.prefix_caching) {}
+
+scheduler::~scheduler() = default;
+
+expected<void> scheduler::validate(const request& r) const {
+  if (r.prompt.empty())
+    return make_error(errc::invalid_argument, "prompt must not be empty");
+  const auto n = static_cast<int64_t>(r.prompt.size());
+  if (n >= opt_.max_model_len)
+    return make_error(errc::invalid_argument,
+                      "prompt has {} tokens; the context limit (max_model_len) is {}", n,
+                      opt_.max_model_len);
+  const int64_t blocks = (n + 1 + opt_.block_size - 1) / opt_.block_size;
+  if (blocks > opt_.num_blocks)
+    return make_error(errc::resource_exhausted, "prompt needs {} KV blocks; the pool has {}",
+                      blocks, opt_.num_blocks);
+  if (opt_.vocab_size > 0)
+    for (size_t i = 0; i < r.prompt.size(); ++i)
+      if (r.prompt[i] < 0 || r.prompt[i] >= opt_.vocab_size)
+        return make_error(errc::invalid_argument,
+                          "prompt token {} is {}, outside the vocabulary [0, {})", i, r.prompt[i],
+                          opt_.vocab_size);
+  for (token_id t : r.stop_token_ids)
+    if (t < 0 || (opt_.vocab_size > 0 && t >= opt_.vocab_size))
+      return make_error(errc::invalid_argument, "stop_token_ids holds {}, not a token id", t);
+  TROUPE_TRY_VOID(engine::validate(r.sampling));
+  if (static_cast<int32_t>(waiting_.size()) >= opt_.max_waiting)
+    return make_error(errc::resource_exhausted,
+                      "the waiting queue is full ({} requests, max_waiting); retry later",
+                      waiting_.size());
+  return {};
+}
+
+expected<seq_id> scheduler::add(request r) {
+  TROUPE_TRY_VOID(validate(r));
+  auto s = std::make_unique<sequence>();
+  s->id = next_id_++;
+  s->num_prompt = static_cast<int32_t>(r.prompt.size());
+  s->tokens = std::move(r.prompt);
+  s->tokens.reserve(static_cast<size_t>(s->num_prompt + r.sampling.max_tokens));
+  s->sampling = r.sampling;
+  if (!s->sampling.has_seed) {
+    s->sampling.has_seed = true;
+    s->sampling.seed = splitmix(opt_.seed ^ splitmix(s->id));
+  }
+  s->stop_ids = std::move(r.stop_token_ids);
+  s->stop_check = std::move(r.stop_check);
+  waiting_.push_back(s.get());
+  seq_id id = s->id;
+  live_.emplace(id, std::move(s));
+  return id;
+}
+
+expected<void> scheduler::cancel(seq_id id) {
+  auto it = live_.find(id);
+  if (it == live_.end())
+    return make_error(errc::not_found, "request {} is unknown or already finished", id);
+  sequence& s = *it->second;
+  if (s.st == sequence::state::waiting)
+    waiting_.erase(std::find(waiting_.begin(), waiting_.end(), &s));
+  else
+    running_.erase(std::find(running_.begin(), running_.end(), &s));
+  request_output o;
+  finish(s, finish_reason::cancelled, -1, &o);
+  pending_.push_back(std::move(o));
+  return {};
+}
+
+void scheduler::finish(sequence& s, finish_reason why, token_id stop_token, request_output* o) {
+  pool_.release_all(s.blocks);
+  s.st = sequence::state::finished;
+  o->id = s.id;
+  o->finish = why;
+  o->stop_token = stop_token;
+  dropped_.push_back(s.id);
+  ++stats_.finished;
+  auto it = live_.find(s.id);
+  graveyard_.push_back(std::move(it->second)); // alive until no plan can name it
+  live_.erase(it);
+}
+
+bool scheduler::allocate_for(sequence& s, int32_t end_tokens) {
+  const int32_t need =
+      (end_tokens + opt_.block_size - 1) / opt_.block_size - static_cast<int32_t>(s.blocks.size());
+  return need <= 0 || pool_.allocate(need, s.blocks);
+}
+
+// The lowest-priority running sequence not yet in this step and behind `except`, or null.
+scheduler::sequence* scheduler::pick_victim(const sequence& except) {
+  for (auto it = running_.rbegin(); it != running_.rend(); ++it) {
+    sequence* v = *it;
+    if (v == &except)
+      return nullptr;
+    if (v->st == sequence::state::running && v->scheduled_step != step_)
+      return v;
+  }
+  return nullptr;
+}
+
+void scheduler::preempt(sequence& s, step_plan& plan) {
+  pool_.release_all(s.blocks);
+  s.num_computed = 0;
+  s.num_cached_blocks = 0;
+  s.first_step = true;
+  s.st = sequence::state::waiting;
+  waiting_.push_front(&s);
+  plan.finished.push_back(s.id);
+  ++stats_.preemptions;
+}
+
+// Takes the longest cached prefix of full blocks (leaving at least one token to compute).
+bool scheduler::admit_prefix(sequence& s) {
+  if (!opt_.prefix_caching || !s.blocks.empty())
+    return false;
+  const int32_t bs = opt_.block_size;
+  const int32_t max_blocks = (s.len() - 1) / bs;
+  for (int32_t i = 0; i < max_blocks; ++i) {
+    if (static_cast<int32_t>(s.hashes.size()) <= i)
+      s.hashes.push_back(
+          kv::hash_block(i ? s.hashes[i - 1] : 0,
+                         {s.tokens.data() + static_cast<size_t>(i) * bs, static_cast<size_t>(bs)}));
+    std::span<const token_id> toks{s.tokens.data() + static_cast<size_t>(i) * bs,
+                                   static_cast<size_t>(bs)};
+    int32_t b = pool_.lookup(s.hashes[i], toks, i ? s.blocks.back() : -1);
+    if (b < 0)
+      break;
+    pool_.acquire(b);
+    s.blocks.push_back(b);
+  }
+  s.num_cached_blocks = static_cast<int32_t>(s.blocks.size());
+  s.num_computed = s.num_cached_blocks * bs;
+  return s.num_computed > 0;
+}
+
+void scheduler::emit(sequence& s, int32_t n, step_plan& plan, size_t& used) {
+  if (used == plan.seqs.size())
+    plan.seqs.emplace_back();
+  seq_step& st = plan.seqs[used++];
+  const int32_t start = s.num_computed, end = start + n;
+  st.id = s.id;
+  st.start_pos = start;
+  st.tokens.assign(s.tokens.begin() + start, s.tokens.begin() + end);
+  st.block_table.assign(s.blocks.begin(), s.blocks.end());
+  st.logits = end == s.len() ? logits_mode::last : logits_mode::none;
+  st.sampling = s.sampling;
+  st.num_prompt_tokens = s.num_prompt;
+  st.first_step = s.first_step;
+  st.cached_prefix.clear();
+  if (s.first_step && start > 0 && uses_penalties(s.sampling))
+    st.cached_prefix.assign(s.tokens.begin(), s.tokens.begin() + start);
+  st.banned_tokens.clear();
+  if (st.logits == logits_mode::last && s.num_generated() < s.sampling.min_tokens) {
+    st.banned_tokens = opt_.eos_token_ids;
+    st.banned_tokens.insert(st.banned_tokens.end(), s.stop_ids.begin(), s.stop_ids.end());
+  }
+  s.first_step = false;
+  s.num_computed = end;
+  s.scheduled_step = step_;
+  scheduled_.push_back(&s);
+}
+
+void scheduler::schedule(step_plan& plan) {
+  graveyard_.clear();
+  scheduled_.clear();
+  plan.step = ++step_;
+  plan.finished.clear();
+  plan.finished.swap(dropped_);
+  size_t used = 0;
+  int32_t budget = opt_.max_num_batched_tokens;
+  bool preempted = false;
+  // Running sequences first, decodes before prefill chunks, each in priority order.
+  for (int phase = 0; phase < 2; ++phase)
+    for (size_t i = 0; i < running_.size() && budget > 0; ++i) {
+      sequence& s = *running_[i];
+      const bool decoding = s.num_computed >= s.num_prompt;
+      if (s.st != sequence::state::running || s.scheduled_step == step_ || decoding != (phase == 0))
+        continue;
+      const int32_t n = std::min(s.len() - s.num_computed, budget);
+      while (!allocate_for(s, s.num_computed + n)) {
+        sequence* victim = pick_victim(s);
+        preempt(victim ? *victim : s, plan);
+        preempted = true;
+        if (!victim)
+          break;
+      }
+      if (s.st != sequence::state::running)
+        continue;
+      emit(s, n, plan, used);
+      budget -= n;
+    }
+  std::erase_if(running_, [](sequence* s) { return s->st != sequence::state::running; });
+  // Then waiting requests in arrival order, unless this step had to preempt.
+  while (!preempted && !waiting_.empty() && budget > 0 &&
+         static_cast<int32_t>(running_.size()) < opt_.max_num_seqs) {
+    sequence& s = *waiting_.front();
+    const bool hit = admit_prefix(s);
+    const int32_t n = std::min(s.len() - s.num_computed, budget);
+    if (!allocate_for(s, s.num_computed + n)) {
+      pool_.release_all(s.blocks); // head of line waits for blocks
+      s.num_computed = s.num_cached_blocks = 0;
+      break;
+    }
+    if (hit)
+      stats_.prefix_hit_tokens += static_cast<uint64_t>(s.num_computed);
+    waiting_.pop_front();
+    s.st = sequence::state::running;
+    running_.push_back(&s);
+    emit(s, n, plan, used);
+    budget -= n;
+  }
+  plan.seqs.resize(used);
+  ++stats_.steps;
+}
+
+void scheduler::cache_full_blocks(sequence& s) {
+  const int32_t bs = opt_.block_size;
+  const int32_t full = s.num_computed / bs;
+  for (int32_t i = s.num_cached_blocks; i < full; ++i) {
+    std::span<const token_id> toks{s.tokens.data() + static_cast<size_t>(i) * bs,
+                                   static_cast<size_t>(bs)};
+    if (static_cast<int32_t>(s.hashes.size()) <= i)
+      s.hashes.push_back(kv::hash_block(i ? s.hashes[i - 1] : 0, toks));
+    pool_.cache(s.blocks[i], s.hashes[i], toks, i ? s.blocks[i - 1] : -1);
+  }
+  s.num_cached_blocks = std::max(s.num_cached_blocks, full);
+}
+
+bool scheduler::should_stop(sequence& s, token_id t, finish_reason& why, token_id& which) const {
+  why = finish_reason::none;
+  if (s.num_generated() >= s.sampling.min_tokens) {
+    if ((!s.sampling.ignore_eos && contains(opt_.eos_token_ids, t)) || contains(s.stop_ids, t)) {
+      why = finish_reason::stop;
+      which = t;
+      return true;
+    }
+    if (s.stop_check && s.stop_check(s.id, {s.tokens.data() + s.num_prompt,
+                                            static_cast<size_t>(s.num_generated())})) {
+      why = finish_reason::stop;
+      return true;
+    }
+  }
+  // The context limit, or the whole pool (a longer sequence could never be scheduled again).
+  if (s.num_generated() >= s.sampling.max_tokens || s.len() >= opt_.max_model_len ||
+      s.len() >= opt_.num_blocks * opt_.block_size) {
+    why = finish_reason::length;
+    return true;
+  }
+  return false;
+}
+
+expected<void> scheduler::update(const step_plan& plan, const step_result& result,
+                                 std::vector<request_output>& out) {
+  if (plan.step != step_ || plan.seqs.size() != scheduled_.size())
+    return make_error(errc::internal, "update: plan {} is not the last scheduled (step {})",
+                      plan.step, step_);
+  take_pending(out);
+  size_t k = 0;
+  bool any_finished = false;
+  for (size_t i = 0; i < plan.seqs.size(); ++i) {
+    const seq_step& st = plan.seqs[i];
+    sequence& s = *scheduled_[i];
+    const seq_output* o = nullptr;
+    if (st.logits != logits_mode::none) {
+      if (k >= result.outputs.size() || result.outputs[k].id != st.id)
+        return make_error(errc::internal, "step {}: no output for sequence {} (output {})",
+                          plan.step, st.id, k);
+      o = &result.outputs[k++];
+    }
+    if (s.st != sequence::state::running) // cancelled while the step ran
+      continue;
+    if (opt_.prefix_caching)
+      cache_full_blocks(s);
+    if (!o)
+      continue;
+    if (o->token < 0 || (opt_.vocab_size > 0 && o->token >= opt_.vocab_size))
+      return make_error(errc::internal, "step {}: sequence {} sampled token {}", plan.step, s.id,
+                        o->token);
+    s.tokens.push_back(o->token);
+    request_output& r = out.emplace_back();
+    r.id = s.id;
+    r.has_token = true;
+    r.token = o->token;
+    r.logprob = o->logprob;
+    if (!o->top_ids.empty()) {
+      r.top_ids = o->top_ids;
+      r.top_logprobs = o->top_logprobs;
+    }
+    finish_reason why;
+    token_id which = -1;
+    if (should_stop(s, o->token, why, which)) {
+      finish(s, why, which, &r);
+      any_finished = true;
+    }
+  }
+  if (any_finished)
+    std::erase_if(running_, [](sequence* s) { return s->st != sequence::state::running; });
+  scheduled_.clear();
+  graveyard_.clear();
+  return {};
+}
+
+void scheduler::take_pending(std::vector<request_output>& out) {
+  for (auto& o : pending_)
+    out.push_back(std::move(o));
+  pending_.clear();
+}
+
+std::vector<seq_id> scheduler::unfinished() const {
+  std::vector<seq_id> ids;
+  for (const auto& [id, s] : live_)
+    ids.push_back(id);
+  std::sort(ids.begin(), ids.end());
+  return ids;
+}
+
+scheduler_stats scheduler::stats() const {
+  scheduler_stats s = stats_;
+  s.num_running = static_cast<int32_t>(running_.size());
+  s.num_waiting = static_cast<int32_t>(waiting_.size());
+  return s;
+}
+
+expected<void> scheduler::check() const {
+  TROUPE_TRY_VOID(pool_.check());
+  std::vector<int32_t> refs(static_cast<size_t>(pool_.num_blocks()), 0);
+  for (const auto& [id, s] : live_) {
+    if (s->st == sequence::state::waiting && (!s->blocks.empty() || s->num_computed != 0))
+      return make_error(errc::internal, "waiting sequence {} holds {} blocks", id,
+                        s->blocks.size());
+    if (static_cast<int64_t>(s->blocks.size()) * opt_.block_size < s->num_computed)
+      return make_error(errc::internal, "sequence {} computed {} tokens in {} blocks", id,
+                        s->num_computed, s->blocks.size());
+    for (int32_t b : s->blocks)
+      ++refs[static_cast<size_t>(b)];
+  }
+  for (int32_t b = 0; b < pool_.num_blocks(); ++b)
+    if (refs[static_cast<size_t>(b)] != pool_.ref_count(b))
+      return make_error(errc::internal, "block {} has ref count {} but {} table entries", b,
+                        pool_.ref_count(b), refs[static_cast<size_t>(b)]);
+  if (running_.size() + waiting_.size() != live_.size())
+    return make_error(errc::internal, "{} running + {} waiting != {} live", running_.size(),
+                      waiting_.size(), live_.size());
+  return {};
+}
+
+} // namespace troupe::engine

@@ -1,0 +1,135 @@
+// Continuous batching: admits requests, packs each step's work under a token budget (decode
+// first, then chunked prefill, FCFS), manages KV blocks with prefix reuse and preemption by
+// recompute, and turns step results into per-request outputs. Called by engine_loop (later the
+// serving actor) on one thread; nothing here blocks. Plain policy, tested directly.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <span>
+#include <unordered_map>
+#include <vector>
+
+#include "engine/kv/block_pool.hpp"
+#include "runtime/error.hpp"
+#include "runtime/step.hpp"
+
+namespace troupe::engine {
+
+struct scheduler_options {
+  int32_t num_blocks = 256; // must match the workers' KV pool
+  int32_t block_size = 16;
+  bool prefix_caching = true;
+  int32_t max_num_batched_tokens = 2048; // tokens fed per step, all sequences together
+  int32_t max_num_seqs = 256;            // sequences running at once
+  int32_t max_waiting = 4096;            // waiting queue bound; add() rejects beyond it
+  int32_t max_model_len = 4096;          // context limit: prompt + generated tokens
+  int64_t vocab_size = 0;                // > 0: prompt and stop ids are checked against it
+  std::vector<token_id> eos_token_ids;   // the model's EOS ids (finish `stop` unless ignore_eos)
+  uint64_t seed = 0;                     // seeds requests that bring none
+};
+
+// Rejects option sets the scheduler cannot work with (naming the option), e.g. a budget smaller
+// than max_num_seqs would starve decodes. Call before constructing a scheduler.
+expected<void> validate(const scheduler_options& o);
+
+enum class finish_reason : uint8_t { none, stop, length, cancelled };
+const char* to_string(finish_reason r);
+
+// Stop strings are matched by the detokenizer (engine/tokenizer), not here: it sets this hook,
+// which is called with all generated tokens after each new one (once min_tokens is reached);
+// returning true finishes the request with `stop` (the text after the match is the
+// detokenizer's to trim). Runs on the scheduler's thread, so it must be cheap.
+using stop_hook = std::function<bool(seq_id, std::span<const token_id> generated)>;
+
+struct request {
+  std::vector<token_id> prompt;
+  sampling_params sampling; // including max_tokens, min_tokens, ignore_eos
+  std::vector<token_id> stop_token_ids;
+  stop_hook stop_check; // optional
+};
+
+// What one step produced for one request: at most one token (with logprobs), and/or the end.
+struct request_output {
+  seq_id id = 0;
+  bool has_token = false;
+  token_id token = -1;
+  float logprob = 0.0f;
+  std::vector<token_id> top_ids;
+  std::vector<float> top_logprobs;
+  finish_reason finish = finish_reason::none;
+  token_id stop_token = -1; // the EOS or stop_token_id that ended it
+};
+
+struct scheduler_stats {
+  uint64_t steps = 0;
+  uint64_t preemptions = 0;
+  uint64_t finished = 0;
+  uint64_t prefix_hit_tokens = 0; // prompt tokens served from the prefix cache
+  int32_t num_running = 0;
+  int32_t num_waiting = 0;
+};
+
+class scheduler {
+ public:
+  explicit scheduler(scheduler_options options);
+  ~scheduler();
+
+  // Validates and queues a request. Errors: invalid_argument naming the parameter;
+  // resource_exhausted when the waiting queue is full or the prompt can never fit the pool.
+  expected<seq_id> add(request r);
+  // Ends a request in any state; its blocks are freed now and the next update() (or
+  // take_pending()) reports it `cancelled`. not_found if it is unknown or already finished.
+  expected<void> cancel(seq_id id);
+
+  // The next step's work into `plan` (its buffers are reused). An empty plan means nothing to
+  // run. Precondition: the previous plan was passed to update().
+  void schedule(step_plan& plan);
+  step_plan schedule() {
+    step_plan p;
+    schedule(p);
+    return p;
+  }
+  // Consumes the result of `plan` (the last scheduled) and appends the outputs to `out`.
+  expected<void> update(const step_plan& plan, const step_result& result,
+                        std::vector<request_output>& out);
+  // Outputs of cancellations that no update() has reported yet (when nothing is running).
+  void take_pending(std::vector<request_output>& out);
+
+  bool has_unfinished() const { return !live_.empty(); }
+  std::vector<seq_id> unfinished() const; // ids of waiting and running requests
+  scheduler_stats stats() const;
+  const kv::block_pool& pool() const { return pool_; }
+  const scheduler_options& options() const { return opt_; }
+  // Block reference counts equal block-table entries of live sequences; pool invariants.
+  expected<void> check() const;
+
+ private:
+  struct sequence;
+  bool allocate_for(sequence& s, int32_t end_tokens);
+  sequence* pick_victim(const sequence& except);
+  void preempt(sequence& s, step_plan& plan);
+  bool admit_prefix(sequence& s);
+  void emit(sequence& s, int32_t n, step_plan& plan, size_t& used);
+  void cache_full_blocks(sequence& s);
+  void finish(sequence& s, finish_reason why, token_id stop_token, request_output* o);
+  bool should_stop(sequence& s, token_id t, finish_reason& why, token_id& which) const;
+  expected<void> validate(const request& r) const;
+
+  scheduler_options opt_;
+  kv::block_pool pool_;
+  std::unordered_map<seq_id, std::unique_ptr<sequence>> live_;
+  std::deque<sequence*> waiting_;
+  std::vector<sequence*> running_;   // priority order: preemption takes from the back
+  std::vector<sequence*> scheduled_; // per seq_step of the last plan
+  std::vector<seq_id> dropped_;      // for the next plan's `finished`
+  std::vector<request_output> pending_;
+  std::vector<std::unique_ptr<sequence>> graveyard_; // finished, maybe named by the last plan
+  seq_id next_id_ = 1;
+  uint64_t step_ = 0;
+  scheduler_stats stats_;
+};
+
+} // namespace troupe::engine

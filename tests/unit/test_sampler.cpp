@@ -1,0 +1,152 @@
+// Sampling: parameter validation, greedy ties, seeded draws that depend only on the seed and the
+// token index, the frequency of draws, top-k/top-p/min-p, penalties, banned tokens, logprobs.
+#include <cmath>
+#include <map>
+
+#include <doctest/doctest.h>
+
+#include "engine/sampling/sampler.hpp"
+
+using namespace troupe;
+using namespace troupe::engine;
+
+namespace {
+sampling_params temp(float t, uint64_t seed = 7) {
+  sampling_params p;
+  p.temperature = t;
+  p.has_seed = true;
+  p.seed = seed;
+  return p;
+}
+token_id draw(const std::vector<float>& logits, const sampling_params& p, uint64_t index,
+              std::span<const token_id> banned = {}, const penalty_state* pen = nullptr) {
+  std::vector<float> scratch;
+  return sample_row(logits, {.params = &p, .index = index, .banned = banned, .penalties = pen},
+                    scratch)
+      .token;
+}
+} // namespace
+
+TEST_CASE("sampler: validate names the parameter") {
+  sampling_params p;
+  CHECK(validate(p).has_value());
+  p.temperature = -1;
+  auto r = validate(p);
+  REQUIRE_FALSE(r.has_value());
+  CHECK(r.error().message().find("temperature") != std::string::npos);
+  p = {};
+  p.top_p = NAN;
+  CHECK(validate(p).error().message().find("top_p") != std::string::npos);
+}
+
+TEST_CASE("sampler: greedy takes the argmax, lowest id on ties; banned tokens never win") {
+  std::vector<float> l{1, 3, 3, 2};
+  CHECK(draw(l, temp(0), 0) == 1);
+  std::vector<token_id> ban{1, 2};
+  CHECK(draw(l, temp(0), 0, ban) == 3);
+  auto tk = temp(1.0f);
+  tk.top_k = 1;
+  CHECK(draw(l, tk, 5) == 1);
+}
+
+TEST_CASE("sampler: a draw depends only on seed and index, and follows the distribution") {
+  std::vector<float> l{std::log(0.5f), std::log(0.3f), std::log(0.2f)};
+  auto p = temp(1.0f, 1234);
+  CHECK(draw(l, p, 17) == draw(l, p, 17));
+  std::map<token_id, int> counts;
+  const int n = 20000;
+  for (int i = 0; i < n; ++i)
+    ++counts[draw(l, p, static_cast<uint64_t>(i))];
+  CHECK(counts[0] / double(n) == doctest::Approx(0.5).epsilon(0.05));
+  CHECK(counts[1] / double(n) == doctest::Approx(0.3).epsilon(0.05));
+  CHECK(counts[2] / double(n) == doctest::Approx(0.2).epsilon(0.05));
+  // Another seed gives another sequence of draws.
+  auto q = temp(1.0f, 99);
+  int differ = 0;
+  for (int i = 0; i < 100; ++i)
+    differ += draw(l, p, static_cast<uint64_t>(i)) != draw(l, q, static_cast<uint64_t>(i));
+  CHECK(differ > 20);
+}
+
+TEST_CASE("sampler: top_p and min_p cut the tail") {
+  std::vector<float> l{std::log(0.6f), std::log(0.3f), std::log(0.1f)};
+  auto p = temp(1.0f);
+  p.top_p = 0.5f; // the top token alone covers it
+  for (int i = 0; i < 200; ++i)
+    CHECK(draw(l, p, static_cast<uint64_t>(i)) == 0);
+  p.top_p = 0.8f; // top two
+  auto m = temp(1.0f);
+  m.min_p = 0.4f; // 0.1 / 0.6 < 0.4 is cut, 0.3 / 0.6 stays
+  std::map<token_id, int> tp, mp;
+  for (int i = 0; i < 2000; ++i) {
+    ++tp[draw(l, p, static_cast<uint64_t>(i))];
+    ++mp[draw(l, m, static_cast<uint64_t>(i))];
+  }
+  CHECK(tp.count(2) == 0);
+  CHECK(tp[1] > 400);
+  CHECK(mp.count(2) == 0);
+  CHECK(mp[1] > 400);
+}
+
+TEST_CASE("sampler: repetition, presence and frequency penalties") {
+  std::vector<float> l{2.0f, 1.9f, -1.0f};
+  penalty_state st;
+  st.add(0, true); // in the prompt only
+  auto p = temp(0);
+  p.repetition_penalty = 1.2f; // 2.0 / 1.2 < 1.9
+  CHECK(draw(l, p, 0, {}, &st) == 1);
+  auto f = temp(0);
+  f.frequency_penalty = 0.1f; // prompt tokens are not counted
+  CHECK(draw(l, f, 0, {}, &st) == 0);
+  st.add(0, false);
+  st.add(0, false);
+  CHECK(draw(l, f, 0, {}, &st) == 1); // 2.0 - 2 * 0.1 < 1.9
+  auto pr = temp(0);
+  pr.presence_penalty = 0.2f;
+  CHECK(draw(l, pr, 0, {}, &st) == 1);
+}
+
+TEST_CASE("sampler: logprobs are the raw log-softmax, top-n sorted") {
+  std::vector<float> l{0.0f, 1.0f, 2.0f, 1.0f};
+  auto p = temp(0);
+  p.logprobs = 3;
+  std::vector<float> scratch;
+  auto o = sample_row(l, {.params = &p}, scratch);
+  double z = 0;
+  for (float x : l)
+    z += std::exp(x);
+  CHECK(o.token == 2);
+  CHECK(o.logprob == doctest::Approx(2.0 - std::log(z)));
+  CHECK(o.top_ids == std::vector<token_id>{2, 1, 3});
+  REQUIRE(o.top_logprobs.size() == 3);
+  CHECK(o.top_logprobs[1] == doctest::Approx(1.0 - std::log(z)));
+}
+
+TEST_CASE("sampler: penalty state comes from the plan's tokens and is dropped when told") {
+  sampler s;
+  forward_output out;
+  step_plan plan;
+  seq_step st;
+  st.id = 5;
+  st.tokens = {0, 1};
+  st.num_prompt_tokens = 1; // token 0 is prompt, token 1 generated
+  st.first_step = true;
+  st.sampling = temp(0);
+  st.sampling.frequency_penalty = 2.0f;
+  plan.seqs.push_back(st);
+  // Logits favour token 1, but it was generated once: 3 - 2 < 2 (token 0 untouched).
+  out.vocab_size = 3;
+  out.logits = {2.0f, 3.0f, 0.0f};
+  out.first_row = {0};
+  out.num_rows = {1};
+  auto r = s.sample(plan, out);
+  REQUIRE(r.has_value());
+  REQUIRE(r->outputs.size() == 1);
+  CHECK(r->outputs[0].token == 0);
+  CHECK(s.num_tracked() == 1);
+  step_plan done;
+  done.finished = {5};
+  forward_output none;
+  REQUIRE(s.sample(done, none).has_value());
+  CHECK(s.num_tracked() == 0);
+}
