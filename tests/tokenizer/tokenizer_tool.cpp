@@ -1,0 +1,46 @@
+// Test driver for the Hugging Face cross-check (crosscheck.py): reads one JSON string per stdin
+// line, prints one JSON line per input with our ids and whether streaming detokenization (one
+// token at a time) reproduced the full decode.
+#include <iostream>
+#include <memory>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "engine/tokenizer/detokenizer.hpp"
+#include "engine/tokenizer/tokenizer.hpp"
+
+int main(int argc, char** argv) {
+  if (argc != 2) {
+    std::cerr << "usage: tokenizer_tool TOKENIZER_JSON < strings.jsonl\n";
+    return 2;
+  }
+  auto tok = troupe::engine::tokenizer::from_file(argv[1]);
+  if (!tok) {
+    std::cerr << "error: " << tok.error().to_string() << "\n";
+    return 1;
+  }
+  auto shared = std::make_shared<const troupe::engine::tokenizer>(std::move(*tok));
+  std::string line;
+  while (std::getline(std::cin, line)) {
+    const auto text = nlohmann::json::parse(line).get<std::string>();
+    nlohmann::json out;
+    auto ids = shared->encode(text);
+    if (!ids) {
+      out["error"] = ids.error().to_string();
+      std::cout << out.dump() << "\n";
+      continue;
+    }
+    const std::string full = shared->decode(*ids, false);
+    troupe::engine::incremental_detokenizer stream(shared, {}, false);
+    std::string streamed;
+    for (const auto id : *ids)
+      streamed += stream.push(id);
+    streamed += stream.finish();
+    out["ids"] = *ids;
+    out["decoded"] = full;
+    out["stream_ok"] = streamed == full;
+    std::cout << out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+  }
+  return 0;
+}
