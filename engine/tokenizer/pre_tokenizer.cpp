@@ -17,6 +17,40 @@ std::string_view preset_regex(pre_tokenizer_preset preset) {
   return {};
 }
 
+namespace {
+
+// Hugging Face compiles these patterns with Oniguruma, whose \s is exactly Unicode White_Space;
+// PCRE2's \s (UCP) also matches U+180E (Mongolian vowel separator). Spell the class out to agree.
+constexpr std::string_view white_space =
+  "\\t\\n\\x{0B}\\f\\r\\x{20}\\x{85}\\x{A0}\\x{1680}\\x{2000}-\\x{200A}\\x{2028}\\x{2029}\\x{202F}"
+  "\\x{205F}\\x{3000}";
+
+std::string onig_compatible(std::string_view pattern) {
+  std::string out;
+  bool in_class = false;
+  for (size_t i = 0; i < pattern.size(); ++i) {
+    const char c = pattern[i];
+    if (c == '\\' && i + 1 < pattern.size()) {
+      const char n = pattern[++i];
+      if (n == 's')
+        out += in_class ? std::string(white_space) : "[" + std::string(white_space) + "]";
+      else if (n == 'S' && !in_class)
+        out += "[^" + std::string(white_space) + "]";
+      else
+        out.append(1, c).append(1, n);
+      continue;
+    }
+    if (c == '[' && !in_class)
+      in_class = true;
+    else if (c == ']' && in_class && out.back() != '[' && out.back() != '^')
+      in_class = false;
+    out.push_back(c);
+  }
+  return out;
+}
+
+} // namespace
+
 struct pre_tokenizer::compiled {
   pcre2_code* code = nullptr;
   ~compiled() { pcre2_code_free(code); }
@@ -36,7 +70,8 @@ expected<pre_tokenizer> pre_tokenizer::create(std::vector<split_step> steps) {
     int code = 0;
     PCRE2_SIZE offset = 0;
     auto c = std::make_unique<compiled>();
-    c->code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(step.pattern.data()), step.pattern.size(),
+    const std::string pattern = onig_compatible(step.pattern);
+    c->code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
                             PCRE2_UTF | PCRE2_UCP, &code, &offset, nullptr);
     if (c->code == nullptr) {
       PCRE2_UCHAR buffer[256];
