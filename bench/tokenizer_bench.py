@@ -84,15 +84,29 @@ def main():
     third = int(mb * 1e6 / 3)
     english = read_files(["/usr/share/common-licenses/*", "/usr/share/doc/*/copyright"], third)
     code = read_files(["/usr/include/c++/**/*.h", "/usr/include/**/*.h"], third)
-    docs = chunks(english, 3000, rng) + chunks(code, 3000, rng) + chinese(tokenizer_path, third, rng)
-    rng.shuffle(docs)
-    corpus = os.path.join(os.path.dirname(os.path.abspath(tool)), "tokenizer_corpus.jsonl")
+    parts = {"english": chunks(english, 3000, rng), "code": chunks(code, 3000, rng),
+             "chinese": chinese(tokenizer_path, third, rng)}
+    parts["all"] = [d for docs in parts.values() for d in docs]
+    rng.shuffle(parts["all"])
+    hf = Tokenizer.from_file(tokenizer_path)
+    status = 0
+    print(f"tokenizer: {tokenizer_path}")
+    for name, docs in parts.items():
+        hf_mbs, ours_mbs, same = run_one(tool, tokenizer_path, hf, name, docs)
+        total = sum(len(d.encode()) for d in docs)
+        print(f"{name:8s} {len(docs):5d} docs {total / 1e6:6.2f} MB   HF {hf_mbs:6.2f} MB/s   "
+              f"troupe {ours_mbs:6.2f} MB/s   ratio {ours_mbs / hf_mbs:5.2f}x   "
+              f"{'tokens equal' if same else 'TOKEN COUNTS DIFFER'}")
+        status |= not same
+    return status
+
+
+def run_one(tool, tokenizer_path, hf, name, docs):
+    corpus = os.path.join(os.path.dirname(os.path.abspath(tool)), f"tokenizer_corpus_{name}.jsonl")
     with open(corpus, "w", encoding="utf-8") as f:
         for d in docs:
             f.write(json.dumps(d, ensure_ascii=False) + "\n")
     total = sum(len(d.encode()) for d in docs)
-
-    hf = Tokenizer.from_file(tokenizer_path)
     best, hf_tokens = 1e30, 0
     for _ in range(3):
         t0 = time.perf_counter()
@@ -100,16 +114,7 @@ def main():
         best = min(best, time.perf_counter() - t0)
     ours = json.loads(subprocess.run([tool, tokenizer_path, corpus], check=True,
                                      capture_output=True, text=True).stdout)
-    hf_mbs = total / best / 1e6
-    our_mbs = ours["bytes"] / ours["seconds"] / 1e6
-    print(f"corpus: {len(docs)} documents, {total / 1e6:.2f} MB (English, code, Chinese)")
-    print(f"HF tokenizers: {hf_mbs:.2f} MB/s, {hf_tokens} tokens")
-    print(f"troupe:        {our_mbs:.2f} MB/s, {ours['tokens']} tokens")
-    print(f"ratio troupe/HF: {our_mbs / hf_mbs:.2f}x")
-    if hf_tokens != ours["tokens"]:
-        print("ERROR: token counts differ")
-        return 1
-    return 0
+    return total / best / 1e6, ours["bytes"] / ours["seconds"] / 1e6, hf_tokens == ours["tokens"]
 
 
 if __name__ == "__main__":

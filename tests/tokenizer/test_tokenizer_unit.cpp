@@ -5,6 +5,7 @@
 
 #include <fstream>
 
+#include "engine/tokenizer/chat_template.hpp"
 #include "engine/tokenizer/detokenizer.hpp"
 #include "engine/tokenizer/tokenizer.hpp"
 #include "engine/tokenizer/utf8.hpp"
@@ -137,6 +138,37 @@ TEST_CASE("tokenizer.json: merges in both forms, stub files followed") {
     REQUIRE_MESSAGE(tok.has_value(), (tok ? "" : tok.error().to_string()));
     CHECK(*tok->encode("abc abc") == std::vector<token_id>{257, ' ', 257});
   }
+}
+
+TEST_CASE("model folder: eos list from generation_config.json, broken template fails the load") {
+  test::temp_dir dir;
+  nlohmann::json vocab = nlohmann::json::object();
+  for (int b = 0; b < 256; ++b)
+    vocab[utf8::byte_level_encode(std::string(1, static_cast<char>(b)))] = b;
+  const nlohmann::json tj = {
+    {"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", nlohmann::json::array()}}},
+    {"added_tokens", {{{"id", 256}, {"content", "<e>"}, {"special", true}}}},
+    {"pre_tokenizer", {{"type", "ByteLevel"}}},
+    {"decoder", {{"type", "ByteLevel"}}}};
+  std::ofstream(dir.path() / "tokenizer.json") << tj.dump();
+  std::ofstream(dir.path() / "generation_config.json") << R"({"eos_token_id": [7, 9], "bos_token_id": 1})";
+  std::ofstream(dir.path() / "tokenizer_config.json")
+    << R"({"eos_token": {"content": "<e>"}, "chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"})";
+  auto ok = model_tokenizer::load(dir.path());
+  REQUIRE_MESSAGE(ok.has_value(), (ok ? "" : ok.error().to_string()));
+  CHECK(ok->eos_ids == std::vector<token_id>{7, 9, 256});
+  CHECK(ok->bos_id == std::optional<token_id>(1));
+  auto ids = ok->encode_chat(nlohmann::ordered_json::parse(R"([{"role": "user", "content": "hi<e>"}])"),
+                             chat_options{});
+  REQUIRE(ids.has_value());
+  CHECK(*ids == std::vector<token_id>{'h', 'i', 256});
+
+  std::ofstream(dir.path() / "tokenizer_config.json")
+    << R"({"chat_template": "{% for m in messages %}\n{{ m.content }"})";
+  auto broken = model_tokenizer::load(dir.path());
+  REQUIRE_FALSE(broken.has_value());
+  CHECK(broken.error().message().find("tokenizer_config.json") != std::string::npos);
+  CHECK(broken.error().message().find("line 2") != std::string::npos);
 }
 
 TEST_CASE("detokenizer: whole characters only, stop strings across tokens") {
