@@ -5,6 +5,8 @@ C/C++ code from /usr/include, Chinese text made of the Qwen3 vocabulary's CJK wo
 punctuation), then times single-thread encode of every document (best of 3) with HF (RAYON_NUM_THREADS=1)
 and with troupe's tokenizer_bench, and prints MB/s and the ratio. Token counts must agree.
 Usage: python bench/tokenizer_bench.py BUILD/bench/tokenizer_bench TOKENIZER_JSON [CORPUS_MB]
+The corpus files are written beside the tool (tokenizer_corpus_*.jsonl); with TOKENIZER_BENCH_REUSE=1
+existing ones are read instead (to time the same corpus on another machine).
 """
 import glob
 import json
@@ -88,6 +90,11 @@ def main():
              "chinese": chinese(tokenizer_path, third, rng)}
     parts["all"] = [d for docs in parts.values() for d in docs]
     rng.shuffle(parts["all"])
+    if os.environ.get("TOKENIZER_BENCH_REUSE") == "1":
+        here = os.path.dirname(os.path.abspath(tool))
+        for name in parts:
+            with open(os.path.join(here, f"tokenizer_corpus_{name}.jsonl"), encoding="utf-8") as f:
+                parts[name] = [json.loads(line) for line in f]
     hf = Tokenizer.from_file(tokenizer_path)
     status = 0
     print(f"tokenizer: {tokenizer_path}")
@@ -103,7 +110,7 @@ def main():
 
 def run_one(tool, tokenizer_path, hf, name, docs):
     corpus = os.path.join(os.path.dirname(os.path.abspath(tool)), f"tokenizer_corpus_{name}.jsonl")
-    with open(corpus, "w", encoding="utf-8") as f:
+    with open(corpus, "w", encoding="utf-8") as f:  # rewritten even when reused: same content
         for d in docs:
             f.write(json.dumps(d, ensure_ascii=False) + "\n")
     total = sum(len(d.encode()) for d in docs)

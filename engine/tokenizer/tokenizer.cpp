@@ -51,12 +51,11 @@ expected<tokenizer> tokenizer::from_parts(tokenizer_parts parts) {
     t.bytes_[id] = raw[id];
     t.flags_[id] = flag_known;
   }
-  // Added tokens decode through the same ByteLevel rule; they take precedence over the vocab.
+  // Added tokens decode through the same ByteLevel rule; they take precedence over the vocab for
+  // decoding, and stay in the BPE vocabulary (as in HF, where merges may reach them).
   for (const auto& a : parts.added_tokens) {
     t.bytes_[a.id] = utf8::byte_level_decode(a.content);
     t.flags_[a.id] = flag_known | (a.special ? flag_special : 0);
-    if (static_cast<size_t>(a.id) < raw.size())
-      raw[a.id].clear(); // matched before BPE, never produced by merges
     t.added_by_content_[a.content] = a.id;
     t.added_first_byte_[static_cast<unsigned char>(a.content[0])] = true;
   }
