@@ -2,8 +2,9 @@
 
 Generates --count random strings (fixed seed: mixed scripts, emoji and ZWJ sequences, combining marks,
 whitespace runs, digits, contractions, special-token look-alikes), encodes them with HF
-(add_special_tokens=False) and with tokenizer_tool, and compares ids and decoded text. The tool also
-reports whether streaming detokenization (token by token) equals the full decode. Any mismatch
+(add_special_tokens=False) and with tokenizer_tool, and compares ids and decoded text (with and
+without special tokens). The tool also reports whether streaming detokenization (token by token)
+equals the full decode, and whether a stop string taken from the text stops the stream right before it. Any mismatch
 prints the string; the exit status is 1 if there was one.
 """
 import argparse
@@ -96,8 +97,13 @@ def main():
             problems.append(f"ids: hf {ids} troupe {mine.get('ids', mine.get('error'))}")
         if mine.get("decoded") != decoded:
             problems.append(f"decode: hf {decoded!r} troupe {mine.get('decoded')!r}")
+        skipped = hf.decode(ids, skip_special_tokens=True)
+        if mine.get("decoded_skip_special") != skipped:
+            problems.append(f"decode(skip_special): hf {skipped!r} troupe {mine.get('decoded_skip_special')!r}")
         if not mine.get("stream_ok"):
             problems.append("streaming detokenization differs from the full decode")
+        if not mine.get("stop_ok"):
+            problems.append("streaming with a stop string from the text did not stop right before it")
         if problems:
             bad += 1
             if bad <= 20:

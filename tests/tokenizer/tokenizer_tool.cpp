@@ -1,6 +1,7 @@
 // Test driver for the Hugging Face cross-check (crosscheck.py): reads one JSON string per stdin
-// line, prints one JSON line per input with our ids and whether streaming detokenization (one
-// token at a time) reproduced the full decode.
+// line, prints one JSON line per input with our ids, decodes (with and without special tokens),
+// whether streaming detokenization (one token at a time) reproduced the full decode, and whether
+// streaming with a stop string taken from the middle of the text stopped exactly before it.
 #include <iostream>
 #include <memory>
 #include <string>
@@ -39,7 +40,27 @@ int main(int argc, char** argv) {
     streamed += stream.finish();
     out["ids"] = *ids;
     out["decoded"] = full;
+    out["decoded_skip_special"] = shared->decode(*ids, true);
     out["stream_ok"] = streamed == full;
+    // A stop string of up to 3 characters from the middle of the text, usually spanning tokens.
+    size_t begin = full.size() / 2, end = begin;
+    while (begin > 0 && (static_cast<unsigned char>(full[begin]) & 0xC0) == 0x80)
+      --begin;
+    for (int chars = 0; chars < 3 && end < full.size(); ++chars)
+      do
+        ++end;
+      while (end < full.size() && (static_cast<unsigned char>(full[end]) & 0xC0) == 0x80);
+    if (end > begin) {
+      const std::string stop = full.substr(begin, end - begin);
+      troupe::engine::incremental_detokenizer stopping(shared, {stop}, false);
+      std::string text;
+      for (const auto id : *ids)
+        text += stopping.push(id);
+      text += stopping.finish();
+      out["stop_ok"] = stopping.stopped() && text == full.substr(0, full.find(stop));
+    } else {
+      out["stop_ok"] = true;
+    }
     std::cout << out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
   }
   return 0;
