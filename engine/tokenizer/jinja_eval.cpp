@@ -303,6 +303,18 @@ private:
         items.push_back(value::string(std::string(1, c)));
     else if (!seq.is_undefined() && seq.type != value::kind::none)
       fail(n.line, "cannot iterate over " + to_text(seq));
+    if (n.filter) { // `for x in xs if cond`: loop.* counts only the kept items
+      array kept;
+      for (auto& item : items) {
+        frames_.push_back(value::dict({}));
+        bind(n, item);
+        const bool keep = truthy(eval(*n.filter));
+        frames_.pop_back();
+        if (keep)
+          kept.push_back(std::move(item));
+      }
+      items = std::move(kept);
+    }
     if (items.empty()) {
       run(n.else_body, out);
       return;
@@ -320,19 +332,23 @@ private:
                                 {"previtem", i > 0 ? items[i - 1] : value()},
                                 {"nextitem", i + 1 < len ? items[i + 1] : value()}});
       frame.put("loop", std::move(loop));
-      if (n.vars.size() == 1) {
-        frame.put(n.vars[0], items[i]);
-      } else {
-        const value& item = items[i];
-        if (item.type != value::kind::array || item.a->size() != n.vars.size())
-          fail(n.line, "cannot unpack " + to_text(item) + " into the loop variables");
-        for (size_t k = 0; k < n.vars.size(); ++k)
-          frame.put(n.vars[k], (*item.a)[k]);
-      }
       frames_.push_back(std::move(frame));
+      bind(n, items[i]);
       run(n.body, out);
       frames_.pop_back();
     }
+  }
+
+  // Binds the loop variables to `item` in the innermost frame.
+  void bind(const node& n, const value& item) {
+    if (n.vars.size() == 1) {
+      frames_.back().put(n.vars[0], item);
+      return;
+    }
+    if (item.type != value::kind::array || item.a->size() != n.vars.size())
+      fail(n.line, "cannot unpack " + to_text(item) + " into the loop variables");
+    for (size_t k = 0; k < n.vars.size(); ++k)
+      frames_.back().put(n.vars[k], (*item.a)[k]);
   }
 
   std::vector<value> frames_;

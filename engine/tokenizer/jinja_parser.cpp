@@ -39,6 +39,7 @@ public:
   };
 
   expr parse() { return ternary(); }
+  expr or_expr() { return or_(); }
 
   expr ternary() {
     expr e = or_();
@@ -334,7 +335,9 @@ private:
       while (p.accept(","))
         n.vars.push_back(p.name());
       p.expect("in");
-      n.value_expr = std::make_unique<expr>(p.ternary());
+      n.value_expr = std::make_unique<expr>(p.or_expr()); // `if` after it filters items
+      if (p.accept("if"))
+        n.filter = std::make_unique<expr>(p.or_expr());
       finish(p);
       expr_parser* stop = nullptr;
       if (parse_block(n.body, {"endfor", "else"}, &stop) == "else")

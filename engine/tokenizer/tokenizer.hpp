@@ -21,6 +21,8 @@
 namespace troupe::engine {
 
 // A token matched verbatim in the input before normalisation and BPE (e.g. "<|im_start|>").
+// Tokens marked `normalized` in tokenizer.json are matched on the raw text too (HF matches them on
+// NFC text; the same for the ASCII contents real models use). `single_word` is refused at load.
 struct added_token {
   token_id id = -1;
   std::string content;     // the literal text, UTF-8

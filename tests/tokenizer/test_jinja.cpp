@@ -49,6 +49,8 @@ TEST_CASE("jinja: loops, loop.*, scoping, namespace") {
   CHECK(render("{% for k, v in d.items() %}{{ k }}={{ v }};{% endfor %}",
                {{"d", {{"z", 1}, {"a", 2}}}}) == "z=1;a=2;");
   CHECK(render("{% for x in [] %}x{% else %}empty{% endfor %}") == "empty");
+  CHECK(render("{% for m in ms if m.role != 'system' %}{{ loop.index }}{{ m.role }}{% endfor %}",
+               {{"ms", {{{"role", "system"}}, {{"role", "user"}}}}}) == "1user");
 }
 
 TEST_CASE("jinja: whitespace control, trim_blocks and lstrip_blocks") {
