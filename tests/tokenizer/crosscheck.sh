@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# CTest entry for the live cross-check against Hugging Face `tokenizers` (PyPI, pinned in
+# CTest entry for the live cross-checks against Hugging Face `tokenizers` and, for chat templates,
+# Jinja2 configured as transformers does (PyPI, pinned in
 # scripts/py_venv.sh). Without the venv or the golden data: exit 77 (skip) with the reason, except
 # under CI=true, where that is a failure. Usage: crosscheck.sh PATH/TO/tokenizer_tool
 set -uo pipefail
@@ -17,5 +18,6 @@ status=0
 for name in qwen3 llama3; do
   "$python" "$here/crosscheck.py" --tool "$1" --tokenizer "$golden/tokenizers/$name/tokenizer.json" \
     --count 6000 --seed 20261123 || status=1
+  "$python" "$here/chat_crosscheck.py" --tool "$1" --model-dir "$golden/tokenizers/$name" || status=1
 done
 exit $status

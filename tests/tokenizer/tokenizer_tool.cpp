@@ -8,12 +8,43 @@
 
 #include <nlohmann/json.hpp>
 
+#include "engine/tokenizer/chat_template.hpp"
 #include "engine/tokenizer/detokenizer.hpp"
 #include "engine/tokenizer/tokenizer.hpp"
 
+// `--chat MODEL_DIR`: each stdin line is {"messages", "tools", "add_generation_prompt",
+// "enable_thinking"?}; prints {"text"} or {"error"} rendered with the folder's chat template.
+int chat_mode(const char* folder) {
+  auto model = troupe::engine::model_tokenizer::load(folder);
+  if (!model || !model->chat) {
+    std::cerr << "error: " << (model ? "no chat template" : model.error().to_string()) << "\n";
+    return 1;
+  }
+  std::string line;
+  while (std::getline(std::cin, line)) {
+    const auto request = nlohmann::ordered_json::parse(line);
+    troupe::engine::chat_options options;
+    options.add_generation_prompt = request.value("add_generation_prompt", false);
+    options.tools = request.value("tools", nlohmann::ordered_json());
+    if (request.contains("enable_thinking"))
+      options.enable_thinking = request["enable_thinking"].get<bool>();
+    auto text = model->chat->render(request["messages"], options);
+    nlohmann::json out;
+    if (text)
+      out["text"] = *text;
+    else
+      out["error"] = text.error().to_string();
+    std::cout << out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+  }
+  return 0;
+}
+
 int main(int argc, char** argv) {
+  if (argc == 3 && std::string(argv[1]) == "--chat")
+    return chat_mode(argv[2]);
   if (argc != 2) {
-    std::cerr << "usage: tokenizer_tool TOKENIZER_JSON < strings.jsonl\n";
+    std::cerr << "usage: tokenizer_tool TOKENIZER_JSON < strings.jsonl\n"
+                 "       tokenizer_tool --chat MODEL_DIR < requests.jsonl\n";
     return 2;
   }
   auto tok = troupe::engine::tokenizer::from_file(argv[1]);
