@@ -34,8 +34,10 @@ int main(int argc, char** argv) {
     const auto t0 = std::chrono::steady_clock::now();
     for (const auto& d : docs)
       tokens += tok->encode(d)->size();
-    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    best = std::min(best,
+                    std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
-  std::cout << nlohmann::json{{"bytes", bytes}, {"tokens", tokens}, {"seconds", best}}.dump() << "\n";
+  std::cout << nlohmann::json{{"bytes", bytes}, {"tokens", tokens}, {"seconds", best}}.dump()
+            << "\n";
   return 0;
 }

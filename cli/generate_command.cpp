@@ -61,7 +61,8 @@ expected<std::vector<token_id>> prompt_tokens(const generate_args& args,
 }
 
 int run(const generate_args& args) {
-  if (int given = !args.prompt_ids.empty() + !args.prompt.empty() + !args.chat.empty(); given != 1) {
+  const int given = !args.prompt_ids.empty() + !args.prompt.empty() + !args.chat.empty();
+  if (given != 1) {
     fmt::print(stderr, "error: give exactly one of --prompt-ids, --prompt, --chat\n");
     return 2;
   }
@@ -119,7 +120,7 @@ void add_generate_command(CLI::App& app, int& exit_code) {
   cmd->add_option("--model", args->model, "Hugging Face model folder (config.json + safetensors)")
     ->required();
   cmd->add_option("--prompt-ids", args->prompt_ids, "Prompt token ids, comma separated");
-  cmd->add_option("--prompt", args->prompt, "Prompt text (tokenized with the model's tokenizer.json)");
+  cmd->add_option("--prompt", args->prompt, "Prompt text, tokenized with tokenizer.json");
   cmd->add_option("--chat", args->chat, "A user message, rendered with the model's chat template");
   cmd->add_option("--max-tokens", args->max_tokens, "Tokens to generate")
     ->check(CLI::Range(1, 1 << 20));

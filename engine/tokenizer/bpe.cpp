@@ -7,14 +7,15 @@
 namespace troupe::engine {
 
 namespace {
-constexpr size_t cache_max_word = 128;     // bytes; longer pieces are not cached
+constexpr size_t cache_max_word = 128; // bytes; longer pieces are not cached
 constexpr size_t cache_max_entries = 1 << 17;
-constexpr size_t small_word = 48;           // symbols; longer words use the heap
+constexpr size_t small_word = 48; // symbols; longer words use the heap
 } // namespace
 
-expected<bpe_model> bpe_model::create(const std::vector<std::string>& vocab,
-                                      const std::vector<std::pair<std::string, std::string>>& merges,
-                                      bool ignore_merges) {
+expected<bpe_model>
+bpe_model::create(const std::vector<std::string>& vocab,
+                  const std::vector<std::pair<std::string, std::string>>& merges,
+                  bool ignore_merges) {
   bpe_model m;
   m.ignore_merges_ = ignore_merges;
   m.vocab_.reserve(vocab.size());
@@ -37,7 +38,9 @@ expected<bpe_model> bpe_model::create(const std::vector<std::string>& vocab,
     if (ia < 0 || ib < 0 || ir < 0)
       return make_error(errc::parse_error, "BPE merge {} ('{}' '{}'): {} is not in the vocabulary",
                         rank, utf8::byte_level_encode(a), utf8::byte_level_encode(b),
-                        ia < 0 ? "its first part" : ib < 0 ? "its second part" : "the merged token");
+                        ia < 0   ? "its first part"
+                        : ib < 0 ? "its second part"
+                                 : "the merged token");
     // A repeated pair keeps its last rank, as Hugging Face's merge map does.
     m.merges_.insert_or_assign(pair_key(ia, ib), merge_info{static_cast<int32_t>(rank), ir});
   }

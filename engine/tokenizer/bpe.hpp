@@ -17,7 +17,7 @@
 namespace troupe::engine {
 
 class bpe_model {
-public:
+ public:
   // `vocab`: id -> raw bytes (empty for ids the model does not own); `merges` in rank order, as
   // pairs of raw byte strings. Every single byte must have a token; every merge's parts and result
   // must be in the vocabulary.
@@ -31,7 +31,7 @@ public:
   // The id of an exact byte string in the vocabulary, or -1.
   token_id find(std::string_view bytes) const;
 
-private:
+ private:
   struct merge_info {
     int32_t rank;
     token_id result;

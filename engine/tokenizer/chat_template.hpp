@@ -19,12 +19,12 @@ namespace troupe::engine {
 
 struct chat_options {
   bool add_generation_prompt = true;
-  std::optional<bool> enable_thinking;  // undefined in the template when not set
-  nlohmann::ordered_json tools;          // null: no tools
+  std::optional<bool> enable_thinking; // undefined in the template when not set
+  nlohmann::ordered_json tools;        // null: no tools
 };
 
 class chat_template {
-public:
+ public:
   // `source` is the Jinja text; special tokens become the variables bos_token, eos_token, ...
   static expected<chat_template> create(std::string_view source,
                                         nlohmann::ordered_json special_tokens);
@@ -32,15 +32,15 @@ public:
   expected<std::string> render(const nlohmann::ordered_json& messages,
                                const chat_options& options) const;
 
-private:
+ private:
   jinja::template_program program_;
   nlohmann::ordered_json special_tokens_;
 };
 
 struct model_tokenizer {
   std::shared_ptr<const tokenizer> text;
-  std::optional<chat_template> chat;   // absent when tokenizer_config.json has no chat_template
-  std::vector<token_id> eos_ids;       // generation_config.json eos_token_id (int or list) + eos_token
+  std::optional<chat_template> chat; // absent when tokenizer_config.json has no chat_template
+  std::vector<token_id> eos_ids; // generation_config.json eos_token_id (int or list) + eos_token
   std::optional<token_id> bos_id;
 
   // Reads tokenizer.json, tokenizer_config.json and generation_config.json from a model folder

@@ -7,7 +7,7 @@ namespace troupe::engine {
 incremental_detokenizer::incremental_detokenizer(std::shared_ptr<const tokenizer> tok,
                                                  std::vector<std::string> stop_strings,
                                                  bool skip_special)
-    : tok_(std::move(tok)), skip_special_(skip_special) {
+  : tok_(std::move(tok)), skip_special_(skip_special) {
   for (auto& s : stop_strings)
     if (!s.empty())
       stops_.push_back(std::move(s));

@@ -13,7 +13,7 @@
 namespace troupe::engine {
 
 class incremental_detokenizer {
-public:
+ public:
   incremental_detokenizer(std::shared_ptr<const tokenizer> tok,
                           std::vector<std::string> stop_strings = {}, bool skip_special = true);
 
@@ -30,7 +30,7 @@ public:
   // The stop string that ended the text, if any.
   const std::optional<std::string>& stop_string() const { return stopped_; }
 
-private:
+ private:
   std::string release(bool final);
 
   std::shared_ptr<const tokenizer> tok_;

@@ -1,8 +1,8 @@
 // A Jinja subset interpreter for Hugging Face chat templates (the Qwen3 and Llama 3 templates and
 // their kin): text, {{ }}, {% if/elif/else %}, {% for %} with loop.*, {% set %} (also ns.attr),
 // namespace(), slicing, string methods, filters, tests, whitespace control, with transformers'
-// settings trim_blocks and lstrip_blocks. Parsed once at model load; render() is const, thread-safe,
-// and does not block.
+// settings trim_blocks and lstrip_blocks. Parsed once at model load; render() is const,
+// thread-safe, and does not block.
 #pragma once
 
 #include <memory>
@@ -18,7 +18,7 @@ namespace troupe::engine::jinja {
 struct program; // the parsed template (jinja_ast.hpp)
 
 class template_program {
-public:
+ public:
   // Parses `source`; syntax errors and unsupported constructs name the line.
   static expected<template_program> parse(std::string_view source);
 
@@ -27,7 +27,7 @@ public:
   // template and runtime type errors come back as errc::invalid_argument.
   expected<std::string> render(const nlohmann::ordered_json& context) const;
 
-private:
+ private:
   std::shared_ptr<const program> program_;
 };
 

@@ -16,7 +16,17 @@ using array = std::vector<value>;
 using object = std::vector<std::pair<std::string, value>>; // keeps insertion order (for tojson)
 
 struct value {
-  enum class kind : uint8_t { undefined, none, boolean, integer, number, string, array, object, ns };
+  enum class kind : uint8_t {
+    undefined,
+    none,
+    boolean,
+    integer,
+    number,
+    string,
+    array,
+    object,
+    ns
+  };
   kind type = kind::undefined;
   bool b = false;
   int64_t i = 0;
@@ -26,13 +36,41 @@ struct value {
   std::shared_ptr<object> o; // object and namespace
 
   static value none() { return with(kind::none); }
-  static value boolean(bool v) { auto x = with(kind::boolean); x.b = v; return x; }
-  static value integer(int64_t v) { auto x = with(kind::integer); x.i = v; return x; }
-  static value number(double v) { auto x = with(kind::number); x.d = v; return x; }
-  static value string(std::string v) { auto x = with(kind::string); x.s = std::move(v); return x; }
-  static value list(array v) { auto x = with(kind::array); x.a = std::make_shared<array>(std::move(v)); return x; }
-  static value dict(object v, kind k = kind::object) { auto x = with(k); x.o = std::make_shared<object>(std::move(v)); return x; }
-  static value with(kind k) { value v; v.type = k; return v; }
+  static value boolean(bool v) {
+    auto x = with(kind::boolean);
+    x.b = v;
+    return x;
+  }
+  static value integer(int64_t v) {
+    auto x = with(kind::integer);
+    x.i = v;
+    return x;
+  }
+  static value number(double v) {
+    auto x = with(kind::number);
+    x.d = v;
+    return x;
+  }
+  static value string(std::string v) {
+    auto x = with(kind::string);
+    x.s = std::move(v);
+    return x;
+  }
+  static value list(array v) {
+    auto x = with(kind::array);
+    x.a = std::make_shared<array>(std::move(v));
+    return x;
+  }
+  static value dict(object v, kind k = kind::object) {
+    auto x = with(k);
+    x.o = std::make_shared<object>(std::move(v));
+    return x;
+  }
+  static value with(kind k) {
+    value v;
+    v.type = k;
+    return v;
+  }
 
   bool is_undefined() const { return type == kind::undefined; }
   bool is_mapping() const { return type == kind::object || type == kind::ns; }
@@ -42,13 +80,29 @@ struct value {
 
 bool truthy(const value& v);
 bool equal(const value& a, const value& b);
-std::string to_text(const value& v);                         // what {{ v }} prints (Python str())
-std::string to_json(const value& v, int indent = -1, int depth = 0); // json.dumps(ensure_ascii=False)
+std::string to_text(const value& v); // what {{ v }} prints (Python str())
+std::string to_json(const value& v, int indent = -1,
+                    int depth = 0); // json.dumps(ensure_ascii=False)
 
 struct expr {
   enum class op : uint8_t {
-    literal, name, list, dict, attr, index, slice, call, filter, test, not_, neg, binary, and_, or_,
-    ternary, concat,
+    literal,
+    name,
+    list,
+    dict,
+    attr,
+    index,
+    slice,
+    call,
+    filter,
+    test,
+    not_,
+    neg,
+    binary,
+    and_,
+    or_,
+    ternary,
+    concat,
   };
   op kind = op::literal;
   value literal;

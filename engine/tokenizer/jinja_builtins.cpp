@@ -12,9 +12,8 @@ namespace {
 constexpr std::string_view whitespace = " \t\n\r\f\v";
 
 std::string strip(const std::string& s, const std::vector<value>& args, bool left, bool right) {
-  const std::string chars = args.empty() || args[0].type == value::kind::none
-                                ? std::string(whitespace)
-                                : args[0].s;
+  const std::string chars =
+      args.empty() || args[0].type == value::kind::none ? std::string(whitespace) : args[0].s;
   size_t b = 0, e = s.size();
   if (left)
     while (b < e && chars.find(s[b]) != std::string::npos)
@@ -85,10 +84,13 @@ int64_t length_of(const value& v) {
       n += (static_cast<unsigned char>(c) & 0xC0) != 0x80;
     return n;
   }
-  case value::kind::array: return v.a->size();
+  case value::kind::array:
+    return v.a->size();
   case value::kind::object:
-  case value::kind::ns: return v.o->size();
-  default: return 0;
+  case value::kind::ns:
+    return v.o->size();
+  default:
+    return 0;
   }
 }
 
@@ -107,11 +109,16 @@ value call_method(const value& self, const std::string& name, const std::vector<
     need_string_arg(2);
     if ((name == "startswith" || name == "endswith") && !args.empty())
       return value::boolean(affix(s, args[0], name == "startswith"));
-    if (name == "strip") return value::string(strip(s, args, true, true));
-    if (name == "lstrip") return value::string(strip(s, args, true, false));
-    if (name == "rstrip") return value::string(strip(s, args, false, true));
-    if (name == "upper") return value::string(convert_case(s, true));
-    if (name == "lower") return value::string(convert_case(s, false));
+    if (name == "strip")
+      return value::string(strip(s, args, true, true));
+    if (name == "lstrip")
+      return value::string(strip(s, args, true, false));
+    if (name == "rstrip")
+      return value::string(strip(s, args, false, true));
+    if (name == "upper")
+      return value::string(convert_case(s, true));
+    if (name == "lower")
+      return value::string(convert_case(s, false));
     if (name == "split" || name == "rsplit") {
       if (name == "rsplit" && args.size() > 1)
         fail(line, "rsplit() with maxsplit is not supported");
@@ -160,10 +167,14 @@ value apply_filter(const std::string& name, const value& input, const std::vecto
     }
     return value::string(to_json(input, indent));
   }
-  if (name == "trim") return value::string(strip(to_text(input), {}, true, true));
-  if (name == "length" || name == "count") return value::integer(length_of(input));
-  if (name == "string") return value::string(to_text(input));
-  if (name == "upper" || name == "lower") return value::string(convert_case(to_text(input), name == "upper"));
+  if (name == "trim")
+    return value::string(strip(to_text(input), {}, true, true));
+  if (name == "length" || name == "count")
+    return value::integer(length_of(input));
+  if (name == "string")
+    return value::string(to_text(input));
+  if (name == "upper" || name == "lower")
+    return value::string(convert_case(to_text(input), name == "upper"));
   if (name == "default" || name == "d") {
     const bool boolean = args.size() > 1 && truthy(args[1]);
     const bool use_default = input.is_undefined() || (boolean && !truthy(input));
@@ -180,7 +191,8 @@ value apply_filter(const std::string& name, const value& input, const std::vecto
       out += (i > 0 && !args.empty() ? to_text(args[0]) : "") + to_text((*input.a)[i]);
     return value::string(std::move(out));
   }
-  if (name == "list" && input.type == value::kind::array) return input;
+  if (name == "list" && input.type == value::kind::array)
+    return input;
   if (name == "reverse" && input.type == value::kind::array) {
     array out(input.a->rbegin(), input.a->rend());
     return value::list(std::move(out));
@@ -190,20 +202,32 @@ value apply_filter(const std::string& name, const value& input, const std::vecto
 
 bool apply_test(const std::string& name, const value& v, const std::vector<value>& args, int line) {
   using k = value::kind;
-  if (name == "defined") return !v.is_undefined();
-  if (name == "undefined") return v.is_undefined();
-  if (name == "none") return v.type == k::none;
-  if (name == "string") return v.type == k::string;
-  if (name == "number") return v.type == k::integer || v.type == k::number;
-  if (name == "integer") return v.type == k::integer;
-  if (name == "float") return v.type == k::number;
-  if (name == "boolean") return v.type == k::boolean;
-  if (name == "true") return v.type == k::boolean && v.b;
-  if (name == "false") return v.type == k::boolean && !v.b;
-  if (name == "mapping") return v.is_mapping();
+  if (name == "defined")
+    return !v.is_undefined();
+  if (name == "undefined")
+    return v.is_undefined();
+  if (name == "none")
+    return v.type == k::none;
+  if (name == "string")
+    return v.type == k::string;
+  if (name == "number")
+    return v.type == k::integer || v.type == k::number;
+  if (name == "integer")
+    return v.type == k::integer;
+  if (name == "float")
+    return v.type == k::number;
+  if (name == "boolean")
+    return v.type == k::boolean;
+  if (name == "true")
+    return v.type == k::boolean && v.b;
+  if (name == "false")
+    return v.type == k::boolean && !v.b;
+  if (name == "mapping")
+    return v.is_mapping();
   if (name == "sequence" || name == "iterable")
     return v.type == k::array || v.type == k::string || v.is_mapping();
-  if ((name == "equalto" || name == "eq" || name == "sameas") && !args.empty()) return equal(v, args[0]);
+  if ((name == "equalto" || name == "eq" || name == "sameas") && !args.empty())
+    return equal(v, args[0]);
   fail(line, fmt::format("test '{}' is not supported", name));
 }
 

@@ -8,10 +8,12 @@
 namespace troupe::engine::jinja {
 
 // Methods, filters, tests and global functions (jinja_builtins.cpp).
-value call_method(const value& self, const std::string& name, const std::vector<value>& args, int line);
+value call_method(const value& self, const std::string& name, const std::vector<value>& args,
+                  int line);
 value apply_filter(const std::string& name, const value& input, const std::vector<value>& args,
                    const std::vector<std::string>& kwnames, int line);
-bool apply_test(const std::string& name, const value& input, const std::vector<value>& args, int line);
+bool apply_test(const std::string& name, const value& input, const std::vector<value>& args,
+                int line);
 value call_global(const std::string& name, const std::vector<value>& args,
                   const std::vector<std::string>& kwnames, int line);
 [[noreturn]] void fail(int line, const std::string& what);
@@ -20,12 +22,17 @@ namespace {
 
 value from_json(const nlohmann::ordered_json& j) {
   switch (j.type()) {
-  case nlohmann::ordered_json::value_t::null: return value::none();
-  case nlohmann::ordered_json::value_t::boolean: return value::boolean(j.get<bool>());
+  case nlohmann::ordered_json::value_t::null:
+    return value::none();
+  case nlohmann::ordered_json::value_t::boolean:
+    return value::boolean(j.get<bool>());
   case nlohmann::ordered_json::value_t::number_integer:
-  case nlohmann::ordered_json::value_t::number_unsigned: return value::integer(j.get<int64_t>());
-  case nlohmann::ordered_json::value_t::number_float: return value::number(j.get<double>());
-  case nlohmann::ordered_json::value_t::string: return value::string(j.get<std::string>());
+  case nlohmann::ordered_json::value_t::number_unsigned:
+    return value::integer(j.get<int64_t>());
+  case nlohmann::ordered_json::value_t::number_float:
+    return value::number(j.get<double>());
+  case nlohmann::ordered_json::value_t::string:
+    return value::string(j.get<std::string>());
   case nlohmann::ordered_json::value_t::array: {
     array a;
     for (const auto& item : j)
@@ -38,7 +45,8 @@ value from_json(const nlohmann::ordered_json& j) {
       o.emplace_back(it.key(), from_json(it.value()));
     return value::dict(std::move(o));
   }
-  default: return value();
+  default:
+    return value();
   }
 }
 
@@ -67,8 +75,9 @@ value arithmetic(const std::string& op, const value& a, const value& b, int line
   }
   const bool ints = (a.type == k::integer || a.type == k::boolean) &&
                     (b.type == k::integer || b.type == k::boolean);
-  const bool nums = ints || ((a.type == k::number || a.type == k::integer || a.type == k::boolean) &&
-                             (b.type == k::number || b.type == k::integer || b.type == k::boolean));
+  const bool nums =
+      ints || ((a.type == k::number || a.type == k::integer || a.type == k::boolean) &&
+               (b.type == k::number || b.type == k::integer || b.type == k::boolean));
   if (!nums)
     fail(line, fmt::format("cannot apply '{}' to {} and {}", op, to_text(a), to_text(b)));
   const double x = a.type == k::number ? a.d : a.type == k::integer ? a.i : a.b;
@@ -77,17 +86,27 @@ value arithmetic(const std::string& op, const value& a, const value& b, int line
     fail(line, "division by zero");
   if (ints) {
     const int64_t p = a.type == k::integer ? a.i : a.b, q = b.type == k::integer ? b.i : b.b;
-    if (op == "+") return value::integer(p + q);
-    if (op == "-") return value::integer(p - q);
-    if (op == "*") return value::integer(p * q);
-    if (op == "//") return value::integer(static_cast<int64_t>(std::floor(double(p) / double(q))));
-    if (op == "%") return value::integer(((p % q) + q) % q);
+    if (op == "+")
+      return value::integer(p + q);
+    if (op == "-")
+      return value::integer(p - q);
+    if (op == "*")
+      return value::integer(p * q);
+    if (op == "//")
+      return value::integer(static_cast<int64_t>(std::floor(double(p) / double(q))));
+    if (op == "%")
+      return value::integer(((p % q) + q) % q);
   }
-  if (op == "+") return value::number(x + y);
-  if (op == "-") return value::number(x - y);
-  if (op == "*") return value::number(x * y);
-  if (op == "/") return value::number(x / y);
-  if (op == "//") return value::number(std::floor(x / y));
+  if (op == "+")
+    return value::number(x + y);
+  if (op == "-")
+    return value::number(x - y);
+  if (op == "*")
+    return value::number(x * y);
+  if (op == "/")
+    return value::number(x / y);
+  if (op == "//")
+    return value::number(std::floor(x / y));
   return value::number(x - y * std::floor(x / y));
 }
 
@@ -98,11 +117,15 @@ bool contains(const value& hay, const value& needle, int line) {
       fail(line, "'in <string>' requires a string on the left");
     return hay.s.find(needle.s) != std::string::npos;
   case value::kind::array:
-    return std::any_of(hay.a->begin(), hay.a->end(), [&](const value& v) { return equal(v, needle); });
+    return std::any_of(hay.a->begin(), hay.a->end(),
+                       [&](const value& v) { return equal(v, needle); });
   case value::kind::object:
-  case value::kind::ns: return needle.type == value::kind::string && hay.find(needle.s) != nullptr;
-  case value::kind::undefined: return false;
-  default: fail(line, "'in' needs a string, list or mapping on the right");
+  case value::kind::ns:
+    return needle.type == value::kind::string && hay.find(needle.s) != nullptr;
+  case value::kind::undefined:
+    return false;
+  default:
+    fail(line, "'in' needs a string, list or mapping on the right");
   }
 }
 
@@ -110,9 +133,12 @@ bool less(const value& a, const value& b, int line) {
   if (a.type == value::kind::string && b.type == value::kind::string)
     return a.s < b.s;
   auto num = [&](const value& v) -> double {
-    if (v.type == value::kind::integer) return double(v.i);
-    if (v.type == value::kind::number) return v.d;
-    if (v.type == value::kind::boolean) return v.b;
+    if (v.type == value::kind::integer)
+      return double(v.i);
+    if (v.type == value::kind::number)
+      return v.d;
+    if (v.type == value::kind::boolean)
+      return v.b;
     fail(line, "cannot compare " + to_text(a) + " and " + to_text(b));
   };
   return num(a) < num(b);
@@ -121,8 +147,9 @@ bool less(const value& a, const value& b, int line) {
 value slice(const value& target, const value& v_start, const value& v_stop, const value& v_step,
             int line) {
   const int64_t n = target.type == value::kind::string ? int64_t(target.s.size())
-                    : target.type == value::kind::array ? int64_t(target.a->size())
-                                                        : (fail(line, "only strings and lists can be sliced"), 0);
+                    : target.type == value::kind::array
+                        ? int64_t(target.a->size())
+                        : (fail(line, "only strings and lists can be sliced"), 0);
   const bool has_step = !v_step.is_undefined() && v_step.type != value::kind::none;
   const int64_t step = has_step ? to_index(v_step, line) : 1;
   if (step == 0)
@@ -135,7 +162,8 @@ value slice(const value& target, const value& v_start, const value& v_stop, cons
       i += n;
     return step > 0 ? std::clamp<int64_t>(i, 0, n) : std::clamp<int64_t>(i, -1, n - 1);
   };
-  const int64_t start = bound(v_start, step > 0 ? 0 : n - 1), stop = bound(v_stop, step > 0 ? n : -1);
+  const int64_t start = bound(v_start, step > 0 ? 0 : n - 1),
+                stop = bound(v_stop, step > 0 ? n : -1);
   if (target.type == value::kind::string) {
     std::string out;
     for (int64_t i = start; step > 0 ? i < stop : i > stop; i += step)
@@ -149,7 +177,7 @@ value slice(const value& target, const value& v_start, const value& v_stop, cons
 }
 
 class evaluator {
-public:
+ public:
   explicit evaluator(value globals) { frames_.push_back(std::move(globals)); }
 
   value lookup(const std::string& name) const {
@@ -162,8 +190,10 @@ public:
   value eval(const expr& e) {
     using op = expr::op;
     switch (e.kind) {
-    case op::literal: return e.literal;
-    case op::name: return lookup(e.name);
+    case op::literal:
+      return e.literal;
+    case op::name:
+      return lookup(e.name);
     case op::list: {
       array a;
       for (const auto& item : e.args)
@@ -181,10 +211,12 @@ public:
       const value* v = target.is_mapping() ? target.find(e.name) : nullptr;
       return v ? *v : value();
     }
-    case op::index: return index(eval(e.args[0]), eval(e.args[1]), e.line);
+    case op::index:
+      return index(eval(e.args[0]), eval(e.args[1]), e.line);
     case op::slice:
       return slice(eval(e.args[0]), eval(e.args[1]), eval(e.args[2]), eval(e.args[3]), e.line);
-    case op::call: return call(e);
+    case op::call:
+      return call(e);
     case op::filter: {
       std::vector<value> args;
       for (size_t i = 1; i < e.args.size(); ++i)
@@ -197,8 +229,10 @@ public:
         args.push_back(eval(e.args[i]));
       return value::boolean(apply_test(e.name, eval(e.args[0]), args, e.line) != e.negate);
     }
-    case op::not_: return value::boolean(!truthy(eval(e.args[0])));
-    case op::neg: return arithmetic("-", value::integer(0), eval(e.args[0]), e.line);
+    case op::not_:
+      return value::boolean(!truthy(eval(e.args[0])));
+    case op::neg:
+      return arithmetic("-", value::integer(0), eval(e.args[0]), e.line);
     case op::and_: {
       value a = eval(e.args[0]);
       return truthy(a) ? eval(e.args[1]) : a;
@@ -207,9 +241,12 @@ public:
       value a = eval(e.args[0]);
       return truthy(a) ? a : eval(e.args[1]);
     }
-    case op::ternary: return truthy(eval(e.args[1])) ? eval(e.args[0]) : eval(e.args[2]);
-    case op::concat: return value::string(to_text(eval(e.args[0])) + to_text(eval(e.args[1])));
-    case op::binary: return binary(e);
+    case op::ternary:
+      return truthy(eval(e.args[1])) ? eval(e.args[0]) : eval(e.args[2]);
+    case op::concat:
+      return value::string(to_text(eval(e.args[0])) + to_text(eval(e.args[1])));
+    case op::binary:
+      return binary(e);
     }
     return value();
   }
@@ -219,7 +256,7 @@ public:
       run(n, out);
   }
 
-private:
+ private:
   value index(const value& target, const value& key, int line) {
     if (target.is_mapping()) {
       const value* v = target.find(to_text(key));
@@ -232,7 +269,8 @@ private:
         i += n;
       if (i < 0 || i >= n)
         return value(); // Jinja: undefined
-      return target.type == value::kind::array ? (*target.a)[i] : value::string(target.s.substr(i, 1));
+      return target.type == value::kind::array ? (*target.a)[i]
+                                               : value::string(target.s.substr(i, 1));
     }
     return value();
   }
@@ -252,21 +290,33 @@ private:
   value binary(const expr& e) {
     const value a = eval(e.args[0]), b = eval(e.args[1]);
     const std::string& o = e.name;
-    if (o == "==") return value::boolean(equal(a, b));
-    if (o == "!=") return value::boolean(!equal(a, b));
-    if (o == "<") return value::boolean(less(a, b, e.line));
-    if (o == ">") return value::boolean(less(b, a, e.line));
-    if (o == "<=") return value::boolean(!less(b, a, e.line));
-    if (o == ">=") return value::boolean(!less(a, b, e.line));
-    if (o == "in") return value::boolean(contains(b, a, e.line));
-    if (o == "not in") return value::boolean(!contains(b, a, e.line));
+    if (o == "==")
+      return value::boolean(equal(a, b));
+    if (o == "!=")
+      return value::boolean(!equal(a, b));
+    if (o == "<")
+      return value::boolean(less(a, b, e.line));
+    if (o == ">")
+      return value::boolean(less(b, a, e.line));
+    if (o == "<=")
+      return value::boolean(!less(b, a, e.line));
+    if (o == ">=")
+      return value::boolean(!less(a, b, e.line));
+    if (o == "in")
+      return value::boolean(contains(b, a, e.line));
+    if (o == "not in")
+      return value::boolean(!contains(b, a, e.line));
     return arithmetic(o, a, b, e.line);
   }
 
   void run(const node& n, std::string& out) {
     switch (n.kind) {
-    case node::type::text: out += n.text; return;
-    case node::type::output: out += to_text(eval(*n.value_expr)); return;
+    case node::type::text:
+      out += n.text;
+      return;
+    case node::type::output:
+      out += to_text(eval(*n.value_expr));
+      return;
     case node::type::if_:
       for (const auto& [cond, body] : n.branches)
         if (!cond || truthy(eval(*cond))) {
@@ -286,7 +336,9 @@ private:
       target.put(n.attr, std::move(v)); // shares the namespace's storage
       return;
     }
-    case node::type::for_: run_for(n, out); return;
+    case node::type::for_:
+      run_for(n, out);
+      return;
     }
   }
 
@@ -361,7 +413,9 @@ struct render_error {
   std::string what;
 };
 
-void fail(int line, const std::string& what) { throw render_error{line, what}; }
+void fail(int line, const std::string& what) {
+  throw render_error{line, what};
+}
 
 expected<std::string> template_program::render(const nlohmann::ordered_json& context) const {
   value globals = context.is_object() ? from_json(context) : value::dict({});

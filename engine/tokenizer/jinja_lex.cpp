@@ -138,9 +138,9 @@ expected<std::vector<token>> lex(const std::string& s, int line) {
       out.push_back({token::type::string, std::move(text)});
       i = j + 1;
     } else {
-      static const char* ops[] = {"==", "!=", "<=", ">=", "//", "**", "<", ">", "+", "-", "*",
-                                  "/",  "%",  "~",  "|",  ".",  ",",  ":", "(", ")", "[", "]",
-                                  "{",  "}",  "="};
+      static const char* ops[] = {"==", "!=", "<=", ">=", "//", "**", "<", ">", "+",
+                                  "-",  "*",  "/",  "%",  "~",  "|",  ".", ",", ":",
+                                  "(",  ")",  "[",  "]",  "{",  "}",  "="};
       bool found = false;
       for (const char* op : ops) {
         const std::string_view o(op);

@@ -9,11 +9,12 @@ namespace troupe::engine::jinja {
 namespace {
 
 class expr_parser {
-public:
+ public:
   expr_parser(std::vector<token> tokens, int line) : t_(std::move(tokens)), line_(line) {}
 
   bool at(std::string_view op) const {
-    return (t_[p_].kind == token::type::op || t_[p_].kind == token::type::name) && t_[p_].text == op;
+    return (t_[p_].kind == token::type::op || t_[p_].kind == token::type::name) &&
+           t_[p_].text == op;
   }
   bool accept(std::string_view op) {
     if (!at(op))
@@ -53,7 +54,7 @@ public:
     return e;
   }
 
-private:
+ private:
   expr make(expr::op k) const {
     expr e;
     e.kind = k;
@@ -215,13 +216,23 @@ private:
         e.literal.s += t_[p_++].text;
       return e;
     }
-    case token::type::integer: e.literal = value::integer(std::stoll(tok.text)); return e;
-    case token::type::number: e.literal = value::number(std::stod(tok.text)); return e;
+    case token::type::integer:
+      e.literal = value::integer(std::stoll(tok.text));
+      return e;
+    case token::type::number:
+      e.literal = value::number(std::stod(tok.text));
+      return e;
     case token::type::name:
-      if (tok.text == "true" || tok.text == "True") e.literal = value::boolean(true);
-      else if (tok.text == "false" || tok.text == "False") e.literal = value::boolean(false);
-      else if (tok.text == "none" || tok.text == "None") e.literal = value::none();
-      else { e.kind = expr::op::name; e.name = tok.text; }
+      if (tok.text == "true" || tok.text == "True")
+        e.literal = value::boolean(true);
+      else if (tok.text == "false" || tok.text == "False")
+        e.literal = value::boolean(false);
+      else if (tok.text == "none" || tok.text == "None")
+        e.literal = value::none();
+      else {
+        e.kind = expr::op::name;
+        e.name = tok.text;
+      }
       return e;
     case token::type::op:
       if (tok.text == "(") {
@@ -255,7 +266,8 @@ private:
         return e;
       }
       break;
-    case token::type::end: fail("unexpected end of expression");
+    case token::type::end:
+      fail("unexpected end of expression");
     }
     fail(fmt::format("unexpected '{}'", tok.text));
   }
@@ -266,7 +278,7 @@ private:
 };
 
 class block_parser {
-public:
+ public:
   explicit block_parser(std::vector<segment> segs) : s_(std::move(segs)) {}
 
   // Parses nodes until a statement whose first word is in `stops`; returns that word ("" at end).
@@ -305,7 +317,7 @@ public:
     return "";
   }
 
-private:
+ private:
   void finish(expr_parser& p) {
     if (!p.done())
       p.fail("unexpected tokens at the end of the tag");
@@ -355,7 +367,8 @@ private:
       finish(p);
       return n;
     }
-    p.fail(fmt::format("'{{% {} %}}' is not supported by troupe's chat template interpreter", word));
+    p.fail(
+        fmt::format("'{{% {} %}}' is not supported by troupe's chat template interpreter", word));
   }
 
   std::vector<segment> s_;

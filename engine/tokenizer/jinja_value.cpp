@@ -26,14 +26,22 @@ void value::put(const std::string& key, value v) {
 bool truthy(const value& v) {
   switch (v.type) {
   case value::kind::undefined:
-  case value::kind::none: return false;
-  case value::kind::boolean: return v.b;
-  case value::kind::integer: return v.i != 0;
-  case value::kind::number: return v.d != 0;
-  case value::kind::string: return !v.s.empty();
-  case value::kind::array: return !v.a->empty();
-  case value::kind::object: return !v.o->empty();
-  case value::kind::ns: return true;
+  case value::kind::none:
+    return false;
+  case value::kind::boolean:
+    return v.b;
+  case value::kind::integer:
+    return v.i != 0;
+  case value::kind::number:
+    return v.d != 0;
+  case value::kind::string:
+    return !v.s.empty();
+  case value::kind::array:
+    return !v.a->empty();
+  case value::kind::object:
+    return !v.o->empty();
+  case value::kind::ns:
+    return true;
   }
   return false;
 }
@@ -61,13 +69,27 @@ void json_string(std::string& out, const std::string& s) {
   out.push_back('"');
   for (const char c : s) {
     switch (c) {
-    case '"': out += "\\\""; break;
-    case '\\': out += "\\\\"; break;
-    case '\n': out += "\\n"; break;
-    case '\r': out += "\\r"; break;
-    case '\t': out += "\\t"; break;
-    case '\b': out += "\\b"; break;
-    case '\f': out += "\\f"; break;
+    case '"':
+      out += "\\\"";
+      break;
+    case '\\':
+      out += "\\\\";
+      break;
+    case '\n':
+      out += "\\n";
+      break;
+    case '\r':
+      out += "\\r";
+      break;
+    case '\t':
+      out += "\\t";
+      break;
+    case '\b':
+      out += "\\b";
+      break;
+    case '\f':
+      out += "\\f";
+      break;
     default:
       if (static_cast<unsigned char>(c) < 0x20)
         out += fmt::format("\\u{:04x}", static_cast<unsigned char>(c));
@@ -86,7 +108,8 @@ bool equal(const value& a, const value& b) {
     return (a.is_undefined() || a.type == value::kind::none) &&
            (b.is_undefined() || b.type == value::kind::none) && a.type == b.type;
   switch (a.type) {
-  case value::kind::string: return a.s == b.s;
+  case value::kind::string:
+    return a.s == b.s;
   case value::kind::array:
     if (a.a->size() != b.a->size())
       return false;
@@ -105,18 +128,25 @@ bool equal(const value& a, const value& b) {
     }
     return true;
   }
-  default: return true; // undefined == undefined, none == none
+  default:
+    return true; // undefined == undefined, none == none
   }
 }
 
 std::string to_text(const value& v) {
   switch (v.type) {
-  case value::kind::undefined: return "";
-  case value::kind::none: return "None";
-  case value::kind::boolean: return v.b ? "True" : "False";
-  case value::kind::integer: return std::to_string(v.i);
-  case value::kind::number: return python_float(v.d);
-  case value::kind::string: return v.s;
+  case value::kind::undefined:
+    return "";
+  case value::kind::none:
+    return "None";
+  case value::kind::boolean:
+    return v.b ? "True" : "False";
+  case value::kind::integer:
+    return std::to_string(v.i);
+  case value::kind::number:
+    return python_float(v.d);
+  case value::kind::string:
+    return v.s;
   case value::kind::array: {
     std::string out = "[";
     for (size_t i = 0; i < v.a->size(); ++i) {
@@ -149,11 +179,17 @@ std::string to_json(const value& v, int indent, int depth) {
   const char* sep = indent >= 0 ? "," : ", ";
   switch (v.type) {
   case value::kind::undefined:
-  case value::kind::none: return "null";
-  case value::kind::boolean: return v.b ? "true" : "false";
-  case value::kind::integer: return std::to_string(v.i);
-  case value::kind::number: return std::isfinite(v.d) ? python_float(v.d) : "NaN";
-  case value::kind::string: json_string(out, v.s); return out;
+  case value::kind::none:
+    return "null";
+  case value::kind::boolean:
+    return v.b ? "true" : "false";
+  case value::kind::integer:
+    return std::to_string(v.i);
+  case value::kind::number:
+    return std::isfinite(v.d) ? python_float(v.d) : "NaN";
+  case value::kind::string:
+    json_string(out, v.s);
+    return out;
   case value::kind::array:
     if (v.a->empty())
       return "[]";

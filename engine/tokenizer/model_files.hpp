@@ -1,6 +1,6 @@
 // Reading a model folder's small text files (tokenizer.json, tokenizer_config.json, ...), following
-// real symlinks and git symlink stubs (a short non-JSON file whose content is a relative path to the
-// real file). Used at model load by the tokenizer loaders; blocks on file I/O.
+// real symlinks and git symlink stubs (a short non-JSON file whose content is a relative path to
+// the real file). Used at model load by the tokenizer loaders; blocks on file I/O.
 #pragma once
 
 #include <filesystem>

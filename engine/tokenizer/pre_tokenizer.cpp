@@ -21,9 +21,9 @@ namespace {
 
 // Hugging Face compiles these patterns with Oniguruma, whose \s is exactly Unicode White_Space;
 // PCRE2's \s (UCP) also matches U+180E (Mongolian vowel separator). Spell the class out to agree.
-constexpr std::string_view white_space =
-  "\\t\\n\\x{0B}\\f\\r\\x{20}\\x{85}\\x{A0}\\x{1680}\\x{2000}-\\x{200A}\\x{2028}\\x{2029}\\x{202F}"
-  "\\x{205F}\\x{3000}";
+constexpr std::string_view white_space = "\\t\\n\\x{0B}\\f\\r\\x{20}\\x{85}\\x{A0}\\x{1680}\\x{"
+                                         "2000}-\\x{200A}\\x{2028}\\x{2029}\\x{202F}"
+                                         "\\x{205F}\\x{3000}";
 
 std::string onig_compatible(std::string_view pattern) {
   std::string out;
@@ -76,8 +76,8 @@ expected<pre_tokenizer> pre_tokenizer::create(std::vector<split_step> steps) {
     if (c->code == nullptr) {
       PCRE2_UCHAR buffer[256];
       pcre2_get_error_message(code, buffer, sizeof buffer);
-      return make_error(errc::parse_error, "pre-tokenizer regex '{}': {} at offset {}", step.pattern,
-                        reinterpret_cast<const char*>(buffer), offset);
+      return make_error(errc::parse_error, "pre-tokenizer regex '{}': {} at offset {}",
+                        step.pattern, reinterpret_cast<const char*>(buffer), offset);
     }
     pcre2_jit_compile(c->code, PCRE2_JIT_COMPLETE); // falls back to the interpreter without JIT
     p.compiled_.push_back(std::move(c));

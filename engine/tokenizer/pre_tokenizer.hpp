@@ -1,6 +1,6 @@
-// Pre-tokenizers: split normalised text into pieces that BPE encodes independently. Regex splits run
-// on PCRE2 (UTF + UCP, JIT-compiled), matching Hugging Face's `Split` with behaviour `Isolated`.
-// Built once at load by the tokenizer; split() is const, thread-safe and never blocks.
+// Pre-tokenizers: split normalised text into pieces that BPE encodes independently. Regex splits
+// run on PCRE2 (UTF + UCP, JIT-compiled), matching Hugging Face's `Split` with behaviour
+// `Isolated`. Built once at load by the tokenizer; split() is const, thread-safe and never blocks.
 #pragma once
 
 #include <memory>
@@ -30,7 +30,7 @@ struct split_step {
 };
 
 class pre_tokenizer {
-public:
+ public:
   // Compiles every regex step; a pattern PCRE2 rejects is an error naming it and the offset.
   static expected<pre_tokenizer> create(std::vector<split_step> steps);
 
@@ -44,7 +44,7 @@ public:
 
   const std::vector<split_step>& steps() const { return steps_; }
 
-private:
+ private:
   struct compiled;
   pre_tokenizer() = default;
   std::vector<split_step> steps_;

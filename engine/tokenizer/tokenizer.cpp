@@ -19,7 +19,9 @@ bool is_ascii(std::string_view s) {
   return true;
 }
 
-bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v'; }
+bool is_space(char c) {
+  return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v';
+}
 } // namespace
 
 split_step preset_step(pre_tokenizer_preset preset) {
@@ -37,8 +39,8 @@ expected<tokenizer> tokenizer::from_parts(tokenizer_parts parts) {
   size_t size = parts.vocab.size();
   for (const auto& a : parts.added_tokens) {
     if (a.id < 0 || a.content.empty())
-      return make_error(errc::invalid_argument, "added token '{}' has id {} (must be >= 0, non-empty)",
-                        a.content, a.id);
+      return make_error(errc::invalid_argument,
+                        "added token '{}' has id {} (must be >= 0, non-empty)", a.content, a.id);
     size = std::max(size, static_cast<size_t>(a.id) + 1);
   }
   std::vector<std::string> raw(parts.vocab.size());
@@ -72,8 +74,9 @@ expected<tokenizer> tokenizer::from_parts(tokenizer_parts parts) {
     return std::move(pre).error();
   t.pre_ = std::make_unique<pre_tokenizer>(std::move(*pre));
   t.added_ = std::move(parts.added_tokens);
-  std::stable_sort(t.added_.begin(), t.added_.end(),
-                   [](const auto& a, const auto& b) { return a.content.size() > b.content.size(); });
+  std::stable_sort(t.added_.begin(), t.added_.end(), [](const auto& a, const auto& b) {
+    return a.content.size() > b.content.size();
+  });
   t.nfc_ = parts.nfc;
   t.add_prefix_space_ = parts.add_prefix_space;
   return t;

@@ -1,7 +1,7 @@
 // Text <-> token ids for byte-level BPE models, byte for byte as Hugging Face `tokenizers` does:
-// added tokens matched first, optional NFC normalisation (utf8proc), regex pre-tokenisation (PCRE2),
-// BPE with merge ranks, byte-level decoding. Built once at model load (tokenizer.json, or from parts
-// by the GGUF importer); encode/decode are const, thread-safe, and do not block.
+// added tokens matched first, optional NFC normalisation (utf8proc), regex pre-tokenisation
+// (PCRE2), BPE with merge ranks, byte-level decoding. Built once at model load (tokenizer.json, or
+// from parts by the GGUF importer); encode/decode are const, thread-safe, and do not block.
 #pragma once
 
 #include <filesystem>
@@ -25,10 +25,10 @@ namespace troupe::engine {
 // NFC text; the same for the ASCII contents real models use). `single_word` is refused at load.
 struct added_token {
   token_id id = -1;
-  std::string content;     // the literal text, UTF-8
-  bool special = true;     // dropped by decode(skip_special = true)
-  bool lstrip = false;     // a match also swallows the whitespace before it
-  bool rstrip = false;     // ... or after it
+  std::string content; // the literal text, UTF-8
+  bool special = true; // dropped by decode(skip_special = true)
+  bool lstrip = false; // a match also swallows the whitespace before it
+  bool rstrip = false; // ... or after it
 };
 
 // Everything a tokenizer is made of, for callers without a tokenizer.json (the GGUF importer:
@@ -45,7 +45,8 @@ struct tokenizer_parts {
   std::vector<split_step> pre_tokenizer;
   bool nfc = false;           // NFC-normalise text outside added tokens (Qwen2/3)
   bool ignore_merges = false; // a piece that is a whole vocabulary token is that token (Llama 3)
-  bool add_prefix_space = false; // ByteLevel add_prefix_space: prefix " " to text not starting with one
+  bool add_prefix_space =
+      false; // ByteLevel add_prefix_space: prefix " " to text not starting with one
 };
 
 split_step preset_step(pre_tokenizer_preset preset);
@@ -53,7 +54,7 @@ split_step regex_step(std::string pattern);
 split_step digits_step(bool individual_digits);
 
 class tokenizer {
-public:
+ public:
   // Builds from parts; errors name the bad part (missing byte token, merge outside the vocab, ...).
   static expected<tokenizer> from_parts(tokenizer_parts parts);
 
@@ -80,7 +81,7 @@ public:
   // One more than the largest id (vocabulary and added tokens).
   int64_t size() const { return static_cast<int64_t>(bytes_.size()); }
 
-private:
+ private:
   tokenizer() = default;
   void encode_plain(std::string_view text, std::vector<token_id>& out, std::string& scratch,
                     std::vector<std::string_view>& pieces) const;
@@ -90,10 +91,10 @@ private:
   std::unique_ptr<pre_tokenizer> pre_;
   bool nfc_ = false;
   bool add_prefix_space_ = false;
-  std::vector<added_token> added_;                // longest content first
+  std::vector<added_token> added_; // longest content first
   bool added_first_byte_[256] = {};
-  std::vector<std::string> bytes_;                // id -> decoded bytes
-  std::vector<uint8_t> flags_;                    // id -> known(1) | special(2)
+  std::vector<std::string> bytes_; // id -> decoded bytes
+  std::vector<uint8_t> flags_;     // id -> known(1) | special(2)
   std::unordered_map<std::string, token_id> added_by_content_;
 };
 

@@ -1,4 +1,5 @@
-// tokenizer.json -> tokenizer_parts -> tokenizer. Every unsupported component is an error naming it.
+// tokenizer.json -> tokenizer_parts -> tokenizer. Every unsupported component is an error naming
+// it.
 #include <nlohmann/json.hpp>
 
 #include "engine/tokenizer/model_files.hpp"
@@ -10,7 +11,9 @@ namespace {
 
 using json = nlohmann::json;
 
-std::string type_of(const json& j) { return j.is_object() ? j.value("type", std::string()) : ""; }
+std::string type_of(const json& j) {
+  return j.is_object() ? j.value("type", std::string()) : "";
+}
 
 expected<void> read_normalizer(const json& n, tokenizer_parts& parts) {
   if (n.is_null())
@@ -57,14 +60,16 @@ expected<void> read_pre_tokenizer(const json& p, tokenizer_parts& parts) {
     if (pattern.contains("Regex"))
       parts.pre_tokenizer.push_back(regex_step(pattern.at("Regex").get<std::string>()));
     else
-      parts.pre_tokenizer.push_back(regex_step(escape_regex(pattern.at("String").get<std::string>())));
+      parts.pre_tokenizer.push_back(
+          regex_step(escape_regex(pattern.at("String").get<std::string>())));
     return {};
   }
   if (type == "ByteLevel") {
     if (p.value("add_prefix_space", false)) {
       if (!parts.pre_tokenizer.empty())
-        return make_error(errc::unsupported,
-                          "ByteLevel add_prefix_space after another pre-tokenizer is not supported");
+        return make_error(
+            errc::unsupported,
+            "ByteLevel add_prefix_space after another pre-tokenizer is not supported");
       parts.add_prefix_space = true;
     }
     if (p.value("use_regex", true))
@@ -84,11 +89,12 @@ expected<void> read_pre_tokenizer(const json& p, tokenizer_parts& parts) {
 expected<void> read_model(const json& m, tokenizer_parts& parts) {
   const std::string type = m.value("type", std::string("BPE"));
   if (type != "BPE")
-    return make_error(errc::unsupported, "tokenizer model '{}' is not supported (only byte-level BPE)",
-                      type);
-  if (m.value("byte_fallback", false))
     return make_error(errc::unsupported,
-                      "BPE with byte_fallback (SentencePiece-style) is not supported, only byte-level BPE");
+                      "tokenizer model '{}' is not supported (only byte-level BPE)", type);
+  if (m.value("byte_fallback", false))
+    return make_error(
+        errc::unsupported,
+        "BPE with byte_fallback (SentencePiece-style) is not supported, only byte-level BPE");
   for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"})
     if (m.contains(key) && m[key].is_string() && !m[key].get<std::string>().empty())
       return make_error(errc::unsupported, "BPE {} '{}' is not supported", key,

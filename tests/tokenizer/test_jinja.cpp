@@ -72,7 +72,8 @@ TEST_CASE("jinja: errors at parse time name the line; raise_exception at render 
   REQUIRE_FALSE(unsupported.has_value());
   CHECK(unsupported.error().message().find("macro") != std::string::npos);
 
-  auto t = template_program::parse("{% if bad %}{{ raise_exception('roles must alternate') }}{% endif %}");
+  auto t = template_program::parse(
+      "{% if bad %}{{ raise_exception('roles must alternate') }}{% endif %}");
   REQUIRE(t.has_value());
   auto out = t->render({{"bad", true}});
   REQUIRE_FALSE(out.has_value());

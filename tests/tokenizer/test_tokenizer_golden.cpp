@@ -1,5 +1,5 @@
-// Golden conformance: every case in golden/expected for both tokenizers (encode ids and decoded text,
-// chat template text and ids), and the tiny-qwen3 model folder (stubs followed, EOS ids).
+// Golden conformance: every case in golden/expected for both tokenizers (encode ids and decoded
+// text, chat template text and ids), and the tiny-qwen3 model folder (stubs followed, EOS ids).
 #include <doctest/doctest.h>
 
 #include <memory>
@@ -65,10 +65,18 @@ void check_chat(const std::string& name) {
 
 } // namespace
 
-TEST_CASE("golden qwen3 encode and decode") { check_encode("qwen3"); }
-TEST_CASE("golden llama3 encode and decode") { check_encode("llama3"); }
-TEST_CASE("golden qwen3 chat template") { check_chat("qwen3"); }
-TEST_CASE("golden llama3 chat template") { check_chat("llama3"); }
+TEST_CASE("golden qwen3 encode and decode") {
+  check_encode("qwen3");
+}
+TEST_CASE("golden llama3 encode and decode") {
+  check_encode("llama3");
+}
+TEST_CASE("golden qwen3 chat template") {
+  check_chat("qwen3");
+}
+TEST_CASE("golden llama3 chat template") {
+  check_chat("llama3");
+}
 
 TEST_CASE("tiny-qwen3 folder: stub files followed, eos and template loaded") {
   auto folder = test::golden_model("tiny-qwen3");

@@ -40,8 +40,10 @@ std::string stream_all(incremental_detokenizer& d, const std::vector<token_id>& 
 
 TEST_CASE("utf8: lossy decoding replaces maximal invalid subparts like Rust") {
   std::string out;
-  utf8::append_lossy(out, "a\xE4\xB8" "b\xFF\xF0\x9F\x98\x80");
-  CHECK(out == "a\xEF\xBF\xBD" "b\xEF\xBF\xBD\xF0\x9F\x98\x80");
+  utf8::append_lossy(out, "a\xE4\xB8"
+                          "b\xFF\xF0\x9F\x98\x80");
+  CHECK(out == "a\xEF\xBF\xBD"
+               "b\xEF\xBF\xBD\xF0\x9F\x98\x80");
   out.clear();
   CHECK(utf8::append_lossy(out, "x\xE4\xB8", false) == 1); // unfinished character held back
   CHECK(out == "x");
@@ -106,8 +108,8 @@ TEST_CASE("tokenizer: errors name what is wrong") {
   CHECK(unigram.error().message().find("Unigram") != std::string::npos);
 
   auto metaspace = tokenizer::from_json(
-    R"({"model": {"type": "BPE", "vocab": {}, "merges": []}, "pre_tokenizer": {"type": "Metaspace"}})",
-    "t.json");
+      R"({"model": {"type": "BPE", "vocab": {}, "merges": []}, "pre_tokenizer": {"type": "Metaspace"}})",
+      "t.json");
   REQUIRE_FALSE(metaspace.has_value());
   CHECK(metaspace.error().message().find("Metaspace") != std::string::npos);
 
@@ -146,25 +148,26 @@ TEST_CASE("model folder: eos list from generation_config.json, broken template f
   for (int b = 0; b < 256; ++b)
     vocab[utf8::byte_level_encode(std::string(1, static_cast<char>(b)))] = b;
   const nlohmann::json tj = {
-    {"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", nlohmann::json::array()}}},
-    {"added_tokens", {{{"id", 256}, {"content", "<e>"}, {"special", true}}}},
-    {"pre_tokenizer", {{"type", "ByteLevel"}}},
-    {"decoder", {{"type", "ByteLevel"}}}};
+      {"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", nlohmann::json::array()}}},
+      {"added_tokens", {{{"id", 256}, {"content", "<e>"}, {"special", true}}}},
+      {"pre_tokenizer", {{"type", "ByteLevel"}}},
+      {"decoder", {{"type", "ByteLevel"}}}};
   std::ofstream(dir.path() / "tokenizer.json") << tj.dump();
-  std::ofstream(dir.path() / "generation_config.json") << R"({"eos_token_id": [7, 9], "bos_token_id": 1})";
+  std::ofstream(dir.path() / "generation_config.json")
+      << R"({"eos_token_id": [7, 9], "bos_token_id": 1})";
   std::ofstream(dir.path() / "tokenizer_config.json")
-    << R"({"eos_token": {"content": "<e>"}, "chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"})";
+      << R"({"eos_token": {"content": "<e>"}, "chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"})";
   auto ok = model_tokenizer::load(dir.path());
   REQUIRE_MESSAGE(ok.has_value(), (ok ? "" : ok.error().to_string()));
   CHECK(ok->eos_ids == std::vector<token_id>{7, 9, 256});
   CHECK(ok->bos_id == std::optional<token_id>(1));
-  auto ids = ok->encode_chat(nlohmann::ordered_json::parse(R"([{"role": "user", "content": "hi<e>"}])"),
-                             chat_options{});
+  auto ids = ok->encode_chat(
+      nlohmann::ordered_json::parse(R"([{"role": "user", "content": "hi<e>"}])"), chat_options{});
   REQUIRE(ids.has_value());
   CHECK(*ids == std::vector<token_id>{'h', 'i', 256});
 
   std::ofstream(dir.path() / "tokenizer_config.json")
-    << R"({"chat_template": "{% for m in messages %}\n{{ m.content }"})";
+      << R"({"chat_template": "{% for m in messages %}\n{{ m.content }"})";
   auto broken = model_tokenizer::load(dir.path());
   REQUIRE_FALSE(broken.has_value());
   CHECK(broken.error().message().find("tokenizer_config.json") != std::string::npos);
