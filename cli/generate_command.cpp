@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <memory>
+#include <optional>
 #include <sstream>
 
 #include <fmt/format.h>
@@ -9,6 +10,7 @@
 
 #include "engine/backend/cpu/cpu_backend.hpp"
 #include "engine/generate.hpp"
+#include "engine/tokenizer/chat_template.hpp"
 
 namespace troupe::cli {
 
@@ -17,6 +19,8 @@ namespace {
 struct generate_args {
   std::string model;
   std::string prompt_ids;
+  std::string prompt; // text, tokenized as is
+  std::string chat;   // one user message through the model's chat template
   int32_t max_tokens = 16;
   int32_t block_size = 16;
   int32_t prefill_chunk = 0;
@@ -44,8 +48,34 @@ expected<std::vector<token_id>> parse_ids(const std::string& text) {
   return ids;
 }
 
+// The prompt's ids from whichever of --prompt-ids, --prompt, --chat was given.
+expected<std::vector<token_id>> prompt_tokens(const generate_args& args,
+                                              const engine::model_tokenizer* text) {
+  if (!args.prompt_ids.empty())
+    return parse_ids(args.prompt_ids);
+  if (!args.prompt.empty())
+    return text->text->encode(args.prompt);
+  nlohmann::ordered_json messages = nlohmann::ordered_json::array();
+  messages.push_back({{"role", "user"}, {"content", args.chat}});
+  return text->encode_chat(messages, engine::chat_options{});
+}
+
 int run(const generate_args& args) {
-  auto prompt = parse_ids(args.prompt_ids);
+  const int given = !args.prompt_ids.empty() + !args.prompt.empty() + !args.chat.empty();
+  if (given != 1) {
+    fmt::print(stderr, "error: give exactly one of --prompt-ids, --prompt, --chat\n");
+    return 2;
+  }
+  std::optional<engine::model_tokenizer> text;
+  if (args.prompt_ids.empty()) {
+    auto loaded = engine::model_tokenizer::load(args.model);
+    if (!loaded) {
+      fmt::print(stderr, "error: {}\n", loaded.error().to_string());
+      return 1;
+    }
+    text = std::move(*loaded);
+  }
+  auto prompt = prompt_tokens(args, text ? &*text : nullptr);
   if (!prompt) {
     fmt::print(stderr, "error: {}\n", prompt.error().message());
     return 2;
@@ -74,6 +104,8 @@ int run(const generate_args& args) {
   fmt::print("model: {} ({})\n", args.model, (*model)->config().architecture);
   fmt::print("prompt ids: {}\n", fmt::join(gen.prompt, ","));
   fmt::print("generated ids: {}\n", fmt::join(gen.output, ","));
+  if (text)
+    fmt::print("generated text: {}\n", text->text->decode(gen.output, true));
   fmt::print(stderr, "load {:.1f} ms, generate {} tokens in {:.1f} ms ({:.1f} tokens/s, cpu)\n",
              ms(t1 - t0).count(), gen.output.size(), ms(t2 - t1).count(),
              gen.output.size() / std::max(1e-9, ms(t2 - t1).count() / 1000));
@@ -87,8 +119,9 @@ void add_generate_command(CLI::App& app, int& exit_code) {
   auto* cmd = app.add_subcommand("generate", "Greedy offline generation on the CPU backend");
   cmd->add_option("--model", args->model, "Hugging Face model folder (config.json + safetensors)")
     ->required();
-  cmd->add_option("--prompt-ids", args->prompt_ids, "Prompt token ids, comma separated")
-    ->required();
+  cmd->add_option("--prompt-ids", args->prompt_ids, "Prompt token ids, comma separated");
+  cmd->add_option("--prompt", args->prompt, "Prompt text, tokenized with tokenizer.json");
+  cmd->add_option("--chat", args->chat, "A user message, rendered with the model's chat template");
   cmd->add_option("--max-tokens", args->max_tokens, "Tokens to generate")
     ->check(CLI::Range(1, 1 << 20));
   cmd->add_option("--block-size", args->block_size, "KV cache block size in tokens")

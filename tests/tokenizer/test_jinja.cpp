@@ -1,0 +1,81 @@
+// The chat-template Jinja subset, construct by construct (the golden tests cover whole templates).
+#include <doctest/doctest.h>
+
+#include "engine/tokenizer/jinja.hpp"
+
+using namespace troupe;
+using troupe::engine::jinja::template_program;
+using ojson = nlohmann::ordered_json;
+
+namespace {
+std::string render(std::string_view source, const ojson& context = ojson::object()) {
+  auto t = template_program::parse(source);
+  REQUIRE_MESSAGE(t.has_value(), (t ? "" : t.error().to_string()));
+  auto out = t->render(context);
+  REQUIRE_MESSAGE(out.has_value(), (out ? "" : out.error().to_string()));
+  return *out;
+}
+} // namespace
+
+TEST_CASE("jinja: expressions, precedence, filters and tests") {
+  CHECK(render("{{ 1 + 2 * 3 }}|{{ 7 // 2 }}|{{ -7 % 3 }}|{{ 'a' ~ 1 }}") == "7|3|2|a1");
+  CHECK(render("{{ xs|length - 1 }}", {{"xs", {1, 2, 3}}}) == "2");
+  CHECK(render("{{ '  x ' | trim }}|{{ 'ab' + 'c' | upper }}") == "x|abC");
+  CHECK(render("{{ {'b': 1, 'a': [true, none, 'é\n']} | tojson }}") ==
+        R"({"b": 1, "a": [true, null, "é\n"]})");
+  CHECK(render("{{ x is defined }}{{ y is not defined }}{{ n is none }}{{ s is string }}",
+               {{"x", 1}, {"n", nullptr}, {"s", "t"}}) == "TrueTrueTrueTrue");
+  CHECK(render("{{ 'a' if f else 'b' }}{{ 'x' in 'xyz' }}{{ 3 not in [1, 2] }}", {{"f", false}}) ==
+        "bTrueTrue");
+}
+
+TEST_CASE("jinja: string methods and slicing") {
+  CHECK(render("{{ s.startswith('<a') }}{{ s.endswith('b>') }}", {{"s", "<ab>"}}) == "TrueTrue");
+  CHECK(render("{{ s.split('</t>')[-1].lstrip('\\n') }}", {{"s", "x</t>\n\ny"}}) == "y");
+  CHECK(render("{{ s.split('<t>')[0].rstrip('\\n') }}|{{ ' a b '.split() }}", {{"s", "q\n<t>"}}) ==
+        "q|['a', 'b']");
+  CHECK(render("{{ s.strip('\\n') }}|{{ s[1:3] }}|{{ s[::-1] }}", {{"s", "\nab\n"}}) ==
+        "ab|ab|\nba\n");
+  CHECK(render("{% for x in xs[::-1] %}{{ x }}{% endfor %}", {{"xs", {1, 2, 3}}}) == "321");
+}
+
+TEST_CASE("jinja: loops, loop.*, scoping, namespace") {
+  CHECK(render("{% for x in xs %}{{ loop.index0 }}{{ loop.first }}{{ loop.last }},{% endfor %}",
+               {{"xs", {"a", "b"}}}) == "0TrueFalse,1FalseTrue,");
+  // `set` inside a loop does not leak; a namespace attribute does.
+  CHECK(render("{% set ns = namespace(n=0) %}{% set k = 5 %}{% for x in xs %}{% set k = x %}"
+               "{% set ns.n = ns.n + x %}{% endfor %}{{ k }} {{ ns.n }}",
+               {{"xs", {1, 2, 3}}}) == "5 6");
+  CHECK(render("{% for k, v in d.items() %}{{ k }}={{ v }};{% endfor %}",
+               {{"d", {{"z", 1}, {"a", 2}}}}) == "z=1;a=2;");
+  CHECK(render("{% for x in [] %}x{% else %}empty{% endfor %}") == "empty");
+  CHECK(render("{% for m in ms if m.role != 'system' %}{{ loop.index }}{{ m.role }}{% endfor %}",
+               {{"ms", {{{"role", "system"}}, {{"role", "user"}}}}}) == "1user");
+}
+
+TEST_CASE("jinja: whitespace control, trim_blocks and lstrip_blocks") {
+  CHECK(render("a  {%- if true -%}  b  {%- endif %}\nc") == "abc");
+  CHECK(render("{% if true %}\n  x\n{% endif %}\n") == "  x\n");
+  CHECK(render("line\n    {% if true %}\nyes\n    {% endif %}\nend") == "line\nyes\nend");
+  CHECK(render("{# comment #}a{{ 'b' }}{% if x %}c{% elif y %}d{% else %}e{% endif %}",
+               {{"y", true}}) == "abd");
+}
+
+TEST_CASE("jinja: errors at parse time name the line; raise_exception at render time") {
+  auto unclosed = template_program::parse("a\n{% if x %}b");
+  REQUIRE_FALSE(unclosed.has_value());
+  CHECK(unclosed.error().message().find("endif") != std::string::npos);
+  auto bad = template_program::parse("a\nb\n{{ 1 + }}");
+  REQUIRE_FALSE(bad.has_value());
+  CHECK(bad.error().message().find("line 3") != std::string::npos);
+  auto unsupported = template_program::parse("{% macro m() %}{% endmacro %}");
+  REQUIRE_FALSE(unsupported.has_value());
+  CHECK(unsupported.error().message().find("macro") != std::string::npos);
+
+  auto t = template_program::parse(
+      "{% if bad %}{{ raise_exception('roles must alternate') }}{% endif %}");
+  REQUIRE(t.has_value());
+  auto out = t->render({{"bad", true}});
+  REQUIRE_FALSE(out.has_value());
+  CHECK(out.error().message().find("roles must alternate") != std::string::npos);
+}
