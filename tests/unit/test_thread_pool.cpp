@@ -54,7 +54,7 @@ TEST_CASE("thread_pool: concurrent callers each get their whole range") {
 TEST_CASE("matmul_nt: threaded result is bit-identical to one output row at a time") {
   std::mt19937 rng(8);
   std::normal_distribution<float> dist;
-  const int64_t n = 3, in = 577, out = 1000; // odd sizes: dot() tails
+  const int64_t n = 3, in = 577, out = 4001; // large enough to be split; odd sizes: dot() tails
   std::vector<float> x(n * in), w(out * in), bias(out), y(n * out), one(n);
   for (auto* v : {&x, &w, &bias})
     for (auto& e : *v)

@@ -41,8 +41,14 @@ void matmul_nt(const float* x, int64_t n, int64_t in, const float* w, int64_t ou
       }
     }
   };
-  // Below ~64k multiply-adds per chunk the hand-off costs more than it saves.
-  const int64_t grain = std::max<int64_t>(16, 65536 / std::max<int64_t>(1, n * in));
+  // Waking workers costs tens of microseconds, more on a loaded machine: only large products
+  // (prefill, lm_head) are split, in chunks of at least ~1M multiply-adds.
+  const int64_t work = n * in * out;
+  if (work < (int64_t{1} << 22)) {
+    rows(0, out);
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(16, (int64_t{1} << 20) / std::max<int64_t>(1, n * in));
   thread_pool::shared().parallel_for(out, grain, rows);
 }
 
