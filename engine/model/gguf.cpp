@@ -12,12 +12,19 @@ namespace {
 constexpr uint32_t gguf_magic = 0x46554747; // "GGUF" little-endian
 constexpr uint64_t max_dims = 4;            // GGML_MAX_DIMS
 
+#define TROUPE_READ(var, expr)                                                                     \
+  auto var = (expr);                                                                               \
+  if (!var)                                                                                        \
+    return std::move(var).error();
+
 // A bounds-checked little-endian cursor over the file image; every read fails cleanly at the end.
 class cursor {
 public:
   cursor(std::span<const std::byte> bytes, const fs::path& path) : bytes_(bytes), path_(path) {}
 
   size_t pos() const { return pos_; }
+  size_t remaining() const { return bytes_.size() - pos_; }
+  std::string where() const { return path_.string(); }
 
   template <class T>
   expected<T> read(std::string_view what) {
@@ -84,7 +91,7 @@ expected<std::variant<int64_t, double, bool>> read_scalar(cursor& c, gguf_type t
   case gguf_type::u64: {
     auto v = c.read<uint64_t>(what);
     if (v && *v > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
-      return make_error(errc::parse_error, "{} = {} does not fit in int64", what, *v);
+      return make_error(errc::parse_error, "{}: {} = {} does not fit in int64", c.where(), what, *v);
     return widen(std::move(v));
   }
   case gguf_type::f32: {
@@ -107,7 +114,8 @@ expected<std::variant<int64_t, double, bool>> read_scalar(cursor& c, gguf_type t
   }
   default: break;
   }
-  return make_error(errc::parse_error, "{}: unknown GGUF value type {}", what, static_cast<uint32_t>(t));
+  return make_error(errc::parse_error, "{}: {}: unknown GGUF value type {}", c.where(), what,
+                    static_cast<uint32_t>(t));
 }
 
 template <class T>
@@ -158,18 +166,55 @@ expected<gguf_value> read_value(cursor& c, gguf_type t, const std::string& key) 
     return v;
   }
   if (v.elem_type == gguf_type::array)
-    return make_error(errc::unsupported, "{}: nested GGUF arrays are not supported", key);
+    return make_error(errc::unsupported, "{}: {}: nested GGUF arrays are not supported", c.where(), key);
   // Reject absurd counts before reserving: every element needs at least its scalar size.
   size_t es = scalar_size(v.elem_type);
   if (es == 0)
-    return make_error(errc::parse_error, "{}: unknown GGUF array element type {}", key, *et);
-  if (*n > std::numeric_limits<size_t>::max() / es)
+    return make_error(errc::parse_error, "{}: {}: unknown GGUF array element type {}", c.where(), key, *et);
+  if (*n > c.remaining() / es)
     return c.truncated(key);
   if (v.elem_type == gguf_type::boolean)
     return read_array_of<bool>(c, std::move(v), *n, key);
   if (is_int(v.elem_type))
     return read_array_of<int64_t>(c, std::move(v), *n, key);
   return read_array_of<double>(c, std::move(v), *n, key);
+}
+
+// One tensor info (name, dims, type, offset), validated: known type, whole blocks per row,
+// aligned offset. Its byte size is computed here; whether it fits the file is checked later.
+expected<gguf_tensor_info> read_tensor_info(cursor& c, const fs::path& path, uint64_t alignment) {
+  gguf_tensor_info t;
+  TROUPE_READ(name, c.read_string("tensor name"));
+  t.name = std::move(*name);
+  TROUPE_READ(n_dims, c.read<uint32_t>(t.name));
+  if (*n_dims == 0 || *n_dims > max_dims)
+    return make_error(errc::parse_error, "{}: tensor {} has {} dimensions (1 to 4 allowed)",
+                      path.string(), t.name, *n_dims);
+  int64_t numel = 1;
+  for (uint32_t d = 0; d < *n_dims; ++d) {
+    TROUPE_READ(dim, c.read<int64_t>(t.name));
+    if (*dim < 0 || *dim > (int64_t{1} << 40) || (*dim > 0 && numel > (int64_t{1} << 48) / *dim))
+      return make_error(errc::parse_error, "{}: tensor {} has dimension {} (too large or negative)",
+                        path.string(), t.name, *dim);
+    numel *= *dim;
+    t.dims.push_back(*dim);
+  }
+  TROUPE_READ(type, c.read<uint32_t>(t.name));
+  TROUPE_READ(offset, c.read<uint64_t>(t.name));
+  t.type = *type;
+  t.offset = *offset;
+  auto traits = ggml_traits(t.type);
+  if (!traits)
+    return make_error(errc::unsupported, "{}: tensor {} has unknown ggml type {}", path.string(),
+                      t.name, t.type);
+  if (t.row_size() % traits->block_size != 0)
+    return make_error(errc::parse_error, "{}: tensor {} ({}) row of {} is not a multiple of the block size {}",
+                      path.string(), t.name, traits->name, t.row_size(), traits->block_size);
+  t.bytes = static_cast<uint64_t>(t.numel() / traits->block_size) * traits->block_bytes;
+  if (t.offset % alignment != 0)
+    return make_error(errc::parse_error, "{}: tensor {} offset {} is not aligned to {}",
+                      path.string(), t.name, t.offset, alignment);
+  return t;
 }
 
 } // namespace
@@ -189,11 +234,6 @@ expected<gguf_file> gguf_file::open(const fs::path& path) {
     return std::move(file).error();
   return parse(std::move(*file), path);
 }
-
-#define TROUPE_READ(var, expr)                                                                     \
-  auto var = (expr);                                                                               \
-  if (!var)                                                                                        \
-    return std::move(var).error();
 
 expected<gguf_file> gguf_file::parse(std::shared_ptr<mapped_file> file, const fs::path& path) {
   gguf_file g;
@@ -217,7 +257,7 @@ expected<gguf_file> gguf_file::parse(std::shared_ptr<mapped_file> file, const fs
     TROUPE_READ(type, c.read<uint32_t>(*key));
     auto value = read_value(c, static_cast<gguf_type>(*type), *key);
     if (!value)
-      return std::move(value).error().context(path.string());
+      return std::move(value).error();
     g.metadata_[*key] = std::move(*value);
   }
   if (auto a = g.get_int("general.alignment"); !a)
@@ -229,34 +269,10 @@ expected<gguf_file> gguf_file::parse(std::shared_ptr<mapped_file> file, const fs
     g.alignment_ = static_cast<uint64_t>(**a);
   }
   for (uint64_t i = 0; i < *n_tensors; ++i) {
-    gguf_tensor_info t;
-    TROUPE_READ(name, c.read_string("tensor name"));
-    t.name = std::move(*name);
-    TROUPE_READ(n_dims, c.read<uint32_t>(t.name));
-    if (*n_dims == 0 || *n_dims > max_dims)
-      return make_error(errc::parse_error, "{}: tensor {} has {} dimensions (1 to 4 allowed)",
-                        path.string(), t.name, *n_dims);
-    for (uint32_t d = 0; d < *n_dims; ++d) {
-      TROUPE_READ(dim, c.read<int64_t>(t.name));
-      if (*dim < 0 || *dim > (int64_t{1} << 40))
-        return make_error(errc::parse_error, "{}: tensor {} has dimension {}", path.string(), t.name, *dim);
-      t.dims.push_back(*dim);
-    }
-    TROUPE_READ(type, c.read<uint32_t>(t.name));
-    TROUPE_READ(offset, c.read<uint64_t>(t.name));
-    t.type = *type;
-    t.offset = *offset;
-    auto traits = ggml_traits(t.type);
-    if (!traits)
-      return make_error(errc::unsupported, "{}: tensor {} has unknown ggml type {}", path.string(),
-                        t.name, t.type);
-    if (t.row_size() % traits->block_size != 0)
-      return make_error(errc::parse_error, "{}: tensor {} ({}) row of {} is not a multiple of the block size {}",
-                        path.string(), t.name, traits->name, t.row_size(), traits->block_size);
-    t.bytes = static_cast<uint64_t>(t.numel() / traits->block_size) * traits->block_bytes;
-    if (t.offset % g.alignment_ != 0)
-      return make_error(errc::parse_error, "{}: tensor {} offset {} is not aligned to {}",
-                        path.string(), t.name, t.offset, g.alignment_);
+    auto info = read_tensor_info(c, path, g.alignment_);
+    if (!info)
+      return std::move(info).error();
+    gguf_tensor_info& t = *info;
     if (g.by_name_.count(t.name) != 0)
       return make_error(errc::parse_error, "{}: tensor {} appears twice", path.string(), t.name);
     g.by_name_[t.name] = g.tensors_.size();

@@ -87,6 +87,24 @@ expected<void> read_rope(const gguf_file& f, const std::string& a, model_config&
   return {};
 }
 
+// bos from tokenizer.ggml.bos_token_id; eos ids from eos_token_id and eot_token_id.
+expected<void> read_special_ids(const gguf_file& f, model_config& c) {
+  for (auto [key, is_bos] : {std::pair{"tokenizer.ggml.bos_token_id", true},
+                             std::pair{"tokenizer.ggml.eos_token_id", false},
+                             std::pair{"tokenizer.ggml.eot_token_id", false}}) {
+    auto id = f.get_int(key);
+    if (!id)
+      return std::move(id).error();
+    if (!*id)
+      continue;
+    if (is_bos)
+      c.bos_token_id = static_cast<int32_t>(**id);
+    else if (std::find(c.eos_token_ids.begin(), c.eos_token_ids.end(), **id) == c.eos_token_ids.end())
+      c.eos_token_ids.push_back(static_cast<int32_t>(**id));
+  }
+  return {};
+}
+
 // llama.cpp stores each head's Q/K rows interleaved for its rotary kernel: HF row
 // h*D + i*(D/2) + j (i in {0,1}) is GGUF row h*D + 2*j + i. The GGUF row of HF row r.
 int64_t rope_row(int64_t r, int64_t D) {
@@ -116,6 +134,31 @@ std::optional<std::string> gguf_tensor_name(std::string_view hf) {
     if (n.hf == rest)
       return fmt::format("blk.{}.{}", layer, n.gguf);
   return std::nullopt;
+}
+
+expected<std::optional<std::filesystem::path>> gguf_model_file(const std::filesystem::path& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (path.extension() == ".gguf" && !fs::is_directory(path, ec))
+    return std::optional<fs::path>(path);
+  if (!fs::is_directory(path, ec) || fs::exists(path / "config.json", ec))
+    return std::optional<fs::path>();
+  std::vector<fs::path> found;
+  for (const auto& e : fs::directory_iterator(path, ec))
+    if (e.path().extension() == ".gguf" && e.is_regular_file(ec))
+      found.push_back(e.path());
+  if (found.size() > 1) {
+    std::sort(found.begin(), found.end());
+    std::string names;
+    for (const auto& f : found)
+      names += (names.empty() ? "" : ", ") + f.filename().string();
+    return make_error(errc::invalid_argument,
+                      "{}: several .gguf files and no config.json ({}); name the file instead",
+                      path.string(), names);
+  }
+  if (found.empty())
+    return std::optional<fs::path>();
+  return std::optional<fs::path>(found.front());
 }
 
 expected<model_config> gguf_model_config(const gguf_file& f) {
@@ -164,19 +207,7 @@ expected<model_config> gguf_model_config(const gguf_file& f) {
   c.attention_bias = f.find_tensor("blk.0.attn_q.bias") != nullptr;
   c.o_proj_bias = f.find_tensor("blk.0.attn_output.bias") != nullptr;
 
-  for (auto [key, out] : {std::pair{"tokenizer.ggml.bos_token_id", 0},
-                          std::pair{"tokenizer.ggml.eos_token_id", 1},
-                          std::pair{"tokenizer.ggml.eot_token_id", 1}}) {
-    auto id = f.get_int(key);
-    if (!id)
-      return std::move(id).error();
-    if (!*id)
-      continue;
-    if (out == 0)
-      c.bos_token_id = static_cast<int32_t>(**id);
-    else if (std::find(c.eos_token_ids.begin(), c.eos_token_ids.end(), **id) == c.eos_token_ids.end())
-      c.eos_token_ids.push_back(static_cast<int32_t>(**id));
-  }
+  TROUPE_TRY_VOID(read_special_ids(f, c));
   return c;
 }
 

@@ -19,6 +19,12 @@ namespace troupe::engine {
 // "blk.3.attn_q.weight"), or nullopt for names without a GGUF counterpart.
 std::optional<std::string> gguf_tensor_name(std::string_view hf_name);
 
+// Which GGUF file a model path means: the path itself when it names a `.gguf` file; the one
+// `.gguf` inside a folder that has no config.json; nullopt for a Hugging Face folder (or anything
+// else, left to the safetensors loader). A folder with several .gguf files and no config.json
+// is an error listing them.
+expected<std::optional<std::filesystem::path>> gguf_model_file(const std::filesystem::path& path);
+
 // model_config from `general.architecture` and its `<arch>.*` keys. Supports "llama" (the
 // architecture of Llama 2/3, SmolLM, TinyLlama, Mistral-style GGUFs); other architectures and
 // features we cannot reproduce (rope_freqs tensors, YaRN) are errors naming the key.

@@ -8,9 +8,11 @@
 
 #include <doctest/doctest.h>
 
+#include "engine/backend/cpu/cpu_backend.hpp"
 #include "engine/model/gguf.hpp"
 #include "engine/model/gguf_weights.hpp"
 #include "golden.hpp"
+#include "safetensors_writer.hpp"
 
 using namespace troupe;
 using namespace troupe::engine;
@@ -191,4 +193,51 @@ TEST_CASE("gguf: a file without llama metadata is refused as a model") {
   auto tok = read_gguf_tokenizer(*file);
   REQUIRE_FALSE(tok.has_value());
   CHECK(tok.error().message().find("tokenizer.ggml.model is missing") != std::string::npos);
+}
+
+TEST_CASE("gguf: a model path may name the .gguf file or a folder holding one") {
+  test::temp_dir tmp;
+  const auto src = data_dir / "quants.gguf";
+  CHECK(gguf_model_file(src)->value() == src);
+  CHECK_FALSE(gguf_model_file(tmp.path())->has_value()); // empty folder: not GGUF
+  fs::copy_file(src, tmp.path() / "a.gguf");
+  CHECK(gguf_model_file(tmp.path())->value() == tmp.path() / "a.gguf");
+  // The backend takes the folder and reaches the file's own metadata.
+  auto b = cpu_backend::load(tmp.path(), {});
+  REQUIRE_FALSE(b.has_value());
+  CHECK(b.error().message().find("a.gguf: GGUF architecture 'testarch' is not supported") !=
+        std::string::npos);
+  fs::copy_file(src, tmp.path() / "b.gguf");
+  auto two = gguf_model_file(tmp.path());
+  REQUIRE_FALSE(two.has_value());
+  CHECK(two.error().message().find("several .gguf files and no config.json (a.gguf, b.gguf)") !=
+        std::string::npos);
+  test::write_text(tmp.path() / "config.json", "{}"); // a Hugging Face folder wins
+  CHECK_FALSE(gguf_model_file(tmp.path())->has_value());
+}
+
+TEST_CASE("gguf: absurd counts in the header fail as truncation, without allocating them") {
+  test::temp_dir tmp;
+  std::vector<char> b;
+  auto put = [&](auto v) {
+    const char* p = reinterpret_cast<const char*>(&v);
+    b.insert(b.end(), p, p + sizeof v);
+  };
+  put(uint32_t{0x46554747});
+  put(uint32_t{3});
+  put(uint64_t{0}); // tensors
+  put(uint64_t{1}); // metadata
+  put(uint64_t{1});
+  b.push_back('k');
+  put(uint32_t{9});          // array
+  put(uint32_t{0});          // of u8
+  put(uint64_t{1} << 40);    // claimed elements
+  auto e = open_error(write_bytes(tmp.path() / "huge.gguf", b));
+  CHECK(e.find("huge.gguf: truncated GGUF file: k at byte") != std::string::npos);
+  CHECK(e.find("huge.gguf") == e.rfind("huge.gguf")); // the file named once
+
+  b.resize(b.size() - 16); // same key, now of value type 42
+  put(uint32_t{42});
+  e = open_error(write_bytes(tmp.path() / "type.gguf", b));
+  CHECK(e.find("type.gguf: k: unknown GGUF value type 42") != std::string::npos);
 }

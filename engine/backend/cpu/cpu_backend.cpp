@@ -28,8 +28,11 @@ namespace {
 
 expected<std::unique_ptr<cpu_backend>> cpu_backend::load(const std::filesystem::path& model_dir,
                                                          kv_cache_options kv) {
-  if (model_dir.extension() == ".gguf") {
-    auto weights = gguf_weights::open(model_dir);
+  auto gguf = gguf_model_file(model_dir);
+  if (!gguf)
+    return std::move(gguf).error();
+  if (*gguf) {
+    auto weights = gguf_weights::open(**gguf);
     if (!weights)
       return std::move(weights).error();
     auto config = gguf_model_config(weights->file());
