@@ -241,3 +241,36 @@ TEST_CASE("gguf: absurd counts in the header fail as truncation, without allocat
   e = open_error(write_bytes(tmp.path() / "type.gguf", b));
   CHECK(e.find("type.gguf: k: unknown GGUF value type 42") != std::string::npos);
 }
+
+TEST_CASE("gguf: Q/K rows permuted by llama.cpp's converter come back in Hugging Face order") {
+  // llama_qk.gguf: 4 heads, 2 kv heads, hidden 32, head_dim 8; Q/K weights and biases permuted
+  // with convert_hf_to_gguf.py's LlamaModel.permute; the .bin holds the original values.
+  auto w = gguf_weights::open(data_dir / "llama_qk.gguf");
+  REQUIRE_MESSAGE(w.has_value(), (w ? "" : w.error().to_string()));
+  auto raw = read_bytes(data_dir / "llama_qk.expected.bin");
+  std::vector<float> want(raw.size() / sizeof(float));
+  std::memcpy(want.data(), raw.data(), want.size() * sizeof(float));
+  struct part {
+    const char* name;
+    std::vector<int64_t> shape;
+  };
+  const part parts[] = {{"model.layers.0.self_attn.q_proj.weight", {32, 32}},
+                        {"model.layers.0.self_attn.q_proj.bias", {32}},
+                        {"model.layers.0.self_attn.k_proj.weight", {16, 32}},
+                        {"model.layers.0.self_attn.k_proj.bias", {16}}};
+  size_t off = 0;
+  for (const auto& p : parts) {
+    INFO(p.name);
+    auto got = w->load_f32(p.name, p.shape);
+    REQUIRE(got.has_value());
+    CHECK(std::equal(got->begin(), got->end(), want.begin() + static_cast<std::ptrdiff_t>(off)));
+    // A row range of the permuted tensor (as a tensor-parallel rank asks for it).
+    const int64_t cols = p.shape.size() == 2 ? p.shape[1] : 1;
+    auto rows = w->load_f32_rows(p.name, p.shape, 5, 13);
+    REQUIRE(rows.has_value());
+    CHECK(std::equal(rows->begin(), rows->end(),
+                     want.begin() + static_cast<std::ptrdiff_t>(off + 5 * cols)));
+    off += got->size();
+  }
+  CHECK(off == want.size());
+}

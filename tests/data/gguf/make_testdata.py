@@ -6,6 +6,8 @@
   quants.expected.json   per tensor: name, type, PyTorch shape, float offset into quants.expected.bin;
                          the metadata values
   quants.expected.bin    little-endian float32: every tensor as gguf.quants.dequantize() returns it
+  llama_qk.gguf          Q/K weights and biases permuted as convert_hf_to_gguf.py does (4 heads, 2 kv
+                         heads); llama_qk.expected.bin: the original (Hugging Face order) float32 values
   smollm2_q4_1.json      (with --model FILE) for every tensor of the real SmolLM2 GGUF: float64 sum,
                          sum of squares and sampled values of gguf's dequantisation; tokenizer facts
 
@@ -86,6 +88,38 @@ def write_quants(rng):
         json.dump(expected, f, indent=1)
 
 
+def llama_permute(weights, n_head, n_head_kv):
+    """LlamaModel.permute from llama.cpp's convert_hf_to_gguf.py (applied to q_proj and k_proj)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def write_permuted(rng):
+    """llama_qk.gguf: Q/K (weights and biases) permuted as the converter does; the expected file
+    holds the Hugging Face (unpermuted) values: q.weight, q.bias, k.weight, k.bias."""
+    heads, kv_heads, hidden, head_dim = 4, 2, 32, 8
+    w = gguf.GGUFWriter(os.path.join(HERE, "llama_qk.gguf"), arch="llama")
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_embedding_length(hidden)
+    hf = {"q.weight": rng.normal(size=(heads * head_dim, hidden)).astype(np.float32),
+          "q.bias": rng.normal(size=(heads * head_dim,)).astype(np.float32),
+          "k.weight": rng.normal(size=(kv_heads * head_dim, hidden)).astype(np.float32),
+          "k.bias": rng.normal(size=(kv_heads * head_dim,)).astype(np.float32)}
+    w.add_tensor("blk.0.attn_q.weight", llama_permute(hf["q.weight"], heads, heads))
+    w.add_tensor("blk.0.attn_q.bias", llama_permute(hf["q.bias"], heads, heads))
+    w.add_tensor("blk.0.attn_k.weight", llama_permute(hf["k.weight"], heads, kv_heads))
+    w.add_tensor("blk.0.attn_k.bias", llama_permute(hf["k.bias"], heads, kv_heads))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    np.concatenate([v.reshape(-1) for v in hf.values()]).astype("<f4").tofile(
+        os.path.join(HERE, "llama_qk.expected.bin"))
+
+
 def describe_model(path):
     r = gguf.GGUFReader(path)
     out = {"file": os.path.basename(path), "tensors": []}
@@ -122,6 +156,7 @@ if __name__ == "__main__":
     ap.add_argument("--model", help="path of SmolLM2-135M-Instruct.Q4_1.gguf")
     args = ap.parse_args()
     write_quants(np.random.default_rng(8))
+    write_permuted(np.random.default_rng(9))
     if args.model:
         describe_model(args.model)
     print("gguf", gguf.__file__, file=sys.stderr)
