@@ -5,6 +5,9 @@
 #include <random>
 #include <thread>
 
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <doctest/doctest.h>
 
 #include "engine/backend/cpu/ops.hpp"
@@ -67,4 +70,25 @@ TEST_CASE("matmul_nt: threaded result is bit-identical to one output row at a ti
       bad += std::memcmp(&one[t], &y[t * out + o], sizeof(float)) != 0;
   }
   CHECK(bad == 0);
+}
+
+TEST_CASE("thread_pool: a forked child runs serially instead of waiting for the parent's threads") {
+  auto* pool = new thread_pool(3);
+  std::atomic<int64_t> total{0};
+  pool->parallel_for(1000, 10, [&](int64_t b, int64_t e) { total += e - b; });
+  REQUIRE(total.load() == 1000);
+  pid_t child = ::fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    ::alarm(20); // a hang fails the test instead of blocking it
+    total = 0;
+    pool->parallel_for(1000, 10, [&](int64_t b, int64_t e) { total += e - b; });
+    ::_exit(total.load() == 1000 ? 0 : 1);
+  }
+  int status = 0;
+  REQUIRE(::waitpid(child, &status, 0) == child);
+  INFO("status " << status << " signal " << (WIFSIGNALED(status) ? WTERMSIG(status) : 0));
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+  delete pool;
 }

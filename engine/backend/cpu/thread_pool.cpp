@@ -3,9 +3,11 @@
 #include <algorithm>
 #include <cstdlib>
 
+#include <unistd.h>
+
 namespace troupe::engine::cpu {
 
-thread_pool::thread_pool(int threads) {
+thread_pool::thread_pool(int threads) : owner_pid_(static_cast<int>(::getpid())) {
   for (int i = 1; i < threads; ++i)
     workers_.emplace_back([this] { work(); });
 }
@@ -21,12 +23,14 @@ thread_pool::~thread_pool() {
 }
 
 thread_pool& thread_pool::shared() {
-  static thread_pool pool([] {
+  // Never destroyed: idle workers end with the process, and a forked child (which has none of
+  // them, only the condition variables they wait on) must not try to join or destroy them.
+  static thread_pool* pool = new thread_pool([] {
     const char* env = std::getenv("TROUPE_CPU_THREADS");
     int n = env != nullptr ? std::atoi(env) : static_cast<int>(std::thread::hardware_concurrency());
     return std::clamp(n, 1, 256);
   }());
-  return pool;
+  return *pool;
 }
 
 void thread_pool::run_chunks() {
@@ -63,7 +67,7 @@ void thread_pool::parallel_for(int64_t n, int64_t grain,
     return;
   std::unique_lock busy(busy_, std::try_to_lock);
   grain = std::max<int64_t>(grain, 1);
-  if (workers_.empty() || !busy.owns_lock() || n <= grain) {
+  if (workers_.empty() || !busy.owns_lock() || n <= grain || ::getpid() != owner_pid_) {
     f(0, n);
     return;
   }
