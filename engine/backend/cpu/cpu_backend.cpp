@@ -5,6 +5,7 @@
 #include <numeric>
 
 #include "engine/backend/cpu/ops.hpp"
+#include "engine/model/gguf_weights.hpp"
 #include "engine/model/rope.hpp"
 
 namespace troupe::engine {
@@ -27,6 +28,18 @@ namespace {
 
 expected<std::unique_ptr<cpu_backend>> cpu_backend::load(const std::filesystem::path& model_dir,
                                                          kv_cache_options kv) {
+  auto gguf = gguf_model_file(model_dir);
+  if (!gguf)
+    return std::move(gguf).error();
+  if (*gguf) {
+    auto weights = gguf_weights::open(**gguf);
+    if (!weights)
+      return std::move(weights).error();
+    auto config = gguf_model_config(weights->file());
+    if (!config)
+      return std::move(config).error();
+    return create(std::move(*config), *weights, kv);
+  }
   auto config = load_model_config(model_dir);
   if (!config)
     return std::move(config).error();

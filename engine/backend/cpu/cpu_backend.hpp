@@ -14,7 +14,9 @@ namespace troupe::engine {
 
 class cpu_backend final : public backend {
 public:
-  // Reads config.json and the safetensors weights from a model folder.
+  // Reads config.json and the safetensors weights from a model folder, or config and weights
+  // (dequantised to float32) from a llama.cpp `.gguf` file, or a folder holding one .gguf and
+  // no config.json (see gguf_model_file).
   static expected<std::unique_ptr<cpu_backend>> load(const std::filesystem::path& model_dir,
                                                      kv_cache_options kv);
   static expected<std::unique_ptr<cpu_backend>> create(model_config config,

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "engine/backend/cpu/thread_pool.hpp"
+
 namespace troupe::engine::cpu {
 
 namespace {
@@ -25,16 +27,29 @@ inline float dot(const float* a, const float* b, int64_t n) {
 void matmul_nt(const float* x, int64_t n, int64_t in, const float* w, int64_t out, float* y,
                const float* bias) {
   // Outer loop over weight rows so each row is read once from memory per block of tokens.
+  // Output features are split across the shared thread pool; every y element is still one dot()
+  // by one thread, so the result does not depend on the thread count.
   constexpr int64_t token_block = 8;
-  for (int64_t t0 = 0; t0 < n; t0 += token_block) {
-    int64_t t1 = std::min(n, t0 + token_block);
-    for (int64_t o = 0; o < out; ++o) {
-      const float* wrow = w + o * in;
-      float b = bias != nullptr ? bias[o] : 0.0f;
-      for (int64_t t = t0; t < t1; ++t)
-        y[t * out + o] = dot(x + t * in, wrow, in) + b;
+  auto rows = [&](int64_t o0, int64_t o1) {
+    for (int64_t t0 = 0; t0 < n; t0 += token_block) {
+      int64_t t1 = std::min(n, t0 + token_block);
+      for (int64_t o = o0; o < o1; ++o) {
+        const float* wrow = w + o * in;
+        float b = bias != nullptr ? bias[o] : 0.0f;
+        for (int64_t t = t0; t < t1; ++t)
+          y[t * out + o] = dot(x + t * in, wrow, in) + b;
+      }
     }
+  };
+  // Waking workers costs tens of microseconds, more on a loaded machine: only large products
+  // (prefill, lm_head) are split, in chunks of at least ~1M multiply-adds.
+  const int64_t work = n * in * out;
+  if (work < (int64_t{1} << 22)) {
+    rows(0, out);
+    return;
   }
+  const int64_t grain = std::max<int64_t>(16, (int64_t{1} << 20) / std::max<int64_t>(1, n * in));
+  thread_pool::shared().parallel_for(out, grain, rows);
 }
 
 void rms_norm(const float* x, int64_t n, int64_t dim, const float* weight, double eps, float* out) {
