@@ -87,16 +87,14 @@ msg::cluster_view make_view(head* self) {
   return view;
 }
 
-caf::typed_response_promise<std::string> on_kv_wait(head* self, const std::string& ns,
-                                                    const std::string& key, int64_t timeout_ms) {
+void on_kv_wait(head* self, caf::typed_response_promise<std::string> rp, const std::string& ns,
+                const std::string& key, int64_t timeout_ms) {
   auto& st = self->state;
-  auto rp = self->make_response_promise<std::string>();
   auto got = st.kv.wait(ns, key, cluster::clock::now() + ms(std::max<int64_t>(0, timeout_ms)));
   if (auto* value = std::get_if<std::string>(&got))
     rp.deliver(*value);
   else
     st.waiters.emplace(std::get<cluster::kv_store::waiter_id>(got), rp);
-  return rp;
 }
 
 void on_kv_set(head* self, const std::string& ns, const std::string& key,
@@ -156,11 +154,11 @@ caf::behavior head_actor(caf::stateful_actor<head_state>* self, head_config cfg)
     [self, authorized](msg::kv_wait_atom, const std::string& token, const std::string& ns,
                        const std::string& key, int64_t timeout_ms) {
       auto rp = self->make_response_promise<std::string>();
-      if (auto ok = authorized(token); !ok) {
+      if (auto ok = authorized(token); !ok)
         rp.deliver(refuse(ok.error()));
-        return rp;
-      }
-      return on_kv_wait(self, ns, key, timeout_ms);
+      else
+        on_kv_wait(self, rp, ns, key, timeout_ms);
+      return rp;
     },
     [self, authorized](msg::stop_atom, const std::string& token) -> caf::result<bool> {
       if (auto ok = authorized(token); !ok)

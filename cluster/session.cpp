@@ -123,6 +123,8 @@ expected<std::string> stable_node_id(const fs::path& root, const std::string& ro
   if (auto id = read_text(file); id && !id->empty())
     return *id;
   std::string id = fmt::format("{:016x}", random_u64()).substr(0, 12);
+  std::error_code ec;
+  fs::create_directories(root, ec);
   TROUPE_TRY_VOID(write_text(file, id + "\n"));
   return id;
 }
