@@ -79,7 +79,7 @@ nlohmann::json to_json(const msg::cluster_view& v, const std::string& head) {
                      {"memory_bytes", n.info.resources.memory_bytes}, {"rdma_devices", rdma}});
   }
   return {{"head", head}, {"version", v.head_version}, {"nodes", nodes},
-          {"deployments", v.kv_namespaces}};
+          {"kv_namespaces", v.kv_namespaces}};
 }
 
 void print_table(const msg::cluster_view& v, const std::string& head) {
@@ -103,7 +103,7 @@ void print_table(const msg::cluster_view& v, const std::string& head) {
                n.info.address, n.state, gpus, r.num_cpus, gib(r.memory_bytes), rdma,
                n.heartbeat_age_ms, n.reason.empty() ? "" : "  (" + n.reason + ")");
   }
-  fmt::print("deployments: {}\n",
+  fmt::print("kv namespaces (one per deployment): {}\n",
              v.kv_namespaces.empty() ? "none" : fmt::format("{}", fmt::join(v.kv_namespaces, ", ")));
 }
 
@@ -208,7 +208,7 @@ void add_join_command(CLI::App& app, int& exit_code) {
 
 void add_status_command(CLI::App& app, int& exit_code) {
   auto o = std::make_shared<client_options>();
-  auto* cmd = app.add_subcommand("status", "Nodes, GPUs, memory, health and deployments");
+  auto* cmd = app.add_subcommand("status", "Nodes, GPUs, memory, RDMA, health and KV namespaces");
   cmd->add_option("--address", o->address, "Head address (default: this host's session)");
   cmd->add_option("--token", o->token, "Cluster token (default: $TROUPE_TOKEN or the session)");
   cmd->add_flag("--json", o->json, "Print JSON");
