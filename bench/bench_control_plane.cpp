@@ -2,7 +2,7 @@
 // loopback (a forked process hosts the real head_actor behind the middleman), measured from a
 // blocking scoped_actor and from an event-based actor; (2) time from `cluster join` (a real
 // process) until the head reports the node alive. Usage: bench_control_plane [--requests N]
-// [--joins K]. Prints p50/p99 per measurement.
+// [--joins K] [--policy stealing|sharing]. Prints p50/p99 per measurement.
 #include <algorithm>
 #include <chrono>
 #include <csignal>
@@ -33,6 +33,17 @@ using us = std::chrono::duration<double, std::micro>;
 namespace {
 
 const std::string token = "bench-token";
+std::string policy = "sharing"; // CAF scheduler: sharing (what the daemons use) or stealing
+
+void configure(actors::system_config& cfg) {
+  msg::add_message_types(cfg);
+  cfg.set("scheduler.policy", caf::atom_from_string(policy));
+}
+
+std::string cluster_binary() {
+  const char* env = std::getenv("TROUPE_CLUSTER_BIN");
+  return env != nullptr ? env : TROUPE_CLUSTER_BIN;
+}
 
 void report(const std::string& what, std::vector<double> v, const char* unit) {
   std::sort(v.begin(), v.end());
@@ -49,7 +60,9 @@ void report(const std::string& what, std::vector<double> v, const char* unit) {
   actors::system_config cfg;
   msg::add_message_types(cfg);
   caf::actor_system sys{cfg};
-  auto head = sys.spawn(actors::head_actor, actors::head_config{.token = token, .version = "b"});
+  // The version must be the cluster binary's: the join benchmark starts real `cluster join`.
+  auto head = sys.spawn(actors::head_actor,
+                        actors::head_config{.token = token, .version = TROUPE_VERSION});
   auto p = sys.middleman().publish(head, port, "127.0.0.1", true);
   char c = p ? '1' : '0';
   [[maybe_unused]] auto n = write(ready_fd, &c, 1);
@@ -140,17 +153,24 @@ void bench_join(caf::actor_system& sys, caf::actor head, uint16_t port, int join
   std::vector<double> ms;
   for (int i = 0; i < joins; ++i) {
     auto t0 = clk::now();
-    pid_t p = spawn_cluster({TROUPE_CLUSTER_BIN, "join", fmt::format("127.0.0.1:{}", port),
+    pid_t p = spawn_cluster({cluster_binary(), "join", fmt::format("127.0.0.1:{}", port),
                              "--token", token, "--block", "--num-gpus", "1", "--temp-dir",
                              (root / std::to_string(i)).string()});
-    while (alive_nodes(self, head) < 1 && clk::now() - t0 < std::chrono::seconds(30))
+    while (alive_nodes(self, head) < 1 && clk::now() - t0 < std::chrono::seconds(10))
       usleep(200);
+    if (alive_nodes(self, head) < 1) {
+      fmt::print(stderr, "join {}: the node did not show up alive within 10 s\n", i);
+      kill(p, SIGKILL);
+      waitpid(p, nullptr, 0);
+      break;
+    }
     ms.push_back(std::chrono::duration<double, std::milli>(clk::now() - t0).count());
     kill(p, SIGTERM); // leaves gracefully: the node turns "left"
     waitpid(p, nullptr, 0);
   }
   std::filesystem::remove_all(root);
-  report("cluster join (process start) -> alive", ms, "ms");
+  if (!ms.empty())
+    report("cluster join (process start) -> alive", ms, "ms");
 }
 
 } // namespace
@@ -162,6 +182,8 @@ int main(int argc, char** argv) {
       n = std::atoi(argv[i + 1]);
     else if (!strcmp(argv[i], "--joins"))
       joins = std::atoi(argv[i + 1]);
+    else if (!strcmp(argv[i], "--policy"))
+      policy = argv[i + 1];
   }
   // The head lives in another process: fork it before this process starts CAF's threads.
   const uint16_t port = static_cast<uint16_t>(20000 + getpid() % 20000);
@@ -180,8 +202,9 @@ int main(int argc, char** argv) {
   int rc = 0;
   {
     actors::system_config cfg;
-    msg::add_message_types(cfg);
+    configure(cfg);
     caf::actor_system sys{cfg};
+    fmt::print("CAF scheduler policy: {}\n", policy);
     auto head = connect(sys, port);
     bench_round_trip(sys, head, n);
     if (joins > 0)

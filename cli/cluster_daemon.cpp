@@ -156,8 +156,11 @@ expected<session_files> prepare_session(const std::string& temp_dir, const std::
   return f;
 }
 
+// Control-plane daemons are mostly idle: CAF's work-sharing scheduler wakes a worker on every
+// message, where work stealing polls with sleeps of up to 10 ms (bench/RESULTS.md compares them).
 caf::actor_system_config& troupe_config(actors::system_config& cfg) {
   msg::add_message_types(cfg);
+  cfg.set("scheduler.policy", caf::atom("sharing"));
   return cfg;
 }
 
