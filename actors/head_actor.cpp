@@ -114,6 +114,15 @@ void on_kv_set(head* self, const std::string& ns, const std::string& key,
 caf::behavior head_actor(caf::stateful_actor<head_state>* self, head_config cfg) {
   self->state.members.emplace(cfg.token, cfg.version, cfg.membership);
   self->set_down_handler([self](caf::down_msg& dm) { on_down(self, dm); });
+  // Anyone who can open the port could send an exit message; only this process may stop the head.
+  self->set_exit_handler([self](caf::exit_msg& em) {
+    const auto& sender = self->current_sender();
+    if (!sender || sender->node() != self->node()) {
+      log::warn("head: ignored an exit message that did not come from this process");
+      return;
+    }
+    self->quit(em.reason);
+  });
   self->send(self, msg::tick_atom::value);
   auto authorized = [self](const std::string& token) {
     return self->state.members->authorize(token);

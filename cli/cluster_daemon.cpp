@@ -37,8 +37,12 @@ public:
   void report(const std::string& line) {
     if (sent_.exchange(true))
       return;
-    if (fd_ < 0) {
-      fmt::print(stderr, "{}\n", line);
+    if (fd_ < 0) { // --block: the verdict goes to the terminal
+      const std::string text = line.substr(line.find(' ') + 1);
+      if (line.rfind("ok", 0) == 0)
+        fmt::print("{}", text), fflush(stdout);
+      else
+        fmt::print(stderr, "error: {}\n", text);
       return;
     }
     std::string text = line + "\n";
@@ -221,7 +225,8 @@ int run_head_daemon(const head_options& opts, const session_files& files, const 
   if (!port) {
     ready.report(fmt::format("error cannot listen on {}:{}: {}", opts.host.empty() ? "*" : opts.host,
                              opts.port, sys.render(port.error())));
-    caf::anon_send_exit(head, caf::exit_reason::user_shutdown);
+    caf::scoped_actor self{sys};
+    self->send_exit(head, caf::exit_reason::user_shutdown); // head_actor ignores anonymous exits
     return 1;
   }
   const bool any = opts.host.empty() || opts.host == "0.0.0.0";
@@ -241,8 +246,6 @@ int run_head_daemon(const head_options& opts, const session_files& files, const 
     getpid(), head_addr, (fs::canonical(files.session) / "logs").string(), head_addr, token);
   nc.on_joined = [&ready, join_line](const std::string&) { ready.report("ok " + join_line); };
   nc.on_shutdown = [] {}; // the head process itself decides when to exit
-  if (opts.block)
-    fmt::print("{}", join_line), fflush(stdout);
   auto node = sys.spawn(actors::node_actor, nc);
 
   int sig = wait_for_signal(signals);

@@ -6,6 +6,7 @@
 #include <thread>
 
 #include <caf/actor_system.hpp>
+#include <caf/after.hpp>
 #include <caf/scoped_actor.hpp>
 
 #include "actors/caf_glue.hpp"
@@ -28,7 +29,10 @@ struct fixture {
                                          .membership = {.dead_after = 600ms},
                                          .heartbeat = 100ms, .tick = 20ms});
   }
-  ~fixture() { caf::anon_send_exit(head, caf::exit_reason::user_shutdown); }
+  ~fixture() {
+    caf::scoped_actor self{sys};
+    self->send_exit(head, caf::exit_reason::user_shutdown);
+  }
 
   template <class T, class... Ts>
   expected<T> ask(Ts&&... xs) {
@@ -144,6 +148,20 @@ TEST_CASE("node_actor: a wrong token is refused and reported") {
   CHECK(f.get().find("wrong cluster token") != std::string::npos);
   CHECK(fx.view().nodes.empty());
   caf::anon_send_exit(node, caf::exit_reason::user_shutdown);
+}
+
+TEST_CASE("head_actor: ignores anonymous exit messages, obeys exits from its own process") {
+  fixture fx;
+  caf::anon_send_exit(fx.head, caf::exit_reason::user_shutdown); // no sender: refused
+  std::this_thread::sleep_for(100ms);
+  CHECK(fx.ask<bool>(msg::kv_set_atom::value, std::string("tok"), std::string("d"),
+                     std::string("k"), std::string("v")));
+  caf::scoped_actor self{fx.sys};
+  self->monitor(fx.head);
+  self->send_exit(fx.head, caf::exit_reason::user_shutdown);
+  bool down = false;
+  self->receive([&](caf::down_msg&) { down = true; }, caf::after(std::chrono::seconds(5)) >> [] {});
+  CHECK(down);
 }
 
 TEST_CASE("head_actor: stop tells every joined node") {
