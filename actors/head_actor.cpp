@@ -72,17 +72,17 @@ void on_tick(head* self, const head_config& cfg) {
 msg::cluster_view make_view(head* self) {
   auto& st = self->state;
   const auto now = cluster::clock::now();
-  msg::cluster_view view{.head_version = st.members->version(), .nodes = {},
-                         .kv_namespaces = st.kv.namespaces()};
+  msg::cluster_view view{
+      .head_version = st.members->version(), .nodes = {}, .kv_namespaces = st.kv.namespaces()};
   for (auto& r : st.members->nodes()) {
     view.nodes.push_back(
-      {.info = r.info,
-       .state = std::string(cluster::to_string(r.state)),
-       .incarnation = r.incarnation,
-       .heartbeat_age_ms = std::chrono::duration_cast<ms>(now - r.last_heartbeat).count(),
-       .up_ms = std::chrono::duration_cast<ms>(now - r.joined_at).count(),
-       .reason = r.reason,
-       .gpus_used = r.gpus_used});
+        {.info = r.info,
+         .state = std::string(cluster::to_string(r.state)),
+         .incarnation = r.incarnation,
+         .heartbeat_age_ms = std::chrono::duration_cast<ms>(now - r.last_heartbeat).count(),
+         .up_ms = std::chrono::duration_cast<ms>(now - r.joined_at).count(),
+         .reason = r.reason,
+         .gpus_used = r.gpus_used});
   }
   return view;
 }
@@ -128,58 +128,59 @@ caf::behavior head_actor(caf::stateful_actor<head_state>* self, head_config cfg)
     return self->state.members->authorize(token);
   };
   return {
-    [self, cfg](msg::join_atom, msg::join_request& req) { return on_join(self, cfg, req); },
-    [self](msg::heartbeat_atom, const std::string& id, uint64_t key) {
-      return self->state.members->heartbeat(id, key, cluster::clock::now())
-             == cluster::heartbeat_result::ok;
-    },
-    [self](msg::leave_atom, const std::string& id, uint64_t key) {
-      bool left = self->state.members->leave(id, key);
-      if (left)
-        log::info("head: node {} left the cluster", id);
-      return left;
-    },
-    [self, authorized](msg::status_atom,
-                       const std::string& token) -> caf::result<msg::cluster_view> {
-      if (auto ok = authorized(token); !ok)
-        return refuse(ok.error());
-      return make_view(self);
-    },
-    [self, authorized](msg::kv_set_atom, const std::string& token, const std::string& ns,
-                       const std::string& key, const std::string& value) -> caf::result<bool> {
-      if (auto ok = authorized(token); !ok)
-        return refuse(ok.error());
-      on_kv_set(self, ns, key, value);
-      return true;
-    },
-    [self, authorized](msg::kv_get_atom, const std::string& token, const std::string& ns,
-                       const std::string& key) -> caf::result<std::string> {
-      if (auto ok = authorized(token); !ok)
-        return refuse(ok.error());
-      if (auto v = self->state.kv.get(ns, key))
-        return *v;
-      return refuse(make_error(errc::not_found, "kv_get: no key '{}' in namespace '{}'", key, ns));
-    },
-    [self, authorized](msg::kv_wait_atom, const std::string& token, const std::string& ns,
-                       const std::string& key, int64_t timeout_ms) {
-      auto rp = self->make_response_promise<std::string>();
-      if (auto ok = authorized(token); !ok)
-        rp.deliver(refuse(ok.error()));
-      else
-        on_kv_wait(self, rp, ns, key, timeout_ms);
-      return rp;
-    },
-    [self, authorized](msg::stop_atom, const std::string& token) -> caf::result<bool> {
-      if (auto ok = authorized(token); !ok)
-        return refuse(ok.error());
-      self->state.stopping = true;
-      for (auto& [id, link] : self->state.links)
-        if (link.actor)
-          self->send(link.actor, msg::shutdown_atom::value);
-      log::info("head: stopping; told {} node(s)", self->state.links.size());
-      return true;
-    },
-    [self, cfg](msg::tick_atom) { on_tick(self, cfg); },
+      [self, cfg](msg::join_atom, msg::join_request& req) { return on_join(self, cfg, req); },
+      [self](msg::heartbeat_atom, const std::string& id, uint64_t key) {
+        return self->state.members->heartbeat(id, key, cluster::clock::now()) ==
+               cluster::heartbeat_result::ok;
+      },
+      [self](msg::leave_atom, const std::string& id, uint64_t key) {
+        bool left = self->state.members->leave(id, key);
+        if (left)
+          log::info("head: node {} left the cluster", id);
+        return left;
+      },
+      [self, authorized](msg::status_atom,
+                         const std::string& token) -> caf::result<msg::cluster_view> {
+        if (auto ok = authorized(token); !ok)
+          return refuse(ok.error());
+        return make_view(self);
+      },
+      [self, authorized](msg::kv_set_atom, const std::string& token, const std::string& ns,
+                         const std::string& key, const std::string& value) -> caf::result<bool> {
+        if (auto ok = authorized(token); !ok)
+          return refuse(ok.error());
+        on_kv_set(self, ns, key, value);
+        return true;
+      },
+      [self, authorized](msg::kv_get_atom, const std::string& token, const std::string& ns,
+                         const std::string& key) -> caf::result<std::string> {
+        if (auto ok = authorized(token); !ok)
+          return refuse(ok.error());
+        if (auto v = self->state.kv.get(ns, key))
+          return *v;
+        return refuse(
+            make_error(errc::not_found, "kv_get: no key '{}' in namespace '{}'", key, ns));
+      },
+      [self, authorized](msg::kv_wait_atom, const std::string& token, const std::string& ns,
+                         const std::string& key, int64_t timeout_ms) {
+        auto rp = self->make_response_promise<std::string>();
+        if (auto ok = authorized(token); !ok)
+          rp.deliver(refuse(ok.error()));
+        else
+          on_kv_wait(self, rp, ns, key, timeout_ms);
+        return rp;
+      },
+      [self, authorized](msg::stop_atom, const std::string& token) -> caf::result<bool> {
+        if (auto ok = authorized(token); !ok)
+          return refuse(ok.error());
+        self->state.stopping = true;
+        for (auto& [id, link] : self->state.links)
+          if (link.actor)
+            self->send(link.actor, msg::shutdown_atom::value);
+        log::info("head: stopping; told {} node(s)", self->state.links.size());
+        return true;
+      },
+      [self, cfg](msg::tick_atom) { on_tick(self, cfg); },
   };
 }
 

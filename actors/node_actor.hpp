@@ -28,8 +28,8 @@ struct node_config {
   std::chrono::milliseconds connect_timeout{3000};
   int max_missed_heartbeats = 3;
   std::function<void(const std::string& head_version)> on_joined; // every successful join
-  std::function<void(const troupe::error&)> on_refused; // wrong token or version: give up
-  std::function<void()> on_shutdown;                    // the head stopped the cluster
+  std::function<void(const troupe::error&)> on_refused;           // wrong token or version: give up
+  std::function<void()> on_shutdown;                              // the head stopped the cluster
 };
 
 struct node_state {

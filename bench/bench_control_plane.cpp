@@ -6,10 +6,10 @@
 #include <algorithm>
 #include <chrono>
 #include <csignal>
-#include <fcntl.h>
-#include <functional>
 #include <cstring>
+#include <fcntl.h>
 #include <filesystem>
+#include <functional>
 #include <future>
 #include <string>
 #include <sys/wait.h>
@@ -61,8 +61,8 @@ void report(const std::string& what, std::vector<double> v, const char* unit) {
   msg::add_message_types(cfg);
   caf::actor_system sys{cfg};
   // The version must be the cluster binary's: the join benchmark starts real `cluster join`.
-  auto head = sys.spawn(actors::head_actor,
-                        actors::head_config{.token = token, .version = TROUPE_VERSION});
+  auto head =
+      sys.spawn(actors::head_actor, actors::head_config{.token = token, .version = TROUPE_VERSION});
   auto p = sys.middleman().publish(head, port, "127.0.0.1", true);
   char c = p ? '1' : '0';
   [[maybe_unused]] auto n = write(ready_fd, &c, 1);
@@ -83,12 +83,12 @@ void bench_round_trip(caf::actor_system& sys, caf::actor head, int n) {
   caf::scoped_actor self{sys};
   const std::string ns = "bench", key = "nccl_id", value(128, 'x');
   self->request(head, std::chrono::seconds(5), msg::kv_set_atom::value, token, ns, key, value)
-    .receive([](bool) {}, [](caf::error&) {});
+      .receive([](bool) {}, [](caf::error&) {});
   std::vector<double> rtt;
   for (int i = 0; i < n + 1000; ++i) {
     auto t0 = clk::now();
     self->request(head, std::chrono::seconds(5), msg::kv_get_atom::value, token, ns, key)
-      .receive([](std::string&) {}, [](caf::error&) { std::abort(); });
+        .receive([](std::string&) {}, [](caf::error&) { std::abort(); });
     if (i >= 1000)
       rtt.push_back(us(clk::now() - t0).count());
   }
@@ -108,11 +108,11 @@ void bench_round_trip(caf::actor_system& sys, caf::actor head, int n) {
       auto t0 = clk::now();
       a->request(head, std::chrono::seconds(5), msg::heartbeat_atom::value, std::string("x"),
                  uint64_t{1})
-        .then([=](bool) {
-          if (i >= 1000)
-            samples->push_back(us(clk::now() - t0).count());
-          (*step)(i + 1);
-        });
+          .then([=](bool) {
+            if (i >= 1000)
+              samples->push_back(us(clk::now() - t0).count());
+            (*step)(i + 1);
+          });
     };
     (*step)(0);
   });
@@ -138,12 +138,12 @@ pid_t spawn_cluster(const std::vector<std::string>& args) {
 size_t alive_nodes(caf::scoped_actor& self, caf::actor head) {
   size_t alive = 0;
   self->request(head, std::chrono::seconds(5), msg::status_atom::value, token)
-    .receive(
-      [&](msg::cluster_view& v) {
-        for (auto& n : v.nodes)
-          alive += n.state == "alive";
-      },
-      [](caf::error&) {});
+      .receive(
+          [&](msg::cluster_view& v) {
+            for (auto& n : v.nodes)
+              alive += n.state == "alive";
+          },
+          [](caf::error&) {});
   return alive;
 }
 
@@ -153,8 +153,8 @@ void bench_join(caf::actor_system& sys, caf::actor head, uint16_t port, int join
   std::vector<double> ms;
   for (int i = 0; i < joins; ++i) {
     auto t0 = clk::now();
-    pid_t p = spawn_cluster({cluster_binary(), "join", fmt::format("127.0.0.1:{}", port),
-                             "--token", token, "--block", "--num-gpus", "1", "--temp-dir",
+    pid_t p = spawn_cluster({cluster_binary(), "join", fmt::format("127.0.0.1:{}", port), "--token",
+                             token, "--block", "--num-gpus", "1", "--temp-dir",
                              (root / std::to_string(i)).string()});
     while (alive_nodes(self, head) < 1 && clk::now() - t0 < std::chrono::seconds(10))
       usleep(200);

@@ -39,18 +39,16 @@ expected<msg::cluster_view> query_status(const std::string& host, uint16_t port,
   troupe::error failure;
   const auto timeout = std::chrono::seconds(timeout_s);
   self->request(sys.middleman().actor_handle(), timeout, caf::connect_atom::value, host, port)
-    .receive(
-      [&](const caf::node_id&, caf::strong_actor_ptr& ptr, const std::set<std::string>&) {
-        head = caf::actor_cast<caf::actor>(ptr);
-      },
-      [&](caf::error& e) { failure = actors::from_caf(e, &sys); });
+      .receive([&](const caf::node_id&, caf::strong_actor_ptr& ptr,
+                   const std::set<std::string>&) { head = caf::actor_cast<caf::actor>(ptr); },
+               [&](caf::error& e) { failure = actors::from_caf(e, &sys); });
   if (!head)
     return make_error(errc::unavailable, "cannot reach the head at {}:{}: {}", host, port,
                       failure ? failure.message() : "no actor published there");
   expected<msg::cluster_view> out = make_error(errc::internal, "no reply");
   self->request(head, timeout, msg::status_atom::value, token)
-    .receive([&](msg::cluster_view& v) { out = std::move(v); },
-             [&](caf::error& e) { out = actors::from_caf(e, &sys).context("cluster status"); });
+      .receive([&](msg::cluster_view& v) { out = std::move(v); },
+               [&](caf::error& e) { out = actors::from_caf(e, &sys).context("cluster status"); });
   return out;
 }
 
@@ -63,22 +61,33 @@ nlohmann::json to_json(const msg::cluster_view& v, const std::string& head) {
   for (const auto& n : v.nodes) {
     auto gpus = nlohmann::json::array();
     for (const auto& g : n.info.resources.gpus)
-      gpus.push_back({{"index", g.index}, {"name", g.name}, {"memory_bytes", g.memory_bytes},
+      gpus.push_back({{"index", g.index},
+                      {"name", g.name},
+                      {"memory_bytes", g.memory_bytes},
                       {"compute_capability", fmt::format("{}.{}", g.cc_major, g.cc_minor)},
                       {"cpu_standin", g.cpu_standin}});
     auto rdma = nlohmann::json::array();
     for (const auto& d : n.info.resources.rdma_devices)
-      rdma.push_back({{"name", d.name}, {"port", d.port}, {"state", d.state},
-                      {"link_layer", d.link_layer}});
-    nodes.push_back({{"node_id", n.info.node_id}, {"address", n.info.address},
-                     {"hostname", n.info.hostname}, {"head_node", n.info.head_node},
-                     {"state", n.state}, {"reason", n.reason}, {"incarnation", n.incarnation},
-                     {"last_heartbeat_ms_ago", n.heartbeat_age_ms}, {"up_ms", n.up_ms},
-                     {"gpus_used", n.gpus_used}, {"gpus", gpus},
+      rdma.push_back(
+          {{"name", d.name}, {"port", d.port}, {"state", d.state}, {"link_layer", d.link_layer}});
+    nodes.push_back({{"node_id", n.info.node_id},
+                     {"address", n.info.address},
+                     {"hostname", n.info.hostname},
+                     {"head_node", n.info.head_node},
+                     {"state", n.state},
+                     {"reason", n.reason},
+                     {"incarnation", n.incarnation},
+                     {"last_heartbeat_ms_ago", n.heartbeat_age_ms},
+                     {"up_ms", n.up_ms},
+                     {"gpus_used", n.gpus_used},
+                     {"gpus", gpus},
                      {"num_cpus", n.info.resources.num_cpus},
-                     {"memory_bytes", n.info.resources.memory_bytes}, {"rdma_devices", rdma}});
+                     {"memory_bytes", n.info.resources.memory_bytes},
+                     {"rdma_devices", rdma}});
   }
-  return {{"head", head}, {"version", v.head_version}, {"nodes", nodes},
+  return {{"head", head},
+          {"version", v.head_version},
+          {"nodes", nodes},
           {"kv_namespaces", v.kv_namespaces}};
 }
 
@@ -99,12 +108,13 @@ void print_table(const msg::cluster_view& v, const std::string& head) {
     for (const auto& d : r.rdma_devices)
       rdma += fmt::format("{}{}({})", rdma.empty() ? "" : ",", d.name, d.state);
     std::string id = n.info.node_id + (n.info.head_node ? "*" : "");
-    fmt::print("{:<14} {:<16} {:<6} {:<22} {:>5} {:>10} {:<14} {} ms ago{}\n", id,
-               n.info.address, n.state, gpus, r.num_cpus, gib(r.memory_bytes), rdma,
-               n.heartbeat_age_ms, n.reason.empty() ? "" : "  (" + n.reason + ")");
+    fmt::print("{:<14} {:<16} {:<6} {:<22} {:>5} {:>10} {:<14} {} ms ago{}\n", id, n.info.address,
+               n.state, gpus, r.num_cpus, gib(r.memory_bytes), rdma, n.heartbeat_age_ms,
+               n.reason.empty() ? "" : "  (" + n.reason + ")");
   }
   fmt::print("kv namespaces (one per deployment): {}\n",
-             v.kv_namespaces.empty() ? "none" : fmt::format("{}", fmt::join(v.kv_namespaces, ", ")));
+             v.kv_namespaces.empty() ? "none"
+                                     : fmt::format("{}", fmt::join(v.kv_namespaces, ", ")));
 }
 
 int run_status(const client_options& o) {
@@ -167,14 +177,12 @@ int run_stop(const std::string& temp_dir, int grace_s) {
   for (const char* role : {"node", "head"})
     any |= stop_daemon(latest, role, std::chrono::seconds(grace_s));
   if (!any)
-    fmt::print("no troupe daemon is running here (temp dir {})\n",
-               latest.parent_path().string());
+    fmt::print("no troupe daemon is running here (temp dir {})\n", latest.parent_path().string());
   return 0;
 }
 
 void add_temp_dir(CLI::App* cmd, std::string& dir) {
-  cmd->add_option("--temp-dir", dir,
-                  "Session root (default $TROUPE_TEMP_DIR or /tmp/troupe)");
+  cmd->add_option("--temp-dir", dir, "Session root (default $TROUPE_TEMP_DIR or /tmp/troupe)");
 }
 
 } // namespace
@@ -183,8 +191,7 @@ void add_start_command(CLI::App& app, int& exit_code) {
   auto o = std::make_shared<head_options>();
   auto* cmd = app.add_subcommand("start", "Start this host's daemon (the head with --head)");
   auto head = std::make_shared<bool>(false);
-  cmd->add_flag("--head", *head, "Start the head daemon (workers use `cluster join`)")
-    ->required();
+  cmd->add_flag("--head", *head, "Start the head daemon (workers use `cluster join`)")->required();
   cmd->add_option("--host", o->host, "Interface address to listen on (default: all)");
   cmd->add_option("--port", o->port, "Port to listen on");
   cmd->add_option("--token", o->token, "Cluster token (generated when not given)");
@@ -213,7 +220,7 @@ void add_status_command(CLI::App& app, int& exit_code) {
   cmd->add_option("--token", o->token, "Cluster token (default: $TROUPE_TOKEN or the session)");
   cmd->add_flag("--json", o->json, "Print JSON");
   cmd->add_option("--timeout", o->timeout_s, "Seconds to wait for the head")
-    ->check(CLI::Range(1, 600));
+      ->check(CLI::Range(1, 600));
   add_temp_dir(cmd, o->temp_dir);
   cmd->callback([o, &exit_code] { exit_code = run_status(*o); });
 }

@@ -32,7 +32,7 @@ using std::chrono::milliseconds;
 
 // One line from the daemon to the command that launched it: "ok ..." or "error ...".
 class ready_pipe {
-public:
+ public:
   explicit ready_pipe(int fd) : fd_(fd) {}
   void report(const std::string& line) {
     if (sent_.exchange(true))
@@ -50,7 +50,7 @@ public:
     ::close(fd_);
   }
 
-private:
+ private:
   int fd_;
   std::atomic<bool> sent_{false};
 };
@@ -86,7 +86,8 @@ int daemonize(const fs::path& log_file, int timeout_s, int& ready_fd) {
   pollfd p{fds[0], POLLIN, 0};
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
   while (line.find('\n') == std::string::npos) {
-    auto left = std::chrono::duration_cast<milliseconds>(deadline - std::chrono::steady_clock::now());
+    auto left =
+        std::chrono::duration_cast<milliseconds>(deadline - std::chrono::steady_clock::now());
     if (left.count() <= 0 || poll(&p, 1, static_cast<int>(left.count())) <= 0)
       break;
     char buf[512];
@@ -102,8 +103,8 @@ int daemonize(const fs::path& log_file, int timeout_s, int& ready_fd) {
   }
   if (line.empty()) {
     kill(pid, SIGTERM);
-    fmt::print(stderr, "error: the daemon (pid {}) did not become ready within {} s; see {}\n",
-               pid, timeout_s, log_file.string());
+    fmt::print(stderr, "error: the daemon (pid {}) did not become ready within {} s; see {}\n", pid,
+               timeout_s, log_file.string());
     return 1;
   }
   fmt::print(stderr, "error: {}", line.substr(line.find(' ') + 1));
@@ -223,8 +224,9 @@ int run_head_daemon(const head_options& opts, const session_files& files, const 
   const char* bind = opts.host.empty() ? nullptr : opts.host.c_str();
   auto port = sys.middleman().publish(head, opts.port, bind, true);
   if (!port) {
-    ready.report(fmt::format("error cannot listen on {}:{}: {}", opts.host.empty() ? "*" : opts.host,
-                             opts.port, sys.render(port.error())));
+    ready.report(fmt::format("error cannot listen on {}:{}: {}",
+                             opts.host.empty() ? "*" : opts.host, opts.port,
+                             sys.render(port.error())));
     caf::scoped_actor self{sys};
     self->send_exit(head, caf::exit_reason::user_shutdown); // head_actor ignores anonymous exits
     return 1;
@@ -238,12 +240,14 @@ int run_head_daemon(const head_options& opts, const session_files& files, const 
   log::info("head: troupe {} listening on {} (session {})", TROUPE_VERSION, head_addr,
             fs::canonical(files.session).string());
 
-  actors::node_config nc{.local_head = head, .token = token, .version = TROUPE_VERSION,
+  actors::node_config nc{.local_head = head,
+                         .token = token,
+                         .version = TROUPE_VERSION,
                          .info = local_node_info(files.root, "head", address, opts.num_gpus, true)};
   const std::string join_line = fmt::format(
-    "troupe head started (pid {}), listening on {}\n  logs: {}\nTo add a node, run on it:\n"
-    "  cluster join {} --token {}\nThen: cluster status    To stop: cluster stop\n",
-    getpid(), head_addr, (fs::canonical(files.session) / "logs").string(), head_addr, token);
+      "troupe head started (pid {}), listening on {}\n  logs: {}\nTo add a node, run on it:\n"
+      "  cluster join {} --token {}\nThen: cluster status    To stop: cluster stop\n",
+      getpid(), head_addr, (fs::canonical(files.session) / "logs").string(), head_addr, token);
   nc.on_joined = [&ready, join_line](const std::string&) { ready.report("ok " + join_line); };
   nc.on_shutdown = [] {}; // the head process itself decides when to exit
   auto node = sys.spawn(actors::node_actor, nc);
@@ -252,7 +256,7 @@ int run_head_daemon(const head_options& opts, const session_files& files, const 
   log::info("head: signal {}: telling the nodes and stopping", sig);
   caf::scoped_actor self{sys};
   self->request(head, std::chrono::seconds(3), msg::stop_atom::value, token)
-    .receive([](bool) {}, [](caf::error&) {});
+      .receive([](bool) {}, [](caf::error&) {});
   std::this_thread::sleep_for(milliseconds(200)); // let the shutdown messages leave
   self->send_exit(node, caf::exit_reason::user_shutdown);
   self->send_exit(head, caf::exit_reason::user_shutdown);
@@ -282,9 +286,12 @@ int run_node_daemon(const join_options& opts, const session_files& files,
     (void)cluster::write_text(files.session / "token", opts.token + "\n", true);
 
   std::atomic<int> exit_code{0};
-  actors::node_config nc{.head_host = head_host, .head_port = head_port, .token = opts.token,
+  actors::node_config nc{.head_host = head_host,
+                         .head_port = head_port,
+                         .token = opts.token,
                          .version = TROUPE_VERSION,
-                         .info = local_node_info(files.root, "node", address, opts.num_gpus, false)};
+                         .info =
+                             local_node_info(files.root, "node", address, opts.num_gpus, false)};
   const std::string id = nc.info.node_id;
   nc.on_joined = [&ready, id, address, head_host, head_port](const std::string&) {
     ready.report(fmt::format("ok troupe node {} ({}) joined the head at {}:{} (pid {})\n", id,
@@ -305,7 +312,7 @@ int run_node_daemon(const join_options& opts, const session_files& files,
   if (sig != SIGUSR1) {
     log::info("node: signal {}: leaving the cluster", sig);
     self->request(node, std::chrono::seconds(3), msg::leave_atom::value)
-      .receive([](bool) {}, [](caf::error&) {});
+        .receive([](bool) {}, [](caf::error&) {});
   }
   self->send_exit(node, caf::exit_reason::user_shutdown);
   std::error_code ec;

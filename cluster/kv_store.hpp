@@ -15,7 +15,7 @@
 namespace troupe::cluster {
 
 class kv_store {
-public:
+ public:
   using clock = std::chrono::steady_clock;
   using waiter_id = uint64_t;
 
@@ -33,7 +33,7 @@ public:
   std::vector<std::string> namespaces() const;
   size_t size(const std::string& ns) const;
 
-private:
+ private:
   struct waiter {
     waiter_id id;
     std::string ns, key;

@@ -4,9 +4,12 @@ namespace troupe::cluster {
 
 std::string_view to_string(node_state s) {
   switch (s) {
-  case node_state::alive: return "alive";
-  case node_state::dead: return "dead";
-  case node_state::left: return "left";
+  case node_state::alive:
+    return "alive";
+  case node_state::dead:
+    return "dead";
+  case node_state::left:
+    return "left";
   }
   return "unknown";
 }
@@ -58,8 +61,8 @@ expected<node_record> membership::join(const std::string& token, const std::stri
 heartbeat_result membership::heartbeat(const std::string& node_id, uint64_t session_key,
                                        clock::time_point now) {
   auto it = nodes_.find(node_id);
-  if (it == nodes_.end() || it->second.session_key != session_key
-      || it->second.state != node_state::alive)
+  if (it == nodes_.end() || it->second.session_key != session_key ||
+      it->second.state != node_state::alive)
     return heartbeat_result::rejoin;
   it->second.last_heartbeat = now;
   return heartbeat_result::ok;
@@ -68,8 +71,8 @@ heartbeat_result membership::heartbeat(const std::string& node_id, uint64_t sess
 bool membership::connection_lost(const std::string& node_id, uint64_t incarnation,
                                  const std::string& why) {
   auto it = nodes_.find(node_id);
-  if (it == nodes_.end() || it->second.incarnation != incarnation
-      || it->second.state != node_state::alive)
+  if (it == nodes_.end() || it->second.incarnation != incarnation ||
+      it->second.state != node_state::alive)
     return false;
   it->second.state = node_state::dead;
   it->second.reason = why;
@@ -78,8 +81,8 @@ bool membership::connection_lost(const std::string& node_id, uint64_t incarnatio
 
 bool membership::leave(const std::string& node_id, uint64_t session_key) {
   auto it = nodes_.find(node_id);
-  if (it == nodes_.end() || it->second.session_key != session_key
-      || it->second.state != node_state::alive)
+  if (it == nodes_.end() || it->second.session_key != session_key ||
+      it->second.state != node_state::alive)
     return false;
   it->second.state = node_state::left;
   it->second.reason = "stopped by cluster stop";

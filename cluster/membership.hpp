@@ -18,8 +18,8 @@ using clock = std::chrono::steady_clock;
 
 // What a node says about itself when it joins.
 struct node_info {
-  std::string node_id;  // stable across restarts of the node daemon (kept in its temp dir)
-  std::string address;  // the IP other hosts reach it on (the interface that routes to the head)
+  std::string node_id; // stable across restarts of the node daemon (kept in its temp dir)
+  std::string address; // the IP other hosts reach it on (the interface that routes to the head)
   std::string hostname;
   bool head_node = false; // the node daemon inside the head process
   host_resources resources;
@@ -48,7 +48,7 @@ struct membership_options {
 enum class heartbeat_result { ok, rejoin }; // rejoin: unknown, dead, stale incarnation or wrong key
 
 class membership {
-public:
+ public:
   membership(std::string token, std::string version, membership_options options = {});
 
   // Checks a client's token (status, kv, stop). errc::invalid_argument "authentication failed ...".
@@ -71,7 +71,7 @@ public:
   const std::string& version() const { return version_; }
   const membership_options& options() const { return options_; }
 
-private:
+ private:
   std::string token_, version_;
   membership_options options_;
   std::map<std::string, node_record> nodes_;

@@ -38,8 +38,8 @@ expected<fs::path> open_session(const fs::path& root, bool fresh) {
   const std::string name = fmt::format("session_{}_{}", stamp, getpid());
   fs::create_directories(root / name / "logs", ec);
   if (ec)
-    return make_error(errc::io_error, "cannot create session folder {}: {}",
-                      (root / name).string(), ec.message());
+    return make_error(errc::io_error, "cannot create session folder {}: {}", (root / name).string(),
+                      ec.message());
   const fs::path tmp_link = root / fmt::format(".session_latest.{}", getpid());
   fs::remove(tmp_link, ec);
   fs::create_directory_symlink(name, tmp_link, ec);
@@ -159,8 +159,8 @@ expected<std::string> route_source_address(const std::string& host) {
   int fd = socket(AF_INET, SOCK_DGRAM, 0);
   sockaddr_in local{};
   socklen_t len = sizeof local;
-  bool ok = fd >= 0 && connect(fd, res->ai_addr, res->ai_addrlen) == 0
-            && getsockname(fd, reinterpret_cast<sockaddr*>(&local), &len) == 0;
+  bool ok = fd >= 0 && connect(fd, res->ai_addr, res->ai_addrlen) == 0 &&
+            getsockname(fd, reinterpret_cast<sockaddr*>(&local), &len) == 0;
   freeaddrinfo(res);
   if (fd >= 0)
     close(fd);
@@ -177,8 +177,8 @@ std::string primary_address() {
   if (getifaddrs(&list) != 0)
     return found;
   for (ifaddrs* a = list; a != nullptr; a = a->ifa_next) {
-    if (a->ifa_addr == nullptr || a->ifa_addr->sa_family != AF_INET
-        || (a->ifa_flags & IFF_LOOPBACK) || !(a->ifa_flags & IFF_UP))
+    if (a->ifa_addr == nullptr || a->ifa_addr->sa_family != AF_INET ||
+        (a->ifa_flags & IFF_LOOPBACK) || !(a->ifa_flags & IFF_UP))
       continue;
     char buf[INET_ADDRSTRLEN];
     inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(a->ifa_addr)->sin_addr, buf, sizeof buf);

@@ -25,8 +25,8 @@ typename Inspector::result_type inspect(Inspector& f, rdma_device_info& x) {
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, host_resources& x) {
-  return f(caf::meta::type_name("host_resources"), x.hostname, x.num_cpus, x.memory_bytes,
-           x.gpus, x.rdma_devices, x.gpu_discovery_note);
+  return f(caf::meta::type_name("host_resources"), x.hostname, x.num_cpus, x.memory_bytes, x.gpus,
+           x.rdma_devices, x.gpu_discovery_note);
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, node_info& x) {
@@ -86,8 +86,8 @@ struct node_view {
 };
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, node_view& x) {
-  return f(caf::meta::type_name("node_view"), x.info, x.state, x.incarnation,
-           x.heartbeat_age_ms, x.up_ms, x.reason, x.gpus_used);
+  return f(caf::meta::type_name("node_view"), x.info, x.state, x.incarnation, x.heartbeat_age_ms,
+           x.up_ms, x.reason, x.gpus_used);
 }
 
 // (status_atom, token) -> cluster_view

@@ -24,10 +24,11 @@ struct fixture {
   caf::actor_system sys;
   caf::actor head;
   fixture() : sys((msg::add_message_types(cfg), cfg)) {
-    head = sys.spawn(actors::head_actor,
-                     actors::head_config{.token = "tok", .version = "1.0",
-                                         .membership = {.dead_after = 600ms},
-                                         .heartbeat = 100ms, .tick = 20ms});
+    head = sys.spawn(actors::head_actor, actors::head_config{.token = "tok",
+                                                             .version = "1.0",
+                                                             .membership = {.dead_after = 600ms},
+                                                             .heartbeat = 100ms,
+                                                             .tick = 20ms});
   }
   ~fixture() {
     caf::scoped_actor self{sys};
@@ -39,8 +40,8 @@ struct fixture {
     caf::scoped_actor self{sys};
     expected<T> out = make_error(errc::internal, "no reply");
     self->request(head, 5s, std::forward<Ts>(xs)...)
-      .receive([&](T& v) { out = std::move(v); },
-               [&](caf::error& e) { out = actors::from_caf(e, &sys); });
+        .receive([&](T& v) { out = std::move(v); },
+                 [&](caf::error& e) { out = actors::from_caf(e, &sys); });
     return out;
   }
 
@@ -94,8 +95,8 @@ TEST_CASE("head_actor: kv set, get and wait, namespaced") {
   CHECK(*woke == "id42");
 
   auto t0 = std::chrono::steady_clock::now();
-  auto timed_out = fx.ask<str>(msg::kv_wait_atom::value, str("tok"), str("dep"), str("never"),
-                               int64_t{150});
+  auto timed_out =
+      fx.ask<str>(msg::kv_wait_atom::value, str("tok"), str("dep"), str("never"), int64_t{150});
   REQUIRE_FALSE(timed_out);
   CHECK(timed_out.error().code() == errc::timeout);
   CHECK(std::chrono::steady_clock::now() - t0 >= 150ms);

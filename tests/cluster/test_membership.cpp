@@ -173,8 +173,8 @@ TEST_CASE("session: addresses parse and route") {
 }
 
 TEST_CASE("session: node ids are stable across restarts") {
-  auto dir = std::filesystem::temp_directory_path()
-             / ("troupe_session_test_" + std::to_string(random_u64()));
+  auto dir = std::filesystem::temp_directory_path() /
+             ("troupe_session_test_" + std::to_string(random_u64()));
   auto a = stable_node_id(dir, "node");
   auto b = stable_node_id(dir, "node");
   auto c = stable_node_id(dir, "head");

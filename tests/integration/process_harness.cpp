@@ -99,8 +99,8 @@ cluster_fixture::cluster_fixture() : binary_(TROUPE_CLUSTER_BIN), port_(free_por
   prctl(PR_SET_CHILD_SUBREAPER, 1);
   std::random_device rd;
   token_ = "test-token-" + std::to_string(rd());
-  root_ = fs::temp_directory_path() / ("troupe_it_" + std::to_string(getpid()) + "_"
-                                       + std::to_string(rd()));
+  root_ = fs::temp_directory_path() /
+          ("troupe_it_" + std::to_string(getpid()) + "_" + std::to_string(rd()));
   fs::create_directories(root_);
 }
 
@@ -136,8 +136,8 @@ pid_t cluster_fixture::cluster_bg(const std::string& name, std::vector<std::stri
 }
 
 pid_t cluster_fixture::start_head_blocking(const std::string& name) {
-  return cluster_bg(name, {"start", "--head", "--block", "--port", std::to_string(port_),
-                           "--token", token_, "--temp-dir", dir(name).string()});
+  return cluster_bg(name, {"start", "--head", "--block", "--port", std::to_string(port_), "--token",
+                           token_, "--temp-dir", dir(name).string()});
 }
 
 pid_t cluster_fixture::join_blocking(const std::string& name, const std::string& address,
@@ -149,9 +149,8 @@ pid_t cluster_fixture::join_blocking(const std::string& name, const std::string&
 }
 
 std::map<std::string, nlohmann::json> cluster_fixture::nodes() {
-  auto r = cluster({"status", "--json", "--address", head_address(), "--token", token_,
-                    "--timeout", "2"},
-                   10s);
+  auto r = cluster(
+      {"status", "--json", "--address", head_address(), "--token", token_, "--timeout", "2"}, 10s);
   std::map<std::string, nlohmann::json> out;
   if (r.exit_code != 0)
     return out;

@@ -39,8 +39,8 @@ std::optional<std::chrono::milliseconds> eventually(F pred, std::chrono::millise
   auto t0 = std::chrono::steady_clock::now();
   for (;;) {
     if (pred())
-      return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now()
-                                                                   - t0);
+      return std::chrono::duration_cast<std::chrono::milliseconds>(
+          std::chrono::steady_clock::now() - t0);
     if (std::chrono::steady_clock::now() - t0 > limit)
       return std::nullopt;
     usleep(50'000);
@@ -50,7 +50,7 @@ std::optional<std::chrono::milliseconds> eventually(F pred, std::chrono::millise
 // One test's cluster: a temp folder with one temp dir per daemon, a port and a token. The
 // destructor stops every daemon (`cluster stop`), kills whatever is left and removes the folder.
 class cluster_fixture {
-public:
+ public:
   cluster_fixture();
   ~cluster_fixture();
 
@@ -77,7 +77,7 @@ public:
 
   void track(pid_t pid) { pids_.push_back(pid); }
 
-private:
+ private:
   std::string binary_;
   fs::path root_;
   uint16_t port_;

@@ -55,12 +55,12 @@ TEST_CASE("cluster: head and two workers join, status shows them, stop leaves no
   CHECK(table.output.find(w2) != std::string::npos);
 
   // A second head on the same port is refused; so is a second head in the same temp dir.
-  auto second = fx.cluster({"start", "--head", "--port", std::to_string(fx.port()), "--token",
-                            "x", "--temp-dir", fx.dir("other").string()});
+  auto second = fx.cluster({"start", "--head", "--port", std::to_string(fx.port()), "--token", "x",
+                            "--temp-dir", fx.dir("other").string()});
   CHECK(second.exit_code != 0);
   CHECK(second.output.find("cannot listen") != std::string::npos);
-  auto again = fx.cluster({"start", "--head", "--port", "1", "--temp-dir",
-                           fx.dir("head").string()});
+  auto again =
+      fx.cluster({"start", "--head", "--port", "1", "--temp-dir", fx.dir("head").string()});
   CHECK(again.exit_code != 0);
   CHECK(again.output.find("already running") != std::string::npos);
 
@@ -106,8 +106,8 @@ TEST_CASE("cluster: a wrong token is refused, with the reason logged on both sid
   cluster_fixture fx;
   fx.start_head_blocking();
   REQUIRE(eventually([&] { return fx.nodes().size() == 1; }, 20s));
-  auto j = fx.cluster({"join", fx.head_address(), "--token", "wrong", "--temp-dir",
-                       fx.dir("w1").string()});
+  auto j = fx.cluster(
+      {"join", fx.head_address(), "--token", "wrong", "--temp-dir", fx.dir("w1").string()});
   CHECK(j.exit_code == 3);
   CHECK(j.output.find("wrong cluster token") != std::string::npos);
   auto head_log = read_file(fx.dir("head") / "foreground.log");
@@ -130,8 +130,7 @@ TEST_CASE("cluster: after a head restart the workers reconnect on their own") {
   pid_t head = fx.start_head_blocking();
   fx.join_blocking("w1");
   fx.join_blocking("w2");
-  REQUIRE(eventually([&] { return !fx.node_id("w1").empty() && !fx.node_id("w2").empty(); },
-                     20s));
+  REQUIRE(eventually([&] { return !fx.node_id("w1").empty() && !fx.node_id("w2").empty(); }, 20s));
   const std::string w1 = fx.node_id("w1"), w2 = fx.node_id("w2"), h = fx.node_id("head", "head");
   REQUIRE(eventually([&] { return all_alive(fx, {h, w1, w2}, 3); }, 20s));
   kill(head, SIGKILL);
@@ -163,13 +162,13 @@ struct netns_pair {
         return;
       }
       for (auto args : std::vector<std::vector<std::string>>{
-             {"link", "add", host_if(i), "type", "veth", "peer", "name", ns_if(i)},
-             {"link", "set", ns_if(i), "netns", ns(i)},
-             {"addr", "add", host_ip(i) + "/24", "dev", host_if(i)},
-             {"link", "set", host_if(i), "up"},
-             {"-n", ns(i), "addr", "add", ns_ip(i) + "/24", "dev", ns_if(i)},
-             {"-n", ns(i), "link", "set", ns_if(i), "up"},
-             {"-n", ns(i), "link", "set", "lo", "up"}}) {
+               {"link", "add", host_if(i), "type", "veth", "peer", "name", ns_if(i)},
+               {"link", "set", ns_if(i), "netns", ns(i)},
+               {"addr", "add", host_ip(i) + "/24", "dev", host_if(i)},
+               {"link", "set", host_if(i), "up"},
+               {"-n", ns(i), "addr", "add", ns_ip(i) + "/24", "dev", ns_if(i)},
+               {"-n", ns(i), "link", "set", ns_if(i), "up"},
+               {"-n", ns(i), "link", "set", "lo", "up"}}) {
         if (auto r2 = ip(args); r2.exit_code != 0) {
           why = "ip " + args[0] + " failed: " + r2.output;
           return;
@@ -206,11 +205,9 @@ TEST_CASE("cluster: workers in network namespaces go dead on link down and alive
   cluster_fixture fx;
   fx.start_head_blocking(); // listens on every interface, the veth ends included
   for (int i = 0; i < 2; ++i)
-    fx.join_blocking(fmt::format("w{}", i),
-                     fmt::format("{}:{}", net.host_ip(i), fx.port()),
+    fx.join_blocking(fmt::format("w{}", i), fmt::format("{}:{}", net.host_ip(i), fx.port()),
                      {"ip", "netns", "exec", net.ns(i)});
-  REQUIRE(eventually([&] { return !fx.node_id("w0").empty() && !fx.node_id("w1").empty(); },
-                     20s));
+  REQUIRE(eventually([&] { return !fx.node_id("w0").empty() && !fx.node_id("w1").empty(); }, 20s));
   const std::string w0 = fx.node_id("w0"), w1 = fx.node_id("w1");
   REQUIRE(eventually([&] { return all_alive(fx, {w0, w1}, 3); }, 20s));
   auto nodes = fx.nodes();
