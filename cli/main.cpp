@@ -2,6 +2,7 @@
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
+#include "cli/cluster_commands.hpp"
 #include "cli/generate_command.hpp"
 
 #ifndef TROUPE_VERSION
@@ -14,6 +15,10 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", TROUPE_VERSION);
   int exit_code = 0;
   troupe::cli::add_generate_command(app, exit_code);
+  troupe::cli::add_start_command(app, exit_code);
+  troupe::cli::add_join_command(app, exit_code);
+  troupe::cli::add_status_command(app, exit_code);
+  troupe::cli::add_stop_command(app, exit_code);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,0 +1,237 @@
+#include "cli/cluster_commands.hpp"
+
+#include <csignal>
+#include <memory>
+#include <thread>
+
+#include <caf/actor_system.hpp>
+#include <caf/io/middleman.hpp>
+#include <caf/io/middleman_actor.hpp>
+#include <caf/scoped_actor.hpp>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "actors/caf_glue.hpp"
+#include "cli/cluster_daemon.hpp"
+#include "cluster/session.hpp"
+#include "runtime/messages.hpp"
+
+namespace troupe::cli {
+
+namespace {
+
+namespace fs = std::filesystem;
+
+struct client_options {
+  std::string address, token, temp_dir;
+  bool json = false;
+  int timeout_s = 5;
+};
+
+// Connects to the head and asks for the cluster view. Blocks up to 2 x timeout.
+expected<msg::cluster_view> query_status(const std::string& host, uint16_t port,
+                                         const std::string& token, int timeout_s) {
+  actors::system_config cfg;
+  msg::add_message_types(cfg);
+  caf::actor_system sys{cfg};
+  caf::scoped_actor self{sys};
+  caf::actor head;
+  troupe::error failure;
+  const auto timeout = std::chrono::seconds(timeout_s);
+  self->request(sys.middleman().actor_handle(), timeout, caf::connect_atom::value, host, port)
+      .receive([&](const caf::node_id&, caf::strong_actor_ptr& ptr,
+                   const std::set<std::string>&) { head = caf::actor_cast<caf::actor>(ptr); },
+               [&](caf::error& e) { failure = actors::from_caf(e, &sys); });
+  if (!head)
+    return make_error(errc::unavailable, "cannot reach the head at {}:{}: {}", host, port,
+                      failure ? failure.message() : "no actor published there");
+  expected<msg::cluster_view> out = make_error(errc::internal, "no reply");
+  self->request(head, timeout, msg::status_atom::value, token)
+      .receive([&](msg::cluster_view& v) { out = std::move(v); },
+               [&](caf::error& e) { out = actors::from_caf(e, &sys).context("cluster status"); });
+  return out;
+}
+
+std::string gib(uint64_t bytes) {
+  return fmt::format("{:.1f} GiB", static_cast<double>(bytes) / (1ull << 30));
+}
+
+nlohmann::json to_json(const msg::cluster_view& v, const std::string& head) {
+  auto nodes = nlohmann::json::array();
+  for (const auto& n : v.nodes) {
+    auto gpus = nlohmann::json::array();
+    for (const auto& g : n.info.resources.gpus)
+      gpus.push_back({{"index", g.index},
+                      {"name", g.name},
+                      {"memory_bytes", g.memory_bytes},
+                      {"compute_capability", fmt::format("{}.{}", g.cc_major, g.cc_minor)},
+                      {"cpu_standin", g.cpu_standin}});
+    auto rdma = nlohmann::json::array();
+    for (const auto& d : n.info.resources.rdma_devices)
+      rdma.push_back(
+          {{"name", d.name}, {"port", d.port}, {"state", d.state}, {"link_layer", d.link_layer}});
+    nodes.push_back({{"node_id", n.info.node_id},
+                     {"address", n.info.address},
+                     {"hostname", n.info.hostname},
+                     {"head_node", n.info.head_node},
+                     {"state", n.state},
+                     {"reason", n.reason},
+                     {"incarnation", n.incarnation},
+                     {"last_heartbeat_ms_ago", n.heartbeat_age_ms},
+                     {"up_ms", n.up_ms},
+                     {"gpus_used", n.gpus_used},
+                     {"gpus", gpus},
+                     {"num_cpus", n.info.resources.num_cpus},
+                     {"memory_bytes", n.info.resources.memory_bytes},
+                     {"rdma_devices", rdma}});
+  }
+  return {{"head", head},
+          {"version", v.head_version},
+          {"nodes", nodes},
+          {"kv_namespaces", v.kv_namespaces}};
+}
+
+void print_table(const msg::cluster_view& v, const std::string& head) {
+  size_t alive = 0;
+  for (const auto& n : v.nodes)
+    alive += n.state == "alive";
+  fmt::print("head {} (troupe {}): {} node(s), {} alive\n", head, v.head_version, v.nodes.size(),
+             alive);
+  fmt::print("{:<14} {:<16} {:<6} {:<22} {:>5} {:>10} {:<14} {}\n", "NODE", "ADDRESS", "STATE",
+             "GPUS used/total", "CPUS", "MEMORY", "RDMA", "LAST HEARTBEAT");
+  for (const auto& n : v.nodes) {
+    const auto& r = n.info.resources;
+    std::string gpus = fmt::format("{}/{}", n.gpus_used, r.gpus.size());
+    if (!r.gpus.empty())
+      gpus += " " + r.gpus.front().name;
+    std::string rdma = r.rdma_devices.empty() ? "-" : "";
+    for (const auto& d : r.rdma_devices)
+      rdma += fmt::format("{}{}({})", rdma.empty() ? "" : ",", d.name, d.state);
+    std::string id = n.info.node_id + (n.info.head_node ? "*" : "");
+    fmt::print("{:<14} {:<16} {:<6} {:<22} {:>5} {:>10} {:<14} {} ms ago{}\n", id, n.info.address,
+               n.state, gpus, r.num_cpus, gib(r.memory_bytes), rdma, n.heartbeat_age_ms,
+               n.reason.empty() ? "" : "  (" + n.reason + ")");
+  }
+  fmt::print("kv namespaces (one per deployment): {}\n",
+             v.kv_namespaces.empty() ? "none"
+                                     : fmt::format("{}", fmt::join(v.kv_namespaces, ", ")));
+}
+
+int run_status(const client_options& o) {
+  const fs::path latest = cluster::temp_root(o.temp_dir) / "session_latest";
+  std::string address = o.address;
+  if (address.empty())
+    address = cluster::read_text(latest / "head_address").value_or("");
+  if (address.empty()) {
+    fmt::print(stderr, "error: no head address: pass --address HOST:PORT (no session in {})\n",
+               latest.parent_path().string());
+    return 1;
+  }
+  std::string token = o.token;
+  if (token.empty())
+    if (const char* env = std::getenv("TROUPE_TOKEN"))
+      token = env;
+  if (token.empty())
+    token = cluster::read_text(latest / "token").value_or("");
+  auto addr = cluster::parse_address(address, 6380);
+  if (!addr) {
+    fmt::print(stderr, "error: {}\n", addr.error().message());
+    return 2;
+  }
+  auto view = query_status(addr->first, addr->second, token, o.timeout_s);
+  if (!view) {
+    fmt::print(stderr, "error: {}\n", view.error().message());
+    return view.error().code() == errc::invalid_argument ? 3 : 1;
+  }
+  if (o.json)
+    fmt::print("{}\n", to_json(*view, address).dump(2));
+  else
+    print_table(*view, address);
+  return 0;
+}
+
+// Stops one daemon of this host: SIGTERM, then SIGKILL after `grace`.
+bool stop_daemon(const fs::path& session, const std::string& role, std::chrono::seconds grace) {
+  auto pid = cluster::live_pid(session, role);
+  if (!pid)
+    return false;
+  kill(*pid, SIGTERM);
+  auto deadline = std::chrono::steady_clock::now() + grace;
+  while (cluster::process_alive(*pid) && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  if (cluster::process_alive(*pid)) {
+    fmt::print(stderr, "warning: {} daemon (pid {}) ignored SIGTERM for {} s; killing it\n", role,
+               *pid, grace.count());
+    kill(*pid, SIGKILL);
+  } else {
+    fmt::print("stopped the {} daemon (pid {})\n", role, *pid);
+  }
+  std::error_code ec;
+  fs::remove(session / (role + ".pid"), ec);
+  return true;
+}
+
+int run_stop(const std::string& temp_dir, int grace_s) {
+  const fs::path latest = cluster::temp_root(temp_dir) / "session_latest";
+  bool any = false;
+  for (const char* role : {"node", "head"})
+    any |= stop_daemon(latest, role, std::chrono::seconds(grace_s));
+  if (!any)
+    fmt::print("no troupe daemon is running here (temp dir {})\n", latest.parent_path().string());
+  return 0;
+}
+
+void add_temp_dir(CLI::App* cmd, std::string& dir) {
+  cmd->add_option("--temp-dir", dir, "Session root (default $TROUPE_TEMP_DIR or /tmp/troupe)");
+}
+
+} // namespace
+
+void add_start_command(CLI::App& app, int& exit_code) {
+  auto o = std::make_shared<head_options>();
+  auto* cmd = app.add_subcommand("start", "Start this host's daemon (the head with --head)");
+  auto head = std::make_shared<bool>(false);
+  cmd->add_flag("--head", *head, "Start the head daemon (workers use `cluster join`)")->required();
+  cmd->add_option("--host", o->host, "Interface address to listen on (default: all)");
+  cmd->add_option("--port", o->port, "Port to listen on");
+  cmd->add_option("--token", o->token, "Cluster token (generated when not given)");
+  cmd->add_option("--num-gpus", o->num_gpus, "CPU stand-in GPUs for the head's own node");
+  cmd->add_flag("--block", o->block, "Stay in the foreground");
+  add_temp_dir(cmd, o->temp_dir);
+  cmd->callback([o, head, &exit_code] { exit_code = start_head(*o); });
+}
+
+void add_join_command(CLI::App& app, int& exit_code) {
+  auto o = std::make_shared<join_options>();
+  auto* cmd = app.add_subcommand("join", "Start this host's node daemon and join a head");
+  cmd->add_option("address", o->address, "Head address HOST[:PORT]")->required();
+  cmd->add_option("--token", o->token, "Cluster token printed by `cluster start --head`");
+  cmd->add_option("--node-ip", o->node_ip, "Address to advertise (default: routes to the head)");
+  cmd->add_option("--num-gpus", o->num_gpus, "CPU stand-in GPUs (CPU-only hosts and tests)");
+  cmd->add_flag("--block", o->block, "Stay in the foreground");
+  add_temp_dir(cmd, o->temp_dir);
+  cmd->callback([o, &exit_code] { exit_code = join_cluster(*o); });
+}
+
+void add_status_command(CLI::App& app, int& exit_code) {
+  auto o = std::make_shared<client_options>();
+  auto* cmd = app.add_subcommand("status", "Nodes, GPUs, memory, RDMA, health and KV namespaces");
+  cmd->add_option("--address", o->address, "Head address (default: this host's session)");
+  cmd->add_option("--token", o->token, "Cluster token (default: $TROUPE_TOKEN or the session)");
+  cmd->add_flag("--json", o->json, "Print JSON");
+  cmd->add_option("--timeout", o->timeout_s, "Seconds to wait for the head")
+      ->check(CLI::Range(1, 600));
+  add_temp_dir(cmd, o->temp_dir);
+  cmd->callback([o, &exit_code] { exit_code = run_status(*o); });
+}
+
+void add_stop_command(CLI::App& app, int& exit_code) {
+  auto dir = std::make_shared<std::string>();
+  auto grace = std::make_shared<int>(10);
+  auto* cmd = app.add_subcommand("stop", "Stop this host's daemons (the head tells its nodes)");
+  cmd->add_option("--grace", *grace, "Seconds before SIGKILL")->check(CLI::Range(0, 600));
+  add_temp_dir(cmd, *dir);
+  cmd->callback([dir, grace, &exit_code] { exit_code = run_stop(*dir, *grace); });
+}
+
+} // namespace troupe::cli
