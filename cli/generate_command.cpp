@@ -68,7 +68,7 @@ int run(const generate_args& args) {
   }
   std::optional<engine::model_tokenizer> text;
   if (args.prompt_ids.empty()) {
-    auto loaded = engine::model_tokenizer::load(args.model);
+    auto loaded = engine::model_tokenizer::load_for_model(args.model);
     if (!loaded) {
       fmt::print(stderr, "error: {}\n", loaded.error().to_string());
       return 1;
@@ -117,10 +117,10 @@ int run(const generate_args& args) {
 void add_generate_command(CLI::App& app, int& exit_code) {
   auto args = std::make_shared<generate_args>();
   auto* cmd = app.add_subcommand("generate", "Greedy offline generation on the CPU backend");
-  cmd->add_option("--model", args->model, "Hugging Face model folder (config.json + safetensors)")
+  cmd->add_option("--model", args->model, "Hugging Face model folder (config.json + safetensors) or a .gguf file")
     ->required();
   cmd->add_option("--prompt-ids", args->prompt_ids, "Prompt token ids, comma separated");
-  cmd->add_option("--prompt", args->prompt, "Prompt text, tokenized with tokenizer.json");
+  cmd->add_option("--prompt", args->prompt, "Prompt text, tokenized with the model's tokenizer");
   cmd->add_option("--chat", args->chat, "A user message, rendered with the model's chat template");
   cmd->add_option("--max-tokens", args->max_tokens, "Tokens to generate")
     ->check(CLI::Range(1, 1 << 20));

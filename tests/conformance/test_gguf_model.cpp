@@ -12,6 +12,7 @@
 #include "engine/generate.hpp"
 #include "engine/model/gguf.hpp"
 #include "engine/model/gguf_weights.hpp"
+#include "engine/tokenizer/chat_template.hpp"
 #include "golden.hpp"
 
 using namespace troupe;
@@ -185,4 +186,32 @@ TEST_CASE("smollm2 gguf: greedy completions match Hugging Face transformers") {
     for (size_t k = 0; k < ids.size(); ++k)
       CHECK(std::abs((*got)[i].last_prompt_logits[static_cast<size_t>(ids[k])] - values[k]) < 2e-3);
   }
+}
+
+// Expected ids from transformers 5.23 (AutoTokenizer.from_pretrained(folder, gguf_file=...),
+// apply_chat_template / encode(add_special_tokens=False)) on the same file.
+TEST_CASE("smollm2 gguf: tokenizer and chat template from metadata match transformers") {
+  auto path = smollm2_path();
+  if (!path)
+    return;
+  auto m = model_tokenizer::load_for_model(*path);
+  REQUIRE_MESSAGE(m.has_value(), (m ? "" : m.error().to_string()));
+  REQUIRE(m->chat.has_value());
+  nlohmann::ordered_json messages = nlohmann::ordered_json::array();
+  messages.push_back({{"role", "user"}, {"content", "What is the capital of France?"}});
+  auto chat = m->encode_chat(messages, chat_options{});
+  REQUIRE(chat.has_value());
+  CHECK(*chat == std::vector<token_id>{1,    9690, 198,  2683, 359,   253,  5356, 5646, 11173, 3365,
+                                       3511, 308,  34519, 28, 7018,  411,  407,  19712, 8182, 2,
+                                       198,  1,    4093, 198,  1780, 314,  260,  3575, 282,   4649,
+                                       47,   2,    198,  1,    520,  9531, 198});
+  // Digits split one by one, and a byte with no token (0x04) dropped, as transformers does.
+  auto text = m->text->encode("Hello world! 12345 ÄÖÜ 你好 \x04 tabs\t\tand  spaces");
+  REQUIRE(text.has_value());
+  CHECK(*text == std::vector<token_id>{19556, 905, 17,  216,   33,  34,    35,  36,  37,
+                                       5549,  222, 142, 240,   142, 246,   216, 18645, 250,
+                                       48392, 138, 216, 29416, 197, 197,   397, 216, 5600});
+  CHECK(m->text->decode(std::vector<token_id>{504, 3575, 282, 4649, 314, 7042, 30, 2}, true)
+        == "The capital of France is Paris.");
+  CHECK(m->eos_ids == std::vector<token_id>{2});
 }
