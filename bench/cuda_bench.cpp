@@ -106,6 +106,24 @@ double gemm_tflops(int n) {
   return 2.0 * n * n * n / (ms * 1e-3) / 1e12;
 }
 
+// Median host-clock ms of `reps` greedy steps of `plan` after `warmup` untimed ones; -1 on error.
+double median_step_ms(cuda_backend& b, const step_plan& plan, int warmup, int reps) {
+  std::vector<token_id> out;
+  for (int i = 0; i < warmup; ++i)
+    if (auto r = b.forward_greedy(plan, out); !r) {
+      fmt::print("step error: {}\n", r.error().to_string());
+      return -1;
+    }
+  std::vector<double> t;
+  for (int i = 0; i < reps; ++i) {
+    double t0 = now_ms();
+    (void)b.forward_greedy(plan, out);
+    t.push_back(now_ms() - t0);
+  }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
 // One decode step for `batch` sequences at context `ctx`: median ms over timed steps.
 double decode_ms(cuda_backend& b, int batch, int ctx, int reps) {
   const int bs = b.kv_options().block_size;
@@ -120,20 +138,7 @@ double decode_ms(cuda_backend& b, int batch, int ctx, int reps) {
       q.block_table.push_back(s * blocks + k);
     plan.seqs.push_back(std::move(q));
   }
-  std::vector<token_id> out;
-  for (int i = 0; i < 3; ++i)
-    if (auto r = b.forward_greedy(plan, out); !r) {
-      fmt::print("decode error: {}\n", r.error().to_string());
-      return -1;
-    }
-  std::vector<double> t;
-  for (int i = 0; i < reps; ++i) {
-    double t0 = now_ms();
-    (void)b.forward_greedy(plan, out);
-    t.push_back(now_ms() - t0);
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
+  return median_step_ms(b, plan, 3, reps);
 }
 
 // Prefill of one prompt of `len` tokens: median ms.
@@ -147,19 +152,7 @@ double prefill_ms(cuda_backend& b, int len, int reps) {
   for (int k = 0; k < (len + bs - 1) / bs; ++k)
     q.block_table.push_back(k);
   plan.seqs.push_back(q);
-  std::vector<token_id> out;
-  if (auto r = b.forward_greedy(plan, out); !r) {
-    fmt::print("prefill error: {}\n", r.error().to_string());
-    return -1;
-  }
-  std::vector<double> t;
-  for (int i = 0; i < reps; ++i) {
-    double t0 = now_ms();
-    (void)b.forward_greedy(plan, out);
-    t.push_back(now_ms() - t0);
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
+  return median_step_ms(b, plan, 1, reps);
 }
 
 void bench_shape(const std::string& shape, double bw, double peak_tflops) {

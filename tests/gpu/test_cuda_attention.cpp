@@ -11,6 +11,7 @@
 #include "engine/backend/cuda/cuda_backend.hpp"
 #include "engine/backend/cuda/kernels.cuh"
 #include "engine/model/dtype.hpp"
+#include "gpu_test_util.hpp"
 
 using namespace troupe;
 using namespace troupe::engine;
@@ -18,18 +19,6 @@ using namespace troupe::engine::cuda;
 
 namespace {
 
-std::vector<uint16_t> bits(const std::vector<float>& v) {
-  std::vector<uint16_t> b(v.size());
-  for (size_t i = 0; i < v.size(); ++i)
-    b[i] = static_cast<uint16_t>(std::bit_cast<uint32_t>(round_to_bf16(v[i])) >> 16);
-  return b;
-}
-std::vector<float> floats(const std::vector<uint16_t>& b) {
-  std::vector<float> v(b.size());
-  for (size_t i = 0; i < b.size(); ++i)
-    v[i] = bf16_to_f32(b[i]);
-  return v;
-}
 template <class T>
 T* upload(const std::vector<T>& v) {
   T* p = nullptr;
@@ -42,16 +31,6 @@ std::vector<T> download(const T* p, size_t n) {
   std::vector<T> v(n);
   REQUIRE(cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost) == cudaSuccess);
   return v;
-}
-double rel_l2(const std::vector<float>& got, const std::vector<float>& want) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    if (!std::isfinite(got[i]))
-      return INFINITY;
-    num += (got[i] - want[i]) * static_cast<double>(got[i] - want[i]);
-    den += want[i] * static_cast<double>(want[i]);
-  }
-  return std::sqrt(num / std::max(den, 1e-30));
 }
 
 struct scenario {
@@ -156,15 +135,15 @@ void run(const scenario& sc, uint32_t seed) {
     }
   }
 
-  auto* d_qkv = reinterpret_cast<bf16*>(upload(bits(qkv)));
+  auto* d_qkv = reinterpret_cast<bf16*>(upload(test::to_bf16_bits(qkv)));
   std::vector<float> kc0 = kc, vc0 = vc; // caches as they were before this step's writes
   for (int t = 0; t < T; ++t)
     for (int i = 0; i < nkv * D; ++i) {
       size_t at = static_cast<size_t>(slot_of[static_cast<size_t>(t)]) * nkv * D + i;
       kc0[at] = vc0[at] = 7.0f; // poison: the kernel must overwrite these
     }
-  auto* d_k = reinterpret_cast<bf16*>(upload(bits(kc0)));
-  auto* d_v = reinterpret_cast<bf16*>(upload(bits(vc0)));
+  auto* d_k = reinterpret_cast<bf16*>(upload(test::to_bf16_bits(kc0)));
+  auto* d_v = reinterpret_cast<bf16*>(upload(test::to_bf16_bits(vc0)));
   auto* d_qn = upload(qn);
   auto* d_kn = upload(kn);
   auto* d_inv = upload(inv);
@@ -176,14 +155,14 @@ void run(const scenario& sc, uint32_t seed) {
                          d_v, nullptr)
             .has_value());
   REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
-  auto got_qkv = floats(download(reinterpret_cast<uint16_t*>(d_qkv), qkv.size()));
+  auto got_qkv = test::from_bf16_bits(download(reinterpret_cast<uint16_t*>(d_qkv), qkv.size()));
   std::vector<float> got_q;
   for (int t = 0; t < T; ++t)
     got_q.insert(got_q.end(), got_qkv.begin() + static_cast<long>(t) * W,
                  got_qkv.begin() + static_cast<long>(t) * W + nh * D);
-  CHECK(rel_l2(got_q, ref_q) < 5e-3);
-  CHECK(rel_l2(floats(download(reinterpret_cast<uint16_t*>(d_k), kc.size())), kc) < 5e-3);
-  CHECK(rel_l2(floats(download(reinterpret_cast<uint16_t*>(d_v), vc.size())), vc) == 0.0);
+  CHECK(test::rel_l2(got_q, ref_q) < 5e-3);
+  CHECK(test::rel_l2(test::from_bf16_bits(download(reinterpret_cast<uint16_t*>(d_k), kc.size())), kc) < 5e-3);
+  CHECK(test::rel_l2(test::from_bf16_bits(download(reinterpret_cast<uint16_t*>(d_v), vc.size())), vc) == 0.0);
 
   for (int splits : {1, 3, 8}) {
     CAPTURE(splits);
@@ -208,7 +187,7 @@ void run(const scenario& sc, uint32_t seed) {
     a.out = out;
     REQUIRE(paged_attention(a, sc.L, nullptr).has_value());
     REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
-    CHECK(rel_l2(floats(download(reinterpret_cast<uint16_t*>(out), ref_out.size())), ref_out) < 1e-2);
+    CHECK(test::rel_l2(test::from_bf16_bits(download(reinterpret_cast<uint16_t*>(out), ref_out.size())), ref_out) < 1e-2);
     cudaFree(partial);
     cudaFree(out);
   }
@@ -222,11 +201,8 @@ void run(const scenario& sc, uint32_t seed) {
 } // namespace
 
 TEST_CASE("cuda qkv norm+rope+cache and paged attention match the CPU, mixed batches") {
-  auto why = cuda_unavailable_reason();
-  if (!why.empty()) {
-    MESSAGE("SKIP: " << why);
+  if (!test::have_gpu())
     return;
-  }
   // Qwen3-8B heads; a decode batch at long and short contexts plus prefill chunks.
   run({{32, 8, 128}, 16, {{511, 1}, {0, 37}, {1000, 1}, {20, 5}}}, 1);
   // Tiny-model heads, block size 1, GQA 2:1 and 4:1, odd head_dim

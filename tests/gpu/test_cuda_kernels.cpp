@@ -11,6 +11,7 @@
 #include "engine/backend/cuda/gemm.cuh"
 #include "engine/backend/cuda/kernels.cuh"
 #include "engine/model/dtype.hpp"
+#include "gpu_test_util.hpp"
 
 using namespace troupe;
 using namespace troupe::engine;
@@ -18,26 +19,12 @@ using namespace troupe::engine::cuda;
 
 namespace {
 
-bool have_gpu() {
-  auto why = cuda_unavailable_reason();
-  if (!why.empty())
-    MESSAGE("SKIP: " << why);
-  return why.empty();
-}
-
 std::vector<float> random_vec(size_t n, std::mt19937& rng, float scale = 1.0f) {
   std::uniform_real_distribution<float> d(-scale, scale);
   std::vector<float> v(n);
   for (auto& x : v)
     x = round_to_bf16(d(rng)); // representable in bf16, so uploads are exact
   return v;
-}
-
-std::vector<uint16_t> to_bf16_bits(const std::vector<float>& v) {
-  std::vector<uint16_t> b(v.size());
-  for (size_t i = 0; i < v.size(); ++i)
-    b[i] = static_cast<uint16_t>(std::bit_cast<uint32_t>(round_to_bf16(v[i])) >> 16);
-  return b;
 }
 
 // A device copy of host data, freed at scope end.
@@ -69,17 +56,6 @@ struct dev {
   }
 };
 
-double rel_l2(const std::vector<float>& got, const std::vector<float>& want) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    if (!std::isfinite(got[i]))
-      return INFINITY;
-    num += (got[i] - want[i]) * static_cast<double>(got[i] - want[i]);
-    den += want[i] * static_cast<double>(want[i]);
-  }
-  return std::sqrt(num / std::max(den, 1e-30));
-}
-
 void device_sync() {
   REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
 }
@@ -87,7 +63,7 @@ void device_sync() {
 } // namespace
 
 TEST_CASE("cuda gemm: skinny kernel and cuBLASLt against the CPU reference") {
-  if (!have_gpu())
+  if (!test::have_gpu())
     return;
   std::mt19937 rng(1);
   gemm_runner g;
@@ -101,7 +77,7 @@ TEST_CASE("cuda gemm: skinny kernel and cuBLASLt against the CPU reference") {
     auto w = random_vec(static_cast<size_t>(out) * in, rng, 0.05f);
     std::vector<float> want(static_cast<size_t>(T) * out);
     cpu::matmul_nt(x.data(), T, in, w.data(), out, want.data());
-    dev<uint16_t> dx(to_bf16_bits(x)), dw(to_bf16_bits(w));
+    dev<uint16_t> dx(test::to_bf16_bits(x)), dw(test::to_bf16_bits(w));
     auto* bx = reinterpret_cast<bf16*>(dx.p);
     auto* bw = reinterpret_cast<bf16*>(dw.p);
     for (bool skinny : {true, false}) {
@@ -117,14 +93,14 @@ TEST_CASE("cuda gemm: skinny kernel and cuBLASLt against the CPU reference") {
         REQUIRE(g.run(bx, T, in, bw, out, reinterpret_cast<bf16*>(yb.p), nullptr).has_value());
       }
       device_sync();
-      CHECK(rel_l2(y.floats(), want) < 1e-5);  // fp32 accumulation of exact bf16 products
-      CHECK(rel_l2(yb.floats(), want) < 5e-3); // bf16 output rounding
+      CHECK(test::rel_l2(y.floats(), want) < 1e-5);  // fp32 accumulation of exact bf16 products
+      CHECK(test::rel_l2(yb.floats(), want) < 5e-3); // bf16 output rounding
     }
   }
 }
 
 TEST_CASE("cuda norms, silu and argmax against the CPU reference") {
-  if (!have_gpu())
+  if (!test::have_gpu())
     return;
   std::mt19937 rng(2);
   for (auto [T, H] : {std::pair{1, 32}, {7, 96}, {33, 4096}, {2, 5120}}) {
@@ -134,12 +110,12 @@ TEST_CASE("cuda norms, silu and argmax against the CPU reference") {
     auto d = random_vec(static_cast<size_t>(T) * H, rng);
     auto w = random_vec(static_cast<size_t>(H), rng);
     dev<float> dxr(x), dwr(w);
-    dev<uint16_t> out(static_cast<size_t>(T) * H), dd(to_bf16_bits(d));
+    dev<uint16_t> out(static_cast<size_t>(T) * H), dd(test::to_bf16_bits(d));
     REQUIRE(rms_norm(dxr.p, T, H, dwr.p, 1e-6f, reinterpret_cast<bf16*>(out.p), nullptr).has_value());
     device_sync();
     std::vector<float> want(x.size());
     cpu::rms_norm(x.data(), T, H, w.data(), 1e-6, want.data());
-    CHECK(rel_l2(out.floats(), want) < 5e-3);
+    CHECK(test::rel_l2(out.floats(), want) < 5e-3);
     // add + norm: resid is updated in place
     REQUIRE(add_rms_norm(dxr.p, reinterpret_cast<bf16*>(dd.p), nullptr, T, H, dwr.p, 1e-6f,
                          reinterpret_cast<bf16*>(out.p), nullptr)
@@ -147,9 +123,9 @@ TEST_CASE("cuda norms, silu and argmax against the CPU reference") {
     device_sync();
     for (size_t i = 0; i < x.size(); ++i)
       x[i] += d[i];
-    CHECK(rel_l2(dxr.floats(), x) < 1e-6);
+    CHECK(test::rel_l2(dxr.floats(), x) < 1e-6);
     cpu::rms_norm(x.data(), T, H, w.data(), 1e-6, want.data());
-    CHECK(rel_l2(out.floats(), want) < 5e-3);
+    CHECK(test::rel_l2(out.floats(), want) < 5e-3);
     // silu(gate) * up over [T, 2 * (H/2)]
     const int I = H / 2;
     std::vector<float> g(static_cast<size_t>(T) * I), u(g.size()), s(g.size());
@@ -163,7 +139,7 @@ TEST_CASE("cuda norms, silu and argmax against the CPU reference") {
     REQUIRE(silu_mul(reinterpret_cast<bf16*>(dd.p), T, I, reinterpret_cast<bf16*>(act.p), nullptr)
               .has_value());
     device_sync();
-    CHECK(rel_l2(act.floats(), s) < 5e-3);
+    CHECK(test::rel_l2(act.floats(), s) < 5e-3);
     // argmax per row, lowest index on ties
     std::vector<float> logits = random_vec(static_cast<size_t>(T) * H, rng);
     logits[static_cast<size_t>(H) - 1] = 9.0f;

@@ -9,6 +9,7 @@
 #include "engine/backend/cuda/cuda_backend.hpp"
 #include "engine/generate.hpp"
 #include "golden.hpp"
+#include "gpu_test_util.hpp"
 
 using namespace troupe;
 using namespace troupe::engine;
@@ -62,11 +63,8 @@ std::vector<std::vector<token_id>> golden_prompts(const std::filesystem::path& d
 }
 
 void run_model(const std::string& name) {
-  auto why = cuda_unavailable_reason();
-  if (!why.empty()) {
-    MESSAGE("SKIP: " << why);
+  if (!test::have_gpu())
     return;
-  }
   auto dir = test::golden_model(name);
   if (!dir)
     return;

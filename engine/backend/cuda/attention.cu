@@ -2,6 +2,7 @@
 // query token, one kv head (all the query heads of its GQA group share the loaded keys and values)
 // and one share of the context, with an online softmax. Correct for any mix of prefill and decode;
 // built for decode: prefill at speed needs a tensor-core (flash-style) kernel, which this is not.
+#include "engine/backend/cuda/device_math.cuh"
 #include "engine/backend/cuda/kernels.cuh"
 
 namespace troupe::engine::cuda {
@@ -9,31 +10,7 @@ namespace troupe::engine::cuda {
 namespace {
 
 constexpr int attn_threads = 128;
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1)
-    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-__device__ __forceinline__ float warp_add(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1)
-    v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
 constexpr int attn_chunk = attn_threads; // keys per pass: one per thread when scoring
-
-__device__ __forceinline__ void unpack8(const uint4& v, float (&f)[8]) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    float2 p = __bfloat1622float2(h[k]);
-    f[2 * k] = p.x;
-    f[2 * k + 1] = p.y;
-  }
-}
 
 // partial[((t * nh + h) * splits + split) * (D + 2)]: D unnormalised outputs, then max and sum.
 // Block (token t, kv head, split) with G query heads per kv head. The token's context is divided
@@ -103,7 +80,7 @@ __global__ void __launch_bounds__(attn_threads) attention_split_kernel(attention
         sc[g] = 0.0f;
       for (int piece = 0; piece < dim_lanes; ++piece) {
         float kf[8];
-        unpack8(k[piece], kf);
+        bf16x8_to_float(k[piece], kf);
 #pragma unroll
         for (int g = 0; g < G; ++g)
 #pragma unroll
@@ -133,7 +110,7 @@ __global__ void __launch_bounds__(attn_threads) attention_split_kernel(attention
     __syncthreads();
 #pragma unroll
     for (int g = 0; g < G; ++g) {
-      float v = warp_add(sc[g]);
+      float v = warp_sum(sc[g]);
       if (lane == 0)
         wred[g][warp] = v;
     }
@@ -159,7 +136,7 @@ __global__ void __launch_bounds__(attn_threads) attention_split_kernel(attention
         const uint4 v = *reinterpret_cast<const uint4*>(
           a.v_cache + (static_cast<size_t>(slot_s[j]) * L.num_kv_heads + kvh) * D + dl * 8);
         float vf[8];
-        unpack8(v, vf);
+        bf16x8_to_float(v, vf);
 #pragma unroll
         for (int g = 0; g < G; ++g) {
           const float p = p_s[g * attn_chunk + j];
@@ -225,7 +202,7 @@ __global__ void attention_combine_kernel(attention_args a, head_layout L) {
       weight[s] = w;
       l += w * p[D + 1];
     }
-    l = warp_add(l);
+    l = warp_sum(l);
     for (int s = threadIdx.x; s < a.num_splits; s += 32)
       weight[s] /= l;
   }

@@ -1,18 +1,10 @@
 #include "engine/backend/cuda/gemm.cuh"
 
+#include "engine/backend/cuda/device_math.cuh"
+
 namespace troupe::engine::cuda {
 
 namespace {
-
-__device__ __forceinline__ void bf16x8_to_float(const uint4& v, float (&f)[8]) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    float2 p = __bfloat1622float2(h[k]);
-    f[2 * k] = p.x;
-    f[2 * k + 1] = p.y;
-  }
-}
 
 // One warp per output row: streams the weight row with 16-byte loads (4 in flight per lane) and
 // dots it with every token's input row (read through L1; they are small).

@@ -1,15 +1,10 @@
 #include "engine/backend/cuda/kernels.cuh"
 
+#include "engine/backend/cuda/device_math.cuh"
+
 namespace troupe::engine::cuda {
 
 namespace {
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1)
-    v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 // Sum over a block of blockDim.x (a multiple of 32, at most 1024) threads; all threads get it.
 __device__ float block_sum(float v) {
