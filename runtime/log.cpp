@@ -4,6 +4,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
+
+#include <fmt/chrono.h>
 
 namespace troupe::log {
 
@@ -27,8 +30,9 @@ void write(level lvl, std::string_view text) {
   static constexpr const char* names[] = {"debug", "info", "warn", "error"};
   using namespace std::chrono;
   auto ms = duration_cast<milliseconds>(system_clock::now().time_since_epoch()).count();
-  fmt::print(stderr, "[{}.{:03d}] {:5} {}\n", ms / 1000, ms % 1000, names[static_cast<int>(lvl)],
-             text);
+  std::time_t seconds = static_cast<std::time_t>(ms / 1000);
+  fmt::print(stderr, "[{:%Y-%m-%d %H:%M:%S}.{:03d}Z] {:5} {}\n", fmt::gmtime(seconds), ms % 1000,
+             names[static_cast<int>(lvl)], text);
 }
 
 } // namespace troupe::log
