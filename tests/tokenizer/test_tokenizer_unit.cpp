@@ -91,12 +91,15 @@ TEST_CASE("tokenizer from parts: Digits(individual) before the regex") {
 }
 
 TEST_CASE("tokenizer: errors name what is wrong") {
+  // A byte without a token is dropped when encoding, as Hugging Face's BPE does (SmolLM2's
+  // vocabulary lacks some control bytes).
   auto p = tiny_parts();
   p.vocab[7].clear();
   auto missing = tokenizer::from_parts(p);
-  REQUIRE_FALSE(missing.has_value());
-  CHECK(missing.error().code() == errc::unsupported);
-  CHECK(missing.error().message().find("0x07") != std::string::npos);
+  REQUIRE(missing.has_value());
+  auto with_gap = missing->encode(std::string("\x07"));
+  REQUIRE(with_gap.has_value());
+  CHECK(with_gap->empty());
 
   auto bad_regex = pre_tokenizer::create({regex_step("(unclosed")});
   REQUIRE_FALSE(bad_regex.has_value());
