@@ -81,6 +81,7 @@ void tcp_pingpong(int iterations) {
       n -= static_cast<size_t>(k);
     }
   };
+  std::fflush(stdout); // a forked child must not print the parent's buffered output again
   pid_t pid = ::fork();
   if (pid == 0) {
     int fd = ::socket(AF_INET, SOCK_STREAM, 0);
@@ -95,7 +96,7 @@ void tcp_pingpong(int iterations) {
         full(fd, buf.data(), buf.size(), true);
       }
     }
-    std::exit(0);
+    ::_exit(0);
   }
   int fd = ::accept(ls, nullptr, nullptr);
   int one = 1;
@@ -128,6 +129,7 @@ int main(int argc, char** argv) {
   auto dir = std::filesystem::temp_directory_path() / ("troupe-bench-" + std::to_string(getpid()));
   std::filesystem::remove_all(dir);
   std::vector<pid_t> pids;
+  std::fflush(stdout);
   for (int r = 1; r < ranks; ++r) {
     pid_t pid = ::fork();
     if (pid == 0) {
