@@ -2,6 +2,7 @@
 // process, Gloo over loopback; greedy tokens equal tensor=1 and logits within 1e-4 on every rank.
 // Also the layout rejections of engine/backend/shard.hpp.
 #include <cmath>
+#include <csignal>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -46,9 +47,28 @@ std::vector<T> take(const std::string& s, size_t& at) {
   return v;
 }
 
+// A rank that is SIGKILLed at the start of its `die_at`-th forward step, as a crashed worker is.
+class dying_backend final : public backend {
+ public:
+  dying_backend(backend& inner, int die_at) : inner_(inner), left_(die_at) {}
+  const model_config& config() const override { return inner_.config(); }
+  kv_cache_options kv_options() const override { return inner_.kv_options(); }
+  expected<void> forward(const step_plan& plan, forward_output& out) override {
+    if (left_-- == 0)
+      ::raise(SIGKILL);
+    return inner_.forward(plan, out);
+  }
+
+ private:
+  backend& inner_;
+  int left_;
+};
+
 // One rank: join its tensor group (and the world group when pipelined), load its shard, generate.
+// die_at >= 0: this rank is killed at that step (the others must fail within `timeout`).
 int run_rank(const std::filesystem::path& model, parallel_layout lay,
-             const std::vector<std::vector<token_id>>& prompts, const std::filesystem::path& dir) {
+             const std::vector<std::vector<token_id>>& prompts, const std::filesystem::path& dir,
+             int die_at = -1, std::chrono::milliseconds timeout = 30s) {
   std::string result;
   auto fail = [&](const error& e) {
     result = "error: " + e.to_string();
@@ -56,15 +76,15 @@ int run_rank(const std::filesystem::path& model, parallel_layout lay,
     return 1;
   };
   auto store = comm::make_folder_store((dir / "store").string());
-  auto tensor =
-      comm::make_gloo_communicator(*store, lay.tp_rank, lay.tp_size,
-                                   {.prefix = fmt::format("tp{}", lay.pp_rank), .timeout = 30s});
+  auto tensor = comm::make_gloo_communicator(
+      *store, lay.tp_rank, lay.tp_size,
+      {.prefix = fmt::format("tp{}", lay.pp_rank), .timeout = timeout});
   if (!tensor)
     return fail(tensor.error());
   std::unique_ptr<comm::communicator> world;
   if (lay.pp_size > 1) {
     auto w = comm::make_gloo_communicator(*store, lay.world_rank(), lay.world_size(),
-                                          {.prefix = "world", .timeout = 30s});
+                                          {.prefix = "world", .timeout = timeout});
     if (!w)
       return fail(w.error());
     world = std::move(*w);
@@ -76,7 +96,8 @@ int run_rank(const std::filesystem::path& model, parallel_layout lay,
   auto backend = cpu_backend::create(*config, *weights, kv, {lay, tensor->get(), world.get()});
   if (!backend)
     return fail(backend.error());
-  auto gens = generate_greedy(**backend, prompts, opts);
+  dying_backend dying(**backend, die_at);
+  auto gens = generate_greedy(dying, prompts, opts);
   if (!gens)
     return fail(gens.error());
   result = "ok";
@@ -125,6 +146,31 @@ void check_grid(const std::string& name, int tensor, int pipeline) {
   }
 }
 
+// tensor=2 on tiny-qwen2; rank 1 is SIGKILLed at its 4th step. Rank 0 must come back with an
+// error naming the failed collective well within its 3-second timeout budget, not hang.
+void check_rank_killed_mid_stream() {
+  auto dir = test::golden_model("tiny-qwen2");
+  if (!dir)
+    return;
+  auto prompts = prompts_of(*dir);
+  auto outcomes = test::run_ranks(
+      2,
+      [&](int r, const std::filesystem::path& d) {
+        auto start = std::chrono::steady_clock::now();
+        int rc = run_rank(*dir, {.tp_rank = r, .tp_size = 2}, prompts, d, r == 1 ? 3 : -1, 3s);
+        auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                      std::chrono::steady_clock::now() - start)
+                      .count();
+        std::ofstream(d / fmt::format("rank{}.txt", r), std::ios::app) << " | took " << ms << " ms";
+        return rc;
+      },
+      60s);
+  INFO(outcomes[0].message);
+  CHECK(outcomes[1].exit_code == -1); // killed
+  CHECK(outcomes[0].exit_code == 1);  // generate failed, did not hang past the deadline
+  CHECK(outcomes[0].message.starts_with("error: unavailable: gloo "));
+}
+
 model_config heads(int64_t q, int64_t kv) {
   model_config c;
   c.num_heads = q;
@@ -168,6 +214,10 @@ TEST_CASE("tensor=2 x pipeline=2: tiny-qwen2") {
 }
 TEST_CASE("tensor=2 x pipeline=2: tiny-qwen3-moe") {
   check_grid("tiny-qwen3-moe", 2, 2);
+}
+
+TEST_CASE("tensor=2: a rank SIGKILLed mid-stream fails its peer within seconds, no hang") {
+  check_rank_killed_mid_stream();
 }
 
 TEST_CASE("layout rejections name the model field and the parallel size") {
