@@ -39,9 +39,9 @@ class communicator {
 // The communicator of a group of one: collectives are copies, send/recv are errors.
 std::unique_ptr<communicator> make_single_rank_communicator();
 
-// Where ranks publish and find each other's addresses during rendezvous. The head's KV store
-// (cluster/kv_store.hpp, head_actor kv_set/kv_get/kv_wait) plugs in by implementing these three
-// calls over its actor requests; tests use the folder-backed one below.
+// Where ranks publish and find each other's addresses during rendezvous: the head's KV store
+// across nodes (actors/head_rendezvous_store.hpp, kv_set/kv_wait requests to head_actor), or a
+// folder shared by the ranks (make_folder_store, tests and single-host runs).
 class rendezvous_store {
  public:
   virtual ~rendezvous_store() = default;
