@@ -18,7 +18,25 @@ namespace {
 // Loads `name` with `shape` into `dst`, or returns the error from the enclosing function.
 #define TROUPE_LOAD(dst, name, ...)                                                                \
   do {                                                                                             \
-    auto loaded_ = w.load_f32(name, {__VA_ARGS__});                                               \
+    auto loaded_ = w.load_f32(name, {__VA_ARGS__});                                                \
+    if (!loaded_)                                                                                  \
+      return std::move(loaded_).error();                                                           \
+    dst = std::move(*loaded_);                                                                     \
+  } while (false)
+
+// Rows [range.begin, range.end) of the first dimension of `name` with `shape`, into `dst`.
+#define TROUPE_LOAD_ROWS(dst, name, range, ...)                                                    \
+  do {                                                                                             \
+    auto loaded_ = w.load_f32_rows(name, {__VA_ARGS__}, (range).begin, (range).end);               \
+    if (!loaded_)                                                                                  \
+      return std::move(loaded_).error();                                                           \
+    dst = std::move(*loaded_);                                                                     \
+  } while (false)
+
+// Columns [range.begin, range.end) of the 2-D `name` with `shape`, into `dst`.
+#define TROUPE_LOAD_COLS(dst, name, range, ...)                                                    \
+  do {                                                                                             \
+    auto loaded_ = w.load_f32_cols(name, {__VA_ARGS__}, (range).begin, (range).end);               \
     if (!loaded_)                                                                                  \
       return std::move(loaded_).error();                                                           \
     dst = std::move(*loaded_);                                                                     \
@@ -49,24 +67,58 @@ expected<std::unique_ptr<cpu_backend>> cpu_backend::load(const std::filesystem::
   return create(std::move(*config), *weights, kv);
 }
 
+expected<std::unique_ptr<cpu_backend>>
+cpu_backend::create(model_config config, const weight_source& w, kv_cache_options kv) {
+  return create(std::move(config), w, kv, parallel_context{});
+}
+
 expected<std::unique_ptr<cpu_backend>> cpu_backend::create(model_config config,
                                                            const weight_source& w,
-                                                           kv_cache_options kv) {
+                                                           kv_cache_options kv,
+                                                           parallel_context par) {
   if (kv.num_blocks <= 0 || kv.block_size <= 0)
     return make_error(errc::invalid_argument, "KV cache needs num_blocks > 0 and block_size > 0");
+  auto shard = plan_shard(config, par.layout);
+  if (!shard)
+    return std::move(shard).error();
   std::unique_ptr<cpu_backend> b(new cpu_backend());
+  if (par.tensor == nullptr) {
+    if (par.layout.tp_size != 1)
+      return make_error(errc::invalid_argument, "tensor > 1 needs a tensor communicator");
+    b->own_comm_ = comm::make_single_rank_communicator();
+    par.tensor = b->own_comm_.get();
+  }
+  if (par.tensor->size() != par.layout.tp_size || par.tensor->rank() != par.layout.tp_rank)
+    return make_error(
+        errc::invalid_argument, "tensor communicator is rank {} of {}, layout says {} of {}",
+        par.tensor->rank(), par.tensor->size(), par.layout.tp_rank, par.layout.tp_size);
+  if (par.layout.pp_size > 1 &&
+      (par.world == nullptr || par.world->size() != par.layout.world_size() ||
+       par.world->rank() != par.layout.world_rank()))
+    return make_error(errc::invalid_argument,
+                      "pipeline={} needs a world communicator of {} ranks with this "
+                      "rank at {}",
+                      par.layout.pp_size, par.layout.world_size(), par.layout.world_rank());
   b->config_ = std::move(config);
   b->kv_ = kv;
+  b->par_ = par;
+  b->shard_ = *shard;
   const auto& c = b->config_;
-  TROUPE_LOAD(b->embed_, "model.embed_tokens.weight", c.vocab_size, c.hidden_size);
-  TROUPE_LOAD(b->final_norm_, "model.norm.weight", c.hidden_size);
-  if (!c.tie_word_embeddings)
-    TROUPE_LOAD(b->lm_head_, "lm_head.weight", c.vocab_size, c.hidden_size);
+  const auto& s = b->shard_;
+  const bool last = s.layers.end == c.num_layers;
+  if (s.first_stage() || (last && c.tie_word_embeddings))
+    TROUPE_LOAD_ROWS(b->embed_, "model.embed_tokens.weight", s.vocab, c.vocab_size, c.hidden_size);
+  if (last) {
+    TROUPE_LOAD(b->final_norm_, "model.norm.weight", c.hidden_size);
+    if (!c.tie_word_embeddings)
+      TROUPE_LOAD_ROWS(b->lm_head_, "lm_head.weight", s.vocab, c.vocab_size, c.hidden_size);
+  }
   b->layers_.resize(static_cast<size_t>(c.num_layers));
-  for (int64_t l = 0; l < c.num_layers; ++l)
+  for (int64_t l = s.layers.begin; l < s.layers.end; ++l)
     TROUPE_TRY_VOID(b->load_layer(w, l));
   b->inv_freq_ = rope_inv_freq(c);
-  size_t cache = static_cast<size_t>(c.num_layers) * kv.num_blocks * kv.block_size * c.kv_size();
+  size_t cache =
+      static_cast<size_t>(s.layers.size()) * kv.num_blocks * kv.block_size * b->kv_local();
   b->k_cache_.assign(cache, 0.0f);
   b->v_cache_.assign(cache, 0.0f);
   return b;
@@ -74,32 +126,35 @@ expected<std::unique_ptr<cpu_backend>> cpu_backend::create(model_config config,
 
 expected<void> cpu_backend::load_layer(const weight_source& w, int64_t l) {
   const auto& c = config_;
+  const auto& s = shard_;
   auto& L = layers_[static_cast<size_t>(l)];
   const std::string p = fmt::format("model.layers.{}.", l);
-  const int64_t H = c.hidden_size;
+  const int64_t H = c.hidden_size, D = c.head_dim;
+  const index_range q_rows{s.heads.begin * D, s.heads.end * D};
+  const index_range kv_rows{s.kv_heads.begin * D, s.kv_heads.end * D};
   TROUPE_LOAD(L.input_norm, p + "input_layernorm.weight", H);
   TROUPE_LOAD(L.post_norm, p + "post_attention_layernorm.weight", H);
-  TROUPE_LOAD(L.wq, p + "self_attn.q_proj.weight", c.q_size(), H);
-  TROUPE_LOAD(L.wk, p + "self_attn.k_proj.weight", c.kv_size(), H);
-  TROUPE_LOAD(L.wv, p + "self_attn.v_proj.weight", c.kv_size(), H);
-  TROUPE_LOAD(L.wo, p + "self_attn.o_proj.weight", H, c.q_size());
+  TROUPE_LOAD_ROWS(L.wq, p + "self_attn.q_proj.weight", q_rows, c.q_size(), H);
+  TROUPE_LOAD_ROWS(L.wk, p + "self_attn.k_proj.weight", kv_rows, c.kv_size(), H);
+  TROUPE_LOAD_ROWS(L.wv, p + "self_attn.v_proj.weight", kv_rows, c.kv_size(), H);
+  TROUPE_LOAD_COLS(L.wo, p + "self_attn.o_proj.weight", q_rows, H, c.q_size());
   if (c.attention_bias) {
-    TROUPE_LOAD(L.bq, p + "self_attn.q_proj.bias", c.q_size());
-    TROUPE_LOAD(L.bk, p + "self_attn.k_proj.bias", c.kv_size());
-    TROUPE_LOAD(L.bv, p + "self_attn.v_proj.bias", c.kv_size());
+    TROUPE_LOAD_ROWS(L.bq, p + "self_attn.q_proj.bias", q_rows, c.q_size());
+    TROUPE_LOAD_ROWS(L.bk, p + "self_attn.k_proj.bias", kv_rows, c.kv_size());
+    TROUPE_LOAD_ROWS(L.bv, p + "self_attn.v_proj.bias", kv_rows, c.kv_size());
   }
-  if (c.o_proj_bias)
+  if (c.o_proj_bias && par_.layout.tp_rank == 0) // added once, before the all-reduce
     TROUPE_LOAD(L.bo, p + "self_attn.o_proj.bias", H);
   if (c.qk_norm) {
-    TROUPE_LOAD(L.q_norm, p + "self_attn.q_norm.weight", c.head_dim);
-    TROUPE_LOAD(L.k_norm, p + "self_attn.k_norm.weight", c.head_dim);
+    TROUPE_LOAD(L.q_norm, p + "self_attn.q_norm.weight", D);
+    TROUPE_LOAD(L.k_norm, p + "self_attn.k_norm.weight", D);
   }
   if (c.is_moe_layer(l)) {
     const int64_t I = c.moe_intermediate_size;
     TROUPE_LOAD(L.router, p + "mlp.gate.weight", c.num_experts, H);
-    L.experts.resize(static_cast<size_t>(c.num_experts));
-    for (int64_t e = 0; e < c.num_experts; ++e) {
-      auto& E = L.experts[static_cast<size_t>(e)];
+    L.experts.resize(static_cast<size_t>(s.experts.size()));
+    for (int64_t e = s.experts.begin; e < s.experts.end; ++e) {
+      auto& E = L.experts[static_cast<size_t>(e - s.experts.begin)];
       const std::string ep = fmt::format("{}mlp.experts.{}.", p, e);
       TROUPE_LOAD(E.gate, ep + "gate_proj.weight", I, H);
       TROUPE_LOAD(E.up, ep + "up_proj.weight", I, H);
@@ -107,27 +162,69 @@ expected<void> cpu_backend::load_layer(const weight_source& w, int64_t l) {
     }
   } else {
     const int64_t I = c.intermediate_size;
-    TROUPE_LOAD(L.gate, p + "mlp.gate_proj.weight", I, H);
-    TROUPE_LOAD(L.up, p + "mlp.up_proj.weight", I, H);
-    TROUPE_LOAD(L.down, p + "mlp.down_proj.weight", H, I);
+    TROUPE_LOAD_ROWS(L.gate, p + "mlp.gate_proj.weight", s.intermediate, I, H);
+    TROUPE_LOAD_ROWS(L.up, p + "mlp.up_proj.weight", s.intermediate, I, H);
+    TROUPE_LOAD_COLS(L.down, p + "mlp.down_proj.weight", s.intermediate, H, I);
   }
   return {};
 }
 
 float* cpu_backend::k_block(int64_t l, int32_t block) const {
-  size_t per_block = static_cast<size_t>(kv_.block_size * config_.kv_size());
-  return k_cache_.data() + (static_cast<size_t>(l) * kv_.num_blocks + block) * per_block;
+  size_t per_block = static_cast<size_t>(kv_.block_size * kv_local());
+  return k_cache_.data() +
+         (static_cast<size_t>(l - shard_.layers.begin) * kv_.num_blocks + block) * per_block;
 }
 
 float* cpu_backend::v_block(int64_t l, int32_t block) const {
-  size_t per_block = static_cast<size_t>(kv_.block_size * config_.kv_size());
-  return v_cache_.data() + (static_cast<size_t>(l) * kv_.num_blocks + block) * per_block;
+  size_t per_block = static_cast<size_t>(kv_.block_size * kv_local());
+  return v_cache_.data() +
+         (static_cast<size_t>(l - shard_.layers.begin) * kv_.num_blocks + block) * per_block;
+}
+
+expected<void> cpu_backend::embed(const step_plan& plan, std::vector<float>& x) {
+  // Vocab-parallel lookup: each tensor rank fills the rows of its tokens, the sum joins them.
+  const int64_t H = config_.hidden_size;
+  std::fill(x.begin(), x.end(), 0.0f);
+  int64_t t = 0;
+  for (const auto& s : plan.seqs)
+    for (auto tok : s.tokens) {
+      if (shard_.vocab.contains(tok))
+        std::copy_n(embed_.data() + (tok - shard_.vocab.begin) * H, H, x.data() + t * H);
+      ++t;
+    }
+  return par_.tensor->all_reduce_sum(x);
+}
+
+expected<void> cpu_backend::logits(const std::vector<float>& h, int32_t rows, forward_output& out) {
+  // Vocab-parallel lm_head: each rank its [rows, vocab_chunk] slice, gathered and reassembled.
+  const int64_t H = config_.hidden_size, V = config_.vocab_size, chunk = shard_.vocab_chunk;
+  const int tp = par_.layout.tp_size;
+  if (tp == 1) {
+    matmul_nt(h.data(), rows, H, head().data(), V, out.logits.data());
+    return {};
+  }
+  std::vector<float> mine(static_cast<size_t>(rows * chunk), 0.0f),
+      part(static_cast<size_t>(rows * shard_.vocab.size()));
+  matmul_nt(h.data(), rows, H, head().data(), shard_.vocab.size(), part.data());
+  for (int32_t r = 0; r < rows; ++r)
+    std::copy_n(part.data() + r * shard_.vocab.size(), shard_.vocab.size(),
+                mine.data() + r * chunk);
+  std::vector<float> all(static_cast<size_t>(tp) * mine.size());
+  TROUPE_TRY_VOID(par_.tensor->all_gather(mine, all));
+  for (int k = 0; k < tp; ++k) {
+    const index_range v{std::min(V, k * chunk), std::min(V, (k + 1) * chunk)};
+    for (int32_t r = 0; r < rows; ++r)
+      std::copy_n(all.data() + (static_cast<size_t>(k) * rows + r) * chunk, v.size(),
+                  out.logits.data() + r * V + v.begin);
+  }
+  return {};
 }
 
 expected<void> cpu_backend::forward(const step_plan& plan, forward_output& out) {
   TROUPE_TRY_VOID(validate_plan(plan, config_, kv_));
   const auto& c = config_;
   const int64_t H = c.hidden_size;
+  const auto& lay = par_.layout;
   batch b;
   for (size_t i = 0; i < plan.seqs.size(); ++i) {
     const auto& s = plan.seqs[i];
@@ -137,59 +234,69 @@ expected<void> cpu_backend::forward(const step_plan& plan, forward_output& out) 
     }
   }
   const int64_t T = static_cast<int64_t>(b.positions.size());
+  constexpr uint32_t hidden_tag = 1;
 
-  // x[T, H]: the residual stream.
+  // x[T, H]: the residual stream, embedded here or received from the previous stage.
   std::vector<float> x(static_cast<size_t>(T * H));
-  int64_t t = 0;
-  for (const auto& s : plan.seqs)
-    for (auto tok : s.tokens)
-      std::copy_n(embed_.data() + tok * H, H, x.data() + (t++) * H);
+  if (shard_.first_stage())
+    TROUPE_TRY_VOID(embed(plan, x));
+  else
+    TROUPE_TRY_VOID(par_.world->recv(x, lay.world_rank() - lay.tp_size, hidden_tag));
 
-  for (int64_t l = 0; l < c.num_layers; ++l) {
+  for (int64_t l = shard_.layers.begin; l < shard_.layers.end; ++l) {
     const auto& L = layers_[static_cast<size_t>(l)];
-    attention_block(L, l, plan, b, x);
-    mlp_block(L, x, T);
+    TROUPE_TRY_VOID(attention_block(L, l, plan, b, x));
+    TROUPE_TRY_VOID(mlp_block(L, x, T));
   }
 
-  // Final norm and lm_head only for the rows that asked for logits.
   int32_t rows = prepare_output(plan, c.vocab_size, out);
-  std::vector<float> h(static_cast<size_t>(rows * H));
-  int32_t r = 0;
-  t = 0;
-  for (size_t i = 0; i < plan.seqs.size(); ++i) {
-    const int64_t n = static_cast<int64_t>(plan.seqs[i].tokens.size());
-    const int64_t first = t + n - out.num_rows[i]; // all rows, or only the last one
-    for (int64_t k = first; k < t + n; ++k)
-      rms_norm(x.data() + k * H, 1, H, final_norm_.data(), c.rms_norm_eps, h.data() + (r++) * H);
-    t += n;
+  const bool last = shard_.layers.end == c.num_layers;
+  if (!last)
+    TROUPE_TRY_VOID(par_.world->send(x, lay.world_rank() + lay.tp_size, hidden_tag));
+  if (last) {
+    // Final norm and lm_head only for the rows that asked for logits.
+    std::vector<float> h(static_cast<size_t>(rows * H));
+    int32_t r = 0;
+    int64_t t = 0;
+    for (size_t i = 0; i < plan.seqs.size(); ++i) {
+      const int64_t n = static_cast<int64_t>(plan.seqs[i].tokens.size());
+      const int64_t first = t + n - out.num_rows[i]; // all rows, or only the last one
+      for (int64_t k = first; k < t + n; ++k)
+        rms_norm(x.data() + k * H, 1, H, final_norm_.data(), c.rms_norm_eps, h.data() + (r++) * H);
+      t += n;
+    }
+    TROUPE_TRY_VOID(logits(h, rows, out));
   }
-  const auto& head = lm_head_.empty() ? embed_ : lm_head_;
-  matmul_nt(h.data(), rows, H, head.data(), c.vocab_size, out.logits.data());
+  if (lay.pp_size > 1 && rows > 0) // every rank leaves with the logits the last stage made
+    TROUPE_TRY_VOID(par_.world->broadcast(out.logits, (lay.pp_size - 1) * lay.tp_size));
   return {};
 }
 
-void cpu_backend::attention_block(const layer& L, int64_t l, const step_plan& plan, const batch& b,
-                                  std::vector<float>& x) {
+expected<void> cpu_backend::attention_block(const layer& L, int64_t l, const step_plan& plan,
+                                            const batch& b, std::vector<float>& x) {
+  // This rank's heads only; o_proj's partial sums are joined by one all-reduce.
   const auto& c = config_;
   const int64_t T = static_cast<int64_t>(b.positions.size());
   const int64_t H = c.hidden_size, D = c.head_dim;
+  const int64_t Q = q_local(), KV = kv_local();
+  const int64_t heads = shard_.heads.size(), kv_heads = shard_.kv_heads.size();
   std::vector<float> h(static_cast<size_t>(T * H));
   rms_norm(x.data(), T, H, L.input_norm.data(), c.rms_norm_eps, h.data());
 
-  std::vector<float> q(static_cast<size_t>(T * c.q_size()));
-  std::vector<float> k(static_cast<size_t>(T * c.kv_size()));
-  std::vector<float> v(static_cast<size_t>(T * c.kv_size()));
+  std::vector<float> q(static_cast<size_t>(T * Q));
+  std::vector<float> k(static_cast<size_t>(T * KV));
+  std::vector<float> v(static_cast<size_t>(T * KV));
   auto bias = [](const std::vector<float>& bv) { return bv.empty() ? nullptr : bv.data(); };
-  matmul_nt(h.data(), T, H, L.wq.data(), c.q_size(), q.data(), bias(L.bq));
-  matmul_nt(h.data(), T, H, L.wk.data(), c.kv_size(), k.data(), bias(L.bk));
-  matmul_nt(h.data(), T, H, L.wv.data(), c.kv_size(), v.data(), bias(L.bv));
+  matmul_nt(h.data(), T, H, L.wq.data(), Q, q.data(), bias(L.bq));
+  matmul_nt(h.data(), T, H, L.wk.data(), KV, k.data(), bias(L.bk));
+  matmul_nt(h.data(), T, H, L.wv.data(), KV, v.data(), bias(L.bv));
   if (c.qk_norm) {
-    rms_norm(q.data(), T * c.num_heads, D, L.q_norm.data(), c.rms_norm_eps, q.data());
-    rms_norm(k.data(), T * c.num_kv_heads, D, L.k_norm.data(), c.rms_norm_eps, k.data());
+    rms_norm(q.data(), T * heads, D, L.q_norm.data(), c.rms_norm_eps, q.data());
+    rms_norm(k.data(), T * kv_heads, D, L.k_norm.data(), c.rms_norm_eps, k.data());
   }
   for (int64_t t = 0; t < T; ++t) {
-    cpu::apply_rope(q.data() + t * c.q_size(), c.num_heads, D, b.positions[t], inv_freq_);
-    cpu::apply_rope(k.data() + t * c.kv_size(), c.num_kv_heads, D, b.positions[t], inv_freq_);
+    cpu::apply_rope(q.data() + t * Q, heads, D, b.positions[t], inv_freq_);
+    cpu::apply_rope(k.data() + t * KV, kv_heads, D, b.positions[t], inv_freq_);
   }
   // Write this step's keys and values into their paged slots before attending, so that a token
   // sees every earlier token of its sequence, whether cached in an earlier step or fed now.
@@ -197,22 +304,24 @@ void cpu_backend::attention_block(const layer& L, int64_t l, const step_plan& pl
     const auto& s = plan.seqs[static_cast<size_t>(b.seq_of[t])];
     int32_t pos = b.positions[t];
     int32_t block = s.block_table[static_cast<size_t>(pos / kv_.block_size)];
-    size_t slot = static_cast<size_t>((pos % kv_.block_size) * c.kv_size());
-    std::copy_n(k.data() + t * c.kv_size(), c.kv_size(), k_block(l, block) + slot);
-    std::copy_n(v.data() + t * c.kv_size(), c.kv_size(), v_block(l, block) + slot);
+    size_t slot = static_cast<size_t>((pos % kv_.block_size) * KV);
+    std::copy_n(k.data() + t * KV, KV, k_block(l, block) + slot);
+    std::copy_n(v.data() + t * KV, KV, v_block(l, block) + slot);
   }
-  std::vector<float> attn(static_cast<size_t>(T * c.q_size()));
+  std::vector<float> attn(static_cast<size_t>(T * Q));
   int64_t t = 0;
   for (const auto& s : plan.seqs) {
     for (size_t j = 0; j < s.tokens.size(); ++j, ++t) {
-      attend(l, s.block_table, s.start_pos + static_cast<int32_t>(j), q.data() + t * c.q_size(),
-             attn.data() + t * c.q_size());
+      attend(l, s.block_table, s.start_pos + static_cast<int32_t>(j), q.data() + t * Q,
+             attn.data() + t * Q);
     }
   }
   std::vector<float> o(static_cast<size_t>(T * H));
-  matmul_nt(attn.data(), T, c.q_size(), L.wo.data(), H, o.data(), bias(L.bo));
+  matmul_nt(attn.data(), T, Q, L.wo.data(), H, o.data(), bias(L.bo));
+  TROUPE_TRY_VOID(par_.tensor->all_reduce_sum(o));
   for (size_t i = 0; i < x.size(); ++i)
     x[i] += o[i];
+  return {};
 }
 
 void cpu_backend::attend(int64_t l, std::span<const int32_t> table, int32_t pos, const float* q,
@@ -220,16 +329,17 @@ void cpu_backend::attend(int64_t l, std::span<const int32_t> table, int32_t pos,
   // The query at `pos` over keys 0..pos of its sequence (causal), grouped-query heads.
   const auto& c = config_;
   const int64_t D = c.head_dim;
-  const int64_t group = c.num_heads / c.num_kv_heads;
+  const int64_t heads = shard_.heads.size(), kv = kv_local();
+  const int64_t group = heads / shard_.kv_heads.size();
   const int32_t ctx = pos + 1;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   std::vector<float> scores(static_cast<size_t>(ctx));
-  for (int64_t h = 0; h < c.num_heads; ++h) {
+  for (int64_t h = 0; h < heads; ++h) {
     const int64_t kvh = h / group;
     const float* qh = q + h * D;
     for (int32_t j = 0; j < ctx; ++j) {
-      const float* kj = k_block(l, table[static_cast<size_t>(j / kv_.block_size)])
-                        + (j % kv_.block_size) * c.kv_size() + kvh * D;
+      const float* kj = k_block(l, table[static_cast<size_t>(j / kv_.block_size)]) +
+                        (j % kv_.block_size) * kv + kvh * D;
       float dot = 0;
       for (int64_t d = 0; d < D; ++d)
         dot += qh[d] * kj[d];
@@ -239,8 +349,8 @@ void cpu_backend::attend(int64_t l, std::span<const int32_t> table, int32_t pos,
     float* oh = out + h * D;
     std::fill_n(oh, D, 0.0f);
     for (int32_t j = 0; j < ctx; ++j) {
-      const float* vj = v_block(l, table[static_cast<size_t>(j / kv_.block_size)])
-                        + (j % kv_.block_size) * c.kv_size() + kvh * D;
+      const float* vj = v_block(l, table[static_cast<size_t>(j / kv_.block_size)]) +
+                        (j % kv_.block_size) * kv + kvh * D;
       const float p = scores[static_cast<size_t>(j)];
       for (int64_t d = 0; d < D; ++d)
         oh[d] += p * vj[d];
@@ -248,7 +358,8 @@ void cpu_backend::attend(int64_t l, std::span<const int32_t> table, int32_t pos,
   }
 }
 
-void cpu_backend::mlp_block(const layer& L, std::vector<float>& x, int64_t n) {
+expected<void> cpu_backend::mlp_block(const layer& L, std::vector<float>& x, int64_t n) {
+  // This rank's intermediate slice (or experts); down_proj's partial sums joined by all-reduce.
   const auto& c = config_;
   const int64_t H = c.hidden_size;
   std::vector<float> h(static_cast<size_t>(n * H));
@@ -257,19 +368,22 @@ void cpu_backend::mlp_block(const layer& L, std::vector<float>& x, int64_t n) {
   if (!L.experts.empty()) {
     moe(L, h.data(), n, y.data());
   } else {
-    const int64_t I = c.intermediate_size;
+    const int64_t I = shard_.intermediate.size();
     std::vector<float> g(static_cast<size_t>(n * I)), u(static_cast<size_t>(n * I));
     matmul_nt(h.data(), n, H, L.gate.data(), I, g.data());
     matmul_nt(h.data(), n, H, L.up.data(), I, u.data());
     cpu::silu_mul(g.data(), u.data(), n, I, g.data());
     matmul_nt(g.data(), n, I, L.down.data(), H, y.data());
   }
+  TROUPE_TRY_VOID(par_.tensor->all_reduce_sum(y));
   for (size_t i = 0; i < x.size(); ++i)
     x[i] += y[i];
+  return {};
 }
 
 void cpu_backend::moe(const layer& L, const float* h, int64_t n, float* out) const {
-  // Softmax router, top-k experts per token (ties to the lower id), optionally renormalised.
+  // Softmax router, top-k experts per token (ties to the lower id), optionally renormalised;
+  // only this rank's experts contribute to `out` (the caller all-reduces).
   const auto& c = config_;
   const int64_t H = c.hidden_size, E = c.num_experts, K = c.num_experts_per_tok;
   const int64_t I = c.moe_intermediate_size;
@@ -292,7 +406,7 @@ void cpu_backend::moe(const layer& L, const float* h, int64_t n, float* out) con
   }
   std::fill_n(out, n * H, 0.0f);
   std::vector<float> xs, g, u, y;
-  for (int64_t e = 0; e < E; ++e) {
+  for (int64_t e = shard_.experts.begin; e < shard_.experts.end; ++e) {
     const auto& tokens = routed[static_cast<size_t>(e)];
     if (tokens.empty())
       continue;
@@ -303,7 +417,7 @@ void cpu_backend::moe(const layer& L, const float* h, int64_t n, float* out) con
     g.resize(static_cast<size_t>(m * I));
     u.resize(static_cast<size_t>(m * I));
     y.resize(static_cast<size_t>(m * H));
-    const auto& X = L.experts[static_cast<size_t>(e)];
+    const auto& X = L.experts[static_cast<size_t>(e - shard_.experts.begin)];
     matmul_nt(xs.data(), m, H, X.gate.data(), I, g.data());
     matmul_nt(xs.data(), m, H, X.up.data(), I, u.data());
     cpu::silu_mul(g.data(), u.data(), m, I, g.data());

@@ -1,5 +1,7 @@
 // The float32 CPU backend: the reference every other backend and parallel layout is checked
 // against, and what CI runs. Holds the full weights as float32 and a paged KV cache.
+// Sharded for tensor/pipeline parallelism when created with a parallel_context (shard.hpp says
+// what each rank holds); every rank of the grid then calls forward() with the same plan.
 // forward() blocks the calling thread (a worker actor's own thread in serving).
 #pragma once
 
@@ -8,38 +10,54 @@
 #include <vector>
 
 #include "engine/backend/backend.hpp"
+#include "engine/backend/shard.hpp"
+#include "engine/comm/communicator.hpp"
 #include "engine/model/safetensors.hpp"
 
 namespace troupe::engine {
 
+// One rank's place in a tensor x pipeline grid and its communicators (owned by the caller, who
+// keeps them alive as long as the backend). `tensor` joins the tp_size ranks of this stage, in
+// tp_rank order; `world` joins all ranks in world_rank order (pipeline send/recv and the logits
+// broadcast; unused when pp_size == 1). Null communicators are allowed only for a size of 1.
+struct parallel_context {
+  parallel_layout layout;
+  comm::communicator* tensor = nullptr;
+  comm::communicator* world = nullptr;
+};
+
 class cpu_backend final : public backend {
-public:
+ public:
   // Reads config.json and the safetensors weights from a model folder, or config and weights
   // (dequantised to float32) from a llama.cpp `.gguf` file, or a folder holding one .gguf and
   // no config.json (see gguf_model_file).
   static expected<std::unique_ptr<cpu_backend>> load(const std::filesystem::path& model_dir,
                                                      kv_cache_options kv);
+  static expected<std::unique_ptr<cpu_backend>>
+  create(model_config config, const weight_source& weights, kv_cache_options kv);
+  // This rank's shard only: reads just its slices from `weights`. forward() on every rank of
+  // the grid returns the full logits (all-gathered over tensor, broadcast from the last stage).
   static expected<std::unique_ptr<cpu_backend>> create(model_config config,
                                                        const weight_source& weights,
-                                                       kv_cache_options kv);
+                                                       kv_cache_options kv, parallel_context par);
 
   const model_config& config() const override { return config_; }
   kv_cache_options kv_options() const override { return kv_; }
   expected<void> forward(const step_plan& plan, forward_output& out) override;
 
-private:
+ private:
   struct expert {
     std::vector<float> gate, up; // [moe_intermediate, hidden]
     std::vector<float> down;     // [hidden, moe_intermediate]
   };
   struct layer {
     std::vector<float> input_norm, post_norm; // [hidden]
-    std::vector<float> wq, wk, wv, wo;        // [q_size, hidden], [kv_size, hidden] x2, [hidden, q_size]
+    std::vector<float> wq, wk, wv, wo;        // local: [q, hidden], [kv, hidden] x2, [hidden, q]
     std::vector<float> bq, bk, bv, bo;        // empty when the model has no such bias
     std::vector<float> q_norm, k_norm;        // [head_dim] (Qwen3)
-    std::vector<float> gate, up, down;        // dense MLP
+    std::vector<float> gate, up, down;        // dense MLP, this rank's intermediate slice
     std::vector<float> router;                // [num_experts, hidden] (MoE)
-    std::vector<expert> experts;
+    std::vector<expert> experts;              // this rank's experts, shard_.experts
   };
   // Per-step token bookkeeping shared by the layer functions.
   struct batch {
@@ -49,23 +67,31 @@ private:
 
   cpu_backend() = default;
   expected<void> load_layer(const weight_source& w, int64_t l);
-  void attention_block(const layer& w, int64_t l, const step_plan& plan, const batch& b,
-                       std::vector<float>& x);
+  expected<void> attention_block(const layer& w, int64_t l, const step_plan& plan, const batch& b,
+                                 std::vector<float>& x);
   void attend(int64_t l, std::span<const int32_t> table, int32_t pos, const float* q,
               float* out) const;
-  void mlp_block(const layer& w, std::vector<float>& x, int64_t n);
+  expected<void> mlp_block(const layer& w, std::vector<float>& x, int64_t n);
+  expected<void> embed(const step_plan& plan, std::vector<float>& x);
+  expected<void> logits(const std::vector<float>& h, int32_t rows, forward_output& out);
+  const std::vector<float>& head() const { return lm_head_.empty() ? embed_ : lm_head_; }
+  int64_t q_local() const { return shard_.heads.size() * config_.head_dim; }
+  int64_t kv_local() const { return shard_.kv_heads.size() * config_.head_dim; }
   void moe(const layer& w, const float* h, int64_t n, float* out) const;
   float* k_block(int64_t l, int32_t block) const;
   float* v_block(int64_t l, int32_t block) const;
 
   model_config config_;
   kv_cache_options kv_;
+  parallel_context par_;
+  shard_plan shard_;
+  std::unique_ptr<comm::communicator> own_comm_; // single-rank stand-in when none was given
   std::vector<float> inv_freq_;
-  std::vector<float> embed_;      // [vocab, hidden]
+  std::vector<float> embed_;      // [vocab shard, hidden]
   std::vector<float> final_norm_; // [hidden]
-  std::vector<float> lm_head_;    // [vocab, hidden]; empty when tied to embed_
-  std::vector<layer> layers_;
-  // [layers][num_blocks][block_size][num_kv_heads][head_dim]
+  std::vector<float> lm_head_;    // [vocab shard, hidden]; empty when tied to embed_
+  std::vector<layer> layers_;     // this stage's layers only (others left empty)
+  // [stage layers][num_blocks][block_size][local kv heads][head_dim]
   mutable std::vector<float> k_cache_, v_cache_;
 };
 

@@ -1,0 +1,62 @@
+#include "engine/backend/shard.hpp"
+
+#include <fmt/format.h>
+
+namespace troupe::engine {
+
+index_range split_range(int64_t n, int parts, int r) {
+  const int64_t base = n / parts, extra = n % parts;
+  const int64_t begin = r * base + std::min<int64_t>(r, extra);
+  return {begin, begin + base + (r < extra ? 1 : 0)};
+}
+
+expected<void> check_parallel_layout(const model_config& c, int tensor, int pipeline) {
+  auto fail = [](std::string msg) { return error{errc::invalid_argument, std::move(msg)}; };
+  if (tensor < 1 || pipeline < 1)
+    return fail(fmt::format("tensor={} and pipeline={} must both be at least 1", tensor, pipeline));
+  if (c.num_heads % tensor != 0)
+    return fail(
+        fmt::format("num_attention_heads={} is not divisible by tensor={}", c.num_heads, tensor));
+  if (tensor <= c.num_kv_heads && c.num_kv_heads % tensor != 0)
+    return fail(fmt::format("num_key_value_heads={} is not divisible by tensor={}", c.num_kv_heads,
+                            tensor));
+  if (tensor > c.num_kv_heads && tensor % c.num_kv_heads != 0)
+    return fail(fmt::format("tensor={} is not a multiple of num_key_value_heads={} (kv heads are "
+                            "replicated only when each is shared by the same number of ranks)",
+                            tensor, c.num_kv_heads));
+  if (c.num_experts > 0 && c.num_experts < tensor)
+    return fail(fmt::format("num_experts={} is fewer than tensor={}: every rank needs an expert",
+                            c.num_experts, tensor));
+  if (c.intermediate_size > 0 && c.intermediate_size < tensor) // 0: every layer is MoE
+    return fail(
+        fmt::format("intermediate_size={} is smaller than tensor={}", c.intermediate_size, tensor));
+  if (c.num_layers < pipeline)
+    return fail(fmt::format("num_hidden_layers={} is fewer than pipeline={} stages", c.num_layers,
+                            pipeline));
+  return {};
+}
+
+expected<shard_plan> plan_shard(const model_config& c, const parallel_layout& p) {
+  TROUPE_TRY_VOID(check_parallel_layout(c, p.tp_size, p.pp_size));
+  if (p.tp_rank < 0 || p.tp_rank >= p.tp_size || p.pp_rank < 0 || p.pp_rank >= p.pp_size)
+    return make_error(errc::invalid_argument,
+                      "rank (tensor {}, pipeline {}) is outside a {} x {} grid", p.tp_rank,
+                      p.pp_rank, p.tp_size, p.pp_size);
+  shard_plan s;
+  s.heads = split_range(c.num_heads, p.tp_size, p.tp_rank);
+  if (p.tp_size <= c.num_kv_heads) {
+    s.kv_heads = split_range(c.num_kv_heads, p.tp_size, p.tp_rank);
+  } else {
+    const int64_t kvh = p.tp_rank / (p.tp_size / c.num_kv_heads);
+    s.kv_heads = {kvh, kvh + 1};
+  }
+  s.intermediate = split_range(c.intermediate_size, p.tp_size, p.tp_rank);
+  s.experts = split_range(c.num_experts, p.tp_size, p.tp_rank);
+  s.vocab_chunk = (c.vocab_size + p.tp_size - 1) / p.tp_size;
+  s.vocab = {std::min(c.vocab_size, p.tp_rank * s.vocab_chunk),
+             std::min(c.vocab_size, (p.tp_rank + 1) * s.vocab_chunk)};
+  s.layers = split_range(c.num_layers, p.pp_size, p.pp_rank);
+  return s;
+}
+
+} // namespace troupe::engine

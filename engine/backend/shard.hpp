@@ -1,0 +1,51 @@
+// How one rank of a tensor x pipeline grid slices a model (design.md §5): whole attention heads
+// per tensor rank (kv heads replicated when tensor > num_key_value_heads), MLP intermediate and
+// vocabulary split in contiguous ranges, MoE experts split across tensor ranks, contiguous layer
+// ranges per pipeline stage. Pure functions: the backends call them at load, the placement
+// planner calls check_parallel_layout to reject impossible layouts before placing anything.
+#pragma once
+
+#include <cstdint>
+
+#include "engine/model/model_config.hpp"
+#include "runtime/error.hpp"
+
+namespace troupe::engine {
+
+struct parallel_layout {
+  int tp_rank = 0, tp_size = 1;
+  int pp_rank = 0, pp_size = 1;
+  // Rank in the whole grid: stages are consecutive blocks of tp_size ranks.
+  int world_rank() const { return pp_rank * tp_size + tp_rank; }
+  int world_size() const { return tp_size * pp_size; }
+};
+
+// [begin, end) of one dimension.
+struct index_range {
+  int64_t begin = 0, end = 0;
+  int64_t size() const { return end - begin; }
+  bool contains(int64_t i) const { return i >= begin && i < end; }
+};
+
+// Rank r's share of n items split as evenly as possible over `parts` contiguous ranges.
+index_range split_range(int64_t n, int parts, int r);
+
+struct shard_plan {
+  index_range heads;        // query heads of this tensor rank
+  index_range kv_heads;     // its key/value heads (one replicated head when tensor > kv heads)
+  index_range intermediate; // dense MLP rows of gate/up, columns of down
+  index_range experts;      // MoE experts held whole by this rank
+  index_range vocab;        // embedding and lm_head rows
+  int64_t vocab_chunk = 0;  // ceil(vocab / tensor): the padded slice size of the logits gather
+  index_range layers;       // this pipeline stage's decoder layers
+  bool first_stage() const { return layers.begin == 0; }
+};
+
+// The reasons a layout cannot serve `config`, e.g. "num_attention_heads=40 is not divisible by
+// tensor=3"; the first one found. Ranks are not looked at.
+expected<void> check_parallel_layout(const model_config& config, int tensor, int pipeline);
+
+// This rank's slices; fails like check_parallel_layout, or for ranks outside the grid.
+expected<shard_plan> plan_shard(const model_config& config, const parallel_layout& layout);
+
+} // namespace troupe::engine
