@@ -96,8 +96,6 @@ expected<void> read_key(std::string_view what, const std::string& k, const YAML:
     return read(what, v, k, c.port);
   if (k == "api_key")
     return read(what, v, k, c.api_key);
-  if (k == "http_threads")
-    return read(what, v, k, c.http_threads);
   if (k == "parallel")
     return read_parallel(what, v, c.parallel);
   return make_error(errc::internal, "unhandled key {}", k);
@@ -130,8 +128,6 @@ expected<void> check_ranges(std::string_view what, const deployment_config& c) {
     return bad("num_kv_blocks", "must be >= 0 (0 = derived)");
   if (c.port < 0 || c.port > 65535)
     return bad("port", "must be in [0, 65535]");
-  if (c.http_threads < 1 || c.http_threads > 64)
-    return bad("http_threads", "must be in [1, 64]");
   const auto& p = c.parallel;
   if (p.tensor < 1 || p.pipeline < 1 || p.replicas < 1)
     return bad("parallel", "sizes must be >= 1");
@@ -178,7 +174,6 @@ const std::vector<std::string_view>& deployment_keys() {
                                                      "host",
                                                      "port",
                                                      "api_key",
-                                                     "http_threads",
                                                      "parallel"};
   return keys;
 }

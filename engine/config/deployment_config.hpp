@@ -36,7 +36,6 @@ struct deployment_config {
   std::string host = "127.0.0.1";
   int32_t port = 8000; // 0 = any free port (printed)
   std::string api_key; // non-empty: every route needs "Authorization: Bearer <key>"
-  int32_t http_threads = 2;
   parallel_layout parallel;
 };
 

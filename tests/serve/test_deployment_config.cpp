@@ -40,7 +40,6 @@ seed: 7
 host: 0.0.0.0
 port: 0
 api_key: secret
-http_threads: 3
 parallel: {tensor: 1, pipeline: 1, replicas: 1}
 )",
                             "m.yaml");
@@ -59,8 +58,7 @@ parallel: {tensor: 1, pipeline: 1, replicas: 1}
   CHECK(c->host == "0.0.0.0");
   CHECK(c->port == 0);
   CHECK(c->api_key == "secret");
-  CHECK(c->http_threads == 3);
-  CHECK(deployment_keys().size() == 18);
+  CHECK(deployment_keys().size() == 17);
 }
 
 TEST_CASE("model.yaml: unknown keys name the key and the closest valid one") {

@@ -2,6 +2,7 @@
 // tiny-qwen3 model on the CPU backend: greedy tokens equal engine/generate.hpp's, streaming equals
 // non-streaming, every error status, API keys, disconnects freeing KV blocks, concurrent clients.
 #include <chrono>
+#include <atomic>
 #include <thread>
 
 #include <doctest/doctest.h>
@@ -283,5 +284,65 @@ TEST_CASE("http: stop strings, logprobs and the api key") {
   CHECK(test::http_call(keyed->port(), "GET", "/health", "", "Authorization: Bearer nope\r\n")
             .status == 401);
   CHECK(test::http_call(keyed->port(), "GET", "/v1/models", "", "Authorization: Bearer sekret\r\n")
+            .status == 200);
+}
+
+TEST_CASE("http: mixed load with random disconnects, malformed bodies and oversize prompts") {
+  auto* s = server();
+  if (!s) return;
+  constexpr int clients = 8, per_client = 30;
+  std::atomic<int> wrong{0}, done_ok{0};
+  std::vector<std::thread> threads;
+  for (int c = 0; c < clients; ++c) {
+    threads.emplace_back([&, c] {
+      uint32_t rng = 12345u + static_cast<uint32_t>(c) * 7919u;
+      auto next = [&] { return rng = rng * 1664525u + 1013904223u, rng >> 8; };
+      for (int i = 0; i < per_client; ++i) {
+        const auto kind = next() % 5;
+        const int max_tokens = 1 + static_cast<int>(next() % 40);
+        if (kind == 0) { // malformed JSON
+          wrong += test::http_call(s->port(), "POST", "/v1/completions", "{\"prompt\": ").status != 400;
+        } else if (kind == 1) { // prompt longer than the context
+          json b = {{"prompt", std::vector<int>(257, 11)}, {"stream", true}};
+          wrong += test::http_call(s->port(), "POST", "/v1/completions", b.dump()).status != 400;
+        } else if (kind == 2) { // streaming, client leaves after a few bytes
+          boost::asio::io_context ioc;
+          boost::asio::ip::tcp::socket sock(ioc);
+          sock.connect({boost::asio::ip::make_address("127.0.0.1"), s->port()});
+          json b = {{"prompt", "tell me a story"}, {"max_tokens", 60}, {"ignore_eos", true},
+                    {"stream", true}, {"seed", static_cast<int>(next() % 1000)}};
+          boost::asio::write(sock, boost::asio::buffer(test::http_request_text(
+                                       "POST", "/v1/completions", b.dump(), "")));
+          char buf[256];
+          boost::system::error_code ec;
+          const auto leave_after = next() % 400;
+          for (size_t got = 0; got <= leave_after && !ec;)
+            got += sock.read_some(boost::asio::buffer(buf), ec);
+          sock.close();
+        } else { // complete streaming or non-streaming chat
+          json b = chat_body(max_tokens, kind == 3);
+          b["temperature"] = 0.8;
+          auto r = test::http_call(s->port(), "POST", "/v1/chat/completions", b.dump());
+          const bool ok = r.status == 200 &&
+                          (kind == 3 ? r.body.find("data: [DONE]") != std::string::npos
+                                     : r.json()["usage"]["completion_tokens"] == max_tokens);
+          wrong += !ok;
+          done_ok += ok;
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  CHECK(wrong == 0);
+  CHECK(done_ok > 0);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while ((metric(s->port(), "troupe_kv_blocks_in_use") > 0 ||
+          metric(s->port(), "troupe_num_requests_running") > 0) &&
+         std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  CHECK(metric(s->port(), "troupe_kv_blocks_in_use") == 0);
+  CHECK(metric(s->port(), "troupe_num_requests_running") == 0);
+  CHECK(metric(s->port(), "troupe_num_requests_waiting") == 0);
+  CHECK(test::http_call(s->port(), "POST", "/v1/completions", R"({"prompt": "hi", "max_tokens": 2})")
             .status == 200);
 }
