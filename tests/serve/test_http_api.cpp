@@ -1,8 +1,9 @@
 // The OpenAI HTTP API over real sockets on 127.0.0.1, served in-process from the golden
 // tiny-qwen3 model on the CPU backend: greedy tokens equal engine/generate.hpp's, streaming equals
 // non-streaming, every error status, API keys, disconnects freeing KV blocks, concurrent clients.
-#include <chrono>
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <thread>
 
 #include <doctest/doctest.h>
@@ -25,13 +26,15 @@ struct served {
   uint16_t port() const { return d->port(); }
 };
 
-std::unique_ptr<serve::deployment> start(const std::filesystem::path& dir, const std::string& key) {
+std::unique_ptr<serve::deployment> start(const std::filesystem::path& dir, const std::string& key,
+                                         int32_t max_num_seqs = 8, int32_t max_waiting = 1024) {
   engine::deployment_config c;
   c.model = dir.string();
   c.served_model_name = "tiny-qwen3";
   c.max_model_len = 256;
   c.num_kv_blocks = 64;
-  c.max_num_seqs = 8;
+  c.max_num_seqs = max_num_seqs;
+  c.max_waiting = max_waiting;
   c.port = 0;
   c.api_key = key;
   auto d = serve::deployment::start(c, "test");
@@ -289,7 +292,8 @@ TEST_CASE("http: stop strings, logprobs and the api key") {
 
 TEST_CASE("http: mixed load with random disconnects, malformed bodies and oversize prompts") {
   auto* s = server();
-  if (!s) return;
+  if (!s)
+    return;
   constexpr int clients = 8, per_client = 30;
   std::atomic<int> wrong{0}, done_ok{0};
   std::vector<std::thread> threads;
@@ -301,7 +305,8 @@ TEST_CASE("http: mixed load with random disconnects, malformed bodies and oversi
         const auto kind = next() % 5;
         const int max_tokens = 1 + static_cast<int>(next() % 40);
         if (kind == 0) { // malformed JSON
-          wrong += test::http_call(s->port(), "POST", "/v1/completions", "{\"prompt\": ").status != 400;
+          wrong +=
+              test::http_call(s->port(), "POST", "/v1/completions", "{\"prompt\": ").status != 400;
         } else if (kind == 1) { // prompt longer than the context
           json b = {{"prompt", std::vector<int>(257, 11)}, {"stream", true}};
           wrong += test::http_call(s->port(), "POST", "/v1/completions", b.dump()).status != 400;
@@ -309,8 +314,11 @@ TEST_CASE("http: mixed load with random disconnects, malformed bodies and oversi
           boost::asio::io_context ioc;
           boost::asio::ip::tcp::socket sock(ioc);
           sock.connect({boost::asio::ip::make_address("127.0.0.1"), s->port()});
-          json b = {{"prompt", "tell me a story"}, {"max_tokens", 60}, {"ignore_eos", true},
-                    {"stream", true}, {"seed", static_cast<int>(next() % 1000)}};
+          json b = {{"prompt", "tell me a story"},
+                    {"max_tokens", 60},
+                    {"ignore_eos", true},
+                    {"stream", true},
+                    {"seed", static_cast<int>(next() % 1000)}};
           boost::asio::write(sock, boost::asio::buffer(test::http_request_text(
                                        "POST", "/v1/completions", b.dump(), "")));
           char buf[256];
@@ -323,16 +331,17 @@ TEST_CASE("http: mixed load with random disconnects, malformed bodies and oversi
           json b = chat_body(max_tokens, kind == 3);
           b["temperature"] = 0.8;
           auto r = test::http_call(s->port(), "POST", "/v1/chat/completions", b.dump());
-          const bool ok = r.status == 200 &&
-                          (kind == 3 ? r.body.find("data: [DONE]") != std::string::npos
-                                     : r.json()["usage"]["completion_tokens"] == max_tokens);
+          const bool ok =
+              r.status == 200 && (kind == 3 ? r.body.find("data: [DONE]") != std::string::npos
+                                            : r.json()["usage"]["completion_tokens"] == max_tokens);
           wrong += !ok;
           done_ok += ok;
         }
       }
     });
   }
-  for (auto& t : threads) t.join();
+  for (auto& t : threads)
+    t.join();
   CHECK(wrong == 0);
   CHECK(done_ok > 0);
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
@@ -343,6 +352,45 @@ TEST_CASE("http: mixed load with random disconnects, malformed bodies and oversi
   CHECK(metric(s->port(), "troupe_kv_blocks_in_use") == 0);
   CHECK(metric(s->port(), "troupe_num_requests_running") == 0);
   CHECK(metric(s->port(), "troupe_num_requests_waiting") == 0);
-  CHECK(test::http_call(s->port(), "POST", "/v1/completions", R"({"prompt": "hi", "max_tokens": 2})")
+  CHECK(
+      test::http_call(s->port(), "POST", "/v1/completions", R"({"prompt": "hi", "max_tokens": 2})")
+          .status == 200);
+}
+
+TEST_CASE("http: a full waiting queue answers 503 and the server recovers") {
+  auto* s = server();
+  if (!s)
+    return;
+  auto small = start(s->dir, "", 1, 1); // one running, one waiting
+  boost::asio::io_context ioc;
+  boost::asio::ip::tcp::socket sock(ioc);
+  sock.connect({boost::asio::ip::make_address("127.0.0.1"), small->port()});
+  json long_body = {{"prompt", "a"}, {"max_tokens", 200}, {"ignore_eos", true}, {"stream", true}};
+  boost::asio::write(sock, boost::asio::buffer(test::http_request_text("POST", "/v1/completions",
+                                                                       long_body.dump(), "")));
+  std::string got;
+  while (test::sse_events(got.substr(std::min(got.size(), got.find("\r\n\r\n")))).empty()) {
+    char buf[512];
+    got.append(buf, sock.read_some(boost::asio::buffer(buf)));
+  }
+  // The long request runs; of two more, at most one can wait.
+  std::vector<int> statuses(2);
+  std::vector<std::thread> t;
+  for (int i = 0; i < 2; ++i)
+    t.emplace_back([&, i] {
+      auto r = test::http_call(small->port(), "POST", "/v1/completions",
+                               R"({"prompt": "b", "max_tokens": 2})");
+      statuses[i] = r.status;
+      if (r.status == 503)
+        CHECK(r.json()["error"]["message"].get<std::string>().find("queue is full") !=
+              std::string::npos);
+    });
+  for (auto& x : t)
+    x.join();
+  CHECK(std::count(statuses.begin(), statuses.end(), 503) == 1);
+  CHECK(std::count(statuses.begin(), statuses.end(), 200) == 1);
+  sock.close();
+  CHECK(test::http_call(small->port(), "POST", "/v1/completions",
+                        R"({"prompt": "b", "max_tokens": 2})")
             .status == 200);
 }
