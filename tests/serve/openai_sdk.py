@@ -4,7 +4,7 @@ import json, os, re, signal, subprocess, sys, tempfile, urllib.request
 
 import openai
 
-cluster, golden = sys.argv[1], sys.argv[2]
+cluster, golden = sys.argv[1], os.environ.get("TROUPE_GOLDEN_DIR", sys.argv[2])
 model = os.path.join(golden, "models", "tiny-qwen3")
 yaml = os.path.join(tempfile.mkdtemp(prefix="troupe-sdk-"), "model.yaml")
 with open(yaml, "w") as f:

@@ -4,7 +4,7 @@
 # Exit 77 = skipped (no golden data, or PyPI unreachable outside CI).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-cluster="$1" golden="$2"
+cluster="$1" golden="${TROUPE_GOLDEN_DIR:-$2}"
 if [ ! -f "$golden/models/tiny-qwen3/config.json" ]; then
   echo "SKIP: golden data not found at $golden"; [ "${CI:-}" = "true" ] && exit 1; exit 77
 fi

@@ -6,7 +6,7 @@ errors, and a clean SIGTERM stop. With SmolLM2 (TROUPE_SMOLLM2_GGUF), it must an
 Usage: serve_e2e.py PATH/TO/cluster GOLDEN_DIR. Exit 77 = skipped."""
 import json, os, re, signal, subprocess, sys, tempfile, time, urllib.error, urllib.request
 
-cluster, golden = sys.argv[1], sys.argv[2]
+cluster, golden = sys.argv[1], os.environ.get("TROUPE_GOLDEN_DIR", sys.argv[2])
 model = os.path.join(golden, "models", "tiny-qwen3")
 if not os.path.isfile(os.path.join(model, "config.json")):
     print(f"SKIP: golden data not found at {golden}")
