@@ -4,6 +4,7 @@
 
 #include "cli/cluster_commands.hpp"
 #include "cli/generate_command.hpp"
+#include "cli/serve_command.hpp"
 
 #ifndef TROUPE_VERSION
 #define TROUPE_VERSION "0.0.0"
@@ -19,6 +20,7 @@ int main(int argc, char** argv) {
   troupe::cli::add_join_command(app, exit_code);
   troupe::cli::add_status_command(app, exit_code);
   troupe::cli::add_stop_command(app, exit_code);
+  troupe::cli::add_serve_command(app, exit_code);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

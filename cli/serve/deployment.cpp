@@ -1,0 +1,143 @@
+#include "cli/serve/deployment.hpp"
+
+#include <algorithm>
+
+#include "cli/serve/http_server.hpp"
+#include "engine/backend/cpu/cpu_backend.hpp"
+#include "engine/model/gguf_weights.hpp"
+#include "engine/sampling/sampler.hpp"
+#include "runtime/log.hpp"
+
+namespace troupe::serve {
+
+struct deployment::parts {
+  engine::model_tokenizer text;
+  std::unique_ptr<engine::cpu_backend> model;
+  std::unique_ptr<engine::local_executor> exec;
+  std::unique_ptr<serving_engine> engine;
+  serve_metrics metrics;
+  std::unique_ptr<serve_context> ctx;
+  std::unique_ptr<http_server> server;
+};
+
+namespace {
+
+expected<engine::model_config> peek_config(const std::string& path) {
+  auto gguf = engine::gguf_model_file(path);
+  if (!gguf)
+    return std::move(gguf).error();
+  if (!*gguf)
+    return engine::load_model_config(path);
+  auto file = engine::gguf_file::open(**gguf);
+  if (!file)
+    return std::move(file).error();
+  return engine::gguf_model_config(*file);
+}
+
+} // namespace
+
+expected<kv_plan> plan_kv(const engine::deployment_config& c, const engine::model_config& m) {
+  kv_plan p;
+  const int64_t model_len = m.max_position_embeddings > 0 ? m.max_position_embeddings : 4096;
+  p.max_model_len = c.max_model_len > 0 ? c.max_model_len
+                                        : static_cast<int32_t>(std::min<int64_t>(model_len, 4096));
+  if (m.max_position_embeddings > 0 && p.max_model_len > m.max_position_embeddings)
+    return make_error(errc::invalid_argument,
+                      "max_model_len {} exceeds the model's max_position_embeddings {}",
+                      p.max_model_len, m.max_position_embeddings);
+  const int64_t per_seq = (p.max_model_len + c.block_size - 1) / c.block_size;
+  if (c.num_kv_blocks > 0) {
+    if (c.num_kv_blocks < per_seq)
+      return make_error(errc::invalid_argument,
+                        "num_kv_blocks {} cannot hold one context of max_model_len {} ({} blocks "
+                        "of {} tokens)",
+                        c.num_kv_blocks, p.max_model_len, per_seq, c.block_size);
+    p.num_blocks = c.num_kv_blocks;
+    return p;
+  }
+  const int64_t block_bytes = 2 * m.num_layers * c.block_size * m.kv_size() * 4;
+  const int64_t cap =
+      std::max<int64_t>(per_seq, (int64_t{1} << 30) / std::max<int64_t>(1, block_bytes));
+  p.num_blocks = static_cast<int32_t>(std::min<int64_t>(per_seq * c.max_num_seqs, cap));
+  return p;
+}
+
+expected<std::unique_ptr<deployment>> deployment::start(const engine::deployment_config& c,
+                                                        std::string version) {
+  if (c.device != "cpu")
+    return make_error(errc::unsupported,
+                      "device '{}': in-process serving runs on the CPU backend only for now "
+                      "(CUDA serving comes with the CUDA issue); use device: cpu",
+                      c.device);
+  if (c.dtype != "auto" && c.dtype != "float32")
+    return make_error(errc::unsupported,
+                      "dtype '{}': the CPU backend computes in float32; use "
+                      "dtype: auto or float32",
+                      c.dtype);
+  auto d = std::unique_ptr<deployment>(new deployment());
+  d->parts_ = std::make_unique<parts>();
+  auto& p = *d->parts_;
+  auto config = peek_config(c.model);
+  if (!config)
+    return std::move(config).error().context("model " + c.model);
+  auto kv = plan_kv(c, *config);
+  if (!kv)
+    return std::move(kv).error();
+  auto text = engine::model_tokenizer::load_for_model(c.model);
+  if (!text)
+    return std::move(text).error().context("tokenizer of " + c.model);
+  p.text = std::move(*text);
+  auto model = engine::cpu_backend::load(
+      c.model, {.num_blocks = kv->num_blocks, .block_size = c.block_size});
+  if (!model)
+    return std::move(model).error();
+  p.model = std::move(*model);
+  p.exec = std::make_unique<engine::local_executor>(*p.model);
+
+  engine::scheduler_options so{.num_blocks = kv->num_blocks,
+                               .block_size = c.block_size,
+                               .prefix_caching = c.prefix_caching,
+                               .max_num_batched_tokens = c.max_num_batched_tokens,
+                               .max_num_seqs = c.max_num_seqs,
+                               .max_waiting = c.max_waiting,
+                               .max_model_len = kv->max_model_len,
+                               .vocab_size = p.model->config().vocab_size,
+                               .eos_token_ids = p.text.eos_ids,
+                               .seed = c.seed};
+  if (so.eos_token_ids.empty())
+    so.eos_token_ids = p.model->config().eos_token_ids;
+  TROUPE_TRY_VOID(engine::validate(so));
+  p.engine = std::make_unique<serving_engine>(so, *p.exec);
+  p.ctx = std::make_unique<serve_context>();
+  p.ctx->options = {.host = c.host,
+                    .port = static_cast<uint16_t>(c.port),
+                    .api_key = c.api_key,
+                    .version = std::move(version)};
+  p.ctx->model = {.name = c.served_model_name,
+                  .max_model_len = kv->max_model_len,
+                  .vocab_size = p.model->config().vocab_size,
+                  .text = &p.text};
+  p.ctx->engine = p.engine.get();
+  p.ctx->metrics = &p.metrics;
+  p.server = std::make_unique<http_server>(*p.ctx);
+  auto port = p.server->start();
+  if (!port)
+    return std::move(port).error();
+  d->port_ = *port;
+  d->host_ = c.host;
+  d->name_ = c.served_model_name;
+  d->max_model_len_ = kv->max_model_len;
+  d->num_kv_blocks_ = kv->num_blocks;
+  return d;
+}
+
+deployment::~deployment() {
+  if (!parts_)
+    return;
+  if (parts_->server)
+    parts_->server->stop(); // sessions end (their requests cancelled) before the engine stops
+  parts_->server.reset();
+  parts_->engine.reset();
+}
+
+} // namespace troupe::serve

@@ -1,0 +1,334 @@
+#include "cli/serve/openai_api.hpp"
+
+#include <fmt/format.h>
+
+namespace troupe::serve {
+
+namespace {
+
+api_error bad(std::string param, std::string message) {
+  return api_error{400, std::move(message), std::move(param), {}};
+}
+
+// Reads an optional number into `out`; a wrong type is an error naming the parameter.
+template <class T>
+std::optional<api_error> opt_number(const json& j, const char* key, T& out) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null())
+    return std::nullopt;
+  if constexpr (std::is_same_v<T, bool>) {
+    if (!it->is_boolean())
+      return bad(key, fmt::format("'{}' must be a boolean", key));
+    out = it->get<bool>();
+  } else if constexpr (std::is_integral_v<T>) {
+    if (!it->is_number_integer())
+      return bad(key, fmt::format("'{}' must be an integer", key));
+    const auto v = it->get<int64_t>();
+    if (v < static_cast<int64_t>(std::numeric_limits<T>::min()) ||
+        (v > 0 && static_cast<uint64_t>(v) > static_cast<uint64_t>(std::numeric_limits<T>::max())))
+      return bad(key, fmt::format("'{}' is out of range", key));
+    out = static_cast<T>(v);
+  } else {
+    if (!it->is_number())
+      return bad(key, fmt::format("'{}' must be a number", key));
+    out = it->get<T>();
+  }
+  return std::nullopt;
+}
+
+std::optional<api_error> token_list(const json& j, const char* key, int64_t vocab,
+                                    std::vector<token_id>& out) {
+  if (!j.is_array())
+    return bad(key, fmt::format("'{}' must be a list of token ids", key));
+  for (const auto& t : j) {
+    if (!t.is_number_integer() || t.get<int64_t>() < 0 || (vocab > 0 && t.get<int64_t>() >= vocab))
+      return bad(key, fmt::format("'{}' holds an invalid token id {} (vocabulary size {})", key,
+                                  t.dump(), vocab));
+    out.push_back(t.get<token_id>());
+  }
+  return std::nullopt;
+}
+
+// Chat messages with content as a string or a list of {"type": "text", "text": ...} parts,
+// normalised to strings for the chat template.
+std::variant<json, api_error> normalise_messages(const json& body) {
+  auto it = body.find("messages");
+  if (it == body.end() || !it->is_array() || it->empty())
+    return bad("messages", "'messages' must be a non-empty list of {role, content}");
+  json out = json::array();
+  for (const auto& m : *it) {
+    if (!m.is_object() || !m.contains("role") || !m["role"].is_string())
+      return bad("messages", "each message needs a string 'role'");
+    json msg = m;
+    const auto& c = m.contains("content") ? m["content"] : json();
+    if (c.is_array()) {
+      std::string text;
+      for (const auto& part : c) {
+        if (!part.is_object() || part.value("type", "") != "text" || !part.contains("text") ||
+            !part["text"].is_string())
+          return bad("messages", "only text content parts ({\"type\": \"text\"}) are supported");
+        text += part["text"].get<std::string>();
+      }
+      msg["content"] = text;
+    } else if (!c.is_string() && !c.is_null()) {
+      return bad("messages", "message 'content' must be a string or a list of text parts");
+    }
+    out.push_back(std::move(msg));
+  }
+  return out;
+}
+
+std::variant<std::vector<token_id>, api_error> chat_prompt(const json& body, const model_info& m) {
+  auto msgs = normalise_messages(body);
+  if (auto* e = std::get_if<api_error>(&msgs))
+    return *e;
+  if (!m.text->chat)
+    return bad("messages", fmt::format("model '{}' has no chat template", m.name));
+  engine::chat_options opts;
+  if (auto e = opt_number(body, "add_generation_prompt", opts.add_generation_prompt))
+    return *e;
+  auto kw = body.find("chat_template_kwargs");
+  if (kw != body.end() && kw->is_object() && kw->contains("enable_thinking") &&
+      (*kw)["enable_thinking"].is_boolean())
+    opts.enable_thinking = (*kw)["enable_thinking"].get<bool>();
+  auto ids = m.text->encode_chat(std::get<json>(msgs), opts);
+  if (!ids)
+    return bad("messages", ids.error().message());
+  return std::move(*ids);
+}
+
+std::variant<std::vector<token_id>, api_error> text_prompt(const json& body, const model_info& m) {
+  auto it = body.find("prompt");
+  if (it == body.end())
+    return bad("prompt", "'prompt' is required");
+  const json* p = &*it;
+  if (p->is_array() && p->size() == 1 && ((*p)[0].is_string() || (*p)[0].is_array()))
+    p = &(*p)[0]; // ["text"] or [[ids]]: one prompt
+  std::vector<token_id> ids;
+  if (p->is_string()) {
+    auto enc = m.text->text->encode(p->get<std::string>());
+    if (!enc)
+      return bad("prompt", enc.error().message());
+    ids = std::move(*enc);
+  } else if (p->is_array() && !p->empty() && (*p)[0].is_number()) {
+    if (auto e = token_list(*p, "prompt", m.vocab_size, ids))
+      return *e;
+  } else if (p->is_array() && p->size() > 1) {
+    return bad("prompt", "batched prompts (a list of several prompts) are not supported; send one "
+                         "request per prompt");
+  } else {
+    return bad("prompt", "'prompt' must be a string, a list of token ids, or a one-element list");
+  }
+  if (ids.empty())
+    return bad("prompt", "the prompt is empty");
+  return ids;
+}
+
+std::optional<api_error> read_sampling(const json& b, bool chat, completion_request& r) {
+  auto& s = r.sampling;
+  if (auto e = opt_number(b, "temperature", s.temperature))
+    return e;
+  if (auto e = opt_number(b, "top_p", s.top_p))
+    return e;
+  if (auto e = opt_number(b, "top_k", s.top_k))
+    return e;
+  if (auto e = opt_number(b, "min_p", s.min_p))
+    return e;
+  if (auto e = opt_number(b, "presence_penalty", s.presence_penalty))
+    return e;
+  if (auto e = opt_number(b, "frequency_penalty", s.frequency_penalty))
+    return e;
+  if (auto e = opt_number(b, "repetition_penalty", s.repetition_penalty))
+    return e;
+  if (auto e = opt_number(b, "ignore_eos", s.ignore_eos))
+    return e;
+  if (auto e = opt_number(b, "min_tokens", s.min_tokens))
+    return e;
+  if (b.contains("seed") && !b["seed"].is_null()) {
+    if (!b["seed"].is_number_integer())
+      return bad("seed", "'seed' must be an integer");
+    s.has_seed = true;
+    s.seed = static_cast<uint64_t>(b["seed"].get<int64_t>());
+  }
+  if (chat) {
+    bool want = false;
+    if (auto e = opt_number(b, "logprobs", want))
+      return e;
+    int32_t top = 0;
+    if (auto e = opt_number(b, "top_logprobs", top))
+      return e;
+    if (top < 0 || top > 20)
+      return bad("top_logprobs", "'top_logprobs' must be in [0, 20]");
+    if (!want && top > 0)
+      return bad("top_logprobs", "'top_logprobs' needs 'logprobs': true");
+    r.top_logprobs = want ? top : -1;
+  } else {
+    int32_t n = -1;
+    if (auto e = opt_number(b, "logprobs", n))
+      return e;
+    if (n > 20)
+      return bad("logprobs", "'logprobs' must be in [0, 20]");
+    r.top_logprobs = n < 0 ? -1 : n;
+  }
+  s.logprobs = r.top_logprobs;
+  return std::nullopt;
+}
+
+std::optional<api_error> read_stops(const json& b, const model_info& m, completion_request& r) {
+  if (auto it = b.find("stop"); it != b.end() && !it->is_null()) {
+    if (it->is_string())
+      r.stop.push_back(it->get<std::string>());
+    else if (it->is_array() &&
+             std::all_of(it->begin(), it->end(), [](auto& x) { return x.is_string(); }))
+      for (const auto& x : *it)
+        r.stop.push_back(x.get<std::string>());
+    else
+      return bad("stop", "'stop' must be a string or a list of strings");
+    for (const auto& x : r.stop)
+      if (x.empty())
+        return bad("stop", "stop strings must not be empty");
+  }
+  if (auto it = b.find("stop_token_ids"); it != b.end() && !it->is_null())
+    if (auto e = token_list(*it, "stop_token_ids", m.vocab_size, r.stop_token_ids))
+      return e;
+  return std::nullopt;
+}
+
+std::optional<api_error> read_limits(const json& b, bool chat, const model_info& m,
+                                     completion_request& r) {
+  int32_t n = 1;
+  if (auto e = opt_number(b, "n", n))
+    return e;
+  if (n != 1)
+    return bad("n", "only n=1 is supported");
+  int32_t max_tokens = -1;
+  if (auto e = opt_number(b, "max_tokens", max_tokens))
+    return e;
+  if (chat && b.contains("max_completion_tokens") && !b["max_completion_tokens"].is_null())
+    if (auto e = opt_number(b, "max_completion_tokens", max_tokens))
+      return e;
+  const int32_t len = static_cast<int32_t>(r.prompt.size());
+  const char* prompt_key = chat ? "messages" : "prompt";
+  if (len >= m.max_model_len)
+    return bad(prompt_key, fmt::format("the prompt has {} tokens, but this model's maximum context "
+                                       "length is {} tokens (max_model_len)",
+                                       len, m.max_model_len));
+  if (max_tokens == -1 && !b.contains("max_tokens") && !b.contains("max_completion_tokens"))
+    max_tokens = chat ? m.max_model_len - len : 16; // OpenAI: completions default to 16
+  const char* mt =
+      chat && b.contains("max_completion_tokens") ? "max_completion_tokens" : "max_tokens";
+  if (max_tokens < 1)
+    return bad(mt, fmt::format("'{}' must be at least 1", mt));
+  if (len + static_cast<int64_t>(max_tokens) > m.max_model_len)
+    return bad(mt, fmt::format("'{}' is too large: {} prompt tokens + {} exceeds this model's "
+                               "maximum context length of {} tokens",
+                               mt, len, max_tokens, m.max_model_len));
+  r.sampling.max_tokens = max_tokens;
+  return std::nullopt;
+}
+
+} // namespace
+
+std::string dump(const json& j) {
+  return j.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+std::string error_body(const api_error& e) {
+  std::string type = e.type;
+  if (type.empty())
+    type = e.status == 401                      ? "authentication_error"
+           : e.status == 404                    ? "not_found_error"
+           : e.status == 429 || e.status == 503 ? "rate_limit_error"
+           : e.status >= 500                    ? "server_error"
+                                                : "invalid_request_error";
+  json err = {{"message", e.message},
+              {"type", type},
+              {"param", e.param.empty() ? json() : json(e.param)},
+              {"code", e.status}};
+  return dump(json{{"error", err}});
+}
+
+std::variant<completion_request, api_error> parse_completion(const std::string& body, bool chat,
+                                                             const model_info& m) {
+  json b;
+  try {
+    b = json::parse(body);
+  } catch (const json::exception& e) {
+    return bad("", fmt::format("malformed JSON body: {}", e.what()));
+  }
+  if (!b.is_object())
+    return bad("", "the request body must be a JSON object");
+  if (auto it = b.find("model"); it != b.end() && !it->is_null()) {
+    if (!it->is_string() || it->get<std::string>() != m.name)
+      return api_error{404,
+                       fmt::format("the model '{}' does not exist; this server serves '{}'",
+                                   it->is_string() ? it->get<std::string>() : it->dump(), m.name),
+                       "model",
+                       {}};
+  }
+  completion_request r;
+  r.chat = chat;
+  auto prompt = chat ? chat_prompt(b, m) : text_prompt(b, m);
+  if (auto* e = std::get_if<api_error>(&prompt))
+    return *e;
+  r.prompt = std::move(std::get<std::vector<token_id>>(prompt));
+  if (auto e = opt_number(b, "stream", r.stream))
+    return *e;
+  if (auto it = b.find("stream_options"); it != b.end() && it->is_object())
+    if (auto e = opt_number(*it, "include_usage", r.include_usage))
+      return *e;
+  if (auto e = opt_number(b, "return_token_ids", r.return_token_ids))
+    return *e;
+  if (auto e = opt_number(b, "skip_special_tokens", r.skip_special_tokens))
+    return *e;
+  if (auto e = read_sampling(b, chat, r))
+    return *e;
+  if (auto e = read_stops(b, m, r))
+    return *e;
+  if (auto e = read_limits(b, chat, m, r))
+    return *e;
+  return r;
+}
+
+std::variant<json, api_error> tokenize(const std::string& body, const model_info& m) {
+  json b;
+  try {
+    b = json::parse(body);
+  } catch (const json::exception& e) {
+    return bad("", fmt::format("malformed JSON body: {}", e.what()));
+  }
+  if (!b.is_object())
+    return bad("", "the request body must be a JSON object");
+  std::variant<std::vector<token_id>, api_error> ids;
+  if (b.contains("messages")) {
+    ids = chat_prompt(b, m);
+  } else if (b.contains("prompt") && b["prompt"].is_string()) {
+    auto enc = m.text->text->encode(b["prompt"].get<std::string>());
+    if (!enc)
+      return bad("prompt", enc.error().message());
+    ids = std::move(*enc);
+  } else {
+    return bad("prompt", "give 'prompt' (a string) or 'messages'");
+  }
+  if (auto* e = std::get_if<api_error>(&ids))
+    return *e;
+  const auto& t = std::get<std::vector<token_id>>(ids);
+  return json{{"count", t.size()}, {"max_model_len", m.max_model_len}, {"tokens", t}};
+}
+
+std::variant<json, api_error> detokenize(const std::string& body, const model_info& m) {
+  json b;
+  try {
+    b = json::parse(body);
+  } catch (const json::exception& e) {
+    return bad("", fmt::format("malformed JSON body: {}", e.what()));
+  }
+  if (!b.is_object() || !b.contains("tokens"))
+    return bad("tokens", "'tokens' (a list of token ids) is required");
+  std::vector<token_id> ids;
+  if (auto e = token_list(b["tokens"], "tokens", m.vocab_size, ids))
+    return *e;
+  return json{{"prompt", m.text->text->decode(ids, false)}};
+}
+
+} // namespace troupe::serve

@@ -1,0 +1,61 @@
+// The OpenAI / vLLM request vocabulary: parses /v1/chat/completions, /v1/completions, /tokenize
+// and /detokenize bodies into engine requests (validated, tokenized), and builds response and
+// error JSON. Pure functions called on the HTTP threads; nothing here blocks.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "engine/tokenizer/chat_template.hpp"
+#include "runtime/step.hpp"
+
+namespace troupe::serve {
+
+using json = nlohmann::ordered_json;
+
+// An error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+struct api_error {
+  int status = 400;
+  std::string message;
+  std::string param; // empty: null
+  std::string type;  // empty: derived from status
+};
+std::string error_body(const api_error& e);
+
+// What the model serves, for validation and tokenization (const, shared by HTTP threads).
+struct model_info {
+  std::string name;
+  int32_t max_model_len = 0;
+  int64_t vocab_size = 0;
+  const engine::model_tokenizer* text = nullptr;
+};
+
+// A parsed completion request, ready for the engine.
+struct completion_request {
+  bool chat = false;
+  bool stream = false;
+  bool include_usage = false;
+  bool return_token_ids = false;
+  bool skip_special_tokens = true;
+  int32_t top_logprobs = -1; // -1: no logprobs
+  std::vector<token_id> prompt;
+  std::vector<token_id> stop_token_ids;
+  std::vector<std::string> stop; // stop strings
+  sampling_params sampling;
+};
+
+std::variant<completion_request, api_error> parse_completion(const std::string& body, bool chat,
+                                                             const model_info& m);
+
+// /tokenize and /detokenize: the response body, or an error.
+std::variant<json, api_error> tokenize(const std::string& body, const model_info& m);
+std::variant<json, api_error> detokenize(const std::string& body, const model_info& m);
+
+// JSON text that never throws on invalid UTF-8 (replaced by U+FFFD).
+std::string dump(const json& j);
+
+} // namespace troupe::serve

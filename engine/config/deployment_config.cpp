@@ -1,0 +1,224 @@
+#include "engine/config/deployment_config.hpp"
+
+#include <algorithm>
+#include <fstream>
+#include <sstream>
+
+#include <yaml-cpp/yaml.h>
+
+namespace troupe::engine {
+
+namespace {
+
+const std::vector<std::string_view> parallel_keys = {"tensor", "pipeline", "replicas"};
+
+std::string where(std::string_view what, const YAML::Mark& m) {
+  if (m.is_null())
+    return std::string(what);
+  return fmt::format("{}:{}:{}", what, m.line + 1, m.column + 1);
+}
+
+error unknown_key(std::string_view what, const YAML::Node& key, std::string_view name,
+                  const std::vector<std::string_view>& valid, std::string_view section) {
+  auto best = std::min_element(valid.begin(), valid.end(), [&](auto a, auto b) {
+    return edit_distance(name, a) < edit_distance(name, b);
+  });
+  return make_error(errc::invalid_argument, "{}: unknown key '{}{}' (did you mean '{}{}'?)",
+                    where(what, key.Mark()), section, name, section, *best);
+}
+
+// Reads one scalar into `out`, turning yaml-cpp's conversion errors into ours.
+template <class T>
+expected<void> read(std::string_view what, const YAML::Node& value, std::string_view key, T& out) {
+  if (!value.IsScalar())
+    return make_error(errc::invalid_argument, "{}: '{}' must be a scalar",
+                      where(what, value.Mark()), key);
+  try {
+    out = value.as<T>();
+  } catch (const YAML::Exception&) {
+    return make_error(errc::invalid_argument, "{}: '{}' has an invalid value '{}'",
+                      where(what, value.Mark()), key, value.Scalar());
+  }
+  return {};
+}
+
+expected<void> read_parallel(std::string_view what, const YAML::Node& node, parallel_layout& p) {
+  if (!node.IsMap())
+    return make_error(errc::invalid_argument,
+                      "{}: 'parallel' must be a mapping (tensor, pipeline, replicas)",
+                      where(what, node.Mark()));
+  for (const auto& kv : node) {
+    const auto name = kv.first.Scalar();
+    const auto full = "parallel." + name;
+    if (name == "tensor")
+      TROUPE_TRY_VOID(read(what, kv.second, full, p.tensor));
+    else if (name == "pipeline")
+      TROUPE_TRY_VOID(read(what, kv.second, full, p.pipeline));
+    else if (name == "replicas")
+      TROUPE_TRY_VOID(read(what, kv.second, full, p.replicas));
+    else
+      return unknown_key(what, kv.first, name, parallel_keys, "parallel.");
+  }
+  return {};
+}
+
+expected<void> read_key(std::string_view what, const std::string& k, const YAML::Node& v,
+                        deployment_config& c) {
+  if (k == "model")
+    return read(what, v, k, c.model);
+  if (k == "served_model_name")
+    return read(what, v, k, c.served_model_name);
+  if (k == "dtype")
+    return read(what, v, k, c.dtype);
+  if (k == "device")
+    return read(what, v, k, c.device);
+  if (k == "max_model_len")
+    return read(what, v, k, c.max_model_len);
+  if (k == "max_num_seqs")
+    return read(what, v, k, c.max_num_seqs);
+  if (k == "max_num_batched_tokens")
+    return read(what, v, k, c.max_num_batched_tokens);
+  if (k == "max_waiting")
+    return read(what, v, k, c.max_waiting);
+  if (k == "gpu_memory_utilization")
+    return read(what, v, k, c.gpu_memory_utilization);
+  if (k == "block_size")
+    return read(what, v, k, c.block_size);
+  if (k == "num_kv_blocks")
+    return read(what, v, k, c.num_kv_blocks);
+  if (k == "prefix_caching")
+    return read(what, v, k, c.prefix_caching);
+  if (k == "seed")
+    return read(what, v, k, c.seed);
+  if (k == "host")
+    return read(what, v, k, c.host);
+  if (k == "port")
+    return read(what, v, k, c.port);
+  if (k == "api_key")
+    return read(what, v, k, c.api_key);
+  if (k == "parallel")
+    return read_parallel(what, v, c.parallel);
+  return make_error(errc::internal, "unhandled key {}", k);
+}
+
+expected<void> check_ranges(std::string_view what, const deployment_config& c) {
+  auto bad = [&](std::string_view key, std::string_view rule) {
+    return make_error(errc::invalid_argument, "{}: '{}' {}", what, key, rule);
+  };
+  if (c.model.empty())
+    return bad("model", "is required (a Hugging Face folder or a .gguf file)");
+  if (c.dtype != "auto" && c.dtype != "float32" && c.dtype != "bfloat16" && c.dtype != "float16")
+    return bad("dtype",
+               fmt::format("must be auto, float32, bfloat16 or float16, got '{}'", c.dtype));
+  if (c.device != "cpu" && c.device != "cuda")
+    return bad("device", fmt::format("must be cpu or cuda, got '{}'", c.device));
+  if (c.max_model_len < 0)
+    return bad("max_model_len", "must be >= 0 (0 = the model's limit)");
+  if (c.max_num_seqs < 1)
+    return bad("max_num_seqs", "must be >= 1");
+  if (c.max_num_batched_tokens < 1)
+    return bad("max_num_batched_tokens", "must be >= 1");
+  if (c.max_waiting < 1)
+    return bad("max_waiting", "must be >= 1");
+  if (!(c.gpu_memory_utilization > 0 && c.gpu_memory_utilization <= 1))
+    return bad("gpu_memory_utilization", "must be in (0, 1]");
+  if (c.block_size < 1 || c.block_size > 1024)
+    return bad("block_size", "must be in [1, 1024]");
+  if (c.num_kv_blocks < 0)
+    return bad("num_kv_blocks", "must be >= 0 (0 = derived)");
+  if (c.port < 0 || c.port > 65535)
+    return bad("port", "must be in [0, 65535]");
+  const auto& p = c.parallel;
+  if (p.tensor < 1 || p.pipeline < 1 || p.replicas < 1)
+    return bad("parallel", "sizes must be >= 1");
+  if (p.tensor != 1 || p.pipeline != 1 || p.replicas != 1)
+    return make_error(errc::unsupported,
+                      "{}: parallel tensor={} pipeline={} replicas={} is not supported yet: only "
+                      "1x1x1 until tensor/pipeline parallelism lands",
+                      what, p.tensor, p.pipeline, p.replicas);
+  return {};
+}
+
+} // namespace
+
+size_t edit_distance(std::string_view a, std::string_view b) {
+  std::vector<size_t> row(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j)
+    row[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    size_t diag = row[0];
+    row[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      const size_t up = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      diag = up;
+    }
+  }
+  return row[b.size()];
+}
+
+const std::vector<std::string_view>& deployment_keys() {
+  static const std::vector<std::string_view> keys = {"model",
+                                                     "served_model_name",
+                                                     "dtype",
+                                                     "device",
+                                                     "max_model_len",
+                                                     "max_num_seqs",
+                                                     "max_num_batched_tokens",
+                                                     "max_waiting",
+                                                     "gpu_memory_utilization",
+                                                     "block_size",
+                                                     "num_kv_blocks",
+                                                     "prefix_caching",
+                                                     "seed",
+                                                     "host",
+                                                     "port",
+                                                     "api_key",
+                                                     "parallel"};
+  return keys;
+}
+
+expected<deployment_config> parse_deployment(std::string_view yaml_text, std::string_view what) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(std::string(yaml_text));
+  } catch (const YAML::ParserException& e) {
+    return make_error(errc::parse_error, "{}: malformed YAML: {}", where(what, e.mark), e.msg);
+  } catch (const YAML::Exception& e) {
+    return make_error(errc::parse_error, "{}: {}", what, e.what());
+  }
+  if (!root.IsMap())
+    return make_error(errc::parse_error, "{}: expected a mapping of keys (model: ..., port: ...)",
+                      what);
+  deployment_config c;
+  const auto& keys = deployment_keys();
+  for (const auto& kv : root) {
+    if (!kv.first.IsScalar())
+      return make_error(errc::invalid_argument, "{}: keys must be names",
+                        where(what, kv.first.Mark()));
+    const auto name = kv.first.Scalar();
+    if (std::find(keys.begin(), keys.end(), name) == keys.end())
+      return unknown_key(what, kv.first, name, keys, "");
+    TROUPE_TRY_VOID(read_key(what, name, kv.second, c));
+  }
+  TROUPE_TRY_VOID(check_ranges(what, c));
+  if (c.served_model_name.empty())
+    c.served_model_name = std::filesystem::path(c.model).filename().replace_extension().string();
+  if (c.served_model_name.empty()) // a folder path ending in '/'
+    c.served_model_name = std::filesystem::path(c.model).parent_path().filename().string();
+  return c;
+}
+
+expected<deployment_config> load_deployment(const std::filesystem::path& file) {
+  std::ifstream in(file);
+  if (!in)
+    return make_error(errc::not_found, "{}: cannot read the deployment file", file.string());
+  std::stringstream text;
+  text << in.rdbuf();
+  auto c = parse_deployment(text.str(), file.string());
+  if (c && std::filesystem::path(c->model).is_relative()) // relative to the yaml's folder
+    c->model = (file.parent_path() / c->model).lexically_normal().string();
+  return c;
+}
+
+} // namespace troupe::engine

@@ -1,0 +1,54 @@
+// model.yaml: what `cluster serve` deploys (model, limits, HTTP endpoint, parallel layout, device).
+// Parsed once by the serve command (and later the head's placement actor); parsing reads the file
+// and blocks on that I/O only. Every error names the key, and the line/column where YAML knows it.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "runtime/error.hpp"
+
+namespace troupe::engine {
+
+struct parallel_layout {
+  int32_t tensor = 1;
+  int32_t pipeline = 1;
+  int32_t replicas = 1;
+};
+
+struct deployment_config {
+  std::string model;             // HF folder or .gguf file (required)
+  std::string served_model_name; // the API's model name; default: model path's stem
+  std::string dtype = "auto";    // auto | float32 | bfloat16 | float16
+  std::string device = "cpu";    // cpu | cuda
+  int32_t max_model_len = 0; // context limit; 0 = the model's max_position_embeddings (<= 32768)
+  int32_t max_num_seqs = 64;
+  int32_t max_num_batched_tokens = 2048;
+  int32_t max_waiting = 1024;          // queued requests beyond this get 503
+  double gpu_memory_utilization = 0.9; // (0, 1]: share of GPU memory for weights + KV (cuda)
+  int32_t block_size = 16;             // KV block size in tokens
+  int32_t num_kv_blocks = 0;           // 0 = derived: max_num_seqs full contexts, capped (cpu)
+  bool prefix_caching = true;
+  uint64_t seed = 0; // seeds requests that bring none
+  std::string host = "127.0.0.1";
+  int32_t port = 8000; // 0 = any free port (printed)
+  std::string api_key; // non-empty: every route needs "Authorization: Bearer <key>"
+  parallel_layout parallel;
+};
+
+// The valid top-level keys, in documentation order.
+const std::vector<std::string_view>& deployment_keys();
+
+// Parses YAML text; `what` names the source in errors (e.g. the file path). Unknown keys are
+// rejected naming the closest valid key; values are range-checked; `parallel` above 1x1x1 is
+// rejected as unsupported (until the parallelism issue lands).
+expected<deployment_config> parse_deployment(std::string_view yaml_text, std::string_view what);
+expected<deployment_config> load_deployment(const std::filesystem::path& file);
+
+// Levenshtein distance, for "did you mean" suggestions.
+size_t edit_distance(std::string_view a, std::string_view b);
+
+} // namespace troupe::engine

@@ -1,0 +1,65 @@
+"""Driven by openai_sdk.sh: the official SDK's chat and completions calls, streaming and not,
+against a real `cluster serve --block`; greedy SDK output equals the raw HTTP token ids."""
+import json, os, re, signal, subprocess, sys, tempfile, urllib.request
+
+import openai
+
+cluster, golden = sys.argv[1], os.environ.get("TROUPE_GOLDEN_DIR", sys.argv[2])
+model = os.path.join(golden, "models", "tiny-qwen3")
+yaml = os.path.join(tempfile.mkdtemp(prefix="troupe-sdk-"), "model.yaml")
+with open(yaml, "w") as f:
+    f.write(f"model: {model}\nserved_model_name: tiny\nmax_model_len: 256\nnum_kv_blocks: 64\n"
+            "port: 0\napi_key: sdk-key\n")
+proc = subprocess.Popen([cluster, "serve", yaml, "--block"], stdout=subprocess.PIPE, text=True)
+try:
+    line = proc.stdout.readline()
+    base = re.search(r"at (http://\S+/v1)", line).group(1)
+    client = openai.OpenAI(base_url=base, api_key="sdk-key", timeout=120, max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    extra = {"ignore_eos": True, "return_token_ids": True}
+    chat = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8,
+                                          temperature=0, extra_body=extra)
+    text = chat.choices[0].message.content
+    assert chat.choices[0].finish_reason == "length", chat
+    assert chat.usage.completion_tokens == 8, chat.usage
+    stream = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True})
+    parts, usage = [], None
+    for chunk in stream:
+        if chunk.choices:
+            parts.append(chunk.choices[0].delta.content or "")
+        if chunk.usage:
+            usage = chunk.usage
+    assert "".join(parts) == text, (parts, text)
+    assert usage and usage.completion_tokens == 8, usage
+    # The same prompt ids through /v1/completions give the same greedy tokens.
+    ids = chat.model_extra["prompt_token_ids"]
+    comp = client.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0,
+                                     extra_body=extra)
+    assert comp.choices[0].text == text, (comp.choices[0].text, text)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt=ids, max_tokens=8, temperature=0, stream=True,
+        extra_body={"ignore_eos": True}) if c.choices)
+    assert streamed == text, (streamed, text)
+    try:
+        openai.OpenAI(base_url=base, api_key="wrong", max_retries=0).models.list()
+        raise AssertionError("wrong key accepted")
+    except openai.AuthenticationError:
+        pass
+    try:
+        client.chat.completions.create(model="other", messages=msgs)
+        raise AssertionError("unknown model accepted")
+    except openai.NotFoundError:
+        pass
+    try:
+        client.completions.create(model="tiny", prompt=[5] * 300)
+        raise AssertionError("oversize prompt accepted")
+    except openai.BadRequestError as e:
+        assert "maximum context length" in str(e), e
+    print(f"PASS: openai {openai.__version__}: {text!r}")
+finally:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)

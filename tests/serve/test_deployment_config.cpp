@@ -1,0 +1,127 @@
+// model.yaml parsing: defaults, every field, unknown keys with suggestions, malformed YAML with
+// line/column, range checks, and the not-yet-supported parallel layouts.
+#include <fstream>
+
+#include <doctest/doctest.h>
+
+#include "engine/config/deployment_config.hpp"
+#include "golden.hpp"
+
+using namespace troupe;
+using namespace troupe::engine;
+
+TEST_CASE("model.yaml: minimal file gets defaults and a served name from the path") {
+  auto c = parse_deployment("model: /models/SmolLM2-135M.gguf\n", "m.yaml");
+  REQUIRE_MESSAGE(c.has_value(), (c ? "" : c.error().to_string()));
+  CHECK(c->served_model_name == "SmolLM2-135M");
+  CHECK(c->device == "cpu");
+  CHECK(c->port == 8000);
+  CHECK(c->parallel.tensor == 1);
+  auto d = parse_deployment("model: /models/tiny-qwen3/\n", "m.yaml");
+  REQUIRE(d.has_value());
+  CHECK(d->served_model_name == "tiny-qwen3");
+}
+
+TEST_CASE("model.yaml: every field is read") {
+  auto c = parse_deployment(R"(
+model: /m
+served_model_name: tiny
+dtype: float32
+device: cpu
+max_model_len: 512
+max_num_seqs: 8
+max_num_batched_tokens: 256
+max_waiting: 10
+gpu_memory_utilization: 0.5
+block_size: 8
+num_kv_blocks: 100
+prefix_caching: false
+seed: 7
+host: 0.0.0.0
+port: 0
+api_key: secret
+parallel: {tensor: 1, pipeline: 1, replicas: 1}
+)",
+                            "m.yaml");
+  REQUIRE_MESSAGE(c.has_value(), (c ? "" : c.error().to_string()));
+  CHECK(c->served_model_name == "tiny");
+  CHECK(c->dtype == "float32");
+  CHECK(c->max_model_len == 512);
+  CHECK(c->max_num_seqs == 8);
+  CHECK(c->max_num_batched_tokens == 256);
+  CHECK(c->max_waiting == 10);
+  CHECK(c->gpu_memory_utilization == doctest::Approx(0.5));
+  CHECK(c->block_size == 8);
+  CHECK(c->num_kv_blocks == 100);
+  CHECK(!c->prefix_caching);
+  CHECK(c->seed == 7);
+  CHECK(c->host == "0.0.0.0");
+  CHECK(c->port == 0);
+  CHECK(c->api_key == "secret");
+  CHECK(deployment_keys().size() == 17);
+}
+
+TEST_CASE("model.yaml: unknown keys name the key and the closest valid one") {
+  auto c = parse_deployment("model: /m\nmax_num_seq: 4\n", "m.yaml");
+  REQUIRE(!c.has_value());
+  CHECK(c.error().code() == errc::invalid_argument);
+  CHECK(c.error().message() ==
+        "m.yaml:2:1: unknown key 'max_num_seq' (did you mean 'max_num_seqs'?)");
+  auto p = parse_deployment("model: /m\nparallel:\n  tensr: 1\n", "m.yaml");
+  REQUIRE(!p.has_value());
+  CHECK(p.error().message() ==
+        "m.yaml:3:3: unknown key 'parallel.tensr' (did you mean 'parallel.tensor'?)");
+  CHECK(edit_distance("kitten", "sitting") == 3);
+  CHECK(edit_distance("", "abc") == 3);
+}
+
+TEST_CASE("model.yaml: malformed YAML reports line and column") {
+  auto c = parse_deployment("model: /m\nport: [1, 2\n", "bad.yaml");
+  REQUIRE(!c.has_value());
+  CHECK(c.error().code() == errc::parse_error);
+  CHECK(c.error().message().find("bad.yaml:") == 0);
+  CHECK(c.error().message().find("malformed YAML") != std::string::npos);
+  auto list = parse_deployment("- a\n- b\n", "list.yaml");
+  REQUIRE(!list.has_value());
+  CHECK(list.error().message().find("expected a mapping") != std::string::npos);
+}
+
+TEST_CASE("model.yaml: bad values name the key") {
+  auto port = parse_deployment("model: /m\nport: eighty\n", "m.yaml");
+  REQUIRE(!port.has_value());
+  CHECK(port.error().message() == "m.yaml:2:7: 'port' has an invalid value 'eighty'");
+  auto range = parse_deployment("model: /m\nport: 70000\n", "m.yaml");
+  REQUIRE(!range.has_value());
+  CHECK(range.error().message() == "m.yaml: 'port' must be in [0, 65535]");
+  auto dev = parse_deployment("model: /m\ndevice: tpu\n", "m.yaml");
+  REQUIRE(!dev.has_value());
+  CHECK(dev.error().message().find("'device' must be cpu or cuda") != std::string::npos);
+  auto missing = parse_deployment("port: 1\n", "m.yaml");
+  REQUIRE(!missing.has_value());
+  CHECK(missing.error().message().find("'model' is required") != std::string::npos);
+  auto util = parse_deployment("model: /m\ngpu_memory_utilization: 1.5\n", "m.yaml");
+  REQUIRE(!util.has_value());
+  CHECK(util.error().message().find("gpu_memory_utilization") != std::string::npos);
+}
+
+TEST_CASE("model.yaml: parallel layouts above 1x1x1 are rejected clearly for now") {
+  auto c = parse_deployment("model: /m\nparallel: {tensor: 2}\n", "m.yaml");
+  REQUIRE(!c.has_value());
+  CHECK(c.error().code() == errc::unsupported);
+  CHECK(c.error().message().find("tensor=2 pipeline=1 replicas=1 is not supported yet") !=
+        std::string::npos);
+  auto r = parse_deployment("model: /m\nparallel: {replicas: 0}\n", "m.yaml");
+  REQUIRE(!r.has_value());
+  CHECK(r.error().message().find("'parallel' sizes must be >= 1") != std::string::npos);
+}
+
+TEST_CASE("model.yaml: files resolve a relative model path against their folder") {
+  test::temp_dir dir;
+  std::ofstream(dir.path() / "model.yaml") << "model: weights/tiny\n";
+  auto c = load_deployment(dir.path() / "model.yaml");
+  REQUIRE_MESSAGE(c.has_value(), (c ? "" : c.error().to_string()));
+  CHECK(c->model == (dir.path() / "weights/tiny").string());
+  auto none = load_deployment(dir.path() / "absent.yaml");
+  REQUIRE(!none.has_value());
+  CHECK(none.error().code() == errc::not_found);
+}

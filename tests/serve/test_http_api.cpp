@@ -1,0 +1,396 @@
+// The OpenAI HTTP API over real sockets on 127.0.0.1, served in-process from the golden
+// tiny-qwen3 model on the CPU backend: greedy tokens equal engine/generate.hpp's, streaming equals
+// non-streaming, every error status, API keys, disconnects freeing KV blocks, concurrent clients.
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <thread>
+
+#include <doctest/doctest.h>
+
+#include "cli/serve/deployment.hpp"
+#include "engine/backend/cpu/cpu_backend.hpp"
+#include "engine/generate.hpp"
+#include "engine/tokenizer/chat_template.hpp"
+#include "golden.hpp"
+#include "http_client.hpp"
+
+using namespace troupe;
+using json = nlohmann::json;
+
+namespace {
+
+struct served {
+  std::filesystem::path dir;
+  std::unique_ptr<serve::deployment> d;
+  uint16_t port() const { return d->port(); }
+};
+
+std::unique_ptr<serve::deployment> start(const std::filesystem::path& dir, const std::string& key,
+                                         int32_t max_num_seqs = 8, int32_t max_waiting = 1024) {
+  engine::deployment_config c;
+  c.model = dir.string();
+  c.served_model_name = "tiny-qwen3";
+  c.max_model_len = 256;
+  c.num_kv_blocks = 64;
+  c.max_num_seqs = max_num_seqs;
+  c.max_waiting = max_waiting;
+  c.port = 0;
+  c.api_key = key;
+  auto d = serve::deployment::start(c, "test");
+  REQUIRE_MESSAGE(d.has_value(), (d ? "" : d.error().to_string()));
+  return std::move(*d);
+}
+
+// One server for the whole file (loading is the slow part); nullptr when golden data is absent.
+served* server() {
+  static std::unique_ptr<served> s = [] {
+    auto dir = test::golden_model("tiny-qwen3");
+    if (!dir)
+      return std::unique_ptr<served>();
+    return std::make_unique<served>(served{*dir, start(*dir, "")});
+  }();
+  return s.get();
+}
+
+double metric(uint16_t port, const std::string& name) {
+  auto r = test::http_call(port, "GET", "/metrics");
+  REQUIRE(r.status == 200);
+  const auto at = r.body.find("\n" + name + "{");
+  REQUIRE_MESSAGE(at != std::string::npos, name);
+  const auto value = r.body.find("} ", at) + 2;
+  return std::stod(r.body.substr(value, r.body.find('\n', value) - value));
+}
+
+std::vector<token_id> golden_greedy(const std::filesystem::path& dir,
+                                    const std::vector<token_id>& prompt, int n) {
+  auto model = engine::cpu_backend::load(dir, {.num_blocks = 32, .block_size = 16});
+  REQUIRE(model.has_value());
+  auto out = engine::generate_greedy(**model, {prompt}, {.max_new_tokens = n});
+  REQUIRE(out.has_value());
+  return out->front().output;
+}
+
+json chat_body(int max_tokens, bool stream) {
+  return {{"model", "tiny-qwen3"},
+          {"messages", {{{"role", "user"}, {"content", "What is the capital of France?"}}}},
+          {"max_tokens", max_tokens},
+          {"temperature", 0},
+          {"ignore_eos", true},
+          {"return_token_ids", true},
+          {"stream", stream},
+          {"stream_options", {{"include_usage", true}}}};
+}
+
+} // namespace
+
+TEST_CASE("http: greedy chat completion equals engine generate_greedy, streamed and not") {
+  auto* s = server();
+  if (!s)
+    return;
+  auto r = test::http_call(s->port(), "POST", "/v1/chat/completions", chat_body(8, false).dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  auto j = r.json();
+  CHECK(j["object"] == "chat.completion");
+  CHECK(j["model"] == "tiny-qwen3");
+  const auto prompt = j["prompt_token_ids"].get<std::vector<token_id>>();
+  auto text = engine::model_tokenizer::load_for_model(s->dir);
+  REQUIRE(text.has_value());
+  auto expected_prompt = text->encode_chat(
+      json::parse(R"([{"role":"user","content":"What is the capital of France?"}])"), {});
+  REQUIRE(expected_prompt.has_value());
+  CHECK(prompt == *expected_prompt);
+  const auto& choice = j["choices"][0];
+  const auto ids = choice["token_ids"].get<std::vector<token_id>>();
+  CHECK(ids == golden_greedy(s->dir, prompt, 8));
+  CHECK(choice["finish_reason"] == "length");
+  CHECK(choice["message"]["role"] == "assistant");
+  CHECK(choice["message"]["content"] == text->text->decode(ids, true));
+  CHECK(j["usage"]["prompt_tokens"] == prompt.size());
+  CHECK(j["usage"]["completion_tokens"] == 8);
+  CHECK(j["usage"]["total_tokens"] == prompt.size() + 8);
+
+  auto st = test::http_call(s->port(), "POST", "/v1/chat/completions", chat_body(8, true).dump());
+  REQUIRE(st.status == 200);
+  CHECK(st.head.find("text/event-stream") != std::string::npos);
+  auto events = test::sse_events(st.body);
+  REQUIRE(events.size() >= 4);
+  CHECK(events.front()["choices"][0]["delta"]["role"] == "assistant");
+  CHECK(events.front()["prompt_token_ids"] == prompt);
+  CHECK(events.back() == "[DONE]");
+  const auto& usage = events[events.size() - 2];
+  CHECK(usage["choices"].empty());
+  CHECK(usage["usage"]["completion_tokens"] == 8);
+  std::string content;
+  std::vector<token_id> streamed;
+  std::string finish;
+  for (size_t i = 1; i + 2 < events.size(); ++i) {
+    const auto& c = events[i]["choices"][0];
+    CHECK(events[i]["object"] == "chat.completion.chunk");
+    content += c["delta"].value("content", "");
+    if (c.contains("token_ids"))
+      for (auto t : c["token_ids"])
+        streamed.push_back(t.get<token_id>());
+    if (!c["finish_reason"].is_null())
+      finish = c["finish_reason"];
+  }
+  CHECK(streamed == ids);
+  CHECK(content == choice["message"]["content"]);
+  CHECK(finish == "length");
+}
+
+TEST_CASE("http: completions with token-id prompts reproduce the golden greedy tokens") {
+  auto* s = server();
+  if (!s)
+    return;
+  const auto golden = test::read_json(s->dir / "golden.json");
+  std::vector<std::thread> clients;
+  std::vector<std::vector<token_id>> got(golden["cases"].size()), want(got.size());
+  for (size_t i = 0; i < got.size(); ++i) { // concurrently: the engine batches them
+    want[i] = golden["cases"][i]["greedy_24"].get<std::vector<token_id>>();
+    const auto prompt = golden["cases"][i]["prompt_ids"].get<std::vector<token_id>>();
+    clients.emplace_back([&, i, prompt] {
+      json body = {{"prompt", prompt},
+                   {"max_tokens", 24},
+                   {"temperature", 0},
+                   {"ignore_eos", true},
+                   {"return_token_ids", true}};
+      auto r = test::http_call(s->port(), "POST", "/v1/completions", body.dump());
+      if (r.status == 200)
+        got[i] = r.json()["choices"][0]["token_ids"].get<std::vector<token_id>>();
+    });
+  }
+  for (auto& t : clients)
+    t.join();
+  for (size_t i = 0; i < got.size(); ++i)
+    CHECK(got[i] == want[i]);
+}
+
+TEST_CASE("http: errors come in OpenAI's shape with the right status and parameter") {
+  auto* s = server();
+  if (!s)
+    return;
+  auto check = [&](const std::string& target, const std::string& body, int status,
+                   const std::string& param) {
+    auto r = test::http_call(s->port(), "POST", target, body);
+    CAPTURE(body);
+    CHECK(r.status == status);
+    auto j = r.json();
+    REQUIRE(j.contains("error"));
+    CHECK(j["error"]["code"] == status);
+    CHECK(!j["error"]["message"].get<std::string>().empty());
+    if (!param.empty())
+      CHECK(j["error"]["param"] == param);
+  };
+  check("/v1/chat/completions", "{not json", 400, "");
+  check("/v1/completions", R"({"prompt": "hi", "model": "gpt-4"})", 404, "model");
+  check("/v1/completions", json{{"prompt", std::vector<int>(300, 5)}}.dump(), 400, "prompt");
+  check("/v1/completions", R"({"prompt": "hi", "max_tokens": 1000})", 400, "max_tokens");
+  check("/v1/completions", R"({"prompt": "hi", "n": 2})", 400, "n");
+  check("/v1/completions", R"({"prompt": "hi", "temperature": "hot"})", 400, "temperature");
+  check("/v1/completions", R"({"prompt": [1, -4]})", 400, "prompt");
+  check("/v1/chat/completions", R"({"messages": []})", 400, "messages");
+  auto top_p =
+      test::http_call(s->port(), "POST", "/v1/completions", R"({"prompt": "hi", "top_p": 0})");
+  CHECK(top_p.status == 400);
+  CHECK(top_p.body.find("top_p") != std::string::npos);
+  CHECK(test::http_call(s->port(), "GET", "/v1/nothing").status == 404);
+  CHECK(test::http_call(s->port(), "GET", "/v1/completions").status == 405);
+  // The server is still fine afterwards.
+  CHECK(test::http_call(s->port(), "GET", "/health").status == 200);
+}
+
+TEST_CASE("http: models, version, tokenize and detokenize") {
+  auto* s = server();
+  if (!s)
+    return;
+  auto m = test::http_call(s->port(), "GET", "/v1/models").json();
+  CHECK(m["data"][0]["id"] == "tiny-qwen3");
+  CHECK(m["data"][0]["max_model_len"] == 256);
+  CHECK(test::http_call(s->port(), "GET", "/version").json()["version"] == "test");
+  auto text = engine::model_tokenizer::load_for_model(s->dir);
+  REQUIRE(text.has_value());
+  auto t = test::http_call(s->port(), "POST", "/tokenize", R"({"prompt": "Hello world, again"})");
+  REQUIRE(t.status == 200);
+  auto ids = *text->text->encode("Hello world, again");
+  CHECK(t.json()["tokens"].get<std::vector<token_id>>() == ids);
+  CHECK(t.json()["count"] == ids.size());
+  auto d = test::http_call(s->port(), "POST", "/detokenize", json{{"tokens", ids}}.dump());
+  REQUIRE(d.status == 200);
+  CHECK(d.json()["prompt"] == "Hello world, again");
+  auto chat = test::http_call(s->port(), "POST", "/tokenize",
+                              R"({"messages": [{"role": "user", "content": "hi"}]})");
+  REQUIRE(chat.status == 200);
+  CHECK(chat.json()["tokens"].get<std::vector<token_id>>() ==
+        *text->encode_chat(json::parse(R"([{"role":"user","content":"hi"}])"), {}));
+}
+
+TEST_CASE("http: a client that disconnects mid-stream frees its KV blocks, others are served") {
+  auto* s = server();
+  if (!s)
+    return;
+  boost::asio::io_context ioc;
+  boost::asio::ip::tcp::socket sock(ioc);
+  sock.connect({boost::asio::ip::make_address("127.0.0.1"), s->port()});
+  json body = {
+      {"prompt", "Once upon a time"}, {"max_tokens", 200}, {"ignore_eos", true}, {"stream", true}};
+  boost::asio::write(sock, boost::asio::buffer(test::http_request_text("POST", "/v1/completions",
+                                                                       body.dump(), "")));
+  std::string got;
+  while (test::sse_events(got.substr(std::min(got.size(), got.find("\r\n\r\n")))).size() < 2) {
+    char buf[512];
+    got.append(buf, sock.read_some(boost::asio::buffer(buf)));
+  }
+  CHECK(metric(s->port(), "troupe_kv_blocks_in_use") > 0);
+  sock.close();
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (metric(s->port(), "troupe_kv_blocks_in_use") > 0 &&
+         std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  CHECK(metric(s->port(), "troupe_kv_blocks_in_use") == 0);
+  CHECK(metric(s->port(), "troupe_num_requests_running") == 0);
+  auto r =
+      test::http_call(s->port(), "POST", "/v1/completions", R"({"prompt": "hi", "max_tokens": 2})");
+  CHECK(r.status == 200);
+  auto metrics = test::http_call(s->port(), "GET", "/metrics").body;
+  CHECK(metrics.find("troupe_requests_total{status=\"200\"}") != std::string::npos);
+  CHECK(metrics.find("troupe_time_to_first_token_seconds_count") != std::string::npos);
+  CHECK(metric(s->port(), "troupe_generation_tokens_total") > 0);
+}
+
+TEST_CASE("http: stop strings, logprobs and the api key") {
+  auto* s = server();
+  if (!s)
+    return;
+  // Greedy text of 12 tokens, then the same request with a stop string taken from its middle.
+  json body = {{"prompt", "The"},
+               {"max_tokens", 12},
+               {"temperature", 0},
+               {"ignore_eos", true},
+               {"logprobs", 2}};
+  auto full = test::http_call(s->port(), "POST", "/v1/completions", body.dump()).json();
+  const auto text = full["choices"][0]["text"].get<std::string>();
+  const auto& lp = full["choices"][0]["logprobs"];
+  CHECK(lp["tokens"].size() == 12);
+  CHECK(lp["top_logprobs"][0].size() == 2);
+  CHECK(lp["token_logprobs"][0].get<double>() <= 0.0);
+  if (text.size() > 6) {
+    const auto stop = text.substr(3, 3);
+    body["stop"] = stop;
+    auto cut = test::http_call(s->port(), "POST", "/v1/completions", body.dump()).json();
+    CHECK(cut["choices"][0]["text"] == text.substr(0, text.find(stop)));
+    CHECK(cut["choices"][0]["finish_reason"] == "stop");
+  }
+  auto dir = s->dir;
+  auto keyed = start(dir, "sekret");
+  CHECK(test::http_call(keyed->port(), "GET", "/v1/models").status == 401);
+  CHECK(test::http_call(keyed->port(), "GET", "/health", "", "Authorization: Bearer nope\r\n")
+            .status == 401);
+  CHECK(test::http_call(keyed->port(), "GET", "/v1/models", "", "Authorization: Bearer sekret\r\n")
+            .status == 200);
+}
+
+TEST_CASE("http: mixed load with random disconnects, malformed bodies and oversize prompts") {
+  auto* s = server();
+  if (!s)
+    return;
+  constexpr int clients = 8, per_client = 30;
+  std::atomic<int> wrong{0}, done_ok{0};
+  std::vector<std::thread> threads;
+  for (int c = 0; c < clients; ++c) {
+    threads.emplace_back([&, c] {
+      uint32_t rng = 12345u + static_cast<uint32_t>(c) * 7919u;
+      auto next = [&] { return rng = rng * 1664525u + 1013904223u, rng >> 8; };
+      for (int i = 0; i < per_client; ++i) {
+        const auto kind = next() % 5;
+        const int max_tokens = 1 + static_cast<int>(next() % 40);
+        if (kind == 0) { // malformed JSON
+          wrong +=
+              test::http_call(s->port(), "POST", "/v1/completions", "{\"prompt\": ").status != 400;
+        } else if (kind == 1) { // prompt longer than the context
+          json b = {{"prompt", std::vector<int>(257, 11)}, {"stream", true}};
+          wrong += test::http_call(s->port(), "POST", "/v1/completions", b.dump()).status != 400;
+        } else if (kind == 2) { // streaming, client leaves after a few bytes
+          boost::asio::io_context ioc;
+          boost::asio::ip::tcp::socket sock(ioc);
+          sock.connect({boost::asio::ip::make_address("127.0.0.1"), s->port()});
+          json b = {{"prompt", "tell me a story"},
+                    {"max_tokens", 60},
+                    {"ignore_eos", true},
+                    {"stream", true},
+                    {"seed", static_cast<int>(next() % 1000)}};
+          boost::asio::write(sock, boost::asio::buffer(test::http_request_text(
+                                       "POST", "/v1/completions", b.dump(), "")));
+          char buf[256];
+          boost::system::error_code ec;
+          const auto leave_after = next() % 400;
+          for (size_t got = 0; got <= leave_after && !ec;)
+            got += sock.read_some(boost::asio::buffer(buf), ec);
+          sock.close();
+        } else { // complete streaming or non-streaming chat
+          json b = chat_body(max_tokens, kind == 3);
+          b["temperature"] = 0.8;
+          auto r = test::http_call(s->port(), "POST", "/v1/chat/completions", b.dump());
+          const bool ok =
+              r.status == 200 && (kind == 3 ? r.body.find("data: [DONE]") != std::string::npos
+                                            : r.json()["usage"]["completion_tokens"] == max_tokens);
+          wrong += !ok;
+          done_ok += ok;
+        }
+      }
+    });
+  }
+  for (auto& t : threads)
+    t.join();
+  CHECK(wrong == 0);
+  CHECK(done_ok > 0);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while ((metric(s->port(), "troupe_kv_blocks_in_use") > 0 ||
+          metric(s->port(), "troupe_num_requests_running") > 0) &&
+         std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  CHECK(metric(s->port(), "troupe_kv_blocks_in_use") == 0);
+  CHECK(metric(s->port(), "troupe_num_requests_running") == 0);
+  CHECK(metric(s->port(), "troupe_num_requests_waiting") == 0);
+  CHECK(
+      test::http_call(s->port(), "POST", "/v1/completions", R"({"prompt": "hi", "max_tokens": 2})")
+          .status == 200);
+}
+
+TEST_CASE("http: a full waiting queue answers 503 and the server recovers") {
+  auto* s = server();
+  if (!s)
+    return;
+  auto small = start(s->dir, "", 1, 1); // one running, one waiting
+  boost::asio::io_context ioc;
+  boost::asio::ip::tcp::socket sock(ioc);
+  sock.connect({boost::asio::ip::make_address("127.0.0.1"), small->port()});
+  json long_body = {{"prompt", "a"}, {"max_tokens", 200}, {"ignore_eos", true}, {"stream", true}};
+  boost::asio::write(sock, boost::asio::buffer(test::http_request_text("POST", "/v1/completions",
+                                                                       long_body.dump(), "")));
+  std::string got;
+  while (test::sse_events(got.substr(std::min(got.size(), got.find("\r\n\r\n")))).empty()) {
+    char buf[512];
+    got.append(buf, sock.read_some(boost::asio::buffer(buf)));
+  }
+  // The long request runs; of two more, at most one can wait.
+  std::vector<int> statuses(2);
+  std::vector<std::thread> t;
+  for (int i = 0; i < 2; ++i)
+    t.emplace_back([&, i] {
+      auto r = test::http_call(small->port(), "POST", "/v1/completions",
+                               R"({"prompt": "b", "max_tokens": 2})");
+      statuses[i] = r.status;
+      if (r.status == 503)
+        CHECK(r.json()["error"]["message"].get<std::string>().find("queue is full") !=
+              std::string::npos);
+    });
+  for (auto& x : t)
+    x.join();
+  CHECK(std::count(statuses.begin(), statuses.end(), 503) == 1);
+  CHECK(std::count(statuses.begin(), statuses.end(), 200) == 1);
+  sock.close();
+  CHECK(test::http_call(small->port(), "POST", "/v1/completions",
+                        R"({"prompt": "b", "max_tokens": 2})")
+            .status == 200);
+}
