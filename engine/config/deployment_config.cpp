@@ -42,7 +42,7 @@ expected<void> read(std::string_view what, const YAML::Node& value, std::string_
   return {};
 }
 
-expected<void> read_parallel(std::string_view what, const YAML::Node& node, parallel_layout& p) {
+expected<void> read_parallel(std::string_view what, const YAML::Node& node, parallel_size& p) {
   if (!node.IsMap())
     return make_error(errc::invalid_argument,
                       "{}: 'parallel' must be a mapping (tensor, pipeline, replicas)",

@@ -13,7 +13,8 @@
 
 namespace troupe::engine {
 
-struct parallel_layout {
+// parallel: in model.yaml: how many ranks of each kind (engine/backend/shard.hpp has the per-rank layout).
+struct parallel_size {
   int32_t tensor = 1;
   int32_t pipeline = 1;
   int32_t replicas = 1;
@@ -36,7 +37,7 @@ struct deployment_config {
   std::string host = "127.0.0.1";
   int32_t port = 8000; // 0 = any free port (printed)
   std::string api_key; // non-empty: every route needs "Authorization: Bearer <key>"
-  parallel_layout parallel;
+  parallel_size parallel;
 };
 
 // The valid top-level keys, in documentation order.
