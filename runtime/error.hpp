@@ -109,3 +109,13 @@ private:
     if (auto troupe_try_result_ = (expr); !troupe_try_result_)                                     \
       return std::move(troupe_try_result_).error();                                                \
   } while (false)
+
+// Evaluates an expression yielding expected<T>; assigns its value to `dst`, or returns its error
+// from the enclosing function.
+#define TROUPE_ASSIGN(dst, expr)                                                                   \
+  do {                                                                                             \
+    auto troupe_assign_ = (expr);                                                                  \
+    if (!troupe_assign_)                                                                           \
+      return std::move(troupe_assign_).error();                                                    \
+    dst = std::move(*troupe_assign_);                                                              \
+  } while (false)

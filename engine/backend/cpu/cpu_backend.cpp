@@ -15,32 +15,13 @@ using cpu::rms_norm;
 
 namespace {
 
-// Loads `name` with `shape` into `dst`, or returns the error from the enclosing function.
-#define TROUPE_LOAD(dst, name, ...)                                                                \
-  do {                                                                                             \
-    auto loaded_ = w.load_f32(name, {__VA_ARGS__});                                                \
-    if (!loaded_)                                                                                  \
-      return std::move(loaded_).error();                                                           \
-    dst = std::move(*loaded_);                                                                     \
-  } while (false)
-
-// Rows [range.begin, range.end) of the first dimension of `name` with `shape`, into `dst`.
+// Loads `name` with `shape` (whole, rows [range) or columns [range)) into `dst`, or returns the
+// error from the enclosing function.
+#define TROUPE_LOAD(dst, name, ...) TROUPE_ASSIGN(dst, w.load_f32(name, {__VA_ARGS__}))
 #define TROUPE_LOAD_ROWS(dst, name, range, ...)                                                    \
-  do {                                                                                             \
-    auto loaded_ = w.load_f32_rows(name, {__VA_ARGS__}, (range).begin, (range).end);               \
-    if (!loaded_)                                                                                  \
-      return std::move(loaded_).error();                                                           \
-    dst = std::move(*loaded_);                                                                     \
-  } while (false)
-
-// Columns [range.begin, range.end) of the 2-D `name` with `shape`, into `dst`.
+  TROUPE_ASSIGN(dst, w.load_f32_rows(name, {__VA_ARGS__}, (range).begin, (range).end))
 #define TROUPE_LOAD_COLS(dst, name, range, ...)                                                    \
-  do {                                                                                             \
-    auto loaded_ = w.load_f32_cols(name, {__VA_ARGS__}, (range).begin, (range).end);               \
-    if (!loaded_)                                                                                  \
-      return std::move(loaded_).error();                                                           \
-    dst = std::move(*loaded_);                                                                     \
-  } while (false)
+  TROUPE_ASSIGN(dst, w.load_f32_cols(name, {__VA_ARGS__}, (range).begin, (range).end))
 
 } // namespace
 

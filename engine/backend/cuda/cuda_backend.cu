@@ -117,13 +117,6 @@ expected<bf16*> cuda_backend_impl::vector_bf16(const weight_source* w,
   return dst;
 }
 
-#define TROUPE_ASSIGN(dst, expr)                                                                   \
-  do {                                                                                             \
-    auto troupe_v_ = (expr);                                                                       \
-    if (!troupe_v_)                                                                                \
-      return std::move(troupe_v_).error();                                                         \
-    dst = *troupe_v_;                                                                              \
-  } while (false)
 
 expected<void> cuda_backend_impl::load_weights(const weight_source* w) {
   const auto& c = config_;
