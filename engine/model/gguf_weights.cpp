@@ -46,14 +46,6 @@ expected<int64_t> require_int(const gguf_file& f, const std::string& key) {
   return **v;
 }
 
-#define TROUPE_ASSIGN(dst, expr)                                                                   \
-  do {                                                                                             \
-    auto v_ = (expr);                                                                              \
-    if (!v_)                                                                                       \
-      return std::move(v_).error();                                                                \
-    dst = *v_;                                                                                     \
-  } while (false)
-
 expected<void> read_rope(const gguf_file& f, const std::string& a, model_config& c) {
   const std::string where = f.path().string();
   auto theta = f.get_float(a + ".rope.freq_base");
