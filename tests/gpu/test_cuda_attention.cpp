@@ -164,8 +164,27 @@ void run(const scenario& sc, uint32_t seed) {
   CHECK(test::rel_l2(test::from_bf16_bits(download(reinterpret_cast<uint16_t*>(d_k), kc.size())), kc) < 5e-3);
   CHECK(test::rel_l2(test::from_bf16_bits(download(reinterpret_cast<uint16_t*>(d_v), vc.size())), vc) == 0.0);
 
-  for (int splits : {1, 3, 8}) {
+  // Routing: every sequence of 2+ tokens to the tensor-core prefill kernel, the rest split-K.
+  std::vector<int> seq_tokens;
+  for (auto [start, n] : sc.seqs)
+    seq_tokens.push_back(n);
+  std::vector<int32_t> tiles(3 * static_cast<size_t>(T)), split_tokens(static_cast<size_t>(T));
+  attention_args route;
+  route_attention(seq_tokens.data(), static_cast<int>(seq_tokens.size()), sc.L, 2, tiles.data(),
+                  split_tokens.data(), route);
+  CHECK(route.num_split_tokens + [&] {
+    int n = 0;
+    for (int i = 0; i < route.num_flash_tiles; ++i)
+      n += tiles[3 * static_cast<size_t>(i) + 2];
+    return n;
+  }() == T);
+  auto* d_tiles = upload(tiles);
+  auto* d_split = upload(split_tokens);
+  for (auto [splits, flash] : {std::pair{1, false}, {3, false}, {8, false}, {1, true}, {5, true}}) {
     CAPTURE(splits);
+    CAPTURE(flash);
+    if (flash && !flash_prefill_supported(sc.L))
+      continue;
     float* partial = nullptr;
     REQUIRE(cudaMalloc(&partial, attention_partial_floats(T, sc.L, splits) * 4) == cudaSuccess);
     bf16* out = nullptr;
@@ -185,6 +204,12 @@ void run(const scenario& sc, uint32_t seed) {
     a.scale = 1.0f / std::sqrt(static_cast<float>(D));
     a.partial = partial;
     a.out = out;
+    if (flash) {
+      a.flash_tiles = d_tiles;
+      a.num_flash_tiles = route.num_flash_tiles;
+      a.split_tokens = d_split;
+      a.num_split_tokens = route.num_split_tokens;
+    }
     REQUIRE(paged_attention(a, sc.L, nullptr).has_value());
     REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
     CHECK(test::rel_l2(test::from_bf16_bits(download(reinterpret_cast<uint16_t*>(out), ref_out.size())), ref_out) < 1e-2);
@@ -194,7 +219,8 @@ void run(const scenario& sc, uint32_t seed) {
   for (void* p : {static_cast<void*>(d_qkv), static_cast<void*>(d_k), static_cast<void*>(d_v),
                   static_cast<void*>(d_qn), static_cast<void*>(d_kn), static_cast<void*>(d_inv),
                   static_cast<void*>(d_pos), static_cast<void*>(d_seq), static_cast<void*>(d_slot),
-                  static_cast<void*>(d_tab)})
+                  static_cast<void*>(d_tab), static_cast<void*>(d_tiles),
+                  static_cast<void*>(d_split)})
     cudaFree(p);
 }
 
@@ -211,4 +237,11 @@ TEST_CASE("cuda qkv norm+rope+cache and paged attention match the CPU, mixed bat
   run({{16, 8, 96}, 8, {{0, 1}, {300, 2}}}, 4);
   run({{24, 8, 128}, 16, {{700, 1}, {5, 3}}}, 5);  // 3 query heads per kv head
   run({{64, 8, 128}, 16, {{129, 1}, {0, 130}}}, 6); // 8 per kv head, chunk boundaries
+  // Prefill-heavy steps for the tensor-core kernel: long prompts, chunks continuing a context,
+  // tiles that end mid-way, GQA groups that do not divide 64 rows (3, 6), head_dim 16 and 32.
+  run({{32, 8, 128}, 16, {{0, 300}, {100, 70}, {40, 1}, {0, 9}}}, 7);
+  run({{24, 8, 128}, 16, {{0, 50}, {200, 33}}}, 8);
+  run({{12, 2, 32}, 4, {{0, 129}, {7, 2}}}, 9);
+  run({{4, 4, 16}, 16, {{0, 200}, {65, 64}}}, 10);
+  run({{16, 2, 64}, 16, {{0, 257}}}, 11);
 }

@@ -1,7 +1,10 @@
 // Paged causal attention (split-K over the context, then a combine pass). One block handles one
 // query token, one kv head (all the query heads of its GQA group share the loaded keys and values)
 // and one share of the context, with an online softmax. Correct for any mix of prefill and decode;
-// built for decode: prefill at speed needs a tensor-core (flash-style) kernel, which this is not.
+// built for decode. Sequences with many query tokens go to the tensor-core kernel of
+// flash_prefill.cu instead (attention_args::flash_tiles).
+#include <algorithm>
+
 #include "engine/backend/cuda/device_math.cuh"
 #include "engine/backend/cuda/kernels.cuh"
 
@@ -28,7 +31,8 @@ __global__ void __launch_bounds__(attn_threads) attention_split_kernel(attention
   float* q_s = smem;                // [G, D]
   float* p_s = q_s + G * D;         // [G, attn_chunk]
   float* red = p_s + G * attn_chunk; // [key_lanes, G, D]
-  const int t = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+  const int t = a.split_tokens != nullptr ? a.split_tokens[blockIdx.x] : blockIdx.x;
+  const int kvh = blockIdx.y, split = blockIdx.z;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int seq = a.token_seq[t];
   const int ctx = a.positions[t] + 1;
@@ -177,7 +181,8 @@ expected<void> launch_split(const attention_args& a, head_layout L, cudaStream_t
     TROUPE_CUDA(cudaFuncSetAttribute(attention_split_kernel<G>,
                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      static_cast<int>(smem)));
-  attention_split_kernel<G><<<dim3(a.T, L.num_kv_heads, a.num_splits), attn_threads, smem, s>>>(a, L);
+  const int tokens = a.split_tokens != nullptr ? a.num_split_tokens : a.T;
+  attention_split_kernel<G><<<dim3(tokens, L.num_kv_heads, a.num_splits), attn_threads, smem, s>>>(a, L);
   TROUPE_CUDA_LAUNCH();
   return {};
 }
@@ -188,7 +193,8 @@ constexpr int max_splits = 512;
 // splits, then every thread sums the rescaled partial outputs of its dimensions.
 __global__ void attention_combine_kernel(attention_args a, head_layout L) {
   __shared__ float weight[max_splits];
-  const int t = blockIdx.x, h = blockIdx.y, D = L.head_dim;
+  const int t = a.split_tokens != nullptr ? a.split_tokens[blockIdx.x] : blockIdx.x;
+  const int h = blockIdx.y, D = L.head_dim;
   const float* base = a.partial + (static_cast<size_t>(t) * L.num_heads + h) * a.num_splits * (D + 2);
   if (threadIdx.x < 32) {
     float m = -INFINITY;
@@ -218,6 +224,27 @@ __global__ void attention_combine_kernel(attention_args a, head_layout L) {
 
 } // namespace
 
+void route_attention(const int* seq_tokens, int num_seqs, head_layout L, int min_tokens,
+                     int32_t* tiles, int32_t* split_tokens, attention_args& a) {
+  const bool flash = flash_prefill_supported(L);
+  const int per_tile = flash ? flash_tile_tokens(L) : 0;
+  a.num_flash_tiles = a.num_split_tokens = 0;
+  for (int i = 0, t = 0; i < num_seqs; t += seq_tokens[i], ++i) {
+    const int n = seq_tokens[i];
+    if (flash && n >= min_tokens) {
+      for (int j = 0; j < n; j += per_tile) {
+        int32_t* tile = tiles + 3 * a.num_flash_tiles++;
+        tile[0] = i;
+        tile[1] = t + j;
+        tile[2] = std::min(per_tile, n - j);
+      }
+    } else {
+      for (int j = 0; j < n; ++j)
+        split_tokens[a.num_split_tokens++] = t + j;
+    }
+  }
+}
+
 size_t attention_partial_floats(int T, head_layout L, int num_splits) {
   return static_cast<size_t>(T) * L.num_heads * num_splits * (L.head_dim + 2);
 }
@@ -237,10 +264,12 @@ expected<void> paged_attention(const attention_args& a, head_layout L, cudaStrea
   static constexpr launcher by_group[] = {launch_split<1>, launch_split<2>, launch_split<3>,
                                           launch_split<4>, launch_split<5>, launch_split<6>,
                                           launch_split<7>, launch_split<8>};
-  auto launched = by_group[group - 1](a, L, s);
-  if (!launched)
-    return launched;
-  attention_combine_kernel<<<dim3(a.T, L.num_heads), 128, 0, s>>>(a, L);
+  TROUPE_TRY_VOID(flash_prefill_attention(a, L, s));
+  const int tokens = a.split_tokens != nullptr ? a.num_split_tokens : a.T;
+  if (tokens == 0)
+    return {};
+  TROUPE_TRY_VOID(by_group[group - 1](a, L, s));
+  attention_combine_kernel<<<dim3(tokens, L.num_heads), 128, 0, s>>>(a, L);
   TROUPE_CUDA_LAUNCH();
   return {};
 }

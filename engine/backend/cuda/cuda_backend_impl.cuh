@@ -35,6 +35,8 @@ struct step_meta {
   int32_t* token_seq;    // [T]
   int32_t* slots;        // [T]
   int32_t* logit_src;    // [R]
+  int32_t* flash_tiles;  // [T, 3] (attention_args)
+  int32_t* split_tokens; // [T]
   int32_t* block_tables; // [S, max_blocks]
 };
 
@@ -121,6 +123,8 @@ private:
   int T_ = 0, S_ = 0, R_ = 0, mb_ = 0, splits_ = 1;
   int sm_count_ = 132;
   bool graph_step_ = false; // a pure decode step: fixed shapes, replayable as a graph
+  attention_args route_;    // this step's flash tiles / split tokens (counts, device pointers)
+  std::vector<int> seq_tokens_;
 
   // CUDA graphs for pure decode steps, keyed by batch size.
   bool use_graphs_ = true;

@@ -9,7 +9,8 @@ namespace troupe::engine::cuda {
 
 namespace {
 
-// Lays the step's metadata out back to back: [T] x4, [R], [S, mb].
+// Lays the step's metadata out back to back: [T] x4, [R], flash tiles [T, 3], split tokens [T],
+// [S, mb].
 step_meta layout(int32_t* base, int T, int R) {
   step_meta m;
   m.tokens = base;
@@ -17,9 +18,14 @@ step_meta layout(int32_t* base, int T, int R) {
   m.token_seq = base + 2 * T;
   m.slots = base + 3 * T;
   m.logit_src = base + 4 * T;
-  m.block_tables = base + 4 * T + R;
+  m.flash_tiles = base + 4 * T + R;
+  m.split_tokens = base + 7 * T + R;
+  m.block_tables = base + 8 * T + R;
   return m;
 }
+
+// Sequences with at least this many query tokens use the tensor-core prefill kernel.
+constexpr int flash_min_tokens = 8;
 
 } // namespace
 
@@ -82,7 +88,18 @@ expected<void> cuda_backend_impl::upload(const step_plan& plan) {
     std::copy(s.block_table.begin(), s.block_table.end(),
               host_.block_tables + static_cast<size_t>(i) * mb_);
   }
-  const size_t ints = 4 * static_cast<size_t>(T_) + R_ + static_cast<size_t>(S_) * mb_;
+  // Decode steps keep every token on the split-K kernel (the graphs captured it that way).
+  route_ = attention_args{};
+  if (!graph_step_) {
+    seq_tokens_.clear();
+    for (const auto& s : plan.seqs)
+      seq_tokens_.push_back(static_cast<int>(s.tokens.size()));
+    route_attention(seq_tokens_.data(), S_, heads_, flash_min_tokens, host_.flash_tiles,
+                    host_.split_tokens, route_);
+    route_.flash_tiles = dev_.flash_tiles;
+    route_.split_tokens = dev_.split_tokens;
+  }
+  const size_t ints = 8 * static_cast<size_t>(T_) + R_ + static_cast<size_t>(S_) * mb_;
   TROUPE_CUDA(cudaMemcpyAsync(dev_.tokens, host_.tokens, ints * 4, cudaMemcpyHostToDevice, stream_));
   return {};
 }
@@ -111,6 +128,10 @@ expected<void> cuda_backend_impl::layer(int l) {
   a.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
   a.partial = partial_;
   a.out = attn_;
+  a.flash_tiles = route_.flash_tiles;
+  a.num_flash_tiles = route_.num_flash_tiles;
+  a.split_tokens = route_.split_tokens;
+  a.num_split_tokens = route_.num_split_tokens;
   TROUPE_TRY_VOID(paged_attention(a, heads_, stream_));
   TROUPE_TRY_VOID(gemm_.run(attn_, T_, static_cast<int>(c.q_size()), w.o, H, proj_, stream_));
   TROUPE_TRY_VOID(add_rms_norm(resid_, proj_, w.o_bias, T_, H, w.post_norm, eps, h_, stream_));
@@ -202,6 +223,9 @@ expected<void> cuda_backend_impl::run_step() {
     return run_model();
   auto it = graphs_.find(T_);
   if (it == graphs_.end()) {
+    // The first step of a batch size runs eagerly (GEMM plans are made and timed outside
+    // capture) and is then captured, not launched: replaying it would compute the same again.
+    TROUPE_TRY_VOID(run_model());
     cudaGraph_t graph = nullptr;
     TROUPE_CUDA(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
     auto captured = run_model();
@@ -216,7 +240,8 @@ expected<void> cuda_backend_impl::run_step() {
     cudaError_t inst = cudaGraphInstantiate(&exec, graph, 0);
     cudaGraphDestroy(graph);
     TROUPE_CUDA(inst);
-    it = graphs_.emplace(T_, exec).first;
+    graphs_.emplace(T_, exec);
+    return {};
   }
   TROUPE_CUDA(cudaGraphLaunch(it->second, stream_));
   return {};

@@ -1,5 +1,8 @@
 #include "engine/backend/cuda/gemm.cuh"
 
+#include <cstdlib>
+#include <cstring>
+
 #include "engine/backend/cuda/device_math.cuh"
 
 namespace troupe::engine::cuda {
@@ -117,6 +120,8 @@ gemm_runner::~gemm_runner() {
 }
 
 expected<void> gemm_runner::init(size_t workspace_bytes) {
+  if (const char* env = std::getenv("TROUPE_GEMM_AUTOTUNE"))
+    autotune = std::strcmp(env, "0") != 0;
   TROUPE_CUBLAS(cublasLtCreate(&handle_));
   return workspace_.allocate(workspace_bytes);
 }
@@ -133,6 +138,48 @@ expected<void> gemm_runner::run(const bf16* x, int T, int in, const bf16* w, int
   if (use_skinny && T <= skinny_auto_tokens && in % 8 == 0 && aligned16(x) && aligned16(w))
     return skinny_gemm(x, T, in, w, out, y, true, s);
   return run_lt(x, T, in, w, out, y, true, s);
+}
+
+cublasLtMatmulAlgo_t gemm_runner::fastest(const plan& p,
+                                                    const cublasLtMatmulHeuristicResult_t* results,
+                                                    int found, const bf16* x, const bf16* w,
+                                                    void* y, cudaStream_t s) {
+  // Timing needs a stream that is not being captured into a graph (the backend runs a step
+  // eagerly before capturing it, so plans are made outside capture).
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  cudaEvent_t start = nullptr, stop = nullptr;
+  if (cudaStreamIsCapturing(s, &capturing) != cudaSuccess || capturing != cudaStreamCaptureStatusNone
+      || cudaEventCreate(&start) != cudaSuccess || cudaEventCreate(&stop) != cudaSuccess) {
+    if (start != nullptr)
+      cudaEventDestroy(start);
+    return results[0].algo;
+  }
+  const float alpha = 1.0f, beta = 0.0f;
+  float best_ms = INFINITY;
+  cublasLtMatmulAlgo_t best = results[0].algo;
+  for (int i = 0; i < found; ++i) {
+    // One warm-up run, then three timed; a candidate that fails is skipped.
+    bool ok = true;
+    for (int r = 0; r < 4 && ok; ++r) {
+      if (r == 1)
+        cudaEventRecord(start, s);
+      ok = cublasLtMatmul(handle_, p.op, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c,
+                          &results[i].algo, workspace_.as<void>(), workspace_.bytes(), s)
+           == CUBLAS_STATUS_SUCCESS;
+    }
+    if (!ok)
+      continue;
+    cudaEventRecord(stop, s);
+    float ms = 0;
+    if (cudaEventSynchronize(stop) == cudaSuccess && cudaEventElapsedTime(&ms, start, stop) == cudaSuccess
+        && ms < best_ms) {
+      best_ms = ms;
+      best = results[i].algo;
+    }
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  return best;
 }
 
 expected<void> gemm_runner::run_lt(const bf16* x, int T, int in, const bf16* w, int out, void* y,
@@ -158,15 +205,18 @@ expected<void> gemm_runner::run_lt(const bf16* x, int T, int in, const bf16* w, 
     size_t ws = workspace_.bytes();
     TROUPE_CUBLAS(cublasLtMatmulPreferenceSetAttribute(
       pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
-    cublasLtMatmulHeuristicResult_t result{};
+    cublasLtMatmulHeuristicResult_t results[autotune_candidates];
+    std::memset(results, 0, sizeof(results));
     int found = 0;
-    cublasStatus_t st =
-      cublasLtMatmulAlgoGetHeuristic(handle_, p.op, p.a, p.b, p.c, p.c, pref, 1, &result, &found);
+    cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle_, p.op, p.a, p.b, p.c, p.c, pref,
+                                                       autotune_candidates, results, &found);
     cublasLtMatmulPreferenceDestroy(pref);
     if (st != CUBLAS_STATUS_SUCCESS || found == 0)
       return error{errc::unsupported,
                    strf("cuBLASLt has no algorithm for [%dx%d]·[%dx%d]^T", T, in, out, in)};
-    p.algo = result.algo;
+    p.algo = results[0].algo;
+    if (autotune && T <= autotune_max_tokens && found > 1)
+      p.algo = fastest(p, results, found, x, w, y, s);
     it = plans_.emplace(key, p).first;
   }
   const float alpha = 1.0f, beta = 0.0f;

@@ -28,6 +28,12 @@ public:
   static constexpr int skinny_max_tokens = 8;
   static constexpr int skinny_auto_tokens = 1;
   bool use_skinny = true; // benchmarks compare both paths
+  // cuBLASLt plans for up to autotune_max_tokens rows (decode batches, whose shapes repeat) time
+  // the heuristic's first autotune_candidates algorithms once and keep the fastest; larger
+  // (prefill) shapes take the first. Off: TROUPE_GEMM_AUTOTUNE=0 (benchmarks compare).
+  bool autotune = true;
+  static constexpr int autotune_candidates = 8;
+  static constexpr int autotune_max_tokens = 512;
 
 private:
   expected<void> run_lt(const bf16* x, int T, int in, const bf16* w, int out, void* y,
@@ -37,6 +43,10 @@ private:
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
     cublasLtMatmulAlgo_t algo{};
   };
+  // The fastest of the candidates on these operands; the first one when timing is impossible.
+  cublasLtMatmulAlgo_t fastest(const plan& p, const cublasLtMatmulHeuristicResult_t* results,
+                                         int found, const bf16* x, const bf16* w, void* y,
+                                         cudaStream_t s);
   cublasLtHandle_t handle_ = nullptr;
   device_buffer workspace_;
   std::map<std::tuple<int, int, int, bool>, plan> plans_;

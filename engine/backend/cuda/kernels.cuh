@@ -57,8 +57,27 @@ struct attention_args {
   float scale = 1.0f;
   float* partial = nullptr;
   bf16* out = nullptr; // [T, nh * D]
+  // Optional split of the tokens between the two kernels (prefill-heavy steps): flash tiles
+  // [num_flash_tiles, 3] = (sequence index, first token, token count), consecutive tokens of one
+  // sequence, at most flash_tile_tokens(L) each; every other token listed in split_tokens. With
+  // split_tokens null, all T tokens take the split-K path.
+  const int32_t* flash_tiles = nullptr;
+  int num_flash_tiles = 0;
+  const int32_t* split_tokens = nullptr;
+  int num_split_tokens = 0;
 };
 expected<void> paged_attention(const attention_args& a, head_layout L, cudaStream_t s);
+// The tensor-core prefill kernel behind paged_attention's flash tiles (flash_prefill.cu): head_dim
+// 16, 32, 64 or 128; a tile holds at most flash_tile_tokens(L) = 64 / (query heads per kv head).
+bool flash_prefill_supported(head_layout L);
+int flash_tile_tokens(head_layout L);
+expected<void> flash_prefill_attention(const attention_args& a, head_layout L, cudaStream_t s);
+// Host side: routes a step's sequences (seq_tokens[i] query tokens each, consecutive in the step)
+// to the two kernels. Sequences with at least min_tokens tokens become flash tiles (when the head
+// layout is supported), the rest go to split_tokens. tiles needs room for 3 * T ints and
+// split_tokens for T. Sets a.num_flash_tiles and a.num_split_tokens (not the pointers).
+void route_attention(const int* seq_tokens, int num_seqs, head_layout L, int min_tokens,
+                     int32_t* tiles, int32_t* split_tokens, attention_args& a);
 size_t attention_partial_floats(int T, head_layout L, int num_splits);
 
 // dst[n, H] = src[rows[i], :] (MoE: the tokens routed to one expert)

@@ -1,0 +1,227 @@
+// Causal prefill attention on tensor cores (flash-attention 2 style) over the paged KV cache.
+// One block per (tile of consecutive query tokens of one sequence, kv head): its 64 rows are the
+// tile's tokens x the G query heads sharing that kv head, so each key/value tile loaded into
+// shared memory serves all of them. Four warps own 16 rows each; S = Q K^T and O += P V run on
+// mma.sync m16n8k16 (bf16 in, fp32 accumulate) with the online softmax kept in registers.
+// Called by paged_attention (attention.cu) for the sequences of a step with many query tokens.
+#include "engine/backend/cuda/device_math.cuh"
+#include "engine/backend/cuda/kernels.cuh"
+
+namespace troupe::engine::cuda {
+
+namespace {
+
+constexpr int flash_rows = 64;  // query rows (token, head) per block
+constexpr int flash_keys = 64;  // keys per shared-memory tile
+constexpr int flash_threads = 128;
+
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+               "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats as one register of two bf16, the first in the low half.
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(bf16 lo, bf16 hi) {
+  return static_cast<uint32_t>(__bfloat16_as_ushort(lo))
+         | (static_cast<uint32_t>(__bfloat16_as_ushort(hi)) << 16);
+}
+
+// Tile i of a.flash_tiles: [sequence index, first token, token count].
+template <int D>
+__global__ void __launch_bounds__(flash_threads) flash_prefill_kernel(attention_args a,
+                                                                      head_layout L) {
+  constexpr int stride = D + 8; // padded shared rows: conflict-free fragment loads
+  __shared__ __align__(16) bf16 k_s[flash_keys * stride];
+  __shared__ __align__(16) bf16 v_s[flash_keys * stride];
+  const int* tile = a.flash_tiles + 3 * blockIdx.x;
+  const int seq = tile[0], t0 = tile[1], ntok = tile[2];
+  const int kvh = blockIdx.y;
+  const int G = L.num_heads / L.num_kv_heads;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int grp = lane / 4, quad = lane % 4;
+  const int* table = a.block_tables + static_cast<size_t>(seq) * a.max_blocks;
+  const int first_pos = a.positions[t0];
+  const int last_pos = a.positions[t0 + ntok - 1];
+
+  // This thread's two rows (grp and grp + 8 of its warp's 16): token, head, position.
+  int row_tok[2], row_pos[2];
+  bool row_ok[2];
+  uint32_t qf[D / 16][4]; // Q fragments for every 16-dim slice
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = warp * 16 + grp + 8 * h;
+    row_tok[h] = r / G;
+    row_ok[h] = row_tok[h] < ntok && r < (flash_rows / G) * G;
+    row_pos[h] = row_ok[h] ? first_pos + row_tok[h] : -1;
+  }
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = warp * 16 + grp + 8 * h;
+      uint32_t lo = 0, hi = 0;
+      if (row_ok[h]) {
+        const bf16* q = a.qkv + static_cast<size_t>(t0 + row_tok[h]) * L.qkv_width()
+                        + (kvh * G + r % G) * D + kk * 16 + quad * 2;
+        lo = *reinterpret_cast<const uint32_t*>(q);
+        hi = *reinterpret_cast<const uint32_t*>(q + 8);
+      }
+      qf[kk][h] = lo;     // a0 (row grp) / a1 (row grp + 8): dims quad*2, +1
+      qf[kk][h + 2] = hi; // a2 / a3: dims 8 + quad*2, +1
+    }
+  }
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n)
+    o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  const float scale_log2 = a.scale * 1.4426950408889634f;
+
+  for (int k0 = 0; k0 <= last_pos; k0 += flash_keys) {
+    // Load keys and values k0 .. k0 + 63 (zeros past the last position) as 16-byte vectors.
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < flash_keys * (D / 8); idx += flash_threads) {
+      const int key = idx / (D / 8), piece = idx % (D / 8);
+      const int pos = k0 + key;
+      uint4 kv4 = make_uint4(0, 0, 0, 0), vv4 = make_uint4(0, 0, 0, 0);
+      if (pos <= last_pos) {
+        const size_t slot = static_cast<size_t>(table[pos / a.block_size]) * a.block_size
+                            + pos % a.block_size;
+        const size_t off = (slot * L.num_kv_heads + kvh) * D + piece * 8;
+        kv4 = *reinterpret_cast<const uint4*>(a.k_cache + off);
+        vv4 = *reinterpret_cast<const uint4*>(a.v_cache + off);
+      }
+      *reinterpret_cast<uint4*>(k_s + key * stride + piece * 8) = kv4;
+      *reinterpret_cast<uint4*>(v_s + key * stride + piece * 8) = vv4;
+    }
+    __syncthreads();
+    if (k0 > first_pos + (warp * 16 + 15) / G) // every row of this warp is before this tile
+      continue;
+
+    // S = Q K^T for 64 keys: 8 column tiles of 8 keys.
+    float s[flash_keys / 8][4];
+#pragma unroll
+    for (int j = 0; j < flash_keys / 8; ++j) {
+      s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+      const bf16* krow = k_s + (j * 8 + grp) * stride + quad * 2;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+        mma_bf16(s[j], qf[kk], *reinterpret_cast<const uint32_t*>(krow + kk * 16),
+                 *reinterpret_cast<const uint32_t*>(krow + kk * 16 + 8));
+    }
+    // Causal mask, scale into log2 units, running max per row.
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < flash_keys / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h = e / 2, key = k0 + j * 8 + quad * 2 + e % 2;
+        const float v = key <= row_pos[h] ? s[j][e] * scale_log2 : -INFINITY;
+        s[j][e] = v;
+        mx[h] = fmaxf(mx[h], v);
+      }
+    float factor[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+      const float m_new = fmaxf(m[h], mx[h]);
+      // Rows with nothing visible yet keep m = -inf; use 0 as the base so no NaN appears.
+      const float base = m_new == -INFINITY ? 0.0f : m_new;
+      factor[h] = exp2f(m[h] - base);
+      m[h] = m_new;
+      mx[h] = base;
+    }
+    float rs[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int j = 0; j < flash_keys / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float p = exp2f(s[j][e] - mx[e / 2]);
+        s[j][e] = p;
+        rs[e / 2] += p;
+      }
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      l[h] = l[h] * factor[h] + rs[h];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      o[n][0] *= factor[0];
+      o[n][1] *= factor[0];
+      o[n][2] *= factor[1];
+      o[n][3] *= factor[1];
+    }
+    // O += P V: P's accumulator layout is the A fragment layout of the next product.
+#pragma unroll
+    for (int kk = 0; kk < flash_keys / 16; ++kk) {
+      const uint32_t pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]),
+                              pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                              pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                              pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      const bf16* v0 = v_s + (kk * 16 + quad * 2) * stride + grp;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        const bf16* v = v0 + n * 8;
+        mma_bf16(o[n], pa, pack_bf16(v[0], v[stride]),
+                 pack_bf16(v[8 * stride], v[9 * stride]));
+      }
+    }
+  }
+
+  // Normalise by the row sums (spread over the four threads of a row) and write bf16.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+    if (!row_ok[h])
+      continue;
+    const int r = warp * 16 + grp + 8 * h;
+    const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
+    bf16* out = a.out + (static_cast<size_t>(t0 + row_tok[h]) * L.num_heads + kvh * G + r % G) * D
+                + quad * 2;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+      *reinterpret_cast<__nv_bfloat162*>(out + n * 8) =
+        __floats2bfloat162_rn(o[n][2 * h] * inv, o[n][2 * h + 1] * inv);
+  }
+}
+
+template <int D>
+expected<void> launch_flash(const attention_args& a, head_layout L, cudaStream_t s) {
+  flash_prefill_kernel<D><<<dim3(a.num_flash_tiles, L.num_kv_heads), flash_threads, 0, s>>>(a, L);
+  TROUPE_CUDA_LAUNCH();
+  return {};
+}
+
+} // namespace
+
+bool flash_prefill_supported(head_layout L) {
+  const int D = L.head_dim, G = L.num_heads / L.num_kv_heads;
+  return (D == 16 || D == 32 || D == 64 || D == 128) && G >= 1 && G <= flash_rows;
+}
+
+int flash_tile_tokens(head_layout L) { return flash_rows / (L.num_heads / L.num_kv_heads); }
+
+expected<void> flash_prefill_attention(const attention_args& a, head_layout L, cudaStream_t s) {
+  if (a.num_flash_tiles == 0)
+    return {};
+  switch (L.head_dim) {
+  case 16: return launch_flash<16>(a, L, s);
+  case 32: return launch_flash<32>(a, L, s);
+  case 64: return launch_flash<64>(a, L, s);
+  case 128: return launch_flash<128>(a, L, s);
+  default:
+    return error{errc::unsupported, strf("flash prefill: head_dim %d", L.head_dim)};
+  }
+}
+
+} // namespace troupe::engine::cuda
