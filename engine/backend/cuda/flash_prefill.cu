@@ -2,7 +2,8 @@
 // One block per (tile of consecutive query tokens of one sequence, kv head): its 64 rows are the
 // tile's tokens x the G query heads sharing that kv head, so each key/value tile loaded into
 // shared memory serves all of them. Four warps own 16 rows each; S = Q K^T and O += P V run on
-// mma.sync m16n8k16 (bf16 in, fp32 accumulate) with the online softmax kept in registers.
+// mma.sync m16n8k16 (bf16 in, fp32 accumulate, operands through ldmatrix) with the online softmax
+// kept in registers; the next key/value tile is fetched with cp.async while this one is used.
 // Called by paged_attention (attention.cu) for the sequences of a step with many query tokens.
 #include "engine/backend/cuda/device_math.cuh"
 #include "engine/backend/cuda/kernels.cuh"
@@ -29,18 +30,128 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-__device__ __forceinline__ uint32_t pack_bf16(bf16 lo, bf16 hi) {
-  return static_cast<uint32_t>(__bfloat16_as_ushort(lo))
-         | (static_cast<uint32_t>(__bfloat16_as_ushort(hi)) << 16);
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Four 8x8 b16 matrices from shared memory; lane i gives the address of row i % 8 of matrix i / 8.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const bf16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// 16 bytes global -> shared without passing through registers; zero-filled when !valid.
+__device__ __forceinline__ void cp_async16(bf16* dst, const bf16* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+               :
+               : "r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// One key/value tile for one warp: S = Q K^T, causal mask, online softmax update, O += P V.
+template <int D>
+__device__ __forceinline__ void tile_step(const bf16* k_s, const bf16* v_s, int k0,
+                                          const uint32_t (&qf)[D / 16][4], const int (&row_pos)[2],
+                                          float scale_log2, float (&m)[2], float (&l)[2],
+                                          float (&o)[D / 8][4], int lane) {
+  constexpr int stride = D + 8;
+  const int quad = lane % 4;
+
+  // S = Q K^T for 64 keys: 8 column tiles of 8 keys, two per ldmatrix.
+  float s[flash_keys / 8][4];
+#pragma unroll
+  for (int j = 0; j < flash_keys / 8; ++j)
+    s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+  for (int j = 0; j < flash_keys / 8; j += 2) {
+    // matrices: (tile j, dims +0), (j, +8), (j + 1, +0), (j + 1, +8) of each 16-dim slice
+    const bf16* krow = k_s + (j * 8 + (lane / 16) * 8 + lane % 8) * stride + ((lane / 8) % 2) * 8;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t b[4];
+      ldmatrix_x4(b, krow + kk * 16);
+      mma_bf16(s[j], qf[kk], b[0], b[1]);
+      mma_bf16(s[j + 1], qf[kk], b[2], b[3]);
+    }
+  }
+  // Causal mask, scale into log2 units, running max per row.
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int j = 0; j < flash_keys / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int h = e / 2, key = k0 + j * 8 + quad * 2 + e % 2;
+      const float v = key <= row_pos[h] ? s[j][e] * scale_log2 : -INFINITY;
+      s[j][e] = v;
+      mx[h] = fmaxf(mx[h], v);
+    }
+  float factor[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+    const float m_new = fmaxf(m[h], mx[h]);
+    // Rows with nothing visible yet keep m = -inf; use 0 as the base so no NaN appears.
+    const float base = m_new == -INFINITY ? 0.0f : m_new;
+    factor[h] = exp2f(m[h] - base);
+    m[h] = m_new;
+    mx[h] = base;
+  }
+  float rs[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int j = 0; j < flash_keys / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float p = exp2f(s[j][e] - mx[e / 2]);
+      s[j][e] = p;
+      rs[e / 2] += p;
+    }
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+    l[h] = l[h] * factor[h] + rs[h];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    o[n][0] *= factor[0];
+    o[n][1] *= factor[0];
+    o[n][2] *= factor[1];
+    o[n][3] *= factor[1];
+  }
+  // O += P V: P's accumulator layout is the A fragment layout of the next product.
+#pragma unroll
+  for (int kk = 0; kk < flash_keys / 16; ++kk) {
+    const uint32_t pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]),
+                            pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                            pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                            pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+    // matrices (transposed): (keys +0, dims n), (keys +8, n), (keys +0, n + 1), (keys +8, n + 1)
+    const bf16* vrow = v_s + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * stride + (lane / 16) * 8;
+#pragma unroll
+    for (int n = 0; n < D / 8; n += 2) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, vrow + n * 8);
+      mma_bf16(o[n], pa, b[0], b[1]);
+      mma_bf16(o[n + 1], pa, b[2], b[3]);
+    }
+  }
 }
 
 // Tile i of a.flash_tiles: [sequence index, first token, token count].
 template <int D>
 __global__ void __launch_bounds__(flash_threads) flash_prefill_kernel(attention_args a,
                                                                       head_layout L) {
-  constexpr int stride = D + 8; // padded shared rows: conflict-free fragment loads
-  __shared__ __align__(16) bf16 k_s[flash_keys * stride];
-  __shared__ __align__(16) bf16 v_s[flash_keys * stride];
+  constexpr int stride = D + 8; // padded shared rows: conflict-free ldmatrix
+  constexpr int stage = 2 * flash_keys * stride; // keys, then values, of one tile
+  extern __shared__ __align__(16) bf16 kv_s[];   // two stages: load the next tile during this one
   const int* tile = a.flash_tiles + 3 * blockIdx.x;
   const int seq = tile[0], t0 = tile[1], ntok = tile[2];
   const int kvh = blockIdx.y;
@@ -86,96 +197,40 @@ __global__ void __launch_bounds__(flash_threads) flash_prefill_kernel(attention_
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   const float scale_log2 = a.scale * 1.4426950408889634f;
 
-  for (int k0 = 0; k0 <= last_pos; k0 += flash_keys) {
-    // Load keys and values k0 .. k0 + 63 (zeros past the last position) as 16-byte vectors.
-    __syncthreads();
+  // Keys and values k0 .. k0 + 63 into a stage (zeros past the last position), asynchronously.
+  auto load_tile = [&](int k0, bf16* dst) {
     for (int idx = threadIdx.x; idx < flash_keys * (D / 8); idx += flash_threads) {
       const int key = idx / (D / 8), piece = idx % (D / 8);
       const int pos = k0 + key;
-      uint4 kv4 = make_uint4(0, 0, 0, 0), vv4 = make_uint4(0, 0, 0, 0);
-      if (pos <= last_pos) {
+      const bool valid = pos <= last_pos;
+      size_t off = 0;
+      if (valid) {
         const size_t slot = static_cast<size_t>(table[pos / a.block_size]) * a.block_size
                             + pos % a.block_size;
-        const size_t off = (slot * L.num_kv_heads + kvh) * D + piece * 8;
-        kv4 = *reinterpret_cast<const uint4*>(a.k_cache + off);
-        vv4 = *reinterpret_cast<const uint4*>(a.v_cache + off);
+        off = (slot * L.num_kv_heads + kvh) * D + piece * 8;
       }
-      *reinterpret_cast<uint4*>(k_s + key * stride + piece * 8) = kv4;
-      *reinterpret_cast<uint4*>(v_s + key * stride + piece * 8) = vv4;
+      cp_async16(dst + key * stride + piece * 8, a.k_cache + off, valid);
+      cp_async16(dst + (flash_keys + key) * stride + piece * 8, a.v_cache + off, valid);
+    }
+    cp_async_commit();
+  };
+  load_tile(0, kv_s);
+  for (int k0 = 0, it = 0; k0 <= last_pos; k0 += flash_keys, ++it) {
+    const bf16* k_s = kv_s + (it % 2) * stage;
+    const bf16* v_s = k_s + flash_keys * stride;
+    if (k0 + flash_keys <= last_pos) {
+      load_tile(k0 + flash_keys, kv_s + ((it + 1) % 2) * stage);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
     }
     __syncthreads();
-    if (k0 > first_pos + (warp * 16 + 15) / G) // every row of this warp is before this tile
-      continue;
-
-    // S = Q K^T for 64 keys: 8 column tiles of 8 keys.
-    float s[flash_keys / 8][4];
-#pragma unroll
-    for (int j = 0; j < flash_keys / 8; ++j) {
-      s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-      const bf16* krow = k_s + (j * 8 + grp) * stride + quad * 2;
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk)
-        mma_bf16(s[j], qf[kk], *reinterpret_cast<const uint32_t*>(krow + kk * 16),
-                 *reinterpret_cast<const uint32_t*>(krow + kk * 16 + 8));
-    }
-    // Causal mask, scale into log2 units, running max per row.
-    float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int j = 0; j < flash_keys / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int h = e / 2, key = k0 + j * 8 + quad * 2 + e % 2;
-        const float v = key <= row_pos[h] ? s[j][e] * scale_log2 : -INFINITY;
-        s[j][e] = v;
-        mx[h] = fmaxf(mx[h], v);
-      }
-    float factor[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
-      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-      const float m_new = fmaxf(m[h], mx[h]);
-      // Rows with nothing visible yet keep m = -inf; use 0 as the base so no NaN appears.
-      const float base = m_new == -INFINITY ? 0.0f : m_new;
-      factor[h] = exp2f(m[h] - base);
-      m[h] = m_new;
-      mx[h] = base;
-    }
-    float rs[2] = {0.0f, 0.0f};
-#pragma unroll
-    for (int j = 0; j < flash_keys / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float p = exp2f(s[j][e] - mx[e / 2]);
-        s[j][e] = p;
-        rs[e / 2] += p;
-      }
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-      l[h] = l[h] * factor[h] + rs[h];
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      o[n][0] *= factor[0];
-      o[n][1] *= factor[0];
-      o[n][2] *= factor[1];
-      o[n][3] *= factor[1];
-    }
-    // O += P V: P's accumulator layout is the A fragment layout of the next product.
-#pragma unroll
-    for (int kk = 0; kk < flash_keys / 16; ++kk) {
-      const uint32_t pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]),
-                              pack_bf16(s[2 * kk][2], s[2 * kk][3]),
-                              pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-      const bf16* v0 = v_s + (kk * 16 + quad * 2) * stride + grp;
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        const bf16* v = v0 + n * 8;
-        mma_bf16(o[n], pa, pack_bf16(v[0], v[stride]),
-                 pack_bf16(v[8 * stride], v[9 * stride]));
-      }
-    }
+    // Warps whose rows all lie before this tile have nothing to add from it.
+    if (k0 <= first_pos + (warp * 16 + 15) / G)
+      tile_step<D>(k_s, v_s, k0, qf, row_pos, scale_log2, m, l, o, lane);
+    __syncthreads(); // this stage is loaded again two tiles from now
   }
+
 
   // Normalise by the row sums (spread over the four threads of a row) and write bf16.
 #pragma unroll
@@ -197,7 +252,11 @@ __global__ void __launch_bounds__(flash_threads) flash_prefill_kernel(attention_
 
 template <int D>
 expected<void> launch_flash(const attention_args& a, head_layout L, cudaStream_t s) {
-  flash_prefill_kernel<D><<<dim3(a.num_flash_tiles, L.num_kv_heads), flash_threads, 0, s>>>(a, L);
+  constexpr size_t smem = 2 * 2 * flash_keys * (D + 8) * sizeof(bf16);
+  if constexpr (smem > 48 * 1024)
+    TROUPE_CUDA(cudaFuncSetAttribute(flash_prefill_kernel<D>,
+                                     cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  flash_prefill_kernel<D><<<dim3(a.num_flash_tiles, L.num_kv_heads), flash_threads, smem, s>>>(a, L);
   TROUPE_CUDA_LAUNCH();
   return {};
 }
