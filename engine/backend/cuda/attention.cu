@@ -21,15 +21,16 @@ constexpr int attn_chunk = attn_threads; // keys per pass: one per thread when s
 // Scoring: one key per thread, 16-byte key loads; values: threads split as (key lane, 8 dims),
 // 16-byte value loads, partial sums reduced through shared memory at the end.
 template <int G>
-__global__ void __launch_bounds__(attn_threads) attention_split_kernel(attention_args a,
-                                                                       head_layout L) {
+__global__ void __launch_bounds__(attn_threads)
+    attention_split_kernel(attention_args a, head_layout L) {
+  pdl_wait();
   extern __shared__ float smem[];
   __shared__ int slot_s[attn_chunk];
   __shared__ float wred[G][attn_threads / 32];
   __shared__ float m_s[G], l_s[G], f_s[G];
   const int D = L.head_dim, dim_lanes = D / 8, key_lanes = attn_threads / dim_lanes;
-  float* q_s = smem;                // [G, D]
-  float* p_s = q_s + G * D;         // [G, attn_chunk]
+  float* q_s = smem;                 // [G, D]
+  float* p_s = q_s + G * D;          // [G, attn_chunk]
   float* red = p_s + G * attn_chunk; // [key_lanes, G, D]
   const int t = a.split_tokens != nullptr ? a.split_tokens[blockIdx.x] : blockIdx.x;
   const int kvh = blockIdx.y, split = blockIdx.z;
@@ -39,8 +40,8 @@ __global__ void __launch_bounds__(attn_threads) attention_split_kernel(attention
   const int per = (ctx + gridDim.z - 1) / gridDim.z;
   const int begin = split * per, end = min(ctx, begin + per);
   auto partial = [&](int g) {
-    return a.partial
-           + ((static_cast<size_t>(t) * L.num_heads + kvh * G + g) * gridDim.z + split) * (D + 2);
+    return a.partial +
+           ((static_cast<size_t>(t) * L.num_heads + kvh * G + g) * gridDim.z + split) * (D + 2);
   };
   if (end <= begin) {
     if (tid < G) {
@@ -78,7 +79,7 @@ __global__ void __launch_bounds__(attn_threads) attention_split_kernel(attention
       const int slot = table[pos / a.block_size] * a.block_size + pos % a.block_size;
       slot_s[tid] = slot;
       const uint4* k = reinterpret_cast<const uint4*>(
-        a.k_cache + (static_cast<size_t>(slot) * L.num_kv_heads + kvh) * D);
+          a.k_cache + (static_cast<size_t>(slot) * L.num_kv_heads + kvh) * D);
 #pragma unroll
       for (int g = 0; g < G; ++g)
         sc[g] = 0.0f;
@@ -138,7 +139,7 @@ __global__ void __launch_bounds__(attn_threads) attention_split_kernel(attention
 #pragma unroll 4
       for (int j = kl; j < n; j += key_lanes) {
         const uint4 v = *reinterpret_cast<const uint4*>(
-          a.v_cache + (static_cast<size_t>(slot_s[j]) * L.num_kv_heads + kvh) * D + dl * 8);
+            a.v_cache + (static_cast<size_t>(slot_s[j]) * L.num_kv_heads + kvh) * D + dl * 8);
         float vf[8];
         bf16x8_to_float(v, vf);
 #pragma unroll
@@ -175,15 +176,15 @@ __global__ void __launch_bounds__(attn_threads) attention_split_kernel(attention
 template <int G>
 expected<void> launch_split(const attention_args& a, head_layout L, cudaStream_t s) {
   const int key_lanes = attn_threads / (L.head_dim / 8);
-  const size_t smem = sizeof(float) * (static_cast<size_t>(G) * L.head_dim + G * attn_chunk
-                                       + static_cast<size_t>(key_lanes) * G * L.head_dim);
+  const size_t smem = sizeof(float) * (static_cast<size_t>(G) * L.head_dim + G * attn_chunk +
+                                       static_cast<size_t>(key_lanes) * G * L.head_dim);
   if (smem > 48 * 1024)
     TROUPE_CUDA(cudaFuncSetAttribute(attention_split_kernel<G>,
                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      static_cast<int>(smem)));
   const int tokens = a.split_tokens != nullptr ? a.num_split_tokens : a.T;
-  attention_split_kernel<G><<<dim3(tokens, L.num_kv_heads, a.num_splits), attn_threads, smem, s>>>(a, L);
-  TROUPE_CUDA_LAUNCH();
+  TROUPE_CUDA(launch_pdl(attention_split_kernel<G>, dim3(tokens, L.num_kv_heads, a.num_splits),
+                         dim3(attn_threads), smem, s, a, L));
   return {};
 }
 
@@ -192,10 +193,12 @@ constexpr int max_splits = 512;
 // One block per (token, query head): a warp finds the global max and normaliser over the
 // splits, then every thread sums the rescaled partial outputs of its dimensions.
 __global__ void attention_combine_kernel(attention_args a, head_layout L) {
+  pdl_wait();
   __shared__ float weight[max_splits];
   const int t = a.split_tokens != nullptr ? a.split_tokens[blockIdx.x] : blockIdx.x;
   const int h = blockIdx.y, D = L.head_dim;
-  const float* base = a.partial + (static_cast<size_t>(t) * L.num_heads + h) * a.num_splits * (D + 2);
+  const float* base =
+      a.partial + (static_cast<size_t>(t) * L.num_heads + h) * a.num_splits * (D + 2);
   if (threadIdx.x < 32) {
     float m = -INFINITY;
     for (int s = threadIdx.x; s < a.num_splits; s += 32)
@@ -254,7 +257,8 @@ expected<void> paged_attention(const attention_args& a, head_layout L, cudaStrea
     return {};
   const int group = L.num_heads / L.num_kv_heads;
   if (a.num_splits > max_splits)
-    return error{errc::invalid_argument, strf("CUDA attention: %d splits > %d", a.num_splits, max_splits)};
+    return error{errc::invalid_argument,
+                 strf("CUDA attention: %d splits > %d", a.num_splits, max_splits)};
   if (L.head_dim > 256 || L.head_dim % 8 != 0 || group > 8)
     return error{errc::unsupported,
                  strf("CUDA attention: head_dim %d with %d query heads per kv head (supported: "
@@ -269,8 +273,8 @@ expected<void> paged_attention(const attention_args& a, head_layout L, cudaStrea
   if (tokens == 0)
     return {};
   TROUPE_TRY_VOID(by_group[group - 1](a, L, s));
-  attention_combine_kernel<<<dim3(tokens, L.num_heads), 128, 0, s>>>(a, L);
-  TROUPE_CUDA_LAUNCH();
+  TROUPE_CUDA(
+      launch_pdl(attention_combine_kernel, dim3(tokens, L.num_heads), dim3(128), 0, s, a, L));
   return {};
 }
 

@@ -99,4 +99,24 @@ private:
   size_t bytes_ = 0;
 };
 
+// Launches `kernel` with programmatic dependent launch (Hopper): it may be scheduled while the
+// kernel before it on `s` is still finishing, which hides most of the launch gap between the many
+// small kernels of a decode step. Every kernel launched this way calls pdl_wait() first, so it
+// reads nothing before its predecessors have completed. Graph-capturable.
+template <class... Params, class... Args>
+cudaError_t launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                       cudaStream_t s, Args... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
+}
+
 } // namespace troupe::engine::cuda

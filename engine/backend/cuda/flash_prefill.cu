@@ -12,8 +12,8 @@ namespace troupe::engine::cuda {
 
 namespace {
 
-constexpr int flash_rows = 64;  // query rows (token, head) per block
-constexpr int flash_keys = 64;  // keys per shared-memory tile
+constexpr int flash_rows = 64; // query rows (token, head) per block
+constexpr int flash_keys = 64; // keys per shared-memory tile
 constexpr int flash_threads = 128;
 
 __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
@@ -52,7 +52,9 @@ __device__ __forceinline__ void cp_async16(bf16* dst, const bf16* src, bool vali
                :
                : "r"(smem_addr(dst)), "l"(src), "r"(valid ? 16 : 0));
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n");
+}
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
@@ -147,9 +149,10 @@ __device__ __forceinline__ void tile_step(const bf16* k_s, const bf16* v_s, int 
 
 // Tile i of a.flash_tiles: [sequence index, first token, token count].
 template <int D>
-__global__ void __launch_bounds__(flash_threads) flash_prefill_kernel(attention_args a,
-                                                                      head_layout L) {
-  constexpr int stride = D + 8; // padded shared rows: conflict-free ldmatrix
+__global__ void __launch_bounds__(flash_threads)
+    flash_prefill_kernel(attention_args a, head_layout L) {
+  pdl_wait();
+  constexpr int stride = D + 8;                  // padded shared rows: conflict-free ldmatrix
   constexpr int stage = 2 * flash_keys * stride; // keys, then values, of one tile
   extern __shared__ __align__(16) bf16 kv_s[];   // two stages: load the next tile during this one
   const int* tile = a.flash_tiles + 3 * blockIdx.x;
@@ -180,8 +183,8 @@ __global__ void __launch_bounds__(flash_threads) flash_prefill_kernel(attention_
       const int r = warp * 16 + grp + 8 * h;
       uint32_t lo = 0, hi = 0;
       if (row_ok[h]) {
-        const bf16* q = a.qkv + static_cast<size_t>(t0 + row_tok[h]) * L.qkv_width()
-                        + (kvh * G + r % G) * D + kk * 16 + quad * 2;
+        const bf16* q = a.qkv + static_cast<size_t>(t0 + row_tok[h]) * L.qkv_width() +
+                        (kvh * G + r % G) * D + kk * 16 + quad * 2;
         lo = *reinterpret_cast<const uint32_t*>(q);
         hi = *reinterpret_cast<const uint32_t*>(q + 8);
       }
@@ -205,8 +208,8 @@ __global__ void __launch_bounds__(flash_threads) flash_prefill_kernel(attention_
       const bool valid = pos <= last_pos;
       size_t off = 0;
       if (valid) {
-        const size_t slot = static_cast<size_t>(table[pos / a.block_size]) * a.block_size
-                            + pos % a.block_size;
+        const size_t slot =
+            static_cast<size_t>(table[pos / a.block_size]) * a.block_size + pos % a.block_size;
         off = (slot * L.num_kv_heads + kvh) * D + piece * 8;
       }
       cp_async16(dst + key * stride + piece * 8, a.k_cache + off, valid);
@@ -231,7 +234,6 @@ __global__ void __launch_bounds__(flash_threads) flash_prefill_kernel(attention_
     __syncthreads(); // this stage is loaded again two tiles from now
   }
 
-
   // Normalise by the row sums (spread over the four threads of a row) and write bf16.
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -241,12 +243,12 @@ __global__ void __launch_bounds__(flash_threads) flash_prefill_kernel(attention_
       continue;
     const int r = warp * 16 + grp + 8 * h;
     const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
-    bf16* out = a.out + (static_cast<size_t>(t0 + row_tok[h]) * L.num_heads + kvh * G + r % G) * D
-                + quad * 2;
+    bf16* out = a.out + (static_cast<size_t>(t0 + row_tok[h]) * L.num_heads + kvh * G + r % G) * D +
+                quad * 2;
 #pragma unroll
     for (int n = 0; n < D / 8; ++n)
       *reinterpret_cast<__nv_bfloat162*>(out + n * 8) =
-        __floats2bfloat162_rn(o[n][2 * h] * inv, o[n][2 * h + 1] * inv);
+          __floats2bfloat162_rn(o[n][2 * h] * inv, o[n][2 * h + 1] * inv);
   }
 }
 
@@ -255,9 +257,10 @@ expected<void> launch_flash(const attention_args& a, head_layout L, cudaStream_t
   constexpr size_t smem = 2 * 2 * flash_keys * (D + 8) * sizeof(bf16);
   if constexpr (smem > 48 * 1024)
     TROUPE_CUDA(cudaFuncSetAttribute(flash_prefill_kernel<D>,
-                                     cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  flash_prefill_kernel<D><<<dim3(a.num_flash_tiles, L.num_kv_heads), flash_threads, smem, s>>>(a, L);
-  TROUPE_CUDA_LAUNCH();
+                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     static_cast<int>(smem)));
+  TROUPE_CUDA(launch_pdl(flash_prefill_kernel<D>, dim3(a.num_flash_tiles, L.num_kv_heads),
+                         dim3(flash_threads), smem, s, a, L));
   return {};
 }
 
@@ -268,16 +271,22 @@ bool flash_prefill_supported(head_layout L) {
   return (D == 16 || D == 32 || D == 64 || D == 128) && G >= 1 && G <= flash_rows;
 }
 
-int flash_tile_tokens(head_layout L) { return flash_rows / (L.num_heads / L.num_kv_heads); }
+int flash_tile_tokens(head_layout L) {
+  return flash_rows / (L.num_heads / L.num_kv_heads);
+}
 
 expected<void> flash_prefill_attention(const attention_args& a, head_layout L, cudaStream_t s) {
   if (a.num_flash_tiles == 0)
     return {};
   switch (L.head_dim) {
-  case 16: return launch_flash<16>(a, L, s);
-  case 32: return launch_flash<32>(a, L, s);
-  case 64: return launch_flash<64>(a, L, s);
-  case 128: return launch_flash<128>(a, L, s);
+  case 16:
+    return launch_flash<16>(a, L, s);
+  case 32:
+    return launch_flash<32>(a, L, s);
+  case 64:
+    return launch_flash<64>(a, L, s);
+  case 128:
+    return launch_flash<128>(a, L, s);
   default:
     return error{errc::unsupported, strf("flash prefill: head_dim %d", L.head_dim)};
   }

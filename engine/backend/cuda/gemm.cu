@@ -12,9 +12,11 @@ namespace {
 // One warp per output row: streams the weight row with 16-byte loads (4 in flight per lane) and
 // dots it with every token's input row (read through L1; they are small).
 template <int T, class Out>
-__global__ void __launch_bounds__(256) skinny_kernel(const bf16* __restrict__ x, int in,
-                                                     const bf16* __restrict__ w, int out,
-                                                     Out* __restrict__ y) {
+__global__ void __launch_bounds__(256)
+    skinny_kernel(const bf16* __restrict__ x, int in, const bf16* __restrict__ w, int out,
+                  Out* __restrict__ y) {
+  pdl_wait();
+  pdl_trigger();
   const int row = blockIdx.x * 8 + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= out)
@@ -39,9 +41,9 @@ __global__ void __launch_bounds__(256) skinny_kernel(const bf16* __restrict__ x,
 #pragma unroll
       for (int t = 0; t < T; ++t) {
         float xf[8];
-        bf16x8_to_float(*reinterpret_cast<const uint4*>(x + static_cast<size_t>(t) * in
-                                                        + 8 * (c + 32 * u)),
-                        xf);
+        bf16x8_to_float(
+            *reinterpret_cast<const uint4*>(x + static_cast<size_t>(t) * in + 8 * (c + 32 * u)),
+            xf);
 #pragma unroll
         for (int k = 0; k < 8; ++k)
           acc[t] += wf[k] * xf[k];
@@ -76,17 +78,26 @@ __global__ void __launch_bounds__(256) skinny_kernel(const bf16* __restrict__ x,
 }
 
 template <class Out>
-void launch_skinny(const bf16* x, int T, int in, const bf16* w, int out, Out* y, cudaStream_t s) {
-  dim3 grid((out + 7) / 8);
+cudaError_t launch_skinny(const bf16* x, int T, int in, const bf16* w, int out, Out* y,
+                          cudaStream_t s) {
+  const dim3 grid((out + 7) / 8), block(256);
   switch (T) {
-    case 1: skinny_kernel<1, Out><<<grid, 256, 0, s>>>(x, in, w, out, y); break;
-    case 2: skinny_kernel<2, Out><<<grid, 256, 0, s>>>(x, in, w, out, y); break;
-    case 3: skinny_kernel<3, Out><<<grid, 256, 0, s>>>(x, in, w, out, y); break;
-    case 4: skinny_kernel<4, Out><<<grid, 256, 0, s>>>(x, in, w, out, y); break;
-    case 5: skinny_kernel<5, Out><<<grid, 256, 0, s>>>(x, in, w, out, y); break;
-    case 6: skinny_kernel<6, Out><<<grid, 256, 0, s>>>(x, in, w, out, y); break;
-    case 7: skinny_kernel<7, Out><<<grid, 256, 0, s>>>(x, in, w, out, y); break;
-    default: skinny_kernel<8, Out><<<grid, 256, 0, s>>>(x, in, w, out, y); break;
+  case 1:
+    return launch_pdl(skinny_kernel<1, Out>, grid, block, 0, s, x, in, w, out, y);
+  case 2:
+    return launch_pdl(skinny_kernel<2, Out>, grid, block, 0, s, x, in, w, out, y);
+  case 3:
+    return launch_pdl(skinny_kernel<3, Out>, grid, block, 0, s, x, in, w, out, y);
+  case 4:
+    return launch_pdl(skinny_kernel<4, Out>, grid, block, 0, s, x, in, w, out, y);
+  case 5:
+    return launch_pdl(skinny_kernel<5, Out>, grid, block, 0, s, x, in, w, out, y);
+  case 6:
+    return launch_pdl(skinny_kernel<6, Out>, grid, block, 0, s, x, in, w, out, y);
+  case 7:
+    return launch_pdl(skinny_kernel<7, Out>, grid, block, 0, s, x, in, w, out, y);
+  default:
+    return launch_pdl(skinny_kernel<8, Out>, grid, block, 0, s, x, in, w, out, y);
   }
 }
 
@@ -101,10 +112,9 @@ expected<void> skinny_gemm(const bf16* x, int T, int in, const bf16* w, int out,
   if (T < 1 || T > gemm_runner::skinny_max_tokens || in % 8 != 0 || !aligned16(x) || !aligned16(w))
     return error{errc::invalid_argument, strf("skinny_gemm: T=%d in=%d not supported", T, in)};
   if (f32_out)
-    launch_skinny(x, T, in, w, out, static_cast<float*>(y), s);
+    TROUPE_CUDA(launch_skinny(x, T, in, w, out, static_cast<float*>(y), s));
   else
-    launch_skinny(x, T, in, w, out, static_cast<bf16*>(y), s);
-  TROUPE_CUDA_LAUNCH();
+    TROUPE_CUDA(launch_skinny(x, T, in, w, out, static_cast<bf16*>(y), s));
   return {};
 }
 
@@ -141,15 +151,15 @@ expected<void> gemm_runner::run(const bf16* x, int T, int in, const bf16* w, int
 }
 
 cublasLtMatmulAlgo_t gemm_runner::fastest(const plan& p,
-                                                    const cublasLtMatmulHeuristicResult_t* results,
-                                                    int found, const bf16* x, const bf16* w,
-                                                    void* y, cudaStream_t s) {
+                                          const cublasLtMatmulHeuristicResult_t* results, int found,
+                                          const bf16* x, const bf16* w, void* y, cudaStream_t s) {
   // Timing needs a stream that is not being captured into a graph (the backend runs a step
   // eagerly before capturing it, so plans are made outside capture).
   cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
   cudaEvent_t start = nullptr, stop = nullptr;
-  if (cudaStreamIsCapturing(s, &capturing) != cudaSuccess || capturing != cudaStreamCaptureStatusNone
-      || cudaEventCreate(&start) != cudaSuccess || cudaEventCreate(&stop) != cudaSuccess) {
+  if (cudaStreamIsCapturing(s, &capturing) != cudaSuccess ||
+      capturing != cudaStreamCaptureStatusNone || cudaEventCreate(&start) != cudaSuccess ||
+      cudaEventCreate(&stop) != cudaSuccess) {
     if (start != nullptr)
       cudaEventDestroy(start);
     return results[0].algo;
@@ -164,15 +174,15 @@ cublasLtMatmulAlgo_t gemm_runner::fastest(const plan& p,
       if (r == 1)
         cudaEventRecord(start, s);
       ok = cublasLtMatmul(handle_, p.op, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c,
-                          &results[i].algo, workspace_.as<void>(), workspace_.bytes(), s)
-           == CUBLAS_STATUS_SUCCESS;
+                          &results[i].algo, workspace_.as<void>(), workspace_.bytes(),
+                          s) == CUBLAS_STATUS_SUCCESS;
     }
     if (!ok)
       continue;
     cudaEventRecord(stop, s);
     float ms = 0;
-    if (cudaEventSynchronize(stop) == cudaSuccess && cudaEventElapsedTime(&ms, start, stop) == cudaSuccess
-        && ms < best_ms) {
+    if (cudaEventSynchronize(stop) == cudaSuccess &&
+        cudaEventElapsedTime(&ms, start, stop) == cudaSuccess && ms < best_ms) {
       best_ms = ms;
       best = results[i].algo;
     }
@@ -199,12 +209,13 @@ expected<void> gemm_runner::run_lt(const bf16* x, int T, int in, const bf16* w, 
                                                  sizeof(trans_b)));
     TROUPE_CUBLAS(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_16BF, in, out, in));
     TROUPE_CUBLAS(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_16BF, in, T, in));
-    TROUPE_CUBLAS(cublasLtMatrixLayoutCreate(&p.c, f32_out ? CUDA_R_32F : CUDA_R_16BF, out, T, out));
+    TROUPE_CUBLAS(
+        cublasLtMatrixLayoutCreate(&p.c, f32_out ? CUDA_R_32F : CUDA_R_16BF, out, T, out));
     cublasLtMatmulPreference_t pref = nullptr;
     TROUPE_CUBLAS(cublasLtMatmulPreferenceCreate(&pref));
     size_t ws = workspace_.bytes();
     TROUPE_CUBLAS(cublasLtMatmulPreferenceSetAttribute(
-      pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+        pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
     cublasLtMatmulHeuristicResult_t results[autotune_candidates];
     std::memset(results, 0, sizeof(results));
     int found = 0;

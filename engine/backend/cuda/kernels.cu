@@ -26,6 +26,7 @@ __device__ float block_sum(float v) {
 }
 
 __global__ void embed_kernel(const int32_t* tokens, const bf16* table, int H, float* resid) {
+  pdl_wait();
   const bf16* row = table + static_cast<size_t>(tokens[blockIdx.x]) * H;
   float* dst = resid + static_cast<size_t>(blockIdx.x) * H;
   for (int i = threadIdx.x; i < H; i += blockDim.x)
@@ -36,14 +37,15 @@ __global__ void embed_kernel(const int32_t* tokens, const bf16* table, int H, fl
 template <bool add>
 __global__ void norm_kernel(float* resid, const bf16* delta, const bf16* bias,
                             const int32_t* src_rows, int H, const float* w, float eps, bf16* out) {
+  pdl_wait();
   const int row = src_rows != nullptr ? src_rows[blockIdx.x] : blockIdx.x;
   float* x = resid + static_cast<size_t>(row) * H;
   float ss = 0.0f;
   for (int i = threadIdx.x; i < H; i += blockDim.x) {
     float v = x[i];
     if constexpr (add) {
-      v += __bfloat162float(delta[static_cast<size_t>(row) * H + i])
-           + (bias != nullptr ? __bfloat162float(bias[i]) : 0.0f);
+      v += __bfloat162float(delta[static_cast<size_t>(row) * H + i]) +
+           (bias != nullptr ? __bfloat162float(bias[i]) : 0.0f);
       x[i] = v;
     }
     ss += v * v;
@@ -66,6 +68,7 @@ __global__ void qkv_rope_cache_kernel(bf16* qkv, const bf16* bias, const float* 
                                       const float* k_norm, float eps, const int32_t* positions,
                                       const int32_t* slots, const float* inv_freq, int T,
                                       head_layout L, bf16* k_cache, bf16* v_cache) {
+  pdl_wait();
   const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   const int heads = L.num_heads + 2 * L.num_kv_heads;
@@ -99,8 +102,8 @@ __global__ void qkv_rope_cache_kernel(bf16* qkv, const bf16* bias, const float* 
   if (is_k)
     dst = k_cache + (static_cast<size_t>(slots[t]) * L.num_kv_heads + (h - L.num_heads)) * D;
   else if (!is_q)
-    dst = v_cache + (static_cast<size_t>(slots[t]) * L.num_kv_heads
-                     + (h - L.num_heads - L.num_kv_heads)) * D;
+    dst = v_cache +
+          (static_cast<size_t>(slots[t]) * L.num_kv_heads + (h - L.num_heads - L.num_kv_heads)) * D;
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
     int i = lane + 32 * k;
@@ -125,6 +128,7 @@ __global__ void qkv_rope_cache_kernel(bf16* qkv, const bf16* bias, const float* 
 }
 
 __global__ void silu_mul_kernel(const bf16* gu, int T, int I, bf16* out) {
+  pdl_wait();
   size_t n = static_cast<size_t>(T) * I;
   for (size_t idx = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; idx < n;
        idx += static_cast<size_t>(gridDim.x) * blockDim.x) {
@@ -136,6 +140,7 @@ __global__ void silu_mul_kernel(const bf16* gu, int T, int I, bf16* out) {
 }
 
 __global__ void argmax_kernel(const float* logits, int V, int32_t* out) {
+  pdl_wait();
   const float* row = logits + static_cast<size_t>(blockIdx.x) * V;
   float best = -INFINITY;
   int idx = 0x7fffffff;
@@ -173,14 +178,16 @@ __global__ void argmax_kernel(const float* logits, int V, int32_t* out) {
 }
 
 __global__ void gather_rows_kernel(const bf16* src, const int32_t* rows, int H, bf16* dst) {
+  pdl_wait();
   const bf16* from = src + static_cast<size_t>(rows[blockIdx.x]) * H;
   bf16* to = dst + static_cast<size_t>(blockIdx.x) * H;
   for (int i = threadIdx.x; i < H; i += blockDim.x)
     to[i] = from[i];
 }
 
-__global__ void scatter_add_rows_kernel(const float* src, const int32_t* rows,
-                                        const float* weights, int H, float* acc) {
+__global__ void scatter_add_rows_kernel(const float* src, const int32_t* rows, const float* weights,
+                                        int H, float* acc) {
+  pdl_wait();
   const float* from = src + static_cast<size_t>(blockIdx.x) * H;
   float* to = acc + static_cast<size_t>(rows[blockIdx.x]) * H;
   const float w = weights[blockIdx.x];
@@ -198,6 +205,7 @@ __device__ __forceinline__ uint64_t mix64(uint64_t x) {
 }
 
 __global__ void fill_random_kernel(bf16* dst, size_t n, float scale, uint64_t seed) {
+  pdl_wait();
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
     float u = static_cast<float>(mix64(seed * 0x9e3779b97f4a7c15ull + i) >> 40) / 16777216.0f;
@@ -206,12 +214,14 @@ __global__ void fill_random_kernel(bf16* dst, size_t n, float scale, uint64_t se
 }
 
 __global__ void fill_value_kernel(float* dst, size_t n, float value) {
+  pdl_wait();
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<size_t>(gridDim.x) * blockDim.x)
     dst[i] = value;
 }
 
 __global__ void f32_to_bf16_kernel(const float* src, size_t n, bf16* dst) {
+  pdl_wait();
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<size_t>(gridDim.x) * blockDim.x)
     dst[i] = __float2bfloat16(src[i]);
@@ -228,8 +238,7 @@ expected<void> embed(const int32_t* tokens, int T, const bf16* table, int H, flo
                      cudaStream_t s) {
   if (T == 0)
     return {};
-  embed_kernel<<<T, 256, 0, s>>>(tokens, table, H, resid);
-  TROUPE_CUDA_LAUNCH();
+  TROUPE_CUDA(launch_pdl(embed_kernel, dim3(T), dim3(256), 0, s, tokens, table, H, resid));
   return {};
 }
 
@@ -237,9 +246,8 @@ expected<void> rms_norm(const float* x, int T, int H, const float* w, float eps,
                         cudaStream_t s) {
   if (T == 0)
     return {};
-  norm_kernel<false><<<T, norm_threads(H), 0, s>>>(const_cast<float*>(x), nullptr, nullptr, nullptr,
-                                                   H, w, eps, out);
-  TROUPE_CUDA_LAUNCH();
+  TROUPE_CUDA(launch_pdl(norm_kernel<false>, dim3(T), dim3(norm_threads(H)), 0, s,
+                         const_cast<float*>(x), nullptr, nullptr, nullptr, H, w, eps, out));
   return {};
 }
 
@@ -247,8 +255,8 @@ expected<void> add_rms_norm(float* resid, const bf16* delta, const bf16* bias, i
                             const float* w, float eps, bf16* out, cudaStream_t s) {
   if (T == 0)
     return {};
-  norm_kernel<true><<<T, norm_threads(H), 0, s>>>(resid, delta, bias, nullptr, H, w, eps, out);
-  TROUPE_CUDA_LAUNCH();
+  TROUPE_CUDA(launch_pdl(norm_kernel<true>, dim3(T), dim3(norm_threads(H)), 0, s, resid, delta,
+                         bias, nullptr, H, w, eps, out));
   return {};
 }
 
@@ -256,25 +264,23 @@ expected<void> gather_rms_norm(const float* resid, const int32_t* src_rows, int 
                                const float* w, float eps, bf16* out, cudaStream_t s) {
   if (R == 0)
     return {};
-  norm_kernel<false><<<R, norm_threads(H), 0, s>>>(const_cast<float*>(resid), nullptr, nullptr,
-                                                   src_rows, H, w, eps, out);
-  TROUPE_CUDA_LAUNCH();
+  TROUPE_CUDA(launch_pdl(norm_kernel<false>, dim3(R), dim3(norm_threads(H)), 0, s,
+                         const_cast<float*>(resid), nullptr, nullptr, src_rows, H, w, eps, out));
   return {};
 }
 
-expected<void> qkv_rope_cache(bf16* qkv, const bf16* bias, const float* q_norm,
-                              const float* k_norm, float eps, const int32_t* positions,
-                              const int32_t* slots, const float* inv_freq, int T, head_layout L,
-                              bf16* k_cache, bf16* v_cache, cudaStream_t s) {
+expected<void> qkv_rope_cache(bf16* qkv, const bf16* bias, const float* q_norm, const float* k_norm,
+                              float eps, const int32_t* positions, const int32_t* slots,
+                              const float* inv_freq, int T, head_layout L, bf16* k_cache,
+                              bf16* v_cache, cudaStream_t s) {
   if (L.head_dim > 256 || L.head_dim % 2 != 0)
     return error{errc::unsupported,
                  strf("CUDA backend: head_dim %d (supported: even, <= 256)", L.head_dim)};
   if (T == 0)
     return {};
   const int warps = T * (L.num_heads + 2 * L.num_kv_heads);
-  qkv_rope_cache_kernel<<<(warps + 7) / 8, 256, 0, s>>>(qkv, bias, q_norm, k_norm, eps, positions,
-                                                         slots, inv_freq, T, L, k_cache, v_cache);
-  TROUPE_CUDA_LAUNCH();
+  TROUPE_CUDA(launch_pdl(qkv_rope_cache_kernel, dim3((warps + 7) / 8), dim3(256), 0, s, qkv, bias,
+                         q_norm, k_norm, eps, positions, slots, inv_freq, T, L, k_cache, v_cache));
   return {};
 }
 
@@ -282,16 +288,15 @@ expected<void> silu_mul(const bf16* gate_up, int T, int I, bf16* out, cudaStream
   size_t n = static_cast<size_t>(T) * I;
   if (n == 0)
     return {};
-  silu_mul_kernel<<<grid_for(n, 256), 256, 0, s>>>(gate_up, T, I, out);
-  TROUPE_CUDA_LAUNCH();
+  TROUPE_CUDA(
+      launch_pdl(silu_mul_kernel, dim3(grid_for(n, 256)), dim3(256), 0, s, gate_up, T, I, out));
   return {};
 }
 
 expected<void> argmax_rows(const float* logits, int R, int V, int32_t* out, cudaStream_t s) {
   if (R == 0)
     return {};
-  argmax_kernel<<<R, 1024, 0, s>>>(logits, V, out);
-  TROUPE_CUDA_LAUNCH();
+  TROUPE_CUDA(launch_pdl(argmax_kernel, dim3(R), dim3(1024), 0, s, logits, V, out));
   return {};
 }
 
@@ -299,8 +304,7 @@ expected<void> gather_rows(const bf16* src, const int32_t* rows, int n, int H, b
                            cudaStream_t s) {
   if (n == 0)
     return {};
-  gather_rows_kernel<<<n, 256, 0, s>>>(src, rows, H, dst);
-  TROUPE_CUDA_LAUNCH();
+  TROUPE_CUDA(launch_pdl(gather_rows_kernel, dim3(n), dim3(256), 0, s, src, rows, H, dst));
   return {};
 }
 
@@ -308,26 +312,25 @@ expected<void> scatter_add_rows(const float* src, const int32_t* rows, const flo
                                 int H, float* acc, cudaStream_t s) {
   if (n == 0)
     return {};
-  scatter_add_rows_kernel<<<n, 256, 0, s>>>(src, rows, weights, H, acc);
-  TROUPE_CUDA_LAUNCH();
+  TROUPE_CUDA(
+      launch_pdl(scatter_add_rows_kernel, dim3(n), dim3(256), 0, s, src, rows, weights, H, acc));
   return {};
 }
 
 expected<void> fill_random(bf16* dst, size_t n, float scale, uint64_t seed, cudaStream_t s) {
-  fill_random_kernel<<<grid_for(n, 256), 256, 0, s>>>(dst, n, scale, seed);
-  TROUPE_CUDA_LAUNCH();
+  TROUPE_CUDA(
+      launch_pdl(fill_random_kernel, dim3(grid_for(n, 256)), dim3(256), 0, s, dst, n, scale, seed));
   return {};
 }
 
 expected<void> fill_value(float* dst, size_t n, float value, cudaStream_t s) {
-  fill_value_kernel<<<grid_for(n, 256), 256, 0, s>>>(dst, n, value);
-  TROUPE_CUDA_LAUNCH();
+  TROUPE_CUDA(
+      launch_pdl(fill_value_kernel, dim3(grid_for(n, 256)), dim3(256), 0, s, dst, n, value));
   return {};
 }
 
 expected<void> f32_to_bf16(const float* src, size_t n, bf16* dst, cudaStream_t s) {
-  f32_to_bf16_kernel<<<grid_for(n, 256), 256, 0, s>>>(src, n, dst);
-  TROUPE_CUDA_LAUNCH();
+  TROUPE_CUDA(launch_pdl(f32_to_bf16_kernel, dim3(grid_for(n, 256)), dim3(256), 0, s, src, n, dst));
   return {};
 }
 
