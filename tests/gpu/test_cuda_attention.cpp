@@ -168,10 +168,11 @@ void run(const scenario& sc, uint32_t seed) {
   std::vector<int> seq_tokens;
   for (auto [start, n] : sc.seqs)
     seq_tokens.push_back(n);
-  std::vector<int32_t> tiles(3 * static_cast<size_t>(T)), split_tokens(static_cast<size_t>(T));
+  std::vector<int32_t> tiles(3 * static_cast<size_t>(T)), split_tokens(static_cast<size_t>(T)),
+      decode_tiles(3 * static_cast<size_t>(T));
   attention_args route;
   route_attention(seq_tokens.data(), static_cast<int>(seq_tokens.size()), sc.L, 2, tiles.data(),
-                  split_tokens.data(), route);
+                  split_tokens.data(), decode_tiles.data(), route);
   CHECK(route.num_split_tokens + [&] {
     int n = 0;
     for (int i = 0; i < route.num_flash_tiles; ++i)
@@ -180,10 +181,13 @@ void run(const scenario& sc, uint32_t seed) {
   }() == T);
   auto* d_tiles = upload(tiles);
   auto* d_split = upload(split_tokens);
-  for (auto [splits, flash] : {std::pair{1, false}, {3, false}, {8, false}, {1, true}, {5, true}}) {
+  auto* d_decode = upload(decode_tiles);
+  // flash: 0 = every token split-K on CUDA cores, 1 = flash tiles + CUDA-core split-K for the
+  // rest, 2 = flash tiles + tensor-core split-K (decode tiles) for the rest.
+  for (auto [splits, flash] : {std::pair{1, 0}, {3, 0}, {8, 0}, {1, 1}, {5, 1}, {1, 2}, {3, 2}, {8, 2}}) {
     CAPTURE(splits);
     CAPTURE(flash);
-    if (flash && !flash_prefill_supported(sc.L))
+    if (flash > 0 && !flash_prefill_supported(sc.L))
       continue;
     float* partial = nullptr;
     REQUIRE(cudaMalloc(&partial, attention_partial_floats(T, sc.L, splits) * 4) == cudaSuccess);
@@ -204,11 +208,12 @@ void run(const scenario& sc, uint32_t seed) {
     a.scale = 1.0f / std::sqrt(static_cast<float>(D));
     a.partial = partial;
     a.out = out;
-    if (flash) {
+    if (flash > 0) {
       a.flash_tiles = d_tiles;
       a.num_flash_tiles = route.num_flash_tiles;
       a.split_tokens = d_split;
       a.num_split_tokens = route.num_split_tokens;
+      a.decode_tiles = flash == 2 ? d_decode : nullptr;
     }
     REQUIRE(paged_attention(a, sc.L, nullptr).has_value());
     REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
@@ -220,7 +225,7 @@ void run(const scenario& sc, uint32_t seed) {
                   static_cast<void*>(d_qn), static_cast<void*>(d_kn), static_cast<void*>(d_inv),
                   static_cast<void*>(d_pos), static_cast<void*>(d_seq), static_cast<void*>(d_slot),
                   static_cast<void*>(d_tab), static_cast<void*>(d_tiles),
-                  static_cast<void*>(d_split)})
+                  static_cast<void*>(d_split), static_cast<void*>(d_decode)})
     cudaFree(p);
 }
 

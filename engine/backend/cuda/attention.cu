@@ -1,8 +1,9 @@
-// Paged causal attention (split-K over the context, then a combine pass). One block handles one
-// query token, one kv head (all the query heads of its GQA group share the loaded keys and values)
-// and one share of the context, with an online softmax. Correct for any mix of prefill and decode;
-// built for decode. Sequences with many query tokens go to the tensor-core kernel of
-// flash_prefill.cu instead (attention_args::flash_tiles).
+// Paged causal attention, the entry point for every step (paged_attention): tensor-core tiles
+// (flash_prefill.cu) for prefill chunks and, split-K, for decode tokens, combined here; and the
+// CUDA-core split-K kernel below for head layouts the tensor-core kernel does not cover (and the
+// tests' reference paths). One block of it handles one query token, one kv head (all the query
+// heads of its GQA group share the loaded keys and values) and one share of the context, with an
+// online softmax.
 #include <algorithm>
 
 #include "engine/backend/cuda/device_math.cuh"
@@ -228,7 +229,8 @@ __global__ void attention_combine_kernel(attention_args a, head_layout L) {
 } // namespace
 
 void route_attention(const int* seq_tokens, int num_seqs, head_layout L, int min_tokens,
-                     int32_t* tiles, int32_t* split_tokens, attention_args& a) {
+                     int32_t* tiles, int32_t* split_tokens, int32_t* decode_tiles,
+                     attention_args& a) {
   const bool flash = flash_prefill_supported(L);
   const int per_tile = flash ? flash_tile_tokens(L) : 0;
   a.num_flash_tiles = a.num_split_tokens = 0;
@@ -242,8 +244,13 @@ void route_attention(const int* seq_tokens, int num_seqs, head_layout L, int min
         tile[2] = std::min(per_tile, n - j);
       }
     } else {
-      for (int j = 0; j < n; ++j)
+      for (int j = 0; j < n; ++j) {
+        int32_t* tile = decode_tiles + 3 * a.num_split_tokens;
+        tile[0] = i;
+        tile[1] = t + j;
+        tile[2] = 1;
         split_tokens[a.num_split_tokens++] = t + j;
+      }
     }
   }
 }
@@ -268,11 +275,17 @@ expected<void> paged_attention(const attention_args& a, head_layout L, cudaStrea
   static constexpr launcher by_group[] = {launch_split<1>, launch_split<2>, launch_split<3>,
                                           launch_split<4>, launch_split<5>, launch_split<6>,
                                           launch_split<7>, launch_split<8>};
-  TROUPE_TRY_VOID(flash_prefill_attention(a, L, s));
+  TROUPE_TRY_VOID(flash_attention(a, L, false, s));
   const int tokens = a.split_tokens != nullptr ? a.num_split_tokens : a.T;
   if (tokens == 0)
     return {};
-  TROUPE_TRY_VOID(by_group[group - 1](a, L, s));
+  if (a.decode_tiles != nullptr && a.split_tokens != nullptr && flash_prefill_supported(L)) {
+    TROUPE_TRY_VOID(flash_attention(a, L, true, s));
+    if (a.num_splits == 1) // the flash kernel wrote the final output
+      return {};
+  } else {
+    TROUPE_TRY_VOID(by_group[group - 1](a, L, s));
+  }
   TROUPE_CUDA(
       launch_pdl(attention_combine_kernel, dim3(tokens, L.num_heads), dim3(128), 0, s, a, L));
   return {};

@@ -236,9 +236,9 @@ expected<void> cuda_backend_impl::init(const model_config& c, const weight_sourc
   }
 
   // Step metadata: tokens, positions, token_seq, slots [T]; logit rows [R]; attention routing
-  // [4 T]; block tables.
+  // [7 T]; block tables.
   max_blocks_ = (opt_.max_model_len + kv.block_size - 1) / kv.block_size;
-  meta_ints_ = 8 * T + R + static_cast<size_t>(opt_.max_num_seqs) * max_blocks_;
+  meta_ints_ = 11 * T + R + static_cast<size_t>(opt_.max_num_seqs) * max_blocks_;
   TROUPE_CUDA(cudaMallocHost(&meta_host_, meta_ints_ * 4));
   TROUPE_TRY_VOID(meta_dev_.allocate(meta_ints_ * 4));
 

@@ -37,6 +37,7 @@ struct step_meta {
   int32_t* logit_src;    // [R]
   int32_t* flash_tiles;  // [T, 3] (attention_args)
   int32_t* split_tokens; // [T]
+  int32_t* decode_tiles; // [T, 3]
   int32_t* block_tables; // [S, max_blocks]
 };
 

@@ -10,7 +10,7 @@ namespace troupe::engine::cuda {
 namespace {
 
 // Lays the step's metadata out back to back: [T] x4, [R], flash tiles [T, 3], split tokens [T],
-// [S, mb].
+// decode tiles [T, 3], [S, mb].
 step_meta layout(int32_t* base, int T, int R) {
   step_meta m;
   m.tokens = base;
@@ -20,7 +20,8 @@ step_meta layout(int32_t* base, int T, int R) {
   m.logit_src = base + 4 * T;
   m.flash_tiles = base + 4 * T + R;
   m.split_tokens = base + 7 * T + R;
-  m.block_tables = base + 8 * T + R;
+  m.decode_tiles = base + 8 * T + R;
+  m.block_tables = base + 11 * T + R;
   return m;
 }
 
@@ -88,18 +89,18 @@ expected<void> cuda_backend_impl::upload(const step_plan& plan) {
     std::copy(s.block_table.begin(), s.block_table.end(),
               host_.block_tables + static_cast<size_t>(i) * mb_);
   }
-  // Decode steps keep every token on the split-K kernel (the graphs captured it that way).
+  // Pure decode steps route every token the same way at a given batch size (one decode tile
+  // each), so a graph captured once stays valid.
   route_ = attention_args{};
-  if (!graph_step_) {
-    seq_tokens_.clear();
-    for (const auto& s : plan.seqs)
-      seq_tokens_.push_back(static_cast<int>(s.tokens.size()));
-    route_attention(seq_tokens_.data(), S_, heads_, flash_min_tokens, host_.flash_tiles,
-                    host_.split_tokens, route_);
-    route_.flash_tiles = dev_.flash_tiles;
-    route_.split_tokens = dev_.split_tokens;
-  }
-  const size_t ints = 8 * static_cast<size_t>(T_) + R_ + static_cast<size_t>(S_) * mb_;
+  seq_tokens_.clear();
+  for (const auto& s : plan.seqs)
+    seq_tokens_.push_back(static_cast<int>(s.tokens.size()));
+  route_attention(seq_tokens_.data(), S_, heads_, flash_min_tokens, host_.flash_tiles,
+                  host_.split_tokens, host_.decode_tiles, route_);
+  route_.flash_tiles = dev_.flash_tiles;
+  route_.split_tokens = dev_.split_tokens;
+  route_.decode_tiles = dev_.decode_tiles;
+  const size_t ints = 11 * static_cast<size_t>(T_) + R_ + static_cast<size_t>(S_) * mb_;
   TROUPE_CUDA(cudaMemcpyAsync(dev_.tokens, host_.tokens, ints * 4, cudaMemcpyHostToDevice, stream_));
   return {};
 }
@@ -132,6 +133,7 @@ expected<void> cuda_backend_impl::layer(int l) {
   a.num_flash_tiles = route_.num_flash_tiles;
   a.split_tokens = route_.split_tokens;
   a.num_split_tokens = route_.num_split_tokens;
+  a.decode_tiles = route_.decode_tiles;
   TROUPE_TRY_VOID(paged_attention(a, heads_, stream_));
   TROUPE_TRY_VOID(gemm_.run(attn_, T_, static_cast<int>(c.q_size()), w.o, H, proj_, stream_));
   TROUPE_TRY_VOID(add_rms_norm(resid_, proj_, w.o_bias, T_, H, w.post_norm, eps, h_, stream_));

@@ -1,10 +1,11 @@
-// Causal prefill attention on tensor cores (flash-attention 2 style) over the paged KV cache.
+// Causal attention on tensor cores (flash-attention 2 style) over the paged KV cache: prefill tiles
+// whole, decode tokens split-K over the context (flash-decoding) with attention.cu's combine.
 // One block per (tile of consecutive query tokens of one sequence, kv head): its 64 rows are the
 // tile's tokens x the G query heads sharing that kv head, so each key/value tile loaded into
 // shared memory serves all of them. Four warps own 16 rows each; S = Q K^T and O += P V run on
 // mma.sync m16n8k16 (bf16 in, fp32 accumulate, operands through ldmatrix) with the online softmax
 // kept in registers; the next key/value tile is fetched with cp.async while this one is used.
-// Called by paged_attention (attention.cu) for the sequences of a step with many query tokens.
+// Called by paged_attention (attention.cu).
 #include "engine/backend/cuda/device_math.cuh"
 #include "engine/backend/cuda/kernels.cuh"
 
@@ -62,7 +63,7 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // One key/value tile for one warp: S = Q K^T, causal mask, online softmax update, O += P V.
 template <int D>
-__device__ __forceinline__ void tile_step(const bf16* k_s, const bf16* v_s, int k0,
+__device__ __forceinline__ void tile_step(const bf16* k_s, const bf16* v_s, int k0, int k_end,
                                           const uint32_t (&qf)[D / 16][4], const int (&row_pos)[2],
                                           float scale_log2, float (&m)[2], float (&l)[2],
                                           float (&o)[D / 8][4], int lane) {
@@ -93,7 +94,7 @@ __device__ __forceinline__ void tile_step(const bf16* k_s, const bf16* v_s, int 
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int h = e / 2, key = k0 + j * 8 + quad * 2 + e % 2;
-      const float v = key <= row_pos[h] ? s[j][e] * scale_log2 : -INFINITY;
+      const float v = key <= row_pos[h] && key < k_end ? s[j][e] * scale_log2 : -INFINITY;
       s[j][e] = v;
       mx[h] = fmaxf(mx[h], v);
     }
@@ -147,15 +148,17 @@ __device__ __forceinline__ void tile_step(const bf16* k_s, const bf16* v_s, int 
   }
 }
 
-// Tile i of a.flash_tiles: [sequence index, first token, token count].
+// Tile i of a.flash_tiles (a.decode_tiles when `decode`): [sequence index, first token, token
+// count]. With gridDim.z > 1 the keys are split in gridDim.z shares (split-K, decode tiles) and
+// the block writes unnormalised partial results for attention_combine_kernel.
 template <int D>
 __global__ void __launch_bounds__(flash_threads)
-    flash_prefill_kernel(attention_args a, head_layout L) {
+    flash_prefill_kernel(attention_args a, head_layout L, bool decode) {
   pdl_wait();
   constexpr int stride = D + 8;                  // padded shared rows: conflict-free ldmatrix
   constexpr int stage = 2 * flash_keys * stride; // keys, then values, of one tile
   extern __shared__ __align__(16) bf16 kv_s[];   // two stages: load the next tile during this one
-  const int* tile = a.flash_tiles + 3 * blockIdx.x;
+  const int* tile = (decode ? a.decode_tiles : a.flash_tiles) + 3 * blockIdx.x;
   const int seq = tile[0], t0 = tile[1], ntok = tile[2];
   const int kvh = blockIdx.y;
   const int G = L.num_heads / L.num_kv_heads;
@@ -164,6 +167,10 @@ __global__ void __launch_bounds__(flash_threads)
   const int* table = a.block_tables + static_cast<size_t>(seq) * a.max_blocks;
   const int first_pos = a.positions[t0];
   const int last_pos = a.positions[t0 + ntok - 1];
+  // This block's share of the keys 0 .. last_pos.
+  const int per_split = (last_pos + gridDim.z) / gridDim.z;
+  const int k_begin = blockIdx.z * per_split;
+  const int k_end = min(last_pos + 1, k_begin + per_split);
 
   // This thread's two rows (grp and grp + 8 of its warp's 16): token, head, position.
   int row_tok[2], row_pos[2];
@@ -205,7 +212,7 @@ __global__ void __launch_bounds__(flash_threads)
     for (int idx = threadIdx.x; idx < flash_keys * (D / 8); idx += flash_threads) {
       const int key = idx / (D / 8), piece = idx % (D / 8);
       const int pos = k0 + key;
-      const bool valid = pos <= last_pos;
+      const bool valid = pos < k_end;
       size_t off = 0;
       if (valid) {
         const size_t slot =
@@ -217,24 +224,25 @@ __global__ void __launch_bounds__(flash_threads)
     }
     cp_async_commit();
   };
-  load_tile(0, kv_s);
-  for (int k0 = 0, it = 0; k0 <= last_pos; k0 += flash_keys, ++it) {
+  if (k_begin < k_end)
+    load_tile(k_begin, kv_s);
+  for (int k0 = k_begin, it = 0; k0 < k_end; k0 += flash_keys, ++it) {
     const bf16* k_s = kv_s + (it % 2) * stage;
     const bf16* v_s = k_s + flash_keys * stride;
-    if (k0 + flash_keys <= last_pos) {
+    if (k0 + flash_keys < k_end) {
       load_tile(k0 + flash_keys, kv_s + ((it + 1) % 2) * stage);
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
     }
     __syncthreads();
-    // Warps whose rows all lie before this tile have nothing to add from it.
-    if (k0 <= first_pos + (warp * 16 + 15) / G)
-      tile_step<D>(k_s, v_s, k0, qf, row_pos, scale_log2, m, l, o, lane);
+    // Warps without rows, or whose rows all lie before this tile, have nothing to add from it.
+    if (warp * 16 < ntok * G && k0 <= first_pos + (warp * 16 + 15) / G)
+      tile_step<D>(k_s, v_s, k0, k_end, qf, row_pos, scale_log2, m, l, o, lane);
     __syncthreads(); // this stage is loaded again two tiles from now
   }
 
-  // Normalise by the row sums (spread over the four threads of a row) and write bf16.
+  // Row sums are spread over the four threads of a row.
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
@@ -242,6 +250,23 @@ __global__ void __launch_bounds__(flash_threads)
     if (!row_ok[h])
       continue;
     const int r = warp * 16 + grp + 8 * h;
+    if (gridDim.z > 1) {
+      // Partial results as the split-K kernel lays them out: D unnormalised outputs, then the
+      // running max in natural-log units and the sum (zeros and -inf for an empty share).
+      const int t = t0 + row_tok[h], head = kvh * G + r % G;
+      float* p = a.partial +
+                 ((static_cast<size_t>(t) * L.num_heads + head) * gridDim.z + blockIdx.z) * (D + 2);
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        p[n * 8 + quad * 2] = o[n][2 * h];
+        p[n * 8 + quad * 2 + 1] = o[n][2 * h + 1];
+      }
+      if (quad == 0) {
+        p[D] = m[h] * 0.6931471805599453f;
+        p[D + 1] = l[h];
+      }
+      continue;
+    }
     const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
     bf16* out = a.out + (static_cast<size_t>(t0 + row_tok[h]) * L.num_heads + kvh * G + r % G) * D +
                 quad * 2;
@@ -253,14 +278,16 @@ __global__ void __launch_bounds__(flash_threads)
 }
 
 template <int D>
-expected<void> launch_flash(const attention_args& a, head_layout L, cudaStream_t s) {
+expected<void> launch_flash(const attention_args& a, head_layout L, bool decode, cudaStream_t s) {
   constexpr size_t smem = 2 * 2 * flash_keys * (D + 8) * sizeof(bf16);
   if constexpr (smem > 48 * 1024)
     TROUPE_CUDA(cudaFuncSetAttribute(flash_prefill_kernel<D>,
                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      static_cast<int>(smem)));
-  TROUPE_CUDA(launch_pdl(flash_prefill_kernel<D>, dim3(a.num_flash_tiles, L.num_kv_heads),
-                         dim3(flash_threads), smem, s, a, L));
+  const dim3 grid(decode ? a.num_split_tokens : a.num_flash_tiles, L.num_kv_heads,
+                  decode ? a.num_splits : 1);
+  TROUPE_CUDA(
+      launch_pdl(flash_prefill_kernel<D>, grid, dim3(flash_threads), smem, s, a, L, decode));
   return {};
 }
 
@@ -275,20 +302,21 @@ int flash_tile_tokens(head_layout L) {
   return flash_rows / (L.num_heads / L.num_kv_heads);
 }
 
-expected<void> flash_prefill_attention(const attention_args& a, head_layout L, cudaStream_t s) {
-  if (a.num_flash_tiles == 0)
+expected<void> flash_attention(const attention_args& a, head_layout L, bool decode,
+                               cudaStream_t s) {
+  if ((decode ? a.num_split_tokens : a.num_flash_tiles) == 0)
     return {};
   switch (L.head_dim) {
   case 16:
-    return launch_flash<16>(a, L, s);
+    return launch_flash<16>(a, L, decode, s);
   case 32:
-    return launch_flash<32>(a, L, s);
+    return launch_flash<32>(a, L, decode, s);
   case 64:
-    return launch_flash<64>(a, L, s);
+    return launch_flash<64>(a, L, decode, s);
   case 128:
-    return launch_flash<128>(a, L, s);
+    return launch_flash<128>(a, L, decode, s);
   default:
-    return error{errc::unsupported, strf("flash prefill: head_dim %d", L.head_dim)};
+    return error{errc::unsupported, strf("flash attention: head_dim %d", L.head_dim)};
   }
 }
 

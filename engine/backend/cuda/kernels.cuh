@@ -57,27 +57,33 @@ struct attention_args {
   float scale = 1.0f;
   float* partial = nullptr;
   bf16* out = nullptr; // [T, nh * D]
-  // Optional split of the tokens between the two kernels (prefill-heavy steps): flash tiles
-  // [num_flash_tiles, 3] = (sequence index, first token, token count), consecutive tokens of one
-  // sequence, at most flash_tile_tokens(L) each; every other token listed in split_tokens. With
-  // split_tokens null, all T tokens take the split-K path.
+  // Optional routing (route_attention): flash tiles [num_flash_tiles, 3] = (sequence index, first
+  // token, token count), consecutive tokens of one sequence, at most flash_tile_tokens(L) each,
+  // run whole on tensor cores; every other token is listed in split_tokens and runs split-K
+  // (num_splits shares of its context, then combined): on tensor cores too when decode_tiles
+  // [num_split_tokens, 3] is set, else on the CUDA-core kernel. With split_tokens null, all T
+  // tokens take the CUDA-core split-K path.
   const int32_t* flash_tiles = nullptr;
   int num_flash_tiles = 0;
   const int32_t* split_tokens = nullptr;
   int num_split_tokens = 0;
+  const int32_t* decode_tiles = nullptr;
 };
 expected<void> paged_attention(const attention_args& a, head_layout L, cudaStream_t s);
-// The tensor-core prefill kernel behind paged_attention's flash tiles (flash_prefill.cu): head_dim
-// 16, 32, 64 or 128; a tile holds at most flash_tile_tokens(L) = 64 / (query heads per kv head).
+// The tensor-core kernel behind paged_attention's flash tiles (decode = false) and decode tiles
+// (decode = true, split-K) in flash_prefill.cu: head_dim 16, 32, 64 or 128; a flash tile holds at
+// most flash_tile_tokens(L) = 64 / (query heads per kv head) tokens.
 bool flash_prefill_supported(head_layout L);
 int flash_tile_tokens(head_layout L);
-expected<void> flash_prefill_attention(const attention_args& a, head_layout L, cudaStream_t s);
-// Host side: routes a step's sequences (seq_tokens[i] query tokens each, consecutive in the step)
-// to the two kernels. Sequences with at least min_tokens tokens become flash tiles (when the head
-// layout is supported), the rest go to split_tokens. tiles needs room for 3 * T ints and
-// split_tokens for T. Sets a.num_flash_tiles and a.num_split_tokens (not the pointers).
+expected<void> flash_attention(const attention_args& a, head_layout L, bool decode, cudaStream_t s);
+// Host side: routes a step's sequences (seq_tokens[i] query tokens each, consecutive in the step).
+// Sequences with at least min_tokens tokens become flash tiles (when the head layout is
+// supported); the others' tokens go to split_tokens, each also as a one-token decode tile.
+// tiles and decode_tiles need room for 3 * T ints, split_tokens for T. Sets a.num_flash_tiles
+// and a.num_split_tokens (not the pointers).
 void route_attention(const int* seq_tokens, int num_seqs, head_layout L, int min_tokens,
-                     int32_t* tiles, int32_t* split_tokens, attention_args& a);
+                     int32_t* tiles, int32_t* split_tokens, int32_t* decode_tiles,
+                     attention_args& a);
 size_t attention_partial_floats(int T, head_layout L, int num_splits);
 
 // dst[n, H] = src[rows[i], :] (MoE: the tokens routed to one expert)
