@@ -25,11 +25,14 @@ __device__ float block_sum(float v) {
   return total;
 }
 
-__global__ void embed_kernel(const int32_t* tokens, const bf16* table, int H, float* resid) {
-  const bf16* row = table + static_cast<size_t>(tokens[blockIdx.x]) * H;
+__global__ void embed_kernel(const int32_t* tokens, const bf16* table, int H, float* resid,
+                             int vocab_begin, int vocab_rows) {
+  const int tok = tokens[blockIdx.x] - vocab_begin;
+  const bool mine = tok >= 0 && tok < vocab_rows; // else another tensor rank's row: zeros
+  const bf16* row = table + static_cast<size_t>(mine ? tok : 0) * H;
   float* dst = resid + static_cast<size_t>(blockIdx.x) * H;
   for (int i = threadIdx.x; i < H; i += blockDim.x)
-    dst[i] = __bfloat162float(row[i]);
+    dst[i] = mine ? __bfloat162float(row[i]) : 0.0f;
 }
 
 // One block per row: optional residual add, then RMSNorm into bf16.
@@ -225,10 +228,10 @@ int grid_for(size_t n, int threads) {
 } // namespace
 
 expected<void> embed(const int32_t* tokens, int T, const bf16* table, int H, float* resid,
-                     cudaStream_t s) {
+                     cudaStream_t s, int vocab_begin, int vocab_rows) {
   if (T == 0)
     return {};
-  embed_kernel<<<T, 256, 0, s>>>(tokens, table, H, resid);
+  embed_kernel<<<T, 256, 0, s>>>(tokens, table, H, resid, vocab_begin, vocab_rows);
   TROUPE_CUDA_LAUNCH();
   return {};
 }
