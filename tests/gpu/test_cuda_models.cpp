@@ -86,6 +86,11 @@ void run_model(const std::string& name) {
   REQUIRE(batched.has_value());
   for (size_t i = 0; i < prompts.size(); ++i)
     check_greedy(**cpu, prompts[i], (*batched)[i].output, alone[i].output);
+
+  // The longest prompt alone in chunks: steps whose only sequence wants no logits (R = 0).
+  auto chunked = generate_greedy(**gpu, {prompts.back()}, {.max_new_tokens = 4, .prefill_chunk = 5});
+  REQUIRE_MESSAGE(chunked.has_value(), (chunked ? "" : chunked.error().to_string()));
+  check_greedy(**cpu, prompts.back(), chunked->front().output, alone.back().output);
 }
 
 } // namespace
