@@ -80,41 +80,62 @@ int write_result(const std::filesystem::path& dir, int rank, const std::string& 
   return text.starts_with("ok") || text.starts_with("SKIP") ? 0 : 1;
 }
 
-// A rank's communicators: Gloo groups on the host, staged from the device.
+// A rank's communicators: Gloo groups on the host staged from the device, or NCCL (one GPU per
+// rank: NCCL refuses two ranks on one GPU).
 struct rank_comms {
   std::unique_ptr<comm::communicator> host_tp, host_world;
   std::unique_ptr<comm::device_communicator> tp, world;
 };
 
-expected<void> join(comm::rendezvous_store& store, const parallel_layout& lay, rank_comms& c) {
-  if (lay.tp_size > 1) {
-    TROUPE_ASSIGN(c.host_tp, comm::make_gloo_communicator(
-                                 store, lay.tp_rank, lay.tp_size,
-                                 {.prefix = fmt::format("tp{}", lay.pp_rank), .timeout = 60s}));
-    TROUPE_ASSIGN(c.tp, comm::make_host_staged_communicator(*c.host_tp));
-  }
-  if (lay.pp_size > 1) {
-    TROUPE_ASSIGN(c.host_world,
-                  comm::make_gloo_communicator(store, lay.world_rank(), lay.world_size(),
-                                               {.prefix = "world", .timeout = 60s}));
-    TROUPE_ASSIGN(c.world, comm::make_host_staged_communicator(*c.host_world));
-  }
+expected<std::unique_ptr<comm::device_communicator>>
+group(comm::rendezvous_store& store, int rank, int size, const std::string& prefix, bool nccl,
+      int device, std::unique_ptr<comm::communicator>& host) {
+  if (nccl)
+    return comm::make_nccl_communicator(store, rank, size,
+                                        {.device = device, .prefix = prefix, .timeout = 60s});
+  TROUPE_ASSIGN(
+      host, comm::make_gloo_communicator(store, rank, size, {.prefix = prefix, .timeout = 60s}));
+  return comm::make_host_staged_communicator(*host);
+}
+
+expected<void> join(comm::rendezvous_store& store, const parallel_layout& lay, bool nccl,
+                    rank_comms& c) {
+  const int device = nccl ? lay.world_rank() : 0;
+  if (lay.tp_size > 1)
+    TROUPE_ASSIGN(c.tp, group(store, lay.tp_rank, lay.tp_size, fmt::format("tp{}", lay.pp_rank),
+                              nccl, device, c.host_tp));
+  if (lay.pp_size > 1)
+    TROUPE_ASSIGN(c.world, group(store, lay.world_rank(), lay.world_size(), "world", nccl, device,
+                                 c.host_world));
+  return {};
+}
+
+// Why this rank cannot run, or empty: no GPU, or (NCCL) fewer GPUs than ranks.
+std::string skip_reason(const parallel_layout& lay, bool nccl) {
+  if (auto why = cuda_unavailable_reason(); !why.empty())
+    return why;
+  int gpus = 0;
+  if (nccl && (cudaGetDeviceCount(&gpus) != cudaSuccess || gpus < lay.world_size()))
+    return fmt::format("NCCL tensor={} x pipeline={} needs {} GPUs (one per rank), found {}",
+                       lay.tp_size, lay.pp_size, lay.world_size(), gpus);
   return {};
 }
 
 // One rank in a child process: its communicators, its shard on the GPU, greedy generation twice
 // (logits, then greedy ids). tensor = pipeline = 1 is the reference, without communicators.
 int run_rank(const std::filesystem::path& model, parallel_layout lay,
-             const std::vector<std::vector<token_id>>& prompts, const std::filesystem::path& dir) {
+             const std::vector<std::vector<token_id>>& prompts, const std::filesystem::path& dir,
+             bool nccl = false) {
   const int r = lay.world_rank();
   auto fail = [&](const error& e) { return write_result(dir, r, "error: " + e.to_string()); };
-  if (auto why = cuda_unavailable_reason(); !why.empty())
+  if (auto why = skip_reason(lay, nccl); !why.empty())
     return write_result(dir, r, "SKIP: " + why);
   auto store = comm::make_folder_store((dir / "store").string());
   rank_comms comms;
-  if (auto joined = join(*store, lay, comms); !joined)
+  if (auto joined = join(*store, lay, nccl, comms); !joined)
     return fail(joined.error());
   cuda_options o = base;
+  o.device = nccl ? r : 0;
   o.layout = lay;
   o.tensor = comms.tp.get();
   o.world = comms.world.get();
@@ -165,7 +186,9 @@ double rel_l2(const std::vector<float>& got, const std::vector<float>& want) {
   return std::sqrt(num / std::max(den, 1e-30));
 }
 
-void check_grid(const std::string& name, int tensor, int pipeline) {
+// The grid's ranks (forked, sharing GPU 0 through host-staged Gloo, or one GPU each over NCCL)
+// against tensor=1 on GPU 0.
+void check_grid(const std::string& name, int tensor, int pipeline, bool nccl = false) {
   auto dir = test::golden_model(name);
   if (!dir)
     return;
@@ -173,23 +196,23 @@ void check_grid(const std::string& name, int tensor, int pipeline) {
   const auto golden = test::read_json(*dir / "golden.json");
   for (auto& c : golden.at("cases"))
     prompts.push_back(c.at("prompt_ids").get<std::vector<token_id>>());
-  auto ref = test::run_ranks(
-      1, [&](int, const std::filesystem::path& d) { return run_rank(*dir, {}, prompts, d); }, 120s);
-  if (ref[0].message.starts_with("SKIP")) {
-    MESSAGE(ref[0].message);
-    return;
-  }
-  REQUIRE_MESSAGE(ref[0].exit_code == 0, ref[0].message);
-  const auto want = parse(ref[0].message, prompts.size());
-
   auto outcomes = test::run_ranks(
       tensor * pipeline,
       [&](int r, const std::filesystem::path& d) {
         parallel_layout lay{
             .tp_rank = r % tensor, .tp_size = tensor, .pp_rank = r / tensor, .pp_size = pipeline};
-        return run_rank(*dir, lay, prompts, d);
+        return run_rank(*dir, lay, prompts, d, nccl);
       },
       180s);
+  if (outcomes[0].message.starts_with("SKIP")) {
+    MESSAGE(outcomes[0].message);
+    return;
+  }
+  auto ref = test::run_ranks(
+      1, [&](int, const std::filesystem::path& d) { return run_rank(*dir, {}, prompts, d); }, 120s);
+  REQUIRE_MESSAGE(ref[0].exit_code == 0, ref[0].message);
+  const auto want = parse(ref[0].message, prompts.size());
+
   auto config = load_model_config(*dir);
   auto weights = weight_store::open(*dir);
   REQUIRE(config.has_value());
@@ -326,6 +349,18 @@ int child(const std::filesystem::path& dir, const std::function<expected<void>()
 }
 
 } // namespace
+
+// NCCL grids: one GPU per rank, CUDA graphs on (NCCL calls are captured). They print SKIP with
+// the GPU count on smaller machines (issue 7 lends multi-GPU ones).
+TEST_CASE("cuda tensor=2 over NCCL (2 GPUs): tiny-qwen2") {
+  check_grid("tiny-qwen2", 2, 1, true);
+}
+TEST_CASE("cuda pipeline=2 over NCCL (2 GPUs): tiny-llama") {
+  check_grid("tiny-llama", 1, 2, true);
+}
+TEST_CASE("cuda tensor=2 x pipeline=2 over NCCL (4 GPUs): tiny-qwen3-moe") {
+  check_grid("tiny-qwen3-moe", 2, 2, true);
+}
 
 TEST_CASE("nccl at one rank: folder-store init, identities on f32 and bf16, graph capture") {
   auto out = test::run_ranks(

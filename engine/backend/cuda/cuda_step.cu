@@ -310,8 +310,9 @@ expected<void> cuda_backend_impl::forward(const step_plan& plan, forward_output&
     return {};
   TROUPE_TRY_VOID(run_step());
   TROUPE_TRY_VOID(from_last_stage(logits_, out.logits.size()));
-  TROUPE_CUDA(cudaMemcpyAsync(out.logits.data(), logits_, out.logits.size() * 4,
-                              cudaMemcpyDeviceToHost, stream_));
+  if (!out.logits.empty()) // none when no sequence wants logits this step
+    TROUPE_CUDA(cudaMemcpyAsync(out.logits.data(), logits_, out.logits.size() * 4,
+                                cudaMemcpyDeviceToHost, stream_));
   return sync();
 }
 
@@ -325,8 +326,9 @@ expected<void> cuda_backend_impl::forward_greedy(const step_plan& plan,
   if (last_stage_)
     TROUPE_TRY_VOID(argmax_rows(logits_, R_, static_cast<int>(config_.vocab_size), argmax_, stream_));
   TROUPE_TRY_VOID(from_last_stage(argmax_, tokens.size())); // int32 ids travel as 4-byte words
-  TROUPE_CUDA(cudaMemcpyAsync(tokens.data(), argmax_, tokens.size() * 4, cudaMemcpyDeviceToHost,
-                              stream_));
+  if (!tokens.empty())
+    TROUPE_CUDA(cudaMemcpyAsync(tokens.data(), argmax_, tokens.size() * 4,
+                                cudaMemcpyDeviceToHost, stream_));
   return sync();
 }
 
