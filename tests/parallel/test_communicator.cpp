@@ -8,6 +8,7 @@
 #include <doctest/doctest.h>
 
 #include "engine/comm/communicator.hpp"
+#include "engine/comm/device_communicator.hpp"
 #include "parallel/rank_processes.hpp"
 
 using namespace troupe;
@@ -111,4 +112,27 @@ TEST_CASE("gloo: a rank that dies fails its peer's all-reduce within the timeout
   INFO(outcomes[0].message);
   CHECK(outcomes[0].exit_code == 0);
   CHECK(outcomes[0].message.find("gloo all_reduce on rank 0") != std::string::npos);
+}
+
+TEST_CASE("nccl communicator: a rank whose unique id never appears times out, touching no GPU") {
+  // Rank 1 fetches rank 0's ncclUniqueId from the store before any CUDA call: without rank 0 it
+  // must fail with a timeout that says what it waited for (or say NCCL is not built in).
+  auto dir = std::filesystem::temp_directory_path() / "troupe-nccl-id-test";
+  std::filesystem::remove_all(dir);
+  auto s = make_folder_store(dir.string());
+  auto start = std::chrono::steady_clock::now();
+  auto c = make_nccl_communicator(*s, 1, 2, {.prefix = "group7", .timeout = 200ms});
+  REQUIRE_FALSE(c.has_value());
+  if (nccl_available()) {
+    CHECK(c.error().code() == errc::timeout);
+    CHECK(c.error().message().find("nccl rank 1 fetching the unique id") != std::string::npos);
+    CHECK(c.error().message().find("group7/unique_id") != std::string::npos);
+    CHECK(std::chrono::steady_clock::now() - start < 5s);
+  } else {
+    CHECK(c.error().code() == errc::unsupported);
+  }
+  auto bad = make_nccl_communicator(*s, 2, 2, {});
+  REQUIRE_FALSE(bad.has_value());
+  CHECK(bad.error().code() == (nccl_available() ? errc::invalid_argument : errc::unsupported));
+  std::filesystem::remove_all(dir);
 }

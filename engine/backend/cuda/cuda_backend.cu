@@ -50,10 +50,12 @@ cuda_backend_impl::~cuda_backend_impl() {
 }
 
 expected<bf16*> cuda_backend_impl::matrix(const weight_source* w,
-                                          const std::vector<std::string>& names,
-                                          const std::vector<int64_t>& rows, int64_t cols,
-                                          float scale) {
-  const int64_t total = std::accumulate(rows.begin(), rows.end(), int64_t{0});
+                                          const std::vector<weight_slice>& parts, float scale) {
+  // The parts stacked by rows: [sum of rows, cols], every part with the same column count.
+  int64_t total = 0;
+  const int64_t cols = parts.front().cols();
+  for (const auto& p : parts)
+    total += p.rows();
   auto dst = alloc<bf16>(static_cast<size_t>(total * cols));
   if (!dst)
     return dst;
@@ -63,15 +65,20 @@ expected<bf16*> cuda_backend_impl::matrix(const weight_source* w,
   }
   int64_t row0 = 0;
   std::vector<uint16_t> host;
-  for (size_t i = 0; i < names.size(); ++i) {
-    auto f = w->load_f32(names[i], {rows[i], cols});
+  for (const auto& p : parts) {
+    if (p.cols() != cols)
+      return error{errc::internal, strf("%s: slice of %lld columns stacked on %lld",
+                                        p.name.c_str(), static_cast<long long>(p.cols()),
+                                        static_cast<long long>(cols))};
+    auto f = p.by_cols ? w->load_f32_cols(p.name, p.shape, p.begin, p.end)
+                       : w->load_f32_rows(p.name, p.shape, p.begin, p.end);
     if (!f)
       return std::move(f).error();
     host.resize(f->size());
     for (size_t k = 0; k < f->size(); ++k)
       host[k] = static_cast<uint16_t>(std::bit_cast<uint32_t>(round_to_bf16((*f)[k])) >> 16);
     TROUPE_CUDA(cudaMemcpy(*dst + row0 * cols, host.data(), host.size() * 2, cudaMemcpyHostToDevice));
-    row0 += rows[i];
+    row0 += p.rows();
   }
   return dst;
 }
@@ -92,115 +99,131 @@ expected<float*> cuda_backend_impl::vector_f32(const weight_source* w, const std
   return dst;
 }
 
-expected<bf16*> cuda_backend_impl::vector_bf16(const weight_source* w,
-                                               const std::vector<std::string>& names,
-                                               const std::vector<int64_t>& sizes) {
-  // A bias is a one-column matrix of its rows.
-  std::vector<std::string> n = names;
-  if (opt_.random_weights)
-    return matrix(w, n, sizes, 1, 0.02f);
-  const int64_t total = std::accumulate(sizes.begin(), sizes.end(), int64_t{0});
-  auto dst = alloc<bf16>(static_cast<size_t>(total));
-  if (!dst)
-    return dst;
-  int64_t off = 0;
-  for (size_t i = 0; i < names.size(); ++i) {
-    auto f = w->load_f32(names[i], {sizes[i]});
-    if (!f)
-      return std::move(f).error();
-    std::vector<uint16_t> host(f->size());
-    for (size_t k = 0; k < f->size(); ++k)
-      host[k] = static_cast<uint16_t>(std::bit_cast<uint32_t>(round_to_bf16((*f)[k])) >> 16);
-    TROUPE_CUDA(cudaMemcpy(*dst + off, host.data(), host.size() * 2, cudaMemcpyHostToDevice));
-    off += sizes[i];
-  }
-  return dst;
+namespace {
+
+weight_slice rows_of(std::string name, std::vector<int64_t> shape, index_range r) {
+  return {std::move(name), std::move(shape), r.begin, r.end, false};
+}
+weight_slice cols_of(std::string name, std::vector<int64_t> shape, index_range r) {
+  return {std::move(name), std::move(shape), r.begin, r.end, true};
+}
+weight_slice whole(std::string name, std::vector<int64_t> shape) {
+  const int64_t n = shape[0];
+  return {std::move(name), std::move(shape), 0, n, false};
 }
 
+} // namespace
 
 expected<void> cuda_backend_impl::load_weights(const weight_source* w) {
+  // Embedding rows of this rank's vocabulary slice on the first stage, lm_head rows (or the tied
+  // embedding's) on the last; the final norm everywhere (a stage's last layer normalises with it).
   const auto& c = config_;
-  const int64_t H = c.hidden_size, D = c.head_dim;
+  const auto& s = shard_;
+  const int64_t H = c.hidden_size;
   const float in_scale = 1.0f / std::sqrt(static_cast<float>(H));
-  TROUPE_ASSIGN(embed_, matrix(w, {"model.embed_tokens.weight"}, {c.vocab_size}, H, 1.0f));
-  lm_head_ = embed_;
-  if (!c.tie_word_embeddings)
-    TROUPE_ASSIGN(lm_head_, matrix(w, {"lm_head.weight"}, {c.vocab_size}, H, in_scale));
+  const auto embed_rows = rows_of("model.embed_tokens.weight", {c.vocab_size, H}, s.vocab);
+  if (s.first_stage())
+    TROUPE_ASSIGN(embed_, matrix(w, {embed_rows}, 1.0f));
+  if (last_stage_) {
+    if (!c.tie_word_embeddings)
+      TROUPE_ASSIGN(lm_head_, matrix(w, {rows_of("lm_head.weight", {c.vocab_size, H}, s.vocab)},
+                                     in_scale));
+    else if (s.first_stage())
+      lm_head_ = embed_;
+    else
+      TROUPE_ASSIGN(lm_head_, matrix(w, {embed_rows}, 1.0f));
+  }
   TROUPE_ASSIGN(final_norm_, vector_f32(w, "model.norm.weight", H));
   layers_.resize(static_cast<size_t>(c.num_layers));
-  for (int64_t l = 0; l < c.num_layers; ++l) {
-    auto& L = layers_[static_cast<size_t>(l)];
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    TROUPE_ASSIGN(L.in_norm, vector_f32(w, p + "input_layernorm.weight", H));
-    TROUPE_ASSIGN(L.post_norm, vector_f32(w, p + "post_attention_layernorm.weight", H));
-    TROUPE_ASSIGN(L.qkv, matrix(w, {p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight",
-                                    p + "self_attn.v_proj.weight"},
-                                {c.q_size(), c.kv_size(), c.kv_size()}, H, in_scale));
-    TROUPE_ASSIGN(L.o, matrix(w, {p + "self_attn.o_proj.weight"}, {H}, c.q_size(),
-                              1.0f / std::sqrt(static_cast<float>(c.q_size()))));
-    if (c.attention_bias)
-      TROUPE_ASSIGN(L.qkv_bias, vector_bf16(w, {p + "self_attn.q_proj.bias", p + "self_attn.k_proj.bias",
-                                                p + "self_attn.v_proj.bias"},
-                                            {c.q_size(), c.kv_size(), c.kv_size()}));
-    if (c.o_proj_bias)
-      TROUPE_ASSIGN(L.o_bias, vector_bf16(w, {p + "self_attn.o_proj.bias"}, {H}));
-    if (c.qk_norm) {
-      TROUPE_ASSIGN(L.q_norm, vector_f32(w, p + "self_attn.q_norm.weight", D));
-      TROUPE_ASSIGN(L.k_norm, vector_f32(w, p + "self_attn.k_norm.weight", D));
+  for (int64_t l = s.layers.begin; l < s.layers.end; ++l)
+    TROUPE_TRY_VOID(load_layer(w, l));
+  return {};
+}
+
+expected<void> cuda_backend_impl::load_layer(const weight_source* w, int64_t l) {
+  // q/k/v and gate/up by output rows (whole heads), o and down by input columns.
+  const auto& c = config_;
+  const auto& s = shard_;
+  const int64_t H = c.hidden_size, D = c.head_dim;
+  const float in_scale = 1.0f / std::sqrt(static_cast<float>(H));
+  const index_range q{s.heads.begin * D, s.heads.end * D};
+  const index_range kv{s.kv_heads.begin * D, s.kv_heads.end * D};
+  auto& L = layers_[static_cast<size_t>(l)];
+  const std::string p = "model.layers." + std::to_string(l) + ".";
+  const std::string a = p + "self_attn.";
+  TROUPE_ASSIGN(L.in_norm, vector_f32(w, p + "input_layernorm.weight", H));
+  TROUPE_ASSIGN(L.post_norm, vector_f32(w, p + "post_attention_layernorm.weight", H));
+  TROUPE_ASSIGN(L.qkv, matrix(w, {rows_of(a + "q_proj.weight", {c.q_size(), H}, q),
+                                  rows_of(a + "k_proj.weight", {c.kv_size(), H}, kv),
+                                  rows_of(a + "v_proj.weight", {c.kv_size(), H}, kv)},
+                              in_scale));
+  TROUPE_ASSIGN(L.o, matrix(w, {cols_of(a + "o_proj.weight", {H, c.q_size()}, q)},
+                            1.0f / std::sqrt(static_cast<float>(c.q_size()))));
+  if (c.attention_bias)
+    TROUPE_ASSIGN(L.qkv_bias, matrix(w, {rows_of(a + "q_proj.bias", {c.q_size()}, q),
+                                         rows_of(a + "k_proj.bias", {c.kv_size()}, kv),
+                                         rows_of(a + "v_proj.bias", {c.kv_size()}, kv)},
+                                     0.02f));
+  if (c.o_proj_bias)
+    TROUPE_ASSIGN(L.o_bias, matrix(w, {whole(a + "o_proj.bias", {H})}, 0.02f));
+  if (c.qk_norm) {
+    TROUPE_ASSIGN(L.q_norm, vector_f32(w, a + "q_norm.weight", D));
+    TROUPE_ASSIGN(L.k_norm, vector_f32(w, a + "k_norm.weight", D));
+  }
+  if (c.is_moe_layer(l)) {
+    const int64_t I = c.moe_intermediate_size;
+    const float down_scale = 1.0f / std::sqrt(static_cast<float>(I));
+    TROUPE_ASSIGN(L.router, matrix(w, {whole(p + "mlp.gate.weight", {c.num_experts, H})}, in_scale));
+    for (int64_t e = s.experts.begin; e < s.experts.end; ++e) {
+      const std::string ep = p + "mlp.experts." + std::to_string(e) + ".";
+      bf16* gu = nullptr;
+      bf16* dn = nullptr;
+      TROUPE_ASSIGN(gu, matrix(w, {whole(ep + "gate_proj.weight", {I, H}),
+                                   whole(ep + "up_proj.weight", {I, H})},
+                               in_scale));
+      TROUPE_ASSIGN(dn, matrix(w, {whole(ep + "down_proj.weight", {H, I})}, down_scale));
+      L.expert_gate_up.push_back(gu);
+      L.expert_down.push_back(dn);
     }
-    if (c.is_moe_layer(l)) {
-      const int64_t I = c.moe_intermediate_size;
-      TROUPE_ASSIGN(L.router, matrix(w, {p + "mlp.gate.weight"}, {c.num_experts}, H, in_scale));
-      for (int64_t e = 0; e < c.num_experts; ++e) {
-        const std::string ep = p + "mlp.experts." + std::to_string(e) + ".";
-        bf16* gu = nullptr;
-        bf16* dn = nullptr;
-        TROUPE_ASSIGN(gu, matrix(w, {ep + "gate_proj.weight", ep + "up_proj.weight"}, {I, I}, H,
-                                 in_scale));
-        TROUPE_ASSIGN(dn, matrix(w, {ep + "down_proj.weight"}, {H}, I,
+  } else {
+    const int64_t I = c.intermediate_size;
+    TROUPE_ASSIGN(L.gate_up, matrix(w, {rows_of(p + "mlp.gate_proj.weight", {I, H}, s.intermediate),
+                                        rows_of(p + "mlp.up_proj.weight", {I, H}, s.intermediate)},
+                                    in_scale));
+    TROUPE_ASSIGN(L.down, matrix(w, {cols_of(p + "mlp.down_proj.weight", {H, I}, s.intermediate)},
                                  1.0f / std::sqrt(static_cast<float>(I))));
-        L.expert_gate_up.push_back(gu);
-        L.expert_down.push_back(dn);
-      }
-    } else {
-      const int64_t I = c.intermediate_size;
-      TROUPE_ASSIGN(L.gate_up, matrix(w, {p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"},
-                                      {I, I}, H, in_scale));
-      TROUPE_ASSIGN(L.down, matrix(w, {p + "mlp.down_proj.weight"}, {H}, I,
-                                   1.0f / std::sqrt(static_cast<float>(I))));
-    }
   }
   return {};
 }
 
-expected<void> cuda_backend_impl::init(const model_config& c, const weight_source* w,
-                                       kv_cache_options kv, cuda_options o) {
-  config_ = c;
-  kv_ = kv;
-  opt_ = o;
-  heads_ = {static_cast<int>(c.num_heads), static_cast<int>(c.num_kv_heads),
-            static_cast<int>(c.head_dim)};
-  if (opt_.max_model_len <= 0)
-    opt_.max_model_len = static_cast<int>(c.max_position_embeddings);
-  if (w == nullptr && !opt_.random_weights)
-    return error{errc::invalid_argument, "CUDA backend: no weights given"};
-  if (kv.block_size <= 0 || kv.num_blocks < 0)
-    return error{errc::invalid_argument, "KV cache needs block_size > 0 and num_blocks >= 0"};
-  TROUPE_CUDA(cudaSetDevice(opt_.device));
-  TROUPE_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-  TROUPE_CUDA(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, opt_.device));
-  TROUPE_TRY_VOID(gemm_.init());
-  auto inv = rope_inv_freq(c);
-  TROUPE_ASSIGN(inv_freq_, alloc<float>(inv.size()));
-  TROUPE_CUDA(cudaMemcpy(inv_freq_, inv.data(), inv.size() * 4, cudaMemcpyHostToDevice));
-  TROUPE_TRY_VOID(load_weights(w));
-  const size_t model_bytes = weight_bytes_;
+expected<void> cuda_backend_impl::check_parallel(const cuda_options& o) {
+  const auto& lay = o.layout;
+  if (o.tensor == nullptr && lay.tp_size != 1)
+    return error{errc::invalid_argument, "CUDA backend: tensor > 1 needs a tensor communicator"};
+  if (o.tensor != nullptr && (o.tensor->size() != lay.tp_size || o.tensor->rank() != lay.tp_rank))
+    return error{errc::invalid_argument,
+                 strf("CUDA backend: tensor communicator is rank %d of %d, layout says %d of %d",
+                      o.tensor->rank(), o.tensor->size(), lay.tp_rank, lay.tp_size)};
+  if (lay.pp_size > 1 && (o.world == nullptr || o.world->size() != lay.world_size() ||
+                          o.world->rank() != lay.world_rank()))
+    return error{errc::invalid_argument,
+                 strf("CUDA backend: pipeline=%d needs a world communicator of %d ranks with "
+                      "this rank at %d",
+                      lay.pp_size, lay.world_size(), lay.world_rank())};
+  comm_capturable_ = (o.tensor == nullptr || o.tensor->capturable()) &&
+                     (lay.pp_size == 1 || o.world->capturable());
+  return {};
+}
 
-  // Activation workspace for max_num_batched_tokens rows.
+expected<size_t> cuda_backend_impl::alloc_workspace() {
+  // Activations for max_num_batched_tokens rows with this rank's head and intermediate widths.
+  const auto& c = config_;
   const size_t T = static_cast<size_t>(opt_.max_num_batched_tokens);
   const size_t R = static_cast<size_t>(opt_.max_logit_rows);
   const size_t H = static_cast<size_t>(c.hidden_size);
-  size_t I = static_cast<size_t>(std::max(c.intermediate_size, c.moe_intermediate_size));
+  const size_t I = static_cast<size_t>(std::max<int64_t>(shard_.intermediate.size(),
+                                                         c.moe_intermediate_size));
+  const size_t q_local = static_cast<size_t>(heads_.num_heads) * heads_.head_dim;
   partial_floats_ = std::max(attention_partial_floats(static_cast<int>(T), heads_, 2),
                              attention_partial_floats(opt_.max_num_seqs, heads_, 64));
   struct slice { void** ptr; size_t bytes; };
@@ -208,7 +231,7 @@ expected<void> cuda_backend_impl::init(const model_config& c, const weight_sourc
     {reinterpret_cast<void**>(&resid_), T * H * 4},
     {reinterpret_cast<void**>(&h_), T * H * 2},
     {reinterpret_cast<void**>(&qkv_), T * heads_.qkv_width() * 2},
-    {reinterpret_cast<void**>(&attn_), T * c.q_size() * 2},
+    {reinterpret_cast<void**>(&attn_), T * q_local * 2},
     {reinterpret_cast<void**>(&proj_), T * H * 2},
     {reinterpret_cast<void**>(&mlp_), T * 2 * I * 2},
     {reinterpret_cast<void**>(&act_), T * I * 2},
@@ -217,6 +240,11 @@ expected<void> cuda_backend_impl::init(const model_config& c, const weight_sourc
     {reinterpret_cast<void**>(&argmax_), R * 4},
     {reinterpret_cast<void**>(&partial_), partial_floats_ * 4},
   };
+  if (tp_ > 1) {
+    const size_t chunk = static_cast<size_t>(shard_.vocab_chunk);
+    slices.push_back({reinterpret_cast<void**>(&gather_in_), R * chunk * 4});
+    slices.push_back({reinterpret_cast<void**>(&gather_out_), tp_ * R * chunk * 4});
+  }
   if (c.num_experts > 0) {
     slices.push_back({reinterpret_cast<void**>(&moe_acc_), T * H * 4});
     slices.push_back({reinterpret_cast<void**>(&moe_out_), T * H * 4});
@@ -234,16 +262,15 @@ expected<void> cuda_backend_impl::init(const model_config& c, const weight_sourc
     *s.ptr = work_.as<char>() + off;
     off += (s.bytes + 255) / 256 * 256;
   }
+  return total;
+}
 
-  // Step metadata: tokens, positions, token_seq, slots [T]; logit rows [R]; attention routing
-  // [7 T]; block tables.
-  max_blocks_ = (opt_.max_model_len + kv.block_size - 1) / kv.block_size;
-  meta_ints_ = 11 * T + R + static_cast<size_t>(opt_.max_num_seqs) * max_blocks_;
-  TROUPE_CUDA(cudaMallocHost(&meta_host_, meta_ints_ * 4));
-  TROUPE_TRY_VOID(meta_dev_.allocate(meta_ints_ * 4));
-
-  // KV cache: the rest of the memory budget unless the caller fixed the block count.
-  const size_t block_bytes = static_cast<size_t>(c.num_layers) * 2 * kv.block_size * c.kv_size() * 2;
+expected<void> cuda_backend_impl::alloc_kv(size_t workspace_bytes) {
+  // This stage's layers and this rank's kv heads; the rest of the memory budget unless the
+  // caller fixed the block count.
+  const size_t kv_local = static_cast<size_t>(heads_.num_kv_heads) * heads_.head_dim;
+  const size_t layers = static_cast<size_t>(shard_.layers.size());
+  const size_t block_bytes = layers * 2 * kv_.block_size * kv_local * 2;
   if (kv_.num_blocks == 0) {
     size_t free = 0, capacity = 0;
     TROUPE_CUDA(cudaMemGetInfo(&free, &capacity));
@@ -254,15 +281,62 @@ expected<void> cuda_backend_impl::init(const model_config& c, const weight_sourc
                    strf("GPU out of memory: weights %.2f GiB, workspace %.2f GiB; "
                         "gpu_memory_utilization %.2f of %.2f GiB leaves %.2f GiB, less than one "
                         "KV block (%zu bytes)",
-                        model_bytes / 1073741824.0, total / 1073741824.0,
+                        weight_bytes_ / 1073741824.0, workspace_bytes / 1073741824.0,
                         static_cast<double>(opt_.gpu_memory_utilization),
                         capacity / 1073741824.0, budget / 1073741824.0, block_bytes)};
     kv_.num_blocks = static_cast<int32_t>(budget / static_cast<double>(block_bytes));
   }
-  layer_kv_elems_ = static_cast<size_t>(kv_.num_blocks) * kv.block_size * c.kv_size();
-  if (auto r = kv_buf_.allocate(layer_kv_elems_ * 2 * 2 * c.num_layers); !r)
+  layer_kv_elems_ = static_cast<size_t>(kv_.num_blocks) * kv_.block_size * kv_local;
+  if (auto r = kv_buf_.allocate(layer_kv_elems_ * 2 * 2 * layers); !r)
     return std::move(r).error().context(
-      strf("allocating %d KV blocks of %d tokens", kv_.num_blocks, kv.block_size));
+      strf("allocating %d KV blocks of %d tokens", kv_.num_blocks, kv_.block_size));
+  return {};
+}
+
+bf16* cuda_backend_impl::k_cache(int l) const {
+  return kv_buf_.as<bf16>() + static_cast<size_t>(2 * (l - shard_.layers.begin)) * layer_kv_elems_;
+}
+
+expected<void> cuda_backend_impl::init(const model_config& c, const weight_source* w,
+                                       kv_cache_options kv, cuda_options o) {
+  config_ = c;
+  kv_ = kv;
+  opt_ = o;
+  auto shard = plan_shard(c, o.layout);
+  if (!shard)
+    return std::move(shard).error();
+  shard_ = *shard;
+  last_stage_ = shard_.layers.end == c.num_layers;
+  tp_ = o.layout.tp_size;
+  TROUPE_TRY_VOID(check_parallel(o));
+  heads_ = {static_cast<int>(shard_.heads.size()), static_cast<int>(shard_.kv_heads.size()),
+            static_cast<int>(c.head_dim)};
+  if (opt_.max_model_len <= 0)
+    opt_.max_model_len = static_cast<int>(c.max_position_embeddings);
+  if (w == nullptr && !opt_.random_weights)
+    return error{errc::invalid_argument, "CUDA backend: no weights given"};
+  if (kv.block_size <= 0 || kv.num_blocks < 0)
+    return error{errc::invalid_argument, "KV cache needs block_size > 0 and num_blocks >= 0"};
+  TROUPE_CUDA(cudaSetDevice(opt_.device));
+  TROUPE_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  TROUPE_CUDA(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, opt_.device));
+  TROUPE_TRY_VOID(gemm_.init());
+  auto inv = rope_inv_freq(c);
+  TROUPE_ASSIGN(inv_freq_, alloc<float>(inv.size()));
+  TROUPE_CUDA(cudaMemcpy(inv_freq_, inv.data(), inv.size() * 4, cudaMemcpyHostToDevice));
+  TROUPE_TRY_VOID(load_weights(w));
+  size_t workspace = 0;
+  TROUPE_ASSIGN(workspace, alloc_workspace());
+
+  // Step metadata: tokens, positions, token_seq, slots [T]; logit rows [R]; attention routing
+  // [7 T]; block tables.
+  const size_t T = static_cast<size_t>(opt_.max_num_batched_tokens);
+  const size_t R = static_cast<size_t>(opt_.max_logit_rows);
+  max_blocks_ = (opt_.max_model_len + kv.block_size - 1) / kv.block_size;
+  meta_ints_ = 11 * T + R + static_cast<size_t>(opt_.max_num_seqs) * max_blocks_;
+  TROUPE_CUDA(cudaMallocHost(&meta_host_, meta_ints_ * 4));
+  TROUPE_TRY_VOID(meta_dev_.allocate(meta_ints_ * 4));
+  TROUPE_TRY_VOID(alloc_kv(workspace));
   TROUPE_CUDA(cudaStreamSynchronize(stream_));
   return {};
 }

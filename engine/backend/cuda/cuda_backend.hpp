@@ -1,6 +1,8 @@
 // The bf16 CUDA backend: weights and KV cache on one GPU, cuBLASLt and our own kernels
-// (kernels.cuh, attention.cu, gemm.cu). Plain C++ header, so that code built without nvcc can
-// create and drive it. forward() blocks the calling thread until the step's results are on the host.
+// (kernels.cuh, attention.cu, gemm.cu); one rank of a tensor x pipeline grid when given a layout
+// and device communicators (shard.hpp says what each rank holds). Plain C++ header, so that code
+// built without nvcc can create and drive it. forward() blocks the calling thread until the
+// step's results are on the host; every rank of a grid calls it with the same plan.
 #pragma once
 
 #include <memory>
@@ -8,6 +10,8 @@
 #include <vector>
 
 #include "engine/backend/backend.hpp"
+#include "engine/backend/shard.hpp"
+#include "engine/comm/device_communicator.hpp"
 #include "engine/model/weight_source.hpp"
 
 namespace troupe::engine {
@@ -21,6 +25,13 @@ struct cuda_options {
   float gpu_memory_utilization = 0.9f; // KV pool size when kv.num_blocks == 0
   bool random_weights = false;       // benchmarks: fill weights on the GPU instead of loading
   uint64_t seed = 1;
+  // Model parallelism (the caller owns the communicators and keeps them alive as long as the
+  // backend): `tensor` joins this stage's tp_size ranks in tp_rank order, `world` every rank in
+  // world_rank order (pipeline send/recv and the logits broadcast). Null only for a size of 1.
+  // CUDA graphs are used only when every communicator is capturable (NCCL, not host-staged).
+  parallel_layout layout;
+  comm::device_communicator* tensor = nullptr;
+  comm::device_communicator* world = nullptr;
 };
 
 class cuda_backend : public backend {
@@ -29,7 +40,8 @@ public:
   virtual expected<void> forward_greedy(const step_plan& plan, std::vector<token_id>& tokens) = 0;
   virtual size_t weight_bytes() const = 0;
   virtual size_t kv_bytes() const = 0;
-  // Decode steps replay CUDA graphs captured per batch size; off = always eager.
+  // Decode steps replay CUDA graphs captured per batch size; off = always eager (and always off
+  // with a communicator that cannot be captured).
   virtual void set_use_graphs(bool on) = 0;
   virtual void set_use_skinny_gemm(bool on) = 0;
 };

@@ -12,20 +12,31 @@
 
 namespace troupe::engine::cuda {
 
-// One layer's weights on the GPU. Matrices are bf16 [out, in]; norms are fp32.
+// One layer's weights on the GPU, this rank's slices (nh, nkv, I: local heads, kv heads and
+// intermediate rows). Matrices are bf16 [out, in]; norms are fp32.
 struct gpu_layer {
   bf16* qkv = nullptr;      // [(nh + 2 nkv) D, H]: q rows, then k rows, then v rows
   bf16* qkv_bias = nullptr; // [(nh + 2 nkv) D] or null
   bf16* o = nullptr;        // [H, nh D]
-  bf16* o_bias = nullptr;   // [H] or null
+  bf16* o_bias = nullptr;   // [H] or null (whole: added once, after the all-reduce)
   float* q_norm = nullptr;  // [D] or null
   float* k_norm = nullptr;
   float* in_norm = nullptr; // [H]
   float* post_norm = nullptr;
   bf16* gate_up = nullptr;  // [2 I, H]: gate rows, then up rows (dense)
   bf16* down = nullptr;     // [H, I]
-  bf16* router = nullptr;   // [E, H] (MoE)
-  std::vector<bf16*> expert_gate_up, expert_down; // per expert, as above with moe_intermediate
+  bf16* router = nullptr;   // [E, H] (MoE, every expert)
+  std::vector<bf16*> expert_gate_up, expert_down; // this rank's experts, moe_intermediate
+};
+
+// Part of one weight tensor of `shape` (1-D or 2-D): rows [begin, end), or columns when by_cols.
+struct weight_slice {
+  std::string name;
+  std::vector<int64_t> shape;
+  int64_t begin = 0, end = 0;
+  bool by_cols = false;
+  int64_t cols() const { return by_cols ? end - begin : shape.size() > 1 ? shape[1] : 1; }
+  int64_t rows() const { return by_cols ? shape[0] : end - begin; }
 };
 
 // Per-step metadata, laid out in one pinned host buffer and one device buffer.
@@ -69,19 +80,33 @@ private:
   expected<void> run_step();    // run_model eagerly, or through a captured graph
   expected<void> layer(int l);
   expected<void> moe(const gpu_layer& w);
+  expected<void> lm_head();     // sel_ -> logits_ [R, V], gathered over the tensor group
+  // Broadcasts `words` 4-byte values from the last stage to every rank (no-op at pipeline=1).
+  expected<void> from_last_stage(void* data, size_t words);
+  // Sums a partial result over the tensor group (no-op at tensor=1).
+  expected<void> tp_sum(void* data, size_t count, comm::device_dtype t);
+  // Waits for stream_; through the communicators (bounded by their timeouts) when there are any.
+  expected<void> sync();
+  expected<void> check_parallel(const cuda_options& o);
   expected<void> load_weights(const weight_source* w);
-  expected<bf16*> matrix(const weight_source* w, const std::vector<std::string>& names,
-                         const std::vector<int64_t>& rows, int64_t cols, float scale);
+  expected<void> load_layer(const weight_source* w, int64_t l);
+  expected<bf16*> matrix(const weight_source* w, const std::vector<weight_slice>& parts,
+                         float scale);
   expected<float*> vector_f32(const weight_source* w, const std::string& name, int64_t n);
-  expected<bf16*> vector_bf16(const weight_source* w, const std::vector<std::string>& names,
-                              const std::vector<int64_t>& sizes);
+  expected<size_t> alloc_workspace();
+  expected<void> alloc_kv(size_t workspace_bytes);
+  bf16* k_cache(int l) const;
   template <class T>
   expected<T*> alloc(size_t count);
 
   model_config config_;
   kv_cache_options kv_;
   cuda_options opt_;
-  head_layout heads_;
+  shard_plan shard_;
+  bool last_stage_ = true;
+  int tp_ = 1;                   // tensor ranks
+  bool comm_capturable_ = true;  // every communicator may be recorded into a graph
+  head_layout heads_;            // this rank's heads
   cudaStream_t stream_ = nullptr;
   gemm_runner gemm_;
   std::vector<device_buffer> weights_; // every weight allocation
@@ -90,7 +115,7 @@ private:
   bf16* lm_head_ = nullptr; // == embed_ when tied
   float* final_norm_ = nullptr;
   float* inv_freq_ = nullptr;
-  std::vector<gpu_layer> layers_;
+  std::vector<gpu_layer> layers_; // this stage's layers only (others left empty)
   device_buffer kv_buf_;
   size_t layer_kv_elems_ = 0; // per layer, per K or V: [num_blocks * block_size, nkv, D]
   int max_blocks_ = 0;
@@ -109,6 +134,8 @@ private:
   bf16* moe_in_ = nullptr;  // [T, H]
   bf16* sel_ = nullptr;     // [R, H]
   float* logits_ = nullptr; // [R, V]
+  float* gather_in_ = nullptr;  // [R, vocab_chunk]: this rank's logits slice (tensor > 1)
+  float* gather_out_ = nullptr; // [tp, R, vocab_chunk]
   float* router_ = nullptr; // [T, E]
   int32_t* argmax_ = nullptr;
   float* partial_ = nullptr;

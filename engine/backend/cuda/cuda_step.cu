@@ -1,7 +1,9 @@
-// Running steps on the CUDA backend: metadata upload, the layer sequence, MoE routing, CUDA graphs
-// for decode steps, and the two ways results come back (logits, or greedy ids).
+// Running steps on the CUDA backend: metadata upload, the layer sequence (with the tensor group's
+// all-reduces and the pipeline's send/recv), MoE routing, CUDA graphs for decode steps, and the
+// two ways results come back (logits, or greedy ids).
 #include <algorithm>
 #include <numeric>
+#include <optional>
 
 #include "engine/backend/cuda/cuda_backend_impl.cuh"
 
@@ -110,8 +112,9 @@ expected<void> cuda_backend_impl::layer(int l) {
   const auto& w = layers_[static_cast<size_t>(l)];
   const int H = static_cast<int>(c.hidden_size);
   const float eps = static_cast<float>(c.rms_norm_eps);
-  bf16* k_cache = kv_buf_.as<bf16>() + static_cast<size_t>(2 * l) * layer_kv_elems_;
+  bf16* k_cache = this->k_cache(l);
   bf16* v_cache = k_cache + layer_kv_elems_;
+  const int q_local = heads_.num_heads * heads_.head_dim;
   TROUPE_TRY_VOID(gemm_.run(h_, T_, H, w.qkv, heads_.qkv_width(), qkv_, stream_));
   TROUPE_TRY_VOID(qkv_rope_cache(qkv_, w.qkv_bias, w.q_norm, w.k_norm, eps, dev_.positions,
                                  dev_.slots, inv_freq_, T_, heads_, k_cache, v_cache, stream_));
@@ -135,18 +138,21 @@ expected<void> cuda_backend_impl::layer(int l) {
   a.num_split_tokens = route_.num_split_tokens;
   a.decode_tiles = route_.decode_tiles;
   TROUPE_TRY_VOID(paged_attention(a, heads_, stream_));
-  TROUPE_TRY_VOID(gemm_.run(attn_, T_, static_cast<int>(c.q_size()), w.o, H, proj_, stream_));
+  TROUPE_TRY_VOID(gemm_.run(attn_, T_, q_local, w.o, H, proj_, stream_));
+  TROUPE_TRY_VOID(tp_sum(proj_, static_cast<size_t>(T_) * H, comm::device_dtype::bf16));
   TROUPE_TRY_VOID(add_rms_norm(resid_, proj_, w.o_bias, T_, H, w.post_norm, eps, h_, stream_));
   if (w.router != nullptr) {
     TROUPE_TRY_VOID(moe(w));
   } else {
-    const int I = static_cast<int>(c.intermediate_size);
+    const int I = static_cast<int>(shard_.intermediate.size());
     TROUPE_TRY_VOID(gemm_.run(h_, T_, H, w.gate_up, 2 * I, mlp_, stream_));
     TROUPE_TRY_VOID(silu_mul(mlp_, T_, I, act_, stream_));
     TROUPE_TRY_VOID(gemm_.run(act_, T_, I, w.down, H, proj_, stream_));
+    TROUPE_TRY_VOID(tp_sum(proj_, static_cast<size_t>(T_) * H, comm::device_dtype::bf16));
   }
-  const float* next = l + 1 < c.num_layers ? layers_[static_cast<size_t>(l + 1)].in_norm
-                                           : final_norm_;
+  // A stage's last layer normalises with the final norm; the next stage renormalises its input.
+  const float* next = l + 1 < shard_.layers.end ? layers_[static_cast<size_t>(l + 1)].in_norm
+                                                : final_norm_;
   return add_rms_norm(resid_, proj_, nullptr, T_, H, next, eps, h_, stream_);
 }
 
@@ -159,7 +165,7 @@ expected<void> cuda_backend_impl::moe(const gpu_layer& w) {
   TROUPE_TRY_VOID(gemm_.run(h_, T_, H, w.router, E, router_, stream_));
   std::vector<float> probs(static_cast<size_t>(T_) * E);
   TROUPE_CUDA(cudaMemcpyAsync(probs.data(), router_, probs.size() * 4, cudaMemcpyDeviceToHost, stream_));
-  TROUPE_CUDA(cudaStreamSynchronize(stream_));
+  TROUPE_TRY_VOID(sync());
   std::vector<std::vector<std::pair<int32_t, float>>> routed(static_cast<size_t>(E));
   std::vector<int> order(static_cast<size_t>(E));
   for (int t = 0; t < T_; ++t) {
@@ -192,36 +198,102 @@ expected<void> cuda_backend_impl::moe(const gpu_layer& w) {
   TROUPE_CUDA(cudaMemcpyAsync(moe_rows_, rows.data(), rows.size() * 4, cudaMemcpyHostToDevice, stream_));
   TROUPE_CUDA(cudaMemcpyAsync(moe_w_, weights.data(), weights.size() * 4, cudaMemcpyHostToDevice, stream_));
   TROUPE_TRY_VOID(fill_value(moe_acc_, static_cast<size_t>(T_) * H, 0.0f, stream_));
-  for (int e = 0; e < E; ++e) {
+  // Only this rank's experts; the fp32 sums of every rank's experts are joined by one all-reduce.
+  for (int e = static_cast<int>(shard_.experts.begin); e < shard_.experts.end; ++e) {
     const int n = static_cast<int>(offset[static_cast<size_t>(e) + 1] - offset[static_cast<size_t>(e)]);
     if (n == 0)
       continue;
+    const size_t mine = static_cast<size_t>(e - shard_.experts.begin);
     const int32_t* r = moe_rows_ + offset[static_cast<size_t>(e)];
     TROUPE_TRY_VOID(gather_rows(h_, r, n, H, moe_in_, stream_));
-    TROUPE_TRY_VOID(gemm_.run(moe_in_, n, H, w.expert_gate_up[static_cast<size_t>(e)], 2 * I, mlp_, stream_));
+    TROUPE_TRY_VOID(gemm_.run(moe_in_, n, H, w.expert_gate_up[mine], 2 * I, mlp_, stream_));
     TROUPE_TRY_VOID(silu_mul(mlp_, n, I, act_, stream_));
-    TROUPE_TRY_VOID(gemm_.run(act_, n, I, w.expert_down[static_cast<size_t>(e)], H, moe_out_, stream_));
+    TROUPE_TRY_VOID(gemm_.run(act_, n, I, w.expert_down[mine], H, moe_out_, stream_));
     TROUPE_TRY_VOID(scatter_add_rows(moe_out_, r, moe_w_ + offset[static_cast<size_t>(e)], n, H, moe_acc_, stream_));
   }
+  TROUPE_TRY_VOID(tp_sum(moe_acc_, static_cast<size_t>(T_) * H, comm::device_dtype::f32));
   // The pinned-less host vectors must outlive the async copies above.
-  TROUPE_CUDA(cudaStreamSynchronize(stream_));
+  TROUPE_TRY_VOID(sync());
   return f32_to_bf16(moe_acc_, static_cast<size_t>(T_) * H, proj_, stream_);
 }
 
+expected<void> cuda_backend_impl::tp_sum(void* data, size_t count, comm::device_dtype t) {
+  if (tp_ == 1)
+    return {};
+  return opt_.tensor->all_reduce_sum(data, count, t, stream_);
+}
+
+expected<void> cuda_backend_impl::sync() {
+  // Each communicator waits (bounded) and aborts itself on a timeout, which ends its kernels; the
+  // first failure is reported after the other has had its chance to unblock the stream too.
+  std::optional<error> first;
+  for (auto* c : {opt_.tensor, opt_.layout.pp_size > 1 ? opt_.world : nullptr}) {
+    if (c == nullptr || c->size() == 1)
+      continue;
+    if (auto r = c->synchronize(stream_); !r && !first)
+      first = std::move(r).error();
+  }
+  if (first)
+    return std::move(*first);
+  TROUPE_CUDA(cudaStreamSynchronize(stream_));
+  return {};
+}
+
+expected<void> cuda_backend_impl::lm_head() {
+  // Vocab-parallel: each rank its [R, vocab slice] block, all-gathered in padded chunks and
+  // copied into place in logits_ [R, V].
+  const int H = static_cast<int>(config_.hidden_size), V = static_cast<int>(config_.vocab_size);
+  if (tp_ == 1)
+    return gemm_.run(sel_, R_, H, lm_head_, V, logits_, stream_);
+  if (R_ == 0)
+    return {};
+  const int64_t chunk = shard_.vocab_chunk;
+  TROUPE_TRY_VOID(gemm_.run(sel_, R_, H, lm_head_, static_cast<int>(shard_.vocab.size()),
+                            gather_in_, stream_));
+  const size_t n = static_cast<size_t>(R_) * static_cast<size_t>(chunk);
+  TROUPE_TRY_VOID(opt_.tensor->all_gather(gather_in_, gather_out_, n, comm::device_dtype::f32,
+                                          stream_));
+  for (int k = 0; k < tp_; ++k) {
+    const int64_t begin = std::min<int64_t>(V, k * chunk), end = std::min<int64_t>(V, (k + 1) * chunk);
+    if (end == begin)
+      continue;
+    const size_t w = static_cast<size_t>(end - begin) * 4;
+    TROUPE_CUDA(cudaMemcpy2DAsync(logits_ + begin, static_cast<size_t>(V) * 4,
+                                  gather_out_ + static_cast<size_t>(k) * n, w, w,
+                                  static_cast<size_t>(R_), cudaMemcpyDeviceToDevice, stream_));
+  }
+  return {};
+}
+
 expected<void> cuda_backend_impl::run_model() {
+  // First stage: vocab-parallel embedding (rows of other ranks' tokens are zero, the all-reduce
+  // joins them); later stages receive the residual stream from the previous stage instead.
   const auto& c = config_;
+  const auto& lay = opt_.layout;
   const int H = static_cast<int>(c.hidden_size);
+  const size_t TH = static_cast<size_t>(T_) * H;
   const float eps = static_cast<float>(c.rms_norm_eps);
-  TROUPE_TRY_VOID(embed(dev_.tokens, T_, embed_, H, resid_, stream_));
-  TROUPE_TRY_VOID(rms_norm(resid_, T_, H, layers_[0].in_norm, eps, h_, stream_));
-  for (int l = 0; l < static_cast<int>(c.num_layers); ++l)
+  if (shard_.first_stage()) {
+    TROUPE_TRY_VOID(embed(dev_.tokens, T_, embed_, H, resid_, stream_,
+                          static_cast<int>(shard_.vocab.begin), static_cast<int>(shard_.vocab.size())));
+    TROUPE_TRY_VOID(tp_sum(resid_, TH, comm::device_dtype::f32));
+  } else {
+    TROUPE_TRY_VOID(opt_.world->recv(resid_, TH, comm::device_dtype::f32,
+                                     lay.world_rank() - lay.tp_size, stream_));
+  }
+  const int first = static_cast<int>(shard_.layers.begin);
+  TROUPE_TRY_VOID(rms_norm(resid_, T_, H, layers_[static_cast<size_t>(first)].in_norm, eps, h_, stream_));
+  for (int l = first; l < static_cast<int>(shard_.layers.end); ++l)
     TROUPE_TRY_VOID(layer(l));
+  if (!last_stage_)
+    return opt_.world->send(resid_, TH, comm::device_dtype::f32, lay.world_rank() + lay.tp_size,
+                            stream_);
   TROUPE_TRY_VOID(gather_rms_norm(resid_, dev_.logit_src, R_, H, final_norm_, eps, sel_, stream_));
-  return gemm_.run(sel_, R_, H, lm_head_, static_cast<int>(c.vocab_size), logits_, stream_);
+  return lm_head();
 }
 
 expected<void> cuda_backend_impl::run_step() {
-  if (!graph_step_ || !use_graphs_)
+  if (!graph_step_ || !use_graphs_ || !comm_capturable_)
     return run_model();
   auto it = graphs_.find(T_);
   if (it == graphs_.end()) {
@@ -249,16 +321,26 @@ expected<void> cuda_backend_impl::run_step() {
   return {};
 }
 
+expected<void> cuda_backend_impl::from_last_stage(void* data, size_t words) {
+  // Every rank leaves a step with what the last stage's tensor rank 0 made (as the CPU backend).
+  const auto& lay = opt_.layout;
+  if (lay.pp_size == 1 || words == 0)
+    return {};
+  return opt_.world->broadcast(data, words, comm::device_dtype::f32,
+                               (lay.pp_size - 1) * lay.tp_size, stream_);
+}
+
 expected<void> cuda_backend_impl::forward(const step_plan& plan, forward_output& out) {
   TROUPE_TRY_VOID(upload(plan));
   prepare_output(plan, config_.vocab_size, out);
   if (T_ == 0)
     return {};
   TROUPE_TRY_VOID(run_step());
-  TROUPE_CUDA(cudaMemcpyAsync(out.logits.data(), logits_, out.logits.size() * 4,
-                              cudaMemcpyDeviceToHost, stream_));
-  TROUPE_CUDA(cudaStreamSynchronize(stream_));
-  return {};
+  TROUPE_TRY_VOID(from_last_stage(logits_, out.logits.size()));
+  if (!out.logits.empty()) // none when no sequence wants logits this step
+    TROUPE_CUDA(cudaMemcpyAsync(out.logits.data(), logits_, out.logits.size() * 4,
+                                cudaMemcpyDeviceToHost, stream_));
+  return sync();
 }
 
 expected<void> cuda_backend_impl::forward_greedy(const step_plan& plan,
@@ -268,11 +350,13 @@ expected<void> cuda_backend_impl::forward_greedy(const step_plan& plan,
   if (T_ == 0)
     return {};
   TROUPE_TRY_VOID(run_step());
-  TROUPE_TRY_VOID(argmax_rows(logits_, R_, static_cast<int>(config_.vocab_size), argmax_, stream_));
-  TROUPE_CUDA(cudaMemcpyAsync(tokens.data(), argmax_, tokens.size() * 4, cudaMemcpyDeviceToHost,
-                              stream_));
-  TROUPE_CUDA(cudaStreamSynchronize(stream_));
-  return {};
+  if (last_stage_)
+    TROUPE_TRY_VOID(argmax_rows(logits_, R_, static_cast<int>(config_.vocab_size), argmax_, stream_));
+  TROUPE_TRY_VOID(from_last_stage(argmax_, tokens.size())); // int32 ids travel as 4-byte words
+  if (!tokens.empty())
+    TROUPE_CUDA(cudaMemcpyAsync(tokens.data(), argmax_, tokens.size() * 4,
+                                cudaMemcpyDeviceToHost, stream_));
+  return sync();
 }
 
 } // namespace troupe::engine::cuda

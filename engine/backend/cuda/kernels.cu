@@ -25,12 +25,15 @@ __device__ float block_sum(float v) {
   return total;
 }
 
-__global__ void embed_kernel(const int32_t* tokens, const bf16* table, int H, float* resid) {
+__global__ void embed_kernel(const int32_t* tokens, const bf16* table, int H, float* resid,
+                             int vocab_begin, int vocab_rows) {
   pdl_wait();
-  const bf16* row = table + static_cast<size_t>(tokens[blockIdx.x]) * H;
+  const int tok = tokens[blockIdx.x] - vocab_begin;
+  const bool mine = tok >= 0 && tok < vocab_rows; // else another tensor rank's row: zeros
+  const bf16* row = table + static_cast<size_t>(mine ? tok : 0) * H;
   float* dst = resid + static_cast<size_t>(blockIdx.x) * H;
   for (int i = threadIdx.x; i < H; i += blockDim.x)
-    dst[i] = __bfloat162float(row[i]);
+    dst[i] = mine ? __bfloat162float(row[i]) : 0.0f;
 }
 
 // One block per row: optional residual add, then RMSNorm into bf16.
@@ -235,10 +238,11 @@ int grid_for(size_t n, int threads) {
 } // namespace
 
 expected<void> embed(const int32_t* tokens, int T, const bf16* table, int H, float* resid,
-                     cudaStream_t s) {
+                     cudaStream_t s, int vocab_begin, int vocab_rows) {
   if (T == 0)
     return {};
-  TROUPE_CUDA(launch_pdl(embed_kernel, dim3(T), dim3(256), 0, s, tokens, table, H, resid));
+  TROUPE_CUDA(launch_pdl(embed_kernel, dim3(T), dim3(256), 0, s, tokens, table, H, resid,
+                         vocab_begin, vocab_rows));
   return {};
 }
 

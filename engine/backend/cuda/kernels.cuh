@@ -14,9 +14,10 @@ struct head_layout {
   TROUPE_HOST_DEVICE int qkv_width() const { return (num_heads + 2 * num_kv_heads) * head_dim; }
 };
 
-// resid[T, H] = float(table[tokens[t], :])
+// resid[T, H] = float(table[tokens[t] - vocab_begin, :]) for tokens in this rank's vocabulary
+// slice [vocab_begin, vocab_begin + vocab_rows), else 0 (vocab-parallel embedding).
 expected<void> embed(const int32_t* tokens, int T, const bf16* table, int H, float* resid,
-                     cudaStream_t s);
+                     cudaStream_t s, int vocab_begin = 0, int vocab_rows = 0x7fffffff);
 // out[T, H] = rmsnorm(x) * w
 expected<void> rms_norm(const float* x, int T, int H, const float* w, float eps, bf16* out,
                         cudaStream_t s);
