@@ -24,6 +24,17 @@ for t in "${targets[@]}"; do
     esac
   done
 done
+# Bundled libraries find each other in lib/ (a binary's RUNPATH does not reach its libraries'
+# own dependencies, e.g. libgloo -> libhiredis).
+if ! command -v patchelf >/dev/null; then
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends patchelf
+fi
+for lib in "$out"/lib/*; do
+  chmod u+w "$lib"
+  patchelf --set-rpath '$ORIGIN' "$lib"
+done
 cat > "$out/README.txt" <<TXT
 troupe $(git describe --always --dirty 2>/dev/null || echo dev) for x86-64 Linux, built on Debian 12.
 Needs on the target: glibc and libstdc++ as new as Debian 12's; for GPUs an NVIDIA driver with
