@@ -175,7 +175,7 @@ void bench_shape(const std::string& shape, double bw, double peak_tflops) {
   fmt::print("| batch | ctx | graphs ms/step | eager ms/step | roofline ms | of roofline | tok/s |\n");
   fmt::print("| --- | --- | --- | --- | --- | --- | --- |\n");
   for (int ctx : {512, 4096}) {
-    for (int batch : {1, 8, 32, 128, 256}) {
+    for (int batch : {1, 8, 32, 64, 128, 256}) {
       const int64_t need = static_cast<int64_t>(batch) * (ctx + 16);
       if (need > kv_tokens) {
         fmt::print("| {} | {} | does not fit ({} KV tokens > {}) | | | | |\n", batch, ctx, need, kv_tokens);
