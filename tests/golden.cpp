@@ -37,6 +37,13 @@ nlohmann::json read_json(const fs::path& path) {
   return nlohmann::json::parse(in);
 }
 
+std::vector<std::vector<int32_t>> golden_prompt_ids(const fs::path& model_dir) {
+  std::vector<std::vector<int32_t>> prompts;
+  for (auto& c : read_json(model_dir / "golden.json").at("cases"))
+    prompts.push_back(c.at("prompt_ids").get<std::vector<int32_t>>());
+  return prompts;
+}
+
 temp_dir::temp_dir() {
   std::random_device rd;
   path_ = fs::temp_directory_path() / ("troupe-test-" + std::to_string(rd()) + std::to_string(rd()));

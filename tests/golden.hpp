@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -17,6 +18,9 @@ std::optional<std::filesystem::path> golden_dir();
 std::optional<std::filesystem::path> golden_model(const std::string& name);
 
 nlohmann::json read_json(const std::filesystem::path& path);
+
+// Every case's prompt_ids in a golden model folder's golden.json.
+std::vector<std::vector<int32_t>> golden_prompt_ids(const std::filesystem::path& model_dir);
 
 // A fresh empty folder under the system temp dir, removed when the object dies.
 class temp_dir {

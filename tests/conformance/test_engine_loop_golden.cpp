@@ -27,10 +27,7 @@ std::unique_ptr<cpu_backend> load(const std::filesystem::path& dir, kv_cache_opt
 
 // The golden prompts plus prompts that share prefixes with them (so the cache has work).
 std::vector<std::vector<token_id>> prompts_of(const std::filesystem::path& dir) {
-  std::vector<std::vector<token_id>> out;
-  const auto golden = test::read_json(dir / "golden.json");
-  for (auto& c : golden.at("cases"))
-    out.push_back(c.at("prompt_ids").get<std::vector<token_id>>());
+  auto out = test::golden_prompt_ids(dir);
   const auto& longest = out.back(); // 100 tokens
   REQUIRE(longest.size() >= 100);
   auto a = std::vector<token_id>(longest.begin(), longest.begin() + 40);

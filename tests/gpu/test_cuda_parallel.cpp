@@ -17,6 +17,7 @@
 #include "engine/generate.hpp"
 #include "golden.hpp"
 #include "gpu/golden_check.hpp"
+#include "gpu/gpu_test_util.hpp"
 #include "parallel/rank_processes.hpp"
 
 using namespace troupe;
@@ -29,24 +30,6 @@ const generate_options opts{.max_new_tokens = 12, .prefill_chunk = 5, .record_pr
 const kv_cache_options kv{.num_blocks = 64, .block_size = 16};
 const cuda_options base{
     .max_num_batched_tokens = 256, .max_num_seqs = 8, .max_logit_rows = 256, .max_model_len = 256};
-
-template <typename T>
-void put(std::string& s, const std::vector<T>& v) {
-  auto n = static_cast<uint32_t>(v.size());
-  s.append(reinterpret_cast<const char*>(&n), sizeof n);
-  s.append(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T));
-}
-template <typename T>
-std::vector<T> take(const std::string& s, size_t& at) {
-  uint32_t n = 0;
-  REQUIRE(at + sizeof n <= s.size());
-  std::memcpy(&n, s.data() + at, sizeof n);
-  REQUIRE(at + sizeof n + n * sizeof(T) <= s.size());
-  std::vector<T> v(n);
-  std::memcpy(v.data(), s.data() + at + sizeof n, n * sizeof(T));
-  at += sizeof n + n * sizeof(T);
-  return v;
-}
 
 // Greedy ids through cuda_backend::forward_greedy, presented as one-hot logits so that
 // generate_greedy drives it (exercises the argmax broadcast from the last stage).
@@ -155,9 +138,9 @@ int run_rank(const std::filesystem::path& model, parallel_layout lay,
     return fail(ids.error());
   std::string out = "ok";
   for (size_t i = 0; i < prompts.size(); ++i) {
-    put(out, (*gens)[i].output);
-    put(out, (*gens)[i].last_prompt_logits);
-    put(out, (*ids)[i].output);
+    test::put_vector(out, (*gens)[i].output);
+    test::put_vector(out, (*gens)[i].last_prompt_logits);
+    test::put_vector(out, (*ids)[i].output);
   }
   return write_result(dir, r, out);
 }
@@ -167,23 +150,12 @@ rank_result parse(const std::string& msg, size_t prompts) {
   size_t at = 2;
   for (size_t i = 0; i < prompts; ++i) {
     generation g;
-    g.output = take<token_id>(msg, at);
-    g.last_prompt_logits = take<float>(msg, at);
+    g.output = test::take_vector<token_id>(msg, at);
+    g.last_prompt_logits = test::take_vector<float>(msg, at);
     res.gens.push_back(std::move(g));
-    res.ids.push_back(take<token_id>(msg, at));
+    res.ids.push_back(test::take_vector<token_id>(msg, at));
   }
   return res;
-}
-
-double rel_l2(const std::vector<float>& got, const std::vector<float>& want) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    if (!std::isfinite(got[i]))
-      return INFINITY;
-    num += (got[i] - want[i]) * static_cast<double>(got[i] - want[i]);
-    den += want[i] * static_cast<double>(want[i]);
-  }
-  return std::sqrt(num / std::max(den, 1e-30));
 }
 
 // The grid's ranks (forked, sharing GPU 0 through host-staged Gloo, or one GPU each over NCCL)
@@ -192,10 +164,7 @@ void check_grid(const std::string& name, int tensor, int pipeline, bool nccl = f
   auto dir = test::golden_model(name);
   if (!dir)
     return;
-  std::vector<std::vector<token_id>> prompts;
-  const auto golden = test::read_json(*dir / "golden.json");
-  for (auto& c : golden.at("cases"))
-    prompts.push_back(c.at("prompt_ids").get<std::vector<token_id>>());
+  const auto prompts = test::golden_prompt_ids(*dir);
   auto outcomes = test::run_ranks(
       tensor * pipeline,
       [&](int r, const std::filesystem::path& d) {
@@ -228,7 +197,7 @@ void check_grid(const std::string& name, int tensor, int pipeline, bool nccl = f
     const auto got = parse(outcomes[r].message, prompts.size());
     for (size_t i = 0; i < prompts.size(); ++i) {
       CAPTURE(i);
-      const double err = rel_l2(got.gens[i].last_prompt_logits, want.gens[i].last_prompt_logits);
+      const double err = test::rel_l2(got.gens[i].last_prompt_logits, want.gens[i].last_prompt_logits);
       if (r == 0)
         MESSAGE(name << " tensor=" << tensor << " pipeline=" << pipeline << " prompt " << i
                      << ": relative L2 of logits vs tensor=1 " << err);

@@ -4,8 +4,11 @@
 #pragma once
 
 #include <chrono>
+#include <cstdint>
+#include <cstring>
 #include <filesystem>
 #include <functional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -21,5 +24,27 @@ struct rank_outcome {
 std::vector<rank_outcome>
 run_ranks(int ranks, const std::function<int(int rank, const std::filesystem::path&)>& body,
           std::chrono::seconds deadline = std::chrono::seconds(90));
+
+// A rank's results travel as length-prefixed vectors of plain values in its result text.
+template <typename T>
+void put_vector(std::string& s, const std::vector<T>& v) {
+  auto n = static_cast<uint32_t>(v.size());
+  s.append(reinterpret_cast<const char*>(&n), sizeof n);
+  s.append(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T));
+}
+// Reads the vector at `at` and moves past it; throws if the text is cut short.
+template <typename T>
+std::vector<T> take_vector(const std::string& s, size_t& at) {
+  uint32_t n = 0;
+  if (at + sizeof n > s.size())
+    throw std::out_of_range("rank result cut short");
+  std::memcpy(&n, s.data() + at, sizeof n);
+  if (at + sizeof n + n * sizeof(T) > s.size())
+    throw std::out_of_range("rank result cut short");
+  std::vector<T> v(n);
+  std::memcpy(v.data(), s.data() + at + sizeof n, n * sizeof(T));
+  at += sizeof n + n * sizeof(T);
+  return v;
+}
 
 } // namespace troupe::test

@@ -23,30 +23,6 @@ namespace {
 const kv_cache_options kv{.num_blocks = 64, .block_size = 4};
 const generate_options opts{.max_new_tokens = 12, .prefill_chunk = 5, .record_prompt_logits = true};
 
-std::vector<std::vector<token_id>> prompts_of(const std::filesystem::path& dir) {
-  std::vector<std::vector<token_id>> prompts;
-  const auto golden = test::read_json(dir / "golden.json");
-  for (auto& c : golden.at("cases"))
-    prompts.push_back(c.at("prompt_ids").get<std::vector<token_id>>());
-  return prompts;
-}
-
-template <typename T>
-void put(std::string& s, const std::vector<T>& v) {
-  auto n = static_cast<uint32_t>(v.size());
-  s.append(reinterpret_cast<const char*>(&n), sizeof n);
-  s.append(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T));
-}
-template <typename T>
-std::vector<T> take(const std::string& s, size_t& at) {
-  uint32_t n = 0;
-  std::memcpy(&n, s.data() + at, sizeof n);
-  std::vector<T> v(n);
-  std::memcpy(v.data(), s.data() + at + sizeof n, n * sizeof(T));
-  at += sizeof n + n * sizeof(T);
-  return v;
-}
-
 // A rank that is SIGKILLed at the start of its `die_at`-th forward step, as a crashed worker is.
 class dying_backend final : public backend {
  public:
@@ -102,9 +78,9 @@ int run_rank(const std::filesystem::path& model, parallel_layout lay,
     return fail(gens.error());
   result = "ok";
   for (const auto& g : *gens) {
-    put(result, g.output);
-    put(result, g.prompt_argmax);
-    put(result, g.last_prompt_logits);
+    test::put_vector(result, g.output);
+    test::put_vector(result, g.prompt_argmax);
+    test::put_vector(result, g.last_prompt_logits);
   }
   std::ofstream(dir / fmt::format("rank{}.txt", lay.world_rank()), std::ios::binary) << result;
   return 0;
@@ -114,7 +90,7 @@ void check_grid(const std::string& name, int tensor, int pipeline) {
   auto dir = test::golden_model(name);
   if (!dir)
     return;
-  auto prompts = prompts_of(*dir);
+  auto prompts = test::golden_prompt_ids(*dir);
   auto reference = cpu_backend::load(*dir, kv);
   REQUIRE_MESSAGE(reference.has_value(), (reference ? "" : reference.error().to_string()));
   auto want = generate_greedy(**reference, prompts, opts);
@@ -133,9 +109,9 @@ void check_grid(const std::string& name, int tensor, int pipeline) {
     size_t at = 2;
     for (size_t i = 0; i < prompts.size(); ++i) {
       CAPTURE(i);
-      CHECK(take<token_id>(msg, at) == (*want)[i].output);
-      CHECK(take<token_id>(msg, at) == (*want)[i].prompt_argmax);
-      auto logits = take<float>(msg, at);
+      CHECK(test::take_vector<token_id>(msg, at) == (*want)[i].output);
+      CHECK(test::take_vector<token_id>(msg, at) == (*want)[i].prompt_argmax);
+      auto logits = test::take_vector<float>(msg, at);
       REQUIRE(logits.size() == (*want)[i].last_prompt_logits.size());
       double worst = 0;
       for (size_t v = 0; v < logits.size(); ++v)
@@ -152,7 +128,7 @@ void check_rank_killed_mid_stream() {
   auto dir = test::golden_model("tiny-qwen2");
   if (!dir)
     return;
-  auto prompts = prompts_of(*dir);
+  auto prompts = test::golden_prompt_ids(*dir);
   auto outcomes = test::run_ranks(
       2,
       [&](int r, const std::filesystem::path& d) {

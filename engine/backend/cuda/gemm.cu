@@ -1,5 +1,6 @@
 #include "engine/backend/cuda/gemm.cuh"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -80,25 +81,14 @@ __global__ void __launch_bounds__(256)
 template <class Out>
 cudaError_t launch_skinny(const bf16* x, int T, int in, const bf16* w, int out, Out* y,
                           cudaStream_t s) {
+  // One instantiation per row count 1..8 (T above 8 never reaches here).
+  using kernel = void (*)(const bf16*, int, const bf16*, int, Out*);
+  static constexpr kernel kernels[] = {skinny_kernel<1, Out>, skinny_kernel<2, Out>,
+                                       skinny_kernel<3, Out>, skinny_kernel<4, Out>,
+                                       skinny_kernel<5, Out>, skinny_kernel<6, Out>,
+                                       skinny_kernel<7, Out>, skinny_kernel<8, Out>};
   const dim3 grid((out + 7) / 8), block(256);
-  switch (T) {
-  case 1:
-    return launch_pdl(skinny_kernel<1, Out>, grid, block, 0, s, x, in, w, out, y);
-  case 2:
-    return launch_pdl(skinny_kernel<2, Out>, grid, block, 0, s, x, in, w, out, y);
-  case 3:
-    return launch_pdl(skinny_kernel<3, Out>, grid, block, 0, s, x, in, w, out, y);
-  case 4:
-    return launch_pdl(skinny_kernel<4, Out>, grid, block, 0, s, x, in, w, out, y);
-  case 5:
-    return launch_pdl(skinny_kernel<5, Out>, grid, block, 0, s, x, in, w, out, y);
-  case 6:
-    return launch_pdl(skinny_kernel<6, Out>, grid, block, 0, s, x, in, w, out, y);
-  case 7:
-    return launch_pdl(skinny_kernel<7, Out>, grid, block, 0, s, x, in, w, out, y);
-  default:
-    return launch_pdl(skinny_kernel<8, Out>, grid, block, 0, s, x, in, w, out, y);
-  }
+  return launch_pdl(kernels[std::clamp(T, 1, 8) - 1], grid, block, 0, s, x, in, w, out, y);
 }
 
 bool aligned16(const void* p) {
