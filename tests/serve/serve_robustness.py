@@ -78,7 +78,7 @@ def sse(body):
 
 
 def normal_stream(port, rng, chat):
-    n = rng.randint(2, 10)
+    n = rng.randint(1, 4)
     req = {"model": "tiny", "max_tokens": n, "ignore_eos": True, "stream": True,
            "stream_options": {"include_usage": True}, "temperature": rng.choice([0, 0.8])}
     if chat:
@@ -97,7 +97,7 @@ def normal_stream(port, rng, chat):
 
 
 def normal_plain(port, rng):
-    n = rng.randint(1, 6)
+    n = rng.randint(1, 3)
     code, _, body = post(port, "/v1/completions", {"prompt": "hello there", "max_tokens": n,
                                                    "ignore_eos": True, "temperature": 0})
     if code != 200:
@@ -121,7 +121,7 @@ def disconnect(port, rng, mode):
                   f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         if mode == "before-first-byte":
             return
-        want, got = rng.randint(1, 6), b""
+        want, got = rng.randint(1, 3), b""
         while got.count(b"data: ") < want:
             chunk = s.recv(4096)
             if not chunk:
