@@ -8,6 +8,7 @@
 #include <csignal>
 #include <fstream>
 #include <regex>
+#include <set>
 #include <sys/socket.h>
 
 #include <fmt/format.h>
@@ -208,7 +209,10 @@ TEST_CASE("cluster serve: SIGKILL of a rank's node ends the stream with an error
   MESSAGE("SIGKILL -> stream ended in ", took.count(), " ms");
   CHECK(ec == boost::asio::error::eof);
   CHECK(took < 15s);
-  CHECK_MESSAGE(raw.find("\"error\"") != std::string::npos, raw.substr(raw.size() > 600 ? raw.size() - 600 : 0));
+  const auto tail = raw.substr(raw.size() > 600 ? raw.size() - 600 : 0);
+  CHECK_MESSAGE(raw.find("\"error\"") != std::string::npos, tail);
+  CHECK_MESSAGE(raw.find("the engine failed: deployment worker failure") != std::string::npos,
+                tail);
   // The head reports it.
   CHECK(eventually([&] { return deployment_of(fx, "pp")["state"] == "failed"; }, 10s));
   auto failed = deployment_of(fx, "pp");
