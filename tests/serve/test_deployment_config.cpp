@@ -104,7 +104,7 @@ TEST_CASE("model.yaml: bad values name the key") {
   CHECK(util.error().message().find("gpu_memory_utilization") != std::string::npos);
 }
 
-TEST_CASE("model.yaml: tensor x pipeline layouts parse; replicas above 1 are rejected clearly") {
+TEST_CASE("model.yaml: tensor x pipeline layouts parse, replicas above 1 are rejected clearly") {
   auto t = parse_deployment("model: /m\nparallel: {tensor: 2, pipeline: 2}\n", "m.yaml");
   REQUIRE_MESSAGE(t.has_value(), (t ? "" : t.error().to_string()));
   CHECK(t->parallel.tensor == 2);
