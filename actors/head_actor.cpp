@@ -15,6 +15,11 @@ namespace {
 using head = caf::stateful_actor<head_state>;
 using ms = std::chrono::milliseconds;
 
+void fail_node_deployments(head* self, const std::string& node_id, const std::string& why);
+msg::deployment_view view_of(const cluster::deployment_record& rec);
+void on_state_report(head* self, const std::string& name, const std::string& state,
+                     const std::string& reason);
+
 caf::error refuse(const troupe::error& err) {
   return to_caf(err);
 }
@@ -48,17 +53,29 @@ void on_down(head* self, const caf::down_msg& dm) {
     if (!link.actor || link.actor.address() != dm.source)
       continue;
     std::string why = "connection lost (" + self->system().render(dm.reason) + ")";
-    if (st.members->connection_lost(id, link.incarnation, why))
+    if (st.members->connection_lost(id, link.incarnation, why)) {
       log::warn("head: node {} is dead: {}", id, why);
+      fail_node_deployments(self, id, why);
+    }
     link.actor = nullptr;
+  }
+  for (auto it = st.serving.begin(); it != st.serving.end(); ++it) {
+    if (it->second.address() != dm.source)
+      continue;
+    on_state_report(self, it->first, "failed",
+                    "its serving actor exited (" + self->system().render(dm.reason) + ")");
+    st.serving.erase(it);
+    break;
   }
 }
 
 void on_tick(head* self, const head_config& cfg) {
   auto& st = self->state;
   const auto now = cluster::clock::now();
-  for (const auto& id : st.members->expire(now))
+  for (const auto& id : st.members->expire(now)) {
     log::warn("head: node {} is dead: {}", id, st.members->find(id)->reason);
+    fail_node_deployments(self, id, st.members->find(id)->reason);
+  }
   for (auto id : st.kv.expire(now)) {
     auto it = st.waiters.find(id);
     if (it == st.waiters.end())
@@ -82,8 +99,10 @@ msg::cluster_view make_view(head* self) {
          .heartbeat_age_ms = std::chrono::duration_cast<ms>(now - r.last_heartbeat).count(),
          .up_ms = std::chrono::duration_cast<ms>(now - r.joined_at).count(),
          .reason = r.reason,
-         .gpus_used = r.gpus_used});
+         .gpus_used = st.deployments.devices_used(r.info.node_id)});
   }
+  for (const auto& [name, rec] : st.deployments.all())
+    view.deployments.push_back(view_of(rec));
   return view;
 }
 
@@ -107,6 +126,124 @@ void on_kv_set(head* self, const std::string& ns, const std::string& key,
     it->second.deliver(value);
     st.waiters.erase(it);
   }
+}
+
+msg::deployment_view view_of(const cluster::deployment_record& rec) {
+  msg::deployment_view v{.name = rec.name,
+                         .state = rec.state,
+                         .endpoint = rec.endpoint,
+                         .reason = rec.reason,
+                         .tensor = rec.where.spec.tensor,
+                         .pipeline = rec.where.spec.pipeline,
+                         .ranks = {}};
+  for (const auto& r : rec.where.ranks)
+    v.ranks.push_back({r.pp_rank, r.tp_rank, r.node_id, r.device});
+  return v;
+}
+
+// Ends a deployment's serving actor (its HTTP server, scheduler, and through it its workers).
+void stop_serving(head* self, const std::string& name) {
+  auto& st = self->state;
+  auto it = st.serving.find(name);
+  if (it == st.serving.end())
+    return;
+  self->demonitor(it->second);
+  self->send_exit(it->second, caf::exit_reason::user_shutdown);
+  st.serving.erase(it);
+}
+
+void fail_node_deployments(head* self, const std::string& node_id, const std::string& why) {
+  for (const auto& name : self->state.deployments.fail_node(node_id, why))
+    log::warn("head: deployment '{}' failed: node {} died", name, node_id);
+}
+
+caf::result<msg::deployment_view> on_deploy(head* self, const head_config& cfg,
+                                            engine::deployment_config& dc) {
+  auto& st = self->state;
+  if (!cfg.spawn_serving)
+    return refuse(make_error(errc::unsupported, "this head does not serve deployments"));
+  const std::string name = dc.served_model_name;
+  auto model = cluster::peek_model_config(dc.model);
+  if (!model)
+    return refuse(std::move(model).error().context("model " + dc.model + " (read on the head)"));
+  cluster::parallel_spec spec{dc.parallel.tensor, dc.parallel.pipeline, dc.parallel.replicas};
+  auto rec = st.deployments.add(name, spec, *model, st.members->nodes(), dc.device == "cpu");
+  if (!rec) {
+    log::warn("head: refused deployment '{}': {}", name, rec.error().message());
+    return refuse(rec.error());
+  }
+  const std::string ns = (*rec)->ns;
+  msg::deployment_plan plan{.config = dc, .ns = ns, .ranks = {}, .nodes = {}};
+  std::string where;
+  for (const auto& r : (*rec)->where.ranks) {
+    plan.ranks.push_back({r.pp_rank, r.tp_rank, r.node_id, r.device});
+    auto link = st.links.find(r.node_id);
+    plan.nodes.push_back(link == st.links.end() ? caf::actor{} : link->second.actor);
+    where += fmt::format(" pp{}/tp{}@{}:{}", r.pp_rank, r.tp_rank, r.node_id, r.device);
+  }
+  log::info("head: deploying '{}' (tensor={} pipeline={}):{}", name, spec.tensor, spec.pipeline,
+            where);
+  auto serving = cfg.spawn_serving(self->system(), caf::actor_cast<caf::actor>(self));
+  self->monitor(serving);
+  st.serving[name] = serving;
+  auto rp = self->make_response_promise<msg::deployment_view>();
+  auto current = [self, name, ns]() -> cluster::deployment_record* {
+    auto* r = self->state.deployments.find(name);
+    return r && r->ns == ns ? r : nullptr;
+  };
+  self->request(serving, cfg.deploy_timeout, msg::deploy_atom::value, std::move(plan))
+      .then(
+          [self, name, rp, current](std::string& endpoint) mutable {
+            auto* r = current();
+            if (!r) {
+              rp.deliver(refuse(make_error(errc::cancelled,
+                                           "deployment '{}' was stopped while loading", name)));
+              return;
+            }
+            if (r->state != "loading") { // a node died while loading
+              auto err = make_error(errc::unavailable, "deployment '{}' failed: {}", name,
+                                    r->reason);
+              stop_serving(self, name);
+              self->state.deployments.remove(name);
+              rp.deliver(refuse(err));
+              return;
+            }
+            r->state = "ready";
+            r->endpoint = endpoint;
+            log::info("head: deployment '{}' is ready at {}", name, endpoint);
+            rp.deliver(view_of(*r));
+          },
+          [self, name, rp, current](caf::error& e) mutable {
+            auto err = from_caf(e, &self->system());
+            log::warn("head: deployment '{}' failed to start: {}", name, err.message());
+            if (current()) {
+              stop_serving(self, name);
+              self->state.deployments.remove(name);
+            }
+            rp.deliver(refuse(err));
+          });
+  return rp;
+}
+
+caf::result<bool> on_undeploy(head* self, const std::string& name) {
+  auto& st = self->state;
+  if (!st.deployments.find(name))
+    return refuse(make_error(errc::not_found, "no deployment named '{}'", name));
+  stop_serving(self, name);
+  st.deployments.remove(name);
+  log::info("head: deployment '{}' stopped; its devices are free", name);
+  return true;
+}
+
+// The serving actor reports a state change (a worker failed while serving).
+void on_state_report(head* self, const std::string& name, const std::string& state,
+                     const std::string& reason) {
+  auto* rec = self->state.deployments.find(name);
+  if (!rec || rec->state == "failed")
+    return;
+  rec->state = state;
+  rec->reason = reason;
+  log::warn("head: deployment '{}' is {}: {}", name, state, reason);
 }
 
 } // namespace
@@ -174,12 +311,31 @@ caf::behavior head_actor(caf::stateful_actor<head_state>* self, head_config cfg)
         if (auto ok = authorized(token); !ok)
           return refuse(ok.error());
         self->state.stopping = true;
+        for (auto& [name, serving] : self->state.serving) {
+          self->demonitor(serving);
+          self->send_exit(serving, caf::exit_reason::user_shutdown);
+        }
+        self->state.serving.clear();
         for (auto& [id, link] : self->state.links)
           if (link.actor)
             self->send(link.actor, msg::shutdown_atom::value);
         log::info("head: stopping; told {} node(s)", self->state.links.size());
         return true;
       },
+      [self, cfg, authorized](msg::deploy_atom, const std::string& token,
+                              engine::deployment_config& dc) -> caf::result<msg::deployment_view> {
+        if (auto ok = authorized(token); !ok)
+          return refuse(ok.error());
+        return on_deploy(self, cfg, dc);
+      },
+      [self, authorized](msg::undeploy_atom, const std::string& token,
+                         const std::string& name) -> caf::result<bool> {
+        if (auto ok = authorized(token); !ok)
+          return refuse(ok.error());
+        return on_undeploy(self, name);
+      },
+      [self](msg::ready_atom, const std::string& name, const std::string& state,
+             const std::string& reason) { on_state_report(self, name, state, reason); },
       [self, cfg](msg::tick_atom) { on_tick(self, cfg); },
   };
 }

@@ -1,7 +1,9 @@
 // head_actor: the cluster's one registry (design.md §1, §7). Admits nodes (token, version),
 // tracks heartbeats and lost connections, answers `cluster status`, and serves the key-value
 // store. Thin shell around cluster::membership and cluster::kv_store; spawned and published by
-// `cluster start --head` (cli/). Event-based; never blocks.
+// `cluster start --head` (cli/). Also records deployments: places them (cluster/deployments),
+// spawns each one's serving actor and tracks its state. Event-based; never blocks (but for
+// reading a model's config.json when placing).
 #pragma once
 
 #include <chrono>
@@ -14,6 +16,9 @@
 #include <caf/stateful_actor.hpp>
 #include <caf/typed_response_promise.hpp>
 
+#include <functional>
+
+#include "cluster/deployments.hpp"
 #include "cluster/kv_store.hpp"
 #include "cluster/membership.hpp"
 
@@ -25,6 +30,10 @@ struct head_config {
   cluster::membership_options membership;
   std::chrono::milliseconds heartbeat{500}; // period the nodes are told to use
   std::chrono::milliseconds tick{100};      // failure-detection and kv-timeout resolution
+  // Spawns the serving actor of one deployment in this process (cli/serve: HTTP server and
+  // scheduler over remote workers). Unset: `cluster serve` is refused.
+  std::function<caf::actor(caf::actor_system&, caf::actor head)> spawn_serving;
+  std::chrono::seconds deploy_timeout{600}; // loading weights on every rank
 };
 
 struct head_state {
@@ -36,6 +45,8 @@ struct head_state {
   cluster::kv_store kv;
   std::map<cluster::kv_store::waiter_id, caf::typed_response_promise<std::string>> waiters;
   std::map<std::string, node_link> links;
+  cluster::deployment_registry deployments;
+  std::map<std::string, caf::actor> serving; // deployment name -> its serving actor
   bool stopping = false;
   static inline const char* name = "head_actor";
 };

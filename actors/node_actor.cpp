@@ -5,6 +5,7 @@
 #include <caf/io/middleman_actor.hpp>
 
 #include "actors/caf_glue.hpp"
+#include "actors/worker_actor.hpp"
 #include "runtime/log.hpp"
 #include "runtime/messages.hpp"
 
@@ -148,6 +149,15 @@ caf::behavior node_actor(caf::stateful_actor<node_state>* self, node_config cfg)
         self->state.refused = true; // no reconnect
         if (cfg.on_shutdown)
           cfg.on_shutdown();
+      },
+      [self, cfg](msg::spawn_atom, msg::worker_spec& spec,
+                  caf::actor& owner) -> caf::result<caf::actor> {
+        auto& st = self->state;
+        if (!st.joined || !st.head)
+          return to_caf(make_error(errc::unavailable, "node {} is not joined to the head",
+                                   cfg.info.node_id));
+        worker_context ctx{st.head, cfg.token, cfg.info.address, owner};
+        return self->spawn<caf::detached>(worker_actor, std::move(spec), std::move(ctx));
       },
       [self, cfg](msg::leave_atom) -> caf::result<bool> {
         auto& st = self->state;

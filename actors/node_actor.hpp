@@ -45,7 +45,8 @@ struct node_state {
   static inline const char* name = "node_actor";
 };
 
-// Messages besides the head's: (leave_atom) -> bool, sent by the daemon on SIGTERM.
+// Messages besides the head's: (leave_atom) -> bool, sent by the daemon on SIGTERM;
+// (spawn_atom, worker_spec, owner) -> actor: a detached worker_actor for one deployment rank.
 caf::behavior node_actor(caf::stateful_actor<node_state>* self, node_config cfg);
 
 } // namespace troupe::actors

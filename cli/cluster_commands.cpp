@@ -28,30 +28,6 @@ struct client_options {
   int timeout_s = 5;
 };
 
-// Connects to the head and asks for the cluster view. Blocks up to 2 x timeout.
-expected<msg::cluster_view> query_status(const std::string& host, uint16_t port,
-                                         const std::string& token, int timeout_s) {
-  actors::system_config cfg;
-  msg::add_message_types(cfg);
-  caf::actor_system sys{cfg};
-  caf::scoped_actor self{sys};
-  caf::actor head;
-  troupe::error failure;
-  const auto timeout = std::chrono::seconds(timeout_s);
-  self->request(sys.middleman().actor_handle(), timeout, caf::connect_atom::value, host, port)
-      .receive([&](const caf::node_id&, caf::strong_actor_ptr& ptr,
-                   const std::set<std::string>&) { head = caf::actor_cast<caf::actor>(ptr); },
-               [&](caf::error& e) { failure = actors::from_caf(e, &sys); });
-  if (!head)
-    return make_error(errc::unavailable, "cannot reach the head at {}:{}: {}", host, port,
-                      failure ? failure.message() : "no actor published there");
-  expected<msg::cluster_view> out = make_error(errc::internal, "no reply");
-  self->request(head, timeout, msg::status_atom::value, token)
-      .receive([&](msg::cluster_view& v) { out = std::move(v); },
-               [&](caf::error& e) { out = actors::from_caf(e, &sys).context("cluster status"); });
-  return out;
-}
-
 std::string gib(uint64_t bytes) {
   return fmt::format("{:.1f} GiB", static_cast<double>(bytes) / (1ull << 30));
 }
@@ -85,10 +61,27 @@ nlohmann::json to_json(const msg::cluster_view& v, const std::string& head) {
                      {"memory_bytes", n.info.resources.memory_bytes},
                      {"rdma_devices", rdma}});
   }
+  auto deployments = nlohmann::json::array();
+  for (const auto& d : v.deployments) {
+    auto ranks = nlohmann::json::array();
+    for (const auto& r : d.ranks)
+      ranks.push_back({{"pp_rank", r.pp_rank},
+                       {"tp_rank", r.tp_rank},
+                       {"node_id", r.node_id},
+                       {"device", r.device}});
+    deployments.push_back({{"name", d.name},
+                           {"state", d.state},
+                           {"endpoint", d.endpoint},
+                           {"reason", d.reason},
+                           {"tensor", d.tensor},
+                           {"pipeline", d.pipeline},
+                           {"ranks", ranks}});
+  }
   return {{"head", head},
           {"version", v.head_version},
           {"nodes", nodes},
-          {"kv_namespaces", v.kv_namespaces}};
+          {"kv_namespaces", v.kv_namespaces},
+          {"deployments", deployments}};
 }
 
 void print_table(const msg::cluster_view& v, const std::string& head) {
@@ -112,41 +105,49 @@ void print_table(const msg::cluster_view& v, const std::string& head) {
                n.state, gpus, r.num_cpus, gib(r.memory_bytes), rdma, n.heartbeat_age_ms,
                n.reason.empty() ? "" : "  (" + n.reason + ")");
   }
+  if (v.deployments.empty())
+    fmt::print("deployments: none\n");
+  for (const auto& d : v.deployments) {
+    std::string ranks;
+    for (const auto& r : d.ranks)
+      ranks += fmt::format(" pp{}/tp{}@{}", r.pp_rank, r.tp_rank, r.node_id);
+    fmt::print("deployment {:<20} {:<8} {} (tensor={} pipeline={}) ranks:{}{}\n", d.name, d.state,
+               d.endpoint.empty() ? "-" : d.endpoint, d.tensor, d.pipeline, ranks,
+               d.reason.empty() ? "" : "  (" + d.reason + ")");
+  }
   fmt::print("kv namespaces (one per deployment): {}\n",
              v.kv_namespaces.empty() ? "none"
                                      : fmt::format("{}", fmt::join(v.kv_namespaces, ", ")));
 }
 
 int run_status(const client_options& o) {
-  const fs::path latest = cluster::temp_root(o.temp_dir) / "session_latest";
-  std::string address = o.address;
-  if (address.empty())
-    address = cluster::read_text(latest / "head_address").value_or("");
-  if (address.empty()) {
-    fmt::print(stderr, "error: no head address: pass --address HOST:PORT (no session in {})\n",
-               latest.parent_path().string());
-    return 1;
+  auto target = resolve_head(o.address, o.token, o.temp_dir);
+  if (!target) {
+    fmt::print(stderr, "error: {}\n", target.error().message());
+    return target.error().code() == errc::invalid_argument ? 2 : 1;
   }
-  std::string token = o.token;
-  if (token.empty())
-    if (const char* env = std::getenv("TROUPE_TOKEN"))
-      token = env;
-  if (token.empty())
-    token = cluster::read_text(latest / "token").value_or("");
-  auto addr = cluster::parse_address(address, 6380);
-  if (!addr) {
-    fmt::print(stderr, "error: {}\n", addr.error().message());
-    return 2;
-  }
-  auto view = query_status(addr->first, addr->second, token, o.timeout_s);
+  expected<msg::cluster_view> view = make_error(errc::internal, "no reply");
+  auto ok = with_head(*target, std::chrono::seconds(o.timeout_s),
+                      [&](caf::scoped_actor& self, const caf::actor& head,
+                          caf::actor_system& sys) -> expected<void> {
+                        self->request(head, std::chrono::seconds(o.timeout_s),
+                                      msg::status_atom::value, target->token)
+                            .receive([&](msg::cluster_view& v) { view = std::move(v); },
+                                     [&](caf::error& e) {
+                                       view = actors::from_caf(e, &sys).context("cluster status");
+                                     });
+                        return {};
+                      });
+  if (!ok)
+    view = std::move(ok).error();
   if (!view) {
     fmt::print(stderr, "error: {}\n", view.error().message());
     return view.error().code() == errc::invalid_argument ? 3 : 1;
   }
   if (o.json)
-    fmt::print("{}\n", to_json(*view, address).dump(2));
+    fmt::print("{}\n", to_json(*view, target->address).dump(2));
   else
-    print_table(*view, address);
+    print_table(*view, target->address);
   return 0;
 }
 
@@ -186,6 +187,50 @@ void add_temp_dir(CLI::App* cmd, std::string& dir) {
 }
 
 } // namespace
+
+expected<head_target> resolve_head(const std::string& address, const std::string& token,
+                                   const std::string& temp_dir) {
+  const fs::path latest = cluster::temp_root(temp_dir) / "session_latest";
+  head_target t{address, {}, 0, token};
+  if (t.address.empty())
+    t.address = cluster::read_text(latest / "head_address").value_or("");
+  if (t.address.empty())
+    return make_error(errc::not_found,
+                      "no head address: pass --address HOST:PORT (no session in {})",
+                      latest.parent_path().string());
+  if (t.token.empty())
+    if (const char* env = std::getenv("TROUPE_TOKEN"))
+      t.token = env;
+  if (t.token.empty())
+    t.token = cluster::read_text(latest / "token").value_or("");
+  auto addr = cluster::parse_address(t.address, 6380);
+  if (!addr)
+    return make_error(errc::invalid_argument, "{}", addr.error().message());
+  t.host = addr->first;
+  t.port = addr->second;
+  return t;
+}
+
+expected<void> with_head(const head_target& target, std::chrono::seconds connect_timeout,
+                         const std::function<expected<void>(caf::scoped_actor& self,
+                                                            const caf::actor& head,
+                                                            caf::actor_system& sys)>& fn) {
+  actors::system_config cfg;
+  msg::add_message_types(cfg);
+  caf::actor_system sys{cfg};
+  caf::scoped_actor self{sys};
+  caf::actor head;
+  troupe::error failure;
+  self->request(sys.middleman().actor_handle(), connect_timeout, caf::connect_atom::value,
+                target.host, target.port)
+      .receive([&](const caf::node_id&, caf::strong_actor_ptr& ptr,
+                   const std::set<std::string>&) { head = caf::actor_cast<caf::actor>(ptr); },
+               [&](caf::error& e) { failure = actors::from_caf(e, &sys); });
+  if (!head)
+    return make_error(errc::unavailable, "cannot reach the head at {}:{}: {}", target.host,
+                      target.port, failure ? failure.message() : "no actor published there");
+  return fn(self, head, sys);
+}
 
 void add_start_command(CLI::App& app, int& exit_code) {
   auto o = std::make_shared<head_options>();

@@ -15,6 +15,7 @@
 #include "actors/caf_glue.hpp"
 #include "actors/head_actor.hpp"
 #include "actors/node_actor.hpp"
+#include "cli/serve/serving_actor.hpp"
 #include "cluster/session.hpp"
 #include "runtime/log.hpp"
 #include "runtime/messages.hpp"
@@ -220,6 +221,11 @@ int run_head_daemon(const head_options& opts, const session_files& files, const 
   actors::system_config cfg;
   caf::actor_system sys{troupe_config(cfg)};
   actors::head_config hc{.token = token, .version = TROUPE_VERSION};
+  // Deployments are served from this process: one detached serving actor each.
+  hc.spawn_serving = [](caf::actor_system& sys, caf::actor head) {
+    return sys.spawn<caf::detached>(serve::serving_actor, std::move(head),
+                                    std::string(TROUPE_VERSION));
+  };
   auto head = sys.spawn(actors::head_actor, hc);
   const char* bind = opts.host.empty() ? nullptr : opts.host.c_str();
   auto port = sys.middleman().publish(head, opts.port, bind, true);

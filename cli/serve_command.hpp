@@ -1,5 +1,7 @@
-// `cluster serve model.yaml --block`: serves one model in this process (CPU backend) with the
-// OpenAI-compatible HTTP API until SIGINT/SIGTERM. Registered by main.cpp.
+// `cluster serve model.yaml`: sends the deployment to the head, which places it, has the nodes
+// start its worker ranks and serves it from the head's process; prints the endpoint once ready.
+// `cluster serve --stop NAME` removes one. `--block`: serves in this process (CPU backend, one
+// rank) until SIGINT/SIGTERM. Registered by main.cpp.
 #pragma once
 
 #include <CLI/CLI.hpp>

@@ -6,11 +6,14 @@
 #include <string>
 #include <vector>
 
+#include <caf/actor.hpp>
 #include <caf/actor_system_config.hpp>
 #include <caf/atom.hpp>
 #include <caf/meta/type_name.hpp>
 
 #include "cluster/membership.hpp"
+#include "engine/config/deployment_config.hpp"
+#include "runtime/step.hpp"
 
 namespace troupe::cluster {
 
@@ -36,6 +39,52 @@ typename Inspector::result_type inspect(Inspector& f, node_info& x) {
 
 } // namespace troupe::cluster
 
+namespace troupe::engine {
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, parallel_size& x) {
+  return f(caf::meta::type_name("parallel_size"), x.tensor, x.pipeline, x.replicas);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, deployment_config& x) {
+  return f(caf::meta::type_name("deployment_config"), x.model, x.served_model_name, x.dtype,
+           x.device, x.max_model_len, x.max_num_seqs, x.max_num_batched_tokens, x.max_waiting,
+           x.gpu_memory_utilization, x.block_size, x.num_kv_blocks, x.prefix_caching, x.seed,
+           x.host, x.port, x.api_key, x.parallel);
+}
+
+} // namespace troupe::engine
+
+namespace troupe {
+
+// Step plans and results travel from the serving process to every worker rank and back.
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, sampling_params& x) {
+  return f(caf::meta::type_name("sampling_params"), x.temperature, x.top_p, x.top_k, x.min_p,
+           x.repetition_penalty, x.presence_penalty, x.frequency_penalty, x.has_seed, x.seed,
+           x.logprobs, x.max_tokens, x.min_tokens, x.ignore_eos);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, seq_step& x) {
+  return f(caf::meta::type_name("seq_step"), x.id, x.start_pos, x.tokens, x.block_table, x.logits,
+           x.sampling, x.num_prompt_tokens, x.first_step, x.cached_prefix, x.banned_tokens);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, step_plan& x) {
+  return f(caf::meta::type_name("step_plan"), x.step, x.seqs, x.finished);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, seq_output& x) {
+  return f(caf::meta::type_name("seq_output"), x.id, x.token, x.logprob, x.top_ids,
+           x.top_logprobs);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, step_result& x) {
+  return f(caf::meta::type_name("step_result"), x.step, x.outputs);
+}
+
+} // namespace troupe
+
 namespace troupe::msg {
 
 // Atoms: verbs of at most 10 characters.
@@ -50,6 +99,12 @@ using stop_atom = caf::atom_constant<caf::atom("stop")>;           // local daem
 using shutdown_atom = caf::atom_constant<caf::atom("shutdown")>;   // head -> nodes
 using reconnect_atom = caf::atom_constant<caf::atom("reconnect")>; // node -> itself
 using tick_atom = caf::atom_constant<caf::atom("tick")>;           // timers
+using deploy_atom = caf::atom_constant<caf::atom("deploy")>;       // client -> head -> serving
+using undeploy_atom = caf::atom_constant<caf::atom("undeploy")>;   // client -> head
+using spawn_atom = caf::atom_constant<caf::atom("spawn")>;         // serving -> node
+using load_atom = caf::atom_constant<caf::atom("load")>;           // serving -> worker
+using execute_atom = caf::atom_constant<caf::atom("execute")>;     // serving -> worker
+using ready_atom = caf::atom_constant<caf::atom("ready")>;         // serving -> head
 
 // (join_atom, join_request) -> join_reply | error (wrong token, version mismatch)
 struct join_request {
@@ -90,15 +145,87 @@ typename Inspector::result_type inspect(Inspector& f, node_view& x) {
            x.up_ms, x.reason, x.gpus_used);
 }
 
+// One rank of a deployment as placed by the head.
+struct rank_view {
+  int32_t pp_rank = 0, tp_rank = 0;
+  std::string node_id;
+  int32_t device = 0;
+};
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, rank_view& x) {
+  return f(caf::meta::type_name("rank_view"), x.pp_rank, x.tp_rank, x.node_id, x.device);
+}
+
+// One deployment row of `cluster status`. state: loading | ready | degraded | failed.
+struct deployment_view {
+  std::string name;
+  std::string state;
+  std::string endpoint; // http://host:port/v1 once ready
+  std::string reason;   // why degraded or failed
+  int32_t tensor = 1, pipeline = 1;
+  std::vector<rank_view> ranks;
+};
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, deployment_view& x) {
+  return f(caf::meta::type_name("deployment_view"), x.name, x.state, x.endpoint, x.reason,
+           x.tensor, x.pipeline, x.ranks);
+}
+
 // (status_atom, token) -> cluster_view
 struct cluster_view {
   std::string head_version;
   std::vector<node_view> nodes;
   std::vector<std::string> kv_namespaces; // one per deployment using the store
+  std::vector<deployment_view> deployments;
 };
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, cluster_view& x) {
-  return f(caf::meta::type_name("cluster_view"), x.head_version, x.nodes, x.kv_namespaces);
+  return f(caf::meta::type_name("cluster_view"), x.head_version, x.nodes, x.kv_namespaces,
+           x.deployments);
+}
+
+// `cluster serve` (client -> head): (deploy_atom, token, deployment_config) -> deployment_view
+// (state ready, endpoint) | error (duplicate name, placement reason, load failure). The head
+// then sends (deploy_atom, deployment_plan) -> string endpoint | error to the deployment's
+// serving actor in its own process. (undeploy_atom, token, name) -> bool | error not_found.
+struct deployment_plan {
+  engine::deployment_config config;
+  std::string ns; // the deployment's namespace in the head's KV store (Gloo rendezvous)
+  std::vector<rank_view> ranks;     // world rank order: pp_rank * tensor + tp_rank
+  std::vector<caf::actor> nodes;    // the node_actor hosting each rank
+};
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, deployment_plan& x) {
+  return f(caf::meta::type_name("deployment_plan"), x.config, x.ns, x.ranks, x.nodes);
+}
+
+// (spawn_atom, worker_spec) -> caf::actor (serving -> node_actor): a detached worker_actor for
+// one rank; it rendezvouses through the head's KV store under `ns` when loaded.
+struct worker_spec {
+  std::string deployment;
+  std::string ns;
+  std::string model;
+  int32_t tp_rank = 0, tp_size = 1, pp_rank = 0, pp_size = 1;
+  int32_t device = 0;
+  int32_t num_blocks = 0, block_size = 16;
+  int64_t comm_timeout_ms = 10000; // Gloo rendezvous and collectives: a dead peer fails by then
+};
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, worker_spec& x) {
+  return f(caf::meta::type_name("worker_spec"), x.deployment, x.ns, x.model, x.tp_rank, x.tp_size,
+           x.pp_rank, x.pp_size, x.device, x.num_blocks, x.block_size, x.comm_timeout_ms);
+}
+
+// Worker answers: (load_atom) -> worker_reply; (execute_atom, step_plan) -> worker_reply.
+struct worker_reply {
+  int32_t rank = 0;  // world rank
+  uint64_t step = 0; // the plan's step (0 for load)
+  std::string error; // empty: ok
+  step_result result;
+};
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, worker_reply& x) {
+  return f(caf::meta::type_name("worker_reply"), x.rank, x.step, x.error, x.result);
 }
 
 // Key-value messages, all carrying the token first:
@@ -118,6 +245,15 @@ inline void add_message_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<join_reply>("troupe::join_reply");
   cfg.add_message_type<node_view>("troupe::node_view");
   cfg.add_message_type<cluster_view>("troupe::cluster_view");
+  cfg.add_message_type<rank_view>("troupe::rank_view");
+  cfg.add_message_type<std::vector<rank_view>>("std::vector<troupe::rank_view>");
+  cfg.add_message_type<deployment_view>("troupe::deployment_view");
+  cfg.add_message_type<engine::deployment_config>("troupe::deployment_config");
+  cfg.add_message_type<deployment_plan>("troupe::deployment_plan");
+  cfg.add_message_type<worker_spec>("troupe::worker_spec");
+  cfg.add_message_type<worker_reply>("troupe::worker_reply");
+  cfg.add_message_type<step_plan>("troupe::step_plan");
+  cfg.add_message_type<step_result>("troupe::step_result");
 }
 
 } // namespace troupe::msg

@@ -134,7 +134,10 @@ class completion_run {
     }
     ctx_.metrics->e2e.observe(std::chrono::duration<double>(clock_type::now() - arrival_).count());
     if (channel->failed()) {
-      const api_error e{500, "the engine failed; see the server log", {}, {}};
+      const auto why = channel->failure();
+      const api_error e{500, why.empty() ? "the engine failed; see the server log"
+                                          : "the engine failed: " + why,
+                        {}, {}};
       if (!req_.stream)
         return reply_error(e);
       out_.event(json::parse(error_body(e)));

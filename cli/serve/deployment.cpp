@@ -12,8 +12,7 @@ namespace troupe::serve {
 
 struct deployment::parts {
   engine::model_tokenizer text;
-  std::unique_ptr<engine::cpu_backend> model;
-  std::unique_ptr<engine::local_executor> exec;
+  std::unique_ptr<engine::executor> exec;
   std::unique_ptr<serving_engine> engine;
   serve_metrics metrics;
   std::unique_ptr<serve_context> ctx;
@@ -33,6 +32,18 @@ expected<engine::model_config> peek_config(const std::string& path) {
     return std::move(file).error();
   return engine::gguf_model_config(*file);
 }
+
+// A CPU backend in this process and the local executor over it.
+class owning_local_executor final : public engine::executor {
+ public:
+  explicit owning_local_executor(std::unique_ptr<engine::cpu_backend> model)
+    : model_(std::move(model)), exec_(*model_) {}
+  expected<step_result> execute(const step_plan& plan) override { return exec_.execute(plan); }
+
+ private:
+  std::unique_ptr<engine::cpu_backend> model_;
+  engine::local_executor exec_;
+};
 
 } // namespace
 
@@ -64,6 +75,26 @@ expected<kv_plan> plan_kv(const engine::deployment_config& c, const engine::mode
 
 expected<std::unique_ptr<deployment>> deployment::start(const engine::deployment_config& c,
                                                         std::string version) {
+  if (c.parallel.tensor != 1 || c.parallel.pipeline != 1)
+    return make_error(errc::unsupported,
+                      "parallel tensor={} pipeline={}: serving in this process (--block) runs one "
+                      "rank; serve through the cluster (`cluster serve` without --block)",
+                      c.parallel.tensor, c.parallel.pipeline);
+  return start(c, std::move(version),
+               [&c](const engine::model_config&,
+                    const kv_plan& kv) -> expected<std::unique_ptr<engine::executor>> {
+                 auto model = engine::cpu_backend::load(
+                     c.model, {.num_blocks = kv.num_blocks, .block_size = c.block_size});
+                 if (!model)
+                   return std::move(model).error();
+                 return std::unique_ptr<engine::executor>(
+                     std::make_unique<owning_local_executor>(std::move(*model)));
+               });
+}
+
+expected<std::unique_ptr<deployment>> deployment::start(const engine::deployment_config& c,
+                                                        std::string version,
+                                                        const executor_factory& make_executor) {
   if (c.device != "cpu")
     return make_error(errc::unsupported,
                       "device '{}': in-process serving runs on the CPU backend only for now "
@@ -87,12 +118,10 @@ expected<std::unique_ptr<deployment>> deployment::start(const engine::deployment
   if (!text)
     return std::move(text).error().context("tokenizer of " + c.model);
   p.text = std::move(*text);
-  auto model = engine::cpu_backend::load(
-      c.model, {.num_blocks = kv->num_blocks, .block_size = c.block_size});
-  if (!model)
-    return std::move(model).error();
-  p.model = std::move(*model);
-  p.exec = std::make_unique<engine::local_executor>(*p.model);
+  auto exec = make_executor(*config, *kv);
+  if (!exec)
+    return std::move(exec).error();
+  p.exec = std::move(*exec);
 
   engine::scheduler_options so{.num_blocks = kv->num_blocks,
                                .block_size = c.block_size,
@@ -101,11 +130,11 @@ expected<std::unique_ptr<deployment>> deployment::start(const engine::deployment
                                .max_num_seqs = c.max_num_seqs,
                                .max_waiting = c.max_waiting,
                                .max_model_len = kv->max_model_len,
-                               .vocab_size = p.model->config().vocab_size,
+                               .vocab_size = config->vocab_size,
                                .eos_token_ids = p.text.eos_ids,
                                .seed = c.seed};
   if (so.eos_token_ids.empty())
-    so.eos_token_ids = p.model->config().eos_token_ids;
+    so.eos_token_ids = config->eos_token_ids;
   TROUPE_TRY_VOID(engine::validate(so));
   p.engine = std::make_unique<serving_engine>(so, *p.exec);
   p.ctx = std::make_unique<serve_context>();
@@ -115,7 +144,7 @@ expected<std::unique_ptr<deployment>> deployment::start(const engine::deployment
                     .version = std::move(version)};
   p.ctx->model = {.name = c.served_model_name,
                   .max_model_len = kv->max_model_len,
-                  .vocab_size = p.model->config().vocab_size,
+                  .vocab_size = config->vocab_size,
                   .text = &p.text};
   p.ctx->engine = p.engine.get();
   p.ctx->metrics = &p.metrics;

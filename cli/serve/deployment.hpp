@@ -1,20 +1,42 @@
-// One model served in this process: tokenizer, CPU backend, local executor, serving engine and
-// HTTP server, built from a model.yaml deployment_config. Used by `cluster serve --block` and by
-// the serving tests. start() blocks while loading weights; the destructor stops and joins.
+// One served model: tokenizer, executor (a CPU backend in this process, or the worker ranks of a
+// cluster deployment), serving engine and HTTP server, built from a model.yaml deployment_config.
+// Used by `cluster serve --block`, the head's serving actor and the serving tests. start() blocks
+// while loading weights; the destructor stops and joins.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 
 #include "engine/config/deployment_config.hpp"
 #include "engine/model/model_config.hpp"
+#include "engine/scheduler/executor.hpp"
 
 namespace troupe::serve {
 
+// The context limit and KV pool size a config gets on `model` (0s in the config are derived:
+// max_model_len = the model's limit capped at 4096; KV blocks for max_num_seqs full contexts,
+// capped at 1 GiB of float32 KV but never below one full context).
+struct kv_plan {
+  int32_t max_model_len = 0;
+  int32_t num_blocks = 0;
+};
+expected<kv_plan> plan_kv(const engine::deployment_config& config,
+                          const engine::model_config& model);
+
+// Makes the executor once the model's config and the KV plan are known: a local CPU backend
+// (`--block`) or the deployment's worker ranks (the head's serving actor). Blocks while loading.
+using executor_factory = std::function<expected<std::unique_ptr<engine::executor>>(
+    const engine::model_config&, const kv_plan&)>;
+
 class deployment {
  public:
+  // In this process on the CPU backend (tensor = pipeline = 1 only).
   static expected<std::unique_ptr<deployment>> start(const engine::deployment_config& config,
                                                      std::string version);
+  static expected<std::unique_ptr<deployment>>
+  start(const engine::deployment_config& config, std::string version,
+        const executor_factory& make_executor);
   ~deployment();
 
   uint16_t port() const { return port_; }
@@ -32,15 +54,5 @@ class deployment {
   std::string host_, name_;
   int32_t max_model_len_ = 0, num_kv_blocks_ = 0;
 };
-
-// The context limit and KV pool size a config gets on `model` (0s in the config are derived:
-// max_model_len = the model's limit capped at 4096; KV blocks for max_num_seqs full contexts,
-// capped at 1 GiB of float32 KV but never below one full context).
-struct kv_plan {
-  int32_t max_model_len = 0;
-  int32_t num_blocks = 0;
-};
-expected<kv_plan> plan_kv(const engine::deployment_config& config,
-                          const engine::model_config& model);
 
 } // namespace troupe::serve

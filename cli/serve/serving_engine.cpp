@@ -6,14 +6,22 @@
 
 namespace troupe::serve {
 
-void request_channel::push(const engine::request_output& o, bool failed) {
+void request_channel::push(const engine::request_output& o, bool failed, const std::string& why) {
   {
     std::lock_guard lk(mu_);
     q_.push_back(o);
-    if (failed)
+    if (failed) {
       failed_ = true;
+      if (why_.empty())
+        why_ = why;
+    }
   }
   cv_.notify_one();
+}
+
+std::string request_channel::failure() const {
+  std::lock_guard lk(mu_);
+  return why_;
 }
 
 bool request_channel::wait(std::vector<engine::request_output>& out, int ms) {
@@ -148,6 +156,7 @@ void serving_engine::run() {
 void serving_engine::step_once() {
   auto out = loop_.step();
   bool failed = false;
+  std::string why;
   std::vector<engine::request_output> outs;
   if (out) {
     outs = std::move(*out);
@@ -155,12 +164,13 @@ void serving_engine::step_once() {
     log::error("engine step failed, ending every request: {}", out.error().to_string());
     outs = loop_.fail_all();
     failed = true;
+    why = out.error().message();
   }
   for (const auto& o : outs) {
     auto it = channels_.find(o.id);
     if (it == channels_.end())
       continue;
-    it->second->push(o, failed);
+    it->second->push(o, failed, why);
     if (o.finish != engine::finish_reason::none)
       channels_.erase(it);
   }

@@ -24,16 +24,19 @@ namespace troupe::serve {
 // One request's outputs, filled by the engine thread and drained by its HTTP session.
 class request_channel {
  public:
-  void push(const engine::request_output& o, bool failed);
+  // `why`: the engine failure that ended the request (with failed).
+  void push(const engine::request_output& o, bool failed, const std::string& why = {});
   // Waits up to `ms` for outputs; moves them into `out`. Returns false on timeout.
   bool wait(std::vector<engine::request_output>& out, int ms);
   bool failed() const { return failed_; }
+  std::string failure() const;
 
  private:
-  std::mutex mu_;
+  mutable std::mutex mu_;
   std::condition_variable cv_;
   std::deque<engine::request_output> q_;
   std::atomic<bool> failed_{false};
+  std::string why_;
 };
 
 // Fixed-bucket Prometheus histogram (seconds).

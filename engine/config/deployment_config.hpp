@@ -1,6 +1,6 @@
 // model.yaml: what `cluster serve` deploys (model, limits, HTTP endpoint, parallel layout, device).
-// Parsed once by the serve command (and later the head's placement actor); parsing reads the file
-// and blocks on that I/O only. Every error names the key, and the line/column where YAML knows it.
+// Parsed by the serve command; the head's placement checks tensor x pipeline against the model.
+// Parsing reads the file and blocks on that I/O only. Every error names the key, and the line/column where YAML knows it.
 #pragma once
 
 #include <cstdint>
@@ -44,8 +44,8 @@ struct deployment_config {
 const std::vector<std::string_view>& deployment_keys();
 
 // Parses YAML text; `what` names the source in errors (e.g. the file path). Unknown keys are
-// rejected naming the closest valid key; values are range-checked; `parallel` above 1x1x1 is
-// rejected as unsupported (until the parallelism issue lands).
+// rejected naming the closest valid key; values are range-checked; `parallel.replicas` above 1 is
+// rejected as unsupported (layouts are checked against the model by the head's placement).
 expected<deployment_config> parse_deployment(std::string_view yaml_text, std::string_view what);
 expected<deployment_config> load_deployment(const std::filesystem::path& file);
 

@@ -104,12 +104,15 @@ TEST_CASE("model.yaml: bad values name the key") {
   CHECK(util.error().message().find("gpu_memory_utilization") != std::string::npos);
 }
 
-TEST_CASE("model.yaml: parallel layouts above 1x1x1 are rejected clearly for now") {
-  auto c = parse_deployment("model: /m\nparallel: {tensor: 2}\n", "m.yaml");
+TEST_CASE("model.yaml: tensor x pipeline layouts parse, replicas above 1 are rejected clearly") {
+  auto t = parse_deployment("model: /m\nparallel: {tensor: 2, pipeline: 2}\n", "m.yaml");
+  REQUIRE_MESSAGE(t.has_value(), (t ? "" : t.error().to_string()));
+  CHECK(t->parallel.tensor == 2);
+  CHECK(t->parallel.pipeline == 2);
+  auto c = parse_deployment("model: /m\nparallel: {replicas: 2}\n", "m.yaml");
   REQUIRE(!c.has_value());
   CHECK(c.error().code() == errc::unsupported);
-  CHECK(c.error().message().find("tensor=2 pipeline=1 replicas=1 is not supported yet") !=
-        std::string::npos);
+  CHECK(c.error().message().find("replicas=2 is not supported yet") != std::string::npos);
   auto r = parse_deployment("model: /m\nparallel: {replicas: 0}\n", "m.yaml");
   REQUIRE(!r.has_value());
   CHECK(r.error().message().find("'parallel' sizes must be >= 1") != std::string::npos);

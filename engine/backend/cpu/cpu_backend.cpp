@@ -27,6 +27,13 @@ namespace {
 
 expected<std::unique_ptr<cpu_backend>> cpu_backend::load(const std::filesystem::path& model_dir,
                                                          kv_cache_options kv) {
+  return load(model_dir, kv, {});
+}
+
+expected<std::unique_ptr<cpu_backend>>
+cpu_backend::load(const std::filesystem::path& model_dir, kv_cache_options kv,
+                  parallel_context par) {
+  const bool sharded = par.layout.world_size() > 1;
   auto gguf = gguf_model_file(model_dir);
   if (!gguf)
     return std::move(gguf).error();
@@ -37,7 +44,8 @@ expected<std::unique_ptr<cpu_backend>> cpu_backend::load(const std::filesystem::
     auto config = gguf_model_config(weights->file());
     if (!config)
       return std::move(config).error();
-    return create(std::move(*config), *weights, kv);
+    return sharded ? create(std::move(*config), *weights, kv, par)
+                   : create(std::move(*config), *weights, kv);
   }
   auto config = load_model_config(model_dir);
   if (!config)
@@ -45,7 +53,8 @@ expected<std::unique_ptr<cpu_backend>> cpu_backend::load(const std::filesystem::
   auto weights = weight_store::open(model_dir);
   if (!weights)
     return std::move(weights).error();
-  return create(std::move(*config), *weights, kv);
+  return sharded ? create(std::move(*config), *weights, kv, par)
+                 : create(std::move(*config), *weights, kv);
 }
 
 expected<std::unique_ptr<cpu_backend>>

@@ -1,0 +1,93 @@
+#include "actors/worker_actor.hpp"
+
+#include "actors/head_rendezvous_store.hpp"
+#include "runtime/log.hpp"
+
+namespace troupe::actors {
+
+namespace {
+
+using worker = caf::stateful_actor<worker_state>;
+
+engine::parallel_layout layout_of(const msg::worker_spec& s) {
+  return {.tp_rank = s.tp_rank, .tp_size = s.tp_size, .pp_rank = s.pp_rank, .pp_size = s.pp_size};
+}
+
+// Blocks: Gloo rendezvous with the other ranks, then reading this rank's weight shard.
+expected<void> load(worker* self, const msg::worker_spec& spec, const worker_context& ctx) {
+  auto& st = self->state;
+  const auto lay = layout_of(spec);
+  const std::chrono::milliseconds timeout{spec.comm_timeout_ms};
+  st.store = std::make_unique<head_rendezvous_store>(self->system(), ctx.head, ctx.token, spec.ns);
+  if (spec.tp_size > 1) {
+    auto t = engine::comm::make_gloo_communicator(
+        *st.store, spec.tp_rank, spec.tp_size,
+        {.hostname = ctx.address, .prefix = fmt::format("tp{}", spec.pp_rank), .timeout = timeout});
+    if (!t)
+      return std::move(t).error().context("tensor group");
+    st.tensor = std::move(*t);
+  } else {
+    st.tensor = engine::comm::make_single_rank_communicator();
+  }
+  if (spec.pp_size > 1) {
+    auto w = engine::comm::make_gloo_communicator(
+        *st.store, lay.world_rank(), lay.world_size(),
+        {.hostname = ctx.address, .prefix = "world", .timeout = timeout});
+    if (!w)
+      return std::move(w).error().context("pipeline group");
+    st.world = std::move(*w);
+  }
+  auto model = engine::cpu_backend::load(
+      spec.model, {.num_blocks = spec.num_blocks, .block_size = spec.block_size},
+      {lay, st.tensor.get(), st.world.get()});
+  if (!model)
+    return std::move(model).error();
+  st.model = std::move(*model);
+  st.exec = std::make_unique<engine::local_executor>(*st.model);
+  return {};
+}
+
+} // namespace
+
+caf::behavior worker_actor(caf::stateful_actor<worker_state>* self, msg::worker_spec spec,
+                           worker_context ctx) {
+  const int32_t rank = layout_of(spec).world_rank();
+  if (ctx.owner)
+    self->monitor(ctx.owner);
+  self->set_down_handler([self, spec, rank](caf::down_msg&) {
+    log::info("worker {} rank {}: its serving actor is gone; exiting", spec.deployment, rank);
+    self->quit();
+  });
+  log::info("worker {} rank {} (tp {}/{}, pp {}/{}) started on device {}", spec.deployment, rank,
+            spec.tp_rank, spec.tp_size, spec.pp_rank, spec.pp_size, spec.device);
+  return {
+      [self, spec, ctx, rank](msg::load_atom) {
+        auto sender = caf::actor_cast<caf::actor>(self->current_sender());
+        msg::worker_reply reply{.rank = rank};
+        if (auto ok = load(self, spec, ctx); !ok) {
+          reply.error = ok.error().to_string();
+          log::error("worker {} rank {}: load failed: {}", spec.deployment, rank, reply.error);
+        } else {
+          log::info("worker {} rank {}: loaded {}", spec.deployment, rank, spec.model);
+        }
+        self->send(sender, std::move(reply));
+      },
+      [self, spec, rank](msg::execute_atom, const step_plan& plan) {
+        auto sender = caf::actor_cast<caf::actor>(self->current_sender());
+        msg::worker_reply reply{.rank = rank, .step = plan.step};
+        auto& st = self->state;
+        if (!st.exec) {
+          reply.error = "not loaded";
+        } else if (auto r = st.exec->execute(plan); r) {
+          reply.result = std::move(*r);
+        } else {
+          reply.error = r.error().to_string();
+          log::error("worker {} rank {}: step {} failed: {}", spec.deployment, rank, plan.step,
+                     reply.error);
+        }
+        self->send(sender, std::move(reply));
+      },
+  };
+}
+
+} // namespace troupe::actors

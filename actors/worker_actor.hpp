@@ -1,0 +1,42 @@
+// worker_actor: one rank of a deployment (design.md §1), spawned by the node_actor of the host
+// the head placed it on. Owns a CPU backend shard and its Gloo communicators, whose rendezvous
+// goes through the head's KV store under the deployment's namespace. Detached: loading, Gloo
+// rendezvous and forward passes block its own thread, never CAF's scheduler.
+//   (load_atom)               -> sends worker_reply (error empty: loaded) to the sender
+//   (execute_atom, step_plan) -> sends worker_reply{result} to the sender
+// It quits when `owner` (the deployment's serving actor) goes away.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include <caf/actor.hpp>
+#include <caf/event_based_actor.hpp>
+#include <caf/stateful_actor.hpp>
+
+#include "actors/head_rendezvous_store.hpp"
+#include "engine/backend/cpu/cpu_backend.hpp"
+#include "engine/scheduler/local_executor.hpp"
+#include "runtime/messages.hpp"
+
+namespace troupe::actors {
+
+struct worker_state {
+  std::unique_ptr<head_rendezvous_store> store;
+  std::unique_ptr<engine::comm::communicator> tensor, world;
+  std::unique_ptr<engine::cpu_backend> model;
+  std::unique_ptr<engine::local_executor> exec;
+  static inline const char* name = "worker_actor";
+};
+
+struct worker_context {
+  caf::actor head;     // for the rendezvous store
+  std::string token;   // the cluster token (kv requests carry it)
+  std::string address; // the address this rank's Gloo listens on (the node's address)
+  caf::actor owner;    // the serving actor: the worker quits when it is down
+};
+
+caf::behavior worker_actor(caf::stateful_actor<worker_state>* self, msg::worker_spec spec,
+                           worker_context ctx);
+
+} // namespace troupe::actors
