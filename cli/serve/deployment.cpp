@@ -5,6 +5,7 @@
 #include "cli/serve/http_server.hpp"
 #include "engine/backend/cpu/cpu_backend.hpp"
 #include "engine/model/gguf_weights.hpp"
+#include "engine/scheduler/cuda_executor.hpp"
 #include "engine/sampling/sampler.hpp"
 #include "runtime/log.hpp"
 
@@ -12,8 +13,8 @@ namespace troupe::serve {
 
 struct deployment::parts {
   engine::model_tokenizer text;
-  std::unique_ptr<engine::cpu_backend> model;
-  std::unique_ptr<engine::local_executor> exec;
+  std::unique_ptr<engine::backend> model; // cpu_backend or cuda_backend
+  std::unique_ptr<engine::executor> exec;
   std::unique_ptr<serving_engine> engine;
   serve_metrics metrics;
   std::unique_ptr<serve_context> ctx;
@@ -35,6 +36,43 @@ expected<engine::model_config> peek_config(const std::string& path) {
 }
 
 } // namespace
+
+// Loads the model onto GPU 0 (bf16) with the KV pool sized from gpu_memory_utilization unless
+// num_kv_blocks fixes it; kv.num_blocks becomes the pool's real size.
+static expected<void> start_cuda(const engine::deployment_config& c, kv_plan& kv,
+                                 deployment::parts& p) {
+  engine::cuda_options o{.device = 0,
+                         .max_num_batched_tokens = std::max(c.max_num_batched_tokens, 1),
+                         .max_num_seqs = c.max_num_seqs,
+                         .max_logit_rows = c.max_num_seqs,
+                         .max_model_len = kv.max_model_len,
+                         .gpu_memory_utilization = static_cast<float>(c.gpu_memory_utilization)};
+  auto model = engine::load_cuda_backend(
+      c.model, {.num_blocks = c.num_kv_blocks, .block_size = c.block_size}, o);
+  if (!model)
+    return std::move(model).error().context("device: cuda, model " + c.model);
+  const int64_t per_seq = (kv.max_model_len + c.block_size - 1) / c.block_size;
+  const int32_t blocks = (*model)->kv_options().num_blocks;
+  if (blocks < per_seq)
+    return make_error(errc::resource_exhausted,
+                      "device: cuda: the KV pool has {} blocks of {} tokens ({:.2f} GiB after "
+                      "{:.2f} GiB of weights at gpu_memory_utilization {}), fewer than one context "
+                      "of max_model_len {} needs ({}); raise gpu_memory_utilization or lower "
+                      "max_model_len",
+                      blocks, c.block_size, (*model)->kv_bytes() / 1073741824.0,
+                      (*model)->weight_bytes() / 1073741824.0, c.gpu_memory_utilization,
+                      kv.max_model_len, per_seq);
+  kv.num_blocks = blocks;
+  auto exec = engine::cuda_executor::create(**model);
+  if (!exec)
+    return std::move(exec).error();
+  log::info("device: cuda: {:.2f} GiB of bf16 weights, {} KV blocks of {} tokens ({:.2f} GiB)",
+            (*model)->weight_bytes() / 1073741824.0, blocks, c.block_size,
+            (*model)->kv_bytes() / 1073741824.0);
+  p.exec = std::move(*exec);
+  p.model = std::move(*model);
+  return {};
+}
 
 expected<kv_plan> plan_kv(const engine::deployment_config& c, const engine::model_config& m) {
   kv_plan p;
@@ -64,12 +102,12 @@ expected<kv_plan> plan_kv(const engine::deployment_config& c, const engine::mode
 
 expected<std::unique_ptr<deployment>> deployment::start(const engine::deployment_config& c,
                                                         std::string version) {
-  if (c.device != "cpu")
+  if (c.device == "cuda" && c.dtype != "auto" && c.dtype != "bfloat16")
     return make_error(errc::unsupported,
-                      "device '{}': in-process serving runs on the CPU backend only for now "
-                      "(CUDA serving comes with the CUDA issue); use device: cpu",
-                      c.device);
-  if (c.dtype != "auto" && c.dtype != "float32")
+                      "dtype '{}': the CUDA backend computes in bfloat16; use "
+                      "dtype: auto or bfloat16",
+                      c.dtype);
+  if (c.device == "cpu" && c.dtype != "auto" && c.dtype != "float32")
     return make_error(errc::unsupported,
                       "dtype '{}': the CPU backend computes in float32; use "
                       "dtype: auto or float32",
@@ -87,12 +125,16 @@ expected<std::unique_ptr<deployment>> deployment::start(const engine::deployment
   if (!text)
     return std::move(text).error().context("tokenizer of " + c.model);
   p.text = std::move(*text);
-  auto model = engine::cpu_backend::load(
-      c.model, {.num_blocks = kv->num_blocks, .block_size = c.block_size});
-  if (!model)
-    return std::move(model).error();
-  p.model = std::move(*model);
-  p.exec = std::make_unique<engine::local_executor>(*p.model);
+  if (c.device == "cuda") {
+    TROUPE_TRY_VOID(start_cuda(c, *kv, p));
+  } else {
+    auto model = engine::cpu_backend::load(
+        c.model, {.num_blocks = kv->num_blocks, .block_size = c.block_size});
+    if (!model)
+      return std::move(model).error();
+    p.exec = std::make_unique<engine::local_executor>(**model);
+    p.model = std::move(*model);
+  }
 
   engine::scheduler_options so{.num_blocks = kv->num_blocks,
                                .block_size = c.block_size,

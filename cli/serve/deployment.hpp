@@ -1,4 +1,5 @@
-// One model served in this process: tokenizer, CPU backend, local executor, serving engine and
+// One model served in this process: tokenizer, backend and executor (device: cpu = CPU backend +
+// local_executor; device: cuda = CUDA backend on GPU 0 + cuda_executor), serving engine and
 // HTTP server, built from a model.yaml deployment_config. Used by `cluster serve --block` and by
 // the serving tests. start() blocks while loading weights; the destructor stops and joins.
 #pragma once

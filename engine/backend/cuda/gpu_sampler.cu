@@ -5,7 +5,8 @@
 //   3. greedy: argmax (lower id on ties); else the candidates of top-k, top-p and min-p, and a
 //      draw u * total over them: in rank order (value desc, id asc) when top-k or top-p sorted
 //      the host's candidates, else in id order.
-// Rank order is a unique 64-bit key per element (ordered float bits, then the inverted id), so the
+// Rank order is a unique 64-bit key per element (ordered float bits of the value, or of w - top
+// where the host sorts by probability, then the inverted id), so the
 // k-th element, the top-p cut and the drawn token are found exactly by an 8-pass radix descent
 // over the key with per-bucket counts or probability mass; probabilities are computed as the host
 // does (exp in double of the float difference). Sums run in another order than the host's
@@ -125,6 +126,12 @@ struct row_view {
   uint64_t k_min;    // candidates have key >= k_min (top-k; 0 = off)
   uint64_t p_min;    // and key >= p_min (top-p; 0 = off)
   float min_p;       // and prob >= min_p (0 = off)
+  // The host's order: by value for top-k (and the top-p after it), by probability for top-p
+  // alone. Probability ties exactly where w - top (float) ties, so that order is keyed on the
+  // rounded difference, not on w: two values may round to one difference.
+  bool by_diff;
+
+  __device__ uint64_t key(int i) const { return rank_key(by_diff ? __fsub_rn(w[i], top) : w[i], i); }
 
   __device__ double prob(int i) const {
     return exp(static_cast<double>(__fsub_rn(w[i], top)) / temperature);
@@ -147,7 +154,7 @@ __device__ uint64_t descend(const row_view& r, double target, bool count, shared
       sh.hist[b] = 0;
     __syncthreads();
     for (int i = threadIdx.x; i < r.V; i += blockDim.x) {
-      const uint64_t key = rank_key(r.w[i], i);
+      const uint64_t key = r.key(i);
       if ((key & hi_mask) != prefix)
         continue;
       const double p = r.prob(i);
@@ -196,7 +203,7 @@ __device__ int32_t draw_by_id(const row_view& r, double target, shared_state& sh
   int32_t last = -1;
   for (int i = begin; i < end; ++i) {
     const double p = r.prob(i);
-    if (p != 0 && r.active(i, rank_key(r.w[i], i), p)) {
+    if (p != 0 && r.active(i, r.key(i), p)) {
       local += p;
       last = i;
     }
@@ -211,7 +218,7 @@ __device__ int32_t draw_by_id(const row_view& r, double target, shared_state& sh
     int32_t pick = last; // the running sum may round below the target: this range's last
     for (int i = begin; i < end; ++i) {
       const double p = r.prob(i);
-      if (p == 0 || !r.active(i, rank_key(r.w[i], i), p))
+      if (p == 0 || !r.active(i, r.key(i), p))
         continue;
       sum += p;
       if (target < sum) {
@@ -297,8 +304,8 @@ __global__ void __launch_bounds__(threads)
   top_key = block_max_key(top_key, sh);
   int32_t token = key_id(top_key);
   if (!(p.temperature < greedy_below)) {
-    row_view r{w, V, w[token], static_cast<double>(p.temperature), 0, 0, 0.0f};
     const bool by_k = p.top_k > 0 && p.top_k < V;
+    row_view r{w, V, w[token], static_cast<double>(p.temperature), 0, 0, 0.0f, !by_k};
     if (!isfinite(r.top)) {
       token = by_k ? token : 0; // everything banned: the host's cand.front()
     } else {
@@ -308,7 +315,7 @@ __global__ void __launch_bounds__(threads)
         double total = 0;
         for (int i = threadIdx.x; i < V; i += blockDim.x) {
           const double q = r.prob(i);
-          if (r.active(i, rank_key(w[i], i), q))
+          if (r.active(i, r.key(i), q))
             total += q;
         }
         total = block_sum(total, sh);
@@ -318,7 +325,7 @@ __global__ void __launch_bounds__(threads)
       double total = 0;
       for (int i = threadIdx.x; i < V; i += blockDim.x) {
         const double q = r.prob(i);
-        if (r.active(i, rank_key(w[i], i), q))
+        if (r.active(i, r.key(i), q))
           total += q;
       }
       total = block_sum(total, sh);
@@ -391,7 +398,7 @@ expected<std::vector<seq_output>> gpu_sampler_impl::sample(float* logits, int64_
     r.frequency = sp.frequency_penalty;
     r.seed = sp.seed;
     r.index = j.in.index;
-    r.logprobs = std::max(0, std::min(sp.logprobs, max_top));
+    r.logprobs = std::max(0, std::min({sp.logprobs, max_top, static_cast<int>(vocab)}));
     r.pen_begin = static_cast<int32_t>(pen_tokens_.size());
     if (j.in.penalties)
       for (const auto& [t, e] : j.in.penalties->tokens)
