@@ -1,6 +1,11 @@
 #include "actors/worker_actor.hpp"
 
+#include <algorithm>
+
 #include "actors/head_rendezvous_store.hpp"
+#include "engine/backend/cpu/cpu_backend.hpp"
+#include "engine/scheduler/cuda_executor.hpp"
+#include "engine/scheduler/local_executor.hpp"
 #include "runtime/log.hpp"
 
 namespace troupe::actors {
@@ -13,12 +18,56 @@ engine::parallel_layout layout_of(const msg::worker_spec& s) {
   return {.tp_rank = s.tp_rank, .tp_size = s.tp_size, .pp_rank = s.pp_rank, .pp_size = s.pp_size};
 }
 
-// Blocks: Gloo rendezvous with the other ranks, then reading this rank's weight shard.
+// device: cuda. Blocks: NCCL rendezvous, then uploading this rank's shard to its GPU.
+expected<void> load_cuda(worker* self, const msg::worker_spec& spec) {
+  auto& st = self->state;
+  const auto lay = layout_of(spec);
+  const std::chrono::milliseconds timeout{spec.comm_timeout_ms};
+  if (spec.tp_size > 1) {
+    auto t = engine::comm::make_nccl_communicator(
+        *st.store, spec.tp_rank, spec.tp_size,
+        {.device = spec.device, .prefix = fmt::format("nccl-tp{}", spec.pp_rank), .timeout = timeout});
+    if (!t)
+      return std::move(t).error().context("tensor group");
+    st.gpu_tensor = std::move(*t);
+  }
+  if (spec.pp_size > 1) {
+    auto w = engine::comm::make_nccl_communicator(
+        *st.store, lay.world_rank(), lay.world_size(),
+        {.device = spec.device, .prefix = "nccl-world", .timeout = timeout});
+    if (!w)
+      return std::move(w).error().context("pipeline group");
+    st.gpu_world = std::move(*w);
+  }
+  engine::cuda_options o{.device = spec.device,
+                         .max_num_batched_tokens = std::max(spec.max_num_batched_tokens, 1),
+                         .max_num_seqs = spec.max_num_seqs,
+                         .max_logit_rows = spec.max_num_seqs,
+                         .max_model_len = spec.max_model_len,
+                         .layout = lay,
+                         .tensor = st.gpu_tensor.get(),
+                         .world = st.gpu_world.get()};
+  auto model = engine::load_cuda_backend(
+      spec.model, {.num_blocks = spec.num_blocks, .block_size = spec.block_size}, o);
+  if (!model)
+    return std::move(model).error();
+  auto exec = engine::cuda_executor::create(**model);
+  if (!exec)
+    return std::move(exec).error();
+  st.model = std::move(*model);
+  st.exec = std::move(*exec);
+  return {};
+}
+
+// Blocks: Gloo (cpu) or NCCL (cuda) rendezvous with the other ranks, then reading this rank's
+// weight shard.
 expected<void> load(worker* self, const msg::worker_spec& spec, const worker_context& ctx) {
   auto& st = self->state;
   const auto lay = layout_of(spec);
   const std::chrono::milliseconds timeout{spec.comm_timeout_ms};
   st.store = std::make_unique<head_rendezvous_store>(self->system(), ctx.head, ctx.token, spec.ns);
+  if (spec.backend == "cuda")
+    return load_cuda(self, spec);
   if (spec.tp_size > 1) {
     auto t = engine::comm::make_gloo_communicator(
         *st.store, spec.tp_rank, spec.tp_size,
@@ -42,8 +91,8 @@ expected<void> load(worker* self, const msg::worker_spec& spec, const worker_con
       {lay, st.tensor.get(), st.world.get()});
   if (!model)
     return std::move(model).error();
+  st.exec = std::make_unique<engine::local_executor>(**model);
   st.model = std::move(*model);
-  st.exec = std::make_unique<engine::local_executor>(*st.model);
   return {};
 }
 

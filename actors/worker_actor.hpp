@@ -1,6 +1,7 @@
 // worker_actor: one rank of a deployment (design.md §1), spawned by the node_actor of the host
-// the head placed it on. Owns a CPU backend shard and its Gloo communicators, whose rendezvous
-// goes through the head's KV store under the deployment's namespace. Detached: loading, Gloo
+// the head placed it on. Owns a backend shard (device: cpu = CPU backend with Gloo
+// communicators; cuda = CUDA backend on its GPU with NCCL communicators, sampling on the GPU),
+// whose rendezvous goes through the head's KV store under the deployment's namespace. Detached: loading, Gloo
 // rendezvous and forward passes block its own thread, never CAF's scheduler.
 //   (load_atom)               -> sends worker_reply (error empty: loaded) to the sender
 //   (execute_atom, step_plan) -> sends worker_reply{result} to the sender
@@ -15,17 +16,20 @@
 #include <caf/stateful_actor.hpp>
 
 #include "actors/head_rendezvous_store.hpp"
-#include "engine/backend/cpu/cpu_backend.hpp"
-#include "engine/scheduler/local_executor.hpp"
+#include "engine/backend/backend.hpp"
+#include "engine/comm/communicator.hpp"
+#include "engine/comm/device_communicator.hpp"
+#include "engine/scheduler/executor.hpp"
 #include "runtime/messages.hpp"
 
 namespace troupe::actors {
 
 struct worker_state {
   std::unique_ptr<head_rendezvous_store> store;
-  std::unique_ptr<engine::comm::communicator> tensor, world;
-  std::unique_ptr<engine::cpu_backend> model;
-  std::unique_ptr<engine::local_executor> exec;
+  std::unique_ptr<engine::comm::communicator> tensor, world;               // cpu (Gloo)
+  std::unique_ptr<engine::comm::device_communicator> gpu_tensor, gpu_world; // cuda (NCCL)
+  std::unique_ptr<engine::backend> model;
+  std::unique_ptr<engine::executor> exec; // refers to model: declared after it, destroyed first
   static inline const char* name = "worker_actor";
 };
 

@@ -10,6 +10,7 @@
 
 #include "engine/backend/cpu/cpu_backend.hpp"
 #include "engine/generate.hpp"
+#include "engine/scheduler/cuda_executor.hpp"
 #include "engine/tokenizer/chat_template.hpp"
 
 namespace troupe::cli {
@@ -25,6 +26,7 @@ struct generate_args {
   int32_t block_size = 16;
   int32_t prefill_chunk = 0;
   bool ignore_eos = false;
+  std::string device = "cpu";
 };
 
 expected<std::vector<token_id>> parse_ids(const std::string& text) {
@@ -84,7 +86,24 @@ int run(const generate_args& args) {
   engine::kv_cache_options kv{.num_blocks = static_cast<int32_t>(tokens / args.block_size + 1),
                               .block_size = args.block_size};
   auto t0 = std::chrono::steady_clock::now();
-  auto model = engine::cpu_backend::load(args.model, kv);
+  expected<std::unique_ptr<engine::backend>> model = make_error(errc::internal, "no backend");
+  if (args.device == "cuda") {
+    const int max_len = static_cast<int>(tokens + args.block_size);
+    auto gpu = engine::load_cuda_backend(
+        args.model, kv,
+        {.max_num_batched_tokens = std::max(max_len, 16), .max_num_seqs = 1,
+         .max_logit_rows = 1, .max_model_len = max_len});
+    if (gpu)
+      model = std::unique_ptr<engine::backend>(std::move(*gpu));
+    else
+      model = std::move(gpu).error();
+  } else {
+    auto cpu = engine::cpu_backend::load(args.model, kv);
+    if (cpu)
+      model = std::unique_ptr<engine::backend>(std::move(*cpu));
+    else
+      model = std::move(cpu).error();
+  }
   if (!model) {
     fmt::print(stderr, "error: {}\n", model.error().to_string());
     return 1;
@@ -106,9 +125,9 @@ int run(const generate_args& args) {
   fmt::print("generated ids: {}\n", fmt::join(gen.output, ","));
   if (text)
     fmt::print("generated text: {}\n", text->text->decode(gen.output, true));
-  fmt::print(stderr, "load {:.1f} ms, generate {} tokens in {:.1f} ms ({:.1f} tokens/s, cpu)\n",
+  fmt::print(stderr, "load {:.1f} ms, generate {} tokens in {:.1f} ms ({:.1f} tokens/s, {})\n",
              ms(t1 - t0).count(), gen.output.size(), ms(t2 - t1).count(),
-             gen.output.size() / std::max(1e-9, ms(t2 - t1).count() / 1000));
+             gen.output.size() / std::max(1e-9, ms(t2 - t1).count() / 1000), args.device);
   return 0;
 }
 
@@ -116,7 +135,7 @@ int run(const generate_args& args) {
 
 void add_generate_command(CLI::App& app, int& exit_code) {
   auto args = std::make_shared<generate_args>();
-  auto* cmd = app.add_subcommand("generate", "Greedy offline generation on the CPU backend");
+  auto* cmd = app.add_subcommand("generate", "Greedy offline generation on the CPU or CUDA backend");
   cmd->add_option("--model", args->model, "Hugging Face model folder (config.json + safetensors) or a .gguf file")
     ->required();
   cmd->add_option("--prompt-ids", args->prompt_ids, "Prompt token ids, comma separated");
@@ -129,6 +148,8 @@ void add_generate_command(CLI::App& app, int& exit_code) {
   cmd->add_option("--prefill-chunk", args->prefill_chunk,
                   "Prompt tokens per step (0 = whole prompt)")
     ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--device", args->device, "cpu (float32) or cuda (bf16, GPU 0)")
+    ->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_flag("--ignore-eos", args->ignore_eos, "Keep generating past EOS");
   cmd->callback([args, &exit_code] { exit_code = run(*args); });
 }

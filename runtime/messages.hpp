@@ -209,11 +209,14 @@ struct worker_spec {
   int32_t device = 0;
   int32_t num_blocks = 0, block_size = 16;
   int64_t comm_timeout_ms = 10000; // Gloo rendezvous and collectives: a dead peer fails by then
+  std::string backend = "cpu";     // model.yaml's device: cpu (Gloo) | cuda (NCCL)
+  int32_t max_model_len = 0, max_num_seqs = 0, max_num_batched_tokens = 0; // cuda sizing
 };
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, worker_spec& x) {
   return f(caf::meta::type_name("worker_spec"), x.deployment, x.ns, x.model, x.tp_rank, x.tp_size,
-           x.pp_rank, x.pp_size, x.device, x.num_blocks, x.block_size, x.comm_timeout_ms);
+           x.pp_rank, x.pp_size, x.device, x.num_blocks, x.block_size, x.comm_timeout_ms,
+           x.backend, x.max_model_len, x.max_num_seqs, x.max_num_batched_tokens);
 }
 
 // Worker answers: (load_atom) -> worker_reply; (execute_atom, step_plan) -> worker_reply.

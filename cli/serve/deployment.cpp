@@ -5,6 +5,7 @@
 #include "cli/serve/http_server.hpp"
 #include "engine/backend/cpu/cpu_backend.hpp"
 #include "engine/model/gguf_weights.hpp"
+#include "engine/scheduler/cuda_executor.hpp"
 #include "engine/sampling/sampler.hpp"
 #include "runtime/log.hpp"
 
@@ -33,19 +34,56 @@ expected<engine::model_config> peek_config(const std::string& path) {
   return engine::gguf_model_config(*file);
 }
 
-// A CPU backend in this process and the local executor over it.
-class owning_local_executor final : public engine::executor {
+// A backend in this process and the executor over it (which refers to the backend, so it goes
+// first).
+class owning_executor final : public engine::executor {
  public:
-  explicit owning_local_executor(std::unique_ptr<engine::cpu_backend> model)
-    : model_(std::move(model)), exec_(*model_) {}
-  expected<step_result> execute(const step_plan& plan) override { return exec_.execute(plan); }
+  owning_executor(std::unique_ptr<engine::backend> model, std::unique_ptr<engine::executor> exec)
+    : model_(std::move(model)), exec_(std::move(exec)) {}
+  expected<step_result> execute(const step_plan& plan) override { return exec_->execute(plan); }
 
  private:
-  std::unique_ptr<engine::cpu_backend> model_;
-  engine::local_executor exec_;
+  std::unique_ptr<engine::backend> model_;
+  std::unique_ptr<engine::executor> exec_;
 };
 
 } // namespace
+
+// Loads the model onto GPU 0 (bf16) with the KV pool sized from gpu_memory_utilization unless
+// num_kv_blocks fixes it; kv.num_blocks becomes the pool's real size.
+static expected<void> start_cuda(const engine::deployment_config& c, kv_plan& kv,
+                                 deployment::parts& p) {
+  engine::cuda_options o{.device = 0,
+                         .max_num_batched_tokens = std::max(c.max_num_batched_tokens, 1),
+                         .max_num_seqs = c.max_num_seqs,
+                         .max_logit_rows = c.max_num_seqs,
+                         .max_model_len = kv.max_model_len,
+                         .gpu_memory_utilization = static_cast<float>(c.gpu_memory_utilization)};
+  auto model = engine::load_cuda_backend(
+      c.model, {.num_blocks = c.num_kv_blocks, .block_size = c.block_size}, o);
+  if (!model)
+    return std::move(model).error().context("device: cuda, model " + c.model);
+  const int64_t per_seq = (kv.max_model_len + c.block_size - 1) / c.block_size;
+  const int32_t blocks = (*model)->kv_options().num_blocks;
+  if (blocks < per_seq)
+    return make_error(errc::resource_exhausted,
+                      "device: cuda: the KV pool has {} blocks of {} tokens ({:.2f} GiB after "
+                      "{:.2f} GiB of weights at gpu_memory_utilization {}), fewer than one context "
+                      "of max_model_len {} needs ({}); raise gpu_memory_utilization or lower "
+                      "max_model_len",
+                      blocks, c.block_size, (*model)->kv_bytes() / 1073741824.0,
+                      (*model)->weight_bytes() / 1073741824.0, c.gpu_memory_utilization,
+                      kv.max_model_len, per_seq);
+  kv.num_blocks = blocks;
+  auto exec = engine::cuda_executor::create(**model);
+  if (!exec)
+    return std::move(exec).error();
+  log::info("device: cuda: {:.2f} GiB of bf16 weights, {} KV blocks of {} tokens ({:.2f} GiB)",
+            (*model)->weight_bytes() / 1073741824.0, blocks, c.block_size,
+            (*model)->kv_bytes() / 1073741824.0);
+  return std::unique_ptr<engine::executor>(
+      std::make_unique<owning_executor>(std::move(*model), std::move(*exec)));
+}
 
 expected<kv_plan> plan_kv(const engine::deployment_config& c, const engine::model_config& m) {
   kv_plan p;
@@ -82,25 +120,28 @@ expected<std::unique_ptr<deployment>> deployment::start(const engine::deployment
                       c.parallel.tensor, c.parallel.pipeline);
   return start(c, std::move(version),
                [&c](const engine::model_config&,
-                    const kv_plan& kv) -> expected<std::unique_ptr<engine::executor>> {
+                    kv_plan& kv) -> expected<std::unique_ptr<engine::executor>> {
+                 if (c.device == "cuda")
+                   return start_cuda(c, kv);
                  auto model = engine::cpu_backend::load(
                      c.model, {.num_blocks = kv.num_blocks, .block_size = c.block_size});
                  if (!model)
                    return std::move(model).error();
+                 auto exec = std::make_unique<engine::local_executor>(**model);
                  return std::unique_ptr<engine::executor>(
-                     std::make_unique<owning_local_executor>(std::move(*model)));
+                     std::make_unique<owning_executor>(std::move(*model), std::move(exec)));
                });
 }
 
 expected<std::unique_ptr<deployment>> deployment::start(const engine::deployment_config& c,
                                                         std::string version,
                                                         const executor_factory& make_executor) {
-  if (c.device != "cpu")
+  if (c.device == "cuda" && c.dtype != "auto" && c.dtype != "bfloat16")
     return make_error(errc::unsupported,
-                      "device '{}': in-process serving runs on the CPU backend only for now "
-                      "(CUDA serving comes with the CUDA issue); use device: cpu",
-                      c.device);
-  if (c.dtype != "auto" && c.dtype != "float32")
+                      "dtype '{}': the CUDA backend computes in bfloat16; use "
+                      "dtype: auto or bfloat16",
+                      c.dtype);
+  if (c.device == "cpu" && c.dtype != "auto" && c.dtype != "float32")
     return make_error(errc::unsupported,
                       "dtype '{}': the CPU backend computes in float32; use "
                       "dtype: auto or float32",

@@ -1,7 +1,8 @@
-// One served model: tokenizer, executor (a CPU backend in this process, or the worker ranks of a
-// cluster deployment), serving engine and HTTP server, built from a model.yaml deployment_config.
-// Used by `cluster serve --block`, the head's serving actor and the serving tests. start() blocks
-// while loading weights; the destructor stops and joins.
+// One served model: tokenizer, executor (in this process: device cpu = CPU backend +
+// local_executor, device cuda = CUDA backend on GPU 0 + cuda_executor; or the worker ranks of a
+// cluster deployment), serving engine and HTTP server, built from a model.yaml
+// deployment_config. Used by `cluster serve --block`, the head's serving actor and the serving
+// tests. start() blocks while loading weights; the destructor stops and joins.
 #pragma once
 
 #include <functional>
@@ -24,14 +25,16 @@ struct kv_plan {
 expected<kv_plan> plan_kv(const engine::deployment_config& config,
                           const engine::model_config& model);
 
-// Makes the executor once the model's config and the KV plan are known: a local CPU backend
-// (`--block`) or the deployment's worker ranks (the head's serving actor). Blocks while loading.
+// Makes the executor once the model's config and the KV plan are known: a backend in this
+// process (`--block`) or the deployment's worker ranks (the head's serving actor). A factory
+// whose pool ends up another size (CUDA: sized from free memory) sets kv.num_blocks to it.
+// Blocks while loading.
 using executor_factory = std::function<expected<std::unique_ptr<engine::executor>>(
-    const engine::model_config&, const kv_plan&)>;
+    const engine::model_config&, kv_plan&)>;
 
 class deployment {
  public:
-  // In this process on the CPU backend (tensor = pipeline = 1 only).
+  // In this process on the config's device (tensor = pipeline = 1 only).
   static expected<std::unique_ptr<deployment>> start(const engine::deployment_config& config,
                                                      std::string version);
   static expected<std::unique_ptr<deployment>>

@@ -37,7 +37,11 @@ expected<std::vector<caf::actor>> spawn_workers(serving* self, const msg::deploy
                           .pp_size = c.parallel.pipeline,
                           .device = r.device,
                           .num_blocks = kv.num_blocks,
-                          .block_size = c.block_size};
+                          .block_size = c.block_size,
+                          .backend = c.device,
+                          .max_model_len = kv.max_model_len,
+                          .max_num_seqs = c.max_num_seqs,
+                          .max_num_batched_tokens = c.max_num_batched_tokens};
     troupe::error err;
     s->request(plan.nodes[i], 10s, msg::spawn_atom::value, std::move(spec),
                caf::actor_cast<caf::actor>(self))

@@ -37,7 +37,8 @@ expected<void> validate_plan(const step_plan& plan, const model_config& config,
   return {};
 }
 
-int32_t prepare_output(const step_plan& plan, int64_t vocab_size, forward_output& out) {
+int32_t prepare_output(const step_plan& plan, int64_t vocab_size, forward_output& out,
+                       bool host_logits) {
   out.vocab_size = vocab_size;
   out.first_row.assign(plan.seqs.size(), -1);
   out.num_rows.assign(plan.seqs.size(), 0);
@@ -52,7 +53,10 @@ int32_t prepare_output(const step_plan& plan, int64_t vocab_size, forward_output
     out.num_rows[i] = n;
     rows += n;
   }
-  out.logits.assign(static_cast<size_t>(rows) * vocab_size, 0.0f);
+  if (host_logits)
+    out.logits.assign(static_cast<size_t>(rows) * vocab_size, 0.0f);
+  else
+    out.logits.clear();
   return rows;
 }
 

@@ -51,7 +51,9 @@ public:
 expected<void> validate_plan(const step_plan& plan, const model_config& config,
                              const kv_cache_options& kv);
 
-// Sizes `out` for `plan` (first_row/num_rows; logits zero-filled). Returns the row count.
-int32_t prepare_output(const step_plan& plan, int64_t vocab_size, forward_output& out);
+// Sizes `out` for `plan` (first_row/num_rows; logits zero-filled, or left empty when
+// !host_logits: a backend that keeps them on its device). Returns the row count.
+int32_t prepare_output(const step_plan& plan, int64_t vocab_size, forward_output& out,
+                       bool host_logits = true);
 
 } // namespace troupe::engine

@@ -19,11 +19,6 @@ uint64_t splitmix(uint64_t x) {
   return x ^ (x >> 31);
 }
 
-// A uniform draw in [0, 1) that depends only on the seed and the token's index.
-double uniform(uint64_t seed, uint64_t index) {
-  uint64_t bits = splitmix(splitmix(seed) ^ splitmix(index + 0x5eed));
-  return static_cast<double>(bits >> 11) * 0x1.0p-53;
-}
 
 // Higher logit first, lower id on ties: one total order for every rank.
 struct by_value_desc {
@@ -138,6 +133,12 @@ expected<void> validate(const sampling_params& p) {
   return {};
 }
 
+// A uniform draw in [0, 1) that depends only on the seed and the token's index.
+double sample_uniform(uint64_t seed, uint64_t index) {
+  uint64_t bits = splitmix(splitmix(seed) ^ splitmix(index + 0x5eed));
+  return static_cast<double>(bits >> 11) * 0x1.0p-53;
+}
+
 bool uses_penalties(const sampling_params& p) {
   return p.repetition_penalty != 1.0f || p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f;
 }
@@ -155,7 +156,7 @@ seq_output sample_row(std::span<const float> logits, const sample_inputs& in,
   if (p.temperature < greedy_below) // argmax, lowest id on ties
     out.token = static_cast<token_id>(std::max_element(w.begin(), w.end()) - w.begin());
   else
-    out.token = draw(w, p, uniform(p.seed, in.index));
+    out.token = draw(w, p, sample_uniform(p.seed, in.index));
 
   // Logprobs under the model: log-softmax of the raw logits.
   float top = *std::max_element(logits.begin(), logits.end());
@@ -177,14 +178,14 @@ seq_output sample_row(std::span<const float> logits, const sample_inputs& in,
   return out;
 }
 
-expected<step_result> sampler::sample(const step_plan& plan, const forward_output& out) {
+expected<std::vector<row_job>> sampler::prepare(const step_plan& plan,
+                                                const forward_output& out) {
   for (seq_id id : plan.finished)
     state_.erase(id);
   if (!plan.seqs.empty() && out.first_row.size() != plan.seqs.size())
     return make_error(errc::internal, "step {}: forward output has {} sequences, plan {}",
                       plan.step, out.first_row.size(), plan.seqs.size());
-  step_result result;
-  result.step = plan.step;
+  std::vector<row_job> jobs;
   for (size_t i = 0; i < plan.seqs.size(); ++i) {
     const auto& s = plan.seqs[i];
     penalty_state* st = nullptr;
@@ -204,13 +205,26 @@ expected<step_result> sampler::sample(const step_plan& plan, const forward_outpu
       return make_error(errc::internal, "step {}: sequence {} asked for logits but got none",
                         plan.step, s.id);
     const int64_t end = s.start_pos + static_cast<int64_t>(s.tokens.size());
-    sample_inputs in{.params = &s.sampling,
-                     .index =
-                         static_cast<uint64_t>(std::max<int64_t>(0, end - s.num_prompt_tokens)),
-                     .banned = s.banned_tokens,
-                     .penalties = st};
-    auto o = sample_row(out.last_row(i), in, scratch_);
-    o.id = s.id;
+    jobs.push_back(
+        {.seq = i,
+         .row = out.first_row[i] + out.num_rows[i] - 1,
+         .in = {.params = &s.sampling,
+                .index = static_cast<uint64_t>(std::max<int64_t>(0, end - s.num_prompt_tokens)),
+                .banned = s.banned_tokens,
+                .penalties = st}});
+  }
+  return jobs;
+}
+
+expected<step_result> sampler::sample(const step_plan& plan, const forward_output& out) {
+  auto jobs = prepare(plan, out);
+  if (!jobs)
+    return std::move(jobs).error();
+  step_result result;
+  result.step = plan.step;
+  for (const auto& j : *jobs) {
+    auto o = sample_row(out.row(j.row), j.in, scratch_);
+    o.id = plan.seqs[j.seq].id;
     result.outputs.push_back(std::move(o));
   }
   return result;

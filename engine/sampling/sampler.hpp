@@ -48,11 +48,28 @@ struct sample_inputs {
 seq_output sample_row(std::span<const float> logits, const sample_inputs& in,
                       std::vector<float>& scratch);
 
+// The uniform draw in [0, 1) for (seed, index): splitmix64, shared bit for bit by the GPU
+// sampler (engine/backend/cuda/gpu_sampler.cu), so that both pick the same token.
+double sample_uniform(uint64_t seed, uint64_t index);
+
+// One logits row to sample: which seq_step of the plan, which row of forward_output, and the
+// inputs (pointing into the plan and into the sampler's penalty state: valid until the next call).
+struct row_job {
+  size_t seq = 0;  // index into plan.seqs
+  int32_t row = 0; // logits row (forward_output::first_row + num_rows - 1)
+  sample_inputs in;
+};
+
 // The per-worker sampler: keeps penalty state per sequence across steps (dropped on
 // plan.finished and seq_step::first_step) and samples every seq_step that asked for logits.
 class sampler {
  public:
   expected<step_result> sample(const step_plan& plan, const forward_output& out);
+
+  // The bookkeeping half of sample(): updates the penalty state with the plan's tokens and lists
+  // the rows to sample, in plan order (out.logits is not read). The GPU sampler samples these rows
+  // on the device; sample() samples them here.
+  expected<std::vector<row_job>> prepare(const step_plan& plan, const forward_output& out);
 
   size_t num_tracked() const { return state_.size(); }
 

@@ -324,9 +324,23 @@ expected<void> cuda_backend_impl::init(const model_config& c, const weight_sourc
   auto inv = rope_inv_freq(c);
   TROUPE_ASSIGN(inv_freq_, alloc<float>(inv.size()));
   TROUPE_CUDA(cudaMemcpy(inv_freq_, inv.data(), inv.size() * 4, cudaMemcpyHostToDevice));
-  TROUPE_TRY_VOID(load_weights(w));
+  // Memory plan: weights, then the activation workspace, then the KV pool from what
+  // gpu_memory_utilization leaves (alloc_kv). Running out names the numbers.
+  auto with_numbers = [&](error e, const char* what) -> error {
+    size_t free = 0, capacity = 0;
+    cudaMemGetInfo(&free, &capacity);
+    return std::move(e).context(strf("%s: weights so far %.2f GiB, GPU %d has %.2f GiB free of %.2f GiB "
+                          "(gpu_memory_utilization %.2f)",
+                          what, weight_bytes_ / 1073741824.0, opt_.device, free / 1073741824.0,
+                          capacity / 1073741824.0, static_cast<double>(opt_.gpu_memory_utilization)));
+  };
+  if (auto r = load_weights(w); !r)
+    return with_numbers(std::move(r).error(), "loading the weights");
   size_t workspace = 0;
-  TROUPE_ASSIGN(workspace, alloc_workspace());
+  if (auto r = alloc_workspace(); !r)
+    return with_numbers(std::move(r).error(), "allocating the activation workspace");
+  else
+    workspace = *r;
 
   // Step metadata: tokens, positions, token_seq, slots [T]; logit rows [R]; attention routing
   // [7 T]; block tables.

@@ -38,6 +38,12 @@ class cuda_backend : public backend {
 public:
   // Greedy step: like forward(), but only each row's argmax comes back (one id per logits row).
   virtual expected<void> forward_greedy(const step_plan& plan, std::vector<token_id>& tokens) = 0;
+  // Like forward(), but the logits stay on the GPU (for the GPU sampler): fills out.first_row /
+  // num_rows, leaves out.logits empty, and returns the device address of the fp32 logits
+  // [rows, vocab] (null when no row), valid until the next step. Queued on stream(); returns
+  // without waiting for the step.
+  virtual expected<float*> forward_on_device(const step_plan& plan, forward_output& out) = 0;
+  virtual void* stream() const = 0; // the backend's cudaStream_t
   virtual size_t weight_bytes() const = 0;
   virtual size_t kv_bytes() const = 0;
   // Decode steps replay CUDA graphs captured per batch size; off = always eager (and always off

@@ -62,6 +62,8 @@ public:
   kv_cache_options kv_options() const override { return kv_; }
   expected<void> forward(const step_plan& plan, forward_output& out) override;
   expected<void> forward_greedy(const step_plan& plan, std::vector<token_id>& tokens) override;
+  expected<float*> forward_on_device(const step_plan& plan, forward_output& out) override;
+  void* stream() const override { return stream_; }
   size_t weight_bytes() const override { return weight_bytes_; }
   size_t kv_bytes() const override { return kv_buf_.bytes(); }
   void set_use_graphs(bool on) override { use_graphs_ = on; }

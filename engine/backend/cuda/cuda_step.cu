@@ -343,6 +343,19 @@ expected<void> cuda_backend_impl::forward(const step_plan& plan, forward_output&
   return sync();
 }
 
+expected<float*> cuda_backend_impl::forward_on_device(const step_plan& plan,
+                                                    forward_output& out) {
+  TROUPE_TRY_VOID(upload(plan));
+  const int32_t rows = prepare_output(plan, config_.vocab_size, out, false);
+  if (T_ == 0)
+    return nullptr;
+  TROUPE_TRY_VOID(run_step()); // also for steps without logits: they write KV
+  if (rows == 0)
+    return nullptr;
+  TROUPE_TRY_VOID(from_last_stage(logits_, static_cast<size_t>(rows) * config_.vocab_size));
+  return logits_;
+}
+
 expected<void> cuda_backend_impl::forward_greedy(const step_plan& plan,
                                                  std::vector<token_id>& tokens) {
   TROUPE_TRY_VOID(upload(plan));

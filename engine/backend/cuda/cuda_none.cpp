@@ -1,0 +1,23 @@
+// Builds without CUDA: the CUDA entry points exist and say why they cannot run, so that callers
+// (deployment, `cluster generate --device cuda`, GPU tests) need no #ifdef.
+#include "engine/backend/cuda/cuda_backend.hpp"
+#include "engine/backend/cuda/gpu_sampler.hpp"
+
+namespace troupe::engine {
+
+namespace {
+constexpr const char* why = "troupe was built without CUDA (no nvcc, CUDA toolkit or NCCL at "
+                            "configure time, or TROUPE_CUDA=OFF)";
+}
+
+std::string cuda_unavailable_reason() { return why; }
+
+expected<std::unique_ptr<cuda_backend>> make_cuda_backend(const model_config&,
+                                                          const weight_source*, kv_cache_options,
+                                                          cuda_options) {
+  return error{errc::unsupported, why};
+}
+
+expected<std::unique_ptr<gpu_sampler>> make_gpu_sampler() { return error{errc::unsupported, why}; }
+
+} // namespace troupe::engine

@@ -1,0 +1,66 @@
+#include "engine/scheduler/cuda_executor.hpp"
+
+#include "engine/model/gguf_weights.hpp"
+#include "engine/model/safetensors.hpp"
+
+namespace troupe::engine {
+
+expected<std::unique_ptr<cuda_executor>> cuda_executor::create(cuda_backend& model) {
+  auto gpu = make_gpu_sampler();
+  if (!gpu)
+    return std::move(gpu).error();
+  return std::unique_ptr<cuda_executor>(new cuda_executor(model, std::move(*gpu)));
+}
+
+expected<step_result> cuda_executor::execute(const step_plan& plan) {
+  step_result result{.step = plan.step};
+  if (plan.seqs.empty()) {
+    prepare_output(plan, model_.config().vocab_size, out_, false);
+    TROUPE_TRY_VOID(host_.prepare(plan, out_)); // still drops state of finished sequences
+    return result;
+  }
+  auto logits = model_.forward_on_device(plan, out_);
+  if (!logits)
+    return std::move(logits).error();
+  auto jobs = host_.prepare(plan, out_);
+  if (!jobs)
+    return std::move(jobs).error();
+  // Waits for the step even when no row is sampled (errors surface here, not a step later).
+  auto outputs = gpu_->sample(*logits, model_.config().vocab_size, *jobs, model_.stream());
+  if (!outputs)
+    return std::move(outputs).error();
+  for (size_t i = 0; i < jobs->size(); ++i) {
+    auto& o = (*outputs)[i];
+    o.id = plan.seqs[(*jobs)[i].seq].id;
+    result.outputs.push_back(std::move(o));
+  }
+  return result;
+}
+
+expected<std::unique_ptr<cuda_backend>> load_cuda_backend(const std::filesystem::path& model,
+                                                          kv_cache_options kv,
+                                                          cuda_options options) {
+  if (auto why = cuda_unavailable_reason(); !why.empty())
+    return make_error(errc::unsupported, "device: cuda cannot run here: {}", why);
+  auto gguf = gguf_model_file(model);
+  if (!gguf)
+    return std::move(gguf).error();
+  if (*gguf) {
+    auto weights = gguf_weights::open(**gguf);
+    if (!weights)
+      return std::move(weights).error();
+    auto config = gguf_model_config(weights->file());
+    if (!config)
+      return std::move(config).error();
+    return make_cuda_backend(*config, &*weights, kv, options);
+  }
+  auto config = load_model_config(model);
+  if (!config)
+    return std::move(config).error();
+  auto weights = weight_store::open(model);
+  if (!weights)
+    return std::move(weights).error();
+  return make_cuda_backend(*config, &*weights, kv, options);
+}
+
+} // namespace troupe::engine
