@@ -44,6 +44,7 @@ expected<void> load_cuda(worker* self, const msg::worker_spec& spec) {
                          .max_num_seqs = spec.max_num_seqs,
                          .max_logit_rows = spec.max_num_seqs,
                          .max_model_len = spec.max_model_len,
+                         .gpu_memory_utilization = spec.gpu_memory_utilization,
                          .layout = lay,
                          .tensor = st.gpu_tensor.get(),
                          .world = st.gpu_world.get()};
@@ -117,7 +118,9 @@ caf::behavior worker_actor(caf::stateful_actor<worker_state>* self, msg::worker_
           reply.error = ok.error().to_string();
           log::error("worker {} rank {}: load failed: {}", spec.deployment, rank, reply.error);
         } else {
-          log::info("worker {} rank {}: loaded {}", spec.deployment, rank, spec.model);
+          reply.kv_blocks = self->state.model->kv_options().num_blocks;
+          log::info("worker {} rank {}: loaded {} ({} KV blocks)", spec.deployment, rank,
+                    spec.model, reply.kv_blocks);
         }
         self->send(sender, std::move(reply));
       },

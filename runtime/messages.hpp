@@ -210,13 +210,16 @@ struct worker_spec {
   int32_t num_blocks = 0, block_size = 16;
   int64_t comm_timeout_ms = 10000; // Gloo rendezvous and collectives: a dead peer fails by then
   std::string backend = "cpu";     // model.yaml's device: cpu (Gloo) | cuda (NCCL)
-  int32_t max_model_len = 0, max_num_seqs = 0, max_num_batched_tokens = 0; // cuda sizing
+  // cuda sizing; num_blocks 0 = the KV pool takes what gpu_memory_utilization leaves
+  int32_t max_model_len = 0, max_num_seqs = 0, max_num_batched_tokens = 0;
+  float gpu_memory_utilization = 0.9f;
 };
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, worker_spec& x) {
   return f(caf::meta::type_name("worker_spec"), x.deployment, x.ns, x.model, x.tp_rank, x.tp_size,
            x.pp_rank, x.pp_size, x.device, x.num_blocks, x.block_size, x.comm_timeout_ms,
-           x.backend, x.max_model_len, x.max_num_seqs, x.max_num_batched_tokens);
+           x.backend, x.max_model_len, x.max_num_seqs, x.max_num_batched_tokens,
+           x.gpu_memory_utilization);
 }
 
 // Worker answers: (load_atom) -> worker_reply; (execute_atom, step_plan) -> worker_reply.
@@ -225,10 +228,12 @@ struct worker_reply {
   uint64_t step = 0; // the plan's step (0 for load)
   std::string error; // empty: ok
   step_result result;
+  int32_t kv_blocks = 0; // load: the size of this rank's KV pool
 };
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, worker_reply& x) {
-  return f(caf::meta::type_name("worker_reply"), x.rank, x.step, x.error, x.result);
+  return f(caf::meta::type_name("worker_reply"), x.rank, x.step, x.error, x.result,
+           x.kv_blocks);
 }
 
 // Key-value messages, all carrying the token first:

@@ -47,12 +47,10 @@ class owning_executor final : public engine::executor {
   std::unique_ptr<engine::executor> exec_;
 };
 
-} // namespace
-
 // Loads the model onto GPU 0 (bf16) with the KV pool sized from gpu_memory_utilization unless
 // num_kv_blocks fixes it; kv.num_blocks becomes the pool's real size.
-static expected<void> start_cuda(const engine::deployment_config& c, kv_plan& kv,
-                                 deployment::parts& p) {
+expected<std::unique_ptr<engine::executor>> start_cuda(const engine::deployment_config& c,
+                                                       kv_plan& kv) {
   engine::cuda_options o{.device = 0,
                          .max_num_batched_tokens = std::max(c.max_num_batched_tokens, 1),
                          .max_num_seqs = c.max_num_seqs,
@@ -84,6 +82,8 @@ static expected<void> start_cuda(const engine::deployment_config& c, kv_plan& kv
   return std::unique_ptr<engine::executor>(
       std::make_unique<owning_executor>(std::move(*model), std::move(*exec)));
 }
+
+} // namespace
 
 expected<kv_plan> plan_kv(const engine::deployment_config& c, const engine::model_config& m) {
   kv_plan p;

@@ -1,5 +1,7 @@
 #include "cli/serve/serving_actor.hpp"
 
+#include <algorithm>
+
 #include <caf/after.hpp>
 #include <caf/scoped_actor.hpp>
 
@@ -36,12 +38,14 @@ expected<std::vector<caf::actor>> spawn_workers(serving* self, const msg::deploy
                           .pp_rank = r.pp_rank,
                           .pp_size = c.parallel.pipeline,
                           .device = r.device,
-                          .num_blocks = kv.num_blocks,
+                          // cuda: 0 lets each GPU size its pool from gpu_memory_utilization
+                          .num_blocks = c.device == "cuda" ? c.num_kv_blocks : kv.num_blocks,
                           .block_size = c.block_size,
                           .backend = c.device,
                           .max_model_len = kv.max_model_len,
                           .max_num_seqs = c.max_num_seqs,
-                          .max_num_batched_tokens = c.max_num_batched_tokens};
+                          .max_num_batched_tokens = c.max_num_batched_tokens,
+                          .gpu_memory_utilization = static_cast<float>(c.gpu_memory_utilization)};
     troupe::error err;
     s->request(plan.nodes[i], 10s, msg::spawn_atom::value, std::move(spec),
                caf::actor_cast<caf::actor>(self))
@@ -55,7 +59,8 @@ expected<std::vector<caf::actor>> spawn_workers(serving* self, const msg::deploy
 }
 
 // Has every worker load its shard; fails on the first error or a worker that dies. Blocks.
-expected<void> load_workers(serving* self, const std::vector<caf::actor>& workers,
+// Returns the smallest KV pool among the ranks (the pool the scheduler may use).
+expected<int32_t> load_workers(serving* self, const std::vector<caf::actor>& workers,
                             const msg::deployment_plan& plan) {
   caf::scoped_actor s{self->system()};
   for (const auto& w : workers) {
@@ -63,6 +68,7 @@ expected<void> load_workers(serving* self, const std::vector<caf::actor>& worker
     s->send(w, msg::load_atom::value);
   }
   size_t loaded = 0;
+  int32_t blocks = 0;
   std::string err;
   const auto deadline = std::chrono::steady_clock::now() + load_timeout;
   while (loaded < workers.size() && err.empty()) {
@@ -74,7 +80,7 @@ expected<void> load_workers(serving* self, const std::vector<caf::actor>& worker
             err = fmt::format("rank {} on node {} failed to load: {}", r.rank,
                               plan.ranks.at(static_cast<size_t>(r.rank)).node_id, r.error);
           else
-            ++loaded;
+            blocks = loaded++ == 0 ? r.kv_blocks : std::min(blocks, r.kv_blocks);
         },
         [&](caf::down_msg& dm) {
           err = "a worker died while loading (" + self->system().render(dm.reason) + ")";
@@ -84,7 +90,7 @@ expected<void> load_workers(serving* self, const std::vector<caf::actor>& worker
   }
   if (!err.empty())
     return make_error(errc::unavailable, "{}", err);
-  return {};
+  return blocks;
 }
 
 expected<std::string> start(serving* self, const caf::actor& head, const std::string& version,
@@ -92,11 +98,21 @@ expected<std::string> start(serving* self, const caf::actor& head, const std::st
   const auto& c = plan.config;
   const std::string name = c.served_model_name;
   auto factory = [&](const engine::model_config&,
-                     const kv_plan& kv) -> expected<std::unique_ptr<engine::executor>> {
+                     kv_plan& kv) -> expected<std::unique_ptr<engine::executor>> {
     auto workers = spawn_workers(self, plan, kv);
     if (!workers)
       return std::move(workers).error();
-    TROUPE_TRY_VOID(load_workers(self, *workers, plan));
+    auto blocks = load_workers(self, *workers, plan);
+    if (!blocks)
+      return std::move(blocks).error();
+    const int32_t per_seq = (kv.max_model_len + c.block_size - 1) / c.block_size;
+    if (*blocks < per_seq)
+      return make_error(errc::resource_exhausted,
+                        "the smallest rank's KV pool has {} blocks of {} tokens, fewer than one "
+                        "context of max_model_len {} needs ({}); raise gpu_memory_utilization or "
+                        "lower max_model_len",
+                        *blocks, c.block_size, kv.max_model_len, per_seq);
+    kv.num_blocks = *blocks; // cpu: the planned pool; cuda: what the GPUs had room for
     // The last stage's tensor rank 0 answers (every rank samples the same tokens).
     const size_t answer = static_cast<size_t>(c.parallel.pipeline - 1) * c.parallel.tensor;
     auto& sys = self->system();

@@ -67,8 +67,10 @@ __device__ double uniform(uint64_t seed, uint64_t index) {
 }
 
 // Larger key = earlier in the host's order (higher value, then lower id); unique per element.
+// -0 and +0 compare equal on the host, so both get +0's bits (else -0 would rank below +0
+// whatever the ids).
 __device__ uint64_t rank_key(float v, int32_t id) {
-  uint32_t b = __float_as_uint(v);
+  uint32_t b = v == 0.0f ? 0u : __float_as_uint(v);
   b = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
   return (static_cast<uint64_t>(b) << 32) | static_cast<uint32_t>(~static_cast<uint32_t>(id));
 }
