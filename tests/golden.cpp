@@ -39,7 +39,8 @@ nlohmann::json read_json(const fs::path& path) {
 
 std::vector<std::vector<int32_t>> golden_prompt_ids(const fs::path& model_dir) {
   std::vector<std::vector<int32_t>> prompts;
-  for (auto& c : read_json(model_dir / "golden.json").at("cases"))
+  const auto golden = read_json(model_dir / "golden.json"); // outlives the loop
+  for (auto& c : golden.at("cases"))
     prompts.push_back(c.at("prompt_ids").get<std::vector<int32_t>>());
   return prompts;
 }
