@@ -5,6 +5,7 @@
 
 #include "actors/caf_glue.hpp"
 #include "cluster/session.hpp"
+#include "engine/model/gguf_weights.hpp"
 #include "runtime/log.hpp"
 #include "runtime/messages.hpp"
 
@@ -163,7 +164,7 @@ caf::result<msg::deployment_view> on_deploy(head* self, const head_config& cfg,
   if (!cfg.spawn_serving)
     return refuse(make_error(errc::unsupported, "this head does not serve deployments"));
   const std::string name = dc.served_model_name;
-  auto model = cluster::peek_model_config(dc.model);
+  auto model = engine::peek_model_config(dc.model);
   if (!model)
     return refuse(std::move(model).error().context("model " + dc.model + " (read on the head)"));
   cluster::parallel_spec spec{dc.parallel.tensor, dc.parallel.pipeline, dc.parallel.replicas};

@@ -4,21 +4,8 @@
 
 #include <fmt/format.h>
 
-#include "engine/model/gguf_weights.hpp"
 
 namespace troupe::cluster {
-
-expected<engine::model_config> peek_model_config(const std::string& path) {
-  auto gguf = engine::gguf_model_file(path);
-  if (!gguf)
-    return std::move(gguf).error();
-  if (!*gguf)
-    return engine::load_model_config(path);
-  auto file = engine::gguf_file::open(**gguf);
-  if (!file)
-    return std::move(file).error();
-  return engine::gguf_model_config(*file);
-}
 
 cluster_view deployment_registry::free_view(const std::vector<node_record>& nodes,
                                             bool cpu_slots) const {

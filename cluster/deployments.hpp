@@ -1,7 +1,7 @@
 // The head's deployment records as plain C++ (design.md §1, §5): which deployments exist, their
 // state (loading | ready | failed), the devices their ranks hold, and the placement step that
 // turns a new deployment and the alive nodes' free devices into ranks (plan_placement). Called
-// by head_actor only; no I/O besides peek_model_config, which reads the model's config.
+// by head_actor only; no I/O.
 #pragma once
 
 #include <map>
@@ -13,9 +13,6 @@
 #include "engine/model/model_config.hpp"
 
 namespace troupe::cluster {
-
-// A model's config from an HF folder's config.json or a .gguf file's metadata. Blocks on I/O.
-expected<engine::model_config> peek_model_config(const std::string& path);
 
 struct deployment_record {
   std::string name;

@@ -22,18 +22,6 @@ struct deployment::parts {
 
 namespace {
 
-expected<engine::model_config> peek_config(const std::string& path) {
-  auto gguf = engine::gguf_model_file(path);
-  if (!gguf)
-    return std::move(gguf).error();
-  if (!*gguf)
-    return engine::load_model_config(path);
-  auto file = engine::gguf_file::open(**gguf);
-  if (!file)
-    return std::move(file).error();
-  return engine::gguf_model_config(*file);
-}
-
 // A backend in this process and the executor over it (which refers to the backend, so it goes
 // first).
 class owning_executor final : public engine::executor {
@@ -149,7 +137,7 @@ expected<std::unique_ptr<deployment>> deployment::start(const engine::deployment
   auto d = std::unique_ptr<deployment>(new deployment());
   d->parts_ = std::make_unique<parts>();
   auto& p = *d->parts_;
-  auto config = peek_config(c.model);
+  auto config = engine::peek_model_config(c.model);
   if (!config)
     return std::move(config).error().context("model " + c.model);
   auto kv = plan_kv(c, *config);

@@ -128,6 +128,18 @@ std::optional<std::string> gguf_tensor_name(std::string_view hf) {
   return std::nullopt;
 }
 
+expected<model_config> peek_model_config(const std::filesystem::path& path) {
+  auto gguf = gguf_model_file(path);
+  if (!gguf)
+    return std::move(gguf).error();
+  if (!*gguf)
+    return load_model_config(path);
+  auto file = gguf_file::open(**gguf);
+  if (!file)
+    return std::move(file).error();
+  return gguf_model_config(*file);
+}
+
 expected<std::optional<std::filesystem::path>> gguf_model_file(const std::filesystem::path& path) {
   namespace fs = std::filesystem;
   std::error_code ec;

@@ -30,6 +30,10 @@ expected<std::optional<std::filesystem::path>> gguf_model_file(const std::filesy
 // features we cannot reproduce (rope_freqs tensors, YaRN) are errors naming the key.
 expected<model_config> gguf_model_config(const gguf_file& file);
 
+// A model's config without its weights: config.json of a Hugging Face folder, or the metadata of
+// the .gguf file the path means (gguf_model_file). Blocks on reading the file.
+expected<model_config> peek_model_config(const std::filesystem::path& path);
+
 class gguf_weights final : public weight_source {
 public:
   static expected<gguf_weights> open(const std::filesystem::path& path);

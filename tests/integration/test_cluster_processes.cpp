@@ -130,7 +130,13 @@ TEST_CASE("cluster: after a head restart the workers reconnect on their own") {
   pid_t head = fx.start_head_blocking();
   fx.join_blocking("w1");
   fx.join_blocking("w2");
-  REQUIRE(eventually([&] { return !fx.node_id("w1").empty() && !fx.node_id("w2").empty(); }, 20s));
+  // The head's own node writes its id file after the head is up: wait for all three.
+  REQUIRE(eventually(
+      [&] {
+        return !fx.node_id("w1").empty() && !fx.node_id("w2").empty() &&
+               !fx.node_id("head", "head").empty();
+      },
+      20s));
   const std::string w1 = fx.node_id("w1"), w2 = fx.node_id("w2"), h = fx.node_id("head", "head");
   REQUIRE(eventually([&] { return all_alive(fx, {h, w1, w2}, 3); }, 20s));
   kill(head, SIGKILL);
