@@ -198,6 +198,18 @@ __device__ uint64_t descend(const row_view& r, double target, bool count, shared
 }
 
 // Draw in id order (the host's candidates when neither top-k nor top-p sorted them).
+// The probability mass of the tokens the current cuts (top-k, top-p, min-p) keep, summed over
+// the block.
+__device__ double active_mass(const row_view& r, shared_state& sh) {
+  double total = 0;
+  for (int i = threadIdx.x; i < r.V; i += blockDim.x) {
+    const double q = r.prob(i);
+    if (r.active(i, r.key(i), q))
+      total += q;
+  }
+  return block_sum(total, sh);
+}
+
 __device__ int32_t draw_by_id(const row_view& r, double target, shared_state& sh) {
   const int chunk = (r.V + blockDim.x - 1) / blockDim.x;
   const int begin = min(r.V, static_cast<int>(threadIdx.x) * chunk), end = min(r.V, begin + chunk);
@@ -314,24 +326,10 @@ __global__ void __launch_bounds__(threads)
       if (by_k)
         r.k_min = descend(r, static_cast<double>(p.top_k - 1), true, sh);
       if (p.top_p < 1.0f) {
-        double total = 0;
-        for (int i = threadIdx.x; i < V; i += blockDim.x) {
-          const double q = r.prob(i);
-          if (r.active(i, r.key(i), q))
-            total += q;
-        }
-        total = block_sum(total, sh);
-        r.p_min = descend(r, static_cast<double>(p.top_p) * total, false, sh);
+        r.p_min = descend(r, static_cast<double>(p.top_p) * active_mass(r, sh), false, sh);
       }
       r.min_p = p.min_p;
-      double total = 0;
-      for (int i = threadIdx.x; i < V; i += blockDim.x) {
-        const double q = r.prob(i);
-        if (r.active(i, r.key(i), q))
-          total += q;
-      }
-      total = block_sum(total, sh);
-      const double target = uniform(p.seed, p.index) * total;
+      const double target = uniform(p.seed, p.index) * active_mass(r, sh);
       token = (by_k || p.top_p < 1.0f) ? key_id(descend(r, target, false, sh))
                                        : draw_by_id(r, target, sh);
     }
