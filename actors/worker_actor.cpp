@@ -47,7 +47,8 @@ expected<void> load_cuda(worker* self, const msg::worker_spec& spec) {
                          .gpu_memory_utilization = spec.gpu_memory_utilization,
                          .layout = lay,
                          .tensor = st.gpu_tensor.get(),
-                         .world = st.gpu_world.get()};
+                         .world = st.gpu_world.get(),
+                         .broadcast_logits = false}; // only the last stage samples
   auto model = engine::load_cuda_backend(
       spec.model, {.num_blocks = spec.num_blocks, .block_size = spec.block_size}, o);
   if (!model)
@@ -89,7 +90,7 @@ expected<void> load(worker* self, const msg::worker_spec& spec, const worker_con
   }
   auto model = engine::cpu_backend::load(
       spec.model, {.num_blocks = spec.num_blocks, .block_size = spec.block_size},
-      {lay, st.tensor.get(), st.world.get()});
+      {lay, st.tensor.get(), st.world.get(), /*broadcast_logits=*/false});
   if (!model)
     return std::move(model).error();
   st.exec = std::make_unique<engine::local_executor>(**model);
@@ -124,9 +125,9 @@ caf::behavior worker_actor(caf::stateful_actor<worker_state>* self, msg::worker_
         }
         self->send(sender, std::move(reply));
       },
-      [self, spec, rank](msg::execute_atom, const step_plan& plan) {
+      [self, spec, rank](msg::execute_atom, uint64_t ticket, const step_plan& plan) {
         auto sender = caf::actor_cast<caf::actor>(self->current_sender());
-        msg::worker_reply reply{.rank = rank, .step = plan.step};
+        msg::worker_reply reply{.rank = rank, .ticket = ticket};
         auto& st = self->state;
         if (!st.exec) {
           reply.error = "not loaded";

@@ -222,17 +222,19 @@ typename Inspector::result_type inspect(Inspector& f, worker_spec& x) {
            x.gpu_memory_utilization);
 }
 
-// Worker answers: (load_atom) -> worker_reply; (execute_atom, step_plan) -> worker_reply.
+// Worker answers: (load_atom) -> worker_reply; (execute_atom, ticket, step_plan) ->
+// worker_reply with that ticket (the remote executor's submission number: plans of several
+// scheduler lanes may share a step number).
 struct worker_reply {
-  int32_t rank = 0;  // world rank
-  uint64_t step = 0; // the plan's step (0 for load)
+  int32_t rank = 0;    // world rank
+  uint64_t ticket = 0; // the plan's ticket (0 for load)
   std::string error; // empty: ok
   step_result result;
   int32_t kv_blocks = 0; // load: the size of this rank's KV pool
 };
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, worker_reply& x) {
-  return f(caf::meta::type_name("worker_reply"), x.rank, x.step, x.error, x.result,
+  return f(caf::meta::type_name("worker_reply"), x.rank, x.ticket, x.error, x.result,
            x.kv_blocks);
 }
 

@@ -121,7 +121,7 @@ expected<std::string> start(serving* self, const caf::actor& head, const std::st
     };
     return std::unique_ptr<engine::executor>(std::make_unique<actors::remote_executor>(
         sys, std::move(*workers), answer, msg::worker_spec{}.comm_timeout_ms * 1ms + 5s,
-        on_failure));
+        on_failure, c.parallel.pipeline));
   };
   auto d = deployment::start(c, version, factory);
   if (!d)
