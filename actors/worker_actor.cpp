@@ -23,6 +23,7 @@ expected<void> load_cuda(worker* self, const msg::worker_spec& spec) {
   auto& st = self->state;
   const auto lay = layout_of(spec);
   const std::chrono::milliseconds timeout{spec.comm_timeout_ms};
+  const std::chrono::milliseconds stage_wait{std::max(spec.comm_timeout_ms, spec.stage_wait_ms)};
   if (spec.tp_size > 1) {
     auto t = engine::comm::make_nccl_communicator(
         *st.store, spec.tp_rank, spec.tp_size,
@@ -34,7 +35,7 @@ expected<void> load_cuda(worker* self, const msg::worker_spec& spec) {
   if (spec.pp_size > 1) {
     auto w = engine::comm::make_nccl_communicator(
         *st.store, lay.world_rank(), lay.world_size(),
-        {.device = spec.device, .prefix = "nccl-world", .timeout = timeout});
+        {.device = spec.device, .prefix = "nccl-world", .timeout = stage_wait});
     if (!w)
       return std::move(w).error().context("pipeline group");
     st.gpu_world = std::move(*w);
@@ -67,6 +68,7 @@ expected<void> load(worker* self, const msg::worker_spec& spec, const worker_con
   auto& st = self->state;
   const auto lay = layout_of(spec);
   const std::chrono::milliseconds timeout{spec.comm_timeout_ms};
+  const std::chrono::milliseconds stage_wait{std::max(spec.comm_timeout_ms, spec.stage_wait_ms)};
   st.store = std::make_unique<head_rendezvous_store>(self->system(), ctx.head, ctx.token, spec.ns);
   if (spec.backend == "cuda")
     return load_cuda(self, spec);
@@ -83,7 +85,7 @@ expected<void> load(worker* self, const msg::worker_spec& spec, const worker_con
   if (spec.pp_size > 1) {
     auto w = engine::comm::make_gloo_communicator(
         *st.store, lay.world_rank(), lay.world_size(),
-        {.hostname = ctx.address, .prefix = "world", .timeout = timeout});
+        {.hostname = ctx.address, .prefix = "world", .timeout = stage_wait});
     if (!w)
       return std::move(w).error().context("pipeline group");
     st.world = std::move(*w);

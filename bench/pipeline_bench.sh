@@ -5,7 +5,8 @@
 # concurrency C) against each. With both stages busy on different plans, pipeline=2 has twice
 # the compute: efficiency = throughput(pipeline=2) / (2 x throughput(pipeline=1)); stages that
 # took turns would give about 0.5. The last stage also holds the final norm and lm_head, which
-# bounds efficiency below 1 (the script prints each stage's share of the weights).
+# bounds efficiency below 1.
+# Prefill chunks are 512 tokens (max_num_batched_tokens), so no CPU step runs for long.
 # Usage: bench/pipeline_bench.sh MODEL_DIR [THREADS] [C]
 #   BIN: folder with cluster and serve_bench (default build/release/{cli,bench}); OUT: logs.
 set -euo pipefail
@@ -40,7 +41,7 @@ for _ in $(seq 1 60); do
 done
 run() { # pipeline
   local pp=$1 name=bench-pp$1
-  printf 'model: %s\nserved_model_name: %s\nmax_model_len: 1024\nmax_num_seqs: %s\nnum_kv_blocks: 512\nport: 0\nparallel: {pipeline: %s}\n' \
+  printf 'model: %s\nserved_model_name: %s\nmax_model_len: 1024\nmax_num_seqs: %s\nmax_num_batched_tokens: 512\nnum_kv_blocks: 512\nport: 0\nparallel: {pipeline: %s}\n' \
     "$model" "$name" "$conc" "$pp" > "$work/$name.yaml"
   local served url
   served=$("$cluster" serve "$work/$name.yaml" --address 127.0.0.1:$port --token $token)

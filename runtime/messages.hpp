@@ -209,6 +209,10 @@ struct worker_spec {
   int32_t device = 0;
   int32_t num_blocks = 0, block_size = 16;
   int64_t comm_timeout_ms = 10000; // Gloo rendezvous and collectives: a dead peer fails by then
+  // How long a pipeline stage waits for the previous stage's hidden states: a whole step of that
+  // stage (a long CPU prefill), not just the skew of a collective. A dead stage is noticed
+  // sooner: the serving actor sees its worker go down.
+  static constexpr int64_t stage_wait_ms = 120000;
   std::string backend = "cpu";     // model.yaml's device: cpu (Gloo) | cuda (NCCL)
   // cuda sizing; num_blocks 0 = the KV pool takes what gpu_memory_utilization leaves
   int32_t max_model_len = 0, max_num_seqs = 0, max_num_batched_tokens = 0;

@@ -113,15 +113,16 @@ expected<std::string> start(serving* self, const caf::actor& head, const std::st
                         "lower max_model_len",
                         *blocks, c.block_size, kv.max_model_len, per_seq);
     kv.num_blocks = *blocks; // cpu: the planned pool; cuda: what the GPUs had room for
-    // The last stage's tensor rank 0 answers (every rank samples the same tokens).
+    // The last stage's tensor rank 0 answers (it samples). A plan passes every stage, each of
+    // which may wait up to stage_wait_ms for the one before it.
     const size_t answer = static_cast<size_t>(c.parallel.pipeline - 1) * c.parallel.tensor;
+    const auto step_timeout = msg::worker_spec::stage_wait_ms * 1ms * c.parallel.pipeline + 5s;
     auto& sys = self->system();
     auto on_failure = [head, name](const std::string& why) {
       caf::anon_send(head, msg::ready_atom::value, name, std::string("failed"), why);
     };
     return std::unique_ptr<engine::executor>(std::make_unique<actors::remote_executor>(
-        sys, std::move(*workers), answer, msg::worker_spec{}.comm_timeout_ms * 1ms + 5s,
-        on_failure, c.parallel.pipeline));
+        sys, std::move(*workers), answer, step_timeout, on_failure, c.parallel.pipeline));
   };
   auto d = deployment::start(c, version, factory);
   if (!d)
