@@ -11,6 +11,7 @@
 
 #include "engine/model/gguf.hpp"
 #include "engine/model/model_config.hpp"
+#include "engine/model/safetensors.hpp"
 #include "engine/model/weight_source.hpp"
 
 namespace troupe::engine {
@@ -59,5 +60,32 @@ private:
   gguf_file file_;
   int64_t num_heads_ = 0, num_kv_heads_ = 0; // for undoing the Q/K row permutation
 };
+
+// Opens a model path as every backend loader does (the .gguf file it means, else a Hugging Face
+// folder of config.json and safetensors) and returns make(config, weights) while the weights are
+// open. Blocks on reading the files.
+template <class Make>
+auto open_model(const std::filesystem::path& path, Make&& make)
+    -> decltype(make(std::declval<model_config>(), std::declval<const weight_source&>())) {
+  auto gguf = gguf_model_file(path);
+  if (!gguf)
+    return std::move(gguf).error();
+  if (*gguf) {
+    auto weights = gguf_weights::open(**gguf);
+    if (!weights)
+      return std::move(weights).error();
+    auto config = gguf_model_config(weights->file());
+    if (!config)
+      return std::move(config).error();
+    return make(std::move(*config), *weights);
+  }
+  auto config = load_model_config(path);
+  if (!config)
+    return std::move(config).error();
+  auto weights = weight_store::open(path);
+  if (!weights)
+    return std::move(weights).error();
+  return make(std::move(*config), *weights);
+}
 
 } // namespace troupe::engine

@@ -1,7 +1,6 @@
 #include "engine/scheduler/cuda_executor.hpp"
 
 #include "engine/model/gguf_weights.hpp"
-#include "engine/model/safetensors.hpp"
 
 namespace troupe::engine {
 
@@ -46,25 +45,9 @@ expected<std::unique_ptr<cuda_backend>> load_cuda_backend(const std::filesystem:
                                                           cuda_options options) {
   if (auto why = cuda_unavailable_reason(); !why.empty())
     return make_error(errc::unsupported, "device: cuda cannot run here: {}", why);
-  auto gguf = gguf_model_file(model);
-  if (!gguf)
-    return std::move(gguf).error();
-  if (*gguf) {
-    auto weights = gguf_weights::open(**gguf);
-    if (!weights)
-      return std::move(weights).error();
-    auto config = gguf_model_config(weights->file());
-    if (!config)
-      return std::move(config).error();
-    return make_cuda_backend(*config, &*weights, kv, options);
-  }
-  auto config = load_model_config(model);
-  if (!config)
-    return std::move(config).error();
-  auto weights = weight_store::open(model);
-  if (!weights)
-    return std::move(weights).error();
-  return make_cuda_backend(*config, &*weights, kv, options);
+  return open_model(model, [&](model_config config, const weight_source& weights) {
+    return make_cuda_backend(config, &weights, kv, options);
+  });
 }
 
 } // namespace troupe::engine

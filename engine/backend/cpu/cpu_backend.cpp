@@ -34,27 +34,10 @@ expected<std::unique_ptr<cpu_backend>>
 cpu_backend::load(const std::filesystem::path& model_dir, kv_cache_options kv,
                   parallel_context par) {
   const bool sharded = par.layout.world_size() > 1;
-  auto gguf = gguf_model_file(model_dir);
-  if (!gguf)
-    return std::move(gguf).error();
-  if (*gguf) {
-    auto weights = gguf_weights::open(**gguf);
-    if (!weights)
-      return std::move(weights).error();
-    auto config = gguf_model_config(weights->file());
-    if (!config)
-      return std::move(config).error();
-    return sharded ? create(std::move(*config), *weights, kv, par)
-                   : create(std::move(*config), *weights, kv);
-  }
-  auto config = load_model_config(model_dir);
-  if (!config)
-    return std::move(config).error();
-  auto weights = weight_store::open(model_dir);
-  if (!weights)
-    return std::move(weights).error();
-  return sharded ? create(std::move(*config), *weights, kv, par)
-                 : create(std::move(*config), *weights, kv);
+  return open_model(model_dir, [&](model_config config, const weight_source& weights) {
+    return sharded ? create(std::move(config), weights, kv, par)
+                   : create(std::move(config), weights, kv);
+  });
 }
 
 expected<std::unique_ptr<cpu_backend>>
