@@ -7,11 +7,11 @@ HTTP equals `cluster generate --device cuda`, `cluster status` lists the deploym
 Usage: cluster_cuda_e2e.py PATH/TO/cluster GOLDEN_DIR."""
 import json, os, re, subprocess, sys, tempfile, urllib.request
 
-cluster, golden = sys.argv[1], os.environ.get("TROUPE_GOLDEN_DIR", sys.argv[2])
-model = os.path.join(golden, "models", "tiny-qwen3")
-if not os.path.isfile(os.path.join(model, "config.json")):
-    print(f"SKIP: golden data not found at {golden}")
-    sys.exit(1 if os.environ.get("CI") == "true" else 77)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import serve_util  # noqa: E402
+from serve_util import golden_model  # noqa: E402
+
+cluster, model = sys.argv[1], golden_model(sys.argv[2])
 tmp = tempfile.mkdtemp(prefix="troupe-cluster-cuda-")
 env = dict(os.environ, TROUPE_TEMP_DIR=os.path.join(tmp, "troupe"))
 
@@ -22,9 +22,7 @@ def run(*args, timeout=300):
 
 
 def fail(msg):
-    print("FAIL:", msg)
-    run("stop")
-    sys.exit(1)
+    serve_util.fail(msg, lambda: run("stop"))
 
 
 with open(os.path.join(model, "golden.json")) as f:

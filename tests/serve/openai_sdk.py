@@ -1,6 +1,6 @@
 """Driven by openai_sdk.sh: the official SDK's chat and completions calls, streaming and not,
 against a real `cluster serve --block`; greedy SDK output equals the raw HTTP token ids."""
-import json, os, re, signal, subprocess, sys, tempfile, urllib.request
+import os, re, signal, subprocess, sys, tempfile
 
 import openai
 

@@ -6,17 +6,11 @@ exact input/output token totals, sane positive latencies, vLLM's key names.
 Usage: serve_bench_smoke.py PATH/TO/cluster PATH/TO/serve_bench GOLDEN_DIR. Exit 77 = skipped."""
 import json, os, re, signal, subprocess, sys, tempfile
 
-cluster, bench, golden = sys.argv[1], sys.argv[2], os.environ.get("TROUPE_GOLDEN_DIR", sys.argv[3])
-model = os.path.join(golden, "models", "tiny-qwen3")
-if not os.path.isfile(os.path.join(model, "config.json")):
-    print(f"SKIP: golden data not found at {golden}")
-    sys.exit(1 if os.environ.get("CI") == "true" else 77)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serve_util import fail, golden_model  # noqa: E402
+
+cluster, bench, model = sys.argv[1], sys.argv[2], golden_model(sys.argv[3])
 tmp = tempfile.mkdtemp(prefix="troupe-serve-bench-")
-
-
-def fail(msg):
-    print("FAIL:", msg)
-    sys.exit(1)
 
 
 def run_bench(base, name, *args):

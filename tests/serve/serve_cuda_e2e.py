@@ -5,26 +5,17 @@ equals `cluster generate --device cuda` on the same prompt ids, a sampled comple
 and logprobs is reproducible, and dtype: float32 is refused for cuda. Without a usable GPU the
 server must refuse with a clear reason, and the test skips (exit 77).
 Usage: serve_cuda_e2e.py PATH/TO/cluster GOLDEN_DIR."""
-import json, math, os, re, signal, subprocess, sys, tempfile, time, urllib.request
+import json, math, os, re, signal, subprocess, sys, tempfile
 
-cluster, golden = sys.argv[1], os.environ.get("TROUPE_GOLDEN_DIR", sys.argv[2])
-model = os.path.join(golden, "models", "tiny-qwen3")
-if not os.path.isfile(os.path.join(model, "config.json")):
-    print(f"SKIP: golden data not found at {golden}")
-    sys.exit(1 if os.environ.get("CI") == "true" else 77)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serve_util import fail, golden_model, post  # noqa: E402
+
+cluster, model = sys.argv[1], golden_model(sys.argv[2])
 tmp = tempfile.mkdtemp(prefix="troupe-serve-cuda-")
 
 
-def fail(msg):
-    print("FAIL:", msg)
-    sys.exit(1)
-
-
-def post(base, path, body, timeout=120):
-    req = urllib.request.Request(base + path, json.dumps(body).encode(),
-                                 {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read().decode())
+def post_json(base, path, body):
+    return json.loads(post(base, path, body)[1])
 
 
 def serve(yaml_text):
@@ -54,9 +45,9 @@ if not m:
 base = m.group(1)
 try:
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
-    j = post(base, "/v1/chat/completions",
-             {"model": "tiny", "messages": msgs, "max_tokens": 8, "temperature": 0,
-              "ignore_eos": True, "return_token_ids": True})
+    j = post_json(base, "/v1/chat/completions",
+                  {"model": "tiny", "messages": msgs, "max_tokens": 8, "temperature": 0,
+                   "ignore_eos": True, "return_token_ids": True})
     ids = j["choices"][0]["token_ids"]
     gen = subprocess.run([cluster, "generate", "--device", "cuda", "--model", model,
                           "--max-tokens", "8", "--ignore-eos",
@@ -72,8 +63,8 @@ try:
     body = {"model": "tiny", "prompt": "The capital of France is", "max_tokens": 12,
             "temperature": 0.8, "top_p": 0.9, "top_k": 40, "seed": 1234, "logprobs": 3,
             "ignore_eos": True, "frequency_penalty": 0.3}
-    a = post(base, "/v1/completions", body)
-    b = post(base, "/v1/completions", body)
+    a = post_json(base, "/v1/completions", body)
+    b = post_json(base, "/v1/completions", body)
     ca, cb = a["choices"][0], b["choices"][0]
     if ca["text"] != cb["text"]:
         fail(f"same seed, different completions: {ca['text']!r} vs {cb['text']!r}")

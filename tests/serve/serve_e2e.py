@@ -6,24 +6,11 @@ errors, and a clean SIGTERM stop. With SmolLM2 (TROUPE_SMOLLM2_GGUF), it must an
 Usage: serve_e2e.py PATH/TO/cluster GOLDEN_DIR. Exit 77 = skipped."""
 import json, os, re, signal, subprocess, sys, tempfile, time, urllib.error, urllib.request
 
-cluster, golden = sys.argv[1], os.environ.get("TROUPE_GOLDEN_DIR", sys.argv[2])
-model = os.path.join(golden, "models", "tiny-qwen3")
-if not os.path.isfile(os.path.join(model, "config.json")):
-    print(f"SKIP: golden data not found at {golden}")
-    sys.exit(1 if os.environ.get("CI") == "true" else 77)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serve_util import fail, golden_model, post  # noqa: E402
+
+cluster, model = sys.argv[1], golden_model(sys.argv[2])
 tmp = tempfile.mkdtemp(prefix="troupe-serve-")
-
-
-def fail(msg):
-    print("FAIL:", msg)
-    sys.exit(1)
-
-
-def post(base, path, body, timeout=120):
-    req = urllib.request.Request(base + path, json.dumps(body).encode(),
-                                 {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return r.status, r.read().decode()
 
 
 def serve(yaml_text, *extra):

@@ -11,11 +11,10 @@ Usage: serve_robustness.py PATH/TO/cluster GOLDEN_DIR. Exit 77 = skipped."""
 import json, os, random, re, signal, socket, struct, subprocess, sys, tempfile, threading, time
 from concurrent.futures import ThreadPoolExecutor
 
-cluster, golden = sys.argv[1], os.environ.get("TROUPE_GOLDEN_DIR", sys.argv[2])
-model = os.path.join(golden, "models", "tiny-qwen3")
-if not os.path.isfile(os.path.join(model, "config.json")):
-    print(f"SKIP: golden data not found at {golden}")
-    sys.exit(1 if os.environ.get("CI") == "true" else 77)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serve_util import fail, golden_model  # noqa: E402
+
+cluster, model = sys.argv[1], golden_model(sys.argv[2])
 TOTAL, WARMUP, THREADS = 1000, 200, 8
 MAX_MODEL_LEN = 256
 # RSS after 1,000 requests may exceed RSS after 200 by at most this (allocator caches and thread
@@ -24,11 +23,6 @@ MARGIN_BYTES, MARGIN_FRAC = 24 << 20, 0.10
 tmp = tempfile.mkdtemp(prefix="troupe-robust-")
 failures = []
 fail_lock = threading.Lock()
-
-
-def fail(msg):
-    print("FAIL:", msg)
-    sys.exit(1)
 
 
 def note(msg):
