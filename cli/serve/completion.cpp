@@ -207,7 +207,10 @@ class completion_run {
       delta += detok_.finish();
     }
     text_ += delta;
-    if (!req_.stream || (delta.empty() && !ends))
+    // A token whose text is held back (part of a UTF-8 character or of a possible stop string)
+    // still gets its chunk when the client asked for token ids (as vLLM), or its id is lost.
+    const bool ids_chunk = req_.return_token_ids && o.has_token;
+    if (!req_.stream || (delta.empty() && !ends && !ids_chunk))
       return;
     json choice = {{"index", 0}};
     if (req_.chat)
