@@ -111,10 +111,11 @@ class completion_run {
       sent_prompt_ids_(!req.return_token_ids) {}
 
   int run() {
-    auto submitted = ctx_.engine->submit(make_engine_request(req_, ctx_.model));
+    auto submitted = ctx_.router->submit(make_engine_request(req_, ctx_.model));
     if (!submitted) {
       const auto& err = submitted.error();
-      const bool busy = err.code() == errc::resource_exhausted || err.code() == errc::cancelled;
+      const bool busy = err.code() == errc::resource_exhausted || err.code() == errc::cancelled ||
+                        err.code() == errc::unavailable; // no replica serving (restarting)
       return reply_error({busy ? 503 : 400, err.message(), {}, {}});
     }
     const auto [id, channel] = *submitted;
@@ -127,7 +128,7 @@ class completion_run {
       for (const auto& o : outs)
         consume(o);
       if (finish_ == engine::finish_reason::none && (!out_.ok || (!got && peer_gone(sock_)))) {
-        ctx_.engine->cancel(id); // frees its KV blocks
+        ctx_.router->cancel(id); // frees its KV blocks
         keep_alive_ = false;
         return 499; // the client closed the request
       }
