@@ -60,10 +60,11 @@ cluster_view deployment_registry::free_view(const std::vector<node_record>& node
   return view;
 }
 
-expected<const deployment_record*>
-deployment_registry::add(const std::string& name, const parallel_spec& spec,
-                         const engine::model_config& model, const std::vector<node_record>& nodes,
-                         bool cpu_slots) {
+expected<const deployment_record*> deployment_registry::add(const std::string& name,
+                                                            const parallel_spec& spec,
+                                                            const engine::model_config& model,
+                                                            const std::vector<node_record>& nodes,
+                                                            bool cpu_slots) {
   if (records_.count(name))
     return make_error(errc::invalid_argument,
                       "a deployment named '{}' exists already (cluster serve --stop {} first)",
@@ -82,7 +83,8 @@ deployment_registry::add(const std::string& name, const parallel_spec& spec,
                         .replicas = {},
                         .restarts = 0};
   for (int r = 0; r < spec.replicas; ++r)
-    rec.replicas.push_back({.index = r, .ns = fmt::format("{}/r{}", rec.ns, r), .state = "loading"});
+    rec.replicas.push_back(
+        {.index = r, .ns = fmt::format("{}/r{}", rec.ns, r), .state = "loading"});
   for (const auto& rank : where->ranks)
     rec.replicas.at(static_cast<size_t>(rank.replica)).ranks.push_back(rank);
   auto& out = records_[name] = std::move(rec);
@@ -163,9 +165,8 @@ deployment_registry::fail_node(const std::string& node_id, const std::string& wh
   std::vector<replica_ref> hit;
   for (const auto& [name, rec] : records_)
     for (const auto& r : rec.replicas)
-      if (running(r) && std::any_of(r.ranks.begin(), r.ranks.end(), [&](const rank_placement& p) {
-            return p.node_id == node_id;
-          }))
+      if (running(r) && std::any_of(r.ranks.begin(), r.ranks.end(),
+                                    [&](const rank_placement& p) { return p.node_id == node_id; }))
         hit.push_back({name, r.index, r.ns});
   for (const auto& h : hit)
     fail_replica(h.name, h.ns, fmt::format("node {} holding a rank died: {}", node_id, why), now);
@@ -193,8 +194,8 @@ deployment_registry::place_replica(const std::string& name, int replica,
     return make_error(errc::not_found, "deployment '{}' has no replica {}", name, replica);
   auto& rep = rec->replicas[static_cast<size_t>(replica)];
   if (rep.state != "failed" && rep.state != "waiting")
-    return make_error(errc::invalid_argument, "replica {} of '{}' is {}, not failed", replica,
-                      name, rep.state);
+    return make_error(errc::invalid_argument, "replica {} of '{}' is {}, not failed", replica, name,
+                      rep.state);
   auto one = rec->spec;
   one.replicas = 1;
   auto where = plan_placement(one, rec->model, free_view(nodes, rec->cpu_slots));

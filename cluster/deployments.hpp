@@ -25,10 +25,10 @@ namespace troupe::cluster {
 
 struct replica_record {
   int index = 0;
-  std::string ns;    // KV namespace of this replica's current attempt (Gloo/NCCL rendezvous)
-  std::string state; // loading | ready | failed | waiting | restarting
-  std::string cause; // why it last failed
-  std::string reason;                // the state's explanation, shown by `cluster status`
+  std::string ns;     // KV namespace of this replica's current attempt (Gloo/NCCL rendezvous)
+  std::string state;  // loading | ready | failed | waiting | restarting
+  std::string cause;  // why it last failed
+  std::string reason; // the state's explanation, shown by `cluster status`
   std::vector<rank_placement> ranks; // (pp, tp) order; empty while it holds no devices
   int failed_restarts = 0;           // consecutive failed restart attempts (the backoff)
   clock::time_point retry_at{};      // failed or waiting: the next placement attempt

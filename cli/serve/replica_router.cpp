@@ -156,8 +156,8 @@ std::string replica_router::metrics_text(const serve_metrics& m, const std::stri
   out += "# HELP troupe_replica_up Whether the replica serves (0: failed or restarting).\n"
          "# TYPE troupe_replica_up gauge\n";
   for (size_t i = 0; i < up.size(); ++i)
-    out += fmt::format("troupe_replica_up{{model_name=\"{}\",replica=\"{}\"}} {}\n", model, i,
-                       up[i]);
+    out +=
+        fmt::format("troupe_replica_up{{model_name=\"{}\",replica=\"{}\"}} {}\n", model, i, up[i]);
   out += "# HELP troupe_replica_requests_total Requests routed to the replica.\n"
          "# TYPE troupe_replica_requests_total counter\n";
   for (size_t i = 0; i < submitted.size(); ++i)

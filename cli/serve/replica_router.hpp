@@ -82,7 +82,7 @@ class replica_router {
     std::weak_ptr<request_channel> channel; // expires once the engine and the session let go
   };
   bool serving(const slot& s) const;
-  void prune(); // under mu_: forgets finished requests
+  void prune();                // under mu_: forgets finished requests
   size_t load(size_t i) const; // under mu_: unfinished requests of replica i
 
   const std::string deployment_;

@@ -94,10 +94,11 @@ expected<int32_t> load_workers(caf::blocking_actor* self, const caf::actor& owne
             err = make_error(errc::unavailable, "a worker of replica {} died while loading ({})",
                              plan.replica, self->system().render(dm.reason));
         },
-        caf::after(std::max(left, std::chrono::milliseconds(1))) >> [&] {
-          err = make_error(errc::timeout, "replica {}: ranks did not load within {} s",
-                           plan.replica, load_timeout.count());
-        });
+        caf::after(std::max(left, std::chrono::milliseconds(1))) >>
+            [&] {
+              err = make_error(errc::timeout, "replica {}: ranks did not load within {} s",
+                               plan.replica, load_timeout.count());
+            });
   }
   if (err)
     return err;
@@ -113,8 +114,8 @@ void replica_loader(caf::blocking_actor* self, caf::actor owner, engine::deploym
   msg::replica_loaded out{.replica = plan.replica, .ns = plan.ns};
   std::vector<caf::actor> workers;
   auto ok = spawn_workers(self, owner, c, kv, plan, workers);
-  expected<int32_t> blocks = ok ? load_workers(self, owner, workers, plan)
-                                : expected<int32_t>(std::move(ok).error());
+  expected<int32_t> blocks =
+      ok ? load_workers(self, owner, workers, plan) : expected<int32_t>(std::move(ok).error());
   if (!blocks) {
     stop_workers(workers);
     if (blocks.error().code() == errc::cancelled)
@@ -128,8 +129,8 @@ void replica_loader(caf::blocking_actor* self, caf::actor owner, engine::deploym
 }
 
 void start_loader(serving* self, const msg::replica_plan& plan) {
-  self->spawn<caf::detached>(replica_loader, caf::actor_cast<caf::actor>(self),
-                             self->state.config, self->state.kv, plan);
+  self->spawn<caf::detached>(replica_loader, caf::actor_cast<caf::actor>(self), self->state.config,
+                             self->state.kv, plan);
 }
 
 // The executor over a loaded replica's workers. Its failure marks the replica failed in the
@@ -182,8 +183,7 @@ void finish_first_load(serving* self, const caf::actor& head, const std::string&
   }
   auto d = deployment::start(
       st.config, version,
-      [&](const engine::model_config&,
-          const kv_plan&) -> expected<std::vector<replica_executor>> {
+      [&](const engine::model_config&, const kv_plan&) -> expected<std::vector<replica_executor>> {
         return std::move(executors);
       });
   if (!d)
@@ -275,8 +275,8 @@ caf::result<std::string> on_restart(serving* self, const msg::replica_plan& plan
     return actors::to_caf(
         make_error(errc::invalid_argument, "no replica {} being served", plan.replica));
   if (auto it = st.restarting.find(plan.replica); it != st.restarting.end()) {
-    it->second.deliver(actors::to_caf(
-        make_error(errc::cancelled, "superseded by the restart under {}", plan.ns)));
+    it->second.deliver(
+        actors::to_caf(make_error(errc::cancelled, "superseded by the restart under {}", plan.ns)));
     st.restarting.erase(it);
   }
   if (!st.ns[i].empty()) // still serving an attempt the head gave up on

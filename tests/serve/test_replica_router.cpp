@@ -72,9 +72,8 @@ engine::request req(int32_t max_tokens) {
 }
 
 // Installs a fake replica; returns it (owned by the router) and its health.
-std::pair<fake_replica*, std::shared_ptr<replica_health>> install(replica_router& r, size_t i,
-                                                                  token_id token,
-                                                                  int32_t blocks = 32) {
+std::pair<fake_replica*, std::shared_ptr<replica_health>>
+install(replica_router& r, size_t i, token_id token, int32_t blocks = 32) {
   auto exec = std::make_unique<fake_replica>(token);
   auto* raw = exec.get();
   auto health = std::make_shared<replica_health>();
