@@ -378,8 +378,10 @@ caf::behavior head_actor(caf::stateful_actor<head_state>* self, head_config cfg)
       },
       [self](msg::leave_atom, const std::string& id, uint64_t key) {
         bool left = self->state.members->leave(id, key);
-        if (left)
+        if (left) {
           log::info("head: node {} left the cluster", id);
+          fail_node_deployments(self, id, "it left the cluster (cluster stop)"); // workers too
+        }
         return left;
       },
       [self, authorized](msg::status_atom,

@@ -159,6 +159,34 @@ expected<replica_executor> executor_of(serving* self, const caf::actor& head,
                           r.kv_blocks, health};
 }
 
+// Watches a loaded replica's workers: one going down fails the replica even while it is idle.
+void watch(serving* self, const msg::replica_loaded& r) {
+  const auto& nodes = self->state.rank_nodes.at(static_cast<size_t>(r.replica));
+  for (size_t k = 0; k < r.workers.size(); ++k) {
+    self->monitor(r.workers[k]);
+    self->state.watched[r.workers[k].address()] = {r.replica, r.ns, k,
+                                                   k < nodes.size() ? nodes[k] : "?"};
+  }
+}
+
+void on_worker_down(serving* self, const caf::actor& head, const caf::down_msg& dm) {
+  auto& st = self->state;
+  auto it = st.watched.find(dm.source);
+  if (it == st.watched.end())
+    return;
+  const auto w = it->second;
+  st.watched.erase(it);
+  const auto i = static_cast<size_t>(w.replica);
+  if (i >= st.ns.size() || st.ns[i] != w.ns)
+    return; // a dropped attempt's worker exiting
+  const auto why = fmt::format("deployment worker failure: rank {} on node {} is gone ({})", w.rank,
+                               w.node_id, self->system().render(dm.reason));
+  log::warn("serving: '{}' replica {}: {}", st.config.served_model_name, w.replica, why);
+  if (i < st.health.size() && st.health[i])
+    st.health[i]->fail(why);
+  self->send(head, msg::failed_atom::value, st.config.served_model_name, w.ns, why);
+}
+
 // Every replica of the first load has reported: start the deployment (or fail it).
 void finish_first_load(serving* self, const caf::actor& head, const std::string& version) {
   auto& st = self->state;
@@ -175,10 +203,12 @@ void finish_first_load(serving* self, const caf::actor& head, const std::string&
     if (!l.error.empty())
       return fail(make_error(errc::unavailable, "{}", l.error));
   std::vector<replica_executor> executors;
+  st.health.assign(st.ns.size(), nullptr);
   for (auto& l : loaded) {
     auto ex = executor_of(self, head, l);
     if (!ex)
       return fail(ex.error());
+    st.health[static_cast<size_t>(l.replica)] = ex->health;
     executors.push_back(std::move(*ex));
   }
   auto d = deployment::start(
@@ -189,8 +219,10 @@ void finish_first_load(serving* self, const caf::actor& head, const std::string&
   if (!d)
     return fail(d.error());
   st.served = std::move(*d);
-  for (auto& l : loaded)
+  for (auto& l : loaded) {
+    watch(self, l);
     st.workers[static_cast<size_t>(l.replica)] = std::move(l.workers);
+  }
   const auto endpoint = fmt::format("http://{}:{}/v1", st.served->host(), st.served->port());
   log::info("serving: '{}' at {}", st.config.served_model_name, endpoint);
   st.first.deliver(endpoint);
@@ -215,8 +247,11 @@ void finish_restart(serving* self, const caf::actor& head, msg::replica_loaded& 
   auto ex = executor_of(self, head, r);
   if (!ex)
     return fail(ex.error());
+  auto health = ex->health;
   if (auto ok = st.served->replace(i, std::move(*ex)); !ok)
     return fail(ok.error());
+  st.health[i] = std::move(health);
+  watch(self, r);
   stop_workers(st.workers[i]); // normally stopped by the drop already
   st.workers[i] = std::move(r.workers);
   log::info("serving: '{}' replica {} serves again ({})", st.config.served_model_name, r.replica,
@@ -237,12 +272,15 @@ caf::result<std::string> on_deploy(serving* self, const msg::deployment_plan& pl
   const size_t n = plan.replicas.size();
   st.ns.assign(n, {});
   st.workers.assign(n, {});
+  st.rank_nodes.assign(n, {});
   log::info("serving: starting '{}': {} replica(s) of {} rank(s)", st.config.served_model_name, n,
             n ? plan.replicas.front().ranks.size() : 0);
   for (const auto& r : plan.replicas) {
     if (r.replica < 0 || static_cast<size_t>(r.replica) >= n)
       return actors::to_caf(make_error(errc::internal, "replica {} of {}", r.replica, n));
     st.ns[static_cast<size_t>(r.replica)] = r.ns;
+    for (const auto& rank : r.ranks)
+      st.rank_nodes[static_cast<size_t>(r.replica)].push_back(rank.node_id);
   }
   for (const auto& r : plan.replicas)
     start_loader(self, r);
@@ -282,6 +320,9 @@ caf::result<std::string> on_restart(serving* self, const msg::replica_plan& plan
   if (!st.ns[i].empty()) // still serving an attempt the head gave up on
     on_drop(self, plan.replica, st.ns[i], "replaced by a restart");
   st.ns[i] = plan.ns;
+  st.rank_nodes[i].clear();
+  for (const auto& rank : plan.ranks)
+    st.rank_nodes[i].push_back(rank.node_id);
   log::info("serving: '{}' restarting replica {} on {} rank(s) ({})", st.config.served_model_name,
             plan.replica, plan.ranks.size(), plan.ns);
   start_loader(self, plan);
@@ -322,6 +363,7 @@ serving_state::~serving_state() {
 
 caf::behavior serving_actor(caf::stateful_actor<serving_state>* self, caf::actor head,
                             std::string version) {
+  self->set_down_handler([self, head](caf::down_msg& dm) { on_worker_down(self, head, dm); });
   return {
       [self](msg::deploy_atom, const msg::deployment_plan& plan) -> caf::result<std::string> {
         return on_deploy(self, plan);

@@ -4,8 +4,9 @@
 // rendezvous through the head's store under the replica's own namespace); once every replica has
 // loaded it starts the deployment (a serving engine per replica over a remote_executor, the
 // replica_router, the HTTP server) and answers the endpoint.
-// Failure and restart: a replica whose executor fails is marked failed in the router at once
-// (no new requests go there) and reported to the head (failed_atom). The head's registry
+// Failure and restart: a replica whose executor fails, or one of whose workers goes down (this
+// actor monitors them, so an idle replica's loss is seen too), is marked failed in the router at
+// once (no new requests go there) and reported to the head (failed_atom). The head's registry
 // decides; it sends (drop_atom): the replica's engine stops and its workers are told to exit;
 // then, once it has placed the replica again, (restart_atom, replica_plan): a loader spawns and
 // loads the new workers and their executor is swapped in; the answer is the new namespace.
@@ -44,6 +45,17 @@ struct serving_state {
   std::vector<msg::replica_loaded> first_loaded;
   // Restarts in flight: replica -> the head's restart request.
   std::map<int32_t, caf::typed_response_promise<std::string>> restarting;
+  // Per replica: its executor's health (marked failed here too when a worker goes down while
+  // the replica is idle), and the monitored workers: address -> (replica, namespace, rank).
+  std::vector<std::shared_ptr<replica_health>> health;
+  struct watched_worker {
+    int32_t replica = 0;
+    std::string ns;
+    size_t rank = 0;
+    std::string node_id;
+  };
+  std::vector<std::vector<std::string>> rank_nodes; // per replica attempt: each rank's node
+  std::map<caf::actor_addr, watched_worker> watched;
   ~serving_state();
   static inline const char* name = "serving_actor";
 };

@@ -5,7 +5,8 @@
 // devices; a SIGKILLed node ends an in-flight stream with an error within seconds, and with no
 // devices left the deployment waits (degraded, HTTP 503 saying why) until --stop. Replicas: two
 // tensor=2 replicas share the requests; SIGKILL of one replica's node fails only its stream,
-// the other replica serves on, and the lost replica restarts on a node that joins later.
+// the other replica serves on, and the lost replica restarts on a node that joins later; an idle
+// replica whose node leaves (`cluster stop`) restarts on the devices left.
 #include <doctest/doctest.h>
 
 #include <csignal>
@@ -412,4 +413,44 @@ TEST_CASE("cluster serve: replicas share requests, a killed replica fails alone 
                           fx.token()});
   CHECK_MESSAGE(stop.exit_code == 0, stop.output);
   CHECK(fx.nodes()[w3]["gpus_used"] == 0);
+}
+
+TEST_CASE("cluster serve: an idle replica whose node leaves restarts on the free devices left") {
+  auto model = golden_model("tiny-qwen3");
+  if (!model)
+    return;
+  cluster_fixture fx;
+  start_cluster(fx);
+  auto served = serve(fx, write_yaml(fx, "two.yaml", yaml_for(*model, "two", 1, 1, 2)));
+  REQUIRE_MESSAGE(served.exit_code == 0, served.output);
+  const uint16_t port = port_of(served.output);
+  auto d = deployment_of(fx, "two");
+  REQUIRE(d["ranks"].size() == 2);
+  CHECK(d["ranks"][0]["node_id"] != d["ranks"][1]["node_id"]); // one per node
+  const int leaving = d["ranks"][1]["node_id"] == fx.node_id("w2") ? 1 : 0;
+  const std::string stays = d["ranks"][1 - leaving]["node_id"];
+  // No request is in flight: the head sees the node leave, the replica restarts on the other
+  // node's free device.
+  auto stop = fx.cluster({"stop", "--temp-dir", fx.dir("w2").string()});
+  CHECK_MESSAGE(stop.exit_code == 0, stop.output);
+  auto back = eventually(
+      [&] {
+        auto now = deployment_of(fx, "two");
+        return now["state"] == "ready" && now["restarts"] == 1;
+      },
+      30s);
+  REQUIRE_MESSAGE(back, deployment_of(fx, "two").dump());
+  MESSAGE("node left -> replica restarted in ", back->count(), " ms");
+  d = deployment_of(fx, "two");
+  for (auto& r : d["ranks"])
+    CHECK(r["node_id"] == stays);
+  CHECK(fx.nodes()[stays]["gpus_used"] == 2);
+  // Both replicas answer (idle replicas take requests in turn).
+  for (int i = 0; i < 2; ++i) {
+    auto reply = http_call(port, "POST", "/v1/completions",
+                           R"({"model": "two", "prompt": [9707, 11], "max_tokens": 3})");
+    CHECK_MESSAGE(reply.status == 200, reply.body);
+  }
+  CHECK(metric(port, replica_sample("troupe_replica_requests_total", "two", leaving)) == 1);
+  CHECK(metric(port, replica_sample("troupe_replica_up", "two", leaving)) == 1);
 }
