@@ -23,6 +23,7 @@ expected<void> load_cuda(worker* self, const msg::worker_spec& spec) {
   auto& st = self->state;
   const auto lay = layout_of(spec);
   const std::chrono::milliseconds timeout{spec.comm_timeout_ms};
+  const std::chrono::milliseconds stage_wait{std::max(spec.comm_timeout_ms, spec.stage_wait_ms)};
   if (spec.tp_size > 1) {
     auto t = engine::comm::make_nccl_communicator(
         *st.store, spec.tp_rank, spec.tp_size,
@@ -34,7 +35,7 @@ expected<void> load_cuda(worker* self, const msg::worker_spec& spec) {
   if (spec.pp_size > 1) {
     auto w = engine::comm::make_nccl_communicator(
         *st.store, lay.world_rank(), lay.world_size(),
-        {.device = spec.device, .prefix = "nccl-world", .timeout = timeout});
+        {.device = spec.device, .prefix = "nccl-world", .timeout = stage_wait});
     if (!w)
       return std::move(w).error().context("pipeline group");
     st.gpu_world = std::move(*w);
@@ -47,7 +48,8 @@ expected<void> load_cuda(worker* self, const msg::worker_spec& spec) {
                          .gpu_memory_utilization = spec.gpu_memory_utilization,
                          .layout = lay,
                          .tensor = st.gpu_tensor.get(),
-                         .world = st.gpu_world.get()};
+                         .world = st.gpu_world.get(),
+                         .broadcast_logits = false}; // only the last stage samples
   auto model = engine::load_cuda_backend(
       spec.model, {.num_blocks = spec.num_blocks, .block_size = spec.block_size}, o);
   if (!model)
@@ -66,6 +68,7 @@ expected<void> load(worker* self, const msg::worker_spec& spec, const worker_con
   auto& st = self->state;
   const auto lay = layout_of(spec);
   const std::chrono::milliseconds timeout{spec.comm_timeout_ms};
+  const std::chrono::milliseconds stage_wait{std::max(spec.comm_timeout_ms, spec.stage_wait_ms)};
   st.store = std::make_unique<head_rendezvous_store>(self->system(), ctx.head, ctx.token, spec.ns);
   if (spec.backend == "cuda")
     return load_cuda(self, spec);
@@ -82,14 +85,14 @@ expected<void> load(worker* self, const msg::worker_spec& spec, const worker_con
   if (spec.pp_size > 1) {
     auto w = engine::comm::make_gloo_communicator(
         *st.store, lay.world_rank(), lay.world_size(),
-        {.hostname = ctx.address, .prefix = "world", .timeout = timeout});
+        {.hostname = ctx.address, .prefix = "world", .timeout = stage_wait});
     if (!w)
       return std::move(w).error().context("pipeline group");
     st.world = std::move(*w);
   }
   auto model = engine::cpu_backend::load(
       spec.model, {.num_blocks = spec.num_blocks, .block_size = spec.block_size},
-      {lay, st.tensor.get(), st.world.get()});
+      {lay, st.tensor.get(), st.world.get(), /*broadcast_logits=*/false});
   if (!model)
     return std::move(model).error();
   st.exec = std::make_unique<engine::local_executor>(**model);
@@ -124,9 +127,9 @@ caf::behavior worker_actor(caf::stateful_actor<worker_state>* self, msg::worker_
         }
         self->send(sender, std::move(reply));
       },
-      [self, spec, rank](msg::execute_atom, const step_plan& plan) {
+      [self, spec, rank](msg::execute_atom, uint64_t ticket, const step_plan& plan) {
         auto sender = caf::actor_cast<caf::actor>(self->current_sender());
-        msg::worker_reply reply{.rank = rank, .step = plan.step};
+        msg::worker_reply reply{.rank = rank, .ticket = ticket};
         auto& st = self->state;
         if (!st.exec) {
           reply.error = "not loaded";

@@ -4,7 +4,9 @@
 // whose rendezvous goes through the head's KV store under the deployment's namespace. Detached: loading, Gloo
 // rendezvous and forward passes block its own thread, never CAF's scheduler.
 //   (load_atom)               -> sends worker_reply (error empty: loaded) to the sender
-//   (execute_atom, step_plan) -> sends worker_reply{result} to the sender
+//   (execute_atom, ticket, step_plan) -> sends worker_reply{ticket, result} to the sender.
+//     Plans queue in its mailbox: a pipeline stage starts the next plan as soon as it has
+//     passed this one on, so the stages of a deployment work on different plans at once.
 // It quits when `owner` (the deployment's serving actor) goes away.
 #pragma once
 

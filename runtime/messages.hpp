@@ -246,6 +246,10 @@ struct worker_spec {
   int32_t device = 0;
   int32_t num_blocks = 0, block_size = 16;
   int64_t comm_timeout_ms = 10000; // Gloo rendezvous and collectives: a dead peer fails by then
+  // How long a pipeline stage waits for the previous stage's hidden states: a whole step of that
+  // stage (a long CPU prefill), not just the skew of a collective. A dead stage is noticed
+  // sooner: the serving actor sees its worker go down.
+  static constexpr int64_t stage_wait_ms = 120000;
   std::string backend = "cpu";     // model.yaml's device: cpu (Gloo) | cuda (NCCL)
   // cuda sizing; num_blocks 0 = the KV pool takes what gpu_memory_utilization leaves
   int32_t max_model_len = 0, max_num_seqs = 0, max_num_batched_tokens = 0;
@@ -259,17 +263,19 @@ typename Inspector::result_type inspect(Inspector& f, worker_spec& x) {
            x.gpu_memory_utilization);
 }
 
-// Worker answers: (load_atom) -> worker_reply; (execute_atom, step_plan) -> worker_reply.
+// Worker answers: (load_atom) -> worker_reply; (execute_atom, ticket, step_plan) ->
+// worker_reply with that ticket (the remote executor's submission number: plans of several
+// scheduler lanes may share a step number).
 struct worker_reply {
-  int32_t rank = 0;  // world rank
-  uint64_t step = 0; // the plan's step (0 for load)
+  int32_t rank = 0;    // world rank
+  uint64_t ticket = 0; // the plan's ticket (0 for load)
   std::string error; // empty: ok
   step_result result;
   int32_t kv_blocks = 0; // load: the size of this rank's KV pool
 };
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, worker_reply& x) {
-  return f(caf::meta::type_name("worker_reply"), x.rank, x.step, x.error, x.result,
+  return f(caf::meta::type_name("worker_reply"), x.rank, x.ticket, x.error, x.result,
            x.kv_blocks);
 }
 

@@ -151,11 +151,13 @@ expected<replica_executor> executor_of(serving* self, const caf::actor& head,
     health->fail(why);
     caf::anon_send(head, msg::failed_atom::value, name, ns, why);
   };
-  // The last stage's tensor rank 0 answers (every rank samples the same tokens).
+  // The last stage's tensor rank 0 answers (it samples). A plan passes every stage, each of
+  // which may wait up to stage_wait_ms for the one before it; one plan per stage in flight.
   const size_t answer = static_cast<size_t>(c.parallel.pipeline - 1) * c.parallel.tensor;
+  const auto step_timeout = msg::worker_spec::stage_wait_ms * 1ms * c.parallel.pipeline + 5s;
   return replica_executor{std::make_unique<actors::remote_executor>(
-                              self->system(), r.workers, answer,
-                              msg::worker_spec{}.comm_timeout_ms * 1ms + 5s, on_failure),
+                              self->system(), r.workers, answer, step_timeout, on_failure,
+                              c.parallel.pipeline),
                           r.kv_blocks, health};
 }
 

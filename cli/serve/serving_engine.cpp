@@ -177,13 +177,13 @@ void serving_engine::step_once() {
 }
 
 void serving_engine::publish() {
-  const auto st = loop_.sched().stats();
-  const auto& pool = loop_.sched().pool();
+  const auto st = loop_.stats();
+  const auto pool = loop_.usage();
   std::lock_guard lk(snap_mu_);
   snap_ = {.running = st.num_running,
            .waiting = st.num_waiting,
-           .blocks_used = pool.num_blocks() - pool.num_free(),
-           .num_blocks = pool.num_blocks(),
+           .blocks_used = pool.blocks_used,
+           .num_blocks = pool.num_blocks,
            .preemptions = st.preemptions,
            .prefix_hit_tokens = st.prefix_hit_tokens,
            .hit_rate = pool.hit_rate()};

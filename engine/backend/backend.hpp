@@ -44,6 +44,9 @@ public:
   // blocks named by the block tables, and fills `out` with the requested logits. The plan may mix
   // prefill chunks and decode tokens of many sequences. Blocks the calling thread until done.
   virtual expected<void> forward(const step_plan& plan, forward_output& out) = 0;
+  // False on a pipeline stage before the last whose backend was told not to receive the logits
+  // (pipelined serving: only the last stage samples): forward() then leaves out.logits empty.
+  virtual bool makes_logits() const { return true; }
 };
 
 // Checks a plan against a model and KV layout: token ids within the vocabulary, block tables

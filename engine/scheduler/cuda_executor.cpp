@@ -19,6 +19,10 @@ expected<step_result> cuda_executor::execute(const step_plan& plan) {
     TROUPE_TRY_VOID(host_.prepare(plan, out_)); // still drops state of finished sequences
     return result;
   }
+  if (!model_.makes_logits()) { // a pipeline stage before the last: nothing to sample
+    TROUPE_TRY_VOID(model_.forward(plan, out_));
+    return result;
+  }
   auto logits = model_.forward_on_device(plan, out_);
   if (!logits)
     return std::move(logits).error();

@@ -1,22 +1,83 @@
 #include "engine/scheduler/engine_loop.hpp"
 
+#include <algorithm>
+
+#include "runtime/log.hpp"
+
 namespace troupe::engine {
+
+engine_loop::engine_loop(scheduler_options options, executor& exec) : exec_(exec) {
+  const int32_t per_context =
+      (options.max_model_len + options.block_size - 1) / std::max(options.block_size, 1);
+  const int32_t fit = std::max(1, options.num_blocks / std::max(per_context, 1));
+  const int32_t lanes = std::clamp(exec.depth(), 1, fit);
+  if (lanes < exec.depth())
+    log::warn("engine: {} plan(s) in flight instead of {} (one per pipeline stage): 1/{} of the "
+              "{} KV blocks cannot hold a context of max_model_len {}; stages will idle",
+              lanes, exec.depth(), exec.depth(), options.num_blocks, options.max_model_len);
+  const int32_t slice = options.num_blocks / lanes;
+  for (int32_t l = 0; l < lanes; ++l) {
+    scheduler_options o = options;
+    if (lanes > 1) {
+      o.num_blocks = slice;
+      o.block_offset = options.block_offset + l * slice;
+      o.first_id = options.first_id + static_cast<seq_id>(l) * options.id_stride;
+      o.id_stride = options.id_stride * static_cast<seq_id>(lanes);
+      o.max_waiting = (options.max_waiting + lanes - 1) / lanes;
+    }
+    lanes_.push_back(std::make_unique<lane>(std::move(o)));
+  }
+}
+
+expected<seq_id> engine_loop::add_request(request r) {
+  auto load = [](const lane& l) {
+    const auto s = l.sched.stats();
+    return s.num_running + s.num_waiting;
+  };
+  lane* best = lanes_.front().get();
+  for (const auto& l : lanes_)
+    if (load(*l) < load(*best))
+      best = l.get();
+  return best->sched.add(std::move(r));
+}
+
+expected<void> engine_loop::cancel(seq_id id) {
+  if (id == 0)
+    return make_error(errc::not_found, "request {} is unknown or already finished", id);
+  return lane_of(id).sched.cancel(id);
+}
 
 expected<std::vector<request_output>> engine_loop::step() {
   std::vector<request_output> out;
   if (failed_)
     return make_error(errc::unavailable, "a step failed; call fail_all() before stepping again");
-  scheduler_.schedule(plan_);
-  if (plan_.seqs.empty() && plan_.finished.empty()) {
-    scheduler_.take_pending(out);
-    return out;
+  for (size_t i = 0; i < lanes_.size(); ++i) {
+    lane& l = *lanes_[i];
+    if (l.busy)
+      continue;
+    l.sched.schedule(l.plan);
+    if (l.plan.seqs.empty() && l.plan.finished.empty()) {
+      l.sched.take_pending(out);
+      continue;
+    }
+    if (auto s = exec_.submit(l.plan); !s) {
+      failed_ = true;
+      return std::move(s).error().context(fmt::format("step {}", l.plan.step));
+    }
+    l.busy = true;
+    in_flight_.push_back(i);
   }
-  auto result = exec_.execute(plan_);
+  if (in_flight_.empty())
+    return out;
+  lane& l = *lanes_[in_flight_.front()];
+  in_flight_.pop_front();
+  l.busy = false;
+  auto result = exec_.collect();
   if (!result) {
     failed_ = true;
-    return std::move(result).error().context(fmt::format("step {}", plan_.step));
+    return std::move(result).error().context(fmt::format("step {}", l.plan.step));
   }
-  if (auto u = scheduler_.update(plan_, *result, out); !u) {
+  if (auto u = l.sched.update(l.plan, *result, out); !u) {
     failed_ = true;
     return std::move(u).error();
   }
@@ -24,12 +85,49 @@ expected<std::vector<request_output>> engine_loop::step() {
 }
 
 std::vector<request_output> engine_loop::fail_all() {
+  for (; !in_flight_.empty(); in_flight_.pop_front()) {
+    (void)exec_.collect(); // its requests are cancelled below; keeps the executor's queue in step
+    lanes_[in_flight_.front()]->busy = false;
+  }
   std::vector<request_output> out;
-  for (seq_id id : scheduler_.unfinished())
-    (void)scheduler_.cancel(id);
-  scheduler_.take_pending(out);
+  for (auto& l : lanes_) {
+    for (seq_id id : l->sched.unfinished())
+      (void)l->sched.cancel(id);
+    l->sched.take_pending(out);
+  }
   failed_ = false;
   return out;
+}
+
+bool engine_loop::has_unfinished() const {
+  return std::any_of(lanes_.begin(), lanes_.end(),
+                     [](const auto& l) { return l->sched.has_unfinished(); });
+}
+
+scheduler_stats engine_loop::stats() const {
+  scheduler_stats sum;
+  for (const auto& l : lanes_) {
+    const auto s = l->sched.stats();
+    sum.steps += s.steps;
+    sum.preemptions += s.preemptions;
+    sum.finished += s.finished;
+    sum.prefix_hit_tokens += s.prefix_hit_tokens;
+    sum.num_running += s.num_running;
+    sum.num_waiting += s.num_waiting;
+  }
+  return sum;
+}
+
+pool_usage engine_loop::usage() const {
+  pool_usage u;
+  for (const auto& l : lanes_) {
+    const auto& p = l->sched.pool();
+    u.num_blocks += p.num_blocks();
+    u.blocks_used += p.num_blocks() - p.num_free();
+    u.lookups += p.stats().lookups;
+    u.hits += p.stats().hits;
+  }
+  return u;
 }
 
 } // namespace troupe::engine

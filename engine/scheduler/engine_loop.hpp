@@ -1,8 +1,17 @@
-// The synchronous engine: a scheduler driving an executor, one step per call. The serving actor
-// (issue 9) calls step() on each tick; tests and offline tools loop on it. step() blocks for
-// the executor; add_request() and cancel() do not. One thread at a time.
+// The synchronous engine: schedulers driving one executor, one step per call. The serving
+// engine's thread calls step() while requests are active; tests and offline tools loop on it.
+//
+// Pipelining: an executor of depth P (a pipeline of P stages) gets P lanes, each its own
+// scheduler over a 1/P slice of the KV pool, and one plan per lane in flight, so each stage
+// works on a different micro-batch and none idles (vLLM's "virtual engines" for pipeline
+// parallelism). A request stays in the lane that admitted it (the least loaded). Lanes are
+// fewer when a slice could not hold one full context (max_model_len).
+//
+// step() blocks for the executor; add_request() and cancel() do not. One thread at a time.
 #pragma once
 
+#include <deque>
+#include <memory>
 #include <vector>
 
 #include "engine/scheduler/executor.hpp"
@@ -10,32 +19,52 @@
 
 namespace troupe::engine {
 
+// KV pool and prefix-cache figures summed over lanes, for metrics.
+struct pool_usage {
+  int32_t num_blocks = 0, blocks_used = 0;
+  uint64_t lookups = 0, hits = 0;
+  double hit_rate() const { return lookups ? static_cast<double>(hits) / lookups : 0.0; }
+};
+
 class engine_loop {
  public:
-  engine_loop(scheduler_options options, executor& exec)
-    : scheduler_(std::move(options)), exec_(exec) {}
+  engine_loop(scheduler_options options, executor& exec);
 
-  // Queues a request (see scheduler::add for the errors). Stop strings: set
-  // request::stop_check from the detokenizer.
-  expected<seq_id> add_request(request r) { return scheduler_.add(std::move(r)); }
-  expected<void> cancel(seq_id id) { return scheduler_.cancel(id); }
+  // Queues a request in the least loaded lane (see scheduler::add for the errors). Stop
+  // strings: set request::stop_check from the detokenizer.
+  expected<seq_id> add_request(request r);
+  expected<void> cancel(seq_id id);
 
-  // Schedules and runs one step; returns every request's delta (new token, logprobs, finish).
-  // Returns only pending cancellations when there is nothing to run. An executor error is
-  // returned with the step number; the engine then refuses to step until fail_all() has ended
-  // the requests (their KV state is unknown).
+  // Submits a plan for every idle lane that has work, then waits for the oldest plan in flight
+  // and returns its requests' deltas (new token, logprobs, finish) with any pending
+  // cancellations. Returns only pending cancellations when nothing is in flight. An executor
+  // error is returned with the step number; the engine then refuses to step until fail_all()
+  // has ended the requests (their KV state is unknown).
   expected<std::vector<request_output>> step();
 
-  // Ends every request as cancelled (e.g. after an executor failure); returns their outputs.
+  // Ends every request as cancelled (e.g. after an executor failure), dropping the results of
+  // plans still in flight; returns the outputs.
   std::vector<request_output> fail_all();
 
-  bool has_unfinished() const { return scheduler_.has_unfinished(); }
-  const scheduler& sched() const { return scheduler_; }
+  bool has_unfinished() const;
+  size_t num_lanes() const { return lanes_.size(); }
+  size_t in_flight() const { return in_flight_.size(); }
+  const scheduler& sched(size_t lane = 0) const { return lanes_.at(lane)->sched; }
+  scheduler_stats stats() const; // summed over lanes
+  pool_usage usage() const;
 
  private:
-  scheduler scheduler_;
+  struct lane {
+    explicit lane(scheduler_options o) : sched(std::move(o)) {}
+    scheduler sched;
+    step_plan plan;
+    bool busy = false; // `plan` is in flight
+  };
+  lane& lane_of(seq_id id) { return *lanes_[(id - 1) % lanes_.size()]; }
+
+  std::vector<std::unique_ptr<lane>> lanes_;
+  std::deque<size_t> in_flight_; // lane indices, oldest first (the executor's order)
   executor& exec_;
-  step_plan plan_;
   bool failed_ = false;
 };
 

@@ -1,6 +1,9 @@
 // Runs step plans: the one seam between the scheduler and whatever computes. local_executor
-// (backend + sampler in this process) implements it today; worker actors over CAF later.
+// (backend + sampler in this process), cuda_executor (GPU) and remote_executor (worker actors
+// of a cluster deployment) implement it.
 #pragma once
+
+#include <deque>
 
 #include "runtime/error.hpp"
 #include "runtime/step.hpp"
@@ -13,6 +16,27 @@ class executor {
   // Runs `plan` and returns one seq_output per seq_step that asked for logits, in plan order.
   // Blocks the calling thread until the step is done.
   virtual expected<step_result> execute(const step_plan& plan) = 0;
+
+  // Pipelined use (engine_loop): how many plans this executor can usefully work on at once.
+  // A pipeline of P stages keeps P plans in flight, one per stage, so no stage idles.
+  virtual int32_t depth() const { return 1; }
+  // Starts `plan`; the caller keeps it alive and unchanged until its result is collected.
+  // Results come back in submission order. The default runs the plan now.
+  virtual expected<void> submit(const step_plan& plan) {
+    done_.push_back(execute(plan));
+    return {};
+  }
+  // The result of the oldest submitted plan not yet collected; blocks until it is done.
+  virtual expected<step_result> collect() {
+    if (done_.empty())
+      return make_error(errc::internal, "collect: no plan was submitted");
+    auto r = std::move(done_.front());
+    done_.pop_front();
+    return r;
+  }
+
+ private:
+  std::deque<expected<step_result>> done_;
 };
 
 } // namespace troupe::engine

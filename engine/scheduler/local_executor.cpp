@@ -8,6 +8,8 @@ expected<step_result> local_executor::execute(const step_plan& plan) {
     return step_result{.step = plan.step};
   }
   TROUPE_TRY_VOID(model_.forward(plan, out_));
+  if (!model_.makes_logits()) // a pipeline stage before the last: nothing to sample
+    return step_result{.step = plan.step};
   return sampler_.sample(plan, out_);
 }
 

@@ -49,6 +49,10 @@ expected<void> validate(const scheduler_options& o) {
   TROUPE_TRY_VOID(positive(o.max_num_seqs, "max_num_seqs"));
   TROUPE_TRY_VOID(positive(o.max_waiting, "max_waiting"));
   TROUPE_TRY_VOID(positive(o.max_model_len, "max_model_len"));
+  TROUPE_TRY_VOID(positive(static_cast<int64_t>(o.first_id), "first_id"));
+  TROUPE_TRY_VOID(positive(static_cast<int64_t>(o.id_stride), "id_stride"));
+  if (o.block_offset < 0)
+    return make_error(errc::invalid_argument, "block_offset must be >= 0, got {}", o.block_offset);
   if (o.max_num_batched_tokens < o.max_num_seqs)
     return make_error(errc::invalid_argument,
                       "max_num_batched_tokens ({}) must be >= max_num_seqs ({}) so every running "
@@ -72,7 +76,8 @@ const char* to_string(finish_reason r) {
 }
 
 scheduler::scheduler(scheduler_options options)
-  : opt_(std::move(options)), pool_(opt_.num_blocks, opt_.block_size, opt_.prefix_caching) {}
+  : opt_(std::move(options)), pool_(opt_.num_blocks, opt_.block_size, opt_.prefix_caching),
+    next_id_(opt_.first_id) {}
 
 scheduler::~scheduler() = default;
 
@@ -108,7 +113,8 @@ expected<void> scheduler::validate(const request& r) const {
 expected<seq_id> scheduler::add(request r) {
   TROUPE_TRY_VOID(validate(r));
   auto s = std::make_unique<sequence>();
-  s->id = next_id_++;
+  s->id = next_id_;
+  next_id_ += opt_.id_stride;
   s->num_prompt = static_cast<int32_t>(r.prompt.size());
   s->tokens = std::move(r.prompt);
   s->tokens.reserve(static_cast<size_t>(s->num_prompt + r.sampling.max_tokens));
@@ -214,7 +220,9 @@ void scheduler::emit(sequence& s, int32_t n, step_plan& plan, size_t& used) {
   st.id = s.id;
   st.start_pos = start;
   st.tokens.assign(s.tokens.begin() + start, s.tokens.begin() + end);
-  st.block_table.assign(s.blocks.begin(), s.blocks.end());
+  st.block_table.resize(s.blocks.size());
+  for (size_t i = 0; i < s.blocks.size(); ++i)
+    st.block_table[i] = s.blocks[i] + opt_.block_offset;
   st.logits = end == s.len() ? logits_mode::last : logits_mode::none;
   st.sampling = s.sampling;
   st.num_prompt_tokens = s.num_prompt;

@@ -1,7 +1,7 @@
 // Continuous batching: admits requests, packs each step's work under a token budget (decode
 // first, then chunked prefill, FCFS), manages KV blocks with prefix reuse and preemption by
-// recompute, and turns step results into per-request outputs. Called by engine_loop (later the
-// serving actor) on one thread; nothing here blocks. Plain policy, tested directly.
+// recompute, and turns step results into per-request outputs. Called by engine_loop on one
+// thread; nothing here blocks. Plain policy, tested directly.
 #pragma once
 
 #include <cstdint>
@@ -29,6 +29,12 @@ struct scheduler_options {
   int64_t vocab_size = 0;                // > 0: prompt and stop ids are checked against it
   std::vector<token_id> eos_token_ids;   // the model's EOS ids (finish `stop` unless ignore_eos)
   uint64_t seed = 0;                     // seeds requests that bring none
+  // One lane of a shared pool and id space (engine_loop runs several schedulers over one
+  // executor): plans name blocks [block_offset, block_offset + num_blocks), and ids go
+  // first_id, first_id + id_stride, ...
+  int32_t block_offset = 0;
+  seq_id first_id = 1;
+  seq_id id_stride = 1;
 };
 
 // Rejects option sets the scheduler cannot work with (naming the option), e.g. a budget smaller

@@ -1,9 +1,13 @@
 // The synchronous engine loop over the fake executor: deltas per step, cancellation outputs,
-// executor failures surfaced with the step, fail_all() ending everything.
+// executor failures surfaced with the step, fail_all() ending everything; with a pipelined
+// executor, lanes with one plan each in flight.
+#include <set>
+
 #include <doctest/doctest.h>
 
 #include "engine/scheduler/engine_loop.hpp"
 #include "fake_executor.hpp"
+#include "pipelined_executor.hpp"
 
 using namespace troupe;
 using namespace troupe::engine;
@@ -18,16 +22,20 @@ struct fixture {
   engine_loop loop{
       {.num_blocks = 32, .block_size = 4, .max_num_batched_tokens = 16, .vocab_size = 100}, exec};
   seq_id add(std::vector<token_id> prompt, int32_t max_tokens) {
+    return add_to(loop, std::move(prompt), max_tokens);
+  }
+  seq_id add_to(engine_loop& l, std::vector<token_id> prompt, int32_t max_tokens) {
     sampling_params p;
     p.temperature = 0;
     p.max_tokens = max_tokens;
-    auto id = loop.add_request({.prompt = prompt, .sampling = p});
+    auto id = l.add_request({.prompt = prompt, .sampling = p});
     REQUIRE(id.has_value());
     hist[*id] = prompt;
     return *id;
   }
-  std::vector<request_output> step() {
-    auto r = loop.step();
+  std::vector<request_output> step() { return step_of(loop); }
+  std::vector<request_output> step_of(engine_loop& l) {
+    auto r = l.step();
     REQUIRE_MESSAGE(r.has_value(), (r ? "" : r.error().to_string()));
     for (const auto& o : *r)
       if (o.has_token)
@@ -89,4 +97,99 @@ TEST_CASE("engine_loop: an executor failure names the step; fail_all ends every 
   for (int i = 0; i < 5 && f.loop.has_unfinished(); ++i)
     f.step();
   CHECK_FALSE(f.loop.has_unfinished());
+}
+
+namespace {
+// Two lanes over the fixture's fake model: a pipeline of two stages, 16 blocks a lane.
+struct pipelined : fixture {
+  test::pipelined_executor pipe{exec, 2};
+  engine_loop piped{{.num_blocks = 32,
+                     .block_size = 4,
+                     .max_num_batched_tokens = 16,
+                     .max_model_len = 32,
+                     .vocab_size = 100},
+                    pipe};
+};
+} // namespace
+
+TEST_CASE("engine_loop, pipelined: two lanes, two plans in flight, every request as if alone") {
+  pipelined f;
+  REQUIRE(f.piped.num_lanes() == 2);
+  std::map<seq_id, std::vector<token_id>> prompts, got;
+  for (token_id t = 1; t <= 6; ++t) {
+    std::vector<token_id> p(static_cast<size_t>(t + 2), t);
+    prompts[f.add_to(f.piped, p, 9)] = p;
+  }
+  // Requests alternate between the lanes (the least loaded), which number them apart.
+  std::set<size_t> lanes;
+  for (const auto& [id, p] : prompts)
+    lanes.insert((id - 1) % 2);
+  CHECK(lanes.size() == 2);
+  for (int i = 0; i < 200 && f.piped.has_unfinished(); ++i)
+    for (const auto& o : f.step_of(f.piped))
+      if (o.has_token)
+        got[o.id].push_back(o.token);
+  CHECK_FALSE(f.piped.has_unfinished());
+  CHECK(f.pipe.max_in_flight == 2);
+  CHECK(f.pipe.conflicts == 0);
+  CHECK(f.exec.errors == 0);
+  for (const auto& [id, p] : prompts) {
+    CAPTURE(id);
+    CHECK(got[id] == test::fake_alone(p, 9, 100, -1, 0, 32));
+  }
+  CHECK(f.piped.usage().blocks_used == 0);
+  CHECK(f.piped.usage().num_blocks == 32);
+  CHECK(f.piped.stats().finished == 6);
+  for (size_t l = 0; l < 2; ++l)
+    CHECK(f.piped.sched(l).check().has_value());
+}
+
+TEST_CASE("engine_loop, pipelined: one lane when a slice could not hold a full context") {
+  fixture f;
+  test::pipelined_executor pipe{f.exec, 2};
+  engine_loop loop{{.num_blocks = 32, .block_size = 4, .max_num_batched_tokens = 16,
+                    .max_model_len = 100, .vocab_size = 100},
+                   pipe};
+  CHECK(loop.num_lanes() == 1); // 25 blocks a context, 16 a slice
+  CHECK(loop.usage().num_blocks == 32);
+}
+
+TEST_CASE("engine_loop, pipelined: a failure with two plans in flight ends both lanes' requests") {
+  pipelined f;
+  f.add_to(f.piped, {1, 2, 3}, 50);
+  f.add_to(f.piped, {4, 5}, 50);
+  f.step_of(f.piped); // both lanes submitted, the first collected
+  CHECK(f.piped.in_flight() == 1);
+  f.exec.fail_next = true;
+  auto r = f.piped.step();
+  REQUIRE_FALSE(r.has_value());
+  CHECK(r.error().message().find("fake executor told to fail") != std::string::npos);
+  auto ended = f.piped.fail_all();
+  CHECK(ended.size() == 2);
+  CHECK(f.piped.in_flight() == 0);
+  CHECK_FALSE(f.piped.has_unfinished());
+  CHECK(f.piped.usage().blocks_used == 0);
+  f.add_to(f.piped, {7, 8}, 2); // usable again
+  for (int i = 0; i < 5 && f.piped.has_unfinished(); ++i)
+    f.step_of(f.piped);
+  CHECK_FALSE(f.piped.has_unfinished());
+}
+
+TEST_CASE("engine_loop, pipelined: cancelling a request while its lane's plan is in flight") {
+  pipelined f;
+  auto a = f.add_to(f.piped, {1, 2, 3}, 50);
+  auto b = f.add_to(f.piped, {4, 5}, 4);
+  f.step_of(f.piped); // lane of `a` collected, lane of `b` in flight
+  REQUIRE(f.piped.cancel(b).has_value());
+  int cancelled = 0;
+  for (int i = 0; i < 10; ++i)
+    for (const auto& o : f.step_of(f.piped))
+      cancelled += o.id == b && o.finish == finish_reason::cancelled;
+  CHECK(cancelled == 1);
+  CHECK(f.piped.cancel(a).has_value());
+  f.step_of(f.piped);
+  f.step_of(f.piped);
+  CHECK_FALSE(f.piped.has_unfinished());
+  CHECK(f.piped.usage().blocks_used == 0);
+  CHECK(f.exec.errors == 0);
 }

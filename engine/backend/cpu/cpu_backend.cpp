@@ -239,7 +239,7 @@ expected<void> cpu_backend::forward(const step_plan& plan, forward_output& out) 
     TROUPE_TRY_VOID(mlp_block(L, x, T));
   }
 
-  int32_t rows = prepare_output(plan, c.vocab_size, out);
+  int32_t rows = prepare_output(plan, c.vocab_size, out, makes_logits());
   const bool last = shard_.layers.end == c.num_layers;
   if (!last)
     TROUPE_TRY_VOID(par_.world->send(x, lay.world_rank() + lay.tp_size, hidden_tag));
@@ -257,9 +257,13 @@ expected<void> cpu_backend::forward(const step_plan& plan, forward_output& out) 
     }
     TROUPE_TRY_VOID(logits(h, rows, out));
   }
-  if (lay.pp_size > 1 && rows > 0) // every rank leaves with the logits the last stage made
+  if (lay.pp_size > 1 && rows > 0 && par_.broadcast_logits) // every rank leaves with them
     TROUPE_TRY_VOID(par_.world->broadcast(out.logits, (lay.pp_size - 1) * lay.tp_size));
   return {};
+}
+
+bool cpu_backend::makes_logits() const {
+  return par_.broadcast_logits || shard_.layers.end == config_.num_layers;
 }
 
 expected<void> cpu_backend::attention_block(const layer& L, int64_t l, const step_plan& plan,

@@ -20,10 +20,13 @@ namespace troupe::engine {
 // keeps them alive as long as the backend). `tensor` joins the tp_size ranks of this stage, in
 // tp_rank order; `world` joins all ranks in world_rank order (pipeline send/recv and the logits
 // broadcast; unused when pp_size == 1). Null communicators are allowed only for a size of 1.
+// broadcast_logits = false: only the last stage makes logits (the others pass the hidden states
+// on and are free for the next plan at once; see backend::makes_logits).
 struct parallel_context {
   parallel_layout layout;
   comm::communicator* tensor = nullptr;
   comm::communicator* world = nullptr;
+  bool broadcast_logits = true;
 };
 
 class cpu_backend final : public backend {
@@ -47,6 +50,7 @@ class cpu_backend final : public backend {
   const model_config& config() const override { return config_; }
   kv_cache_options kv_options() const override { return kv_; }
   expected<void> forward(const step_plan& plan, forward_output& out) override;
+  bool makes_logits() const override;
 
  private:
   struct expert {

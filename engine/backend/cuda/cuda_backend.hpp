@@ -32,6 +32,9 @@ struct cuda_options {
   parallel_layout layout;
   comm::device_communicator* tensor = nullptr;
   comm::device_communicator* world = nullptr;
+  // false: only the last stage makes logits; earlier stages' forward() leaves them empty and
+  // returns once the hidden states are passed on (see backend::makes_logits).
+  bool broadcast_logits = true;
 };
 
 class cuda_backend : public backend {

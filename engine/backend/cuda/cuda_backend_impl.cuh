@@ -63,6 +63,7 @@ public:
   expected<void> forward(const step_plan& plan, forward_output& out) override;
   expected<void> forward_greedy(const step_plan& plan, std::vector<token_id>& tokens) override;
   expected<float*> forward_on_device(const step_plan& plan, forward_output& out) override;
+  bool makes_logits() const override { return opt_.broadcast_logits || last_stage_; }
   void* stream() const override { return stream_; }
   size_t weight_bytes() const override { return weight_bytes_; }
   size_t kv_bytes() const override { return kv_buf_.bytes(); }

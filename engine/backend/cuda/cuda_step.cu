@@ -324,7 +324,7 @@ expected<void> cuda_backend_impl::run_step() {
 expected<void> cuda_backend_impl::from_last_stage(void* data, size_t words) {
   // Every rank leaves a step with what the last stage's tensor rank 0 made (as the CPU backend).
   const auto& lay = opt_.layout;
-  if (lay.pp_size == 1 || words == 0)
+  if (lay.pp_size == 1 || words == 0 || !opt_.broadcast_logits)
     return {};
   return opt_.world->broadcast(data, words, comm::device_dtype::f32,
                                (lay.pp_size - 1) * lay.tp_size, stream_);
@@ -332,7 +332,7 @@ expected<void> cuda_backend_impl::from_last_stage(void* data, size_t words) {
 
 expected<void> cuda_backend_impl::forward(const step_plan& plan, forward_output& out) {
   TROUPE_TRY_VOID(upload(plan));
-  prepare_output(plan, config_.vocab_size, out);
+  prepare_output(plan, config_.vocab_size, out, makes_logits());
   if (T_ == 0)
     return {};
   TROUPE_TRY_VOID(run_step());
