@@ -20,6 +20,8 @@ void fail_node_deployments(head* self, const std::string& node_id, const std::st
 msg::deployment_view view_of(const cluster::deployment_record& rec);
 void on_state_report(head* self, const std::string& name, const std::string& state,
                      const std::string& reason);
+void restart_due(head* self, const head_config& cfg);
+void drop_namespace(head* self, const std::string& ns);
 
 caf::error refuse(const troupe::error& err) {
   return to_caf(err);
@@ -44,6 +46,8 @@ caf::result<msg::join_reply> on_join(head* self, const head_config& cfg, msg::jo
   log::info("head: node {} joined from {} ({} GPUs, {} CPUs), incarnation {}", req.info.node_id,
             req.info.address, req.info.resources.gpus.size(), req.info.resources.num_cpus,
             rec->incarnation);
+  st.deployments.wake_waiting(cluster::clock::now()); // its devices may let a replica restart
+  self->send(self, msg::restart_atom::value);
   return msg::join_reply{rec->incarnation, key, static_cast<int32_t>(cfg.heartbeat.count()),
                          cfg.version};
 }
@@ -77,6 +81,7 @@ void on_tick(head* self, const head_config& cfg) {
     log::warn("head: node {} is dead: {}", id, st.members->find(id)->reason);
     fail_node_deployments(self, id, st.members->find(id)->reason);
   }
+  restart_due(self, cfg);
   for (auto id : st.kv.expire(now)) {
     auto it = st.waiters.find(id);
     if (it == st.waiters.end())
@@ -134,11 +139,16 @@ msg::deployment_view view_of(const cluster::deployment_record& rec) {
                          .state = rec.state,
                          .endpoint = rec.endpoint,
                          .reason = rec.reason,
-                         .tensor = rec.where.spec.tensor,
-                         .pipeline = rec.where.spec.pipeline,
-                         .ranks = {}};
-  for (const auto& r : rec.where.ranks)
-    v.ranks.push_back({r.pp_rank, r.tp_rank, r.node_id, r.device});
+                         .tensor = rec.spec.tensor,
+                         .pipeline = rec.spec.pipeline,
+                         .ranks = {},
+                         .replicas = rec.spec.replicas,
+                         .replica_states = {},
+                         .restarts = rec.restarts};
+  for (const auto& r : rec.ranks())
+    v.ranks.push_back({r.pp_rank, r.tp_rank, r.node_id, r.device, r.replica});
+  for (const auto& r : rec.replicas)
+    v.replica_states.push_back(r.state);
   return v;
 }
 
@@ -153,9 +163,108 @@ void stop_serving(head* self, const std::string& name) {
   st.serving.erase(it);
 }
 
+// The serving actor takes a failed replica out of routing and stops its workers; the
+// registry has released its devices and the next restart_due places it again.
+void drop_replica(head* self, const std::string& name, const std::string& ns) {
+  auto& st = self->state;
+  const auto* rec = st.deployments.find(name);
+  if (!rec)
+    return;
+  log::warn("head: deployment '{}' is {}: {}", name, rec->state, rec->reason);
+  drop_namespace(self, ns);
+  auto serving = st.serving.find(name);
+  if (rec->state != "degraded" || serving == st.serving.end())
+    return; // failed while first loading: on_deploy reports it
+  for (const auto& rep : rec->replicas)
+    if (rep.ns == ns)
+      self->send(serving->second, msg::drop_atom::value, static_cast<int32_t>(rep.index), ns,
+                 rep.reason);
+  self->send(self, msg::restart_atom::value);
+}
+
+// Forgets a replica attempt's rendezvous keys; a rank still waiting on one fails at once.
+void drop_namespace(head* self, const std::string& ns) {
+  auto& st = self->state;
+  for (auto id : st.kv.drop_namespace(ns)) {
+    auto it = st.waiters.find(id);
+    if (it == st.waiters.end())
+      continue;
+    it->second.deliver(
+        to_caf(make_error(errc::cancelled, "kv_wait: namespace {} was dropped (its replica "
+                                           "attempt failed or was stopped)",
+                          ns)));
+    st.waiters.erase(it);
+  }
+}
+
+// Removes a deployment: its serving actor, its devices, its rendezvous namespaces.
+void remove_deployment(head* self, const std::string& name) {
+  stop_serving(self, name);
+  if (const auto* rec = self->state.deployments.find(name))
+    for (const auto& rep : rec->replicas)
+      drop_namespace(self, rep.ns);
+  self->state.deployments.remove(name);
+}
+
 void fail_node_deployments(head* self, const std::string& node_id, const std::string& why) {
-  for (const auto& name : self->state.deployments.fail_node(node_id, why))
-    log::warn("head: deployment '{}' failed: node {} died", name, node_id);
+  for (const auto& ref : self->state.deployments.fail_node(node_id, why, cluster::clock::now()))
+    drop_replica(self, ref.name, ref.ns);
+}
+
+// The serving actor reports that a replica's executor failed (a worker died or failed a step).
+void on_replica_failed(head* self, const std::string& name, const std::string& ns,
+                       const std::string& why) {
+  if (self->state.deployments.fail_replica(name, ns, why, cluster::clock::now()))
+    drop_replica(self, name, ns);
+}
+
+msg::replica_plan plan_of(head* self, const cluster::replica_record& rep) {
+  msg::replica_plan plan{.replica = rep.index, .ns = rep.ns, .ranks = {}, .nodes = {}};
+  for (const auto& r : rep.ranks) {
+    plan.ranks.push_back({r.pp_rank, r.tp_rank, r.node_id, r.device, r.replica});
+    auto link = self->state.links.find(r.node_id);
+    plan.nodes.push_back(link == self->state.links.end() ? caf::actor{} : link->second.actor);
+  }
+  return plan;
+}
+
+// Places every failed or waiting replica whose retry time has come and has its serving actor
+// spawn, load and swap in the new workers; a failed restart is retried with a backoff.
+void restart_due(head* self, const head_config& cfg) {
+  auto& st = self->state;
+  const auto now = cluster::clock::now();
+  for (const auto& ref : st.deployments.due(now)) {
+    auto serving = st.serving.find(ref.name);
+    if (serving == st.serving.end())
+      continue;
+    const std::string before = st.deployments.find(ref.name)->reason;
+    auto placed = st.deployments.place_replica(ref.name, ref.replica, st.members->nodes(), now);
+    if (!placed) {
+      if (st.deployments.find(ref.name)->reason != before)
+        log::warn("head: deployment '{}': {}", ref.name, placed.error().message());
+      continue;
+    }
+    const std::string name = ref.name, ns = (*placed)->ns;
+    const int replica = ref.replica;
+    log::info("head: deployment '{}': {}", name, (*placed)->reason);
+    self->request(serving->second, cfg.deploy_timeout, msg::restart_atom::value,
+                  plan_of(self, **placed))
+        .then(
+            [self, name, ns, replica](const std::string&) {
+              if (self->state.deployments.replica_ready(name, ns))
+                log::info("head: deployment '{}': replica {} restarted ({}); state {}", name,
+                          replica, ns, self->state.deployments.find(name)->state);
+            },
+            [self, name, ns](caf::error& e) {
+              auto err = from_caf(e, &self->system());
+              if (self->state.deployments.fail_replica(name, ns, err.message(),
+                                                       cluster::clock::now())) {
+                log::warn("head: deployment '{}': {}", name,
+                          self->state.deployments.find(name)->reason);
+                drop_namespace(self, ns);
+              }
+            });
+  }
 }
 
 caf::result<msg::deployment_view> on_deploy(head* self, const head_config& cfg,
@@ -174,16 +283,15 @@ caf::result<msg::deployment_view> on_deploy(head* self, const head_config& cfg,
     return refuse(rec.error());
   }
   const std::string ns = (*rec)->ns;
-  msg::deployment_plan plan{.config = dc, .ns = ns, .ranks = {}, .nodes = {}};
+  msg::deployment_plan plan{.config = dc, .ns = ns, .replicas = {}};
   std::string where;
-  for (const auto& r : (*rec)->where.ranks) {
-    plan.ranks.push_back({r.pp_rank, r.tp_rank, r.node_id, r.device});
-    auto link = st.links.find(r.node_id);
-    plan.nodes.push_back(link == st.links.end() ? caf::actor{} : link->second.actor);
-    where += fmt::format(" pp{}/tp{}@{}:{}", r.pp_rank, r.tp_rank, r.node_id, r.device);
-  }
-  log::info("head: deploying '{}' (tensor={} pipeline={}):{}", name, spec.tensor, spec.pipeline,
-            where);
+  for (const auto& rep : (*rec)->replicas)
+    plan.replicas.push_back(plan_of(self, rep));
+  for (const auto& r : (*rec)->ranks())
+    where += fmt::format(" r{}/pp{}/tp{}@{}:{}", r.replica, r.pp_rank, r.tp_rank, r.node_id,
+                         r.device);
+  log::info("head: deploying '{}' (tensor={} pipeline={} replicas={}):{}", name, spec.tensor,
+            spec.pipeline, spec.replicas, where);
   auto serving = cfg.spawn_serving(self->system(), caf::actor_cast<caf::actor>(self));
   self->monitor(serving);
   st.serving[name] = serving;
@@ -204,12 +312,11 @@ caf::result<msg::deployment_view> on_deploy(head* self, const head_config& cfg,
             if (r->state != "loading") { // a node died while loading
               auto err = make_error(errc::unavailable, "deployment '{}' failed: {}", name,
                                     r->reason);
-              stop_serving(self, name);
-              self->state.deployments.remove(name);
+              remove_deployment(self, name);
               rp.deliver(refuse(err));
               return;
             }
-            r->state = "ready";
+            self->state.deployments.mark_ready(name);
             r->endpoint = endpoint;
             log::info("head: deployment '{}' is ready at {}", name, endpoint);
             rp.deliver(view_of(*r));
@@ -218,8 +325,7 @@ caf::result<msg::deployment_view> on_deploy(head* self, const head_config& cfg,
             auto err = from_caf(e, &self->system());
             log::warn("head: deployment '{}' failed to start: {}", name, err.message());
             if (current()) {
-              stop_serving(self, name);
-              self->state.deployments.remove(name);
+              remove_deployment(self, name);
             }
             rp.deliver(refuse(err));
           });
@@ -230,13 +336,12 @@ caf::result<bool> on_undeploy(head* self, const std::string& name) {
   auto& st = self->state;
   if (!st.deployments.find(name))
     return refuse(make_error(errc::not_found, "no deployment named '{}'", name));
-  stop_serving(self, name);
-  st.deployments.remove(name);
+  remove_deployment(self, name);
   log::info("head: deployment '{}' stopped; its devices are free", name);
   return true;
 }
 
-// The serving actor reports a state change (a worker failed while serving).
+// The serving actor exited (or reports a state of the whole deployment).
 void on_state_report(head* self, const std::string& name, const std::string& state,
                      const std::string& reason) {
   auto* rec = self->state.deployments.find(name);
@@ -273,8 +378,10 @@ caf::behavior head_actor(caf::stateful_actor<head_state>* self, head_config cfg)
       },
       [self](msg::leave_atom, const std::string& id, uint64_t key) {
         bool left = self->state.members->leave(id, key);
-        if (left)
+        if (left) {
           log::info("head: node {} left the cluster", id);
+          fail_node_deployments(self, id, "it left the cluster (cluster stop)"); // workers too
+        }
         return left;
       },
       [self, authorized](msg::status_atom,
@@ -337,6 +444,9 @@ caf::behavior head_actor(caf::stateful_actor<head_state>* self, head_config cfg)
       },
       [self](msg::ready_atom, const std::string& name, const std::string& state,
              const std::string& reason) { on_state_report(self, name, state, reason); },
+      [self](msg::failed_atom, const std::string& name, const std::string& ns,
+             const std::string& why) { on_replica_failed(self, name, ns, why); },
+      [self, cfg](msg::restart_atom) { restart_due(self, cfg); },
       [self, cfg](msg::tick_atom) { on_tick(self, cfg); },
   };
 }

@@ -2,8 +2,12 @@
 // tracks heartbeats and lost connections, answers `cluster status`, and serves the key-value
 // store. Thin shell around cluster::membership and cluster::kv_store; spawned and published by
 // `cluster start --head` (cli/). Also records deployments: places them (cluster/deployments),
-// spawns each one's serving actor and tracks its state. Event-based; never blocks (but for
-// reading a model's config.json when placing).
+// spawns each one's serving actor and tracks its state. When a replica fails (its node dies, or
+// the serving actor reports a worker gone or a failed step) the registry releases its devices,
+// the serving actor drops it, and the head places it again on free devices of alive nodes
+// (at once, on every tick once its retry time has come, and whenever a node joins) and has the
+// serving actor restart it (restart_atom). Event-based; never blocks (but for reading a model's
+// config.json when placing).
 #pragma once
 
 #include <chrono>

@@ -65,7 +65,8 @@ nlohmann::json to_json(const msg::cluster_view& v, const std::string& head) {
   for (const auto& d : v.deployments) {
     auto ranks = nlohmann::json::array();
     for (const auto& r : d.ranks)
-      ranks.push_back({{"pp_rank", r.pp_rank},
+      ranks.push_back({{"replica", r.replica},
+                       {"pp_rank", r.pp_rank},
                        {"tp_rank", r.tp_rank},
                        {"node_id", r.node_id},
                        {"device", r.device}});
@@ -75,6 +76,9 @@ nlohmann::json to_json(const msg::cluster_view& v, const std::string& head) {
                            {"reason", d.reason},
                            {"tensor", d.tensor},
                            {"pipeline", d.pipeline},
+                           {"replicas", d.replicas},
+                           {"replica_states", d.replica_states},
+                           {"restarts", d.restarts},
                            {"ranks", ranks}});
   }
   return {{"head", head},
@@ -110,12 +114,14 @@ void print_table(const msg::cluster_view& v, const std::string& head) {
   for (const auto& d : v.deployments) {
     std::string ranks;
     for (const auto& r : d.ranks)
-      ranks += fmt::format(" pp{}/tp{}@{}", r.pp_rank, r.tp_rank, r.node_id);
-    fmt::print("deployment {:<20} {:<8} {} (tensor={} pipeline={}) ranks:{}{}\n", d.name, d.state,
-               d.endpoint.empty() ? "-" : d.endpoint, d.tensor, d.pipeline, ranks,
+      ranks += fmt::format(" r{}/pp{}/tp{}@{}", r.replica, r.pp_rank, r.tp_rank, r.node_id);
+    fmt::print("deployment {:<20} {:<8} {} (tensor={} pipeline={} replicas={} [{}], {} "
+               "restart(s)) ranks:{}{}\n",
+               d.name, d.state, d.endpoint.empty() ? "-" : d.endpoint, d.tensor, d.pipeline,
+               d.replicas, fmt::join(d.replica_states, " "), d.restarts, ranks,
                d.reason.empty() ? "" : "  (" + d.reason + ")");
   }
-  fmt::print("kv namespaces (one per deployment): {}\n",
+  fmt::print("kv namespaces (one per replica): {}\n",
              v.kv_namespaces.empty() ? "none"
                                      : fmt::format("{}", fmt::join(v.kv_namespaces, ", ")));
 }

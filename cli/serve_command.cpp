@@ -61,9 +61,13 @@ int run_on_cluster(const serve_args& args, const engine::deployment_config* conf
                 [&](msg::deployment_view& v) {
                   std::string ranks;
                   for (const auto& r : v.ranks)
-                    ranks += fmt::format(" pp{}/tp{}@{}", r.pp_rank, r.tp_rank, r.node_id);
-                  fmt::print("serving '{}' at {} (tensor={} pipeline={}, ranks:{})\n", v.name,
-                             v.endpoint, v.tensor, v.pipeline, ranks);
+                    ranks += v.replicas > 1
+                                 ? fmt::format(" r{}/pp{}/tp{}@{}", r.replica, r.pp_rank, r.tp_rank,
+                                               r.node_id)
+                                 : fmt::format(" pp{}/tp{}@{}", r.pp_rank, r.tp_rank, r.node_id);
+                  fmt::print("serving '{}' at {} (tensor={} pipeline={}{}, ranks:{})\n", v.name,
+                             v.endpoint, v.tensor, v.pipeline,
+                             v.replicas > 1 ? fmt::format(" replicas={}", v.replicas) : "", ranks);
                   out = {};
                 },
                 [&](caf::error& e) { out = actors::from_caf(e, &sys); });

@@ -105,6 +105,10 @@ using spawn_atom = caf::atom_constant<caf::atom("spawn")>;         // serving ->
 using load_atom = caf::atom_constant<caf::atom("load")>;           // serving -> worker
 using execute_atom = caf::atom_constant<caf::atom("execute")>;     // serving -> worker
 using ready_atom = caf::atom_constant<caf::atom("ready")>;         // serving -> head
+using failed_atom = caf::atom_constant<caf::atom("failed")>;       // serving -> head
+using drop_atom = caf::atom_constant<caf::atom("drop")>;           // head -> serving
+using restart_atom = caf::atom_constant<caf::atom("restart")>;     // head -> serving
+using loaded_atom = caf::atom_constant<caf::atom("loaded")>;       // loader -> serving
 
 // (join_atom, join_request) -> join_reply | error (wrong token, version mismatch)
 struct join_request {
@@ -150,10 +154,12 @@ struct rank_view {
   int32_t pp_rank = 0, tp_rank = 0;
   std::string node_id;
   int32_t device = 0;
+  int32_t replica = 0;
 };
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, rank_view& x) {
-  return f(caf::meta::type_name("rank_view"), x.pp_rank, x.tp_rank, x.node_id, x.device);
+  return f(caf::meta::type_name("rank_view"), x.pp_rank, x.tp_rank, x.node_id, x.device,
+           x.replica);
 }
 
 // One deployment row of `cluster status`. state: loading | ready | degraded | failed.
@@ -163,12 +169,15 @@ struct deployment_view {
   std::string endpoint; // http://host:port/v1 once ready
   std::string reason;   // why degraded or failed
   int32_t tensor = 1, pipeline = 1;
-  std::vector<rank_view> ranks;
+  std::vector<rank_view> ranks; // the ranks holding devices, (replica, pp, tp) order
+  int32_t replicas = 1;
+  std::vector<std::string> replica_states; // loading | ready | failed | waiting | restarting
+  int32_t restarts = 0;                    // replicas restarted since it was first ready
 };
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, deployment_view& x) {
   return f(caf::meta::type_name("deployment_view"), x.name, x.state, x.endpoint, x.reason,
-           x.tensor, x.pipeline, x.ranks);
+           x.tensor, x.pipeline, x.ranks, x.replicas, x.replica_states, x.restarts);
 }
 
 // (status_atom, token) -> cluster_view
@@ -188,15 +197,43 @@ typename Inspector::result_type inspect(Inspector& f, cluster_view& x) {
 // (state ready, endpoint) | error (duplicate name, placement reason, load failure). The head
 // then sends (deploy_atom, deployment_plan) -> string endpoint | error to the deployment's
 // serving actor in its own process. (undeploy_atom, token, name) -> bool | error not_found.
+// One replica's ranks: a tensor x pipeline group with its own namespace in the head's KV store
+// (Gloo/NCCL rendezvous), so that groups of different replicas and attempts never meet.
+struct replica_plan {
+  int32_t replica = 0;
+  std::string ns;
+  std::vector<rank_view> ranks;  // world rank order: pp_rank * tensor + tp_rank
+  std::vector<caf::actor> nodes; // the node_actor hosting each rank
+};
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, replica_plan& x) {
+  return f(caf::meta::type_name("replica_plan"), x.replica, x.ns, x.ranks, x.nodes);
+}
 struct deployment_plan {
   engine::deployment_config config;
-  std::string ns; // the deployment's namespace in the head's KV store (Gloo rendezvous)
-  std::vector<rank_view> ranks;     // world rank order: pp_rank * tensor + tp_rank
-  std::vector<caf::actor> nodes;    // the node_actor hosting each rank
+  std::string ns; // the deployment's namespace prefix in the head's KV store
+  std::vector<replica_plan> replicas;
 };
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, deployment_plan& x) {
-  return f(caf::meta::type_name("deployment_plan"), x.config, x.ns, x.ranks, x.nodes);
+  return f(caf::meta::type_name("deployment_plan"), x.config, x.ns, x.replicas);
+}
+// Failure and restart of one replica (the head's registry decides, the serving actor acts):
+//   (failed_atom, name, ns, why)         serving -> head: the replica of attempt `ns` failed
+//   (drop_atom, int32 replica, ns, why)   head -> serving: take it out of routing, stop its workers
+//   (restart_atom, replica_plan) -> string ns | error   head -> serving: spawn, load, swap in
+//   (loaded_atom, replica_loaded)         a replica's loader -> serving (its own process)
+struct replica_loaded {
+  int32_t replica = 0;
+  std::string ns;
+  std::vector<caf::actor> workers; // world rank order; empty on error
+  int32_t kv_blocks = 0;           // the smallest rank's KV pool
+  std::string error;               // empty: loaded
+};
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, replica_loaded& x) {
+  return f(caf::meta::type_name("replica_loaded"), x.replica, x.ns, x.workers, x.kv_blocks,
+           x.error);
 }
 
 // (spawn_atom, worker_spec) -> caf::actor (serving -> node_actor): a detached worker_actor for
@@ -264,6 +301,8 @@ inline void add_message_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<deployment_view>("troupe::deployment_view");
   cfg.add_message_type<engine::deployment_config>("troupe::deployment_config");
   cfg.add_message_type<deployment_plan>("troupe::deployment_plan");
+  cfg.add_message_type<replica_plan>("troupe::replica_plan");
+  cfg.add_message_type<replica_loaded>("troupe::replica_loaded");
   cfg.add_message_type<worker_spec>("troupe::worker_spec");
   cfg.add_message_type<worker_reply>("troupe::worker_reply");
   cfg.add_message_type<step_plan>("troupe::step_plan");

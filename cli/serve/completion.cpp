@@ -111,10 +111,11 @@ class completion_run {
       sent_prompt_ids_(!req.return_token_ids) {}
 
   int run() {
-    auto submitted = ctx_.engine->submit(make_engine_request(req_, ctx_.model));
+    auto submitted = ctx_.router->submit(make_engine_request(req_, ctx_.model));
     if (!submitted) {
       const auto& err = submitted.error();
-      const bool busy = err.code() == errc::resource_exhausted || err.code() == errc::cancelled;
+      const bool busy = err.code() == errc::resource_exhausted || err.code() == errc::cancelled ||
+                        err.code() == errc::unavailable; // no replica serving (restarting)
       return reply_error({busy ? 503 : 400, err.message(), {}, {}});
     }
     const auto [id, channel] = *submitted;
@@ -127,7 +128,7 @@ class completion_run {
       for (const auto& o : outs)
         consume(o);
       if (finish_ == engine::finish_reason::none && (!out_.ok || (!got && peer_gone(sock_)))) {
-        ctx_.engine->cancel(id); // frees its KV blocks
+        ctx_.router->cancel(id); // frees its KV blocks
         keep_alive_ = false;
         return 499; // the client closed the request
       }
@@ -207,7 +208,10 @@ class completion_run {
       delta += detok_.finish();
     }
     text_ += delta;
-    if (!req_.stream || (delta.empty() && !ends))
+    // A token whose text is held back (part of a UTF-8 character or of a possible stop string)
+    // still gets its chunk when the client asked for token ids (as vLLM), or its id is lost.
+    const bool ids_chunk = req_.return_token_ids && o.has_token;
+    if (!req_.stream || (delta.empty() && !ends && !ids_chunk))
       return;
     json choice = {{"index", 0}};
     if (req_.chat)

@@ -13,8 +13,7 @@ namespace troupe::serve {
 
 struct deployment::parts {
   engine::model_tokenizer text;
-  std::unique_ptr<engine::executor> exec;
-  std::unique_ptr<serving_engine> engine;
+  std::unique_ptr<replica_router> router;
   serve_metrics metrics;
   std::unique_ptr<serve_context> ctx;
   std::unique_ptr<http_server> server;
@@ -37,8 +36,7 @@ class owning_executor final : public engine::executor {
 
 // Loads the model onto GPU 0 (bf16) with the KV pool sized from gpu_memory_utilization unless
 // num_kv_blocks fixes it; kv.num_blocks becomes the pool's real size.
-expected<std::unique_ptr<engine::executor>> start_cuda(const engine::deployment_config& c,
-                                                       kv_plan& kv) {
+expected<replica_executor> start_cuda(const engine::deployment_config& c, const kv_plan& kv) {
   engine::cuda_options o{.device = 0,
                          .max_num_batched_tokens = std::max(c.max_num_batched_tokens, 1),
                          .max_num_seqs = c.max_num_seqs,
@@ -60,15 +58,14 @@ expected<std::unique_ptr<engine::executor>> start_cuda(const engine::deployment_
                       blocks, c.block_size, (*model)->kv_bytes() / 1073741824.0,
                       (*model)->weight_bytes() / 1073741824.0, c.gpu_memory_utilization,
                       kv.max_model_len, per_seq);
-  kv.num_blocks = blocks;
   auto exec = engine::cuda_executor::create(**model);
   if (!exec)
     return std::move(exec).error();
   log::info("device: cuda: {:.2f} GiB of bf16 weights, {} KV blocks of {} tokens ({:.2f} GiB)",
             (*model)->weight_bytes() / 1073741824.0, blocks, c.block_size,
             (*model)->kv_bytes() / 1073741824.0);
-  return std::unique_ptr<engine::executor>(
-      std::make_unique<owning_executor>(std::move(*model), std::move(*exec)));
+  return replica_executor{std::make_unique<owning_executor>(std::move(*model), std::move(*exec)),
+                          blocks, nullptr};
 }
 
 } // namespace
@@ -101,23 +98,31 @@ expected<kv_plan> plan_kv(const engine::deployment_config& c, const engine::mode
 
 expected<std::unique_ptr<deployment>> deployment::start(const engine::deployment_config& c,
                                                         std::string version) {
-  if (c.parallel.tensor != 1 || c.parallel.pipeline != 1)
+  if (c.parallel.tensor != 1 || c.parallel.pipeline != 1 || c.parallel.replicas != 1)
     return make_error(errc::unsupported,
-                      "parallel tensor={} pipeline={}: serving in this process (--block) runs one "
-                      "rank; serve through the cluster (`cluster serve` without --block)",
-                      c.parallel.tensor, c.parallel.pipeline);
+                      "parallel tensor={} pipeline={} replicas={}: serving in this process "
+                      "(--block) runs one rank; serve through the cluster (`cluster serve` "
+                      "without --block)",
+                      c.parallel.tensor, c.parallel.pipeline, c.parallel.replicas);
   return start(c, std::move(version),
                [&c](const engine::model_config&,
-                    kv_plan& kv) -> expected<std::unique_ptr<engine::executor>> {
-                 if (c.device == "cuda")
-                   return start_cuda(c, kv);
+                    const kv_plan& kv) -> expected<std::vector<replica_executor>> {
+                 std::vector<replica_executor> one;
+                 if (c.device == "cuda") {
+                   auto r = start_cuda(c, kv);
+                   if (!r)
+                     return std::move(r).error();
+                   one.push_back(std::move(*r));
+                   return one;
+                 }
                  auto model = engine::cpu_backend::load(
                      c.model, {.num_blocks = kv.num_blocks, .block_size = c.block_size});
                  if (!model)
                    return std::move(model).error();
                  auto exec = std::make_unique<engine::local_executor>(**model);
-                 return std::unique_ptr<engine::executor>(
-                     std::make_unique<owning_executor>(std::move(*model), std::move(exec)));
+                 one.push_back({std::make_unique<owning_executor>(std::move(*model), std::move(exec)),
+                                kv.num_blocks, nullptr});
+                 return one;
                });
 }
 
@@ -147,10 +152,12 @@ expected<std::unique_ptr<deployment>> deployment::start(const engine::deployment
   if (!text)
     return std::move(text).error().context("tokenizer of " + c.model);
   p.text = std::move(*text);
-  auto exec = make_executor(*config, *kv);
-  if (!exec)
-    return std::move(exec).error();
-  p.exec = std::move(*exec);
+  auto replicas = make_executor(*config, *kv);
+  if (!replicas)
+    return std::move(replicas).error();
+  if (replicas->size() != static_cast<size_t>(c.parallel.replicas))
+    return make_error(errc::internal, "{} executors for {} replicas", replicas->size(),
+                      c.parallel.replicas);
 
   engine::scheduler_options so{.num_blocks = kv->num_blocks,
                                .block_size = c.block_size,
@@ -165,7 +172,13 @@ expected<std::unique_ptr<deployment>> deployment::start(const engine::deployment
   if (so.eos_token_ids.empty())
     so.eos_token_ids = config->eos_token_ids;
   TROUPE_TRY_VOID(engine::validate(so));
-  p.engine = std::make_unique<serving_engine>(so, *p.exec);
+  p.router = std::make_unique<replica_router>(c.served_model_name, replicas->size(), so);
+  int32_t blocks = 0;
+  for (size_t i = 0; i < replicas->size(); ++i) {
+    auto& r = (*replicas)[i];
+    blocks = i == 0 ? r.num_blocks : std::min(blocks, r.num_blocks);
+    TROUPE_TRY_VOID(p.router->install(i, std::move(r)));
+  }
   p.ctx = std::make_unique<serve_context>();
   p.ctx->options = {.host = c.host,
                     .port = static_cast<uint16_t>(c.port),
@@ -175,7 +188,7 @@ expected<std::unique_ptr<deployment>> deployment::start(const engine::deployment
                   .max_model_len = kv->max_model_len,
                   .vocab_size = config->vocab_size,
                   .text = &p.text};
-  p.ctx->engine = p.engine.get();
+  p.ctx->router = p.router.get();
   p.ctx->metrics = &p.metrics;
   p.server = std::make_unique<http_server>(*p.ctx);
   auto port = p.server->start();
@@ -185,8 +198,16 @@ expected<std::unique_ptr<deployment>> deployment::start(const engine::deployment
   d->host_ = c.host;
   d->name_ = c.served_model_name;
   d->max_model_len_ = kv->max_model_len;
-  d->num_kv_blocks_ = kv->num_blocks;
+  d->num_kv_blocks_ = blocks;
   return d;
+}
+
+void deployment::take_down(size_t replica, const std::string& why) {
+  parts_->router->take_down(replica, why);
+}
+
+expected<void> deployment::replace(size_t replica, replica_executor r) {
+  return parts_->router->install(replica, std::move(r));
 }
 
 deployment::~deployment() {
@@ -195,7 +216,7 @@ deployment::~deployment() {
   if (parts_->server)
     parts_->server->stop(); // sessions end (their requests cancelled) before the engine stops
   parts_->server.reset();
-  parts_->engine.reset();
+  parts_->router.reset();
 }
 
 } // namespace troupe::serve

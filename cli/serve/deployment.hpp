@@ -1,14 +1,17 @@
-// One served model: tokenizer, executor (in this process: device cpu = CPU backend +
-// local_executor, device cuda = CUDA backend on GPU 0 + cuda_executor; or the worker ranks of a
-// cluster deployment), serving engine and HTTP server, built from a model.yaml
-// deployment_config. Used by `cluster serve --block`, the head's serving actor and the serving
-// tests. start() blocks while loading weights; the destructor stops and joins.
+// One served model: tokenizer, executors (in this process: device cpu = CPU backend +
+// local_executor, device cuda = CUDA backend on GPU 0 + cuda_executor; or for each replica of a
+// cluster deployment its worker ranks), a serving engine per replica behind a replica_router,
+// and the HTTP server, built from a model.yaml deployment_config. Used by `cluster serve
+// --block`, the head's serving actor (which also takes failed replicas down and swaps restarted
+// ones in) and the serving tests. start() blocks while loading weights; the destructor stops and
+// joins.
 #pragma once
 
 #include <functional>
 #include <memory>
 #include <string>
 
+#include "cli/serve/replica_router.hpp"
 #include "engine/config/deployment_config.hpp"
 #include "engine/model/model_config.hpp"
 #include "engine/scheduler/executor.hpp"
@@ -25,16 +28,16 @@ struct kv_plan {
 expected<kv_plan> plan_kv(const engine::deployment_config& config,
                           const engine::model_config& model);
 
-// Makes the executor once the model's config and the KV plan are known: a backend in this
-// process (`--block`) or the deployment's worker ranks (the head's serving actor). A factory
-// whose pool ends up another size (CUDA: sized from free memory) sets kv.num_blocks to it.
-// Blocks while loading.
-using executor_factory = std::function<expected<std::unique_ptr<engine::executor>>(
-    const engine::model_config&, kv_plan&)>;
+// Makes every replica's executor once the model's config and the KV plan are known: a backend
+// in this process (`--block`) or each replica's worker ranks (the head's serving actor), with
+// the size of its KV pool (kv.num_blocks, or what a CUDA pool had room for). Blocks while
+// loading.
+using executor_factory = std::function<expected<std::vector<replica_executor>>(
+    const engine::model_config&, const kv_plan&)>;
 
 class deployment {
  public:
-  // In this process on the config's device (tensor = pipeline = 1 only).
+  // In this process on the config's device (tensor = pipeline = replicas = 1 only).
   static expected<std::unique_ptr<deployment>> start(const engine::deployment_config& config,
                                                      std::string version);
   static expected<std::unique_ptr<deployment>>
@@ -47,6 +50,12 @@ class deployment {
   const std::string& name() const { return name_; }
   int32_t max_model_len() const { return max_model_len_; }
   int32_t num_kv_blocks() const { return num_kv_blocks_; }
+
+  // Replica i failed: requests go to the other replicas, or get HTTP 503 saying `why` while
+  // none serves; its engine and executor stop. Blocks until its engine thread ended.
+  void take_down(size_t replica, const std::string& why);
+  // Replica i serves again over a new executor (its restarted workers).
+  expected<void> replace(size_t replica, replica_executor r);
 
   struct parts;
 

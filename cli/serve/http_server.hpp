@@ -1,7 +1,8 @@
 // The OpenAI-compatible HTTP front end on Boost.Beast: an acceptor thread and one thread per
 // connection (synchronous Beast). Each session parses, validates and tokenizes its requests on its
-// own thread, submits them to the serving_engine and streams SSE chunks (or one JSON body) back;
-// a client that disconnects has its request cancelled. start() and stop() block.
+// own thread, submits them to the replica_router (which picks a replica's serving_engine) and
+// streams SSE chunks (or one JSON body) back; a client that disconnects has its request
+// cancelled. start() and stop() block.
 #pragma once
 
 #include <atomic>
@@ -15,7 +16,7 @@
 #include <boost/asio/ip/tcp.hpp>
 
 #include "cli/serve/openai_api.hpp"
-#include "cli/serve/serving_engine.hpp"
+#include "cli/serve/replica_router.hpp"
 
 namespace troupe::serve {
 
@@ -30,7 +31,7 @@ struct server_options {
 struct serve_context {
   server_options options;
   model_info model;
-  serving_engine* engine = nullptr;
+  replica_router* router = nullptr;
   serve_metrics* metrics = nullptr;
   std::atomic<uint64_t> next_id{1};
 };

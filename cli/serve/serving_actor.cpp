@@ -3,13 +3,12 @@
 #include <algorithm>
 
 #include <caf/after.hpp>
-#include <caf/scoped_actor.hpp>
+#include <caf/blocking_actor.hpp>
 
 #include "actors/caf_glue.hpp"
 #include "actors/remote_executor.hpp"
-#include "cli/serve/deployment.hpp"
+#include "engine/model/gguf_weights.hpp"
 #include "runtime/log.hpp"
-#include "runtime/messages.hpp"
 
 namespace troupe::serve {
 
@@ -19,12 +18,16 @@ using serving = caf::stateful_actor<serving_state>;
 using namespace std::chrono_literals;
 constexpr auto load_timeout = 300s;
 
-// Asks each rank's node to spawn its worker. Blocks.
-expected<std::vector<caf::actor>> spawn_workers(serving* self, const msg::deployment_plan& plan,
-                                                const kv_plan& kv) {
-  const auto& c = plan.config;
-  caf::scoped_actor s{self->system()};
-  std::vector<caf::actor> workers(plan.ranks.size());
+void stop_workers(const std::vector<caf::actor>& workers) {
+  for (const auto& w : workers)
+    caf::anon_send_exit(w, caf::exit_reason::user_shutdown);
+}
+
+// Asks each rank's node to spawn its worker, owned by `owner` (the serving actor: the workers
+// exit when it does). Blocks. `workers` holds those spawned, also on error.
+expected<void> spawn_workers(caf::blocking_actor* self, const caf::actor& owner,
+                             const engine::deployment_config& c, const kv_plan& kv,
+                             const msg::replica_plan& plan, std::vector<caf::actor>& workers) {
   for (size_t i = 0; i < plan.ranks.size(); ++i) {
     const auto& r = plan.ranks[i];
     if (i >= plan.nodes.size() || !plan.nodes[i])
@@ -47,117 +50,334 @@ expected<std::vector<caf::actor>> spawn_workers(serving* self, const msg::deploy
                           .max_num_batched_tokens = c.max_num_batched_tokens,
                           .gpu_memory_utilization = static_cast<float>(c.gpu_memory_utilization)};
     troupe::error err;
-    s->request(plan.nodes[i], 10s, msg::spawn_atom::value, std::move(spec),
-               caf::actor_cast<caf::actor>(self))
-        .receive([&](caf::actor& w) { workers[i] = std::move(w); },
+    self->request(plan.nodes[i], 10s, msg::spawn_atom::value, std::move(spec), owner)
+        .receive([&](caf::actor& w) { workers.push_back(std::move(w)); },
                  [&](caf::error& e) { err = actors::from_caf(e, &self->system()); });
     if (err)
-      return std::move(err).context(fmt::format("spawning rank {} on node {}", i, r.node_id));
-    self->state.workers.push_back(workers[i]);
+      return std::move(err).context(
+          fmt::format("spawning replica {} rank {} on node {}", plan.replica, i, r.node_id));
   }
-  return workers;
+  return {};
 }
 
 // Has every worker load its shard; fails on the first error or a worker that dies. Blocks.
-// Returns the smallest KV pool among the ranks (the pool the scheduler may use).
-expected<int32_t> load_workers(serving* self, const std::vector<caf::actor>& workers,
-                            const msg::deployment_plan& plan) {
-  caf::scoped_actor s{self->system()};
+// Returns the smallest KV pool among the ranks (the pool the replica's scheduler may use).
+// errc::cancelled when `owner` went away meanwhile.
+expected<int32_t> load_workers(caf::blocking_actor* self, const caf::actor& owner,
+                               const std::vector<caf::actor>& workers,
+                               const msg::replica_plan& plan) {
   for (const auto& w : workers) {
-    s->monitor(w);
-    s->send(w, msg::load_atom::value);
+    self->monitor(w);
+    self->send(w, msg::load_atom::value);
   }
   size_t loaded = 0;
   int32_t blocks = 0;
-  std::string err;
+  troupe::error err;
   const auto deadline = std::chrono::steady_clock::now() + load_timeout;
-  while (loaded < workers.size() && err.empty()) {
+  while (loaded < workers.size() && !err) {
     auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
         deadline - std::chrono::steady_clock::now());
-    s->receive(
+    self->receive(
         [&](msg::worker_reply& r) {
+          const auto rank = static_cast<size_t>(r.rank);
           if (!r.error.empty())
-            err = fmt::format("rank {} on node {} failed to load: {}", r.rank,
-                              plan.ranks.at(static_cast<size_t>(r.rank)).node_id, r.error);
+            err = make_error(errc::unavailable, "replica {} rank {} on node {} failed to load: {}",
+                             plan.replica, r.rank,
+                             rank < plan.ranks.size() ? plan.ranks[rank].node_id : "?", r.error);
           else
             blocks = loaded++ == 0 ? r.kv_blocks : std::min(blocks, r.kv_blocks);
         },
         [&](caf::down_msg& dm) {
-          err = "a worker died while loading (" + self->system().render(dm.reason) + ")";
+          if (dm.source == owner.address())
+            err = make_error(errc::cancelled, "the deployment was stopped");
+          else
+            err = make_error(errc::unavailable, "a worker of replica {} died while loading ({})",
+                             plan.replica, self->system().render(dm.reason));
         },
         caf::after(std::max(left, std::chrono::milliseconds(1))) >>
-            [&] { err = fmt::format("ranks did not load within {} s", load_timeout.count()); });
+            [&] {
+              err = make_error(errc::timeout, "replica {}: ranks did not load within {} s",
+                               plan.replica, load_timeout.count());
+            });
   }
-  if (!err.empty())
-    return make_error(errc::unavailable, "{}", err);
+  if (err)
+    return err;
   return blocks;
 }
 
-expected<std::string> start(serving* self, const caf::actor& head, const std::string& version,
-                            const msg::deployment_plan& plan) {
-  const auto& c = plan.config;
-  const std::string name = c.served_model_name;
-  auto factory = [&](const engine::model_config&,
-                     kv_plan& kv) -> expected<std::unique_ptr<engine::executor>> {
-    auto workers = spawn_workers(self, plan, kv);
-    if (!workers)
-      return std::move(workers).error();
-    auto blocks = load_workers(self, *workers, plan);
-    if (!blocks)
-      return std::move(blocks).error();
-    const int32_t per_seq = (kv.max_model_len + c.block_size - 1) / c.block_size;
-    if (*blocks < per_seq)
-      return make_error(errc::resource_exhausted,
-                        "the smallest rank's KV pool has {} blocks of {} tokens, fewer than one "
-                        "context of max_model_len {} needs ({}); raise gpu_memory_utilization or "
-                        "lower max_model_len",
-                        *blocks, c.block_size, kv.max_model_len, per_seq);
-    kv.num_blocks = *blocks; // cpu: the planned pool; cuda: what the GPUs had room for
-    // The last stage's tensor rank 0 answers (it samples). A plan passes every stage, each of
-    // which may wait up to stage_wait_ms for the one before it.
-    const size_t answer = static_cast<size_t>(c.parallel.pipeline - 1) * c.parallel.tensor;
-    const auto step_timeout = msg::worker_spec::stage_wait_ms * 1ms * c.parallel.pipeline + 5s;
-    auto& sys = self->system();
-    auto on_failure = [head, name](const std::string& why) {
-      caf::anon_send(head, msg::ready_atom::value, name, std::string("failed"), why);
-    };
-    return std::unique_ptr<engine::executor>(std::make_unique<actors::remote_executor>(
-        sys, std::move(*workers), answer, step_timeout, on_failure, c.parallel.pipeline));
+// One replica's loader (a detached blocking actor): spawns and loads its workers, then tells
+// the serving actor (loaded_atom), which owns them from then on. Exits quietly, stopping what
+// it spawned, when the serving actor goes away.
+void replica_loader(caf::blocking_actor* self, caf::actor owner, engine::deployment_config c,
+                    kv_plan kv, msg::replica_plan plan) {
+  self->monitor(owner);
+  msg::replica_loaded out{.replica = plan.replica, .ns = plan.ns};
+  std::vector<caf::actor> workers;
+  auto ok = spawn_workers(self, owner, c, kv, plan, workers);
+  expected<int32_t> blocks =
+      ok ? load_workers(self, owner, workers, plan) : expected<int32_t>(std::move(ok).error());
+  if (!blocks) {
+    stop_workers(workers);
+    if (blocks.error().code() == errc::cancelled)
+      return;
+    out.error = blocks.error().message();
+  } else {
+    out.workers = std::move(workers);
+    out.kv_blocks = *blocks;
+  }
+  self->send(owner, msg::loaded_atom::value, std::move(out));
+}
+
+void start_loader(serving* self, const msg::replica_plan& plan) {
+  self->spawn<caf::detached>(replica_loader, caf::actor_cast<caf::actor>(self), self->state.config,
+                             self->state.kv, plan);
+}
+
+// The executor over a loaded replica's workers. Its failure marks the replica failed in the
+// router (health) and tells the head, which drops and restarts it.
+expected<replica_executor> executor_of(serving* self, const caf::actor& head,
+                                       msg::replica_loaded& r) {
+  const auto& c = self->state.config;
+  const auto& kv = self->state.kv;
+  const int32_t per_seq = (kv.max_model_len + c.block_size - 1) / c.block_size;
+  if (r.kv_blocks < per_seq)
+    return make_error(errc::resource_exhausted,
+                      "replica {}: the smallest rank's KV pool has {} blocks of {} tokens, fewer "
+                      "than one context of max_model_len {} needs ({}); raise "
+                      "gpu_memory_utilization or lower max_model_len",
+                      r.replica, r.kv_blocks, c.block_size, kv.max_model_len, per_seq);
+  auto health = std::make_shared<replica_health>();
+  auto on_failure = [head, health, name = c.served_model_name, ns = r.ns](const std::string& why) {
+    health->fail(why);
+    caf::anon_send(head, msg::failed_atom::value, name, ns, why);
   };
-  auto d = deployment::start(c, version, factory);
+  // The last stage's tensor rank 0 answers (it samples). A plan passes every stage, each of
+  // which may wait up to stage_wait_ms for the one before it; one plan per stage in flight.
+  const size_t answer = static_cast<size_t>(c.parallel.pipeline - 1) * c.parallel.tensor;
+  const auto step_timeout = msg::worker_spec::stage_wait_ms * 1ms * c.parallel.pipeline + 5s;
+  return replica_executor{std::make_unique<actors::remote_executor>(
+                              self->system(), r.workers, answer, step_timeout, on_failure,
+                              c.parallel.pipeline),
+                          r.kv_blocks, health};
+}
+
+// Watches a loaded replica's workers: one going down fails the replica even while it is idle.
+void watch(serving* self, const msg::replica_loaded& r) {
+  const auto& nodes = self->state.rank_nodes.at(static_cast<size_t>(r.replica));
+  for (size_t k = 0; k < r.workers.size(); ++k) {
+    self->monitor(r.workers[k]);
+    self->state.watched[r.workers[k].address()] = {r.replica, r.ns, k,
+                                                   k < nodes.size() ? nodes[k] : "?"};
+  }
+}
+
+void on_worker_down(serving* self, const caf::actor& head, const caf::down_msg& dm) {
+  auto& st = self->state;
+  auto it = st.watched.find(dm.source);
+  if (it == st.watched.end())
+    return;
+  const auto w = it->second;
+  st.watched.erase(it);
+  const auto i = static_cast<size_t>(w.replica);
+  if (i >= st.ns.size() || st.ns[i] != w.ns)
+    return; // a dropped attempt's worker exiting
+  const auto why = fmt::format("deployment worker failure: rank {} on node {} is gone ({})", w.rank,
+                               w.node_id, self->system().render(dm.reason));
+  log::warn("serving: '{}' replica {}: {}", st.config.served_model_name, w.replica, why);
+  if (i < st.health.size() && st.health[i])
+    st.health[i]->fail(why);
+  self->send(head, msg::failed_atom::value, st.config.served_model_name, w.ns, why);
+}
+
+// Every replica of the first load has reported: start the deployment (or fail it).
+void finish_first_load(serving* self, const caf::actor& head, const std::string& version) {
+  auto& st = self->state;
+  auto loaded = std::move(st.first_loaded);
+  std::sort(loaded.begin(), loaded.end(),
+            [](const auto& a, const auto& b) { return a.replica < b.replica; });
+  auto fail = [&](const troupe::error& err) {
+    log::error("serving: '{}' failed to start: {}", st.config.served_model_name, err.message());
+    for (auto& l : loaded)
+      stop_workers(l.workers);
+    st.first.deliver(actors::to_caf(err));
+  };
+  for (const auto& l : loaded)
+    if (!l.error.empty())
+      return fail(make_error(errc::unavailable, "{}", l.error));
+  std::vector<replica_executor> executors;
+  st.health.assign(st.ns.size(), nullptr);
+  for (auto& l : loaded) {
+    auto ex = executor_of(self, head, l);
+    if (!ex)
+      return fail(ex.error());
+    st.health[static_cast<size_t>(l.replica)] = ex->health;
+    executors.push_back(std::move(*ex));
+  }
+  auto d = deployment::start(
+      st.config, version,
+      [&](const engine::model_config&, const kv_plan&) -> expected<std::vector<replica_executor>> {
+        return std::move(executors);
+      });
   if (!d)
-    return std::move(d).error();
-  self->state.served = std::move(*d);
-  const auto& served = *self->state.served;
-  return fmt::format("http://{}:{}/v1", served.host(), served.port());
+    return fail(d.error());
+  st.served = std::move(*d);
+  for (auto& l : loaded) {
+    watch(self, l);
+    st.workers[static_cast<size_t>(l.replica)] = std::move(l.workers);
+  }
+  const auto endpoint = fmt::format("http://{}:{}/v1", st.served->host(), st.served->port());
+  log::info("serving: '{}' at {}", st.config.served_model_name, endpoint);
+  st.first.deliver(endpoint);
+}
+
+// A restarted replica has loaded (or failed to): swap its executor in and answer the head.
+void finish_restart(serving* self, const caf::actor& head, msg::replica_loaded& r) {
+  auto& st = self->state;
+  auto it = st.restarting.find(r.replica);
+  auto rp = it->second;
+  st.restarting.erase(it);
+  const auto i = static_cast<size_t>(r.replica);
+  auto fail = [&](const troupe::error& err) {
+    stop_workers(r.workers);
+    st.ns[i].clear();
+    log::warn("serving: '{}' replica {} failed to restart: {}", st.config.served_model_name,
+              r.replica, err.message());
+    rp.deliver(actors::to_caf(err));
+  };
+  if (!r.error.empty())
+    return fail(make_error(errc::unavailable, "{}", r.error));
+  auto ex = executor_of(self, head, r);
+  if (!ex)
+    return fail(ex.error());
+  auto health = ex->health;
+  if (auto ok = st.served->replace(i, std::move(*ex)); !ok)
+    return fail(ok.error());
+  st.health[i] = std::move(health);
+  watch(self, r);
+  stop_workers(st.workers[i]); // normally stopped by the drop already
+  st.workers[i] = std::move(r.workers);
+  log::info("serving: '{}' replica {} serves again ({})", st.config.served_model_name, r.replica,
+            r.ns);
+  rp.deliver(r.ns);
+}
+
+caf::result<std::string> on_deploy(serving* self, const msg::deployment_plan& plan) {
+  auto& st = self->state;
+  st.config = plan.config;
+  auto model = engine::peek_model_config(st.config.model);
+  if (!model)
+    return actors::to_caf(std::move(model).error().context("model " + st.config.model));
+  auto kv = plan_kv(st.config, *model);
+  if (!kv)
+    return actors::to_caf(kv.error());
+  st.kv = *kv;
+  const size_t n = plan.replicas.size();
+  st.ns.assign(n, {});
+  st.workers.assign(n, {});
+  st.rank_nodes.assign(n, {});
+  log::info("serving: starting '{}': {} replica(s) of {} rank(s)", st.config.served_model_name, n,
+            n ? plan.replicas.front().ranks.size() : 0);
+  for (const auto& r : plan.replicas) {
+    if (r.replica < 0 || static_cast<size_t>(r.replica) >= n)
+      return actors::to_caf(make_error(errc::internal, "replica {} of {}", r.replica, n));
+    st.ns[static_cast<size_t>(r.replica)] = r.ns;
+    for (const auto& rank : r.ranks)
+      st.rank_nodes[static_cast<size_t>(r.replica)].push_back(rank.node_id);
+  }
+  for (const auto& r : plan.replicas)
+    start_loader(self, r);
+  st.first = self->make_response_promise<std::string>();
+  return st.first;
+}
+
+// The head dropped a failed replica: no more requests go there, its workers are stopped.
+void on_drop(serving* self, int32_t replica, const std::string& ns, const std::string& why) {
+  auto& st = self->state;
+  const auto i = static_cast<size_t>(replica);
+  if (replica < 0 || i >= st.ns.size() || st.ns[i] != ns)
+    return; // an older attempt
+  st.ns[i].clear();
+  if (auto it = st.restarting.find(replica); it != st.restarting.end()) {
+    it->second.deliver(actors::to_caf(make_error(errc::unavailable, "{}", why)));
+    st.restarting.erase(it);
+  }
+  log::warn("serving: '{}' drops replica {}: {}", st.config.served_model_name, replica, why);
+  if (st.served)
+    st.served->take_down(i, why);
+  stop_workers(st.workers[i]);
+  st.workers[i].clear();
+}
+
+caf::result<std::string> on_restart(serving* self, const msg::replica_plan& plan) {
+  auto& st = self->state;
+  const auto i = static_cast<size_t>(plan.replica);
+  if (!st.served || plan.replica < 0 || i >= st.ns.size())
+    return actors::to_caf(
+        make_error(errc::invalid_argument, "no replica {} being served", plan.replica));
+  if (auto it = st.restarting.find(plan.replica); it != st.restarting.end()) {
+    it->second.deliver(
+        actors::to_caf(make_error(errc::cancelled, "superseded by the restart under {}", plan.ns)));
+    st.restarting.erase(it);
+  }
+  if (!st.ns[i].empty()) // still serving an attempt the head gave up on
+    on_drop(self, plan.replica, st.ns[i], "replaced by a restart");
+  st.ns[i] = plan.ns;
+  st.rank_nodes[i].clear();
+  for (const auto& rank : plan.ranks)
+    st.rank_nodes[i].push_back(rank.node_id);
+  log::info("serving: '{}' restarting replica {} on {} rank(s) ({})", st.config.served_model_name,
+            plan.replica, plan.ranks.size(), plan.ns);
+  start_loader(self, plan);
+  auto rp = self->make_response_promise<std::string>();
+  st.restarting.emplace(plan.replica, rp);
+  return rp;
+}
+
+void on_loaded(serving* self, const caf::actor& head, const std::string& version,
+               msg::replica_loaded& r) {
+  auto& st = self->state;
+  const auto i = static_cast<size_t>(r.replica);
+  if (r.replica < 0 || i >= st.ns.size() || st.ns[i] != r.ns) {
+    stop_workers(r.workers); // a dropped or superseded attempt
+    return;
+  }
+  if (!st.served) {
+    st.first_loaded.push_back(std::move(r));
+    if (st.first_loaded.size() == st.ns.size())
+      finish_first_load(self, head, version);
+    return;
+  }
+  if (st.restarting.count(r.replica))
+    finish_restart(self, head, r);
+  else
+    stop_workers(r.workers);
 }
 
 } // namespace
 
 serving_state::~serving_state() {
-  served.reset(); // HTTP server and engine first: in-flight requests end before the workers go
-  for (auto& w : workers)
-    caf::anon_send_exit(w, caf::exit_reason::user_shutdown);
+  served.reset(); // HTTP server and engines first: in-flight requests end before the workers go
+  for (auto& ws : workers)
+    stop_workers(ws);
+  for (auto& l : first_loaded)
+    stop_workers(l.workers);
 }
 
 caf::behavior serving_actor(caf::stateful_actor<serving_state>* self, caf::actor head,
                             std::string version) {
+  self->set_down_handler([self, head](caf::down_msg& dm) { on_worker_down(self, head, dm); });
   return {
-      [self, head, version](msg::deploy_atom,
-                            const msg::deployment_plan& plan) -> caf::result<std::string> {
-        log::info("serving: starting '{}' on {} rank(s)", plan.config.served_model_name,
-                  plan.ranks.size());
-        auto endpoint = start(self, head, version, plan);
-        if (!endpoint) {
-          log::error("serving: '{}' failed to start: {}", plan.config.served_model_name,
-                     endpoint.error().to_string());
-          for (auto& w : self->state.workers)
-            self->send_exit(w, caf::exit_reason::user_shutdown);
-          self->state.workers.clear();
-          return actors::to_caf(endpoint.error());
-        }
-        log::info("serving: '{}' at {}", plan.config.served_model_name, *endpoint);
-        return *endpoint;
+      [self](msg::deploy_atom, const msg::deployment_plan& plan) -> caf::result<std::string> {
+        return on_deploy(self, plan);
+      },
+      [self, head, version](msg::loaded_atom, msg::replica_loaded& r) {
+        on_loaded(self, head, version, r);
+      },
+      [self](msg::drop_atom, int32_t replica, const std::string& ns, const std::string& why) {
+        on_drop(self, replica, ns, why);
+      },
+      [self](msg::restart_atom, const msg::replica_plan& plan) -> caf::result<std::string> {
+        return on_restart(self, plan);
       },
   };
 }

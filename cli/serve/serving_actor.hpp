@@ -1,27 +1,61 @@
 // serving_actor: one per deployment, spawned by the head (head_config::spawn_serving) in the head
-// daemon's process (design.md §1: "on the head"). On (deploy_atom, deployment_plan) it asks each
-// rank's node_actor to spawn a worker_actor, has every rank load (Gloo rendezvous through the
-// head's store), then starts the serving engine over a remote_executor and the HTTP server, and
-// answers the endpoint. Detached: that handler blocks while the ranks load. Quitting (the head's
-// exit message on `cluster serve --stop`) stops the HTTP server; the workers, which monitor it,
-// exit too.
+// daemon's process (design.md §1: "on the head"). On (deploy_atom, deployment_plan) a loader per
+// replica asks each rank's node_actor to spawn a worker_actor and has every rank load (Gloo/NCCL
+// rendezvous through the head's store under the replica's own namespace); once every replica has
+// loaded it starts the deployment (a serving engine per replica over a remote_executor, the
+// replica_router, the HTTP server) and answers the endpoint.
+// Failure and restart: a replica whose executor fails, or one of whose workers goes down (this
+// actor monitors them, so an idle replica's loss is seen too), is marked failed in the router at
+// once (no new requests go there) and reported to the head (failed_atom). The head's registry
+// decides; it sends (drop_atom): the replica's engine stops and its workers are told to exit;
+// then, once it has placed the replica again, (restart_atom, replica_plan): a loader spawns and
+// loads the new workers and their executor is swapped in; the answer is the new namespace.
+// Loaders are detached blocking actors, so this actor stays responsive (`cluster serve --stop`
+// ends it at once); it blocks only to start the deployment (tokenizer, HTTP server) and to stop
+// a dropped replica's engine thread. Quitting stops the HTTP server; the workers, which monitor
+// this actor, exit too, including those of a replica still loading.
 #pragma once
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include <caf/actor.hpp>
 #include <caf/event_based_actor.hpp>
+#include <caf/response_promise.hpp>
 #include <caf/stateful_actor.hpp>
+#include <caf/typed_response_promise.hpp>
 
 #include "cli/serve/deployment.hpp"
+#include "runtime/messages.hpp"
 
 namespace troupe::serve {
 
 struct serving_state {
   std::unique_ptr<deployment> served;
-  std::vector<caf::actor> workers;
+  engine::deployment_config config;
+  kv_plan kv;
+  // Per replica: the namespace of the attempt it serves or loads ("" after a drop: every
+  // message of an older attempt is stale), and its workers once loaded.
+  std::vector<std::string> ns;
+  std::vector<std::vector<caf::actor>> workers;
+  // The first load: the head's deploy request, answered once every replica has loaded.
+  caf::typed_response_promise<std::string> first;
+  std::vector<msg::replica_loaded> first_loaded;
+  // Restarts in flight: replica -> the head's restart request.
+  std::map<int32_t, caf::typed_response_promise<std::string>> restarting;
+  // Per replica: its executor's health (marked failed here too when a worker goes down while
+  // the replica is idle), and the monitored workers: address -> (replica, namespace, rank).
+  std::vector<std::shared_ptr<replica_health>> health;
+  struct watched_worker {
+    int32_t replica = 0;
+    std::string ns;
+    size_t rank = 0;
+    std::string node_id;
+  };
+  std::vector<std::vector<std::string>> rank_nodes; // per replica attempt: each rank's node
+  std::map<caf::actor_addr, watched_worker> watched;
   ~serving_state();
   static inline const char* name = "serving_actor";
 };

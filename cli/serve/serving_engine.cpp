@@ -195,10 +195,21 @@ int32_t serving_engine::kv_blocks_in_use() const {
 }
 
 std::string serving_engine::metrics_text(const serve_metrics& m, const std::string& model) const {
+  return metrics_text(std::vector<const serving_engine*>{this}, m, model);
+}
+
+std::string serving_engine::metrics_text(const std::vector<const serving_engine*>& engines,
+                                         const serve_metrics& m, const std::string& model) {
   snapshot s;
-  {
-    std::lock_guard lk(snap_mu_);
-    s = snap_;
+  for (const auto* e : engines) {
+    std::lock_guard lk(e->snap_mu_);
+    s.running += e->snap_.running;
+    s.waiting += e->snap_.waiting;
+    s.blocks_used += e->snap_.blocks_used;
+    s.num_blocks += e->snap_.num_blocks;
+    s.preemptions += e->snap_.preemptions;
+    s.prefix_hit_tokens += e->snap_.prefix_hit_tokens;
+    s.hit_rate += e->snap_.hit_rate / static_cast<double>(engines.size());
   }
   std::string out = m.requests_text();
   auto gauge = [&](const char* name, const char* help, auto value) {

@@ -78,6 +78,10 @@ class serving_engine {
   // Prometheus text of the engine gauges plus `m`'s counters and histograms.
   std::string metrics_text(const serve_metrics& m, const std::string& model) const;
   int32_t kv_blocks_in_use() const;
+  // The same over the replicas of one deployment (replica_router): gauges and counters summed
+  // over `engines`, the prefix-cache hit rate their mean.
+  static std::string metrics_text(const std::vector<const serving_engine*>& engines,
+                                  const serve_metrics& m, const std::string& model);
 
  private:
   using add_result = expected<std::pair<seq_id, std::shared_ptr<request_channel>>>;

@@ -131,11 +131,6 @@ expected<void> check_ranges(std::string_view what, const deployment_config& c) {
   const auto& p = c.parallel;
   if (p.tensor < 1 || p.pipeline < 1 || p.replicas < 1)
     return bad("parallel", "sizes must be >= 1");
-  if (p.replicas != 1)
-    return make_error(errc::unsupported,
-                      "{}: parallel replicas={} is not supported yet: one replica per deployment "
-                      "(tensor and pipeline may be above 1)",
-                      what, p.replicas);
   return {};
 }
 

@@ -44,8 +44,8 @@ struct deployment_config {
 const std::vector<std::string_view>& deployment_keys();
 
 // Parses YAML text; `what` names the source in errors (e.g. the file path). Unknown keys are
-// rejected naming the closest valid key; values are range-checked; `parallel.replicas` above 1 is
-// rejected as unsupported (layouts are checked against the model by the head's placement).
+// rejected naming the closest valid key; values are range-checked (layouts are checked against
+// the model by the head's placement; `--block` serves one replica of one rank only).
 expected<deployment_config> parse_deployment(std::string_view yaml_text, std::string_view what);
 expected<deployment_config> load_deployment(const std::filesystem::path& file);
 

@@ -3,13 +3,18 @@
 // (stages on different nodes) answers HTTP completions equal to `cluster generate`, and
 // concurrent requests (two plans in flight, one per stage) equal each alone; status lists
 // the deployment; duplicates and impossible layouts are refused with the reason; --stop frees the
-// devices; a SIGKILLed node ends an in-flight stream with an error within seconds.
+// devices; a SIGKILLed node ends an in-flight stream with an error within seconds, and with no
+// devices left the deployment waits (degraded, HTTP 503 saying why) until --stop. Replicas: two
+// tensor=2 replicas share the requests; SIGKILL of one replica's node fails only its stream,
+// the other replica serves on, and the lost replica restarts on a node that joins later; an idle
+// replica whose node leaves (`cluster stop`) restarts on the devices left.
 #include <doctest/doctest.h>
 
 #include <csignal>
 #include <fstream>
 #include <regex>
 #include <set>
+#include <sstream>
 #include <thread>
 #include <sys/socket.h>
 
@@ -49,10 +54,11 @@ fs::path write_yaml(cluster_fixture& fx, const std::string& file, const std::str
   return path;
 }
 
-std::string yaml_for(const fs::path& model, const std::string& name, int tensor, int pipeline) {
+std::string yaml_for(const fs::path& model, const std::string& name, int tensor, int pipeline,
+                     int replicas = 1) {
   return fmt::format("model: {}\nserved_model_name: {}\nmax_model_len: 256\nnum_kv_blocks: 64\n"
-                     "port: 0\nparallel: {{tensor: {}, pipeline: {}}}\n",
-                     model.string(), name, tensor, pipeline);
+                     "port: 0\nparallel: {{tensor: {}, pipeline: {}, replicas: {}}}\n",
+                     model.string(), name, tensor, pipeline, replicas);
 }
 
 run_result serve(cluster_fixture& fx, const fs::path& yaml) {
@@ -65,6 +71,88 @@ uint16_t port_of(const std::string& output) {
   if (!std::regex_search(output, m, std::regex(R"(at http://[^:]+:(\d+)/v1)")))
     return 0;
   return static_cast<uint16_t>(std::stoi(m[1]));
+}
+
+// One streamed completion on its own connection, read as it arrives. A hang fails the test
+// (30 s receive timeout) instead of blocking it.
+class sse_stream {
+ public:
+  sse_stream(uint16_t port, const std::string& body) : sock_(ioc_) {
+    sock_.connect({boost::asio::ip::make_address("127.0.0.1"), port});
+    timeval tv{30, 0};
+    setsockopt(sock_.native_handle(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    boost::asio::write(sock_,
+                       boost::asio::buffer(http_request_text("POST", "/v1/completions", body, "")));
+  }
+  // Reads until `text` arrived or the stream ended; true when it arrived.
+  bool read_until(const std::string& text) {
+    while (raw_.find(text) == std::string::npos && !ec_)
+      read_some();
+    return raw_.find(text) != std::string::npos;
+  }
+  // Reads to the end; returns how long that took.
+  std::chrono::milliseconds read_to_end() {
+    const auto t0 = std::chrono::steady_clock::now();
+    while (!ec_)
+      read_some();
+    return std::chrono::duration_cast<std::chrono::milliseconds>(
+        std::chrono::steady_clock::now() - t0);
+  }
+  bool ended_cleanly() const { return ec_ == boost::asio::error::eof; }
+  const std::string& raw() const { return raw_; }
+  std::string tail() const { return raw_.substr(raw_.size() > 600 ? raw_.size() - 600 : 0); }
+  // The token ids of every chunk (return_token_ids), in order.
+  std::vector<int> token_ids() const {
+    std::vector<int> ids;
+    auto events = sse_events(parse_reply(raw_).body);
+    for (const auto& e : events)
+      if (e.is_object() && e.contains("choices") && !e["choices"].empty() &&
+          e["choices"][0].contains("token_ids"))
+        for (const auto& id : e["choices"][0]["token_ids"])
+          ids.push_back(id.get<int>());
+    return ids;
+  }
+
+ private:
+  void read_some() {
+    char buf[4096];
+    auto n = sock_.read_some(boost::asio::buffer(buf), ec_);
+    raw_.append(buf, n);
+  }
+  boost::asio::io_context ioc_;
+  boost::asio::ip::tcp::socket sock_;
+  std::string raw_;
+  boost::system::error_code ec_;
+};
+
+// The greedy ids `cluster generate` gives for `prompt_ids` (comma-separated).
+std::vector<int> generate_ids(cluster_fixture& fx, const fs::path& model,
+                              const std::string& prompt_ids, int max_tokens) {
+  auto gen = fx.cluster({"generate", "--model", model.string(), "--max-tokens",
+                         std::to_string(max_tokens), "--ignore-eos", "--prompt-ids", prompt_ids},
+                        90s);
+  REQUIRE_MESSAGE(gen.exit_code == 0, gen.output);
+  std::smatch m;
+  REQUIRE_MESSAGE(std::regex_search(gen.output, m, std::regex(R"(generated ids: ([0-9,]+))")),
+                  gen.output);
+  std::vector<int> ids;
+  std::stringstream ss(m[1].str());
+  for (std::string id; std::getline(ss, id, ',');)
+    ids.push_back(std::stoi(id));
+  return ids;
+}
+
+// A Prometheus sample's value; -1 when absent.
+double metric(uint16_t port, const std::string& sample) {
+  auto r = http_call(port, "GET", "/metrics");
+  const auto at = r.body.find("\n" + sample + " ");
+  if (r.status != 200 || at == std::string::npos)
+    return -1;
+  return std::stod(r.body.substr(at + sample.size() + 2));
+}
+
+std::string replica_sample(const std::string& name, const std::string& model, int replica) {
+  return fmt::format("{}{{model_name=\"{}\",replica=\"{}\"}}", name, model, replica);
 }
 
 // A head (no devices) and two nodes with two CPU stand-in devices each, all alive.
@@ -192,64 +280,208 @@ TEST_CASE("cluster serve: tensor=2 x pipeline=2 over two nodes answers like clus
   CHECK_MESSAGE(next.exit_code == 0, next.output);
 }
 
-TEST_CASE("cluster serve: SIGKILL of a rank's node ends the stream with an error within seconds") {
+TEST_CASE("cluster serve: SIGKILL of a rank's node fails the stream, without devices it waits") {
   auto model = golden_model("tiny-qwen3");
   if (!model)
     return;
   cluster_fixture fx;
   auto node_pids = start_cluster(fx);
-  auto served = serve(fx, write_yaml(fx, "pp.yaml", yaml_for(*model, "pp", 1, 2)));
+  // tensor=2 x pipeline=2 takes all four devices: after the kill, 2 are left for 4 ranks.
+  auto served = serve(fx, write_yaml(fx, "pp.yaml", yaml_for(*model, "pp", 2, 2)));
   REQUIRE_MESSAGE(served.exit_code == 0, served.output);
   const uint16_t port = port_of(served.output);
   auto d = deployment_of(fx, "pp");
-  REQUIRE(d["ranks"].size() == 2);
-  const std::string victim = d["ranks"][1]["node_id"]; // the last stage's node
+  REQUIRE(d["ranks"].size() == 4);
+  const std::string victim = d["ranks"][3]["node_id"]; // the last stage's node
+  const std::string survivor = victim == fx.node_id("w1") ? fx.node_id("w2") : fx.node_id("w1");
   const pid_t victim_pid = victim == fx.node_id("w1") ? node_pids[0] : node_pids[1];
 
-  boost::asio::io_context ioc;
-  boost::asio::ip::tcp::socket sock(ioc);
-  sock.connect({boost::asio::ip::make_address("127.0.0.1"), port});
-  timeval tv{30, 0}; // a hang fails the test instead of blocking it
-  setsockopt(sock.native_handle(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  boost::asio::write(
-      sock, boost::asio::buffer(http_request_text(
-                "POST", "/v1/completions",
-                R"({"model": "pp", "prompt": "hello", "max_tokens": 240, "temperature": 0,
-                    "ignore_eos": true, "stream": true})",
-                "")));
-  std::string raw;
-  char buf[4096];
-  boost::system::error_code ec;
-  while (raw.find("data: ") == std::string::npos && !ec) {
-    auto n = sock.read_some(boost::asio::buffer(buf), ec);
-    raw.append(buf, n);
-  }
-  REQUIRE_MESSAGE(raw.find("data: ") != std::string::npos, raw);
+  sse_stream stream(port, R"({"model": "pp", "prompt": "hello", "max_tokens": 240,
+                              "temperature": 0, "ignore_eos": true, "stream": true})");
+  REQUIRE_MESSAGE(stream.read_until("data: "), stream.raw());
   kill(victim_pid, SIGKILL);
-  const auto t0 = std::chrono::steady_clock::now();
-  while (!ec) {
-    auto n = sock.read_some(boost::asio::buffer(buf), ec);
-    raw.append(buf, n);
-  }
-  const auto took = std::chrono::duration_cast<std::chrono::milliseconds>(
-      std::chrono::steady_clock::now() - t0);
+  const auto took = stream.read_to_end();
   MESSAGE("SIGKILL -> stream ended in ", took.count(), " ms");
-  CHECK(ec == boost::asio::error::eof);
+  CHECK(stream.ended_cleanly());
   CHECK(took < 15s);
-  const auto tail = raw.substr(raw.size() > 600 ? raw.size() - 600 : 0);
-  CHECK_MESSAGE(raw.find("\"error\"") != std::string::npos, tail);
-  CHECK_MESSAGE(raw.find("deployment worker failure") != std::string::npos,
-                tail);
-  // The head reports it.
-  CHECK(eventually([&] { return deployment_of(fx, "pp")["state"] == "failed"; }, 10s));
-  auto failed = deployment_of(fx, "pp");
-  MESSAGE("status: ", failed.dump());
-  // New requests fail at once with an OpenAI error, and --stop frees the survivor's devices.
+  CHECK_MESSAGE(stream.raw().find("\"error\"") != std::string::npos, stream.tail());
+  CHECK_MESSAGE(stream.raw().find("the engine failed") != std::string::npos, stream.tail());
+  // The head reports it degraded and waiting for devices (the failed replica released its own).
+  CHECK(eventually(
+      [&] {
+        auto now = deployment_of(fx, "pp");
+        return now["state"] == "degraded" &&
+               now["reason"].get<std::string>().find("waiting for devices") != std::string::npos;
+      },
+      15s));
+  auto waiting = deployment_of(fx, "pp");
+  MESSAGE("status: ", waiting.dump());
+  // 3 free: the survivor's 2 (released by the failed replica) and the head's one CPU rank. The
+  // cause is whichever the head heard first: the node's death, or a survivor's failed step.
+  const auto reason = waiting["reason"].get<std::string>();
+  CHECK_MESSAGE(reason.find("replica 0 waiting for devices: needs 4 devices (tensor=2 x "
+                            "pipeline=2 x replicas=1), cluster has 3 free (it failed: ") == 0,
+                reason);
+  CHECK_MESSAGE((reason.find("node " + victim + " holding a rank died: ") != std::string::npos ||
+                 reason.find("deployment worker failure: rank ") != std::string::npos),
+                reason);
+  CHECK(waiting["ranks"].empty());
+  CHECK(fx.nodes()[survivor]["gpus_used"] == 0);
+  // New requests get 503 at once, saying that it restarts and why.
   auto after = http_call(port, "POST", "/v1/completions",
                          R"({"model": "pp", "prompt": "hi", "max_tokens": 2})");
-  CHECK(after.status >= 500);
+  CHECK(after.status == 503);
+  CHECK_MESSAGE(after.body.find("deployment 'pp' is restarting") != std::string::npos, after.body);
+  CHECK_MESSAGE(after.body.find("replica 0 failed") != std::string::npos, after.body);
+  // --stop while it waits removes it; nothing stays held.
   auto stop = fx.cluster({"serve", "--stop", "pp", "--address", fx.head_address(), "--token",
                           fx.token()});
   CHECK_MESSAGE(stop.exit_code == 0, stop.output);
   CHECK(status_json(fx)["deployments"].empty());
+  CHECK(fx.nodes()[survivor]["gpus_used"] == 0);
+}
+
+TEST_CASE("cluster serve: replicas share requests, a killed replica fails alone and restarts") {
+  auto model = golden_model("tiny-qwen3");
+  if (!model)
+    return;
+  cluster_fixture fx;
+  auto node_pids = start_cluster(fx);
+  const std::string prompt = "9707,11,1879,0,5209";
+  const auto greedy = generate_ids(fx, *model, prompt, 120); // its first 8 answer short requests
+  const std::vector<int> greedy8(greedy.begin(), greedy.begin() + 8);
+
+  // Two replicas of tensor=2: one per node (each node has 2 devices).
+  auto served = serve(fx, write_yaml(fx, "rep.yaml", yaml_for(*model, "rep", 2, 1, 2)));
+  REQUIRE_MESSAGE(served.exit_code == 0, served.output);
+  CHECK_MESSAGE(served.output.find("replicas=2") != std::string::npos, served.output);
+  const uint16_t port = port_of(served.output);
+  auto d = deployment_of(fx, "rep");
+  REQUIRE_MESSAGE(d["ranks"].size() == 4, d.dump());
+  CHECK(d["state"] == "ready");
+  CHECK(d["replicas"] == 2);
+  std::map<int, std::string> node_of; // replica -> its node
+  for (auto& r : d["ranks"])
+    node_of[r["replica"].get<int>()] = r["node_id"].get<std::string>();
+  REQUIRE(node_of.size() == 2);
+  CHECK(node_of[0] != node_of[1]);
+
+  // Sequential requests alternate over the idle replicas; both answer the greedy tokens.
+  const std::string short_body = R"({"model": "rep", "prompt": [9707, 11, 1879, 0, 5209],
+    "max_tokens": 8, "temperature": 0, "ignore_eos": true, "return_token_ids": true})";
+  auto ask = [&] {
+    auto reply = http_call(port, "POST", "/v1/completions", short_body);
+    REQUIRE_MESSAGE(reply.status == 200, reply.body);
+    CHECK(reply.json()["choices"][0]["token_ids"].get<std::vector<int>>() == greedy8);
+  };
+  ask();
+  ask();
+  const auto requests = [&](int replica) {
+    return metric(port, replica_sample("troupe_replica_requests_total", "rep", replica));
+  };
+  CHECK(requests(0) == 1);
+  CHECK(requests(1) == 1);
+
+  // Stream A, then stream B (on the other replica: A is unfinished); kill A's node.
+  const double before0 = requests(0);
+  sse_stream a(port, R"({"model": "rep", "prompt": [9707, 11, 1879, 0, 5209], "max_tokens": 240,
+                         "temperature": 0, "ignore_eos": true, "stream": true})");
+  REQUIRE_MESSAGE(a.read_until("data: "), a.raw());
+  const int lost = requests(0) > before0 ? 0 : 1;
+  sse_stream b(port, R"({"model": "rep", "prompt": [9707, 11, 1879, 0, 5209], "max_tokens": 120,
+                         "temperature": 0, "ignore_eos": true, "stream": true,
+                         "return_token_ids": true})");
+  REQUIRE_MESSAGE(b.read_until("data: "), b.raw());
+  CHECK(requests(1 - lost) == 2);
+  const pid_t victim_pid = node_of[lost] == fx.node_id("w1") ? node_pids[0] : node_pids[1];
+  kill(victim_pid, SIGKILL);
+  const auto took = a.read_to_end();
+  MESSAGE("SIGKILL of replica ", lost, "'s node -> its stream ended in ", took.count(), " ms");
+  CHECK(took < 15s);
+  CHECK_MESSAGE(a.raw().find("\"error\"") != std::string::npos, a.tail());
+  b.read_to_end();
+  CHECK_MESSAGE(b.raw().find("\"error\"") == std::string::npos, b.tail());
+  CHECK_MESSAGE(b.raw().find("data: [DONE]") != std::string::npos, b.tail());
+  CHECK_MESSAGE(b.token_ids() == greedy, // the other replica finished it, exactly
+                fmt::format("{} vs {}", fmt::join(b.token_ids(), ","), fmt::join(greedy, ",")));
+
+  // Degraded and waiting: the survivor's node has no free device. The other replica serves on.
+  CHECK(eventually(
+      [&] {
+        auto now = deployment_of(fx, "rep");
+        return now["state"] == "degraded" &&
+               now["reason"].get<std::string>().find("waiting for devices") != std::string::npos;
+      },
+      15s));
+  MESSAGE("status: ", deployment_of(fx, "rep").dump());
+  CHECK(metric(port, replica_sample("troupe_replica_up", "rep", lost)) == 0);
+  ask();
+
+  // A spare node joins: the lost replica restarts there and the deployment is ready again.
+  fx.join_blocking("w3");
+  auto back = eventually([&] { return deployment_of(fx, "rep")["state"] == "ready"; }, 60s);
+  REQUIRE_MESSAGE(back, deployment_of(fx, "rep").dump());
+  MESSAGE("w3 started -> ready in ", back->count(), " ms");
+  const std::string w3 = fx.node_id("w3"); // written once it joined
+  d = deployment_of(fx, "rep");
+  CHECK(d["restarts"] == 1);
+  CHECK(d["reason"] == "");
+  for (auto& r : d["ranks"])
+    if (r["replica"] == lost)
+      CHECK(r["node_id"] == w3);
+  CHECK(fx.nodes()[w3]["gpus_used"] == 2);
+  CHECK(metric(port, replica_sample("troupe_replica_up", "rep", lost)) == 1);
+  const double restarted_before = requests(lost);
+  ask();
+  ask();
+  CHECK(requests(lost) == restarted_before + 1); // the restarted replica answered one of them
+
+  auto stop = fx.cluster({"serve", "--stop", "rep", "--address", fx.head_address(), "--token",
+                          fx.token()});
+  CHECK_MESSAGE(stop.exit_code == 0, stop.output);
+  CHECK(fx.nodes()[w3]["gpus_used"] == 0);
+}
+
+TEST_CASE("cluster serve: an idle replica whose node leaves restarts on the free devices left") {
+  auto model = golden_model("tiny-qwen3");
+  if (!model)
+    return;
+  cluster_fixture fx;
+  start_cluster(fx);
+  auto served = serve(fx, write_yaml(fx, "two.yaml", yaml_for(*model, "two", 1, 1, 2)));
+  REQUIRE_MESSAGE(served.exit_code == 0, served.output);
+  const uint16_t port = port_of(served.output);
+  auto d = deployment_of(fx, "two");
+  REQUIRE(d["ranks"].size() == 2);
+  CHECK(d["ranks"][0]["node_id"] != d["ranks"][1]["node_id"]); // one per node
+  const int leaving = d["ranks"][1]["node_id"] == fx.node_id("w2") ? 1 : 0;
+  const std::string gone = fx.node_id("w2");
+  // No request is in flight: the head sees the node leave, the replica restarts on a free
+  // device of another node (w1's second one, or the head's CPU rank).
+  auto stop = fx.cluster({"stop", "--temp-dir", fx.dir("w2").string()});
+  CHECK_MESSAGE(stop.exit_code == 0, stop.output);
+  auto back = eventually(
+      [&] {
+        auto now = deployment_of(fx, "two");
+        return now["state"] == "ready" && now["restarts"] == 1;
+      },
+      30s);
+  REQUIRE_MESSAGE(back, deployment_of(fx, "two").dump());
+  MESSAGE("node left -> replica restarted in ", back->count(), " ms");
+  d = deployment_of(fx, "two");
+  REQUIRE(d["ranks"].size() == 2);
+  for (auto& r : d["ranks"])
+    CHECK(r["node_id"] != gone);
+  int used = 0;
+  for (auto& [id, n] : fx.nodes())
+    used += id == gone ? 0 : n["gpus_used"].get<int>();
+  CHECK(used == 2);
+  // Both replicas answer (idle replicas take requests in turn).
+  for (int i = 0; i < 2; ++i) {
+    auto reply = http_call(port, "POST", "/v1/completions",
+                           R"({"model": "two", "prompt": [9707, 11], "max_tokens": 3})");
+    CHECK_MESSAGE(reply.status == 200, reply.body);
+  }
+  CHECK(metric(port, replica_sample("troupe_replica_requests_total", "two", leaving)) == 1);
+  CHECK(metric(port, replica_sample("troupe_replica_up", "two", leaving)) == 1);
 }

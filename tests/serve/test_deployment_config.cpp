@@ -104,15 +104,16 @@ TEST_CASE("model.yaml: bad values name the key") {
   CHECK(util.error().message().find("gpu_memory_utilization") != std::string::npos);
 }
 
-TEST_CASE("model.yaml: tensor x pipeline layouts parse, replicas above 1 are rejected clearly") {
+TEST_CASE("model.yaml: tensor x pipeline x replicas layouts parse, sizes below 1 are rejected") {
   auto t = parse_deployment("model: /m\nparallel: {tensor: 2, pipeline: 2}\n", "m.yaml");
   REQUIRE_MESSAGE(t.has_value(), (t ? "" : t.error().to_string()));
   CHECK(t->parallel.tensor == 2);
   CHECK(t->parallel.pipeline == 2);
-  auto c = parse_deployment("model: /m\nparallel: {replicas: 2}\n", "m.yaml");
-  REQUIRE(!c.has_value());
-  CHECK(c.error().code() == errc::unsupported);
-  CHECK(c.error().message().find("replicas=2 is not supported yet") != std::string::npos);
+  CHECK(t->parallel.replicas == 1);
+  auto c = parse_deployment("model: /m\nparallel: {tensor: 2, replicas: 3}\n", "m.yaml");
+  REQUIRE_MESSAGE(c.has_value(), (c ? "" : c.error().to_string()));
+  CHECK(c->parallel.tensor == 2);
+  CHECK(c->parallel.replicas == 3);
   auto r = parse_deployment("model: /m\nparallel: {replicas: 0}\n", "m.yaml");
   REQUIRE(!r.has_value());
   CHECK(r.error().message().find("'parallel' sizes must be >= 1") != std::string::npos);

@@ -394,3 +394,15 @@ TEST_CASE("http: a full waiting queue answers 503 and the server recovers") {
                         R"({"prompt": "b", "max_tokens": 2})")
             .status == 200);
 }
+
+TEST_CASE("http: in this process (--block) a deployment is one replica of one rank") {
+  engine::deployment_config c;
+  c.model = "/nonexistent"; // refused before anything loads
+  c.parallel.replicas = 2;
+  auto d = serve::deployment::start(c, "test");
+  REQUIRE_FALSE(d.has_value());
+  CHECK(d.error().code() == errc::unsupported);
+  CHECK_MESSAGE(d.error().message().find("tensor=1 pipeline=1 replicas=2") != std::string::npos,
+                d.error().message());
+  CHECK(d.error().message().find("`cluster serve` without --block") != std::string::npos);
+}

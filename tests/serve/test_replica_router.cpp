@@ -1,0 +1,237 @@
+// replica_router over fake executors (no model): least-loaded routing with ties in turn, a
+// failed replica skipped, 503-style errors naming why when none serves, take_down / install
+// (a restarted replica serves again), cancel reaching the replica that took the request, and
+// /metrics summed over replicas.
+#include <doctest/doctest.h>
+
+#include <condition_variable>
+#include <thread>
+
+#include "cli/serve/replica_router.hpp"
+
+using namespace troupe;
+using namespace troupe::serve;
+
+namespace {
+
+// Answers token `token` for every sequence that wants logits; waits while its gate is shut;
+// fails every step once `fail` is set (as remote_executor does after a worker is lost).
+class fake_replica final : public engine::executor {
+ public:
+  explicit fake_replica(token_id token) : token_(token) {}
+  expected<step_result> execute(const step_plan& plan) override {
+    std::unique_lock lk(mu_);
+    cv_.wait(lk, [&] { return open_; });
+    ++steps_;
+    if (fail_)
+      return make_error(errc::unavailable, "deployment worker failure: rank 0 is gone");
+    step_result r{.step = plan.step, .outputs = {}};
+    for (const auto& s : plan.seqs)
+      if (s.logits != logits_mode::none)
+        r.outputs.push_back({.id = s.id, .token = token_});
+    return r;
+  }
+  void gate(bool open) {
+    {
+      std::lock_guard lk(mu_);
+      open_ = open;
+    }
+    cv_.notify_all();
+  }
+  void fail() {
+    std::lock_guard lk(mu_);
+    fail_ = true;
+  }
+  int steps() {
+    std::lock_guard lk(mu_);
+    return steps_;
+  }
+
+ private:
+  token_id token_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool open_ = true, fail_ = false;
+  int steps_ = 0;
+};
+
+engine::scheduler_options options() {
+  return {.num_blocks = 32,
+          .block_size = 4,
+          .max_num_batched_tokens = 64,
+          .max_num_seqs = 8,
+          .max_model_len = 64,
+          .vocab_size = 100};
+}
+
+engine::request req(int32_t max_tokens) {
+  sampling_params p;
+  p.temperature = 0;
+  p.max_tokens = max_tokens;
+  return {.prompt = {1, 2, 3}, .sampling = p, .stop_token_ids = {}, .stop_check = {}};
+}
+
+// Installs a fake replica; returns it (owned by the router) and its health.
+std::pair<fake_replica*, std::shared_ptr<replica_health>>
+install(replica_router& r, size_t i, token_id token, int32_t blocks = 32) {
+  auto exec = std::make_unique<fake_replica>(token);
+  auto* raw = exec.get();
+  auto health = std::make_shared<replica_health>();
+  auto ok = r.install(i, {std::move(exec), blocks, health});
+  REQUIRE_MESSAGE(ok.has_value(), (ok ? "" : ok.error().message()));
+  return {raw, health};
+}
+
+// Drains a request's channel to its end; returns the tokens (and whether it failed).
+std::vector<token_id> drain(request_channel& ch, bool* failed = nullptr) {
+  std::vector<token_id> tokens;
+  for (int i = 0; i < 400; ++i) {
+    std::vector<engine::request_output> outs;
+    ch.wait(outs, 10);
+    for (const auto& o : outs) {
+      if (o.has_token)
+        tokens.push_back(o.token);
+      if (o.finish != engine::finish_reason::none) {
+        if (failed)
+          *failed = ch.failed();
+        return tokens;
+      }
+    }
+  }
+  FAIL("the request did not finish");
+  return tokens;
+}
+
+// The engines publish their gauges after each step, a moment after the outputs go out.
+bool blocks_freed(const replica_router& r) {
+  for (int i = 0; i < 200 && r.kv_blocks_in_use() != 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  return r.kv_blocks_in_use() == 0;
+}
+
+double metric(const replica_router& r, const std::string& line_prefix) {
+  serve_metrics m;
+  const auto text = r.metrics_text(m, "m");
+  const auto at = text.find("\n" + line_prefix);
+  REQUIRE_MESSAGE(at != std::string::npos, line_prefix);
+  const auto end = text.find('\n', at + 1);
+  const auto line = text.substr(at + 1, end - at - 1);
+  return std::stod(line.substr(line.rfind(' ') + 1));
+}
+
+} // namespace
+
+TEST_CASE("router: least unfinished requests first, ties in turn, both replicas answer") {
+  replica_router router("m", 2, options());
+  auto [r0, h0] = install(router, 0, 10);
+  auto [r1, h1] = install(router, 1, 11);
+  r0->gate(false);
+  r1->gate(false);
+  auto a = router.submit(req(4)); // replica 0 (first turn); its engine now waits in a step
+  REQUIRE(a.has_value());
+  auto b = router.submit(req(4)); // replica 1: one unfinished request on replica 0
+  REQUIRE(b.has_value());
+  CHECK(metric(router, "troupe_replica_requests_total{model_name=\"m\",replica=\"0\"}") == 1);
+  CHECK(metric(router, "troupe_replica_requests_total{model_name=\"m\",replica=\"1\"}") == 1);
+  r0->gate(true);
+  r1->gate(true);
+  CHECK(drain(*a->second) == std::vector<token_id>(4, 10));
+  CHECK(drain(*b->second) == std::vector<token_id>(4, 11));
+  // Idle replicas tie: requests alternate.
+  for (int i = 0; i < 4; ++i) {
+    auto c = router.submit(req(2));
+    REQUIRE(c.has_value());
+    drain(*c->second);
+  }
+  CHECK(metric(router, "troupe_replica_requests_total{model_name=\"m\",replica=\"0\"}") == 3);
+  CHECK(metric(router, "troupe_replica_requests_total{model_name=\"m\",replica=\"1\"}") == 3);
+  CHECK(r0->steps() > 0);
+  CHECK(r1->steps() > 0);
+  CHECK(metric(router, "troupe_kv_blocks_total{") == 64); // summed over replicas
+  CHECK(blocks_freed(router));
+}
+
+TEST_CASE("router: a failed replica gets no requests, with none serving submit says why") {
+  replica_router router("m", 2, options());
+  auto [r0, h0] = install(router, 0, 10);
+  auto [r1, h1] = install(router, 1, 11);
+  // Replica 1's executor fails mid-request: that request fails, the others go to replica 0.
+  r1->gate(false);
+  auto a = router.submit(req(50)); // replica 0
+  auto b = router.submit(req(50)); // replica 1, stuck in its first step
+  REQUIRE(a.has_value());
+  REQUIRE(b.has_value());
+  r1->fail();
+  h1->fail("deployment worker failure: rank 0 is gone");
+  r1->gate(true);
+  bool failed = false;
+  drain(*b->second, &failed);
+  CHECK(failed);
+  CHECK(b->second->failure().find("rank 0 is gone") != std::string::npos);
+  CHECK(metric(router, "troupe_replica_up{model_name=\"m\",replica=\"1\"}") == 0);
+  for (int i = 0; i < 3; ++i) {
+    auto c = router.submit(req(2));
+    REQUIRE(c.has_value());
+    CHECK(drain(*c->second) == std::vector<token_id>{10, 10});
+  }
+  CHECK(drain(*a->second).size() == 50);
+
+  // The head drops replica 1 and replica 0 fails too: nothing serves, submit says why.
+  router.take_down(1, "replica 1 failed: node w2 holding a rank died: connection lost");
+  h0->fail("deployment worker failure: rank 0 is gone (timeout)");
+  auto none = router.submit(req(2));
+  REQUIRE_FALSE(none.has_value());
+  CHECK(none.error().code() == errc::unavailable);
+  const auto msg = none.error().message();
+  CHECK_MESSAGE(msg.find("deployment 'm' is restarting") != std::string::npos, msg);
+  CHECK_MESSAGE(msg.find("replica 0 failed: deployment worker failure: rank 0 is gone (timeout)") !=
+                    std::string::npos,
+                msg);
+  CHECK_MESSAGE(msg.find("node w2 holding a rank died") != std::string::npos, msg);
+
+  // A restarted replica 1 serves again.
+  install(router, 1, 12);
+  auto d = router.submit(req(3));
+  REQUIRE(d.has_value());
+  CHECK(drain(*d->second) == std::vector<token_id>{12, 12, 12});
+  CHECK(metric(router, "troupe_replica_up{model_name=\"m\",replica=\"1\"}") == 1);
+}
+
+TEST_CASE("router: cancel reaches the replica that took the request") {
+  // Both engines number their first request 1: a cancel sent to the wrong replica would end
+  // the other request.
+  replica_router router("m", 2, options());
+  auto [r0, h0] = install(router, 0, 10);
+  auto [r1, h1] = install(router, 1, 11);
+  r0->gate(false);
+  r1->gate(false);
+  auto a = router.submit(req(5));  // replica 0, held in its first step
+  auto b = router.submit(req(60)); // replica 1, held in its first step
+  REQUIRE(a.has_value());
+  REQUIRE(b.has_value());
+  router.cancel(b->first);
+  r0->gate(true);
+  r1->gate(true);
+  CHECK(drain(*a->second) == std::vector<token_id>(5, 10));
+  size_t b_tokens = 0;
+  for (int i = 0; i < 10; ++i) {
+    std::vector<engine::request_output> outs;
+    b->second->wait(outs, 10);
+    for (const auto& o : outs)
+      b_tokens += o.has_token;
+  }
+  CHECK(b_tokens <= 1); // the step it was held in, then nothing
+  CHECK(r1->steps() <= 2);
+  CHECK(blocks_freed(router));
+  router.cancel(b->first); // again: a no-op
+  router.cancel(12345);    // unknown: a no-op
+}
+
+TEST_CASE("router: a replica that never loaded says so") {
+  replica_router router("m", 1, options());
+  auto r = router.submit(req(1));
+  REQUIRE_FALSE(r.has_value());
+  CHECK(r.error().message().find("replica 0 is loading") != std::string::npos);
+  auto bad = router.install(3, {});
+  CHECK_FALSE(bad.has_value());
+}
