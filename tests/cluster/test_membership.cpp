@@ -92,7 +92,7 @@ TEST_CASE("membership: a lost connection kills only the current incarnation") {
   CHECK_FALSE(m.connection_lost("nobody", 1, "x"));
 }
 
-TEST_CASE("membership: leave needs the session key; unknown nodes must join") {
+TEST_CASE("membership: leave needs the session key, unknown nodes must join") {
   membership m("t", "v");
   const auto t0 = clock::now();
   REQUIRE(m.join("t", "v", make_node("a"), 5, t0));

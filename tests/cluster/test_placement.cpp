@@ -47,7 +47,7 @@ TEST_CASE("placement: tensor inside a host, pipeline stages on different hosts")
   }
 }
 
-TEST_CASE("placement: stages share a host when no other host fits; busiest-free node first") {
+TEST_CASE("placement: stages share a host when no other host fits, busiest-free node first") {
   cluster_view c{{node("small", 1), {"big", {3, 1, 0, 2, 5, 7}}}};
   auto p = plan_placement({.tensor = 2, .pipeline = 2, .replicas = 1}, model(), c);
   REQUIRE(p.has_value());

@@ -61,7 +61,7 @@ TEST_CASE("jinja: whitespace control, trim_blocks and lstrip_blocks") {
                {{"y", true}}) == "abd");
 }
 
-TEST_CASE("jinja: errors at parse time name the line; raise_exception at render time") {
+TEST_CASE("jinja: errors at parse time name the line, raise_exception at render time") {
   auto unclosed = template_program::parse("a\n{% if x %}b");
   REQUIRE_FALSE(unclosed.has_value());
   CHECK(unclosed.error().message().find("endif") != std::string::npos);

@@ -13,7 +13,7 @@ std::vector<token_id> toks(token_id a) {
 }
 } // namespace
 
-TEST_CASE("block_pool: allocate is all or nothing; release returns blocks") {
+TEST_CASE("block_pool: allocate is all or nothing, release returns blocks") {
   block_pool pool(4, 4, false);
   std::vector<int32_t> a, b;
   REQUIRE(pool.allocate(3, a));

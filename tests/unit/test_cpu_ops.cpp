@@ -100,7 +100,7 @@ TEST_CASE("cpu backend refuses malformed plans with the reason") {
   refuse({.step = 7, .seqs = {bad}}, "feeds no tokens");
 }
 
-TEST_CASE("sharded and single-file folders give identical logits; neighbours don't matter") {
+TEST_CASE("sharded and single-file folders give identical logits, neighbours don't matter") {
   test::temp_dir tmp;
   test::tiny_llama m;
   m.write(tmp.path() / "one", false);

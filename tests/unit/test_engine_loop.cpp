@@ -76,7 +76,7 @@ TEST_CASE("engine_loop: cancelling everything reports each once and frees the po
   CHECK(f.loop.sched().pool().num_free() == 32);
 }
 
-TEST_CASE("engine_loop: an executor failure names the step; fail_all ends every request") {
+TEST_CASE("engine_loop: an executor failure names the step, fail_all ends every request") {
   fixture f;
   f.add({1, 2, 3}, 50);
   f.add({4, 5}, 50);

@@ -109,7 +109,7 @@ TEST_CASE("config: both rope spellings give the same llama3 scaling") {
   }
 }
 
-TEST_CASE("config: Qwen2 always has q/k/v bias; Llama attention_bias covers o_proj") {
+TEST_CASE("config: Qwen2 always has q/k/v bias, Llama attention_bias covers o_proj") {
   json q2 = {{"architectures", {"Qwen2ForCausalLM"}}, {"vocab_size", 10}, {"hidden_size", 32},
              {"intermediate_size", 64}, {"num_hidden_layers", 1}, {"num_attention_heads", 4},
              {"num_key_value_heads", 2}, {"tie_word_embeddings", true}};

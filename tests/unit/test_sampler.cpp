@@ -39,7 +39,7 @@ TEST_CASE("sampler: validate names the parameter") {
   CHECK(validate(p).error().message().find("top_p") != std::string::npos);
 }
 
-TEST_CASE("sampler: greedy takes the argmax, lowest id on ties; banned tokens never win") {
+TEST_CASE("sampler: greedy takes the argmax, lowest id on ties, banned tokens never win") {
   std::vector<float> l{1, 3, 3, 2};
   CHECK(draw(l, temp(0), 0) == 1);
   std::vector<token_id> ban{1, 2};

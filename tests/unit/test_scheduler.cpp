@@ -74,7 +74,7 @@ TEST_CASE("scheduler: running decodes go first, the rest of the budget goes to p
   CHECK(d.req[b].output == test::fake_alone(iota_tokens(20, 100), 3, vocab, -1, 0, 256));
 }
 
-TEST_CASE("scheduler: max_num_seqs caps the running set; the rest waits in order") {
+TEST_CASE("scheduler: max_num_seqs caps the running set, the rest waits in order") {
   auto o = small(256, 1000);
   o.max_num_seqs = 3;
   sched_driver d(o, vocab);
@@ -329,7 +329,7 @@ TEST_CASE("scheduler: a shared prefix is served from cached blocks") {
   CHECK(d.req[a].output == test::fake_alone(p1, 3, vocab, -1, 0, 256));
 }
 
-TEST_CASE("scheduler: requests without a seed get distinct ones; given seeds are kept") {
+TEST_CASE("scheduler: requests without a seed get distinct ones, given seeds are kept") {
   scheduler s(small());
   sampling_params seeded;
   seeded.has_seed = true;
