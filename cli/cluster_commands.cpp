@@ -98,9 +98,10 @@ void print_table(const msg::cluster_view& v, const std::string& head) {
              "GPUS used/total", "CPUS", "MEMORY", "RDMA", "LAST HEARTBEAT");
   for (const auto& n : v.nodes) {
     const auto& r = n.info.resources;
-    std::string gpus = fmt::format("{}/{}", n.gpus_used, r.gpus.size());
-    if (!r.gpus.empty())
-      gpus += " " + r.gpus.front().name;
+    // A node without GPUs (or stand-ins) serves one CPU rank of a device: cpu deployment.
+    std::string gpus = r.gpus.empty() ? (n.gpus_used > 0 ? "- (CPU rank)" : "-")
+                                      : fmt::format("{}/{} {}", n.gpus_used, r.gpus.size(),
+                                                    r.gpus.front().name);
     std::string rdma = r.rdma_devices.empty() ? "-" : "";
     for (const auto& d : r.rdma_devices)
       rdma += fmt::format("{}{}({})", rdma.empty() ? "" : ",", d.name, d.state);

@@ -66,6 +66,11 @@ run_result serve(cluster_fixture& fx, const fs::path& yaml) {
       {"serve", yaml.string(), "--address", fx.head_address(), "--token", fx.token()}, 90s);
 }
 
+run_result stop_serving(cluster_fixture& fx, const std::string& name) {
+  return fx.cluster(
+      {"serve", "--stop", name, "--address", fx.head_address(), "--token", fx.token()});
+}
+
 uint16_t port_of(const std::string& output) {
   std::smatch m;
   if (!std::regex_search(output, m, std::regex(R"(at http://[^:]+:(\d+)/v1)")))
@@ -265,15 +270,13 @@ TEST_CASE("cluster serve: tensor=2 x pipeline=2 over two nodes answers like clus
   CHECK(status_json(fx)["deployments"].size() == 1);
 
   // --stop removes it and frees its devices; the endpoint goes away.
-  auto stop = fx.cluster({"serve", "--stop", "tiny", "--address", fx.head_address(), "--token",
-                          fx.token()});
+  auto stop = stop_serving(fx, "tiny");
   CHECK_MESSAGE(stop.exit_code == 0, stop.output);
   CHECK(status_json(fx)["deployments"].empty());
   nodes = fx.nodes();
   CHECK(nodes[w1]["gpus_used"] == 0);
   CHECK(nodes[w2]["gpus_used"] == 0);
-  auto again = fx.cluster({"serve", "--stop", "tiny", "--address", fx.head_address(), "--token",
-                           fx.token()});
+  auto again = stop_serving(fx, "tiny");
   CHECK(again.exit_code != 0);
   // The freed devices serve the next deployment.
   auto next = serve(fx, write_yaml(fx, "big.yaml", yaml_for(*model, "big", 2, 1)));
@@ -334,8 +337,7 @@ TEST_CASE("cluster serve: SIGKILL of a rank's node fails the stream, without dev
   CHECK_MESSAGE(after.body.find("deployment 'pp' is restarting") != std::string::npos, after.body);
   CHECK_MESSAGE(after.body.find("replica 0 failed") != std::string::npos, after.body);
   // --stop while it waits removes it; nothing stays held.
-  auto stop = fx.cluster({"serve", "--stop", "pp", "--address", fx.head_address(), "--token",
-                          fx.token()});
+  auto stop = stop_serving(fx, "pp");
   CHECK_MESSAGE(stop.exit_code == 0, stop.output);
   CHECK(status_json(fx)["deployments"].empty());
   CHECK(fx.nodes()[survivor]["gpus_used"] == 0);
@@ -436,8 +438,7 @@ TEST_CASE("cluster serve: replicas share requests, a killed replica fails alone 
   ask();
   CHECK(requests(lost) == restarted_before + 1); // the restarted replica answered one of them
 
-  auto stop = fx.cluster({"serve", "--stop", "rep", "--address", fx.head_address(), "--token",
-                          fx.token()});
+  auto stop = stop_serving(fx, "rep");
   CHECK_MESSAGE(stop.exit_code == 0, stop.output);
   CHECK(fx.nodes()[w3]["gpus_used"] == 0);
 }
