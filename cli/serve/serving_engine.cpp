@@ -182,20 +182,14 @@ void serving_engine::publish() {
   std::lock_guard lk(snap_mu_);
   snap_ = {.running = st.num_running,
            .waiting = st.num_waiting,
-           .blocks_used = pool.blocks_used,
-           .num_blocks = pool.num_blocks,
            .preemptions = st.preemptions,
            .prefix_hit_tokens = st.prefix_hit_tokens,
-           .hit_rate = pool.hit_rate()};
+           .pool = pool};
 }
 
 int32_t serving_engine::kv_blocks_in_use() const {
   std::lock_guard lk(snap_mu_);
-  return snap_.blocks_used;
-}
-
-std::string serving_engine::metrics_text(const serve_metrics& m, const std::string& model) const {
-  return metrics_text(std::vector<const serving_engine*>{this}, m, model);
+  return snap_.pool.blocks_used;
 }
 
 std::string serving_engine::metrics_text(const std::vector<const serving_engine*>& engines,
@@ -205,11 +199,9 @@ std::string serving_engine::metrics_text(const std::vector<const serving_engine*
     std::lock_guard lk(e->snap_mu_);
     s.running += e->snap_.running;
     s.waiting += e->snap_.waiting;
-    s.blocks_used += e->snap_.blocks_used;
-    s.num_blocks += e->snap_.num_blocks;
     s.preemptions += e->snap_.preemptions;
     s.prefix_hit_tokens += e->snap_.prefix_hit_tokens;
-    s.hit_rate += e->snap_.hit_rate / static_cast<double>(engines.size());
+    s.pool += e->snap_.pool;
   }
   std::string out = m.requests_text();
   auto gauge = [&](const char* name, const char* help, auto value) {
@@ -222,11 +214,13 @@ std::string serving_engine::metrics_text(const std::vector<const serving_engine*
   };
   gauge("troupe_num_requests_running", "Sequences running in the batch.", s.running);
   gauge("troupe_num_requests_waiting", "Sequences waiting to be scheduled.", s.waiting);
-  gauge("troupe_kv_blocks_in_use", "KV cache blocks referenced by sequences.", s.blocks_used);
-  gauge("troupe_kv_blocks_total", "KV cache blocks in the pool.", s.num_blocks);
+  gauge("troupe_kv_blocks_in_use", "KV cache blocks referenced by sequences.",
+        s.pool.blocks_used);
+  gauge("troupe_kv_blocks_total", "KV cache blocks in the pool.", s.pool.num_blocks);
   gauge("troupe_kv_cache_usage_perc", "Fraction of KV cache blocks in use.",
-        s.num_blocks ? static_cast<double>(s.blocks_used) / s.num_blocks : 0.0);
-  gauge("troupe_prefix_cache_hit_rate", "Prefix cache hits per full-block lookup.", s.hit_rate);
+        s.pool.num_blocks ? static_cast<double>(s.pool.blocks_used) / s.pool.num_blocks : 0.0);
+  gauge("troupe_prefix_cache_hit_rate", "Prefix cache hits per full-block lookup.",
+        s.pool.hit_rate());
   counter("troupe_prefix_cache_hit_tokens_total", "Prompt tokens served from the prefix cache.",
           s.prefix_hit_tokens);
   counter("troupe_num_preemptions_total", "Sequences preempted (recomputed later).", s.preemptions);

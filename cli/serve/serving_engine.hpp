@@ -75,11 +75,9 @@ class serving_engine {
   // Cancels a live request and frees its blocks (no-op if it already finished).
   void cancel(seq_id id);
 
-  // Prometheus text of the engine gauges plus `m`'s counters and histograms.
-  std::string metrics_text(const serve_metrics& m, const std::string& model) const;
   int32_t kv_blocks_in_use() const;
-  // The same over the replicas of one deployment (replica_router): gauges and counters summed
-  // over `engines`, the prefix-cache hit rate their mean.
+  // Prometheus text of the gauges of `engines` (the replicas of one deployment, summed; the
+  // prefix-cache hit rate over all their lookups) plus `m`'s counters and histograms.
   static std::string metrics_text(const std::vector<const serving_engine*>& engines,
                                   const serve_metrics& m, const std::string& model);
 
@@ -90,9 +88,9 @@ class serving_engine {
     std::promise<add_result> done;
   };
   struct snapshot {
-    int32_t running = 0, waiting = 0, blocks_used = 0, num_blocks = 0;
+    int32_t running = 0, waiting = 0;
     uint64_t preemptions = 0, prefix_hit_tokens = 0;
-    double hit_rate = 0;
+    engine::pool_usage pool;
   };
   void run();
   void take_inbox(std::deque<pending_add>& adds, std::vector<seq_id>& cancels);

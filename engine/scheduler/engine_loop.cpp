@@ -122,10 +122,7 @@ pool_usage engine_loop::usage() const {
   pool_usage u;
   for (const auto& l : lanes_) {
     const auto& p = l->sched.pool();
-    u.num_blocks += p.num_blocks();
-    u.blocks_used += p.num_blocks() - p.num_free();
-    u.lookups += p.stats().lookups;
-    u.hits += p.stats().hits;
+    u += {p.num_blocks(), p.num_blocks() - p.num_free(), p.stats().lookups, p.stats().hits};
   }
   return u;
 }

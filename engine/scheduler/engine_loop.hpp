@@ -24,6 +24,13 @@ struct pool_usage {
   int32_t num_blocks = 0, blocks_used = 0;
   uint64_t lookups = 0, hits = 0;
   double hit_rate() const { return lookups ? static_cast<double>(hits) / lookups : 0.0; }
+  pool_usage& operator+=(const pool_usage& o) {
+    num_blocks += o.num_blocks;
+    blocks_used += o.blocks_used;
+    lookups += o.lookups;
+    hits += o.hits;
+    return *this;
+  }
 };
 
 class engine_loop {
