@@ -7,7 +7,7 @@
 #include "cluster/session.hpp"
 #include "engine/model/gguf_weights.hpp"
 #include "runtime/log.hpp"
-#include "runtime/messages.hpp"
+#include "actors/messages.hpp"
 
 namespace troupe::actors {
 
@@ -268,7 +268,7 @@ void restart_due(head* self, const head_config& cfg) {
 }
 
 caf::result<msg::deployment_view> on_deploy(head* self, const head_config& cfg,
-                                            engine::deployment_config& dc) {
+                                            deployment_config& dc) {
   auto& st = self->state;
   if (!cfg.spawn_serving)
     return refuse(make_error(errc::unsupported, "this head does not serve deployments"));
@@ -431,7 +431,7 @@ caf::behavior head_actor(caf::stateful_actor<head_state>* self, head_config cfg)
         return true;
       },
       [self, cfg, authorized](msg::deploy_atom, const std::string& token,
-                              engine::deployment_config& dc) -> caf::result<msg::deployment_view> {
+                              deployment_config& dc) -> caf::result<msg::deployment_view> {
         if (auto ok = authorized(token); !ok)
           return refuse(ok.error());
         return on_deploy(self, cfg, dc);

@@ -3,7 +3,7 @@
 #include <caf/scoped_actor.hpp>
 
 #include "actors/caf_glue.hpp"
-#include "runtime/messages.hpp"
+#include "actors/messages.hpp"
 
 namespace troupe::actors {
 

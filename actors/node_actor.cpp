@@ -7,7 +7,7 @@
 #include "actors/caf_glue.hpp"
 #include "actors/worker_actor.hpp"
 #include "runtime/log.hpp"
-#include "runtime/messages.hpp"
+#include "actors/messages.hpp"
 
 namespace troupe::actors {
 

@@ -4,7 +4,7 @@
 #include <caf/system_messages.hpp>
 
 #include "runtime/log.hpp"
-#include "runtime/messages.hpp"
+#include "actors/messages.hpp"
 
 namespace troupe::actors {
 

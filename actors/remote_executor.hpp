@@ -20,7 +20,7 @@
 #include <caf/actor_system.hpp>
 #include <caf/scoped_actor.hpp>
 
-#include "engine/scheduler/executor.hpp"
+#include "engine/exec/executor.hpp"
 
 namespace troupe::actors {
 

@@ -4,8 +4,8 @@
 
 #include "actors/head_rendezvous_store.hpp"
 #include "engine/backend/cpu/cpu_backend.hpp"
-#include "engine/scheduler/cuda_executor.hpp"
-#include "engine/scheduler/local_executor.hpp"
+#include "engine/exec/cuda_executor.hpp"
+#include "engine/exec/local_executor.hpp"
 #include "runtime/log.hpp"
 
 namespace troupe::actors {

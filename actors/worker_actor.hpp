@@ -21,8 +21,8 @@
 #include "engine/backend/backend.hpp"
 #include "engine/comm/communicator.hpp"
 #include "engine/comm/device_communicator.hpp"
-#include "engine/scheduler/executor.hpp"
-#include "runtime/messages.hpp"
+#include "engine/exec/executor.hpp"
+#include "actors/messages.hpp"
 
 namespace troupe::actors {
 

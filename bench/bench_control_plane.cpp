@@ -24,7 +24,7 @@
 #include "actors/caf_glue.hpp"
 #include "actors/head_actor.hpp"
 #include "cluster/session.hpp"
-#include "runtime/messages.hpp"
+#include "actors/messages.hpp"
 
 using namespace troupe;
 using clk = std::chrono::steady_clock;

@@ -14,7 +14,7 @@
 #include "actors/caf_glue.hpp"
 #include "cli/cluster_daemon.hpp"
 #include "cluster/session.hpp"
-#include "runtime/messages.hpp"
+#include "actors/messages.hpp"
 
 namespace troupe::cli {
 

@@ -10,7 +10,7 @@
 
 #include "engine/backend/cpu/cpu_backend.hpp"
 #include "engine/generate.hpp"
-#include "engine/scheduler/cuda_executor.hpp"
+#include "engine/exec/cuda_executor.hpp"
 #include "engine/tokenizer/chat_template.hpp"
 
 namespace troupe::cli {

@@ -8,8 +8,8 @@
 
 #include "actors/caf_glue.hpp"
 #include "cli/cluster_commands.hpp"
-#include "cli/serve/deployment.hpp"
-#include "runtime/messages.hpp"
+#include "actors/serving/deployment.hpp"
+#include "actors/messages.hpp"
 
 #ifndef TROUPE_VERSION
 #define TROUPE_VERSION "0.0.0"
@@ -31,7 +31,7 @@ struct serve_args {
 };
 
 // Sends the deployment (or --stop NAME) to the head and waits for its verdict.
-int run_on_cluster(const serve_args& args, const engine::deployment_config* config) {
+int run_on_cluster(const serve_args& args, const deployment_config* config) {
   auto target = resolve_head(args.address, args.token, args.temp_dir);
   if (!target) {
     fmt::print(stderr,
@@ -91,7 +91,7 @@ int run(const serve_args& args) {
     fmt::print(stderr, "error: model_yaml is required (or --stop NAME)\n");
     return 2;
   }
-  auto config = engine::load_deployment(args.file);
+  auto config = load_deployment(args.file);
   if (!config) {
     fmt::print(stderr, "error: {}\n", config.error().message());
     return 2;

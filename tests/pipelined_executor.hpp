@@ -8,7 +8,7 @@
 
 #include <doctest/doctest.h>
 
-#include "engine/scheduler/executor.hpp"
+#include "engine/exec/executor.hpp"
 
 namespace troupe::test {
 

@@ -14,7 +14,7 @@
 #include <memory>
 #include <vector>
 
-#include "engine/scheduler/executor.hpp"
+#include "engine/exec/executor.hpp"
 #include "engine/scheduler/scheduler.hpp"
 
 namespace troupe::engine {

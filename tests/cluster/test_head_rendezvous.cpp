@@ -10,7 +10,7 @@
 #include "actors/caf_glue.hpp"
 #include "actors/head_actor.hpp"
 #include "actors/head_rendezvous_store.hpp"
-#include "runtime/messages.hpp"
+#include "actors/messages.hpp"
 
 using namespace troupe;
 using namespace std::chrono_literals;

@@ -10,7 +10,7 @@
 #include "engine/backend/cpu/cpu_backend.hpp"
 #include "engine/generate.hpp"
 #include "engine/scheduler/engine_loop.hpp"
-#include "engine/scheduler/local_executor.hpp"
+#include "engine/exec/local_executor.hpp"
 #include "golden.hpp"
 #include "pipelined_executor.hpp"
 

@@ -9,8 +9,8 @@
 #include <doctest/doctest.h>
 
 #include "engine/backend/cuda/gpu_sampler.hpp"
-#include "engine/scheduler/cuda_executor.hpp"
-#include "engine/scheduler/local_executor.hpp"
+#include "engine/exec/cuda_executor.hpp"
+#include "engine/exec/local_executor.hpp"
 #include "golden.hpp"
 #include "gpu_test_util.hpp"
 

@@ -4,7 +4,7 @@
 
 #include <doctest/doctest.h>
 
-#include "engine/config/deployment_config.hpp"
+#include "runtime/config.hpp"
 #include "golden.hpp"
 
 using namespace troupe;

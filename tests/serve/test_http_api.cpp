@@ -8,7 +8,7 @@
 
 #include <doctest/doctest.h>
 
-#include "cli/serve/deployment.hpp"
+#include "actors/serving/deployment.hpp"
 #include "engine/backend/cpu/cpu_backend.hpp"
 #include "engine/generate.hpp"
 #include "engine/tokenizer/chat_template.hpp"
@@ -28,7 +28,7 @@ struct served {
 
 std::unique_ptr<serve::deployment> start(const std::filesystem::path& dir, const std::string& key,
                                          int32_t max_num_seqs = 8, int32_t max_waiting = 1024) {
-  engine::deployment_config c;
+  deployment_config c;
   c.model = dir.string();
   c.served_model_name = "tiny-qwen3";
   c.max_model_len = 256;
@@ -396,7 +396,7 @@ TEST_CASE("http: a full waiting queue answers 503 and the server recovers") {
 }
 
 TEST_CASE("http: in this process (--block) a deployment is one replica of one rank") {
-  engine::deployment_config c;
+  deployment_config c;
   c.model = "/nonexistent"; // refused before anything loads
   c.parallel.replicas = 2;
   auto d = serve::deployment::start(c, "test");

@@ -7,7 +7,8 @@
 #include <condition_variable>
 #include <thread>
 
-#include "cli/serve/replica_router.hpp"
+#include "actors/serving/replica_router.hpp"
+#include "http/request_channel.hpp"
 
 using namespace troupe;
 using namespace troupe::serve;
@@ -82,6 +83,16 @@ install(replica_router& r, size_t i, token_id token, int32_t blocks = 32) {
   return {raw, health};
 }
 
+// Submits with a channel as the sink; returns the id and the channel.
+expected<std::pair<seq_id, std::shared_ptr<request_channel>>> submit(replica_router& r,
+                                                                     engine::request q) {
+  auto ch = std::make_shared<request_channel>();
+  auto id = r.submit(std::move(q), ch);
+  if (!id)
+    return std::move(id).error();
+  return std::make_pair(*id, ch);
+}
+
 // Drains a request's channel to its end; returns the tokens (and whether it failed).
 std::vector<token_id> drain(request_channel& ch, bool* failed = nullptr) {
   std::vector<token_id> tokens;
@@ -127,9 +138,9 @@ TEST_CASE("router: least unfinished requests first, ties in turn, both replicas 
   auto [r1, h1] = install(router, 1, 11);
   r0->gate(false);
   r1->gate(false);
-  auto a = router.submit(req(4)); // replica 0 (first turn); its engine now waits in a step
+  auto a = submit(router, req(4)); // replica 0 (first turn); its engine now waits in a step
   REQUIRE(a.has_value());
-  auto b = router.submit(req(4)); // replica 1: one unfinished request on replica 0
+  auto b = submit(router, req(4)); // replica 1: one unfinished request on replica 0
   REQUIRE(b.has_value());
   CHECK(metric(router, "troupe_replica_requests_total{model_name=\"m\",replica=\"0\"}") == 1);
   CHECK(metric(router, "troupe_replica_requests_total{model_name=\"m\",replica=\"1\"}") == 1);
@@ -139,7 +150,7 @@ TEST_CASE("router: least unfinished requests first, ties in turn, both replicas 
   CHECK(drain(*b->second) == std::vector<token_id>(4, 11));
   // Idle replicas tie: requests alternate.
   for (int i = 0; i < 4; ++i) {
-    auto c = router.submit(req(2));
+    auto c = submit(router, req(2));
     REQUIRE(c.has_value());
     drain(*c->second);
   }
@@ -157,8 +168,8 @@ TEST_CASE("router: a failed replica gets no requests, with none serving submit s
   auto [r1, h1] = install(router, 1, 11);
   // Replica 1's executor fails mid-request: that request fails, the others go to replica 0.
   r1->gate(false);
-  auto a = router.submit(req(50)); // replica 0
-  auto b = router.submit(req(50)); // replica 1, stuck in its first step
+  auto a = submit(router, req(50)); // replica 0
+  auto b = submit(router, req(50)); // replica 1, stuck in its first step
   REQUIRE(a.has_value());
   REQUIRE(b.has_value());
   r1->fail();
@@ -170,7 +181,7 @@ TEST_CASE("router: a failed replica gets no requests, with none serving submit s
   CHECK(b->second->failure().find("rank 0 is gone") != std::string::npos);
   CHECK(metric(router, "troupe_replica_up{model_name=\"m\",replica=\"1\"}") == 0);
   for (int i = 0; i < 3; ++i) {
-    auto c = router.submit(req(2));
+    auto c = submit(router, req(2));
     REQUIRE(c.has_value());
     CHECK(drain(*c->second) == std::vector<token_id>{10, 10});
   }
@@ -179,7 +190,7 @@ TEST_CASE("router: a failed replica gets no requests, with none serving submit s
   // The head drops replica 1 and replica 0 fails too: nothing serves, submit says why.
   router.take_down(1, "replica 1 failed: node w2 holding a rank died: connection lost");
   h0->fail("deployment worker failure: rank 0 is gone (timeout)");
-  auto none = router.submit(req(2));
+  auto none = submit(router, req(2));
   REQUIRE_FALSE(none.has_value());
   CHECK(none.error().code() == errc::unavailable);
   const auto msg = none.error().message();
@@ -191,7 +202,7 @@ TEST_CASE("router: a failed replica gets no requests, with none serving submit s
 
   // A restarted replica 1 serves again.
   install(router, 1, 12);
-  auto d = router.submit(req(3));
+  auto d = submit(router, req(3));
   REQUIRE(d.has_value());
   CHECK(drain(*d->second) == std::vector<token_id>{12, 12, 12});
   CHECK(metric(router, "troupe_replica_up{model_name=\"m\",replica=\"1\"}") == 1);
@@ -205,8 +216,8 @@ TEST_CASE("router: cancel reaches the replica that took the request") {
   auto [r1, h1] = install(router, 1, 11);
   r0->gate(false);
   r1->gate(false);
-  auto a = router.submit(req(5));  // replica 0, held in its first step
-  auto b = router.submit(req(60)); // replica 1, held in its first step
+  auto a = submit(router, req(5));  // replica 0, held in its first step
+  auto b = submit(router, req(60)); // replica 1, held in its first step
   REQUIRE(a.has_value());
   REQUIRE(b.has_value());
   router.cancel(b->first);
@@ -229,7 +240,7 @@ TEST_CASE("router: cancel reaches the replica that took the request") {
 
 TEST_CASE("router: a replica that never loaded says so") {
   replica_router router("m", 1, options());
-  auto r = router.submit(req(1));
+  auto r = submit(router, req(1));
   REQUIRE_FALSE(r.has_value());
   CHECK(r.error().message().find("replica 0 is loading") != std::string::npos);
   auto bad = router.install(3, {});

@@ -11,7 +11,7 @@
 
 #include <doctest/doctest.h>
 
-#include "engine/scheduler/executor.hpp"
+#include "engine/exec/executor.hpp"
 
 namespace troupe::test {
 

@@ -1,4 +1,4 @@
-#include "cli/serve/replica_router.hpp"
+#include "actors/serving/replica_router.hpp"
 
 #include <fmt/format.h>
 
@@ -38,7 +38,7 @@ bool replica_router::serving(const slot& s) const {
 
 void replica_router::prune() {
   for (auto it = live_.begin(); it != live_.end();)
-    it = it->second.channel.expired() || it->second.owner.expired() ? live_.erase(it) : ++it;
+    it = it->second.sink.expired() || it->second.owner.expired() ? live_.erase(it) : ++it;
 }
 
 size_t replica_router::load(size_t i) const {
@@ -76,8 +76,7 @@ void replica_router::take_down(size_t i, const std::string& why) {
   }
 }
 
-auto replica_router::submit(engine::request r)
-    -> expected<std::pair<seq_id, std::shared_ptr<request_channel>>> {
+expected<seq_id> replica_router::submit(engine::request r, std::shared_ptr<request_sink> sink) {
   std::shared_ptr<unit> u;
   size_t pick = slots_.size();
   {
@@ -109,15 +108,16 @@ auto replica_router::submit(engine::request r)
     u = slots_[pick].u;
     ++slots_[pick].submitting;
   }
-  auto got = u->engine->submit(std::move(r));
+  std::weak_ptr<request_sink> watched = sink;
+  auto got = u->engine->submit(std::move(r), std::move(sink));
   std::lock_guard lk(mu_);
   --slots_[pick].submitting;
   if (!got)
     return std::move(got).error();
   ++slots_[pick].submitted;
   const seq_id id = next_id_++;
-  live_[id] = {.slot = pick, .owner = u, .local = got->first, .channel = got->second};
-  return std::make_pair(id, got->second);
+  live_[id] = {.slot = pick, .owner = u, .local = *got, .sink = std::move(watched)};
+  return id;
 }
 
 void replica_router::cancel(seq_id id) {

@@ -12,7 +12,7 @@
 #include <caf/meta/type_name.hpp>
 
 #include "cluster/membership.hpp"
-#include "engine/config/deployment_config.hpp"
+#include "runtime/config.hpp"
 #include "runtime/step.hpp"
 
 namespace troupe::cluster {
@@ -39,7 +39,7 @@ typename Inspector::result_type inspect(Inspector& f, node_info& x) {
 
 } // namespace troupe::cluster
 
-namespace troupe::engine {
+namespace troupe {
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, parallel_size& x) {
@@ -53,7 +53,7 @@ typename Inspector::result_type inspect(Inspector& f, deployment_config& x) {
            x.host, x.port, x.api_key, x.parallel);
 }
 
-} // namespace troupe::engine
+} // namespace troupe
 
 namespace troupe {
 
@@ -210,7 +210,7 @@ typename Inspector::result_type inspect(Inspector& f, replica_plan& x) {
   return f(caf::meta::type_name("replica_plan"), x.replica, x.ns, x.ranks, x.nodes);
 }
 struct deployment_plan {
-  engine::deployment_config config;
+  deployment_config config;
   std::string ns; // the deployment's namespace prefix in the head's KV store
   std::vector<replica_plan> replicas;
 };
@@ -299,7 +299,7 @@ inline void add_message_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<rank_view>("troupe::rank_view");
   cfg.add_message_type<std::vector<rank_view>>("std::vector<troupe::rank_view>");
   cfg.add_message_type<deployment_view>("troupe::deployment_view");
-  cfg.add_message_type<engine::deployment_config>("troupe::deployment_config");
+  cfg.add_message_type<deployment_config>("troupe::deployment_config");
   cfg.add_message_type<deployment_plan>("troupe::deployment_plan");
   cfg.add_message_type<replica_plan>("troupe::replica_plan");
   cfg.add_message_type<replica_loaded>("troupe::replica_loaded");

@@ -9,7 +9,8 @@
 #include <boost/beast/http.hpp>
 #include <fmt/format.h>
 
-#include "cli/serve/http_server.hpp"
+#include "http/http_server.hpp"
+#include "http/request_channel.hpp"
 #include "engine/tokenizer/detokenizer.hpp"
 
 namespace troupe::serve {
@@ -111,14 +112,15 @@ class completion_run {
       sent_prompt_ids_(!req.return_token_ids) {}
 
   int run() {
-    auto submitted = ctx_.router->submit(make_engine_request(req_, ctx_.model));
+    auto channel = std::make_shared<request_channel>();
+    auto submitted = ctx_.serving->submit(make_engine_request(req_, ctx_.model), channel);
     if (!submitted) {
       const auto& err = submitted.error();
       const bool busy = err.code() == errc::resource_exhausted || err.code() == errc::cancelled ||
                         err.code() == errc::unavailable; // no replica serving (restarting)
       return reply_error({busy ? 503 : 400, err.message(), {}, {}});
     }
-    const auto [id, channel] = *submitted;
+    const seq_id id = *submitted;
     ctx_.metrics->prompt_tokens += req_.prompt.size();
     open();
     std::vector<engine::request_output> outs;
@@ -128,7 +130,7 @@ class completion_run {
       for (const auto& o : outs)
         consume(o);
       if (finish_ == engine::finish_reason::none && (!out_.ok || (!got && peer_gone(sock_)))) {
-        ctx_.router->cancel(id); // frees its KV blocks
+        ctx_.serving->cancel(id); // frees its KV blocks
         keep_alive_ = false;
         return 499; // the client closed the request
       }

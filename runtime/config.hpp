@@ -11,7 +11,7 @@
 
 #include "runtime/error.hpp"
 
-namespace troupe::engine {
+namespace troupe {
 
 // parallel: in model.yaml: how many ranks of each kind (engine/backend/shard.hpp has the per-rank layout).
 struct parallel_size {
@@ -52,4 +52,4 @@ expected<deployment_config> load_deployment(const std::filesystem::path& file);
 // Levenshtein distance, for "did you mean" suggestions.
 size_t edit_distance(std::string_view a, std::string_view b);
 
-} // namespace troupe::engine
+} // namespace troupe

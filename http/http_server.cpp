@@ -1,4 +1,4 @@
-#include "cli/serve/http_server.hpp"
+#include "http/http_server.hpp"
 
 #include <sys/socket.h>
 
@@ -159,7 +159,7 @@ void http_server::session(tcp::socket& sock) {
     } else if (target == "/version" && get) {
       res = reply(req, 200, dump(json{{"version", ctx_.options.version}}));
     } else if (target == "/metrics" && get) {
-      res = reply(req, 200, ctx_.router->metrics_text(*ctx_.metrics, ctx_.model.name),
+      res = reply(req, 200, ctx_.serving->metrics_text(*ctx_.metrics, ctx_.model.name),
                   "text/plain; version=0.0.4");
     } else {
       const bool known = target == "/v1/chat/completions" || target == "/v1/completions" ||

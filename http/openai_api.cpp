@@ -1,4 +1,4 @@
-#include "cli/serve/openai_api.hpp"
+#include "http/openai_api.hpp"
 
 #include <fmt/format.h>
 

@@ -1,4 +1,4 @@
-#include "cli/serve/serving_actor.hpp"
+#include "actors/serving/serving_actor.hpp"
 
 #include <algorithm>
 
@@ -26,7 +26,7 @@ void stop_workers(const std::vector<caf::actor>& workers) {
 // Asks each rank's node to spawn its worker, owned by `owner` (the serving actor: the workers
 // exit when it does). Blocks. `workers` holds those spawned, also on error.
 expected<void> spawn_workers(caf::blocking_actor* self, const caf::actor& owner,
-                             const engine::deployment_config& c, const kv_plan& kv,
+                             const deployment_config& c, const kv_plan& kv,
                              const msg::replica_plan& plan, std::vector<caf::actor>& workers) {
   for (size_t i = 0; i < plan.ranks.size(); ++i) {
     const auto& r = plan.ranks[i];
@@ -108,7 +108,7 @@ expected<int32_t> load_workers(caf::blocking_actor* self, const caf::actor& owne
 // One replica's loader (a detached blocking actor): spawns and loads its workers, then tells
 // the serving actor (loaded_atom), which owns them from then on. Exits quietly, stopping what
 // it spawned, when the serving actor goes away.
-void replica_loader(caf::blocking_actor* self, caf::actor owner, engine::deployment_config c,
+void replica_loader(caf::blocking_actor* self, caf::actor owner, deployment_config c,
                     kv_plan kv, msg::replica_plan plan) {
   self->monitor(owner);
   msg::replica_loaded out{.replica = plan.replica, .ns = plan.ns};

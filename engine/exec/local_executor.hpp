@@ -4,7 +4,7 @@
 
 #include "engine/backend/backend.hpp"
 #include "engine/sampling/sampler.hpp"
-#include "engine/scheduler/executor.hpp"
+#include "engine/exec/executor.hpp"
 
 namespace troupe::engine {
 

@@ -1,11 +1,11 @@
-#include "cli/serve/deployment.hpp"
+#include "actors/serving/deployment.hpp"
 
 #include <algorithm>
 
-#include "cli/serve/http_server.hpp"
+#include "http/http_server.hpp"
 #include "engine/backend/cpu/cpu_backend.hpp"
 #include "engine/model/gguf_weights.hpp"
-#include "engine/scheduler/cuda_executor.hpp"
+#include "engine/exec/cuda_executor.hpp"
 #include "engine/sampling/sampler.hpp"
 #include "runtime/log.hpp"
 
@@ -36,7 +36,7 @@ class owning_executor final : public engine::executor {
 
 // Loads the model onto GPU 0 (bf16) with the KV pool sized from gpu_memory_utilization unless
 // num_kv_blocks fixes it; kv.num_blocks becomes the pool's real size.
-expected<replica_executor> start_cuda(const engine::deployment_config& c, const kv_plan& kv) {
+expected<replica_executor> start_cuda(const deployment_config& c, const kv_plan& kv) {
   engine::cuda_options o{.device = 0,
                          .max_num_batched_tokens = std::max(c.max_num_batched_tokens, 1),
                          .max_num_seqs = c.max_num_seqs,
@@ -70,7 +70,7 @@ expected<replica_executor> start_cuda(const engine::deployment_config& c, const 
 
 } // namespace
 
-expected<kv_plan> plan_kv(const engine::deployment_config& c, const engine::model_config& m) {
+expected<kv_plan> plan_kv(const deployment_config& c, const engine::model_config& m) {
   kv_plan p;
   const int64_t model_len = m.max_position_embeddings > 0 ? m.max_position_embeddings : 4096;
   p.max_model_len = c.max_model_len > 0 ? c.max_model_len
@@ -96,7 +96,7 @@ expected<kv_plan> plan_kv(const engine::deployment_config& c, const engine::mode
   return p;
 }
 
-expected<std::unique_ptr<deployment>> deployment::start(const engine::deployment_config& c,
+expected<std::unique_ptr<deployment>> deployment::start(const deployment_config& c,
                                                         std::string version) {
   if (c.parallel.tensor != 1 || c.parallel.pipeline != 1 || c.parallel.replicas != 1)
     return make_error(errc::unsupported,
@@ -126,7 +126,7 @@ expected<std::unique_ptr<deployment>> deployment::start(const engine::deployment
                });
 }
 
-expected<std::unique_ptr<deployment>> deployment::start(const engine::deployment_config& c,
+expected<std::unique_ptr<deployment>> deployment::start(const deployment_config& c,
                                                         std::string version,
                                                         const executor_factory& make_executor) {
   if (c.device == "cuda" && c.dtype != "auto" && c.dtype != "bfloat16")
@@ -188,7 +188,7 @@ expected<std::unique_ptr<deployment>> deployment::start(const engine::deployment
                   .max_model_len = kv->max_model_len,
                   .vocab_size = config->vocab_size,
                   .text = &p.text};
-  p.ctx->router = p.router.get();
+  p.ctx->serving = p.router.get();
   p.ctx->metrics = &p.metrics;
   p.server = std::make_unique<http_server>(*p.ctx);
   auto port = p.server->start();

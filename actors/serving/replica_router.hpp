@@ -16,7 +16,8 @@
 #include <string>
 #include <vector>
 
-#include "cli/serve/serving_engine.hpp"
+#include "actors/serving/serving_engine.hpp"
+#include "http/serving_port.hpp"
 
 namespace troupe::serve {
 
@@ -41,7 +42,7 @@ struct replica_executor {
   std::shared_ptr<replica_health> health; // null: never marked failed (in-process executors)
 };
 
-class replica_router {
+class replica_router final : public serving_port {
  public:
   // `options`: the scheduler options of every replica but num_blocks (each replica's own).
   replica_router(std::string deployment, size_t replicas, engine::scheduler_options options);
@@ -55,11 +56,11 @@ class replica_router {
   // engine is stopped (its live requests end as failed).
   void take_down(size_t i, const std::string& why);
 
-  expected<std::pair<seq_id, std::shared_ptr<request_channel>>> submit(engine::request r);
-  void cancel(seq_id id);
+  expected<seq_id> submit(engine::request r, std::shared_ptr<request_sink> sink) override;
+  void cancel(seq_id id) override;
   // serving_engine's metrics summed over the replicas, plus per replica: whether it serves
   // (troupe_replica_up) and the requests it took (troupe_replica_requests_total).
-  std::string metrics_text(const serve_metrics& m, const std::string& model) const;
+  std::string metrics_text(const serve_metrics& m, const std::string& model) const override;
   int32_t kv_blocks_in_use() const;
 
  private:
@@ -79,7 +80,7 @@ class replica_router {
     size_t slot = 0;
     std::weak_ptr<unit> owner;
     seq_id local = 0;
-    std::weak_ptr<request_channel> channel; // expires once the engine and the session let go
+    std::weak_ptr<request_sink> sink; // expires once the engine and the session let go
   };
   bool serving(const slot& s) const;
   void prune();                // under mu_: forgets finished requests

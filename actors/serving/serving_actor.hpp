@@ -27,14 +27,14 @@
 #include <caf/stateful_actor.hpp>
 #include <caf/typed_response_promise.hpp>
 
-#include "cli/serve/deployment.hpp"
-#include "runtime/messages.hpp"
+#include "actors/serving/deployment.hpp"
+#include "actors/messages.hpp"
 
 namespace troupe::serve {
 
 struct serving_state {
   std::unique_ptr<deployment> served;
-  engine::deployment_config config;
+  deployment_config config;
   kv_plan kv;
   // Per replica: the namespace of the attempt it serves or loads ("" after a drop: every
   // message of an older attempt is stale), and its workers once loaded.

@@ -1,75 +1,10 @@
-#include "cli/serve/serving_engine.hpp"
+#include "actors/serving/serving_engine.hpp"
 
 #include <fmt/format.h>
 
 #include "runtime/log.hpp"
 
 namespace troupe::serve {
-
-void request_channel::push(const engine::request_output& o, bool failed, const std::string& why) {
-  {
-    std::lock_guard lk(mu_);
-    q_.push_back(o);
-    if (failed) {
-      failed_ = true;
-      if (why_.empty())
-        why_ = why;
-    }
-  }
-  cv_.notify_one();
-}
-
-std::string request_channel::failure() const {
-  std::lock_guard lk(mu_);
-  return why_;
-}
-
-bool request_channel::wait(std::vector<engine::request_output>& out, int ms) {
-  std::unique_lock lk(mu_);
-  if (!cv_.wait_for(lk, std::chrono::milliseconds(ms), [&] { return !q_.empty(); }))
-    return false;
-  out.insert(out.end(), q_.begin(), q_.end());
-  q_.clear();
-  return true;
-}
-
-const std::vector<double>& histogram::buckets() {
-  static const std::vector<double> b = {0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1,  0.25, 0.5,
-                                        0.75,  1.0,   2.5,  5.0,  7.5,  10.0, 20.0, 40.0, 80.0};
-  return b;
-}
-
-void histogram::observe(double seconds) {
-  std::lock_guard lk(mu_);
-  for (size_t i = 0; i < buckets().size(); ++i)
-    if (seconds <= buckets()[i])
-      ++counts_[i];
-  ++total_;
-  sum_ += seconds;
-}
-
-void histogram::render(std::string& out, const std::string& name, const std::string& help) const {
-  std::lock_guard lk(mu_);
-  out += fmt::format("# HELP {} {}\n# TYPE {} histogram\n", name, help, name);
-  for (size_t i = 0; i < buckets().size(); ++i)
-    out += fmt::format("{}_bucket{{le=\"{}\"}} {}\n", name, buckets()[i], counts_[i]);
-  out += fmt::format("{}_bucket{{le=\"+Inf\"}} {}\n{}_sum {}\n{}_count {}\n", name, total_, name,
-                     sum_, name, total_);
-}
-
-void serve_metrics::count_request(int status) {
-  std::lock_guard lk(mu_);
-  ++by_status_[status];
-}
-
-std::string serve_metrics::requests_text() const {
-  std::lock_guard lk(mu_);
-  std::string out = "# HELP troupe_requests_total HTTP requests by status code.\n"
-                    "# TYPE troupe_requests_total counter\n";
-  for (const auto& [status, n] : by_status_)
-    out += fmt::format("troupe_requests_total{{status=\"{}\"}} {}\n", status, n);
-  return out;
-}
 
 serving_engine::serving_engine(engine::scheduler_options options, engine::executor& exec)
   : loop_(std::move(options), exec) {
@@ -88,13 +23,13 @@ serving_engine::~serving_engine() {
     a.done.set_value(make_error(errc::cancelled, "the server is shutting down"));
 }
 
-auto serving_engine::submit(engine::request r) -> add_result {
+auto serving_engine::submit(engine::request r, std::shared_ptr<request_sink> sink) -> add_result {
   std::future<add_result> f;
   {
     std::lock_guard lk(inbox_mu_);
     if (stop_)
       return make_error(errc::cancelled, "the server is shutting down");
-    adds_.push_back({std::move(r), {}});
+    adds_.push_back({std::move(r), std::move(sink), {}});
     f = adds_.back().done.get_future();
   }
   cv_.notify_all();
@@ -137,42 +72,40 @@ void serving_engine::run() {
         a.done.set_value(std::move(id).error());
         continue;
       }
-      auto ch = std::make_shared<request_channel>();
-      channels_[*id] = ch;
-      a.done.set_value(std::make_pair(*id, ch));
+      sinks_[*id] = std::move(a.sink);
+      a.done.set_value(*id);
     }
     for (auto id : cancels)
-      if (channels_.erase(id) > 0)
+      if (sinks_.erase(id) > 0)
         (void)loop_.cancel(id); // not_found when it finished in the meantime
     if (loop_.has_unfinished())
       step_once();
     publish();
   }
-  for (auto& [id, ch] : channels_) // shutdown: every live request ends as cancelled
-    ch->push({.id = id, .finish = engine::finish_reason::cancelled}, true);
-  channels_.clear();
+  const auto down = make_error(errc::cancelled, "the server is shutting down");
+  for (auto& [id, sink] : sinks_) // shutdown: every live request ends
+    sink->fail(down);
+  sinks_.clear();
 }
 
 void serving_engine::step_once() {
   auto out = loop_.step();
-  bool failed = false;
-  std::string why;
-  std::vector<engine::request_output> outs;
-  if (out) {
-    outs = std::move(*out);
-  } else {
+  if (!out) {
     log::error("engine step failed, ending every request: {}", out.error().to_string());
-    outs = loop_.fail_all();
-    failed = true;
-    why = out.error().message();
+    for (const auto& o : loop_.fail_all())
+      if (auto it = sinks_.find(o.id); it != sinks_.end()) {
+        it->second->fail(out.error());
+        sinks_.erase(it);
+      }
+    return;
   }
-  for (const auto& o : outs) {
-    auto it = channels_.find(o.id);
-    if (it == channels_.end())
+  for (const auto& o : *out) {
+    auto it = sinks_.find(o.id);
+    if (it == sinks_.end())
       continue;
-    it->second->push(o, failed, why);
+    it->second->push(o);
     if (o.finish != engine::finish_reason::none)
-      channels_.erase(it);
+      sinks_.erase(it);
   }
 }
 

@@ -1,6 +1,6 @@
 // The OpenAI-compatible HTTP front end on Boost.Beast: an acceptor thread and one thread per
 // connection (synchronous Beast). Each session parses, validates and tokenizes its requests on its
-// own thread, submits them to the replica_router (which picks a replica's serving_engine) and
+// own thread, submits them to the serving side (serving_port.hpp) and
 // streams SSE chunks (or one JSON body) back; a client that disconnects has its request
 // cancelled. start() and stop() block.
 #pragma once
@@ -15,8 +15,9 @@
 
 #include <boost/asio/ip/tcp.hpp>
 
-#include "cli/serve/openai_api.hpp"
-#include "cli/serve/replica_router.hpp"
+#include "http/openai_api.hpp"
+#include "http/metrics.hpp"
+#include "http/serving_port.hpp"
 
 namespace troupe::serve {
 
@@ -31,7 +32,7 @@ struct server_options {
 struct serve_context {
   server_options options;
   model_info model;
-  replica_router* router = nullptr;
+  serving_port* serving = nullptr; // the replicas behind this endpoint
   serve_metrics* metrics = nullptr;
   std::atomic<uint64_t> next_id{1};
 };

@@ -1,4 +1,4 @@
-#include "engine/scheduler/cuda_executor.hpp"
+#include "engine/exec/cuda_executor.hpp"
 
 #include "engine/model/gguf_weights.hpp"
 

@@ -10,7 +10,7 @@
 #include "engine/backend/cuda/cuda_backend.hpp"
 #include "engine/backend/cuda/gpu_sampler.hpp"
 #include "engine/sampling/sampler.hpp"
-#include "engine/scheduler/executor.hpp"
+#include "engine/exec/executor.hpp"
 
 namespace troupe::engine {
 

@@ -1,4 +1,4 @@
-#include "engine/scheduler/local_executor.hpp"
+#include "engine/exec/local_executor.hpp"
 
 namespace troupe::engine {
 

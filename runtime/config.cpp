@@ -1,4 +1,4 @@
-#include "engine/config/deployment_config.hpp"
+#include "runtime/config.hpp"
 
 #include <algorithm>
 #include <fstream>
@@ -6,7 +6,7 @@
 
 #include <yaml-cpp/yaml.h>
 
-namespace troupe::engine {
+namespace troupe {
 
 namespace {
 
@@ -216,4 +216,4 @@ expected<deployment_config> load_deployment(const std::filesystem::path& file) {
   return c;
 }
 
-} // namespace troupe::engine
+} // namespace troupe

@@ -11,10 +11,10 @@
 #include <memory>
 #include <string>
 
-#include "cli/serve/replica_router.hpp"
-#include "engine/config/deployment_config.hpp"
+#include "actors/serving/replica_router.hpp"
+#include "runtime/config.hpp"
 #include "engine/model/model_config.hpp"
-#include "engine/scheduler/executor.hpp"
+#include "engine/exec/executor.hpp"
 
 namespace troupe::serve {
 
@@ -25,7 +25,7 @@ struct kv_plan {
   int32_t max_model_len = 0;
   int32_t num_blocks = 0;
 };
-expected<kv_plan> plan_kv(const engine::deployment_config& config,
+expected<kv_plan> plan_kv(const deployment_config& config,
                           const engine::model_config& model);
 
 // Makes every replica's executor once the model's config and the KV plan are known: a backend
@@ -38,10 +38,10 @@ using executor_factory = std::function<expected<std::vector<replica_executor>>(
 class deployment {
  public:
   // In this process on the config's device (tensor = pipeline = replicas = 1 only).
-  static expected<std::unique_ptr<deployment>> start(const engine::deployment_config& config,
+  static expected<std::unique_ptr<deployment>> start(const deployment_config& config,
                                                      std::string version);
   static expected<std::unique_ptr<deployment>>
-  start(const engine::deployment_config& config, std::string version,
+  start(const deployment_config& config, std::string version,
         const executor_factory& make_executor);
   ~deployment();
 
