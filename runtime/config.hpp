@@ -25,7 +25,7 @@ struct deployment_config {
   std::string served_model_name; // the API's model name; default: model path's stem
   std::string dtype = "auto";    // auto | float32 | bfloat16 | float16
   std::string device = "cpu";    // cpu | cuda
-  int32_t max_model_len = 0; // context limit; 0 = the model's max_position_embeddings (<= 32768)
+  int32_t max_model_len = 0; // context limit; 0 = the model's max_position_embeddings, capped at 4096
   int32_t max_num_seqs = 64;
   int32_t max_num_batched_tokens = 2048;
   int32_t max_waiting = 1024;          // queued requests beyond this get 503
