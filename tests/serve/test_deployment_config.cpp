@@ -8,7 +8,6 @@
 #include "golden.hpp"
 
 using namespace troupe;
-using namespace troupe::engine;
 
 TEST_CASE("model.yaml: minimal file gets defaults and a served name from the path") {
   auto c = parse_deployment("model: /models/SmolLM2-135M.gguf\n", "m.yaml");
