@@ -10,24 +10,12 @@ namespace troupe::engine::cuda {
 
 namespace {
 
-// One warp per output row: streams the weight row with 16-byte loads (4 in flight per lane) and
-// dots it with every token's input row (read through L1; they are small).
-template <int T, class Out>
-__global__ void __launch_bounds__(256)
-    skinny_kernel(const bf16* __restrict__ x, int in, const bf16* __restrict__ w, int out,
-                  Out* __restrict__ y) {
-  pdl_wait();
-  pdl_trigger();
-  const int row = blockIdx.x * 8 + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= out)
-    return;
-  const uint4* wr = reinterpret_cast<const uint4*>(w + static_cast<size_t>(row) * in);
+// acc[t] += x[t, :] . wr (one warp, lane's share; the caller reduces over the warp): the weight
+// row streamed with 16-byte loads, 4 in flight per lane; x read through L1 (it is small).
+template <int T>
+__device__ __forceinline__ void row_dot(const bf16* __restrict__ x, int in,
+                                        const uint4* __restrict__ wr, int lane, float (&acc)[T]) {
   const int chunks = in / 8;
-  float acc[T];
-#pragma unroll
-  for (int t = 0; t < T; ++t)
-    acc[t] = 0.0f;
   constexpr int unroll = 4;
   int c = lane;
   for (; c + 32 * (unroll - 1) < chunks; c += 32 * unroll) {
@@ -63,12 +51,37 @@ __global__ void __launch_bounds__(256)
         acc[t] += wf[k] * xf[k];
     }
   }
+}
+
+// Weights depend on no earlier kernel: a block scheduled early (its predecessor called
+// pdl_trigger) first asks the copy engine to pull the first `bytes` of a row into L2, so the
+// weight stream starts while the predecessor still runs.
+__device__ __forceinline__ void prefetch_l2(const bf16* row, int bytes) {
+  if (bytes > 0)
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(row), "r"(bytes) : "memory");
+}
+
+// y[T, out] = x[T, in] . w[out, in]^T: one warp per output row.
+template <int T, class Out>
+__global__ void __launch_bounds__(256)
+    skinny_kernel(const bf16* __restrict__ x, int in, const bf16* __restrict__ w, int out,
+                  Out* __restrict__ y, int prefetch_bytes) {
+  const int row = blockIdx.x * 8 + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (lane == 0 && row < out)
+    prefetch_l2(w + static_cast<size_t>(row) * in, prefetch_bytes);
+  pdl_wait();
+  pdl_trigger();
+  if (row >= out)
+    return;
+  float acc[T];
+#pragma unroll
+  for (int t = 0; t < T; ++t)
+    acc[t] = 0.0f;
+  row_dot<T>(x, in, reinterpret_cast<const uint4*>(w + static_cast<size_t>(row) * in), lane, acc);
 #pragma unroll
   for (int t = 0; t < T; ++t) {
-    float v = acc[t];
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1)
-      v += __shfl_xor_sync(0xffffffffu, v, o);
+    const float v = warp_sum(acc[t]);
     if (lane == 0) {
       if constexpr (sizeof(Out) == 4)
         y[static_cast<size_t>(t) * out + row] = v;
@@ -78,17 +91,83 @@ __global__ void __launch_bounds__(256)
   }
 }
 
+// act[T, I] = silu(x . gate^T) * (x . up^T) for w = [gate rows; up rows] [2 I, in]: one warp per
+// output j streams gate row j and up row I + j, and applies silu·mul to the fp32 sums (the
+// gate/up products never round to bf16 or touch memory).
+template <int T>
+__global__ void __launch_bounds__(256)
+    skinny_glu_kernel(const bf16* __restrict__ x, int in, const bf16* __restrict__ w, int I,
+                      bf16* __restrict__ act, int prefetch_bytes) {
+  const int j = blockIdx.x * 8 + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const bf16* gate = w + static_cast<size_t>(j) * in;
+  const bf16* up = w + (static_cast<size_t>(I) + j) * in;
+  if (lane == 0 && j < I) {
+    prefetch_l2(gate, prefetch_bytes);
+    prefetch_l2(up, prefetch_bytes);
+  }
+  pdl_wait();
+  pdl_trigger();
+  if (j >= I)
+    return;
+  float g[T], u[T];
+#pragma unroll
+  for (int t = 0; t < T; ++t)
+    g[t] = u[t] = 0.0f;
+  row_dot<T>(x, in, reinterpret_cast<const uint4*>(gate), lane, g);
+  row_dot<T>(x, in, reinterpret_cast<const uint4*>(up), lane, u);
+#pragma unroll
+  for (int t = 0; t < T; ++t) {
+    const float gv = warp_sum(g[t]), uv = warp_sum(u[t]);
+    if (lane == 0)
+      act[static_cast<size_t>(t) * I + j] = __float2bfloat16(gv / (1.0f + __expf(-gv)) * uv);
+  }
+}
+
+// Bytes of each weight row to prefetch into L2 before waiting for the previous kernel: about
+// TROUPE_SKINNY_PREFETCH_MB (default 16, 0 = off; a third of an H100's L2) spread over the rows
+// whose warps can be resident at once, in 16-byte units, at most the row.
+int prefetch_bytes(int in, int out) {
+  static const int budget_mb = [] {
+    const char* env = std::getenv("TROUPE_SKINNY_PREFETCH_MB");
+    return env != nullptr ? std::atoi(env) : 16;
+  }();
+  static const int resident_rows = [] {
+    int dev = 0, sms = 132;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+      sms = 132;
+    return sms * 64; // 8 blocks of 8 warps (one row each) per SM
+  }();
+  if (budget_mb <= 0)
+    return 0;
+  const size_t per_row = (static_cast<size_t>(budget_mb) << 20) / std::min(out, resident_rows);
+  return static_cast<int>(std::min(per_row, static_cast<size_t>(in) * 2) / 16 * 16);
+}
+
 template <class Out>
 cudaError_t launch_skinny(const bf16* x, int T, int in, const bf16* w, int out, Out* y,
                           cudaStream_t s) {
   // One instantiation per row count 1..8 (T above 8 never reaches here).
-  using kernel = void (*)(const bf16*, int, const bf16*, int, Out*);
+  using kernel = void (*)(const bf16*, int, const bf16*, int, Out*, int);
   static constexpr kernel kernels[] = {skinny_kernel<1, Out>, skinny_kernel<2, Out>,
                                        skinny_kernel<3, Out>, skinny_kernel<4, Out>,
                                        skinny_kernel<5, Out>, skinny_kernel<6, Out>,
                                        skinny_kernel<7, Out>, skinny_kernel<8, Out>};
   const dim3 grid((out + 7) / 8), block(256);
-  return launch_pdl(kernels[std::clamp(T, 1, 8) - 1], grid, block, 0, s, x, in, w, out, y);
+  return launch_pdl(kernels[std::clamp(T, 1, 8) - 1], grid, block, 0, s, x, in, w, out, y,
+                    prefetch_bytes(in, out));
+}
+
+cudaError_t launch_skinny_glu(const bf16* x, int T, int in, const bf16* w, int I, bf16* act,
+                              cudaStream_t s) {
+  using kernel = void (*)(const bf16*, int, const bf16*, int, bf16*, int);
+  static constexpr kernel kernels[] = {
+      skinny_glu_kernel<1>, skinny_glu_kernel<2>, skinny_glu_kernel<3>, skinny_glu_kernel<4>,
+      skinny_glu_kernel<5>, skinny_glu_kernel<6>, skinny_glu_kernel<7>, skinny_glu_kernel<8>};
+  const dim3 grid((I + 7) / 8), block(256);
+  return launch_pdl(kernels[std::clamp(T, 1, 8) - 1], grid, block, 0, s, x, in, w, I, act,
+                    prefetch_bytes(in, 2 * I));
 }
 
 bool aligned16(const void* p) {
@@ -96,6 +175,23 @@ bool aligned16(const void* p) {
 }
 
 } // namespace
+
+expected<void> skinny_glu(const bf16* x, int T, int in, const bf16* w, int I, bf16* act,
+                          cudaStream_t s) {
+  if (T < 1 || T > gemm_runner::skinny_max_tokens || in % 8 != 0 || !aligned16(x) || !aligned16(w))
+    return error{errc::invalid_argument, strf("skinny_glu: T=%d in=%d not supported", T, in)};
+  TROUPE_CUDA(launch_skinny_glu(x, T, in, w, I, act, s));
+  return {};
+}
+
+expected<bool> gemm_runner::run_glu(const bf16* x, int T, int in, const bf16* w, int I, bf16* act,
+                                    cudaStream_t s) {
+  if (!(use_skinny && use_glu && T >= 1 && T <= skinny_auto_tokens && in % 8 == 0 && aligned16(x) &&
+        aligned16(w)))
+    return false;
+  TROUPE_TRY_VOID(skinny_glu(x, T, in, w, I, act, s));
+  return true;
+}
 
 expected<void> skinny_gemm(const bf16* x, int T, int in, const bf16* w, int out, void* y,
                            bool f32_out, cudaStream_t s) {
@@ -122,6 +218,8 @@ gemm_runner::~gemm_runner() {
 expected<void> gemm_runner::init(size_t workspace_bytes) {
   if (const char* env = std::getenv("TROUPE_GEMM_AUTOTUNE"))
     autotune = std::strcmp(env, "0") != 0;
+  if (const char* env = std::getenv("TROUPE_SKINNY_GLU"))
+    use_glu = std::strcmp(env, "0") != 0;
   TROUPE_CUBLAS(cublasLtCreate(&handle_));
   return workspace_.allocate(workspace_bytes);
 }
