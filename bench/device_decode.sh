@@ -49,13 +49,10 @@ run_decode() {
   echo "== decode, batch 1 (and 8), ctx 512 and 4096"
   args="--shape qwen3-0.6b --shape qwen3-8b --batches 1,8 --ctx 512,4096 --no-prefill"
   "$B/bin/cuda_bench" $args 2>&1 | tee "$out/decode_new.log" | grep -v "^$"
-  echo "-- without the fused gate/up+silu kernel, the L2 prefetch, the fused combine (early launch stays)"
-  TROUPE_SKINNY_GLU=0 TROUPE_SKINNY_PREFETCH_MB=0 TROUPE_FUSED_COMBINE=0 "$B/bin/cuda_bench" --shape qwen3-0.6b \
+  echo "-- without the fused gate/up+silu kernel and the L2 prefetch (early launch stays)"
+  TROUPE_SKINNY_GLU=0 TROUPE_SKINNY_PREFETCH_MB=0 "$B/bin/cuda_bench" --shape qwen3-0.6b \
     --shape qwen3-8b --batches 1 --ctx 512 --no-prefill 2>&1 | tee "$out/decode_off.log" | grep "^| 1 "
-  echo "-- attention combine as a separate launch (the rest on)"
-  TROUPE_FUSED_COMBINE=0 "$B/bin/cuda_bench" --shape qwen3-0.6b --shape qwen3-8b --batches 1 \
-    --ctx 512 --no-prefill 2>&1 | grep "^| 1 "
-  echo "-- fused gate/up kernel on, prefetch off"
+  echo "-- fused kernel on, prefetch off"
   TROUPE_SKINNY_PREFETCH_MB=0 "$B/bin/cuda_bench" --shape qwen3-0.6b --shape qwen3-8b --batches 1 \
     --ctx 512 --no-prefill 2>&1 | grep "^| 1 "
   if [ -x "$B/old/bin/cuda_bench" ]; then

@@ -6,7 +6,6 @@
 // online softmax.
 #include <algorithm>
 
-#include "engine/backend/cuda/attention_combine.cuh"
 #include "engine/backend/cuda/device_math.cuh"
 #include "engine/backend/cuda/kernels.cuh"
 
@@ -192,13 +191,40 @@ expected<void> launch_split(const attention_args& a, head_layout L, cudaStream_t
 
 constexpr int max_splits = 512;
 
-// One block per (token, query head): combine_head over the splits.
+// One block per (token, query head): a warp finds the global max and normaliser over the
+// splits, then every thread sums the rescaled partial outputs of its dimensions.
 __global__ void attention_combine_kernel(attention_args a, head_layout L) {
   pdl_wait();
   early_launch(gridDim.x);
   __shared__ float weight[max_splits];
   const int t = a.split_tokens != nullptr ? a.split_tokens[blockIdx.x] : blockIdx.x;
-  combine_head(a, L, t, blockIdx.y, a.num_splits, weight);
+  const int h = blockIdx.y, D = L.head_dim;
+  const float* base =
+      a.partial + (static_cast<size_t>(t) * L.num_heads + h) * a.num_splits * (D + 2);
+  if (threadIdx.x < 32) {
+    float m = -INFINITY;
+    for (int s = threadIdx.x; s < a.num_splits; s += 32)
+      m = fmaxf(m, base[s * (D + 2) + D]);
+    m = warp_max(m);
+    float l = 0.0f;
+    for (int s = threadIdx.x; s < a.num_splits; s += 32) {
+      const float* p = base + s * (D + 2);
+      const float w = p[D + 1] > 0.0f ? __expf(p[D] - m) : 0.0f;
+      weight[s] = w;
+      l += w * p[D + 1];
+    }
+    l = warp_sum(l);
+    for (int s = threadIdx.x; s < a.num_splits; s += 32)
+      weight[s] /= l;
+  }
+  __syncthreads();
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float acc = 0.0f;
+#pragma unroll 4
+    for (int s = 0; s < a.num_splits; ++s)
+      acc += weight[s] * base[s * (D + 2) + d];
+    a.out[(static_cast<size_t>(t) * L.num_heads + h) * D + d] = __float2bfloat16(acc);
+  }
 }
 
 } // namespace
@@ -256,7 +282,7 @@ expected<void> paged_attention(const attention_args& a, head_layout L, cudaStrea
     return {};
   if (a.decode_tiles != nullptr && a.split_tokens != nullptr && flash_prefill_supported(L)) {
     TROUPE_TRY_VOID(flash_attention(a, L, true, s));
-    if (a.num_splits == 1 || a.done != nullptr) // the flash kernel wrote the final output
+    if (a.num_splits == 1) // the flash kernel wrote the final output
       return {};
   } else {
     TROUPE_TRY_VOID(by_group[group - 1](a, L, s));

@@ -4,7 +4,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
-#include <cstring>
 #include <numeric>
 #include <thread>
 
@@ -313,7 +312,6 @@ expected<size_t> cuda_backend_impl::alloc_workspace() {
     {reinterpret_cast<void**>(&logits_), R * c.vocab_size * 4},
     {reinterpret_cast<void**>(&argmax_), R * 4},
     {reinterpret_cast<void**>(&partial_), partial_floats_ * 4},
-    {reinterpret_cast<void**>(&combine_done_), T * static_cast<size_t>(heads_.num_kv_heads) * 4},
   };
   if (tp_ > 1) {
     const size_t chunk = static_cast<size_t>(shard_.vocab_chunk);
@@ -337,10 +335,6 @@ expected<size_t> cuda_backend_impl::alloc_workspace() {
     *s.ptr = work_.as<char>() + off;
     off += (s.bytes + 255) / 256 * 256;
   }
-  // The fused attention combine's counters start at zero and are left at zero by every step.
-  TROUPE_CUDA(cudaMemset(combine_done_, 0, T * static_cast<size_t>(heads_.num_kv_heads) * 4));
-  if (const char* env = std::getenv("TROUPE_FUSED_COMBINE"))
-    fused_combine_ = std::strcmp(env, "0") != 0;
   return total;
 }
 

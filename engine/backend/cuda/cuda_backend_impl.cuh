@@ -151,8 +151,6 @@ private:
   float* router_ = nullptr; // [T, E]
   int32_t* argmax_ = nullptr;
   float* partial_ = nullptr;
-  int32_t* combine_done_ = nullptr; // [T, nkv] attention_args::done (zero between steps)
-  bool fused_combine_ = true;       // TROUPE_FUSED_COMBINE=0: a separate combine launch
   size_t partial_floats_ = 0;
   int32_t* moe_rows_ = nullptr; // [T] per expert
   float* moe_w_ = nullptr;      // [T]

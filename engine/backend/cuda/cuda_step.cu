@@ -137,7 +137,6 @@ expected<void> cuda_backend_impl::layer(int l) {
   a.split_tokens = route_.split_tokens;
   a.num_split_tokens = route_.num_split_tokens;
   a.decode_tiles = route_.decode_tiles;
-  a.done = fused_combine_ ? combine_done_ : nullptr;
   TROUPE_TRY_VOID(paged_attention(a, heads_, stream_));
   TROUPE_TRY_VOID(gemm_.run(attn_, T_, q_local, w.o, H, proj_, stream_));
   TROUPE_TRY_VOID(tp_sum(proj_, static_cast<size_t>(T_) * H, comm::device_dtype::bf16));

@@ -6,7 +6,6 @@
 // mma.sync m16n8k16 (bf16 in, fp32 accumulate, operands through ldmatrix) with the online softmax
 // kept in registers; the next key/value tile is fetched with cp.async while this one is used.
 // Called by paged_attention (attention.cu).
-#include "engine/backend/cuda/attention_combine.cuh"
 #include "engine/backend/cuda/device_math.cuh"
 #include "engine/backend/cuda/kernels.cuh"
 
@@ -149,31 +148,6 @@ __device__ __forceinline__ void tile_step(const bf16* k_s, const bf16* v_s, int 
   }
 }
 
-// Split-K decode without a combine launch: after writing its partials, a block counts itself
-// done for its (token, kv head); the last of the gridDim.z blocks combines the G query heads'
-// splits and resets the counter. The fence orders each block's partial writes before its count.
-// scratch: max(splits, 1) floats of shared memory the block no longer needs.
-__device__ void combine_if_last(const attention_args& a, const head_layout& L, int t0, int ntok,
-                                int kvh, float* scratch) {
-  __shared__ int last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int32_t* count = a.done + static_cast<size_t>(t0) * L.num_kv_heads + kvh;
-    last = atomicAdd(count, 1) == static_cast<int>(gridDim.z) - 1;
-    if (last)
-      *count = 0; // every block of this launch has counted: ready for the next step
-  }
-  __syncthreads();
-  if (!last)
-    return;
-  __threadfence();
-  const int G = L.num_heads / L.num_kv_heads;
-  for (int t = t0; t < t0 + ntok; ++t)
-    for (int g = 0; g < G; ++g)
-      combine_head(a, L, t, kvh * G + g, static_cast<int>(gridDim.z), scratch);
-}
-
 // Tile i of a.flash_tiles (a.decode_tiles when `decode`): [sequence index, first token, token
 // count]. With gridDim.z > 1 the keys are split in gridDim.z shares (split-K, decode tiles) and
 // the block writes unnormalised partial results for attention_combine_kernel.
@@ -301,8 +275,6 @@ __global__ void __launch_bounds__(flash_threads)
       *reinterpret_cast<__nv_bfloat162*>(out + n * 8) =
           __floats2bfloat162_rn(o[n][2 * h] * inv, o[n][2 * h + 1] * inv);
   }
-  if (decode && gridDim.z > 1 && a.done != nullptr)
-    combine_if_last(a, L, t0, ntok, kvh, reinterpret_cast<float*>(kv_s));
 }
 
 template <int D>

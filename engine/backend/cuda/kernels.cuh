@@ -69,10 +69,6 @@ struct attention_args {
   const int32_t* split_tokens = nullptr;
   int num_split_tokens = 0;
   const int32_t* decode_tiles = nullptr;
-  // Optional, with decode_tiles: counters [T, nkv], zero on entry. The tensor-core decode
-  // kernel's last block of each (token, kv head) combines the splits itself (no combine launch)
-  // and sets its counter back to zero for the next step.
-  int32_t* done = nullptr;
 };
 expected<void> paged_attention(const attention_args& a, head_layout L, cudaStream_t s);
 // The tensor-core kernel behind paged_attention's flash tiles (decode = false) and decode tiles
