@@ -195,7 +195,6 @@ constexpr int max_splits = 512;
 // splits, then every thread sums the rescaled partial outputs of its dimensions.
 __global__ void attention_combine_kernel(attention_args a, head_layout L) {
   pdl_wait();
-  early_launch(gridDim.x);
   __shared__ float weight[max_splits];
   const int t = a.split_tokens != nullptr ? a.split_tokens[blockIdx.x] : blockIdx.x;
   const int h = blockIdx.y, D = L.head_dim;

@@ -16,14 +16,6 @@ __device__ __forceinline__ void pdl_trigger() {
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 }
 
-// For the small kernels right before a decode GEMM (norms, silu·mul, the attention combine): at
-// a few tokens (tokens <= 8) the next kernel is scheduled at once, so the skinny GEMM's blocks
-// prefetch their weights into L2 while this kernel runs; larger steps keep the plain order.
-__device__ __forceinline__ void early_launch(int tokens) {
-  if (tokens <= 8)
-    pdl_trigger();
-}
-
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1)

@@ -53,24 +53,14 @@ __device__ __forceinline__ void row_dot(const bf16* __restrict__ x, int in,
   }
 }
 
-// Weights depend on no earlier kernel: a block scheduled early (its predecessor called
-// pdl_trigger) first asks the copy engine to pull the first `bytes` of a row into L2, so the
-// weight stream starts while the predecessor still runs.
-__device__ __forceinline__ void prefetch_l2(const bf16* row, int bytes) {
-  if (bytes > 0)
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(row), "r"(bytes) : "memory");
-}
-
 // y[T, out] = x[T, in] . w[out, in]^T: one warp per output row.
 template <int T, class Out>
 __global__ void __launch_bounds__(256)
     skinny_kernel(const bf16* __restrict__ x, int in, const bf16* __restrict__ w, int out,
-                  Out* __restrict__ y, int prefetch_bytes) {
+                  Out* __restrict__ y) {
+  pdl_wait();
   const int row = blockIdx.x * 8 + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  if (lane == 0 && row < out)
-    prefetch_l2(w + static_cast<size_t>(row) * in, prefetch_bytes);
-  pdl_wait();
   pdl_trigger();
   if (row >= out)
     return;
@@ -97,16 +87,12 @@ __global__ void __launch_bounds__(256)
 template <int T>
 __global__ void __launch_bounds__(256)
     skinny_glu_kernel(const bf16* __restrict__ x, int in, const bf16* __restrict__ w, int I,
-                      bf16* __restrict__ act, int prefetch_bytes) {
+                      bf16* __restrict__ act) {
+  pdl_wait();
   const int j = blockIdx.x * 8 + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const bf16* gate = w + static_cast<size_t>(j) * in;
   const bf16* up = w + (static_cast<size_t>(I) + j) * in;
-  if (lane == 0 && j < I) {
-    prefetch_l2(gate, prefetch_bytes);
-    prefetch_l2(up, prefetch_bytes);
-  }
-  pdl_wait();
   pdl_trigger();
   if (j >= I)
     return;
@@ -124,50 +110,27 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-// Bytes of each weight row to prefetch into L2 before waiting for the previous kernel: about
-// TROUPE_SKINNY_PREFETCH_MB (default 16, 0 = off; a third of an H100's L2) spread over the rows
-// whose warps can be resident at once, in 16-byte units, at most the row.
-int prefetch_bytes(int in, int out) {
-  static const int budget_mb = [] {
-    const char* env = std::getenv("TROUPE_SKINNY_PREFETCH_MB");
-    return env != nullptr ? std::atoi(env) : 16;
-  }();
-  static const int resident_rows = [] {
-    int dev = 0, sms = 132;
-    if (cudaGetDevice(&dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-      sms = 132;
-    return sms * 64; // 8 blocks of 8 warps (one row each) per SM
-  }();
-  if (budget_mb <= 0)
-    return 0;
-  const size_t per_row = (static_cast<size_t>(budget_mb) << 20) / std::min(out, resident_rows);
-  return static_cast<int>(std::min(per_row, static_cast<size_t>(in) * 2) / 16 * 16);
-}
-
 template <class Out>
 cudaError_t launch_skinny(const bf16* x, int T, int in, const bf16* w, int out, Out* y,
                           cudaStream_t s) {
   // One instantiation per row count 1..8 (T above 8 never reaches here).
-  using kernel = void (*)(const bf16*, int, const bf16*, int, Out*, int);
+  using kernel = void (*)(const bf16*, int, const bf16*, int, Out*);
   static constexpr kernel kernels[] = {skinny_kernel<1, Out>, skinny_kernel<2, Out>,
                                        skinny_kernel<3, Out>, skinny_kernel<4, Out>,
                                        skinny_kernel<5, Out>, skinny_kernel<6, Out>,
                                        skinny_kernel<7, Out>, skinny_kernel<8, Out>};
   const dim3 grid((out + 7) / 8), block(256);
-  return launch_pdl(kernels[std::clamp(T, 1, 8) - 1], grid, block, 0, s, x, in, w, out, y,
-                    prefetch_bytes(in, out));
+  return launch_pdl(kernels[std::clamp(T, 1, 8) - 1], grid, block, 0, s, x, in, w, out, y);
 }
 
 cudaError_t launch_skinny_glu(const bf16* x, int T, int in, const bf16* w, int I, bf16* act,
                               cudaStream_t s) {
-  using kernel = void (*)(const bf16*, int, const bf16*, int, bf16*, int);
+  using kernel = void (*)(const bf16*, int, const bf16*, int, bf16*);
   static constexpr kernel kernels[] = {
       skinny_glu_kernel<1>, skinny_glu_kernel<2>, skinny_glu_kernel<3>, skinny_glu_kernel<4>,
       skinny_glu_kernel<5>, skinny_glu_kernel<6>, skinny_glu_kernel<7>, skinny_glu_kernel<8>};
   const dim3 grid((I + 7) / 8), block(256);
-  return launch_pdl(kernels[std::clamp(T, 1, 8) - 1], grid, block, 0, s, x, in, w, I, act,
-                    prefetch_bytes(in, 2 * I));
+  return launch_pdl(kernels[std::clamp(T, 1, 8) - 1], grid, block, 0, s, x, in, w, I, act);
 }
 
 bool aligned16(const void* p) {

@@ -41,7 +41,6 @@ template <bool add>
 __global__ void norm_kernel(float* resid, const bf16* delta, const bf16* bias,
                             const int32_t* src_rows, int H, const float* w, float eps, bf16* out) {
   pdl_wait();
-  early_launch(gridDim.x);
   const int row = src_rows != nullptr ? src_rows[blockIdx.x] : blockIdx.x;
   float* x = resid + static_cast<size_t>(row) * H;
   float ss = 0.0f;
@@ -133,7 +132,6 @@ __global__ void qkv_rope_cache_kernel(bf16* qkv, const bf16* bias, const float* 
 
 __global__ void silu_mul_kernel(const bf16* gu, int T, int I, bf16* out) {
   pdl_wait();
-  early_launch(T);
   size_t n = static_cast<size_t>(T) * I;
   for (size_t idx = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; idx < n;
        idx += static_cast<size_t>(gridDim.x) * blockDim.x) {
