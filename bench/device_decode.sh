@@ -20,7 +20,8 @@ export TROUPE_GOLDEN_DIR=$PWD/$B/golden CI=true
 summary='MESSAGE|ERROR|relative|test cases|assertions|Status|SUMMARY|FAIL'
 run_tests() {
   echo "== gpu_tests"
-  timeout 300 "$B/bin/gpu_tests" 2>&1 | tee "$out/gpu_tests.log" | grep -E "$summary" | tail -12
+  timeout 300 "$B/bin/gpu_tests" ${GPU_TESTS_FILTER:+-tc="$GPU_TESTS_FILTER"} 2>&1 |
+    tee "$out/gpu_tests.log" | grep -E "$summary" | tail -12
   timeout 120 python3 tests/serve/serve_cuda_e2e.py "$B/bin/cluster" "$TROUPE_GOLDEN_DIR" \
     > "$out/serve_cuda_e2e.log" 2>&1
   echo "serve_cuda_e2e: exit $? ($(tail -n 1 "$out/serve_cuda_e2e.log"))"
@@ -31,33 +32,50 @@ run_sanitize() {
     -tc='*weight loader*,*skinny*,*norms*,*tiny-qwen3,*tiny-llama' 2>&1 |
     tee "$out/memcheck.log" | grep -E "$summary" | tail -5
 }
+evict() { # drop the model's files from the page cache (posix_fadvise, these files only)
+  sync
+  python3 -c 'import os, sys
+for f in sys.argv[1:]:
+    fd = os.open(f, os.O_RDONLY); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED); os.close(fd)' "$@"
+}
 run_cold() {
   echo "== cold start, Qwen3-8B shape"
   model=/tmp/troupe-qwen3-8b
   t0=$(date +%s.%N)
   [ -f "$model/config.json" ] || python3 bench/make_random_qwen3.py qwen3-8b "$model" \
-    "$B/golden/tokenizers/qwen3" 2>&1 | grep -v -i warn | tail -2
+    "$B/golden/tokenizers/qwen3" 2>&1 | grep -v -i warn | tail -1
   echo "model ready after $(awk "BEGIN{print $(date +%s.%N) - $t0}") s: $(du -sh $model | cut -f1)"
-  cat "$model"/*.safetensors > /dev/null # in the page cache, as the goal says
-  timeout 120 python3 "$B/coldstart.py" "$B/bin/cluster" "$model" qwen3-8b "$out/serve_new.log"
-  grep -h "device: cuda" "$out/serve_new.log" | tail -2
+  cat "$model"/*.safetensors > /dev/null
+  echo "-- page cache warm"
+  timeout 120 python3 "$B/coldstart.py" "$B/bin/cluster" "$model" qwen3-8b "$out/s1.log"
+  grep -h "loaded in" "$out/s1.log"
+  echo "-- page cache cold (model files evicted), readahead advice off, then on"
+  evict "$model"/*.safetensors
+  TROUPE_LOAD_WILLNEED=0 timeout 200 python3 "$B/coldstart.py" "$B/bin/cluster" "$model" qwen3-8b "$out/s2.log"
+  grep -h "loaded in" "$out/s2.log"
+  evict "$model"/*.safetensors
+  timeout 200 python3 "$B/coldstart.py" "$B/bin/cluster" "$model" qwen3-8b "$out/s3.log"
+  grep -h "loaded in" "$out/s3.log"
   if [ -x "$B/old/bin/cluster" ]; then
-    timeout 150 python3 "$B/coldstart.py" "$B/old/bin/cluster" "$model" qwen3-8b "$out/serve_old.log"
+    echo "-- the commit before, page cache warm"
+    cat "$model"/*.safetensors > /dev/null
+    LD_LIBRARY_PATH="$PWD/$B/lib:$LD_LIBRARY_PATH" timeout 150 python3 "$B/coldstart.py" \
+      "$B/old/bin/cluster" "$model" qwen3-8b "$out/s4.log"
   fi
+  cat "$out"/s[1-4].log > "$out/serve_all.log" 2>/dev/null
+  rm -f "$out"/s[1-4].log
 }
 run_decode() {
   echo "== decode, batch 1 (and 8), ctx 512 and 4096"
   args="--shape qwen3-0.6b --shape qwen3-8b --batches 1,8 --ctx 512,4096 --no-prefill"
   "$B/bin/cuda_bench" $args 2>&1 | tee "$out/decode_new.log" | grep -v "^$"
-  echo "-- without the fused gate/up+silu kernel and the L2 prefetch (early launch stays)"
-  TROUPE_SKINNY_GLU=0 TROUPE_SKINNY_PREFETCH_MB=0 "$B/bin/cuda_bench" --shape qwen3-0.6b \
-    --shape qwen3-8b --batches 1 --ctx 512 --no-prefill 2>&1 | tee "$out/decode_off.log" | grep "^| 1 "
-  echo "-- fused kernel on, prefetch off"
-  TROUPE_SKINNY_PREFETCH_MB=0 "$B/bin/cuda_bench" --shape qwen3-0.6b --shape qwen3-8b --batches 1 \
-    --ctx 512 --no-prefill 2>&1 | grep "^| 1 "
+  echo "-- without the fused gate/up+silu kernel"
+  TROUPE_SKINNY_GLU=0 "$B/bin/cuda_bench" --shape qwen3-0.6b --shape qwen3-8b --batches 1 \
+    --ctx 512,4096 --no-prefill 2>&1 | grep "^| 1 \|^copy"
   if [ -x "$B/old/bin/cuda_bench" ]; then
     echo "-- the commit before (same card)"
-    "$B/old/bin/cuda_bench" $args 2>&1 | tee "$out/decode_old.log" | grep -v "^$"
+    LD_LIBRARY_PATH="$PWD/$B/lib:$LD_LIBRARY_PATH" "$B/old/bin/cuda_bench" $args 2>&1 |
+      tee "$out/decode_old.log" | grep -v "^$"
   fi
 }
 for step in ${steps//,/ }; do # in the order given

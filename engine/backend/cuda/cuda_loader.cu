@@ -2,7 +2,11 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
+
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <cuda_fp16.h>
 
@@ -52,6 +56,8 @@ expected<std::unique_ptr<weight_uploader>> weight_uploader::create(int device, i
 expected<void> weight_uploader::setup(int device, int workers, int slots, size_t slot_bytes) {
   device_ = device;
   slot_bytes_ = slot_bytes;
+  if (const char* env = std::getenv("TROUPE_LOAD_WILLNEED"))
+    advise_ = std::strcmp(env, "0") != 0;
   TROUPE_CUDA(cudaSetDevice(device));
   for (int i = 0; i < workers; ++i) {
     auto w = std::make_unique<worker>();
@@ -107,6 +113,13 @@ expected<void> weight_uploader::enqueue(upload_job job) {
     return {};
   // Pieces of whole rows that fit one slot; each piece is independent of the others.
   const int64_t per = std::max<int64_t>(1, static_cast<int64_t>(slot_bytes_ / row_bytes));
+  if (advise_ && !job.owner) { // file bytes: start the kernel's readahead of the whole slice now
+    const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+    const auto first = reinterpret_cast<uintptr_t>(job.src) & ~(page - 1);
+    const auto last = reinterpret_cast<uintptr_t>(job.src) +
+                      static_cast<size_t>((job.rows - 1) * job.ld + job.col_begin) * es + row_bytes;
+    madvise(reinterpret_cast<void*>(first), last - first, MADV_WILLNEED); // advice: errors ignored
+  }
   std::unique_lock lk(mu_);
   if (start_ < 0)
     start_ = now_s();

@@ -2,7 +2,9 @@
 // non-plain format had to decode) to the GPU as bf16. Bytes travel in their stored type: a
 // worker pool gathers each slice (whole rows, or a column range of every row) into pinned
 // staging buffers, several slots in flight per worker, and copies them asynchronously; f32 and
-// f16 slices are converted to bf16 on the GPU. Internal to engine/backend/cuda.
+// f16 slices are converted to bf16 on the GPU. A queued file slice is madvise(WILLNEED)d, so a
+// cold page cache is read ahead while the workers copy earlier slices. Internal to
+// engine/backend/cuda.
 #pragma once
 
 #include <condition_variable>
@@ -72,6 +74,8 @@ class weight_uploader {
 
   int device_ = 0;
   size_t slot_bytes_ = 0;
+  bool advise_ =
+      true; // madvise(WILLNEED) each file slice when queued (TROUPE_LOAD_WILLNEED=0: off)
   std::vector<std::unique_ptr<worker>> workers_;
   std::mutex mu_;
   std::condition_variable ready_, drained_;
