@@ -51,10 +51,10 @@ run_cold() {
   grep -h "loaded in" "$out/s1.log"
   echo "-- page cache cold (model files evicted), readahead advice off, then on"
   evict "$model"/*.safetensors
-  TROUPE_LOAD_WILLNEED=0 timeout 200 python3 "$B/coldstart.py" "$B/bin/cluster" "$model" qwen3-8b "$out/s2.log"
+  TROUPE_LOAD_WILLNEED=0 timeout 100 python3 "$B/coldstart.py" "$B/bin/cluster" "$model" qwen3-8b "$out/s2.log"
   grep -h "loaded in" "$out/s2.log"
   evict "$model"/*.safetensors
-  timeout 200 python3 "$B/coldstart.py" "$B/bin/cluster" "$model" qwen3-8b "$out/s3.log"
+  timeout 100 python3 "$B/coldstart.py" "$B/bin/cluster" "$model" qwen3-8b "$out/s3.log"
   grep -h "loaded in" "$out/s3.log"
   if [ -x "$B/old/bin/cluster" ]; then
     echo "-- the commit before, page cache warm"
