@@ -29,7 +29,7 @@ run_tests() {
 run_sanitize() {
   echo "== memcheck"
   timeout 400 compute-sanitizer --tool memcheck --error-exitcode 3 "$B/bin/gpu_tests" \
-    -tc='*weight loader*,*skinny*,*norms*,*tiny-qwen3,*tiny-llama' 2>&1 |
+    -tc='*weight loader*,*gemm*,*norms*,*tiny-qwen3,*tiny-llama' 2>&1 |
     tee "$out/memcheck.log" | grep -E "$summary" | tail -5
 }
 evict() { # drop the model's files from the page cache (posix_fadvise, these files only)
@@ -69,9 +69,6 @@ run_decode() {
   echo "== decode, batch 1 (and 8), ctx 512 and 4096"
   args="--shape qwen3-0.6b --shape qwen3-8b --batches 1,8 --ctx 512,4096 --no-prefill"
   "$B/bin/cuda_bench" $args 2>&1 | tee "$out/decode_new.log" | grep -v "^$"
-  echo "-- without the fused gate/up+silu kernel"
-  TROUPE_SKINNY_GLU=0 "$B/bin/cuda_bench" --shape qwen3-0.6b --shape qwen3-8b --batches 1 \
-    --ctx 512,4096 --no-prefill 2>&1 | grep "^| 1 \|^copy"
   if [ -x "$B/old/bin/cuda_bench" ]; then
     echo "-- the commit before (same card)"
     LD_LIBRARY_PATH="$PWD/$B/lib:$LD_LIBRARY_PATH" "$B/old/bin/cuda_bench" $args 2>&1 |

@@ -145,12 +145,8 @@ expected<void> cuda_backend_impl::layer(int l) {
     TROUPE_TRY_VOID(moe(w));
   } else {
     const int I = static_cast<int>(shard_.intermediate.size());
-    bool fused = false; // gate/up with silu·mul in its epilogue (decode, skinny path)
-    TROUPE_ASSIGN(fused, gemm_.run_glu(h_, T_, H, w.gate_up, I, act_, stream_));
-    if (!fused) {
-      TROUPE_TRY_VOID(gemm_.run(h_, T_, H, w.gate_up, 2 * I, mlp_, stream_));
-      TROUPE_TRY_VOID(silu_mul(mlp_, T_, I, act_, stream_));
-    }
+    TROUPE_TRY_VOID(gemm_.run(h_, T_, H, w.gate_up, 2 * I, mlp_, stream_));
+    TROUPE_TRY_VOID(silu_mul(mlp_, T_, I, act_, stream_));
     TROUPE_TRY_VOID(gemm_.run(act_, T_, I, w.down, H, proj_, stream_));
     TROUPE_TRY_VOID(tp_sum(proj_, static_cast<size_t>(T_) * H, comm::device_dtype::bf16));
   }

@@ -10,12 +10,24 @@ namespace troupe::engine::cuda {
 
 namespace {
 
-// acc[t] += x[t, :] . wr (one warp, lane's share; the caller reduces over the warp): the weight
-// row streamed with 16-byte loads, 4 in flight per lane; x read through L1 (it is small).
-template <int T>
-__device__ __forceinline__ void row_dot(const bf16* __restrict__ x, int in,
-                                        const uint4* __restrict__ wr, int lane, float (&acc)[T]) {
+// One warp per output row: streams the weight row with 16-byte loads (4 in flight per lane) and
+// dots it with every token's input row (read through L1; they are small).
+template <int T, class Out>
+__global__ void __launch_bounds__(256)
+    skinny_kernel(const bf16* __restrict__ x, int in, const bf16* __restrict__ w, int out,
+                  Out* __restrict__ y) {
+  pdl_wait();
+  pdl_trigger();
+  const int row = blockIdx.x * 8 + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= out)
+    return;
+  const uint4* wr = reinterpret_cast<const uint4*>(w + static_cast<size_t>(row) * in);
   const int chunks = in / 8;
+  float acc[T];
+#pragma unroll
+  for (int t = 0; t < T; ++t)
+    acc[t] = 0.0f;
   constexpr int unroll = 4;
   int c = lane;
   for (; c + 32 * (unroll - 1) < chunks; c += 32 * unroll) {
@@ -51,62 +63,18 @@ __device__ __forceinline__ void row_dot(const bf16* __restrict__ x, int in,
         acc[t] += wf[k] * xf[k];
     }
   }
-}
-
-// y[T, out] = x[T, in] . w[out, in]^T: one warp per output row.
-template <int T, class Out>
-__global__ void __launch_bounds__(256)
-    skinny_kernel(const bf16* __restrict__ x, int in, const bf16* __restrict__ w, int out,
-                  Out* __restrict__ y) {
-  pdl_wait();
-  const int row = blockIdx.x * 8 + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  pdl_trigger();
-  if (row >= out)
-    return;
-  float acc[T];
-#pragma unroll
-  for (int t = 0; t < T; ++t)
-    acc[t] = 0.0f;
-  row_dot<T>(x, in, reinterpret_cast<const uint4*>(w + static_cast<size_t>(row) * in), lane, acc);
 #pragma unroll
   for (int t = 0; t < T; ++t) {
-    const float v = warp_sum(acc[t]);
+    float v = acc[t];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+      v += __shfl_xor_sync(0xffffffffu, v, o);
     if (lane == 0) {
       if constexpr (sizeof(Out) == 4)
         y[static_cast<size_t>(t) * out + row] = v;
       else
         y[static_cast<size_t>(t) * out + row] = __float2bfloat16(v);
     }
-  }
-}
-
-// act[T, I] = silu(x . gate^T) * (x . up^T) for w = [gate rows; up rows] [2 I, in]: one warp per
-// output j streams gate row j and up row I + j, and applies silu·mul to the fp32 sums (the
-// gate/up products never round to bf16 or touch memory).
-template <int T>
-__global__ void __launch_bounds__(256)
-    skinny_glu_kernel(const bf16* __restrict__ x, int in, const bf16* __restrict__ w, int I,
-                      bf16* __restrict__ act) {
-  pdl_wait();
-  const int j = blockIdx.x * 8 + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  const bf16* gate = w + static_cast<size_t>(j) * in;
-  const bf16* up = w + (static_cast<size_t>(I) + j) * in;
-  pdl_trigger();
-  if (j >= I)
-    return;
-  float g[T], u[T];
-#pragma unroll
-  for (int t = 0; t < T; ++t)
-    g[t] = u[t] = 0.0f;
-  row_dot<T>(x, in, reinterpret_cast<const uint4*>(gate), lane, g);
-  row_dot<T>(x, in, reinterpret_cast<const uint4*>(up), lane, u);
-#pragma unroll
-  for (int t = 0; t < T; ++t) {
-    const float gv = warp_sum(g[t]), uv = warp_sum(u[t]);
-    if (lane == 0)
-      act[static_cast<size_t>(t) * I + j] = __float2bfloat16(gv / (1.0f + __expf(-gv)) * uv);
   }
 }
 
@@ -123,38 +91,11 @@ cudaError_t launch_skinny(const bf16* x, int T, int in, const bf16* w, int out, 
   return launch_pdl(kernels[std::clamp(T, 1, 8) - 1], grid, block, 0, s, x, in, w, out, y);
 }
 
-cudaError_t launch_skinny_glu(const bf16* x, int T, int in, const bf16* w, int I, bf16* act,
-                              cudaStream_t s) {
-  using kernel = void (*)(const bf16*, int, const bf16*, int, bf16*);
-  static constexpr kernel kernels[] = {
-      skinny_glu_kernel<1>, skinny_glu_kernel<2>, skinny_glu_kernel<3>, skinny_glu_kernel<4>,
-      skinny_glu_kernel<5>, skinny_glu_kernel<6>, skinny_glu_kernel<7>, skinny_glu_kernel<8>};
-  const dim3 grid((I + 7) / 8), block(256);
-  return launch_pdl(kernels[std::clamp(T, 1, 8) - 1], grid, block, 0, s, x, in, w, I, act);
-}
-
 bool aligned16(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
 
 } // namespace
-
-expected<void> skinny_glu(const bf16* x, int T, int in, const bf16* w, int I, bf16* act,
-                          cudaStream_t s) {
-  if (T < 1 || T > gemm_runner::skinny_max_tokens || in % 8 != 0 || !aligned16(x) || !aligned16(w))
-    return error{errc::invalid_argument, strf("skinny_glu: T=%d in=%d not supported", T, in)};
-  TROUPE_CUDA(launch_skinny_glu(x, T, in, w, I, act, s));
-  return {};
-}
-
-expected<bool> gemm_runner::run_glu(const bf16* x, int T, int in, const bf16* w, int I, bf16* act,
-                                    cudaStream_t s) {
-  if (!(use_skinny && use_glu && T >= 1 && T <= skinny_auto_tokens && in % 8 == 0 && aligned16(x) &&
-        aligned16(w)))
-    return false;
-  TROUPE_TRY_VOID(skinny_glu(x, T, in, w, I, act, s));
-  return true;
-}
 
 expected<void> skinny_gemm(const bf16* x, int T, int in, const bf16* w, int out, void* y,
                            bool f32_out, cudaStream_t s) {
@@ -181,8 +122,6 @@ gemm_runner::~gemm_runner() {
 expected<void> gemm_runner::init(size_t workspace_bytes) {
   if (const char* env = std::getenv("TROUPE_GEMM_AUTOTUNE"))
     autotune = std::strcmp(env, "0") != 0;
-  if (const char* env = std::getenv("TROUPE_SKINNY_GLU"))
-    use_glu = std::strcmp(env, "0") != 0;
   TROUPE_CUBLAS(cublasLtCreate(&handle_));
   return workspace_.allocate(workspace_bytes);
 }

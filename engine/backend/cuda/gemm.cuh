@@ -20,21 +20,18 @@ public:
   expected<void> init(size_t workspace_bytes = 32u << 20);
   expected<void> run(const bf16* x, int T, int in, const bf16* w, int out, bf16* y, cudaStream_t s);
   expected<void> run(const bf16* x, int T, int in, const bf16* w, int out, float* y, cudaStream_t s);
-  // act[T, I] = silu(x · gate^T) * (x · up^T) for w = [gate rows; up rows] [2 I, in] in one skinny
-  // kernel, where run() would take the skinny path and use_glu is on; false (nothing queued)
-  // otherwise, and the caller runs the GEMM and silu_mul.
-  expected<bool> run_glu(const bf16* x, int T, int in, const bf16* w, int I, bf16* act,
-                         cudaStream_t s);
 
   // The skinny kernel handles up to skinny_max_tokens; run() uses it up to skinny_auto_tokens,
   // where it beats cuBLASLt (H100, Qwen3 shapes: at T = 8 cuBLASLt was 2.4x faster). Fusing
   // silu·mul into the down projection's input was tried and lost: every warp recomputed the
-  // whole activation row (8B batch 1: 6.5 -> 7.7 ms/step); run_glu fuses it into the gate/up
-  // projection's epilogue instead, where each output is computed once.
+  // whole activation row (8B batch 1: 6.5 -> 7.7 ms/step). Fusing it into the gate/up
+  // projection's epilogue instead (one warp per output streaming gate row j and up row I + j)
+  // was neutral (H100, 2026-12-06, batch 1 ctx 512: 8B 6.208 vs 6.176 ms, 0.6B 1.351 vs
+  // 1.367 ms) and was dropped; so were an L2 prefetch of each block's weight rows before
+  // griddepcontrol.wait (+0.21 ms on 8B) and the combine fused into the decode kernel (+0.4 ms).
   static constexpr int skinny_max_tokens = 8;
   static constexpr int skinny_auto_tokens = 1;
   bool use_skinny = true; // benchmarks compare both paths
-  bool use_glu = true;    // run_glu's fused kernel (TROUPE_SKINNY_GLU=0: off, for comparisons)
   // cuBLASLt plans for up to autotune_max_tokens rows (decode batches, whose shapes repeat) time
   // the heuristic's first autotune_candidates algorithms once and keep the fastest; larger
   // (prefill) shapes take the first. Off: TROUPE_GEMM_AUTOTUNE=0 (benchmarks compare).
@@ -62,8 +59,5 @@ private:
 // The skinny kernel alone, for tests: requires T <= 8 and in % 8 == 0.
 expected<void> skinny_gemm(const bf16* x, int T, int in, const bf16* w, int out, void* y,
                            bool f32_out, cudaStream_t s);
-// The fused gate/up + silu·mul kernel alone (run_glu), for tests: same requirements.
-expected<void> skinny_glu(const bf16* x, int T, int in, const bf16* w, int I, bf16* act,
-                          cudaStream_t s);
 
 } // namespace troupe::engine::cuda
