@@ -67,13 +67,40 @@ run_cold() {
 }
 run_decode() {
   echo "== decode, batch 1 (and 8), ctx 512 and 4096"
-  args="--shape qwen3-0.6b --shape qwen3-8b --batches 1,8 --ctx 512,4096 --no-prefill"
+  args=${DECODE_ARGS:-"--shape qwen3-0.6b --shape qwen3-8b --batches 1,8 --ctx 512,4096 --no-prefill"}
   "$B/bin/cuda_bench" $args 2>&1 | tee "$out/decode_new.log" | grep -v "^$"
   if [ -x "$B/old/bin/cuda_bench" ]; then
     echo "-- the commit before (same card)"
     LD_LIBRARY_PATH="$PWD/$B/lib:$LD_LIBRARY_PATH" "$B/old/bin/cuda_bench" $args 2>&1 |
       tee "$out/decode_old.log" | grep -v "^$"
   fi
+}
+run_disk() { # the disk's own sequential read rate, for the cold-page-cache load
+  echo "== disk: 8 GiB written, evicted, read back"
+  dd if=/dev/zero of=/tmp/disk_probe bs=16M count=512 conv=fdatasync 2>&1 | tail -1
+  evict /tmp/disk_probe
+  dd if=/tmp/disk_probe of=/dev/null bs=16M 2>&1 | tail -1
+  rm -f /tmp/disk_probe
+}
+run_profile() { # per-kernel GPU time of eager batch-1 decode steps (nsys, when the image has it)
+  echo "== profile"
+  local nsys
+  nsys=$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems*/bin/nsys 2>/dev/null | head -n 1)
+  if [ -z "$nsys" ]; then
+    echo "no nsys on this machine"
+    return
+  fi
+  for shape in qwen3-0.6b qwen3-8b; do
+    "$nsys" profile -t cuda --force-overwrite true -o "/tmp/prof-$shape" \
+      "$B/bin/cuda_bench" --shape "$shape" --profile-decode 1 512 > /dev/null 2>&1
+    echo "-- $shape (6 eager steps: 3 warm-up, 3 timed)"
+    "$nsys" stats -q -r cuda_gpu_kern_sum --format csv "/tmp/prof-$shape.nsys-rep" 2>/dev/null |
+      python3 -c 'import csv, sys
+rows = list(csv.reader(sys.stdin))[1:]  # Time (%), Total, Instances, Avg, Med, Min, Max, StdDev, Name
+for r in rows[:14]:
+    print("%5.1f%%  %6d  med %8.2f us  %s" % (float(r[0]), int(r[2]), float(r[4]) / 1e3, r[8][:90]))' |
+      tee -a "$out/profile.log"
+  done
 }
 for step in ${steps//,/ }; do # in the order given
   "run_$step"
