@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 22 in one call on the lent GPU machine, over a bundle made by scripts/bundle.sh (bin/,
-# lib/, golden/, and optionally old/bin with the binaries of the commit before, for same-card
+# lib/, golden/ with models, expected and tokenizers/qwen3 (the tiny models link to it), and optionally old/bin with the binaries of the commit before, for same-card
 # before/after): GPU tests and compute-sanitizer memcheck of the new kernels, the cold start of a
 # random-weight Qwen3-8B (bench/make_random_qwen3.py) through `cluster serve --block`
 # (bench/coldstart.py), and batch-1 decode of both shapes with each change on and off.
