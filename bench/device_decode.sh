@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Issue 22 in one call on the lent GPU machine, over a bundle made by scripts/bundle.sh (bin/,
-# lib/, golden/ with models, expected and tokenizers/qwen3 (the tiny models link to it), and optionally old/bin with the binaries of the commit before, for same-card
-# before/after): GPU tests and compute-sanitizer memcheck of the new kernels, the cold start of a
-# random-weight Qwen3-8B (bench/make_random_qwen3.py) through `cluster serve --block`
+# lib/, golden/ with models, expected and tokenizers (the tiny models link to them), and
+# optionally old/bin with the binaries of the commit before, for same-card before/after): GPU
+# tests and compute-sanitizer memcheck of the new kernels, the cold start of a random-weight
+# Qwen3-8B (bench/make_random_qwen3.py) through `cluster serve --block`
 # (bench/coldstart.py), and batch-1 decode of both shapes with each change on and off.
-# Steps run in the order given. Logs go to $OUT. Run from the repository root (bench/make_random_qwen3.py, tests/serve); the
-# bundle holds coldstart.py. Usage: bench/device_decode.sh BUNDLE [steps: tests,sanitize,cold,decode]
+# Steps run in the order given. Logs go to $OUT. Run from the repository root
+# (bench/make_random_qwen3.py, tests/serve); the bundle holds coldstart.py.
+# Usage: bench/device_decode.sh BUNDLE [steps: tests,parallel,sanitize,cold,decode,disk,profile]
 set -uo pipefail
 B=${1:-dist/troupe}
 steps=${2:-tests,sanitize,cold,decode}
@@ -25,6 +27,14 @@ run_tests() {
   timeout 120 python3 tests/serve/serve_cuda_e2e.py "$B/bin/cluster" "$TROUPE_GOLDEN_DIR" \
     > "$out/serve_cuda_e2e.log" 2>&1
   echo "serve_cuda_e2e: exit $? ($(tail -n 1 "$out/serve_cuda_e2e.log"))"
+}
+run_parallel() { # sharded loads (row and column slices) on one GPU, and serving through a worker
+  echo "== gpu_parallel_tests, cluster_cuda_e2e"
+  timeout 300 "$B/bin/gpu_parallel_tests" 2>&1 | tee "$out/gpu_parallel_tests.log" |
+    grep -E "$summary" | tail -6
+  timeout 180 python3 tests/serve/cluster_cuda_e2e.py "$B/bin/cluster" "$TROUPE_GOLDEN_DIR" \
+    > "$out/cluster_cuda_e2e.log" 2>&1
+  echo "cluster_cuda_e2e: exit $? ($(tail -n 1 "$out/cluster_cuda_e2e.log"))"
 }
 run_sanitize() {
   echo "== memcheck"
