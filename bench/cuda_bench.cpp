@@ -1,6 +1,7 @@
 // CUDA backend benchmark: measures the device's ceilings (copy bandwidth, bf16 GEMM rate), then
 // decode ms/step and prefill tokens/s on random-weight models of real shapes, each reported as a
 // ratio to the bound measured in the same run. Usage: cuda_bench [--shape qwen3-8b|qwen3-0.6b]...
+// [--batches 1,64] [--ctx 512,4096] [--no-prefill] (defaults: every batch and context, prefill).
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
@@ -155,7 +156,26 @@ double prefill_ms(cuda_backend& b, int len, int reps) {
   return median_step_ms(b, plan, 1, reps);
 }
 
-void bench_shape(const std::string& shape, double bw, double peak_tflops) {
+struct bench_plan {
+  std::vector<int> batches = {1, 8, 32, 64, 128, 256};
+  std::vector<int> ctxs = {512, 4096};
+  bool prefill = true;
+};
+
+std::vector<int> int_list(const char* text) {
+  std::vector<int> out;
+  for (const char* p = text; *p != '\0';) {
+    char* end = nullptr;
+    const long v = std::strtol(p, &end, 10);
+    if (end == p)
+      break; // not a number: stop at what parsed
+    out.push_back(static_cast<int>(v));
+    p = *end == ',' ? end + 1 : end;
+  }
+  return out;
+}
+
+void bench_shape(const std::string& shape, double bw, double peak_tflops, const bench_plan& bp) {
   auto c = qwen3_shape(shape);
   const int max_len = 8192 + 16;
   cuda_options opt{.max_num_batched_tokens = 8192, .max_num_seqs = 256, .max_logit_rows = 256,
@@ -174,8 +194,8 @@ void bench_shape(const std::string& shape, double bw, double peak_tflops) {
              kv_tokens);
   fmt::print("| batch | ctx | graphs ms/step | eager ms/step | roofline ms | of roofline | tok/s |\n");
   fmt::print("| --- | --- | --- | --- | --- | --- | --- |\n");
-  for (int ctx : {512, 4096}) {
-    for (int batch : {1, 8, 32, 64, 128, 256}) {
+  for (int ctx : bp.ctxs) {
+    for (int batch : bp.batches) {
       const int64_t need = static_cast<int64_t>(batch) * (ctx + 16);
       if (need > kv_tokens) {
         fmt::print("| {} | {} | does not fit ({} KV tokens > {}) | | | | |\n", batch, ctx, need, kv_tokens);
@@ -200,6 +220,8 @@ void bench_shape(const std::string& shape, double bw, double peak_tflops) {
                    lt, 100 * roof / lt);
     }
   }
+  if (!bp.prefill)
+    return;
   fmt::print("\n| prompt | ms | tokens/s | GEMM TFLOP/s achieved | of measured GEMM peak |\n");
   fmt::print("| --- | --- | --- | --- | --- |\n");
   for (int len : {512, 2048, 8192}) {
@@ -222,9 +244,16 @@ int main(int argc, char** argv) {
   }
   std::vector<std::string> shapes;
   int profile_batch = 0, profile_ctx = 0;
+  bench_plan bp;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--shape") == 0 && i + 1 < argc)
       shapes.push_back(argv[++i]);
+    else if (std::strcmp(argv[i], "--batches") == 0 && i + 1 < argc)
+      bp.batches = int_list(argv[++i]);
+    else if (std::strcmp(argv[i], "--ctx") == 0 && i + 1 < argc)
+      bp.ctxs = int_list(argv[++i]);
+    else if (std::strcmp(argv[i], "--no-prefill") == 0)
+      bp.prefill = false;
     else if (std::strcmp(argv[i], "--profile-decode") == 0 && i + 2 < argc) {
       profile_batch = std::atoi(argv[++i]);
       profile_ctx = std::atoi(argv[++i]);
@@ -255,6 +284,6 @@ int main(int argc, char** argv) {
   fmt::print("# {} ({} SMs)\ncopy bandwidth (read+write): {:.2f} TB/s; bf16 GEMM 8192^3: {:.0f} TFLOP/s\n",
              prop.name, prop.multiProcessorCount, bw / 1e12, peak);
   for (auto& s : shapes)
-    bench_shape(s, bw, peak);
+    bench_shape(s, bw, peak, bp);
   return 0;
 }

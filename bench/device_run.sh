@@ -33,7 +33,7 @@ if [ "$mode" = sanitize ] || [ "$mode" = all ]; then
   # memcheck over the kernel tests, the GPU sampler and one golden model; racecheck over the
   # attention kernels and the sampler (both share memory between threads).
   compute-sanitizer --tool memcheck --error-exitcode 3 "$bin/gpu_tests" \
-    -tc='*paged attention*,*gemm*,*norms*,*tiny-qwen3,*gpu sampler*' 2>&1 | tee "$out/memcheck.log" | grep -E "$summary" | tail -5
+    -tc='*paged attention*,*gemm*,*norms*,*tiny-qwen3,*tiny-llama,*gpu sampler*,*weight loader*' 2>&1 | tee "$out/memcheck.log" | grep -E "$summary" | tail -5
   compute-sanitizer --tool racecheck --error-exitcode 3 "$bin/gpu_tests" -tc='*paged attention*,*gpu sampler*' \
     2>&1 | tee "$out/racecheck.log" | grep -E "$summary|hazard" | tail -5
 fi

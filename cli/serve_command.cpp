@@ -118,8 +118,8 @@ int run(const serve_args& args) {
     fmt::print(stderr, "error: {}\n", d.error().to_string());
     return 1;
   }
-  fmt::print("serving '{}' at http://{}:{}/v1 (cpu, max_model_len {}, {} KV blocks)\n",
-             (*d)->name(), (*d)->host(), (*d)->port(), (*d)->max_model_len(),
+  fmt::print("serving '{}' at http://{}:{}/v1 ({}, max_model_len {}, {} KV blocks)\n", (*d)->name(),
+             (*d)->host(), (*d)->port(), config->device, (*d)->max_model_len(),
              (*d)->num_kv_blocks());
   std::fflush(stdout);
   int sig = 0;

@@ -1,6 +1,7 @@
 #include "actors/serving/deployment.hpp"
 
 #include <algorithm>
+#include <chrono>
 
 #include "http/http_server.hpp"
 #include "engine/backend/cpu/cpu_backend.hpp"
@@ -43,10 +44,13 @@ expected<replica_executor> start_cuda(const deployment_config& c, const kv_plan&
                          .max_logit_rows = c.max_num_seqs,
                          .max_model_len = kv.max_model_len,
                          .gpu_memory_utilization = static_cast<float>(c.gpu_memory_utilization)};
+  const auto t0 = std::chrono::steady_clock::now();
   auto model = engine::load_cuda_backend(
       c.model, {.num_blocks = c.num_kv_blocks, .block_size = c.block_size}, o);
   if (!model)
     return std::move(model).error().context("device: cuda, model " + c.model);
+  const double load_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const int64_t per_seq = (kv.max_model_len + c.block_size - 1) / c.block_size;
   const int32_t blocks = (*model)->kv_options().num_blocks;
   if (blocks < per_seq)
@@ -64,6 +68,15 @@ expected<replica_executor> start_cuda(const deployment_config& c, const kv_plan&
   log::info("device: cuda: {:.2f} GiB of bf16 weights, {} KV blocks of {} tokens ({:.2f} GiB)",
             (*model)->weight_bytes() / 1073741824.0, blocks, c.block_size,
             (*model)->kv_bytes() / 1073741824.0);
+  const auto t = (*model)->load_timings();
+  log::info("device: cuda: loaded in {:.2f} s: weights {:.2f} s ({:.2f} GB from the files at "
+            "{:.1f} GB/s; reading into staging {:.2f} s over {} threads, overlapped with the "
+            "upload), workspace {:.2f} s, KV pool {:.2f} s, the rest (config, CUDA context, "
+            "cuBLASLt) {:.2f} s",
+            load_s, t.weights_s, t.weight_file_bytes / 1e9,
+            t.weights_s > 0 ? t.weight_file_bytes / 1e9 / t.weights_s : 0.0,
+            t.loader_threads > 0 ? t.read_s / t.loader_threads : 0.0, t.loader_threads,
+            t.workspace_s, t.kv_s, load_s - t.weights_s - t.workspace_s - t.kv_s);
   return replica_executor{std::make_unique<owning_executor>(std::move(*model), std::move(*exec)),
                           blocks, nullptr};
 }

@@ -1,13 +1,15 @@
 #include "engine/backend/cuda/cuda_backend_impl.cuh"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
-
-#include "engine/model/rope.hpp"
-#include "engine/model/dtype.hpp"
-
-#include <bit>
+#include <cstdlib>
 #include <numeric>
+#include <thread>
+
+#include "engine/model/dtype.hpp"
+#include "engine/model/rope.hpp"
+#include "engine/model/safetensors.hpp"
 
 namespace troupe::engine {
 
@@ -24,6 +26,23 @@ std::string cuda_unavailable_reason() {
 } // namespace troupe::engine
 
 namespace troupe::engine::cuda {
+
+namespace {
+
+// Whether slice p of tensor t can travel as stored bytes (else the checked f32 path names the
+// problem: shape, range or type).
+bool plain(const tensor_info& t, const weight_slice& p) {
+  const bool typed = t.type == dtype::bf16 || t.type == dtype::f16 || t.type == dtype::f32;
+  const size_t dim = p.by_cols ? 1 : 0;
+  return typed && t.shape == p.shape && p.shape.size() <= 2 && dim < p.shape.size() &&
+         p.begin >= 0 && p.begin <= p.end && p.end <= p.shape[dim];
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+} // namespace
 
 template <class T>
 expected<T*> cuda_backend_impl::alloc(size_t count) {
@@ -64,23 +83,51 @@ expected<bf16*> cuda_backend_impl::matrix(const weight_source* w,
     return dst;
   }
   int64_t row0 = 0;
-  std::vector<uint16_t> host;
   for (const auto& p : parts) {
     if (p.cols() != cols)
       return error{errc::internal, strf("%s: slice of %lld columns stacked on %lld",
                                         p.name.c_str(), static_cast<long long>(p.cols()),
                                         static_cast<long long>(cols))};
-    auto f = p.by_cols ? w->load_f32_cols(p.name, p.shape, p.begin, p.end)
-                       : w->load_f32_rows(p.name, p.shape, p.begin, p.end);
-    if (!f)
-      return std::move(f).error();
-    host.resize(f->size());
-    for (size_t k = 0; k < f->size(); ++k)
-      host[k] = static_cast<uint16_t>(std::bit_cast<uint32_t>(round_to_bf16((*f)[k])) >> 16);
-    TROUPE_CUDA(cudaMemcpy(*dst + row0 * cols, host.data(), host.size() * 2, cudaMemcpyHostToDevice));
+    TROUPE_TRY_VOID(upload_slice(w, p, *dst + row0 * cols));
     row0 += p.rows();
   }
   return dst;
+}
+
+expected<void> cuda_backend_impl::upload_slice(const weight_source* w, const weight_slice& p,
+                                               bf16* dst) {
+  // A safetensors tensor of a plain float type travels as its stored bytes; anything else (GGUF,
+  // other types) is decoded to floats here and converted to bf16 on the GPU.
+  if (const auto* store = dynamic_cast<const weight_store*>(w); store != nullptr) {
+    auto found = store->lookup(p.name);
+    if (found && plain(*found->second, p)) {
+      const auto [file, info] = *found;
+      const int64_t ld = p.shape.size() == 2 ? p.shape[1] : 1;
+      upload_job j{.src = file->data(*info),
+                   .type = info->type,
+                   .rows = p.rows(),
+                   .ld = ld,
+                   .col_begin = p.by_cols ? p.begin : 0,
+                   .width = p.cols(),
+                   .dst = dst};
+      if (!p.by_cols)
+        j.src += static_cast<size_t>(p.begin * ld) * dtype_size(info->type);
+      return uploader_->enqueue(std::move(j));
+    }
+  }
+  auto f = p.by_cols ? w->load_f32_cols(p.name, p.shape, p.begin, p.end)
+                     : w->load_f32_rows(p.name, p.shape, p.begin, p.end);
+  if (!f)
+    return std::move(f).error();
+  auto owned = std::make_shared<const std::vector<float>>(std::move(*f));
+  return uploader_->enqueue({.src = reinterpret_cast<const std::byte*>(owned->data()),
+                             .type = dtype::f32,
+                             .rows = p.rows(),
+                             .ld = p.cols(),
+                             .col_begin = 0,
+                             .width = p.cols(),
+                             .dst = dst,
+                             .owner = owned});
 }
 
 expected<float*> cuda_backend_impl::vector_f32(const weight_source* w, const std::string& name,
@@ -138,6 +185,32 @@ expected<void> cuda_backend_impl::load_weights(const weight_source* w) {
   for (int64_t l = s.layers.begin; l < s.layers.end; ++l)
     TROUPE_TRY_VOID(load_layer(w, l));
   return {};
+}
+
+expected<void> cuda_backend_impl::load_all_weights(const weight_source* w) {
+  // Threads that gather file bytes into pinned staging (TROUPE_LOAD_THREADS overrides), two
+  // 16 MiB slots each so that one copies while the other fills.
+  int threads = static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 2u, 8u));
+  if (const char* env = std::getenv("TROUPE_LOAD_THREADS"); env != nullptr && std::atoi(env) > 0)
+    threads = std::atoi(env);
+  const auto t0 = std::chrono::steady_clock::now();
+  if (!opt_.random_weights)
+    TROUPE_ASSIGN(uploader_, weight_uploader::create(opt_.device, threads, 2, size_t{16} << 20));
+  auto loaded = load_weights(w);
+  if (uploader_) {
+    auto st = uploader_->finish();
+    uploader_.reset();
+    if (!loaded)
+      return loaded;
+    if (!st)
+      return std::move(st).error();
+    timings_.read_s = st->gather_s;
+    timings_.loader_threads = st->workers;
+    timings_.weight_file_bytes = st->bytes;
+  }
+  TROUPE_CUDA(cudaStreamSynchronize(stream_)); // random weights are filled on stream_
+  timings_.weights_s = seconds_since(t0);
+  return loaded;
 }
 
 expected<void> cuda_backend_impl::load_layer(const weight_source* w, int64_t l) {
@@ -334,13 +407,15 @@ expected<void> cuda_backend_impl::init(const model_config& c, const weight_sourc
                           what, weight_bytes_ / 1073741824.0, opt_.device, free / 1073741824.0,
                           capacity / 1073741824.0, static_cast<double>(opt_.gpu_memory_utilization)));
   };
-  if (auto r = load_weights(w); !r)
+  if (auto r = load_all_weights(w); !r)
     return with_numbers(std::move(r).error(), "loading the weights");
   size_t workspace = 0;
+  auto t0 = std::chrono::steady_clock::now();
   if (auto r = alloc_workspace(); !r)
     return with_numbers(std::move(r).error(), "allocating the activation workspace");
   else
     workspace = *r;
+  timings_.workspace_s = seconds_since(t0);
 
   // Step metadata: tokens, positions, token_seq, slots [T]; logit rows [R]; attention routing
   // [7 T]; block tables.
@@ -350,8 +425,10 @@ expected<void> cuda_backend_impl::init(const model_config& c, const weight_sourc
   meta_ints_ = 11 * T + R + static_cast<size_t>(opt_.max_num_seqs) * max_blocks_;
   TROUPE_CUDA(cudaMallocHost(&meta_host_, meta_ints_ * 4));
   TROUPE_TRY_VOID(meta_dev_.allocate(meta_ints_ * 4));
+  t0 = std::chrono::steady_clock::now();
   TROUPE_TRY_VOID(alloc_kv(workspace));
   TROUPE_CUDA(cudaStreamSynchronize(stream_));
+  timings_.kv_s = seconds_since(t0);
   return {};
 }
 

@@ -37,6 +37,16 @@ struct cuda_options {
   bool broadcast_logits = true;
 };
 
+// Where a cold start's time went (cuda_backend::load_timings), for the serve log.
+struct cuda_load_timings {
+  double weights_s = 0; // every weight read and on the GPU (reading and copying overlap)
+  double read_s = 0;    // host time gathering file bytes into staging, summed over threads
+  int loader_threads = 0;
+  size_t weight_file_bytes = 0; // bytes read from the checkpoint (stored types)
+  double workspace_s = 0;       // activation workspace allocation
+  double kv_s = 0;              // KV pool allocation
+};
+
 class cuda_backend : public backend {
 public:
   // Greedy step: like forward(), but only each row's argmax comes back (one id per logits row).
@@ -49,6 +59,7 @@ public:
   virtual void* stream() const = 0; // the backend's cudaStream_t
   virtual size_t weight_bytes() const = 0;
   virtual size_t kv_bytes() const = 0;
+  virtual cuda_load_timings load_timings() const = 0;
   // Decode steps replay CUDA graphs captured per batch size; off = always eager (and always off
   // with a communicator that cannot be captured).
   virtual void set_use_graphs(bool on) = 0;

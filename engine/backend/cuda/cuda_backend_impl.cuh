@@ -3,10 +3,12 @@
 #pragma once
 
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "engine/backend/cuda/cuda_backend.hpp"
+#include "engine/backend/cuda/cuda_loader.cuh"
 #include "engine/backend/cuda/gemm.cuh"
 #include "engine/backend/cuda/kernels.cuh"
 
@@ -67,6 +69,7 @@ public:
   void* stream() const override { return stream_; }
   size_t weight_bytes() const override { return weight_bytes_; }
   size_t kv_bytes() const override { return kv_buf_.bytes(); }
+  cuda_load_timings load_timings() const override { return timings_; }
   void set_use_graphs(bool on) override { use_graphs_ = on; }
   void set_use_skinny_gemm(bool on) override {
     if (on != gemm_.use_skinny)
@@ -92,10 +95,14 @@ private:
   expected<void> sync();
   expected<void> check_parallel(const cuda_options& o);
   expected<void> load_weights(const weight_source* w);
+  expected<void> load_all_weights(const weight_source* w); // load_weights + uploader + timings
   expected<void> load_layer(const weight_source* w, int64_t l);
   expected<bf16*> matrix(const weight_source* w, const std::vector<weight_slice>& parts,
                          float scale);
   expected<float*> vector_f32(const weight_source* w, const std::string& name, int64_t n);
+  // Queues one slice's copy into dst ([p.rows(), p.cols()] bf16): as stored bytes from a
+  // safetensors file, else as floats the source decodes on this thread.
+  expected<void> upload_slice(const weight_source* w, const weight_slice& p, bf16* dst);
   expected<size_t> alloc_workspace();
   expected<void> alloc_kv(size_t workspace_bytes);
   bf16* k_cache(int l) const;
@@ -114,6 +121,8 @@ private:
   gemm_runner gemm_;
   std::vector<device_buffer> weights_; // every weight allocation
   size_t weight_bytes_ = 0;
+  std::unique_ptr<weight_uploader> uploader_; // while loading
+  cuda_load_timings timings_;
   bf16* embed_ = nullptr;
   bf16* lm_head_ = nullptr; // == embed_ when tied
   float* final_norm_ = nullptr;

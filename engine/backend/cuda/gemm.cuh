@@ -24,7 +24,11 @@ public:
   // The skinny kernel handles up to skinny_max_tokens; run() uses it up to skinny_auto_tokens,
   // where it beats cuBLASLt (H100, Qwen3 shapes: at T = 8 cuBLASLt was 2.4x faster). Fusing
   // silu·mul into the down projection's input was tried and lost: every warp recomputed the
-  // whole activation row (8B batch 1: 6.5 -> 7.7 ms/step).
+  // whole activation row (8B batch 1: 6.5 -> 7.7 ms/step). Fusing it into the gate/up
+  // projection's epilogue instead (one warp per output streaming gate row j and up row I + j)
+  // was neutral (H100, 2026-12-06, batch 1 ctx 512: 8B 6.208 vs 6.176 ms, 0.6B 1.351 vs
+  // 1.367 ms) and was dropped; so were an L2 prefetch of each block's weight rows before
+  // griddepcontrol.wait (+0.21 ms on 8B) and the combine fused into the decode kernel (+0.4 ms).
   static constexpr int skinny_max_tokens = 8;
   static constexpr int skinny_auto_tokens = 1;
   bool use_skinny = true; // benchmarks compare both paths
