@@ -1,7 +1,8 @@
-// KV transfer throughput (issue 17): the fabric transport against a plain TCP socket on the same
-// loopback path, in the same run. Sizes 64 KiB … 1 GiB (one batch each, waited until the target's
-// notice arrived) and the Qwen3-8B KV shape (2,048 tokens, 144 KiB/token, 16-token blocks, 36
-// layers, one batch per layer, all posted back to back). Prints GB/s and the ratio to raw TCP.
+// KV transfer throughput (issue 17): the fabric transport (libfabric) and the socket transport
+// against a plain TCP socket pair on the same loopback path, in the same run. Sizes 64 KiB … 1 GiB
+// (one batch each, waited until the target's notice arrived) and the Qwen3-8B KV shape (2,048
+// tokens, 144 KiB/token, 16-token blocks, 36 layers, one batch per layer, all posted back to back).
+// Prints GB/s and the ratio to raw TCP.
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -20,6 +21,7 @@
 #include <fmt/format.h>
 
 #include "cluster/transfer/fabric_transport.hpp"
+#include "cluster/transfer/socket_transport.hpp"
 
 using namespace troupe::cluster::transfer;
 using namespace std::chrono_literals;
@@ -100,38 +102,66 @@ double raw_tcp_gbps(tcp_pair& s, const uint8_t* src, uint8_t* dst, uint64_t byte
   return double(bytes) * rounds / t / 1e9;
 }
 
-struct fabric_pair {
-  std::unique_ptr<fabric_transport> a, b;
+// Two ends of one transport kind; the bench writes from a's registration into b's.
+struct endpoint_pair {
+  std::shared_ptr<kv_transport> a, b;
   std::unique_ptr<kv_connection> ab, ba;
+  region_id src = 0;
+  region_descriptor remote;
 };
 
-fabric_pair connect_fabric(const std::string& provider) {
-  fabric_pair p;
-  auto a = fabric_transport::open({.provider = provider});
-  auto b = fabric_transport::open({.provider = provider});
-  if (!a || !b)
-    die((!a ? a.error() : b.error()).to_string());
-  p.a = std::move(*a);
-  p.b = std::move(*b);
-  auto address = p.b->listen(0);
+template <class T>
+void accept_connect(endpoint_pair& p, T& a, T& b) {
+  auto address = b.listen(0);
   if (!address)
     die(address.error().to_string());
   std::thread acceptor([&] {
-    auto c = p.b->accept(clock::now() + 10s);
+    auto c = b.accept(clock::now() + 10s);
     if (!c)
       die(c.error().to_string());
     p.ba = std::move(*c);
   });
-  auto c = p.a->connect(*address, clock::now() + 10s);
+  auto c = a.connect(*address, clock::now() + 10s);
   acceptor.join();
   if (!c)
     die(c.error().to_string());
   p.ab = std::move(*c);
+}
+
+void register_pair(endpoint_pair& p, uint8_t* src, uint8_t* dst, uint64_t bytes) {
+  auto s = p.a->register_memory(src, bytes, memory_kind::host);
+  auto d = p.b->register_memory(dst, bytes, memory_kind::host);
+  if (!s || !d)
+    die((!s ? s.error() : d.error()).to_string());
+  p.src = *s;
+  p.remote = *p.b->describe(*d);
+}
+
+endpoint_pair connect_fabric(const std::string& provider, std::string& choice) {
+  auto a = fabric_transport::open({.provider = provider});
+  auto b = fabric_transport::open({.provider = provider});
+  if (!a || !b)
+    die((!a ? a.error() : b.error()).to_string());
+  choice = fmt::format("{}; tx depth {}; max write {} B", (*a)->choice(), (*a)->tx_depth(),
+                       (*a)->max_write());
+  endpoint_pair p;
+  accept_connect(p, **a, **b);
+  p.a = std::move(*a);
+  p.b = std::move(*b);
+  return p;
+}
+
+endpoint_pair connect_socket() {
+  auto a = socket_transport::create(), b = socket_transport::create();
+  endpoint_pair p;
+  accept_connect(p, *a, *b);
+  p.a = a;
+  p.b = b;
   return p;
 }
 
 // Posts every batch back to back, then waits for each and for the target's notices.
-double run_batches(fabric_pair& p, std::vector<write_batch> batches, uint64_t* posted_writes) {
+double run_batches(endpoint_pair& p, std::vector<write_batch> batches, uint64_t* posted_writes) {
   auto t0 = clock::now();
   uint64_t bytes = 0;
   std::vector<transfer_id> ids;
@@ -157,91 +187,105 @@ double run_batches(fabric_pair& p, std::vector<write_batch> batches, uint64_t* p
   return double(bytes) / seconds_since(t0) / 1e9;
 }
 
+// One size: `rounds` single-range batches, each waited until its notice, like the raw TCP sender.
+double size_gbps(endpoint_pair& p, uint64_t size, int rounds) {
+  uint64_t writes = 0;
+  double seconds = 0;
+  for (int r = 0; r < rounds; ++r) {
+    write_batch b{.lease_id = uint64_t(r), .locals = {p.src}, .remotes = {p.remote}};
+    b.ranges = {{0, 0, 0, 0, size}};
+    std::vector<write_batch> one;
+    one.push_back(std::move(b));
+    seconds += double(size) / (run_batches(p, std::move(one), &writes) * 1e9);
+  }
+  return double(size) * rounds / seconds / 1e9;
+}
+
+// Qwen3-8B: 36 layers × 8 KV heads × 128 dims × 2 (K, V) × 2 bytes = 144 KiB per token, 4 KiB per
+// layer; a 16-token block is 64 KiB per layer. 2,048 tokens = 128 blocks per layer, 288 MiB in all.
+constexpr uint64_t kv_layers = 36, kv_block_bytes = 16 * 4096, kv_blocks = 128,
+                   kv_pool_blocks = 256;
+
+std::vector<write_batch> kv_batches(const endpoint_pair& p, const std::vector<uint64_t>& from,
+                                    const std::vector<uint64_t>& to) {
+  std::vector<write_batch> batches;
+  for (uint64_t l = 0; l < kv_layers; ++l) {
+    write_batch b{.lease_id = l, .locals = {p.src}, .remotes = {p.remote}};
+    for (uint64_t i = 0; i < kv_blocks; ++i)
+      b.ranges.push_back({0, (l * kv_pool_blocks + from[i]) * kv_block_bytes, 0,
+                          (l * kv_pool_blocks + to[i]) * kv_block_bytes, kv_block_bytes});
+    batches.push_back(std::move(b));
+  }
+  return batches;
+}
+
 } // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"KV transfer throughput: fabric transport vs raw TCP on loopback"};
+  CLI::App app{"KV transfer throughput: fabric and socket transports vs raw TCP on loopback"};
   std::string provider = "tcp";
   uint64_t max_size = uint64_t{1} << 30;
   int kv_rounds = 3;
-  app.add_option("--provider", provider, "auto, verbs, efa, tcp")->capture_default_str();
-  app.add_option("--max-size", max_size, "largest transfer size in bytes")->capture_default_str();
+  app.add_option("--provider", provider, "libfabric provider: auto, verbs, efa, tcp")
+      ->capture_default_str();
+  app.add_option("--max-size", max_size,
+                 "largest transfer size in bytes (>= 576 MiB for the KV pool)")
+      ->capture_default_str();
   app.add_option("--kv-rounds", kv_rounds, "repetitions of the 36-layer KV transfer")
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
+  if (kv_layers * kv_pool_blocks * kv_block_bytes > max_size)
+    die("--max-size too small for the KV pool (576 MiB)");
 
-  fabric_pair p = connect_fabric(provider);
+  std::string choice;
+  endpoint_pair fabric = connect_fabric(provider, choice), sock = connect_socket();
   tcp_pair raw;
-  fmt::print("provider: {}; tx depth {}; max write {} B\n", p.a->choice(), p.a->tx_depth(),
-             p.a->max_write());
+  fmt::print("fabric provider: {}\n", choice);
   auto src = std::make_unique<uint8_t[]>(max_size);
   auto dst = std::make_unique<uint8_t[]>(max_size);
   std::memset(src.get(), 7, max_size);
   std::memset(dst.get(), 0, max_size);
-  auto s = p.a->register_memory(src.get(), max_size, memory_kind::host);
-  auto d = p.b->register_memory(dst.get(), max_size, memory_kind::host);
-  if (!s || !d)
-    die((!s ? s.error() : d.error()).to_string());
-  region_descriptor remote = *p.b->describe(*d);
+  register_pair(fabric, src.get(), dst.get(), max_size);
+  register_pair(sock, src.get(), dst.get(), max_size);
 
-  fmt::print("\n{:>10} {:>7} {:>12} {:>12} {:>8}\n", "size", "rounds", "fabric GB/s",
-             "raw tcp GB/s", "ratio");
+  fmt::print("\n{:>10} {:>6} {:>9} {:>9} {:>9} {:>7} {:>7}\n", "size", "rounds", "raw GB/s",
+             "fabric", "socket", "fab/raw", "sock/raw");
   for (uint64_t size = 64 << 10; size <= max_size; size *= 4) {
-    int rounds = static_cast<int>(std::clamp<uint64_t>((uint64_t{2} << 30) / size, 2, 2000));
+    int rounds = static_cast<int>(std::clamp<uint64_t>((uint64_t{1} << 30) / size, 2, 1000));
     double raw_gbps = raw_tcp_gbps(raw, src.get(), dst.get(), size, rounds);
-    uint64_t writes = 0;
-    double fab = 0;
-    for (int r = 0; r < rounds; ++r) { // one batch at a time, like the raw TCP sender
-      write_batch b{.lease_id = uint64_t(r), .locals = {*s}, .remotes = {remote}};
-      b.ranges = {{0, 0, 0, 0, size}};
-      std::vector<write_batch> one;
-      one.push_back(std::move(b));
-      fab += double(size) / (run_batches(p, std::move(one), &writes) * 1e9);
-    }
-    double fab_gbps = double(size) * rounds / fab / 1e9;
-    fmt::print("{:>10} {:>7} {:>12.2f} {:>12.2f} {:>7.0f}%\n", size, rounds, fab_gbps, raw_gbps,
-               100 * fab_gbps / raw_gbps);
+    double fab = size_gbps(fabric, size, rounds), soc = size_gbps(sock, size, rounds);
+    fmt::print("{:>10} {:>6} {:>9.2f} {:>9.2f} {:>9.2f} {:>6.0f}% {:>6.0f}%\n", size, rounds,
+               raw_gbps, fab, soc, 100 * fab / raw_gbps, 100 * soc / raw_gbps);
   }
 
-  // Qwen3-8B: 36 layers × 8 KV heads × 128 dims × 2 (K, V) × 2 bytes = 144 KiB per token, 4 KiB per
-  // layer; a 16-token block is 64 KiB per layer. 2,048 tokens = 128 blocks per layer, 288 MiB in
-  // all.
-  constexpr uint64_t layers = 36, block_bytes = 16 * 4096, blocks = 128, pool_blocks = 256;
-  if (layers * pool_blocks * block_bytes > max_size)
-    die("--max-size too small for the KV pool (576 MiB)");
   std::mt19937_64 rng(17);
   auto pick = [&](bool contiguous) {
-    std::vector<uint64_t> ids(pool_blocks);
+    std::vector<uint64_t> ids(kv_pool_blocks);
     std::iota(ids.begin(), ids.end(), 0);
     if (!contiguous)
       std::shuffle(ids.begin(), ids.end(), rng);
-    ids.resize(blocks);
+    ids.resize(kv_blocks);
     return ids;
   };
-  fmt::print(
-      "\nQwen3-8B KV, 2,048 tokens (288 MiB), 36 per-layer batches of 128 × 64 KiB blocks\n");
-  fmt::print("{:>22} {:>12} {:>12} {:>8} {:>10}\n", "block ids", "fabric GB/s", "raw tcp GB/s",
-             "ratio", "writes");
+  fmt::print("\nQwen3-8B KV, 2,048 tokens (288 MiB): 36 per-layer batches of 128 x 64 KiB blocks, "
+             "posted back to back, mean of {} rounds\n",
+             kv_rounds);
+  fmt::print("{:>20} {:>9} {:>9} {:>9} {:>7} {:>7} {:>13}\n", "block ids", "raw GB/s", "fabric",
+             "socket", "fab/raw", "sock/raw", "writes f/s");
   for (bool contiguous : {false, true}) {
-    double fab = 0, raw_gbps = 0;
-    uint64_t writes = 0;
+    double fab = 0, soc = 0, raw_gbps = 0;
+    uint64_t fab_writes = 0, soc_writes = 0;
     for (int round = 0; round < kv_rounds; ++round) {
       auto from = pick(contiguous), to = pick(contiguous);
-      std::vector<write_batch> batches;
-      for (uint64_t l = 0; l < layers; ++l) {
-        write_batch b{.lease_id = l, .locals = {*s}, .remotes = {remote}};
-        for (uint64_t i = 0; i < blocks; ++i)
-          b.ranges.push_back({0, (l * pool_blocks + from[i]) * block_bytes, 0,
-                              (l * pool_blocks + to[i]) * block_bytes, block_bytes});
-        batches.push_back(std::move(b));
-      }
-      fab += run_batches(p, std::move(batches), &writes) / kv_rounds;
       raw_gbps +=
-          raw_tcp_gbps(raw, src.get(), dst.get(), layers * blocks * block_bytes, 1) / kv_rounds;
+          raw_tcp_gbps(raw, src.get(), dst.get(), kv_layers * kv_blocks * kv_block_bytes, 1);
+      fab += run_batches(fabric, kv_batches(fabric, from, to), &fab_writes);
+      soc += run_batches(sock, kv_batches(sock, from, to), &soc_writes);
     }
-    fmt::print("{:>22} {:>12.2f} {:>12.2f} {:>7.0f}% {:>10}\n",
-               contiguous ? "contiguous" : "scattered (random)", fab, raw_gbps,
-               100 * fab / raw_gbps, writes / kv_rounds);
+    fmt::print("{:>20} {:>9.2f} {:>9.2f} {:>9.2f} {:>6.0f}% {:>6.0f}% {:>6}/{:<6}\n",
+               contiguous ? "contiguous" : "scattered (random)", raw_gbps / kv_rounds,
+               fab / kv_rounds, soc / kv_rounds, 100 * fab / raw_gbps, 100 * soc / raw_gbps,
+               fab_writes / kv_rounds, soc_writes / kv_rounds);
   }
   return 0;
 }
