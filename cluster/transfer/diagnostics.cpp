@@ -12,7 +12,9 @@
 #include <infiniband/verbs.h>
 #endif
 
+#ifdef TROUPE_WITH_FABRIC
 #include "cluster/transfer/fabric_transport.hpp"
+#endif
 
 namespace troupe::cluster::transfer {
 
@@ -76,6 +78,7 @@ std::vector<std::string> transfer_hints() {
   return hints;
 }
 
+#ifdef TROUPE_WITH_FABRIC
 namespace {
 
 struct loop_pair {
@@ -153,5 +156,10 @@ expected<loopback_report> measure_loopback(const std::string& provider, const st
   TROUPE_TRY_VOID(p.b->deregister(d));
   return r;
 }
+#else
+expected<loopback_report> measure_loopback(const std::string&, const std::string&, uint64_t, int) {
+  return make_error(errc::unsupported, "built without libfabric (libfabric-dev)");
+}
+#endif
 
 } // namespace troupe::cluster::transfer
