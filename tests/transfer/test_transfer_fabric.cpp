@@ -193,3 +193,26 @@ TEST_CASE("transfer: provider choice is explicit: an absent provider names why, 
   CHECK(refused.error().code() == errc::unavailable);
   CHECK((*t)->connect("no-port", clock::now() + 1s).error().code() == errc::invalid_argument);
 }
+
+TEST_CASE("transfer: fabric: one batch of more than 4 GiB (65 x the same 64 MiB)") {
+  tcp_pair p = connect_tcp();
+  const uint64_t chunk = 64 << 20, repeat = 65; // 4.06 GiB: byte counts past 32 bits
+  std::vector<uint8_t> src(chunk), dst(chunk, 0);
+  troupe::test::fill_pattern(src.data(), chunk, 4);
+  auto s = p.a->register_memory(src.data(), src.size(), memory_kind::host);
+  auto d = p.b->register_memory(dst.data(), dst.size(), memory_kind::host);
+  REQUIRE((s && d));
+  write_batch batch{.lease_id = 1ull << 40, .locals = {*s}, .remotes = {*p.b->describe(*d)}};
+  for (uint64_t r = 0; r < repeat; ++r)
+    batch.ranges.push_back({0, 0, 0, 0, chunk});
+  batch.deadline = clock::now() + 60s;
+  auto done = p.ab->wait(*p.ab->post(batch));
+  REQUIRE_MESSAGE(done, done.error().to_string());
+  CHECK(done->bytes == chunk * repeat);
+  CHECK(done->posted_writes == repeat); // overlapping, not contiguous: nothing to merge
+  auto n = p.ba->wait_notice(clock::now() + 10s);
+  REQUIRE(n);
+  CHECK(n->lease_id == 1ull << 40);
+  CHECK(n->bytes == chunk * repeat);
+  CHECK(dst == src);
+}

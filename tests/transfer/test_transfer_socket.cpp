@@ -121,3 +121,26 @@ TEST_CASE("transfer: socket transport: the target going away fails the transfer,
   CHECK(p.a->deregister(*s));
   CHECK(p.b->deregister(*d));
 }
+
+TEST_CASE("transfer: socket transport: one batch of more than 4 GiB (65 x the same 64 MiB)") {
+  socket_pair p;
+  const uint64_t chunk = 64 << 20, repeat = 65; // 4.06 GiB: byte counts past 32 bits
+  std::vector<uint8_t> src(chunk), dst(chunk, 0);
+  for (uint64_t i = 0; i < chunk; i += 4096)
+    src[i] = uint8_t(i >> 12);
+  auto s = p.a->register_memory(src.data(), src.size(), memory_kind::host);
+  auto d = p.b->register_memory(dst.data(), dst.size(), memory_kind::host);
+  REQUIRE((s && d));
+  write_batch batch{.lease_id = 1ull << 40, .locals = {*s}, .remotes = {*p.b->describe(*d)}};
+  for (uint64_t r = 0; r < repeat; ++r)
+    batch.ranges.push_back({0, 0, 0, 0, chunk});
+  batch.deadline = clock::now() + 60s;
+  auto done = p.ab->wait(*p.ab->post(batch));
+  REQUIRE_MESSAGE(done, done.error().to_string());
+  CHECK(done->bytes == chunk * repeat);
+  auto n = p.ba->wait_notice(clock::now() + 10s);
+  REQUIRE(n);
+  CHECK(n->lease_id == 1ull << 40);
+  CHECK(n->bytes == chunk * repeat);
+  CHECK(dst == src);
+}
