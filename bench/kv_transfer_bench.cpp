@@ -224,6 +224,66 @@ std::vector<write_batch> kv_batches(const endpoint_pair& p, const std::vector<ui
   return batches;
 }
 
+// Everything one run compares: the three paths and the buffers they share.
+struct bench_paths {
+  endpoint_pair fabric, sock;
+  tcp_pair raw;
+  uint8_t* src = nullptr;
+  uint8_t* dst = nullptr;
+};
+
+// This VM's 2 cores are shared with other jobs: the three paths take turns in `trials` short
+// trials and each prints its median, so a burst of outside load hits them alike.
+void bench_sizes(bench_paths& b, uint64_t max_size, int trials) {
+  fmt::print(
+      "\nmedian of {} interleaved trials per size\n{:>10} {:>6} {:>9} {:>9} {:>9} {:>7} {:>7}\n",
+      trials, "size", "rounds", "raw GB/s", "fabric", "socket", "fab/raw", "sock/raw");
+  for (uint64_t size = 64 << 10; size <= max_size; size *= 4) {
+    int rounds = static_cast<int>(std::clamp<uint64_t>((uint64_t{256} << 20) / size, 1, 200));
+    std::vector<double> r, f, k;
+    for (int t = 0; t < trials; ++t) {
+      r.push_back(raw_tcp_gbps(b.raw, b.src, b.dst, size, rounds));
+      f.push_back(size_gbps(b.fabric, size, rounds));
+      k.push_back(size_gbps(b.sock, size, rounds));
+    }
+    double raw_gbps = median(r), fab = median(f), soc = median(k);
+    fmt::print("{:>10} {:>6} {:>9.2f} {:>9.2f} {:>9.2f} {:>6.0f}% {:>6.0f}%\n", size, rounds,
+               raw_gbps, fab, soc, 100 * fab / raw_gbps, 100 * soc / raw_gbps);
+  }
+}
+
+void bench_kv(bench_paths& b, int kv_rounds) {
+  std::mt19937_64 rng(17);
+  auto pick = [&](bool contiguous) {
+    std::vector<uint64_t> ids(kv_pool_blocks);
+    std::iota(ids.begin(), ids.end(), 0);
+    if (!contiguous)
+      std::shuffle(ids.begin(), ids.end(), rng);
+    ids.resize(kv_blocks);
+    return ids;
+  };
+  fmt::print("\nQwen3-8B KV, 2,048 tokens (288 MiB): 36 per-layer batches of 128 x 64 KiB blocks, "
+             "posted back to back, median of {} rounds\n",
+             kv_rounds);
+  fmt::print("{:>20} {:>9} {:>9} {:>9} {:>7} {:>7} {:>13}\n", "block ids", "raw GB/s", "fabric",
+             "socket", "fab/raw", "sock/raw", "writes f/s");
+  for (bool contiguous : {false, true}) {
+    std::vector<double> r, f, k;
+    uint64_t fab_writes = 0, soc_writes = 0;
+    for (int round = 0; round < kv_rounds; ++round) {
+      auto from = pick(contiguous), to = pick(contiguous);
+      r.push_back(raw_tcp_gbps(b.raw, b.src, b.dst, kv_layers * kv_blocks * kv_block_bytes, 1));
+      f.push_back(run_batches(b.fabric, kv_batches(b.fabric, from, to), &fab_writes));
+      k.push_back(run_batches(b.sock, kv_batches(b.sock, from, to), &soc_writes));
+    }
+    double raw_gbps = median(r), fab = median(f), soc = median(k);
+    fmt::print("{:>20} {:>9.2f} {:>9.2f} {:>9.2f} {:>6.0f}% {:>6.0f}% {:>6}/{:<6}\n",
+               contiguous ? "contiguous" : "scattered (random)", raw_gbps, fab, soc,
+               100 * fab / raw_gbps, 100 * soc / raw_gbps, fab_writes / kv_rounds,
+               soc_writes / kv_rounds);
+  }
+}
+
 } // namespace
 
 int main(int argc, char** argv) {
@@ -245,63 +305,17 @@ int main(int argc, char** argv) {
     die("--max-size too small for the KV pool (576 MiB)");
 
   std::string choice;
-  endpoint_pair fabric = connect_fabric(provider, choice), sock = connect_socket();
-  tcp_pair raw;
+  bench_paths b{connect_fabric(provider, choice), connect_socket()};
   fmt::print("fabric provider: {}\n", choice);
   auto src = std::make_unique<uint8_t[]>(max_size);
   auto dst = std::make_unique<uint8_t[]>(max_size);
   std::memset(src.get(), 7, max_size);
   std::memset(dst.get(), 0, max_size);
-  register_pair(fabric, src.get(), dst.get(), max_size);
-  register_pair(sock, src.get(), dst.get(), max_size);
-
-  fmt::print(
-      "\nmedian of {} interleaved trials per size\n{:>10} {:>6} {:>9} {:>9} {:>9} {:>7} {:>7}\n",
-      trials, "size", "rounds", "raw GB/s", "fabric", "socket", "fab/raw", "sock/raw");
-  // This VM's 2 cores are shared with other jobs: the three paths take turns in `trials` short
-  // trials and each prints its median, so a burst of outside load hits them alike.
-  for (uint64_t size = 64 << 10; size <= max_size; size *= 4) {
-    int rounds = static_cast<int>(std::clamp<uint64_t>((uint64_t{256} << 20) / size, 1, 200));
-    std::vector<double> r, f, k;
-    for (int t = 0; t < trials; ++t) {
-      r.push_back(raw_tcp_gbps(raw, src.get(), dst.get(), size, rounds));
-      f.push_back(size_gbps(fabric, size, rounds));
-      k.push_back(size_gbps(sock, size, rounds));
-    }
-    double raw_gbps = median(r), fab = median(f), soc = median(k);
-    fmt::print("{:>10} {:>6} {:>9.2f} {:>9.2f} {:>9.2f} {:>6.0f}% {:>6.0f}%\n", size, rounds,
-               raw_gbps, fab, soc, 100 * fab / raw_gbps, 100 * soc / raw_gbps);
-  }
-
-  std::mt19937_64 rng(17);
-  auto pick = [&](bool contiguous) {
-    std::vector<uint64_t> ids(kv_pool_blocks);
-    std::iota(ids.begin(), ids.end(), 0);
-    if (!contiguous)
-      std::shuffle(ids.begin(), ids.end(), rng);
-    ids.resize(kv_blocks);
-    return ids;
-  };
-  fmt::print("\nQwen3-8B KV, 2,048 tokens (288 MiB): 36 per-layer batches of 128 x 64 KiB blocks, "
-             "posted back to back, median of {} rounds\n",
-             kv_rounds);
-  fmt::print("{:>20} {:>9} {:>9} {:>9} {:>7} {:>7} {:>13}\n", "block ids", "raw GB/s", "fabric",
-             "socket", "fab/raw", "sock/raw", "writes f/s");
-  for (bool contiguous : {false, true}) {
-    std::vector<double> r, f, k;
-    uint64_t fab_writes = 0, soc_writes = 0;
-    for (int round = 0; round < kv_rounds; ++round) {
-      auto from = pick(contiguous), to = pick(contiguous);
-      r.push_back(
-          raw_tcp_gbps(raw, src.get(), dst.get(), kv_layers * kv_blocks * kv_block_bytes, 1));
-      f.push_back(run_batches(fabric, kv_batches(fabric, from, to), &fab_writes));
-      k.push_back(run_batches(sock, kv_batches(sock, from, to), &soc_writes));
-    }
-    double raw_gbps = median(r), fab = median(f), soc = median(k);
-    fmt::print("{:>20} {:>9.2f} {:>9.2f} {:>9.2f} {:>6.0f}% {:>6.0f}% {:>6}/{:<6}\n",
-               contiguous ? "contiguous" : "scattered (random)", raw_gbps, fab, soc,
-               100 * fab / raw_gbps, 100 * soc / raw_gbps, fab_writes / kv_rounds,
-               soc_writes / kv_rounds);
-  }
+  b.src = src.get();
+  b.dst = dst.get();
+  register_pair(b.fabric, b.src, b.dst, max_size);
+  register_pair(b.sock, b.src, b.dst, max_size);
+  bench_sizes(b, max_size, trials);
+  bench_kv(b, kv_rounds);
   return 0;
 }

@@ -45,6 +45,62 @@ double copy_gbps(void* dst, const void* src, uint64_t n, cudaMemcpyKind kind) {
   return 3.0 * double(n) / seconds_since(t0) / 1e9;
 }
 
+// Random block ids per layer on each side; the sender's ranges packed per layer in the landing
+// buffer.
+struct kv_plan {
+  std::vector<std::vector<uint64_t>> from, to;
+  std::vector<layer_ranges> layers_out;
+};
+
+kv_plan make_plan() {
+  kv_plan p{std::vector<std::vector<uint64_t>>(layers), std::vector<std::vector<uint64_t>>(layers),
+            std::vector<layer_ranges>(layers)};
+  std::mt19937_64 rng(17);
+  for (uint64_t l = 0; l < layers; ++l) {
+    for (auto* ids : {&p.from[l], &p.to[l]}) {
+      ids->resize(pool_blocks);
+      std::iota(ids->begin(), ids->end(), 0);
+      std::shuffle(ids->begin(), ids->end(), rng);
+      ids->resize(blocks);
+    }
+    for (uint64_t i = 0; i < blocks; ++i)
+      p.layers_out[l].ranges.push_back(
+          {0, (l * pool_blocks + p.from[l][i]) * block, 0, l * layer_bytes + i * block, block});
+  }
+  return p;
+}
+
+// The receiving rank: host → device for each layer as its notice arrives.
+void receive_layers(kv_connection& ba, const kv_plan& p, char* landing, char* dst_pool) {
+  cudaStream_t in_stream;
+  CHECK_CUDA(cudaStreamCreateWithFlags(&in_stream, cudaStreamNonBlocking));
+  for (uint64_t n = 0; n < layers; ++n) {
+    auto notice = ba.wait_notice(clock::now() + 60s);
+    if (!notice || notice->cancelled) {
+      fmt::print(stderr, "layer notice: {}\n", notice ? "cancelled" : notice.error().to_string());
+      std::exit(1);
+    }
+    uint64_t l = notice->lease_id;
+    for (uint64_t i = 0; i < blocks; ++i)
+      CHECK_CUDA(cudaMemcpyAsync(dst_pool + (l * pool_blocks + p.to[l][i]) * block,
+                                 landing + l * layer_bytes + i * block, block,
+                                 cudaMemcpyHostToDevice, in_stream));
+  }
+  CHECK_CUDA(cudaStreamSynchronize(in_stream));
+  CHECK_CUDA(cudaStreamDestroy(in_stream));
+}
+
+uint64_t wrong_blocks(const kv_plan& p, const char* dst_pool, const std::vector<uint8_t>& pattern) {
+  std::vector<uint8_t> out(pattern.size());
+  CHECK_CUDA(cudaMemcpy(out.data(), dst_pool, out.size(), cudaMemcpyDeviceToHost));
+  uint64_t bad = 0;
+  for (uint64_t l = 0; l < layers; ++l)
+    for (uint64_t i = 0; i < blocks; ++i)
+      bad += std::memcmp(&out[(l * pool_blocks + p.to[l][i]) * block],
+                         &pattern[(l * pool_blocks + p.from[l][i]) * block], block) != 0;
+  return bad;
+}
+
 } // namespace
 
 int main() {
@@ -64,7 +120,6 @@ int main() {
   for (uint64_t i = 0; i < pool; ++i)
     pattern[i] = uint8_t((i / block) * 31 + i);
   CHECK_CUDA(cudaMemcpy(src_pool, pattern.data(), pool, cudaMemcpyHostToDevice));
-  CHECK_CUDA(cudaMemset(dst_pool, 0, pool));
   double d2h = copy_gbps(landing, src_pool, total, cudaMemcpyDeviceToHost);
   double h2d = copy_gbps(dst_pool, landing, total, cudaMemcpyHostToDevice);
   CHECK_CUDA(cudaMemset(dst_pool, 0, pool));
@@ -82,51 +137,18 @@ int main() {
     return 1;
   }
   std::vector<region_descriptor> remotes = {*b->describe(*land_id)};
-
-  std::mt19937_64 rng(17);
-  std::vector<std::vector<uint64_t>> from(layers), to(layers);
-  std::vector<layer_ranges> plan(layers);
-  for (uint64_t l = 0; l < layers; ++l) {
-    for (auto* ids : {&from[l], &to[l]}) {
-      ids->resize(pool_blocks);
-      std::iota(ids->begin(), ids->end(), 0);
-      std::shuffle(ids->begin(), ids->end(), rng);
-      ids->resize(blocks);
-    }
-    for (uint64_t i = 0; i < blocks; ++i) // packed per layer in the landing buffer
-      plan[l].ranges.push_back(
-          {0, (l * pool_blocks + from[l][i]) * block, 0, l * layer_bytes + i * block, block});
-  }
-  cudaStream_t in_stream;
-  CHECK_CUDA(cudaStreamCreateWithFlags(&in_stream, cudaStreamNonBlocking));
+  kv_plan plan = make_plan();
   auto t0 = clock::now();
-  std::thread receiver([&] { // host → device as each layer's notice arrives
-    for (uint64_t n = 0; n < layers; ++n) {
-      auto notice = ba->wait_notice(clock::now() + 60s);
-      if (!notice || notice->cancelled)
-        std::exit(1);
-      uint64_t l = notice->lease_id;
-      for (uint64_t i = 0; i < blocks; ++i)
-        CHECK_CUDA(cudaMemcpyAsync(dst_pool + (l * pool_blocks + to[l][i]) * block,
-                                   landing + l * layer_bytes + i * block, block,
-                                   cudaMemcpyHostToDevice, in_stream));
-    }
-    CHECK_CUDA(cudaStreamSynchronize(in_stream));
-  });
-  auto sent = (*stager)->send_layers(*ab, src_pool, plan, remotes, 0, clock::now() + 60s);
+  std::thread receiver([&] { receive_layers(*ba, plan, landing, dst_pool); });
+  auto sent =
+      (*stager)->send_layers(*ab, src_pool, plan.layers_out, remotes, 0, clock::now() + 60s);
   receiver.join();
   double e2e = double(total) / seconds_since(t0) / 1e9;
   if (!sent) {
     fmt::print(stderr, "send_layers: {}\n", sent.error().to_string());
     return 1;
   }
-  std::vector<uint8_t> out(pool);
-  CHECK_CUDA(cudaMemcpy(out.data(), dst_pool, pool, cudaMemcpyDeviceToHost));
-  uint64_t bad = 0;
-  for (uint64_t l = 0; l < layers; ++l)
-    for (uint64_t i = 0; i < blocks; ++i)
-      bad += std::memcmp(&out[(l * pool_blocks + to[l][i]) * block],
-                         &pattern[(l * pool_blocks + from[l][i]) * block], block) != 0;
+  uint64_t bad = wrong_blocks(plan, dst_pool, pattern);
   fmt::print("{}: Qwen3-8B KV 2,048 tokens ({} MiB, 36 layers x 128 scattered 64 KiB blocks)\n",
              prop.name, total >> 20);
   fmt::print("PCIe ceilings (cudaMemcpy {} MiB, pinned): D2H {:.2f} GB/s, H2D {:.2f} GB/s\n",
