@@ -163,7 +163,7 @@ TEST_CASE("transfer: fabric cancel, deadline and a closed peer end the transfer 
   id = p.ab->post(batch);
   REQUIRE(id);
   auto late = p.ab->wait(*id);
-  CHECK(clock::now() < batch.deadline + 300ms);
+  CHECK(clock::now() < batch.deadline + 1s); // margin for a loaded 2-core CI machine
   REQUIRE(!late);
   CHECK(late.error().code() == errc::timeout);
   auto lost = p.ba->wait_notice(clock::now() + 2s);

@@ -72,7 +72,7 @@ TEST_CASE("transfer: local cancel and deadline fail the batch and send a cancell
   id = ab->post(batch);
   REQUIRE(id);
   CHECK(ab->wait(*id).error().code() == errc::timeout);
-  CHECK(clock::now() < batch.deadline + 500ms);
+  CHECK(clock::now() < batch.deadline + 1s); // margin for a loaded 2-core CI machine
   CHECK(ba->wait_notice(clock::now() + 1s)->cancelled);
   CHECK(a->deregister(*s));
   CHECK(b->deregister(*d));

@@ -96,7 +96,7 @@ TEST_CASE("transfer: socket transport cancel and deadline") {
   id = p.ab->post(batch);
   REQUIRE(id);
   CHECK(p.ab->wait(*id).error().code() == errc::timeout);
-  CHECK(clock::now() < batch.deadline + 500ms);
+  CHECK(clock::now() < batch.deadline + 1s); // margin for a loaded 2-core CI machine
   auto after = p.ba->wait_notice(clock::now() + 2s);
   CHECK((after ? after->cancelled : after.error().code() == errc::unavailable));
 }
