@@ -64,4 +64,20 @@ expected<region_descriptor> region_descriptor::parse(std::span<const uint8_t> by
   return d;
 }
 
+expected<endpoint_address> endpoint_address::parse(std::string_view text) {
+  auto at = text.find('@');
+  if (at == std::string_view::npos)
+    return make_error(errc::parse_error, "endpoint '{}': expected transport@host:port", text);
+  endpoint_address e{std::string(text.substr(0, at)), std::string(text.substr(at + 1))};
+  if (e.transport != "socket" && e.transport != "verbs" && e.transport != "efa" &&
+      e.transport != "tcp")
+    return make_error(errc::parse_error, "endpoint '{}': unknown transport '{}'", text,
+                      e.transport);
+  auto colon = e.address.rfind(':');
+  if (colon == std::string::npos || colon == 0 || colon + 1 == e.address.size() ||
+      e.address.find_first_not_of("0123456789", colon + 1) != std::string::npos)
+    return make_error(errc::parse_error, "endpoint '{}': '{}' is not host:port", text, e.address);
+  return e;
+}
+
 } // namespace troupe::cluster::transfer

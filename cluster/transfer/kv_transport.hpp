@@ -33,6 +33,18 @@ struct region_descriptor {
   friend bool operator==(const region_descriptor&, const region_descriptor&) = default;
 };
 
+// Where a peer connects: the transport ("socket", or a libfabric provider: "verbs", "efa", "tcp")
+// and its listener's host:port. Published in the head's KV store when a deployment loads; travels
+// as text, "verbs@10.0.0.2:7000".
+struct endpoint_address {
+  std::string transport;
+  std::string address;
+
+  std::string serialize() const { return transport + "@" + address; }
+  static expected<endpoint_address> parse(std::string_view text);
+  friend bool operator==(const endpoint_address&, const endpoint_address&) = default;
+};
+
 using region_id = uint32_t;
 
 // One (local range -> remote range) pair; `local` indexes write_batch::locals, `remote` ::remotes.

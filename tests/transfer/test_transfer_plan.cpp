@@ -61,3 +61,16 @@ TEST_CASE("transfer: the plan coalesces contiguous ranges, drops empty ones, spl
   CHECK(plan->size() == 8);
   CHECK(total_bytes(*plan) == 65536 + 20);
 }
+
+TEST_CASE("transfer: an endpoint address round-trips as transport@host:port") {
+  endpoint_address e{"verbs", "10.0.0.2:7000"};
+  CHECK(e.serialize() == "verbs@10.0.0.2:7000");
+  auto back = endpoint_address::parse(e.serialize());
+  REQUIRE(back);
+  CHECK(*back == e);
+  CHECK(endpoint_address::parse("socket@host-1:1")->transport == "socket");
+  CHECK(endpoint_address::parse("ucx@10.0.0.2:7000").error().code() == errc::parse_error);
+  CHECK(!endpoint_address::parse("verbs10.0.0.2:7000"));
+  CHECK(!endpoint_address::parse("tcp@10.0.0.2"));
+  CHECK(!endpoint_address::parse("tcp@10.0.0.2:70x"));
+}
