@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include "cluster/transfer/diagnostics.hpp"
+#include "cluster/transfer/doctor_peer.hpp"
 #include "cluster/transfer/fabric_transport.hpp"
 
 namespace troupe::cli {
@@ -16,7 +17,40 @@ struct doctor_options {
   uint64_t bytes = uint64_t{64} << 20;
   int rounds = 8;
   bool no_measure = false;
+  bool serve = false;
+  uint16_t port = 0;
+  std::string peer;
 };
+
+// --serve: blocks, answering peers' measurements; --peer: measures every transport the peer offers.
+int run_peer_mode(const doctor_options& o) {
+  if (o.serve) {
+    auto served = transfer::serve_measurements(o.host, o.port, o.bytes, [](const std::string& a) {
+      fmt::print("serving transfer measurements on {} (cluster doctor --peer {})\n", a, a);
+      std::fflush(stdout);
+    });
+    fmt::print("serve: {}\n", served.error().to_string());
+    return 1;
+  }
+  auto reports = transfer::measure_peer(o.peer, o.host, o.bytes, o.rounds);
+  if (!reports) {
+    fmt::print("peer {}: {}\n", o.peer, reports.error().to_string());
+    return 1;
+  }
+  int failures = 0;
+  fmt::print("WRITE to {} from {} ({} MiB batches x {}, each until the peer's echo):\n", o.peer,
+             o.host, o.bytes >> 20, o.rounds);
+  for (const auto& r : *reports) {
+    if (!r.error.empty()) {
+      ++failures;
+      fmt::print("  {:<6} failed: {}\n", r.transport, r.error);
+      continue;
+    }
+    fmt::print("  {:<6} {:.2f} GB/s, 4 KiB round trip median {:.0f} us\n", r.transport,
+               r.write_gbps, r.round_trip_us);
+  }
+  return failures == 0 ? 0 : 1;
+}
 
 void print_rdma() {
   std::string note;
@@ -30,6 +64,8 @@ void print_rdma() {
 }
 
 int run_doctor(const doctor_options& o) {
+  if (o.serve || !o.peer.empty())
+    return run_peer_mode(o);
 #ifndef TROUPE_WITH_FABRIC
   print_rdma();
   fmt::print("libfabric: built without libfabric-dev; KV transfer between hosts is unavailable\n");
@@ -85,6 +121,10 @@ void add_doctor_command(CLI::App& app, int& exit_code) {
   cmd->add_option("--bytes", o->bytes, "Bytes per measured batch")->capture_default_str();
   cmd->add_option("--rounds", o->rounds, "Measured batches")->check(CLI::Range(1, 10000));
   cmd->add_flag("--no-measure", o->no_measure, "Only list providers, devices and hints");
+  cmd->add_flag("--serve", o->serve, "Answer other hosts' `doctor --peer` measurements (blocks)");
+  cmd->add_option("--port", o->port, "Side-channel port for --serve (0: any, printed)");
+  cmd->add_option("--peer", o->peer,
+                  "Measure WRITE to a host running `doctor --serve` (HOST:PORT)");
   cmd->callback([o, &exit_code] { exit_code = run_doctor(*o); });
 }
 
