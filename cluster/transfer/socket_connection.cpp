@@ -43,6 +43,7 @@ socket_connection::~socket_connection() {
     stop_ = true;
   }
   cv_.notify_all();
+  send_cv_.notify_all();
   shutdown(fd_, SHUT_RDWR);
   sender_.join();
   reader_.join();
@@ -70,7 +71,7 @@ expected<transfer_id> socket_connection::post(write_batch batch) {
   transfer_id id = next_id_++;
   jobs_[id] = job{std::move(batch), std::move(*writes), std::move(*acquired)};
   queue_.push_back(id);
-  cv_.notify_all();
+  send_cv_.notify_one();
   return id;
 }
 
@@ -119,12 +120,13 @@ void socket_connection::fail(error why) {
     }
   broken_ = std::move(why);
   cv_.notify_all();
+  send_cv_.notify_all();
 }
 
 void socket_connection::send_loop() {
   std::unique_lock lock(mu_);
   for (;;) {
-    cv_.wait(lock, [&] { return stop_ || broken_ || !queue_.empty(); });
+    send_cv_.wait(lock, [&] { return stop_ || broken_ || !queue_.empty(); });
     if (stop_ || broken_)
       return;
     transfer_id id = queue_.front();

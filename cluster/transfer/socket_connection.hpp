@@ -49,7 +49,8 @@ class socket_connection final : public kv_connection {
   int fd_;
   std::string path_;
   std::mutex mu_;
-  std::condition_variable cv_;
+  std::condition_variable cv_;      // waiters in wait() / wait_notice()
+  std::condition_variable send_cv_; // the sender thread: a batch was queued, or stop
   std::map<transfer_id, job> jobs_;
   std::deque<transfer_id> queue_;
   std::deque<transfer_notice> notices_;
