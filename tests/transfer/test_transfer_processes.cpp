@@ -2,10 +2,12 @@
 // this one, and a peer SIGKILLed mid transfer on either side ends the transfer within its deadline.
 #include <doctest/doctest.h>
 
+#include <cstdlib>
 #include <memory>
 #include <thread>
 
 #include "cluster/transfer/fabric_transport.hpp"
+#include "cluster/transfer/socket_transport.hpp"
 #include "transfer_test_util.hpp"
 
 using namespace troupe::cluster::transfer;
@@ -103,4 +105,30 @@ TEST_CASE("transfer: an initiator SIGKILLed mid transfer: the target learns it a
   CHECK(notice.error().code() == errc::unavailable);
   CHECK((*t)->deregister(*id));
   CHECK((*t)->registration_count() == 0);
+}
+
+TEST_CASE("transfer: socket transport: an initiator process SIGKILLed mid transfer is noticed") {
+  auto t = socket_transport::create();
+  const uint64_t bytes = 64 << 20;
+  auto buffer = std::make_unique<uint8_t[]>(bytes);
+  auto id = t->register_memory(buffer.get(), bytes, memory_kind::host);
+  auto address = t->listen(0);
+  REQUIRE((id && address));
+  std::string desc = troupe::test::to_hex(t->describe(*id)->serialize());
+  setenv("TRANSFER_KIND", "socket", 1); // the child inherits it
+  child_process child({peer_bin, "initiator", *address, desc, std::to_string(bytes), "200", "3"});
+  unsetenv("TRANSFER_KIND");
+  auto conn = t->accept(clock::now() + 10s);
+  REQUIRE_MESSAGE(conn, conn.error().to_string());
+  CHECK(child.read_line(5000) == "CONNECTED");
+  CHECK(child.read_line(5000) == "POSTED");
+  std::this_thread::sleep_for(100ms);
+  child.kill_now();
+  auto t0 = clock::now();
+  auto notice = (*conn)->wait_notice(clock::now() + 10s);
+  CHECK(clock::now() - t0 < 3s);
+  REQUIRE(!notice);
+  CHECK(notice.error().code() == errc::unavailable);
+  CHECK(t->deregister(*id));
+  CHECK(t->registration_count() == 0);
 }
