@@ -1,5 +1,5 @@
-// The libfabric transport across processes (tcp provider, loopback): a peer process writes into
-// this one, and a peer SIGKILLed mid transfer on either side ends the transfer within its deadline.
+// The libfabric (tcp provider) and socket transports across processes on loopback: a peer process
+// writes into this one, and a peer SIGKILLed mid transfer ends the transfer within its deadline.
 #include <doctest/doctest.h>
 
 #include <cstdlib>
