@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include "cli/cluster_commands.hpp"
+#include "cli/doctor_command.hpp"
 #include "cli/generate_command.hpp"
 #include "cli/serve_command.hpp"
 
@@ -21,6 +22,7 @@ int main(int argc, char** argv) {
   troupe::cli::add_status_command(app, exit_code);
   troupe::cli::add_stop_command(app, exit_code);
   troupe::cli::add_serve_command(app, exit_code);
+  troupe::cli::add_doctor_command(app, exit_code);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

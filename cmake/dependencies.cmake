@@ -65,3 +65,18 @@ if(NOT TROUPE_RDMA STREQUAL "OFF")
     message(FATAL_ERROR "TROUPE_RDMA=ON but libibverbs was not found (apt-get install libibverbs-dev)")
   endif()
 endif()
+
+# libfabric (libfabric-dev): the KV transfer transport over verbs / efa / tcp (cluster/transfer).
+set(TROUPE_WITH_FABRIC OFF)
+if(NOT TROUPE_FABRIC STREQUAL "OFF")
+  find_path(FABRIC_INCLUDE_DIR rdma/fabric.h)
+  find_library(FABRIC_LIBRARY fabric)
+  if(FABRIC_INCLUDE_DIR AND FABRIC_LIBRARY)
+    set(TROUPE_WITH_FABRIC ON)
+    add_library(troupe::fabric UNKNOWN IMPORTED)
+    set_target_properties(troupe::fabric PROPERTIES IMPORTED_LOCATION ${FABRIC_LIBRARY}
+                          INTERFACE_INCLUDE_DIRECTORIES ${FABRIC_INCLUDE_DIR})
+  elseif(TROUPE_FABRIC STREQUAL "ON")
+    message(FATAL_ERROR "TROUPE_FABRIC=ON but libfabric was not found (apt-get install libfabric-dev)")
+  endif()
+endif()

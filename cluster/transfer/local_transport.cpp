@@ -1,0 +1,268 @@
+#include "cluster/transfer/local_transport.hpp"
+
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <thread>
+
+#ifdef TROUPE_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
+
+#include "cluster/transfer/write_plan.hpp"
+
+namespace troupe::cluster::transfer {
+
+expected<region_id> local_transport::register_memory(void* ptr, size_t length, memory_kind kind) {
+  if (ptr == nullptr || length == 0)
+    return make_error(errc::invalid_argument, "register_memory: empty region");
+#ifndef TROUPE_WITH_CUDA
+  if (kind == memory_kind::cuda)
+    return make_error(errc::unsupported, "register_memory: built without CUDA");
+#endif
+  std::lock_guard lock(mu_);
+  region_id id = next_id_++;
+  regions_[id] = {region_descriptor{reinterpret_cast<uint64_t>(ptr), length, id, kind}, 0};
+  return id;
+}
+
+expected<void> local_transport::deregister(region_id id) {
+  std::lock_guard lock(mu_);
+  auto it = regions_.find(id);
+  if (it == regions_.end())
+    return make_error(errc::not_found, "deregister: no region {}", id);
+  if (it->second.in_use > 0)
+    return make_error(errc::invalid_argument, "deregister: region {} is used by {} transfer(s)", id,
+                      it->second.in_use);
+  regions_.erase(it);
+  return {};
+}
+
+expected<region_descriptor> local_transport::describe(region_id id) const {
+  std::lock_guard lock(mu_);
+  auto it = regions_.find(id);
+  if (it == regions_.end())
+    return make_error(errc::not_found, "describe: no region {}", id);
+  return it->second.desc;
+}
+
+size_t local_transport::registration_count() const {
+  std::lock_guard lock(mu_);
+  return regions_.size();
+}
+
+expected<std::vector<region_descriptor>> local_transport::acquire(std::span<const region_id> ids) {
+  std::lock_guard lock(mu_);
+  std::vector<region_descriptor> out;
+  for (region_id id : ids) {
+    auto it = regions_.find(id);
+    if (it == regions_.end())
+      return make_error(errc::not_found, "transfer: no local region {}", id);
+    out.push_back(it->second.desc);
+  }
+  for (region_id id : ids)
+    ++regions_[id].in_use;
+  return out;
+}
+
+void local_transport::release(std::span<const region_id> ids) {
+  std::lock_guard lock(mu_);
+  for (region_id id : ids)
+    if (auto it = regions_.find(id); it != regions_.end())
+      --it->second.in_use;
+}
+
+expected<void> local_transport::check_live(const region_descriptor& d) const {
+  std::lock_guard lock(mu_);
+  auto it = regions_.find(static_cast<region_id>(d.key));
+  if (it == regions_.end() || !(it->second.desc == d))
+    return make_error(errc::not_found, "remote region at {:#x} (+{}) is not registered by the peer",
+                      d.addr, d.length);
+  return {};
+}
+
+namespace {
+
+expected<void> copy_bytes(void* dst, const void* src, uint64_t n, bool device) {
+#ifdef TROUPE_WITH_CUDA
+  if (device) {
+    if (cudaError_t rc = cudaMemcpy(dst, src, n, cudaMemcpyDefault); rc != cudaSuccess)
+      return make_error(errc::io_error, "cudaMemcpy of {} bytes: {}", n, cudaGetErrorString(rc));
+    return {};
+  }
+#endif
+  std::memcpy(dst, src, n);
+  return {};
+}
+
+// Notices for one direction; shared by the writing end (producer) and the notified end (consumer).
+struct notice_queue {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<transfer_notice> notices;
+  bool closed = false;
+  void push(transfer_notice n) {
+    std::lock_guard lock(mu);
+    notices.push_back(n);
+    cv.notify_all();
+  }
+};
+
+class local_connection final : public kv_connection {
+ public:
+  local_connection(std::shared_ptr<local_transport> self, std::shared_ptr<local_transport> peer,
+                   std::shared_ptr<notice_queue> outgoing, std::shared_ptr<notice_queue> incoming,
+                   uint64_t max_write)
+    : self_(std::move(self)), peer_(std::move(peer)), out_(std::move(outgoing)),
+      in_(std::move(incoming)), max_write_(max_write), worker_([this] { run(); }) {}
+
+  ~local_connection() override {
+    {
+      std::lock_guard lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    worker_.join();
+    std::lock_guard lock(out_->mu);
+    out_->closed = true;
+    out_->cv.notify_all();
+    for (auto& [id, j] : jobs_)
+      if (!j.done)
+        self_->release(j.batch.locals);
+  }
+
+  expected<transfer_id> post(write_batch batch) override {
+    for (const region_descriptor& d : batch.remotes)
+      TROUPE_TRY_VOID(peer_->check_live(d));
+    auto acquired = self_->acquire(batch.locals);
+    if (!acquired)
+      return std::move(acquired).error();
+    std::vector<region_descriptor> locals = std::move(*acquired);
+    std::vector<uint64_t> lengths;
+    for (const auto& d : locals)
+      lengths.push_back(d.length);
+    auto writes = plan_writes(batch, lengths, max_write_);
+    if (!writes) {
+      self_->release(batch.locals);
+      return std::move(writes).error().context(fmt::format("lease {}", batch.lease_id));
+    }
+    std::lock_guard lock(mu_);
+    transfer_id id = next_id_++;
+    jobs_[id] = job{std::move(batch), std::move(*writes), std::move(locals)};
+    queue_.push_back(id);
+    cv_.notify_all();
+    return id;
+  }
+
+  expected<transfer_result> wait(transfer_id id) override {
+    std::unique_lock lock(mu_);
+    auto it = jobs_.find(id);
+    if (it == jobs_.end())
+      return make_error(errc::not_found, "wait: no transfer {}", id);
+    cv_.wait(lock, [&] { return it->second.done; });
+    job j = std::move(it->second);
+    jobs_.erase(it);
+    if (j.failure)
+      return std::move(j.failure);
+    return transfer_result{j.bytes, j.writes.size()};
+  }
+
+  void cancel(transfer_id id) override {
+    std::lock_guard lock(mu_);
+    if (auto it = jobs_.find(id); it != jobs_.end())
+      it->second.cancel = true;
+  }
+
+  expected<transfer_notice> wait_notice(clock::time_point deadline) override {
+    std::unique_lock lock(in_->mu);
+    if (!in_->cv.wait_until(lock, deadline, [&] { return !in_->notices.empty() || in_->closed; }))
+      return make_error(errc::timeout, "no completion notice before the deadline (local)");
+    if (in_->notices.empty())
+      return make_error(errc::unavailable, "local peer closed the connection");
+    transfer_notice n = in_->notices.front();
+    in_->notices.pop_front();
+    return n;
+  }
+
+  std::string describe_path() const override { return "local"; }
+
+ private:
+  struct job {
+    write_batch batch;
+    std::vector<planned_write> writes;
+    std::vector<region_descriptor> locals;
+    bool cancel = false;
+    bool done = false;
+    uint64_t bytes = 0;
+    error failure;
+  };
+
+  void run() {
+    std::unique_lock lock(mu_);
+    for (;;) {
+      cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+      if (stop_)
+        return;
+      transfer_id id = queue_.front();
+      queue_.pop_front();
+      execute(lock, jobs_[id]);
+      self_->release(jobs_[id].batch.locals);
+      jobs_[id].done = true;
+      cv_.notify_all();
+    }
+  }
+
+  // Copies write by write, unlocked; cancel and deadline are looked at between writes.
+  void execute(std::unique_lock<std::mutex>& lock, job& j) {
+    for (const planned_write& w : j.writes) {
+      if (j.cancel || stop_ || clock::now() >= j.batch.deadline)
+        break;
+      const region_descriptor &src = j.locals[w.local], &dst = j.batch.remotes[w.remote];
+      bool device = src.kind == memory_kind::cuda || dst.kind == memory_kind::cuda;
+      lock.unlock();
+      auto copied =
+          copy_bytes(reinterpret_cast<char*>(dst.addr) + w.remote_offset,
+                     reinterpret_cast<const char*>(src.addr) + w.local_offset, w.length, device);
+      lock.lock();
+      if (!copied) {
+        j.failure = std::move(copied).error();
+        return;
+      }
+      j.bytes += w.length;
+    }
+    if (j.cancel || stop_) {
+      j.failure = make_error(errc::cancelled, "lease {}: cancelled after {} bytes",
+                             j.batch.lease_id, j.bytes);
+      out_->push({j.batch.lease_id, j.bytes, true});
+    } else if (j.bytes < total_bytes(j.writes)) {
+      j.failure = make_error(errc::timeout, "lease {}: deadline passed after {} bytes",
+                             j.batch.lease_id, j.bytes);
+      out_->push({j.batch.lease_id, j.bytes, true});
+    } else {
+      out_->push({j.batch.lease_id, j.bytes, false});
+    }
+  }
+
+  std::shared_ptr<local_transport> self_, peer_;
+  std::shared_ptr<notice_queue> out_, in_;
+  uint64_t max_write_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::map<transfer_id, job> jobs_;
+  std::deque<transfer_id> queue_;
+  transfer_id next_id_ = 1;
+  bool stop_ = false;
+  std::thread worker_;
+};
+
+} // namespace
+
+std::pair<std::unique_ptr<kv_connection>, std::unique_ptr<kv_connection>>
+local_transport::connect_pair(std::shared_ptr<local_transport> a,
+                              std::shared_ptr<local_transport> b, uint64_t max_write) {
+  auto a_to_b = std::make_shared<notice_queue>(), b_to_a = std::make_shared<notice_queue>();
+  return {std::make_unique<local_connection>(a, b, a_to_b, b_to_a, max_write),
+          std::make_unique<local_connection>(b, a, b_to_a, a_to_b, max_write)};
+}
+
+} // namespace troupe::cluster::transfer

@@ -1,0 +1,43 @@
+// Same-process transport: writes are memcpy (host) or cudaMemcpy (GPU memory, when built with
+// CUDA), on a worker thread per connection so post() never blocks. Used by co-located
+// prefill/decode ranks and as the reference the fabric transport is tested against.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <utility>
+
+#include "cluster/transfer/kv_transport.hpp"
+
+namespace troupe::cluster::transfer {
+
+class local_transport final : public kv_transport {
+ public:
+  std::string name() const override { return "local"; }
+  expected<region_id> register_memory(void* ptr, size_t length, memory_kind kind) override;
+  expected<void> deregister(region_id id) override;
+  expected<region_descriptor> describe(region_id id) const override;
+  size_t registration_count() const override;
+
+  // Two connected ends: writes posted on `first` land in `b`'s registrations and notify `second`.
+  static std::pair<std::unique_ptr<kv_connection>, std::unique_ptr<kv_connection>>
+  connect_pair(std::shared_ptr<local_transport> a, std::shared_ptr<local_transport> b,
+               uint64_t max_write = uint64_t{64} << 20);
+
+  // For a connection: pins the regions (in-use count) or checks a descriptor names a live one.
+  expected<std::vector<region_descriptor>> acquire(std::span<const region_id> ids);
+  void release(std::span<const region_id> ids);
+  expected<void> check_live(const region_descriptor& d) const;
+
+ private:
+  struct entry {
+    region_descriptor desc;
+    int in_use = 0;
+  };
+  mutable std::mutex mu_;
+  std::map<region_id, entry> regions_;
+  region_id next_id_ = 1;
+};
+
+} // namespace troupe::cluster::transfer

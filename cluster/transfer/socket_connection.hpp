@@ -1,0 +1,64 @@
+// One TCP stream of the socket transport: a sender thread turns batches into segments (header,
+// range table, payload gathered with sendmsg) and a reader thread scatters the peer's segments into
+// our registrations (readv) and queues their notices. Made by socket_transport::connect/accept.
+#pragma once
+
+#include <sys/uio.h>
+
+#include <condition_variable>
+#include <deque>
+#include <map>
+#include <thread>
+
+#include "cluster/transfer/socket_transport.hpp"
+#include "cluster/transfer/write_plan.hpp"
+
+namespace troupe::cluster::transfer::detail {
+
+class socket_connection final : public kv_connection {
+ public:
+  socket_connection(std::shared_ptr<socket_transport> transport, int fd, std::string path);
+  ~socket_connection() override;
+
+  expected<transfer_id> post(write_batch batch) override;
+  expected<transfer_result> wait(transfer_id id) override;
+  void cancel(transfer_id id) override;
+  expected<transfer_notice> wait_notice(clock::time_point deadline) override;
+  std::string describe_path() const override { return path_; }
+
+ private:
+  struct job {
+    write_batch batch;
+    std::vector<planned_write> writes;
+    std::vector<region_descriptor> locals;
+    bool cancel = false;
+    bool done = false;
+    uint64_t bytes = 0;
+    uint64_t segments = 0;
+    error failure;
+  };
+  void send_loop();
+  void send_job(job& j, std::unique_lock<std::mutex>& lock);
+  expected<void> send_segment(job& j, size_t first, size_t count, uint32_t flags);
+  void read_loop();
+  expected<void> read_segment();
+  expected<void> io_all(bool sending, iovec* iov, int count, clock::time_point deadline);
+  void fail(error why);
+
+  std::shared_ptr<socket_transport> transport_;
+  int fd_;
+  std::string path_;
+  std::mutex mu_;
+  std::condition_variable cv_;      // waiters in wait() / wait_notice()
+  std::condition_variable send_cv_; // the sender thread: a batch was queued, or stop
+  std::map<transfer_id, job> jobs_;
+  std::deque<transfer_id> queue_;
+  std::deque<transfer_notice> notices_;
+  std::map<uint64_t, uint64_t> incoming_bytes_; // lease → bytes received so far
+  transfer_id next_id_ = 1;
+  bool stop_ = false;
+  error broken_;
+  std::thread sender_, reader_;
+};
+
+} // namespace troupe::cluster::transfer::detail

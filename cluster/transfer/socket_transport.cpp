@@ -1,0 +1,193 @@
+#include "cluster/transfer/socket_transport.hpp"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "cluster/transfer/socket_connection.hpp"
+
+namespace troupe::cluster::transfer {
+namespace {
+
+error sys_error(std::string_view what) {
+  return make_error(errc::unavailable, "{}: {}", what, std::strerror(errno));
+}
+
+int ms_until(clock::time_point deadline) {
+  auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - clock::now()).count();
+  return static_cast<int>(std::clamp<int64_t>(ms, 0, 1000000));
+}
+
+void tune(int fd) {
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+}
+
+expected<sockaddr_in> resolve(const std::string& host, const std::string& port) {
+  addrinfo hints{}, *res = nullptr;
+  hints.ai_family = AF_INET;
+  hints.ai_socktype = SOCK_STREAM;
+  if (int rc = getaddrinfo(host.c_str(), port.c_str(), &hints, &res); rc != 0)
+    return make_error(errc::not_found, "resolving {}:{}: {}", host, port, gai_strerror(rc));
+  sockaddr_in a = *reinterpret_cast<sockaddr_in*>(res->ai_addr);
+  freeaddrinfo(res);
+  return a;
+}
+
+} // namespace
+
+std::shared_ptr<socket_transport> socket_transport::create(std::string host) {
+  return std::shared_ptr<socket_transport>(new socket_transport(std::move(host)));
+}
+
+socket_transport::~socket_transport() {
+  if (listen_fd_ >= 0)
+    close(listen_fd_);
+}
+
+expected<region_id> socket_transport::register_memory(void* ptr, size_t length, memory_kind kind) {
+  if (ptr == nullptr || length == 0)
+    return make_error(errc::invalid_argument, "register_memory: empty region");
+  if (kind == memory_kind::cuda)
+    return make_error(errc::unsupported, "socket transport: stage CUDA memory through pinned host");
+  std::lock_guard lock(mu_);
+  region_id id = next_id_++;
+  regions_[id] = {region_descriptor{reinterpret_cast<uint64_t>(ptr), length, id, kind}, 0};
+  return id;
+}
+
+expected<void> socket_transport::deregister(region_id id) {
+  std::lock_guard lock(mu_);
+  auto it = regions_.find(id);
+  if (it == regions_.end())
+    return make_error(errc::not_found, "deregister: no region {}", id);
+  if (it->second.in_use > 0)
+    return make_error(errc::invalid_argument, "deregister: region {} is used by {} transfer(s)", id,
+                      it->second.in_use);
+  regions_.erase(it);
+  return {};
+}
+
+expected<region_descriptor> socket_transport::describe(region_id id) const {
+  std::lock_guard lock(mu_);
+  auto it = regions_.find(id);
+  if (it == regions_.end())
+    return make_error(errc::not_found, "describe: no region {}", id);
+  return it->second.desc;
+}
+
+size_t socket_transport::registration_count() const {
+  std::lock_guard lock(mu_);
+  return regions_.size();
+}
+
+expected<std::vector<region_descriptor>> socket_transport::acquire(std::span<const region_id> ids) {
+  std::lock_guard lock(mu_);
+  std::vector<region_descriptor> out;
+  for (region_id id : ids) {
+    auto it = regions_.find(id);
+    if (it == regions_.end())
+      return make_error(errc::not_found, "transfer: no local region {}", id);
+    out.push_back(it->second.desc);
+  }
+  for (region_id id : ids)
+    ++regions_[id].in_use;
+  return out;
+}
+
+void socket_transport::release(std::span<const region_id> ids) {
+  std::lock_guard lock(mu_);
+  for (region_id id : ids)
+    if (auto it = regions_.find(id); it != regions_.end())
+      --it->second.in_use;
+}
+
+expected<char*> socket_transport::target_range(uint64_t key, uint64_t offset,
+                                               uint64_t length) const {
+  std::lock_guard lock(mu_);
+  auto it = regions_.find(static_cast<region_id>(key));
+  if (it == regions_.end())
+    return make_error(errc::not_found, "peer wrote to unknown region key {}", key);
+  const region_descriptor& d = it->second.desc;
+  if (offset > d.length || length > d.length - offset)
+    return make_error(errc::out_of_range, "peer wrote [{}, +{}) outside a region of {} bytes",
+                      offset, length, d.length);
+  return reinterpret_cast<char*>(d.addr) + offset;
+}
+
+expected<std::string> socket_transport::listen(uint16_t port) {
+  auto addr = resolve(host_, std::to_string(port));
+  if (!addr)
+    return std::move(addr).error();
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  int one = 1;
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  socklen_t len = sizeof *addr;
+  if (bind(fd, reinterpret_cast<sockaddr*>(&*addr), sizeof *addr) != 0 || ::listen(fd, 16) != 0 ||
+      getsockname(fd, reinterpret_cast<sockaddr*>(&*addr), &len) != 0) {
+    auto e = sys_error(fmt::format("listen on {}:{}", host_, port));
+    close(fd);
+    return e;
+  }
+  listen_fd_ = fd;
+  return fmt::format("{}:{}", host_, ntohs(addr->sin_port));
+}
+
+expected<std::unique_ptr<kv_connection>> socket_transport::accept(clock::time_point deadline) {
+  if (listen_fd_ < 0)
+    return make_error(errc::invalid_argument, "accept: listen() first");
+  pollfd pfd{listen_fd_, POLLIN, 0};
+  if (poll(&pfd, 1, ms_until(deadline)) <= 0)
+    return make_error(errc::timeout, "accept: no peer before the deadline");
+  int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+  if (fd < 0)
+    return sys_error("accept");
+  tune(fd);
+  return std::unique_ptr<kv_connection>(
+      new detail::socket_connection(shared_from_this(), fd, "socket accepted on " + host_));
+}
+
+expected<std::unique_ptr<kv_connection>> socket_transport::connect(const std::string& address,
+                                                                   clock::time_point deadline) {
+  auto colon = address.rfind(':');
+  if (colon == std::string::npos || colon == 0 || colon + 1 == address.size())
+    return make_error(errc::invalid_argument, "connect: '{}' is not host:port", address);
+  auto addr = resolve(address.substr(0, colon), address.substr(colon + 1));
+  if (!addr)
+    return std::move(addr).error();
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  tune(fd);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&*addr), sizeof *addr) != 0 &&
+      errno != EINPROGRESS) {
+    auto e = sys_error(fmt::format("connect to {}", address));
+    close(fd);
+    return e;
+  }
+  pollfd pfd{fd, POLLOUT, 0};
+  int err = 0;
+  socklen_t len = sizeof err;
+  if (poll(&pfd, 1, ms_until(deadline)) <= 0) {
+    close(fd);
+    return make_error(errc::timeout, "connect to {}: no answer before the deadline", address);
+  }
+  getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+  if (err != 0) {
+    close(fd);
+    return make_error(errc::unavailable, "connect to {}: {}", address, std::strerror(err));
+  }
+  return std::unique_ptr<kv_connection>(
+      new detail::socket_connection(shared_from_this(), fd, "socket to " + address));
+}
+
+} // namespace troupe::cluster::transfer
