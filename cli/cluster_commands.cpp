@@ -12,9 +12,9 @@
 #include <nlohmann/json.hpp>
 
 #include "actors/caf_glue.hpp"
+#include "actors/messages.hpp"
 #include "cli/cluster_daemon.hpp"
 #include "cluster/session.hpp"
-#include "actors/messages.hpp"
 
 namespace troupe::cli {
 
@@ -99,9 +99,9 @@ void print_table(const msg::cluster_view& v, const std::string& head) {
   for (const auto& n : v.nodes) {
     const auto& r = n.info.resources;
     // A node without GPUs (or stand-ins) serves one CPU rank of a device: cpu deployment.
-    std::string gpus = r.gpus.empty() ? (n.gpus_used > 0 ? "- (CPU rank)" : "-")
-                                      : fmt::format("{}/{} {}", n.gpus_used, r.gpus.size(),
-                                                    r.gpus.front().name);
+    std::string gpus =
+        r.gpus.empty() ? (n.gpus_used > 0 ? "- (CPU rank)" : "-")
+                       : fmt::format("{}/{} {}", n.gpus_used, r.gpus.size(), r.gpus.front().name);
     std::string rdma = r.rdma_devices.empty() ? "-" : "";
     for (const auto& d : r.rdma_devices)
       rdma += fmt::format("{}{}({})", rdma.empty() ? "" : ",", d.name, d.state);
@@ -189,11 +189,37 @@ int run_stop(const std::string& temp_dir, int grace_s) {
   return 0;
 }
 
+// The first line of a secret file, or the usage error that names the option.
+std::string read_secret(const std::string& option, const std::string& path) {
+  auto text = cluster::read_text(path);
+  if (!text || text->find_first_not_of(" \t\r\n") == std::string::npos)
+    throw CLI::ValidationError(option, "'" + path + "' holds no secret");
+  return text->substr(0, text->find_first_of("\r\n"));
+}
+
+void add_secret_option(CLI::App* cmd, const std::string& name,
+                       std::function<void(std::string)> set) {
+  const std::string option = "--" + name + "-file";
+  cmd->add_option_function<std::string>(
+         option, [set, option](const std::string& path) { set(read_secret(option, path)); },
+         "Read the " + name + " from this file (first line), keeping it out of `ps`")
+      ->check(CLI::ExistingFile);
+}
+
 void add_temp_dir(CLI::App* cmd, std::string& dir) {
   cmd->add_option("--temp-dir", dir, "Session root (default $TROUPE_TEMP_DIR or /tmp/troupe)");
 }
 
 } // namespace
+
+void add_secret_file_option(CLI::App* cmd, const std::string& name, std::string& secret) {
+  add_secret_option(cmd, name, [&secret](std::string s) { secret = std::move(s); });
+}
+
+void add_secret_file_option(CLI::App* cmd, const std::string& name,
+                            std::optional<std::string>& secret) {
+  add_secret_option(cmd, name, [&secret](std::string s) { secret = std::move(s); });
+}
 
 expected<head_target> resolve_head(const std::string& address, const std::string& token,
                                    const std::string& temp_dir) {
@@ -218,10 +244,10 @@ expected<head_target> resolve_head(const std::string& address, const std::string
   return t;
 }
 
-expected<void> with_head(const head_target& target, std::chrono::seconds connect_timeout,
-                         const std::function<expected<void>(caf::scoped_actor& self,
-                                                            const caf::actor& head,
-                                                            caf::actor_system& sys)>& fn) {
+expected<void>
+with_head(const head_target& target, std::chrono::seconds connect_timeout,
+          const std::function<expected<void>(caf::scoped_actor& self, const caf::actor& head,
+                                             caf::actor_system& sys)>& fn) {
   actors::system_config cfg;
   msg::add_message_types(cfg);
   caf::actor_system sys{cfg};
@@ -247,6 +273,7 @@ void add_start_command(CLI::App& app, int& exit_code) {
   cmd->add_option("--host", o->host, "Interface address to listen on (default: all)");
   cmd->add_option("--port", o->port, "Port to listen on");
   cmd->add_option("--token", o->token, "Cluster token (generated when not given)");
+  add_secret_file_option(cmd, "token", o->token);
   cmd->add_option("--num-gpus", o->num_gpus, "CPU stand-in GPUs for the head's own node");
   cmd->add_flag("--block", o->block, "Stay in the foreground");
   add_temp_dir(cmd, o->temp_dir);
@@ -257,12 +284,18 @@ void add_join_command(CLI::App& app, int& exit_code) {
   auto o = std::make_shared<join_options>();
   auto* cmd = app.add_subcommand("join", "Start this host's node daemon and join a head");
   cmd->add_option("address", o->address, "Head address HOST[:PORT]")->required();
-  cmd->add_option("--token", o->token, "Cluster token printed by `cluster start --head`");
+  cmd->add_option("--token", o->token,
+                  "Cluster token printed by `cluster start --head` (default: $TROUPE_TOKEN)");
+  add_secret_file_option(cmd, "token", o->token);
   cmd->add_option("--node-ip", o->node_ip, "Address to advertise (default: routes to the head)");
   cmd->add_option("--num-gpus", o->num_gpus, "CPU stand-in GPUs (CPU-only hosts and tests)");
   cmd->add_flag("--block", o->block, "Stay in the foreground");
   add_temp_dir(cmd, o->temp_dir);
-  cmd->callback([o, &exit_code] { exit_code = join_cluster(*o); });
+  cmd->callback([o, &exit_code] {
+    if (const char* env = std::getenv("TROUPE_TOKEN"); o->token.empty() && env != nullptr)
+      o->token = env;
+    exit_code = join_cluster(*o);
+  });
 }
 
 void add_status_command(CLI::App& app, int& exit_code) {
@@ -270,6 +303,7 @@ void add_status_command(CLI::App& app, int& exit_code) {
   auto* cmd = app.add_subcommand("status", "Nodes, GPUs, memory, RDMA, health and KV namespaces");
   cmd->add_option("--address", o->address, "Head address (default: this host's session)");
   cmd->add_option("--token", o->token, "Cluster token (default: $TROUPE_TOKEN or the session)");
+  add_secret_file_option(cmd, "token", o->token);
   cmd->add_flag("--json", o->json, "Print JSON");
   cmd->add_option("--timeout", o->timeout_s, "Seconds to wait for the head")
       ->check(CLI::Range(1, 600));

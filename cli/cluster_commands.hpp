@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <functional>
+#include <optional>
 #include <string>
 
 #include <CLI/CLI.hpp>
@@ -14,6 +15,12 @@
 #include "runtime/error.hpp"
 
 namespace troupe::cli {
+
+// Adds `--NAME-file PATH`: the secret is the file's first line, so it never shows in `ps` or in
+// shell history (the file is best kept 0600). An unreadable or empty file is a usage error.
+void add_secret_file_option(CLI::App* cmd, const std::string& name, std::string& secret);
+void add_secret_file_option(CLI::App* cmd, const std::string& name,
+                            std::optional<std::string>& secret);
 
 void add_start_command(CLI::App& app, int& exit_code);
 void add_join_command(CLI::App& app, int& exit_code);
@@ -32,9 +39,9 @@ expected<head_target> resolve_head(const std::string& address, const std::string
 
 // Connects to the head (up to `connect_timeout`) and runs `fn` with a blocking actor and the
 // head's handle; `fn` returns the command's outcome. Blocks.
-expected<void> with_head(const head_target& target, std::chrono::seconds connect_timeout,
-                         const std::function<expected<void>(caf::scoped_actor& self,
-                                                            const caf::actor& head,
-                                                            caf::actor_system& sys)>& fn);
+expected<void>
+with_head(const head_target& target, std::chrono::seconds connect_timeout,
+          const std::function<expected<void>(caf::scoped_actor& self, const caf::actor& head,
+                                             caf::actor_system& sys)>& fn);
 
 } // namespace troupe::cli

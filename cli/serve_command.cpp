@@ -7,9 +7,9 @@
 #include <fmt/format.h>
 
 #include "actors/caf_glue.hpp"
-#include "cli/cluster_commands.hpp"
-#include "actors/serving/deployment.hpp"
 #include "actors/messages.hpp"
+#include "actors/serving/deployment.hpp"
+#include "cli/cluster_commands.hpp"
 
 #ifndef TROUPE_VERSION
 #define TROUPE_VERSION "0.0.0"
@@ -139,6 +139,7 @@ void add_serve_command(CLI::App& app, int& exit_code) {
   cmd->add_option("--stop", args->stop, "Remove the deployment NAME (its served_model_name)");
   cmd->add_option("--address", args->address, "Head address (default: this host's session)");
   cmd->add_option("--token", args->token, "Cluster token (default: $TROUPE_TOKEN or the session)");
+  add_secret_file_option(cmd, "token", args->token);
   cmd->add_option("--temp-dir", args->temp_dir,
                   "Session root (default $TROUPE_TEMP_DIR or /tmp/troupe)");
   cmd->add_option("--timeout", args->timeout_s, "Seconds to wait for the deployment to load")
@@ -147,6 +148,7 @@ void add_serve_command(CLI::App& app, int& exit_code) {
   cmd->add_option("--port", args->port, "Override model.yaml's port (0: any free port)")
       ->check(CLI::Range(0, 65535));
   cmd->add_option("--api-key", args->api_key, "Override model.yaml's api_key");
+  add_secret_file_option(cmd, "api-key", args->api_key);
   cmd->callback([args, &exit_code] { exit_code = run(*args); });
 }
 

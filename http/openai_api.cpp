@@ -10,6 +10,48 @@ api_error bad(std::string param, std::string message) {
   return api_error{400, std::move(message), std::move(param), {}};
 }
 
+// Request bodies nest a few levels (messages -> content parts); anything deeper is refused before
+// parsing, so no recursive walk (dump, copy, comparison) ever sees attacker-chosen depth.
+constexpr int max_json_depth = 32;
+
+// True when `text` nests arrays and objects at most `limit` deep (brackets in strings ignored).
+bool nesting_within(std::string_view text, int limit) {
+  int depth = 0;
+  bool in_string = false;
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    if (in_string) {
+      if (c == '\\')
+        ++i;
+      else if (c == '"')
+        in_string = false;
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      if (++depth > limit)
+        return false;
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
+  }
+  return true;
+}
+
+// The request body as a JSON object, or the 400 that says why not.
+std::variant<json, api_error> parse_object(const std::string& body) {
+  if (!nesting_within(body, max_json_depth))
+    return bad("", fmt::format("the JSON body nests deeper than {} levels", max_json_depth));
+  json b;
+  try {
+    b = json::parse(body);
+  } catch (const json::exception& e) {
+    return bad("", fmt::format("malformed JSON body: {}", e.what()));
+  }
+  if (!b.is_object())
+    return bad("", "the request body must be a JSON object");
+  return b;
+}
+
 // Reads an optional number into `out`; a wrong type is an error naming the parameter.
 template <class T>
 std::optional<api_error> opt_number(const json& j, const char* key, T& out) {
@@ -250,14 +292,10 @@ std::string error_body(const api_error& e) {
 
 std::variant<completion_request, api_error> parse_completion(const std::string& body, bool chat,
                                                              const model_info& m) {
-  json b;
-  try {
-    b = json::parse(body);
-  } catch (const json::exception& e) {
-    return bad("", fmt::format("malformed JSON body: {}", e.what()));
-  }
-  if (!b.is_object())
-    return bad("", "the request body must be a JSON object");
+  auto parsed = parse_object(body);
+  if (auto* e = std::get_if<api_error>(&parsed))
+    return *e;
+  json& b = std::get<json>(parsed);
   if (auto it = b.find("model"); it != b.end() && !it->is_null()) {
     if (!it->is_string() || it->get<std::string>() != m.name)
       return api_error{404,
@@ -291,14 +329,10 @@ std::variant<completion_request, api_error> parse_completion(const std::string& 
 }
 
 std::variant<json, api_error> tokenize(const std::string& body, const model_info& m) {
-  json b;
-  try {
-    b = json::parse(body);
-  } catch (const json::exception& e) {
-    return bad("", fmt::format("malformed JSON body: {}", e.what()));
-  }
-  if (!b.is_object())
-    return bad("", "the request body must be a JSON object");
+  auto parsed = parse_object(body);
+  if (auto* e = std::get_if<api_error>(&parsed))
+    return *e;
+  json& b = std::get<json>(parsed);
   std::variant<std::vector<token_id>, api_error> ids;
   if (b.contains("messages")) {
     ids = chat_prompt(b, m);
@@ -317,13 +351,11 @@ std::variant<json, api_error> tokenize(const std::string& body, const model_info
 }
 
 std::variant<json, api_error> detokenize(const std::string& body, const model_info& m) {
-  json b;
-  try {
-    b = json::parse(body);
-  } catch (const json::exception& e) {
-    return bad("", fmt::format("malformed JSON body: {}", e.what()));
-  }
-  if (!b.is_object() || !b.contains("tokens"))
+  auto parsed = parse_object(body);
+  if (auto* e = std::get_if<api_error>(&parsed))
+    return *e;
+  json& b = std::get<json>(parsed);
+  if (!b.contains("tokens"))
     return bad("tokens", "'tokens' (a list of token ids) is required");
   std::vector<token_id> ids;
   if (auto e = token_list(b["tokens"], "tokens", m.vocab_size, ids))

@@ -212,6 +212,7 @@ expected<model_config> gguf_model_config(const gguf_file& f) {
   c.o_proj_bias = f.find_tensor("blk.0.attn_output.bias") != nullptr;
 
   TROUPE_TRY_VOID(read_special_ids(f, c));
+  TROUPE_TRY_VOID(check_values(c, where));
   return c;
 }
 

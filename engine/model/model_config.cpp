@@ -1,6 +1,7 @@
 #include "engine/model/model_config.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <fstream>
 #include <sstream>
 
@@ -18,10 +19,10 @@ struct arch_name {
   arch_kind kind;
 };
 constexpr arch_name architectures[] = {
-  {"LlamaForCausalLM", arch_kind::llama},
-  {"Qwen2ForCausalLM", arch_kind::qwen2},
-  {"Qwen3ForCausalLM", arch_kind::qwen3},
-  {"Qwen3MoeForCausalLM", arch_kind::qwen3_moe},
+    {"LlamaForCausalLM", arch_kind::llama},
+    {"Qwen2ForCausalLM", arch_kind::qwen2},
+    {"Qwen3ForCausalLM", arch_kind::qwen3},
+    {"Qwen3MoeForCausalLM", arch_kind::qwen3_moe},
 };
 
 // Reads a required integer or an error naming the key.
@@ -76,7 +77,8 @@ expected<rope_config> parse_rope(const json& j, std::string_view source) {
   if (params == nullptr)
     return rope;
   rope.theta = get_or<double>(*params, "rope_theta", rope.theta);
-  std::string type = get_or<std::string>(*params, "rope_type", get_or<std::string>(*params, "type", "default"));
+  std::string type =
+      get_or<std::string>(*params, "rope_type", get_or<std::string>(*params, "type", "default"));
   if (type == "default") {
     rope.type = rope_config::kind::standard;
   } else if (type == "linear") {
@@ -87,8 +89,7 @@ expected<rope_config> parse_rope(const json& j, std::string_view source) {
     rope.factor = get_or<double>(*params, "factor", 8.0);
     rope.low_freq_factor = get_or<double>(*params, "low_freq_factor", 1.0);
     rope.high_freq_factor = get_or<double>(*params, "high_freq_factor", 4.0);
-    rope.original_max_position =
-      get_or<int64_t>(*params, "original_max_position_embeddings", 8192);
+    rope.original_max_position = get_or<int64_t>(*params, "original_max_position_embeddings", 8192);
     if (rope.high_freq_factor <= rope.low_freq_factor)
       return make_error(errc::parse_error,
                         "{}: llama3 rope needs high_freq_factor > low_freq_factor ({} <= {})",
@@ -117,6 +118,24 @@ bool model_config::is_moe_layer(int64_t layer) const {
   return (layer + 1) % std::max<int64_t>(decoder_sparse_step, 1) == 0;
 }
 
+expected<void> check_values(const model_config& c, std::string_view source) {
+  auto positive = [&](const char* key, double v) -> expected<void> {
+    if (!std::isfinite(v) || v <= 0)
+      return make_error(errc::parse_error, "{}: {} must be a finite positive number, got {}",
+                        source, key, v);
+    return {};
+  };
+  TROUPE_TRY_VOID(positive("rope_theta", c.rope.theta));
+  TROUPE_TRY_VOID(positive("rope factor", c.rope.factor));
+  TROUPE_TRY_VOID(positive("rope low_freq_factor", c.rope.low_freq_factor));
+  TROUPE_TRY_VOID(positive("rope high_freq_factor", c.rope.high_freq_factor));
+  TROUPE_TRY_VOID(positive("rms_norm_eps", c.rms_norm_eps));
+  if (c.rms_norm_eps >= 1)
+    return make_error(errc::parse_error, "{}: rms_norm_eps must be below 1, got {}", source,
+                      c.rms_norm_eps);
+  return {};
+}
+
 expected<model_config> parse_model_config(std::string_view text, std::string_view source) {
   json j;
   try {
@@ -139,7 +158,8 @@ expected<model_config> parse_model_config(std::string_view text, std::string_vie
       return make_error(errc::unsupported, "{}: architecture '{}' is not supported (supported: {})",
                         source, c.architecture, supported_architectures());
     c.kind = known->kind;
-    std::string saved = get_or<std::string>(j, "dtype", get_or<std::string>(j, "torch_dtype", "float32"));
+    std::string saved =
+        get_or<std::string>(j, "dtype", get_or<std::string>(j, "torch_dtype", "float32"));
     if (saved == "bfloat16")
       c.checkpoint_dtype = dtype::bf16;
     else if (saved == "float16")
@@ -185,16 +205,18 @@ expected<model_config> parse_model_config(std::string_view text, std::string_vie
       return make_error(errc::unsupported, "{}: use_sliding_window=true is not supported", source);
 
     switch (c.kind) {
-      case arch_kind::qwen2: c.attention_bias = true; break;
-      case arch_kind::llama:
-        c.attention_bias = get_or<bool>(j, "attention_bias", false);
-        c.o_proj_bias = c.attention_bias;
-        break;
-      case arch_kind::qwen3:
-      case arch_kind::qwen3_moe:
-        c.attention_bias = get_or<bool>(j, "attention_bias", false);
-        c.qk_norm = true;
-        break;
+    case arch_kind::qwen2:
+      c.attention_bias = true;
+      break;
+    case arch_kind::llama:
+      c.attention_bias = get_or<bool>(j, "attention_bias", false);
+      c.o_proj_bias = c.attention_bias;
+      break;
+    case arch_kind::qwen3:
+    case arch_kind::qwen3_moe:
+      c.attention_bias = get_or<bool>(j, "attention_bias", false);
+      c.qk_norm = true;
+      break;
     }
     if (c.kind == arch_kind::qwen3_moe) {
       c.num_experts = get_or<int64_t>(j, "num_experts", get_or<int64_t>(j, "num_local_experts", 0));
@@ -226,6 +248,7 @@ expected<model_config> parse_model_config(std::string_view text, std::string_vie
     if (auto bos = j.find("bos_token_id"); bos != j.end() && bos->is_number_integer())
       c.bos_token_id = bos->get<int32_t>();
     add_token_ids(j, "eos_token_id", c.eos_token_ids);
+    TROUPE_TRY_VOID(check_values(c, source));
     return c;
   } catch (const json::exception& e) {
     return make_error(errc::parse_error, "{}: a field has the wrong type: {}", source, e.what());

@@ -23,14 +23,14 @@ struct rope_config {
   enum class kind : uint8_t { standard, linear, llama3 };
   kind type = kind::standard;
   double theta = 10000.0;
-  double factor = 1.0;               // linear and llama3
-  double low_freq_factor = 1.0;      // llama3
-  double high_freq_factor = 4.0;     // llama3
+  double factor = 1.0;                  // linear and llama3
+  double low_freq_factor = 1.0;         // llama3
+  double high_freq_factor = 4.0;        // llama3
   int64_t original_max_position = 8192; // llama3
 };
 
 struct model_config {
-  std::string architecture; // as spelled in config.json, e.g. "Qwen3ForCausalLM"
+  std::string architecture;            // as spelled in config.json, e.g. "Qwen3ForCausalLM"
   dtype checkpoint_dtype = dtype::f32; // "dtype" / "torch_dtype": what the weights were saved as
   arch_kind kind = arch_kind::llama;
   int64_t vocab_size = 0;
@@ -67,6 +67,9 @@ struct model_config {
 // Parses config.json text; `source` names it in errors. Unknown keys are ignored (HF configs carry
 // many training-only fields); missing required keys and unsupported features are errors.
 expected<model_config> parse_model_config(std::string_view json_text, std::string_view source);
+// Rejects values that would load and then compute NaN or garbage: non-finite or non-positive RoPE
+// theta and factors, RMS epsilon outside (0, 1). Called by both config readers (JSON and GGUF).
+expected<void> check_values(const model_config& c, std::string_view source);
 // Reads DIR/config.json and, when present, DIR/generation_config.json.
 expected<model_config> load_model_config(const std::filesystem::path& dir);
 

@@ -2,6 +2,8 @@
 // restart, link down and up, wrong token, head restart, `cluster stop` leaving nothing behind.
 #include <doctest/doctest.h>
 
+#include <fstream>
+
 #include <csignal>
 #include <fmt/format.h>
 #include <unistd.h>
@@ -119,6 +121,18 @@ TEST_CASE("cluster: a wrong token is refused, with the reason logged on both sid
   auto s = fx.cluster({"status", "--address", fx.head_address(), "--token", "wrong"});
   CHECK(s.exit_code != 0);
   CHECK(s.output.find("wrong cluster token") != std::string::npos);
+  // The token from a file (kept out of `ps`): the right one is let in, a wrong one refused.
+  const auto right = fx.dir("secrets") / "token", wrong = fx.dir("secrets") / "wrong";
+  std::filesystem::create_directories(right.parent_path());
+  std::ofstream(right) << fx.token() << "\n";
+  std::ofstream(wrong) << "wrong\n";
+  auto by_file = fx.cluster({"status", "--address", fx.head_address(), "--token-file",
+                             right.string(), "--timeout", "5"});
+  CHECK_MESSAGE(by_file.exit_code == 0, by_file.output);
+  auto wrong_file = fx.cluster(
+      {"status", "--address", fx.head_address(), "--token-file", wrong.string(), "--timeout", "5"});
+  CHECK(wrong_file.exit_code != 0);
+  CHECK(wrong_file.output.find("wrong cluster token") != std::string::npos);
   auto gone = fx.cluster({"status", "--address", fmt::format("127.0.0.1:{}", free_port()),
                           "--token", "x", "--timeout", "2"});
   CHECK(gone.exit_code == 1);

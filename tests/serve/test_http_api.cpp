@@ -190,6 +190,16 @@ TEST_CASE("http: errors come in OpenAI's shape with the right status and paramet
   check("/v1/completions", R"({"prompt": "hi", "temperature": "hot"})", 400, "temperature");
   check("/v1/completions", R"({"prompt": [1, -4]})", 400, "prompt");
   check("/v1/chat/completions", R"({"messages": []})", 400, "messages");
+  // JSON nested 100k levels (a ~200 KB body) in any field is refused, never recursed into.
+  const std::string deep = std::string(100000, '[') + std::string(100000, ']');
+  check("/v1/completions", R"({"prompt": "hi", "model": )" + deep + "}", 400, "");
+  check("/v1/completions", R"({"prompt": )" + deep + "}", 400, "");
+  check("/v1/chat/completions", R"({"messages": [{"role": "user", "content": )" + deep + "}]}",
+        400, "");
+  check("/detokenize", R"({"tokens": )" + deep + "}", 400, "");
+  // Brackets inside strings are text, not nesting.
+  const auto text = json{{"prompt", std::string(100, '[') + "\\\"" + std::string(100, '{')}};
+  CHECK(test::http_call(s->port(), "POST", "/tokenize", text.dump()).status == 200);
   auto top_p =
       test::http_call(s->port(), "POST", "/v1/completions", R"({"prompt": "hi", "top_p": 0})");
   CHECK(top_p.status == 400);

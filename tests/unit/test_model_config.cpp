@@ -110,9 +110,14 @@ TEST_CASE("config: both rope spellings give the same llama3 scaling") {
 }
 
 TEST_CASE("config: Qwen2 always has q/k/v bias, Llama attention_bias covers o_proj") {
-  json q2 = {{"architectures", {"Qwen2ForCausalLM"}}, {"vocab_size", 10}, {"hidden_size", 32},
-             {"intermediate_size", 64}, {"num_hidden_layers", 1}, {"num_attention_heads", 4},
-             {"num_key_value_heads", 2}, {"tie_word_embeddings", true}};
+  json q2 = {{"architectures", {"Qwen2ForCausalLM"}},
+             {"vocab_size", 10},
+             {"hidden_size", 32},
+             {"intermediate_size", 64},
+             {"num_hidden_layers", 1},
+             {"num_attention_heads", 4},
+             {"num_key_value_heads", 2},
+             {"tie_word_embeddings", true}};
   auto c = parse(q2);
   REQUIRE(c.has_value());
   CHECK(c->attention_bias);
@@ -135,8 +140,7 @@ TEST_CASE("config: clear errors for unsupported or malformed configs") {
   CHECK(c.error().code() == errc::unsupported);
   CHECK(c.error().message().find("architecture 'MistralForCausalLM' is not supported (supported: "
                                  "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
-                                 "Qwen3MoeForCausalLM)")
-        != std::string::npos);
+                                 "Qwen3MoeForCausalLM)") != std::string::npos);
 
   j = qwen3_moe();
   j.erase("hidden_size");
@@ -145,8 +149,7 @@ TEST_CASE("config: clear errors for unsupported or malformed configs") {
   j = qwen3_moe();
   j["num_key_value_heads"] = 3;
   CHECK(parse(j).error().message().find("num_attention_heads=4 is not a multiple of "
-                                        "num_key_value_heads=3")
-        != std::string::npos);
+                                        "num_key_value_heads=3") != std::string::npos);
 
   j = qwen3_moe();
   j["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 4.0}};
@@ -154,14 +157,13 @@ TEST_CASE("config: clear errors for unsupported or malformed configs") {
 
   j = qwen3_moe();
   j["num_attention_heads"] = "four";
-  CHECK(parse(j).error().message().find("\"num_attention_heads\" must be an integer")
-        != std::string::npos);
+  CHECK(parse(j).error().message().find("\"num_attention_heads\" must be an integer") !=
+        std::string::npos);
 
   CHECK(parse_model_config("{\"architectures\": [", "x/config.json")
-          .error()
-          .message()
-          .find("x/config.json: not valid JSON")
-        != std::string::npos);
+            .error()
+            .message()
+            .find("x/config.json: not valid JSON") != std::string::npos);
 }
 
 TEST_CASE("config: generation_config.json adds EOS ids") {
@@ -191,8 +193,12 @@ TEST_CASE("config: every golden model parses") {
 }
 
 TEST_CASE("rope frequencies are rounded to the checkpoint dtype, as Hugging Face does") {
-  json j = {{"architectures", {"Qwen2ForCausalLM"}}, {"vocab_size", 10}, {"hidden_size", 64},
-            {"intermediate_size", 64}, {"num_hidden_layers", 1}, {"num_attention_heads", 4},
+  json j = {{"architectures", {"Qwen2ForCausalLM"}},
+            {"vocab_size", 10},
+            {"hidden_size", 64},
+            {"intermediate_size", 64},
+            {"num_hidden_layers", 1},
+            {"num_attention_heads", 4},
             {"rope_theta", 10000.0}};
   auto f32 = parse(j);
   j["dtype"] = "bfloat16";
@@ -207,6 +213,25 @@ TEST_CASE("rope frequencies are rounded to the checkpoint dtype, as Hugging Face
   for (size_t i = 0; i < exact.size(); ++i)
     CHECK(rounded[i] == round_to_bf16(exact[i]));
   CHECK(rounded[1] != exact[1]);
-  CHECK(round_to_bf16(1.0f + 0x1p-8f) == 1.0f);          // tie to even
+  CHECK(round_to_bf16(1.0f + 0x1p-8f) == 1.0f);               // tie to even
   CHECK(round_to_bf16(1.0f + 3 * 0x1p-8f) == 1.0f + 0x1p-6f); // tie to even, upwards
+}
+
+TEST_CASE("config: values that would compute NaN are refused, naming the key") {
+  auto refused = [](const char* key, double v, const char* in_message) {
+    auto j = qwen3_moe();
+    j[key] = v;
+    auto c = parse(j);
+    REQUIRE_FALSE(c.has_value());
+    CHECK(c.error().code() == errc::parse_error);
+    CHECK_MESSAGE(c.error().message().find(in_message) != std::string::npos, c.error().message());
+  };
+  refused("rope_theta", -1.0, "rope_theta must be a finite positive number");
+  refused("rope_theta", 0.0, "rope_theta");
+  refused("rms_norm_eps", 0.0, "rms_norm_eps must be a finite positive number");
+  refused("rms_norm_eps", -1e-6, "rms_norm_eps");
+  refused("rms_norm_eps", 2.0, "rms_norm_eps must be below 1");
+  auto ok = qwen3_moe();
+  ok["rms_norm_eps"] = 1e-5;
+  CHECK(parse(ok).has_value());
 }

@@ -208,3 +208,16 @@ TEST_CASE("sharded folder via model.safetensors.index.json gives the same model"
   REQUIRE_FALSE(nothing.has_value());
   CHECK(nothing.error().message().find("no such file or folder") != std::string::npos);
 }
+
+TEST_CASE("model folder: a KV cache larger than host memory is an error with the numbers") {
+  test::temp_dir tmp;
+  test::tiny_llama m;
+  auto dir = tmp.path() / "model";
+  m.write(dir, false);
+  auto b = cpu_backend::load(dir, {.num_blocks = 1'000'000'000, .block_size = 16});
+  REQUIRE_FALSE(b.has_value());
+  CHECK(b.error().code() == errc::resource_exhausted);
+  CHECK_MESSAGE(b.error().message().find("GiB of host memory") != std::string::npos,
+                b.error().message());
+  CHECK(cpu_backend::load(dir, {.num_blocks = 8, .block_size = 16}).has_value());
+}

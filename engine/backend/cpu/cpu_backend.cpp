@@ -1,6 +1,9 @@
 #include "engine/backend/cpu/cpu_backend.hpp"
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <fstream>
 #include <cmath>
 #include <numeric>
 
@@ -40,6 +43,37 @@ cpu_backend::load(const std::filesystem::path& model_dir, kv_cache_options kv,
   });
 }
 
+namespace {
+
+// Host memory the kernel says a new allocation can get (MemAvailable), or total RAM where
+// /proc/meminfo is absent.
+uint64_t host_memory_available() {
+  std::ifstream meminfo("/proc/meminfo");
+  std::string key;
+  uint64_t kib = 0;
+  std::string unit;
+  while (meminfo >> key >> kib >> unit)
+    if (key == "MemAvailable:")
+      return kib * 1024;
+  return static_cast<uint64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+}
+
+// The float32 K and V caches of this rank's layers must fit in host memory: a num_kv_blocks
+// typo (1e9) is an error with the numbers, not std::bad_alloc.
+expected<void> check_kv_fits(const model_config& c, const shard_plan& s, kv_cache_options kv) {
+  const double bytes = 2.0 * sizeof(float) * static_cast<double>(s.layers.size()) *
+                       kv.num_blocks * kv.block_size * s.kv_heads.size() * c.head_dim;
+  const double avail = static_cast<double>(host_memory_available());
+  if (bytes > avail)
+    return make_error(errc::resource_exhausted,
+                      "the KV cache of {} blocks of {} tokens needs {:.2f} GiB of host memory; "
+                      "{:.2f} GiB is available: lower num_kv_blocks (or max_num_seqs)",
+                      kv.num_blocks, kv.block_size, bytes / 1073741824.0, avail / 1073741824.0);
+  return {};
+}
+
+} // namespace
+
 expected<std::unique_ptr<cpu_backend>>
 cpu_backend::create(model_config config, const weight_source& w, kv_cache_options kv) {
   return create(std::move(config), w, kv, parallel_context{});
@@ -54,6 +88,7 @@ expected<std::unique_ptr<cpu_backend>> cpu_backend::create(model_config config,
   auto shard = plan_shard(config, par.layout);
   if (!shard)
     return std::move(shard).error();
+  TROUPE_TRY_VOID(check_kv_fits(config, *shard, kv));
   std::unique_ptr<cpu_backend> b(new cpu_backend());
   if (par.tensor == nullptr) {
     if (par.layout.tp_size != 1)
