@@ -42,8 +42,8 @@ troupe::error from_caf(const caf::error& err, const caf::actor_system* sys) {
     auto sec = static_cast<caf::sec>(err.code());
     if (sec == caf::sec::request_timeout)
       return {errc::timeout, text};
-    if (sec == caf::sec::request_receiver_down || sec == caf::sec::cannot_connect_to_node
-        || sec == caf::sec::remote_linking_failed)
+    if (sec == caf::sec::request_receiver_down || sec == caf::sec::cannot_connect_to_node ||
+        sec == caf::sec::remote_linking_failed)
       return {errc::unavailable, text};
   }
   return {errc::internal, text};

@@ -19,7 +19,7 @@ troupe::error from_caf(const caf::error& err, const caf::actor_system* sys = nul
 // The CAF configuration of every troupe daemon: registers the "troupe" error category renderer
 // and the io middleman.
 class system_config : public caf::actor_system_config {
-public:
+ public:
   system_config();
 };
 

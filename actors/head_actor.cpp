@@ -4,10 +4,10 @@
 #include <caf/sec.hpp>
 
 #include "actors/caf_glue.hpp"
+#include "actors/messages.hpp"
 #include "cluster/session.hpp"
 #include "engine/model/gguf_weights.hpp"
 #include "runtime/log.hpp"
-#include "actors/messages.hpp"
 
 namespace troupe::actors {
 
@@ -189,10 +189,10 @@ void drop_namespace(head* self, const std::string& ns) {
     auto it = st.waiters.find(id);
     if (it == st.waiters.end())
       continue;
-    it->second.deliver(
-        to_caf(make_error(errc::cancelled, "kv_wait: namespace {} was dropped (its replica "
-                                           "attempt failed or was stopped)",
-                          ns)));
+    it->second.deliver(to_caf(make_error(errc::cancelled,
+                                         "kv_wait: namespace {} was dropped (its replica "
+                                         "attempt failed or was stopped)",
+                                         ns)));
     st.waiters.erase(it);
   }
 }
@@ -288,8 +288,8 @@ caf::result<msg::deployment_view> on_deploy(head* self, const head_config& cfg,
   for (const auto& rep : (*rec)->replicas)
     plan.replicas.push_back(plan_of(self, rep));
   for (const auto& r : (*rec)->ranks())
-    where += fmt::format(" r{}/pp{}/tp{}@{}:{}", r.replica, r.pp_rank, r.tp_rank, r.node_id,
-                         r.device);
+    where +=
+        fmt::format(" r{}/pp{}/tp{}@{}:{}", r.replica, r.pp_rank, r.tp_rank, r.node_id, r.device);
   log::info("head: deploying '{}' (tensor={} pipeline={} replicas={}):{}", name, spec.tensor,
             spec.pipeline, spec.replicas, where);
   auto serving = cfg.spawn_serving(self->system(), caf::actor_cast<caf::actor>(self));
@@ -305,13 +305,13 @@ caf::result<msg::deployment_view> on_deploy(head* self, const head_config& cfg,
           [self, name, rp, current](std::string& endpoint) mutable {
             auto* r = current();
             if (!r) {
-              rp.deliver(refuse(make_error(errc::cancelled,
-                                           "deployment '{}' was stopped while loading", name)));
+              rp.deliver(refuse(
+                  make_error(errc::cancelled, "deployment '{}' was stopped while loading", name)));
               return;
             }
             if (r->state != "loading") { // a node died while loading
-              auto err = make_error(errc::unavailable, "deployment '{}' failed: {}", name,
-                                    r->reason);
+              auto err =
+                  make_error(errc::unavailable, "deployment '{}' failed: {}", name, r->reason);
               remove_deployment(self, name);
               rp.deliver(refuse(err));
               return;

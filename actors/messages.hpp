@@ -75,8 +75,7 @@ typename Inspector::result_type inspect(Inspector& f, step_plan& x) {
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, seq_output& x) {
-  return f(caf::meta::type_name("seq_output"), x.id, x.token, x.logprob, x.top_ids,
-           x.top_logprobs);
+  return f(caf::meta::type_name("seq_output"), x.id, x.token, x.logprob, x.top_ids, x.top_logprobs);
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, step_result& x) {
@@ -158,8 +157,7 @@ struct rank_view {
 };
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, rank_view& x) {
-  return f(caf::meta::type_name("rank_view"), x.pp_rank, x.tp_rank, x.node_id, x.device,
-           x.replica);
+  return f(caf::meta::type_name("rank_view"), x.pp_rank, x.tp_rank, x.node_id, x.device, x.replica);
 }
 
 // One deployment row of `cluster status`. state: loading | ready | degraded | failed.
@@ -176,8 +174,8 @@ struct deployment_view {
 };
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, deployment_view& x) {
-  return f(caf::meta::type_name("deployment_view"), x.name, x.state, x.endpoint, x.reason,
-           x.tensor, x.pipeline, x.ranks, x.replicas, x.replica_states, x.restarts);
+  return f(caf::meta::type_name("deployment_view"), x.name, x.state, x.endpoint, x.reason, x.tensor,
+           x.pipeline, x.ranks, x.replicas, x.replica_states, x.restarts);
 }
 
 // (status_atom, token) -> cluster_view
@@ -250,7 +248,7 @@ struct worker_spec {
   // stage (a long CPU prefill), not just the skew of a collective. A dead stage is noticed
   // sooner: the serving actor sees its worker go down.
   static constexpr int64_t stage_wait_ms = 120000;
-  std::string backend = "cpu";     // model.yaml's device: cpu (Gloo) | cuda (NCCL)
+  std::string backend = "cpu"; // model.yaml's device: cpu (Gloo) | cuda (NCCL)
   // cuda sizing; num_blocks 0 = the KV pool takes what gpu_memory_utilization leaves
   int32_t max_model_len = 0, max_num_seqs = 0, max_num_batched_tokens = 0;
   float gpu_memory_utilization = 0.9f;
@@ -258,9 +256,8 @@ struct worker_spec {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, worker_spec& x) {
   return f(caf::meta::type_name("worker_spec"), x.deployment, x.ns, x.model, x.tp_rank, x.tp_size,
-           x.pp_rank, x.pp_size, x.device, x.num_blocks, x.block_size, x.comm_timeout_ms,
-           x.backend, x.max_model_len, x.max_num_seqs, x.max_num_batched_tokens,
-           x.gpu_memory_utilization);
+           x.pp_rank, x.pp_size, x.device, x.num_blocks, x.block_size, x.comm_timeout_ms, x.backend,
+           x.max_model_len, x.max_num_seqs, x.max_num_batched_tokens, x.gpu_memory_utilization);
 }
 
 // Worker answers: (load_atom) -> worker_reply; (execute_atom, ticket, step_plan) ->
@@ -269,14 +266,13 @@ typename Inspector::result_type inspect(Inspector& f, worker_spec& x) {
 struct worker_reply {
   int32_t rank = 0;    // world rank
   uint64_t ticket = 0; // the plan's ticket (0 for load)
-  std::string error; // empty: ok
+  std::string error;   // empty: ok
   step_result result;
   int32_t kv_blocks = 0; // load: the size of this rank's KV pool
 };
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, worker_reply& x) {
-  return f(caf::meta::type_name("worker_reply"), x.rank, x.ticket, x.error, x.result,
-           x.kv_blocks);
+  return f(caf::meta::type_name("worker_reply"), x.rank, x.ticket, x.error, x.result, x.kv_blocks);
 }
 
 // Key-value messages, all carrying the token first:

@@ -5,9 +5,9 @@
 #include <caf/io/middleman_actor.hpp>
 
 #include "actors/caf_glue.hpp"
+#include "actors/messages.hpp"
 #include "actors/worker_actor.hpp"
 #include "runtime/log.hpp"
-#include "actors/messages.hpp"
 
 namespace troupe::actors {
 
@@ -154,8 +154,8 @@ caf::behavior node_actor(caf::stateful_actor<node_state>* self, node_config cfg)
                   caf::actor& owner) -> caf::result<caf::actor> {
         auto& st = self->state;
         if (!st.joined || !st.head)
-          return to_caf(make_error(errc::unavailable, "node {} is not joined to the head",
-                                   cfg.info.node_id));
+          return to_caf(
+              make_error(errc::unavailable, "node {} is not joined to the head", cfg.info.node_id));
         worker_context ctx{st.head, cfg.token, cfg.info.address, owner};
         return self->spawn<caf::detached>(worker_actor, std::move(spec), std::move(ctx));
       },

@@ -3,8 +3,8 @@
 #include <caf/after.hpp>
 #include <caf/system_messages.hpp>
 
-#include "runtime/log.hpp"
 #include "actors/messages.hpp"
+#include "runtime/log.hpp"
 
 namespace troupe::actors {
 
@@ -12,8 +12,7 @@ using ms = std::chrono::milliseconds;
 
 remote_executor::remote_executor(caf::actor_system& sys, std::vector<caf::actor> workers,
                                  size_t answer_rank, ms timeout,
-                                 std::function<void(const std::string&)> on_failure,
-                                 int32_t depth)
+                                 std::function<void(const std::string&)> on_failure, int32_t depth)
   : sys_(sys), workers_(std::move(workers)), answer_rank_(answer_rank), timeout_(timeout),
     on_failure_(std::move(on_failure)), depth_(std::max(depth, 1)) {}
 
@@ -91,11 +90,12 @@ expected<step_result> remote_executor::collect() {
           if (err.empty())
             err = "a worker is gone (" + sys_.render(dm.reason) + ")";
         },
-        caf::after(std::max(left, ms(1))) >> [&] {
-          const auto& p = replies_[ticket];
-          err = fmt::format("{} of {} ranks did not answer step {} within {} ms",
-                            workers_.size() - p.got, workers_.size(), p.step, timeout_.count());
-        });
+        caf::after(std::max(left, ms(1))) >>
+            [&] {
+              const auto& p = replies_[ticket];
+              err = fmt::format("{} of {} ranks did not answer step {} within {} ms",
+                                workers_.size() - p.got, workers_.size(), p.step, timeout_.count());
+            });
   }
   auto node = replies_.extract(ticket);
   if (err.empty())

@@ -54,7 +54,7 @@ class remote_executor final : public engine::executor {
   int32_t depth_;
   std::unique_ptr<caf::scoped_actor> self_; // made on the calling (engine) thread at first use
   uint64_t next_ticket_ = 1;
-  std::deque<uint64_t> in_flight_;       // tickets, oldest first
+  std::deque<uint64_t> in_flight_;      // tickets, oldest first
   std::map<uint64_t, pending> replies_; // by ticket
   std::string broken_;
 };

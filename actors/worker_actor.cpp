@@ -25,9 +25,10 @@ expected<void> load_cuda(worker* self, const msg::worker_spec& spec) {
   const std::chrono::milliseconds timeout{spec.comm_timeout_ms};
   const std::chrono::milliseconds stage_wait{std::max(spec.comm_timeout_ms, spec.stage_wait_ms)};
   if (spec.tp_size > 1) {
-    auto t = engine::comm::make_nccl_communicator(
-        *st.store, spec.tp_rank, spec.tp_size,
-        {.device = spec.device, .prefix = fmt::format("nccl-tp{}", spec.pp_rank), .timeout = timeout});
+    auto t = engine::comm::make_nccl_communicator(*st.store, spec.tp_rank, spec.tp_size,
+                                                  {.device = spec.device,
+                                                   .prefix = fmt::format("nccl-tp{}", spec.pp_rank),
+                                                   .timeout = timeout});
     if (!t)
       return std::move(t).error().context("tensor group");
     st.gpu_tensor = std::move(*t);

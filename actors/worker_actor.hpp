@@ -1,8 +1,8 @@
 // worker_actor: one rank of a deployment (design.md §1), spawned by the node_actor of the host
 // the head placed it on. Owns a backend shard (device: cpu = CPU backend with Gloo
 // communicators; cuda = CUDA backend on its GPU with NCCL communicators, sampling on the GPU),
-// whose rendezvous goes through the head's KV store under the deployment's namespace. Detached: loading, Gloo
-// rendezvous and forward passes block its own thread, never CAF's scheduler.
+// whose rendezvous goes through the head's KV store under the deployment's namespace. Detached:
+// loading, Gloo rendezvous and forward passes block its own thread, never CAF's scheduler.
 //   (load_atom)               -> sends worker_reply (error empty: loaded) to the sender
 //   (execute_atom, ticket, step_plan) -> sends worker_reply{ticket, result} to the sender.
 //     Plans queue in its mailbox: a pipeline stage starts the next plan as soon as it has
@@ -18,17 +18,17 @@
 #include <caf/stateful_actor.hpp>
 
 #include "actors/head_rendezvous_store.hpp"
+#include "actors/messages.hpp"
 #include "engine/backend/backend.hpp"
 #include "engine/comm/communicator.hpp"
 #include "engine/comm/device_communicator.hpp"
 #include "engine/exec/executor.hpp"
-#include "actors/messages.hpp"
 
 namespace troupe::actors {
 
 struct worker_state {
   std::unique_ptr<head_rendezvous_store> store;
-  std::unique_ptr<engine::comm::communicator> tensor, world;               // cpu (Gloo)
+  std::unique_ptr<engine::comm::communicator> tensor, world;                // cpu (Gloo)
   std::unique_ptr<engine::comm::device_communicator> gpu_tensor, gpu_world; // cuda (NCCL)
   std::unique_ptr<engine::backend> model;
   std::unique_ptr<engine::executor> exec; // refers to model: declared after it, destroyed first

@@ -23,8 +23,8 @@
 
 #include "actors/caf_glue.hpp"
 #include "actors/head_actor.hpp"
-#include "cluster/session.hpp"
 #include "actors/messages.hpp"
+#include "cluster/session.hpp"
 
 using namespace troupe;
 using clk = std::chrono::steady_clock;

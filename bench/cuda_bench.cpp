@@ -51,8 +51,9 @@ double step_weight_bytes(const model_config& c) {
 }
 
 double now_ms() {
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch())
-    .count();
+  return std::chrono::duration<double, std::milli>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
 }
 
 double copy_bandwidth() {
@@ -178,8 +179,11 @@ std::vector<int> int_list(const char* text) {
 void bench_shape(const std::string& shape, double bw, double peak_tflops, const bench_plan& bp) {
   auto c = qwen3_shape(shape);
   const int max_len = 8192 + 16;
-  cuda_options opt{.max_num_batched_tokens = 8192, .max_num_seqs = 256, .max_logit_rows = 256,
-                   .max_model_len = max_len, .gpu_memory_utilization = 0.92f,
+  cuda_options opt{.max_num_batched_tokens = 8192,
+                   .max_num_seqs = 256,
+                   .max_logit_rows = 256,
+                   .max_model_len = max_len,
+                   .gpu_memory_utilization = 0.92f,
                    .random_weights = true};
   auto b = make_cuda_backend(c, nullptr, {.num_blocks = 0, .block_size = 16}, opt);
   if (!b) {
@@ -189,16 +193,19 @@ void bench_shape(const std::string& shape, double bw, double peak_tflops, const 
   auto& be = **b;
   const double wbytes = step_weight_bytes(c);
   const double kv_token = 2.0 * c.num_layers * c.kv_size() * 2; // K and V, bf16
-  const int64_t kv_tokens = static_cast<int64_t>(be.kv_options().num_blocks) * be.kv_options().block_size;
+  const int64_t kv_tokens =
+      static_cast<int64_t>(be.kv_options().num_blocks) * be.kv_options().block_size;
   fmt::print("\n## {} (weights {:.2f} GB, KV pool {} tokens)\n", shape, be.weight_bytes() / 1e9,
              kv_tokens);
-  fmt::print("| batch | ctx | graphs ms/step | eager ms/step | roofline ms | of roofline | tok/s |\n");
+  fmt::print(
+      "| batch | ctx | graphs ms/step | eager ms/step | roofline ms | of roofline | tok/s |\n");
   fmt::print("| --- | --- | --- | --- | --- | --- | --- |\n");
   for (int ctx : bp.ctxs) {
     for (int batch : bp.batches) {
       const int64_t need = static_cast<int64_t>(batch) * (ctx + 16);
       if (need > kv_tokens) {
-        fmt::print("| {} | {} | does not fit ({} KV tokens > {}) | | | | |\n", batch, ctx, need, kv_tokens);
+        fmt::print("| {} | {} | does not fit ({} KV tokens > {}) | | | | |\n", batch, ctx, need,
+                   kv_tokens);
         continue;
       }
       be.set_use_graphs(true);
@@ -262,8 +269,11 @@ int main(int argc, char** argv) {
   if (profile_batch > 0) {
     // A few eager decode steps of the first shape only, for ncu: no ceilings, no graphs.
     auto c = qwen3_shape(shapes.empty() ? "qwen3-8b" : shapes.front());
-    cuda_options opt{.max_num_batched_tokens = 512, .max_num_seqs = 256, .max_logit_rows = 256,
-                     .max_model_len = 8208, .gpu_memory_utilization = 0.4f,
+    cuda_options opt{.max_num_batched_tokens = 512,
+                     .max_num_seqs = 256,
+                     .max_logit_rows = 256,
+                     .max_model_len = 8208,
+                     .gpu_memory_utilization = 0.4f,
                      .random_weights = true};
     auto b = make_cuda_backend(c, nullptr, {.num_blocks = 0, .block_size = 16}, opt);
     if (!b) {
@@ -281,8 +291,9 @@ int main(int argc, char** argv) {
   cudaGetDeviceProperties(&prop, 0);
   double bw = copy_bandwidth();
   double peak = gemm_tflops(8192);
-  fmt::print("# {} ({} SMs)\ncopy bandwidth (read+write): {:.2f} TB/s; bf16 GEMM 8192^3: {:.0f} TFLOP/s\n",
-             prop.name, prop.multiProcessorCount, bw / 1e12, peak);
+  fmt::print(
+      "# {} ({} SMs)\ncopy bandwidth (read+write): {:.2f} TB/s; bf16 GEMM 8192^3: {:.0f} TFLOP/s\n",
+      prop.name, prop.multiProcessorCount, bw / 1e12, peak);
   for (auto& s : shapes)
     bench_shape(s, bw, peak, bp);
   return 0;

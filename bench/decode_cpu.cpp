@@ -16,7 +16,8 @@ using clock_type = std::chrono::steady_clock;
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    fmt::print(stderr, "usage: {} MODEL_DIR_OR_GGUF [prompt_tokens=32] [decode_tokens=64]\n", argv[0]);
+    fmt::print(stderr, "usage: {} MODEL_DIR_OR_GGUF [prompt_tokens=32] [decode_tokens=64]\n",
+               argv[0]);
     return 2;
   }
   const int32_t prompt_len = argc > 2 ? std::atoi(argv[2]) : 32;

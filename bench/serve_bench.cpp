@@ -1,12 +1,13 @@
-// serve_bench: an online serving benchmark with the semantics and option names of `vllm bench serve`
-// (vllm/benchmarks/serve.py): random or ShareGPT prompts sent as streaming OpenAI requests at a
-// Poisson rate (or all at once) under a concurrency cap; it reports request and token throughput
-// and TTFT / TPOT / ITL / E2EL (mean, median, std, p99) as vLLM's summary table and result JSON.
-// Synchronous Boost.Beast client, one thread per request in flight. Builds without CUDA.
+// serve_bench: an online serving benchmark with the semantics and option names of `vllm bench
+// serve` (vllm/benchmarks/serve.py): random or ShareGPT prompts sent as streaming OpenAI requests
+// at a Poisson rate (or all at once) under a concurrency cap; it reports request and token
+// throughput and TTFT / TPOT / ITL / E2EL (mean, median, std, p99) as vLLM's summary table and
+// result JSON. Synchronous Boost.Beast client, one thread per request in flight. Builds without
+// CUDA.
 //
 // Measurement (as vLLM's openai backends): TTFT = first SSE chunk with non-empty text/content after
-// the request was sent; ITL = gaps between later content chunks; E2EL = until the end of the stream;
-// TPOT = (E2EL - TTFT) / (output_tokens - 1); output tokens come from the final usage chunk
+// the request was sent; ITL = gaps between later content chunks; E2EL = until the end of the
+// stream; TPOT = (E2EL - TTFT) / (output_tokens - 1); output tokens come from the final usage chunk
 // (stream_options.include_usage), falling back to re-encoding the generated text.
 #include <algorithm>
 #include <atomic>
@@ -151,7 +152,8 @@ std::vector<sample> sharegpt_dataset(const options& o, const troupe::engine::tok
     if (!p || !c)
       continue;
     const int plen = static_cast<int>(p->size());
-    const int olen = o.sharegpt_output_len > 0 ? o.sharegpt_output_len : static_cast<int>(c->size());
+    const int olen =
+        o.sharegpt_output_len > 0 ? o.sharegpt_output_len : static_cast<int>(c->size());
     const bool fixed = o.sharegpt_output_len > 0;
     if (plen < 4 || (!fixed && olen < 4) || (!fixed && (plen > 1024 || plen + olen > 2048)))
       continue;
@@ -179,7 +181,8 @@ target parse_url(const options& o) {
   else if (u.find("://") != std::string::npos)
     throw std::runtime_error("only http:// base URLs are supported: " + o.base_url);
   const auto slash = u.find('/');
-  std::string hostport = u.substr(0, slash), prefix = slash == std::string::npos ? "" : u.substr(slash);
+  std::string hostport = u.substr(0, slash),
+              prefix = slash == std::string::npos ? "" : u.substr(slash);
   while (!prefix.empty() && prefix.back() == '/')
     prefix.pop_back();
   const auto colon = hostport.rfind(':');
@@ -207,7 +210,8 @@ std::string request_body(const options& o, const sample& s) {
 }
 
 // Parses complete SSE events out of `pending` as they arrive; calls on_data(payload, now).
-template <class F> void drain_events(std::string& pending, F&& on_data) {
+template <class F>
+void drain_events(std::string& pending, F&& on_data) {
   for (;;) {
     auto end = pending.find("\n\n");
     size_t sep = 2;
@@ -243,7 +247,9 @@ result send_request(const options& o, const target& t, const sample& s, bool cha
   const std::string body = request_body(o, s);
   const auto st = clock_type::now();
   r.start = std::chrono::duration<double>(st - bench_start).count();
-  auto secs = [&](clock_type::time_point tp) { return std::chrono::duration<double>(tp - st).count(); };
+  auto secs = [&](clock_type::time_point tp) {
+    return std::chrono::duration<double>(tp - st).count();
+  };
   try {
     boost::asio::io_context ioc;
     tcp::resolver resolver(ioc);
@@ -289,8 +295,8 @@ result send_request(const options& o, const target& t, const sample& s, bool cha
         const auto& c0 = (*ch)[0];
         std::string text;
         if (chat) {
-          if (auto d = c0.find("delta"); d != c0.end() && d->contains("content") &&
-                                         (*d)["content"].is_string())
+          if (auto d = c0.find("delta");
+              d != c0.end() && d->contains("content") && (*d)["content"].is_string())
             text = (*d)["content"].get<std::string>();
         } else if (c0.contains("text") && c0["text"].is_string()) {
           text = c0["text"].get<std::string>();
@@ -304,7 +310,8 @@ result send_request(const options& o, const target& t, const sample& s, bool cha
           r.generated_text += text;
         }
       }
-      if (auto u = j.find("usage"); u != j.end() && u->is_object() && u->contains("completion_tokens"))
+      if (auto u = j.find("usage");
+          u != j.end() && u->is_object() && u->contains("completion_tokens"))
         r.output_tokens = (*u)["completion_tokens"].get<int>();
     };
     boost::system::error_code ec;
@@ -443,7 +450,8 @@ int main(int argc, char** argv) {
   std::mt19937_64 rng(o.seed);
   try {
     t = parse_url(o);
-    samples = o.dataset_name == "random" ? random_dataset(o, tok, rng) : sharegpt_dataset(o, tok, rng);
+    samples =
+        o.dataset_name == "random" ? random_dataset(o, tok, rng) : sharegpt_dataset(o, tok, rng);
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << "\n";
     return 1;
@@ -453,7 +461,8 @@ int main(int argc, char** argv) {
     return 1;
   }
 
-  // Arrival times: all at 0 for inf, else gamma(burstiness, 1/(rate*burstiness)) gaps (Poisson at 1).
+  // Arrival times: all at 0 for inf, else gamma(burstiness, 1/(rate*burstiness)) gaps (Poisson at
+  // 1).
   std::vector<double> arrival(samples.size(), 0.0);
   if (std::isfinite(rate)) {
     std::gamma_distribution<double> gap(o.burstiness, 1.0 / (rate * o.burstiness));
@@ -528,8 +537,8 @@ int main(int argc, char** argv) {
   else if (completed < static_cast<int>(results.size()))
     for (const auto& r : results)
       if (!r.success) {
-        std::cerr << "warning: " << results.size() - completed << " requests failed; one: "
-                  << r.error << "\n";
+        std::cerr << "warning: " << results.size() - completed
+                  << " requests failed; one: " << r.error << "\n";
         break;
       }
 

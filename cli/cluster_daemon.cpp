@@ -14,11 +14,11 @@
 
 #include "actors/caf_glue.hpp"
 #include "actors/head_actor.hpp"
+#include "actors/messages.hpp"
 #include "actors/node_actor.hpp"
 #include "actors/serving/serving_actor.hpp"
 #include "cluster/session.hpp"
 #include "runtime/log.hpp"
-#include "actors/messages.hpp"
 
 #ifndef TROUPE_VERSION
 #define TROUPE_VERSION "0.0.0"

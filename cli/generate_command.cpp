@@ -9,8 +9,8 @@
 #include <fmt/ranges.h>
 
 #include "engine/backend/cpu/cpu_backend.hpp"
-#include "engine/generate.hpp"
 #include "engine/exec/cuda_executor.hpp"
+#include "engine/generate.hpp"
 #include "engine/tokenizer/chat_template.hpp"
 
 namespace troupe::cli {
@@ -89,10 +89,11 @@ int run(const generate_args& args) {
   expected<std::unique_ptr<engine::backend>> model = make_error(errc::internal, "no backend");
   if (args.device == "cuda") {
     const int max_len = static_cast<int>(tokens + args.block_size);
-    auto gpu = engine::load_cuda_backend(
-        args.model, kv,
-        {.max_num_batched_tokens = std::max(max_len, 16), .max_num_seqs = 1,
-         .max_logit_rows = 1, .max_model_len = max_len});
+    auto gpu = engine::load_cuda_backend(args.model, kv,
+                                         {.max_num_batched_tokens = std::max(max_len, 16),
+                                          .max_num_seqs = 1,
+                                          .max_logit_rows = 1,
+                                          .max_model_len = max_len});
     if (gpu)
       model = std::unique_ptr<engine::backend>(std::move(*gpu));
     else
@@ -135,21 +136,23 @@ int run(const generate_args& args) {
 
 void add_generate_command(CLI::App& app, int& exit_code) {
   auto args = std::make_shared<generate_args>();
-  auto* cmd = app.add_subcommand("generate", "Greedy offline generation on the CPU or CUDA backend");
-  cmd->add_option("--model", args->model, "Hugging Face model folder (config.json + safetensors) or a .gguf file")
-    ->required();
+  auto* cmd =
+      app.add_subcommand("generate", "Greedy offline generation on the CPU or CUDA backend");
+  cmd->add_option("--model", args->model,
+                  "Hugging Face model folder (config.json + safetensors) or a .gguf file")
+      ->required();
   cmd->add_option("--prompt-ids", args->prompt_ids, "Prompt token ids, comma separated");
   cmd->add_option("--prompt", args->prompt, "Prompt text, tokenized with the model's tokenizer");
   cmd->add_option("--chat", args->chat, "A user message, rendered with the model's chat template");
   cmd->add_option("--max-tokens", args->max_tokens, "Tokens to generate")
-    ->check(CLI::Range(1, 1 << 20));
+      ->check(CLI::Range(1, 1 << 20));
   cmd->add_option("--block-size", args->block_size, "KV cache block size in tokens")
-    ->check(CLI::Range(1, 1024));
+      ->check(CLI::Range(1, 1024));
   cmd->add_option("--prefill-chunk", args->prefill_chunk,
                   "Prompt tokens per step (0 = whole prompt)")
-    ->check(CLI::NonNegativeNumber);
+      ->check(CLI::NonNegativeNumber);
   cmd->add_option("--device", args->device, "cpu (float32) or cuda (bf16, GPU 0)")
-    ->check(CLI::IsMember({"cpu", "cuda"}));
+      ->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_flag("--ignore-eos", args->ignore_eos, "Keep generating past EOS");
   cmd->callback([args, &exit_code] { exit_code = run(*args); });
 }

@@ -70,10 +70,10 @@ void discover_rdma(host_resources& r) {
     ibv_port_attr attr{};
     if (ibv_query_port(ctx, 1, &attr) == 0) {
       r.rdma_devices.push_back(
-        {.name = ibv_get_device_name(list[i]),
-         .port = 1,
-         .state = ibv_port_state_str(attr.state),
-         .link_layer = attr.link_layer == IBV_LINK_LAYER_ETHERNET ? "Ethernet" : "InfiniBand"});
+          {.name = ibv_get_device_name(list[i]),
+           .port = 1,
+           .state = ibv_port_state_str(attr.state),
+           .link_layer = attr.link_layer == IBV_LINK_LAYER_ETHERNET ? "Ethernet" : "InfiniBand"});
     }
     ibv_close_device(ctx);
   }

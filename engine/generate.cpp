@@ -94,8 +94,8 @@ expected<std::vector<generation>> generate_greedy(backend& model,
       token_id next = argmax(last);
       out[i].output.push_back(next);
       const auto& eos = config.eos_token_ids;
-      if (static_cast<int32_t>(out[i].output.size()) >= options.max_new_tokens
-          || (options.stop_at_eos && std::find(eos.begin(), eos.end(), next) != eos.end()))
+      if (static_cast<int32_t>(out[i].output.size()) >= options.max_new_tokens ||
+          (options.stop_at_eos && std::find(eos.begin(), eos.end(), next) != eos.end()))
         done[i] = true;
     }
   }

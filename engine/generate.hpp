@@ -12,8 +12,8 @@ namespace troupe::engine {
 
 struct generate_options {
   int32_t max_new_tokens = 16;
-  int32_t prefill_chunk = 0;      // tokens of a prompt fed per step; 0 = the whole prompt at once
-  bool stop_at_eos = false;       // stop a sequence at the model's EOS ids
+  int32_t prefill_chunk = 0; // tokens of a prompt fed per step; 0 = the whole prompt at once
+  bool stop_at_eos = false;  // stop a sequence at the model's EOS ids
   bool record_prompt_logits = false; // fill prompt_argmax and last_prompt_logits
 };
 

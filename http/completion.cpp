@@ -9,9 +9,9 @@
 #include <boost/beast/http.hpp>
 #include <fmt/format.h>
 
+#include "engine/tokenizer/detokenizer.hpp"
 #include "http/http_server.hpp"
 #include "http/request_channel.hpp"
-#include "engine/tokenizer/detokenizer.hpp"
 
 namespace troupe::serve {
 
@@ -138,9 +138,11 @@ class completion_run {
     ctx_.metrics->e2e.observe(std::chrono::duration<double>(clock_type::now() - arrival_).count());
     if (channel->failed()) {
       const auto why = channel->failure();
-      const api_error e{500, why.empty() ? "the engine failed; see the server log"
-                                          : "the engine failed: " + why,
-                        {}, {}};
+      const api_error e{500,
+                        why.empty() ? "the engine failed; see the server log"
+                                    : "the engine failed: " + why,
+                        {},
+                        {}};
       if (!req_.stream)
         return reply_error(e);
       out_.event(json::parse(error_body(e)));

@@ -15,8 +15,8 @@
 
 #include <boost/asio/ip/tcp.hpp>
 
-#include "http/openai_api.hpp"
 #include "http/metrics.hpp"
+#include "http/openai_api.hpp"
 #include "http/serving_port.hpp"
 
 namespace troupe::serve {

@@ -1,6 +1,7 @@
 // model.yaml: what `cluster serve` deploys (model, limits, HTTP endpoint, parallel layout, device).
 // Parsed by the serve command; the head's placement checks tensor x pipeline against the model.
-// Parsing reads the file and blocks on that I/O only. Every error names the key, and the line/column where YAML knows it.
+// Parsing reads the file and blocks on that I/O only. Every error names the key, and the
+// line/column where YAML knows it.
 #pragma once
 
 #include <cstdint>
@@ -13,7 +14,8 @@
 
 namespace troupe {
 
-// parallel: in model.yaml: how many ranks of each kind (engine/backend/shard.hpp has the per-rank layout).
+// parallel: in model.yaml: how many ranks of each kind (engine/backend/shard.hpp has the per-rank
+// layout).
 struct parallel_size {
   int32_t tensor = 1;
   int32_t pipeline = 1;
@@ -25,7 +27,8 @@ struct deployment_config {
   std::string served_model_name; // the API's model name; default: model path's stem
   std::string dtype = "auto";    // auto | float32 | bfloat16 | float16
   std::string device = "cpu";    // cpu | cuda
-  int32_t max_model_len = 0; // context limit; 0 = the model's max_position_embeddings, capped at 4096
+  int32_t max_model_len =
+      0; // context limit; 0 = the model's max_position_embeddings, capped at 4096
   int32_t max_num_seqs = 64;
   int32_t max_num_batched_tokens = 2048;
   int32_t max_waiting = 1024;          // queued requests beyond this get 503

@@ -25,15 +25,15 @@ enum class errc : uint8_t {
   out_of_range,       // offsets, ids or lengths outside their bounds
   resource_exhausted, // out of KV blocks, queue full, out of memory
   timeout,
-  unavailable,        // a peer or node is unreachable
+  unavailable, // a peer or node is unreachable
   cancelled,
-  internal,           // a bug: an invariant did not hold
+  internal, // a bug: an invariant did not hold
 };
 
 std::string_view to_string(errc code);
 
 class error {
-public:
+ public:
   error() = default;
   error(errc code, std::string message) : code_(code), message_(std::move(message)) {}
 
@@ -47,7 +47,7 @@ public:
   // Prepends context: make_error(...).context("loading model X") -> "loading model X: ...".
   error&& context(std::string_view what) &&;
 
-private:
+ private:
   errc code_ = errc::ok;
   std::string message_;
 };
@@ -62,7 +62,7 @@ error make_error(errc code, fmt::format_string<Ts...> format, Ts&&... args) {
 // A value or an error. Minimal on purpose: C++20 has no std::expected.
 template <class T>
 class [[nodiscard]] expected {
-public:
+ public:
   expected(T value) : state_(std::in_place_index<0>, std::move(value)) {}
   expected(troupe::error err) : state_(std::in_place_index<1>, std::move(err)) {}
 
@@ -81,14 +81,14 @@ public:
   const troupe::error& error() const& { return std::get<1>(state_); }
   troupe::error&& error() && { return std::get<1>(std::move(state_)); }
 
-private:
+ private:
   std::variant<T, troupe::error> state_;
 };
 
 // expected<void>: success or an error.
 template <>
 class [[nodiscard]] expected<void> {
-public:
+ public:
   expected() = default;
   expected(troupe::error err) : error_(std::move(err)) {}
 
@@ -97,7 +97,7 @@ public:
   const troupe::error& error() const& { return error_; }
   troupe::error&& error() && { return std::move(error_); }
 
-private:
+ private:
   troupe::error error_;
 };
 

@@ -1,5 +1,6 @@
 // Minimal leveled logging to stderr through fmt; daemons redirect stderr into their session log.
-// Thread-safe (one fmt::print per line). Level from TROUPE_LOG (debug|info|warn|error), default info.
+// Thread-safe (one fmt::print per line). Level from TROUPE_LOG (debug|info|warn|error), default
+// info.
 #pragma once
 
 #include <string_view>

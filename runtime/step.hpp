@@ -41,9 +41,9 @@ enum class logits_mode : uint8_t {
 // One sequence's share of a step: feed `tokens` at positions start_pos .. start_pos+n-1.
 struct seq_step {
   seq_id id = 0;
-  int32_t start_pos = 0;             // tokens of this sequence already in its KV cache
-  std::vector<token_id> tokens;      // [n] tokens fed this step (a prefill chunk, or one decode token)
-  std::vector<int32_t> block_table;  // physical KV blocks holding positions [0, start_pos + n)
+  int32_t start_pos = 0;        // tokens of this sequence already in its KV cache
+  std::vector<token_id> tokens; // [n] tokens fed this step (a prefill chunk, or one decode token)
+  std::vector<int32_t> block_table; // physical KV blocks holding positions [0, start_pos + n)
   logits_mode logits = logits_mode::last;
   sampling_params sampling; // the scheduler always sets has_seed (it picks a seed when the
                             // request gave none), so every rank samples the same token
@@ -81,7 +81,7 @@ struct seq_output {
   seq_id id = 0;
   token_id token = -1;  // sampled token, -1 when the plan asked for no logits
   float logprob = 0.0f; // log-probability of `token` under the model (log-softmax of raw logits)
-  std::vector<token_id> top_ids;   // top logprobs when requested (raw logits, ties: lower id)
+  std::vector<token_id> top_ids; // top logprobs when requested (raw logits, ties: lower id)
   std::vector<float> top_logprobs;
 };
 

@@ -47,7 +47,8 @@ std::vector<std::vector<int32_t>> golden_prompt_ids(const fs::path& model_dir) {
 
 temp_dir::temp_dir() {
   std::random_device rd;
-  path_ = fs::temp_directory_path() / ("troupe-test-" + std::to_string(rd()) + std::to_string(rd()));
+  path_ =
+      fs::temp_directory_path() / ("troupe-test-" + std::to_string(rd()) + std::to_string(rd()));
   fs::create_directories(path_);
 }
 

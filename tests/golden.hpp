@@ -24,12 +24,12 @@ std::vector<std::vector<int32_t>> golden_prompt_ids(const std::filesystem::path&
 
 // A fresh empty folder under the system temp dir, removed when the object dies.
 class temp_dir {
-public:
+ public:
   temp_dir();
   ~temp_dir();
   const std::filesystem::path& path() const { return path_; }
 
-private:
+ private:
   std::filesystem::path path_;
 };
 

@@ -3,11 +3,11 @@
 #include <algorithm>
 #include <chrono>
 
-#include "http/http_server.hpp"
 #include "engine/backend/cpu/cpu_backend.hpp"
-#include "engine/model/gguf_weights.hpp"
 #include "engine/exec/cuda_executor.hpp"
+#include "engine/model/gguf_weights.hpp"
 #include "engine/sampling/sampler.hpp"
+#include "http/http_server.hpp"
 #include "runtime/log.hpp"
 
 namespace troupe::serve {
@@ -133,8 +133,9 @@ expected<std::unique_ptr<deployment>> deployment::start(const deployment_config&
                  if (!model)
                    return std::move(model).error();
                  auto exec = std::make_unique<engine::local_executor>(**model);
-                 one.push_back({std::make_unique<owning_executor>(std::move(*model), std::move(exec)),
-                                kv.num_blocks, nullptr});
+                 one.push_back(
+                     {std::make_unique<owning_executor>(std::move(*model), std::move(exec)),
+                      kv.num_blocks, nullptr});
                  return one;
                });
 }

@@ -12,9 +12,9 @@
 #include <string>
 
 #include "actors/serving/replica_router.hpp"
-#include "runtime/config.hpp"
-#include "engine/model/model_config.hpp"
 #include "engine/exec/executor.hpp"
+#include "engine/model/model_config.hpp"
+#include "runtime/config.hpp"
 
 namespace troupe::serve {
 
@@ -25,8 +25,7 @@ struct kv_plan {
   int32_t max_model_len = 0;
   int32_t num_blocks = 0;
 };
-expected<kv_plan> plan_kv(const deployment_config& config,
-                          const engine::model_config& model);
+expected<kv_plan> plan_kv(const deployment_config& config, const engine::model_config& model);
 
 // Makes every replica's executor once the model's config and the KV plan are known: a backend
 // in this process (`--block`) or each replica's worker ranks (the head's serving actor), with
@@ -40,9 +39,9 @@ class deployment {
   // In this process on the config's device (tensor = pipeline = replicas = 1 only).
   static expected<std::unique_ptr<deployment>> start(const deployment_config& config,
                                                      std::string version);
-  static expected<std::unique_ptr<deployment>>
-  start(const deployment_config& config, std::string version,
-        const executor_factory& make_executor);
+  static expected<std::unique_ptr<deployment>> start(const deployment_config& config,
+                                                     std::string version,
+                                                     const executor_factory& make_executor);
   ~deployment();
 
   uint16_t port() const { return port_; }

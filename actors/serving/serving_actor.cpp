@@ -108,8 +108,8 @@ expected<int32_t> load_workers(caf::blocking_actor* self, const caf::actor& owne
 // One replica's loader (a detached blocking actor): spawns and loads its workers, then tells
 // the serving actor (loaded_atom), which owns them from then on. Exits quietly, stopping what
 // it spawned, when the serving actor goes away.
-void replica_loader(caf::blocking_actor* self, caf::actor owner, deployment_config c,
-                    kv_plan kv, msg::replica_plan plan) {
+void replica_loader(caf::blocking_actor* self, caf::actor owner, deployment_config c, kv_plan kv,
+                    msg::replica_plan plan) {
   self->monitor(owner);
   msg::replica_loaded out{.replica = plan.replica, .ns = plan.ns};
   std::vector<caf::actor> workers;
@@ -155,10 +155,10 @@ expected<replica_executor> executor_of(serving* self, const caf::actor& head,
   // which may wait up to stage_wait_ms for the one before it; one plan per stage in flight.
   const size_t answer = static_cast<size_t>(c.parallel.pipeline - 1) * c.parallel.tensor;
   const auto step_timeout = msg::worker_spec::stage_wait_ms * 1ms * c.parallel.pipeline + 5s;
-  return replica_executor{std::make_unique<actors::remote_executor>(
-                              self->system(), r.workers, answer, step_timeout, on_failure,
-                              c.parallel.pipeline),
-                          r.kv_blocks, health};
+  return replica_executor{
+      std::make_unique<actors::remote_executor>(self->system(), r.workers, answer, step_timeout,
+                                                on_failure, c.parallel.pipeline),
+      r.kv_blocks, health};
 }
 
 // Watches a loaded replica's workers: one going down fails the replica even while it is idle.

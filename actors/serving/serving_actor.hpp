@@ -27,8 +27,8 @@
 #include <caf/stateful_actor.hpp>
 #include <caf/typed_response_promise.hpp>
 
-#include "actors/serving/deployment.hpp"
 #include "actors/messages.hpp"
+#include "actors/serving/deployment.hpp"
 
 namespace troupe::serve {
 

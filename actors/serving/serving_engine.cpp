@@ -147,8 +147,7 @@ std::string serving_engine::metrics_text(const std::vector<const serving_engine*
   };
   gauge("troupe_num_requests_running", "Sequences running in the batch.", s.running);
   gauge("troupe_num_requests_waiting", "Sequences waiting to be scheduled.", s.waiting);
-  gauge("troupe_kv_blocks_in_use", "KV cache blocks referenced by sequences.",
-        s.pool.blocks_used);
+  gauge("troupe_kv_blocks_in_use", "KV cache blocks referenced by sequences.", s.pool.blocks_used);
   gauge("troupe_kv_blocks_total", "KV cache blocks in the pool.", s.pool.num_blocks);
   gauge("troupe_kv_cache_usage_perc", "Fraction of KV cache blocks in use.",
         s.pool.num_blocks ? static_cast<double>(s.pool.blocks_used) / s.pool.num_blocks : 0.0);

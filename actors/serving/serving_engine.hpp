@@ -16,8 +16,8 @@
 #include <thread>
 #include <unordered_map>
 
-#include "engine/scheduler/engine_loop.hpp"
 #include "engine/exec/local_executor.hpp"
+#include "engine/scheduler/engine_loop.hpp"
 #include "http/metrics.hpp"
 #include "http/serving_port.hpp"
 
@@ -58,7 +58,7 @@ class serving_engine {
   void step_once();
   void publish();
 
-  engine::engine_loop loop_;                                              // engine thread only
+  engine::engine_loop loop_;                                        // engine thread only
   std::unordered_map<seq_id, std::shared_ptr<request_sink>> sinks_; // engine thread only
 
   std::mutex inbox_mu_;

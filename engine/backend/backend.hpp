@@ -22,9 +22,10 @@ struct kv_cache_options {
 // Logits a forward pass produced, for the seq_steps that asked for them.
 struct forward_output {
   int64_t vocab_size = 0;
-  std::vector<float> logits;      // [rows, vocab_size]
-  std::vector<int32_t> first_row; // per seq_step in plan order: first row, or -1 (logits_mode::none)
-  std::vector<int32_t> num_rows;  // per seq_step: 0, 1 (last) or its token count (all)
+  std::vector<float> logits; // [rows, vocab_size]
+  std::vector<int32_t>
+      first_row;                 // per seq_step in plan order: first row, or -1 (logits_mode::none)
+  std::vector<int32_t> num_rows; // per seq_step: 0, 1 (last) or its token count (all)
 
   std::span<const float> row(int32_t r) const {
     return {logits.data() + static_cast<size_t>(r) * vocab_size, static_cast<size_t>(vocab_size)};
@@ -34,7 +35,7 @@ struct forward_output {
 };
 
 class backend {
-public:
+ public:
   virtual ~backend() = default;
 
   virtual const model_config& config() const = 0;

@@ -40,9 +40,8 @@ expected<step_result> cuda_executor::execute(const step_plan& plan) {
   return result;
 }
 
-expected<std::unique_ptr<cuda_backend>> load_cuda_backend(const std::filesystem::path& model,
-                                                          kv_cache_options kv,
-                                                          cuda_options options) {
+expected<std::unique_ptr<cuda_backend>>
+load_cuda_backend(const std::filesystem::path& model, kv_cache_options kv, cuda_options options) {
   if (auto why = cuda_unavailable_reason(); !why.empty())
     return make_error(errc::unsupported, "device: cuda cannot run here: {}", why);
   return open_model(model, [&](model_config config, const weight_source& weights) {

@@ -9,8 +9,8 @@
 
 #include "engine/backend/cuda/cuda_backend.hpp"
 #include "engine/backend/cuda/gpu_sampler.hpp"
-#include "engine/sampling/sampler.hpp"
 #include "engine/exec/executor.hpp"
+#include "engine/sampling/sampler.hpp"
 
 namespace troupe::engine {
 
@@ -22,7 +22,7 @@ class cuda_executor final : public executor {
 
  private:
   cuda_executor(cuda_backend& model, std::unique_ptr<gpu_sampler> gpu)
-      : model_(model), gpu_(std::move(gpu)) {}
+    : model_(model), gpu_(std::move(gpu)) {}
   cuda_backend& model_;
   std::unique_ptr<gpu_sampler> gpu_;
   sampler host_;
@@ -32,8 +32,7 @@ class cuda_executor final : public executor {
 // Loads a Hugging Face folder or a .gguf file onto a GPU (bf16): weights, then workspace, then a
 // KV pool of kv.num_blocks blocks (0 = sized from options.gpu_memory_utilization). Errors name
 // the reason when no GPU is usable. Blocks while loading.
-expected<std::unique_ptr<cuda_backend>> load_cuda_backend(const std::filesystem::path& model,
-                                                          kv_cache_options kv,
-                                                          cuda_options options);
+expected<std::unique_ptr<cuda_backend>>
+load_cuda_backend(const std::filesystem::path& model, kv_cache_options kv, cuda_options options);
 
 } // namespace troupe::engine

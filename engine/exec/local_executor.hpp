@@ -3,8 +3,8 @@
 #pragma once
 
 #include "engine/backend/backend.hpp"
-#include "engine/sampling/sampler.hpp"
 #include "engine/exec/executor.hpp"
+#include "engine/sampling/sampler.hpp"
 
 namespace troupe::engine {
 

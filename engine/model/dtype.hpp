@@ -10,7 +10,20 @@
 
 namespace troupe::engine {
 
-enum class dtype : uint8_t { f32, f16, bf16, f64, i64, i32, i16, i8, u8, boolean, f8_e4m3, f8_e5m2 };
+enum class dtype : uint8_t {
+  f32,
+  f16,
+  bf16,
+  f64,
+  i64,
+  i32,
+  i16,
+  i8,
+  u8,
+  boolean,
+  f8_e4m3,
+  f8_e5m2
+};
 
 // Size in bytes of one element.
 size_t dtype_size(dtype t);

@@ -19,7 +19,7 @@ constexpr uint64_t max_dims = 4;            // GGML_MAX_DIMS
 
 // A bounds-checked little-endian cursor over the file image; every read fails cleanly at the end.
 class cursor {
-public:
+ public:
   cursor(std::span<const std::byte> bytes, const fs::path& path) : bytes_(bytes), path_(path) {}
 
   size_t pos() const { return pos_; }
@@ -48,11 +48,12 @@ public:
   }
 
   error truncated(std::string_view what) const {
-    return make_error(errc::parse_error, "{}: truncated GGUF file: {} at byte {} runs past the end ({} bytes)",
+    return make_error(errc::parse_error,
+                      "{}: truncated GGUF file: {} at byte {} runs past the end ({} bytes)",
                       path_.string(), what, pos_, bytes_.size());
   }
 
-private:
+ private:
   std::span<const std::byte> bytes_;
   const fs::path& path_;
   size_t pos_ = 0;
@@ -60,16 +61,29 @@ private:
 
 size_t scalar_size(gguf_type t) {
   switch (t) {
-  case gguf_type::u8: case gguf_type::i8: case gguf_type::boolean: return 1;
-  case gguf_type::u16: case gguf_type::i16: return 2;
-  case gguf_type::u32: case gguf_type::i32: case gguf_type::f32: return 4;
-  case gguf_type::u64: case gguf_type::i64: case gguf_type::f64: return 8;
-  default: return 0; // string, array: variable
+  case gguf_type::u8:
+  case gguf_type::i8:
+  case gguf_type::boolean:
+    return 1;
+  case gguf_type::u16:
+  case gguf_type::i16:
+    return 2;
+  case gguf_type::u32:
+  case gguf_type::i32:
+  case gguf_type::f32:
+    return 4;
+  case gguf_type::u64:
+  case gguf_type::i64:
+  case gguf_type::f64:
+    return 8;
+  default:
+    return 0; // string, array: variable
   }
 }
 
 bool is_int(gguf_type t) {
-  return t != gguf_type::f32 && t != gguf_type::f64 && t != gguf_type::boolean && scalar_size(t) > 0;
+  return t != gguf_type::f32 && t != gguf_type::f64 && t != gguf_type::boolean &&
+         scalar_size(t) > 0;
 }
 
 // One scalar of type t (not string/array) as the widened variant alternative.
@@ -81,17 +95,25 @@ expected<std::variant<int64_t, double, bool>> read_scalar(cursor& c, gguf_type t
     return std::variant<int64_t, double, bool>(static_cast<int64_t>(*v));
   };
   switch (t) {
-  case gguf_type::u8: return widen(c.read<uint8_t>(what));
-  case gguf_type::i8: return widen(c.read<int8_t>(what));
-  case gguf_type::u16: return widen(c.read<uint16_t>(what));
-  case gguf_type::i16: return widen(c.read<int16_t>(what));
-  case gguf_type::u32: return widen(c.read<uint32_t>(what));
-  case gguf_type::i32: return widen(c.read<int32_t>(what));
-  case gguf_type::i64: return widen(c.read<int64_t>(what));
+  case gguf_type::u8:
+    return widen(c.read<uint8_t>(what));
+  case gguf_type::i8:
+    return widen(c.read<int8_t>(what));
+  case gguf_type::u16:
+    return widen(c.read<uint16_t>(what));
+  case gguf_type::i16:
+    return widen(c.read<int16_t>(what));
+  case gguf_type::u32:
+    return widen(c.read<uint32_t>(what));
+  case gguf_type::i32:
+    return widen(c.read<int32_t>(what));
+  case gguf_type::i64:
+    return widen(c.read<int64_t>(what));
   case gguf_type::u64: {
     auto v = c.read<uint64_t>(what);
     if (v && *v > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
-      return make_error(errc::parse_error, "{}: {} = {} does not fit in int64", c.where(), what, *v);
+      return make_error(errc::parse_error, "{}: {} = {} does not fit in int64", c.where(), what,
+                        *v);
     return widen(std::move(v));
   }
   case gguf_type::f32: {
@@ -112,7 +134,8 @@ expected<std::variant<int64_t, double, bool>> read_scalar(cursor& c, gguf_type t
       return std::move(v).error();
     return std::variant<int64_t, double, bool>(*v != 0);
   }
-  default: break;
+  default:
+    break;
   }
   return make_error(errc::parse_error, "{}: {}: unknown GGUF value type {}", c.where(), what,
                     static_cast<uint32_t>(t));
@@ -166,11 +189,13 @@ expected<gguf_value> read_value(cursor& c, gguf_type t, const std::string& key) 
     return v;
   }
   if (v.elem_type == gguf_type::array)
-    return make_error(errc::unsupported, "{}: {}: nested GGUF arrays are not supported", c.where(), key);
+    return make_error(errc::unsupported, "{}: {}: nested GGUF arrays are not supported", c.where(),
+                      key);
   // Reject absurd counts before reserving: every element needs at least its scalar size.
   size_t es = scalar_size(v.elem_type);
   if (es == 0)
-    return make_error(errc::parse_error, "{}: {}: unknown GGUF array element type {}", c.where(), key, *et);
+    return make_error(errc::parse_error, "{}: {}: unknown GGUF array element type {}", c.where(),
+                      key, *et);
   if (*n > c.remaining() / es)
     return c.truncated(key);
   if (v.elem_type == gguf_type::boolean)
@@ -208,7 +233,8 @@ expected<gguf_tensor_info> read_tensor_info(cursor& c, const fs::path& path, uin
     return make_error(errc::unsupported, "{}: tensor {} has unknown ggml type {}", path.string(),
                       t.name, t.type);
   if (t.row_size() % traits->block_size != 0)
-    return make_error(errc::parse_error, "{}: tensor {} ({}) row of {} is not a multiple of the block size {}",
+    return make_error(errc::parse_error,
+                      "{}: tensor {} ({}) row of {} is not a multiple of the block size {}",
                       path.string(), t.name, traits->name, t.row_size(), traits->block_size);
   t.bytes = static_cast<uint64_t>(t.numel() / traits->block_size) * traits->block_bytes;
   if (t.offset % alignment != 0)
@@ -226,7 +252,9 @@ int64_t gguf_tensor_info::numel() const {
   return n;
 }
 
-std::vector<int64_t> gguf_tensor_info::torch_shape() const { return {dims.rbegin(), dims.rend()}; }
+std::vector<int64_t> gguf_tensor_info::torch_shape() const {
+  return {dims.rbegin(), dims.rend()};
+}
 
 expected<gguf_file> gguf_file::open(const fs::path& path) {
   auto file = mapped_file::open(path);
@@ -243,8 +271,9 @@ expected<gguf_file> gguf_file::parse(std::shared_ptr<mapped_file> file, const fs
   cursor c(bytes, g.path_);
   TROUPE_READ(magic, c.read<uint32_t>("magic"));
   if (*magic != gguf_magic)
-    return make_error(errc::parse_error, "{}: not a GGUF file (bad magic 0x{:08x}, expected \"GGUF\")",
-                      path.string(), *magic);
+    return make_error(errc::parse_error,
+                      "{}: not a GGUF file (bad magic 0x{:08x}, expected \"GGUF\")", path.string(),
+                      *magic);
   TROUPE_READ(version, c.read<uint32_t>("version"));
   if (*version != 2 && *version != 3)
     return make_error(errc::unsupported, "{}: GGUF version {} is not supported (2 and 3 are)",
@@ -282,10 +311,11 @@ expected<gguf_file> gguf_file::parse(std::shared_ptr<mapped_file> file, const fs
   const uint64_t data_size = bytes.size() > data_start ? bytes.size() - data_start : 0;
   for (const auto& t : g.tensors_)
     if (t.offset > data_size || t.bytes > data_size - t.offset)
-      return make_error(errc::parse_error,
-                        "{}: truncated GGUF file: tensor {} ({}, {} bytes at data offset {}) runs past "
-                        "the end of the data section ({} bytes)",
-                        path.string(), t.name, ggml_type_name(t.type), t.bytes, t.offset, data_size);
+      return make_error(
+          errc::parse_error,
+          "{}: truncated GGUF file: tensor {} ({}, {} bytes at data offset {}) runs past "
+          "the end of the data section ({} bytes)",
+          path.string(), t.name, ggml_type_name(t.type), t.bytes, t.offset, data_size);
   g.data_ = bytes.data() + std::min<uint64_t>(data_start, bytes.size());
   return g;
 }
@@ -328,21 +358,23 @@ expected<std::optional<bool>> gguf_file::get_bool(std::string_view key) const {
 expected<std::optional<std::string>> gguf_file::get_string(std::string_view key) const {
   return get_as<std::string>(*this, key, "a string");
 }
-expected<std::optional<std::vector<std::string>>> gguf_file::get_strings(std::string_view key) const {
+expected<std::optional<std::vector<std::string>>>
+gguf_file::get_strings(std::string_view key) const {
   return get_as<std::vector<std::string>>(*this, key, "an array of strings");
 }
 expected<std::optional<std::vector<int64_t>>> gguf_file::get_ints(std::string_view key) const {
   return get_as<std::vector<int64_t>>(*this, key, "an array of integers");
 }
 
-expected<std::vector<float>> gguf_file::dequantize_rows(const gguf_tensor_info& t, int64_t row_begin,
-                                                        int64_t row_end) const {
+expected<std::vector<float>> gguf_file::dequantize_rows(const gguf_tensor_info& t,
+                                                        int64_t row_begin, int64_t row_end) const {
   auto traits = ggml_traits(t.type);
   if (!traits || !traits->dequantizable)
-    return make_error(errc::unsupported,
-                      "{}: tensor {} has type {}, which cannot be dequantised (supported: F32, F16, "
-                      "BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)",
-                      path_.string(), t.name, ggml_type_name(t.type));
+    return make_error(
+        errc::unsupported,
+        "{}: tensor {} has type {}, which cannot be dequantised (supported: F32, F16, "
+        "BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)",
+        path_.string(), t.name, ggml_type_name(t.type));
   if (row_begin < 0 || row_begin > row_end || row_end > t.num_rows())
     return make_error(errc::out_of_range, "{}: rows [{}, {}) of tensor {} outside its {} rows",
                       path_.string(), row_begin, row_end, t.name, t.num_rows());

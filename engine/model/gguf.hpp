@@ -22,8 +22,19 @@ namespace troupe::engine {
 
 // GGUF value type ids (gguf.h).
 enum class gguf_type : uint32_t {
-  u8 = 0, i8 = 1, u16 = 2, i16 = 3, u32 = 4, i32 = 5, f32 = 6, boolean = 7,
-  string = 8, array = 9, u64 = 10, i64 = 11, f64 = 12,
+  u8 = 0,
+  i8 = 1,
+  u16 = 2,
+  i16 = 3,
+  u32 = 4,
+  i32 = 5,
+  f32 = 6,
+  boolean = 7,
+  string = 8,
+  array = 9,
+  u64 = 10,
+  i64 = 11,
+  f64 = 12,
 };
 
 // One metadata value. Integers of every width widen to int64_t (u64 above INT64_MAX is a parse
@@ -33,7 +44,7 @@ struct gguf_value {
   gguf_type elem_type = gguf_type::u8; // arrays only
   std::variant<int64_t, double, bool, std::string, std::vector<int64_t>, std::vector<double>,
                std::vector<bool>, std::vector<std::string>>
-    value;
+      value;
 };
 
 struct gguf_tensor_info {
@@ -51,7 +62,7 @@ struct gguf_tensor_info {
 };
 
 class gguf_file {
-public:
+ public:
   static expected<gguf_file> open(const std::filesystem::path& path);
   // Validates a whole file image; `path` only names it in errors. Used by open() and by tests.
   static expected<gguf_file> parse(std::shared_ptr<mapped_file> file,
@@ -83,7 +94,7 @@ public:
     return dequantize_rows(t, 0, t.num_rows());
   }
 
-private:
+ private:
   std::filesystem::path path_;
   std::shared_ptr<mapped_file> file_;
   const std::byte* data_ = nullptr; // start of the (aligned) data section

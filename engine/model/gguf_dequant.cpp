@@ -20,21 +20,21 @@ struct type_entry {
 
 // Block layouts from ggml-common.h.
 constexpr std::array<type_entry, 15> type_table{{
-  {ggml_type::f32, {"F32", 1, 4, true}},
-  {ggml_type::f16, {"F16", 1, 2, true}},
-  {ggml_type::q4_0, {"Q4_0", 32, 2 + 16, true}},
-  {ggml_type::q4_1, {"Q4_1", 32, 2 + 2 + 16, true}},
-  {ggml_type::q5_0, {"Q5_0", 32, 2 + 4 + 16, false}},
-  {ggml_type::q5_1, {"Q5_1", 32, 2 + 2 + 4 + 16, false}},
-  {ggml_type::q8_0, {"Q8_0", 32, 2 + 32, true}},
-  {ggml_type::q8_1, {"Q8_1", 32, 2 + 2 + 32, false}},
-  {ggml_type::q2_k, {"Q2_K", qk_k, qk_k / 16 + qk_k / 4 + 2 + 2, false}},
-  {ggml_type::q3_k, {"Q3_K", qk_k, qk_k / 8 + qk_k / 4 + 12 + 2, false}},
-  {ggml_type::q4_k, {"Q4_K", qk_k, 2 + 2 + 12 + qk_k / 2, true}},
-  {ggml_type::q5_k, {"Q5_K", qk_k, 2 + 2 + 12 + qk_k / 8 + qk_k / 2, false}},
-  {ggml_type::q6_k, {"Q6_K", qk_k, qk_k / 2 + qk_k / 4 + qk_k / 16 + 2, true}},
-  {ggml_type::q8_k, {"Q8_K", qk_k, 4 + qk_k + qk_k / 16 * 2, false}},
-  {ggml_type::bf16, {"BF16", 1, 2, true}},
+    {ggml_type::f32, {"F32", 1, 4, true}},
+    {ggml_type::f16, {"F16", 1, 2, true}},
+    {ggml_type::q4_0, {"Q4_0", 32, 2 + 16, true}},
+    {ggml_type::q4_1, {"Q4_1", 32, 2 + 2 + 16, true}},
+    {ggml_type::q5_0, {"Q5_0", 32, 2 + 4 + 16, false}},
+    {ggml_type::q5_1, {"Q5_1", 32, 2 + 2 + 4 + 16, false}},
+    {ggml_type::q8_0, {"Q8_0", 32, 2 + 32, true}},
+    {ggml_type::q8_1, {"Q8_1", 32, 2 + 2 + 32, false}},
+    {ggml_type::q2_k, {"Q2_K", qk_k, qk_k / 16 + qk_k / 4 + 2 + 2, false}},
+    {ggml_type::q3_k, {"Q3_K", qk_k, qk_k / 8 + qk_k / 4 + 12 + 2, false}},
+    {ggml_type::q4_k, {"Q4_K", qk_k, 2 + 2 + 12 + qk_k / 2, true}},
+    {ggml_type::q5_k, {"Q5_K", qk_k, 2 + 2 + 12 + qk_k / 8 + qk_k / 2, false}},
+    {ggml_type::q6_k, {"Q6_K", qk_k, qk_k / 2 + qk_k / 4 + qk_k / 16 + 2, true}},
+    {ggml_type::q8_k, {"Q8_K", qk_k, 4 + qk_k + qk_k / 16 * 2, false}},
+    {ggml_type::bf16, {"BF16", 1, 2, true}},
 }};
 
 uint16_t load_u16(const std::byte* p) {
@@ -43,9 +43,13 @@ uint16_t load_u16(const std::byte* p) {
   return v;
 }
 
-float load_f16(const std::byte* p) { return f16_to_f32(load_u16(p)); }
+float load_f16(const std::byte* p) {
+  return f16_to_f32(load_u16(p));
+}
 
-const uint8_t* bytes(const std::byte* p) { return reinterpret_cast<const uint8_t*>(p); }
+const uint8_t* bytes(const std::byte* p) {
+  return reinterpret_cast<const uint8_t*>(p);
+}
 
 // block_q4_0 { f16 d; u8 qs[16]; }: x = (nibble - 8) * d; low nibbles first, then high.
 void dequant_q4_0(const std::byte* b, float* y) {

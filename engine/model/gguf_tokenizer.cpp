@@ -47,14 +47,16 @@ expected<gguf_tokenizer_data> read_gguf_tokenizer(const gguf_file& f) {
   if (*merges)
     t.merges = std::move(**merges);
   if (t.model == "gpt2" && t.merges.empty())
-    return make_error(errc::parse_error, "{}: a gpt2 (BPE) tokenizer needs tokenizer.ggml.merges", where);
+    return make_error(errc::parse_error, "{}: a gpt2 (BPE) tokenizer needs tokenizer.ggml.merges",
+                      where);
   auto types = f.get_ints("tokenizer.ggml.token_type");
   if (!types)
     return std::move(types).error();
   if (*types) {
     if ((*types)->size() != t.tokens.size())
-      return make_error(errc::parse_error, "{}: tokenizer.ggml.token_type has {} entries for {} tokens",
-                        where, (*types)->size(), t.tokens.size());
+      return make_error(errc::parse_error,
+                        "{}: tokenizer.ggml.token_type has {} entries for {} tokens", where,
+                        (*types)->size(), t.tokens.size());
     t.token_types.assign((*types)->begin(), (*types)->end());
   }
   const size_t vocab = t.tokens.size();

@@ -13,25 +13,25 @@ struct name_pair {
 };
 
 constexpr name_pair global_names[] = {
-  {"model.embed_tokens.weight", "token_embd.weight"},
-  {"model.norm.weight", "output_norm.weight"},
-  {"lm_head.weight", "output.weight"},
+    {"model.embed_tokens.weight", "token_embd.weight"},
+    {"model.norm.weight", "output_norm.weight"},
+    {"lm_head.weight", "output.weight"},
 };
 
 constexpr name_pair layer_names[] = {
-  {"input_layernorm.weight", "attn_norm.weight"},
-  {"post_attention_layernorm.weight", "ffn_norm.weight"},
-  {"self_attn.q_proj.weight", "attn_q.weight"},
-  {"self_attn.k_proj.weight", "attn_k.weight"},
-  {"self_attn.v_proj.weight", "attn_v.weight"},
-  {"self_attn.o_proj.weight", "attn_output.weight"},
-  {"self_attn.q_proj.bias", "attn_q.bias"},
-  {"self_attn.k_proj.bias", "attn_k.bias"},
-  {"self_attn.v_proj.bias", "attn_v.bias"},
-  {"self_attn.o_proj.bias", "attn_output.bias"},
-  {"mlp.gate_proj.weight", "ffn_gate.weight"},
-  {"mlp.up_proj.weight", "ffn_up.weight"},
-  {"mlp.down_proj.weight", "ffn_down.weight"},
+    {"input_layernorm.weight", "attn_norm.weight"},
+    {"post_attention_layernorm.weight", "ffn_norm.weight"},
+    {"self_attn.q_proj.weight", "attn_q.weight"},
+    {"self_attn.k_proj.weight", "attn_k.weight"},
+    {"self_attn.v_proj.weight", "attn_v.weight"},
+    {"self_attn.o_proj.weight", "attn_output.weight"},
+    {"self_attn.q_proj.bias", "attn_q.bias"},
+    {"self_attn.k_proj.bias", "attn_k.bias"},
+    {"self_attn.v_proj.bias", "attn_v.bias"},
+    {"self_attn.o_proj.bias", "attn_output.bias"},
+    {"mlp.gate_proj.weight", "ffn_gate.weight"},
+    {"mlp.up_proj.weight", "ffn_up.weight"},
+    {"mlp.down_proj.weight", "ffn_down.weight"},
 };
 
 // Reads a required positive integer `<arch>.<key>` or an error naming it.
@@ -40,9 +40,11 @@ expected<int64_t> require_int(const gguf_file& f, const std::string& key) {
   if (!v)
     return std::move(v).error();
   if (!*v)
-    return make_error(errc::parse_error, "{}: missing required metadata {}", f.path().string(), key);
+    return make_error(errc::parse_error, "{}: missing required metadata {}", f.path().string(),
+                      key);
   if (**v <= 0)
-    return make_error(errc::parse_error, "{}: {} must be positive, got {}", f.path().string(), key, **v);
+    return make_error(errc::parse_error, "{}: {} must be positive, got {}", f.path().string(), key,
+                      **v);
   return **v;
 }
 
@@ -56,19 +58,24 @@ expected<void> read_rope(const gguf_file& f, const std::string& a, model_config&
   if (!dims)
     return std::move(dims).error();
   if (*dims && **dims != c.head_dim)
-    return make_error(errc::unsupported, "{}: {}.rope.dimension_count = {} (partial rotary) is not "
-                      "supported; head_dim is {}", where, a, **dims, c.head_dim);
+    return make_error(errc::unsupported,
+                      "{}: {}.rope.dimension_count = {} (partial rotary) is not "
+                      "supported; head_dim is {}",
+                      where, a, **dims, c.head_dim);
   if (f.find_tensor("rope_freqs.weight") != nullptr)
-    return make_error(errc::unsupported, "{}: per-frequency rope factors (rope_freqs.weight, Llama 3.1 "
-                      "style) are not supported for GGUF yet", where);
+    return make_error(errc::unsupported,
+                      "{}: per-frequency rope factors (rope_freqs.weight, Llama 3.1 "
+                      "style) are not supported for GGUF yet",
+                      where);
   auto type = f.get_string(a + ".rope.scaling.type");
   if (!type)
     return std::move(type).error();
   if (!*type || **type == "none")
     return {};
   if (**type != "linear")
-    return make_error(errc::unsupported, "{}: {}.rope.scaling.type '{}' is not supported (none, linear)",
-                      where, a, **type);
+    return make_error(errc::unsupported,
+                      "{}: {}.rope.scaling.type '{}' is not supported (none, linear)", where, a,
+                      **type);
   auto factor = f.get_float(a + ".rope.scaling.factor");
   if (!factor)
     return std::move(factor).error();
@@ -91,7 +98,8 @@ expected<void> read_special_ids(const gguf_file& f, model_config& c) {
       continue;
     if (is_bos)
       c.bos_token_id = static_cast<int32_t>(**id);
-    else if (std::find(c.eos_token_ids.begin(), c.eos_token_ids.end(), **id) == c.eos_token_ids.end())
+    else if (std::find(c.eos_token_ids.begin(), c.eos_token_ids.end(), **id) ==
+             c.eos_token_ids.end())
       c.eos_token_ids.push_back(static_cast<int32_t>(**id));
   }
   return {};
@@ -174,7 +182,8 @@ expected<model_config> gguf_model_config(const gguf_file& f) {
     return make_error(errc::parse_error, "{}: missing general.architecture", where);
   if (**arch != "llama")
     return make_error(errc::unsupported,
-                      "{}: GGUF architecture '{}' is not supported (supported: llama)", where, **arch);
+                      "{}: GGUF architecture '{}' is not supported (supported: llama)", where,
+                      **arch);
   const std::string a = **arch;
   model_config c;
   c.architecture = "LlamaForCausalLM";
@@ -205,8 +214,8 @@ expected<model_config> gguf_model_config(const gguf_file& f) {
     return make_error(errc::parse_error, "{}: missing 2-D tensor token_embd.weight", where);
   c.vocab_size = embd->dims[1];
   if (auto v = f.get_int(a + ".vocab_size"); v && *v && **v != c.vocab_size)
-    return make_error(errc::parse_error, "{}: {}.vocab_size {} differs from token_embd rows {}", where,
-                      a, **v, c.vocab_size);
+    return make_error(errc::parse_error, "{}: {}.vocab_size {} differs from token_embd rows {}",
+                      where, a, **v, c.vocab_size);
   c.tie_word_embeddings = f.find_tensor("output.weight") == nullptr;
   c.attention_bias = f.find_tensor("blk.0.attn_q.bias") != nullptr;
   c.o_proj_bias = f.find_tensor("blk.0.attn_output.bias") != nullptr;
@@ -241,7 +250,7 @@ bool gguf_weights::contains(std::string_view name) const {
 }
 
 expected<gguf_weights::located> gguf_weights::checked(std::string_view name,
-                                                     const std::vector<int64_t>& shape) const {
+                                                      const std::vector<int64_t>& shape) const {
   auto g = gguf_tensor_name(name);
   const gguf_tensor_info* t = g ? file_.find_tensor(*g) : nullptr;
   if (t == nullptr)
@@ -250,7 +259,8 @@ expected<gguf_weights::located> gguf_weights::checked(std::string_view name,
   auto have = t->torch_shape();
   if (have != shape)
     return make_error(errc::invalid_argument, "{}: tensor {} ({}) has shape {}, expected {}",
-                      file_.path().string(), name, t->name, format_shape(have), format_shape(shape));
+                      file_.path().string(), name, t->name, format_shape(have),
+                      format_shape(shape));
   int64_t heads = 0;
   if (g->ends_with(".attn_q.weight") || g->ends_with(".attn_q.bias"))
     heads = num_heads_;
@@ -284,7 +294,8 @@ expected<std::vector<float>> gguf_weights::load_f32_rows(std::string_view name,
       return std::move(all).error();
     std::vector<float> out;
     for (int64_t r = row_begin; r < row_end; ++r) // a Q/K bias carries its rows' permutation
-      out.push_back((*all)[static_cast<size_t>(loc->rope_heads > 0 ? rope_row(r, shape[0] / loc->rope_heads) : r)]);
+      out.push_back((*all)[static_cast<size_t>(
+          loc->rope_heads > 0 ? rope_row(r, shape[0] / loc->rope_heads) : r)]);
     return out;
   }
   if (loc->rope_heads == 0)

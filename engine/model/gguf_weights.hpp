@@ -36,7 +36,7 @@ expected<model_config> gguf_model_config(const gguf_file& file);
 expected<model_config> peek_model_config(const std::filesystem::path& path);
 
 class gguf_weights final : public weight_source {
-public:
+ public:
   static expected<gguf_weights> open(const std::filesystem::path& path);
   explicit gguf_weights(gguf_file file);
 
@@ -50,7 +50,7 @@ public:
   expected<std::vector<float>> load_f32_cols(std::string_view name, std::vector<int64_t> shape,
                                              int64_t col_begin, int64_t col_end) const override;
 
-private:
+ private:
   struct located {
     const gguf_tensor_info* info;
     int64_t rope_heads; // > 0: rows are in llama.cpp's rotary order for this many heads

@@ -3,8 +3,8 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <fstream>
 #include <fcntl.h>
+#include <fstream>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -94,20 +94,21 @@ expected<tensor_info> parse_entry(const std::string& name, const json& entry,
     t.shape.push_back(d.get<int64_t>());
   }
   auto off = entry.find("data_offsets");
-  if (off == entry.end() || !off->is_array() || off->size() != 2 || !(*off)[0].is_number_unsigned()
-      || !(*off)[1].is_number_unsigned())
+  if (off == entry.end() || !off->is_array() || off->size() != 2 ||
+      !(*off)[0].is_number_unsigned() || !(*off)[1].is_number_unsigned())
     return bad("\"data_offsets\" is not a pair of non-negative integers");
   t.begin = (*off)[0].get<uint64_t>();
   t.end = (*off)[1].get<uint64_t>();
   if (t.begin > t.end)
-    return make_error(errc::out_of_range, "{}: tensor '{}': data_offsets [{}, {}) end before they begin",
-                      file, name, t.begin, t.end);
+    return make_error(errc::out_of_range,
+                      "{}: tensor '{}': data_offsets [{}, {}) end before they begin", file, name,
+                      t.begin, t.end);
   uint64_t need = static_cast<uint64_t>(t.numel()) * dtype_size(t.type);
   if (t.end - t.begin != need)
-    return make_error(errc::parse_error,
-                      "{}: tensor '{}': data_offsets [{}, {}) hold {} bytes but shape {} of {} needs {}",
-                      file, name, t.begin, t.end, t.end - t.begin, format_shape(t.shape),
-                      dtype_name(t.type), need);
+    return make_error(
+        errc::parse_error,
+        "{}: tensor '{}': data_offsets [{}, {}) hold {} bytes but shape {} of {} needs {}", file,
+        name, t.begin, t.end, t.end - t.begin, format_shape(t.shape), dtype_name(t.type), need);
   return t;
 }
 
@@ -125,8 +126,8 @@ expected<safetensors_file> safetensors_file::parse(std::shared_ptr<mapped_file> 
   const std::string name = path.string();
   auto bytes = file->bytes();
   if (bytes.size() < 8)
-    return make_error(errc::parse_error, "{}: {} bytes is too short for a safetensors header",
-                      name, bytes.size());
+    return make_error(errc::parse_error, "{}: {} bytes is too short for a safetensors header", name,
+                      bytes.size());
   uint64_t header_len = 0;
   std::memcpy(&header_len, bytes.data(), 8); // little-endian on every host we support
   if (header_len > max_header_bytes)
@@ -173,8 +174,7 @@ expected<safetensors_file> safetensors_file::parse(std::shared_ptr<mapped_file> 
   for (auto& t : result.tensors_)
     if (t.end > t.begin)
       order.push_back(&t);
-  std::sort(order.begin(), order.end(),
-            [](auto* a, auto* b) { return a->begin < b->begin; });
+  std::sort(order.begin(), order.end(), [](auto* a, auto* b) { return a->begin < b->begin; });
   for (size_t i = 1; i < order.size(); ++i)
     if (order[i]->begin < order[i - 1]->end)
       return make_error(errc::out_of_range, "{}: tensors '{}' [{}, {}) and '{}' [{}, {}) overlap",
@@ -229,7 +229,8 @@ expected<weight_store> weight_store::open(const fs::path& path) {
       for (auto& f : files) {
         auto opened = safetensors_file::open(f);
         if (!opened)
-          return std::move(opened).error().context(fmt::format("shard listed in {}", index.string()));
+          return std::move(opened).error().context(
+              fmt::format("shard listed in {}", index.string()));
         store.files_.push_back(std::move(*opened));
       }
       for (auto& [tensor, f] : entries) {
@@ -295,7 +296,8 @@ weight_store::checked(std::string_view name, const std::vector<int64_t>& shape) 
                       "{}: tensor '{}' has shape {} but config.json implies {}",
                       file->path().string(), name, format_shape(info->shape), format_shape(shape));
   if (!is_float_loadable(info->type))
-    return make_error(errc::unsupported, "{}: tensor '{}' has dtype {}, which cannot be loaded yet "
+    return make_error(errc::unsupported,
+                      "{}: tensor '{}' has dtype {}, which cannot be loaded yet "
                       "(supported: F32, BF16, F16)",
                       file->path().string(), name, dtype_name(info->type));
   return found;

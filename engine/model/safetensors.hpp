@@ -34,7 +34,7 @@ std::string format_shape(std::span<const int64_t> shape);
 
 // A read-only memory mapping of a whole file.
 class mapped_file {
-public:
+ public:
   static expected<std::shared_ptr<mapped_file>> open(const std::filesystem::path& path);
   ~mapped_file();
   mapped_file(const mapped_file&) = delete;
@@ -42,14 +42,14 @@ public:
 
   std::span<const std::byte> bytes() const { return {data_, size_}; }
 
-private:
+ private:
   mapped_file(const std::byte* data, size_t size) : data_(data), size_(size) {}
   const std::byte* data_;
   size_t size_;
 };
 
 class safetensors_file {
-public:
+ public:
   static expected<safetensors_file> open(const std::filesystem::path& path);
   // Validates a whole file image; `path` only names it in errors. Used by open() and by tests.
   static expected<safetensors_file> parse(std::shared_ptr<mapped_file> file,
@@ -62,7 +62,7 @@ public:
   // The tensor's raw bytes (unaligned; length end - begin).
   const std::byte* data(const tensor_info& t) const { return data_ + t.begin; }
 
-private:
+ private:
   std::filesystem::path path_;
   std::shared_ptr<mapped_file> file_;
   const std::byte* data_ = nullptr; // start of the data section
@@ -73,14 +73,15 @@ private:
 
 // All weights of one model folder (or one .safetensors file).
 class weight_store final : public weight_source {
-public:
+ public:
   static expected<weight_store> open(const std::filesystem::path& path);
 
   bool contains(std::string_view name) const override;
   size_t num_tensors() const;
   const std::filesystem::path& root() const { return root_; }
   // The tensor's metadata and its file; error names the folder when absent.
-  expected<std::pair<const safetensors_file*, const tensor_info*>> lookup(std::string_view name) const;
+  expected<std::pair<const safetensors_file*, const tensor_info*>>
+  lookup(std::string_view name) const;
 
   expected<std::vector<float>> load_f32(std::string_view name,
                                         std::vector<int64_t> shape) const override;
@@ -89,7 +90,7 @@ public:
   expected<std::vector<float>> load_f32_cols(std::string_view name, std::vector<int64_t> shape,
                                              int64_t col_begin, int64_t col_end) const override;
 
-private:
+ private:
   expected<std::pair<const safetensors_file*, const tensor_info*>>
   checked(std::string_view name, const std::vector<int64_t>& shape) const;
 

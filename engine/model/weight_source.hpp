@@ -12,7 +12,7 @@
 namespace troupe::engine {
 
 class weight_source {
-public:
+ public:
   virtual ~weight_source() = default;
 
   virtual bool contains(std::string_view name) const = 0;
@@ -23,12 +23,12 @@ public:
   // Rows [row_begin, row_end) of the first dimension (shape checked in full first): sharding by
   // output features for tensor parallelism. Reads only those rows where the format allows.
   virtual expected<std::vector<float>> load_f32_rows(std::string_view name,
-                                                     std::vector<int64_t> shape,
-                                                     int64_t row_begin, int64_t row_end) const = 0;
+                                                     std::vector<int64_t> shape, int64_t row_begin,
+                                                     int64_t row_end) const = 0;
   // Columns [col_begin, col_end) of a 2-D tensor: sharding by input features.
   virtual expected<std::vector<float>> load_f32_cols(std::string_view name,
-                                                     std::vector<int64_t> shape,
-                                                     int64_t col_begin, int64_t col_end) const = 0;
+                                                     std::vector<int64_t> shape, int64_t col_begin,
+                                                     int64_t col_end) const = 0;
 };
 
 } // namespace troupe::engine

@@ -19,7 +19,6 @@ uint64_t splitmix(uint64_t x) {
   return x ^ (x >> 31);
 }
 
-
 // Higher logit first, lower id on ties: one total order for every rank.
 struct by_value_desc {
   const float* v;
@@ -178,8 +177,7 @@ seq_output sample_row(std::span<const float> logits, const sample_inputs& in,
   return out;
 }
 
-expected<std::vector<row_job>> sampler::prepare(const step_plan& plan,
-                                                const forward_output& out) {
+expected<std::vector<row_job>> sampler::prepare(const step_plan& plan, const forward_output& out) {
   for (seq_id id : plan.finished)
     state_.erase(id);
   if (!plan.seqs.empty() && out.first_row.size() != plan.seqs.size())

@@ -54,8 +54,9 @@ expected<model_tokenizer> model_tokenizer::from_gguf(const gguf_tokenizer_data& 
   for (size_t id = 0; id < data.token_types.size(); ++id) {
     const int32_t type = data.token_types[id];
     if (type == type_control || type == type_user_defined)
-      parts.added_tokens.push_back(
-        {.id = static_cast<token_id>(id), .content = data.tokens[id], .special = type == type_control});
+      parts.added_tokens.push_back({.id = static_cast<token_id>(id),
+                                    .content = data.tokens[id],
+                                    .special = type == type_control});
   }
   auto tok = tokenizer::from_parts(std::move(parts));
   if (!tok)

@@ -43,7 +43,8 @@ size_t free_on(const cluster_view& v, const std::string& id) {
 
 TEST_CASE("deployments: placing reserves devices, duplicates are refused, remove frees them") {
   deployment_registry reg;
-  const std::vector<node_record> nodes{node("a", 2), node("b", 2), node("dead", 4, node_state::dead)};
+  const std::vector<node_record> nodes{node("a", 2), node("b", 2),
+                                       node("dead", 4, node_state::dead)};
   auto first = reg.add("m", {.tensor = 2, .pipeline = 2}, small_model(), nodes);
   REQUIRE_MESSAGE(first.has_value(), (first ? "" : first.error().message()));
   CHECK((*first)->state == "loading");

@@ -11,8 +11,8 @@
 
 #include "actors/caf_glue.hpp"
 #include "actors/head_actor.hpp"
-#include "actors/node_actor.hpp"
 #include "actors/messages.hpp"
+#include "actors/node_actor.hpp"
 
 using namespace troupe;
 using namespace std::chrono_literals;

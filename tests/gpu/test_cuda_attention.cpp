@@ -85,8 +85,8 @@ void run(const scenario& sc, uint32_t seed) {
       int pos = start + j;
       positions.push_back(pos);
       token_seq.push_back(static_cast<int32_t>(s));
-      slot_of.push_back(tables[s][static_cast<size_t>(pos / sc.block_size)] * sc.block_size
-                        + pos % sc.block_size);
+      slot_of.push_back(tables[s][static_cast<size_t>(pos / sc.block_size)] * sc.block_size +
+                        pos % sc.block_size);
     }
     std::copy(tables[s].begin(), tables[s].end(), tables_flat.begin() + s * max_blocks);
   }
@@ -96,7 +96,7 @@ void run(const scenario& sc, uint32_t seed) {
   for (int t = 0; t < T; ++t) {
     float* row = qkv.data() + static_cast<size_t>(t) * W;
     std::vector<float> q(row, row + nh * D), k(row + nh * D, row + (nh + nkv) * D),
-      v(row + (nh + nkv) * D, row + W);
+        v(row + (nh + nkv) * D, row + W);
     cpu::rms_norm(q.data(), nh, D, qn.data(), 1e-6, q.data());
     cpu::rms_norm(k.data(), nkv, D, kn.data(), 1e-6, k.data());
     cpu::apply_rope(q.data(), nh, D, positions[static_cast<size_t>(t)], inv);
@@ -104,7 +104,8 @@ void run(const scenario& sc, uint32_t seed) {
     std::copy(q.begin(), q.end(), ref_q.begin() + static_cast<size_t>(t) * nh * D);
     for (int i = 0; i < nkv * D; ++i) {
       kc[static_cast<size_t>(slot_of[static_cast<size_t>(t)]) * nkv * D + i] = round_to_bf16(k[i]);
-      vc[static_cast<size_t>(slot_of[static_cast<size_t>(t)]) * nkv * D + i] = v[static_cast<size_t>(i)];
+      vc[static_cast<size_t>(slot_of[static_cast<size_t>(t)]) * nkv * D + i] =
+          v[static_cast<size_t>(i)];
     }
   }
   // CPU attention over the (now complete) caches, with bf16-rounded queries as the GPU sees them.
@@ -114,20 +115,25 @@ void run(const scenario& sc, uint32_t seed) {
     for (int h = 0; h < nh; ++h) {
       std::vector<float> p(static_cast<size_t>(ctx));
       for (int j = 0; j < ctx; ++j) {
-        size_t slot = static_cast<size_t>(tables[static_cast<size_t>(s)][static_cast<size_t>(j / sc.block_size)])
-                        * sc.block_size + j % sc.block_size;
+        size_t slot = static_cast<size_t>(
+                          tables[static_cast<size_t>(s)][static_cast<size_t>(j / sc.block_size)]) *
+                          sc.block_size +
+                      j % sc.block_size;
         double dot = 0;
         for (int d = 0; d < D; ++d)
-          dot += round_to_bf16(ref_q[(static_cast<size_t>(t) * nh + h) * D + d])
-                 * kc[(slot * nkv + h / group) * D + d];
+          dot += round_to_bf16(ref_q[(static_cast<size_t>(t) * nh + h) * D + d]) *
+                 kc[(slot * nkv + h / group) * D + d];
         p[static_cast<size_t>(j)] = static_cast<float>(dot / std::sqrt(static_cast<double>(D)));
       }
       cpu::softmax(p.data(), ctx);
       for (int d = 0; d < D; ++d) {
         double acc = 0;
         for (int j = 0; j < ctx; ++j) {
-          size_t slot = static_cast<size_t>(tables[static_cast<size_t>(s)][static_cast<size_t>(j / sc.block_size)])
-                          * sc.block_size + j % sc.block_size;
+          size_t slot =
+              static_cast<size_t>(
+                  tables[static_cast<size_t>(s)][static_cast<size_t>(j / sc.block_size)]) *
+                  sc.block_size +
+              j % sc.block_size;
           acc += p[static_cast<size_t>(j)] * vc[(slot * nkv + h / group) * D + d];
         }
         ref_out[(static_cast<size_t>(t) * nh + h) * D + d] = static_cast<float>(acc);
@@ -151,9 +157,9 @@ void run(const scenario& sc, uint32_t seed) {
   auto* d_seq = upload(token_seq);
   auto* d_slot = upload(slot_of);
   auto* d_tab = upload(tables_flat);
-  REQUIRE(qkv_rope_cache(d_qkv, nullptr, d_qn, d_kn, 1e-6f, d_pos, d_slot, d_inv, T, sc.L, d_k,
-                         d_v, nullptr)
-            .has_value());
+  REQUIRE(qkv_rope_cache(d_qkv, nullptr, d_qn, d_kn, 1e-6f, d_pos, d_slot, d_inv, T, sc.L, d_k, d_v,
+                         nullptr)
+              .has_value());
   REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
   auto got_qkv = test::from_bf16_bits(download(reinterpret_cast<uint16_t*>(d_qkv), qkv.size()));
   std::vector<float> got_q;
@@ -161,8 +167,10 @@ void run(const scenario& sc, uint32_t seed) {
     got_q.insert(got_q.end(), got_qkv.begin() + static_cast<long>(t) * W,
                  got_qkv.begin() + static_cast<long>(t) * W + nh * D);
   CHECK(test::rel_l2(got_q, ref_q) < 5e-3);
-  CHECK(test::rel_l2(test::from_bf16_bits(download(reinterpret_cast<uint16_t*>(d_k), kc.size())), kc) < 5e-3);
-  CHECK(test::rel_l2(test::from_bf16_bits(download(reinterpret_cast<uint16_t*>(d_v), vc.size())), vc) == 0.0);
+  CHECK(test::rel_l2(test::from_bf16_bits(download(reinterpret_cast<uint16_t*>(d_k), kc.size())),
+                     kc) < 5e-3);
+  CHECK(test::rel_l2(test::from_bf16_bits(download(reinterpret_cast<uint16_t*>(d_v), vc.size())),
+                     vc) == 0.0);
 
   // Routing: every sequence of 2+ tokens to the tensor-core prefill kernel, the rest split-K.
   std::vector<int> seq_tokens;
@@ -184,7 +192,8 @@ void run(const scenario& sc, uint32_t seed) {
   auto* d_decode = upload(decode_tiles);
   // flash: 0 = every token split-K on CUDA cores, 1 = flash tiles + CUDA-core split-K for the
   // rest, 2 = flash tiles + tensor-core split-K (decode tiles) for the rest.
-  for (auto [splits, flash] : {std::pair{1, 0}, {3, 0}, {8, 0}, {1, 1}, {5, 1}, {1, 2}, {3, 2}, {8, 2}}) {
+  for (auto [splits, flash] :
+       {std::pair{1, 0}, {3, 0}, {8, 0}, {1, 1}, {5, 1}, {1, 2}, {3, 2}, {8, 2}}) {
     CAPTURE(splits);
     CAPTURE(flash);
     if (flash > 0 && !flash_prefill_supported(sc.L))
@@ -217,7 +226,9 @@ void run(const scenario& sc, uint32_t seed) {
     }
     REQUIRE(paged_attention(a, sc.L, nullptr).has_value());
     REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
-    CHECK(test::rel_l2(test::from_bf16_bits(download(reinterpret_cast<uint16_t*>(out), ref_out.size())), ref_out) < 1e-2);
+    CHECK(test::rel_l2(
+              test::from_bf16_bits(download(reinterpret_cast<uint16_t*>(out), ref_out.size())),
+              ref_out) < 1e-2);
     cudaFree(partial);
     cudaFree(out);
   }
@@ -240,7 +251,7 @@ TEST_CASE("cuda qkv norm+rope+cache and paged attention match the CPU, mixed bat
   run({{4, 2, 16}, 1, {{0, 7}, {3, 1}, {64, 9}}}, 2);
   run({{8, 2, 64}, 16, {{2047, 1}, {0, 100}}}, 3);
   run({{16, 8, 96}, 8, {{0, 1}, {300, 2}}}, 4);
-  run({{24, 8, 128}, 16, {{700, 1}, {5, 3}}}, 5);  // 3 query heads per kv head
+  run({{24, 8, 128}, 16, {{700, 1}, {5, 3}}}, 5);   // 3 query heads per kv head
   run({{64, 8, 128}, 16, {{129, 1}, {0, 130}}}, 6); // 8 per kv head, chunk boundaries
   // Prefill-heavy steps for the tensor-core kernel: long prompts, chunks continuing a context,
   // tiles that end mid-way, GQA groups that do not divide 64 rows (3, 6), head_dim 16 and 32.

@@ -68,8 +68,13 @@ TEST_CASE("cuda gemm: skinny kernel and cuBLASLt against the CPU reference") {
   std::mt19937 rng(1);
   gemm_runner g;
   REQUIRE(g.init().has_value());
-  for (auto [T, in, out] : {std::tuple{1, 64, 32}, {3, 128, 200}, {8, 4096, 96}, {9, 256, 130},
-                            {64, 1024, 512}, {130, 352, 4096}, {5, 12288, 64}}) {
+  for (auto [T, in, out] : {std::tuple{1, 64, 32},
+                            {3, 128, 200},
+                            {8, 4096, 96},
+                            {9, 256, 130},
+                            {64, 1024, 512},
+                            {130, 352, 4096},
+                            {5, 12288, 64}}) {
     CAPTURE(T);
     CAPTURE(in);
     CAPTURE(out);
@@ -111,7 +116,8 @@ TEST_CASE("cuda norms, silu and argmax against the CPU reference") {
     auto w = random_vec(static_cast<size_t>(H), rng);
     dev<float> dxr(x), dwr(w);
     dev<uint16_t> out(static_cast<size_t>(T) * H), dd(test::to_bf16_bits(d));
-    REQUIRE(rms_norm(dxr.p, T, H, dwr.p, 1e-6f, reinterpret_cast<bf16*>(out.p), nullptr).has_value());
+    REQUIRE(
+        rms_norm(dxr.p, T, H, dwr.p, 1e-6f, reinterpret_cast<bf16*>(out.p), nullptr).has_value());
     device_sync();
     std::vector<float> want(x.size());
     cpu::rms_norm(x.data(), T, H, w.data(), 1e-6, want.data());
@@ -119,7 +125,7 @@ TEST_CASE("cuda norms, silu and argmax against the CPU reference") {
     // add + norm: resid is updated in place
     REQUIRE(add_rms_norm(dxr.p, reinterpret_cast<bf16*>(dd.p), nullptr, T, H, dwr.p, 1e-6f,
                          reinterpret_cast<bf16*>(out.p), nullptr)
-              .has_value());
+                .has_value());
     device_sync();
     for (size_t i = 0; i < x.size(); ++i)
       x[i] += d[i];
@@ -137,7 +143,7 @@ TEST_CASE("cuda norms, silu and argmax against the CPU reference") {
     cpu::silu_mul(g.data(), u.data(), T, I, s.data());
     dev<uint16_t> act(g.size());
     REQUIRE(silu_mul(reinterpret_cast<bf16*>(dd.p), T, I, reinterpret_cast<bf16*>(act.p), nullptr)
-              .has_value());
+                .has_value());
     device_sync();
     CHECK(test::rel_l2(act.floats(), s) < 5e-3);
     // argmax per row, lowest index on ties

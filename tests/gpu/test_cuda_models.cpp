@@ -51,7 +51,9 @@ void run_model(const std::string& name) {
   REQUIRE(weights.has_value());
   auto cpu = cpu_backend::create(*config, *weights, {.num_blocks = 64, .block_size = 16});
   REQUIRE(cpu.has_value());
-  cuda_options opt{.max_num_batched_tokens = 512, .max_num_seqs = 16, .max_logit_rows = 256,
+  cuda_options opt{.max_num_batched_tokens = 512,
+                   .max_num_seqs = 16,
+                   .max_logit_rows = 256,
                    .max_model_len = 256};
   auto gpu = make_cuda_backend(*config, &*weights, {.num_blocks = 128, .block_size = 16}, opt);
   REQUIRE_MESSAGE(gpu.has_value(), (gpu ? "" : gpu.error().to_string()));
@@ -88,7 +90,8 @@ void run_model(const std::string& name) {
     check_greedy(**cpu, prompts[i], (*batched)[i].output, alone[i].output);
 
   // The longest prompt alone in chunks: steps whose only sequence wants no logits (R = 0).
-  auto chunked = generate_greedy(**gpu, {prompts.back()}, {.max_new_tokens = 4, .prefill_chunk = 5});
+  auto chunked =
+      generate_greedy(**gpu, {prompts.back()}, {.max_new_tokens = 4, .prefill_chunk = 5});
   REQUIRE_MESSAGE(chunked.has_value(), (chunked ? "" : chunked.error().to_string()));
   check_greedy(**cpu, prompts.back(), chunked->front().output, alone.back().output);
 }

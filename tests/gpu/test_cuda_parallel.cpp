@@ -197,7 +197,8 @@ void check_grid(const std::string& name, int tensor, int pipeline, bool nccl = f
     const auto got = parse(outcomes[r].message, prompts.size());
     for (size_t i = 0; i < prompts.size(); ++i) {
       CAPTURE(i);
-      const double err = test::rel_l2(got.gens[i].last_prompt_logits, want.gens[i].last_prompt_logits);
+      const double err =
+          test::rel_l2(got.gens[i].last_prompt_logits, want.gens[i].last_prompt_logits);
       if (r == 0)
         MESSAGE(name << " tensor=" << tensor << " pipeline=" << pipeline << " prompt " << i
                      << ": relative L2 of logits vs tensor=1 " << err);

@@ -29,11 +29,20 @@ sampling_params mix_params(int m, std::mt19937_64& rng) {
   p.logprobs = lp[rng() % 4];
   p.temperature = 0.3f + 1.5f * u(rng);
   switch (m) {
-  case 0: p.temperature = 0; break;
-  case 1: break;
-  case 2: p.top_k = 1 + static_cast<int32_t>(rng() % 50); break;
-  case 3: p.top_p = 0.05f + 0.9f * u(rng); break;
-  case 4: p.min_p = 0.3f * u(rng); break;
+  case 0:
+    p.temperature = 0;
+    break;
+  case 1:
+    break;
+  case 2:
+    p.top_k = 1 + static_cast<int32_t>(rng() % 50);
+    break;
+  case 3:
+    p.top_p = 0.05f + 0.9f * u(rng);
+    break;
+  case 4:
+    p.min_p = 0.3f * u(rng);
+    break;
   case 5:
     p.top_k = 1 + static_cast<int32_t>(rng() % 200);
     p.top_p = 0.2f + 0.8f * u(rng);
@@ -48,7 +57,9 @@ sampling_params mix_params(int m, std::mt19937_64& rng) {
     if (m == 7)
       p.temperature = 0;
     break;
-  default: p.temperature = (rng() % 2) ? 0.0f : 1.0f; break; // everything banned
+  default:
+    p.temperature = (rng() % 2) ? 0.0f : 1.0f;
+    break; // everything banned
   }
   return p;
 }
@@ -97,8 +108,7 @@ TEST_CASE("gpu sampler equals the host sampler over random rows and parameter mi
     }
     float* d = nullptr;
     REQUIRE(cudaMalloc(&d, logits.size() * 4) == cudaSuccess);
-    REQUIRE(cudaMemcpy(d, logits.data(), logits.size() * 4, cudaMemcpyHostToDevice) ==
-            cudaSuccess);
+    REQUIRE(cudaMemcpy(d, logits.data(), logits.size() * 4, cudaMemcpyHostToDevice) == cudaSuccess);
     auto got = (*gs)->sample(d, V, jobs, nullptr);
     cudaFree(d);
     REQUIRE_MESSAGE(got.has_value(), (got ? "" : got.error().to_string()));
@@ -181,8 +191,10 @@ TEST_CASE("cuda_executor on a golden model: greedy equals forward_greedy, sampli
   if (!dir)
     return;
   auto model = load_cuda_backend(*dir, {.num_blocks = 64, .block_size = 16},
-                                 {.max_num_batched_tokens = 512, .max_num_seqs = 8,
-                                  .max_logit_rows = 8, .max_model_len = 128});
+                                 {.max_num_batched_tokens = 512,
+                                  .max_num_seqs = 8,
+                                  .max_logit_rows = 8,
+                                  .max_model_len = 128});
   REQUIRE_MESSAGE(model.has_value(), (model ? "" : model.error().to_string()));
   auto exec = cuda_executor::create(**model);
   REQUIRE(exec.has_value());
@@ -219,9 +231,8 @@ TEST_CASE("cuda_executor on a golden model: greedy equals forward_greedy, sampli
       sp.frequency_penalty = 0.5f;
     }
     CAPTURE(mix);
-    auto on_host = run_loop(prompts, sp, 12, 1000 + 100 * mix, [&](const step_plan& plan) {
-      return tokens_of(host.execute(plan));
-    });
+    auto on_host = run_loop(prompts, sp, 12, 1000 + 100 * mix,
+                            [&](const step_plan& plan) { return tokens_of(host.execute(plan)); });
     auto on_gpu = run_loop(prompts, sp, 12, 1000 + 100 * mix, [&](const step_plan& plan) {
       return tokens_of((*exec)->execute(plan));
     });

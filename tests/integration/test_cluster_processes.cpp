@@ -126,8 +126,8 @@ TEST_CASE("cluster: a wrong token is refused, with the reason logged on both sid
   std::filesystem::create_directories(right.parent_path());
   std::ofstream(right) << fx.token() << "\n";
   std::ofstream(wrong) << "wrong\n";
-  auto by_file = fx.cluster({"status", "--address", fx.head_address(), "--token-file",
-                             right.string(), "--timeout", "5"});
+  auto by_file = fx.cluster(
+      {"status", "--address", fx.head_address(), "--token-file", right.string(), "--timeout", "5"});
   CHECK_MESSAGE(by_file.exit_code == 0, by_file.output);
   auto wrong_file = fx.cluster(
       {"status", "--address", fx.head_address(), "--token-file", wrong.string(), "--timeout", "5"});

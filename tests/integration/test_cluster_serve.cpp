@@ -15,8 +15,8 @@
 #include <regex>
 #include <set>
 #include <sstream>
-#include <thread>
 #include <sys/socket.h>
+#include <thread>
 
 #include <fmt/format.h>
 
@@ -62,8 +62,8 @@ std::string yaml_for(const fs::path& model, const std::string& name, int tensor,
 }
 
 run_result serve(cluster_fixture& fx, const fs::path& yaml) {
-  return fx.cluster(
-      {"serve", yaml.string(), "--address", fx.head_address(), "--token", fx.token()}, 90s);
+  return fx.cluster({"serve", yaml.string(), "--address", fx.head_address(), "--token", fx.token()},
+                    90s);
 }
 
 run_result stop_serving(cluster_fixture& fx, const std::string& name) {
@@ -100,8 +100,8 @@ class sse_stream {
     const auto t0 = std::chrono::steady_clock::now();
     while (!ec_)
       read_some();
-    return std::chrono::duration_cast<std::chrono::milliseconds>(
-        std::chrono::steady_clock::now() - t0);
+    return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() -
+                                                                 t0);
   }
   bool ended_cleanly() const { return ec_ == boost::asio::error::eof; }
   const std::string& raw() const { return raw_; }
@@ -211,7 +211,8 @@ TEST_CASE("cluster serve: tensor=2 x pipeline=2 over two nodes answers like clus
   CHECK(nodes[w2]["gpus_used"] == 2);
 
   // Greedy completions through HTTP equal `cluster generate` on the same prompt ids.
-  const std::string body = R"({"model": "tiny", "prompt": [9707, 11, 1879, 0, 5209], "max_tokens": 8,
+  const std::string body =
+      R"({"model": "tiny", "prompt": [9707, 11, 1879, 0, 5209], "max_tokens": 8,
     "temperature": 0, "ignore_eos": true, "return_token_ids": true})";
   auto reply = http_call(port, "POST", "/v1/completions", body);
   REQUIRE_MESSAGE(reply.status == 200, reply.body);
@@ -227,11 +228,12 @@ TEST_CASE("cluster serve: tensor=2 x pipeline=2 over two nodes answers like clus
   // Pipelining: the two stages work on two lanes' plans at once. Concurrent requests must each
   // get what they get alone.
   auto complete = [&](int first) {
-    auto r = http_call(port, "POST", "/v1/completions",
-                       fmt::format(R"({{"model": "tiny", "prompt": [{}, 11, 1879, 0], "max_tokens": 10,
+    auto r =
+        http_call(port, "POST", "/v1/completions",
+                  fmt::format(R"({{"model": "tiny", "prompt": [{}, 11, 1879, 0], "max_tokens": 10,
                                       "temperature": 0, "ignore_eos": true,
                                       "return_token_ids": true}})",
-                                   first));
+                              first));
     return r.status == 200 ? r.json()["choices"][0]["token_ids"].get<std::vector<int>>()
                            : std::vector<int>{-r.status};
   };

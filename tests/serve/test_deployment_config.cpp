@@ -4,8 +4,8 @@
 
 #include <doctest/doctest.h>
 
-#include "runtime/config.hpp"
 #include "golden.hpp"
+#include "runtime/config.hpp"
 
 using namespace troupe;
 

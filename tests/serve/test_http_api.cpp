@@ -194,8 +194,8 @@ TEST_CASE("http: errors come in OpenAI's shape with the right status and paramet
   const std::string deep = std::string(100000, '[') + std::string(100000, ']');
   check("/v1/completions", R"({"prompt": "hi", "model": )" + deep + "}", 400, "");
   check("/v1/completions", R"({"prompt": )" + deep + "}", 400, "");
-  check("/v1/chat/completions", R"({"messages": [{"role": "user", "content": )" + deep + "}]}",
-        400, "");
+  check("/v1/chat/completions", R"({"messages": [{"role": "user", "content": )" + deep + "}]}", 400,
+        "");
   check("/detokenize", R"({"tokens": )" + deep + "}", 400, "");
   // Brackets inside strings are text, not nesting.
   const auto text = json{{"prompt", std::string(100, '[') + "\\\"" + std::string(100, '{')}};

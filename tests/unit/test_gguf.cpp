@@ -174,7 +174,8 @@ TEST_CASE("gguf: Hugging Face tensor names map to llama.cpp names") {
   CHECK(gguf_tensor_name("model.norm.weight") == "output_norm.weight");
   CHECK(gguf_tensor_name("lm_head.weight") == "output.weight");
   CHECK(gguf_tensor_name("model.layers.0.input_layernorm.weight") == "blk.0.attn_norm.weight");
-  CHECK(gguf_tensor_name("model.layers.12.post_attention_layernorm.weight") == "blk.12.ffn_norm.weight");
+  CHECK(gguf_tensor_name("model.layers.12.post_attention_layernorm.weight") ==
+        "blk.12.ffn_norm.weight");
   CHECK(gguf_tensor_name("model.layers.3.self_attn.q_proj.weight") == "blk.3.attn_q.weight");
   CHECK(gguf_tensor_name("model.layers.3.self_attn.o_proj.weight") == "blk.3.attn_output.weight");
   CHECK(gguf_tensor_name("model.layers.29.mlp.down_proj.weight") == "blk.29.ffn_down.weight");
@@ -189,7 +190,8 @@ TEST_CASE("gguf: a file without llama metadata is refused as a model") {
   REQUIRE(file.has_value());
   auto c = gguf_model_config(*file);
   REQUIRE_FALSE(c.has_value());
-  CHECK(c.error().message().find("GGUF architecture 'testarch' is not supported") != std::string::npos);
+  CHECK(c.error().message().find("GGUF architecture 'testarch' is not supported") !=
+        std::string::npos);
   auto tok = read_gguf_tokenizer(*file);
   REQUIRE_FALSE(tok.has_value());
   CHECK(tok.error().message().find("tokenizer.ggml.model is missing") != std::string::npos);
@@ -229,9 +231,9 @@ TEST_CASE("gguf: absurd counts in the header fail as truncation, without allocat
   put(uint64_t{1}); // metadata
   put(uint64_t{1});
   b.push_back('k');
-  put(uint32_t{9});          // array
-  put(uint32_t{0});          // of u8
-  put(uint64_t{1} << 40);    // claimed elements
+  put(uint32_t{9});       // array
+  put(uint32_t{0});       // of u8
+  put(uint64_t{1} << 40); // claimed elements
   auto e = open_error(write_bytes(tmp.path() / "huge.gguf", b));
   CHECK(e.find("huge.gguf: truncated GGUF file: k at byte") != std::string::npos);
   CHECK(e.find("huge.gguf") == e.rfind("huge.gguf")); // the file named once

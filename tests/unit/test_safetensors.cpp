@@ -22,8 +22,7 @@ std::string open_error(const fs::path& p) {
 }
 
 std::vector<test::raw_tensor> two_tensors() {
-  return {test::f32_tensor("a", {2, 3}, {1, 2, 3, 4, 5, 6}),
-          test::f32_tensor("b", {2}, {7, 8})};
+  return {test::f32_tensor("a", {2, 3}, {1, 2, 3, 4, 5, 6}), test::f32_tensor("b", {2}, {7, 8})};
 }
 
 std::vector<uint8_t> data_of(const std::vector<test::raw_tensor>& ts) {
@@ -159,19 +158,19 @@ TEST_CASE("model folder: a shape that disagrees with config.json, or a missing t
   REQUIRE_FALSE(b.has_value());
   auto msg = b.error().to_string();
   CHECK(msg.find("model.layers.0.mlp.gate_proj.weight' has shape [24, 16] but config.json "
-                 "implies [40, 16]")
-        != std::string::npos);
+                 "implies [40, 16]") != std::string::npos);
 
   // Drop one tensor from the file.
   auto ts = m.tensors(7);
-  ts.erase(std::find_if(ts.begin(), ts.end(),
-                        [](auto& t) { return t.name == "model.layers.1.self_attn.v_proj.weight"; }));
+  ts.erase(std::find_if(ts.begin(), ts.end(), [](auto& t) {
+    return t.name == "model.layers.1.self_attn.v_proj.weight";
+  }));
   test::write_text(dir / "config.json", m.config().dump());
   test::write_safetensors(dir / "model.safetensors", ts);
   b = cpu_backend::load(dir, {});
   REQUIRE_FALSE(b.has_value());
-  CHECK(b.error().message().find("missing tensor 'model.layers.1.self_attn.v_proj.weight'")
-        != std::string::npos);
+  CHECK(b.error().message().find("missing tensor 'model.layers.1.self_attn.v_proj.weight'") !=
+        std::string::npos);
 }
 
 TEST_CASE("sharded folder via model.safetensors.index.json gives the same model") {
@@ -196,8 +195,8 @@ TEST_CASE("sharded folder via model.safetensors.index.json gives the same model"
   auto wrong = weight_store::open(tmp.path() / "sharded");
   REQUIRE_FALSE(wrong.has_value());
   CHECK(wrong.error().message().find("lists tensor 'model.embed_tokens.weight' in "
-                                     "model-00002-of-00002.safetensors, which does not hold it")
-        != std::string::npos);
+                                     "model-00002-of-00002.safetensors, which does not hold it") !=
+        std::string::npos);
   fs::remove(tmp.path() / "sharded" / "model-00001-of-00002.safetensors");
   auto missing = weight_store::open(tmp.path() / "sharded");
   REQUIRE_FALSE(missing.has_value());

@@ -3,8 +3,8 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <fstream>
 #include <cmath>
+#include <fstream>
 #include <numeric>
 
 #include "engine/backend/cpu/ops.hpp"
@@ -33,9 +33,9 @@ expected<std::unique_ptr<cpu_backend>> cpu_backend::load(const std::filesystem::
   return load(model_dir, kv, {});
 }
 
-expected<std::unique_ptr<cpu_backend>>
-cpu_backend::load(const std::filesystem::path& model_dir, kv_cache_options kv,
-                  parallel_context par) {
+expected<std::unique_ptr<cpu_backend>> cpu_backend::load(const std::filesystem::path& model_dir,
+                                                         kv_cache_options kv,
+                                                         parallel_context par) {
   const bool sharded = par.layout.world_size() > 1;
   return open_model(model_dir, [&](model_config config, const weight_source& weights) {
     return sharded ? create(std::move(config), weights, kv, par)
@@ -55,14 +55,15 @@ uint64_t host_memory_available() {
   while (meminfo >> key >> kib >> unit)
     if (key == "MemAvailable:")
       return kib * 1024;
-  return static_cast<uint64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+  return static_cast<uint64_t>(sysconf(_SC_PHYS_PAGES)) *
+         static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
 }
 
 // The float32 K and V caches of this rank's layers must fit in host memory: a num_kv_blocks
 // typo (1e9) is an error with the numbers, not std::bad_alloc.
 expected<void> check_kv_fits(const model_config& c, const shard_plan& s, kv_cache_options kv) {
-  const double bytes = 2.0 * sizeof(float) * static_cast<double>(s.layers.size()) *
-                       kv.num_blocks * kv.block_size * s.kv_heads.size() * c.head_dim;
+  const double bytes = 2.0 * sizeof(float) * static_cast<double>(s.layers.size()) * kv.num_blocks *
+                       kv.block_size * s.kv_heads.size() * c.head_dim;
   const double avail = static_cast<double>(host_memory_available());
   if (bytes > avail)
     return make_error(errc::resource_exhausted,

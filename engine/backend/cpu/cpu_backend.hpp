@@ -37,8 +37,8 @@ class cpu_backend final : public backend {
   static expected<std::unique_ptr<cpu_backend>> load(const std::filesystem::path& model_dir,
                                                      kv_cache_options kv);
   // The same, this rank's shard only (see create with a parallel_context below).
-  static expected<std::unique_ptr<cpu_backend>>
-  load(const std::filesystem::path& model_dir, kv_cache_options kv, parallel_context par);
+  static expected<std::unique_ptr<cpu_backend>> load(const std::filesystem::path& model_dir,
+                                                     kv_cache_options kv, parallel_context par);
   static expected<std::unique_ptr<cpu_backend>>
   create(model_config config, const weight_source& weights, kv_cache_options kv);
   // This rank's shard only: reads just its slices from `weights`. forward() on every rank of

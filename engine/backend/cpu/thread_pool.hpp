@@ -16,9 +16,9 @@
 namespace troupe::engine::cpu {
 
 class thread_pool {
-public:
+ public:
   explicit thread_pool(int threads); // total threads including the caller; <= 1: serial
-  ~thread_pool(); // joins the workers: only in the process that made the pool
+  ~thread_pool();                    // joins the workers: only in the process that made the pool
   thread_pool(const thread_pool&) = delete;
   thread_pool& operator=(const thread_pool&) = delete;
 
@@ -31,13 +31,13 @@ public:
   // Made on first use and never destroyed.
   static thread_pool& shared();
 
-private:
+ private:
   void work();
   void run_chunks();
 
   std::vector<std::thread> workers_;
   int owner_pid_ = 0; // the process whose threads these are
-  std::mutex busy_; // held by the caller of parallel_for for its whole duration
+  std::mutex busy_;   // held by the caller of parallel_for for its whole duration
   std::mutex m_;
   std::condition_variable wake_, done_;
   uint64_t generation_ = 0;

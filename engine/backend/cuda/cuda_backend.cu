@@ -79,15 +79,16 @@ expected<bf16*> cuda_backend_impl::matrix(const weight_source* w,
   if (!dst)
     return dst;
   if (opt_.random_weights) {
-    TROUPE_TRY_VOID(fill_random(*dst, static_cast<size_t>(total * cols), scale, opt_.seed++, stream_));
+    TROUPE_TRY_VOID(
+        fill_random(*dst, static_cast<size_t>(total * cols), scale, opt_.seed++, stream_));
     return dst;
   }
   int64_t row0 = 0;
   for (const auto& p : parts) {
     if (p.cols() != cols)
-      return error{errc::internal, strf("%s: slice of %lld columns stacked on %lld",
-                                        p.name.c_str(), static_cast<long long>(p.cols()),
-                                        static_cast<long long>(cols))};
+      return error{errc::internal,
+                   strf("%s: slice of %lld columns stacked on %lld", p.name.c_str(),
+                        static_cast<long long>(p.cols()), static_cast<long long>(cols))};
     TROUPE_TRY_VOID(upload_slice(w, p, *dst + row0 * cols));
     row0 += p.rows();
   }
@@ -173,8 +174,8 @@ expected<void> cuda_backend_impl::load_weights(const weight_source* w) {
     TROUPE_ASSIGN(embed_, matrix(w, {embed_rows}, 1.0f));
   if (last_stage_) {
     if (!c.tie_word_embeddings)
-      TROUPE_ASSIGN(lm_head_, matrix(w, {rows_of("lm_head.weight", {c.vocab_size, H}, s.vocab)},
-                                     in_scale));
+      TROUPE_ASSIGN(lm_head_,
+                    matrix(w, {rows_of("lm_head.weight", {c.vocab_size, H}, s.vocab)}, in_scale));
     else if (s.first_stage())
       lm_head_ = embed_;
     else
@@ -226,16 +227,18 @@ expected<void> cuda_backend_impl::load_layer(const weight_source* w, int64_t l) 
   const std::string a = p + "self_attn.";
   TROUPE_ASSIGN(L.in_norm, vector_f32(w, p + "input_layernorm.weight", H));
   TROUPE_ASSIGN(L.post_norm, vector_f32(w, p + "post_attention_layernorm.weight", H));
-  TROUPE_ASSIGN(L.qkv, matrix(w, {rows_of(a + "q_proj.weight", {c.q_size(), H}, q),
-                                  rows_of(a + "k_proj.weight", {c.kv_size(), H}, kv),
-                                  rows_of(a + "v_proj.weight", {c.kv_size(), H}, kv)},
+  TROUPE_ASSIGN(L.qkv, matrix(w,
+                              {rows_of(a + "q_proj.weight", {c.q_size(), H}, q),
+                               rows_of(a + "k_proj.weight", {c.kv_size(), H}, kv),
+                               rows_of(a + "v_proj.weight", {c.kv_size(), H}, kv)},
                               in_scale));
   TROUPE_ASSIGN(L.o, matrix(w, {cols_of(a + "o_proj.weight", {H, c.q_size()}, q)},
                             1.0f / std::sqrt(static_cast<float>(c.q_size()))));
   if (c.attention_bias)
-    TROUPE_ASSIGN(L.qkv_bias, matrix(w, {rows_of(a + "q_proj.bias", {c.q_size()}, q),
-                                         rows_of(a + "k_proj.bias", {c.kv_size()}, kv),
-                                         rows_of(a + "v_proj.bias", {c.kv_size()}, kv)},
+    TROUPE_ASSIGN(L.qkv_bias, matrix(w,
+                                     {rows_of(a + "q_proj.bias", {c.q_size()}, q),
+                                      rows_of(a + "k_proj.bias", {c.kv_size()}, kv),
+                                      rows_of(a + "v_proj.bias", {c.kv_size()}, kv)},
                                      0.02f));
   if (c.o_proj_bias)
     TROUPE_ASSIGN(L.o_bias, matrix(w, {whole(a + "o_proj.bias", {H})}, 0.02f));
@@ -246,22 +249,25 @@ expected<void> cuda_backend_impl::load_layer(const weight_source* w, int64_t l) 
   if (c.is_moe_layer(l)) {
     const int64_t I = c.moe_intermediate_size;
     const float down_scale = 1.0f / std::sqrt(static_cast<float>(I));
-    TROUPE_ASSIGN(L.router, matrix(w, {whole(p + "mlp.gate.weight", {c.num_experts, H})}, in_scale));
+    TROUPE_ASSIGN(L.router,
+                  matrix(w, {whole(p + "mlp.gate.weight", {c.num_experts, H})}, in_scale));
     for (int64_t e = s.experts.begin; e < s.experts.end; ++e) {
       const std::string ep = p + "mlp.experts." + std::to_string(e) + ".";
       bf16* gu = nullptr;
       bf16* dn = nullptr;
-      TROUPE_ASSIGN(gu, matrix(w, {whole(ep + "gate_proj.weight", {I, H}),
-                                   whole(ep + "up_proj.weight", {I, H})},
-                               in_scale));
+      TROUPE_ASSIGN(
+          gu,
+          matrix(w, {whole(ep + "gate_proj.weight", {I, H}), whole(ep + "up_proj.weight", {I, H})},
+                 in_scale));
       TROUPE_ASSIGN(dn, matrix(w, {whole(ep + "down_proj.weight", {H, I})}, down_scale));
       L.expert_gate_up.push_back(gu);
       L.expert_down.push_back(dn);
     }
   } else {
     const int64_t I = c.intermediate_size;
-    TROUPE_ASSIGN(L.gate_up, matrix(w, {rows_of(p + "mlp.gate_proj.weight", {I, H}, s.intermediate),
-                                        rows_of(p + "mlp.up_proj.weight", {I, H}, s.intermediate)},
+    TROUPE_ASSIGN(L.gate_up, matrix(w,
+                                    {rows_of(p + "mlp.gate_proj.weight", {I, H}, s.intermediate),
+                                     rows_of(p + "mlp.up_proj.weight", {I, H}, s.intermediate)},
                                     in_scale));
     TROUPE_ASSIGN(L.down, matrix(w, {cols_of(p + "mlp.down_proj.weight", {H, I}, s.intermediate)},
                                  1.0f / std::sqrt(static_cast<float>(I))));
@@ -294,24 +300,27 @@ expected<size_t> cuda_backend_impl::alloc_workspace() {
   const size_t T = static_cast<size_t>(opt_.max_num_batched_tokens);
   const size_t R = static_cast<size_t>(opt_.max_logit_rows);
   const size_t H = static_cast<size_t>(c.hidden_size);
-  const size_t I = static_cast<size_t>(std::max<int64_t>(shard_.intermediate.size(),
-                                                         c.moe_intermediate_size));
+  const size_t I =
+      static_cast<size_t>(std::max<int64_t>(shard_.intermediate.size(), c.moe_intermediate_size));
   const size_t q_local = static_cast<size_t>(heads_.num_heads) * heads_.head_dim;
   partial_floats_ = std::max(attention_partial_floats(static_cast<int>(T), heads_, 2),
                              attention_partial_floats(opt_.max_num_seqs, heads_, 64));
-  struct slice { void** ptr; size_t bytes; };
+  struct slice {
+    void** ptr;
+    size_t bytes;
+  };
   std::vector<slice> slices = {
-    {reinterpret_cast<void**>(&resid_), T * H * 4},
-    {reinterpret_cast<void**>(&h_), T * H * 2},
-    {reinterpret_cast<void**>(&qkv_), T * heads_.qkv_width() * 2},
-    {reinterpret_cast<void**>(&attn_), T * q_local * 2},
-    {reinterpret_cast<void**>(&proj_), T * H * 2},
-    {reinterpret_cast<void**>(&mlp_), T * 2 * I * 2},
-    {reinterpret_cast<void**>(&act_), T * I * 2},
-    {reinterpret_cast<void**>(&sel_), R * H * 2},
-    {reinterpret_cast<void**>(&logits_), R * c.vocab_size * 4},
-    {reinterpret_cast<void**>(&argmax_), R * 4},
-    {reinterpret_cast<void**>(&partial_), partial_floats_ * 4},
+      {reinterpret_cast<void**>(&resid_), T * H * 4},
+      {reinterpret_cast<void**>(&h_), T * H * 2},
+      {reinterpret_cast<void**>(&qkv_), T * heads_.qkv_width() * 2},
+      {reinterpret_cast<void**>(&attn_), T * q_local * 2},
+      {reinterpret_cast<void**>(&proj_), T * H * 2},
+      {reinterpret_cast<void**>(&mlp_), T * 2 * I * 2},
+      {reinterpret_cast<void**>(&act_), T * I * 2},
+      {reinterpret_cast<void**>(&sel_), R * H * 2},
+      {reinterpret_cast<void**>(&logits_), R * c.vocab_size * 4},
+      {reinterpret_cast<void**>(&argmax_), R * 4},
+      {reinterpret_cast<void**>(&partial_), partial_floats_ * 4},
   };
   if (tp_ > 1) {
     const size_t chunk = static_cast<size_t>(shard_.vocab_chunk);
@@ -347,22 +356,22 @@ expected<void> cuda_backend_impl::alloc_kv(size_t workspace_bytes) {
   if (kv_.num_blocks == 0) {
     size_t free = 0, capacity = 0;
     TROUPE_CUDA(cudaMemGetInfo(&free, &capacity));
-    const double budget = capacity * static_cast<double>(opt_.gpu_memory_utilization)
-                          - static_cast<double>(capacity - free);
+    const double budget = capacity * static_cast<double>(opt_.gpu_memory_utilization) -
+                          static_cast<double>(capacity - free);
     if (budget < static_cast<double>(block_bytes))
       return error{errc::resource_exhausted,
                    strf("GPU out of memory: weights %.2f GiB, workspace %.2f GiB; "
                         "gpu_memory_utilization %.2f of %.2f GiB leaves %.2f GiB, less than one "
                         "KV block (%zu bytes)",
                         weight_bytes_ / 1073741824.0, workspace_bytes / 1073741824.0,
-                        static_cast<double>(opt_.gpu_memory_utilization),
-                        capacity / 1073741824.0, budget / 1073741824.0, block_bytes)};
+                        static_cast<double>(opt_.gpu_memory_utilization), capacity / 1073741824.0,
+                        budget / 1073741824.0, block_bytes)};
     kv_.num_blocks = static_cast<int32_t>(budget / static_cast<double>(block_bytes));
   }
   layer_kv_elems_ = static_cast<size_t>(kv_.num_blocks) * kv_.block_size * kv_local;
   if (auto r = kv_buf_.allocate(layer_kv_elems_ * 2 * 2 * layers); !r)
     return std::move(r).error().context(
-      strf("allocating %d KV blocks of %d tokens", kv_.num_blocks, kv_.block_size));
+        strf("allocating %d KV blocks of %d tokens", kv_.num_blocks, kv_.block_size));
   return {};
 }
 
@@ -402,10 +411,11 @@ expected<void> cuda_backend_impl::init(const model_config& c, const weight_sourc
   auto with_numbers = [&](error e, const char* what) -> error {
     size_t free = 0, capacity = 0;
     cudaMemGetInfo(&free, &capacity);
-    return std::move(e).context(strf("%s: weights so far %.2f GiB, GPU %d has %.2f GiB free of %.2f GiB "
-                          "(gpu_memory_utilization %.2f)",
-                          what, weight_bytes_ / 1073741824.0, opt_.device, free / 1073741824.0,
-                          capacity / 1073741824.0, static_cast<double>(opt_.gpu_memory_utilization)));
+    return std::move(e).context(
+        strf("%s: weights so far %.2f GiB, GPU %d has %.2f GiB free of %.2f GiB "
+             "(gpu_memory_utilization %.2f)",
+             what, weight_bytes_ / 1073741824.0, opt_.device, free / 1073741824.0,
+             capacity / 1073741824.0, static_cast<double>(opt_.gpu_memory_utilization)));
   };
   if (auto r = load_all_weights(w); !r)
     return with_numbers(std::move(r).error(), "loading the weights");

@@ -18,12 +18,12 @@ namespace troupe::engine {
 
 struct cuda_options {
   int device = 0;
-  int max_num_batched_tokens = 8192; // most tokens in one step (sizes the activation workspace)
-  int max_num_seqs = 256;            // most sequences in one step
-  int max_logit_rows = 256;          // most logits rows in one step
-  int max_model_len = 0;             // 0 = config.max_position_embeddings
+  int max_num_batched_tokens = 8192;   // most tokens in one step (sizes the activation workspace)
+  int max_num_seqs = 256;              // most sequences in one step
+  int max_logit_rows = 256;            // most logits rows in one step
+  int max_model_len = 0;               // 0 = config.max_position_embeddings
   float gpu_memory_utilization = 0.9f; // KV pool size when kv.num_blocks == 0
-  bool random_weights = false;       // benchmarks: fill weights on the GPU instead of loading
+  bool random_weights = false;         // benchmarks: fill weights on the GPU instead of loading
   uint64_t seed = 1;
   // Model parallelism (the caller owns the communicators and keeps them alive as long as the
   // backend): `tensor` joins this stage's tp_size ranks in tp_rank order, `world` every rank in
@@ -48,7 +48,7 @@ struct cuda_load_timings {
 };
 
 class cuda_backend : public backend {
-public:
+ public:
   // Greedy step: like forward(), but only each row's argmax comes back (one id per logits row).
   virtual expected<void> forward_greedy(const step_plan& plan, std::vector<token_id>& tokens) = 0;
   // Like forward(), but the logits stay on the GPU (for the GPU sampler): fills out.first_row /

@@ -25,9 +25,9 @@ struct gpu_layer {
   float* k_norm = nullptr;
   float* in_norm = nullptr; // [H]
   float* post_norm = nullptr;
-  bf16* gate_up = nullptr;  // [2 I, H]: gate rows, then up rows (dense)
-  bf16* down = nullptr;     // [H, I]
-  bf16* router = nullptr;   // [E, H] (MoE, every expert)
+  bf16* gate_up = nullptr;                        // [2 I, H]: gate rows, then up rows (dense)
+  bf16* down = nullptr;                           // [H, I]
+  bf16* router = nullptr;                         // [E, H] (MoE, every expert)
   std::vector<bf16*> expert_gate_up, expert_down; // this rank's experts, moe_intermediate
 };
 
@@ -55,7 +55,7 @@ struct step_meta {
 };
 
 class cuda_backend_impl final : public cuda_backend {
-public:
+ public:
   ~cuda_backend_impl() override;
   expected<void> init(const model_config& c, const weight_source* w, kv_cache_options kv,
                       cuda_options o);
@@ -77,16 +77,16 @@ public:
     gemm_.use_skinny = on;
   }
 
-private:
+ private:
   // Uploads the plan's metadata and sets T_/S_/R_, the attention split and graph_step_.
   expected<void> upload(const step_plan& plan);
   void choose_split(int max_ctx);
   void drop_graphs();
-  expected<void> run_model();   // every kernel of one step, on stream_ (graph-capturable)
-  expected<void> run_step();    // run_model eagerly, or through a captured graph
+  expected<void> run_model(); // every kernel of one step, on stream_ (graph-capturable)
+  expected<void> run_step();  // run_model eagerly, or through a captured graph
   expected<void> layer(int l);
   expected<void> moe(const gpu_layer& w);
-  expected<void> lm_head();     // sel_ -> logits_ [R, V], gathered over the tensor group
+  expected<void> lm_head(); // sel_ -> logits_ [R, V], gathered over the tensor group
   // Broadcasts `words` 4-byte values from the last stage to every rank (no-op at pipeline=1).
   expected<void> from_last_stage(void* data, size_t words);
   // Sums a partial result over the tensor group (no-op at tensor=1).
@@ -114,9 +114,9 @@ private:
   cuda_options opt_;
   shard_plan shard_;
   bool last_stage_ = true;
-  int tp_ = 1;                   // tensor ranks
-  bool comm_capturable_ = true;  // every communicator may be recorded into a graph
-  head_layout heads_;            // this rank's heads
+  int tp_ = 1;                  // tensor ranks
+  bool comm_capturable_ = true; // every communicator may be recorded into a graph
+  head_layout heads_;           // this rank's heads
   cudaStream_t stream_ = nullptr;
   gemm_runner gemm_;
   std::vector<device_buffer> weights_; // every weight allocation
@@ -134,21 +134,21 @@ private:
 
   // Workspace for max_num_batched_tokens rows.
   device_buffer work_;
-  float* resid_ = nullptr;  // [T, H]
-  bf16* h_ = nullptr;       // [T, H] normalised input of the next projection
-  bf16* qkv_ = nullptr;     // [T, qkv_width]
-  bf16* attn_ = nullptr;    // [T, nh D]
-  bf16* proj_ = nullptr;    // [T, H] o_proj / down_proj output
-  bf16* mlp_ = nullptr;     // [T, 2 I] gate_up, then [T, I] activation after it
-  bf16* act_ = nullptr;     // [T, I]
-  float* moe_acc_ = nullptr;// [T, H]
-  float* moe_out_ = nullptr;// [T, H] one expert's output, fp32 so the weighted sum rounds once
-  bf16* moe_in_ = nullptr;  // [T, H]
-  bf16* sel_ = nullptr;     // [R, H]
-  float* logits_ = nullptr; // [R, V]
+  float* resid_ = nullptr;      // [T, H]
+  bf16* h_ = nullptr;           // [T, H] normalised input of the next projection
+  bf16* qkv_ = nullptr;         // [T, qkv_width]
+  bf16* attn_ = nullptr;        // [T, nh D]
+  bf16* proj_ = nullptr;        // [T, H] o_proj / down_proj output
+  bf16* mlp_ = nullptr;         // [T, 2 I] gate_up, then [T, I] activation after it
+  bf16* act_ = nullptr;         // [T, I]
+  float* moe_acc_ = nullptr;    // [T, H]
+  float* moe_out_ = nullptr;    // [T, H] one expert's output, fp32 so the weighted sum rounds once
+  bf16* moe_in_ = nullptr;      // [T, H]
+  bf16* sel_ = nullptr;         // [R, H]
+  float* logits_ = nullptr;     // [R, V]
   float* gather_in_ = nullptr;  // [R, vocab_chunk]: this rank's logits slice (tensor > 1)
   float* gather_out_ = nullptr; // [tp, R, vocab_chunk]
-  float* router_ = nullptr; // [T, E]
+  float* router_ = nullptr;     // [T, E]
   int32_t* argmax_ = nullptr;
   float* partial_ = nullptr;
   size_t partial_floats_ = 0;

@@ -61,10 +61,11 @@ inline error cublas_error(cublasStatus_t s, const char* what, const char* file, 
 
 // An owning device allocation (cudaMalloc); move-only.
 class device_buffer {
-public:
+ public:
   device_buffer() = default;
   ~device_buffer() { reset(); }
-  device_buffer(device_buffer&& o) noexcept : ptr_(std::exchange(o.ptr_, nullptr)), bytes_(o.bytes_) {}
+  device_buffer(device_buffer&& o) noexcept
+    : ptr_(std::exchange(o.ptr_, nullptr)), bytes_(o.bytes_) {}
   device_buffer& operator=(device_buffer&& o) noexcept {
     reset();
     ptr_ = std::exchange(o.ptr_, nullptr);
@@ -94,7 +95,7 @@ public:
   }
   size_t bytes() const { return bytes_; }
 
-private:
+ private:
   void* ptr_ = nullptr;
   size_t bytes_ = 0;
 };

@@ -10,14 +10,17 @@ constexpr const char* why = "troupe was built without CUDA (no nvcc, CUDA toolki
                             "configure time, or TROUPE_CUDA=OFF)";
 }
 
-std::string cuda_unavailable_reason() { return why; }
+std::string cuda_unavailable_reason() {
+  return why;
+}
 
-expected<std::unique_ptr<cuda_backend>> make_cuda_backend(const model_config&,
-                                                          const weight_source*, kv_cache_options,
-                                                          cuda_options) {
+expected<std::unique_ptr<cuda_backend>> make_cuda_backend(const model_config&, const weight_source*,
+                                                          kv_cache_options, cuda_options) {
   return error{errc::unsupported, why};
 }
 
-expected<std::unique_ptr<gpu_sampler>> make_gpu_sampler() { return error{errc::unsupported, why}; }
+expected<std::unique_ptr<gpu_sampler>> make_gpu_sampler() {
+  return error{errc::unsupported, why};
+}
 
 } // namespace troupe::engine

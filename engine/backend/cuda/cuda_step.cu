@@ -83,8 +83,8 @@ expected<void> cuda_backend_impl::upload(const step_plan& plan) {
       host_.tokens[t] = s.tokens[static_cast<size_t>(j)];
       host_.positions[t] = pos;
       host_.token_seq[t] = i;
-      host_.slots[t] = s.block_table[static_cast<size_t>(pos / kv_.block_size)] * kv_.block_size
-                       + pos % kv_.block_size;
+      host_.slots[t] = s.block_table[static_cast<size_t>(pos / kv_.block_size)] * kv_.block_size +
+                       pos % kv_.block_size;
       if (s.logits == logits_mode::all || (s.logits == logits_mode::last && j == n - 1))
         host_.logit_src[r++] = t;
     }
@@ -103,7 +103,8 @@ expected<void> cuda_backend_impl::upload(const step_plan& plan) {
   route_.split_tokens = dev_.split_tokens;
   route_.decode_tiles = dev_.decode_tiles;
   const size_t ints = 11 * static_cast<size_t>(T_) + R_ + static_cast<size_t>(S_) * mb_;
-  TROUPE_CUDA(cudaMemcpyAsync(dev_.tokens, host_.tokens, ints * 4, cudaMemcpyHostToDevice, stream_));
+  TROUPE_CUDA(
+      cudaMemcpyAsync(dev_.tokens, host_.tokens, ints * 4, cudaMemcpyHostToDevice, stream_));
   return {};
 }
 
@@ -151,8 +152,8 @@ expected<void> cuda_backend_impl::layer(int l) {
     TROUPE_TRY_VOID(tp_sum(proj_, static_cast<size_t>(T_) * H, comm::device_dtype::bf16));
   }
   // A stage's last layer normalises with the final norm; the next stage renormalises its input.
-  const float* next = l + 1 < shard_.layers.end ? layers_[static_cast<size_t>(l + 1)].in_norm
-                                                : final_norm_;
+  const float* next =
+      l + 1 < shard_.layers.end ? layers_[static_cast<size_t>(l + 1)].in_norm : final_norm_;
   return add_rms_norm(resid_, proj_, nullptr, T_, H, next, eps, h_, stream_);
 }
 
@@ -161,10 +162,12 @@ expected<void> cuda_backend_impl::moe(const gpu_layer& w) {
   // round trip makes MoE steps uncapturable; a device-side router is future work.
   const auto& c = config_;
   const int H = static_cast<int>(c.hidden_size), E = static_cast<int>(c.num_experts);
-  const int K = static_cast<int>(c.num_experts_per_tok), I = static_cast<int>(c.moe_intermediate_size);
+  const int K = static_cast<int>(c.num_experts_per_tok),
+            I = static_cast<int>(c.moe_intermediate_size);
   TROUPE_TRY_VOID(gemm_.run(h_, T_, H, w.router, E, router_, stream_));
   std::vector<float> probs(static_cast<size_t>(T_) * E);
-  TROUPE_CUDA(cudaMemcpyAsync(probs.data(), router_, probs.size() * 4, cudaMemcpyDeviceToHost, stream_));
+  TROUPE_CUDA(
+      cudaMemcpyAsync(probs.data(), router_, probs.size() * 4, cudaMemcpyDeviceToHost, stream_));
   TROUPE_TRY_VOID(sync());
   std::vector<std::vector<std::pair<int32_t, float>>> routed(static_cast<size_t>(E));
   std::vector<int> order(static_cast<size_t>(E));
@@ -195,12 +198,15 @@ expected<void> cuda_backend_impl::moe(const gpu_layer& w) {
     }
     offset[static_cast<size_t>(e) + 1] = rows.size();
   }
-  TROUPE_CUDA(cudaMemcpyAsync(moe_rows_, rows.data(), rows.size() * 4, cudaMemcpyHostToDevice, stream_));
-  TROUPE_CUDA(cudaMemcpyAsync(moe_w_, weights.data(), weights.size() * 4, cudaMemcpyHostToDevice, stream_));
+  TROUPE_CUDA(
+      cudaMemcpyAsync(moe_rows_, rows.data(), rows.size() * 4, cudaMemcpyHostToDevice, stream_));
+  TROUPE_CUDA(
+      cudaMemcpyAsync(moe_w_, weights.data(), weights.size() * 4, cudaMemcpyHostToDevice, stream_));
   TROUPE_TRY_VOID(fill_value(moe_acc_, static_cast<size_t>(T_) * H, 0.0f, stream_));
   // Only this rank's experts; the fp32 sums of every rank's experts are joined by one all-reduce.
   for (int e = static_cast<int>(shard_.experts.begin); e < shard_.experts.end; ++e) {
-    const int n = static_cast<int>(offset[static_cast<size_t>(e) + 1] - offset[static_cast<size_t>(e)]);
+    const int n =
+        static_cast<int>(offset[static_cast<size_t>(e) + 1] - offset[static_cast<size_t>(e)]);
     if (n == 0)
       continue;
     const size_t mine = static_cast<size_t>(e - shard_.experts.begin);
@@ -209,7 +215,8 @@ expected<void> cuda_backend_impl::moe(const gpu_layer& w) {
     TROUPE_TRY_VOID(gemm_.run(moe_in_, n, H, w.expert_gate_up[mine], 2 * I, mlp_, stream_));
     TROUPE_TRY_VOID(silu_mul(mlp_, n, I, act_, stream_));
     TROUPE_TRY_VOID(gemm_.run(act_, n, I, w.expert_down[mine], H, moe_out_, stream_));
-    TROUPE_TRY_VOID(scatter_add_rows(moe_out_, r, moe_w_ + offset[static_cast<size_t>(e)], n, H, moe_acc_, stream_));
+    TROUPE_TRY_VOID(scatter_add_rows(moe_out_, r, moe_w_ + offset[static_cast<size_t>(e)], n, H,
+                                     moe_acc_, stream_));
   }
   TROUPE_TRY_VOID(tp_sum(moe_acc_, static_cast<size_t>(T_) * H, comm::device_dtype::f32));
   // The pinned-less host vectors must outlive the async copies above.
@@ -248,13 +255,14 @@ expected<void> cuda_backend_impl::lm_head() {
   if (R_ == 0)
     return {};
   const int64_t chunk = shard_.vocab_chunk;
-  TROUPE_TRY_VOID(gemm_.run(sel_, R_, H, lm_head_, static_cast<int>(shard_.vocab.size()),
-                            gather_in_, stream_));
+  TROUPE_TRY_VOID(
+      gemm_.run(sel_, R_, H, lm_head_, static_cast<int>(shard_.vocab.size()), gather_in_, stream_));
   const size_t n = static_cast<size_t>(R_) * static_cast<size_t>(chunk);
-  TROUPE_TRY_VOID(opt_.tensor->all_gather(gather_in_, gather_out_, n, comm::device_dtype::f32,
-                                          stream_));
+  TROUPE_TRY_VOID(
+      opt_.tensor->all_gather(gather_in_, gather_out_, n, comm::device_dtype::f32, stream_));
   for (int k = 0; k < tp_; ++k) {
-    const int64_t begin = std::min<int64_t>(V, k * chunk), end = std::min<int64_t>(V, (k + 1) * chunk);
+    const int64_t begin = std::min<int64_t>(V, k * chunk),
+                  end = std::min<int64_t>(V, (k + 1) * chunk);
     if (end == begin)
       continue;
     const size_t w = static_cast<size_t>(end - begin) * 4;
@@ -275,14 +283,16 @@ expected<void> cuda_backend_impl::run_model() {
   const float eps = static_cast<float>(c.rms_norm_eps);
   if (shard_.first_stage()) {
     TROUPE_TRY_VOID(embed(dev_.tokens, T_, embed_, H, resid_, stream_,
-                          static_cast<int>(shard_.vocab.begin), static_cast<int>(shard_.vocab.size())));
+                          static_cast<int>(shard_.vocab.begin),
+                          static_cast<int>(shard_.vocab.size())));
     TROUPE_TRY_VOID(tp_sum(resid_, TH, comm::device_dtype::f32));
   } else {
     TROUPE_TRY_VOID(opt_.world->recv(resid_, TH, comm::device_dtype::f32,
                                      lay.world_rank() - lay.tp_size, stream_));
   }
   const int first = static_cast<int>(shard_.layers.begin);
-  TROUPE_TRY_VOID(rms_norm(resid_, T_, H, layers_[static_cast<size_t>(first)].in_norm, eps, h_, stream_));
+  TROUPE_TRY_VOID(
+      rms_norm(resid_, T_, H, layers_[static_cast<size_t>(first)].in_norm, eps, h_, stream_));
   for (int l = first; l < static_cast<int>(shard_.layers.end); ++l)
     TROUPE_TRY_VOID(layer(l));
   if (!last_stage_)
@@ -343,8 +353,7 @@ expected<void> cuda_backend_impl::forward(const step_plan& plan, forward_output&
   return sync();
 }
 
-expected<float*> cuda_backend_impl::forward_on_device(const step_plan& plan,
-                                                    forward_output& out) {
+expected<float*> cuda_backend_impl::forward_on_device(const step_plan& plan, forward_output& out) {
   TROUPE_TRY_VOID(upload(plan));
   const int32_t rows = prepare_output(plan, config_.vocab_size, out, false);
   if (T_ == 0)
@@ -364,11 +373,12 @@ expected<void> cuda_backend_impl::forward_greedy(const step_plan& plan,
     return {};
   TROUPE_TRY_VOID(run_step());
   if (last_stage_)
-    TROUPE_TRY_VOID(argmax_rows(logits_, R_, static_cast<int>(config_.vocab_size), argmax_, stream_));
+    TROUPE_TRY_VOID(
+        argmax_rows(logits_, R_, static_cast<int>(config_.vocab_size), argmax_, stream_));
   TROUPE_TRY_VOID(from_last_stage(argmax_, tokens.size())); // int32 ids travel as 4-byte words
   if (!tokens.empty())
-    TROUPE_CUDA(cudaMemcpyAsync(tokens.data(), argmax_, tokens.size() * 4,
-                                cudaMemcpyDeviceToHost, stream_));
+    TROUPE_CUDA(cudaMemcpyAsync(tokens.data(), argmax_, tokens.size() * 4, cudaMemcpyDeviceToHost,
+                                stream_));
   return sync();
 }
 

@@ -7,7 +7,9 @@ namespace troupe::engine::cuda {
 
 // The first statement of every kernel launched with launch_pdl (cuda_common.cuh): waits until the
 // kernels it depends on have completed and their writes are visible.
-__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+__device__ __forceinline__ void pdl_wait() {
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+}
 
 // Lets the next kernel be scheduled now: its blocks fill the SMs this grid's last wave leaves
 // idle and wait there. Only the decode GEMM (batch <= 8) does this (H100, 8B batch 1: 6.53 ->

@@ -83,10 +83,9 @@ cudaError_t launch_skinny(const bf16* x, int T, int in, const bf16* w, int out, 
                           cudaStream_t s) {
   // One instantiation per row count 1..8 (T above 8 never reaches here).
   using kernel = void (*)(const bf16*, int, const bf16*, int, Out*);
-  static constexpr kernel kernels[] = {skinny_kernel<1, Out>, skinny_kernel<2, Out>,
-                                       skinny_kernel<3, Out>, skinny_kernel<4, Out>,
-                                       skinny_kernel<5, Out>, skinny_kernel<6, Out>,
-                                       skinny_kernel<7, Out>, skinny_kernel<8, Out>};
+  static constexpr kernel kernels[] = {
+      skinny_kernel<1, Out>, skinny_kernel<2, Out>, skinny_kernel<3, Out>, skinny_kernel<4, Out>,
+      skinny_kernel<5, Out>, skinny_kernel<6, Out>, skinny_kernel<7, Out>, skinny_kernel<8, Out>};
   const dim3 grid((out + 7) / 8), block(256);
   return launch_pdl(kernels[std::clamp(T, 1, 8) - 1], grid, block, 0, s, x, in, w, out, y);
 }

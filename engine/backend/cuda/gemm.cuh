@@ -11,7 +11,7 @@
 namespace troupe::engine::cuda {
 
 class gemm_runner {
-public:
+ public:
   gemm_runner() = default;
   ~gemm_runner();
   gemm_runner(const gemm_runner&) = delete;
@@ -19,7 +19,8 @@ public:
 
   expected<void> init(size_t workspace_bytes = 32u << 20);
   expected<void> run(const bf16* x, int T, int in, const bf16* w, int out, bf16* y, cudaStream_t s);
-  expected<void> run(const bf16* x, int T, int in, const bf16* w, int out, float* y, cudaStream_t s);
+  expected<void> run(const bf16* x, int T, int in, const bf16* w, int out, float* y,
+                     cudaStream_t s);
 
   // The skinny kernel handles up to skinny_max_tokens; run() uses it up to skinny_auto_tokens,
   // where it beats cuBLASLt (H100, Qwen3 shapes: at T = 8 cuBLASLt was 2.4x faster). Fusing
@@ -39,9 +40,9 @@ public:
   static constexpr int autotune_candidates = 8;
   static constexpr int autotune_max_tokens = 512;
 
-private:
-  expected<void> run_lt(const bf16* x, int T, int in, const bf16* w, int out, void* y,
-                        bool f32_out, cudaStream_t s);
+ private:
+  expected<void> run_lt(const bf16* x, int T, int in, const bf16* w, int out, void* y, bool f32_out,
+                        cudaStream_t s);
   struct plan {
     cublasLtMatmulDesc_t op = nullptr;
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
@@ -49,8 +50,7 @@ private:
   };
   // The fastest of the candidates on these operands; the first one when timing is impossible.
   cublasLtMatmulAlgo_t fastest(const plan& p, const cublasLtMatmulHeuristicResult_t* results,
-                                         int found, const bf16* x, const bf16* w, void* y,
-                                         cudaStream_t s);
+                               int found, const bf16* x, const bf16* w, void* y, cudaStream_t s);
   cublasLtHandle_t handle_ = nullptr;
   device_buffer workspace_;
   std::map<std::tuple<int, int, int, bool>, plan> plans_;

@@ -123,17 +123,19 @@ __device__ double block_sum(double v, shared_state& sh) {
 struct row_view {
   const float* w;
   int V;
-  float top;         // largest value of the row
+  float top; // largest value of the row
   double temperature;
-  uint64_t k_min;    // candidates have key >= k_min (top-k; 0 = off)
-  uint64_t p_min;    // and key >= p_min (top-p; 0 = off)
-  float min_p;       // and prob >= min_p (0 = off)
+  uint64_t k_min; // candidates have key >= k_min (top-k; 0 = off)
+  uint64_t p_min; // and key >= p_min (top-p; 0 = off)
+  float min_p;    // and prob >= min_p (0 = off)
   // The host's order: by value for top-k (and the top-p after it), by probability for top-p
   // alone. Probability ties exactly where w - top (float) ties, so that order is keyed on the
   // rounded difference, not on w: two values may round to one difference.
   bool by_diff;
 
-  __device__ uint64_t key(int i) const { return rank_key(by_diff ? __fsub_rn(w[i], top) : w[i], i); }
+  __device__ uint64_t key(int i) const {
+    return rank_key(by_diff ? __fsub_rn(w[i], top) : w[i], i);
+  }
 
   __device__ double prob(int i) const {
     return exp(static_cast<double>(__fsub_rn(w[i], top)) / temperature);
@@ -297,8 +299,8 @@ __global__ void __launch_bounds__(threads)
     pen_saved[j] = x;
     if (p.repetition != 1.0f)
       x = x > 0 ? __fdiv_rn(x, p.repetition) : __fmul_rn(x, p.repetition);
-    x = __fsub_rn(x, __fadd_rn(__fmul_rn(p.frequency, static_cast<float>(n)),
-                               n > 0 ? p.presence : 0.0f));
+    x = __fsub_rn(
+        x, __fadd_rn(__fmul_rn(p.frequency, static_cast<float>(n)), n > 0 ? p.presence : 0.0f));
     w[t] = x;
   }
   __syncthreads();
@@ -360,11 +362,11 @@ expected<void> reserve(device_buffer& b, size_t bytes) {
 }
 
 class gpu_sampler_impl final : public gpu_sampler {
-public:
+ public:
   expected<std::vector<seq_output>> sample(float* logits, int64_t vocab,
                                            std::span<const row_job> jobs, void* stream) override;
 
-private:
+ private:
   std::vector<row_params> params_;
   std::vector<int32_t> pen_tokens_, pen_counts_, banned_;
   std::vector<row_result> results_;

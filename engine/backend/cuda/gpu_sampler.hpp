@@ -15,7 +15,7 @@
 namespace troupe::engine {
 
 class gpu_sampler {
-public:
+ public:
   virtual ~gpu_sampler() = default;
 
   // Samples job j from row jobs[j].row of `logits` (device memory, fp32 [rows, vocab]) on
@@ -23,8 +23,7 @@ public:
   // order (ids left 0). Penalised and banned entries of those rows are overwritten in place.
   // Blocks the calling thread until the results are on the host.
   virtual expected<std::vector<seq_output>> sample(float* logits, int64_t vocab,
-                                                   std::span<const row_job> jobs,
-                                                   void* stream) = 0;
+                                                   std::span<const row_job> jobs, void* stream) = 0;
 };
 
 // A sampler on the current CUDA device; errors when built without CUDA.

@@ -8,7 +8,7 @@
 namespace troupe::engine::cuda {
 
 struct head_layout {
-  int num_heads = 0;    // query heads
+  int num_heads = 0; // query heads
   int num_kv_heads = 0;
   int head_dim = 0;
   TROUPE_HOST_DEVICE int qkv_width() const { return (num_heads + 2 * num_kv_heads) * head_dim; }
@@ -30,10 +30,10 @@ expected<void> gather_rms_norm(const float* resid, const int32_t* src_rows, int 
 // On qkv[T, (nh + 2 nkv) * D] in place: add bias (optional), RMSNorm each q and k head (optional,
 // Qwen3), rotate q and k by RoPE at positions[t], and store k and v into the paged caches at
 // slot slots[t] ([num_slots, nkv, D]).
-expected<void> qkv_rope_cache(bf16* qkv, const bf16* bias, const float* q_norm,
-                              const float* k_norm, float eps, const int32_t* positions,
-                              const int32_t* slots, const float* inv_freq, int T, head_layout L,
-                              bf16* k_cache, bf16* v_cache, cudaStream_t s);
+expected<void> qkv_rope_cache(bf16* qkv, const bf16* bias, const float* q_norm, const float* k_norm,
+                              float eps, const int32_t* positions, const int32_t* slots,
+                              const float* inv_freq, int T, head_layout L, bf16* k_cache,
+                              bf16* v_cache, cudaStream_t s);
 // out[T, I] = silu(gate_up[:, :I]) * gate_up[:, I:]
 expected<void> silu_mul(const bf16* gate_up, int T, int I, bf16* out, cudaStream_t s);
 // out[r] = argmax(logits[r, :V]) (lowest id on ties)
