@@ -1,20 +1,22 @@
 // One served model: tokenizer, executors (in this process: device cpu = CPU backend +
 // local_executor, device cuda = CUDA backend on GPU 0 + cuda_executor; or for each replica of a
-// cluster deployment its worker ranks), a serving engine per replica behind a replica_router,
+// cluster deployment its worker ranks), a replica actor per replica behind a replica_router,
 // and the HTTP server, built from a model.yaml deployment_config. Used by `cluster serve
 // --block`, the head's serving actor (which also takes failed replicas down and swaps restarted
-// ones in) and the serving tests. start() blocks while loading weights; the destructor stops and
-// joins.
+// ones in) and the serving tests. start() blocks while loading weights; the destructor stops the
+// HTTP server and the replicas, and joins an in-process deployment's actor system.
 #pragma once
 
 #include <functional>
 #include <memory>
 #include <string>
 
+#include <caf/actor_system.hpp>
+
 #include "actors/serving/replica_router.hpp"
-#include "runtime/config.hpp"
-#include "engine/model/model_config.hpp"
 #include "engine/exec/executor.hpp"
+#include "engine/model/model_config.hpp"
+#include "runtime/config.hpp"
 
 namespace troupe::serve {
 
@@ -25,8 +27,7 @@ struct kv_plan {
   int32_t max_model_len = 0;
   int32_t num_blocks = 0;
 };
-expected<kv_plan> plan_kv(const deployment_config& config,
-                          const engine::model_config& model);
+expected<kv_plan> plan_kv(const deployment_config& config, const engine::model_config& model);
 
 // Makes every replica's executor once the model's config and the KV plan are known: a backend
 // in this process (`--block`) or each replica's worker ranks (the head's serving actor), with
@@ -37,12 +38,14 @@ using executor_factory = std::function<expected<std::vector<replica_executor>>(
 
 class deployment {
  public:
-  // In this process on the config's device (tensor = pipeline = replicas = 1 only).
+  // In this process on the config's device (tensor = pipeline = replicas = 1 only), with an
+  // actor system of its own for the replica actor.
   static expected<std::unique_ptr<deployment>> start(const deployment_config& config,
                                                      std::string version);
-  static expected<std::unique_ptr<deployment>>
-  start(const deployment_config& config, std::string version,
-        const executor_factory& make_executor);
+  // Replica actors spawned in `sys`, which must outlive the deployment.
+  static expected<std::unique_ptr<deployment>> start(const deployment_config& config,
+                                                     std::string version, caf::actor_system& sys,
+                                                     const executor_factory& make_executor);
   ~deployment();
 
   uint16_t port() const { return port_; }
@@ -52,7 +55,7 @@ class deployment {
   int32_t num_kv_blocks() const { return num_kv_blocks_; }
 
   // Replica i failed: requests go to the other replicas, or get HTTP 503 saying `why` while
-  // none serves; its engine and executor stop. Blocks until its engine thread ended.
+  // none serves; its replica actor stops.
   void take_down(size_t replica, const std::string& why);
   // Replica i serves again over a new executor (its restarted workers).
   expected<void> replace(size_t replica, replica_executor r);

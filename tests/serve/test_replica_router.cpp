@@ -7,6 +7,9 @@
 #include <condition_variable>
 #include <thread>
 
+#include <caf/actor_system.hpp>
+#include <caf/actor_system_config.hpp>
+
 #include "actors/serving/replica_router.hpp"
 #include "http/request_channel.hpp"
 
@@ -16,7 +19,7 @@ using namespace troupe::serve;
 namespace {
 
 // Answers token `token` for every sequence that wants logits; waits while its gate is shut;
-// fails every step once `fail` is set (as remote_executor does after a worker is lost).
+// fails every step once `fail` is set (as a replica's ranks do after a worker is lost).
 class fake_replica final : public engine::executor {
  public:
   explicit fake_replica(token_id token) : token_(token) {}
@@ -54,6 +57,12 @@ class fake_replica final : public engine::executor {
   std::condition_variable cv_;
   bool open_ = true, fail_ = false;
   int steps_ = 0;
+};
+
+// The replica actors' system: detached actors (in-process executors), joined at the end.
+struct actor_system_fixture {
+  caf::actor_system_config cfg;
+  caf::actor_system sys{cfg};
 };
 
 engine::scheduler_options options() {
@@ -132,8 +141,9 @@ double metric(const replica_router& r, const std::string& line_prefix) {
 
 } // namespace
 
-TEST_CASE("router: least unfinished requests first, ties in turn, both replicas answer") {
-  replica_router router("m", 2, options());
+TEST_CASE_FIXTURE(actor_system_fixture,
+                  "router: least unfinished requests first, ties in turn, both replicas answer") {
+  replica_router router(sys, "m", 2, options());
   auto [r0, h0] = install(router, 0, 10);
   auto [r1, h1] = install(router, 1, 11);
   r0->gate(false);
@@ -162,8 +172,9 @@ TEST_CASE("router: least unfinished requests first, ties in turn, both replicas 
   CHECK(blocks_freed(router));
 }
 
-TEST_CASE("router: a failed replica gets no requests, with none serving submit says why") {
-  replica_router router("m", 2, options());
+TEST_CASE_FIXTURE(actor_system_fixture,
+                  "router: a failed replica gets no requests, with none serving submit says why") {
+  replica_router router(sys, "m", 2, options());
   auto [r0, h0] = install(router, 0, 10);
   auto [r1, h1] = install(router, 1, 11);
   // Replica 1's executor fails mid-request: that request fails, the others go to replica 0.
@@ -208,10 +219,11 @@ TEST_CASE("router: a failed replica gets no requests, with none serving submit s
   CHECK(metric(router, "troupe_replica_up{model_name=\"m\",replica=\"1\"}") == 1);
 }
 
-TEST_CASE("router: cancel reaches the replica that took the request") {
+TEST_CASE_FIXTURE(actor_system_fixture,
+                  "router: cancel reaches the replica that took the request") {
   // Both engines number their first request 1: a cancel sent to the wrong replica would end
   // the other request.
-  replica_router router("m", 2, options());
+  replica_router router(sys, "m", 2, options());
   auto [r0, h0] = install(router, 0, 10);
   auto [r1, h1] = install(router, 1, 11);
   r0->gate(false);
@@ -238,8 +250,8 @@ TEST_CASE("router: cancel reaches the replica that took the request") {
   router.cancel(12345);    // unknown: a no-op
 }
 
-TEST_CASE("router: a replica that never loaded says so") {
-  replica_router router("m", 1, options());
+TEST_CASE_FIXTURE(actor_system_fixture, "router: a replica that never loaded says so") {
+  replica_router router(sys, "m", 1, options());
   auto r = submit(router, req(1));
   REQUIRE_FALSE(r.has_value());
   CHECK(r.error().message().find("replica 0 is loading") != std::string::npos);
