@@ -1,6 +1,7 @@
 // replica_router over fake executors (no model): least-loaded routing with ties in turn, a
 // failed replica skipped, 503-style errors naming why when none serves, take_down / install
-// (a restarted replica serves again), cancel reaching the replica that took the request, and
+// (a restarted replica serves again), cancel reaching the replica that took the request, submit
+// and cancel never waiting for a replica inside a step, and
 // /metrics summed over replicas.
 #include <doctest/doctest.h>
 
@@ -25,6 +26,8 @@ class fake_replica final : public engine::executor {
   explicit fake_replica(token_id token) : token_(token) {}
   expected<step_result> execute(const step_plan& plan) override {
     std::unique_lock lk(mu_);
+    ++entered_;
+    cv_.notify_all();
     cv_.wait(lk, [&] { return open_; });
     ++steps_;
     if (fail_)
@@ -50,13 +53,18 @@ class fake_replica final : public engine::executor {
     std::lock_guard lk(mu_);
     return steps_;
   }
+  // Waits (up to 10 s) until `n` steps have begun.
+  bool entered(int n) {
+    std::unique_lock lk(mu_);
+    return cv_.wait_for(lk, std::chrono::seconds(10), [&] { return entered_ >= n; });
+  }
 
  private:
   token_id token_;
   std::mutex mu_;
   std::condition_variable cv_;
   bool open_ = true, fail_ = false;
-  int steps_ = 0;
+  int steps_ = 0, entered_ = 0;
 };
 
 // The replica actors' system: detached actors (in-process executors), joined at the end.
@@ -248,6 +256,30 @@ TEST_CASE_FIXTURE(actor_system_fixture,
   CHECK(blocks_freed(router));
   router.cancel(b->first); // again: a no-op
   router.cancel(12345);    // unknown: a no-op
+}
+
+TEST_CASE_FIXTURE(actor_system_fixture,
+                  "router: submit and cancel return at once while the replica is inside a step, "
+                  "and the replica takes them before its next step") {
+  replica_router router(sys, "m", 1, options());
+  auto [r0, h0] = install(router, 0, 10);
+  r0->gate(false);
+  auto a = submit(router, req(3));
+  REQUIRE(a.has_value());
+  REQUIRE(r0->entered(1)); // the replica's thread now waits inside its first step
+  auto b = submit(router, req(3));
+  auto c = submit(router, req(40));
+  REQUIRE(b.has_value());
+  REQUIRE(c.has_value());
+  router.cancel(c->first);
+  CHECK(r0->steps() == 0); // all of the above while the step was still held
+  r0->gate(true);
+  CHECK(drain(*a->second) == std::vector<token_id>(3, 10));
+  CHECK(drain(*b->second) == std::vector<token_id>(3, 10));
+  std::vector<engine::request_output> outs;
+  c->second->wait(outs, 50);
+  CHECK(outs.empty()); // cancelled before any step ran it
+  CHECK(blocks_freed(router));
 }
 
 TEST_CASE_FIXTURE(actor_system_fixture, "router: a replica that never loaded says so") {
