@@ -150,8 +150,11 @@ TEST_CASE("engine_loop, pipelined: two lanes, two plans in flight, every request
 TEST_CASE("engine_loop, pipelined: one lane when a slice could not hold a full context") {
   fixture f;
   test::pipelined_executor pipe{f.exec, 2};
-  engine_loop loop{{.num_blocks = 32, .block_size = 4, .max_num_batched_tokens = 16,
-                    .max_model_len = 100, .vocab_size = 100},
+  engine_loop loop{{.num_blocks = 32,
+                    .block_size = 4,
+                    .max_num_batched_tokens = 16,
+                    .max_model_len = 100,
+                    .vocab_size = 100},
                    pipe};
   CHECK(loop.num_lanes() == 1); // 25 blocks a context, 16 a slice
   CHECK(loop.usage().num_blocks == 32);
