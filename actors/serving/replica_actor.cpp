@@ -110,6 +110,7 @@ void on_submit(replica* self, msg::replica_job& job) {
   st.local_of[job.id] = *id;
   st.live[*id] = {job.id, std::move(job.sink)};
   kick(self);
+  st.spec.gauges->publish(*st.loop); // waiting counts before any step
 }
 
 void on_cancel(replica* self, seq_id router_id) {
@@ -122,6 +123,7 @@ void on_cancel(replica* self, seq_id router_id) {
   st.live.erase(id);
   (void)st.loop->cancel(id);
   kick(self); // the next plan tells the executor it finished
+  st.spec.gauges->publish(*st.loop);
 }
 
 void on_reply(replica* self, msg::worker_reply& r) {

@@ -353,6 +353,8 @@ TEST_CASE("replica actor: an invalid request and a full queue fail through the s
   CHECK_FALSE(b->failed);
   REQUIRE(c->failed);
   CHECK(c->failed->code() == errc::resource_exhausted);
+  CHECK(f.gauges->get().waiting == 1); // published without waiting for a step
+  CHECK(f.gauges->get().running == 1);
   f.answer_all();
   CHECK(a->tokens() == f.alone({1, 2}, 3));
   CHECK(b->tokens() == f.alone({3, 4}, 3));
