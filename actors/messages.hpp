@@ -8,10 +8,12 @@
 
 #include <caf/actor.hpp>
 #include <caf/actor_system_config.hpp>
+#include <caf/allowed_unsafe_message_type.hpp>
 #include <caf/atom.hpp>
 #include <caf/meta/type_name.hpp>
 
 #include "cluster/membership.hpp"
+#include "http/serving_port.hpp"
 #include "runtime/config.hpp"
 #include "runtime/step.hpp"
 
@@ -108,6 +110,10 @@ using failed_atom = caf::atom_constant<caf::atom("failed")>;       // serving ->
 using drop_atom = caf::atom_constant<caf::atom("drop")>;           // head -> serving
 using restart_atom = caf::atom_constant<caf::atom("restart")>;     // head -> serving
 using loaded_atom = caf::atom_constant<caf::atom("loaded")>;       // loader -> serving
+using submit_atom = caf::atom_constant<caf::atom("submit")>;       // router -> replica
+using cancel_atom = caf::atom_constant<caf::atom("cancel")>;       // router -> replica
+using step_atom = caf::atom_constant<caf::atom("step")>;           // replica -> itself
+using expire_atom = caf::atom_constant<caf::atom("expire")>;       // replica -> itself (timer)
 
 // (join_atom, join_request) -> join_reply | error (wrong token, version mismatch)
 struct join_request {
@@ -275,6 +281,15 @@ typename Inspector::result_type inspect(Inspector& f, worker_reply& x) {
   return f(caf::meta::type_name("worker_reply"), x.rank, x.ticket, x.error, x.result, x.kv_blocks);
 }
 
+// (submit_atom, replica_job) router -> replica actor, in one process only (never serialized):
+// the request's outputs go to `sink`, its errors to sink->fail(). `id` is the router's id,
+// which (cancel_atom, seq_id id) names.
+struct replica_job {
+  seq_id id = 0;
+  engine::request request;
+  std::shared_ptr<serve::request_sink> sink;
+};
+
 // Key-value messages, all carrying the token first:
 //   (kv_set_atom, token, ns, key, value) -> bool
 //   (kv_get_atom, token, ns, key) -> string | error not_found
@@ -306,3 +321,5 @@ inline void add_message_types(caf::actor_system_config& cfg) {
 }
 
 } // namespace troupe::msg
+
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(troupe::msg::replica_job)

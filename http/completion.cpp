@@ -85,6 +85,13 @@ struct stream_writer {
   void event(const json& j) { raw("data: " + dump(j) + "\n\n"); }
 };
 
+// A request the serving side refused: busy (503) or not valid for the engine (400).
+int status_of(errc code) {
+  const bool busy = code == errc::resource_exhausted || code == errc::cancelled ||
+                    code == errc::unavailable; // no replica serving (restarting)
+  return busy ? 503 : 400;
+}
+
 // The engine request with its stop-string hook: a second detokenizer, fed on the engine thread.
 engine::request make_engine_request(const completion_request& req, const model_info& m) {
   engine::request r{
@@ -114,19 +121,24 @@ class completion_run {
   int run() {
     auto channel = std::make_shared<request_channel>();
     auto submitted = ctx_.serving->submit(make_engine_request(req_, ctx_.model), channel);
-    if (!submitted) {
-      const auto& err = submitted.error();
-      const bool busy = err.code() == errc::resource_exhausted || err.code() == errc::cancelled ||
-                        err.code() == errc::unavailable; // no replica serving (restarting)
-      return reply_error({busy ? 503 : 400, err.message(), {}, {}});
-    }
+    if (!submitted)
+      return reply_error(
+          {status_of(submitted.error().code()), submitted.error().message(), {}, {}});
     const seq_id id = *submitted;
+    // The replica refuses a request (invalid, queue full) through the channel: the response
+    // starts with the first output, so that a refusal still gets its own HTTP status.
+    std::vector<engine::request_output> outs;
+    while (outs.empty())
+      if (!channel->wait(outs, 50) && peer_gone(sock_)) {
+        ctx_.serving->cancel(id);
+        keep_alive_ = false;
+        return 499;
+      }
+    if (channel->failed() && !outs.front().has_token)
+      return reply_error({status_of(channel->failure_code()), channel->failure(), {}, {}});
     ctx_.metrics->prompt_tokens += req_.prompt.size();
     open();
-    std::vector<engine::request_output> outs;
-    while (finish_ == engine::finish_reason::none) {
-      outs.clear();
-      const bool got = channel->wait(outs, 50);
+    for (bool got = true; finish_ == engine::finish_reason::none;) {
       for (const auto& o : outs)
         consume(o);
       if (finish_ == engine::finish_reason::none && (!out_.ok || (!got && peer_gone(sock_)))) {
@@ -134,6 +146,9 @@ class completion_run {
         keep_alive_ = false;
         return 499; // the client closed the request
       }
+      outs.clear();
+      if (finish_ == engine::finish_reason::none)
+        got = channel->wait(outs, 50);
     }
     ctx_.metrics->e2e.observe(std::chrono::duration<double>(clock_type::now() - arrival_).count());
     if (channel->failed()) {

@@ -13,8 +13,10 @@ void request_channel::push(const engine::request_output& o) {
 void request_channel::fail(const error& why) {
   {
     std::lock_guard lk(mu_);
-    if (!failed_)
+    if (!failed_) {
       why_ = why.message();
+      code_ = why.code();
+    }
     failed_ = true;
     q_.push_back({.finish = engine::finish_reason::cancelled});
   }
@@ -24,6 +26,11 @@ void request_channel::fail(const error& why) {
 std::string request_channel::failure() const {
   std::lock_guard lk(mu_);
   return why_;
+}
+
+errc request_channel::failure_code() const {
+  std::lock_guard lk(mu_);
+  return code_;
 }
 
 bool request_channel::wait(std::vector<engine::request_output>& out, int ms) {

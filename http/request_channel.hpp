@@ -22,6 +22,7 @@ class request_channel final : public request_sink {
   bool wait(std::vector<engine::request_output>& out, int ms);
   bool failed() const { return failed_; }
   std::string failure() const;
+  errc failure_code() const;
 
  private:
   mutable std::mutex mu_;
@@ -29,6 +30,7 @@ class request_channel final : public request_sink {
   std::deque<engine::request_output> q_;
   std::atomic<bool> failed_{false};
   std::string why_;
+  errc code_ = errc::ok;
 };
 
 } // namespace troupe::serve

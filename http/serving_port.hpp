@@ -17,18 +17,20 @@ class request_sink {
  public:
   virtual ~request_sink() = default;
   virtual void push(const engine::request_output& o) = 0;
-  // The request ended without finishing: its replica failed, or the server is shutting down.
+  // The request ended without finishing, possibly before any push(): it was refused (invalid,
+  // queue full), its replica failed (unavailable), or the server is shutting down (cancelled).
   virtual void fail(const error& why) = 0;
 };
 
 class serving_port {
  public:
   virtual ~serving_port() = default;
-  // Queues a request whose outputs go to `sink`; returns the id to cancel it with. May block
-  // until a replica takes it. Errors: the request is invalid for the engine, the queue is full
-  // (resource_exhausted), or no replica serves (unavailable).
+  // Queues a request whose outputs go to `sink`; returns the id to cancel it with. Never
+  // blocks. Returns an error only when no replica serves (unavailable); what the replica finds
+  // later comes through sink->fail(), typed: invalid_argument (the request is invalid for the
+  // engine: HTTP 400), resource_exhausted (the queue is full or the prompt cannot fit: 503).
   virtual expected<seq_id> submit(engine::request r, std::shared_ptr<request_sink> sink) = 0;
-  // Cancels a live request and frees its KV blocks (no-op once it finished).
+  // Cancels a live request and frees its KV blocks (no-op once it finished). Never blocks.
   virtual void cancel(seq_id id) = 0;
   // The Prometheus text of /metrics: `m`'s counters and histograms plus the engines' gauges.
   virtual std::string metrics_text(const serve_metrics& m, const std::string& model) const = 0;

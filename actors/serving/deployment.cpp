@@ -3,8 +3,11 @@
 #include <algorithm>
 #include <chrono>
 
+#include <caf/actor_system_config.hpp>
+
 #include "engine/backend/cpu/cpu_backend.hpp"
 #include "engine/exec/cuda_executor.hpp"
+#include "engine/exec/local_executor.hpp"
 #include "engine/model/gguf_weights.hpp"
 #include "engine/sampling/sampler.hpp"
 #include "http/http_server.hpp"
@@ -13,6 +16,9 @@
 namespace troupe::serve {
 
 struct deployment::parts {
+  // In-process deployments only: the replica actor's system, joined last.
+  std::unique_ptr<caf::actor_system_config> own_config;
+  std::unique_ptr<caf::actor_system> own_system;
   engine::model_tokenizer text;
   std::unique_ptr<replica_router> router;
   serve_metrics metrics;
@@ -117,31 +123,41 @@ expected<std::unique_ptr<deployment>> deployment::start(const deployment_config&
                       "(--block) runs one rank; serve through the cluster (`cluster serve` "
                       "without --block)",
                       c.parallel.tensor, c.parallel.pipeline, c.parallel.replicas);
-  return start(c, std::move(version),
-               [&c](const engine::model_config&,
-                    const kv_plan& kv) -> expected<std::vector<replica_executor>> {
-                 std::vector<replica_executor> one;
-                 if (c.device == "cuda") {
-                   auto r = start_cuda(c, kv);
-                   if (!r)
-                     return std::move(r).error();
-                   one.push_back(std::move(*r));
-                   return one;
-                 }
-                 auto model = engine::cpu_backend::load(
-                     c.model, {.num_blocks = kv.num_blocks, .block_size = c.block_size});
-                 if (!model)
-                   return std::move(model).error();
-                 auto exec = std::make_unique<engine::local_executor>(**model);
-                 one.push_back(
-                     {std::make_unique<owning_executor>(std::move(*model), std::move(exec)),
-                      kv.num_blocks, nullptr});
-                 return one;
-               });
+  auto cfg = std::make_unique<caf::actor_system_config>();
+  cfg->set("scheduler.max-threads", size_t{1}); // the replica actor is detached
+  auto sys = std::make_unique<caf::actor_system>(*cfg);
+  auto d =
+      start(c, std::move(version), *sys,
+            [&c](const engine::model_config&,
+                 const kv_plan& kv) -> expected<std::vector<replica_executor>> {
+              std::vector<replica_executor> one;
+              if (c.device == "cuda") {
+                auto r = start_cuda(c, kv);
+                if (!r)
+                  return std::move(r).error();
+                one.push_back(std::move(*r));
+                return one;
+              }
+              auto model = engine::cpu_backend::load(
+                  c.model, {.num_blocks = kv.num_blocks, .block_size = c.block_size});
+              if (!model)
+                return std::move(model).error();
+              auto exec = std::make_unique<engine::local_executor>(**model);
+              one.push_back({std::make_unique<owning_executor>(std::move(*model), std::move(exec)),
+                             kv.num_blocks, nullptr});
+              return one;
+            });
+  if (d) {
+    (*d)->parts_->own_config = std::move(cfg);
+    (*d)->parts_->own_system = std::move(sys);
+  } else {
+    sys.reset(); // joins a replica actor started before the failure
+  }
+  return d;
 }
 
 expected<std::unique_ptr<deployment>> deployment::start(const deployment_config& c,
-                                                        std::string version,
+                                                        std::string version, caf::actor_system& sys,
                                                         const executor_factory& make_executor) {
   if (c.device == "cuda" && c.dtype != "auto" && c.dtype != "bfloat16")
     return make_error(errc::unsupported,
@@ -186,7 +202,7 @@ expected<std::unique_ptr<deployment>> deployment::start(const deployment_config&
   if (so.eos_token_ids.empty())
     so.eos_token_ids = config->eos_token_ids;
   TROUPE_TRY_VOID(engine::validate(so));
-  p.router = std::make_unique<replica_router>(c.served_model_name, replicas->size(), so);
+  p.router = std::make_unique<replica_router>(sys, c.served_model_name, replicas->size(), so);
   int32_t blocks = 0;
   for (size_t i = 0; i < replicas->size(); ++i) {
     auto& r = (*replicas)[i];
@@ -228,9 +244,10 @@ deployment::~deployment() {
   if (!parts_)
     return;
   if (parts_->server)
-    parts_->server->stop(); // sessions end (their requests cancelled) before the engine stops
+    parts_->server->stop(); // sessions end (their requests cancelled) before the replicas stop
   parts_->server.reset();
   parts_->router.reset();
+  parts_->own_system.reset(); // in-process: waits for the replica actor's last step
 }
 
 } // namespace troupe::serve

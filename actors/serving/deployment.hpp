@@ -1,15 +1,17 @@
 // One served model: tokenizer, executors (in this process: device cpu = CPU backend +
 // local_executor, device cuda = CUDA backend on GPU 0 + cuda_executor; or for each replica of a
-// cluster deployment its worker ranks), a serving engine per replica behind a replica_router,
+// cluster deployment its worker ranks), a replica actor per replica behind a replica_router,
 // and the HTTP server, built from a model.yaml deployment_config. Used by `cluster serve
 // --block`, the head's serving actor (which also takes failed replicas down and swaps restarted
-// ones in) and the serving tests. start() blocks while loading weights; the destructor stops and
-// joins.
+// ones in) and the serving tests. start() blocks while loading weights; the destructor stops the
+// HTTP server and the replicas, and joins an in-process deployment's actor system.
 #pragma once
 
 #include <functional>
 #include <memory>
 #include <string>
+
+#include <caf/actor_system.hpp>
 
 #include "actors/serving/replica_router.hpp"
 #include "engine/exec/executor.hpp"
@@ -36,11 +38,13 @@ using executor_factory = std::function<expected<std::vector<replica_executor>>(
 
 class deployment {
  public:
-  // In this process on the config's device (tensor = pipeline = replicas = 1 only).
+  // In this process on the config's device (tensor = pipeline = replicas = 1 only), with an
+  // actor system of its own for the replica actor.
   static expected<std::unique_ptr<deployment>> start(const deployment_config& config,
                                                      std::string version);
+  // Replica actors spawned in `sys`, which must outlive the deployment.
   static expected<std::unique_ptr<deployment>> start(const deployment_config& config,
-                                                     std::string version,
+                                                     std::string version, caf::actor_system& sys,
                                                      const executor_factory& make_executor);
   ~deployment();
 
@@ -51,7 +55,7 @@ class deployment {
   int32_t num_kv_blocks() const { return num_kv_blocks_; }
 
   // Replica i failed: requests go to the other replicas, or get HTTP 503 saying `why` while
-  // none serves; its engine and executor stop. Blocks until its engine thread ended.
+  // none serves; its replica actor stops.
   void take_down(size_t replica, const std::string& why);
   // Replica i serves again over a new executor (its restarted workers).
   expected<void> replace(size_t replica, replica_executor r);

@@ -6,7 +6,6 @@
 #include <caf/blocking_actor.hpp>
 
 #include "actors/caf_glue.hpp"
-#include "actors/remote_executor.hpp"
 #include "engine/model/gguf_weights.hpp"
 #include "runtime/log.hpp"
 
@@ -133,8 +132,8 @@ void start_loader(serving* self, const msg::replica_plan& plan) {
                              self->state.kv, plan);
 }
 
-// The executor over a loaded replica's workers. Its failure marks the replica failed in the
-// router (health) and tells the head, which drops and restarts it.
+// A loaded replica's workers, driven by its replica actor. Their failure marks the replica
+// failed in the router (health) and tells the head, which drops and restarts it.
 expected<replica_executor> executor_of(serving* self, const caf::actor& head,
                                        msg::replica_loaded& r) {
   const auto& c = self->state.config;
@@ -147,18 +146,24 @@ expected<replica_executor> executor_of(serving* self, const caf::actor& head,
                       "gpu_memory_utilization or lower max_model_len",
                       r.replica, r.kv_blocks, c.block_size, kv.max_model_len, per_seq);
   auto health = std::make_shared<replica_health>();
-  auto on_failure = [head, health, name = c.served_model_name, ns = r.ns](const std::string& why) {
-    health->fail(why);
+  auto on_failure = [head, name = c.served_model_name, ns = r.ns](const std::string& why) {
     caf::anon_send(head, msg::failed_atom::value, name, ns, why);
   };
-  // The last stage's tensor rank 0 answers (it samples). A plan passes every stage, each of
-  // which may wait up to stage_wait_ms for the one before it; one plan per stage in flight.
+  // The last stage's tensor rank 0 answers (it samples). One plan per stage in flight, and two
+  // at pipeline 1, so the ranks never wait for scheduling. A plan may wait behind the others in
+  // flight, and passes every stage, each of which may wait up to stage_wait_ms for the one
+  // before it.
+  const int32_t depth = std::max(c.parallel.pipeline, 2);
   const size_t answer = static_cast<size_t>(c.parallel.pipeline - 1) * c.parallel.tensor;
-  const auto step_timeout = msg::worker_spec::stage_wait_ms * 1ms * c.parallel.pipeline + 5s;
-  return replica_executor{
-      std::make_unique<actors::remote_executor>(self->system(), r.workers, answer, step_timeout,
-                                                on_failure, c.parallel.pipeline),
-      r.kv_blocks, health};
+  const auto step_timeout = msg::worker_spec::stage_wait_ms * 1ms * depth + 5s;
+  return replica_executor{.exec = nullptr,
+                          .num_blocks = r.kv_blocks,
+                          .health = health,
+                          .ranks = {.workers = r.workers,
+                                    .answer_rank = answer,
+                                    .timeout = step_timeout,
+                                    .depth = depth,
+                                    .on_failure = std::move(on_failure)}};
 }
 
 // Watches a loaded replica's workers: one going down fails the replica even while it is idle.
@@ -214,7 +219,7 @@ void finish_first_load(serving* self, const caf::actor& head, const std::string&
     executors.push_back(std::move(*ex));
   }
   auto d = deployment::start(
-      st.config, version,
+      st.config, version, self->system(),
       [&](const engine::model_config&, const kv_plan&) -> expected<std::vector<replica_executor>> {
         return std::move(executors);
       });

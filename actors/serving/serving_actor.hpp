@@ -2,17 +2,17 @@
 // daemon's process (design.md §1: "on the head"). On (deploy_atom, deployment_plan) a loader per
 // replica asks each rank's node_actor to spawn a worker_actor and has every rank load (Gloo/NCCL
 // rendezvous through the head's store under the replica's own namespace); once every replica has
-// loaded it starts the deployment (a serving engine per replica over a remote_executor, the
+// loaded it starts the deployment (a replica actor per replica over its workers, the
 // replica_router, the HTTP server) and answers the endpoint.
-// Failure and restart: a replica whose executor fails, or one of whose workers goes down (this
+// Failure and restart: a replica whose ranks fail, or one of whose workers goes down (this
 // actor monitors them, so an idle replica's loss is seen too), is marked failed in the router at
 // once (no new requests go there) and reported to the head (failed_atom). The head's registry
-// decides; it sends (drop_atom): the replica's engine stops and its workers are told to exit;
+// decides; it sends (drop_atom): the replica's actor stops and its workers are told to exit;
 // then, once it has placed the replica again, (restart_atom, replica_plan): a loader spawns and
 // loads the new workers and their executor is swapped in; the answer is the new namespace.
 // Loaders are detached blocking actors, so this actor stays responsive (`cluster serve --stop`
-// ends it at once); it blocks only to start the deployment (tokenizer, HTTP server) and to stop
-// a dropped replica's engine thread. Quitting stops the HTTP server; the workers, which monitor
+// ends it at once); it blocks only to start the deployment (tokenizer, HTTP server).
+// Quitting stops the HTTP server; the workers, which monitor
 // this actor, exit too, including those of a replica still loading.
 #pragma once
 
@@ -45,8 +45,8 @@ struct serving_state {
   std::vector<msg::replica_loaded> first_loaded;
   // Restarts in flight: replica -> the head's restart request.
   std::map<int32_t, caf::typed_response_promise<std::string>> restarting;
-  // Per replica: its executor's health (marked failed here too when a worker goes down while
-  // the replica is idle), and the monitored workers: address -> (replica, namespace, rank).
+  // Per replica: its health (marked failed by its replica actor, and here when a worker goes down
+  // while the replica is idle), and the monitored workers: address -> (replica, namespace, rank).
   std::vector<std::shared_ptr<replica_health>> health;
   struct watched_worker {
     int32_t replica = 0;

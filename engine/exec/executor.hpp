@@ -1,6 +1,6 @@
 // Runs step plans: the one seam between the scheduler and whatever computes. local_executor
-// (backend + sampler in this process), cuda_executor (GPU) and remote_executor (worker actors
-// of a cluster deployment) implement it.
+// (backend + sampler in this process) and cuda_executor (GPU) implement it; a cluster
+// deployment's replica actor sends plans to its worker actors instead (actors/serving).
 #pragma once
 
 #include <deque>

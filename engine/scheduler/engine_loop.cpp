@@ -6,15 +6,20 @@
 
 namespace troupe::engine {
 
-engine_loop::engine_loop(scheduler_options options, executor& exec) : exec_(exec) {
+engine_loop::engine_loop(scheduler_options options, executor& exec)
+  : engine_loop(std::move(options), exec.depth()) {
+  exec_ = &exec;
+}
+
+engine_loop::engine_loop(scheduler_options options, int32_t depth) {
   const int32_t per_context =
       (options.max_model_len + options.block_size - 1) / std::max(options.block_size, 1);
   const int32_t fit = std::max(1, options.num_blocks / std::max(per_context, 1));
-  const int32_t lanes = std::clamp(exec.depth(), 1, fit);
-  if (lanes < exec.depth())
-    log::warn("engine: {} plan(s) in flight instead of {} (one per pipeline stage): 1/{} of the "
-              "{} KV blocks cannot hold a context of max_model_len {}; stages will idle",
-              lanes, exec.depth(), exec.depth(), options.num_blocks, options.max_model_len);
+  const int32_t lanes = std::clamp(depth, 1, fit);
+  if (lanes < depth)
+    log::warn("engine: {} plan(s) in flight instead of {}: 1/{} of the {} KV blocks cannot hold "
+              "a context of max_model_len {}; the executor will wait for scheduling",
+              lanes, depth, depth, options.num_blocks, options.max_model_len);
   const int32_t slice = options.num_blocks / lanes;
   for (int32_t l = 0; l < lanes; ++l) {
     scheduler_options o = options;
@@ -47,46 +52,79 @@ expected<void> engine_loop::cancel(seq_id id) {
   return lane_of(id).sched.cancel(id);
 }
 
+bool engine_loop::start(size_t i, std::vector<request_output>& out) {
+  lane& l = *lanes_[i];
+  if (l.busy)
+    return false;
+  l.sched.schedule(l.plan);
+  if (l.plan.seqs.empty() && l.plan.finished.empty()) {
+    l.sched.take_pending(out);
+    return false;
+  }
+  l.busy = true;
+  in_flight_.push_back(i);
+  return true;
+}
+
+expected<std::vector<size_t>> engine_loop::plan(std::vector<request_output>& out) {
+  if (failed_)
+    return make_error(errc::unavailable, "a step failed; call fail_all() before planning again");
+  std::vector<size_t> started;
+  for (size_t i = 0; i < lanes_.size(); ++i)
+    if (start(i, out))
+      started.push_back(i);
+  return started;
+}
+
+expected<void> engine_loop::complete(size_t i, const step_result& result,
+                                     std::vector<request_output>& out) {
+  lane& l = *lanes_.at(i);
+  auto it = std::find(in_flight_.begin(), in_flight_.end(), i);
+  if (!l.busy || it == in_flight_.end())
+    return make_error(errc::internal, "complete: lane {} has no plan in flight", i);
+  in_flight_.erase(it);
+  l.busy = false;
+  if (auto u = l.sched.update(l.plan, result, out); !u) {
+    failed_ = true;
+    return std::move(u).error();
+  }
+  return {};
+}
+
 expected<std::vector<request_output>> engine_loop::step() {
   std::vector<request_output> out;
   if (failed_)
     return make_error(errc::unavailable, "a step failed; call fail_all() before stepping again");
+  if (!exec_)
+    return make_error(errc::internal, "step: this engine_loop has no executor");
   for (size_t i = 0; i < lanes_.size(); ++i) {
-    lane& l = *lanes_[i];
-    if (l.busy)
+    if (!start(i, out))
       continue;
-    l.sched.schedule(l.plan);
-    if (l.plan.seqs.empty() && l.plan.finished.empty()) {
-      l.sched.take_pending(out);
-      continue;
-    }
-    if (auto s = exec_.submit(l.plan); !s) {
+    if (auto s = exec_->submit(lanes_[i]->plan); !s) {
+      in_flight_.pop_back(); // never submitted: nothing to collect
+      lanes_[i]->busy = false;
       failed_ = true;
-      return std::move(s).error().context(fmt::format("step {}", l.plan.step));
+      return std::move(s).error().context(fmt::format("step {}", lanes_[i]->plan.step));
     }
-    l.busy = true;
-    in_flight_.push_back(i);
   }
   if (in_flight_.empty())
     return out;
-  lane& l = *lanes_[in_flight_.front()];
-  in_flight_.pop_front();
-  l.busy = false;
-  auto result = exec_.collect();
+  const size_t i = in_flight_.front();
+  auto result = exec_->collect();
   if (!result) {
+    in_flight_.pop_front();
+    lanes_[i]->busy = false;
     failed_ = true;
-    return std::move(result).error().context(fmt::format("step {}", l.plan.step));
+    return std::move(result).error().context(fmt::format("step {}", lanes_[i]->plan.step));
   }
-  if (auto u = l.sched.update(l.plan, *result, out); !u) {
-    failed_ = true;
-    return std::move(u).error();
-  }
+  TROUPE_TRY_VOID(complete(i, *result, out));
   return out;
 }
 
 std::vector<request_output> engine_loop::fail_all() {
   for (; !in_flight_.empty(); in_flight_.pop_front()) {
-    (void)exec_.collect(); // its requests are cancelled below; keeps the executor's queue in step
+    if (exec_)
+      (void)exec_->collect(); // its requests are cancelled below; keeps the executor in step
     lanes_[in_flight_.front()]->busy = false;
   }
   std::vector<request_output> out;

@@ -1,5 +1,6 @@
-// The synchronous engine: schedulers driving one executor, one step per call. The serving
-// engine's thread calls step() while requests are active; tests and offline tools loop on it.
+// The engine's policy loop: schedulers whose plans an executor runs. Two ways to drive it: the
+// replica actor calls plan() and, as each result arrives, complete(); tests, offline tools and
+// in-process executors call step(), which does both and blocks for the executor.
 //
 // Pipelining: an executor of depth P (a pipeline of P stages) gets P lanes, each its own
 // scheduler over a 1/P slice of the KV pool, and one plan per lane in flight, so each stage
@@ -7,7 +8,7 @@
 // parallelism). A request stays in the lane that admitted it (the least loaded). Lanes are
 // fewer when a slice could not hold one full context (max_model_len).
 //
-// step() blocks for the executor; add_request() and cancel() do not. One thread at a time.
+// Only step() blocks (for the executor). One thread at a time.
 #pragma once
 
 #include <deque>
@@ -35,12 +36,24 @@ struct pool_usage {
 
 class engine_loop {
  public:
+  // step() runs plans on `exec`, whose depth gives the lanes.
   engine_loop(scheduler_options options, executor& exec);
+  // plan()/complete() only: the caller runs the plans, up to `depth` at once.
+  engine_loop(scheduler_options options, int32_t depth);
 
   // Queues a request in the least loaded lane (see scheduler::add for the errors). Stop
   // strings: set request::stop_check from the detokenizer.
   expected<seq_id> add_request(request r);
   expected<void> cancel(seq_id id);
+
+  // Schedules every idle lane that has work; returns those lanes, whose plans (plan_of) the
+  // caller runs and hands back to complete(). Two plans in flight never share a sequence or a
+  // block. Idle lanes' pending cancellations go to `out`. Errors once a step failed.
+  expected<std::vector<size_t>> plan(std::vector<request_output>& out);
+  const step_plan& plan_of(size_t lane) const { return lanes_.at(lane)->plan; }
+  // The result of lane `lane`'s plan (in any order across lanes): its requests' deltas go to
+  // `out`. An error (a bug) fails the engine as step() does.
+  expected<void> complete(size_t lane, const step_result& result, std::vector<request_output>& out);
 
   // Submits a plan for every idle lane that has work, then waits for the oldest plan in flight
   // and returns its requests' deltas (new token, logprobs, finish) with any pending
@@ -68,10 +81,11 @@ class engine_loop {
     bool busy = false; // `plan` is in flight
   };
   lane& lane_of(seq_id id) { return *lanes_[(id - 1) % lanes_.size()]; }
+  bool start(size_t i, std::vector<request_output>& out); // schedules idle lane i
 
   std::vector<std::unique_ptr<lane>> lanes_;
   std::deque<size_t> in_flight_; // lane indices, oldest first (the executor's order)
-  executor& exec_;
+  executor* exec_ = nullptr;     // step() only
   bool failed_ = false;
 };
 

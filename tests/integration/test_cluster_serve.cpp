@@ -337,7 +337,11 @@ TEST_CASE("cluster serve: SIGKILL of a rank's node fails the stream, without dev
                          R"({"model": "pp", "prompt": "hi", "max_tokens": 2})");
   CHECK(after.status == 503);
   CHECK_MESSAGE(after.body.find("deployment 'pp' is restarting") != std::string::npos, after.body);
-  CHECK_MESSAGE(after.body.find("replica 0 failed") != std::string::npos, after.body);
+  // As for the reason above: when a failed step reaches the head before the node's death, the
+  // head restarts the replica on the dead node first, and that restart fails.
+  CHECK_MESSAGE((after.body.find("replica 0 failed") != std::string::npos ||
+                 after.body.find("replica 0 restart failed") != std::string::npos),
+                after.body);
   // --stop while it waits removes it; nothing stays held.
   auto stop = stop_serving(fx, "pp");
   CHECK_MESSAGE(stop.exit_code == 0, stop.output);

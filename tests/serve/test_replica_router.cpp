@@ -1,11 +1,15 @@
 // replica_router over fake executors (no model): least-loaded routing with ties in turn, a
 // failed replica skipped, 503-style errors naming why when none serves, take_down / install
-// (a restarted replica serves again), cancel reaching the replica that took the request, and
+// (a restarted replica serves again), cancel reaching the replica that took the request, submit
+// and cancel never waiting for a replica inside a step, and
 // /metrics summed over replicas.
 #include <doctest/doctest.h>
 
 #include <condition_variable>
 #include <thread>
+
+#include <caf/actor_system.hpp>
+#include <caf/actor_system_config.hpp>
 
 #include "actors/serving/replica_router.hpp"
 #include "http/request_channel.hpp"
@@ -16,12 +20,14 @@ using namespace troupe::serve;
 namespace {
 
 // Answers token `token` for every sequence that wants logits; waits while its gate is shut;
-// fails every step once `fail` is set (as remote_executor does after a worker is lost).
+// fails every step once `fail` is set (as a replica's ranks do after a worker is lost).
 class fake_replica final : public engine::executor {
  public:
   explicit fake_replica(token_id token) : token_(token) {}
   expected<step_result> execute(const step_plan& plan) override {
     std::unique_lock lk(mu_);
+    ++entered_;
+    cv_.notify_all();
     cv_.wait(lk, [&] { return open_; });
     ++steps_;
     if (fail_)
@@ -47,13 +53,24 @@ class fake_replica final : public engine::executor {
     std::lock_guard lk(mu_);
     return steps_;
   }
+  // Waits (up to 10 s) until `n` steps have begun.
+  bool entered(int n) {
+    std::unique_lock lk(mu_);
+    return cv_.wait_for(lk, std::chrono::seconds(10), [&] { return entered_ >= n; });
+  }
 
  private:
   token_id token_;
   std::mutex mu_;
   std::condition_variable cv_;
   bool open_ = true, fail_ = false;
-  int steps_ = 0;
+  int steps_ = 0, entered_ = 0;
+};
+
+// The replica actors' system: detached actors (in-process executors), joined at the end.
+struct actor_system_fixture {
+  caf::actor_system_config cfg;
+  caf::actor_system sys{cfg};
 };
 
 engine::scheduler_options options() {
@@ -132,8 +149,9 @@ double metric(const replica_router& r, const std::string& line_prefix) {
 
 } // namespace
 
-TEST_CASE("router: least unfinished requests first, ties in turn, both replicas answer") {
-  replica_router router("m", 2, options());
+TEST_CASE_FIXTURE(actor_system_fixture,
+                  "router: least unfinished requests first, ties in turn, both replicas answer") {
+  replica_router router(sys, "m", 2, options());
   auto [r0, h0] = install(router, 0, 10);
   auto [r1, h1] = install(router, 1, 11);
   r0->gate(false);
@@ -162,8 +180,9 @@ TEST_CASE("router: least unfinished requests first, ties in turn, both replicas 
   CHECK(blocks_freed(router));
 }
 
-TEST_CASE("router: a failed replica gets no requests, with none serving submit says why") {
-  replica_router router("m", 2, options());
+TEST_CASE_FIXTURE(actor_system_fixture,
+                  "router: a failed replica gets no requests, with none serving submit says why") {
+  replica_router router(sys, "m", 2, options());
   auto [r0, h0] = install(router, 0, 10);
   auto [r1, h1] = install(router, 1, 11);
   // Replica 1's executor fails mid-request: that request fails, the others go to replica 0.
@@ -208,10 +227,11 @@ TEST_CASE("router: a failed replica gets no requests, with none serving submit s
   CHECK(metric(router, "troupe_replica_up{model_name=\"m\",replica=\"1\"}") == 1);
 }
 
-TEST_CASE("router: cancel reaches the replica that took the request") {
+TEST_CASE_FIXTURE(actor_system_fixture,
+                  "router: cancel reaches the replica that took the request") {
   // Both engines number their first request 1: a cancel sent to the wrong replica would end
   // the other request.
-  replica_router router("m", 2, options());
+  replica_router router(sys, "m", 2, options());
   auto [r0, h0] = install(router, 0, 10);
   auto [r1, h1] = install(router, 1, 11);
   r0->gate(false);
@@ -238,8 +258,32 @@ TEST_CASE("router: cancel reaches the replica that took the request") {
   router.cancel(12345);    // unknown: a no-op
 }
 
-TEST_CASE("router: a replica that never loaded says so") {
-  replica_router router("m", 1, options());
+TEST_CASE_FIXTURE(actor_system_fixture,
+                  "router: submit and cancel return at once while the replica is inside a step, "
+                  "and the replica takes them before its next step") {
+  replica_router router(sys, "m", 1, options());
+  auto [r0, h0] = install(router, 0, 10);
+  r0->gate(false);
+  auto a = submit(router, req(3));
+  REQUIRE(a.has_value());
+  REQUIRE(r0->entered(1)); // the replica's thread now waits inside its first step
+  auto b = submit(router, req(3));
+  auto c = submit(router, req(40));
+  REQUIRE(b.has_value());
+  REQUIRE(c.has_value());
+  router.cancel(c->first);
+  CHECK(r0->steps() == 0); // all of the above while the step was still held
+  r0->gate(true);
+  CHECK(drain(*a->second) == std::vector<token_id>(3, 10));
+  CHECK(drain(*b->second) == std::vector<token_id>(3, 10));
+  std::vector<engine::request_output> outs;
+  c->second->wait(outs, 50);
+  CHECK(outs.empty()); // cancelled before any step ran it
+  CHECK(blocks_freed(router));
+}
+
+TEST_CASE_FIXTURE(actor_system_fixture, "router: a replica that never loaded says so") {
+  replica_router router(sys, "m", 1, options());
   auto r = submit(router, req(1));
   REQUIRE_FALSE(r.has_value());
   CHECK(r.error().message().find("replica 0 is loading") != std::string::npos);

@@ -1,6 +1,9 @@
 // The synchronous engine loop over the fake executor: deltas per step, cancellation outputs,
 // executor failures surfaced with the step, fail_all() ending everything; with a pipelined
-// executor, lanes with one plan each in flight.
+// executor, lanes with one plan each in flight; plan()/complete() driven as the replica actor
+// does, results in any lane order.
+#include <algorithm>
+#include <map>
 #include <set>
 
 #include <doctest/doctest.h>
@@ -195,4 +198,51 @@ TEST_CASE("engine_loop, pipelined: cancelling a request while its lane's plan is
   CHECK_FALSE(f.piped.has_unfinished());
   CHECK(f.piped.usage().blocks_used == 0);
   CHECK(f.exec.errors == 0);
+}
+
+TEST_CASE("engine_loop: plan() and complete() as an actor drives them, results in any lane "
+          "order") {
+  fixture f;
+  engine_loop loop{{.num_blocks = 32,
+                    .block_size = 4,
+                    .max_num_batched_tokens = 16,
+                    .max_model_len = 32,
+                    .vocab_size = 100},
+                   2};
+  REQUIRE(loop.num_lanes() == 2);
+  std::map<seq_id, std::vector<token_id>> prompts, got;
+  for (token_id t = 1; t <= 5; ++t) {
+    std::vector<token_id> p(static_cast<size_t>(t + 1), t);
+    prompts[f.add_to(loop, p, 7)] = p;
+  }
+  CHECK_FALSE(loop.step().has_value()); // no executor: plan()/complete() only
+  bool newest_first = true;
+  for (int i = 0; i < 100 && loop.has_unfinished(); ++i) {
+    std::vector<request_output> out;
+    auto lanes = loop.plan(out);
+    REQUIRE(lanes.has_value());
+    REQUIRE(loop.in_flight() <= 2);
+    std::vector<size_t> order(lanes->begin(), lanes->end());
+    if (newest_first) // the later lane's result first
+      std::reverse(order.begin(), order.end());
+    newest_first = !newest_first;
+    for (size_t lane : order) {
+      auto r = f.exec.execute(loop.plan_of(lane));
+      REQUIRE(r.has_value());
+      REQUIRE(loop.complete(lane, *r, out).has_value());
+    }
+    CHECK_FALSE(loop.complete(0, {}, out).has_value()); // nothing in flight there
+    for (const auto& o : out)
+      if (o.has_token) {
+        f.hist[o.id].push_back(o.token);
+        got[o.id].push_back(o.token);
+      }
+  }
+  CHECK_FALSE(loop.has_unfinished());
+  CHECK(f.exec.errors == 0);
+  for (const auto& [id, p] : prompts) {
+    CAPTURE(id);
+    CHECK(got[id] == test::fake_alone(p, 7, 100, -1, 0, 32));
+  }
+  CHECK(loop.usage().blocks_used == 0);
 }

@@ -1,0 +1,75 @@
+// replica_actor: one replica's engine (design.md §3), spawned by replica_router. It owns the
+// replica's engine_loop, takes requests and cancels as messages (the sender never waits), runs
+// plans, and hands each request's outputs to its sink. Two kinds:
+//   in-process executor: detached; each step runs synchronously on its thread, one (step_atom)
+//     message per step, so submits and cancels that arrived meanwhile are taken between steps;
+//   worker ranks: event-based, never blocks; (execute_atom, ticket, plan) to every rank with up
+//     to `depth` plans in flight, replies gathered by ticket (worker_group). A rank that fails,
+//     goes down, or leaves a plan unanswered past the timeout fails the replica: every request
+//     fails through its sink, the health is marked, `on_failure` is told once.
+//   (submit_atom, msg::replica_job)  router -> replica; errors (invalid, queue full) to the sink
+//   (cancel_atom, seq_id)            router -> replica, the router's id; frees the KV blocks
+// Stopping it (an exit message) fails its live requests with errc::cancelled.
+#pragma once
+
+#include <chrono>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include <caf/actor.hpp>
+#include <caf/actor_system.hpp>
+#include <caf/stateful_actor.hpp>
+
+#include "actors/messages.hpp"
+#include "actors/serving/replica_status.hpp"
+#include "actors/serving/worker_group.hpp"
+#include "engine/exec/executor.hpp"
+#include "engine/scheduler/engine_loop.hpp"
+
+namespace troupe::serve {
+
+// A replica's worker ranks (world rank order) and how to drive them.
+struct worker_ranks {
+  std::vector<caf::actor> workers;
+  size_t answer_rank = 0;                             // the last stage's tensor rank 0: it samples
+  std::chrono::milliseconds timeout{0};               // a plan's replies, from its sending
+  int32_t depth = 1;                                  // plans in flight
+  std::function<void(const std::string&)> on_failure; // told once, on the replica's thread
+};
+
+struct replica_spec {
+  engine::scheduler_options options;      // num_blocks: this replica's pool
+  std::shared_ptr<engine::executor> exec; // in-process; null: `ranks`
+  worker_ranks ranks;
+  std::shared_ptr<replica_health> health; // marked failed when the ranks fail
+  std::shared_ptr<replica_gauges> gauges; // published after every step
+};
+
+struct replica_state {
+  struct live_request {
+    seq_id router_id = 0;
+    std::shared_ptr<request_sink> sink;
+  };
+  replica_spec spec;
+  std::unique_ptr<engine::engine_loop> loop;
+  std::unordered_map<seq_id, seq_id> local_of;   // router id -> engine id
+  std::unordered_map<seq_id, live_request> live; // engine id -> its request
+  std::unique_ptr<worker_group> group;           // worker ranks only
+  std::map<uint64_t, size_t> lane_of;            // ticket -> engine lane
+  bool step_queued = false;                      // in-process: a step_atom is in the mailbox
+  std::string broken;                            // why the ranks failed
+  ~replica_state();                              // fails the live requests (cancelled)
+  static inline const char* name = "replica_actor";
+};
+
+caf::behavior replica_actor(caf::stateful_actor<replica_state>* self, replica_spec spec);
+
+// Spawns a replica actor: detached over an in-process executor, event-based over worker ranks.
+// The options must be valid (engine::validate).
+caf::actor spawn_replica(caf::actor_system& sys, replica_spec spec);
+
+} // namespace troupe::serve
