@@ -2,11 +2,11 @@
 
 #include <algorithm>
 
-#include "http/http_server.hpp"
 #include "engine/backend/cpu/cpu_backend.hpp"
-#include "engine/model/gguf_weights.hpp"
 #include "engine/exec/cuda_executor.hpp"
+#include "engine/model/gguf_weights.hpp"
 #include "engine/sampling/sampler.hpp"
+#include "http/http_server.hpp"
 #include "runtime/log.hpp"
 
 namespace troupe::serve {
@@ -120,8 +120,9 @@ expected<std::unique_ptr<deployment>> deployment::start(const deployment_config&
                  if (!model)
                    return std::move(model).error();
                  auto exec = std::make_unique<engine::local_executor>(**model);
-                 one.push_back({std::make_unique<owning_executor>(std::move(*model), std::move(exec)),
-                                kv.num_blocks, nullptr});
+                 one.push_back(
+                     {std::make_unique<owning_executor>(std::move(*model), std::move(exec)),
+                      kv.num_blocks, nullptr});
                  return one;
                });
 }
@@ -183,7 +184,8 @@ expected<std::unique_ptr<deployment>> deployment::start(const deployment_config&
   p.ctx->options = {.host = c.host,
                     .port = static_cast<uint16_t>(c.port),
                     .api_key = c.api_key,
-                    .version = std::move(version)};
+                    .version = std::move(version),
+                    .limits = c.http};
   p.ctx->model = {.name = c.served_model_name,
                   .max_model_len = kv->max_model_len,
                   .vocab_size = config->vocab_size,
