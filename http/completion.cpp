@@ -86,16 +86,42 @@ completion_stream::~completion_stream() {
 
 void completion_stream::start() {
   sink_ = std::make_shared<strand_sink>(session_->gate(), session_->executor(), weak_from_this());
-  auto submitted = ctx_.serving->submit(make_engine_request(req_, ctx_.model), sink_);
-  if (!submitted) {
-    const auto status = http_status(submitted.error().code());
-    return session_->reply(status, error_body({status, submitted.error().message(), {}, {}}),
-                           keep_alive_);
+  running_ = submitting_ = true;
+  boost::asio::post(session_->submitter(), [self = shared_from_this(),
+                                            r = make_engine_request(req_, ctx_.model)]() mutable {
+    if (self->aborted_) // the client left while queued here
+      return;
+    auto id = self->ctx_.serving->submit(std::move(r), self->sink_);
+    auto strand = self->session_->executor();
+    boost::asio::post(strand, [self = std::move(self), id = std::move(id)]() mutable {
+      self->submitted(std::move(id));
+    });
+  });
+}
+
+// On the strand, after submit returned; outputs may have come (and even ended) before.
+void completion_stream::submitted(expected<seq_id> id) {
+  submitting_ = false;
+  if (!id) {
+    if (!running_)
+      return;
+    running_ = false;
+    const auto status = http_status(id.error().code());
+    return session_->reply(status, error_body({status, id.error().message(), {}, {}}), keep_alive_);
   }
-  id_ = *submitted;
-  running_ = true;
+  id_ = *id;
   ctx_.metrics->prompt_tokens += req_.prompt.size();
-  if (!req_.stream)
+  if (!running_) { // aborted while submitting (a no-op if it already finished)
+    if (aborted_)
+      ctx_.serving->cancel(id_);
+    return;
+  }
+  open_stream();
+}
+
+// Streams: the SSE header and the opening chunk, once.
+void completion_stream::open_stream() {
+  if (!req_.stream || headers_sent_)
     return;
   headers_sent_ = true;
   session_->send("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
@@ -108,7 +134,9 @@ void completion_stream::abort() {
   if (!running_)
     return;
   running_ = false;
-  ctx_.serving->cancel(id_); // frees its KV blocks
+  aborted_ = true;
+  if (!submitting_)            // else submitted() cancels it
+    ctx_.serving->cancel(id_); // frees its KV blocks
 }
 
 void completion_stream::event(const json& j) {
@@ -131,6 +159,7 @@ void completion_stream::on_outputs(const std::vector<engine::request_output>& ou
     if (!running_)
       return; // aborted, or finished: nothing comes after the end
     got_output_ = true;
+    open_stream();
     observe(o);
     auto chunk = resp_.add(o);
     if (chunk)

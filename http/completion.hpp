@@ -3,6 +3,7 @@
 // JSON body or SSE chunks (openai_response.hpp) and writes them through the session.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <memory>
 #include <optional>
@@ -22,7 +23,8 @@ class completion_stream : public std::enable_shared_from_this<completion_stream>
   completion_stream(std::shared_ptr<http_session> session, completion_request req, bool keep_alive);
   ~completion_stream();
 
-  // Submits; an error at once is answered with its HTTP status.
+  // Submits on the server's submit thread (serving_port::submit may block); an error at once is
+  // answered with its HTTP status.
   void start();
   // The client is gone: cancels the request (its KV blocks are freed). Idempotent.
   void abort();
@@ -32,6 +34,8 @@ class completion_stream : public std::enable_shared_from_this<completion_stream>
                   const std::optional<error>& failure);
 
  private:
+  void submitted(expected<seq_id> id);
+  void open_stream();
   void observe(const engine::request_output& o);
   void failed(const error& why);
   void event(const json& j);
@@ -46,7 +50,8 @@ class completion_stream : public std::enable_shared_from_this<completion_stream>
   openai_response resp_;
   std::shared_ptr<strand_sink> sink_;
   seq_id id_ = 0;
-  bool running_ = false, headers_sent_ = false, got_output_ = false;
+  std::atomic<bool> aborted_{false}; // read by the submit thread
+  bool running_ = false, submitting_ = false, headers_sent_ = false, got_output_ = false;
 };
 
 } // namespace troupe::serve

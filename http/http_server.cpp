@@ -103,6 +103,8 @@ expected<uint16_t> http_server::start() {
   acceptor_ = std::move(acceptor);
   backoff_ = std::make_unique<boost::asio::steady_timer>(acceptor_->get_executor());
   work_.emplace(ioc_.get_executor());
+  submit_work_.emplace(submit_ioc_.get_executor());
+  submit_thread_ = std::thread([this] { submit_ioc_.run(); });
   for (int32_t i = 0; i < std::max(1, o.limits.threads); ++i)
     threads_.emplace_back([this] { run_thread(); });
   boost::asio::post(acceptor_->get_executor(), [this] { accept(); });
@@ -228,6 +230,10 @@ void http_server::stop() {
   for (auto& t : threads_)
     t.join();
   threads_.clear();
+  submit_work_.reset();
+  submit_ioc_.stop();
+  if (submit_thread_.joinable())
+    submit_thread_.join();
 }
 
 } // namespace troupe::serve

@@ -72,13 +72,16 @@ class http_server {
   // Stops accepting, closes every connection (cancelling their requests), joins the threads.
   void stop();
 
-  // Threads running the connections (constant after start()).
-  size_t threads() const { return threads_.size(); }
+  // Threads running the connections, plus the submit thread (constant after start()).
+  size_t threads() const { return threads_.size() + (submit_thread_.joinable() ? 1 : 0); }
   size_t connections() const { return live_.load(); }
 
   // For sessions (any thread).
   serve_context& context() { return ctx_; }
   const std::shared_ptr<post_gate>& gate() const { return gate_; }
+  // One thread for serving_port::submit, which may block up to an engine step: the connections'
+  // threads never wait on it.
+  boost::asio::io_context& submitter() { return submit_ioc_; }
   void session_ended(http_session* s);
 
  private:
@@ -98,8 +101,12 @@ class http_server {
   bool stopping_ = false;
   bool fd_burst_ = false; // accept is out of descriptors (logged once per burst)
   std::vector<std::thread> threads_;
+  std::thread submit_thread_;
   boost::asio::io_context ioc_; // after what its handlers refer to: destroyed before them
   std::optional<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>> work_;
+  boost::asio::io_context submit_ioc_; // its handlers hold sessions: destroyed before ioc_
+  std::optional<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>>
+      submit_work_;
   std::unique_ptr<boost::asio::ip::tcp::acceptor> acceptor_; // on its own strand
   std::unique_ptr<boost::asio::steady_timer> backoff_;
 };

@@ -321,6 +321,8 @@ void http_session::watch_peer() {
 void http_session::on_peer(error_code ec) {
   if (closed_)
     return;
+  if (lingering_) // the response ended while this read was pending
+    return ec ? close() : drain();
   if (resume_) {
     resume_ = false;
     return ec && ec != boost::asio::error::operation_aborted ? close() : wait_request();
@@ -354,15 +356,18 @@ void http_session::linger_close() {
   if (ec)
     return close();
   arm_read_timer(linger_s);
-  drain();
+  lingering_ = true;
+  if (!reading_) // else the pending watch read goes on draining (on_peer)
+    drain();
 }
 
 void http_session::drain() {
   reading_ = true;
-  buffer_.clear();
   sock_.async_read_some(buffer_.prepare(read_chunk),
-                        [self = shared_from_this()](error_code ec, size_t) {
+                        [self = shared_from_this()](error_code ec, size_t n) {
                           self->reading_ = false;
+                          self->buffer_.commit(n);
+                          self->buffer_.clear();
                           if (ec || self->closed_)
                             return self->close();
                           self->drain();

@@ -40,6 +40,7 @@ class http_session : public std::enable_shared_from_this<http_session> {
   serve_context& context() { return server_.context(); }
   boost::asio::any_io_executor executor() { return sock_.get_executor(); }
   std::shared_ptr<post_gate> gate() const { return server_.gate(); }
+  boost::asio::io_context& submitter() { return server_.submitter(); }
   // Queues bytes of the response; they are written in order.
   void send(std::string bytes);
   // The response is complete once the queued bytes are written: count `status`, then read the
@@ -81,7 +82,7 @@ class http_session : public std::enable_shared_from_this<http_session> {
   int status_ = 0;
   bool head_ = false, keep_alive_ = false, response_done_ = false, writing_now_ = false;
   bool reading_ = false, read_timed_out_ = false, resume_ = false, peer_eof_ = false;
-  bool closed_ = false;
+  bool lingering_ = false, closed_ = false;
 };
 
 } // namespace troupe::serve
