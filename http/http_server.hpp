@@ -1,6 +1,7 @@
 // The OpenAI-compatible HTTP front end on Boost.Beast: an acceptor and every connection run on a
 // small io_context pool (http_limits::threads, no thread per connection), each connection on its
-// own strand (http_session.hpp). start() and stop() are called by actors/serving/deployment.cpp.
+// own strand (http_session.hpp), plus one thread that calls serving_port::submit (which may block).
+// start() and stop() are called by actors/serving/deployment.cpp.
 //
 // Disconnects vs half-close: while a response is produced the session keeps one read pending.
 // A reset (RST) or read error cancels the request at once. End of stream (FIN) is ambiguous: the
