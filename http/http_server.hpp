@@ -73,10 +73,6 @@ class http_server {
   // Stops accepting, closes every connection (cancelling their requests), joins the threads.
   void stop();
 
-  // Threads running the connections, plus the submit thread (constant after start()).
-  size_t threads() const { return threads_.size() + (submit_thread_.joinable() ? 1 : 0); }
-  size_t connections() const { return live_.load(); }
-
   // For sessions (any thread).
   serve_context& context() { return ctx_; }
   const std::shared_ptr<post_gate>& gate() const { return gate_; }
