@@ -111,15 +111,12 @@ void completion_stream::submitted(expected<seq_id> id) {
   }
   id_ = *id;
   ctx_.metrics->prompt_tokens += req_.prompt.size();
-  if (!running_) { // aborted while submitting (a no-op if it already finished)
-    if (aborted_)
-      ctx_.serving->cancel(id_);
-    return;
-  }
-  open_stream();
+  if (!running_ && aborted_) // the client left while submitting
+    ctx_.serving->cancel(id_);
 }
 
-// Streams: the SSE header and the opening chunk, once.
+// Streams: the SSE header and the opening chunk, once, with the first output, so that a refusal
+// that comes through the sink before any output (a full queue) still gets its own HTTP status.
 void completion_stream::open_stream() {
   if (!req_.stream || headers_sent_)
     return;
