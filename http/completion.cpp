@@ -26,9 +26,12 @@ class strand_sink final : public request_sink, public std::enable_shared_from_th
         failure_ = why;
     });
   }
+  // Also lets go of the strand: the serving side may hold this sink after the io_context is gone,
+  // and a strand must not outlive it.
   void detach() {
     std::lock_guard lk(mu_);
     detached_ = true;
+    ex_ = {};
   }
 
  private:
