@@ -1,318 +1,186 @@
-// run_completion: one generation request from engine submission to the last byte on the socket.
-#include <poll.h>
-#include <sys/socket.h>
+#include "http/completion.hpp"
 
-#include <chrono>
 #include <ctime>
+#include <deque>
+#include <mutex>
 
-#include <boost/asio/write.hpp>
-#include <boost/beast/http.hpp>
+#include <boost/asio/post.hpp>
 #include <fmt/format.h>
-
-#include "engine/tokenizer/detokenizer.hpp"
-#include "http/http_server.hpp"
-#include "http/request_channel.hpp"
 
 namespace troupe::serve {
 
-namespace {
-
-namespace http = boost::beast::http;
-using clock_type = std::chrono::steady_clock;
-
-// True when the peer has closed (or reset) the connection.
-bool peer_gone(boost::asio::ip::tcp::socket& sock) {
-  pollfd p{.fd = sock.native_handle(), .events = POLLIN | POLLRDHUP, .revents = 0};
-  if (::poll(&p, 1, 0) <= 0)
-    return false;
-  if (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL))
-    return true;
-  char c;
-  return ::recv(p.fd, &c, 1, MSG_PEEK | MSG_DONTWAIT) == 0;
-}
-
-const char* finish_name(engine::finish_reason r) {
-  switch (r) {
-  case engine::finish_reason::stop:
-    return "stop";
-  case engine::finish_reason::length:
-    return "length";
-  default:
-    return "abort";
-  }
-}
-
-json bytes_of(std::string_view s) {
-  json b = json::array();
-  for (unsigned char c : s)
-    b.push_back(c);
-  return b;
-}
-
-// Logprobs of one token in the chat shape, or appended to the completions shape.
-void add_logprobs(json& lp, const engine::request_output& o, const engine::tokenizer& tok,
-                  bool chat) {
-  const auto piece = std::string(tok.token_bytes(o.token));
-  if (chat) {
-    json top = json::array();
-    for (size_t i = 0; i < o.top_ids.size(); ++i) {
-      const auto t = std::string(tok.token_bytes(o.top_ids[i]));
-      top.push_back({{"token", t}, {"logprob", o.top_logprobs[i]}, {"bytes", bytes_of(t)}});
-    }
-    lp["content"].push_back({{"token", piece},
-                             {"logprob", o.logprob},
-                             {"bytes", bytes_of(piece)},
-                             {"top_logprobs", top}});
-    return;
-  }
-  json top = json::object();
-  for (size_t i = 0; i < o.top_ids.size(); ++i)
-    top[std::string(tok.token_bytes(o.top_ids[i]))] = o.top_logprobs[i];
-  lp["tokens"].push_back(piece);
-  lp["token_logprobs"].push_back(o.logprob);
-  lp["top_logprobs"].push_back(top);
-}
-
-struct stream_writer {
-  boost::asio::ip::tcp::socket& sock;
-  bool ok = true;
-  void raw(const std::string& s) {
-    boost::system::error_code ec;
-    if (ok)
-      boost::asio::write(sock, boost::asio::buffer(s), ec);
-    ok = ok && !ec;
-  }
-  void event(const json& j) { raw("data: " + dump(j) + "\n\n"); }
-};
-
-// A request the serving side refused: busy (503) or not valid for the engine (400).
-int status_of(errc code) {
-  const bool busy = code == errc::resource_exhausted || code == errc::cancelled ||
-                    code == errc::unavailable; // no replica serving (restarting)
-  return busy ? 503 : 400;
-}
-
-// The engine request with its stop-string hook: a second detokenizer, fed on the engine thread.
-engine::request make_engine_request(const completion_request& req, const model_info& m) {
-  engine::request r{
-      .prompt = req.prompt, .sampling = req.sampling, .stop_token_ids = req.stop_token_ids};
-  if (!req.stop.empty()) {
-    auto detok = std::make_shared<engine::incremental_detokenizer>(m.text->text, req.stop,
-                                                                   req.skip_special_tokens);
-    auto fed = std::make_shared<size_t>(0);
-    r.stop_check = [detok, fed](seq_id, std::span<const token_id> generated) {
-      for (; *fed < generated.size(); ++*fed)
-        detok->push(generated[*fed]);
-      return detok->stopped();
-    };
-  }
-  return r;
-}
-
-// One request's state from submission to the last byte; each step is a method.
-class completion_run {
+// The request's sink: the serving side's thread queues outputs and posts one drain to the
+// session's strand per batch (never blocks; nothing after detach() or once the gate closed).
+class strand_sink final : public request_sink, public std::enable_shared_from_this<strand_sink> {
  public:
-  completion_run(serve_context& ctx, boost::asio::ip::tcp::socket& sock,
-                 const completion_request& req, bool& keep_alive, unsigned http_version)
-    : ctx_(ctx), sock_(sock), req_(req), keep_alive_(keep_alive), version_(http_version),
-      detok_(ctx.model.text->text, req.stop, req.skip_special_tokens), out_{sock},
-      sent_prompt_ids_(!req.return_token_ids) {}
+  strand_sink(std::shared_ptr<post_gate> gate, boost::asio::any_io_executor ex,
+              std::weak_ptr<completion_stream> to)
+    : gate_(std::move(gate)), ex_(std::move(ex)), to_(std::move(to)) {}
 
-  int run() {
-    auto channel = std::make_shared<request_channel>();
-    auto submitted = ctx_.serving->submit(make_engine_request(req_, ctx_.model), channel);
-    if (!submitted)
-      return reply_error(
-          {status_of(submitted.error().code()), submitted.error().message(), {}, {}});
-    const seq_id id = *submitted;
-    // The replica refuses a request (invalid, queue full) through the channel: the response
-    // starts with the first output, so that a refusal still gets its own HTTP status.
-    std::vector<engine::request_output> outs;
-    while (outs.empty())
-      if (!channel->wait(outs, 50) && peer_gone(sock_)) {
-        ctx_.serving->cancel(id);
-        keep_alive_ = false;
-        return 499;
-      }
-    if (channel->failed() && !outs.front().has_token)
-      return reply_error({status_of(channel->failure_code()), channel->failure(), {}, {}});
-    ctx_.metrics->prompt_tokens += req_.prompt.size();
-    open();
-    for (bool got = true; finish_ == engine::finish_reason::none;) {
-      for (const auto& o : outs)
-        consume(o);
-      if (finish_ == engine::finish_reason::none && (!out_.ok || (!got && peer_gone(sock_)))) {
-        ctx_.serving->cancel(id); // frees its KV blocks
-        keep_alive_ = false;
-        return 499; // the client closed the request
-      }
-      outs.clear();
-      if (finish_ == engine::finish_reason::none)
-        got = channel->wait(outs, 50);
-    }
-    ctx_.metrics->e2e.observe(std::chrono::duration<double>(clock_type::now() - arrival_).count());
-    if (channel->failed()) {
-      const auto why = channel->failure();
-      const api_error e{500,
-                        why.empty() ? "the engine failed; see the server log"
-                                    : "the engine failed: " + why,
-                        {},
-                        {}};
-      if (!req_.stream)
-        return reply_error(e);
-      out_.event(json::parse(error_body(e)));
-      return 500;
-    }
-    return req_.stream ? end_stream() : reply_body();
+  void push(const engine::request_output& o) override {
+    deliver([&] { q_.push_back(o); });
+  }
+  void fail(const error& why) override {
+    deliver([&] {
+      if (!failure_)
+        failure_ = why;
+    });
+  }
+  // Also lets go of the strand: the serving side may hold this sink after the io_context is gone,
+  // and a strand must not outlive it.
+  void detach() {
+    std::lock_guard lk(mu_);
+    detached_ = true;
+    ex_ = {};
   }
 
  private:
-  json base(bool chunk) const {
-    const char* object =
-        req_.chat ? (chunk ? "chat.completion.chunk" : "chat.completion") : "text_completion";
-    return {{"id", id_}, {"object", object}, {"created", created_}, {"model", ctx_.model.name}};
-  }
-
-  json usage() const {
-    const auto n_prompt = static_cast<int64_t>(req_.prompt.size());
-    const auto n_out = static_cast<int64_t>(ids_.size());
-    return {{"prompt_tokens", n_prompt},
-            {"completion_tokens", n_out},
-            {"total_tokens", n_prompt + n_out}};
-  }
-
-  void send_chunk(json choice) {
-    json c = base(true);
-    c["choices"] = json::array({std::move(choice)});
-    if (!sent_prompt_ids_)
-      c["prompt_token_ids"] = req_.prompt; // streams carry them in their first chunk
-    sent_prompt_ids_ = true;
-    out_.event(c);
-  }
-
-  // Streams: the SSE header, and for chat the assistant role chunk.
-  void open() {
-    if (!req_.stream)
+  template <class F>
+  void deliver(F add) {
+    std::lock_guard lk(mu_);
+    if (detached_)
       return;
-    keep_alive_ = false; // the stream ends with the connection
-    out_.raw("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-             "Connection: close\r\n\r\n");
-    if (req_.chat)
-      send_chunk({{"index", 0},
-                  {"delta", {{"role", "assistant"}, {"content", ""}}},
-                  {"logprobs", nullptr},
-                  {"finish_reason", nullptr}});
-  }
-
-  // One engine output: metrics, detokenized text, logprobs, and a stream chunk.
-  void consume(const engine::request_output& o) {
-    std::string delta;
-    json lp_delta = req_.chat ? json{{"content", json::array()}} : json::object();
-    if (o.has_token) {
-      const auto now = clock_type::now();
-      (ids_.empty() ? ctx_.metrics->ttft : ctx_.metrics->itl)
-          .observe(std::chrono::duration<double>(now - last_).count());
-      last_ = now;
-      ++ctx_.metrics->generation_tokens;
-      ids_.push_back(o.token);
-      delta = detok_.push(o.token);
-      if (req_.top_logprobs >= 0) {
-        add_logprobs(logprobs_, o, *ctx_.model.text->text, req_.chat);
-        add_logprobs(lp_delta, o, *ctx_.model.text->text, req_.chat);
-      }
-    }
-    const bool ends = o.finish != engine::finish_reason::none;
-    if (ends) {
-      finish_ = o.finish;
-      delta += detok_.finish();
-    }
-    text_ += delta;
-    // A token whose text is held back (part of a UTF-8 character or of a possible stop string)
-    // still gets its chunk when the client asked for token ids (as vLLM), or its id is lost.
-    const bool ids_chunk = req_.return_token_ids && o.has_token;
-    if (!req_.stream || (delta.empty() && !ends && !ids_chunk))
+    add();
+    if (scheduled_)
       return;
-    json choice = {{"index", 0}};
-    if (req_.chat)
-      choice["delta"] = delta.empty() ? json::object() : json{{"content", delta}};
-    else
-      choice["text"] = delta;
-    choice["logprobs"] = req_.top_logprobs >= 0 && o.has_token ? lp_delta : json();
-    choice["finish_reason"] = ends ? json(finish_name(o.finish)) : json();
-    if (req_.return_token_ids && o.has_token)
-      choice["token_ids"] = json::array({o.token});
-    send_chunk(std::move(choice));
+    std::lock_guard g(gate_->mu);
+    if (!gate_->open)
+      return;
+    scheduled_ = true;
+    boost::asio::post(ex_, [self = shared_from_this()] { self->drain(); });
   }
 
-  int end_stream() {
-    if (req_.include_usage) {
-      json c = base(true);
-      c["choices"] = json::array();
-      c["usage"] = usage();
-      out_.event(c);
+  void drain() { // on the strand
+    std::vector<engine::request_output> outs;
+    std::optional<error> failure;
+    {
+      std::lock_guard lk(mu_);
+      outs.assign(q_.begin(), q_.end());
+      q_.clear();
+      failure = std::move(failure_);
+      failure_.reset();
+      scheduled_ = false;
     }
-    out_.raw("data: [DONE]\n\n");
-    return 200;
+    if (auto c = to_.lock())
+      c->on_outputs(outs, failure);
   }
 
-  int reply_body() {
-    json choice = {{"index", 0}};
-    if (req_.chat)
-      choice["message"] = {{"role", "assistant"}, {"content", text_}};
-    else
-      choice["text"] = text_;
-    choice["logprobs"] = req_.top_logprobs >= 0 ? logprobs_ : json();
-    choice["finish_reason"] = finish_name(finish_);
-    if (!req_.stop.empty() && detok_.stop_string())
-      choice["stop_reason"] = *detok_.stop_string();
-    if (req_.return_token_ids)
-      choice["token_ids"] = ids_;
-    json body = base(false);
-    body["choices"] = json::array({choice});
-    body["usage"] = usage();
-    if (req_.return_token_ids)
-      body["prompt_token_ids"] = req_.prompt;
-    return write(200, dump(body));
-  }
-
-  int reply_error(const api_error& e) { return write(e.status, error_body(e)); }
-
-  int write(int status, std::string body) {
-    http::response<http::string_body> res{static_cast<http::status>(status), version_};
-    res.set(http::field::content_type, "application/json");
-    res.keep_alive(keep_alive_);
-    res.body() = std::move(body);
-    res.prepare_payload();
-    boost::system::error_code ec;
-    http::write(sock_, res, ec);
-    if (ec)
-      keep_alive_ = false;
-    return status;
-  }
-
-  serve_context& ctx_;
-  boost::asio::ip::tcp::socket& sock_;
-  const completion_request& req_;
-  bool& keep_alive_;
-  unsigned version_;
-  engine::incremental_detokenizer detok_;
-  stream_writer out_;
-  bool sent_prompt_ids_;
-  const clock_type::time_point arrival_ = clock_type::now();
-  clock_type::time_point last_ = arrival_;
-  const std::string id_ = fmt::format("{}-{}", req_.chat ? "chatcmpl" : "cmpl", ctx_.next_id++);
-  const int64_t created_ = static_cast<int64_t>(std::time(nullptr));
-  std::string text_;
-  std::vector<token_id> ids_;
-  json logprobs_ = req_.chat ? json{{"content", json::array()}} : json::object();
-  engine::finish_reason finish_ = engine::finish_reason::none;
+  std::shared_ptr<post_gate> gate_;
+  boost::asio::any_io_executor ex_;
+  std::weak_ptr<completion_stream> to_;
+  std::mutex mu_;
+  std::deque<engine::request_output> q_;
+  std::optional<error> failure_;
+  bool scheduled_ = false, detached_ = false;
 };
 
-} // namespace
+completion_stream::completion_stream(std::shared_ptr<http_session> session, completion_request req,
+                                     bool keep_alive)
+  : session_(std::move(session)), ctx_(session_->context()), req_(std::move(req)),
+    keep_alive_(keep_alive),
+    resp_(req_, ctx_.model, fmt::format("{}-{}", req_.chat ? "chatcmpl" : "cmpl", ctx_.next_id++),
+          static_cast<int64_t>(std::time(nullptr))) {}
 
-int run_completion(serve_context& ctx, boost::asio::ip::tcp::socket& sock,
-                   const completion_request& req, bool& keep_alive, unsigned http_version) {
-  return completion_run(ctx, sock, req, keep_alive, http_version).run();
+completion_stream::~completion_stream() {
+  if (sink_)
+    sink_->detach();
+  abort();
+}
+
+void completion_stream::start() {
+  sink_ = std::make_shared<strand_sink>(session_->gate(), session_->executor(), weak_from_this());
+  running_ = true;
+  // Never blocks: the request goes to a replica as a message; its outputs (or a refusal found
+  // later) come back through the sink, posted to this strand.
+  auto id = ctx_.serving->submit(make_engine_request(req_, ctx_.model), sink_);
+  if (!id) {
+    running_ = false;
+    const auto status = http_status(id.error().code());
+    return session_->reply(status, error_body({status, id.error().message(), {}, {}}), keep_alive_);
+  }
+  id_ = *id;
+  ctx_.metrics->prompt_tokens += req_.prompt.size();
+}
+
+// Streams: the SSE header and the opening chunk, once, with the first output, so that a refusal
+// that comes through the sink before any output (a full queue) still gets its own HTTP status.
+void completion_stream::open_stream() {
+  if (!req_.stream || headers_sent_)
+    return;
+  headers_sent_ = true;
+  session_->send("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+                 "Connection: close\r\n\r\n"); // the stream ends with the connection
+  if (auto c = resp_.opening_chunk())
+    event(*c);
+}
+
+void completion_stream::abort() {
+  if (!running_)
+    return;
+  running_ = false;
+  ctx_.serving->cancel(id_); // frees its KV blocks
+}
+
+void completion_stream::event(const json& j) {
+  session_->send("data: " + dump(j) + "\n\n");
+}
+
+void completion_stream::observe(const engine::request_output& o) {
+  if (!o.has_token)
+    return;
+  const auto now = clock_type::now();
+  (resp_.completion_tokens() == 0 ? ctx_.metrics->ttft : ctx_.metrics->itl)
+      .observe(std::chrono::duration<double>(now - last_).count());
+  last_ = now;
+  ++ctx_.metrics->generation_tokens;
+}
+
+void completion_stream::on_outputs(const std::vector<engine::request_output>& outs,
+                                   const std::optional<error>& failure) {
+  for (const auto& o : outs) {
+    if (!running_)
+      return; // aborted, or finished: nothing comes after the end
+    got_output_ = true;
+    open_stream();
+    observe(o);
+    auto chunk = resp_.add(o);
+    if (chunk)
+      event(*chunk);
+    if (!resp_.finished())
+      continue;
+    running_ = false;
+    ctx_.metrics->e2e.observe(std::chrono::duration<double>(clock_type::now() - arrival_).count());
+    if (!req_.stream)
+      return session_->reply(200, dump(resp_.body()), keep_alive_);
+    if (req_.include_usage)
+      event(resp_.usage_chunk());
+    session_->send("data: [DONE]\n\n");
+    return session_->finish(200, false);
+  }
+  if (failure && running_)
+    failed(*failure);
+}
+
+// The request ended without finishing: an error response while no header went out, else an SSE
+// error event that ends the stream.
+void completion_stream::failed(const error& why) {
+  running_ = false;
+  ctx_.metrics->e2e.observe(std::chrono::duration<double>(clock_type::now() - arrival_).count());
+  const auto code = why.code();
+  const bool admission =
+      !got_output_ && (code == errc::resource_exhausted || code == errc::invalid_argument ||
+                       code == errc::not_found);
+  const auto status = http_status(code);
+  const api_error e{status,
+                    admission               ? why.message()
+                    : why.message().empty() ? "the engine failed; see the server log"
+                                            : "the engine failed: " + why.message(),
+                    {},
+                    {}};
+  if (!headers_sent_)
+    return session_->reply(status, error_body(e), keep_alive_);
+  event(json::parse(error_body(e)));
+  session_->finish(status, false);
 }
 
 } // namespace troupe::serve

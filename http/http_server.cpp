@@ -1,187 +1,233 @@
 #include "http/http_server.hpp"
 
-#include <sys/socket.h>
-
 #include <boost/asio/ip/address.hpp>
-#include <boost/beast/core/flat_buffer.hpp>
-#include <boost/beast/http.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/asio/write.hpp>
+#include <fmt/format.h>
 
+#include "http/http_session.hpp"
 #include "runtime/log.hpp"
 
 namespace troupe::serve {
 
 namespace {
 
-namespace http = boost::beast::http;
 using tcp = boost::asio::ip::tcp;
-using request_t = http::request<http::string_body>;
-using response_t = http::response<http::string_body>;
+using error_code = boost::system::error_code;
+using namespace std::chrono_literals;
 
-response_t reply(const request_t& req, int status, std::string body,
-                 const char* type = "application/json") {
-  response_t res{static_cast<http::status>(status), req.version()};
-  res.set(http::field::server, "troupe");
-  res.set(http::field::content_type, type);
-  res.keep_alive(req.keep_alive());
-  res.body() = std::move(body);
-  res.prepare_payload();
-  return res;
+// A connection beyond max_connections: answered 503 and closed without losing the answer (our
+// FIN, then its bytes read and dropped for up to 2 s).
+class refusal : public std::enable_shared_from_this<refusal> {
+ public:
+  refusal(tcp::socket sock, std::string text, std::atomic<size_t>& count)
+    : sock_(std::move(sock)), timer_(sock_.get_executor()), text_(std::move(text)), count_(count) {}
+  ~refusal() { --count_; }
+
+  void start() {
+    timer_.expires_after(2s);
+    timer_.async_wait([self = shared_from_this()](error_code ec) {
+      if (!ec)
+        self->close();
+    });
+    boost::asio::async_write(sock_, boost::asio::buffer(text_),
+                             [self = shared_from_this()](error_code ec, size_t) {
+                               if (ec)
+                                 return self->close();
+                               self->sock_.shutdown(tcp::socket::shutdown_send, ec);
+                               self->drain();
+                             });
+  }
+
+ private:
+  void drain() {
+    sock_.async_read_some(boost::asio::buffer(buf_),
+                          [self = shared_from_this()](error_code ec, size_t) {
+                            if (ec)
+                              return self->close();
+                            self->drain();
+                          });
+  }
+  void close() {
+    error_code ec;
+    timer_.cancel();
+    sock_.close(ec);
+  }
+
+  tcp::socket sock_;
+  boost::asio::steady_timer timer_;
+  std::string text_;
+  std::array<char, 4096> buf_{};
+  std::atomic<size_t>& count_;
+};
+
+bool out_of_descriptors(const error_code& ec) {
+  return ec == boost::asio::error::no_descriptors || // EMFILE
+         ec == boost::system::errc::too_many_files_open_in_system ||
+         ec == boost::asio::error::no_buffer_space || ec == boost::asio::error::no_memory;
 }
 
-response_t reply_error(const request_t& req, const api_error& e) {
-  auto res = reply(req, e.status, error_body(e));
-  if (e.status == 401)
-    res.set(http::field::www_authenticate, "Bearer");
-  return res;
-}
-
-bool authorised(const request_t& req, const std::string& key) {
-  if (key.empty())
-    return true;
-  auto it = req.find(http::field::authorization);
-  return it != req.end() && it->value() == "Bearer " + key;
-}
-
-response_t models(const request_t& req, const serve_context& ctx) {
-  json m = {{"id", ctx.model.name},   {"object", "model"},
-            {"created", 0},           {"owned_by", "troupe"},
-            {"root", ctx.model.name}, {"max_model_len", ctx.model.max_model_len}};
-  return reply(req, 200, dump(json{{"object", "list"}, {"data", json::array({m})}}));
-}
-
-// A JSON route whose answer is a body or an error.
-response_t json_route(const request_t& req, const std::variant<json, api_error>& r) {
-  if (auto* e = std::get_if<api_error>(&r))
-    return reply_error(req, *e);
-  return reply(req, 200, dump(std::get<json>(r)));
-}
+constexpr size_t max_refusing = 256; // beyond: accept waits, the backlog holds the rest
 
 } // namespace
 
+http_server::http_server(serve_context& ctx) : ctx_(ctx) {}
+
+http_server::~http_server() {
+  stop();
+}
+
 expected<uint16_t> http_server::start() {
-  boost::system::error_code ec;
-  auto address = boost::asio::ip::make_address(ctx_.options.host, ec);
+  const auto& o = ctx_.options;
+  error_code ec;
+  auto address = boost::asio::ip::make_address(o.host, ec);
   if (ec)
-    return make_error(errc::invalid_argument, "host '{}' is not an IP address: {}",
-                      ctx_.options.host, ec.message());
-  acceptor_ = std::make_unique<tcp::acceptor>(ioc_);
-  tcp::endpoint ep{address, ctx_.options.port};
-  if (acceptor_->open(ep.protocol(), ec) ||
-      acceptor_->set_option(boost::asio::socket_base::reuse_address(true), ec) ||
-      acceptor_->bind(ep, ec) ||
-      acceptor_->listen(boost::asio::socket_base::max_listen_connections, ec))
-    return make_error(errc::unavailable, "cannot listen on {}:{}: {}", ctx_.options.host,
-                      ctx_.options.port, ec.message());
-  const auto port = acceptor_->local_endpoint().port();
-  acceptor_thread_ = std::thread([this] { accept_loop(); });
+    return make_error(errc::invalid_argument, "host '{}' is not an IP address: {}", o.host,
+                      ec.message());
+  auto acceptor = std::make_unique<tcp::acceptor>(boost::asio::make_strand(ioc_));
+  tcp::endpoint ep{address, o.port};
+  if (acceptor->open(ep.protocol(), ec) ||
+      acceptor->set_option(boost::asio::socket_base::reuse_address(true), ec) ||
+      acceptor->bind(ep, ec) ||
+      acceptor->listen(boost::asio::socket_base::max_listen_connections, ec)) {
+    if (ec == boost::asio::error::address_in_use)
+      return make_error(errc::unavailable,
+                        "cannot listen on {}:{}: the port is already in use (another server?); "
+                        "choose another port (model.yaml port: or --port)",
+                        o.host, o.port);
+    return make_error(errc::unavailable, "cannot listen on {}:{}: {}", o.host, o.port,
+                      ec.message());
+  }
+  const auto port = acceptor->local_endpoint(ec).port();
+  acceptor_ = std::move(acceptor);
+  backoff_ = std::make_unique<boost::asio::steady_timer>(acceptor_->get_executor());
+  work_.emplace(ioc_.get_executor());
+  for (int32_t i = 0; i < std::max(1, o.limits.threads); ++i)
+    threads_.emplace_back([this] { run_thread(); });
+  boost::asio::post(acceptor_->get_executor(), [this] { accept(); });
   return port;
 }
 
+void http_server::run_thread() {
+  for (;;) {
+    try {
+      ioc_.run();
+      return;
+    } catch (const std::exception& e) { // a handler's bug ends its connection, not the server
+      log::error("http: a connection handler threw: {}", e.what());
+    }
+  }
+}
+
+void http_server::accept() {
+  acceptor_->async_accept(boost::asio::make_strand(ioc_),
+                          [this](error_code ec, tcp::socket s) { on_accept(ec, std::move(s)); });
+}
+
+void http_server::retry_accept(std::chrono::milliseconds after) {
+  backoff_->expires_after(after);
+  backoff_->async_wait([this](error_code ec) {
+    if (!ec && acceptor_->is_open())
+      accept();
+  });
+}
+
+// On the acceptor's strand.
+void http_server::on_accept(error_code ec, tcp::socket sock) {
+  if (ec == boost::asio::error::operation_aborted || !acceptor_->is_open())
+    return; // stopping
+  if (ec) {
+    if (!out_of_descriptors(ec)) {
+      log::warn("http: accept failed: {}", ec.message());
+      return accept();
+    }
+    if (!fd_burst_) // once per burst, not once per try
+      log::warn("http: accept: {} with {} connections open; retrying every 100 ms (raise "
+                "`ulimit -n` or lower http.max_connections)",
+                ec.message(), live_.load());
+    fd_burst_ = true;
+    return retry_accept(100ms);
+  }
+  if (fd_burst_)
+    log::info("http: accepting connections again");
+  fd_burst_ = false;
+  if (live_.load() >= static_cast<size_t>(ctx_.options.limits.max_connections)) {
+    reject(std::move(sock));
+    if (refusing_.load() >= max_refusing)
+      return retry_accept(50ms);
+    return accept();
+  }
+  auto s = std::make_shared<http_session>(*this, std::move(sock));
+  {
+    std::lock_guard lk(mu_);
+    sessions_.emplace(s.get(), s);
+    ++live_;
+  }
+  boost::asio::post(s->executor(), [s] { s->start(); });
+  accept();
+}
+
+void http_server::reject(tcp::socket sock) {
+  const auto max = ctx_.options.limits.max_connections;
+  const auto body = error_body(
+      {503,
+       fmt::format("too many connections: the server holds {} (http.max_connections); retry "
+                   "later",
+                   max),
+       {},
+       {}});
+  auto text = fmt::format("HTTP/1.1 503 Service Unavailable\r\nServer: troupe\r\nContent-Type: "
+                          "application/json\r\nRetry-After: 1\r\nConnection: close\r\n"
+                          "Content-Length: {}\r\n\r\n{}",
+                          body.size(), body);
+  ++refusing_;
+  ctx_.metrics->count_request(503);
+  std::make_shared<refusal>(std::move(sock), std::move(text), refusing_)->start();
+}
+
+void http_server::session_ended(http_session* s) {
+  std::lock_guard lk(mu_);
+  sessions_.erase(s);
+  --live_;
+  cv_.notify_all();
+}
+
 void http_server::stop() {
-  if (!acceptor_)
-    return;
+  std::vector<std::shared_ptr<http_session>> open;
   {
     std::lock_guard lk(mu_);
     if (stopping_)
       return;
     stopping_ = true;
-    for (auto* s : sessions_) // wakes reads and makes waits see a gone peer
-      ::shutdown(s->native_handle(), SHUT_RDWR);
+    for (auto& [p, w] : sessions_)
+      if (auto s = w.lock())
+        open.push_back(std::move(s));
   }
-  ::shutdown(acceptor_->native_handle(), SHUT_RDWR); // wakes accept()
-  acceptor_thread_.join();
-  std::unique_lock lk(mu_);
-  cv_.wait(lk, [&] { return active_ == 0; });
-}
-
-void http_server::accept_loop() {
-  for (;;) {
-    boost::system::error_code ec;
-    auto sock = std::make_unique<tcp::socket>(ioc_);
-    acceptor_->accept(*sock, ec);
-    std::lock_guard lk(mu_);
-    if (stopping_)
-      return;
-    if (ec) {
-      log::warn("http: accept failed: {}", ec.message());
-      continue;
-    }
-    ++active_;
-    std::thread([this, s = std::move(sock)]() mutable {
-      session(*s);
-      s.reset(); // before stop() may return and the io_context go away
-      std::lock_guard lk2(mu_);
-      --active_;
-      cv_.notify_all();
-    }).detach();
-  }
-}
-
-void http_server::session(tcp::socket& sock) {
+  if (!acceptor_)
+    return; // never started
+  boost::asio::post(acceptor_->get_executor(), [this] {
+    error_code ec;
+    acceptor_->close(ec);
+    backoff_->cancel();
+  });
+  for (auto& s : open) // each closes on its strand, cancelling its request
+    boost::asio::post(s->executor(), [s] { s->close(); });
+  open.clear();
   {
-    std::lock_guard lk(mu_);
-    sessions_.insert(&sock);
-    if (stopping_)
-      ::shutdown(sock.native_handle(), SHUT_RDWR);
+    std::unique_lock lk(mu_);
+    if (!cv_.wait_for(lk, 10s, [&] { return live_.load() == 0; }))
+      log::warn("http: {} connections still open after 10 s; stopping anyway", live_.load());
   }
-  sock.set_option(tcp::no_delay(true));
-  boost::beast::flat_buffer buffer;
-  for (bool keep_alive = true; keep_alive;) {
-    boost::system::error_code ec;
-    http::request_parser<http::string_body> parser;
-    parser.body_limit(64u << 20);
-    http::read(sock, buffer, parser, ec);
-    if (ec)
-      break; // closed, or a request we cannot even parse
-    const auto& req = parser.get();
-    keep_alive = req.keep_alive();
-    const std::string target(req.target().substr(0, req.target().find('?')));
-    const bool get = req.method() == http::verb::get, post = req.method() == http::verb::post;
-    int status = 0;
-    std::optional<response_t> res;
-    if (!authorised(req, ctx_.options.api_key)) {
-      res = reply_error(req, {401, "missing or invalid API key (Authorization: Bearer <key>)"});
-    } else if ((target == "/v1/chat/completions" || target == "/v1/completions") && post) {
-      auto parsed = parse_completion(req.body(), target == "/v1/chat/completions", ctx_.model);
-      if (auto* e = std::get_if<api_error>(&parsed))
-        res = reply_error(req, *e);
-      else
-        status = run_completion(ctx_, sock, std::get<completion_request>(parsed), keep_alive,
-                                req.version());
-    } else if (target == "/tokenize" && post) {
-      res = json_route(req, tokenize(req.body(), ctx_.model));
-    } else if (target == "/detokenize" && post) {
-      res = json_route(req, detokenize(req.body(), ctx_.model));
-    } else if (target == "/v1/models" && get) {
-      res = models(req, ctx_);
-    } else if (target == "/health" && get) {
-      res = reply(req, 200, "");
-    } else if (target == "/version" && get) {
-      res = reply(req, 200, dump(json{{"version", ctx_.options.version}}));
-    } else if (target == "/metrics" && get) {
-      res = reply(req, 200, ctx_.serving->metrics_text(*ctx_.metrics, ctx_.model.name),
-                  "text/plain; version=0.0.4");
-    } else {
-      const bool known = target == "/v1/chat/completions" || target == "/v1/completions" ||
-                         target == "/tokenize" || target == "/detokenize" ||
-                         target == "/v1/models" || target == "/health" || target == "/version" ||
-                         target == "/metrics";
-      res = known ? reply_error(req, {405, fmt::format("method {} is not allowed on {}",
-                                                       std::string(req.method_string()), target)})
-                  : reply_error(req, {404, fmt::format("no route {}", target)});
-    }
-    if (res) {
-      status = res->result_int();
-      http::write(sock, *res, ec);
-      if (ec)
-        keep_alive = false;
-    }
-    ctx_.metrics->count_request(status);
+  {
+    std::lock_guard g(gate_->mu); // sinks that outlive the server post nothing more
+    gate_->open = false;
   }
-  boost::system::error_code ec;
-  sock.shutdown(tcp::socket::shutdown_both, ec);
-  std::lock_guard lk(mu_);
-  sessions_.erase(&sock);
+  work_.reset();
+  ioc_.stop();
+  for (auto& t : threads_)
+    t.join();
+  threads_.clear();
 }
 
 } // namespace troupe::serve

@@ -275,6 +275,21 @@ std::string dump(const json& j) {
   return j.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
+int http_status(errc code) {
+  switch (code) {
+  case errc::invalid_argument:
+    return 400;
+  case errc::not_found:
+    return 404;
+  case errc::resource_exhausted:
+  case errc::unavailable:
+  case errc::cancelled:
+    return 503;
+  default:
+    return 500;
+  }
+}
+
 std::string error_body(const api_error& e) {
   std::string type = e.type;
   if (type.empty())

@@ -26,6 +26,10 @@ struct api_error {
 };
 std::string error_body(const api_error& e);
 
+// The front end's one errc -> HTTP status map: invalid_argument 400, not_found 404,
+// resource_exhausted / unavailable / cancelled (shutting down) 503, else 500.
+int http_status(errc code);
+
 // What the model serves, for validation and tokenization (const, shared by HTTP threads).
 struct model_info {
   std::string name;

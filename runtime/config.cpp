@@ -11,6 +11,9 @@ namespace troupe {
 namespace {
 
 const std::vector<std::string_view> parallel_keys = {"tensor", "pipeline", "replicas"};
+const std::vector<std::string_view> http_keys = {
+    "threads",        "max_connections", "max_header_bytes", "max_body_bytes",
+    "read_timeout_s", "idle_timeout_s",  "write_timeout_s"};
 
 std::string where(std::string_view what, const YAML::Mark& m) {
   if (m.is_null())
@@ -62,6 +65,55 @@ expected<void> read_parallel(std::string_view what, const YAML::Node& node, para
   return {};
 }
 
+expected<void> read_http(std::string_view what, const YAML::Node& node, http_limits& h) {
+  if (!node.IsMap())
+    return make_error(errc::invalid_argument,
+                      "{}: 'http' must be a mapping (threads, max_connections, ...)",
+                      where(what, node.Mark()));
+  for (const auto& kv : node) {
+    const auto name = kv.first.Scalar();
+    const auto full = "http." + name;
+    const auto& v = kv.second;
+    if (name == "threads")
+      TROUPE_TRY_VOID(read(what, v, full, h.threads));
+    else if (name == "max_connections")
+      TROUPE_TRY_VOID(read(what, v, full, h.max_connections));
+    else if (name == "max_header_bytes")
+      TROUPE_TRY_VOID(read(what, v, full, h.max_header_bytes));
+    else if (name == "max_body_bytes")
+      TROUPE_TRY_VOID(read(what, v, full, h.max_body_bytes));
+    else if (name == "read_timeout_s")
+      TROUPE_TRY_VOID(read(what, v, full, h.read_timeout_s));
+    else if (name == "idle_timeout_s")
+      TROUPE_TRY_VOID(read(what, v, full, h.idle_timeout_s));
+    else if (name == "write_timeout_s")
+      TROUPE_TRY_VOID(read(what, v, full, h.write_timeout_s));
+    else
+      return unknown_key(what, kv.first, name, http_keys, "http.");
+  }
+  return {};
+}
+
+expected<void> check_http(std::string_view what, const http_limits& h) {
+  auto bad = [&](std::string_view key, std::string_view rule) {
+    return make_error(errc::invalid_argument, "{}: 'http.{}' {}", what, key, rule);
+  };
+  if (h.threads < 1 || h.threads > 256)
+    return bad("threads", "must be in [1, 256]");
+  if (h.max_connections < 1)
+    return bad("max_connections", "must be >= 1");
+  if (h.max_header_bytes < 1024)
+    return bad("max_header_bytes", "must be >= 1024");
+  if (h.max_body_bytes < 1024)
+    return bad("max_body_bytes", "must be >= 1024");
+  for (auto [key, v] : {std::pair{"read_timeout_s", h.read_timeout_s},
+                        {"idle_timeout_s", h.idle_timeout_s},
+                        {"write_timeout_s", h.write_timeout_s}})
+    if (!(v > 0 && v <= 86400))
+      return bad(key, "must be in (0, 86400] seconds");
+  return {};
+}
+
 expected<void> read_key(std::string_view what, const std::string& k, const YAML::Node& v,
                         deployment_config& c) {
   if (k == "model")
@@ -98,6 +150,8 @@ expected<void> read_key(std::string_view what, const std::string& k, const YAML:
     return read(what, v, k, c.api_key);
   if (k == "parallel")
     return read_parallel(what, v, c.parallel);
+  if (k == "http")
+    return read_http(what, v, c.http);
   return make_error(errc::internal, "unhandled key {}", k);
 }
 
@@ -131,7 +185,7 @@ expected<void> check_ranges(std::string_view what, const deployment_config& c) {
   const auto& p = c.parallel;
   if (p.tensor < 1 || p.pipeline < 1 || p.replicas < 1)
     return bad("parallel", "sizes must be >= 1");
-  return {};
+  return check_http(what, c.http);
 }
 
 } // namespace
@@ -169,7 +223,8 @@ const std::vector<std::string_view>& deployment_keys() {
                                                      "host",
                                                      "port",
                                                      "api_key",
-                                                     "parallel"};
+                                                     "parallel",
+                                                     "http"};
   return keys;
 }
 

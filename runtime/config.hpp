@@ -22,6 +22,18 @@ struct parallel_size {
   int32_t replicas = 1;
 };
 
+// http: in model.yaml: the HTTP front end's pool and connection limits, each with a clear HTTP
+// answer when exceeded (http/http_server.hpp enforces them).
+struct http_limits {
+  int32_t threads = 2;                        // io_context threads for every connection
+  int32_t max_connections = 4096;             // open connections; beyond: 503, then close
+  uint32_t max_header_bytes = 16 * 1024;      // request line + headers; beyond: 431
+  uint64_t max_body_bytes = 16 * 1024 * 1024; // beyond: 413, before the body is read
+  double read_timeout_s = 30;                 // one request, first byte to last; beyond: 408
+  double idle_timeout_s = 75;  // a keep-alive connection between requests; beyond: closed
+  double write_timeout_s = 30; // one write making no progress (a client not reading): closed
+};
+
 struct deployment_config {
   std::string model;             // HF folder or .gguf file (required)
   std::string served_model_name; // the API's model name; default: model path's stem
@@ -41,6 +53,7 @@ struct deployment_config {
   int32_t port = 8000; // 0 = any free port (printed)
   std::string api_key; // non-empty: every route needs "Authorization: Bearer <key>"
   parallel_size parallel;
+  http_limits http;
 };
 
 // The valid top-level keys, in documentation order.

@@ -213,7 +213,8 @@ expected<std::unique_ptr<deployment>> deployment::start(const deployment_config&
   p.ctx->options = {.host = c.host,
                     .port = static_cast<uint16_t>(c.port),
                     .api_key = c.api_key,
-                    .version = std::move(version)};
+                    .version = std::move(version),
+                    .limits = c.http};
   p.ctx->model = {.name = c.served_model_name,
                   .max_model_len = kv->max_model_len,
                   .vocab_size = config->vocab_size,

@@ -57,7 +57,7 @@ parallel: {tensor: 1, pipeline: 1, replicas: 1}
   CHECK(c->host == "0.0.0.0");
   CHECK(c->port == 0);
   CHECK(c->api_key == "secret");
-  CHECK(deployment_keys().size() == 17);
+  CHECK(deployment_keys().size() == 18);
 }
 
 TEST_CASE("model.yaml: unknown keys name the key and the closest valid one") {
@@ -116,6 +116,48 @@ TEST_CASE("model.yaml: tensor x pipeline x replicas layouts parse, sizes below 1
   auto r = parse_deployment("model: /m\nparallel: {replicas: 0}\n", "m.yaml");
   REQUIRE(!r.has_value());
   CHECK(r.error().message().find("'parallel' sizes must be >= 1") != std::string::npos);
+}
+
+TEST_CASE("model.yaml: http limits have defaults, parse, and are range-checked by name") {
+  auto d = parse_deployment("model: /m\n", "m.yaml");
+  REQUIRE(d.has_value());
+  CHECK(d->http.threads == 2);
+  CHECK(d->http.max_connections == 4096);
+  CHECK(d->http.max_header_bytes == 16384);
+  CHECK(d->http.max_body_bytes == 16u << 20);
+  auto c = parse_deployment(R"(
+model: /m
+http:
+  threads: 3
+  max_connections: 10
+  max_header_bytes: 2048
+  max_body_bytes: 4096
+  read_timeout_s: 1.5
+  idle_timeout_s: 2
+  write_timeout_s: 3
+)",
+                            "m.yaml");
+  REQUIRE_MESSAGE(c.has_value(), (c ? "" : c.error().to_string()));
+  CHECK(c->http.threads == 3);
+  CHECK(c->http.max_connections == 10);
+  CHECK(c->http.max_header_bytes == 2048);
+  CHECK(c->http.max_body_bytes == 4096);
+  CHECK(c->http.read_timeout_s == doctest::Approx(1.5));
+  CHECK(c->http.idle_timeout_s == doctest::Approx(2));
+  CHECK(c->http.write_timeout_s == doctest::Approx(3));
+  auto typo = parse_deployment("model: /m\nhttp:\n  max_conections: 4\n", "m.yaml");
+  REQUIRE(!typo.has_value());
+  CHECK(typo.error().message() ==
+        "m.yaml:3:3: unknown key 'http.max_conections' (did you mean 'http.max_connections'?)");
+  auto zero = parse_deployment("model: /m\nhttp: {read_timeout_s: 0}\n", "m.yaml");
+  REQUIRE(!zero.has_value());
+  CHECK(zero.error().message() == "m.yaml: 'http.read_timeout_s' must be in (0, 86400] seconds");
+  auto threads = parse_deployment("model: /m\nhttp: {threads: 0}\n", "m.yaml");
+  REQUIRE(!threads.has_value());
+  CHECK(threads.error().message().find("'http.threads' must be in [1, 256]") != std::string::npos);
+  auto scalar = parse_deployment("model: /m\nhttp: 5\n", "m.yaml");
+  REQUIRE(!scalar.has_value());
+  CHECK(scalar.error().message().find("'http' must be a mapping") != std::string::npos);
 }
 
 TEST_CASE("model.yaml: files resolve a relative model path against their folder") {

@@ -1,0 +1,54 @@
+// One /v1/chat/completions or /v1/completions request on its session's strand: submits it to the
+// serving side with a sink that posts outputs to the strand (no polling), turns them into the
+// JSON body or SSE chunks (openai_response.hpp) and writes them through the session.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "http/http_session.hpp"
+#include "http/openai_response.hpp"
+
+namespace troupe::serve {
+
+class strand_sink;
+
+class completion_stream : public std::enable_shared_from_this<completion_stream> {
+ public:
+  // Holds the session alive until the session drops it (the response ended or it closed).
+  completion_stream(std::shared_ptr<http_session> session, completion_request req, bool keep_alive);
+  ~completion_stream();
+
+  // Submits (never blocks); an error at once is answered with its HTTP status.
+  void start();
+  // The client is gone: cancels the request (its KV blocks are freed). Idempotent.
+  void abort();
+  bool streaming() const { return req_.stream; }
+  // On the strand: outputs in order, then the failure that ended the request, if any.
+  void on_outputs(const std::vector<engine::request_output>& outs,
+                  const std::optional<error>& failure);
+
+ private:
+  void open_stream();
+  void observe(const engine::request_output& o);
+  void failed(const error& why);
+  void event(const json& j);
+
+  using clock_type = std::chrono::steady_clock;
+  std::shared_ptr<http_session> session_;
+  serve_context& ctx_;
+  const completion_request req_;
+  const bool keep_alive_;
+  const clock_type::time_point arrival_ = clock_type::now();
+  clock_type::time_point last_ = arrival_;
+  openai_response resp_;
+  std::shared_ptr<strand_sink> sink_;
+  seq_id id_ = 0;
+  bool running_ = false, headers_sent_ = false, got_output_ = false;
+};
+
+} // namespace troupe::serve

@@ -1,0 +1,170 @@
+#include "http/openai_response.hpp"
+
+namespace troupe::serve {
+
+namespace {
+
+const char* finish_name(engine::finish_reason r) {
+  switch (r) {
+  case engine::finish_reason::stop:
+    return "stop";
+  case engine::finish_reason::length:
+    return "length";
+  default:
+    return "abort";
+  }
+}
+
+json bytes_of(std::string_view s) {
+  json b = json::array();
+  for (unsigned char c : s)
+    b.push_back(c);
+  return b;
+}
+
+// Logprobs of one token in the chat shape, or appended to the completions shape.
+void add_logprobs(json& lp, const engine::request_output& o, const engine::tokenizer& tok,
+                  bool chat) {
+  const auto piece = std::string(tok.token_bytes(o.token));
+  if (chat) {
+    json top = json::array();
+    for (size_t i = 0; i < o.top_ids.size(); ++i) {
+      const auto t = std::string(tok.token_bytes(o.top_ids[i]));
+      top.push_back({{"token", t}, {"logprob", o.top_logprobs[i]}, {"bytes", bytes_of(t)}});
+    }
+    lp["content"].push_back({{"token", piece},
+                             {"logprob", o.logprob},
+                             {"bytes", bytes_of(piece)},
+                             {"top_logprobs", top}});
+    return;
+  }
+  json top = json::object();
+  for (size_t i = 0; i < o.top_ids.size(); ++i)
+    top[std::string(tok.token_bytes(o.top_ids[i]))] = o.top_logprobs[i];
+  lp["tokens"].push_back(piece);
+  lp["token_logprobs"].push_back(o.logprob);
+  lp["top_logprobs"].push_back(top);
+}
+
+json empty_logprobs(bool chat) {
+  return chat ? json{{"content", json::array()}} : json::object();
+}
+
+} // namespace
+
+engine::request make_engine_request(const completion_request& req, const model_info& m) {
+  engine::request r{
+      .prompt = req.prompt, .sampling = req.sampling, .stop_token_ids = req.stop_token_ids};
+  if (!req.stop.empty()) {
+    auto detok = std::make_shared<engine::incremental_detokenizer>(m.text->text, req.stop,
+                                                                   req.skip_special_tokens);
+    auto fed = std::make_shared<size_t>(0);
+    r.stop_check = [detok, fed](seq_id, std::span<const token_id> generated) {
+      for (; *fed < generated.size(); ++*fed)
+        detok->push(generated[*fed]);
+      return detok->stopped();
+    };
+  }
+  return r;
+}
+
+openai_response::openai_response(const completion_request& req, const model_info& m, std::string id,
+                                 int64_t created)
+  : req_(req), model_(m), id_(std::move(id)), created_(created),
+    detok_(m.text->text, req.stop, req.skip_special_tokens),
+    sent_prompt_ids_(!req.return_token_ids), logprobs_(empty_logprobs(req.chat)) {}
+
+json openai_response::base(bool chunk) const {
+  const char* object =
+      req_.chat ? (chunk ? "chat.completion.chunk" : "chat.completion") : "text_completion";
+  return {{"id", id_}, {"object", object}, {"created", created_}, {"model", model_.name}};
+}
+
+json openai_response::usage() const {
+  const auto n_prompt = static_cast<int64_t>(req_.prompt.size());
+  const auto n_out = static_cast<int64_t>(ids_.size());
+  return {{"prompt_tokens", n_prompt},
+          {"completion_tokens", n_out},
+          {"total_tokens", n_prompt + n_out}};
+}
+
+json openai_response::chunk(json choice) {
+  json c = base(true);
+  c["choices"] = json::array({std::move(choice)});
+  if (!sent_prompt_ids_)
+    c["prompt_token_ids"] = req_.prompt; // streams carry them in their first chunk
+  sent_prompt_ids_ = true;
+  return c;
+}
+
+std::optional<json> openai_response::opening_chunk() {
+  if (!req_.stream || !req_.chat)
+    return std::nullopt;
+  return chunk({{"index", 0},
+                {"delta", {{"role", "assistant"}, {"content", ""}}},
+                {"logprobs", nullptr},
+                {"finish_reason", nullptr}});
+}
+
+std::optional<json> openai_response::add(const engine::request_output& o) {
+  std::string delta;
+  json lp_delta = empty_logprobs(req_.chat);
+  if (o.has_token) {
+    ids_.push_back(o.token);
+    delta = detok_.push(o.token);
+    if (req_.top_logprobs >= 0) {
+      add_logprobs(logprobs_, o, *model_.text->text, req_.chat);
+      add_logprobs(lp_delta, o, *model_.text->text, req_.chat);
+    }
+  }
+  const bool ends = o.finish != engine::finish_reason::none;
+  if (ends) {
+    finish_ = o.finish;
+    delta += detok_.finish();
+  }
+  text_ += delta;
+  // A token whose text is held back (part of a UTF-8 character or of a possible stop string)
+  // still gets its chunk when the client asked for token ids (as vLLM), or its id is lost.
+  const bool ids_chunk = req_.return_token_ids && o.has_token;
+  if (!req_.stream || (delta.empty() && !ends && !ids_chunk))
+    return std::nullopt;
+  json choice = {{"index", 0}};
+  if (req_.chat)
+    choice["delta"] = delta.empty() ? json::object() : json{{"content", delta}};
+  else
+    choice["text"] = delta;
+  choice["logprobs"] = req_.top_logprobs >= 0 && o.has_token ? lp_delta : json();
+  choice["finish_reason"] = ends ? json(finish_name(o.finish)) : json();
+  if (req_.return_token_ids && o.has_token)
+    choice["token_ids"] = json::array({o.token});
+  return chunk(std::move(choice));
+}
+
+json openai_response::usage_chunk() const {
+  json c = base(true);
+  c["choices"] = json::array();
+  c["usage"] = usage();
+  return c;
+}
+
+json openai_response::body() const {
+  json choice = {{"index", 0}};
+  if (req_.chat)
+    choice["message"] = {{"role", "assistant"}, {"content", text_}};
+  else
+    choice["text"] = text_;
+  choice["logprobs"] = req_.top_logprobs >= 0 ? logprobs_ : json();
+  choice["finish_reason"] = finish_name(finish_);
+  if (!req_.stop.empty() && detok_.stop_string())
+    choice["stop_reason"] = *detok_.stop_string();
+  if (req_.return_token_ids)
+    choice["token_ids"] = ids_;
+  json body = base(false);
+  body["choices"] = json::array({choice});
+  body["usage"] = usage();
+  if (req_.return_token_ids)
+    body["prompt_token_ids"] = req_.prompt;
+  return body;
+}
+
+} // namespace troupe::serve

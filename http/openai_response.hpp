@@ -1,0 +1,57 @@
+// Engine outputs of one completion -> OpenAI JSON: the chat/text completion body, or the SSE chunk
+// payloads of a stream (vLLM's extensions: token_ids, prompt_token_ids, stop_reason). Pure: no
+// sockets, no metrics; completion.cpp drives it on the session's strand, tests call it directly.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "engine/scheduler/scheduler.hpp"
+#include "engine/tokenizer/detokenizer.hpp"
+#include "http/openai_api.hpp"
+
+namespace troupe::serve {
+
+// The engine request of a parsed completion, with its stop-string hook (a second incremental
+// detokenizer, fed on the serving side's thread) when the request has stop strings.
+engine::request make_engine_request(const completion_request& req, const model_info& m);
+
+class openai_response {
+ public:
+  // `id` is the response id ("chatcmpl-7"), `created` its Unix time.
+  openai_response(const completion_request& req, const model_info& m, std::string id,
+                  int64_t created);
+
+  // Streams: the first chunk (chat: the assistant role with empty content), or nullopt.
+  std::optional<json> opening_chunk();
+  // Takes one engine output; for streams returns its chunk, or nullopt when it has nothing to
+  // show yet (text held back inside a UTF-8 character or a possible stop string).
+  std::optional<json> add(const engine::request_output& o);
+  bool finished() const { return finish_ != engine::finish_reason::none; }
+  size_t completion_tokens() const { return ids_.size(); }
+
+  // Streams with stream_options.include_usage: the last chunk, with usage and no choices.
+  json usage_chunk() const;
+  // Non-streaming: the whole response body, once finished().
+  json body() const;
+
+ private:
+  json base(bool chunk) const;
+  json usage() const;
+  json chunk(json choice);
+
+  const completion_request& req_;
+  const model_info& model_;
+  std::string id_;
+  int64_t created_;
+  engine::incremental_detokenizer detok_;
+  bool sent_prompt_ids_;
+  std::string text_;
+  std::vector<token_id> ids_;
+  json logprobs_;
+  engine::finish_reason finish_ = engine::finish_reason::none;
+};
+
+} // namespace troupe::serve
