@@ -2,8 +2,9 @@
 # Serving benchmark on the lent GPU machine: a random-weight Qwen3 model of a real shape (written
 # by bench/make_random_qwen3.py with the real Qwen3 tokenizer) served by `cluster serve --block`
 # on the GPU, measured over HTTP by bench/serve_bench (random 512 in / 128 out, ignore_eos, at
-# concurrency 1 and 64). The engine's own decode step time at the same batch sizes comes from
-# cuda_bench in the same run (bench/device_run.sh bench). Logs and JSON results go to $OUT.
+# concurrency 1 and 64; IN, OUT_LEN, CONC="1 64 256" and MAX_SEQS override). The engine's own
+# decode step time at the same batch sizes comes from cuda_bench in the same run
+# (bench/device_run.sh bench, or ENGINE=1 here). Logs and JSON results go to $OUT.
 # Usage: bench/device_serve.sh [qwen3-8b|qwen3-0.6b]   (TROUPE_BUNDLE: the bundle, dist/troupe)
 set -uo pipefail
 shape=${1:-qwen3-8b}
@@ -15,15 +16,23 @@ for lib in libcudart.so.13 libcublasLt.so.13 libnccl.so.2; do
   [ -n "$dir" ] || dir=$(find / -xdev -name "$lib" -not -path '/proc/*' 2>/dev/null | head -n 1 | xargs -r dirname)
   [ -n "$dir" ] && export LD_LIBRARY_PATH="$dir:${LD_LIBRARY_PATH:-}"
 done
+in_len=${IN:-512}
+out_len=${OUT_LEN:-128}
+conc=${CONC:-1 64}
+max_seqs=${MAX_SEQS:-64}
 model=/tmp/troupe-$shape
 [ -f "$model/config.json" ] || python3 "$here/make_random_qwen3.py" "$shape" "$model" dist/golden/tokenizers/qwen3 \
   2>&1 | grep -v Warning | tail -2
+if [ -n "${ENGINE:-}" ]; then # the engine's decode step at the same batch sizes, mean context
+  "$bin/cuda_bench" --shape "$shape" --batches "${conc// /,}" --ctx $(( in_len + out_len / 2 )) \
+    --no-prefill 2>&1 | tee "$out/cuda_bench-$shape.log" | tail -8
+fi
 cat > /tmp/serve-$shape.yaml <<YAML
 model: $model
 served_model_name: $shape
 device: cuda
 max_model_len: 2048
-max_num_seqs: 64
+max_num_seqs: $max_seqs
 max_num_batched_tokens: 8192
 gpu_memory_utilization: 0.85
 port: 0
@@ -41,10 +50,10 @@ if [ -z "$url" ]; then
   echo "server did not start:"; tail -20 "$out/serve-$shape.log"; exit 1
 fi
 echo "serving $shape at $url"
-for c in 1 64; do
-  n=$(( c == 1 ? 16 : 256 ))
+for c in $conc; do
+  n=$(( c == 1 ? 8 : 2 * c ))
   "$bin/serve_bench" --base-url "$url" --endpoint /v1/completions --model "$shape" --tokenizer "$model" \
-    --dataset-name random --random-input-len 512 --random-output-len 128 --ignore-eos \
+    --dataset-name random --random-input-len $in_len --random-output-len $out_len --ignore-eos \
     --num-prompts $n --max-concurrency $c --seed 1 --result-file "$out/serve-$shape-c$c.json" \
     2>&1 | tee "$out/serve_bench-$shape-c$c.log" | tail -25
 done

@@ -14,68 +14,16 @@
 namespace troupe::cluster::transfer {
 
 expected<region_id> local_transport::register_memory(void* ptr, size_t length, memory_kind kind) {
-  if (ptr == nullptr || length == 0)
-    return make_error(errc::invalid_argument, "register_memory: empty region");
 #ifndef TROUPE_WITH_CUDA
   if (kind == memory_kind::cuda)
     return make_error(errc::unsupported, "register_memory: built without CUDA");
 #endif
-  std::lock_guard lock(mu_);
-  region_id id = next_id_++;
-  regions_[id] = {region_descriptor{reinterpret_cast<uint64_t>(ptr), length, id, kind}, 0};
-  return id;
-}
-
-expected<void> local_transport::deregister(region_id id) {
-  std::lock_guard lock(mu_);
-  auto it = regions_.find(id);
-  if (it == regions_.end())
-    return make_error(errc::not_found, "deregister: no region {}", id);
-  if (it->second.in_use > 0)
-    return make_error(errc::invalid_argument, "deregister: region {} is used by {} transfer(s)", id,
-                      it->second.in_use);
-  regions_.erase(it);
-  return {};
-}
-
-expected<region_descriptor> local_transport::describe(region_id id) const {
-  std::lock_guard lock(mu_);
-  auto it = regions_.find(id);
-  if (it == regions_.end())
-    return make_error(errc::not_found, "describe: no region {}", id);
-  return it->second.desc;
-}
-
-size_t local_transport::registration_count() const {
-  std::lock_guard lock(mu_);
-  return regions_.size();
-}
-
-expected<std::vector<region_descriptor>> local_transport::acquire(std::span<const region_id> ids) {
-  std::lock_guard lock(mu_);
-  std::vector<region_descriptor> out;
-  for (region_id id : ids) {
-    auto it = regions_.find(id);
-    if (it == regions_.end())
-      return make_error(errc::not_found, "transfer: no local region {}", id);
-    out.push_back(it->second.desc);
-  }
-  for (region_id id : ids)
-    ++regions_[id].in_use;
-  return out;
-}
-
-void local_transport::release(std::span<const region_id> ids) {
-  std::lock_guard lock(mu_);
-  for (region_id id : ids)
-    if (auto it = regions_.find(id); it != regions_.end())
-      --it->second.in_use;
+  return regions_.add(ptr, length, kind);
 }
 
 expected<void> local_transport::check_live(const region_descriptor& d) const {
-  std::lock_guard lock(mu_);
-  auto it = regions_.find(static_cast<region_id>(d.key));
-  if (it == regions_.end() || !(it->second.desc == d))
+  auto live = regions_.find(d.key);
+  if (!live || !(*live == d))
     return make_error(errc::not_found, "remote region at {:#x} (+{}) is not registered by the peer",
                       d.addr, d.length);
   return {};

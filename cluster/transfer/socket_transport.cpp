@@ -57,69 +57,17 @@ socket_transport::~socket_transport() {
 }
 
 expected<region_id> socket_transport::register_memory(void* ptr, size_t length, memory_kind kind) {
-  if (ptr == nullptr || length == 0)
-    return make_error(errc::invalid_argument, "register_memory: empty region");
   if (kind == memory_kind::cuda)
     return make_error(errc::unsupported, "socket transport: stage CUDA memory through pinned host");
-  std::lock_guard lock(mu_);
-  region_id id = next_id_++;
-  regions_[id] = {region_descriptor{reinterpret_cast<uint64_t>(ptr), length, id, kind}, 0};
-  return id;
-}
-
-expected<void> socket_transport::deregister(region_id id) {
-  std::lock_guard lock(mu_);
-  auto it = regions_.find(id);
-  if (it == regions_.end())
-    return make_error(errc::not_found, "deregister: no region {}", id);
-  if (it->second.in_use > 0)
-    return make_error(errc::invalid_argument, "deregister: region {} is used by {} transfer(s)", id,
-                      it->second.in_use);
-  regions_.erase(it);
-  return {};
-}
-
-expected<region_descriptor> socket_transport::describe(region_id id) const {
-  std::lock_guard lock(mu_);
-  auto it = regions_.find(id);
-  if (it == regions_.end())
-    return make_error(errc::not_found, "describe: no region {}", id);
-  return it->second.desc;
-}
-
-size_t socket_transport::registration_count() const {
-  std::lock_guard lock(mu_);
-  return regions_.size();
-}
-
-expected<std::vector<region_descriptor>> socket_transport::acquire(std::span<const region_id> ids) {
-  std::lock_guard lock(mu_);
-  std::vector<region_descriptor> out;
-  for (region_id id : ids) {
-    auto it = regions_.find(id);
-    if (it == regions_.end())
-      return make_error(errc::not_found, "transfer: no local region {}", id);
-    out.push_back(it->second.desc);
-  }
-  for (region_id id : ids)
-    ++regions_[id].in_use;
-  return out;
-}
-
-void socket_transport::release(std::span<const region_id> ids) {
-  std::lock_guard lock(mu_);
-  for (region_id id : ids)
-    if (auto it = regions_.find(id); it != regions_.end())
-      --it->second.in_use;
+  return regions_.add(ptr, length, kind);
 }
 
 expected<char*> socket_transport::target_range(uint64_t key, uint64_t offset,
                                                uint64_t length) const {
-  std::lock_guard lock(mu_);
-  auto it = regions_.find(static_cast<region_id>(key));
-  if (it == regions_.end())
+  auto live = regions_.find(key);
+  if (!live)
     return make_error(errc::not_found, "peer wrote to unknown region key {}", key);
-  const region_descriptor& d = it->second.desc;
+  const region_descriptor& d = *live;
   if (offset > d.length || length > d.length - offset)
     return make_error(errc::out_of_range, "peer wrote [{}, +{}) outside a region of {} bytes",
                       offset, length, d.length);

@@ -9,6 +9,7 @@
 #include <mutex>
 
 #include "cluster/transfer/kv_transport.hpp"
+#include "cluster/transfer/region_table.hpp"
 
 namespace troupe::cluster::transfer {
 
@@ -20,9 +21,11 @@ class socket_transport final : public kv_transport,
 
   std::string name() const override { return "socket"; }
   expected<region_id> register_memory(void* ptr, size_t length, memory_kind kind) override;
-  expected<void> deregister(region_id id) override;
-  expected<region_descriptor> describe(region_id id) const override;
-  size_t registration_count() const override;
+  expected<void> deregister(region_id id) override { return regions_.remove(id); }
+  expected<region_descriptor> describe(region_id id) const override {
+    return regions_.describe(id);
+  }
+  size_t registration_count() const override { return regions_.size(); }
 
   expected<std::string> listen(uint16_t port); // returns host:port
   expected<std::unique_ptr<kv_connection>> accept(clock::time_point deadline);
@@ -30,21 +33,17 @@ class socket_transport final : public kv_transport,
                                                    clock::time_point deadline);
 
   // For connections: local regions pinned for a batch, and the target-side lookup of a range.
-  expected<std::vector<region_descriptor>> acquire(std::span<const region_id> ids);
-  void release(std::span<const region_id> ids);
+  expected<std::vector<region_descriptor>> acquire(std::span<const region_id> ids) {
+    return regions_.acquire(ids);
+  }
+  void release(std::span<const region_id> ids) { regions_.release(ids); }
   expected<char*> target_range(uint64_t key, uint64_t offset, uint64_t length) const;
 
  private:
   explicit socket_transport(std::string host) : host_(std::move(host)) {}
-  struct entry {
-    region_descriptor desc;
-    int in_use = 0;
-  };
   std::string host_;
   int listen_fd_ = -1;
-  mutable std::mutex mu_;
-  std::map<region_id, entry> regions_;
-  region_id next_id_ = 1;
+  region_table regions_;
 };
 
 } // namespace troupe::cluster::transfer
