@@ -24,11 +24,21 @@ using error_code = boost::system::error_code;
 constexpr size_t read_chunk = 4096;
 constexpr double linger_s = 1.0; // reading what a refused client still sends, before closing
 
+// Compares in time that depends on the lengths only, never on where the first difference is, so
+// the key cannot be guessed byte by byte from response times.
+bool same_secret(std::string_view a, std::string_view b) {
+  unsigned char diff = a.size() == b.size() ? 0 : 1;
+  for (size_t i = 0; i < a.size(); ++i)
+    diff |= static_cast<unsigned char>(a[i] ^ (i < b.size() ? b[i] : 0));
+  return diff == 0;
+}
+
 bool authorised(const http_session::request_t& req, const std::string& key) {
   if (key.empty())
     return true;
   auto it = req.find(http::field::authorization);
-  return it != req.end() && it->value() == "Bearer " + key;
+  return it != req.end() &&
+         same_secret(std::string_view(it->value().data(), it->value().size()), "Bearer " + key);
 }
 
 // The client went away or sent nothing more: nobody to answer.
