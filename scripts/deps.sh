@@ -8,6 +8,7 @@ packages=(
   libcaf-dev libboost-dev libmsgpack-cxx-dev libfmt-dev doctest-dev libyaml-cpp-dev
   nlohmann-json3-dev libpcre2-dev libutf8proc-dev libcli11-dev libgloo-dev
   libibverbs-dev librdmacm-dev libfabric-dev libfabric-bin clang-format
+  iproute2
 )
 
 missing=()
