@@ -3,6 +3,7 @@
 #pragma once
 
 #include <filesystem>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -32,5 +33,9 @@ class temp_dir {
  private:
   std::filesystem::path path_;
 };
+
+// Runs `f` after the last test case, before main returns (latest first): fixtures that own
+// threads or an actor system stop while the process is whole, not during static destruction.
+void at_teardown(std::function<void()> f);
 
 } // namespace troupe::test

@@ -5,7 +5,11 @@
 #include <doctest/doctest.h>
 
 #include <cstdio>
+#include <functional>
 #include <string_view>
+#include <vector>
+
+#include "golden.hpp"
 
 namespace {
 
@@ -31,11 +35,22 @@ struct selection_listener : doctest::IReporter {
 
 REGISTER_LISTENER("selection", 1, selection_listener);
 
+std::vector<std::function<void()>>& teardowns() {
+  static std::vector<std::function<void()>> t;
+  return t;
+}
+
 } // namespace
+
+void troupe::test::at_teardown(std::function<void()> f) {
+  teardowns().push_back(std::move(f));
+}
 
 int main(int argc, char** argv) {
   doctest::Context context(argc, argv);
   const int result = context.run();
+  for (auto& t = teardowns(); !t.empty(); t.pop_back())
+    t.back()();
   if (context.shouldExit())
     return result;
   bool filtered = false;

@@ -44,13 +44,15 @@ std::unique_ptr<serve::deployment> start(const std::filesystem::path& dir, const
 
 // One server for the whole file (loading is the slow part); nullptr when golden data is absent.
 served* server() {
-  static std::unique_ptr<served> s = [] {
+  static served* s = [] {
     auto dir = test::golden_model("tiny-qwen3");
     if (!dir)
-      return std::unique_ptr<served>();
-    return std::make_unique<served>(served{*dir, start(*dir, "")});
+      return static_cast<served*>(nullptr);
+    auto* made = new served{*dir, start(*dir, "")};
+    test::at_teardown([made] { delete made; });
+    return made;
   }();
-  return s.get();
+  return s;
 }
 
 double metric(uint16_t port, const std::string& name) {

@@ -118,8 +118,12 @@ struct fixture {
 };
 
 fixture* served() {
-  static fixture f;
-  return f.d ? &f : nullptr;
+  static fixture* f = [] {
+    auto* made = new fixture;
+    test::at_teardown([made] { delete made; });
+    return made;
+  }();
+  return f->d ? f : nullptr;
 }
 
 double metric(uint16_t port, const std::string& name) {
@@ -253,7 +257,7 @@ TEST_CASE("http limits: beyond max_connections a client gets 503 and the server 
   CHECK(ok);
 }
 
-TEST_CASE("http: HEAD is answered without a body on every GET route; 100-continue") {
+TEST_CASE("http: HEAD is answered without a body on every GET route, and 100-continue") {
   auto* s = served();
   if (!s)
     return;
