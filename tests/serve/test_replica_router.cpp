@@ -12,7 +12,7 @@
 #include <caf/actor_system_config.hpp>
 
 #include "actors/serving/replica_router.hpp"
-#include "http/request_channel.hpp"
+#include "serve/request_channel.hpp"
 
 using namespace troupe;
 using namespace troupe::serve;

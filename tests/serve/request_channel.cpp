@@ -1,4 +1,4 @@
-#include "http/request_channel.hpp"
+#include "serve/request_channel.hpp"
 
 namespace troupe::serve {
 

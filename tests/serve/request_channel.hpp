@@ -1,6 +1,6 @@
-// A request_sink that queues outputs for a thread that waits on them (the replica router's tests;
-// HTTP sessions use completion.cpp's strand_sink). push() and fail() never block; wait() blocks
-// up to a timeout.
+// A request_sink that queues outputs for a test thread that waits on them (the replica router's
+// tests; HTTP sessions use completion.cpp's strand sink). push() and fail() never block; wait()
+// blocks up to a timeout.
 #pragma once
 
 #include <atomic>
