@@ -272,6 +272,12 @@ caf::result<msg::deployment_view> on_deploy(head* self, const head_config& cfg,
   auto& st = self->state;
   if (!cfg.spawn_serving)
     return refuse(make_error(errc::unsupported, "this head does not serve deployments"));
+  if (dc.disaggregation.enabled)
+    return refuse(make_error(errc::unsupported,
+                             "deployment '{}': prefill/decode groups are served in one process "
+                             "(`cluster serve --block`); across the cluster's nodes they are not "
+                             "placed yet",
+                             dc.served_model_name));
   const std::string name = dc.served_model_name;
   auto model = engine::peek_model_config(dc.model);
   if (!model)

@@ -48,11 +48,25 @@ typename Inspector::result_type inspect(Inspector& f, parallel_size& x) {
   return f(caf::meta::type_name("parallel_size"), x.tensor, x.pipeline, x.replicas);
 }
 template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, http_limits& x) {
+  return f(caf::meta::type_name("http_limits"), x.threads, x.max_connections, x.max_header_bytes,
+           x.max_body_bytes, x.read_timeout_s, x.idle_timeout_s, x.write_timeout_s);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, kv_group& x) {
+  return f(caf::meta::type_name("kv_group"), x.parallel, x.block_size);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, disaggregation_config& x) {
+  return f(caf::meta::type_name("disaggregation_config"), x.enabled, x.prefill, x.decode,
+           x.provider, x.timeout_s, x.min_prefill_tokens, x.on_prefill_failure);
+}
+template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, deployment_config& x) {
   return f(caf::meta::type_name("deployment_config"), x.model, x.served_model_name, x.dtype,
            x.device, x.max_model_len, x.max_num_seqs, x.max_num_batched_tokens, x.max_waiting,
            x.gpu_memory_utilization, x.block_size, x.num_kv_blocks, x.prefix_caching, x.seed,
-           x.host, x.port, x.api_key, x.parallel);
+           x.host, x.port, x.api_key, x.parallel, x.http, x.disaggregation);
 }
 
 } // namespace troupe

@@ -114,6 +114,97 @@ expected<void> check_http(std::string_view what, const http_limits& h) {
   return {};
 }
 
+const std::vector<std::string_view> disaggregation_keys = {
+    "prefill", "decode", "provider", "timeout_s", "min_prefill_tokens", "on_prefill_failure"};
+const std::vector<std::string_view> group_keys = {"tensor", "pipeline", "replicas", "block_size"};
+
+expected<void> read_group(std::string_view what, const YAML::Node& node, std::string_view name,
+                          kv_group& g) {
+  const auto section = fmt::format("disaggregation.{}.", name);
+  if (!node.IsMap())
+    return make_error(errc::invalid_argument,
+                      "{}: 'disaggregation.{}' must be a mapping (tensor, pipeline, replicas, "
+                      "block_size)",
+                      where(what, node.Mark()), name);
+  for (const auto& kv : node) {
+    const auto key = kv.first.Scalar();
+    const auto full = section + key;
+    if (key == "tensor")
+      TROUPE_TRY_VOID(read(what, kv.second, full, g.parallel.tensor));
+    else if (key == "pipeline")
+      TROUPE_TRY_VOID(read(what, kv.second, full, g.parallel.pipeline));
+    else if (key == "replicas")
+      TROUPE_TRY_VOID(read(what, kv.second, full, g.parallel.replicas));
+    else if (key == "block_size")
+      TROUPE_TRY_VOID(read(what, kv.second, full, g.block_size));
+    else
+      return unknown_key(what, kv.first, key, group_keys, section);
+  }
+  return {};
+}
+
+expected<void> read_disaggregation(std::string_view what, const YAML::Node& node,
+                                   disaggregation_config& d) {
+  if (!node.IsMap())
+    return make_error(errc::invalid_argument,
+                      "{}: 'disaggregation' must be a mapping (prefill, decode, provider, ...)",
+                      where(what, node.Mark()));
+  d.enabled = true;
+  for (const auto& kv : node) {
+    const auto key = kv.first.Scalar();
+    const auto full = "disaggregation." + key;
+    const auto& v = kv.second;
+    if (key == "prefill" || key == "decode")
+      TROUPE_TRY_VOID(read_group(what, v, key, key == "prefill" ? d.prefill : d.decode));
+    else if (key == "provider")
+      TROUPE_TRY_VOID(read(what, v, full, d.provider));
+    else if (key == "timeout_s")
+      TROUPE_TRY_VOID(read(what, v, full, d.timeout_s));
+    else if (key == "min_prefill_tokens")
+      TROUPE_TRY_VOID(read(what, v, full, d.min_prefill_tokens));
+    else if (key == "on_prefill_failure")
+      TROUPE_TRY_VOID(read(what, v, full, d.on_prefill_failure));
+    else
+      return unknown_key(what, kv.first, key, disaggregation_keys, "disaggregation.");
+  }
+  return {};
+}
+
+expected<void> check_disaggregation(std::string_view what, const deployment_config& c) {
+  const auto& d = c.disaggregation;
+  if (!d.enabled)
+    return {};
+  auto bad = [&](std::string_view key, std::string_view rule) {
+    return make_error(errc::invalid_argument, "{}: 'disaggregation.{}' {}", what, key, rule);
+  };
+  const auto& p = c.parallel;
+  if (p.tensor != 1 || p.pipeline != 1 || p.replicas != 1)
+    return make_error(errc::invalid_argument,
+                      "{}: 'parallel' and 'disaggregation' exclude each other: give each group "
+                      "its sizes under disaggregation.prefill and disaggregation.decode",
+                      what);
+  for (auto [name, g] : {std::pair{"prefill", &d.prefill}, {"decode", &d.decode}}) {
+    const auto& q = g->parallel;
+    if (q.tensor < 1 || q.pipeline < 1 || q.replicas < 1)
+      return bad(name, "sizes must be >= 1");
+    if (g->block_size < 0 || g->block_size > 1024)
+      return bad(fmt::format("{}.block_size", name), "must be in [0, 1024] (0 = block_size)");
+  }
+  static const std::vector<std::string_view> providers = {"auto",  "local", "tcp",
+                                                          "verbs", "efa",   "socket"};
+  if (std::find(providers.begin(), providers.end(), d.provider) == providers.end())
+    return bad("provider",
+               fmt::format("must be auto, local, tcp, verbs, efa or socket, got '{}'", d.provider));
+  if (!(d.timeout_s > 0 && d.timeout_s <= 3600))
+    return bad("timeout_s", "must be in (0, 3600] seconds");
+  if (d.min_prefill_tokens < 0)
+    return bad("min_prefill_tokens", "must be >= 0 (0 = always hand off)");
+  if (d.on_prefill_failure != "decode" && d.on_prefill_failure != "fail")
+    return bad("on_prefill_failure",
+               fmt::format("must be decode or fail, got '{}'", d.on_prefill_failure));
+  return {};
+}
+
 expected<void> read_key(std::string_view what, const std::string& k, const YAML::Node& v,
                         deployment_config& c) {
   if (k == "model")
@@ -152,6 +243,8 @@ expected<void> read_key(std::string_view what, const std::string& k, const YAML:
     return read_parallel(what, v, c.parallel);
   if (k == "http")
     return read_http(what, v, c.http);
+  if (k == "disaggregation")
+    return read_disaggregation(what, v, c.disaggregation);
   return make_error(errc::internal, "unhandled key {}", k);
 }
 
@@ -185,6 +278,7 @@ expected<void> check_ranges(std::string_view what, const deployment_config& c) {
   const auto& p = c.parallel;
   if (p.tensor < 1 || p.pipeline < 1 || p.replicas < 1)
     return bad("parallel", "sizes must be >= 1");
+  TROUPE_TRY_VOID(check_disaggregation(what, c));
   return check_http(what, c.http);
 }
 
@@ -224,7 +318,8 @@ const std::vector<std::string_view>& deployment_keys() {
                                                      "port",
                                                      "api_key",
                                                      "parallel",
-                                                     "http"};
+                                                     "http",
+                                                     "disaggregation"};
   return keys;
 }
 

@@ -34,6 +34,26 @@ struct http_limits {
   double write_timeout_s = 30; // one write making no progress (a client not reading): closed
 };
 
+// disaggregation: in model.yaml: prefill/decode groups (xPyD, design.md §6). Each group has its
+// own parallel sizes and KV block size; the prompt's KV moves from a prefill replica to a decode
+// replica over `provider`, within `timeout_s`.
+struct kv_group {
+  parallel_size parallel;
+  int32_t block_size = 0; // 0 = the deployment's block_size
+};
+struct disaggregation_config {
+  bool enabled = false; // the section is present
+  kv_group prefill, decode;
+  std::string provider = "auto"; // auto | local | tcp | verbs | efa | socket
+  double timeout_s = 10;         // a handoff's deadline, from the decode side's reservation
+  // Prompts with fewer tokens not in the decode replica's prefix cache than this are prefilled
+  // on the decode replica (no handoff); 0 = always hand off.
+  int32_t min_prefill_tokens = 0;
+  // When the prefill side or the transfer fails: prefill on the decode replica ("decode") or
+  // end the request with the error ("fail").
+  std::string on_prefill_failure = "decode";
+};
+
 struct deployment_config {
   std::string model;             // HF folder or .gguf file (required)
   std::string served_model_name; // the API's model name; default: model path's stem
@@ -54,6 +74,7 @@ struct deployment_config {
   std::string api_key; // non-empty: every route needs "Authorization: Bearer <key>"
   parallel_size parallel;
   http_limits http;
+  disaggregation_config disaggregation;
 };
 
 // The valid top-level keys, in documentation order.

@@ -5,6 +5,7 @@
 
 #include <caf/actor_system_config.hpp>
 
+#include "actors/serving/handoff_links.hpp"
 #include "engine/backend/cpu/cpu_backend.hpp"
 #include "engine/exec/cuda_executor.hpp"
 #include "engine/exec/local_executor.hpp"
@@ -43,7 +44,20 @@ class owning_executor final : public engine::executor {
 
 // Loads the model onto GPU 0 (bf16) with the KV pool sized from gpu_memory_utilization unless
 // num_kv_blocks fixes it; kv.num_blocks becomes the pool's real size.
-expected<replica_executor> start_cuda(const deployment_config& c, const kv_plan& kv) {
+// Replicas in this process share GPU 0: the k-th of n to load may fill it up to (k+1)/n of
+// gpu_memory_utilization (the CUDA backend sizes its KV pool from what is still free), so each
+// gets an equal share.
+double share(const deployment_config& c, int32_t k, int32_t n) {
+  return c.gpu_memory_utilization * (k + 1) / n;
+}
+
+// A replica in this process and where its KV cache lives.
+struct local_replica {
+  replica_executor r;
+  engine::kv_layout kv;
+};
+
+expected<local_replica> start_cuda(const deployment_config& c, const kv_plan& kv) {
   engine::cuda_options o{.device = 0,
                          .max_num_batched_tokens = std::max(c.max_num_batched_tokens, 1),
                          .max_num_seqs = c.max_num_seqs,
@@ -83,8 +97,82 @@ expected<replica_executor> start_cuda(const deployment_config& c, const kv_plan&
             t.weights_s > 0 ? t.weight_file_bytes / 1e9 / t.weights_s : 0.0,
             t.loader_threads > 0 ? t.read_s / t.loader_threads : 0.0, t.loader_threads,
             t.workspace_s, t.kv_s, load_s - t.weights_s - t.workspace_s - t.kv_s);
-  return replica_executor{std::make_unique<owning_executor>(std::move(*model), std::move(*exec)),
-                          blocks, nullptr};
+  auto layout = (*model)->kv_memory();
+  return local_replica{
+      {std::make_unique<owning_executor>(std::move(*model), std::move(*exec)), blocks},
+      std::move(layout)};
+}
+
+expected<local_replica> start_local(const deployment_config& c, const kv_plan& kv) {
+  if (c.device == "cuda")
+    return start_cuda(c, kv);
+  auto model =
+      engine::cpu_backend::load(c.model, {.num_blocks = kv.num_blocks, .block_size = c.block_size});
+  if (!model)
+    return std::move(model).error();
+  auto layout = (*model)->kv_memory();
+  auto exec = std::make_unique<engine::local_executor>(**model);
+  return local_replica{
+      {std::make_unique<owning_executor>(std::move(*model), std::move(exec)), kv.num_blocks},
+      std::move(layout)};
+}
+
+// Both groups of a disaggregated deployment in this process, linked: the decode replicas, then
+// the prefill replicas (their prefill role set).
+expected<std::vector<replica_executor>> start_disaggregated(const deployment_config& c,
+                                                            const engine::model_config& model) {
+  const auto& d = c.disaggregation;
+  std::vector<local_replica> groups[2]; // decode, prefill
+  const int32_t all = d.decode.parallel.replicas + d.prefill.parallel.replicas;
+  int32_t loaded = 0;
+  for (int g = 0; g < 2; ++g) {
+    const auto& group = g == 0 ? d.decode : d.prefill;
+    const char* name = g == 0 ? "decode" : "prefill";
+    if (group.parallel.tensor != 1 || group.parallel.pipeline != 1)
+      return make_error(errc::unsupported,
+                        "disaggregation.{}: tensor={} pipeline={}: in one process (--block) each "
+                        "replica runs one rank",
+                        name, group.parallel.tensor, group.parallel.pipeline);
+    deployment_config gc = c;
+    if (group.block_size > 0)
+      gc.block_size = group.block_size;
+    auto kv = plan_kv(gc, model);
+    if (!kv)
+      return std::move(kv).error().context(fmt::format("disaggregation.{}", name));
+    for (int32_t i = 0; i < group.parallel.replicas; ++i) {
+      gc.gpu_memory_utilization = share(c, loaded++, all);
+      auto r = start_local(gc, *kv);
+      if (!r)
+        return std::move(r).error().context(fmt::format("{} replica {}", name, i));
+      r->r.block_size = gc.block_size;
+      groups[g].push_back(std::move(*r));
+    }
+  }
+  std::vector<engine::kv_layout> layouts[2];
+  for (int g = 0; g < 2; ++g)
+    for (const auto& r : groups[g])
+      layouts[g].push_back(r.kv);
+  auto links = link_in_process(d, layouts[1], layouts[0]);
+  if (!links)
+    return std::move(links).error();
+  log::info("disaggregation: {} prefill -> {} decode replica(s), {}", groups[1].size(),
+            groups[0].size(), links->describe);
+  std::vector<replica_executor> out;
+  for (size_t i = 0; i < groups[0].size(); ++i) {
+    groups[0][i].r.decode = links->decode[i];
+    out.push_back(std::move(groups[0][i].r));
+  }
+  for (size_t i = 0; i < groups[1].size(); ++i) {
+    auto& r = groups[1][i].r;
+    // A link keeps both replicas' KV memory alive while a transfer may still touch it.
+    for (size_t k = 0; k < links->prefill[i]->links.size(); ++k)
+      links->prefill[i]->links[k].keepalive = std::make_shared<
+          std::pair<std::shared_ptr<engine::executor>, std::shared_ptr<engine::executor>>>(
+          r.exec, out[k].exec);
+    r.prefill = links->prefill[i];
+    out.push_back(std::move(r));
+  }
+  return out;
 }
 
 } // namespace
@@ -117,36 +205,31 @@ expected<kv_plan> plan_kv(const deployment_config& c, const engine::model_config
 
 expected<std::unique_ptr<deployment>> deployment::start(const deployment_config& c,
                                                         std::string version) {
-  if (c.parallel.tensor != 1 || c.parallel.pipeline != 1 || c.parallel.replicas != 1)
+  if (c.parallel.tensor != 1 || c.parallel.pipeline != 1)
     return make_error(errc::unsupported,
-                      "parallel tensor={} pipeline={} replicas={}: serving in this process "
-                      "(--block) runs one rank; serve through the cluster (`cluster serve` "
-                      "without --block)",
-                      c.parallel.tensor, c.parallel.pipeline, c.parallel.replicas);
+                      "parallel tensor={} pipeline={}: serving in this process (--block) runs "
+                      "one rank per replica; serve through the cluster (`cluster serve` without "
+                      "--block)",
+                      c.parallel.tensor, c.parallel.pipeline);
   auto cfg = std::make_unique<caf::actor_system_config>();
-  cfg->set("scheduler.max-threads", size_t{1}); // the replica actor is detached
+  cfg->set("scheduler.max-threads", size_t{1}); // the replica actors are detached
   auto sys = std::make_unique<caf::actor_system>(*cfg);
-  auto d =
-      start(c, std::move(version), *sys,
-            [&c](const engine::model_config&,
-                 const kv_plan& kv) -> expected<std::vector<replica_executor>> {
-              std::vector<replica_executor> one;
-              if (c.device == "cuda") {
-                auto r = start_cuda(c, kv);
-                if (!r)
-                  return std::move(r).error();
-                one.push_back(std::move(*r));
-                return one;
-              }
-              auto model = engine::cpu_backend::load(
-                  c.model, {.num_blocks = kv.num_blocks, .block_size = c.block_size});
-              if (!model)
-                return std::move(model).error();
-              auto exec = std::make_unique<engine::local_executor>(**model);
-              one.push_back({std::make_unique<owning_executor>(std::move(*model), std::move(exec)),
-                             kv.num_blocks, nullptr});
-              return one;
-            });
+  auto d = start(c, std::move(version), *sys,
+                 [&c](const engine::model_config& model,
+                      const kv_plan& kv) -> expected<std::vector<replica_executor>> {
+                   if (c.disaggregation.enabled)
+                     return start_disaggregated(c, model);
+                   std::vector<replica_executor> all;
+                   deployment_config rc = c;
+                   for (int32_t i = 0; i < c.parallel.replicas; ++i) {
+                     rc.gpu_memory_utilization = share(c, i, c.parallel.replicas);
+                     auto r = start_local(rc, kv);
+                     if (!r)
+                       return std::move(r).error().context(fmt::format("replica {}", i));
+                     all.push_back(std::move(r->r));
+                   }
+                   return all;
+                 });
   if (d) {
     (*d)->parts_->own_config = std::move(cfg);
     (*d)->parts_->own_system = std::move(sys);
@@ -185,9 +268,13 @@ expected<std::unique_ptr<deployment>> deployment::start(const deployment_config&
   auto replicas = make_executor(*config, *kv);
   if (!replicas)
     return std::move(replicas).error();
-  if (replicas->size() != static_cast<size_t>(c.parallel.replicas))
-    return make_error(errc::internal, "{} executors for {} replicas", replicas->size(),
-                      c.parallel.replicas);
+  const size_t decoding = static_cast<size_t>(
+      c.disaggregation.enabled ? c.disaggregation.decode.parallel.replicas : c.parallel.replicas);
+  const auto prefilling = static_cast<size_t>(
+      std::count_if(replicas->begin(), replicas->end(), [](const auto& r) { return r.prefill; }));
+  if (replicas->size() - prefilling != decoding)
+    return make_error(errc::internal, "{} executors for {} replicas", replicas->size() - prefilling,
+                      decoding);
 
   engine::scheduler_options so{.num_blocks = kv->num_blocks,
                                .block_size = c.block_size,
@@ -202,12 +289,16 @@ expected<std::unique_ptr<deployment>> deployment::start(const deployment_config&
   if (so.eos_token_ids.empty())
     so.eos_token_ids = config->eos_token_ids;
   TROUPE_TRY_VOID(engine::validate(so));
-  p.router = std::make_unique<replica_router>(sys, c.served_model_name, replicas->size(), so);
+  p.router = std::make_unique<replica_router>(sys, c.served_model_name, decoding, so);
   int32_t blocks = 0;
-  for (size_t i = 0; i < replicas->size(); ++i) {
-    auto& r = (*replicas)[i];
-    blocks = i == 0 ? r.num_blocks : std::min(blocks, r.num_blocks);
-    TROUPE_TRY_VOID(p.router->install(i, std::move(r)));
+  size_t next_decode = 0, next_prefill = 0;
+  for (auto& r : *replicas) {
+    if (r.prefill) {
+      TROUPE_TRY_VOID(p.router->install_prefill(next_prefill++, std::move(r)));
+      continue;
+    }
+    blocks = next_decode == 0 ? r.num_blocks : std::min(blocks, r.num_blocks);
+    TROUPE_TRY_VOID(p.router->install(next_decode++, std::move(r)));
   }
   p.ctx = std::make_unique<serve_context>();
   p.ctx->options = {.host = c.host,

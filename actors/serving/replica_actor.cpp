@@ -11,24 +11,61 @@ namespace {
 
 using replica = caf::stateful_actor<replica_state>;
 
-// Hands outputs to their sinks; a finished request is forgotten.
-void deliver(replica_state& st, const std::vector<engine::request_output>& outs) {
+void on_exported(replica* self, seq_id id, const engine::request_output& o);
+
+// Hands outputs to their sinks; a finished request is forgotten. A prefill replica's exported
+// requests go to their decode replica instead.
+void deliver(replica* self, const std::vector<engine::request_output>& outs) {
+  auto& st = self->state;
   for (const auto& o : outs) {
+    if (st.exports.count(o.id)) {
+      on_exported(self, o.id, o);
+      continue;
+    }
     auto it = st.live.find(o.id);
     if (it == st.live.end())
       continue; // cancelled meanwhile
-    it->second.sink->push(o);
-    if (o.finish != engine::finish_reason::none) {
-      st.local_of.erase(it->second.router_id);
-      st.live.erase(it);
+    if (o.finish == engine::finish_reason::none) {
+      it->second.sink->push(o);
+      continue;
     }
+    // Forgotten before the last push, so the router sees it ended once its client has.
+    auto sink = std::move(it->second.sink);
+    st.local_of.erase(it->second.router_id);
+    st.live.erase(it);
+    sink->push(o);
   }
+}
+
+void answer(const replica_state::pending_export& ex, troupe::error failure, uint64_t bytes = 0) {
+  caf::anon_send(ex.job.decode, handed_atom::value,
+                 handoff_result{ex.job.lease, std::move(failure), ex.first, bytes});
 }
 
 // Ends every live request with `why` (the replica failed or stops).
 void fail_live(replica_state& st, const troupe::error& why) {
   if (st.loop)
-    (void)st.loop->fail_all();
+    (void)st.loop->fail_all(); // importing requests' blocks stay held
+  for (auto it = st.exports.begin(); it != st.exports.end();) {
+    if (it->second.pushing) { // its transfer waiter ends it
+      ++it;
+      continue;
+    }
+    answer(it->second, why);
+    st.export_of.erase(it->second.job.lease);
+    it = st.exports.erase(it);
+  }
+  for (auto it = st.imports.begin(); it != st.imports.end();) {
+    if (it->second.sent && !it->second.first) { // released when the prefill side answers
+      it->second.cancelled = true;
+      ++it;
+      continue;
+    }
+    if (st.loop)
+      (void)st.loop->release_held(it->first);
+    st.import_of.erase(it->second.lease);
+    it = st.imports.erase(it);
+  }
   auto live = std::move(st.live);
   st.live.clear();
   st.local_of.clear();
@@ -53,6 +90,8 @@ void fail_ranks(replica* self, std::string why) {
   st.spec.gauges->publish(*st.loop);
 }
 
+void send_exports(replica* self);
+
 // Worker ranks: a plan for every idle lane with work goes to every rank.
 void pump(replica* self) {
   auto& st = self->state;
@@ -71,7 +110,8 @@ void pump(replica* self) {
       self->send(w, m);
     self->delayed_send(self, st.spec.ranks.timeout, msg::expire_atom::value, ticket);
   }
-  deliver(st, out);
+  deliver(self, out);
+  send_exports(self);
 }
 
 // In-process: one step, synchronously.
@@ -83,8 +123,9 @@ void step(replica* self) {
     log::error("replica: engine step failed, ending every request: {}", out.error().to_string());
     fail_live(st, out.error());
   } else {
-    deliver(st, *out);
+    deliver(self, *out);
   }
+  send_exports(self);
   st.spec.gauges->publish(*st.loop);
 }
 
@@ -94,7 +135,7 @@ void kick(replica* self) {
   auto& st = self->state;
   if (!st.spec.exec)
     return pump(self);
-  if (!st.step_queued && st.loop->has_unfinished()) {
+  if (!st.step_queued && st.loop->has_work()) {
     st.step_queued = true;
     self->send(self, msg::step_atom::value);
   }
@@ -121,7 +162,17 @@ void on_cancel(replica* self, seq_id router_id) {
   const seq_id id = it->second;
   st.local_of.erase(it);
   st.live.erase(id);
-  (void)st.loop->cancel(id);
+  (void)st.loop->cancel(id); // an importing request's blocks stay held
+  if (auto im = st.imports.find(id); im != st.imports.end()) {
+    if (!im->second.sent || im->second.first) { // nothing writes its blocks (any more)
+      (void)st.loop->release_held(id);
+      st.import_of.erase(im->second.lease);
+      st.imports.erase(im);
+    } else { // released when the prefill side answers
+      im->second.cancelled = true;
+      self->send(im->second.prefill, abort_atom::value, im->second.lease);
+    }
+  }
   kick(self); // the next plan tells the executor it finished
   st.spec.gauges->publish(*st.loop);
 }
@@ -140,8 +191,293 @@ void on_reply(replica* self, msg::worker_reply& r) {
   if (auto ok = st.loop->complete(lane.mapped(), *done->result, out); !ok)
     return fail_ranks(self, ok.error().message());
   pump(self); // the next plan goes out before the outputs
-  deliver(st, out);
+  deliver(self, out);
   st.spec.gauges->publish(*st.loop);
+}
+
+// ---- Decode side ----
+
+void on_import(replica* self, handoff_job& job) {
+  auto& st = self->state;
+  if (!st.broken.empty())
+    return job.sink->fail(make_error(errc::unavailable, "{}", st.broken));
+  if (!st.spec.decode)
+    return job.sink->fail(make_error(errc::internal, "a handoff reached a replica that does not "
+                                                     "decode for prefill replicas"));
+  engine::request for_prefill;
+  for_prefill.prompt = job.request.prompt;
+  for_prefill.sampling = job.request.sampling;
+  for_prefill.stop_token_ids = job.request.stop_token_ids;
+  for_prefill.handoff = engine::kv_handoff::export_kv;
+  job.request.handoff = engine::kv_handoff::import_kv;
+  auto id = st.loop->add_request(std::move(job.request));
+  if (!id)
+    return job.sink->fail(id.error());
+  st.local_of[job.id] = *id;
+  st.live[*id] = {job.id, std::move(job.sink)};
+  st.imports[*id] = {
+      .lease = job.id, .prefill = std::move(job.prefill), .request = std::move(for_prefill)};
+  st.import_of[job.id] = *id;
+  kick(self);
+  st.spec.gauges->publish(*st.loop);
+}
+
+// Reservations made by the last plan: each goes to its prefill replica, or (a short or mostly
+// cached prompt) is prefilled here.
+void send_exports(replica* self) {
+  auto& st = self->state;
+  if (!st.spec.decode)
+    return;
+  const auto& role = *st.spec.decode;
+  std::vector<engine::kv_reservation> reserved;
+  st.loop->take_reservations(reserved);
+  bool local = false;
+  for (auto& r : reserved) {
+    auto& im = st.imports.at(r.id);
+    const auto missing = static_cast<int32_t>(im.request.prompt.size()) - r.cached_tokens;
+    if (missing < role.min_prefill_tokens) {
+      (void)st.loop->prefill_locally(r.id);
+      ++role.stats->local_prefills;
+      st.import_of.erase(im.lease);
+      st.imports.erase(r.id);
+      local = true;
+      continue;
+    }
+    export_job job{.lease = im.lease,
+                   .request = im.request,
+                   .blocks = std::move(r.blocks),
+                   .cached_tokens = r.cached_tokens,
+                   .decode_index = role.index,
+                   .decode = caf::actor_cast<caf::actor>(self),
+                   .deadline = std::chrono::steady_clock::now() + role.timeout};
+    self->send(im.prefill, prefill_atom::value, std::move(job));
+    im.sent = true;
+    im.sent_at = std::chrono::steady_clock::now();
+    im.cached_tokens = r.cached_tokens;
+    self->delayed_send(self, role.timeout, lease_atom::value, im.lease);
+  }
+  if (local)
+    kick(self);
+}
+
+// Both halves are here (the first token, and the notice that the KV is in place): decode.
+void try_decode(replica* self, seq_id id) {
+  auto& st = self->state;
+  auto& im = st.imports.at(id);
+  if (!im.first || !im.landed)
+    return;
+  const seq_output first = *im.first;
+  log::debug(
+      "handoff {}: {} prompt tokens ({} cached here), {} KV bytes; first token after "
+      "{:.1f} ms of prefill and transfer",
+      im.lease, im.request.prompt.size(), im.cached_tokens, im.bytes,
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - im.sent_at)
+          .count());
+  st.import_of.erase(im.lease);
+  st.imports.erase(id);
+  std::vector<engine::request_output> out;
+  if (auto ok = st.loop->finish_import(id, first, out); !ok) {
+    log::error("replica: handoff of request {}: {}", id, ok.error().to_string());
+    return;
+  }
+  deliver(self, out);
+  kick(self);
+  st.spec.gauges->publish(*st.loop);
+}
+
+// The prefill side or the transfer failed and nothing writes the blocks any more.
+void import_failed(replica* self, seq_id id, const troupe::error& why) {
+  auto& st = self->state;
+  auto& role = *st.spec.decode;
+  auto& im = st.imports.at(id);
+  const bool cancelled = im.cancelled;
+  st.import_of.erase(im.lease);
+  st.imports.erase(id);
+  if (cancelled) { // the client left: only the blocks remain
+    (void)st.loop->release_held(id);
+    st.spec.gauges->publish(*st.loop);
+    return;
+  }
+  ++role.stats->failed;
+  if (role.prefill_on_failure) {
+    log::warn("replica: handoff of request {} failed ({}); prefilling it here", id, why.message());
+    ++role.stats->local_prefills;
+    (void)st.loop->prefill_locally(id);
+    kick(self);
+    return;
+  }
+  if (auto l = st.live.find(id); l != st.live.end()) {
+    l->second.sink->fail(troupe::error(why).context("prefill/decode handoff"));
+    st.local_of.erase(l->second.router_id);
+    st.live.erase(l);
+  }
+  (void)st.loop->cancel(id);
+  (void)st.loop->release_held(id);
+  kick(self);
+  st.spec.gauges->publish(*st.loop);
+}
+
+void on_handed(replica* self, handoff_result& r) {
+  auto& st = self->state;
+  auto it = st.import_of.find(r.lease);
+  if (it == st.import_of.end())
+    return; // expired and settled already
+  const seq_id id = it->second;
+  auto& im = st.imports.at(id);
+  if (im.cancelled || r.failure.code() != errc::ok)
+    return import_failed(self, id, r.failure);
+  im.first = std::move(r.first);
+  im.bytes = r.bytes;
+  try_decode(self, id);
+}
+
+void on_landed(replica* self, uint64_t lease, bool cancelled) {
+  auto& st = self->state;
+  auto it = st.import_of.find(lease);
+  if (it == st.import_of.end() || cancelled)
+    return; // a cancelled batch: the prefill side reports it
+  st.imports.at(it->second).landed = true;
+  try_decode(self, it->second);
+}
+
+void on_lease_expired(replica* self, uint64_t lease) {
+  auto& st = self->state;
+  auto it = st.import_of.find(lease);
+  if (it == st.import_of.end())
+    return;
+  auto& im = st.imports.at(it->second);
+  const auto timeout = st.spec.decode->timeout;
+  if (!im.cancelled)
+    ++st.spec.decode->stats->expired;
+  // Pushed but no notice came (the writes finished on the sender, so nothing lands any more), or
+  // aborted a deadline ago and the prefill replica never answered (it is gone).
+  if (im.first || im.aborted)
+    return import_failed(self, it->second,
+                         make_error(errc::timeout,
+                                    "the prefill replica did not hand over within {} ms",
+                                    timeout.count()));
+  im.aborted = true;
+  self->send(im.prefill, abort_atom::value, lease); // it answers with the failure
+  self->delayed_send(self, timeout, lease_atom::value, lease);
+}
+
+// ---- Prefill side ----
+
+void on_prefill(replica* self, export_job& job) {
+  auto& st = self->state;
+  replica_state::pending_export ex{.job = std::move(job)};
+  ex.first.id = 0;
+  if (!st.broken.empty())
+    return answer(ex, make_error(errc::unavailable, "{}", st.broken));
+  if (!st.spec.prefill)
+    return answer(ex, make_error(errc::internal, "this replica does not prefill for others"));
+  if (ex.job.decode_index >= st.spec.prefill->links.size())
+    return answer(ex,
+                  make_error(errc::internal, "no link to decode replica {}", ex.job.decode_index));
+  if (std::chrono::steady_clock::now() >= ex.job.deadline)
+    return answer(ex, make_error(errc::timeout, "the handoff's deadline passed before prefill"));
+  auto id = st.loop->add_request(ex.job.request);
+  if (!id)
+    return answer(ex, id.error());
+  st.export_of[ex.job.lease] = *id;
+  st.exports.emplace(*id, std::move(ex));
+  kick(self);
+  st.spec.gauges->publish(*st.loop);
+}
+
+void end_export(replica* self, seq_id id, troupe::error failure, uint64_t bytes = 0) {
+  auto& st = self->state;
+  auto it = st.exports.find(id);
+  (void)st.loop->release_held(id);
+  answer(it->second, std::move(failure), bytes);
+  st.export_of.erase(it->second.job.lease);
+  st.exports.erase(it);
+  kick(self); // blocks were freed
+  st.spec.gauges->publish(*st.loop);
+}
+
+// The prefill of an exported request ended: push its KV to the decode replica's blocks.
+void on_exported(replica* self, seq_id id, const engine::request_output& o) {
+  auto& st = self->state;
+  auto& ex = st.exports.at(id);
+  if (o.finish != engine::finish_reason::handoff)
+    return end_export(self, id,
+                      make_error(errc::cancelled, "the prefill replica ended the request ({})",
+                                 engine::to_string(o.finish)));
+  ex.first = {.id = 0,
+              .token = o.token,
+              .logprob = o.logprob,
+              .top_ids = o.top_ids,
+              .top_logprobs = o.top_logprobs};
+  const auto& role = *st.spec.prefill;
+  const auto& link = role.links[ex.job.decode_index];
+  cluster::transfer::write_batch batch{.lease_id = ex.job.lease,
+                                       .locals = role.locals,
+                                       .remotes = link.remote,
+                                       .ranges = {},
+                                       .deadline = ex.job.deadline};
+  const auto prompt = static_cast<int32_t>(ex.job.request.prompt.size());
+  if (auto ok =
+          link.plan->ranges(0, o.blocks, ex.job.blocks, ex.job.cached_tokens, prompt, batch.ranges);
+      !ok)
+    return end_export(self, id, ok.error());
+  auto posted = link.conn->post(std::move(batch));
+  if (!posted)
+    return end_export(self, id, posted.error());
+  ex.transfer = *posted;
+  ex.pushing = true;
+  self->send(st.waiters[ex.job.decode_index], wait_atom::value, id, *posted,
+             std::chrono::steady_clock::now().time_since_epoch().count());
+}
+
+void on_pushed(replica* self, push_result& r) {
+  auto& st = self->state;
+  if (!st.exports.count(r.id))
+    return;
+  auto& stats = *st.spec.prefill->stats;
+  if (r.failure.code() == errc::ok) {
+    ++stats.handoffs;
+    stats.bytes += r.bytes;
+    stats.writes += r.writes;
+    stats.transfer_seconds.observe(r.seconds);
+  }
+  end_export(self, r.id, std::move(r.failure), r.bytes);
+}
+
+void on_abort(replica* self, uint64_t lease) {
+  auto& st = self->state;
+  auto it = st.export_of.find(lease);
+  if (it == st.export_of.end())
+    return;
+  auto& ex = st.exports.at(it->second);
+  if (ex.pushing) { // the waiter reports the cancelled batch
+    st.spec.prefill->links[ex.job.decode_index].conn->cancel(ex.transfer);
+    return;
+  }
+  (void)st.loop->cancel(it->second); // its cancelled output ends the export
+  kick(self);
+}
+
+// Waits for one link's pushes, off the prefill replica's thread.
+caf::behavior push_waiter(caf::event_based_actor* self, outbound_link link, caf::actor owner) {
+  auto conn = link.conn;
+  return {[self, link, conn, owner](wait_atom, seq_id id, cluster::transfer::transfer_id t,
+                                    int64_t posted_ns) {
+    auto r = conn->wait(t);
+    const auto now = std::chrono::steady_clock::now().time_since_epoch().count();
+    push_result p{.id = id,
+                  .failure = {},
+                  .bytes = 0,
+                  .writes = 0,
+                  .seconds = static_cast<double>(now - posted_ns) / 1e9};
+    if (r) {
+      p.bytes = r->bytes;
+      p.writes = r->posted_writes;
+    } else {
+      p.failure = std::move(r).error();
+    }
+    self->send(owner, pushed_atom::value, std::move(p));
+  }};
 }
 
 void on_down(replica* self, const caf::down_msg& dm) {
@@ -174,6 +510,16 @@ caf::behavior replica_actor(replica* self, replica_spec spec) {
   }
   if (!st.spec.gauges)
     st.spec.gauges = std::make_shared<replica_gauges>();
+  auto me = caf::actor_cast<caf::actor>(self);
+  if (st.spec.prefill)
+    for (const auto& link : st.spec.prefill->links) {
+      auto w = self->system().spawn<caf::detached>(push_waiter, link, me);
+      self->link_to(w); // stops with this actor
+      st.waiters.push_back(std::move(w));
+    }
+  if (st.spec.decode)
+    for (const auto& conn : st.spec.decode->inbound)
+      st.listeners.push_back(std::make_unique<notice_listener>(conn, me));
   st.spec.gauges->publish(*st.loop);
   return {
       [self](msg::submit_atom, msg::replica_job& job) { on_submit(self, job); },
@@ -183,6 +529,13 @@ caf::behavior replica_actor(replica* self, replica_spec spec) {
         kick(self);
       },
       [self](msg::worker_reply& r) { on_reply(self, r); },
+      [self](import_atom, handoff_job& job) { on_import(self, job); },
+      [self](handed_atom, handoff_result& r) { on_handed(self, r); },
+      [self](landed_atom, uint64_t lease, bool cancelled) { on_landed(self, lease, cancelled); },
+      [self](lease_atom, uint64_t lease) { on_lease_expired(self, lease); },
+      [self](prefill_atom, export_job& job) { on_prefill(self, job); },
+      [self](pushed_atom, push_result& r) { on_pushed(self, r); },
+      [self](abort_atom, uint64_t lease) { on_abort(self, lease); },
       [self](msg::expire_atom, uint64_t ticket) {
         auto& st = self->state;
         if (st.broken.empty() && st.group->pending(ticket))

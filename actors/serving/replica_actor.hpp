@@ -16,6 +16,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -25,6 +26,7 @@
 #include <caf/stateful_actor.hpp>
 
 #include "actors/messages.hpp"
+#include "actors/serving/handoff.hpp"
 #include "actors/serving/replica_status.hpp"
 #include "actors/serving/worker_group.hpp"
 #include "engine/exec/executor.hpp"
@@ -47,6 +49,9 @@ struct replica_spec {
   worker_ranks ranks;
   std::shared_ptr<replica_health> health; // marked failed when the ranks fail
   std::shared_ptr<replica_gauges> gauges; // published after every step
+  // Disaggregated deployments (handoff.hpp): at most one of them.
+  std::shared_ptr<prefill_role> prefill;
+  std::shared_ptr<decode_role> decode;
 };
 
 struct replica_state {
@@ -62,7 +67,34 @@ struct replica_state {
   std::map<uint64_t, size_t> lane_of;            // ticket -> engine lane
   bool step_queued = false;                      // in-process: a step_atom is in the mailbox
   std::string broken;                            // why the ranks failed
-  ~replica_state();                              // fails the live requests (cancelled)
+  // Decode side: requests whose KV comes from a prefill replica, by engine id.
+  struct pending_import {
+    uint64_t lease = 0;
+    caf::actor prefill;
+    engine::request request;         // what the prefill replica gets (export_kv)
+    std::optional<seq_output> first; // handed over
+    bool landed = false;             // the batch's completion notice arrived
+    bool sent = false;               // the export job went out
+    bool cancelled = false;          // the client left: blocks held until the prefill side answers
+    bool aborted = false;            // past the deadline: the prefill side was told to stop
+    std::chrono::steady_clock::time_point sent_at; // the export job went out
+    uint64_t bytes = 0;                            // what the transfer moved
+    int32_t cached_tokens = 0;                     // prompt positions not sent (prefix cache)
+  };
+  std::unordered_map<seq_id, pending_import> imports;
+  std::unordered_map<uint64_t, seq_id> import_of; // lease -> engine id
+  std::vector<std::unique_ptr<notice_listener>> listeners;
+  // Prefill side: export jobs by engine id.
+  struct pending_export {
+    export_job job;
+    seq_output first;
+    cluster::transfer::transfer_id transfer = 0;
+    bool pushing = false;
+  };
+  std::unordered_map<seq_id, pending_export> exports;
+  std::unordered_map<uint64_t, seq_id> export_of; // lease -> engine id
+  std::vector<caf::actor> waiters;                // by decode index: waits for pushes
+  ~replica_state();                               // fails the live requests (cancelled)
   static inline const char* name = "replica_actor";
 };
 

@@ -19,6 +19,7 @@ replica_router::replica_router(caf::actor_system& sys, std::string deployment, s
 replica_router::~replica_router() {
   std::lock_guard lk(mu_);
   slots_.clear(); // each replica actor is told to stop
+  prefill_slots_.clear();
 }
 
 bool replica_router::serving(const slot& s) const {
@@ -37,24 +38,76 @@ size_t replica_router::load(size_t i) const {
   return n;
 }
 
-expected<void> replica_router::install(size_t i, replica_executor r) {
-  if (i >= slots_.size())
-    return make_error(errc::invalid_argument, "replica {} of {}", i, slots_.size());
-  replica_spec spec{.options = options_,
+std::shared_ptr<replica_router::unit> replica_router::make_unit(replica_executor r,
+                                                                engine::scheduler_options options,
+                                                                expected<void>& ok) {
+  replica_spec spec{.options = std::move(options),
                     .exec = std::move(r.exec),
                     .ranks = std::move(r.ranks),
                     .health = r.health ? r.health : std::make_shared<replica_health>(),
-                    .gauges = std::make_shared<replica_gauges>()};
+                    .gauges = std::make_shared<replica_gauges>(),
+                    .prefill = std::move(r.prefill),
+                    .decode = std::move(r.decode)};
   spec.options.num_blocks = r.num_blocks;
-  TROUPE_TRY_VOID(engine::validate(spec.options));
+  if (r.block_size > 0)
+    spec.options.block_size = r.block_size;
+  ok = engine::validate(spec.options);
+  if (!ok)
+    return nullptr;
   auto u = std::make_shared<unit>();
   u->health = spec.health;
   u->gauges = spec.gauges;
   u->actor = spawn_replica(sys_, std::move(spec));
+  return u;
+}
+
+expected<void> replica_router::install(size_t i, replica_executor r) {
+  if (i >= slots_.size())
+    return make_error(errc::invalid_argument, "replica {} of {}", i, slots_.size());
+  expected<void> ok;
+  auto u = make_unit(std::move(r), options_, ok);
+  if (!u)
+    return ok;
   std::lock_guard lk(mu_);
   std::swap(slots_[i].u, u);
   slots_[i].down.clear();
   return {}; // `u`, the previous replica, stops here
+}
+
+expected<void> replica_router::install_prefill(size_t i, replica_executor r) {
+  if (!r.prefill)
+    return make_error(errc::invalid_argument, "prefill replica {} has no prefill role", i);
+  auto stats = r.prefill->stats;
+  expected<void> ok;
+  auto u = make_unit(std::move(r), options_, ok);
+  if (!u)
+    return ok;
+  std::lock_guard lk(mu_);
+  if (prefill_slots_.size() <= i)
+    prefill_slots_.resize(i + 1);
+  std::swap(prefill_slots_[i].u, u);
+  prefill_slots_[i].down.clear();
+  handoff_stats_ = std::move(stats);
+  return {};
+}
+
+size_t replica_router::pick_prefill() {
+  size_t best = prefill_slots_.size();
+  int32_t best_load = 0;
+  for (size_t k = 0; k < prefill_slots_.size(); ++k) {
+    const size_t i = (next_prefill_turn_ + k) % prefill_slots_.size(); // ties in turn
+    const auto& s = prefill_slots_[i];
+    if (!serving(s))
+      continue;
+    const auto g = s.u->gauges->get();
+    if (best == prefill_slots_.size() || g.running + g.waiting < best_load) {
+      best = i;
+      best_load = g.running + g.waiting;
+    }
+  }
+  if (best < prefill_slots_.size())
+    next_prefill_turn_ = best + 1;
+  return best;
 }
 
 void replica_router::take_down(size_t i, const std::string& why) {
@@ -66,7 +119,7 @@ void replica_router::take_down(size_t i, const std::string& why) {
 }
 
 expected<seq_id> replica_router::submit(engine::request r, std::shared_ptr<request_sink> sink) {
-  caf::actor target;
+  caf::actor target, prefill;
   seq_id id = 0;
   {
     std::lock_guard lk(mu_);
@@ -98,6 +151,23 @@ expected<seq_id> replica_router::submit(engine::request r, std::shared_ptr<reque
     id = next_id_++;
     live_[id] = {.slot = pick, .owner = slots_[pick].u, .sink = sink};
     target = slots_[pick].u->actor;
+    if (const size_t p = pick_prefill(); p < prefill_slots_.size()) {
+      prefill = prefill_slots_[p].u->actor;
+      ++prefill_slots_[p].submitted;
+    }
+  }
+  if (prefill) {
+    // Both sides must draw the same random numbers: the seed is fixed here.
+    if (!r.sampling.has_seed) {
+      r.sampling.has_seed = true;
+      r.sampling.seed = engine::mix_seed(options_.seed, id);
+    }
+    caf::anon_send(target, import_atom::value,
+                   handoff_job{.id = id,
+                               .request = std::move(r),
+                               .sink = std::move(sink),
+                               .prefill = std::move(prefill)});
+    return id;
   }
   caf::anon_send(target, msg::submit_atom::value,
                  msg::replica_job{.id = id, .request = std::move(r), .sink = std::move(sink)});
@@ -119,9 +189,10 @@ void replica_router::cancel(seq_id id) {
 }
 
 std::string replica_router::metrics_text(const serve_metrics& m, const std::string& model) const {
-  std::vector<replica_snapshot> snaps;
+  std::vector<replica_snapshot> snaps, prefill_snaps;
   std::vector<int> up;
   std::vector<uint64_t> submitted;
+  std::shared_ptr<handoff_stats> handoffs;
   {
     std::lock_guard lk(mu_);
     for (const auto& s : slots_) {
@@ -130,8 +201,30 @@ std::string replica_router::metrics_text(const serve_metrics& m, const std::stri
       up.push_back(serving(s) ? 1 : 0);
       submitted.push_back(s.submitted);
     }
+    for (const auto& s : prefill_slots_)
+      if (s.u)
+        prefill_snaps.push_back(s.u->gauges->get());
+    handoffs = handoff_stats_;
   }
-  std::string out = gauges_text(snaps, m, model);
+  auto all = snaps; // both groups: a prefill replica's requests run and hold blocks too
+  all.insert(all.end(), prefill_snaps.begin(), prefill_snaps.end());
+  std::string out = gauges_text(all, m, model);
+  if (handoffs) {
+    out += "# HELP troupe_group_requests Requests running or waiting per prefill/decode group.\n"
+           "# TYPE troupe_group_requests gauge\n";
+    for (auto [group, list] : {std::pair{"prefill", &prefill_snaps}, {"decode", &snaps}}) {
+      int32_t running = 0, waiting = 0;
+      for (const auto& s : *list) {
+        running += s.running;
+        waiting += s.waiting;
+      }
+      for (auto [state, n] : {std::pair{"running", running}, {"waiting", waiting}})
+        out +=
+            fmt::format("troupe_group_requests{{model_name=\"{}\",group=\"{}\",state=\"{}\"}} {}\n",
+                        model, group, state, n);
+    }
+    out += handoffs->text(model);
+  }
   out += "# HELP troupe_replica_up Whether the replica serves (0: failed or restarting).\n"
          "# TYPE troupe_replica_up gauge\n";
   for (size_t i = 0; i < up.size(); ++i)
@@ -148,9 +241,10 @@ std::string replica_router::metrics_text(const serve_metrics& m, const std::stri
 int32_t replica_router::kv_blocks_in_use() const {
   std::lock_guard lk(mu_);
   int32_t n = 0;
-  for (const auto& s : slots_)
-    if (s.u)
-      n += s.u->gauges->get().pool.blocks_used;
+  for (const auto* group : {&slots_, &prefill_slots_})
+    for (const auto& s : *group)
+      if (s.u)
+        n += s.u->gauges->get().pool.blocks_used;
   return n;
 }
 

@@ -24,10 +24,14 @@ namespace troupe::serve {
 // One replica's executor: in-process (`exec`) or worker ranks (`ranks`), and the size of its KV
 // pool (the scheduler's num_blocks).
 struct replica_executor {
-  std::unique_ptr<engine::executor> exec;
+  std::shared_ptr<engine::executor> exec;
   int32_t num_blocks = 0;
   std::shared_ptr<replica_health> health; // null: a fresh one
   worker_ranks ranks;                     // when exec is null
+  int32_t block_size = 0;                 // 0: the router's options'
+  // A disaggregated deployment's replica: its part in the handoffs (handoff.hpp).
+  std::shared_ptr<prefill_role> prefill;
+  std::shared_ptr<decode_role> decode;
 };
 
 class replica_router final : public serving_port {
@@ -41,6 +45,11 @@ class replica_router final : public serving_port {
   // Starts replica i's actor over `r`; a previous replica i is stopped (its live requests end
   // as cancelled). Errors as the scheduler options' validation.
   expected<void> install(size_t i, replica_executor r);
+  // Disaggregated deployments: the replicas above decode; these prefill for them. With any
+  // installed, a request goes to the least loaded decode replica, which has it prefilled by the
+  // least loaded prefill replica (or prefills itself while none serves). `stats`: the handoffs'
+  // counters for /metrics.
+  expected<void> install_prefill(size_t i, replica_executor r);
   // Replica i no longer serves: new requests go to the others (or get `why` with 503); its
   // actor is stopped (its live requests end as cancelled).
   void take_down(size_t i, const std::string& why);
@@ -73,6 +82,11 @@ class replica_router final : public serving_port {
     std::weak_ptr<request_sink> sink; // expires once the replica and the session let go
   };
   bool serving(const slot& s) const;
+  std::shared_ptr<unit> make_unit(replica_executor r, engine::scheduler_options options,
+                                  expected<void>& ok);
+  // Under mu_: the least loaded serving prefill replica (by its gauges, ties in turn), or
+  // prefill_slots_.size() for none.
+  size_t pick_prefill();
   void prune();                // under mu_: forgets finished requests
   size_t load(size_t i) const; // under mu_: unfinished requests of replica i
 
@@ -81,9 +95,11 @@ class replica_router final : public serving_port {
   const engine::scheduler_options options_;
   mutable std::mutex mu_;
   std::vector<slot> slots_;
+  std::vector<slot> prefill_slots_;
+  std::shared_ptr<handoff_stats> handoff_stats_;
   std::map<seq_id, live_request> live_;
   seq_id next_id_ = 1;
-  size_t next_turn_ = 0;
+  size_t next_turn_ = 0, next_prefill_turn_ = 0;
 };
 
 } // namespace troupe::serve

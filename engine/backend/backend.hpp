@@ -7,6 +7,7 @@
 #include <span>
 #include <vector>
 
+#include "engine/kv/kv_layout.hpp"
 #include "engine/model/model_config.hpp"
 #include "runtime/error.hpp"
 #include "runtime/step.hpp"
@@ -48,6 +49,9 @@ class backend {
   // False on a pipeline stage before the last whose backend was told not to receive the logits
   // (pipelined serving: only the last stage samples): forward() then leaves out.logits empty.
   virtual bool makes_logits() const { return true; }
+  // Where this rank's KV cache lives, for moving it to another deployment's ranks. Valid for the
+  // backend's lifetime.
+  virtual kv_layout kv_memory() const = 0;
 };
 
 // Checks a plan against a model and KV layout: token ids within the vocabulary, block tables

@@ -142,6 +142,16 @@ bool engine_loop::has_unfinished() const {
                      [](const auto& l) { return l->sched.has_unfinished(); });
 }
 
+bool engine_loop::has_work() const {
+  return std::any_of(lanes_.begin(), lanes_.end(),
+                     [](const auto& l) { return l->sched.has_work(); });
+}
+
+void engine_loop::take_reservations(std::vector<kv_reservation>& out) {
+  for (auto& l : lanes_)
+    l->sched.take_reservations(out);
+}
+
 scheduler_stats engine_loop::stats() const {
   scheduler_stats sum;
   for (const auto& l : lanes_) {
@@ -152,6 +162,8 @@ scheduler_stats engine_loop::stats() const {
     sum.prefix_hit_tokens += s.prefix_hit_tokens;
     sum.num_running += s.num_running;
     sum.num_waiting += s.num_waiting;
+    sum.num_importing += s.num_importing;
+    sum.num_held += s.num_held;
   }
   return sum;
 }

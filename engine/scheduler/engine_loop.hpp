@@ -67,6 +67,16 @@ class engine_loop {
   std::vector<request_output> fail_all();
 
   bool has_unfinished() const;
+  bool has_work() const; // a plan would advance something (see scheduler::has_work)
+
+  // Prefill/decode disaggregation, per request (scheduler has the meaning of each).
+  void take_reservations(std::vector<kv_reservation>& out);
+  expected<void> finish_import(seq_id id, const seq_output& first,
+                               std::vector<request_output>& out) {
+    return lane_of(id).sched.finish_import(id, first, out);
+  }
+  expected<void> prefill_locally(seq_id id) { return lane_of(id).sched.prefill_locally(id); }
+  expected<void> release_held(seq_id id) { return lane_of(id).sched.release_held(id); }
   size_t num_lanes() const { return lanes_.size(); }
   size_t in_flight() const { return in_flight_.size(); }
   const scheduler& sched(size_t lane = 0) const { return lanes_.at(lane)->sched; }

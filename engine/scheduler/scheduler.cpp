@@ -7,7 +7,7 @@
 namespace troupe::engine {
 
 struct scheduler::sequence {
-  enum class state : uint8_t { waiting, running, finished };
+  enum class state : uint8_t { waiting, running, importing, finished };
   seq_id id = 0;
   std::vector<token_id> tokens; // prompt, then generated tokens
   int32_t num_prompt = 0;
@@ -18,6 +18,7 @@ struct scheduler::sequence {
   sampling_params sampling;
   std::vector<token_id> stop_ids;
   stop_hook stop_check;
+  kv_handoff handoff = kv_handoff::none;
   state st = state::waiting;
   bool first_step = true;
   uint64_t scheduled_step = 0;
@@ -37,6 +38,10 @@ bool contains(const std::vector<token_id>& v, token_id t) {
   return std::find(v.begin(), v.end(), t) != v.end();
 }
 } // namespace
+
+uint64_t mix_seed(uint64_t base, seq_id id) {
+  return splitmix(base ^ splitmix(id));
+}
 
 expected<void> validate(const scheduler_options& o) {
   auto positive = [](int64_t v, const char* name) -> expected<void> {
@@ -71,6 +76,8 @@ const char* to_string(finish_reason r) {
     return "length";
   case finish_reason::cancelled:
     return "cancelled";
+  case finish_reason::handoff:
+    return "handoff";
   }
   return "?";
 }
@@ -121,10 +128,11 @@ expected<seq_id> scheduler::add(request r) {
   s->sampling = r.sampling;
   if (!s->sampling.has_seed) {
     s->sampling.has_seed = true;
-    s->sampling.seed = splitmix(opt_.seed ^ splitmix(s->id));
+    s->sampling.seed = mix_seed(opt_.seed, s->id);
   }
   s->stop_ids = std::move(r.stop_token_ids);
   s->stop_check = std::move(r.stop_check);
+  s->handoff = r.handoff;
   waiting_.push_back(s.get());
   seq_id id = s->id;
   live_.emplace(id, std::move(s));
@@ -136,18 +144,26 @@ expected<void> scheduler::cancel(seq_id id) {
   if (it == live_.end())
     return make_error(errc::not_found, "request {} is unknown or already finished", id);
   sequence& s = *it->second;
+  const bool importing = s.st == sequence::state::importing;
   if (s.st == sequence::state::waiting)
     waiting_.erase(std::find(waiting_.begin(), waiting_.end(), &s));
+  else if (importing)
+    importing_.erase(std::find(importing_.begin(), importing_.end(), &s));
   else
     running_.erase(std::find(running_.begin(), running_.end(), &s));
   request_output o;
-  finish(s, finish_reason::cancelled, -1, &o);
+  finish(s, finish_reason::cancelled, -1, &o, importing); // a transfer may still write them
   pending_.push_back(std::move(o));
   return {};
 }
 
-void scheduler::finish(sequence& s, finish_reason why, token_id stop_token, request_output* o) {
-  pool_.release_all(s.blocks);
+void scheduler::finish(sequence& s, finish_reason why, token_id stop_token, request_output* o,
+                       bool hold_blocks) {
+  if (hold_blocks && !s.blocks.empty())
+    held_[s.id] = std::move(s.blocks);
+  else
+    pool_.release_all(s.blocks);
+  s.blocks.clear();
   s.st = sequence::state::finished;
   o->id = s.id;
   o->finish = why;
@@ -189,11 +205,12 @@ void scheduler::preempt(sequence& s, step_plan& plan) {
 }
 
 // Takes the longest cached prefix of full blocks (leaving at least one token to compute).
-bool scheduler::admit_prefix(sequence& s) {
+bool scheduler::admit_prefix(sequence& s, bool whole_prompt) {
   if (!opt_.prefix_caching || !s.blocks.empty())
     return false;
   const int32_t bs = opt_.block_size;
-  const int32_t max_blocks = (s.len() - 1) / bs;
+  // Computing leaves at least one token to feed (its logits); an import feeds none.
+  const int32_t max_blocks = whole_prompt ? s.len() / bs : (s.len() - 1) / bs;
   for (int32_t i = 0; i < max_blocks; ++i) {
     if (static_cast<int32_t>(s.hashes.size()) <= i)
       s.hashes.push_back(
@@ -273,8 +290,13 @@ void scheduler::schedule(step_plan& plan) {
   std::erase_if(running_, [](sequence* s) { return s->st != sequence::state::running; });
   // Then waiting requests in arrival order, unless this step had to preempt.
   while (!preempted && !waiting_.empty() && budget > 0 &&
-         static_cast<int32_t>(running_.size()) < opt_.max_num_seqs) {
+         static_cast<int32_t>(running_.size() + importing_.size()) < opt_.max_num_seqs) {
     sequence& s = *waiting_.front();
+    if (s.handoff == kv_handoff::import_kv) {
+      if (!admit_import(s))
+        break; // head of line waits for blocks
+      continue;
+    }
     const bool hit = admit_prefix(s);
     const int32_t n = std::min(s.len() - s.num_computed, budget);
     if (!allocate_for(s, s.num_computed + n)) {
@@ -292,6 +314,95 @@ void scheduler::schedule(step_plan& plan) {
   }
   plan.seqs.resize(used);
   ++stats_.steps;
+}
+
+// Reserves blocks for the whole prompt (cached prefix blocks reused) without computing anything.
+bool scheduler::admit_import(sequence& s) {
+  const bool hit = admit_prefix(s, true);
+  if (!allocate_for(s, s.len())) {
+    pool_.release_all(s.blocks);
+    s.num_computed = s.num_cached_blocks = 0;
+    return false;
+  }
+  if (hit)
+    stats_.prefix_hit_tokens += static_cast<uint64_t>(s.num_computed);
+  waiting_.pop_front();
+  s.st = sequence::state::importing;
+  importing_.push_back(&s);
+  auto& r = reservations_.emplace_back();
+  r.id = s.id;
+  r.cached_tokens = s.num_computed;
+  r.blocks.resize(s.blocks.size());
+  for (size_t i = 0; i < s.blocks.size(); ++i)
+    r.blocks[i] = s.blocks[i] + opt_.block_offset;
+  return true;
+}
+
+void scheduler::take_reservations(std::vector<kv_reservation>& out) {
+  for (auto& r : reservations_)
+    out.push_back(std::move(r));
+  reservations_.clear();
+}
+
+expected<void> scheduler::finish_import(seq_id id, const seq_output& first,
+                                        std::vector<request_output>& out) {
+  auto it = live_.find(id);
+  if (it == live_.end())
+    return make_error(errc::not_found, "request {} is unknown or already finished", id);
+  sequence& s = *it->second;
+  if (s.st != sequence::state::importing)
+    return make_error(errc::invalid_argument, "request {} is not waiting for its KV", id);
+  if (first.token < 0 || (opt_.vocab_size > 0 && first.token >= opt_.vocab_size))
+    return make_error(errc::invalid_argument, "request {}: handed-over token {} is not a token id",
+                      id, first.token);
+  importing_.erase(std::find(importing_.begin(), importing_.end(), &s));
+  s.num_computed = s.num_prompt;
+  if (opt_.prefix_caching)
+    cache_full_blocks(s);
+  s.tokens.push_back(first.token);
+  s.st = sequence::state::running;
+  s.first_step = true; // this worker rebuilds penalty state from the prompt (cached_prefix)
+  running_.push_back(&s);
+  request_output& r = out.emplace_back();
+  r.id = s.id;
+  r.has_token = true;
+  r.token = first.token;
+  r.logprob = first.logprob;
+  r.top_ids = first.top_ids;
+  r.top_logprobs = first.top_logprobs;
+  finish_reason why;
+  token_id which = -1;
+  if (should_stop(s, first.token, why, which)) {
+    running_.pop_back();
+    finish(s, why, which, &r);
+  }
+  return {};
+}
+
+expected<void> scheduler::prefill_locally(seq_id id) {
+  auto it = live_.find(id);
+  if (it == live_.end())
+    return make_error(errc::not_found, "request {} is unknown or already finished", id);
+  sequence& s = *it->second;
+  if (s.st != sequence::state::importing)
+    return make_error(errc::invalid_argument, "request {} is not waiting for its KV", id);
+  importing_.erase(std::find(importing_.begin(), importing_.end(), &s));
+  pool_.release_all(s.blocks);
+  s.num_computed = s.num_cached_blocks = 0;
+  s.handoff = kv_handoff::none;
+  s.first_step = true;
+  s.st = sequence::state::waiting;
+  waiting_.push_front(&s);
+  return {};
+}
+
+expected<void> scheduler::release_held(seq_id id) {
+  auto it = held_.find(id);
+  if (it == held_.end())
+    return make_error(errc::not_found, "request {} holds no blocks", id);
+  pool_.release_all(it->second);
+  held_.erase(it);
+  return {};
 }
 
 void scheduler::cache_full_blocks(sequence& s) {
@@ -359,6 +470,11 @@ expected<void> scheduler::update(const step_plan& plan, const step_result& resul
                         o->token);
     s.tokens.push_back(o->token);
     request_output& r = out.emplace_back();
+    if (s.handoff == kv_handoff::export_kv) { // prefill side: the decode side takes it from here
+      r.blocks.resize(s.blocks.size());
+      for (size_t b = 0; b < s.blocks.size(); ++b)
+        r.blocks[b] = s.blocks[b] + opt_.block_offset;
+    }
     r.id = s.id;
     r.has_token = true;
     r.token = o->token;
@@ -369,7 +485,10 @@ expected<void> scheduler::update(const step_plan& plan, const step_result& resul
     }
     finish_reason why;
     token_id which = -1;
-    if (should_stop(s, o->token, why, which)) {
+    if (s.handoff == kv_handoff::export_kv) {
+      finish(s, finish_reason::handoff, -1, &r, true);
+      any_finished = true;
+    } else if (should_stop(s, o->token, why, which)) {
       finish(s, why, which, &r);
       any_finished = true;
     }
@@ -399,6 +518,8 @@ scheduler_stats scheduler::stats() const {
   scheduler_stats s = stats_;
   s.num_running = static_cast<int32_t>(running_.size());
   s.num_waiting = static_cast<int32_t>(waiting_.size());
+  s.num_importing = static_cast<int32_t>(importing_.size());
+  s.num_held = static_cast<int32_t>(held_.size());
   return s;
 }
 
@@ -415,13 +536,16 @@ expected<void> scheduler::check() const {
     for (int32_t b : s->blocks)
       ++refs[static_cast<size_t>(b)];
   }
+  for (const auto& [id, blocks] : held_)
+    for (int32_t b : blocks)
+      ++refs[static_cast<size_t>(b)];
   for (int32_t b = 0; b < pool_.num_blocks(); ++b)
     if (refs[static_cast<size_t>(b)] != pool_.ref_count(b))
       return make_error(errc::internal, "block {} has ref count {} but {} table entries", b,
                         pool_.ref_count(b), refs[static_cast<size_t>(b)]);
-  if (running_.size() + waiting_.size() != live_.size())
-    return make_error(errc::internal, "{} running + {} waiting != {} live", running_.size(),
-                      waiting_.size(), live_.size());
+  if (running_.size() + waiting_.size() + importing_.size() != live_.size())
+    return make_error(errc::internal, "{} running + {} waiting + {} importing != {} live",
+                      running_.size(), waiting_.size(), importing_.size(), live_.size());
   return {};
 }
 

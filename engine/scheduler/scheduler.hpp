@@ -41,7 +41,12 @@ struct scheduler_options {
 // than max_num_seqs would starve decodes. Call before constructing a scheduler.
 expected<void> validate(const scheduler_options& o);
 
-enum class finish_reason : uint8_t { none, stop, length, cancelled };
+// The seed a request without one gets: from the deployment's seed and the request's id.
+uint64_t mix_seed(uint64_t base, seq_id id);
+
+// `handoff`: a prefill-only request (kv_handoff::export_kv) sampled its first token; its KV
+// blocks stay held for the transfer to the decode side until release_held().
+enum class finish_reason : uint8_t { none, stop, length, cancelled, handoff };
 const char* to_string(finish_reason r);
 
 // Stop strings are matched by the detokenizer (engine/tokenizer), not here: it sets this hook,
@@ -50,8 +55,25 @@ const char* to_string(finish_reason r);
 // detokenizer's to trim). Runs on the scheduler's thread, so it must be cheap.
 using stop_hook = std::function<bool(seq_id, std::span<const token_id> generated)>;
 
+// Prefill/decode disaggregation (design.md §6). export_kv (prefill side): prefill, sample the
+// first token, then finish with finish_reason::handoff, keeping the blocks held (their ids in
+// request_output::blocks) until release_held(). import_kv (decode side): when admitted, blocks for
+// the prompt are reserved (prefix cache hits included) instead of computed, and reported by
+// take_reservations(); the KV of the other positions arrives from outside; finish_import() then
+// hands over the first token and the sequence decodes as if it had prefilled here.
+enum class kv_handoff : uint8_t { none, export_kv, import_kv };
+
+// A decode-side reservation: where the prompt's KV goes. Blocks are physical (block_offset
+// applied); positions [cached_tokens, prompt length) must be written before finish_import().
+struct kv_reservation {
+  seq_id id = 0;
+  std::vector<int32_t> blocks;
+  int32_t cached_tokens = 0; // leading prompt positions already here (prefix cache)
+};
+
 struct request {
   std::vector<token_id> prompt;
+  kv_handoff handoff = kv_handoff::none;
   sampling_params sampling; // including max_tokens, min_tokens, ignore_eos
   std::vector<token_id> stop_token_ids;
   stop_hook stop_check; // optional
@@ -66,7 +88,8 @@ struct request_output {
   std::vector<token_id> top_ids;
   std::vector<float> top_logprobs;
   finish_reason finish = finish_reason::none;
-  token_id stop_token = -1; // the EOS or stop_token_id that ended it
+  token_id stop_token = -1;    // the EOS or stop_token_id that ended it
+  std::vector<int32_t> blocks; // finish_reason::handoff: the held blocks (physical)
 };
 
 struct scheduler_stats {
@@ -76,6 +99,8 @@ struct scheduler_stats {
   uint64_t prefix_hit_tokens = 0; // prompt tokens served from the prefix cache
   int32_t num_running = 0;
   int32_t num_waiting = 0;
+  int32_t num_importing = 0; // decode side: blocks reserved, KV not yet arrived
+  int32_t num_held = 0;      // sequences whose blocks are held for a transfer
 };
 
 class scheduler {
@@ -88,7 +113,23 @@ class scheduler {
   expected<seq_id> add(request r);
   // Ends a request in any state; its blocks are freed now and the next update() (or
   // take_pending()) reports it `cancelled`. not_found if it is unknown or already finished.
+  // An importing request's blocks are held instead (a transfer may still write them) until
+  // release_held().
   expected<void> cancel(seq_id id);
+
+  // Decode side: reservations made by schedule() since the last call.
+  void take_reservations(std::vector<kv_reservation>& out);
+  // The prompt's KV arrived for importing request `id`; `first` is the token the prefill side
+  // sampled. The request decodes from the next schedule(); its output for `first` (and its end,
+  // if `first` ends it) goes to `out`. not_found / invalid_argument otherwise.
+  expected<void> finish_import(seq_id id, const seq_output& first,
+                               std::vector<request_output>& out);
+  // The transfer for importing request `id` failed and nothing writes its blocks any more: they
+  // are freed and the request is prefilled here instead, ahead of the waiting queue.
+  expected<void> prefill_locally(seq_id id);
+  // Frees blocks held for a transfer (an exported request, or a cancelled import). not_found
+  // when `id` holds none.
+  expected<void> release_held(seq_id id);
 
   // The next step's work into `plan` (its buffers are reused). An empty plan means nothing to
   // run. Precondition: the previous plan was passed to update().
@@ -105,6 +146,9 @@ class scheduler {
   void take_pending(std::vector<request_output>& out);
 
   bool has_unfinished() const { return !live_.empty(); }
+  // Something a step can advance: running or waiting requests, or outputs not yet reported
+  // (importing requests wait for their KV, not for a step).
+  bool has_work() const { return !running_.empty() || !waiting_.empty() || !pending_.empty(); }
   std::vector<seq_id> unfinished() const; // ids of waiting and running requests
   scheduler_stats stats() const;
   const kv::block_pool& pool() const { return pool_; }
@@ -117,10 +161,12 @@ class scheduler {
   bool allocate_for(sequence& s, int32_t end_tokens);
   sequence* pick_victim(const sequence& except);
   void preempt(sequence& s, step_plan& plan);
-  bool admit_prefix(sequence& s);
+  bool admit_prefix(sequence& s, bool whole_prompt = false);
   void emit(sequence& s, int32_t n, step_plan& plan, size_t& used);
   void cache_full_blocks(sequence& s);
-  void finish(sequence& s, finish_reason why, token_id stop_token, request_output* o);
+  void finish(sequence& s, finish_reason why, token_id stop_token, request_output* o,
+              bool hold_blocks = false);
+  bool admit_import(sequence& s);
   bool should_stop(sequence& s, token_id t, finish_reason& why, token_id& which) const;
   expected<void> validate(const request& r) const;
 
@@ -130,7 +176,10 @@ class scheduler {
   std::deque<sequence*> waiting_;
   std::vector<sequence*> running_;   // priority order: preemption takes from the back
   std::vector<sequence*> scheduled_; // per seq_step of the last plan
-  std::vector<seq_id> dropped_;      // for the next plan's `finished`
+  std::vector<sequence*> importing_; // decode side: waiting for their KV
+  std::vector<kv_reservation> reservations_;
+  std::unordered_map<seq_id, std::vector<int32_t>> held_; // blocks held for a transfer
+  std::vector<seq_id> dropped_;                           // for the next plan's `finished`
   std::vector<request_output> pending_;
   std::vector<std::unique_ptr<sequence>> graveyard_; // finished, maybe named by the last plan
   seq_id next_id_ = 1;

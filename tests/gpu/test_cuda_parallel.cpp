@@ -38,6 +38,7 @@ class greedy_only final : public backend {
   explicit greedy_only(cuda_backend& b) : b_(b) {}
   const model_config& config() const override { return b_.config(); }
   kv_cache_options kv_options() const override { return b_.kv_options(); }
+  kv_layout kv_memory() const override { return b_.kv_memory(); }
   expected<void> forward(const step_plan& plan, forward_output& out) override {
     const int32_t rows = prepare_output(plan, b_.config().vocab_size, out);
     TROUPE_TRY_VOID(b_.forward_greedy(plan, ids_));

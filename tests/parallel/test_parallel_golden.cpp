@@ -29,6 +29,7 @@ class dying_backend final : public backend {
   dying_backend(backend& inner, int die_at) : inner_(inner), left_(die_at) {}
   const model_config& config() const override { return inner_.config(); }
   kv_cache_options kv_options() const override { return inner_.kv_options(); }
+  kv_layout kv_memory() const override { return inner_.kv_memory(); }
   expected<void> forward(const step_plan& plan, forward_output& out) override {
     if (left_-- == 0)
       ::raise(SIGKILL);

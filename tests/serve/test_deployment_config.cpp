@@ -57,7 +57,7 @@ parallel: {tensor: 1, pipeline: 1, replicas: 1}
   CHECK(c->host == "0.0.0.0");
   CHECK(c->port == 0);
   CHECK(c->api_key == "secret");
-  CHECK(deployment_keys().size() == 18);
+  CHECK(deployment_keys().size() == 19);
 }
 
 TEST_CASE("model.yaml: unknown keys name the key and the closest valid one") {
@@ -169,4 +169,50 @@ TEST_CASE("model.yaml: files resolve a relative model path against their folder"
   auto none = load_deployment(dir.path() / "absent.yaml");
   REQUIRE(!none.has_value());
   CHECK(none.error().code() == errc::not_found);
+}
+
+TEST_CASE("model.yaml: disaggregation groups parse, and impossible specs name the key") {
+  auto c = parse_deployment(R"(
+model: /m
+disaggregation:
+  prefill: {replicas: 1, tensor: 2, block_size: 32}
+  decode: {replicas: 2}
+  provider: tcp
+  timeout_s: 5
+  min_prefill_tokens: 64
+  on_prefill_failure: fail
+)",
+                            "m.yaml");
+  REQUIRE_MESSAGE(c.has_value(), (c ? "" : c.error().to_string()));
+  const auto& d = c->disaggregation;
+  CHECK(d.enabled);
+  CHECK(d.prefill.parallel.tensor == 2);
+  CHECK(d.prefill.parallel.replicas == 1);
+  CHECK(d.prefill.block_size == 32);
+  CHECK(d.decode.parallel.replicas == 2);
+  CHECK(d.decode.block_size == 0);
+  CHECK(d.provider == "tcp");
+  CHECK(d.timeout_s == 5);
+  CHECK(d.min_prefill_tokens == 64);
+  CHECK(d.on_prefill_failure == "fail");
+  CHECK_FALSE(parse_deployment("model: /m\n", "m.yaml")->disaggregation.enabled);
+
+  auto refused = [](const char* yaml, const char* says) {
+    auto r = parse_deployment(yaml, "m.yaml");
+    REQUIRE_FALSE(r.has_value());
+    CHECK_MESSAGE(r.error().message().find(says) != std::string::npos, r.error().message());
+  };
+  refused("model: /m\ndisaggregation: {prefil: {replicas: 1}}\n",
+          "unknown key 'disaggregation.prefil' (did you mean 'disaggregation.prefill'?)");
+  refused("model: /m\ndisaggregation: {decode: {replica: 1}}\n",
+          "did you mean 'disaggregation.decode.replicas'");
+  refused("model: /m\ndisaggregation: {provider: ucx}\n",
+          "'disaggregation.provider' must be auto, local, tcp, verbs, efa or socket");
+  refused("model: /m\ndisaggregation: {timeout_s: 0}\n", "'disaggregation.timeout_s'");
+  refused("model: /m\ndisaggregation: {decode: {tensor: 0}}\n",
+          "'disaggregation.decode' sizes must be >= 1");
+  refused("model: /m\ndisaggregation: {on_prefill_failure: retry}\n", "must be decode or fail");
+  refused("model: /m\nparallel: {replicas: 2}\ndisaggregation: {}\n",
+          "'parallel' and 'disaggregation' exclude each other");
+  refused("model: /m\ndisaggregation: [1, 2]\n", "'disaggregation' must be a mapping");
 }

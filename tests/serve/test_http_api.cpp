@@ -407,14 +407,54 @@ TEST_CASE("http: a full waiting queue answers 503 and the server recovers") {
             .status == 200);
 }
 
-TEST_CASE("http: in this process (--block) a deployment is one replica of one rank") {
+TEST_CASE("http: in this process (--block) every replica is one rank, and replicas share load") {
   deployment_config c;
   c.model = "/nonexistent"; // refused before anything loads
-  c.parallel.replicas = 2;
+  c.parallel.tensor = 2;
   auto d = serve::deployment::start(c, "test");
   REQUIRE_FALSE(d.has_value());
   CHECK(d.error().code() == errc::unsupported);
-  CHECK_MESSAGE(d.error().message().find("tensor=1 pipeline=1 replicas=2") != std::string::npos,
+  CHECK_MESSAGE(d.error().message().find("tensor=2 pipeline=1") != std::string::npos,
                 d.error().message());
   CHECK(d.error().message().find("`cluster serve` without --block") != std::string::npos);
+
+  auto dir = test::golden_model("tiny-qwen3");
+  if (!dir)
+    return;
+  c = {};
+  c.model = dir->string();
+  c.served_model_name = "tiny-qwen3";
+  c.max_model_len = 256;
+  c.num_kv_blocks = 32;
+  c.port = 0;
+  c.parallel.replicas = 2;
+  auto two = serve::deployment::start(c, "test");
+  REQUIRE_MESSAGE(two.has_value(), (two ? "" : two.error().to_string()));
+  const std::vector<token_id> prompt = {11, 22, 33, 44, 55};
+  const auto want = golden_greedy(*dir, prompt, 6);
+  std::vector<std::thread> clients;
+  std::atomic<int> right{0};
+  for (int i = 0; i < 6; ++i)
+    clients.emplace_back([&] {
+      json body = {{"prompt", prompt},
+                   {"max_tokens", 6},
+                   {"temperature", 0},
+                   {"ignore_eos", true},
+                   {"return_token_ids", true}};
+      auto r = test::http_call((*two)->port(), "POST", "/v1/completions", body.dump());
+      right += r.status == 200 &&
+               r.json()["choices"][0]["token_ids"].get<std::vector<token_id>>() == want;
+    });
+  for (auto& t : clients)
+    t.join();
+  CHECK(right == 6);
+  auto metrics = test::http_call((*two)->port(), "GET", "/metrics").body;
+  for (int i = 0; i < 2; ++i) { // both replicas took requests
+    const auto key = fmt::format("troupe_replica_requests_total{{model_name=\"tiny-qwen3\","
+                                 "replica=\"{}\"}} ",
+                                 i);
+    const auto at = metrics.find(key);
+    REQUIRE(at != std::string::npos);
+    CHECK(std::stoi(metrics.substr(at + key.size())) > 0);
+  }
 }

@@ -166,11 +166,12 @@ TEST_CASE_FIXTURE(actor_system_fixture,
   r1->gate(true);
   CHECK(drain(*a->second) == std::vector<token_id>(4, 10));
   CHECK(drain(*b->second) == std::vector<token_id>(4, 11));
-  // Idle replicas tie: requests alternate.
+  // Idle replicas tie: requests alternate (each replica idle again before the next).
   for (int i = 0; i < 4; ++i) {
     auto c = submit(router, req(2));
     REQUIRE(c.has_value());
     drain(*c->second);
+    CHECK(blocks_freed(router));
   }
   CHECK(metric(router, "troupe_replica_requests_total{model_name=\"m\",replica=\"0\"}") == 3);
   CHECK(metric(router, "troupe_replica_requests_total{model_name=\"m\",replica=\"1\"}") == 3);

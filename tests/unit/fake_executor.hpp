@@ -62,6 +62,12 @@ class fake_executor final : public engine::executor {
     return r;
   }
 
+  // What the fake KV cache holds at (block, offset): (token, position), or (-1, -1). Handoff
+  // tests copy slots between two executors as a KV transfer would.
+  std::pair<token_id, int64_t>& kv_slot(int32_t block, int32_t offset) {
+    return kv_[static_cast<size_t>(block) * bs_ + offset];
+  }
+
  private:
   std::pair<token_id, int64_t>& slot(const seq_step& s, int64_t p) {
     return kv_[static_cast<size_t>(s.block_table[static_cast<size_t>(p / bs_)]) * bs_ + p % bs_];

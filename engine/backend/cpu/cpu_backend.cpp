@@ -178,6 +178,28 @@ expected<void> cpu_backend::load_layer(const weight_source& w, int64_t l) {
   return {};
 }
 
+kv_layout cpu_backend::kv_memory() const {
+  kv_layout k{.dtype = "float32",
+              .elem_bytes = sizeof(float),
+              .num_layers = static_cast<int32_t>(config_.num_layers),
+              .layer_begin = static_cast<int32_t>(shard_.layers.begin),
+              .layer_end = static_cast<int32_t>(shard_.layers.end),
+              .num_kv_heads = static_cast<int32_t>(config_.num_kv_heads),
+              .head_begin = static_cast<int32_t>(shard_.kv_heads.begin),
+              .head_end = static_cast<int32_t>(shard_.kv_heads.end),
+              .head_dim = static_cast<int32_t>(config_.head_dim),
+              .block_size = kv_.block_size,
+              .num_blocks = kv_.num_blocks};
+  k.allocations = {{k_cache_.data(), k_cache_.size() * sizeof(float), false},
+                   {v_cache_.data(), v_cache_.size() * sizeof(float), false}};
+  const uint64_t plane = static_cast<uint64_t>(kv_.num_blocks) * kv_.block_size * k.token_bytes();
+  for (int64_t l = 0; l < shard_.layers.size(); ++l) {
+    k.planes.push_back({0, static_cast<uint64_t>(l) * plane});
+    k.planes.push_back({1, static_cast<uint64_t>(l) * plane});
+  }
+  return k;
+}
+
 float* cpu_backend::k_block(int64_t l, int32_t block) const {
   size_t per_block = static_cast<size_t>(kv_.block_size * kv_local());
   return k_cache_.data() +

@@ -51,6 +51,7 @@ class cpu_backend final : public backend {
   kv_cache_options kv_options() const override { return kv_; }
   expected<void> forward(const step_plan& plan, forward_output& out) override;
   bool makes_logits() const override;
+  kv_layout kv_memory() const override;
 
  private:
   struct expert {

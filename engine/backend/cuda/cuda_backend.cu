@@ -375,6 +375,27 @@ expected<void> cuda_backend_impl::alloc_kv(size_t workspace_bytes) {
   return {};
 }
 
+kv_layout cuda_backend_impl::kv_memory() const {
+  kv_layout k{.dtype = "bfloat16",
+              .elem_bytes = sizeof(bf16),
+              .num_layers = static_cast<int32_t>(config_.num_layers),
+              .layer_begin = static_cast<int32_t>(shard_.layers.begin),
+              .layer_end = static_cast<int32_t>(shard_.layers.end),
+              .num_kv_heads = static_cast<int32_t>(config_.num_kv_heads),
+              .head_begin = static_cast<int32_t>(shard_.kv_heads.begin),
+              .head_end = static_cast<int32_t>(shard_.kv_heads.end),
+              .head_dim = static_cast<int32_t>(config_.head_dim),
+              .block_size = kv_.block_size,
+              .num_blocks = kv_.num_blocks};
+  k.allocations = {{kv_buf_.as<bf16>(), kv_buf_.bytes(), true}};
+  const uint64_t plane = layer_kv_elems_ * sizeof(bf16); // K then V, layer after layer
+  for (int64_t l = 0; l < shard_.layers.size(); ++l) {
+    k.planes.push_back({0, static_cast<uint64_t>(2 * l) * plane});
+    k.planes.push_back({0, static_cast<uint64_t>(2 * l + 1) * plane});
+  }
+  return k;
+}
+
 bf16* cuda_backend_impl::k_cache(int l) const {
   return kv_buf_.as<bf16>() + static_cast<size_t>(2 * (l - shard_.layers.begin)) * layer_kv_elems_;
 }

@@ -66,6 +66,7 @@ class cuda_backend_impl final : public cuda_backend {
   expected<void> forward_greedy(const step_plan& plan, std::vector<token_id>& tokens) override;
   expected<float*> forward_on_device(const step_plan& plan, forward_output& out) override;
   bool makes_logits() const override { return opt_.broadcast_logits || last_stage_; }
+  kv_layout kv_memory() const override;
   void* stream() const override { return stream_; }
   size_t weight_bytes() const override { return weight_bytes_; }
   size_t kv_bytes() const override { return kv_buf_.bytes(); }
