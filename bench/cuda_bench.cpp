@@ -1,7 +1,8 @@
 // CUDA backend benchmark: measures the device's ceilings (copy bandwidth, bf16 GEMM rate), then
 // decode ms/step and prefill tokens/s on random-weight models of real shapes, each reported as a
 // ratio to the bound measured in the same run. Usage: cuda_bench
-// [--shape qwen3-8b|qwen3-0.6b|qwen3-30b-a3b]... [--batches 1,64] [--ctx 512,4096] [--no-prefill]
+// [--shape qwen3-8b|qwen3-0.6b|qwen3-30b-a3b|qwen3-30b-a3b-dense]... [--batches 1,64]
+// [--ctx 512,4096] [--no-prefill]
 // (defaults: the two dense shapes, every batch and context, prefill).
 #include <algorithm>
 #include <chrono>
@@ -40,6 +41,10 @@ model_config qwen3_shape(const std::string& name) {
     c.hidden_size = 2048, c.num_layers = 48, c.num_heads = 32, c.num_kv_heads = 4;
     c.intermediate_size = 6144, c.num_experts = 128, c.num_experts_per_tok = 8;
     c.moe_intermediate_size = 768, c.norm_topk_prob = true;
+  } else if (name == "qwen3-30b-a3b-dense") { // its attention, and 8 x 768 rows as one dense MLP:
+    // the bytes a batch-1 token reads, without routing
+    c.hidden_size = 2048, c.num_layers = 48, c.num_heads = 32, c.num_kv_heads = 4;
+    c.intermediate_size = 8 * 768;
   } else if (name == "qwen3-8b") {
     c.hidden_size = 4096, c.num_layers = 36, c.num_heads = 32, c.num_kv_heads = 8;
     c.intermediate_size = 12288;
@@ -243,7 +248,9 @@ void bench_shape(const std::string& shape, double bw, double peak_tflops, const 
       double e = decode_ms(be, batch, ctx, 10);
       be.set_use_graphs(true);
       double lt = 0;
-      if (batch <= 8) { // our skinny GEMM against cuBLASLt for the decode projections
+      // Our skinny GEMMs against cuBLASLt for the decode projections (and, for MoE, the
+      // tensor-core grouped expert GEMM against the skinny one), at every batch for MoE.
+      if (batch <= 8 || c.num_experts > 0) {
         be.set_use_skinny_gemm(false);
         lt = decode_ms(be, batch, ctx, 20);
         be.set_use_skinny_gemm(true);
@@ -252,8 +259,9 @@ void bench_shape(const std::string& shape, double bw, double peak_tflops, const 
       fmt::print("| {} | {} | {:.3f} | {:.3f} | {:.3f} | {:.0f}% | {:.0f} |\n", batch, ctx, g, e,
                  roof, 100 * roof / g, batch / g * 1e3);
       if (lt > 0)
-        fmt::print("| {} | {} | {:.3f} with cuBLASLt for all GEMMs | | | {:.0f}% | |\n", batch, ctx,
-                   lt, 100 * roof / lt);
+        fmt::print("| {} | {} | {:.3f} with cuBLASLt{} for all GEMMs | | | {:.0f}% | |\n", batch,
+                   ctx, lt, c.num_experts > 0 ? " and tensor-core expert tiles" : "",
+                   100 * roof / lt);
     }
   }
   if (!bp.prefill)
@@ -304,7 +312,7 @@ int main(int argc, char** argv) {
                      .max_num_seqs = 256,
                      .max_logit_rows = 256,
                      .max_model_len = 8208,
-                     .gpu_memory_utilization = 0.4f,
+                     .gpu_memory_utilization = c.num_experts > 0 ? 0.9f : 0.4f,
                      .random_weights = true};
     auto b = make_cuda_backend(c, nullptr, {.num_blocks = 0, .block_size = 16}, opt);
     if (!b) {

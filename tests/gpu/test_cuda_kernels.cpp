@@ -244,32 +244,43 @@ TEST_CASE("cuda moe: device routing and grouped expert GEMMs against the CPU ref
     auto* bdn = reinterpret_cast<bf16*>(ddn.p);
     dev<uint8_t> space(moe_workspace_bytes(d, c.T));
     const auto ws = moe_carve(space.p, d, c.T);
-    std::vector<float> first_alone;
+    // The fused output: added to a residual stream, then RMS-normalised.
+    auto resid0 = random_vec(want.size(), rng, 2.0f);
+    auto norm_w = random_vec(static_cast<size_t>(c.H), rng);
+    std::vector<float> resid_want(want.size()), normed_want(want.size());
+    for (size_t i = 0; i < want.size(); ++i)
+      resid_want[i] = resid0[i] + want[i];
+    cpu::rms_norm(resid_want.data(), c.T, c.H, norm_w.data(), 1e-6, normed_want.data());
+    dev<float> dnorm(norm_w);
     for (auto path : {moe_path::skinny, moe_path::tensor_core, moe_path::auto_path}) {
       CAPTURE(static_cast<int>(path));
-      dev<float> out(want.size()); // poisoned: NaN where nothing was written
-      dev<uint16_t> out_b(want.size());
-      REQUIRE(moe_forward(d, dl.p, bh, bgu, bdn, ws, out.p, nullptr, path, nullptr).has_value());
-      REQUIRE(moe_forward(d, dl.p, bh, bgu, bdn, ws, nullptr, reinterpret_cast<bf16*>(out_b.p),
-                          path, nullptr)
+      dev<float> partial(want.size()); // poisoned: NaN where nothing was written
+      REQUIRE(moe_forward(d, dl.p, bh, bgu, bdn, ws, {.partial = partial.p}, path, nullptr)
                   .has_value());
+      dev<float> resid(resid0);
+      dev<uint16_t> normed(want.size());
+      const moe_output fused{.resid = resid.p,
+                             .norm = dnorm.p,
+                             .eps = 1e-6f,
+                             .normed = reinterpret_cast<bf16*>(normed.p)};
+      REQUIRE(moe_forward(d, dl.p, bh, bgu, bdn, ws, fused, path, nullptr).has_value());
       device_sync();
-      // gate/up and the activation are rounded to bf16 between the GEMMs.
-      CHECK(test::rel_l2(out.floats(), want) < 1e-2);
-      CHECK(test::rel_l2(out_b.floats(), want) < 1.5e-2);
+      // The activation is rounded to bf16 between the GEMMs.
+      CHECK(test::rel_l2(partial.floats(), want) < 1e-2);
+      CHECK(test::rel_l2(resid.floats(), resid_want) < 2e-3);
+      CHECK(test::rel_l2(normed.floats(), normed_want) < 1e-2);
       // The first token alone gets exactly the row it got in the batch (same path).
+      if (path == moe_path::auto_path)
+        continue;
       moe_dims one = d;
       one.T = 1;
       dev<float> alone(static_cast<size_t>(c.H));
-      REQUIRE(moe_forward(one, dl.p, bh, bgu, bdn, ws, alone.p, nullptr,
-                          path == moe_path::auto_path ? moe_path::skinny : path, nullptr)
+      REQUIRE(moe_forward(one, dl.p, bh, bgu, bdn, ws, {.partial = alone.p}, path, nullptr)
                   .has_value());
       device_sync();
-      if (path != moe_path::auto_path) {
-        auto row = out.floats();
-        row.resize(static_cast<size_t>(c.H));
-        CHECK(alone.floats() == row);
-      }
+      auto row = partial.floats();
+      row.resize(static_cast<size_t>(c.H));
+      CHECK(alone.floats() == row);
     }
   }
   moe_dims odd{.T = 1, .H = 36, .I = 16, .E = 4, .K = 2, .expert_begin = 0, .expert_end = 4};

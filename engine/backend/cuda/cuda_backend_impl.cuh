@@ -89,7 +89,9 @@ class cuda_backend_impl final : public cuda_backend {
   expected<void> run_model(); // every kernel of one step, on stream_ (graph-capturable)
   expected<void> run_step();  // run_model eagerly, or through a captured graph
   expected<void> layer(int l);
-  expected<void> moe(const gpu_layer& w);
+  // The MoE block into proj_ (next_norm null), or added to resid_ and normalised with next_norm
+  // into h_ (tensor = 1).
+  expected<void> moe(const gpu_layer& w, const float* next_norm);
   expected<void> lm_head(); // sel_ -> logits_ [R, V], gathered over the tensor group
   // Broadcasts `words` 4-byte values from the last stage to every rank (no-op at pipeline=1).
   expected<void> from_last_stage(void* data, size_t words);

@@ -141,8 +141,13 @@ expected<void> cuda_backend_impl::layer(int l) {
   TROUPE_TRY_VOID(gemm_.run(attn_, T_, q_local, w.o, H, proj_, stream_));
   TROUPE_TRY_VOID(tp_sum(proj_, static_cast<size_t>(T_) * H, comm::device_dtype::bf16));
   TROUPE_TRY_VOID(add_rms_norm(resid_, proj_, w.o_bias, T_, H, w.post_norm, eps, h_, stream_));
+  // A stage's last layer normalises with the final norm; the next stage renormalises its input.
+  const float* next =
+      l + 1 < shard_.layers.end ? layers_[static_cast<size_t>(l + 1)].in_norm : final_norm_;
+  if (w.router != nullptr && tp_ == 1)
+    return moe(w, next); // adds to the residual stream and normalises itself
   if (w.router != nullptr) {
-    TROUPE_TRY_VOID(moe(w));
+    TROUPE_TRY_VOID(moe(w, nullptr));
   } else {
     const int I = static_cast<int>(shard_.intermediate.size());
     TROUPE_TRY_VOID(gemm_.run(h_, T_, H, w.gate_up, 2 * I, mlp_, stream_));
@@ -150,25 +155,33 @@ expected<void> cuda_backend_impl::layer(int l) {
     TROUPE_TRY_VOID(gemm_.run(act_, T_, I, w.down, H, proj_, stream_));
     TROUPE_TRY_VOID(tp_sum(proj_, static_cast<size_t>(T_) * H, comm::device_dtype::bf16));
   }
-  // A stage's last layer normalises with the final norm; the next stage renormalises its input.
-  const float* next =
-      l + 1 < shard_.layers.end ? layers_[static_cast<size_t>(l + 1)].in_norm : final_norm_;
   return add_rms_norm(resid_, proj_, nullptr, T_, H, next, eps, h_, stream_);
 }
 
-expected<void> cuda_backend_impl::moe(const gpu_layer& w) {
+expected<void> cuda_backend_impl::moe(const gpu_layer& w, const float* next_norm) {
   // Router logits, then routing, permutation, grouped expert GEMMs and the weighted combine on
   // the device (moe.cu): nothing comes back to the host, so MoE decode steps are graph-captured.
-  // At tensor > 1 each rank runs its own experts and the fp32 partial sums are all-reduced.
+  // At tensor = 1 the combine also adds to the residual stream and applies next_norm; at
+  // tensor > 1 each rank sums its own experts, the fp32 partial sums are all-reduced and proj_
+  // holds the result.
   const int H = static_cast<int>(config_.hidden_size), E = static_cast<int>(config_.num_experts);
   TROUPE_TRY_VOID(gemm_.run(h_, T_, H, w.router, E, router_, stream_));
   moe_dims d = moe_dims_;
   d.T = T_;
-  if (tp_ == 1)
-    return moe_forward(d, router_, h_, w.experts_gate_up, w.experts_down, moe_ws_, nullptr, proj_,
-                       moe_path_, stream_);
-  TROUPE_TRY_VOID(moe_forward(d, router_, h_, w.experts_gate_up, w.experts_down, moe_ws_, moe_acc_,
-                              nullptr, moe_path_, stream_));
+  moe_output out;
+  if (next_norm != nullptr) {
+    out.resid = resid_;
+    out.norm = next_norm;
+    out.eps = static_cast<float>(config_.rms_norm_eps);
+    out.normed = h_;
+  } else {
+    out.partial = moe_acc_;
+  }
+  // h_ is both the input and (fused) the output: the combine runs after every read of it.
+  TROUPE_TRY_VOID(moe_forward(d, router_, h_, w.experts_gate_up, w.experts_down, moe_ws_, out,
+                              moe_path_, stream_));
+  if (next_norm != nullptr)
+    return {};
   TROUPE_TRY_VOID(tp_sum(moe_acc_, static_cast<size_t>(T_) * H, comm::device_dtype::f32));
   return f32_to_bf16(moe_acc_, static_cast<size_t>(T_) * H, proj_, stream_);
 }

@@ -1,26 +1,28 @@
-// Device-side mixture of experts (moe.cuh). Five launches per MoE layer, none of which depends on
-// anything the host reads back, so a decode step with MoE layers is captured in a CUDA graph:
+// Device-side mixture of experts (moe.cuh). Four or five launches per MoE layer, none of which
+// depends on anything the host reads back, so a decode step with MoE layers is captured in a CUDA
+// graph:
 //   route     one warp per token: softmax over the router logits, top-k (ties to the lower expert
-//             id, as the CPU reference's stable sort), optional renormalisation;
-//   permute   one block: counts per local expert, offsets, the (token, k) pairs stably sorted by
-//             expert (tokens ascending within an expert), the active-expert list and the 64-row
-//             tile list the grouped GEMMs read;
+//             id, as the CPU reference's stable sort), optional renormalisation; for up to 32
+//             tokens the permute block does this itself, one launch fewer;
+//   permute   one block: counts per local expert, offsets and tile and active-expert lists by
+//             warp scans, the (token, k) pairs stably sorted by expert (tokens ascending within
+//             an expert);
 //   gate/up   grouped GEMM over every active expert in one launch, gathering the token rows of
-//             h through the permutation (no copy);
-//   down      the same over silu(gate) * up;
+//             h through the permutation (no copy), silu(gate) * up in its epilogue;
+//   down      the same over that activation;
 //   combine   one block per token: the weighted sum of its k rows in k order (no atomics, so the
-//             result is the same at every batch size and replay).
+//             result is the same at every batch size and replay), added to the residual stream
+//             and RMS-normalised for the next layer (or kept as a partial sum at tensor > 1).
 // The grouped GEMM comes in two kinds, sized on the host from T alone (the device fills in which
 // experts and rows): a CUDA-core kernel that streams only the active experts' weight rows (one
 // warp per row, 16-byte loads) for decode-sized batches, and mma.sync tensor-core tiles of 64
-// rows x 64 outputs with cp.async double buffering for larger ones. Blocks beyond the device's
-// count of active experts or tiles return at once.
+// rows x 64 outputs (k steps of 64) with cp.async double buffering for larger ones. Blocks beyond
+// the device's count of active experts or tiles return at once.
 #include "engine/backend/cuda/moe.cuh"
 
 #include <algorithm>
 
 #include "engine/backend/cuda/device_math.cuh"
-#include "engine/backend/cuda/kernels.cuh"
 
 namespace troupe::engine::cuda {
 
@@ -28,11 +30,14 @@ namespace {
 
 constexpr int permute_threads = 512;
 constexpr int permute_warps = permute_threads / 32;
+// Up to this many tokens the permutation block routes them itself (two per warp).
+constexpr int fused_route_tokens = 2 * permute_warps;
 constexpr int tile_rows = 64; // tensor-core tile: permuted rows
 constexpr int tile_cols = 64; //                   outputs
-constexpr int tile_k = 32;
-constexpr int tile_stride = tile_k + 8; // bf16 per shared-memory row: 80 bytes, conflict-free
+constexpr int tile_k = 64;
+constexpr int tile_stride = tile_k + 8; // bf16 per shared-memory row: 144 bytes, conflict-free
 constexpr int tile_threads = 128;
+constexpr int tile_pieces = tile_rows * tile_k / 8 / tile_threads; // 16-byte copies per thread
 
 int max_tiles(const moe_dims& d, int tokens) {
   const int n = tokens * d.K;
@@ -44,13 +49,10 @@ __device__ __forceinline__ bool ranks_before(float v1, int e1, float v2, int e2)
   return v1 > v2 || (v1 == v2 && e1 < e2);
 }
 
-__global__ void route_kernel(const float* __restrict__ logits, int T, int E, int K, bool norm,
-                             int32_t* __restrict__ ids, float* __restrict__ weights) {
-  pdl_wait();
-  const int t = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (t >= T)
-    return;
+// Routes token t with one warp: softmax over its router logits, the top k by (probability, lower
+// id), optionally renormalised. Picks that find nothing (NaN logits) get id -1: no expert, no row.
+__device__ void route_token(const float* __restrict__ logits, int t, int E, int K, bool norm,
+                            int32_t* ids, float* weights, int lane) {
   const float* l = logits + static_cast<size_t>(t) * E;
   float m = -INFINITY;
   for (int e = lane; e < E; e += 32)
@@ -93,53 +95,93 @@ __global__ void route_kernel(const float* __restrict__ logits, int T, int E, int
     prev_e = best_e;
   }
   if (lane < K) {
-    // A pick that found nothing (NaN logits) gets id -1: no expert, no row.
     ids[static_cast<size_t>(t) * K + lane] = mine_e;
     weights[static_cast<size_t>(t) * K + lane] = norm ? mine_v / sum : mine_v;
   }
 }
 
-// One block of permute_threads; shared memory: (3 + permute_warps) * L ints.
+// One warp per token (more than fused_route_tokens tokens).
+__global__ void route_kernel(const float* __restrict__ logits, int T, int E, int K, bool norm,
+                             int32_t* __restrict__ ids, float* __restrict__ weights) {
+  pdl_wait();
+  const int t = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  if (t < T)
+    route_token(logits, t, E, K, norm, ids, weights, threadIdx.x % 32);
+}
+
+// One block of permute_threads; shared memory: (5 + permute_warps) * L ints. With logits set, the
+// block routes the tokens first (one launch fewer for decode-sized steps).
 __global__ void __launch_bounds__(permute_threads)
-    permute_kernel(const int32_t* __restrict__ ids, int N, int K, int e0, int L,
-                   int32_t* __restrict__ slot, int32_t* __restrict__ row_token,
-                   int32_t* __restrict__ offsets, int32_t* __restrict__ active,
-                   int32_t* __restrict__ tiles) {
+    permute_kernel(const float* __restrict__ logits, int T, int E, bool norm, int32_t* ids,
+                   float* weights, int K, int e0, int L, int32_t* __restrict__ slot,
+                   int32_t* __restrict__ row_token, int32_t* __restrict__ offsets,
+                   int32_t* __restrict__ active, int32_t* __restrict__ tiles) {
   pdl_wait();
   extern __shared__ int smem[];
-  int* count = smem;              // [L]
+  int* count = smem;              // [L] pairs per expert
   int* placed = smem + L;         // [L] rows of each expert placed by earlier chunks
   int* start = smem + 2 * L;      // [L] first row of each expert
-  int* warp_count = smem + 3 * L; // [permute_warps][L] this chunk's pairs per warp and expert
+  int* tile_start = smem + 3 * L; // [L] first tile of each expert
+  int* active_at = smem + 4 * L;  // [L] position in the active list
+  int* warp_count = smem + 5 * L; // [permute_warps][L] this chunk's pairs per warp and expert
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int N = T * K;
+  if (logits != nullptr) {
+    for (int t = warp; t < T; t += permute_warps)
+      route_token(logits, t, E, K, norm, ids, weights, lane);
+  }
   for (int e = tid; e < L; e += permute_threads)
     count[e] = placed[e] = 0;
-  __syncthreads();
+  __syncthreads(); // also makes the routed ids visible to the block
   for (int i = tid; i < N; i += permute_threads) {
     const int e = ids[i] - e0;
     if (e >= 0 && e < L)
       atomicAdd(&count[e], 1);
   }
   __syncthreads();
-  if (tid == 0) {
-    int off = 0, na = 0, nt = 0;
-    for (int e = 0; e < L; ++e) {
-      start[e] = off;
-      offsets[e] = off;
-      const int c = count[e];
-      if (c > 0)
-        active[1 + na++] = e;
-      for (int r = 0; r < c; r += tile_rows, ++nt) {
-        tiles[1 + 2 * nt] = e;
-        tiles[2 + 2 * nt] = off + r;
+  // Exclusive scans over the experts (rows, tiles, active experts) by warp 0, 32 at a time.
+  if (warp == 0) {
+    int rows = 0, nt = 0, na = 0;
+    for (int b = 0; b < L; b += 32) {
+      const int e = b + lane;
+      const int c = e < L ? count[e] : 0, ct = (c + tile_rows - 1) / tile_rows, ca = c > 0;
+      int sc = c, st = ct, sa = ca;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int vc = __shfl_up_sync(0xffffffffu, sc, o), vt = __shfl_up_sync(0xffffffffu, st, o),
+                  va = __shfl_up_sync(0xffffffffu, sa, o);
+        if (lane >= o) {
+          sc += vc;
+          st += vt;
+          sa += va;
+        }
       }
-      off += c;
+      if (e < L) {
+        start[e] = rows + sc - c;
+        tile_start[e] = nt + st - ct;
+        active_at[e] = na + sa - ca;
+      }
+      rows += __shfl_sync(0xffffffffu, sc, 31);
+      nt += __shfl_sync(0xffffffffu, st, 31);
+      na += __shfl_sync(0xffffffffu, sa, 31);
     }
-    offsets[L] = off;
-    active[0] = na;
-    tiles[0] = nt;
+    if (lane == 0) {
+      offsets[L] = rows;
+      active[0] = na;
+      tiles[0] = nt;
+    }
   }
   __syncthreads();
+  for (int e = tid; e < L; e += permute_threads) {
+    offsets[e] = start[e];
+    const int c = count[e];
+    if (c > 0)
+      active[1 + active_at[e]] = e;
+    for (int j = 0; j * tile_rows < c; ++j) {
+      tiles[1 + 2 * (tile_start[e] + j)] = e;
+      tiles[2 + 2 * (tile_start[e] + j)] = start[e] + j * tile_rows;
+    }
+  }
   // Stable placement, permute_threads pairs at a time: a pair's rank within its expert is the
   // pairs of that expert before it in its warp (match), in earlier warps and in earlier chunks.
   for (int base = 0; base < N; base += permute_threads) {
@@ -187,67 +229,79 @@ __device__ __forceinline__ void store(Out* y, size_t i, float v) {
     y[i] = __float2bfloat16(v);
 }
 
-// Rows r0 .. r0 + n - 1 (n <= N) of one expert times weight row `col`: N accumulators per lane,
-// the weight row streamed once with 16-byte loads, four in flight.
-template <int N, class Out>
+__device__ __forceinline__ float silu(float g) {
+  return g / (1.0f + __expf(-g));
+}
+
+// Rows r0 .. r0 + n - 1 (n <= N) of one expert times two weight rows w0, w1 (each streamed once
+// with 16-byte loads, four of each in flight per lane; the last round guarded, in = 768: three).
+// Gated: y[r, col0] = silu(x w0) * (x w1) (gate and up rows of one activation column). Else
+// y[r, col0] = x w0 and, when col1 < out, y[r, col1] = x w1.
+template <int N, bool gated, class Out>
 __device__ __forceinline__ void
-skinny_rows(const uint4* __restrict__ wr, int chunks, const bf16* __restrict__ x,
-            const int32_t* __restrict__ row_token, int in, int r0, int n, Out* __restrict__ y,
-            int out, int col, int lane) {
+skinny_rows(const uint4* __restrict__ w0, const uint4* __restrict__ w1, int chunks,
+            const bf16* __restrict__ x, const int32_t* __restrict__ row_token, int in, int r0,
+            int n, Out* __restrict__ y, int out, int col0, int col1, int lane) {
   const bf16* xr[N];
 #pragma unroll
   for (int t = 0; t < N; ++t) {
     const int r = r0 + (t < n ? t : n - 1);
     xr[t] = x + static_cast<size_t>(row_token != nullptr ? row_token[r] : r) * in;
   }
-  float acc[N];
+  float acc0[N], acc1[N];
 #pragma unroll
   for (int t = 0; t < N; ++t)
-    acc[t] = 0.0f;
+    acc0[t] = acc1[t] = 0.0f;
   constexpr int unroll = 4;
-  int c = lane;
-  for (; c + 32 * (unroll - 1) < chunks; c += 32 * unroll) {
-    uint4 wv[unroll];
+  for (int c0 = lane; c0 < chunks; c0 += 32 * unroll) {
+    uint4 a[unroll], b[unroll];
 #pragma unroll
     for (int u = 0; u < unroll; ++u)
-      wv[u] = __ldg(wr + c + 32 * u);
+      if (c0 + 32 * u < chunks) {
+        a[u] = __ldg(w0 + c0 + 32 * u);
+        b[u] = __ldg(w1 + c0 + 32 * u);
+      }
 #pragma unroll
     for (int u = 0; u < unroll; ++u) {
-      float wf[8];
-      bf16x8_to_float(wv[u], wf);
+      const int c = c0 + 32 * u;
+      if (c >= chunks)
+        break;
+      float af[8], bf[8];
+      bf16x8_to_float(a[u], af);
+      bf16x8_to_float(b[u], bf);
 #pragma unroll
       for (int t = 0; t < N; ++t) {
         float xf[8];
-        bf16x8_to_float(*reinterpret_cast<const uint4*>(xr[t] + 8 * (c + 32 * u)), xf);
+        bf16x8_to_float(*reinterpret_cast<const uint4*>(xr[t] + 8 * c), xf);
 #pragma unroll
-        for (int k = 0; k < 8; ++k)
-          acc[t] += wf[k] * xf[k];
+        for (int k = 0; k < 8; ++k) {
+          acc0[t] += af[k] * xf[k];
+          acc1[t] += bf[k] * xf[k];
+        }
       }
-    }
-  }
-  for (; c < chunks; c += 32) {
-    float wf[8];
-    bf16x8_to_float(__ldg(wr + c), wf);
-#pragma unroll
-    for (int t = 0; t < N; ++t) {
-      float xf[8];
-      bf16x8_to_float(*reinterpret_cast<const uint4*>(xr[t] + 8 * c), xf);
-#pragma unroll
-      for (int k = 0; k < 8; ++k)
-        acc[t] += wf[k] * xf[k];
     }
   }
 #pragma unroll
   for (int t = 0; t < N; ++t) {
-    const float v = warp_sum(acc[t]);
-    if (lane == 0 && t < n)
-      store(y, static_cast<size_t>(r0 + t) * out + col, v);
+    const float v0 = warp_sum(acc0[t]), v1 = warp_sum(acc1[t]);
+    if (lane != 0 || t >= n)
+      continue;
+    const size_t row = static_cast<size_t>(r0 + t) * out;
+    if constexpr (gated) {
+      store(y, row + col0, silu(v0) * v1);
+    } else {
+      store(y, row + col0, v0);
+      if (col1 < out)
+        store(y, row + col1, v1);
+    }
   }
 }
 
-// Grid (ceil(out / 8), max active experts); block y serves the y-th active expert, one warp per
-// weight row. y[row, :] = x[row_token[row] or row, :] . w_e^T for the expert's permuted rows.
-template <class Out>
+// Grid (ceil(out / 16) non-gated or ceil(out / 8) gated, max active experts); block y serves the
+// y-th active expert, two weight rows per warp. For each of the expert's permuted rows r, with
+// x_r = x[row_token[r] or r]: gated (w_e = [gate; up], [2 out, in]) y[r, :] = silu(x_r gate^T) *
+// (x_r up^T); else y[r, :] = x_r w_e^T ([out, in]).
+template <bool gated, class Out>
 __global__ void __launch_bounds__(256)
     skinny_kernel(const bf16* __restrict__ x, const int32_t* __restrict__ row_token, int in,
                   const bf16* __restrict__ w, int out, const int32_t* __restrict__ offsets,
@@ -256,22 +310,25 @@ __global__ void __launch_bounds__(256)
   if (static_cast<int>(blockIdx.y) >= active[0])
     return;
   const int e = active[1 + blockIdx.y];
-  const int col = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (col >= out)
+  const int warp = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int col0 = gated ? warp : 2 * warp, col1 = gated ? warp : 2 * warp + 1;
+  if (col0 >= out)
     return;
+  const size_t rows = gated ? 2 * static_cast<size_t>(out) : out;
+  const bf16* we = w + static_cast<size_t>(e) * rows * in;
+  const int row1 = gated ? out + col0 : min(col1, out - 1); // a valid row to stream either way
+  const uint4* w0 = reinterpret_cast<const uint4*>(we + static_cast<size_t>(col0) * in);
+  const uint4* w1 = reinterpret_cast<const uint4*>(we + static_cast<size_t>(row1) * in);
   const int begin = offsets[e], end = offsets[e + 1];
-  const uint4* wr = reinterpret_cast<const uint4*>(w + (static_cast<size_t>(e) * out + col) * in);
   const int chunks = in / 8;
-  for (int r0 = begin; r0 < end; r0 += 8) {
-    const int n = min(8, end - r0);
-    if (n > 4)
-      skinny_rows<8>(wr, chunks, x, row_token, in, r0, n, y, out, col, lane);
-    else if (n > 2)
-      skinny_rows<4>(wr, chunks, x, row_token, in, r0, n, y, out, col, lane);
+  for (int r0 = begin; r0 < end; r0 += 4) {
+    const int n = min(4, end - r0);
+    if (n > 2)
+      skinny_rows<4, gated>(w0, w1, chunks, x, row_token, in, r0, n, y, out, col0, col1, lane);
     else if (n == 2)
-      skinny_rows<2>(wr, chunks, x, row_token, in, r0, n, y, out, col, lane);
+      skinny_rows<2, gated>(w0, w1, chunks, x, row_token, in, r0, n, y, out, col0, col1, lane);
     else
-      skinny_rows<1>(wr, chunks, x, row_token, in, r0, n, y, out, col, lane);
+      skinny_rows<1, gated>(w0, w1, chunks, x, row_token, in, r0, n, y, out, col0, col1, lane);
   }
 }
 
@@ -304,9 +361,12 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// Grid (ceil(out / 64), max tiles); block y computes tile y (64 permuted rows of one expert) times
-// 64 weight rows. Four warps of 32 x 32; mma.sync m16n8k16 with ldmatrix operands.
-template <class Out>
+// Grid (ceil(out / 64) non-gated or ceil(out / 32) gated, max tiles); block y computes tile y (64
+// permuted rows of one expert) times 64 weight rows. Four warps of 32 x 32; mma.sync m16n8k16 with
+// ldmatrix operands. Gated (w_e = [gate; up], [2 out, in]): each warp's 32 weight rows are 16 gate
+// rows then the 16 up rows of the same activation columns, so a thread holds both halves of its
+// outputs and writes silu(gate) * up.
+template <bool gated, class Out>
 __global__ void __launch_bounds__(tile_threads)
     tile_kernel(const bf16* __restrict__ x, const int32_t* __restrict__ row_token, int in,
                 const bf16* __restrict__ w, int out, const int32_t* __restrict__ offsets,
@@ -318,29 +378,32 @@ __global__ void __launch_bounds__(tile_threads)
   __shared__ __align__(16) bf16 b_s[2][tile_cols * tile_stride];
   const int e = tiles[1 + 2 * blockIdx.y], row0 = tiles[2 + 2 * blockIdx.y];
   const int row_end = min(offsets[e + 1], row0 + tile_rows);
-  const int n0 = blockIdx.x * tile_cols;
-  const bf16* we = w + static_cast<size_t>(e) * out * in;
+  const int n0 = blockIdx.x * (gated ? tile_cols / 2 : tile_cols);
+  const bf16* we = w + static_cast<size_t>(e) * (gated ? 2 : 1) * out * in;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  // Each thread copies two 16-byte pieces of A and two of B per k-tile.
-  const bf16* a_src[2];
-  const bf16* b_src[2];
-  bool a_ok[2], b_ok[2];
-  int s_off[2], k_off[2];
+  // Each thread copies tile_pieces 16-byte pieces of A and as many of B per k-tile.
+  const bf16* a_src[tile_pieces];
+  const bf16* b_src[tile_pieces];
+  bool a_ok[tile_pieces], b_ok[tile_pieces];
+  int s_off[tile_pieces], k_off[tile_pieces];
 #pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    const int c = tid + tile_threads * j, r = c / 4;
-    k_off[j] = (c % 4) * 8;
+  for (int j = 0; j < tile_pieces; ++j) {
+    const int c = tid + tile_threads * j, r = c / (tile_k / 8);
+    k_off[j] = (c % (tile_k / 8)) * 8;
     s_off[j] = r * tile_stride + k_off[j];
     const int gr = row0 + r;
     a_ok[j] = gr < row_end;
     const int src = a_ok[j] ? (row_token != nullptr ? row_token[gr] : gr) : 0;
     a_src[j] = x + static_cast<size_t>(src) * in + k_off[j];
-    b_ok[j] = n0 + r < out;
-    b_src[j] = we + static_cast<size_t>(b_ok[j] ? n0 + r : 0) * in + k_off[j];
+    // Gated: shared row r holds gate or up row j of activation column j.
+    const int j_col = gated ? n0 + (r / 32) * 16 + r % 16 : n0 + r;
+    b_ok[j] = j_col < out;
+    const int w_row = gated && r % 32 >= 16 ? out + j_col : j_col;
+    b_src[j] = we + static_cast<size_t>(b_ok[j] ? w_row : 0) * in + k_off[j];
   }
   auto load = [&](int stage, int k0) {
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
+    for (int j = 0; j < tile_pieces; ++j) {
       const bool k_ok = k0 + k_off[j] < in;
       cp_async16(&a_s[stage][s_off[j]], a_src[j] + (k_ok ? k0 : 0), a_ok[j] && k_ok);
       cp_async16(&b_s[stage][s_off[j]], b_src[j] + (k_ok ? k0 : 0), b_ok[j] && k_ok);
@@ -391,25 +454,46 @@ __global__ void __launch_bounds__(tile_threads)
 #pragma unroll
   for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
-    for (int ni = 0; ni < 4; ++ni)
+    for (int ni = 0; ni < (gated ? 2 : 4); ++ni)
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         const int r = row0 + wm + mi * 16 + lane / 4 + (q / 2) * 8;
-        const int col = n0 + wn + ni * 8 + (lane % 4) * 2 + q % 2;
+        const int col = n0 + (gated ? wn / 2 : wn) + ni * 8 + (lane % 4) * 2 + q % 2;
         if (r < row_end && col < out)
-          store(y, static_cast<size_t>(r) * out + col, acc[mi][ni][q]);
+          store(y, static_cast<size_t>(r) * out + col,
+                gated ? silu(acc[mi][ni][q]) * acc[mi][ni + 2][q] : acc[mi][ni][q]);
       }
 }
 
-// One block per token: out[t] = sum over k of w(t, k) * down[slot(t, k)], in k order.
-template <class Out>
+// Sum over a block of blockDim.x (a multiple of 32, at most 1024) threads; all threads get it.
+__device__ float block_sum(float v) {
+  __shared__ float part[32];
+  __shared__ float total;
+  v = warp_sum(v);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0)
+    part[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    float x = lane < static_cast<int>(blockDim.x / 32) ? part[lane] : 0.0f;
+    x = warp_sum(x);
+    if (lane == 0)
+      total = x;
+  }
+  __syncthreads();
+  return total;
+}
+
+// One block per token: sum = the sum over k of w(t, k) * down[slot(t, k)], in k order. Then
+// either partial[t] = sum, or resid[t] += sum and normed[t] = rmsnorm(resid[t]) * norm.
 __global__ void combine_kernel(const float* __restrict__ down, const int32_t* __restrict__ slot,
-                               const float* __restrict__ weights, int K, int H,
-                               Out* __restrict__ out) {
+                               const float* __restrict__ weights, int K, int H, moe_output o) {
   pdl_wait();
   const int t = blockIdx.x;
   const int32_t* sl = slot + static_cast<size_t>(t) * K;
   const float* wt = weights + static_cast<size_t>(t) * K;
+  const size_t row = static_cast<size_t>(t) * H;
+  float ss = 0.0f;
   for (int h = threadIdx.x; h < H; h += blockDim.x) {
     float acc = 0.0f;
     for (int k = 0; k < K; ++k) {
@@ -417,20 +501,36 @@ __global__ void combine_kernel(const float* __restrict__ down, const int32_t* __
       if (s >= 0)
         acc += wt[k] * down[static_cast<size_t>(s) * H + h];
     }
-    store(out, static_cast<size_t>(t) * H + h, acc);
+    if (o.partial != nullptr) {
+      o.partial[row + h] = acc;
+    } else {
+      const float v = o.resid[row + h] + acc;
+      o.resid[row + h] = v;
+      ss += v * v;
+    }
   }
+  if (o.partial != nullptr)
+    return;
+  const float inv = rsqrtf(block_sum(ss) / H + o.eps);
+  for (int h = threadIdx.x; h < H; h += blockDim.x)
+    o.normed[row + h] = __float2bfloat16(o.norm[h] * (o.resid[row + h] * inv));
 }
 
-template <class Out>
+template <bool gated, class Out>
 cudaError_t grouped_gemm(bool skinny, const moe_dims& d, const bf16* x, const int32_t* row_token,
                          int in, const bf16* w, int out, const moe_workspace& ws, Out* y,
                          cudaStream_t s) {
   const int n = d.pairs();
-  if (skinny)
-    return launch_pdl(skinny_kernel<Out>, dim3((out + 7) / 8, std::min(d.local(), n)), dim3(256), 0,
+  if (skinny) {
+    const int per_block = gated ? 8 : 16;
+    return launch_pdl(skinny_kernel<gated, Out>,
+                      dim3((out + per_block - 1) / per_block, std::min(d.local(), n)), dim3(256), 0,
                       s, x, row_token, in, w, out, ws.offsets, ws.active, y);
-  return launch_pdl(tile_kernel<Out>, dim3((out + tile_cols - 1) / tile_cols, max_tiles(d, d.T)),
-                    dim3(tile_threads), 0, s, x, row_token, in, w, out, ws.offsets, ws.tiles, y);
+  }
+  const int per_block = gated ? tile_cols / 2 : tile_cols;
+  return launch_pdl(tile_kernel<gated, Out>,
+                    dim3((out + per_block - 1) / per_block, max_tiles(d, d.T)), dim3(tile_threads),
+                    0, s, x, row_token, in, w, out, ws.offsets, ws.tiles, y);
 }
 
 size_t aligned(size_t bytes) {
@@ -460,7 +560,7 @@ size_t moe_workspace_bytes(const moe_dims& d, int max_tokens) {
   const size_t n = static_cast<size_t>(max_tokens) * d.K, L = static_cast<size_t>(d.local());
   return 4 * aligned(n * 4) + aligned((L + 1) * 4) + aligned((L + 1) * 4) +
          aligned((1 + 2 * static_cast<size_t>(max_tiles(d, max_tokens))) * 4) +
-         aligned(n * 2 * d.I * 2) + aligned(n * d.I * 2) + aligned(n * d.H * 4);
+         aligned(n * d.I * 2) + aligned(n * d.H * 4);
 }
 
 moe_workspace moe_carve(void* base, const moe_dims& d, int max_tokens) {
@@ -480,7 +580,6 @@ moe_workspace moe_carve(void* base, const moe_dims& d, int max_tokens) {
   ws.active = static_cast<int32_t*>(take((L + 1) * 4));
   ws.tiles =
       static_cast<int32_t*>(take((1 + 2 * static_cast<size_t>(max_tiles(d, max_tokens))) * 4));
-  ws.gate_up = static_cast<bf16*>(take(n * 2 * d.I * 2));
   ws.act = static_cast<bf16*>(take(n * d.I * 2));
   ws.down = static_cast<float*>(take(n * d.H * 4));
   return ws;
@@ -488,29 +587,30 @@ moe_workspace moe_carve(void* base, const moe_dims& d, int max_tokens) {
 
 expected<void> moe_forward(const moe_dims& d, const float* router_logits, const bf16* h,
                            const bf16* gate_up, const bf16* down, const moe_workspace& ws,
-                           float* out_f32, bf16* out_bf16, moe_path path, cudaStream_t s) {
+                           const moe_output& out, moe_path path, cudaStream_t s) {
   if (d.T == 0)
     return {};
   TROUPE_TRY_VOID(moe_supported(d));
   const int n = d.pairs(), L = d.local();
-  TROUPE_CUDA(launch_pdl(route_kernel, dim3((d.T + 7) / 8), dim3(256), 0, s, router_logits, d.T,
-                         d.E, d.K, d.norm_topk_prob, ws.topk_ids, ws.topk_w));
-  const size_t smem = static_cast<size_t>(3 + permute_warps) * L * 4;
-  TROUPE_CUDA(launch_pdl(permute_kernel, dim3(1), dim3(permute_threads), smem, s, ws.topk_ids, n,
-                         d.K, d.expert_begin, L, ws.slot, ws.row_token, ws.offsets, ws.active,
-                         ws.tiles));
-  const bool skinny =
-      path == moe_path::skinny || (path == moe_path::auto_path && n <= moe_skinny_rows * L);
-  TROUPE_CUDA(grouped_gemm(skinny, d, h, ws.row_token, d.H, gate_up, 2 * d.I, ws, ws.gate_up, s));
-  // Every row the buffers can hold: rows past this rank's pairs are never read back.
-  TROUPE_TRY_VOID(silu_mul(ws.gate_up, n, d.I, ws.act, s));
-  TROUPE_CUDA(grouped_gemm<float>(skinny, d, ws.act, nullptr, d.I, down, d.H, ws, ws.down, s));
-  if (out_f32 != nullptr)
-    TROUPE_CUDA(launch_pdl(combine_kernel<float>, dim3(d.T), dim3(256), 0, s, ws.down, ws.slot,
-                           ws.topk_w, d.K, d.H, out_f32));
-  else
-    TROUPE_CUDA(launch_pdl(combine_kernel<bf16>, dim3(d.T), dim3(256), 0, s, ws.down, ws.slot,
-                           ws.topk_w, d.K, d.H, out_bf16));
+  const bool fused = d.T <= fused_route_tokens;
+  if (!fused)
+    TROUPE_CUDA(launch_pdl(route_kernel, dim3((d.T + 7) / 8), dim3(256), 0, s, router_logits, d.T,
+                           d.E, d.K, d.norm_topk_prob, ws.topk_ids, ws.topk_w));
+  const size_t smem = static_cast<size_t>(5 + permute_warps) * L * 4;
+  TROUPE_CUDA(launch_pdl(permute_kernel, dim3(1), dim3(permute_threads), smem, s,
+                         fused ? router_logits : nullptr, d.T, d.E, d.norm_topk_prob, ws.topk_ids,
+                         ws.topk_w, d.K, d.expert_begin, L, ws.slot, ws.row_token, ws.offsets,
+                         ws.active, ws.tiles));
+  const bool skinny = path == moe_path::skinny ||
+                      (path == moe_path::auto_path && n * moe_skinny_experts_per_pair <= L);
+  // gate/up with silu * up in the epilogue, then down.
+  TROUPE_CUDA(grouped_gemm<true>(skinny, d, h, ws.row_token, d.H, gate_up, d.I, ws, ws.act, s));
+  TROUPE_CUDA(grouped_gemm<false>(skinny, d, ws.act, nullptr, d.I, down, d.H, ws, ws.down, s));
+  int threads = 32;
+  while (threads < d.H / 4 && threads < 1024)
+    threads *= 2;
+  TROUPE_CUDA(launch_pdl(combine_kernel, dim3(d.T), dim3(threads), 0, s, ws.down, ws.slot,
+                         ws.topk_w, d.K, d.H, out));
   return {};
 }
 

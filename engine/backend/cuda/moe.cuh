@@ -47,17 +47,30 @@ moe_workspace moe_carve(void* base, const moe_dims& d, int max_tokens);
 // Rejects shapes the kernels cannot run, with the reason.
 expected<void> moe_supported(const moe_dims& d);
 
-// Which grouped GEMM runs the experts: the bandwidth-bound CUDA-core kernel (one warp per weight
-// row, streaming only the active experts' rows) or the tensor-core tiles. auto_path picks the
-// skinny one while the pairs average at most moe_skinny_rows per local expert.
+// Which grouped GEMM runs the experts: the bandwidth-bound CUDA-core kernel (two weight rows per
+// warp, streaming only the active experts' rows) or the tensor-core tiles. auto_path picks the
+// skinny one while there are at least moe_skinny_experts_per_pair local experts per pair (H100,
+// Qwen3-30B-A3B shape: the tiles won from batch 8 on, 64 pairs over 128 experts).
 enum class moe_path : uint8_t { auto_path, skinny, tensor_core };
-constexpr int moe_skinny_rows = 4;
+constexpr int moe_skinny_experts_per_pair = 4;
 
-// out[T, H] = sum over each token's top-k local experts e of w(t, e) * down_e(silu(gate_e x) * up_e
-// x), x = h[t]. router_logits [T, E] fp32; gate_up [local, 2 I, H] (gate rows, then up rows);
-// down [local, H, I]. Writes out_f32 when non-null (tensor-parallel partial sums), else out_bf16.
+// Where the layer's output goes: the fp32 sum of this rank's experts into `partial` [T, H]
+// (tensor > 1, all-reduced by the caller), or, with partial null, added to the residual stream
+// `resid` [T, H], which is then RMS-normalised with `norm` [H] into `normed` [T, H] (the input of
+// the next layer), as add_rms_norm.
+struct moe_output {
+  float* partial = nullptr;
+  float* resid = nullptr;
+  const float* norm = nullptr;
+  float eps = 1e-6f;
+  bf16* normed = nullptr;
+};
+
+// sum[t] = the sum over each token's top-k local experts e of w(t, e) * down_e(silu(gate_e x) *
+// up_e x), x = h[t], into `out`. router_logits [T, E] fp32; gate_up [local, 2 I, H] (each
+// expert's gate rows, then its up rows); down [local, H, I].
 expected<void> moe_forward(const moe_dims& d, const float* router_logits, const bf16* h,
                            const bf16* gate_up, const bf16* down, const moe_workspace& ws,
-                           float* out_f32, bf16* out_bf16, moe_path path, cudaStream_t s);
+                           const moe_output& out, moe_path path, cudaStream_t s);
 
 } // namespace troupe::engine::cuda
