@@ -14,8 +14,8 @@
 //             result is the same at every batch size and replay), added to the residual stream
 //             and RMS-normalised for the next layer (or kept as a partial sum at tensor > 1).
 // The grouped GEMM comes in two kinds, sized on the host from T alone (the device fills in which
-// experts and rows): a CUDA-core kernel that streams only the active experts' weight rows (one
-// warp per row, 16-byte loads) for decode-sized batches, and mma.sync tensor-core tiles of 64
+// experts and rows): a CUDA-core kernel that streams only the active experts' weight rows (two
+// rows per warp, 16-byte loads) for the smallest batches, and mma.sync tensor-core tiles of 64
 // rows x 64 outputs (k steps of 64) with cp.async double buffering for larger ones. Blocks beyond
 // the device's count of active experts or tiles return at once.
 #include "engine/backend/cuda/moe.cuh"
