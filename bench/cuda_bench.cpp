@@ -1,9 +1,12 @@
 // CUDA backend benchmark: measures the device's ceilings (copy bandwidth, bf16 GEMM rate), then
 // decode ms/step and prefill tokens/s on random-weight models of real shapes, each reported as a
-// ratio to the bound measured in the same run. Usage: cuda_bench [--shape qwen3-8b|qwen3-0.6b]...
-// [--batches 1,64] [--ctx 512,4096] [--no-prefill] (defaults: every batch and context, prefill).
+// ratio to the bound measured in the same run. Usage: cuda_bench
+// [--shape qwen3-8b|qwen3-0.6b|qwen3-30b-a3b|qwen3-30b-a3b-dense]... [--batches 1,64]
+// [--ctx 512,4096] [--no-prefill]
+// (defaults: the two dense shapes, every batch and context, prefill).
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -32,7 +35,17 @@ model_config qwen3_shape(const std::string& name) {
   c.rope.theta = 1000000.0;
   c.max_position_embeddings = 40960;
   c.checkpoint_dtype = dtype::bf16;
-  if (name == "qwen3-8b") {
+  if (name == "qwen3-30b-a3b") { // MoE: 128 experts, 8 per token, every layer sparse
+    c.architecture = "Qwen3MoeForCausalLM";
+    c.kind = arch_kind::qwen3_moe;
+    c.hidden_size = 2048, c.num_layers = 48, c.num_heads = 32, c.num_kv_heads = 4;
+    c.intermediate_size = 6144, c.num_experts = 128, c.num_experts_per_tok = 8;
+    c.moe_intermediate_size = 768, c.norm_topk_prob = true;
+  } else if (name == "qwen3-30b-a3b-dense") { // its attention, and 8 x 768 rows as one dense MLP:
+    // the bytes a batch-1 token reads, without routing
+    c.hidden_size = 2048, c.num_layers = 48, c.num_heads = 32, c.num_kv_heads = 4;
+    c.intermediate_size = 8 * 768;
+  } else if (name == "qwen3-8b") {
     c.hidden_size = 4096, c.num_layers = 36, c.num_heads = 32, c.num_kv_heads = 8;
     c.intermediate_size = 12288;
   } else { // qwen3-0.6b
@@ -42,12 +55,33 @@ model_config qwen3_shape(const std::string& name) {
   return c;
 }
 
-// Bytes of weights one decode step reads: everything but the input embedding table (a tied
-// lm_head is read once, as lm_head).
-double step_weight_bytes(const model_config& c) {
-  const double H = c.hidden_size, I = c.intermediate_size;
-  double layer = H * (c.q_size() + 2 * c.kv_size()) + c.q_size() * H + 3 * H * I;
+// Bytes of weights one decode step of `batch` tokens reads: everything but the input embedding
+// table (a tied lm_head is read once, as lm_head). MoE layers read the router and the experts
+// the batch touches: E (1 - (1 - K/E)^batch) of them in expectation when each token picks K
+// distinct experts uniformly (random weights route close to that).
+double step_weight_bytes(const model_config& c, int batch) {
+  const double H = c.hidden_size;
+  double layer = H * (c.q_size() + 2 * c.kv_size()) + c.q_size() * H;
+  if (c.num_experts > 0) {
+    const double E = c.num_experts, K = c.num_experts_per_tok;
+    const double touched = E * (1.0 - std::pow(1.0 - K / E, batch));
+    layer += E * H + touched * 3 * H * c.moe_intermediate_size;
+  } else {
+    layer += 3 * H * c.intermediate_size;
+  }
   return 2.0 * (c.num_layers * layer + c.vocab_size * H);
+}
+
+// Weights a prefill token multiplies with (FLOPs = 2 x this per token): the K experts it is
+// routed to, not all of them.
+double token_weight_params(const model_config& c) {
+  const double H = c.hidden_size;
+  double layer = H * (c.q_size() + 2 * c.kv_size()) + c.q_size() * H;
+  if (c.num_experts > 0)
+    layer += c.num_experts * H + c.num_experts_per_tok * 3 * H * c.moe_intermediate_size;
+  else
+    layer += 3 * H * c.intermediate_size;
+  return c.num_layers * layer + c.vocab_size * H;
 }
 
 double now_ms() {
@@ -179,7 +213,8 @@ std::vector<int> int_list(const char* text) {
 void bench_shape(const std::string& shape, double bw, double peak_tflops, const bench_plan& bp) {
   auto c = qwen3_shape(shape);
   const int max_len = 8192 + 16;
-  cuda_options opt{.max_num_batched_tokens = 8192,
+  // The MoE shape's weights (61 GB) leave less room: a smaller prefill workspace.
+  cuda_options opt{.max_num_batched_tokens = c.num_experts > 0 ? 2048 : 8192,
                    .max_num_seqs = 256,
                    .max_logit_rows = 256,
                    .max_model_len = max_len,
@@ -191,7 +226,6 @@ void bench_shape(const std::string& shape, double bw, double peak_tflops, const 
     return;
   }
   auto& be = **b;
-  const double wbytes = step_weight_bytes(c);
   const double kv_token = 2.0 * c.num_layers * c.kv_size() * 2; // K and V, bf16
   const int64_t kv_tokens =
       static_cast<int64_t>(be.kv_options().num_blocks) * be.kv_options().block_size;
@@ -214,17 +248,20 @@ void bench_shape(const std::string& shape, double bw, double peak_tflops, const 
       double e = decode_ms(be, batch, ctx, 10);
       be.set_use_graphs(true);
       double lt = 0;
-      if (batch <= 8) { // our skinny GEMM against cuBLASLt for the decode projections
+      // Our skinny GEMMs against cuBLASLt for the decode projections (and, for MoE, the
+      // tensor-core grouped expert GEMM against the skinny one), at every batch for MoE.
+      if (batch <= 8 || c.num_experts > 0) {
         be.set_use_skinny_gemm(false);
         lt = decode_ms(be, batch, ctx, 20);
         be.set_use_skinny_gemm(true);
       }
-      double roof = (wbytes + kv_token * batch * ctx) / bw * 1e3;
+      double roof = (step_weight_bytes(c, batch) + kv_token * batch * ctx) / bw * 1e3;
       fmt::print("| {} | {} | {:.3f} | {:.3f} | {:.3f} | {:.0f}% | {:.0f} |\n", batch, ctx, g, e,
                  roof, 100 * roof / g, batch / g * 1e3);
       if (lt > 0)
-        fmt::print("| {} | {} | {:.3f} with cuBLASLt for all GEMMs | | | {:.0f}% | |\n", batch, ctx,
-                   lt, 100 * roof / lt);
+        fmt::print("| {} | {} | {:.3f} with cuBLASLt{} for all GEMMs | | | {:.0f}% | |\n", batch,
+                   ctx, lt, c.num_experts > 0 ? " and tensor-core expert tiles" : "",
+                   100 * roof / lt);
     }
   }
   if (!bp.prefill)
@@ -232,8 +269,10 @@ void bench_shape(const std::string& shape, double bw, double peak_tflops, const 
   fmt::print("\n| prompt | ms | tokens/s | GEMM TFLOP/s achieved | of measured GEMM peak |\n");
   fmt::print("| --- | --- | --- | --- | --- |\n");
   for (int len : {512, 2048, 8192}) {
+    if (len > opt.max_num_batched_tokens)
+      continue;
     double ms = prefill_ms(be, len, 5);
-    double flops = 2.0 * (wbytes / 2 - c.vocab_size * c.hidden_size) * len; // linear layers
+    double flops = 2.0 * (token_weight_params(c) - c.vocab_size * c.hidden_size) * len;
     double attn = 4.0 * c.num_layers * c.num_heads * c.head_dim * len * (len + 1) / 2.0;
     fmt::print("| {} | {:.1f} | {:.0f} | {:.0f} (+attention {:.1f} TFLOP) | {:.0f}% |\n", len, ms,
                len / ms * 1e3, flops / (ms * 1e-3) / 1e12, attn / 1e12,
@@ -273,7 +312,7 @@ int main(int argc, char** argv) {
                      .max_num_seqs = 256,
                      .max_logit_rows = 256,
                      .max_model_len = 8208,
-                     .gpu_memory_utilization = 0.4f,
+                     .gpu_memory_utilization = c.num_experts > 0 ? 0.9f : 0.4f,
                      .random_weights = true};
     auto b = make_cuda_backend(c, nullptr, {.num_blocks = 0, .block_size = 16}, opt);
     if (!b) {

@@ -72,27 +72,34 @@ expected<bf16*> cuda_backend_impl::matrix(const weight_source* w,
                                           const std::vector<weight_slice>& parts, float scale) {
   // The parts stacked by rows: [sum of rows, cols], every part with the same column count.
   int64_t total = 0;
+  for (const auto& p : parts)
+    total += p.rows();
+  auto dst = alloc<bf16>(static_cast<size_t>(total * parts.front().cols()));
+  if (!dst)
+    return dst;
+  TROUPE_TRY_VOID(matrix_into(w, parts, scale, *dst));
+  return dst;
+}
+
+expected<void> cuda_backend_impl::matrix_into(const weight_source* w,
+                                              const std::vector<weight_slice>& parts, float scale,
+                                              bf16* dst) {
+  int64_t total = 0;
   const int64_t cols = parts.front().cols();
   for (const auto& p : parts)
     total += p.rows();
-  auto dst = alloc<bf16>(static_cast<size_t>(total * cols));
-  if (!dst)
-    return dst;
-  if (opt_.random_weights) {
-    TROUPE_TRY_VOID(
-        fill_random(*dst, static_cast<size_t>(total * cols), scale, opt_.seed++, stream_));
-    return dst;
-  }
+  if (opt_.random_weights)
+    return fill_random(dst, static_cast<size_t>(total * cols), scale, opt_.seed++, stream_);
   int64_t row0 = 0;
   for (const auto& p : parts) {
     if (p.cols() != cols)
       return error{errc::internal,
                    strf("%s: slice of %lld columns stacked on %lld", p.name.c_str(),
                         static_cast<long long>(p.cols()), static_cast<long long>(cols))};
-    TROUPE_TRY_VOID(upload_slice(w, p, *dst + row0 * cols));
+    TROUPE_TRY_VOID(upload_slice(w, p, dst + row0 * cols));
     row0 += p.rows();
   }
-  return dst;
+  return {};
 }
 
 expected<void> cuda_backend_impl::upload_slice(const weight_source* w, const weight_slice& p,
@@ -251,17 +258,20 @@ expected<void> cuda_backend_impl::load_layer(const weight_source* w, int64_t l) 
     const float down_scale = 1.0f / std::sqrt(static_cast<float>(I));
     TROUPE_ASSIGN(L.router,
                   matrix(w, {whole(p + "mlp.gate.weight", {c.num_experts, H})}, in_scale));
+    // Each weight kind of all this rank's experts in one allocation: the grouped GEMMs index
+    // them by local expert.
+    const size_t n = static_cast<size_t>(s.experts.size());
+    const size_t one = static_cast<size_t>(H * I); // elements of one expert's [I, H] or [H, I]
+    TROUPE_ASSIGN(L.experts_gate_up, alloc<bf16>(n * 2 * one));
+    TROUPE_ASSIGN(L.experts_down, alloc<bf16>(n * one));
     for (int64_t e = s.experts.begin; e < s.experts.end; ++e) {
       const std::string ep = p + "mlp.experts." + std::to_string(e) + ".";
-      bf16* gu = nullptr;
-      bf16* dn = nullptr;
-      TROUPE_ASSIGN(
-          gu,
-          matrix(w, {whole(ep + "gate_proj.weight", {I, H}), whole(ep + "up_proj.weight", {I, H})},
-                 in_scale));
-      TROUPE_ASSIGN(dn, matrix(w, {whole(ep + "down_proj.weight", {H, I})}, down_scale));
-      L.expert_gate_up.push_back(gu);
-      L.expert_down.push_back(dn);
+      const size_t mine = static_cast<size_t>(e - s.experts.begin);
+      TROUPE_TRY_VOID(matrix_into(
+          w, {whole(ep + "gate_proj.weight", {I, H}), whole(ep + "up_proj.weight", {I, H})},
+          in_scale, L.experts_gate_up + mine * 2 * one));
+      TROUPE_TRY_VOID(matrix_into(w, {whole(ep + "down_proj.weight", {H, I})}, down_scale,
+                                  L.experts_down + mine * one));
     }
   } else {
     const int64_t I = c.intermediate_size;
@@ -327,13 +337,12 @@ expected<size_t> cuda_backend_impl::alloc_workspace() {
     slices.push_back({reinterpret_cast<void**>(&gather_in_), R * chunk * 4});
     slices.push_back({reinterpret_cast<void**>(&gather_out_), tp_ * R * chunk * 4});
   }
+  void* moe_base = nullptr;
   if (c.num_experts > 0) {
-    slices.push_back({reinterpret_cast<void**>(&moe_acc_), T * H * 4});
-    slices.push_back({reinterpret_cast<void**>(&moe_out_), T * H * 4});
-    slices.push_back({reinterpret_cast<void**>(&moe_in_), T * H * 2});
+    if (tp_ > 1)
+      slices.push_back({reinterpret_cast<void**>(&moe_acc_), T * H * 4});
     slices.push_back({reinterpret_cast<void**>(&router_), T * c.num_experts * 4});
-    slices.push_back({reinterpret_cast<void**>(&moe_rows_), T * c.num_experts_per_tok * 4});
-    slices.push_back({reinterpret_cast<void**>(&moe_w_), T * c.num_experts_per_tok * 4});
+    slices.push_back({&moe_base, moe_workspace_bytes(moe_dims_, static_cast<int>(T))});
   }
   size_t total = 0;
   for (auto& s : slices)
@@ -344,6 +353,8 @@ expected<size_t> cuda_backend_impl::alloc_workspace() {
     *s.ptr = work_.as<char>() + off;
     off += (s.bytes + 255) / 256 * 256;
   }
+  if (moe_base != nullptr)
+    moe_ws_ = moe_carve(moe_base, moe_dims_, static_cast<int>(T));
   return total;
 }
 
@@ -420,6 +431,16 @@ expected<void> cuda_backend_impl::init(const model_config& c, const weight_sourc
     return error{errc::invalid_argument, "CUDA backend: no weights given"};
   if (kv.block_size <= 0 || kv.num_blocks < 0)
     return error{errc::invalid_argument, "KV cache needs block_size > 0 and num_blocks >= 0"};
+  if (c.num_experts > 0) {
+    moe_dims_ = {.H = static_cast<int>(c.hidden_size),
+                 .I = static_cast<int>(c.moe_intermediate_size),
+                 .E = static_cast<int>(c.num_experts),
+                 .K = static_cast<int>(c.num_experts_per_tok),
+                 .expert_begin = static_cast<int>(shard_.experts.begin),
+                 .expert_end = static_cast<int>(shard_.experts.end),
+                 .norm_topk_prob = c.norm_topk_prob};
+    TROUPE_TRY_VOID(moe_supported(moe_dims_));
+  }
   TROUPE_CUDA(cudaSetDevice(opt_.device));
   TROUPE_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   TROUPE_CUDA(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, opt_.device));

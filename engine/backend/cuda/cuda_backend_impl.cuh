@@ -11,6 +11,7 @@
 #include "engine/backend/cuda/cuda_loader.cuh"
 #include "engine/backend/cuda/gemm.cuh"
 #include "engine/backend/cuda/kernels.cuh"
+#include "engine/backend/cuda/moe.cuh"
 
 namespace troupe::engine::cuda {
 
@@ -25,10 +26,12 @@ struct gpu_layer {
   float* k_norm = nullptr;
   float* in_norm = nullptr; // [H]
   float* post_norm = nullptr;
-  bf16* gate_up = nullptr;                        // [2 I, H]: gate rows, then up rows (dense)
-  bf16* down = nullptr;                           // [H, I]
-  bf16* router = nullptr;                         // [E, H] (MoE, every expert)
-  std::vector<bf16*> expert_gate_up, expert_down; // this rank's experts, moe_intermediate
+  bf16* gate_up = nullptr; // [2 I, H]: gate rows, then up rows (dense)
+  bf16* down = nullptr;    // [H, I]
+  bf16* router = nullptr;  // [E, H] (MoE, every expert)
+  bf16* experts_gate_up =
+      nullptr;                  // [local experts, 2 I, H] this rank's experts, I = moe_intermediate
+  bf16* experts_down = nullptr; // [local experts, H, I]
 };
 
 // Part of one weight tensor of `shape` (1-D or 2-D): rows [begin, end), or columns when by_cols.
@@ -76,6 +79,7 @@ class cuda_backend_impl final : public cuda_backend {
     if (on != gemm_.use_skinny)
       drop_graphs(); // they captured the other GEMM path
     gemm_.use_skinny = on;
+    moe_path_ = on ? moe_path::auto_path : moe_path::tensor_core;
   }
 
  private:
@@ -86,7 +90,9 @@ class cuda_backend_impl final : public cuda_backend {
   expected<void> run_model(); // every kernel of one step, on stream_ (graph-capturable)
   expected<void> run_step();  // run_model eagerly, or through a captured graph
   expected<void> layer(int l);
-  expected<void> moe(const gpu_layer& w);
+  // The MoE block into proj_ (next_norm null), or added to resid_ and normalised with next_norm
+  // into h_ (tensor = 1).
+  expected<void> moe(const gpu_layer& w, const float* next_norm);
   expected<void> lm_head(); // sel_ -> logits_ [R, V], gathered over the tensor group
   // Broadcasts `words` 4-byte values from the last stage to every rank (no-op at pipeline=1).
   expected<void> from_last_stage(void* data, size_t words);
@@ -100,6 +106,9 @@ class cuda_backend_impl final : public cuda_backend {
   expected<void> load_layer(const weight_source* w, int64_t l);
   expected<bf16*> matrix(const weight_source* w, const std::vector<weight_slice>& parts,
                          float scale);
+  // matrix() into `dst`, which has room for the stacked parts.
+  expected<void> matrix_into(const weight_source* w, const std::vector<weight_slice>& parts,
+                             float scale, bf16* dst);
   expected<float*> vector_f32(const weight_source* w, const std::string& name, int64_t n);
   // Queues one slice's copy into dst ([p.rows(), p.cols()] bf16): as stored bytes from a
   // safetensors file, else as floats the source decodes on this thread.
@@ -142,9 +151,7 @@ class cuda_backend_impl final : public cuda_backend {
   bf16* proj_ = nullptr;        // [T, H] o_proj / down_proj output
   bf16* mlp_ = nullptr;         // [T, 2 I] gate_up, then [T, I] activation after it
   bf16* act_ = nullptr;         // [T, I]
-  float* moe_acc_ = nullptr;    // [T, H]
-  float* moe_out_ = nullptr;    // [T, H] one expert's output, fp32 so the weighted sum rounds once
-  bf16* moe_in_ = nullptr;      // [T, H]
+  float* moe_acc_ = nullptr;    // [T, H] this rank's experts' fp32 sum (tensor > 1)
   bf16* sel_ = nullptr;         // [R, H]
   float* logits_ = nullptr;     // [R, V]
   float* gather_in_ = nullptr;  // [R, vocab_chunk]: this rank's logits slice (tensor > 1)
@@ -153,8 +160,9 @@ class cuda_backend_impl final : public cuda_backend {
   int32_t* argmax_ = nullptr;
   float* partial_ = nullptr;
   size_t partial_floats_ = 0;
-  int32_t* moe_rows_ = nullptr; // [T] per expert
-  float* moe_w_ = nullptr;      // [T]
+  moe_dims moe_dims_; // T set per step
+  moe_workspace moe_ws_;
+  moe_path moe_path_ = moe_path::auto_path;
 
   // Metadata
   device_buffer meta_dev_;

@@ -1,8 +1,7 @@
 // Running steps on the CUDA backend: metadata upload, the layer sequence (with the tensor group's
-// all-reduces and the pipeline's send/recv), MoE routing, CUDA graphs for decode steps, and the
-// two ways results come back (logits, or greedy ids).
+// all-reduces and the pipeline's send/recv), CUDA graphs for decode steps, and the
+// two ways results come back (logits, or greedy ids). MoE layers run on the device (moe.cu).
 #include <algorithm>
-#include <numeric>
 #include <optional>
 
 #include "engine/backend/cuda/cuda_backend_impl.cuh"
@@ -47,7 +46,7 @@ expected<void> cuda_backend_impl::upload(const step_plan& plan) {
   T_ = plan.num_tokens();
   S_ = static_cast<int>(plan.seqs.size());
   R_ = 0;
-  graph_step_ = config_.num_experts == 0; // decode-shaped so far
+  graph_step_ = true; // decode-shaped so far
   int max_ctx = 1;
   size_t widest = 0;
   for (const auto& s : plan.seqs) {
@@ -142,8 +141,13 @@ expected<void> cuda_backend_impl::layer(int l) {
   TROUPE_TRY_VOID(gemm_.run(attn_, T_, q_local, w.o, H, proj_, stream_));
   TROUPE_TRY_VOID(tp_sum(proj_, static_cast<size_t>(T_) * H, comm::device_dtype::bf16));
   TROUPE_TRY_VOID(add_rms_norm(resid_, proj_, w.o_bias, T_, H, w.post_norm, eps, h_, stream_));
+  // A stage's last layer normalises with the final norm; the next stage renormalises its input.
+  const float* next =
+      l + 1 < shard_.layers.end ? layers_[static_cast<size_t>(l + 1)].in_norm : final_norm_;
+  if (w.router != nullptr && tp_ == 1)
+    return moe(w, next); // adds to the residual stream and normalises itself
   if (w.router != nullptr) {
-    TROUPE_TRY_VOID(moe(w));
+    TROUPE_TRY_VOID(moe(w, nullptr));
   } else {
     const int I = static_cast<int>(shard_.intermediate.size());
     TROUPE_TRY_VOID(gemm_.run(h_, T_, H, w.gate_up, 2 * I, mlp_, stream_));
@@ -151,76 +155,34 @@ expected<void> cuda_backend_impl::layer(int l) {
     TROUPE_TRY_VOID(gemm_.run(act_, T_, I, w.down, H, proj_, stream_));
     TROUPE_TRY_VOID(tp_sum(proj_, static_cast<size_t>(T_) * H, comm::device_dtype::bf16));
   }
-  // A stage's last layer normalises with the final norm; the next stage renormalises its input.
-  const float* next =
-      l + 1 < shard_.layers.end ? layers_[static_cast<size_t>(l + 1)].in_norm : final_norm_;
   return add_rms_norm(resid_, proj_, nullptr, T_, H, next, eps, h_, stream_);
 }
 
-expected<void> cuda_backend_impl::moe(const gpu_layer& w) {
-  // Routing on the host (softmax, top-k, optional renormalisation), experts on the GPU. The
-  // round trip makes MoE steps uncapturable; a device-side router is future work.
-  const auto& c = config_;
-  const int H = static_cast<int>(c.hidden_size), E = static_cast<int>(c.num_experts);
-  const int K = static_cast<int>(c.num_experts_per_tok),
-            I = static_cast<int>(c.moe_intermediate_size);
+expected<void> cuda_backend_impl::moe(const gpu_layer& w, const float* next_norm) {
+  // Router logits, then routing, permutation, grouped expert GEMMs and the weighted combine on
+  // the device (moe.cu): nothing comes back to the host, so MoE decode steps are graph-captured.
+  // At tensor = 1 the combine also adds to the residual stream and applies next_norm; at
+  // tensor > 1 each rank sums its own experts, the fp32 partial sums are all-reduced and proj_
+  // holds the result.
+  const int H = static_cast<int>(config_.hidden_size), E = static_cast<int>(config_.num_experts);
   TROUPE_TRY_VOID(gemm_.run(h_, T_, H, w.router, E, router_, stream_));
-  std::vector<float> probs(static_cast<size_t>(T_) * E);
-  TROUPE_CUDA(
-      cudaMemcpyAsync(probs.data(), router_, probs.size() * 4, cudaMemcpyDeviceToHost, stream_));
-  TROUPE_TRY_VOID(sync());
-  std::vector<std::vector<std::pair<int32_t, float>>> routed(static_cast<size_t>(E));
-  std::vector<int> order(static_cast<size_t>(E));
-  for (int t = 0; t < T_; ++t) {
-    float* p = probs.data() + static_cast<size_t>(t) * E;
-    float m = *std::max_element(p, p + E);
-    double z = 0;
-    for (int e = 0; e < E; ++e)
-      z += std::exp(static_cast<double>(p[e] - m));
-    for (int e = 0; e < E; ++e)
-      p[e] = static_cast<float>(std::exp(static_cast<double>(p[e] - m)) / z);
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return p[a] > p[b]; });
-    float sum = 0;
-    for (int k = 0; k < K; ++k)
-      sum += p[order[k]];
-    for (int k = 0; k < K; ++k)
-      routed[static_cast<size_t>(order[k])].emplace_back(t, c.norm_topk_prob ? p[order[k]] / sum
-                                                                             : p[order[k]]);
+  moe_dims d = moe_dims_;
+  d.T = T_;
+  moe_output out;
+  if (next_norm != nullptr) {
+    out.resid = resid_;
+    out.norm = next_norm;
+    out.eps = static_cast<float>(config_.rms_norm_eps);
+    out.normed = h_;
+  } else {
+    out.partial = moe_acc_;
   }
-  std::vector<int32_t> rows;
-  std::vector<float> weights;
-  std::vector<size_t> offset(static_cast<size_t>(E) + 1, 0);
-  for (int e = 0; e < E; ++e) {
-    for (auto [t, wt] : routed[static_cast<size_t>(e)]) {
-      rows.push_back(t);
-      weights.push_back(wt);
-    }
-    offset[static_cast<size_t>(e) + 1] = rows.size();
-  }
-  TROUPE_CUDA(
-      cudaMemcpyAsync(moe_rows_, rows.data(), rows.size() * 4, cudaMemcpyHostToDevice, stream_));
-  TROUPE_CUDA(
-      cudaMemcpyAsync(moe_w_, weights.data(), weights.size() * 4, cudaMemcpyHostToDevice, stream_));
-  TROUPE_TRY_VOID(fill_value(moe_acc_, static_cast<size_t>(T_) * H, 0.0f, stream_));
-  // Only this rank's experts; the fp32 sums of every rank's experts are joined by one all-reduce.
-  for (int e = static_cast<int>(shard_.experts.begin); e < shard_.experts.end; ++e) {
-    const int n =
-        static_cast<int>(offset[static_cast<size_t>(e) + 1] - offset[static_cast<size_t>(e)]);
-    if (n == 0)
-      continue;
-    const size_t mine = static_cast<size_t>(e - shard_.experts.begin);
-    const int32_t* r = moe_rows_ + offset[static_cast<size_t>(e)];
-    TROUPE_TRY_VOID(gather_rows(h_, r, n, H, moe_in_, stream_));
-    TROUPE_TRY_VOID(gemm_.run(moe_in_, n, H, w.expert_gate_up[mine], 2 * I, mlp_, stream_));
-    TROUPE_TRY_VOID(silu_mul(mlp_, n, I, act_, stream_));
-    TROUPE_TRY_VOID(gemm_.run(act_, n, I, w.expert_down[mine], H, moe_out_, stream_));
-    TROUPE_TRY_VOID(scatter_add_rows(moe_out_, r, moe_w_ + offset[static_cast<size_t>(e)], n, H,
-                                     moe_acc_, stream_));
-  }
+  // h_ is both the input and (fused) the output: the combine runs after every read of it.
+  TROUPE_TRY_VOID(moe_forward(d, router_, h_, w.experts_gate_up, w.experts_down, moe_ws_, out,
+                              moe_path_, stream_));
+  if (next_norm != nullptr)
+    return {};
   TROUPE_TRY_VOID(tp_sum(moe_acc_, static_cast<size_t>(T_) * H, comm::device_dtype::f32));
-  // The pinned-less host vectors must outlive the async copies above.
-  TROUPE_TRY_VOID(sync());
   return f32_to_bf16(moe_acc_, static_cast<size_t>(T_) * H, proj_, stream_);
 }
 

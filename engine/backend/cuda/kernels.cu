@@ -180,24 +180,6 @@ __global__ void argmax_kernel(const float* logits, int V, int32_t* out) {
   }
 }
 
-__global__ void gather_rows_kernel(const bf16* src, const int32_t* rows, int H, bf16* dst) {
-  pdl_wait();
-  const bf16* from = src + static_cast<size_t>(rows[blockIdx.x]) * H;
-  bf16* to = dst + static_cast<size_t>(blockIdx.x) * H;
-  for (int i = threadIdx.x; i < H; i += blockDim.x)
-    to[i] = from[i];
-}
-
-__global__ void scatter_add_rows_kernel(const float* src, const int32_t* rows, const float* weights,
-                                        int H, float* acc) {
-  pdl_wait();
-  const float* from = src + static_cast<size_t>(blockIdx.x) * H;
-  float* to = acc + static_cast<size_t>(rows[blockIdx.x]) * H;
-  const float w = weights[blockIdx.x];
-  for (int i = threadIdx.x; i < H; i += blockDim.x)
-    to[i] += w * from[i];
-}
-
 __device__ __forceinline__ uint64_t mix64(uint64_t x) {
   x ^= x >> 33;
   x *= 0xff51afd7ed558ccdull;
@@ -301,23 +283,6 @@ expected<void> argmax_rows(const float* logits, int R, int V, int32_t* out, cuda
   if (R == 0)
     return {};
   TROUPE_CUDA(launch_pdl(argmax_kernel, dim3(R), dim3(1024), 0, s, logits, V, out));
-  return {};
-}
-
-expected<void> gather_rows(const bf16* src, const int32_t* rows, int n, int H, bf16* dst,
-                           cudaStream_t s) {
-  if (n == 0)
-    return {};
-  TROUPE_CUDA(launch_pdl(gather_rows_kernel, dim3(n), dim3(256), 0, s, src, rows, H, dst));
-  return {};
-}
-
-expected<void> scatter_add_rows(const float* src, const int32_t* rows, const float* weights, int n,
-                                int H, float* acc, cudaStream_t s) {
-  if (n == 0)
-    return {};
-  TROUPE_CUDA(
-      launch_pdl(scatter_add_rows_kernel, dim3(n), dim3(256), 0, s, src, rows, weights, H, acc));
   return {};
 }
 

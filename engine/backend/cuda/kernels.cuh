@@ -87,13 +87,6 @@ void route_attention(const int* seq_tokens, int num_seqs, head_layout L, int min
                      attention_args& a);
 size_t attention_partial_floats(int T, head_layout L, int num_splits);
 
-// dst[n, H] = src[rows[i], :] (MoE: the tokens routed to one expert)
-expected<void> gather_rows(const bf16* src, const int32_t* rows, int n, int H, bf16* dst,
-                           cudaStream_t s);
-// acc[rows[i], :] += weights[i] * src[i, :] (rows distinct within one call)
-expected<void> scatter_add_rows(const float* src, const int32_t* rows, const float* weights, int n,
-                                int H, float* acc, cudaStream_t s);
-
 // Fills n bf16 values with a deterministic pseudo-random uniform(-scale, scale) sequence.
 expected<void> fill_random(bf16* dst, size_t n, float scale, uint64_t seed, cudaStream_t s);
 expected<void> fill_value(float* dst, size_t n, float value, cudaStream_t s);
