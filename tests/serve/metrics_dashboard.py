@@ -4,9 +4,10 @@ parsed with prometheus_client (PyPI, through scripts/py_venv.sh), every sample l
 model_name, vLLM's families present beside troupe's, finish reasons counted, and every query of
 the shipped Grafana dashboard (examples/grafana/troupe-dashboard.json) naming metrics and labels
 that exist. HEAD on every route answers without a body; with an API key, /health and /metrics
-stay open only when open_health_metrics is set.
+stay open only when open_health_metrics is set. With --log-format json every log line is a JSON
+object, with an access line per request and the periodic stats line.
 Usage: metrics_dashboard.py PATH/TO/cluster GOLDEN_DIR. Exit 77 = skipped."""
-import http.client, json, os, re, signal, subprocess, sys, tempfile
+import http.client, json, os, re, signal, subprocess, sys, tempfile, time
 
 here = os.path.dirname(os.path.abspath(__file__))
 root = os.path.dirname(os.path.dirname(here))
@@ -32,13 +33,14 @@ tmp = tempfile.mkdtemp(prefix="troupe-metrics-")
 KEY = "sekret"
 
 
-def serve(open_health):
+def serve(open_health, *extra):
     path = os.path.join(tmp, "model.yaml")
     with open(path, "w") as f:
         f.write(f"model: {model}\ndevice: cpu\nserved_model_name: tiny\nmax_model_len: 256\n"
                 f"num_kv_blocks: 64\nport: 0\napi_key: {KEY}\n"
-                f"open_health_metrics: {'true' if open_health else 'false'}\n")
-    p = subprocess.Popen([cluster, "serve", path, "--block"], stdout=subprocess.PIPE,
+                f"open_health_metrics: {'true' if open_health else 'false'}\n"
+                "log_stats_interval_s: 0.2\n")
+    p = subprocess.Popen([cluster, "serve", path, "--block", *extra], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     line = p.stdout.readline()
     m = re.search(r"at http://([\d.]+):(\d+)/v1", line)
@@ -64,9 +66,10 @@ def stop(p):
     p.send_signal(signal.SIGTERM)
     if p.wait(timeout=60) != 0:
         fail(f"server exit {p.returncode}: {p.stderr.read()}")
+    return p.stderr.read()
 
 
-proc, host, port = serve(True)
+proc, host, port = serve(True, "--log-format", "json")
 try:
     # HEAD: never a body, whatever the route and status.
     routes = ["/health", "/metrics", "/version", "/v1/models", "/v1/chat/completions",
@@ -158,8 +161,22 @@ try:
                     fail(f"dashboard query {e!r}: {metric.group(1)} has no label {label}")
     print(f"/metrics: {len(families)} families parsed; {len(exprs)} dashboard queries, "
           f"{checked} metric selectors found")
+    time.sleep(0.6)  # a stats line or two
 finally:
-    stop(proc)
+    log = stop(proc)
+
+lines = [json.loads(l) for l in log.splitlines() if l.strip()]  # every line is JSON
+msgs = [l["msg"] for l in lines if l["level"] == "info"]
+access = [m for m in msgs if re.match(r"request chatcmpl-\d+ /v1/chat/completions status=200 "
+                                      r"finish=length prompt_tokens=\d+ tokens=\d+ "
+                                      r"ttft=[\d.]+s duration=[\d.]+s$", m)]
+if len(access) != 3:
+    fail(f"{len(access)} access lines for 3 requests: {msgs}")
+if not any(m.startswith("stats: ") and "3 requests ended" in m for m in msgs):
+    fail(f"no stats line: {msgs}")
+if not any(m.startswith("device: auto") or m.startswith("loading ") for m in msgs):
+    fail(f"no load lines: {msgs}")
+print("JSON logs: access lines, stats line:", next(m for m in msgs if m.startswith("stats: ")))
 
 # The secure default: with an API key, /metrics and /health need it too.
 proc, host, port = serve(False)
