@@ -23,7 +23,7 @@ double sample(const std::string& text, const std::string& prefix) {
 
 } // namespace
 
-TEST_CASE("metrics: every sample carries model_name; troupe and vLLM names agree") {
+TEST_CASE("metrics: every sample carries model_name and troupe and vLLM names agree") {
   serve_metrics m;
   m.count_request(200);
   m.prompt_tokens += 10;
