@@ -144,7 +144,8 @@ msg::deployment_view view_of(const cluster::deployment_record& rec) {
                          .ranks = {},
                          .replicas = rec.spec.replicas,
                          .replica_states = {},
-                         .restarts = rec.restarts};
+                         .restarts = rec.restarts,
+                         .device = rec.cpu_slots ? "cpu" : "cuda"};
   for (const auto& r : rec.ranks())
     v.ranks.push_back({r.pp_rank, r.tp_rank, r.node_id, r.device, r.replica});
   for (const auto& r : rec.replicas)
@@ -282,6 +283,15 @@ caf::result<msg::deployment_view> on_deploy(head* self, const head_config& cfg,
   auto model = engine::peek_model_config(dc.model);
   if (!model)
     return refuse(std::move(model).error().context("model " + dc.model + " (read on the head)"));
+  if (dc.device == "auto") { // cuda when an alive node offers a real GPU, else cpu
+    std::vector<cluster::gpu_info> gpus;
+    for (const auto& n : st.members->nodes())
+      if (n.state == cluster::node_state::alive)
+        gpus.insert(gpus.end(), n.info.resources.gpus.begin(), n.info.resources.gpus.end());
+    const auto choice = cluster::choose_device(gpus, "no alive node has a GPU");
+    log::info("head: deployment '{}': device auto -> {} ({})", name, choice.device, choice.why);
+    dc.device = choice.device;
+  }
   cluster::parallel_spec spec{dc.parallel.tensor, dc.parallel.pipeline, dc.parallel.replicas};
   auto rec = st.deployments.add(name, spec, *model, st.members->nodes(), dc.device == "cpu");
   if (!rec) {

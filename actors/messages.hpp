@@ -66,7 +66,8 @@ typename Inspector::result_type inspect(Inspector& f, deployment_config& x) {
   return f(caf::meta::type_name("deployment_config"), x.model, x.served_model_name, x.dtype,
            x.device, x.max_model_len, x.max_num_seqs, x.max_num_batched_tokens, x.max_waiting,
            x.gpu_memory_utilization, x.block_size, x.num_kv_blocks, x.prefix_caching, x.seed,
-           x.host, x.port, x.api_key, x.parallel, x.http, x.disaggregation);
+           x.host, x.port, x.api_key, x.open_health_metrics, x.log_stats_interval_s, x.parallel,
+           x.http, x.disaggregation);
 }
 
 } // namespace troupe
@@ -191,11 +192,12 @@ struct deployment_view {
   int32_t replicas = 1;
   std::vector<std::string> replica_states; // loading | ready | failed | waiting | restarting
   int32_t restarts = 0;                    // replicas restarted since it was first ready
+  std::string device;                      // cpu | cuda (model.yaml's auto resolved)
 };
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, deployment_view& x) {
   return f(caf::meta::type_name("deployment_view"), x.name, x.state, x.endpoint, x.reason, x.tensor,
-           x.pipeline, x.ranks, x.replicas, x.replica_states, x.restarts);
+           x.pipeline, x.ranks, x.replicas, x.replica_states, x.restarts, x.device);
 }
 
 // (status_atom, token) -> cluster_view

@@ -1,6 +1,7 @@
 #include "actors/worker_actor.hpp"
 
 #include <algorithm>
+#include <chrono>
 
 #include "actors/head_rendezvous_store.hpp"
 #include "engine/backend/cpu/cpu_backend.hpp"
@@ -118,13 +119,18 @@ caf::behavior worker_actor(caf::stateful_actor<worker_state>* self, msg::worker_
       [self, spec, ctx, rank](msg::load_atom) {
         auto sender = caf::actor_cast<caf::actor>(self->current_sender());
         msg::worker_reply reply{.rank = rank};
+        log::info("worker {} rank {}: loading {} on {} ...", spec.deployment, rank, spec.model,
+                  spec.backend);
+        const auto t0 = std::chrono::steady_clock::now();
         if (auto ok = load(self, spec, ctx); !ok) {
           reply.error = ok.error().to_string();
           log::error("worker {} rank {}: load failed: {}", spec.deployment, rank, reply.error);
         } else {
           reply.kv_blocks = self->state.model->kv_options().num_blocks;
-          log::info("worker {} rank {}: loaded {} ({} KV blocks)", spec.deployment, rank,
-                    spec.model, reply.kv_blocks);
+          log::info("worker {} rank {}: loaded {} in {:.1f} s ({} KV blocks)", spec.deployment,
+                    rank, spec.model,
+                    std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
+                    reply.kv_blocks);
         }
         self->send(sender, std::move(reply));
       },

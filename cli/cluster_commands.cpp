@@ -74,6 +74,7 @@ nlohmann::json to_json(const msg::cluster_view& v, const std::string& head) {
                            {"state", d.state},
                            {"endpoint", d.endpoint},
                            {"reason", d.reason},
+                           {"device", d.device},
                            {"tensor", d.tensor},
                            {"pipeline", d.pipeline},
                            {"replicas", d.replicas},
@@ -116,10 +117,10 @@ void print_table(const msg::cluster_view& v, const std::string& head) {
     std::string ranks;
     for (const auto& r : d.ranks)
       ranks += fmt::format(" r{}/pp{}/tp{}@{}", r.replica, r.pp_rank, r.tp_rank, r.node_id);
-    fmt::print("deployment {:<20} {:<8} {} (tensor={} pipeline={} replicas={} [{}], {} "
+    fmt::print("deployment {:<20} {:<8} {} ({}, tensor={} pipeline={} replicas={} [{}], {} "
                "restart(s)) ranks:{}{}\n",
-               d.name, d.state, d.endpoint.empty() ? "-" : d.endpoint, d.tensor, d.pipeline,
-               d.replicas, fmt::join(d.replica_states, " "), d.restarts, ranks,
+               d.name, d.state, d.endpoint.empty() ? "-" : d.endpoint, d.device, d.tensor,
+               d.pipeline, d.replicas, fmt::join(d.replica_states, " "), d.restarts, ranks,
                d.reason.empty() ? "" : "  (" + d.reason + ")");
   }
   fmt::print("kv namespaces (one per replica): {}\n",

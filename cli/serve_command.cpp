@@ -10,6 +10,10 @@
 #include "actors/messages.hpp"
 #include "actors/serving/deployment.hpp"
 #include "cli/cluster_commands.hpp"
+#include "cli/exit_codes.hpp"
+#include "cli/serve_source.hpp"
+#include "cluster/resources.hpp"
+#include "runtime/log.hpp"
 
 #ifndef TROUPE_VERSION
 #define TROUPE_VERSION "0.0.0"
@@ -20,14 +24,13 @@ namespace troupe::cli {
 namespace {
 
 struct serve_args {
-  std::string file;
+  std::string target; // model.yaml, model folder, .gguf file or HF id
   bool block = false;
   std::string stop; // --stop NAME
   std::string address, token, temp_dir;
   int timeout_s = 600;
-  std::optional<std::string> host;
-  std::optional<int32_t> port;
-  std::optional<std::string> api_key;
+  double grace_s = 30; // --block: SIGTERM lets requests finish this long
+  deployment_flags flags;
 };
 
 // Sends the deployment (or --stop NAME) to the head and waits for its verdict.
@@ -38,7 +41,7 @@ int run_on_cluster(const serve_args& args, const deployment_config* config) {
                "error: {}; start a head (`cluster start --head`) or serve in this process with "
                "--block\n",
                target.error().message());
-    return 2;
+    return exit_usage;
   }
   const auto timeout = std::chrono::seconds(args.timeout_s);
   auto done = with_head(
@@ -65,8 +68,8 @@ int run_on_cluster(const serve_args& args, const deployment_config* config) {
                                  ? fmt::format(" r{}/pp{}/tp{}@{}", r.replica, r.pp_rank, r.tp_rank,
                                                r.node_id)
                                  : fmt::format(" pp{}/tp{}@{}", r.pp_rank, r.tp_rank, r.node_id);
-                  fmt::print("serving '{}' at {} (tensor={} pipeline={}{}, ranks:{})\n", v.name,
-                             v.endpoint, v.tensor, v.pipeline,
+                  fmt::print("serving '{}' at {} ({}, tensor={} pipeline={}{}, ranks:{})\n", v.name,
+                             v.endpoint, v.device, v.tensor, v.pipeline,
                              v.replicas > 1 ? fmt::format(" replicas={}", v.replicas) : "", ranks);
                   out = {};
                 },
@@ -75,36 +78,31 @@ int run_on_cluster(const serve_args& args, const deployment_config* config) {
       });
   if (!done) {
     fmt::print(stderr, "error: {}\n", done.error().message());
-    return done.error().code() == errc::invalid_argument ||
-                   done.error().code() == errc::resource_exhausted ||
-                   done.error().code() == errc::not_found
-               ? 2
-               : 1;
+    return exit_status_of(done.error().code());
   }
-  return 0;
+  return exit_ok;
 }
 
 int run(const serve_args& args) {
   if (!args.stop.empty())
     return run_on_cluster(args, nullptr);
-  if (args.file.empty()) {
-    fmt::print(stderr, "error: model_yaml is required (or --stop NAME)\n");
-    return 2;
+  if (args.target.empty()) {
+    fmt::print(stderr, "error: give a model.yaml, a model folder, a .gguf file or a Hugging Face "
+                       "id to serve (or --stop NAME)\n");
+    return exit_usage;
   }
-  auto config = load_deployment(args.file);
+  auto config = load_serve_target(args.target, args.flags.given());
   if (!config) {
     fmt::print(stderr, "error: {}\n", config.error().message());
-    return 2;
+    return exit_status_of(config.error().code());
   }
-  if (args.host)
-    config->host = *args.host;
-  if (args.port)
-    config->port = *args.port;
-  if (args.api_key)
-    config->api_key = *args.api_key;
-  if (!args.block) {
-    config->model = std::filesystem::absolute(config->model).lexically_normal().string();
+  if (!args.block)
     return run_on_cluster(args, &*config);
+  if (config->device == "auto") {
+    const auto here = cluster::discover_resources();
+    const auto choice = cluster::choose_device(here.gpus, here.gpu_discovery_note);
+    log::info("device: auto -> {} ({})", choice.device, choice.why);
+    config->device = choice.device;
   }
   // Block the stop signals before any thread starts, so that only sigwait below sees them.
   sigset_t stop_signals;
@@ -112,29 +110,37 @@ int run(const serve_args& args) {
   sigaddset(&stop_signals, SIGINT);
   sigaddset(&stop_signals, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
-  fmt::print(stderr, "loading {} ...\n", config->model);
+  log::info("loading {} on {} ...", config->model, config->device);
+  const auto t0 = std::chrono::steady_clock::now();
   auto d = serve::deployment::start(*config, TROUPE_VERSION);
   if (!d) {
     fmt::print(stderr, "error: {}\n", d.error().to_string());
-    return 1;
+    return exit_status_of(d.error().code());
   }
+  log::info("loaded in {:.1f} s",
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   fmt::print("serving '{}' at http://{}:{}/v1 ({}, max_model_len {}, {} KV blocks)\n", (*d)->name(),
              (*d)->host(), (*d)->port(), config->device, (*d)->max_model_len(),
              (*d)->num_kv_blocks());
   std::fflush(stdout);
   int sig = 0;
   sigwait(&stop_signals, &sig);
-  fmt::print(stderr, "signal {}: stopping\n", sig);
+  log::info("signal {}: shutting down; requests in flight get {} s to finish", sig, args.grace_s);
+  (*d)->drain(args.grace_s);
   d->reset();
-  return 0;
+  log::info("stopped");
+  return exit_ok;
 }
 
 } // namespace
 
 void add_serve_command(CLI::App& app, int& exit_code) {
   auto args = std::make_shared<serve_args>();
-  auto* cmd = app.add_subcommand("serve", "Serve a model (model.yaml) with the OpenAI HTTP API");
-  cmd->add_option("model_yaml", args->file, "Deployment file (see README: model.yaml)");
+  auto* cmd = app.add_subcommand(
+      "serve", "Serve a model with the OpenAI HTTP API: TARGET is a model.yaml, a model folder, a "
+               ".gguf file or a Hugging Face id (ORG/NAME, from the local cache); flags override "
+               "model.yaml's keys");
+  cmd->add_option("target", args->target, "model.yaml, model folder, .gguf file or ORG/NAME");
   cmd->add_flag("--block", args->block, "Serve in this process until Ctrl-C / SIGTERM");
   cmd->add_option("--stop", args->stop, "Remove the deployment NAME (its served_model_name)");
   cmd->add_option("--address", args->address, "Head address (default: this host's session)");
@@ -144,11 +150,10 @@ void add_serve_command(CLI::App& app, int& exit_code) {
                   "Session root (default $TROUPE_TEMP_DIR or /tmp/troupe)");
   cmd->add_option("--timeout", args->timeout_s, "Seconds to wait for the deployment to load")
       ->check(CLI::Range(1, 3600));
-  cmd->add_option("--host", args->host, "Override model.yaml's host");
-  cmd->add_option("--port", args->port, "Override model.yaml's port (0: any free port)")
-      ->check(CLI::Range(0, 65535));
-  cmd->add_option("--api-key", args->api_key, "Override model.yaml's api_key");
-  add_secret_file_option(cmd, "api-key", args->api_key);
+  cmd->add_option("--grace", args->grace_s,
+                  "--block: seconds requests in flight get to finish after SIGTERM (default 30)")
+      ->check(CLI::Range(0.0, 3600.0));
+  add_deployment_flags(cmd, args->flags);
   cmd->callback([args, &exit_code] { exit_code = run(*args); });
 }
 

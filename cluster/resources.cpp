@@ -85,6 +85,13 @@ void discover_rdma(host_resources& r) {
 
 } // namespace
 
+device_choice choose_device(const std::vector<gpu_info>& gpus, const std::string& note) {
+  for (const auto& g : gpus)
+    if (!g.cpu_standin)
+      return {"cuda", fmt::format("GPU {} ({}) found", g.index, g.name)};
+  return {"cpu", note.empty() ? std::string("no GPU found") : "no usable GPU: " + note};
+}
+
 host_resources discover_resources(int32_t cpu_standin_gpus) {
   host_resources r;
   char name[256] = {};

@@ -37,4 +37,12 @@ struct host_resources {
 // `ray start --num-gpus`) instead of querying CUDA.
 host_resources discover_resources(int32_t cpu_standin_gpus = 0);
 
+// model.yaml's `device: auto`: "cuda" when `gpus` holds a real GPU (CPU stand-ins do not count),
+// else "cpu"; `why` says what decided it, for the serve output.
+struct device_choice {
+  std::string device;
+  std::string why;
+};
+device_choice choose_device(const std::vector<gpu_info>& gpus, const std::string& note);
+
 } // namespace troupe::cluster

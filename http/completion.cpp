@@ -7,6 +7,8 @@
 #include <boost/asio/post.hpp>
 #include <fmt/format.h>
 
+#include "runtime/log.hpp"
+
 namespace troupe::serve {
 
 // The request's sink: the serving side's thread queues outputs and posts one drain to the
@@ -99,6 +101,10 @@ void completion_stream::start() {
     return session_->reply(status, error_body({status, id.error().message(), {}, {}}), keep_alive_);
   }
   id_ = *id;
+  ++ctx_.in_flight;
+  log::debug("request {} received: prompt_tokens={} max_tokens={} stream={} temperature={}",
+             resp_.id(), req_.prompt.size(), req_.sampling.max_tokens, req_.stream,
+             req_.sampling.temperature);
   ctx_.metrics->prompt_tokens += req_.prompt.size();
 }
 
@@ -119,6 +125,31 @@ void completion_stream::abort() {
     return;
   running_ = false;
   ctx_.serving->cancel(id_); // frees its KV blocks
+  ended("abort", 499);
+}
+
+void completion_stream::shutdown() {
+  if (!running_)
+    return;
+  ctx_.serving->cancel(id_); // frees its KV blocks; what it still sends is dropped
+  failed(make_error(errc::cancelled, "the server is shutting down; the request did not finish "
+                                     "within the grace period"));
+}
+
+void completion_stream::ended(const char* reason, int status) {
+  --ctx_.in_flight;
+  const double e2e = std::chrono::duration<double>(clock_type::now() - arrival_).count();
+  const auto tokens = static_cast<int64_t>(resp_.completion_tokens());
+  ctx_.metrics->record({.finish_reason = reason,
+                        .prompt_tokens = static_cast<int64_t>(req_.prompt.size()),
+                        .generation_tokens = tokens,
+                        .max_tokens = req_.sampling.max_tokens,
+                        .e2e = e2e,
+                        .ttft = ttft_,
+                        .queue = queue_});
+  log::info("request {} {} status={} finish={} prompt_tokens={} tokens={} ttft={} duration={:.3f}s",
+            resp_.id(), req_.chat ? "/v1/chat/completions" : "/v1/completions", status, reason,
+            req_.prompt.size(), tokens, ttft_ >= 0 ? fmt::format("{:.3f}s", ttft_) : "-", e2e);
 }
 
 void completion_stream::event(const json& j) {
@@ -129,8 +160,14 @@ void completion_stream::observe(const engine::request_output& o) {
   if (!o.has_token)
     return;
   const auto now = clock_type::now();
-  (resp_.completion_tokens() == 0 ? ctx_.metrics->ttft : ctx_.metrics->itl)
-      .observe(std::chrono::duration<double>(now - last_).count());
+  const double since = std::chrono::duration<double>(now - last_).count();
+  if (resp_.completion_tokens() == 0) {
+    ttft_ = since;
+    queue_ = o.queue_s;
+    ctx_.metrics->ttft.observe(since);
+  } else {
+    ctx_.metrics->itl.observe(since);
+  }
   last_ = now;
   ++ctx_.metrics->generation_tokens;
 }
@@ -149,7 +186,7 @@ void completion_stream::on_outputs(const std::vector<engine::request_output>& ou
     if (!resp_.finished())
       continue;
     running_ = false;
-    ctx_.metrics->e2e.observe(std::chrono::duration<double>(clock_type::now() - arrival_).count());
+    ended(engine::to_string(resp_.finish()), 200);
     if (!req_.stream)
       return session_->reply(200, dump(resp_.body()), keep_alive_);
     if (req_.include_usage)
@@ -165,16 +202,18 @@ void completion_stream::on_outputs(const std::vector<engine::request_output>& ou
 // error event that ends the stream.
 void completion_stream::failed(const error& why) {
   running_ = false;
-  ctx_.metrics->e2e.observe(std::chrono::duration<double>(clock_type::now() - arrival_).count());
   const auto code = why.code();
   const bool admission =
       !got_output_ && (code == errc::resource_exhausted || code == errc::invalid_argument ||
                        code == errc::not_found);
   const auto status = http_status(code);
+  ended("abort", status);
+  if (status >= 500)
+    log::warn("request {}: {}", resp_.id(), why.message());
   const api_error e{status,
-                    admission               ? why.message()
-                    : why.message().empty() ? "the engine failed; see the server log"
-                                            : "the engine failed: " + why.message(),
+                    admission || code == errc::cancelled ? why.message()
+                    : why.message().empty()              ? "the engine failed; see the server log"
+                                                         : "the engine failed: " + why.message(),
                     {},
                     {}};
   if (!headers_sent_)

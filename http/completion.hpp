@@ -27,6 +27,9 @@ class completion_stream : public std::enable_shared_from_this<completion_stream>
   void start();
   // The client is gone: cancels the request (its KV blocks are freed). Idempotent.
   void abort();
+  // The server shuts down and the grace period is over: cancels the request and ends the
+  // response with an error (503, or an `error` event on a stream).
+  void shutdown();
   bool streaming() const { return req_.stream; }
   // On the strand: outputs in order, then the failure that ended the request, if any.
   void on_outputs(const std::vector<engine::request_output>& outs,
@@ -37,6 +40,8 @@ class completion_stream : public std::enable_shared_from_this<completion_stream>
   void observe(const engine::request_output& o);
   void failed(const error& why);
   void event(const json& j);
+  // The request ended (finish reason stop / length / abort): metrics and the access log line.
+  void ended(const char* reason, int status);
 
   using clock_type = std::chrono::steady_clock;
   std::shared_ptr<http_session> session_;
@@ -45,6 +50,7 @@ class completion_stream : public std::enable_shared_from_this<completion_stream>
   const bool keep_alive_;
   const clock_type::time_point arrival_ = clock_type::now();
   clock_type::time_point last_ = arrival_;
+  double ttft_ = -1, queue_ = -1; // seconds; -1 until known
   openai_response resp_;
   std::shared_ptr<strand_sink> sink_;
   seq_id id_ = 0;

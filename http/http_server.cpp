@@ -102,11 +102,51 @@ expected<uint16_t> http_server::start() {
   const auto port = acceptor->local_endpoint(ec).port();
   acceptor_ = std::move(acceptor);
   backoff_ = std::make_unique<boost::asio::steady_timer>(acceptor_->get_executor());
+  stats_timer_ = std::make_unique<boost::asio::steady_timer>(acceptor_->get_executor());
   work_.emplace(ioc_.get_executor());
   for (int32_t i = 0; i < std::max(1, o.limits.threads); ++i)
     threads_.emplace_back([this] { run_thread(); });
-  boost::asio::post(acceptor_->get_executor(), [this] { accept(); });
+  boost::asio::post(acceptor_->get_executor(), [this] {
+    accept();
+    arm_stats();
+  });
   return port;
+}
+
+// On the acceptor's strand.
+void http_server::arm_stats() {
+  if (ctx_.options.stats_interval_s <= 0)
+    return;
+  stats_timer_->expires_after(std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+      std::chrono::duration<double>(ctx_.options.stats_interval_s)));
+  stats_timer_->async_wait([this](error_code ec) {
+    if (ec || !acceptor_->is_open())
+      return;
+    stats_line();
+    arm_stats();
+  });
+}
+
+// Throughput since the last line, load now; quiet while idle (one line after activity ends).
+void http_server::stats_line() {
+  const auto g = ctx_.serving->gauges();
+  const auto& m = *ctx_.metrics;
+  const auto now = std::chrono::steady_clock::now();
+  const uint64_t prompt = m.prompt_tokens.load(), generation = m.generation_tokens.load();
+  uint64_t finished = 0;
+  for (const auto& [reason, n] : m.finished())
+    finished += n;
+  const bool active = prompt != stats_.prompt || generation != stats_.generation ||
+                      finished != stats_.finished || g.running > 0 || g.waiting > 0;
+  const double dt = std::max(1e-9, std::chrono::duration<double>(now - stats_.at).count());
+  if (active || stats_.was_active)
+    log::info("stats: prompt {:.1f} tokens/s, generation {:.1f} tokens/s, running {}, waiting {}, "
+              "KV cache {:.1f}% used, prefix cache hit rate {:.1f}%, {} requests ended (+{})",
+              (prompt - stats_.prompt) / dt, (generation - stats_.generation) / dt, g.running,
+              g.waiting, 100 * g.kv_usage(),
+              g.prefix_lookups ? 100.0 * g.prefix_hits / g.prefix_lookups : 0.0, finished,
+              finished - stats_.finished);
+  stats_ = {prompt, generation, finished, now, active};
 }
 
 void http_server::run_thread() {
@@ -193,6 +233,43 @@ void http_server::session_ended(http_session* s) {
   cv_.notify_all();
 }
 
+std::vector<std::shared_ptr<http_session>> http_server::open_sessions() {
+  std::vector<std::shared_ptr<http_session>> open;
+  std::lock_guard lk(mu_);
+  for (auto& [p, w] : sessions_)
+    if (auto s = w.lock())
+      open.push_back(std::move(s));
+  return open;
+}
+
+void http_server::drain(std::chrono::duration<double> grace) {
+  if (!acceptor_ || draining_.exchange(true))
+    return;
+  boost::asio::post(acceptor_->get_executor(), [this] {
+    error_code ec;
+    acceptor_->close(ec);
+    backoff_->cancel();
+    stats_timer_->cancel();
+  });
+  log::info("http: shutting down: not accepting; {} requests in flight, waiting up to {:.0f} s",
+            ctx_.in_flight.load(), grace.count());
+  for (auto& s : open_sessions()) // idle connections close now, busy ones after their response
+    boost::asio::post(s->executor(), [s] { s->drain(false); });
+  const auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::duration_cast<std::chrono::steady_clock::duration>(grace);
+  while (ctx_.in_flight.load() > 0 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(20ms);
+  if (const auto left = ctx_.in_flight.load(); left > 0) {
+    log::warn("http: {} requests did not finish within {:.0f} s; ending them with an error", left,
+              grace.count());
+    for (auto& s : open_sessions())
+      boost::asio::post(s->executor(), [s] { s->drain(true); });
+  }
+  std::unique_lock lk(mu_);
+  if (!cv_.wait_for(lk, 5s, [&] { return live_.load() == 0; }))
+    log::warn("http: {} connections still open after the grace period", live_.load());
+}
+
 void http_server::stop() {
   std::vector<std::shared_ptr<http_session>> open;
   {
@@ -210,6 +287,7 @@ void http_server::stop() {
     error_code ec;
     acceptor_->close(ec);
     backoff_->cancel();
+    stats_timer_->cancel();
   });
   for (auto& s : open) // each closes on its strand, cancelling its request
     boost::asio::post(s->executor(), [s] { s->close(); });

@@ -38,8 +38,10 @@ namespace troupe::serve {
 
 struct server_options {
   std::string host = "127.0.0.1";
-  uint16_t port = 8000; // 0: any free port
-  std::string api_key;  // non-empty: "Authorization: Bearer <key>" on every route
+  uint16_t port = 8000;             // 0: any free port
+  std::string api_key;              // non-empty: "Authorization: Bearer <key>" on every route
+  bool open_health_metrics = false; // ... but /health and /metrics
+  double stats_interval_s = 10;     // the periodic stats line; 0: none
   std::string version;
   http_limits limits; // runtime/config.hpp: model.yaml `http:`
 };
@@ -51,6 +53,7 @@ struct serve_context {
   serving_port* serving = nullptr; // the replicas behind this endpoint
   serve_metrics* metrics = nullptr;
   std::atomic<uint64_t> next_id{1};
+  std::atomic<int64_t> in_flight{0}; // completion requests submitted and not ended
 };
 
 class http_session;
@@ -70,6 +73,11 @@ class http_server {
   // Binds and listens; returns the bound port (useful with port 0), or an error (the address is
   // in use, the host is not an IP address) and nothing runs. Starts the io threads.
   expected<uint16_t> start();
+  // Graceful shutdown: stops accepting and answers new completion requests 503, lets the
+  // requests in flight finish for up to `grace`, then ends each one left with an error (503, or
+  // an `error` event on a stream) and closes the connections. Blocks; stop() follows.
+  void drain(std::chrono::duration<double> grace);
+  bool draining() const { return draining_.load(); }
   // Stops accepting, closes every connection (cancelling their requests), joins the threads.
   void stop();
 
@@ -84,6 +92,9 @@ class http_server {
   void reject(boost::asio::ip::tcp::socket sock);
   void retry_accept(std::chrono::milliseconds after);
   void run_thread();
+  void arm_stats();
+  void stats_line();
+  std::vector<std::shared_ptr<http_session>> open_sessions();
 
   serve_context& ctx_;
   std::shared_ptr<post_gate> gate_ = std::make_shared<post_gate>();
@@ -93,12 +104,18 @@ class http_server {
   std::atomic<size_t> live_{0};     // sessions
   std::atomic<size_t> refusing_{0}; // connections being answered 503
   bool stopping_ = false;
+  std::atomic<bool> draining_{false};
+  struct stats_state {
+    uint64_t prompt = 0, generation = 0, finished = 0;
+    std::chrono::steady_clock::time_point at = std::chrono::steady_clock::now();
+    bool was_active = false;
+  } stats_;               // on the acceptor's strand
   bool fd_burst_ = false; // accept is out of descriptors (logged once per burst)
   std::vector<std::thread> threads_;
   boost::asio::io_context ioc_; // after what its handlers refer to: destroyed before them
   std::optional<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>> work_;
   std::unique_ptr<boost::asio::ip::tcp::acceptor> acceptor_; // on its own strand
-  std::unique_ptr<boost::asio::steady_timer> backoff_;
+  std::unique_ptr<boost::asio::steady_timer> backoff_, stats_timer_;
 };
 
 } // namespace troupe::serve

@@ -173,6 +173,8 @@ void http_session::on_request(error_code ec) {
   head_ = req.method() == http::verb::head;
   response_done_ = false;
   const std::string target(req.target().substr(0, req.target().find('?')));
+  method_ = std::string(req.method_string());
+  target_ = target;
   try {
     route(req, target);
   } catch (const std::exception& e) { // JSON or allocation: this request fails, not the server
@@ -189,9 +191,15 @@ void http_session::route(request_t& req, const std::string& target) {
   const bool get = req.method() == http::verb::get || head_;
   const bool post = req.method() == http::verb::post;
   const bool completions = target == "/v1/chat/completions" || target == "/v1/completions";
-  if (!authorised(req, ctx.options.api_key))
+  const bool open =
+      ctx.options.open_health_metrics && (target == "/health" || target == "/metrics");
+  if (!open && !authorised(req, ctx.options.api_key))
     return reply(401, error_body({401, "missing or invalid API key (Authorization: Bearer <key>)"}),
                  keep_alive_);
+  if (completions && post && server_.draining()) {
+    keep_alive_ = false;
+    return reply(503, error_body({503, "the server is shutting down"}), false);
+  }
   if (completions && post) {
     auto parsed = parse_completion(req.body(), target == "/v1/chat/completions", ctx.model);
     if (auto* e = std::get_if<api_error>(&parsed))
@@ -302,9 +310,10 @@ void http_session::after_response() {
   if (closed_ || !response_done_)
     return;
   context().metrics->count_request(status_);
+  log::debug("http {} {} {}", method_, target_, status_);
   response_done_ = false;
   active_.reset();
-  if (!keep_alive_ || peer_eof_)
+  if (!keep_alive_ || peer_eof_ || server_.draining())
     return linger_close();
   if (!reading_)
     return wait_request();
@@ -382,6 +391,18 @@ void http_session::drain() {
                             return self->close();
                           self->drain();
                         });
+}
+
+void http_session::drain(bool now) {
+  if (closed_ || lingering_)
+    return;
+  if (active_ && !response_done_) {
+    if (now)
+      active_->shutdown();
+    return;
+  }
+  if (!response_done_ && !writing_now_) // between requests, or reading one: nothing is owed
+    close();
 }
 
 void http_session::close() {

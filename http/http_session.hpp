@@ -35,6 +35,9 @@ class http_session : public std::enable_shared_from_this<http_session> {
   void start();
   // Cancels the request in flight and closes the connection (the server's stop()).
   void close();
+  // The server shuts down (on the strand): an idle connection closes now, a busy one after its
+  // response; with `now`, the request in flight ends at once with an error.
+  void drain(bool now);
 
   // For the completion in flight:
   serve_context& context() { return server_.context(); }
@@ -77,6 +80,7 @@ class http_session : public std::enable_shared_from_this<http_session> {
   std::optional<boost::beast::http::request_parser<boost::beast::http::string_body>> parser_;
   std::shared_ptr<completion_stream> active_; // the completion producing the response
   std::string pending_, writing_;             // queued bytes, bytes being written
+  std::string method_, target_;               // of the request being answered (debug log)
   unsigned version_ = 11;
   int status_ = 0;
   bool head_ = false, keep_alive_ = false, response_done_ = false, writing_now_ = false;

@@ -31,6 +31,8 @@ class openai_response {
   std::optional<json> add(const engine::request_output& o);
   bool finished() const { return finish_ != engine::finish_reason::none; }
   size_t completion_tokens() const { return ids_.size(); }
+  engine::finish_reason finish() const { return finish_; }
+  const std::string& id() const { return id_; }
 
   // Streams with stream_options.include_usage: the last chunk, with usage and no choices.
   json usage_chunk() const;

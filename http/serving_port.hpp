@@ -34,6 +34,8 @@ class serving_port {
   virtual void cancel(seq_id id) = 0;
   // The Prometheus text of /metrics: `m`'s counters and histograms plus the engines' gauges.
   virtual std::string metrics_text(const serve_metrics& m, const std::string& model) const = 0;
+  // The engines' gauges summed (the periodic stats line).
+  virtual engine_gauges gauges() const = 0;
 };
 
 } // namespace troupe::serve

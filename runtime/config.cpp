@@ -239,6 +239,10 @@ expected<void> read_key(std::string_view what, const std::string& k, const YAML:
     return read(what, v, k, c.port);
   if (k == "api_key")
     return read(what, v, k, c.api_key);
+  if (k == "open_health_metrics")
+    return read(what, v, k, c.open_health_metrics);
+  if (k == "log_stats_interval_s")
+    return read(what, v, k, c.log_stats_interval_s);
   if (k == "parallel")
     return read_parallel(what, v, c.parallel);
   if (k == "http")
@@ -257,8 +261,8 @@ expected<void> check_ranges(std::string_view what, const deployment_config& c) {
   if (c.dtype != "auto" && c.dtype != "float32" && c.dtype != "bfloat16" && c.dtype != "float16")
     return bad("dtype",
                fmt::format("must be auto, float32, bfloat16 or float16, got '{}'", c.dtype));
-  if (c.device != "cpu" && c.device != "cuda")
-    return bad("device", fmt::format("must be cpu or cuda, got '{}'", c.device));
+  if (c.device != "auto" && c.device != "cpu" && c.device != "cuda")
+    return bad("device", fmt::format("must be auto, cpu or cuda, got '{}'", c.device));
   if (c.max_model_len < 0)
     return bad("max_model_len", "must be >= 0 (0 = the model's limit)");
   if (c.max_num_seqs < 1)
@@ -273,6 +277,8 @@ expected<void> check_ranges(std::string_view what, const deployment_config& c) {
     return bad("block_size", "must be in [1, 1024]");
   if (c.num_kv_blocks < 0)
     return bad("num_kv_blocks", "must be >= 0 (0 = derived)");
+  if (!(c.log_stats_interval_s >= 0 && c.log_stats_interval_s <= 86400))
+    return bad("log_stats_interval_s", "must be in [0, 86400] seconds (0: no stats line)");
   if (c.port < 0 || c.port > 65535)
     return bad("port", "must be in [0, 65535]");
   const auto& p = c.parallel;
@@ -317,6 +323,8 @@ const std::vector<std::string_view>& deployment_keys() {
                                                      "host",
                                                      "port",
                                                      "api_key",
+                                                     "open_health_metrics",
+                                                     "log_stats_interval_s",
                                                      "parallel",
                                                      "http",
                                                      "disaggregation"};

@@ -58,7 +58,7 @@ struct deployment_config {
   std::string model;             // HF folder or .gguf file (required)
   std::string served_model_name; // the API's model name; default: model path's stem
   std::string dtype = "auto";    // auto | float32 | bfloat16 | float16
-  std::string device = "cpu";    // cpu | cuda
+  std::string device = "auto";   // auto (cuda where a usable GPU is, else cpu) | cpu | cuda
   int32_t max_model_len =
       0; // context limit; 0 = the model's max_position_embeddings, capped at 4096
   int32_t max_num_seqs = 64;
@@ -70,8 +70,10 @@ struct deployment_config {
   bool prefix_caching = true;
   uint64_t seed = 0; // seeds requests that bring none
   std::string host = "127.0.0.1";
-  int32_t port = 8000; // 0 = any free port (printed)
-  std::string api_key; // non-empty: every route needs "Authorization: Bearer <key>"
+  int32_t port = 8000;              // 0 = any free port (printed)
+  std::string api_key;              // non-empty: every route needs "Authorization: Bearer <key>"
+  bool open_health_metrics = false; // with api_key: /health and /metrics answer without it
+  double log_stats_interval_s = 10; // the serving stats log line every this many s; 0: none
   parallel_size parallel;
   http_limits http;
   disaggregation_config disaggregation;

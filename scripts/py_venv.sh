@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="build/pyenv"
-pins=(tokenizers==0.23.3 jinja2==3.1.6)
+pins=(tokenizers==0.23.3 jinja2==3.1.6 prometheus_client==0.21.1)
 stamp="$venv/.pins"
 if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "${pins[*]}" ]; then
   echo "$PWD/$venv/bin/python"

@@ -6,6 +6,7 @@
 #include <caf/actor_system_config.hpp>
 
 #include "actors/serving/handoff_links.hpp"
+#include "cluster/resources.hpp"
 #include "engine/backend/cpu/cpu_backend.hpp"
 #include "engine/exec/cuda_executor.hpp"
 #include "engine/exec/local_executor.hpp"
@@ -203,8 +204,15 @@ expected<kv_plan> plan_kv(const deployment_config& c, const engine::model_config
   return p;
 }
 
-expected<std::unique_ptr<deployment>> deployment::start(const deployment_config& c,
+expected<std::unique_ptr<deployment>> deployment::start(const deployment_config& config,
                                                         std::string version) {
+  deployment_config c = config;
+  if (c.device == "auto") { // cuda where this process sees a GPU, else cpu
+    const auto here = cluster::discover_resources();
+    const auto choice = cluster::choose_device(here.gpus, here.gpu_discovery_note);
+    log::info("device auto -> {} ({})", choice.device, choice.why);
+    c.device = choice.device;
+  }
   if (c.parallel.tensor != 1 || c.parallel.pipeline != 1)
     return make_error(errc::unsupported,
                       "parallel tensor={} pipeline={}: serving in this process (--block) runs "
@@ -304,6 +312,8 @@ expected<std::unique_ptr<deployment>> deployment::start(const deployment_config&
   p.ctx->options = {.host = c.host,
                     .port = static_cast<uint16_t>(c.port),
                     .api_key = c.api_key,
+                    .open_health_metrics = c.open_health_metrics,
+                    .stats_interval_s = c.log_stats_interval_s,
                     .version = std::move(version),
                     .limits = c.http};
   p.ctx->model = {.name = c.served_model_name,
@@ -322,6 +332,11 @@ expected<std::unique_ptr<deployment>> deployment::start(const deployment_config&
   d->max_model_len_ = kv->max_model_len;
   d->num_kv_blocks_ = blocks;
   return d;
+}
+
+void deployment::drain(double grace_s) {
+  if (parts_ && parts_->server)
+    parts_->server->drain(std::chrono::duration<double>(grace_s));
 }
 
 void deployment::take_down(size_t replica, const std::string& why) {

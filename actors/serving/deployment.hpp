@@ -54,6 +54,10 @@ class deployment {
   int32_t max_model_len() const { return max_model_len_; }
   int32_t num_kv_blocks() const { return num_kv_blocks_; }
 
+  // Graceful shutdown of the HTTP endpoint (http_server::drain): no new requests, those in
+  // flight get up to `grace_s` to finish, the rest end with an error. Blocks.
+  void drain(double grace_s);
+
   // Replica i failed: requests go to the other replicas, or get HTTP 503 saying `why` while
   // none serves; its replica actor stops.
   void take_down(size_t replica, const std::string& why);

@@ -238,6 +238,17 @@ std::string replica_router::metrics_text(const serve_metrics& m, const std::stri
   return out;
 }
 
+engine_gauges replica_router::gauges() const {
+  std::vector<replica_snapshot> snaps;
+  {
+    std::lock_guard lk(mu_);
+    for (const auto& s : slots_)
+      if (s.u)
+        snaps.push_back(s.u->gauges->get());
+  }
+  return sum_gauges(snaps);
+}
+
 int32_t replica_router::kv_blocks_in_use() const {
   std::lock_guard lk(mu_);
   int32_t n = 0;

@@ -61,6 +61,7 @@ class replica_router final : public serving_port {
   // The replicas' gauges summed, plus per replica: whether it serves (troupe_replica_up) and
   // the requests it took (troupe_replica_requests_total).
   std::string metrics_text(const serve_metrics& m, const std::string& model) const override;
+  engine_gauges gauges() const override;
   int32_t kv_blocks_in_use() const;
 
  private:

@@ -46,6 +46,7 @@ class replica_gauges {
 
 // Prometheus text of the replicas' gauges summed (the prefix-cache hit rate over all their
 // lookups) plus `m`'s counters and histograms.
+engine_gauges sum_gauges(const std::vector<replica_snapshot>& replicas);
 std::string gauges_text(const std::vector<replica_snapshot>& replicas, const serve_metrics& m,
                         const std::string& model);
 

@@ -1,6 +1,7 @@
 #include "engine/scheduler/scheduler.hpp"
 
 #include <algorithm>
+#include <chrono>
 
 #include "engine/sampling/sampler.hpp"
 
@@ -22,6 +23,8 @@ struct scheduler::sequence {
   state st = state::waiting;
   bool first_step = true;
   uint64_t scheduled_step = 0;
+  std::chrono::steady_clock::time_point arrival = std::chrono::steady_clock::now();
+  double queue_s = -1; // arrival to first scheduled, once scheduled
 
   int32_t len() const { return static_cast<int32_t>(tokens.size()); }
   int32_t num_generated() const { return len() - num_prompt; }
@@ -307,6 +310,9 @@ void scheduler::schedule(step_plan& plan) {
     if (hit)
       stats_.prefix_hit_tokens += static_cast<uint64_t>(s.num_computed);
     waiting_.pop_front();
+    if (s.queue_s < 0)
+      s.queue_s =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - s.arrival).count();
     s.st = sequence::state::running;
     running_.push_back(&s);
     emit(s, n, plan, used);
@@ -479,6 +485,8 @@ expected<void> scheduler::update(const step_plan& plan, const step_result& resul
     r.has_token = true;
     r.token = o->token;
     r.logprob = o->logprob;
+    if (s.num_generated() == 1)
+      r.queue_s = s.queue_s;
     if (!o->top_ids.empty()) {
       r.top_ids = o->top_ids;
       r.top_logprobs = o->top_logprobs;

@@ -90,6 +90,8 @@ struct request_output {
   finish_reason finish = finish_reason::none;
   token_id stop_token = -1;    // the EOS or stop_token_id that ended it
   std::vector<int32_t> blocks; // finish_reason::handoff: the held blocks (physical)
+  // On a request's first token: seconds from add() until it was first scheduled (else -1).
+  double queue_s = -1;
 };
 
 struct scheduler_stats {

@@ -8,7 +8,7 @@ cluster, golden = sys.argv[1], os.environ.get("TROUPE_GOLDEN_DIR", sys.argv[2])
 model = os.path.join(golden, "models", "tiny-qwen3")
 yaml = os.path.join(tempfile.mkdtemp(prefix="troupe-sdk-"), "model.yaml")
 with open(yaml, "w") as f:
-    f.write(f"model: {model}\nserved_model_name: tiny\nmax_model_len: 256\nnum_kv_blocks: 64\n"
+    f.write(f"model: {model}\ndevice: cpu\nserved_model_name: tiny\nmax_model_len: 256\nnum_kv_blocks: 64\n"
             "port: 0\napi_key: sdk-key\n")
 proc = subprocess.Popen([cluster, "serve", yaml, "--block"], stdout=subprocess.PIPE, text=True)
 try:

@@ -84,7 +84,7 @@ with open(sharegpt, "w") as f:
 
 yaml = os.path.join(tmp, "model.yaml")
 with open(yaml, "w") as f:
-    f.write(f"model: {model}\nserved_model_name: tiny\nmax_model_len: 256\nnum_kv_blocks: 128\n"
+    f.write(f"model: {model}\ndevice: cpu\nserved_model_name: tiny\nmax_model_len: 256\nnum_kv_blocks: 128\n"
             "max_num_seqs: 8\nport: 0\n")
 proc = subprocess.Popen([cluster, "serve", yaml, "--block"], stdout=subprocess.PIPE,
                         stderr=subprocess.PIPE, text=True)

@@ -32,16 +32,16 @@ def endpoint(proc, deadline_s=120):
 
 
 # model.yaml errors: unknown key with suggestion, and no --block without a head to send it to.
-p = serve(f"model: {model}\nmax_num_seq: 4\n", "--block")
+p = serve(f"model: {model}\ndevice: cpu\nmax_num_seq: 4\n", "--block")
 out, err = p.communicate(timeout=60)
 if p.returncode != 2 or "did you mean 'max_num_seqs'" not in err:
     fail(f"unknown key: rc={p.returncode} {err!r}")
-p = serve(f"model: {model}\n", "--temp-dir", os.path.join(tmp, "no-session"))
+p = serve(f"model: {model}\ndevice: cpu\n", "--temp-dir", os.path.join(tmp, "no-session"))
 out, err = p.communicate(timeout=60)
 if p.returncode != 2 or "--block" not in err:
     fail(f"without --block and no head: rc={p.returncode} {err!r}")
 
-proc = serve(f"model: {model}\nserved_model_name: tiny\nmax_model_len: 256\nnum_kv_blocks: 64\n"
+proc = serve(f"model: {model}\ndevice: cpu\nserved_model_name: tiny\nmax_model_len: 256\nnum_kv_blocks: 64\n"
              "port: 0\n", "--block")
 try:
     base = endpoint(proc)

@@ -217,7 +217,7 @@ def drain(port, deadline_s=30):
 
 yaml = os.path.join(tmp, "model.yaml")
 with open(yaml, "w") as f:
-    f.write(f"model: {model}\nserved_model_name: tiny\nmax_model_len: {MAX_MODEL_LEN}\n"
+    f.write(f"model: {model}\ndevice: cpu\nserved_model_name: tiny\nmax_model_len: {MAX_MODEL_LEN}\n"
             "num_kv_blocks: 96\nmax_num_seqs: 8\nport: 0\n")
 env = dict(os.environ)
 # Under ASan, a small quarantine so freed memory is reused and RSS means something.

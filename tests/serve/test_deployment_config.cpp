@@ -13,7 +13,8 @@ TEST_CASE("model.yaml: minimal file gets defaults and a served name from the pat
   auto c = parse_deployment("model: /models/SmolLM2-135M.gguf\n", "m.yaml");
   REQUIRE_MESSAGE(c.has_value(), (c ? "" : c.error().to_string()));
   CHECK(c->served_model_name == "SmolLM2-135M");
-  CHECK(c->device == "cpu");
+  CHECK(c->device == "auto");
+  CHECK_FALSE(c->open_health_metrics);
   CHECK(c->port == 8000);
   CHECK(c->parallel.tensor == 1);
   auto d = parse_deployment("model: /models/tiny-qwen3/\n", "m.yaml");
@@ -39,6 +40,8 @@ seed: 7
 host: 0.0.0.0
 port: 0
 api_key: secret
+open_health_metrics: true
+log_stats_interval_s: 2.5
 parallel: {tensor: 1, pipeline: 1, replicas: 1}
 )",
                             "m.yaml");
@@ -57,7 +60,9 @@ parallel: {tensor: 1, pipeline: 1, replicas: 1}
   CHECK(c->host == "0.0.0.0");
   CHECK(c->port == 0);
   CHECK(c->api_key == "secret");
-  CHECK(deployment_keys().size() == 19);
+  CHECK(c->open_health_metrics);
+  CHECK(c->log_stats_interval_s == doctest::Approx(2.5));
+  CHECK(deployment_keys().size() == 21);
 }
 
 TEST_CASE("model.yaml: unknown keys name the key and the closest valid one") {
@@ -94,7 +99,7 @@ TEST_CASE("model.yaml: bad values name the key") {
   CHECK(range.error().message() == "m.yaml: 'port' must be in [0, 65535]");
   auto dev = parse_deployment("model: /m\ndevice: tpu\n", "m.yaml");
   REQUIRE(!dev.has_value());
-  CHECK(dev.error().message().find("'device' must be cpu or cuda") != std::string::npos);
+  CHECK(dev.error().message().find("'device' must be auto, cpu or cuda") != std::string::npos);
   auto missing = parse_deployment("port: 1\n", "m.yaml");
   REQUIRE(!missing.has_value());
   CHECK(missing.error().message().find("'model' is required") != std::string::npos);

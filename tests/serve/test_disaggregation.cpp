@@ -24,6 +24,7 @@ namespace {
 deployment_config base(const std::filesystem::path& dir) {
   deployment_config c;
   c.model = dir.string();
+  c.device = "cpu"; // compared with the CPU reference also where a GPU is present
   c.served_model_name = "m";
   c.max_model_len = 256;
   c.num_kv_blocks = 96;

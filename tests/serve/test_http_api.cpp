@@ -33,6 +33,7 @@ std::unique_ptr<serve::deployment> start(const std::filesystem::path& dir, const
   c.served_model_name = "tiny-qwen3";
   c.max_model_len = 256;
   c.num_kv_blocks = 64;
+  c.device = "cpu"; // the CPU backend on any machine
   c.max_num_seqs = max_num_seqs;
   c.max_waiting = max_waiting;
   c.port = 0;
@@ -265,7 +266,11 @@ TEST_CASE("http: a client that disconnects mid-stream frees its KV blocks, other
       test::http_call(s->port(), "POST", "/v1/completions", R"({"prompt": "hi", "max_tokens": 2})");
   CHECK(r.status == 200);
   auto metrics = test::http_call(s->port(), "GET", "/metrics").body;
-  CHECK(metrics.find("troupe_requests_total{status=\"200\"}") != std::string::npos);
+  CHECK(metrics.find("troupe_requests_total{model_name=\"tiny-qwen3\",status=\"200\"}") !=
+        std::string::npos);
+  CHECK(metrics.find(
+            "vllm:request_success_total{model_name=\"tiny-qwen3\",finished_reason=\"length\"}") !=
+        std::string::npos);
   CHECK(metrics.find("troupe_time_to_first_token_seconds_count") != std::string::npos);
   CHECK(metric(s->port(), "troupe_generation_tokens_total") > 0);
 }
@@ -423,6 +428,7 @@ TEST_CASE("http: in this process (--block) every replica is one rank, and replic
     return;
   c = {};
   c.model = dir->string();
+  c.device = "cpu";
   c.served_model_name = "tiny-qwen3";
   c.max_model_len = 256;
   c.num_kv_blocks = 32;
