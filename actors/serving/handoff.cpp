@@ -26,7 +26,7 @@ std::string handoff_stats::text(const std::string& model) const {
           "Requests a decode replica prefilled itself (short or cached prompt, or fallback).",
           local_prefills.load());
   transfer_seconds.render(out, "troupe_kv_transfer_seconds",
-                          "Time from posting a request's KV writes to their completion.");
+                          "Time from posting a request's KV writes to their completion.", model);
   return out;
 }
 

@@ -242,9 +242,10 @@ engine_gauges replica_router::gauges() const {
   std::vector<replica_snapshot> snaps;
   {
     std::lock_guard lk(mu_);
-    for (const auto& s : slots_)
-      if (s.u)
-        snaps.push_back(s.u->gauges->get());
+    for (const auto* group : {&slots_, &prefill_slots_})
+      for (const auto& s : *group)
+        if (s.u)
+          snaps.push_back(s.u->gauges->get());
   }
   return sum_gauges(snaps);
 }
