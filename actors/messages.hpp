@@ -79,7 +79,7 @@ template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, sampling_params& x) {
   return f(caf::meta::type_name("sampling_params"), x.temperature, x.top_p, x.top_k, x.min_p,
            x.repetition_penalty, x.presence_penalty, x.frequency_penalty, x.has_seed, x.seed,
-           x.logprobs, x.max_tokens, x.min_tokens, x.ignore_eos);
+           x.logprobs, x.bias_tokens, x.bias_values, x.max_tokens, x.min_tokens, x.ignore_eos);
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, seq_step& x) {

@@ -1,5 +1,10 @@
 #include "http/openai_api.hpp"
 
+#include <algorithm>
+#include <cctype>
+#include <charconv>
+#include <map>
+
 #include <fmt/format.h>
 
 namespace troupe::serve {
@@ -91,6 +96,119 @@ std::optional<api_error> token_list(const json& j, const char* key, int64_t voca
   return std::nullopt;
 }
 
+// An assistant message's `tool_calls`: checked, and each function's `arguments` (a JSON string in
+// the OpenAI API) turned into the object chat templates expect (as vLLM does).
+std::optional<api_error> normalise_tool_calls(json& msg) {
+  auto it = msg.find("tool_calls");
+  if (it == msg.end() || it->is_null()) {
+    if (it != msg.end())
+      msg.erase(it);
+    return std::nullopt;
+  }
+  if (!it->is_array())
+    return bad("messages", "'tool_calls' must be a list");
+  for (auto& call : *it) {
+    if (!call.is_object() || !call.contains("function") || !call["function"].is_object() ||
+        !call["function"].contains("name") || !call["function"]["name"].is_string())
+      return bad("messages", "each of 'tool_calls' needs a 'function' with a string 'name'");
+    auto& f = call["function"];
+    if (f.contains("arguments") && f["arguments"].is_string()) {
+      json args;
+      try {
+        args = json::parse(f["arguments"].get<std::string>());
+      } catch (const json::exception&) {
+        return bad("messages", fmt::format("the arguments of tool call '{}' are not valid JSON",
+                                           f["name"].get<std::string>()));
+      }
+      f["arguments"] = std::move(args);
+    }
+  }
+  return std::nullopt;
+}
+
+bool valid_function_name(const std::string& n) {
+  return !n.empty() && n.size() <= 64 && std::all_of(n.begin(), n.end(), [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-';
+  });
+}
+
+// `tools`, `tool_choice` and `parallel_tool_calls`: the tools to render (null for none) and, in
+// `r`, how to parse the output. Refuses what cannot be honoured.
+std::variant<json, api_error> read_tools(const json& body, const model_info& m,
+                                         completion_request* r) {
+  json tools = json();
+  std::vector<std::string> names;
+  if (auto it = body.find("tools"); it != body.end() && !it->is_null()) {
+    if (!it->is_array())
+      return bad("tools", "'tools' must be a list of {\"type\": \"function\", \"function\": ...}");
+    for (const auto& t : *it) {
+      if (!t.is_object() || t.value("type", "") != "function" || !t.contains("function") ||
+          !t["function"].is_object())
+        return bad("tools", "each tool must be {\"type\": \"function\", \"function\": {...}} (only "
+                            "function tools are supported)");
+      const auto& f = t["function"];
+      const std::string name =
+          f.contains("name") && f["name"].is_string() ? f["name"].get<std::string>() : "";
+      if (!valid_function_name(name))
+        return bad("tools", "a function's 'name' must be 1-64 letters, digits, '_' or '-'");
+      if (std::find(names.begin(), names.end(), name) != names.end())
+        return bad("tools", fmt::format("two tools are named '{}'", name));
+      names.push_back(name);
+      if (f.contains("description") && !f["description"].is_string())
+        return bad("tools", fmt::format("the description of tool '{}' must be a string", name));
+      if (f.contains("parameters") && !f["parameters"].is_object())
+        return bad("tools",
+                   fmt::format("the parameters of tool '{}' must be a JSON schema object", name));
+      if (f.contains("strict") && f["strict"].is_boolean() && f["strict"].get<bool>())
+        return bad("tools", fmt::format("tool '{}': 'strict': true needs constrained decoding, "
+                                        "which this server does not support",
+                                        name));
+    }
+    if (!it->empty())
+      tools = *it;
+  }
+  std::string choice = tools.is_null() ? "none" : "auto";
+  if (auto it = body.find("tool_choice"); it != body.end() && !it->is_null()) {
+    if (it->is_string()) {
+      choice = it->get<std::string>();
+      if (choice != "auto" && choice != "none" && choice != "required")
+        return bad("tool_choice", "'tool_choice' must be \"auto\", \"none\", \"required\" or "
+                                  "{\"type\": \"function\", \"function\": {\"name\": ...}}");
+    } else if (it->is_object() && it->value("type", "") == "function" && it->contains("function") &&
+               (*it)["function"].is_object() && (*it)["function"].contains("name") &&
+               (*it)["function"]["name"].is_string()) {
+      const auto name = (*it)["function"]["name"].get<std::string>();
+      if (std::find(names.begin(), names.end(), name) == names.end())
+        return bad("tool_choice",
+                   fmt::format("'tool_choice' names '{}', which is not in 'tools'", name));
+      choice = "named";
+    } else {
+      return bad("tool_choice", "'tool_choice' must be \"auto\", \"none\", \"required\" or "
+                                "{\"type\": \"function\", \"function\": {\"name\": ...}}");
+    }
+    if (tools.is_null() && choice != "none")
+      return bad("tool_choice", "'tool_choice' other than \"none\" needs 'tools'");
+    if (choice == "required" || choice == "named")
+      return bad("tool_choice", "'tool_choice' \"required\" and named functions need constrained "
+                                "decoding, which this server does not support; use \"auto\"");
+  }
+  bool parallel = true;
+  if (auto e = opt_number(body, "parallel_tool_calls", parallel))
+    return *e;
+  if (choice == "none")
+    return json(); // the model is not to call tools: they are not shown to it
+  const auto format = detect_tool_format(*m.text);
+  if (format == tool_format::none)
+    return bad("tools", fmt::format("model '{}' writes tool calls in no format this server reads "
+                                    "(Qwen2.5/Qwen3 <tool_call>, Llama 3.x JSON)",
+                                    m.name));
+  if (r) {
+    r->tool_parsing = format;
+    r->parallel_tool_calls = parallel;
+  }
+  return tools;
+}
+
 // Chat messages with content as a string or a list of {"type": "text", "text": ...} parts,
 // normalised to strings for the chat template.
 std::variant<json, api_error> normalise_messages(const json& body) {
@@ -112,20 +230,28 @@ std::variant<json, api_error> normalise_messages(const json& body) {
         text += part["text"].get<std::string>();
       }
       msg["content"] = text;
-    } else if (!c.is_string() && !c.is_null()) {
+    } else if (c.is_null()) {
+      msg["content"] = ""; // what the SDK sends after a tool call; templates expect a string
+    } else if (!c.is_string()) {
       return bad("messages", "message 'content' must be a string or a list of text parts");
     }
+    if (auto e = normalise_tool_calls(msg))
+      return *e;
     out.push_back(std::move(msg));
   }
   return out;
 }
 
-std::variant<std::vector<token_id>, api_error> chat_prompt(const json& body, const model_info& m) {
+std::variant<std::vector<token_id>, api_error> chat_prompt(const json& body, const model_info& m,
+                                                           completion_request* r = nullptr) {
   auto msgs = normalise_messages(body);
   if (auto* e = std::get_if<api_error>(&msgs))
     return *e;
   if (!m.text->chat)
     return bad("messages", fmt::format("model '{}' has no chat template", m.name));
+  auto tools = read_tools(body, m, r);
+  if (auto* e = std::get_if<api_error>(&tools))
+    return *e;
   engine::chat_options opts;
   if (auto e = opt_number(body, "add_generation_prompt", opts.add_generation_prompt))
     return *e;
@@ -133,7 +259,20 @@ std::variant<std::vector<token_id>, api_error> chat_prompt(const json& body, con
   if (kw != body.end() && kw->is_object() && kw->contains("enable_thinking") &&
       (*kw)["enable_thinking"].is_boolean())
     opts.enable_thinking = (*kw)["enable_thinking"].get<bool>();
-  auto ids = m.text->encode_chat(std::get<json>(msgs), opts);
+  auto text = m.text->chat->render(std::get<json>(msgs), opts);
+  if (!text)
+    return bad("messages", text.error().message());
+  if (opts.tools = std::move(std::get<json>(tools)); !opts.tools.is_null()) {
+    auto with_tools = m.text->chat->render(std::get<json>(msgs), opts);
+    if (!with_tools)
+      return bad("tools", with_tools.error().message());
+    if (*with_tools == *text)
+      return bad("tools", fmt::format("the chat template of model '{}' does not show tools to the "
+                                      "model",
+                                      m.name));
+    text = std::move(with_tools);
+  }
+  auto ids = m.text->text->encode(*text);
   if (!ids)
     return bad("messages", ids.error().message());
   return std::move(*ids);
@@ -166,7 +305,8 @@ std::variant<std::vector<token_id>, api_error> text_prompt(const json& body, con
   return ids;
 }
 
-std::optional<api_error> read_sampling(const json& b, bool chat, completion_request& r) {
+std::optional<api_error> read_sampling(const json& b, bool chat, int64_t vocab,
+                                       completion_request& r) {
   auto& s = r.sampling;
   if (auto e = opt_number(b, "temperature", s.temperature))
     return e;
@@ -191,6 +331,30 @@ std::optional<api_error> read_sampling(const json& b, bool chat, completion_requ
       return bad("seed", "'seed' must be an integer");
     s.has_seed = true;
     s.seed = static_cast<uint64_t>(b["seed"].get<int64_t>());
+  }
+  if (auto it = b.find("logit_bias"); it != b.end() && !it->is_null()) {
+    if (!it->is_object())
+      return bad("logit_bias", "'logit_bias' must map token ids (as strings) to numbers");
+    std::map<token_id, float> bias;
+    for (const auto& [key, value] : it->items()) {
+      int64_t id = -1;
+      const auto [end, ec] = std::from_chars(key.data(), key.data() + key.size(), id);
+      if (ec != std::errc() || end != key.data() + key.size() || id < 0 ||
+          (vocab > 0 && id >= vocab))
+        return bad("logit_bias", fmt::format("'logit_bias' key '{}' is not a token id of this "
+                                             "model (vocabulary size {})",
+                                             key, vocab));
+      if (!value.is_number() || !(value.get<double>() >= -100 && value.get<double>() <= 100))
+        return bad("logit_bias", fmt::format("'logit_bias' values must be numbers in [-100, 100], "
+                                             "got {} for token {}",
+                                             value.dump(), key));
+      if (!bias.emplace(static_cast<token_id>(id), value.get<float>()).second)
+        return bad("logit_bias", fmt::format("'logit_bias' names token {} twice", id));
+    }
+    for (const auto& [id, v] : bias) {
+      s.bias_tokens.push_back(id);
+      s.bias_values.push_back(v);
+    }
   }
   if (chat) {
     bool want = false;
@@ -269,6 +433,28 @@ std::optional<api_error> read_limits(const json& b, bool chat, const model_info&
   return std::nullopt;
 }
 
+// Structured-output requests: this server has no grammar engine, so any constraint is refused
+// with the field's name rather than ignored (a "text" response_format asks for nothing).
+std::optional<api_error> refuse_constraints(const json& b) {
+  if (auto it = b.find("response_format"); it != b.end() && !it->is_null()) {
+    if (!it->is_object() || !it->contains("type") || !(*it)["type"].is_string())
+      return bad("response_format", "'response_format' must be {\"type\": ...}");
+    const auto type = (*it)["type"].get<std::string>();
+    if (type != "text")
+      return bad("response_format",
+                 fmt::format("'response_format' of type '{}' needs constrained decoding, which "
+                             "this server does not support; only \"text\" is accepted",
+                             type));
+  }
+  for (const char* key : {"structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                          "guided_grammar", "guided_decoding_backend", "guided_whitespace_pattern"})
+    if (auto it = b.find(key); it != b.end() && !it->is_null())
+      return bad(key, fmt::format("'{}' needs constrained decoding, which this server does not "
+                                  "support",
+                                  key));
+  return std::nullopt;
+}
+
 } // namespace
 
 std::string dump(const json& j) {
@@ -321,7 +507,7 @@ std::variant<completion_request, api_error> parse_completion(const std::string& 
   }
   completion_request r;
   r.chat = chat;
-  auto prompt = chat ? chat_prompt(b, m) : text_prompt(b, m);
+  auto prompt = chat ? chat_prompt(b, m, &r) : text_prompt(b, m);
   if (auto* e = std::get_if<api_error>(&prompt))
     return *e;
   r.prompt = std::move(std::get<std::vector<token_id>>(prompt));
@@ -334,7 +520,9 @@ std::variant<completion_request, api_error> parse_completion(const std::string& 
     return *e;
   if (auto e = opt_number(b, "skip_special_tokens", r.skip_special_tokens))
     return *e;
-  if (auto e = read_sampling(b, chat, r))
+  if (auto e = refuse_constraints(b))
+    return *e;
+  if (auto e = read_sampling(b, chat, m.vocab_size, r))
     return *e;
   if (auto e = read_stops(b, m, r))
     return *e;

@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "engine/tokenizer/chat_template.hpp"
+#include "http/tool_calls.hpp"
 #include "runtime/step.hpp"
 
 namespace troupe::serve {
@@ -50,6 +51,9 @@ struct completion_request {
   std::vector<token_id> stop_token_ids;
   std::vector<std::string> stop; // stop strings
   sampling_params sampling;
+  // Chat with `tools` (tool_choice not "none"): how to read tool calls back from the output.
+  tool_format tool_parsing = tool_format::none;
+  bool parallel_tool_calls = true; // false: only the first call is returned
 };
 
 std::variant<completion_request, api_error> parse_completion(const std::string& body, bool chat,

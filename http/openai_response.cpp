@@ -1,5 +1,7 @@
 #include "http/openai_response.hpp"
 
+#include <fmt/format.h>
+
 namespace troupe::serve {
 
 namespace {
@@ -72,7 +74,35 @@ openai_response::openai_response(const completion_request& req, const model_info
                                  int64_t created)
   : req_(req), model_(m), id_(std::move(id)), created_(created),
     detok_(m.text->text, req.stop, req.skip_special_tokens),
-    sent_prompt_ids_(!req.return_token_ids), logprobs_(empty_logprobs(req.chat)) {}
+    sent_prompt_ids_(!req.return_token_ids), logprobs_(empty_logprobs(req.chat)),
+    tools_(req.tool_parsing) {}
+
+// New calls in OpenAI's shape (as stream deltas: with their index), appended to tool_calls_;
+// without parallel_tool_calls only the first call of the output is kept.
+json openai_response::take_calls(std::vector<tool_call> calls) {
+  json out = json::array();
+  const auto num = id_.substr(id_.find('-') + 1);
+  for (auto& c : calls) {
+    if (!req_.parallel_tool_calls && !tool_calls_.empty())
+      break;
+    const size_t index = tool_calls_.size();
+    json call = {
+        {"id", fmt::format("call_{}_{}", num, index)},
+        {"type", "function"},
+        {"function", {{"name", std::move(c.name)}, {"arguments", std::move(c.arguments)}}}};
+    tool_calls_.push_back(call);
+    json d = {{"index", index}};
+    d.update(call);
+    out.push_back(std::move(d));
+  }
+  return out;
+}
+
+std::string openai_response::finish_reason() const {
+  if (finish_ == engine::finish_reason::stop && !tool_calls_.empty())
+    return "tool_calls";
+  return finish_name(finish_);
+}
 
 json openai_response::base(bool chunk) const {
   const char* object =
@@ -123,18 +153,33 @@ std::optional<json> openai_response::add(const engine::request_output& o) {
     delta += detok_.finish();
   }
   text_ += delta;
+  json calls = json::array();
+  if (req_.tool_parsing != tool_format::none) {
+    auto d = tools_.push(delta);
+    if (ends) {
+      auto rest = tools_.finish();
+      d.content += rest.content;
+      d.calls.insert(d.calls.end(), rest.calls.begin(), rest.calls.end());
+    }
+    delta = std::move(d.content);
+    calls = take_calls(std::move(d.calls));
+  }
+  content_ += delta;
   // A token whose text is held back (part of a UTF-8 character or of a possible stop string)
   // still gets its chunk when the client asked for token ids (as vLLM), or its id is lost.
   const bool ids_chunk = req_.return_token_ids && o.has_token;
-  if (!req_.stream || (delta.empty() && !ends && !ids_chunk))
+  if (!req_.stream || (delta.empty() && calls.empty() && !ends && !ids_chunk))
     return std::nullopt;
   json choice = {{"index", 0}};
-  if (req_.chat)
+  if (req_.chat) {
     choice["delta"] = delta.empty() ? json::object() : json{{"content", delta}};
-  else
+    if (!calls.empty())
+      choice["delta"]["tool_calls"] = std::move(calls);
+  } else {
     choice["text"] = delta;
+  }
   choice["logprobs"] = req_.top_logprobs >= 0 && o.has_token ? lp_delta : json();
-  choice["finish_reason"] = ends ? json(finish_name(o.finish)) : json();
+  choice["finish_reason"] = ends ? json(finish_reason()) : json();
   if (req_.return_token_ids && o.has_token)
     choice["token_ids"] = json::array({o.token});
   return chunk(std::move(choice));
@@ -149,12 +194,17 @@ json openai_response::usage_chunk() const {
 
 json openai_response::body() const {
   json choice = {{"index", 0}};
-  if (req_.chat)
-    choice["message"] = {{"role", "assistant"}, {"content", text_}};
-  else
+  if (req_.chat) {
+    choice["message"] = {
+        {"role", "assistant"},
+        {"content", content_.empty() && !tool_calls_.empty() ? json() : json(content_)}};
+    if (!tool_calls_.empty())
+      choice["message"]["tool_calls"] = tool_calls_;
+  } else {
     choice["text"] = text_;
+  }
   choice["logprobs"] = req_.top_logprobs >= 0 ? logprobs_ : json();
-  choice["finish_reason"] = finish_name(finish_);
+  choice["finish_reason"] = finish_reason();
   if (!req_.stop.empty() && detok_.stop_string())
     choice["stop_reason"] = *detok_.stop_string();
   if (req_.return_token_ids)

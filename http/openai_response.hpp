@@ -54,6 +54,12 @@ class openai_response {
   std::vector<token_id> ids_;
   json logprobs_;
   engine::finish_reason finish_ = engine::finish_reason::none;
+  // Chat with tools: the output split into content and OpenAI tool_calls.
+  tool_call_parser tools_;
+  std::string content_;
+  json tool_calls_ = json::array();
+  json take_calls(std::vector<tool_call> calls);
+  std::string finish_reason() const;
 };
 
 } // namespace troupe::serve

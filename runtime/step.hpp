@@ -23,6 +23,11 @@ struct sampling_params {
   bool has_seed = false;
   uint64_t seed = 0;
   int32_t logprobs = -1; // -1 = none, else number of top logprobs to return (0 = sampled only)
+  // OpenAI logit_bias: bias_values[i] in [-100, 100] is added to the logit of bias_tokens[i]
+  // (ascending distinct ids) after the penalties, before sampling; logprobs stay those of the raw
+  // logits.
+  std::vector<token_id> bias_tokens;
+  std::vector<float> bias_values;
   // Not sampling knobs but request limits, kept here so that one struct carries a request's
   // OpenAI parameters (validated by the scheduler; the sampler sees their effect through
   // seq_step::banned_tokens).

@@ -124,6 +124,18 @@ expected<void> validate(const sampling_params& p) {
     return make_error(errc::invalid_argument,
                       "logprobs must be in [0, {}] (or -1 for none), got {}", max_logprobs,
                       p.logprobs);
+  if (p.bias_tokens.size() != p.bias_values.size())
+    return make_error(errc::invalid_argument, "logit_bias: {} token ids but {} biases",
+                      p.bias_tokens.size(), p.bias_values.size());
+  for (size_t i = 0; i < p.bias_tokens.size(); ++i) {
+    if (p.bias_tokens[i] < 0 || (i > 0 && p.bias_tokens[i] <= p.bias_tokens[i - 1]))
+      return make_error(errc::invalid_argument,
+                        "logit_bias: token ids must be distinct, ascending and >= 0; got {}",
+                        p.bias_tokens[i]);
+    if (!(p.bias_values[i] >= -100.0f && p.bias_values[i] <= 100.0f))
+      return make_error(errc::invalid_argument, "logit_bias must be in [-100, 100], got {}",
+                        p.bias_values[i]);
+  }
   if (p.max_tokens < 1)
     return make_error(errc::invalid_argument, "max_tokens must be >= 1, got {}", p.max_tokens);
   if (p.min_tokens < 0 || p.min_tokens > p.max_tokens)
@@ -149,6 +161,9 @@ seq_output sample_row(std::span<const float> logits, const sample_inputs& in,
   w.assign(logits.begin(), logits.end());
   if (in.penalties)
     apply_penalties(w, p, *in.penalties);
+  for (size_t i = 0; i < p.bias_tokens.size(); ++i)
+    if (const auto t = p.bias_tokens[i]; t >= 0 && static_cast<size_t>(t) < w.size())
+      w[static_cast<size_t>(t)] += p.bias_values[i];
   for (token_id t : in.banned)
     if (t >= 0 && static_cast<size_t>(t) < w.size())
       w[static_cast<size_t>(t)] = -std::numeric_limits<float>::infinity();

@@ -6,6 +6,8 @@
 #include <random>
 
 #include <cuda_runtime.h>
+#include <set>
+
 #include <doctest/doctest.h>
 
 #include "engine/backend/cuda/gpu_sampler.hpp"
@@ -93,6 +95,17 @@ TEST_CASE("gpu sampler equals the host sampler over random rows and parameter mi
       if (m == 6 || m == 7)
         for (int k = 0, n = static_cast<int>(rng() % 60); k < n; ++k)
           pens[r].add(static_cast<token_id>(rng() % V), rng() % 2 == 0);
+      if (r % 4 == 1) { // logit_bias: distinct ascending ids, large and small biases
+        std::set<token_id> ids;
+        for (int k = 0, n = 1 + static_cast<int>(rng() % 8); k < n; ++k)
+          ids.insert(static_cast<token_id>(rng() % V));
+        const float range = (r / 4) % 2 ? 100.0f : 3.0f;
+        for (auto id : ids) {
+          params[r].bias_tokens.push_back(id);
+          params[r].bias_values.push_back(
+              range * (2 * std::uniform_real_distribution<float>(0, 1)(rng) - 1));
+        }
+      }
       if (m == 8)
         for (int64_t i = 0; i < V; ++i)
           banned[r].push_back(static_cast<token_id>(i));

@@ -59,6 +59,31 @@ try:
         raise AssertionError("oversize prompt accepted")
     except openai.BadRequestError as e:
         assert "maximum context length" in str(e), e
+    # A tool round trip as the SDK sends it: tools, then the assistant's tool call (content None)
+    # and the tool's answer. The random-weight model answers in text.
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "parameters": {"type": "object",
+                                              "properties": {"city": {"type": "string"}}}}}]
+    history = msgs + [
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "21C"}]
+    answer = client.chat.completions.create(model="tiny", messages=history, tools=tools,
+                                            max_tokens=4, temperature=0, extra_body=extra)
+    assert answer.choices[0].finish_reason == "length", answer
+    assert not answer.choices[0].message.tool_calls, answer
+    for bad in ({"tool_choice": "required", "tools": tools},
+                {"response_format": {"type": "json_object"}}):
+        try:
+            client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, **bad)
+            raise AssertionError(f"{bad} accepted")
+        except openai.BadRequestError as e:
+            assert next(iter(bad)) in str(e), e
+    biased = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=4,
+                                            temperature=0.7, seed=3, logit_bias={"13": 100},
+                                            extra_body=extra)
+    assert biased.choices[0].model_extra["token_ids"] == [13] * 4, biased
     print(f"PASS: openai {openai.__version__}: {text!r}")
 finally:
     proc.send_signal(signal.SIGTERM)

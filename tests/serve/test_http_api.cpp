@@ -464,3 +464,96 @@ TEST_CASE("http: in this process (--block) every replica is one rank, and replic
     CHECK(std::stoi(metrics.substr(at + key.size())) > 0);
   }
 }
+
+TEST_CASE("http: tools reach the chat template, tool history with null content is served") {
+  auto* s = server();
+  if (!s)
+    return;
+  json tools = json::parse(R"([{"type": "function", "function": {"name": "get_weather",
+      "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}])");
+  json messages = json::parse(R"([{"role": "user", "content": "weather in Paris?"},
+      {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+       "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+      {"role": "tool", "tool_call_id": "call_1", "content": "21C"}])");
+  json body = {{"messages", messages}, {"tools", tools},     {"max_tokens", 4},
+               {"temperature", 0},     {"ignore_eos", true}, {"return_token_ids", true}};
+  auto r = test::http_call(s->port(), "POST", "/v1/chat/completions", body.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  auto j = r.json();
+  auto text = engine::model_tokenizer::load_for_model(s->dir);
+  REQUIRE(text.has_value());
+  json normalised = messages;
+  normalised[1]["content"] = "";
+  normalised[1]["tool_calls"][0]["function"]["arguments"] = json{{"city", "Paris"}};
+  engine::chat_options opts;
+  opts.tools = tools;
+  CHECK(j["prompt_token_ids"].get<std::vector<token_id>>() == *text->encode_chat(normalised, opts));
+  // The random-weight model writes no call: plain content, finish "length".
+  CHECK(j["choices"][0]["finish_reason"] == "length");
+  CHECK(!j["choices"][0]["message"].contains("tool_calls"));
+
+  body["tool_choice"] = "required";
+  auto req = test::http_call(s->port(), "POST", "/v1/chat/completions", body.dump());
+  CHECK(req.status == 400);
+  CHECK(req.json()["error"]["param"] == "tool_choice");
+  body["tool_choice"] = "auto";
+  body["tools"][0]["type"] = "retrieval";
+  auto bad = test::http_call(s->port(), "POST", "/v1/chat/completions", body.dump());
+  CHECK(bad.status == 400);
+  CHECK(bad.json()["error"]["param"] == "tools");
+}
+
+TEST_CASE("http: logit_bias steers the sampled tokens, streamed and not") {
+  auto* s = server();
+  if (!s)
+    return;
+  for (bool stream : {false, true}) {
+    json body = chat_body(6, stream);
+    body["logit_bias"] = {{"13", 100}};
+    body["temperature"] = 0.8;
+    body["seed"] = 5;
+    auto r = test::http_call(s->port(), "POST", "/v1/chat/completions", body.dump());
+    REQUIRE_MESSAGE(r.status == 200, r.body);
+    std::vector<token_id> ids;
+    if (stream) {
+      for (const auto& e : test::sse_events(r.body))
+        if (e.contains("choices") && !e["choices"].empty() && e["choices"][0].contains("token_ids"))
+          ids.push_back(e["choices"][0]["token_ids"][0].get<token_id>());
+    } else {
+      ids = r.json()["choices"][0]["token_ids"].get<std::vector<token_id>>();
+    }
+    CHECK(ids == std::vector<token_id>(6, 13));
+  }
+  json body = chat_body(2, false);
+  for (const json& bias : {json{{"13", 101}}, json{{"x", 1}}, json{{"99999999", 1}},
+                           json{{"13", "high"}}, json::array({13})}) {
+    body["logit_bias"] = bias;
+    auto r = test::http_call(s->port(), "POST", "/v1/chat/completions", body.dump());
+    CHECK_MESSAGE(r.status == 400, bias.dump());
+    CHECK(r.json()["error"]["param"] == "logit_bias");
+  }
+}
+
+TEST_CASE("http: structured-output requests are refused with 400 naming the field") {
+  auto* s = server();
+  if (!s)
+    return;
+  const std::vector<std::pair<std::string, json>> cases = {
+      {"response_format", {{"type", "json_object"}}},
+      {"response_format", {{"type", "json_schema"}, {"json_schema", {{"name", "x"}}}}},
+      {"structured_outputs", {{"choice", {"a", "b"}}}},
+      {"guided_json", {{"type", "object"}}},
+      {"guided_regex", "[0-9]+"},
+      {"guided_choice", {"yes", "no"}},
+      {"guided_grammar", "root ::= \"a\""}};
+  for (const auto& [key, value] : cases) {
+    json body = chat_body(2, false);
+    body[key] = value;
+    auto r = test::http_call(s->port(), "POST", "/v1/chat/completions", body.dump());
+    CHECK_MESSAGE(r.status == 400, key);
+    CHECK(r.json()["error"]["param"] == key);
+  }
+  json body = chat_body(2, false);
+  body["response_format"] = {{"type", "text"}};
+  CHECK(test::http_call(s->port(), "POST", "/v1/chat/completions", body.dump()).status == 200);
+}

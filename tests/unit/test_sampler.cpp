@@ -49,6 +49,33 @@ TEST_CASE("sampler: greedy takes the argmax, lowest id on ties, banned tokens ne
   CHECK(draw(l, tk, 5) == 1);
 }
 
+TEST_CASE("sampler: logit_bias shifts logits before sampling, not the reported logprobs") {
+  std::vector<float> l{1, 3, 2, 0};
+  auto p = temp(0);
+  p.bias_tokens = {0, 1};
+  p.bias_values = {2.5f, -100.0f};
+  CHECK(validate(p).has_value());
+  std::vector<float> scratch;
+  auto out = sample_row(l, {.params = &p, .index = 0}, scratch);
+  CHECK(out.token == 0); // 1 + 2.5 beats 2; token 1 is pushed far down
+  double z = 0;
+  for (float x : l)
+    z += std::exp(x - 3.0);
+  CHECK(out.logprob == doctest::Approx(1 - 3 - std::log(z)));
+  auto hot = temp(1.0f);
+  hot.bias_tokens = {3};
+  hot.bias_values = {100.0f};
+  for (uint64_t i = 0; i < 50; ++i)
+    CHECK(draw(l, hot, i) == 3);
+  p.bias_values = {2.5f, -100.5f};
+  CHECK(validate(p).error().message().find("logit_bias") != std::string::npos);
+  p.bias_values = {2.5f, 1};
+  p.bias_tokens = {1, 0};
+  CHECK(validate(p).error().message().find("logit_bias") != std::string::npos);
+  p.bias_tokens = {1};
+  CHECK(validate(p).error().message().find("logit_bias") != std::string::npos);
+}
+
 TEST_CASE("sampler: a draw depends only on seed and index, and follows the distribution") {
   std::vector<float> l{std::log(0.5f), std::log(0.3f), std::log(0.2f)};
   auto p = temp(1.0f, 1234);

@@ -1,7 +1,7 @@
 // The GPU sampler: one thread block per logits row does what sampler.cpp's sample_row does on the
 // host, in the same order, so that both pick the same token for the same (seed, index):
 //   1. logsumexp and the top-n logprobs of the raw row (ties: lower id),
-//   2. penalties, then banned tokens set to -inf, written into the row in place,
+//   2. penalties, then logit_bias, then banned tokens set to -inf, written into the row in place,
 //   3. greedy: argmax (lower id on ties); else the candidates of top-k, top-p and min-p, and a
 //      draw u * total over them: in rank order (value desc, id asc) when top-k or top-p sorted
 //      the host's candidates, else in id order.
@@ -44,7 +44,7 @@ struct row_params {
   float temperature, top_p, min_p, repetition, presence, frequency;
   uint64_t seed, index;
   int32_t logprobs;
-  int32_t pen_begin, pen_end, ban_begin, ban_end;
+  int32_t pen_begin, pen_end, bias_begin, bias_end, ban_begin, ban_end;
 };
 
 struct row_result {
@@ -256,7 +256,8 @@ __device__ int32_t draw_by_id(const row_view& r, double target, shared_state& sh
 
 __global__ void __launch_bounds__(threads)
     sample_kernel(float* logits, int V, const row_params* params, const int32_t* pen_tokens,
-                  const int32_t* pen_counts, float* pen_saved, const int32_t* banned,
+                  const int32_t* pen_counts, float* pen_saved, const int32_t* bias_tokens,
+                  const float* bias_values, float* bias_saved, const int32_t* banned,
                   float* ban_saved, row_result* results) {
   __shared__ shared_state sh;
   const row_params& p = params[blockIdx.x];
@@ -292,7 +293,8 @@ __global__ void __launch_bounds__(threads)
     }
   }
 
-  // 2. Penalties, then banned tokens; the raw values are kept for the sampled token's logprob.
+  // 2. Penalties, logit_bias, banned tokens; the raw values are kept for the sampled token's
+  // logprob (a penalised token's in pen_saved, which is looked up first).
   for (int j = p.pen_begin + threadIdx.x; j < p.pen_end; j += blockDim.x) {
     const int32_t t = pen_tokens[j], n = pen_counts[j];
     float x = w[t];
@@ -303,6 +305,12 @@ __global__ void __launch_bounds__(threads)
         x, __fadd_rn(__fmul_rn(p.frequency, static_cast<float>(n)), n > 0 ? p.presence : 0.0f));
     w[t] = x;
   }
+  __syncthreads();
+  for (int j = p.bias_begin + threadIdx.x; j < p.bias_end; j += blockDim.x) // distinct ids
+    if (bias_tokens[j] >= 0 && bias_tokens[j] < V) {
+      bias_saved[j] = w[bias_tokens[j]];
+      w[bias_tokens[j]] = __fadd_rn(w[bias_tokens[j]], bias_values[j]);
+    }
   __syncthreads();
   for (int j = p.ban_begin + threadIdx.x; j < p.ban_end; j += blockDim.x)
     if (banned[j] >= 0 && banned[j] < V)
@@ -344,6 +352,11 @@ __global__ void __launch_bounds__(threads)
         raw = pen_saved[j];
         saved = true;
       }
+    for (int j = p.bias_begin; j < p.bias_end && !saved; ++j)
+      if (bias_tokens[j] == token) {
+        raw = bias_saved[j];
+        saved = true;
+      }
     for (int j = p.ban_begin; j < p.ban_end && !saved; ++j)
       if (banned[j] == token) {
         raw = ban_saved[j];
@@ -368,10 +381,11 @@ class gpu_sampler_impl final : public gpu_sampler {
 
  private:
   std::vector<row_params> params_;
-  std::vector<int32_t> pen_tokens_, pen_counts_, banned_;
+  std::vector<int32_t> pen_tokens_, pen_counts_, bias_tokens_, banned_;
+  std::vector<float> bias_values_;
   std::vector<row_result> results_;
-  device_buffer d_params_, d_pen_tokens_, d_pen_counts_, d_pen_saved_, d_banned_, d_ban_saved_,
-      d_results_;
+  device_buffer d_params_, d_pen_tokens_, d_pen_counts_, d_pen_saved_, d_bias_tokens_,
+      d_bias_values_, d_bias_saved_, d_banned_, d_ban_saved_, d_results_;
 };
 
 expected<std::vector<seq_output>> gpu_sampler_impl::sample(float* logits, int64_t vocab,
@@ -386,6 +400,8 @@ expected<std::vector<seq_output>> gpu_sampler_impl::sample(float* logits, int64_
   params_.clear();
   pen_tokens_.clear();
   pen_counts_.clear();
+  bias_tokens_.clear();
+  bias_values_.clear();
   banned_.clear();
   for (const auto& j : jobs) {
     const auto& sp = *j.in.params;
@@ -409,18 +425,26 @@ expected<std::vector<seq_output>> gpu_sampler_impl::sample(float* logits, int64_
           pen_counts_.push_back(e.output_count);
         }
     r.pen_end = static_cast<int32_t>(pen_tokens_.size());
+    r.bias_begin = static_cast<int32_t>(bias_tokens_.size());
+    bias_tokens_.insert(bias_tokens_.end(), sp.bias_tokens.begin(), sp.bias_tokens.end());
+    bias_values_.insert(bias_values_.end(), sp.bias_values.begin(), sp.bias_values.end());
+    r.bias_end = static_cast<int32_t>(bias_tokens_.size());
     r.ban_begin = static_cast<int32_t>(banned_.size());
     banned_.insert(banned_.end(), j.in.banned.begin(), j.in.banned.end());
     r.ban_end = static_cast<int32_t>(banned_.size());
     params_.push_back(r);
   }
   const size_t n = jobs.size(), np = std::max<size_t>(1, pen_tokens_.size()),
-               nb = std::max<size_t>(1, banned_.size());
+               nb = std::max<size_t>(1, banned_.size()),
+               nl = std::max<size_t>(1, bias_tokens_.size());
   TROUPE_TRY_VOID(reserve(d_params_, n * sizeof(row_params)));
   TROUPE_TRY_VOID(reserve(d_results_, n * sizeof(row_result)));
   TROUPE_TRY_VOID(reserve(d_pen_tokens_, np * 4));
   TROUPE_TRY_VOID(reserve(d_pen_counts_, np * 4));
   TROUPE_TRY_VOID(reserve(d_pen_saved_, np * 4));
+  TROUPE_TRY_VOID(reserve(d_bias_tokens_, nl * 4));
+  TROUPE_TRY_VOID(reserve(d_bias_values_, nl * 4));
+  TROUPE_TRY_VOID(reserve(d_bias_saved_, nl * 4));
   TROUPE_TRY_VOID(reserve(d_banned_, nb * 4));
   TROUPE_TRY_VOID(reserve(d_ban_saved_, nb * 4));
   TROUPE_CUDA(cudaMemcpyAsync(d_params_.as<void>(), params_.data(), n * sizeof(row_params),
@@ -431,12 +455,19 @@ expected<std::vector<seq_output>> gpu_sampler_impl::sample(float* logits, int64_
     TROUPE_CUDA(cudaMemcpyAsync(d_pen_counts_.as<void>(), pen_counts_.data(),
                                 pen_counts_.size() * 4, cudaMemcpyHostToDevice, s));
   }
+  if (!bias_tokens_.empty()) {
+    TROUPE_CUDA(cudaMemcpyAsync(d_bias_tokens_.as<void>(), bias_tokens_.data(),
+                                bias_tokens_.size() * 4, cudaMemcpyHostToDevice, s));
+    TROUPE_CUDA(cudaMemcpyAsync(d_bias_values_.as<void>(), bias_values_.data(),
+                                bias_values_.size() * 4, cudaMemcpyHostToDevice, s));
+  }
   if (!banned_.empty())
     TROUPE_CUDA(cudaMemcpyAsync(d_banned_.as<void>(), banned_.data(), banned_.size() * 4,
                                 cudaMemcpyHostToDevice, s));
   sample_kernel<<<static_cast<unsigned>(n), threads, 0, s>>>(
       logits, static_cast<int>(vocab), d_params_.as<row_params>(), d_pen_tokens_.as<int32_t>(),
-      d_pen_counts_.as<int32_t>(), d_pen_saved_.as<float>(), d_banned_.as<int32_t>(),
+      d_pen_counts_.as<int32_t>(), d_pen_saved_.as<float>(), d_bias_tokens_.as<int32_t>(),
+      d_bias_values_.as<float>(), d_bias_saved_.as<float>(), d_banned_.as<int32_t>(),
       d_ban_saved_.as<float>(), d_results_.as<row_result>());
   TROUPE_CUDA_LAUNCH();
   results_.resize(n);
