@@ -59,4 +59,19 @@ expected<shard_plan> plan_shard(const model_config& c, const parallel_layout& p)
   return s;
 }
 
+kv_layout shard_kv_layout(const model_config& c, const shard_plan& s, int32_t block_size,
+                          int32_t num_blocks, std::string dtype, int32_t elem_bytes) {
+  return {.dtype = std::move(dtype),
+          .elem_bytes = elem_bytes,
+          .num_layers = static_cast<int32_t>(c.num_layers),
+          .layer_begin = static_cast<int32_t>(s.layers.begin),
+          .layer_end = static_cast<int32_t>(s.layers.end),
+          .num_kv_heads = static_cast<int32_t>(c.num_kv_heads),
+          .head_begin = static_cast<int32_t>(s.kv_heads.begin),
+          .head_end = static_cast<int32_t>(s.kv_heads.end),
+          .head_dim = static_cast<int32_t>(c.head_dim),
+          .block_size = block_size,
+          .num_blocks = num_blocks};
+}
+
 } // namespace troupe::engine

@@ -6,7 +6,9 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
+#include "engine/kv/kv_layout.hpp"
 #include "engine/model/model_config.hpp"
 #include "runtime/error.hpp"
 
@@ -47,5 +49,10 @@ expected<void> check_parallel_layout(const model_config& config, int tensor, int
 
 // This rank's slices; fails like check_parallel_layout, or for ranks outside the grid.
 expected<shard_plan> plan_shard(const model_config& config, const parallel_layout& layout);
+
+// A rank's KV layout as its shard decides it (layers, kv heads, blocks, dtype); the backend adds
+// where its memory is (allocations, planes).
+kv_layout shard_kv_layout(const model_config& c, const shard_plan& s, int32_t block_size,
+                          int32_t num_blocks, std::string dtype, int32_t elem_bytes);
 
 } // namespace troupe::engine

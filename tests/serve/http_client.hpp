@@ -10,6 +10,7 @@
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/read.hpp>
 #include <boost/asio/write.hpp>
+#include <doctest/doctest.h>
 #include <nlohmann/json.hpp>
 
 namespace troupe::test {
@@ -61,6 +62,16 @@ inline std::vector<nlohmann::json> sse_events(const std::string& body) {
     pos = end;
   }
   return out;
+}
+
+// The value of the first sample of metric `name` (any labels) on the server's /metrics.
+inline double metric_value(uint16_t port, const std::string& name) {
+  auto r = http_call(port, "GET", "/metrics");
+  REQUIRE(r.status == 200);
+  const auto at = r.body.find("\n" + name + "{");
+  REQUIRE_MESSAGE(at != std::string::npos, name);
+  const auto value = r.body.find("} ", at) + 2;
+  return std::stod(r.body.substr(value, r.body.find('\n', value) - value));
 }
 
 } // namespace troupe::test

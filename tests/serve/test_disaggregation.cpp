@@ -55,21 +55,13 @@ std::unique_ptr<serve::deployment> start(const deployment_config& c) {
   return std::move(*d);
 }
 
-double metric(uint16_t port, const std::string& name) {
-  auto r = test::http_call(port, "GET", "/metrics");
-  REQUIRE(r.status == 200);
-  const auto at = r.body.find("\n" + name + "{");
-  REQUIRE_MESSAGE(at != std::string::npos, name);
-  const auto value = r.body.find("} ", at) + 2;
-  return std::stod(r.body.substr(value, r.body.find('\n', value) - value));
-}
-
 // Waits until no KV block is in use on either side (freed after the last response is written).
 void expect_all_blocks_free(uint16_t port) {
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-  while (metric(port, "troupe_kv_blocks_in_use") > 0 && std::chrono::steady_clock::now() < deadline)
+  while (test::metric_value(port, "troupe_kv_blocks_in_use") > 0 &&
+         std::chrono::steady_clock::now() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  CHECK(metric(port, "troupe_kv_blocks_in_use") == 0);
+  CHECK(test::metric_value(port, "troupe_kv_blocks_in_use") == 0);
 }
 
 std::vector<std::vector<token_id>> prompts() {
@@ -170,11 +162,11 @@ TEST_CASE("disaggregation: xPyD layouts, block sizes and transports equal the co
       auto s = start(disaggregated(*dir, l.p, l.d, l.provider, l.pbs, l.dbs));
       CHECK(run_all(s->port(), 10, greedy) == want);
       CHECK(run_all(s->port(), 10, seeded) == want_seeded);
-      const auto handed = metric(s->port(), "troupe_kv_handoffs_total");
+      const auto handed = test::metric_value(s->port(), "troupe_kv_handoffs_total");
       CHECK(handed == 2.0 * static_cast<double>(prompts().size()));
-      CHECK(metric(s->port(), "troupe_kv_handoff_failures_total") == 0);
-      CHECK(metric(s->port(), "troupe_kv_local_prefills_total") == 0);
-      CHECK(metric(s->port(), "troupe_kv_transfer_bytes_total") > 0);
+      CHECK(test::metric_value(s->port(), "troupe_kv_handoff_failures_total") == 0);
+      CHECK(test::metric_value(s->port(), "troupe_kv_local_prefills_total") == 0);
+      CHECK(test::metric_value(s->port(), "troupe_kv_transfer_bytes_total") > 0);
       expect_all_blocks_free(s->port());
     }
   }
@@ -205,7 +197,7 @@ TEST_CASE("disaggregation: a client leaving mid-stream frees blocks on both side
     sock.close();
   }
   expect_all_blocks_free(s->port());
-  CHECK(metric(s->port(), "troupe_num_requests_running") == 0);
+  CHECK(test::metric_value(s->port(), "troupe_num_requests_running") == 0);
   // Still serving.
   const auto ids = completion_ids(s->port(), prompts()[0], 4, greedy);
   CHECK(ids.size() == 4);
@@ -228,8 +220,9 @@ TEST_CASE("disaggregation: prompts shorter than min_prefill_tokens are prefilled
   for (const auto& p : ps)
     short_ones += p.size() < 20;
   CHECK(short_ones > 0);
-  CHECK(metric(s->port(), "troupe_kv_local_prefills_total") == static_cast<double>(short_ones + 1));
-  CHECK(metric(s->port(), "troupe_kv_handoffs_total") ==
+  CHECK(test::metric_value(s->port(), "troupe_kv_local_prefills_total") ==
+        static_cast<double>(short_ones + 1));
+  CHECK(test::metric_value(s->port(), "troupe_kv_handoffs_total") ==
         static_cast<double>(ps.size() - short_ones - 1));
   expect_all_blocks_free(s->port());
 }
@@ -247,4 +240,25 @@ TEST_CASE("disaggregation: impossible specs are refused with the reason before s
   d = serve::deployment::start(c, "test");
   REQUIRE_FALSE(d.has_value()); // no RDMA device here, or no libfabric: named, never replaced
   CHECK(d.error().message().find("verbs") != std::string::npos);
+}
+
+TEST_CASE("disaggregation: the shipped 1P2D example serves with handoffs") {
+  auto dir = test::golden_model("tiny-qwen3");
+  if (!dir)
+    return;
+  auto c = load_deployment(std::filesystem::path(TROUPE_EXAMPLES_DIR) / "disaggregated-1p2d.yaml");
+  REQUIRE_MESSAGE(c.has_value(), (c ? "" : c.error().to_string()));
+  CHECK(c->disaggregation.decode.parallel.replicas == 2);
+  c->model = dir->string(); // wherever the golden data is
+  c->device = "cpu";
+  c->port = 0;
+  auto s = start(*c);
+  const auto want = golden_greedy(*dir, 5);
+  const auto ps = prompts();
+  CHECK(completion_ids(s->port(), ps.back(), 5, greedy) == want.back()); // 24 tokens: handed off
+  CHECK(completion_ids(s->port(), ps.front(), 5, greedy) ==
+        want.front()); // 9 tokens: prefilled on decode
+  CHECK(test::metric_value(s->port(), "troupe_kv_handoffs_total") == 1);
+  CHECK(test::metric_value(s->port(), "troupe_kv_local_prefills_total") == 1);
+  expect_all_blocks_free(s->port());
 }

@@ -56,15 +56,6 @@ served* server() {
   return s;
 }
 
-double metric(uint16_t port, const std::string& name) {
-  auto r = test::http_call(port, "GET", "/metrics");
-  REQUIRE(r.status == 200);
-  const auto at = r.body.find("\n" + name + "{");
-  REQUIRE_MESSAGE(at != std::string::npos, name);
-  const auto value = r.body.find("} ", at) + 2;
-  return std::stod(r.body.substr(value, r.body.find('\n', value) - value));
-}
-
 std::vector<token_id> golden_greedy(const std::filesystem::path& dir,
                                     const std::vector<token_id>& prompt, int n) {
   auto model = engine::cpu_backend::load(dir, {.num_blocks = 32, .block_size = 16});
@@ -254,14 +245,14 @@ TEST_CASE("http: a client that disconnects mid-stream frees its KV blocks, other
     char buf[512];
     got.append(buf, sock.read_some(boost::asio::buffer(buf)));
   }
-  CHECK(metric(s->port(), "troupe_kv_blocks_in_use") > 0);
+  CHECK(test::metric_value(s->port(), "troupe_kv_blocks_in_use") > 0);
   sock.close();
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-  while (metric(s->port(), "troupe_kv_blocks_in_use") > 0 &&
+  while (test::metric_value(s->port(), "troupe_kv_blocks_in_use") > 0 &&
          std::chrono::steady_clock::now() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  CHECK(metric(s->port(), "troupe_kv_blocks_in_use") == 0);
-  CHECK(metric(s->port(), "troupe_num_requests_running") == 0);
+  CHECK(test::metric_value(s->port(), "troupe_kv_blocks_in_use") == 0);
+  CHECK(test::metric_value(s->port(), "troupe_num_requests_running") == 0);
   auto r =
       test::http_call(s->port(), "POST", "/v1/completions", R"({"prompt": "hi", "max_tokens": 2})");
   CHECK(r.status == 200);
@@ -272,7 +263,7 @@ TEST_CASE("http: a client that disconnects mid-stream frees its KV blocks, other
             "vllm:request_success_total{model_name=\"tiny-qwen3\",finished_reason=\"length\"}") !=
         std::string::npos);
   CHECK(metrics.find("troupe_time_to_first_token_seconds_count") != std::string::npos);
-  CHECK(metric(s->port(), "troupe_generation_tokens_total") > 0);
+  CHECK(test::metric_value(s->port(), "troupe_generation_tokens_total") > 0);
 }
 
 TEST_CASE("http: stop strings, logprobs and the api key") {
@@ -362,13 +353,13 @@ TEST_CASE("http: mixed load with random disconnects, malformed bodies and oversi
   CHECK(wrong == 0);
   CHECK(done_ok > 0);
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-  while ((metric(s->port(), "troupe_kv_blocks_in_use") > 0 ||
-          metric(s->port(), "troupe_num_requests_running") > 0) &&
+  while ((test::metric_value(s->port(), "troupe_kv_blocks_in_use") > 0 ||
+          test::metric_value(s->port(), "troupe_num_requests_running") > 0) &&
          std::chrono::steady_clock::now() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  CHECK(metric(s->port(), "troupe_kv_blocks_in_use") == 0);
-  CHECK(metric(s->port(), "troupe_num_requests_running") == 0);
-  CHECK(metric(s->port(), "troupe_num_requests_waiting") == 0);
+  CHECK(test::metric_value(s->port(), "troupe_kv_blocks_in_use") == 0);
+  CHECK(test::metric_value(s->port(), "troupe_num_requests_running") == 0);
+  CHECK(test::metric_value(s->port(), "troupe_num_requests_waiting") == 0);
   CHECK(
       test::http_call(s->port(), "POST", "/v1/completions", R"({"prompt": "hi", "max_tokens": 2})")
           .status == 200);

@@ -127,15 +127,6 @@ fixture* served() {
   return f->d ? f : nullptr;
 }
 
-double metric(uint16_t port, const std::string& name) {
-  auto r = test::http_call(port, "GET", "/metrics");
-  REQUIRE(r.status == 200);
-  const auto at = r.body.find("\n" + name + "{");
-  REQUIRE_MESSAGE(at != std::string::npos, name);
-  const auto value = r.body.find("} ", at) + 2;
-  return std::stod(r.body.substr(value, r.body.find('\n', value) - value));
-}
-
 // troupe_requests_total{status="<status>"}, 0 when absent.
 double requests_with(uint16_t port, int status) {
   auto r = test::http_call(port, "GET", "/metrics");
@@ -156,7 +147,8 @@ bool eventually(F done, std::chrono::milliseconds within) {
 }
 
 bool blocks_freed(uint16_t port, std::chrono::milliseconds within) {
-  return eventually([&] { return metric(port, "troupe_kv_blocks_in_use") == 0; }, within);
+  return eventually([&] { return test::metric_value(port, "troupe_kv_blocks_in_use") == 0; },
+                    within);
 }
 
 size_t threads_of_this_process() {
@@ -325,7 +317,8 @@ TEST_CASE("http: a reset client's request is cancelled at once and its KV blocks
     if (mode != 1)
       c.read_until("data: ");
     // The gauges are published after each step: wait until they show this request.
-    REQUIRE(eventually([&] { return metric(s->port(), "troupe_kv_blocks_in_use") > 0; }, 10s));
+    REQUIRE(eventually([&] { return test::metric_value(s->port(), "troupe_kv_blocks_in_use") > 0; },
+                       10s));
     const auto gone = requests_with(s->port(), 499);
     if (mode == 2)
       c.close();
@@ -334,8 +327,8 @@ TEST_CASE("http: a reset client's request is cancelled at once and its KV blocks
     CHECK(blocks_freed(s->port(), 1500ms));
     // Counted as closed by the client (499), not answered: it was cut short, not finished.
     CHECK(eventually([&] { return requests_with(s->port(), 499) == gone + 1; }, 1500ms));
-    CHECK(
-        eventually([&] { return metric(s->port(), "troupe_num_requests_running") == 0; }, 1500ms));
+    CHECK(eventually(
+        [&] { return test::metric_value(s->port(), "troupe_num_requests_running") == 0; }, 1500ms));
   }
 }
 

@@ -179,17 +179,8 @@ expected<void> cpu_backend::load_layer(const weight_source& w, int64_t l) {
 }
 
 kv_layout cpu_backend::kv_memory() const {
-  kv_layout k{.dtype = "float32",
-              .elem_bytes = sizeof(float),
-              .num_layers = static_cast<int32_t>(config_.num_layers),
-              .layer_begin = static_cast<int32_t>(shard_.layers.begin),
-              .layer_end = static_cast<int32_t>(shard_.layers.end),
-              .num_kv_heads = static_cast<int32_t>(config_.num_kv_heads),
-              .head_begin = static_cast<int32_t>(shard_.kv_heads.begin),
-              .head_end = static_cast<int32_t>(shard_.kv_heads.end),
-              .head_dim = static_cast<int32_t>(config_.head_dim),
-              .block_size = kv_.block_size,
-              .num_blocks = kv_.num_blocks};
+  auto k =
+      shard_kv_layout(config_, shard_, kv_.block_size, kv_.num_blocks, "float32", sizeof(float));
   k.allocations = {{k_cache_.data(), k_cache_.size() * sizeof(float), false},
                    {v_cache_.data(), v_cache_.size() * sizeof(float), false}};
   const uint64_t plane = static_cast<uint64_t>(kv_.num_blocks) * kv_.block_size * k.token_bytes();

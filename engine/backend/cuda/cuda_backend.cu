@@ -387,17 +387,8 @@ expected<void> cuda_backend_impl::alloc_kv(size_t workspace_bytes) {
 }
 
 kv_layout cuda_backend_impl::kv_memory() const {
-  kv_layout k{.dtype = "bfloat16",
-              .elem_bytes = sizeof(bf16),
-              .num_layers = static_cast<int32_t>(config_.num_layers),
-              .layer_begin = static_cast<int32_t>(shard_.layers.begin),
-              .layer_end = static_cast<int32_t>(shard_.layers.end),
-              .num_kv_heads = static_cast<int32_t>(config_.num_kv_heads),
-              .head_begin = static_cast<int32_t>(shard_.kv_heads.begin),
-              .head_end = static_cast<int32_t>(shard_.kv_heads.end),
-              .head_dim = static_cast<int32_t>(config_.head_dim),
-              .block_size = kv_.block_size,
-              .num_blocks = kv_.num_blocks};
+  auto k =
+      shard_kv_layout(config_, shard_, kv_.block_size, kv_.num_blocks, "bfloat16", sizeof(bf16));
   k.allocations = {{kv_buf_.as<bf16>(), kv_buf_.bytes(), true}};
   const uint64_t plane = layer_kv_elems_ * sizeof(bf16); // K then V, layer after layer
   for (int64_t l = 0; l < shard_.layers.size(); ++l) {
