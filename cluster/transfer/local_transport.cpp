@@ -43,6 +43,17 @@ expected<void> copy_bytes(void* dst, const void* src, uint64_t n, bool device) {
   return {};
 }
 
+// cudaMemcpy between device buffers may return before the copy is done (it is queued on the
+// legacy default stream, which the backends' own streams do not wait for): the batch's data is in
+// place, and its notice may go out, only once that stream has drained.
+expected<void> finish_device_copies() {
+#ifdef TROUPE_WITH_CUDA
+  if (cudaError_t rc = cudaStreamSynchronize(cudaStreamLegacy); rc != cudaSuccess)
+    return make_error(errc::io_error, "waiting for device copies: {}", cudaGetErrorString(rc));
+#endif
+  return {};
+}
+
 // Notices for one direction; shared by the writing end (producer) and the notified end (consumer).
 struct notice_queue {
   std::mutex mu;
@@ -162,11 +173,13 @@ class local_connection final : public kv_connection {
 
   // Copies write by write, unlocked; cancel and deadline are looked at between writes.
   void execute(std::unique_lock<std::mutex>& lock, job& j) {
+    bool any_device = false;
     for (const planned_write& w : j.writes) {
       if (j.cancel || stop_ || clock::now() >= j.batch.deadline)
         break;
       const region_descriptor &src = j.locals[w.local], &dst = j.batch.remotes[w.remote];
       bool device = src.kind == memory_kind::cuda || dst.kind == memory_kind::cuda;
+      any_device = any_device || device;
       lock.unlock();
       auto copied =
           copy_bytes(reinterpret_cast<char*>(dst.addr) + w.remote_offset,
@@ -177,6 +190,15 @@ class local_connection final : public kv_connection {
         return;
       }
       j.bytes += w.length;
+    }
+    if (any_device) {
+      lock.unlock();
+      auto done = finish_device_copies();
+      lock.lock();
+      if (!done) {
+        j.failure = std::move(done).error();
+        return;
+      }
     }
     if (j.cancel || stop_) {
       j.failure = make_error(errc::cancelled, "lease {}: cancelled after {} bytes",

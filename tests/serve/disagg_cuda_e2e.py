@@ -2,7 +2,8 @@
 """Prefill/decode disaggregation on one GPU: `cluster serve --block` with device: cuda serves the
 golden tiny-qwen3 model colocated, then as 1P1D (both groups on the one GPU, each with half of
 gpu_memory_utilization, KV moved by the local transport's device copies). Greedy token ids of
-several concurrent completions and a seeded sampled completion must be equal, the handoffs must
+several concurrent completions and of seeded sampled ones sent one at a time must be equal (in
+bf16 a batch's composition can flip a sampled near-tie, so sampling is compared alone); the handoffs must
 have happened (troupe_kv_handoffs_total) and no KV block stays in use. Skips (77) without a GPU.
 Usage: disagg_cuda_e2e.py PATH/TO/cluster GOLDEN_DIR."""
 import json, os, re, subprocess, sys, tempfile, threading, time, urllib.request
@@ -43,7 +44,7 @@ def metric(base, name):
     return float(m.group(1))
 
 
-def run(base, sampling):
+def run(base, sampling, concurrent):
     out = [None] * len(prompts)
 
     def one(i):
@@ -51,6 +52,10 @@ def run(base, sampling):
                 "return_token_ids": True, **sampling}
         out[i] = json.loads(post(base, "/v1/completions", body)[1])["choices"][0]["token_ids"]
 
+    if not concurrent:
+        for i in range(len(prompts)):
+            one(i)
+        return out
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
     for t in threads:
         t.start()
@@ -67,7 +72,9 @@ for name, extra in [("colocated", ""),
                              "  provider: local\n")]:
     proc, base = serve(common + extra)
     try:
-        results[name] = (run(base, greedy), run(base, seeded))
+        # Sampling compares one request at a time: in bf16 a batch's composition moves logits by
+        # an ulp, which can flip a sampled near-tie (greedy argmax is robust to it).
+        results[name] = (run(base, greedy, True), run(base, seeded, False))
         if name == "1P1D":
             handed = metric(base, "troupe_kv_handoffs_total")
             if handed != 2 * len(prompts):
@@ -86,4 +93,5 @@ if results["1P1D"][0] != results["colocated"][0]:
     fail(f"greedy: 1P1D {results['1P1D'][0]} != colocated {results['colocated'][0]}")
 if results["1P1D"][1] != results["colocated"][1]:
     fail(f"seeded: 1P1D {results['1P1D'][1]} != colocated {results['colocated'][1]}")
-print("1P1D on cuda == colocated: greedy and seeded,", len(prompts), "concurrent requests each")
+print("1P1D on cuda == colocated:", len(prompts), "greedy requests at once, as many seeded ones "
+      "in turn")
