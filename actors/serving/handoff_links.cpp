@@ -110,7 +110,7 @@ expected<handoff_links> link_in_process(const disaggregation_config& config,
                                         const std::vector<engine::kv_layout>& decode) {
   handoff_links links;
   links.stats = std::make_shared<handoff_stats>();
-  std::vector<std::unique_ptr<endpoint>> p_ends, d_ends;
+  std::vector<std::unique_ptr<endpoint>> d_ends; // decode ends listen for every prefill end
   std::vector<std::vector<tr::region_descriptor>> d_regions;
   for (const auto& layout : decode) {
     auto e = open_endpoint(config.provider);
@@ -163,8 +163,7 @@ expected<handoff_links> link_in_process(const disaggregation_config& config,
            .plan = std::make_shared<const tr::kv_handoff_plan>(std::move(*plan))});
       links.decode[d]->inbound.push_back(std::move(ends->second));
     }
-    links.prefill.push_back(std::move(role));
-    p_ends.push_back(std::move(*e));
+    links.prefill.push_back(std::move(role)); // keeps the transport; the endpoint is done
   }
   links.stats->provider =
       links.prefill.empty() ? config.provider : links.prefill.front()->transport->name();

@@ -350,18 +350,26 @@ void scheduler::take_reservations(std::vector<kv_reservation>& out) {
   reservations_.clear();
 }
 
-expected<void> scheduler::finish_import(seq_id id, const seq_output& first,
-                                        std::vector<request_output>& out) {
+expected<scheduler::sequence*> scheduler::take_importing(seq_id id) {
   auto it = live_.find(id);
   if (it == live_.end())
     return make_error(errc::not_found, "request {} is unknown or already finished", id);
   sequence& s = *it->second;
   if (s.st != sequence::state::importing)
     return make_error(errc::invalid_argument, "request {} is not waiting for its KV", id);
+  importing_.erase(std::find(importing_.begin(), importing_.end(), &s));
+  return &s;
+}
+
+expected<void> scheduler::finish_import(seq_id id, const seq_output& first,
+                                        std::vector<request_output>& out) {
   if (first.token < 0 || (opt_.vocab_size > 0 && first.token >= opt_.vocab_size))
     return make_error(errc::invalid_argument, "request {}: handed-over token {} is not a token id",
                       id, first.token);
-  importing_.erase(std::find(importing_.begin(), importing_.end(), &s));
+  auto taken = take_importing(id);
+  if (!taken)
+    return std::move(taken).error();
+  sequence& s = **taken;
   s.num_computed = s.num_prompt;
   if (opt_.prefix_caching)
     cache_full_blocks(s);
@@ -386,13 +394,10 @@ expected<void> scheduler::finish_import(seq_id id, const seq_output& first,
 }
 
 expected<void> scheduler::prefill_locally(seq_id id) {
-  auto it = live_.find(id);
-  if (it == live_.end())
-    return make_error(errc::not_found, "request {} is unknown or already finished", id);
-  sequence& s = *it->second;
-  if (s.st != sequence::state::importing)
-    return make_error(errc::invalid_argument, "request {} is not waiting for its KV", id);
-  importing_.erase(std::find(importing_.begin(), importing_.end(), &s));
+  auto taken = take_importing(id);
+  if (!taken)
+    return std::move(taken).error();
+  sequence& s = **taken;
   pool_.release_all(s.blocks);
   s.num_computed = s.num_cached_blocks = 0;
   s.handoff = kv_handoff::none;

@@ -169,6 +169,7 @@ class scheduler {
   void finish(sequence& s, finish_reason why, token_id stop_token, request_output* o,
               bool hold_blocks = false);
   bool admit_import(sequence& s);
+  expected<sequence*> take_importing(seq_id id); // out of importing_, or why not
   bool should_stop(sequence& s, token_id t, finish_reason& why, token_id& which) const;
   expected<void> validate(const request& r) const;
 
