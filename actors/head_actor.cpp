@@ -145,7 +145,24 @@ msg::deployment_view view_of(const cluster::deployment_record& rec) {
                          .replicas = rec.spec.replicas,
                          .replica_states = {},
                          .restarts = rec.restarts,
-                         .device = rec.cpu_slots ? "cpu" : "cuda"};
+                         .device = rec.cpu_slots ? "cpu" : "cuda",
+                         .groups = {},
+                         .transfer = rec.transfer};
+  if (rec.groups.size() > 1) {
+    int32_t first = 0;
+    for (const auto& g : rec.groups) {
+      msg::group_view gv{.role = g.role,
+                         .tensor = g.spec.tensor,
+                         .pipeline = g.spec.pipeline,
+                         .replicas = g.spec.replicas,
+                         .first_replica = first,
+                         .ready = 0};
+      for (int32_t k = first; k < first + g.spec.replicas; ++k)
+        gv.ready += rec.replicas.at(static_cast<size_t>(k)).state == "ready";
+      first += g.spec.replicas;
+      v.groups.push_back(std::move(gv));
+    }
+  }
   for (const auto& r : rec.ranks())
     v.ranks.push_back({r.pp_rank, r.tp_rank, r.node_id, r.device, r.replica});
   for (const auto& r : rec.replicas)
@@ -273,11 +290,11 @@ caf::result<msg::deployment_view> on_deploy(head* self, const head_config& cfg,
   auto& st = self->state;
   if (!cfg.spawn_serving)
     return refuse(make_error(errc::unsupported, "this head does not serve deployments"));
-  if (dc.disaggregation.enabled)
-    return refuse(make_error(errc::unsupported,
-                             "deployment '{}': prefill/decode groups are served in one process "
-                             "(`cluster serve --block`); across the cluster's nodes they are not "
-                             "placed yet",
+  if (dc.disaggregation.enabled && dc.disaggregation.provider == "local")
+    return refuse(make_error(errc::invalid_argument,
+                             "deployment '{}': disaggregation.provider 'local' moves KV within one "
+                             "process (`cluster serve --block`); across the cluster's processes "
+                             "use auto, tcp, verbs, efa or socket",
                              dc.served_model_name));
   const std::string name = dc.served_model_name;
   auto model = engine::peek_model_config(dc.model);
@@ -292,8 +309,12 @@ caf::result<msg::deployment_view> on_deploy(head* self, const head_config& cfg,
     log::info("head: deployment '{}': device auto -> {} ({})", name, choice.device, choice.why);
     dc.device = choice.device;
   }
-  cluster::parallel_spec spec{dc.parallel.tensor, dc.parallel.pipeline, dc.parallel.replicas};
-  auto rec = st.deployments.add(name, spec, *model, st.members->nodes(), dc.device == "cpu");
+  std::vector<cluster::group_spec> groups;
+  for (const auto& g : replica_groups(dc))
+    groups.push_back(
+        {g.role, {g.parallel.tensor, g.parallel.pipeline, g.parallel.replicas, false}});
+  auto rec =
+      st.deployments.add_groups(name, groups, *model, st.members->nodes(), dc.device == "cpu");
   if (!rec) {
     log::warn("head: refused deployment '{}': {}", name, rec.error().message());
     return refuse(rec.error());
@@ -306,8 +327,12 @@ caf::result<msg::deployment_view> on_deploy(head* self, const head_config& cfg,
   for (const auto& r : (*rec)->ranks())
     where +=
         fmt::format(" r{}/pp{}/tp{}@{}:{}", r.replica, r.pp_rank, r.tp_rank, r.node_id, r.device);
-  log::info("head: deploying '{}' (tensor={} pipeline={} replicas={}):{}", name, spec.tensor,
-            spec.pipeline, spec.replicas, where);
+  std::string layout;
+  for (const auto& g : groups)
+    layout += fmt::format("{}{}tensor={} pipeline={} replicas={}", layout.empty() ? "" : ", ",
+                          g.role.empty() ? "" : g.role + " ", g.spec.tensor, g.spec.pipeline,
+                          g.spec.replicas);
+  log::info("head: deploying '{}' ({}):{}", name, layout, where);
   auto serving = cfg.spawn_serving(self->system(), caf::actor_cast<caf::actor>(self));
   self->monitor(serving);
   st.serving[name] = serving;
@@ -463,6 +488,10 @@ caf::behavior head_actor(caf::stateful_actor<head_state>* self, head_config cfg)
       [self](msg::failed_atom, const std::string& name, const std::string& ns,
              const std::string& why) { on_replica_failed(self, name, ns, why); },
       [self, cfg](msg::restart_atom) { restart_due(self, cfg); },
+      [self](msg::linked_atom, const std::string& name, const std::string& transfer) {
+        if (auto* rec = self->state.deployments.find(name))
+          rec->transfer = transfer;
+      },
       [self, cfg](msg::tick_atom) { on_tick(self, cfg); },
   };
 }

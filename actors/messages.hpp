@@ -13,6 +13,7 @@
 #include <caf/meta/type_name.hpp>
 
 #include "cluster/membership.hpp"
+#include "engine/kv/kv_layout.hpp"
 #include "http/serving_port.hpp"
 #include "runtime/config.hpp"
 #include "runtime/step.hpp"
@@ -72,6 +73,24 @@ typename Inspector::result_type inspect(Inspector& f, deployment_config& x) {
 
 } // namespace troupe
 
+namespace troupe::engine {
+// A rank's KV layout travels to the ranks that write into it (allocation bases stay local).
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, kv_layout::allocation& x) {
+  return f(caf::meta::type_name("kv_allocation"), x.bytes, x.on_gpu);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, kv_layout::plane& x) {
+  return f(caf::meta::type_name("kv_plane"), x.allocation, x.offset);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, kv_layout& x) {
+  return f(caf::meta::type_name("kv_layout"), x.dtype, x.elem_bytes, x.num_layers, x.layer_begin,
+           x.layer_end, x.num_kv_heads, x.head_begin, x.head_end, x.head_dim, x.block_size,
+           x.num_blocks, x.allocations, x.planes);
+}
+} // namespace troupe::engine
+
 namespace troupe {
 
 // Step plans and results travel from the serving process to every worker rank and back.
@@ -125,6 +144,12 @@ using failed_atom = caf::atom_constant<caf::atom("failed")>;       // serving ->
 using drop_atom = caf::atom_constant<caf::atom("drop")>;           // head -> serving
 using restart_atom = caf::atom_constant<caf::atom("restart")>;     // head -> serving
 using loaded_atom = caf::atom_constant<caf::atom("loaded")>;       // loader -> serving
+using linked_atom = caf::atom_constant<caf::atom("linked")>;       // serving -> head
+using link_atom = caf::atom_constant<caf::atom("link")>;           // serving -> prefill rank
+using push_atom = caf::atom_constant<caf::atom("push")>;           // replica -> prefill rank
+using kv_pushed_atom = caf::atom_constant<caf::atom("kv_pushed")>; // prefill rank -> replica
+using kv_notify_atom = caf::atom_constant<caf::atom("kv_notify")>; // replica -> decode rank
+using landed_atom = caf::atom_constant<caf::atom("landed")>;       // decode rank -> replica
 using submit_atom = caf::atom_constant<caf::atom("submit")>;       // router -> replica
 using cancel_atom = caf::atom_constant<caf::atom("cancel")>;       // router -> replica
 using step_atom = caf::atom_constant<caf::atom("step")>;           // replica -> itself
@@ -181,6 +206,18 @@ typename Inspector::result_type inspect(Inspector& f, rank_view& x) {
   return f(caf::meta::type_name("rank_view"), x.pp_rank, x.tp_rank, x.node_id, x.device, x.replica);
 }
 
+// One group of a disaggregated deployment's replicas, for `cluster status`.
+struct group_view {
+  std::string role; // decode | prefill
+  int32_t tensor = 1, pipeline = 1, replicas = 1;
+  int32_t first_replica = 0; // its replicas are [first_replica, first_replica + replicas)
+  int32_t ready = 0;         // of them, serving
+};
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, group_view& x) {
+  return f(caf::meta::type_name("group_view"), x.role, x.tensor, x.pipeline, x.replicas,
+           x.first_replica, x.ready);
+}
 // One deployment row of `cluster status`. state: loading | ready | degraded | failed.
 struct deployment_view {
   std::string name;
@@ -193,11 +230,14 @@ struct deployment_view {
   std::vector<std::string> replica_states; // loading | ready | failed | waiting | restarting
   int32_t restarts = 0;                    // replicas restarted since it was first ready
   std::string device;                      // cpu | cuda (model.yaml's auto resolved)
+  std::vector<group_view> groups;          // disaggregated: decode and prefill; else empty
+  std::string transfer; // disaggregated: the KV transfer provider and layout contract
 };
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, deployment_view& x) {
   return f(caf::meta::type_name("deployment_view"), x.name, x.state, x.endpoint, x.reason, x.tensor,
-           x.pipeline, x.ranks, x.replicas, x.replica_states, x.restarts, x.device);
+           x.pipeline, x.ranks, x.replicas, x.replica_states, x.restarts, x.device, x.groups,
+           x.transfer);
 }
 
 // (status_atom, token) -> cluster_view
@@ -243,17 +283,71 @@ typename Inspector::result_type inspect(Inspector& f, deployment_plan& x) {
 //   (drop_atom, int32 replica, ns, why)   head -> serving: take it out of routing, stop its workers
 //   (restart_atom, replica_plan) -> string ns | error   head -> serving: spawn, load, swap in
 //   (loaded_atom, replica_loaded)         a replica's loader -> serving (its own process)
+// Prefill/decode disaggregation across processes (design.md §6). A rank of either group opens
+// a KV transport when it loads, registers its KV cache and answers with its kv_rank; a decode
+// rank listens and accepts connections from prefill ranks at any time. The serving actor links
+// every prefill replica to every decode replica: (link_atom, kv_link) to each prefill rank,
+// which connects to the decode ranks it writes to -> worker_reply (error empty: linked). A
+// prefill replica's actor has its ranks push one request's KV: (push_atom, kv_push) ->
+// (kv_pushed_atom, kv_pushed) once its batches completed or failed; (cancel_atom, uint64 lease)
+// stops them. A decode replica's actor registers with its ranks, (kv_notify_atom), and each rank
+// sends it (landed_atom, uint64 lease, bool cancelled) for every batch written into it.
+struct kv_rank {
+  std::string endpoint;                      // endpoint_address::serialize(); "" for prefill
+  std::vector<std::vector<uint8_t>> regions; // region_descriptor::serialize(), per allocation
+  engine::kv_layout layout;                  // allocation bases are not sent
+};
+struct kv_link {
+  uint32_t decode = 0;          // the decode replica's index
+  std::vector<kv_rank> prefill; // every rank of the prefill replica, world rank order
+  std::vector<kv_rank> ranks;   // every rank of the decode replica, world rank order
+};
+struct kv_push {
+  uint64_t lease = 0;
+  uint32_t decode = 0; // which link
+  std::vector<int32_t> prefill_blocks, decode_blocks;
+  int32_t begin = 0, end = 0; // prompt positions to move
+  int64_t timeout_ms = 0;     // from receipt (clocks of hosts differ)
+};
+struct kv_pushed {
+  uint64_t lease = 0;
+  int32_t rank = 0;
+  std::string error; // empty: every batch of this rank completed
+  bool cancelled = false;
+  uint64_t bytes = 0, writes = 0;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, kv_rank& x) {
+  return f(caf::meta::type_name("kv_rank"), x.endpoint, x.regions, x.layout);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, kv_link& x) {
+  return f(caf::meta::type_name("kv_link"), x.decode, x.prefill, x.ranks);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, kv_push& x) {
+  return f(caf::meta::type_name("kv_push"), x.lease, x.decode, x.prefill_blocks, x.decode_blocks,
+           x.begin, x.end, x.timeout_ms);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, kv_pushed& x) {
+  return f(caf::meta::type_name("kv_pushed"), x.lease, x.rank, x.error, x.cancelled, x.bytes,
+           x.writes);
+}
+
 struct replica_loaded {
   int32_t replica = 0;
   std::string ns;
   std::vector<caf::actor> workers; // world rank order; empty on error
   int32_t kv_blocks = 0;           // the smallest rank's KV pool
   std::string error;               // empty: loaded
+  std::vector<kv_rank> kv;         // disaggregated: each rank's, world rank order
 };
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, replica_loaded& x) {
-  return f(caf::meta::type_name("replica_loaded"), x.replica, x.ns, x.workers, x.kv_blocks,
-           x.error);
+  return f(caf::meta::type_name("replica_loaded"), x.replica, x.ns, x.workers, x.kv_blocks, x.error,
+           x.kv);
 }
 
 // (spawn_atom, worker_spec) -> caf::actor (serving -> node_actor): a detached worker_actor for
@@ -274,12 +368,17 @@ struct worker_spec {
   // cuda sizing; num_blocks 0 = the KV pool takes what gpu_memory_utilization leaves
   int32_t max_model_len = 0, max_num_seqs = 0, max_num_batched_tokens = 0;
   float gpu_memory_utilization = 0.9f;
+  // Disaggregated deployments: this rank's group ("decode" | "prefill"; "" colocated) and the
+  // KV transport it opens (auto | tcp | verbs | efa | socket).
+  std::string kv_role;
+  std::string kv_provider;
 };
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, worker_spec& x) {
   return f(caf::meta::type_name("worker_spec"), x.deployment, x.ns, x.model, x.tp_rank, x.tp_size,
            x.pp_rank, x.pp_size, x.device, x.num_blocks, x.block_size, x.comm_timeout_ms, x.backend,
-           x.max_model_len, x.max_num_seqs, x.max_num_batched_tokens, x.gpu_memory_utilization);
+           x.max_model_len, x.max_num_seqs, x.max_num_batched_tokens, x.gpu_memory_utilization,
+           x.kv_role, x.kv_provider);
 }
 
 // Worker answers: (load_atom) -> worker_reply; (execute_atom, ticket, step_plan) ->
@@ -291,10 +390,12 @@ struct worker_reply {
   std::string error;   // empty: ok
   step_result result;
   int32_t kv_blocks = 0; // load: the size of this rank's KV pool
+  kv_rank kv;            // load, disaggregated: where its KV is
 };
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, worker_reply& x) {
-  return f(caf::meta::type_name("worker_reply"), x.rank, x.ticket, x.error, x.result, x.kv_blocks);
+  return f(caf::meta::type_name("worker_reply"), x.rank, x.ticket, x.error, x.result, x.kv_blocks,
+           x.kv);
 }
 
 // (submit_atom, replica_job) router -> replica actor, in one process only (never serialized):
@@ -334,6 +435,11 @@ inline void add_message_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<worker_reply>("troupe::worker_reply");
   cfg.add_message_type<step_plan>("troupe::step_plan");
   cfg.add_message_type<step_result>("troupe::step_result");
+  cfg.add_message_type<group_view>("troupe::group_view");
+  cfg.add_message_type<kv_rank>("troupe::kv_rank");
+  cfg.add_message_type<kv_link>("troupe::kv_link");
+  cfg.add_message_type<kv_push>("troupe::kv_push");
+  cfg.add_message_type<kv_pushed>("troupe::kv_pushed");
 }
 
 } // namespace troupe::msg

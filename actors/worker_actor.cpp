@@ -102,6 +102,23 @@ expected<void> load(worker* self, const msg::worker_spec& spec, const worker_con
   return {};
 }
 
+// A disaggregated deployment's rank: its KV cache registered with the transfer provider.
+expected<void> open_kv(worker* self, const msg::worker_spec& spec, const worker_context& ctx,
+                       int32_t rank) {
+  if (spec.kv_role.empty())
+    return {};
+  auto kv = serve::kv_rank_endpoint::open(spec.kv_role, spec.kv_provider, ctx.address,
+                                          self->state.model->kv_memory(), rank);
+  if (!kv)
+    return std::move(kv).error().context(
+        fmt::format("the {} group's KV transfer endpoint", spec.kv_role));
+  log::info(
+      "worker {} rank {}: {} KV over {}{}", spec.deployment, rank, spec.kv_role, (*kv)->provider(),
+      (*kv)->describe().endpoint.empty() ? "" : ", listening at " + (*kv)->describe().endpoint);
+  self->state.kv = std::move(*kv);
+  return {};
+}
+
 } // namespace
 
 caf::behavior worker_actor(caf::stateful_actor<worker_state>* self, msg::worker_spec spec,
@@ -125,8 +142,13 @@ caf::behavior worker_actor(caf::stateful_actor<worker_state>* self, msg::worker_
         if (auto ok = load(self, spec, ctx); !ok) {
           reply.error = ok.error().to_string();
           log::error("worker {} rank {}: load failed: {}", spec.deployment, rank, reply.error);
+        } else if (auto kv = open_kv(self, spec, ctx, rank); !kv) {
+          reply.error = kv.error().to_string();
+          log::error("worker {} rank {}: {}", spec.deployment, rank, reply.error);
         } else {
           reply.kv_blocks = self->state.model->kv_options().num_blocks;
+          if (self->state.kv)
+            reply.kv = self->state.kv->describe();
           log::info("worker {} rank {}: loaded {} in {:.1f} s ({} KV blocks)", spec.deployment,
                     rank, spec.model,
                     std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
@@ -148,6 +170,30 @@ caf::behavior worker_actor(caf::stateful_actor<worker_state>* self, msg::worker_
                      reply.error);
         }
         self->send(sender, std::move(reply));
+      },
+      [self](msg::link_atom, const msg::kv_link& link) -> std::string {
+        if (!self->state.kv)
+          return "this rank has no KV transfer endpoint";
+        auto ok = self->state.kv->link(link);
+        return ok ? std::string() : ok.error().to_string();
+      },
+      [self](msg::push_atom, const msg::kv_push& push) {
+        auto sender = caf::actor_cast<caf::actor>(self->current_sender());
+        if (self->state.kv)
+          self->state.kv->push(push, sender);
+        else
+          self->send(sender, msg::kv_pushed_atom::value,
+                     msg::kv_pushed{.lease = push.lease,
+                                    .rank = 0,
+                                    .error = "this rank has no KV transfer endpoint"});
+      },
+      [self](msg::cancel_atom, uint64_t lease) {
+        if (self->state.kv)
+          self->state.kv->cancel(lease);
+      },
+      [self](msg::kv_notify_atom) {
+        if (self->state.kv)
+          self->state.kv->notify(caf::actor_cast<caf::actor>(self->current_sender()));
       },
   };
 }

@@ -7,6 +7,9 @@
 //   (execute_atom, ticket, step_plan) -> sends worker_reply{ticket, result} to the sender.
 //     Plans queue in its mailbox: a pipeline stage starts the next plan as soon as it has
 //     passed this one on, so the stages of a deployment work on different plans at once.
+//   Disaggregated deployments (spec.kv_role): the load opens the rank's kv_rank_endpoint and
+//   the reply carries where its KV is; then (link_atom, kv_link) -> string error ("" linked),
+//   (push_atom, kv_push), (cancel_atom, uint64 lease) and (kv_notify_atom) as messages.hpp says.
 // It quits when `owner` (the deployment's serving actor) goes away.
 #pragma once
 
@@ -19,6 +22,7 @@
 
 #include "actors/head_rendezvous_store.hpp"
 #include "actors/messages.hpp"
+#include "actors/serving/kv_rank_endpoint.hpp"
 #include "engine/backend/backend.hpp"
 #include "engine/comm/communicator.hpp"
 #include "engine/comm/device_communicator.hpp"
@@ -32,6 +36,8 @@ struct worker_state {
   std::unique_ptr<engine::comm::device_communicator> gpu_tensor, gpu_world; // cuda (NCCL)
   std::unique_ptr<engine::backend> model;
   std::unique_ptr<engine::executor> exec; // refers to model: declared after it, destroyed first
+  // Disaggregated deployments: this rank's KV registered for transfers (before the model goes).
+  std::unique_ptr<serve::kv_rank_endpoint> kv;
   static inline const char* name = "worker_actor";
 };
 

@@ -70,6 +70,14 @@ nlohmann::json to_json(const msg::cluster_view& v, const std::string& head) {
                        {"tp_rank", r.tp_rank},
                        {"node_id", r.node_id},
                        {"device", r.device}});
+    auto groups = nlohmann::json::array();
+    for (const auto& g : d.groups)
+      groups.push_back({{"role", g.role},
+                        {"tensor", g.tensor},
+                        {"pipeline", g.pipeline},
+                        {"replicas", g.replicas},
+                        {"first_replica", g.first_replica},
+                        {"ready", g.ready}});
     deployments.push_back({{"name", d.name},
                            {"state", d.state},
                            {"endpoint", d.endpoint},
@@ -80,7 +88,9 @@ nlohmann::json to_json(const msg::cluster_view& v, const std::string& head) {
                            {"replicas", d.replicas},
                            {"replica_states", d.replica_states},
                            {"restarts", d.restarts},
-                           {"ranks", ranks}});
+                           {"ranks", ranks},
+                           {"groups", groups},
+                           {"transfer", d.transfer}});
   }
   return {{"head", head},
           {"version", v.head_version},
@@ -122,6 +132,12 @@ void print_table(const msg::cluster_view& v, const std::string& head) {
                d.name, d.state, d.endpoint.empty() ? "-" : d.endpoint, d.device, d.tensor,
                d.pipeline, d.replicas, fmt::join(d.replica_states, " "), d.restarts, ranks,
                d.reason.empty() ? "" : "  (" + d.reason + ")");
+    for (const auto& g : d.groups)
+      fmt::print("  {:<8} group: tensor={} pipeline={} replicas {}..{}, {} of {} ready\n", g.role,
+                 g.tensor, g.pipeline, g.first_replica, g.first_replica + g.replicas - 1, g.ready,
+                 g.replicas);
+    if (!d.transfer.empty())
+      fmt::print("  KV transfer: {}\n", d.transfer);
   }
   fmt::print("kv namespaces (one per replica): {}\n",
              v.kv_namespaces.empty() ? "none"

@@ -65,28 +65,67 @@ expected<const deployment_record*> deployment_registry::add(const std::string& n
                                                             const engine::model_config& model,
                                                             const std::vector<node_record>& nodes,
                                                             bool cpu_slots) {
+  return add_groups(name, {{"", spec}}, model, nodes, cpu_slots);
+}
+
+expected<const deployment_record*>
+deployment_registry::add_groups(const std::string& name, const std::vector<group_spec>& groups,
+                                const engine::model_config& model,
+                                const std::vector<node_record>& nodes, bool cpu_slots) {
   if (records_.count(name))
     return make_error(errc::invalid_argument,
                       "a deployment named '{}' exists already (cluster serve --stop {} first)",
                       name, name);
-  auto where = plan_placement(spec, model, free_view(nodes, cpu_slots));
-  if (!where)
-    return std::move(where).error();
+  if (groups.empty())
+    return make_error(errc::invalid_argument, "deployment '{}' has no replicas", name);
+  auto view = free_view(nodes, cpu_slots);
   deployment_record rec{.name = name,
-                        .ns = fmt::format("deploy/{}/{}", name, ++attempts_),
+                        .ns = fmt::format("deploy/{}/{}", name, attempts_ + 1),
                         .state = "loading",
                         .endpoint = {},
                         .reason = {},
-                        .spec = spec,
+                        .spec = groups.front().spec,
+                        .groups = groups,
                         .model = model,
                         .cpu_slots = cpu_slots,
                         .replicas = {},
-                        .restarts = 0};
-  for (int r = 0; r < spec.replicas; ++r)
-    rec.replicas.push_back(
-        {.index = r, .ns = fmt::format("{}/r{}", rec.ns, r), .state = "loading"});
-  for (const auto& rank : where->ranks)
-    rec.replicas.at(static_cast<size_t>(rank.replica)).ranks.push_back(rank);
+                        .restarts = 0,
+                        .transfer = {}};
+  // Replicas are numbered in group order; groups are placed widest tensor group first, so that
+  // the single-rank replicas of one group do not scatter over the hosts another group's tensor
+  // ranks need together.
+  std::vector<int> base(groups.size(), 0);
+  rec.spec.replicas = 0;
+  for (size_t g = 0; g < groups.size(); ++g) {
+    base[g] = rec.spec.replicas;
+    rec.spec.replicas += groups[g].spec.replicas;
+    for (int r = 0; r < groups[g].spec.replicas; ++r)
+      rec.replicas.push_back({.index = base[g] + r,
+                              .group = static_cast<int>(g),
+                              .ns = fmt::format("{}/r{}", rec.ns, base[g] + r),
+                              .state = "loading"});
+  }
+  std::vector<size_t> order(groups.size());
+  for (size_t g = 0; g < order.size(); ++g)
+    order[g] = g;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return groups[a].spec.tensor > groups[b].spec.tensor;
+  });
+  for (size_t g : order) {
+    auto where = plan_placement(groups[g].spec, model, view);
+    if (!where)
+      return groups[g].role.empty()
+                 ? std::move(where).error()
+                 : std::move(where).error().context(fmt::format("the {} group", groups[g].role));
+    for (auto rank : where->ranks) {
+      rank.replica += base[g];
+      for (auto& n : view.nodes)
+        if (n.node_id == rank.node_id)
+          std::erase(n.free_devices, rank.device);
+      rec.replicas.at(static_cast<size_t>(rank.replica)).ranks.push_back(rank);
+    }
+  }
+  ++attempts_;
   auto& out = records_[name] = std::move(rec);
   return &out;
 }
@@ -196,7 +235,7 @@ deployment_registry::place_replica(const std::string& name, int replica,
   if (rep.state != "failed" && rep.state != "waiting")
     return make_error(errc::invalid_argument, "replica {} of '{}' is {}, not failed", replica, name,
                       rep.state);
-  auto one = rec->spec;
+  auto one = rec->groups.at(static_cast<size_t>(rep.group)).spec;
   one.replicas = 1;
   auto where = plan_placement(one, rec->model, free_view(nodes, rec->cpu_slots));
   if (!where) {

@@ -25,6 +25,7 @@ namespace troupe::cluster {
 
 struct replica_record {
   int index = 0;
+  int group = 0;      // index into deployment_record::groups
   std::string ns;     // KV namespace of this replica's current attempt (Gloo/NCCL rendezvous)
   std::string state;  // loading | ready | failed | waiting | restarting
   std::string cause;  // why it last failed
@@ -34,16 +35,25 @@ struct replica_record {
   clock::time_point retry_at{};      // failed or waiting: the next placement attempt
 };
 
+// A group of replicas sharing one layout: a deployment's only group, or the decode or prefill
+// group of a disaggregated one (role "decode" | "prefill").
+struct group_spec {
+  std::string role;
+  parallel_spec spec;
+};
+
 struct deployment_record {
   std::string name;
   std::string ns;    // the first attempt's namespace prefix (deploy/NAME/N)
   std::string state; // loading | ready | degraded | failed
   std::string endpoint, reason;
-  parallel_spec spec;
-  engine::model_config model; // to place a replica again
+  parallel_spec spec;             // the first group's layout; replicas: of every group
+  std::vector<group_spec> groups; // replicas in group order
+  engine::model_config model;     // to place a replica again
   bool cpu_slots = false;
   std::vector<replica_record> replicas;
-  int restarts = 0; // replicas restarted since the deployment was first ready
+  int restarts = 0;     // replicas restarted since the deployment was first ready
+  std::string transfer; // disaggregated: the KV provider and layout contract, once linked
 
   // Every rank that holds a device, in (replica, pp, tp) order.
   std::vector<rank_placement> ranks() const;
@@ -70,6 +80,14 @@ class deployment_registry {
                                          const engine::model_config& model,
                                          const std::vector<node_record>& nodes,
                                          bool cpu_slots = false);
+  // Several groups (prefill/decode disaggregation): replicas numbered in group order, each
+  // group placed on the devices the ones placed before it left (widest tensor first). The
+  // reason names the group.
+  expected<const deployment_record*> add_groups(const std::string& name,
+                                                const std::vector<group_spec>& groups,
+                                                const engine::model_config& model,
+                                                const std::vector<node_record>& nodes,
+                                                bool cpu_slots = false);
   // Forgets a deployment and frees its devices; false when there is none of that name.
   bool remove(const std::string& name);
   deployment_record* find(const std::string& name);

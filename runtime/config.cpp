@@ -290,6 +290,27 @@ expected<void> check_ranges(std::string_view what, const deployment_config& c) {
 
 } // namespace
 
+std::vector<replica_group> replica_groups(const deployment_config& c) {
+  if (!c.disaggregation.enabled)
+    return {{.role = "", .parallel = c.parallel, .block_size = c.block_size}};
+  std::vector<replica_group> out;
+  for (auto [role, g] : {std::pair{"decode", &c.disaggregation.decode},
+                         std::pair{"prefill", &c.disaggregation.prefill}})
+    out.push_back({.role = role,
+                   .parallel = g->parallel,
+                   .block_size = g->block_size > 0 ? g->block_size : c.block_size});
+  return out;
+}
+
+const replica_group& group_of(const std::vector<replica_group>& groups, int32_t replica) {
+  for (const auto& g : groups) {
+    if (replica < g.parallel.replicas)
+      return g;
+    replica -= g.parallel.replicas;
+  }
+  return groups.back();
+}
+
 size_t edit_distance(std::string_view a, std::string_view b) {
   std::vector<size_t> row(b.size() + 1);
   for (size_t j = 0; j <= b.size(); ++j)

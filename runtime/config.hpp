@@ -79,6 +79,19 @@ struct deployment_config {
   disaggregation_config disaggregation;
 };
 
+// One group of a deployment's replicas: its sizes and KV block size, and its part in
+// prefill/decode disaggregation ("" when the deployment is not disaggregated).
+struct replica_group {
+  std::string role; // "" | "decode" | "prefill"
+  parallel_size parallel;
+  int32_t block_size = 16;
+};
+// The groups of `c` in replica order: `parallel` alone, or the decode group then the prefill
+// group (replicas [0, decode.replicas) decode, the rest prefill).
+std::vector<replica_group> replica_groups(const deployment_config& c);
+// The group of replica `replica` (in replica_groups order); the last group past the end.
+const replica_group& group_of(const std::vector<replica_group>& groups, int32_t replica);
+
 // The valid top-level keys, in documentation order.
 const std::vector<std::string_view>& deployment_keys();
 

@@ -23,6 +23,7 @@ struct deployment::parts {
   std::unique_ptr<caf::actor_system> own_system;
   engine::model_tokenizer text;
   std::unique_ptr<replica_router> router;
+  size_t decoding = 0; // replicas [0, decoding) decode (or serve whole); the rest prefill
   serve_metrics metrics;
   std::unique_ptr<serve_context> ctx;
   std::unique_ptr<http_server> server;
@@ -298,6 +299,7 @@ expected<std::unique_ptr<deployment>> deployment::start(const deployment_config&
     so.eos_token_ids = config->eos_token_ids;
   TROUPE_TRY_VOID(engine::validate(so));
   p.router = std::make_unique<replica_router>(sys, c.served_model_name, decoding, so);
+  p.decoding = decoding;
   int32_t blocks = 0;
   size_t next_decode = 0, next_prefill = 0;
   for (auto& r : *replicas) {
@@ -340,10 +342,14 @@ void deployment::drain(double grace_s) {
 }
 
 void deployment::take_down(size_t replica, const std::string& why) {
+  if (replica >= parts_->decoding)
+    return parts_->router->take_down_prefill(replica - parts_->decoding, why);
   parts_->router->take_down(replica, why);
 }
 
 expected<void> deployment::replace(size_t replica, replica_executor r) {
+  if (replica >= parts_->decoding)
+    return parts_->router->install_prefill(replica - parts_->decoding, std::move(r));
   return parts_->router->install(replica, std::move(r));
 }
 

@@ -58,7 +58,8 @@ class deployment {
   // flight get up to `grace_s` to finish, the rest end with an error. Blocks.
   void drain(double grace_s);
 
-  // Replica i failed: requests go to the other replicas, or get HTTP 503 saying `why` while
+  // Replica i (of a disaggregated deployment: the decode replicas, then the prefill ones)
+  // failed: requests go to the other replicas, or get HTTP 503 saying `why` while
   // none serves; its replica actor stops.
   void take_down(size_t replica, const std::string& why);
   // Replica i serves again over a new executor (its restarted workers).

@@ -5,6 +5,19 @@
 
 namespace troupe::serve {
 
+std::shared_ptr<decode_role> make_decode_role(const disaggregation_config& config, uint32_t index,
+                                              uint32_t notices,
+                                              std::shared_ptr<handoff_stats> stats) {
+  auto role = std::make_shared<decode_role>();
+  role->index = index;
+  role->notices = notices;
+  role->timeout = std::chrono::milliseconds(static_cast<int64_t>(config.timeout_s * 1000));
+  role->min_prefill_tokens = config.min_prefill_tokens;
+  role->prefill_on_failure = config.on_prefill_failure == "decode";
+  role->stats = std::move(stats);
+  return role;
+}
+
 std::string handoff_stats::text(const std::string& model) const {
   std::string out;
   auto counter = [&](const char* name, const char* help, uint64_t v) {

@@ -29,6 +29,7 @@
 #include <caf/allowed_unsafe_message_type.hpp>
 #include <caf/atom.hpp>
 
+#include "actors/messages.hpp"
 #include "cluster/transfer/kv_handoff.hpp"
 #include "cluster/transfer/kv_transport.hpp"
 #include "engine/scheduler/scheduler.hpp"
@@ -41,7 +42,7 @@ using import_atom = caf::atom_constant<caf::atom("import")>;
 using prefill_atom = caf::atom_constant<caf::atom("prefill")>;
 using handed_atom = caf::atom_constant<caf::atom("handed")>;
 using abort_atom = caf::atom_constant<caf::atom("abort")>;
-using landed_atom = caf::atom_constant<caf::atom("landed")>;
+using landed_atom = msg::landed_atom;
 using pushed_atom = caf::atom_constant<caf::atom("pushed")>;
 using wait_atom = caf::atom_constant<caf::atom("wait")>;
 using lease_atom = caf::atom_constant<caf::atom("lease")>;
@@ -98,11 +99,13 @@ struct outbound_link {
   std::shared_ptr<const cluster::transfer::kv_handoff_plan> plan;
 };
 
-// A prefill replica's part: its KV registered with the transport, and a link per decode replica.
+// A prefill replica's part. In one process: its KV registered with the transport, and a link per
+// decode replica. Over worker ranks: the ranks that push (their own links, kv_rank_endpoint).
 struct prefill_role {
   std::shared_ptr<cluster::transfer::kv_transport> transport;
   std::vector<cluster::transfer::region_id> locals; // per KV allocation
   std::vector<outbound_link> links;                 // by decode index
+  std::vector<size_t> pushers; // worker ranks with something to send; empty: in one process
   std::shared_ptr<handoff_stats> stats;
 };
 
@@ -111,12 +114,21 @@ struct prefill_role {
 struct decode_role {
   uint32_t index = 0; // among the decode replicas
   std::shared_ptr<cluster::transfer::kv_transport> transport;
-  std::vector<std::shared_ptr<cluster::transfer::kv_connection>> inbound;
+  std::vector<std::shared_ptr<cluster::transfer::kv_connection>> inbound; // in one process
+  // Completion notices per handoff: one per (prefill rank, decode rank) pair of the contract.
+  // Over worker ranks they come from the ranks (landed_atom), which the replica registers with.
+  uint32_t notices = 1;
   std::chrono::milliseconds timeout{10000};
   int32_t min_prefill_tokens = 0;
   bool prefill_on_failure = true; // else the request ends with the error
   std::shared_ptr<handoff_stats> stats;
 };
+
+// Decode replica `index`'s role under `config` (timeout, policy), expecting `notices` completion
+// notices per handoff.
+std::shared_ptr<decode_role> make_decode_role(const disaggregation_config& config, uint32_t index,
+                                              uint32_t notices,
+                                              std::shared_ptr<handoff_stats> stats);
 
 // Sends (landed_atom, lease, cancelled) to `target` for every completion notice arriving on
 // `conn`, on a thread of its own, until destroyed.

@@ -2,11 +2,8 @@
 
 #include <future>
 
+#include "actors/serving/kv_net.hpp"
 #include "cluster/transfer/local_transport.hpp"
-#include "cluster/transfer/socket_transport.hpp"
-#ifdef TROUPE_WITH_FABRIC
-#include "cluster/transfer/fabric_transport.hpp"
-#endif
 
 namespace troupe::serve {
 
@@ -39,22 +36,21 @@ class local_endpoint final : public endpoint {
 };
 
 // A listening transport (fabric, socket): the decode end listens, the prefill end connects.
-template <class T>
 class listening_endpoint final : public endpoint {
  public:
-  explicit listening_endpoint(std::shared_ptr<T> t) : t_(std::move(t)) {}
-  std::shared_ptr<tr::kv_transport> transport() override { return t_; }
+  explicit listening_endpoint(net_transport t) : t_(std::move(t)) {}
+  std::shared_ptr<tr::kv_transport> transport() override { return t_.transport; }
   expected<std::pair<std::unique_ptr<tr::kv_connection>, std::unique_ptr<tr::kv_connection>>>
   accept_from(endpoint& from) override {
     if (address_.empty()) {
-      auto a = t_->listen(0);
+      auto a = t_.listen(0);
       if (!a)
         return std::move(a).error();
       address_ = *a;
     }
     const auto deadline = tr::clock::now() + 10s;
-    auto accepted = std::async(std::launch::async, [&] { return t_->accept(deadline); });
-    auto out = static_cast<listening_endpoint&>(from).t_->connect(address_, deadline);
+    auto accepted = std::async(std::launch::async, [&] { return t_.accept(deadline); });
+    auto out = static_cast<listening_endpoint&>(from).t_.connect(address_, deadline);
     auto in = accepted.get();
     if (!out)
       return std::move(out).error().context("connecting to " + address_);
@@ -64,28 +60,17 @@ class listening_endpoint final : public endpoint {
   }
 
  private:
-  std::shared_ptr<T> t_;
+  net_transport t_;
   std::string address_;
 };
 
 expected<std::unique_ptr<endpoint>> open_endpoint(const std::string& provider) {
   if (provider == "auto" || provider == "local")
     return std::unique_ptr<endpoint>(new local_endpoint());
-  if (provider == "socket")
-    return std::unique_ptr<endpoint>(
-        new listening_endpoint<tr::socket_transport>(tr::socket_transport::create("127.0.0.1")));
-#ifdef TROUPE_WITH_FABRIC
-  auto t = tr::fabric_transport::open({.provider = provider, .host = "127.0.0.1"});
+  auto t = open_net_transport(provider, "127.0.0.1");
   if (!t)
-    return std::move(t).error();
-  return std::unique_ptr<endpoint>(new listening_endpoint<tr::fabric_transport>(
-      std::shared_ptr<tr::fabric_transport>(std::move(*t))));
-#else
-  return make_error(errc::unsupported,
-                    "disaggregation.provider '{}': this build has no libfabric (install "
-                    "libfabric-dev and rebuild), use local or socket",
-                    provider);
-#endif
+    return std::move(t).error().context("disaggregation.provider");
+  return std::unique_ptr<endpoint>(new listening_endpoint(std::move(*t)));
 }
 
 // Registers every KV allocation of `layout`; the region ids in allocation order.
@@ -126,13 +111,10 @@ expected<handoff_links> link_in_process(const disaggregation_config& config,
         return std::move(d).error();
       descs.push_back(*d);
     }
-    auto role = std::make_shared<decode_role>();
-    role->index = static_cast<uint32_t>(links.decode.size());
+    // One rank on each side: one pair, one notice per handoff.
+    auto role =
+        make_decode_role(config, static_cast<uint32_t>(links.decode.size()), 1, links.stats);
     role->transport = (*e)->transport();
-    role->timeout = std::chrono::milliseconds(static_cast<int64_t>(config.timeout_s * 1000));
-    role->min_prefill_tokens = config.min_prefill_tokens;
-    role->prefill_on_failure = config.on_prefill_failure == "decode";
-    role->stats = links.stats;
     links.decode.push_back(std::move(role));
     d_ends.push_back(std::move(*e));
   }

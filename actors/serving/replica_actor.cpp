@@ -47,10 +47,13 @@ void fail_live(replica_state& st, const troupe::error& why) {
   if (st.loop)
     (void)st.loop->fail_all(); // importing requests' blocks stay held
   for (auto it = st.exports.begin(); it != st.exports.end();) {
-    if (it->second.pushing) { // its transfer waiter ends it
+    if (it->second.pushing && it->second.awaiting == 0) { // its transfer waiter ends it
       ++it;
       continue;
     }
+    if (it->second.awaiting) // worker ranks pushing: told to stop (failed ones never answer)
+      for (size_t r : st.spec.prefill->pushers)
+        caf::anon_send(st.spec.ranks.workers[r], msg::cancel_atom::value, it->second.job.lease);
     answer(it->second, why);
     st.export_of.erase(it->second.job.lease);
     it = st.exports.erase(it);
@@ -336,7 +339,8 @@ void on_landed(replica* self, uint64_t lease, bool cancelled) {
   auto it = st.import_of.find(lease);
   if (it == st.import_of.end() || cancelled)
     return; // a cancelled batch: the prefill side reports it
-  st.imports.at(it->second).landed = true;
+  auto& im = st.imports.at(it->second);
+  im.landed = ++im.notices >= st.spec.decode->notices;
   try_decode(self, it->second);
 }
 
@@ -371,7 +375,7 @@ void on_prefill(replica* self, export_job& job) {
     return answer(ex, make_error(errc::unavailable, "{}", st.broken));
   if (!st.spec.prefill)
     return answer(ex, make_error(errc::internal, "this replica does not prefill for others"));
-  if (ex.job.decode_index >= st.spec.prefill->links.size())
+  if (st.spec.prefill->pushers.empty() && ex.job.decode_index >= st.spec.prefill->links.size())
     return answer(ex,
                   make_error(errc::internal, "no link to decode replica {}", ex.job.decode_index));
   if (std::chrono::steady_clock::now() >= ex.job.deadline)
@@ -410,13 +414,31 @@ void on_exported(replica* self, seq_id id, const engine::request_output& o) {
               .top_ids = o.top_ids,
               .top_logprobs = o.top_logprobs};
   const auto& role = *st.spec.prefill;
+  const auto prompt = static_cast<int32_t>(ex.job.request.prompt.size());
+  if (!role.pushers.empty()) { // worker ranks push, each its share
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        ex.job.deadline - std::chrono::steady_clock::now());
+    for (size_t r : role.pushers)
+      self->send(st.spec.ranks.workers[r], msg::push_atom::value,
+                 msg::kv_push{.lease = ex.job.lease,
+                              .decode = ex.job.decode_index,
+                              .prefill_blocks = o.blocks,
+                              .decode_blocks = ex.job.blocks,
+                              .begin = ex.job.cached_tokens,
+                              .end = prompt,
+                              .timeout_ms = std::max<int64_t>(left.count(), 1)});
+    ex.pushing = true;
+    ex.awaiting = role.pushers.size();
+    ex.pushed = {.id = id};
+    ex.pushed_at = std::chrono::steady_clock::now();
+    return;
+  }
   const auto& link = role.links[ex.job.decode_index];
   cluster::transfer::write_batch batch{.lease_id = ex.job.lease,
                                        .locals = role.locals,
                                        .remotes = link.remote,
                                        .ranges = {},
                                        .deadline = ex.job.deadline};
-  const auto prompt = static_cast<int32_t>(ex.job.request.prompt.size());
   if (auto ok =
           link.plan->ranges(0, o.blocks, ex.job.blocks, ex.job.cached_tokens, prompt, batch.ranges);
       !ok)
@@ -444,12 +466,43 @@ void on_pushed(replica* self, push_result& r) {
   end_export(self, r.id, std::move(r.failure), r.bytes);
 }
 
+// One worker rank's batches of an export are done: once every pusher answered, the push is.
+void on_rank_pushed(replica* self, const msg::kv_pushed& r) {
+  auto& st = self->state;
+  auto it = st.export_of.find(r.lease);
+  if (it == st.export_of.end())
+    return;
+  auto& ex = st.exports.at(it->second);
+  if (!ex.awaiting)
+    return;
+  auto& p = ex.pushed;
+  p.bytes += r.bytes;
+  p.writes += r.writes;
+  if (!r.error.empty() && p.failure.code() == errc::ok) {
+    p.failure = make_error(r.cancelled ? errc::cancelled : errc::unavailable, "prefill rank {}: {}",
+                           r.rank, r.error);
+    for (size_t k : st.spec.prefill->pushers) // the other ranks' batches are of no use now
+      self->send(st.spec.ranks.workers[k], msg::cancel_atom::value, r.lease);
+  }
+  if (--ex.awaiting > 0)
+    return;
+  p.seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - ex.pushed_at).count();
+  auto done = std::move(p);
+  on_pushed(self, done);
+}
+
 void on_abort(replica* self, uint64_t lease) {
   auto& st = self->state;
   auto it = st.export_of.find(lease);
   if (it == st.export_of.end())
     return;
   auto& ex = st.exports.at(it->second);
+  if (ex.pushing && ex.awaiting) { // the ranks report their cancelled batches
+    for (size_t r : st.spec.prefill->pushers)
+      self->send(st.spec.ranks.workers[r], msg::cancel_atom::value, lease);
+    return;
+  }
   if (ex.pushing) { // the waiter reports the cancelled batch
     st.spec.prefill->links[ex.job.decode_index].conn->cancel(ex.transfer);
     return;
@@ -517,9 +570,12 @@ caf::behavior replica_actor(replica* self, replica_spec spec) {
       self->link_to(w); // stops with this actor
       st.waiters.push_back(std::move(w));
     }
-  if (st.spec.decode)
+  if (st.spec.decode) {
     for (const auto& conn : st.spec.decode->inbound)
       st.listeners.push_back(std::make_unique<notice_listener>(conn, me));
+    for (const auto& w : st.spec.ranks.workers) // over worker ranks: their notices come here
+      self->send(w, msg::kv_notify_atom::value);
+  }
   st.spec.gauges->publish(*st.loop);
   return {
       [self](msg::submit_atom, msg::replica_job& job) { on_submit(self, job); },
@@ -535,6 +591,7 @@ caf::behavior replica_actor(replica* self, replica_spec spec) {
       [self](lease_atom, uint64_t lease) { on_lease_expired(self, lease); },
       [self](prefill_atom, export_job& job) { on_prefill(self, job); },
       [self](pushed_atom, push_result& r) { on_pushed(self, r); },
+      [self](msg::kv_pushed_atom, const msg::kv_pushed& r) { on_rank_pushed(self, r); },
       [self](abort_atom, uint64_t lease) { on_abort(self, lease); },
       [self](msg::expire_atom, uint64_t ticket) {
         auto& st = self->state;

@@ -73,7 +73,8 @@ struct replica_state {
     caf::actor prefill;
     engine::request request;         // what the prefill replica gets (export_kv)
     std::optional<seq_output> first; // handed over
-    bool landed = false;             // the batch's completion notice arrived
+    bool landed = false;             // every batch's completion notice arrived
+    uint32_t notices = 0;            // of them, arrived
     bool sent = false;               // the export job went out
     bool cancelled = false;          // the client left: blocks held until the prefill side answers
     bool aborted = false;            // past the deadline: the prefill side was told to stop
@@ -90,6 +91,9 @@ struct replica_state {
     seq_output first;
     cluster::transfer::transfer_id transfer = 0;
     bool pushing = false;
+    size_t awaiting = 0; // worker ranks: pushers yet to answer
+    push_result pushed;  // worker ranks: their answers summed
+    std::chrono::steady_clock::time_point pushed_at;
   };
   std::unordered_map<seq_id, pending_export> exports;
   std::unordered_map<uint64_t, seq_id> export_of; // lease -> engine id

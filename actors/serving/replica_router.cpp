@@ -118,6 +118,14 @@ void replica_router::take_down(size_t i, const std::string& why) {
   slots_[i].down = why;
 }
 
+void replica_router::take_down_prefill(size_t i, const std::string& why) {
+  std::lock_guard lk(mu_);
+  if (i >= prefill_slots_.size())
+    return;
+  prefill_slots_[i].u.reset();
+  prefill_slots_[i].down = why;
+}
+
 expected<seq_id> replica_router::submit(engine::request r, std::shared_ptr<request_sink> sink) {
   caf::actor target, prefill;
   seq_id id = 0;

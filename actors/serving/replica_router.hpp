@@ -53,6 +53,9 @@ class replica_router final : public serving_port {
   // Replica i no longer serves: new requests go to the others (or get `why` with 503); its
   // actor is stopped (its live requests end as cancelled).
   void take_down(size_t i, const std::string& why);
+  // Prefill replica i no longer serves: requests are prefilled by the others (or on their
+  // decode replica while none serves).
+  void take_down_prefill(size_t i, const std::string& why);
 
   // Returns at once: the request goes to the chosen replica as a message; what it finds wrong
   // (invalid for the scheduler, queue full) reaches sink->fail().

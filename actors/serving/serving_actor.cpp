@@ -1,9 +1,12 @@
 #include "actors/serving/serving_actor.hpp"
 
 #include <algorithm>
+#include <optional>
+#include <set>
 
 #include <caf/after.hpp>
 #include <caf/blocking_actor.hpp>
+#include <caf/scoped_actor.hpp>
 
 #include "actors/caf_glue.hpp"
 #include "engine/model/gguf_weights.hpp"
@@ -25,7 +28,7 @@ void stop_workers(const std::vector<caf::actor>& workers) {
 // Asks each rank's node to spawn its worker, owned by `owner` (the serving actor: the workers
 // exit when it does). Blocks. `workers` holds those spawned, also on error.
 expected<void> spawn_workers(caf::blocking_actor* self, const caf::actor& owner,
-                             const deployment_config& c, const kv_plan& kv,
+                             const deployment_config& c, const replica_group& g, const kv_plan& kv,
                              const msg::replica_plan& plan, std::vector<caf::actor>& workers) {
   for (size_t i = 0; i < plan.ranks.size(); ++i) {
     const auto& r = plan.ranks[i];
@@ -36,18 +39,20 @@ expected<void> spawn_workers(caf::blocking_actor* self, const caf::actor& owner,
                           .ns = plan.ns,
                           .model = c.model,
                           .tp_rank = r.tp_rank,
-                          .tp_size = c.parallel.tensor,
+                          .tp_size = g.parallel.tensor,
                           .pp_rank = r.pp_rank,
-                          .pp_size = c.parallel.pipeline,
+                          .pp_size = g.parallel.pipeline,
                           .device = r.device,
                           // cuda: 0 lets each GPU size its pool from gpu_memory_utilization
                           .num_blocks = c.device == "cuda" ? c.num_kv_blocks : kv.num_blocks,
-                          .block_size = c.block_size,
+                          .block_size = g.block_size,
                           .backend = c.device,
                           .max_model_len = kv.max_model_len,
                           .max_num_seqs = c.max_num_seqs,
                           .max_num_batched_tokens = c.max_num_batched_tokens,
-                          .gpu_memory_utilization = static_cast<float>(c.gpu_memory_utilization)};
+                          .gpu_memory_utilization = static_cast<float>(c.gpu_memory_utilization),
+                          .kv_role = g.role,
+                          .kv_provider = c.disaggregation.provider};
     troupe::error err;
     self->request(plan.nodes[i], 10s, msg::spawn_atom::value, std::move(spec), owner)
         .receive([&](caf::actor& w) { workers.push_back(std::move(w)); },
@@ -64,7 +69,8 @@ expected<void> spawn_workers(caf::blocking_actor* self, const caf::actor& owner,
 // errc::cancelled when `owner` went away meanwhile.
 expected<int32_t> load_workers(caf::blocking_actor* self, const caf::actor& owner,
                                const std::vector<caf::actor>& workers,
-                               const msg::replica_plan& plan) {
+                               const msg::replica_plan& plan, std::vector<msg::kv_rank>& kv) {
+  kv.assign(workers.size(), {});
   for (const auto& w : workers) {
     self->monitor(w);
     self->send(w, msg::load_atom::value);
@@ -85,6 +91,8 @@ expected<int32_t> load_workers(caf::blocking_actor* self, const caf::actor& owne
                              rank < plan.ranks.size() ? plan.ranks[rank].node_id : "?", r.error);
           else
             blocks = loaded++ == 0 ? r.kv_blocks : std::min(blocks, r.kv_blocks);
+          if (r.error.empty() && rank < kv.size())
+            kv[rank] = std::move(r.kv);
         },
         [&](caf::down_msg& dm) {
           if (dm.source == owner.address())
@@ -107,14 +115,14 @@ expected<int32_t> load_workers(caf::blocking_actor* self, const caf::actor& owne
 // One replica's loader (a detached blocking actor): spawns and loads its workers, then tells
 // the serving actor (loaded_atom), which owns them from then on. Exits quietly, stopping what
 // it spawned, when the serving actor goes away.
-void replica_loader(caf::blocking_actor* self, caf::actor owner, deployment_config c, kv_plan kv,
-                    msg::replica_plan plan) {
+void replica_loader(caf::blocking_actor* self, caf::actor owner, deployment_config c,
+                    replica_group g, kv_plan kv, msg::replica_plan plan) {
   self->monitor(owner);
   msg::replica_loaded out{.replica = plan.replica, .ns = plan.ns};
   std::vector<caf::actor> workers;
-  auto ok = spawn_workers(self, owner, c, kv, plan, workers);
-  expected<int32_t> blocks =
-      ok ? load_workers(self, owner, workers, plan) : expected<int32_t>(std::move(ok).error());
+  auto ok = spawn_workers(self, owner, c, g, kv, plan, workers);
+  expected<int32_t> blocks = ok ? load_workers(self, owner, workers, plan, out.kv)
+                                : expected<int32_t>(std::move(ok).error());
   if (!blocks) {
     stop_workers(workers);
     if (blocks.error().code() == errc::cancelled)
@@ -127,9 +135,23 @@ void replica_loader(caf::blocking_actor* self, caf::actor owner, deployment_conf
   self->send(owner, msg::loaded_atom::value, std::move(out));
 }
 
+size_t group_index(const serving_state& st, int32_t replica) {
+  for (size_t g = 0; g < st.groups.size(); ++g) {
+    if (replica < st.groups[g].parallel.replicas)
+      return g;
+    replica -= st.groups[g].parallel.replicas;
+  }
+  return st.groups.size() - 1;
+}
+
+bool is_prefill(const serving_state& st, int32_t replica) {
+  return st.groups[group_index(st, replica)].role == "prefill";
+}
+
 void start_loader(serving* self, const msg::replica_plan& plan) {
+  const auto g = group_index(self->state, plan.replica);
   self->spawn<caf::detached>(replica_loader, caf::actor_cast<caf::actor>(self), self->state.config,
-                             self->state.kv, plan);
+                             self->state.groups[g], self->state.group_kv[g], plan);
 }
 
 // A loaded replica's workers, driven by its replica actor. Their failure marks the replica
@@ -137,14 +159,16 @@ void start_loader(serving* self, const msg::replica_plan& plan) {
 expected<replica_executor> executor_of(serving* self, const caf::actor& head,
                                        msg::replica_loaded& r) {
   const auto& c = self->state.config;
-  const auto& kv = self->state.kv;
-  const int32_t per_seq = (kv.max_model_len + c.block_size - 1) / c.block_size;
+  const auto gi = group_index(self->state, r.replica);
+  const auto& g = self->state.groups[gi];
+  const auto& kv = self->state.group_kv[gi];
+  const int32_t per_seq = (kv.max_model_len + g.block_size - 1) / g.block_size;
   if (r.kv_blocks < per_seq)
     return make_error(errc::resource_exhausted,
                       "replica {}: the smallest rank's KV pool has {} blocks of {} tokens, fewer "
                       "than one context of max_model_len {} needs ({}); raise "
                       "gpu_memory_utilization or lower max_model_len",
-                      r.replica, r.kv_blocks, c.block_size, kv.max_model_len, per_seq);
+                      r.replica, r.kv_blocks, g.block_size, kv.max_model_len, per_seq);
   auto health = std::make_shared<replica_health>();
   auto on_failure = [head, name = c.served_model_name, ns = r.ns](const std::string& why) {
     caf::anon_send(head, msg::failed_atom::value, name, ns, why);
@@ -153,8 +177,8 @@ expected<replica_executor> executor_of(serving* self, const caf::actor& head,
   // at pipeline 1, so the ranks never wait for scheduling. A plan may wait behind the others in
   // flight, and passes every stage, each of which may wait up to stage_wait_ms for the one
   // before it.
-  const int32_t depth = std::max(c.parallel.pipeline, 2);
-  const size_t answer = static_cast<size_t>(c.parallel.pipeline - 1) * c.parallel.tensor;
+  const int32_t depth = std::max(g.parallel.pipeline, 2);
+  const size_t answer = static_cast<size_t>(g.parallel.pipeline - 1) * g.parallel.tensor;
   const auto step_timeout = msg::worker_spec::stage_wait_ms * 1ms * depth + 5s;
   return replica_executor{.exec = nullptr,
                           .num_blocks = r.kv_blocks,
@@ -163,7 +187,8 @@ expected<replica_executor> executor_of(serving* self, const caf::actor& head,
                                     .answer_rank = answer,
                                     .timeout = step_timeout,
                                     .depth = depth,
-                                    .on_failure = std::move(on_failure)}};
+                                    .on_failure = std::move(on_failure)},
+                          .block_size = g.block_size};
 }
 
 // Watches a loaded replica's workers: one going down fails the replica even while it is idle.
@@ -194,6 +219,122 @@ void on_worker_down(serving* self, const caf::actor& head, const caf::down_msg& 
   self->send(head, msg::failed_atom::value, st.config.served_model_name, w.ns, why);
 }
 
+// ---- Disaggregated deployments ----
+
+// The layout contract between prefill replica `p` and decode replica `d`, from their ranks'.
+expected<cluster::transfer::kv_handoff_plan> contract(const serving_state& st, size_t p, size_t d) {
+  std::vector<engine::kv_layout> pl, dl;
+  for (const auto& r : st.kv_ranks[p])
+    pl.push_back(r.layout);
+  for (const auto& r : st.kv_ranks[d])
+    dl.push_back(r.layout);
+  return cluster::transfer::kv_handoff_plan::make(std::move(pl), std::move(dl));
+}
+
+// Has prefill replica `p`'s ranks (`workers`) connect to decode replica `d`'s. Blocks while they
+// connect (the decode ranks accept on their own threads).
+expected<void> link(serving* self, size_t p, const std::vector<caf::actor>& workers, size_t d) {
+  auto& st = self->state;
+  const msg::kv_link l{
+      .decode = static_cast<uint32_t>(d), .prefill = st.kv_ranks[p], .ranks = st.kv_ranks[d]};
+  caf::scoped_actor blocking{self->system()};
+  for (size_t k = 0; k < workers.size(); ++k) {
+    troupe::error err;
+    blocking->request(workers[k], 30s, msg::link_atom::value, l)
+        .receive(
+            [&](std::string& e) {
+              if (!e.empty())
+                err = make_error(errc::unavailable, "{}", e);
+            },
+            [&](caf::error& e) { err = actors::from_caf(e, &self->system()); });
+    if (err)
+      return std::move(err).context(
+          fmt::format("linking replica {} rank {} to decode replica {}", p, k, d));
+  }
+  return {};
+}
+
+// Replica `replica`'s part in the handoffs under `plan` (every replica of a group has the same
+// layout, so one contract serves them all).
+void add_role(serving_state& st, int32_t replica, const cluster::transfer::kv_handoff_plan& plan,
+              replica_executor& ex) {
+  if (is_prefill(st, replica)) {
+    auto role = std::make_shared<prefill_role>();
+    std::set<size_t> ranks;
+    for (const auto& [p, d] : plan.pairs())
+      ranks.insert(p);
+    role->pushers.assign(ranks.begin(), ranks.end());
+    role->stats = st.handoffs;
+    ex.prefill = std::move(role);
+  } else {
+    ex.decode = make_decode_role(st.config.disaggregation, static_cast<uint32_t>(replica),
+                                 static_cast<uint32_t>(plan.pairs().size()), st.handoffs);
+  }
+}
+
+// Links every prefill replica to every decode replica of the first load and gives each
+// executor its role. Reports the provider and the contract to the head.
+expected<void> link_all(serving* self, const caf::actor& head,
+                        std::vector<msg::replica_loaded>& loaded,
+                        std::vector<replica_executor>& executors) {
+  auto& st = self->state;
+  const size_t decoding = static_cast<size_t>(st.groups.front().parallel.replicas);
+  for (auto& l : loaded)
+    st.kv_ranks[static_cast<size_t>(l.replica)] = l.kv;
+  auto plan = contract(st, decoding, 0);
+  if (!plan)
+    return std::move(plan).error().context("prefill and decode groups");
+  auto at = cluster::transfer::endpoint_address::parse(st.kv_ranks[0].front().endpoint);
+  if (!at)
+    return std::move(at).error();
+  st.handoffs->provider = at->transport;
+  for (size_t p = decoding; p < loaded.size(); ++p)
+    for (size_t d = 0; d < decoding; ++d)
+      TROUPE_TRY_VOID(link(self, p, loaded[p].workers, d));
+  for (size_t i = 0; i < executors.size(); ++i)
+    add_role(st, static_cast<int32_t>(i), *plan, executors[i]);
+  const auto text = fmt::format("provider {}: {}", at->transport, plan->describe());
+  log::info("serving: '{}': {} prefill -> {} decode replica(s) linked, {}",
+            st.config.served_model_name, loaded.size() - decoding, decoding, text);
+  self->send(head, msg::linked_atom::value, st.config.served_model_name, text);
+  return {};
+}
+
+// A restarted replica of a disaggregated deployment: linked to the other group's serving
+// replicas (a prefill replica to every decode replica; every prefill replica to a decode one),
+// with its role.
+expected<void> relink(serving* self, msg::replica_loaded& r, replica_executor& ex) {
+  auto& st = self->state;
+  const auto i = static_cast<size_t>(r.replica);
+  const size_t decoding = static_cast<size_t>(st.groups.front().parallel.replicas);
+  st.kv_ranks[i] = r.kv;
+  std::optional<cluster::transfer::kv_handoff_plan> plan;
+  const bool decode = i < decoding;
+  const size_t others_begin = decode ? decoding : 0, others_end = decode ? st.ns.size() : decoding;
+  for (size_t k = others_begin; k < others_end; ++k) {
+    const size_t p = decode ? k : i, d = decode ? i : k;
+    if (st.kv_ranks[k].empty())
+      continue;
+    auto c = contract(st, p, d);
+    if (!c)
+      return std::move(c).error().context("prefill and decode groups");
+    if (!plan)
+      plan = *c;
+    if (st.ns[k].empty() || st.workers[k].empty())
+      continue; // not serving: linked when it serves again
+    if (auto ok = link(self, p, decode ? st.workers[k] : r.workers, d); !ok) {
+      if (!decode)
+        return ok; // the restarted prefill replica cannot reach a serving decode replica
+      // That prefill replica's handoffs to this one fail and fall back as configured.
+      log::warn("serving: '{}': {}", st.config.served_model_name, ok.error().message());
+    }
+  }
+  if (!plan)
+    return make_error(errc::unavailable, "no layout of the other group is known");
+  add_role(st, r.replica, *plan, ex);
+  return {};
+}
+
 // Every replica of the first load has reported: start the deployment (or fail it).
 void finish_first_load(serving* self, const caf::actor& head, const std::string& version) {
   auto& st = self->state;
@@ -218,6 +359,9 @@ void finish_first_load(serving* self, const caf::actor& head, const std::string&
     st.health[static_cast<size_t>(l.replica)] = ex->health;
     executors.push_back(std::move(*ex));
   }
+  if (st.config.disaggregation.enabled)
+    if (auto ok = link_all(self, head, loaded, executors); !ok)
+      return fail(ok.error());
   auto d = deployment::start(
       st.config, version, self->system(),
       [&](const engine::model_config&, const kv_plan&) -> expected<std::vector<replica_executor>> {
@@ -254,6 +398,9 @@ void finish_restart(serving* self, const caf::actor& head, msg::replica_loaded& 
   auto ex = executor_of(self, head, r);
   if (!ex)
     return fail(ex.error());
+  if (st.config.disaggregation.enabled)
+    if (auto ok = relink(self, r, *ex); !ok)
+      return fail(ok.error());
   auto health = ex->health;
   if (auto ok = st.served->replace(i, std::move(*ex)); !ok)
     return fail(ok.error());
@@ -272,11 +419,21 @@ caf::result<std::string> on_deploy(serving* self, const msg::deployment_plan& pl
   auto model = engine::peek_model_config(st.config.model);
   if (!model)
     return actors::to_caf(std::move(model).error().context("model " + st.config.model));
-  auto kv = plan_kv(st.config, *model);
-  if (!kv)
-    return actors::to_caf(kv.error());
-  st.kv = *kv;
+  st.groups = replica_groups(st.config);
+  st.group_kv.clear();
+  for (const auto& g : st.groups) {
+    deployment_config gc = st.config;
+    gc.block_size = g.block_size;
+    auto kv = plan_kv(gc, *model);
+    if (!kv)
+      return actors::to_caf(g.role.empty()
+                                ? kv.error()
+                                : troupe::error(kv.error()).context("the " + g.role + " group"));
+    st.group_kv.push_back(*kv);
+  }
+  st.handoffs = std::make_shared<handoff_stats>();
   const size_t n = plan.replicas.size();
+  st.kv_ranks.assign(n, {});
   st.ns.assign(n, {});
   st.workers.assign(n, {});
   st.rank_nodes.assign(n, {});

@@ -12,6 +12,10 @@
 // loads the new workers and their executor is swapped in; the answer is the new namespace.
 // Loaders are detached blocking actors, so this actor stays responsive (`cluster serve --stop`
 // ends it at once); it blocks only to start the deployment (tokenizer, HTTP server).
+// Disaggregated deployments (decode replicas first, then prefill): each rank opens its KV
+// transfer endpoint as it loads; once both groups have loaded, every prefill replica's ranks
+// link to every decode replica's (a restarted replica is linked before it serves again), and
+// the provider and layout contract go to the head for `cluster status` (linked_atom).
 // Quitting stops the HTTP server; the workers, which monitor
 // this actor, exit too, including those of a replica still loading.
 #pragma once
@@ -35,7 +39,13 @@ namespace troupe::serve {
 struct serving_state {
   std::unique_ptr<deployment> served;
   deployment_config config;
-  kv_plan kv;
+  // Per group (replica_groups: one, or decode then prefill): its layout and KV plan.
+  std::vector<replica_group> groups;
+  std::vector<kv_plan> group_kv;
+  // Disaggregated: each replica's ranks' KV endpoints (its current attempt), and the handoffs'
+  // counters shared by every replica.
+  std::vector<std::vector<msg::kv_rank>> kv_ranks;
+  std::shared_ptr<handoff_stats> handoffs;
   // Per replica: the namespace of the attempt it serves or loads ("" after a drop: every
   // message of an older attempt is stale), and its workers once loaded.
   std::vector<std::string> ns;

@@ -98,6 +98,8 @@ expected<void> wait_connected(fid_eq* eq, clock::time_point deadline, const std:
   }
 }
 
+constexpr auto handshake = std::chrono::seconds(5);
+
 } // namespace
 
 struct fabric_transport::listener {
@@ -270,7 +272,9 @@ expected<std::unique_ptr<kv_connection>> fabric_transport::accept(clock::time_po
   auto parts = std::move(*made);
   if (int rc = fi_accept(parts.ep.get(), nullptr, 0); rc != 0)
     return fi_error(errc::unavailable, "fi_accept", rc);
-  TROUPE_TRY_VOID(wait_connected(parts.eq.get(), deadline, peer));
+  // A peer that asked before the deadline gets its handshake finished, however close it was.
+  TROUPE_TRY_VOID(
+      wait_connected(parts.eq.get(), std::max(deadline, clock::now() + handshake), peer));
   return std::unique_ptr<kv_connection>(
       new detail::fabric_connection(domain_, std::move(parts), peer, max_write_));
 }

@@ -50,7 +50,8 @@ class fabric_transport final : public kv_transport {
 
   // Starts listening on host:port (port 0: any); returns the address peers pass to connect().
   expected<std::string> listen(uint16_t port);
-  // Blocks until a peer connected, or the deadline.
+  // Blocks until a peer connected, or the deadline (a peer that asked before it gets up to 5 s
+  // more to finish the handshake).
   expected<std::unique_ptr<kv_connection>> accept(clock::time_point deadline);
   // Blocks until connected to "host:port", or the deadline.
   expected<std::unique_ptr<kv_connection>> connect(const std::string& address,

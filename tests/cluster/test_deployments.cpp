@@ -6,6 +6,8 @@
 
 #include "cluster/deployments.hpp"
 
+#include <set>
+
 #include <fmt/format.h>
 
 using namespace troupe;
@@ -237,4 +239,43 @@ TEST_CASE("deployments: for device cpu a node without devices offers one CPU ran
   REQUIRE(d.has_value());
   CHECK(reg.devices_used("head") == 1);
   CHECK_FALSE(reg.add("cpu2", {}, small_model(), nodes, true).has_value());
+}
+
+TEST_CASE("deployments: prefill and decode groups are placed one after the other") {
+  deployment_registry reg;
+  const std::vector<node_record> nodes{node("a", 2), node("b", 2)};
+  const std::vector<group_spec> groups{{"decode", {.tensor = 1, .replicas = 2}},
+                                       {"prefill", {.tensor = 2, .replicas = 1}}};
+  auto rec = reg.add_groups("pd", groups, small_model(), nodes);
+  REQUIRE_MESSAGE(rec.has_value(), (rec ? "" : rec.error().message()));
+  REQUIRE((*rec)->replicas.size() == 3);
+  CHECK((*rec)->groups.size() == 2);
+  CHECK((*rec)->replicas[0].group == 0);
+  CHECK((*rec)->replicas[1].group == 0);
+  CHECK((*rec)->replicas[2].group == 1);
+  CHECK((*rec)->replicas[2].ns == (*rec)->ns + "/r2");
+  // Every device is held once: 1 + 1 decode ranks, 2 prefill ranks on one host.
+  std::set<std::pair<std::string, int32_t>> held;
+  for (const auto& r : (*rec)->ranks())
+    CHECK(held.insert({r.node_id, r.device}).second);
+  CHECK(held.size() == 4);
+  CHECK((*rec)->replicas[2].ranks.size() == 2);
+  CHECK((*rec)->replicas[2].ranks[0].node_id == (*rec)->replicas[2].ranks[1].node_id);
+  CHECK((*rec)->replicas[2].ranks[0].replica == 2);
+
+  // A failed prefill replica is placed again with its own group's layout.
+  const auto ns = (*rec)->replicas[2].ns;
+  REQUIRE(reg.mark_ready("pd"));
+  REQUIRE(reg.fail_replica("pd", ns, "gone", clock::now()));
+  auto again = reg.place_replica("pd", 2, nodes, clock::now());
+  REQUIRE_MESSAGE(again.has_value(), (again ? "" : again.error().message()));
+  CHECK((*again)->ranks.size() == 2);
+
+  // A group that does not fit names itself (the wider prefill group took the host first).
+  auto big = reg.add_groups(
+      "big", {{"decode", {.tensor = 1, .replicas = 1}}, {"prefill", {.tensor = 2, .replicas = 1}}},
+      small_model(), {node("c", 2)});
+  REQUIRE(!big.has_value());
+  CHECK_MESSAGE(big.error().message().find("the decode group: needs 1 devices") == 0,
+                big.error().message());
 }

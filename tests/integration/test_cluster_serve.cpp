@@ -492,3 +492,150 @@ TEST_CASE("cluster serve: an idle replica whose node leaves restarts on the free
   CHECK(metric(port, replica_sample("troupe_replica_requests_total", "two", leaving)) == 1);
   CHECK(metric(port, replica_sample("troupe_replica_up", "two", leaving)) == 1);
 }
+
+// Prefill/decode disaggregation across processes: the head places both groups, the prefill
+// ranks push the prompt's KV over the tcp provider into the decode rank, which decodes.
+TEST_CASE("cluster serve: prefill tensor=2 -> decode tensor=1 over tcp answers like generate") {
+  auto model = golden_model("tiny-qwen3");
+  if (!model)
+    return;
+  cluster_fixture fx;
+  auto node_pids = start_cluster(fx);
+  auto yaml = [&](const std::string& name, const std::string& prefill, const std::string& decode) {
+    return write_yaml(fx, name + ".yaml",
+                      fmt::format("model: {}\nserved_model_name: {}\nmax_model_len: 256\n"
+                                  "num_kv_blocks: 64\nport: 0\ndisaggregation:\n"
+                                  "  prefill: {}\n  decode: {}\n  provider: tcp\n"
+                                  "  timeout_s: 5\n",
+                                  model->string(), name, prefill, decode));
+  };
+  auto served = serve(fx, yaml("pd", "{tensor: 2}", "{tensor: 1, block_size: 32}"));
+  REQUIRE_MESSAGE(served.exit_code == 0, served.output);
+  const uint16_t port = port_of(served.output);
+  REQUIRE_MESSAGE(port != 0, served.output);
+
+  // Status: both groups, their ranks, the provider and the layout contract.
+  auto d = deployment_of(fx, "pd");
+  REQUIRE_MESSAGE(d.is_object(), status_json(fx).dump());
+  CHECK(d["state"] == "ready");
+  REQUIRE(d["groups"].size() == 2);
+  CHECK(d["groups"][0]["role"] == "decode");
+  CHECK(d["groups"][0]["ready"] == 1);
+  CHECK(d["groups"][1]["role"] == "prefill");
+  CHECK(d["groups"][1]["tensor"] == 2);
+  CHECK(d["ranks"].size() == 3);
+  CHECK_MESSAGE(d["transfer"].get<std::string>().find("provider tcp: 2 prefill rank(s) -> 1 decode "
+                                                      "rank(s)") == 0,
+                d.dump());
+  auto table = fx.cluster({"status", "--address", fx.head_address(), "--token", fx.token()});
+  CHECK_MESSAGE(table.output.find("prefill  group: tensor=2") != std::string::npos, table.output);
+
+  // Greedy completions equal `cluster generate`, one at a time and all at once.
+  auto complete = [&](int first) {
+    auto r = http_call(port, "POST", "/v1/completions",
+                       fmt::format(R"({{"model": "pd", "prompt": [{}, 11, 1879, 0, 5209, 13, 42],
+                                  "max_tokens": 10, "temperature": 0, "ignore_eos": true,
+                                  "return_token_ids": true}})",
+                                   first));
+    return r.status == 200 ? r.json()["choices"][0]["token_ids"].get<std::vector<int>>()
+                           : std::vector<int>{-r.status};
+  };
+  CHECK(complete(9707) == generate_ids(fx, *model, "9707,11,1879,0,5209,13,42", 10));
+  std::vector<std::vector<int>> alone, together(5);
+  for (int i = 0; i < 5; ++i)
+    alone.push_back(complete(200 + i));
+  std::vector<std::thread> clients;
+  for (int i = 0; i < 5; ++i)
+    clients.emplace_back([&, i] { together[static_cast<size_t>(i)] = complete(200 + i); });
+  for (auto& t : clients)
+    t.join();
+  for (int i = 0; i < 5; ++i) {
+    CAPTURE(i);
+    CHECK(alone[static_cast<size_t>(i)].size() == 10);
+    CHECK(together[static_cast<size_t>(i)] == alone[static_cast<size_t>(i)]);
+  }
+  if (troupe::test::metric_value(port, "troupe_kv_handoff_failures_total") > 0)
+    MESSAGE(read_file(fx.dir("head") / "foreground.log"));
+  CHECK(troupe::test::metric_value(port, "troupe_kv_handoffs_total") >= 11);
+  CHECK(troupe::test::metric_value(port, "troupe_kv_handoff_failures_total") == 0);
+  CHECK(troupe::test::metric_value(port, "troupe_kv_local_prefills_total") == 0);
+  CHECK(troupe::test::metric_value(port, "troupe_kv_transfer_bytes_total") > 0);
+  CHECK(troupe::test::metric_value(port, "troupe_kv_blocks_in_use") == 0);
+
+  // SIGKILL of the prefill ranks' node: the decode replica prefills itself (on_prefill_failure
+  // decode), within seconds, and the head reports the prefill replica down.
+  const auto& ranks = d["ranks"];
+  std::string prefill_node;
+  for (const auto& r : ranks)
+    if (r["replica"] == 1)
+      prefill_node = r["node_id"];
+  std::string decode_node = ranks[0]["node_id"];
+  REQUIRE(prefill_node != decode_node);
+  const pid_t victim = prefill_node == fx.node_id("w1") ? node_pids[0] : node_pids[1];
+  kill(victim, SIGKILL);
+  const auto t0 = std::chrono::steady_clock::now();
+  auto after = complete(9707);
+  MESSAGE(
+      "first request after SIGKILL of the prefill node: ",
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0)
+          .count(),
+      " ms");
+  CHECK(after == generate_ids(fx, *model, "9707,11,1879,0,5209,13,42", 10));
+  CHECK(eventually([&] { return deployment_of(fx, "pd")["state"] == "degraded"; }, 15s));
+  CHECK(troupe::test::metric_value(port, "troupe_kv_local_prefills_total") >= 1);
+  CHECK(troupe::test::metric_value(port, "troupe_kv_blocks_in_use") == 0);
+
+  // A node with two free devices joins: the prefill replica restarts there, is linked to the
+  // decode replica before it serves, and handoffs resume.
+  fx.join_blocking("w3");
+  CHECK(eventually([&] { return deployment_of(fx, "pd")["state"] == "ready"; }, 60s));
+  const auto handed = troupe::test::metric_value(port, "troupe_kv_handoffs_total");
+  const auto local = troupe::test::metric_value(port, "troupe_kv_local_prefills_total");
+  CHECK(complete(9707) == after);
+  CHECK(troupe::test::metric_value(port, "troupe_kv_handoffs_total") == handed + 1);
+  CHECK(troupe::test::metric_value(port, "troupe_kv_local_prefills_total") == local);
+  auto stop = stop_serving(fx, "pd");
+  CHECK_MESSAGE(stop.exit_code == 0, stop.output);
+
+  // The other way round: prefill tensor=1 -> decode tensor=2 on the survivor's two devices and
+  // the head's CPU rank; shared prefixes send only what the decode side lacks.
+  auto served2 = serve(fx, yaml("pd2", "{tensor: 1}", "{tensor: 2}"));
+  REQUIRE_MESSAGE(served2.exit_code == 0, served2.output);
+  const uint16_t port2 = port_of(served2.output);
+  auto d2 = deployment_of(fx, "pd2");
+  CHECK_MESSAGE(d2["transfer"].get<std::string>().find("1 prefill rank(s) -> 2 decode rank(s)") !=
+                    std::string::npos,
+                d2.dump());
+  auto complete2 = [&](const std::string& prompt) {
+    auto r = http_call(port2, "POST", "/v1/completions",
+                       fmt::format(R"({{"model": "pd2", "prompt": [{}], "max_tokens": 8,
+                                       "temperature": 0, "ignore_eos": true,
+                                       "return_token_ids": true}})",
+                                   prompt));
+    return r.status == 200 ? r.json()["choices"][0]["token_ids"].get<std::vector<int>>()
+                           : std::vector<int>{-r.status};
+  };
+  std::string shared;
+  for (int i = 0; i < 40; ++i)
+    shared += fmt::format("{}{}", i ? "," : "", 300 + i);
+  const auto bytes0 = troupe::test::metric_value(port2, "troupe_kv_transfer_bytes_total");
+  CHECK(complete2(shared + ",7,8") == generate_ids(fx, *model, shared + ",7,8", 8));
+  const auto bytes1 = troupe::test::metric_value(port2, "troupe_kv_transfer_bytes_total");
+  CHECK(complete2(shared + ",9,10") == generate_ids(fx, *model, shared + ",9,10", 8));
+  const auto bytes2 = troupe::test::metric_value(port2, "troupe_kv_transfer_bytes_total");
+  MESSAGE("KV bytes moved: first prompt ", bytes1 - bytes0, ", same 40-token prefix ",
+          bytes2 - bytes1);
+  CHECK(bytes1 > bytes0);
+  CHECK(bytes2 - bytes1 < (bytes1 - bytes0) / 2); // the cached prefix is not sent again
+  CHECK(troupe::test::metric_value(port2, "troupe_kv_local_prefills_total") == 0);
+
+  // A client that leaves mid-stream frees its blocks on both sides.
+  {
+    sse_stream stream(port2, R"({"model": "pd2", "prompt": "hello there", "max_tokens": 200,
+                                 "temperature": 0, "ignore_eos": true, "stream": true})");
+    REQUIRE_MESSAGE(stream.read_until("data: "), stream.raw());
+  }
+  CHECK(eventually(
+      [&] { return troupe::test::metric_value(port2, "troupe_kv_blocks_in_use") == 0; }, 10s));
+  CHECK(troupe::test::metric_value(port2, "troupe_kv_handoff_failures_total") == 0);
+}

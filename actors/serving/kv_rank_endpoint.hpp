@@ -1,0 +1,90 @@
+// One worker rank's end of prefill/decode disaggregation across processes (design.md §6),
+// opened by the worker once it has loaded: its KV cache registered with a network transport.
+//   decode rank: listens; accepts prefill ranks' connections at any time (a restarted prefill
+//     replica links while this one serves) and sends (landed_atom, lease, cancelled) to the
+//     decode replica's actor for every batch written into it.
+//   prefill rank: links to each decode replica (connects to the decode ranks it writes to,
+//     from the layout contract), posts one request's batches per push, and answers each push
+//     with (kv_pushed_atom, kv_pushed) from a waiting thread once its batches are done.
+// The worker calls it from its own thread; the threads here never block the worker.
+#pragma once
+
+#include <condition_variable>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <caf/actor.hpp>
+
+#include "actors/messages.hpp"
+#include "actors/serving/kv_net.hpp"
+#include "cluster/transfer/kv_handoff.hpp"
+
+namespace troupe::serve {
+
+class kv_rank_endpoint {
+ public:
+  // `role`: decode | prefill; `provider`: as open_net_transport; `host`: this node's address.
+  static expected<std::unique_ptr<kv_rank_endpoint>>
+  open(const std::string& role, const std::string& provider, const std::string& host,
+       const engine::kv_layout& layout, int32_t rank);
+  ~kv_rank_endpoint(); // stops the threads, closes the connections, deregisters
+
+  // What the other group needs to reach this rank (and its layout).
+  const msg::kv_rank& describe() const { return self_; }
+  std::string provider() const { return net_.transport->name(); }
+
+  // Decode: notices go to `target` from now on.
+  void notify(caf::actor target);
+
+  // Prefill: (re)links to decode replica `link.decode`; blocks while connecting.
+  expected<void> link(const msg::kv_link& link);
+  // Prefill: posts this rank's batches of `push`; the answer goes to `reply_to` when they are
+  // done (or at once, with the error, when nothing could be posted).
+  void push(const msg::kv_push& push, caf::actor reply_to);
+  // Prefill: stops the batches of `lease` (they answer as cancelled).
+  void cancel(uint64_t lease);
+
+ private:
+  kv_rank_endpoint() = default;
+  void accept_loop(std::stop_token stop);
+  void listen_loop(std::stop_token stop, std::shared_ptr<cluster::transfer::kv_connection> conn);
+  void wait_loop(std::stop_token stop);
+
+  using conn_ptr = std::shared_ptr<cluster::transfer::kv_connection>;
+  struct pair_link {
+    size_t pair = 0; // index into the plan's pairs()
+    conn_ptr conn;
+    std::vector<cluster::transfer::region_descriptor> remote;
+  };
+  struct decode_link {
+    std::shared_ptr<const cluster::transfer::kv_handoff_plan> plan;
+    std::vector<pair_link> pairs; // the pairs this rank sends
+  };
+  struct pending {
+    msg::kv_pushed answer;
+    caf::actor reply_to;
+    std::vector<std::pair<conn_ptr, cluster::transfer::transfer_id>> batches;
+  };
+
+  net_transport net_;
+  std::string role_;
+  int32_t rank_ = 0;
+  std::vector<cluster::transfer::region_id> locals_;
+  msg::kv_rank self_;
+
+  std::mutex mu_;
+  std::condition_variable_any cv_;
+  caf::actor target_;                     // decode: the replica actor
+  std::vector<conn_ptr> inbound_;         // decode
+  std::map<uint32_t, decode_link> links_; // prefill: by decode replica
+  std::deque<pending> queue_;             // prefill: pushes being written, in post order
+  std::vector<std::jthread> listeners_;   // decode: one per inbound connection
+  std::jthread main_;                     // decode: accepting; prefill: waiting for pushes
+};
+
+} // namespace troupe::serve
