@@ -302,13 +302,13 @@ std::vector<replica_group> replica_groups(const deployment_config& c) {
   return out;
 }
 
-const replica_group& group_of(const std::vector<replica_group>& groups, int32_t replica) {
-  for (const auto& g : groups) {
-    if (replica < g.parallel.replicas)
+size_t group_index(const std::vector<replica_group>& groups, int32_t replica) {
+  for (size_t g = 0; g < groups.size(); ++g) {
+    if (replica < groups[g].parallel.replicas)
       return g;
-    replica -= g.parallel.replicas;
+    replica -= groups[g].parallel.replicas;
   }
-  return groups.back();
+  return groups.size() - 1;
 }
 
 size_t edit_distance(std::string_view a, std::string_view b) {

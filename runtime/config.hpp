@@ -89,8 +89,8 @@ struct replica_group {
 // The groups of `c` in replica order: `parallel` alone, or the decode group then the prefill
 // group (replicas [0, decode.replicas) decode, the rest prefill).
 std::vector<replica_group> replica_groups(const deployment_config& c);
-// The group of replica `replica` (in replica_groups order); the last group past the end.
-const replica_group& group_of(const std::vector<replica_group>& groups, int32_t replica);
+// The index of replica `replica`'s group in `groups` (the last group past the end).
+size_t group_index(const std::vector<replica_group>& groups, int32_t replica);
 
 // The valid top-level keys, in documentation order.
 const std::vector<std::string_view>& deployment_keys();

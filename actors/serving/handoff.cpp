@@ -35,6 +35,8 @@ std::string handoff_stats::text(const std::string& model) const {
           "Handoffs whose prefill or transfer failed (then prefilled on decode, or ended).",
           failed.load());
   counter("troupe_kv_handoff_expired_total", "Handoffs past their deadline.", expired.load());
+  counter("troupe_kv_handoff_retries_total",
+          "Handoffs tried again on another prefill replica after a failure.", retried.load());
   counter("troupe_kv_local_prefills_total",
           "Requests a decode replica prefilled itself (short or cached prompt, or fallback).",
           local_prefills.load());

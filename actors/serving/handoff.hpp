@@ -54,6 +54,7 @@ struct handoff_stats {
   std::atomic<uint64_t> failed{0};         // transfers or prefills that failed
   std::atomic<uint64_t> expired{0};        // leases past their deadline
   std::atomic<uint64_t> local_prefills{0}; // prefilled on the decode replica instead
+  std::atomic<uint64_t> retried{0};        // tried again on another prefill replica
   histogram transfer_seconds;              // post to completion, per handoff
   std::string text(const std::string& model) const;
 };
@@ -64,6 +65,7 @@ struct handoff_job {
   engine::request request;
   std::shared_ptr<request_sink> sink;
   caf::actor prefill;
+  std::vector<caf::actor> fallbacks; // the other prefill replicas, tried in turn when it fails
 };
 
 // A decode replica's reservation, to the prefill replica.
@@ -123,6 +125,14 @@ struct decode_role {
   bool prefill_on_failure = true; // else the request ends with the error
   std::shared_ptr<handoff_stats> stats;
 };
+
+// A handoff attempt's lease: the router's request id and the attempt. A retry on another
+// prefill replica gets a new lease, so nothing of the failed attempt (a late notice or answer)
+// can touch the new one.
+constexpr uint64_t lease_of(uint64_t request, uint32_t attempt) {
+  return (request << 8) | (attempt & 0xff);
+}
+constexpr uint32_t max_attempts = 0xff;
 
 // Decode replica `index`'s role under `config` (timeout, policy), expecting `notices` completion
 // notices per handoff.

@@ -42,6 +42,12 @@ void answer(const replica_state::pending_export& ex, troupe::error failure, uint
                  handoff_result{ex.job.lease, std::move(failure), ex.first, bytes});
 }
 
+// Worker ranks: stops the pushers' batches of `lease` (they answer as cancelled).
+void cancel_pushes(const replica_state& st, uint64_t lease) {
+  for (size_t r : st.spec.prefill->pushers)
+    caf::anon_send(st.spec.ranks.workers[r], msg::cancel_atom::value, lease);
+}
+
 // Ends every live request with `why` (the replica failed or stops).
 void fail_live(replica_state& st, const troupe::error& why) {
   if (st.loop)
@@ -52,8 +58,7 @@ void fail_live(replica_state& st, const troupe::error& why) {
       continue;
     }
     if (it->second.awaiting) // worker ranks pushing: told to stop (failed ones never answer)
-      for (size_t r : st.spec.prefill->pushers)
-        caf::anon_send(st.spec.ranks.workers[r], msg::cancel_atom::value, it->second.job.lease);
+      cancel_pushes(st, it->second.job.lease);
     answer(it->second, why);
     st.export_of.erase(it->second.job.lease);
     it = st.exports.erase(it);
@@ -218,11 +223,30 @@ void on_import(replica* self, handoff_job& job) {
     return job.sink->fail(id.error());
   st.local_of[job.id] = *id;
   st.live[*id] = {job.id, std::move(job.sink)};
-  st.imports[*id] = {
-      .lease = job.id, .prefill = std::move(job.prefill), .request = std::move(for_prefill)};
-  st.import_of[job.id] = *id;
+  const auto lease = lease_of(job.id, 0);
+  st.imports[*id] = {.lease = lease,
+                     .prefill = std::move(job.prefill),
+                     .fallbacks = std::move(job.fallbacks),
+                     .request = std::move(for_prefill)};
+  st.import_of[lease] = *id;
   kick(self);
   st.spec.gauges->publish(*st.loop);
+}
+
+// The reservation goes to this attempt's prefill replica, under its lease and deadline.
+void send_export(replica* self, replica_state::pending_import& im) {
+  const auto& role = *self->state.spec.decode;
+  export_job job{.lease = im.lease,
+                 .request = im.request,
+                 .blocks = im.blocks,
+                 .cached_tokens = im.cached_tokens,
+                 .decode_index = role.index,
+                 .decode = caf::actor_cast<caf::actor>(self),
+                 .deadline = std::chrono::steady_clock::now() + role.timeout};
+  self->send(im.prefill, prefill_atom::value, std::move(job));
+  im.sent = true;
+  im.sent_at = std::chrono::steady_clock::now();
+  self->delayed_send(self, role.timeout, lease_atom::value, im.lease);
 }
 
 // Reservations made by the last plan: each goes to its prefill replica, or (a short or mostly
@@ -246,18 +270,9 @@ void send_exports(replica* self) {
       local = true;
       continue;
     }
-    export_job job{.lease = im.lease,
-                   .request = im.request,
-                   .blocks = std::move(r.blocks),
-                   .cached_tokens = r.cached_tokens,
-                   .decode_index = role.index,
-                   .decode = caf::actor_cast<caf::actor>(self),
-                   .deadline = std::chrono::steady_clock::now() + role.timeout};
-    self->send(im.prefill, prefill_atom::value, std::move(job));
-    im.sent = true;
-    im.sent_at = std::chrono::steady_clock::now();
+    im.blocks = std::move(r.blocks);
     im.cached_tokens = r.cached_tokens;
-    self->delayed_send(self, role.timeout, lease_atom::value, im.lease);
+    send_export(self, im);
   }
   if (local)
     kick(self);
@@ -293,6 +308,24 @@ void import_failed(replica* self, seq_id id, const troupe::error& why) {
   auto& st = self->state;
   auto& role = *st.spec.decode;
   auto& im = st.imports.at(id);
+  if (!im.cancelled && !im.fallbacks.empty() && im.attempt < max_attempts) {
+    // Another prefill replica fills the same reserved blocks, under a new lease.
+    ++role.stats->failed;
+    ++role.stats->retried;
+    log::warn("replica: handoff of request {} failed ({}); trying another prefill replica", id,
+              why.message());
+    st.import_of.erase(im.lease);
+    im.lease = lease_of(im.lease >> 8, ++im.attempt);
+    st.import_of[im.lease] = id;
+    im.prefill = std::move(im.fallbacks.front());
+    im.fallbacks.erase(im.fallbacks.begin());
+    im.first.reset();
+    im.landed = false;
+    im.notices = 0;
+    im.aborted = false;
+    im.bytes = 0;
+    return send_export(self, im);
+  }
   const bool cancelled = im.cancelled;
   st.import_of.erase(im.lease);
   st.imports.erase(id);
@@ -481,8 +514,7 @@ void on_rank_pushed(replica* self, const msg::kv_pushed& r) {
   if (!r.error.empty() && p.failure.code() == errc::ok) {
     p.failure = make_error(r.cancelled ? errc::cancelled : errc::unavailable, "prefill rank {}: {}",
                            r.rank, r.error);
-    for (size_t k : st.spec.prefill->pushers) // the other ranks' batches are of no use now
-      self->send(st.spec.ranks.workers[k], msg::cancel_atom::value, r.lease);
+    cancel_pushes(st, r.lease); // the other ranks' batches are of no use now
   }
   if (--ex.awaiting > 0)
     return;
@@ -498,11 +530,8 @@ void on_abort(replica* self, uint64_t lease) {
   if (it == st.export_of.end())
     return;
   auto& ex = st.exports.at(it->second);
-  if (ex.pushing && ex.awaiting) { // the ranks report their cancelled batches
-    for (size_t r : st.spec.prefill->pushers)
-      self->send(st.spec.ranks.workers[r], msg::cancel_atom::value, lease);
-    return;
-  }
+  if (ex.pushing && ex.awaiting) // the ranks report their cancelled batches
+    return cancel_pushes(st, lease);
   if (ex.pushing) { // the waiter reports the cancelled batch
     st.spec.prefill->links[ex.job.decode_index].conn->cancel(ex.transfer);
     return;

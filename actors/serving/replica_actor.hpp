@@ -69,15 +69,18 @@ struct replica_state {
   std::string broken;                            // why the ranks failed
   // Decode side: requests whose KV comes from a prefill replica, by engine id.
   struct pending_import {
-    uint64_t lease = 0;
-    caf::actor prefill;
-    engine::request request;         // what the prefill replica gets (export_kv)
-    std::optional<seq_output> first; // handed over
-    bool landed = false;             // every batch's completion notice arrived
-    uint32_t notices = 0;            // of them, arrived
-    bool sent = false;               // the export job went out
-    bool cancelled = false;          // the client left: blocks held until the prefill side answers
-    bool aborted = false;            // past the deadline: the prefill side was told to stop
+    uint64_t lease = 0; // lease_of(router id, attempt)
+    uint32_t attempt = 0;
+    caf::actor prefill;                // this attempt's prefill replica
+    std::vector<caf::actor> fallbacks; // the ones to try next, in turn
+    engine::request request;           // what the prefill replica gets (export_kv)
+    std::vector<int32_t> blocks;       // the reservation (kept for a retry)
+    std::optional<seq_output> first;   // handed over
+    bool landed = false;               // every batch's completion notice arrived
+    uint32_t notices = 0;              // of them, arrived
+    bool sent = false;                 // the export job went out
+    bool cancelled = false; // the client left: blocks held until the prefill side answers
+    bool aborted = false;   // past the deadline: the prefill side was told to stop
     std::chrono::steady_clock::time_point sent_at; // the export job went out
     uint64_t bytes = 0;                            // what the transfer moved
     int32_t cached_tokens = 0;                     // prompt positions not sent (prefix cache)

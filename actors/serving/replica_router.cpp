@@ -5,13 +5,20 @@
 
 namespace troupe::serve {
 
+namespace {
+// A replica holding a prompt's prefix takes it while it has at most this many more unfinished
+// requests than the least loaded one (SGLang's cache-aware router balances the same way).
+constexpr size_t affinity_slack = 4;
+} // namespace
+
 replica_router::unit::~unit() {
   caf::anon_send_exit(actor, caf::exit_reason::user_shutdown);
 }
 
 replica_router::replica_router(caf::actor_system& sys, std::string deployment, size_t replicas,
                                engine::scheduler_options options)
-  : sys_(sys), deployment_(std::move(deployment)), options_(std::move(options)), slots_(replicas) {
+  : sys_(sys), deployment_(std::move(deployment)), options_(std::move(options)), slots_(replicas),
+    affinity_(options_.block_size), prefill_affinity_(options_.block_size) {
   for (size_t i = 0; i < replicas; ++i)
     slots_[i].down = fmt::format("replica {} is loading", i);
 }
@@ -71,7 +78,8 @@ expected<void> replica_router::install(size_t i, replica_executor r) {
   std::lock_guard lk(mu_);
   std::swap(slots_[i].u, u);
   slots_[i].down.clear();
-  return {}; // `u`, the previous replica, stops here
+  affinity_.forget(i); // a new replica: its prefix cache is empty
+  return {};           // `u`, the previous replica, stops here
 }
 
 expected<void> replica_router::install_prefill(size_t i, replica_executor r) {
@@ -87,26 +95,36 @@ expected<void> replica_router::install_prefill(size_t i, replica_executor r) {
     prefill_slots_.resize(i + 1);
   std::swap(prefill_slots_[i].u, u);
   prefill_slots_[i].down.clear();
+  prefill_affinity_.forget(i);
   handoff_stats_ = std::move(stats);
   return {};
 }
 
-size_t replica_router::pick_prefill() {
+size_t replica_router::pick_prefill(std::span<const token_id> prompt) {
   size_t best = prefill_slots_.size();
   int32_t best_load = 0;
+  auto load_of = [&](size_t i) {
+    const auto g = prefill_slots_[i].u->gauges->get();
+    return g.running + g.waiting;
+  };
   for (size_t k = 0; k < prefill_slots_.size(); ++k) {
     const size_t i = (next_prefill_turn_ + k) % prefill_slots_.size(); // ties in turn
-    const auto& s = prefill_slots_[i];
-    if (!serving(s))
+    if (!serving(prefill_slots_[i]))
       continue;
-    const auto g = s.u->gauges->get();
-    if (best == prefill_slots_.size() || g.running + g.waiting < best_load) {
+    if (best == prefill_slots_.size() || load_of(i) < best_load) {
       best = i;
-      best_load = g.running + g.waiting;
+      best_load = load_of(i);
     }
   }
-  if (best < prefill_slots_.size())
+  if (best == prefill_slots_.size())
+    return best;
+  if (auto m = prefill_affinity_.lookup(prompt);
+      m && m->replica < prefill_slots_.size() && serving(prefill_slots_[m->replica]) &&
+      load_of(m->replica) <= best_load + static_cast<int32_t>(affinity_slack))
+    best = m->replica;
+  else
     next_prefill_turn_ = best + 1;
+  prefill_affinity_.record(best, prompt);
   return best;
 }
 
@@ -128,6 +146,7 @@ void replica_router::take_down_prefill(size_t i, const std::string& why) {
 
 expected<seq_id> replica_router::submit(engine::request r, std::shared_ptr<request_sink> sink) {
   caf::actor target, prefill;
+  std::vector<caf::actor> fallbacks;
   seq_id id = 0;
   {
     std::lock_guard lk(mu_);
@@ -154,14 +173,24 @@ expected<seq_id> replica_router::submit(engine::request r, std::shared_ptr<reque
                         "deployment '{}' is restarting, no replica is serving ({}); try again "
                         "later (`cluster status` shows its progress)",
                         deployment_, why);
-    next_turn_ = (pick + 1) % slots_.size();
+    // Where the prompt's longest prefix went, unless that replica is much busier.
+    if (auto m = affinity_.lookup(r.prompt); m && m->replica < slots_.size() &&
+                                             serving(slots_[m->replica]) &&
+                                             load(m->replica) <= best_load + affinity_slack)
+      pick = m->replica;
+    else
+      next_turn_ = (pick + 1) % slots_.size();
+    affinity_.record(pick, r.prompt);
     ++slots_[pick].submitted;
     id = next_id_++;
     live_[id] = {.slot = pick, .owner = slots_[pick].u, .sink = sink};
     target = slots_[pick].u->actor;
-    if (const size_t p = pick_prefill(); p < prefill_slots_.size()) {
+    if (const size_t p = pick_prefill(r.prompt); p < prefill_slots_.size()) {
       prefill = prefill_slots_[p].u->actor;
       ++prefill_slots_[p].submitted;
+      for (size_t k = 1; k < prefill_slots_.size(); ++k) // the others, should it fail
+        if (const auto& s = prefill_slots_[(p + k) % prefill_slots_.size()]; serving(s))
+          fallbacks.push_back(s.u->actor);
     }
   }
   if (prefill) {
@@ -174,7 +203,8 @@ expected<seq_id> replica_router::submit(engine::request r, std::shared_ptr<reque
                    handoff_job{.id = id,
                                .request = std::move(r),
                                .sink = std::move(sink),
-                               .prefill = std::move(prefill)});
+                               .prefill = std::move(prefill),
+                               .fallbacks = std::move(fallbacks)});
     return id;
   }
   caf::anon_send(target, msg::submit_atom::value,

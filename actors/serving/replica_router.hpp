@@ -16,6 +16,7 @@
 
 #include <caf/actor_system.hpp>
 
+#include "actors/serving/prefix_affinity.hpp"
 #include "actors/serving/replica_actor.hpp"
 #include "http/serving_port.hpp"
 
@@ -88,9 +89,10 @@ class replica_router final : public serving_port {
   bool serving(const slot& s) const;
   std::shared_ptr<unit> make_unit(replica_executor r, engine::scheduler_options options,
                                   expected<void>& ok);
-  // Under mu_: the least loaded serving prefill replica (by its gauges, ties in turn), or
-  // prefill_slots_.size() for none.
-  size_t pick_prefill();
+  // Under mu_: the least loaded serving prefill replica (by its gauges, ties in turn), or the
+  // one holding the prompt's longest prefix when it is not much busier; prefill_slots_.size()
+  // for none.
+  size_t pick_prefill(std::span<const token_id> prompt);
   void prune();                // under mu_: forgets finished requests
   size_t load(size_t i) const; // under mu_: unfinished requests of replica i
 
@@ -102,6 +104,7 @@ class replica_router final : public serving_port {
   std::vector<slot> prefill_slots_;
   std::shared_ptr<handoff_stats> handoff_stats_;
   std::map<seq_id, live_request> live_;
+  prefix_affinity affinity_, prefill_affinity_; // which replica took which prompt prefixes
   seq_id next_id_ = 1;
   size_t next_turn_ = 0, next_prefill_turn_ = 0;
 };

@@ -135,21 +135,12 @@ void replica_loader(caf::blocking_actor* self, caf::actor owner, deployment_conf
   self->send(owner, msg::loaded_atom::value, std::move(out));
 }
 
-size_t group_index(const serving_state& st, int32_t replica) {
-  for (size_t g = 0; g < st.groups.size(); ++g) {
-    if (replica < st.groups[g].parallel.replicas)
-      return g;
-    replica -= st.groups[g].parallel.replicas;
-  }
-  return st.groups.size() - 1;
-}
-
 bool is_prefill(const serving_state& st, int32_t replica) {
-  return st.groups[group_index(st, replica)].role == "prefill";
+  return st.groups[group_index(st.groups, replica)].role == "prefill";
 }
 
 void start_loader(serving* self, const msg::replica_plan& plan) {
-  const auto g = group_index(self->state, plan.replica);
+  const auto g = group_index(self->state.groups, plan.replica);
   self->spawn<caf::detached>(replica_loader, caf::actor_cast<caf::actor>(self), self->state.config,
                              self->state.groups[g], self->state.group_kv[g], plan);
 }
@@ -159,7 +150,7 @@ void start_loader(serving* self, const msg::replica_plan& plan) {
 expected<replica_executor> executor_of(serving* self, const caf::actor& head,
                                        msg::replica_loaded& r) {
   const auto& c = self->state.config;
-  const auto gi = group_index(self->state, r.replica);
+  const auto gi = group_index(self->state.groups, r.replica);
   const auto& g = self->state.groups[gi];
   const auto& kv = self->state.group_kv[gi];
   const int32_t per_seq = (kv.max_model_len + g.block_size - 1) / g.block_size;

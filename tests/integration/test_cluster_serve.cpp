@@ -639,3 +639,66 @@ TEST_CASE("cluster serve: prefill tensor=2 -> decode tensor=1 over tcp answers l
       [&] { return troupe::test::metric_value(port2, "troupe_kv_blocks_in_use") == 0; }, 10s));
   CHECK(troupe::test::metric_value(port2, "troupe_kv_handoff_failures_total") == 0);
 }
+
+// A prefill replica whose node hangs (SIGSTOP): the handoff it had is tried again on the other
+// prefill replica, into the same reserved blocks, and the request completes as if nothing
+// happened.
+TEST_CASE("cluster serve: a hung prefill node's handoff is retried on the other prefill replica") {
+  auto model = golden_model("tiny-qwen3");
+  if (!model)
+    return;
+  cluster_fixture fx;
+  auto node_pids = start_cluster(fx);
+  // Two prefill replicas of tensor=2 take one node each; the decode replica the head's CPU rank.
+  auto yaml = write_yaml(
+      fx, "retry.yaml",
+      fmt::format("model: {}\nserved_model_name: retry\nmax_model_len: 256\nnum_kv_blocks: 64\n"
+                  "port: 0\ndisaggregation:\n  prefill: {{tensor: 2, replicas: 2}}\n"
+                  "  decode: {{tensor: 1}}\n  provider: tcp\n  timeout_s: 3\n",
+                  model->string()));
+  auto served = serve(fx, yaml);
+  REQUIRE_MESSAGE(served.exit_code == 0, served.output);
+  const uint16_t port = port_of(served.output);
+  auto d = deployment_of(fx, "retry");
+  std::map<int, std::set<std::string>> nodes_of;
+  for (const auto& r : d["ranks"])
+    nodes_of[r["replica"].get<int>()].insert(r["node_id"].get<std::string>());
+  REQUIRE(nodes_of[1].size() == 1);
+  REQUIRE(nodes_of[2].size() == 1);
+  REQUIRE(*nodes_of[1].begin() != *nodes_of[2].begin());
+  const std::string victim = *nodes_of[2].begin();
+  const pid_t victim_pid = victim == fx.node_id("w1") ? node_pids[0] : node_pids[1];
+
+  // Two requests at once: one to each prefill replica (ties in turn); one of them hangs.
+  kill(victim_pid, SIGSTOP);
+  auto complete = [&](const std::string& ids) {
+    auto r = http_call(port, "POST", "/v1/completions",
+                       fmt::format(R"({{"model": "retry", "prompt": [{}], "max_tokens": 8,
+                                       "temperature": 0, "ignore_eos": true,
+                                       "return_token_ids": true}})",
+                                   ids));
+    return r.status == 200 ? r.json()["choices"][0]["token_ids"].get<std::vector<int>>()
+                           : std::vector<int>{-r.status};
+  };
+  const std::vector<std::string> prompts{"9707,11,1879,0", "400,401,402,403,404"};
+  std::vector<std::vector<int>> got(2);
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<std::thread> clients;
+  for (size_t i = 0; i < 2; ++i)
+    clients.emplace_back([&, i] { got[i] = complete(prompts[i]); });
+  for (auto& t : clients)
+    t.join();
+  MESSAGE(
+      "both requests answered in ",
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0)
+          .count(),
+      " ms");
+  kill(victim_pid, SIGCONT);
+  for (size_t i = 0; i < 2; ++i)
+    CHECK(got[i] == generate_ids(fx, *model, prompts[i], 8));
+  CHECK(troupe::test::metric_value(port, "troupe_kv_handoff_retries_total") >= 1);
+  CHECK(troupe::test::metric_value(port, "troupe_kv_local_prefills_total") == 0);
+  CHECK(troupe::test::metric_value(port, "troupe_kv_handoffs_total") == 2);
+  CHECK(eventually([&] { return troupe::test::metric_value(port, "troupe_kv_blocks_in_use") == 0; },
+                   15s));
+}

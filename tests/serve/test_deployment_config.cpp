@@ -196,6 +196,18 @@ disaggregation:
   CHECK(d.prefill.block_size == 32);
   CHECK(d.decode.parallel.replicas == 2);
   CHECK(d.decode.block_size == 0);
+  // Replicas in group order: the two decode replicas (the deployment's block size), then the
+  // prefill replica (its own).
+  const auto groups = replica_groups(*c);
+  REQUIRE(groups.size() == 2);
+  CHECK(groups[0].role == "decode");
+  CHECK(groups[0].block_size == 16);
+  CHECK(groups[1].role == "prefill");
+  CHECK(groups[1].block_size == 32);
+  CHECK(groups[1].parallel.tensor == 2);
+  CHECK(group_index(groups, 0) == 0);
+  CHECK(group_index(groups, 1) == 0);
+  CHECK(group_index(groups, 2) == 1);
   CHECK(d.provider == "tcp");
   CHECK(d.timeout_s == 5);
   CHECK(d.min_prefill_tokens == 64);

@@ -1,8 +1,8 @@
 // replica_router over fake executors (no model): least-loaded routing with ties in turn, a
 // failed replica skipped, 503-style errors naming why when none serves, take_down / install
 // (a restarted replica serves again), cancel reaching the replica that took the request, submit
-// and cancel never waiting for a replica inside a step, and
-// /metrics summed over replicas.
+// and cancel never waiting for a replica inside a step, /metrics summed over replicas, and
+// prefix-cache affinity (prefix_affinity alone, and requests sharing a prefix going together).
 #include <doctest/doctest.h>
 
 #include <condition_variable>
@@ -290,4 +290,56 @@ TEST_CASE_FIXTURE(actor_system_fixture, "router: a replica that never loaded say
   CHECK(r.error().message().find("replica 0 is loading") != std::string::npos);
   auto bad = router.install(3, {});
   CHECK_FALSE(bad.has_value());
+}
+
+TEST_CASE("prefix_affinity: the longest block-aligned prefix names its replica, bounded") {
+  prefix_affinity a(4, 8);
+  const std::vector<token_id> p1{1, 2, 3, 4, 5, 6, 7, 8, 9}, p2{1, 2, 3, 4, 9, 9, 9, 9};
+  CHECK_FALSE(a.lookup(p1).has_value());
+  a.record(0, p1); // prefixes of 4 and 8 tokens
+  auto m = a.lookup(p1);
+  REQUIRE(m.has_value());
+  CHECK(m->replica == 0);
+  CHECK(m->tokens == 8);
+  a.record(1, p2); // shares the first block with p1: now replica 1's; p1's second stays 0's
+  CHECK(a.lookup(p2)->replica == 1);
+  CHECK(a.lookup(p2)->tokens == 8);
+  CHECK(a.lookup(p1)->replica == 0);
+  CHECK(a.lookup(std::vector<token_id>{1, 2, 3})->tokens == 0 ||
+        !a.lookup(std::vector<token_id>{1, 2, 3}).has_value());         // no whole block
+  CHECK_FALSE(a.lookup(std::vector<token_id>{5, 6, 7, 8}).has_value()); // not a prefix
+  a.forget(1);
+  CHECK_FALSE(a.lookup(p2).has_value()); // its first block was replica 1's
+  for (token_id t = 0; t < 20; ++t)
+    a.record(2, std::vector<token_id>{t, t, t, t});
+  CHECK(a.size() <= 8); // the oldest are forgotten
+  CHECK(a.lookup(std::vector<token_id>{19, 19, 19, 19})->replica == 2);
+  CHECK_FALSE(a.lookup(std::vector<token_id>{0, 0, 0, 0}).has_value());
+}
+
+TEST_CASE_FIXTURE(actor_system_fixture,
+                  "router: requests sharing a prefix go to the replica that took it") {
+  replica_router router(sys, "m", 2, options());
+  install(router, 0, 10);
+  install(router, 1, 11);
+  auto with_prompt = [](std::vector<token_id> prompt) {
+    auto q = req(2);
+    q.prompt = std::move(prompt);
+    return q;
+  };
+  // Two conversations of two blocks each, alternating: without affinity they would alternate
+  // replicas; with it each stays where its prefix went.
+  std::vector<token_id> sys_a{5, 5, 5, 5, 6, 6, 6, 6}, sys_b{7, 7, 7, 7, 8, 8, 8, 8};
+  for (int i = 0; i < 3; ++i)
+    for (auto* base : {&sys_a, &sys_b}) {
+      auto p = *base;
+      p.push_back(static_cast<token_id>(20 + i));
+      auto c = submit(router, with_prompt(p));
+      REQUIRE(c.has_value());
+      const auto tokens = drain(*c->second);
+      CHECK(tokens == std::vector<token_id>(2, base == &sys_a ? 10 : 11));
+    }
+  CHECK(metric(router, "troupe_replica_requests_total{model_name=\"m\",replica=\"0\"}") == 3);
+  CHECK(metric(router, "troupe_replica_requests_total{model_name=\"m\",replica=\"1\"}") == 3);
+  CHECK(blocks_freed(router));
 }
