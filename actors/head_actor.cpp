@@ -292,7 +292,10 @@ caf::result<msg::deployment_view> on_deploy(head* self, const head_config& cfg,
     log::info("head: deployment '{}': device auto -> {} ({})", name, choice.device, choice.why);
     dc.device = choice.device;
   }
-  cluster::parallel_spec spec{dc.parallel.tensor, dc.parallel.pipeline, dc.parallel.replicas};
+  cluster::parallel_spec spec{.tensor = dc.parallel.tensor,
+                              .pipeline = dc.parallel.pipeline,
+                              .replicas = dc.parallel.replicas,
+                              .expert = dc.parallel.expert};
   auto rec = st.deployments.add(name, spec, *model, st.members->nodes(), dc.device == "cpu");
   if (!rec) {
     log::warn("head: refused deployment '{}': {}", name, rec.error().message());

@@ -39,6 +39,7 @@ expected<void> spawn_workers(caf::blocking_actor* self, const caf::actor& owner,
                           .tp_size = c.parallel.tensor,
                           .pp_rank = r.pp_rank,
                           .pp_size = c.parallel.pipeline,
+                          .ep_size = c.parallel.expert,
                           .device = r.device,
                           // cuda: 0 lets each GPU size its pool from gpu_memory_utilization
                           .num_blocks = c.device == "cuda" ? c.num_kv_blocks : kv.num_blocks,

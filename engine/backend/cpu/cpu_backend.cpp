@@ -159,15 +159,16 @@ expected<void> cpu_backend::load_layer(const weight_source& w, int64_t l) {
     TROUPE_LOAD(L.k_norm, p + "self_attn.k_norm.weight", D);
   }
   if (c.is_moe_layer(l)) {
+    // Only this rank's experts, and of each only its slice of the intermediate dimension.
     const int64_t I = c.moe_intermediate_size;
     TROUPE_LOAD(L.router, p + "mlp.gate.weight", c.num_experts, H);
     L.experts.resize(static_cast<size_t>(s.experts.size()));
     for (int64_t e = s.experts.begin; e < s.experts.end; ++e) {
       auto& E = L.experts[static_cast<size_t>(e - s.experts.begin)];
       const std::string ep = fmt::format("{}mlp.experts.{}.", p, e);
-      TROUPE_LOAD(E.gate, ep + "gate_proj.weight", I, H);
-      TROUPE_LOAD(E.up, ep + "up_proj.weight", I, H);
-      TROUPE_LOAD(E.down, ep + "down_proj.weight", H, I);
+      TROUPE_LOAD_ROWS(E.gate, ep + "gate_proj.weight", s.expert_slice, I, H);
+      TROUPE_LOAD_ROWS(E.up, ep + "up_proj.weight", s.expert_slice, I, H);
+      TROUPE_LOAD_COLS(E.down, ep + "down_proj.weight", s.expert_slice, H, I);
     }
   } else {
     const int64_t I = c.intermediate_size;
@@ -385,7 +386,8 @@ void cpu_backend::attend(int64_t l, std::span<const int32_t> table, int32_t pos,
 }
 
 expected<void> cpu_backend::mlp_block(const layer& L, std::vector<float>& x, int64_t n) {
-  // This rank's intermediate slice (or experts); down_proj's partial sums joined by all-reduce.
+  // This rank's intermediate slice (or experts' slices); down_proj's partial sums joined by
+  // all-reduce.
   const auto& c = config_;
   const int64_t H = c.hidden_size;
   std::vector<float> h(static_cast<size_t>(n * H));
@@ -409,10 +411,10 @@ expected<void> cpu_backend::mlp_block(const layer& L, std::vector<float>& x, int
 
 void cpu_backend::moe(const layer& L, const float* h, int64_t n, float* out) const {
   // Softmax router, top-k experts per token (ties to the lower id), optionally renormalised;
-  // only this rank's experts contribute to `out` (the caller all-reduces).
+  // only this rank's experts (its slice of each) contribute to `out` (the caller all-reduces).
   const auto& c = config_;
   const int64_t H = c.hidden_size, E = c.num_experts, K = c.num_experts_per_tok;
-  const int64_t I = c.moe_intermediate_size;
+  const int64_t I = shard_.expert_slice.size();
   std::vector<float> probs(static_cast<size_t>(n * E));
   matmul_nt(h, n, H, L.router.data(), E, probs.data());
   std::vector<std::vector<std::pair<int64_t, float>>> routed(static_cast<size_t>(E));
