@@ -170,6 +170,8 @@ expected<void> cpu_backend::load_layer(const weight_source& w, int64_t l) {
       TROUPE_LOAD_ROWS(E.up, ep + "up_proj.weight", s.expert_slice, I, H);
       TROUPE_LOAD_COLS(E.down, ep + "down_proj.weight", s.expert_slice, H, I);
     }
+    for (const auto& E : L.experts)
+      L.expert_views.push_back({E.gate.data(), E.up.data(), E.down.data()});
   } else {
     const int64_t I = c.intermediate_size;
     TROUPE_LOAD_ROWS(L.gate, p + "mlp.gate_proj.weight", s.intermediate, I, H);
@@ -413,47 +415,15 @@ void cpu_backend::moe(const layer& L, const float* h, int64_t n, float* out) con
   // Softmax router, top-k experts per token (ties to the lower id), optionally renormalised;
   // only this rank's experts (its slice of each) contribute to `out` (the caller all-reduces).
   const auto& c = config_;
-  const int64_t H = c.hidden_size, E = c.num_experts, K = c.num_experts_per_tok;
-  const int64_t I = shard_.expert_slice.size();
-  std::vector<float> probs(static_cast<size_t>(n * E));
-  matmul_nt(h, n, H, L.router.data(), E, probs.data());
-  std::vector<std::vector<std::pair<int64_t, float>>> routed(static_cast<size_t>(E));
-  std::vector<int64_t> order(static_cast<size_t>(E));
-  for (int64_t t = 0; t < n; ++t) {
-    float* p = probs.data() + t * E;
-    cpu::softmax(p, E);
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return p[a] > p[b]; });
-    float sum = 0;
-    for (int64_t k = 0; k < K; ++k)
-      sum += p[order[k]];
-    for (int64_t k = 0; k < K; ++k) {
-      float weight = c.norm_topk_prob ? p[order[k]] / sum : p[order[k]];
-      routed[static_cast<size_t>(order[k])].emplace_back(t, weight);
-    }
-  }
-  std::fill_n(out, n * H, 0.0f);
-  std::vector<float> xs, g, u, y;
-  for (int64_t e = shard_.experts.begin; e < shard_.experts.end; ++e) {
-    const auto& tokens = routed[static_cast<size_t>(e)];
-    if (tokens.empty())
-      continue;
-    const auto m = static_cast<int64_t>(tokens.size());
-    xs.resize(static_cast<size_t>(m * H));
-    for (int64_t i = 0; i < m; ++i)
-      std::copy_n(h + tokens[i].first * H, H, xs.data() + i * H);
-    g.resize(static_cast<size_t>(m * I));
-    u.resize(static_cast<size_t>(m * I));
-    y.resize(static_cast<size_t>(m * H));
-    const auto& X = L.experts[static_cast<size_t>(e - shard_.experts.begin)];
-    matmul_nt(xs.data(), m, H, X.gate.data(), I, g.data());
-    matmul_nt(xs.data(), m, H, X.up.data(), I, u.data());
-    cpu::silu_mul(g.data(), u.data(), m, I, g.data());
-    matmul_nt(g.data(), m, I, X.down.data(), H, y.data());
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t d = 0; d < H; ++d)
-        out[tokens[i].first * H + d] += tokens[i].second * y[i * H + d];
-  }
+  const cpu::moe_shape s{.hidden = c.hidden_size,
+                         .experts = c.num_experts,
+                         .top_k = c.num_experts_per_tok,
+                         .intermediate = shard_.expert_slice.size(),
+                         .norm_topk_prob = c.norm_topk_prob};
+  std::vector<int32_t> ids;
+  std::vector<float> weights;
+  cpu::moe_route(s, L.router.data(), h, n, ids, weights);
+  cpu::moe_local(s, ids.data(), weights.data(), n, h, shard_.experts.begin, L.expert_views, out);
 }
 
 } // namespace troupe::engine
