@@ -309,8 +309,12 @@ caf::result<msg::deployment_view> on_deploy(head* self, const head_config& cfg,
   for (const auto& r : (*rec)->ranks())
     where +=
         fmt::format(" r{}/pp{}/tp{}@{}:{}", r.replica, r.pp_rank, r.tp_rank, r.node_id, r.device);
-  log::info("head: deploying '{}' (tensor={} pipeline={} replicas={}):{}", name, spec.tensor,
-            spec.pipeline, spec.replicas, where);
+  log::info("head: deploying '{}' (tensor={} pipeline={} replicas={}{}):{}", name, spec.tensor,
+            spec.pipeline, spec.replicas,
+            model->num_experts > 0
+                ? fmt::format(" expert={}", spec.expert > 0 ? spec.expert : spec.tensor)
+                : "",
+            where);
   auto serving = cfg.spawn_serving(self->system(), caf::actor_cast<caf::actor>(self));
   self->monitor(serving);
   st.serving[name] = serving;
