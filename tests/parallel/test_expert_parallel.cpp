@@ -2,13 +2,17 @@
 // rank a separate process holding only its whole experts of the golden tiny-qwen3-moe, with its
 // own tokens (uneven counts, none on some ranks); rows go to the experts' ranks and back by Gloo
 // all-to-all. Each rank's output equals the MoE layer over every expert in one process (the path
-// the golden tests check against Hugging Face).
+// the golden tests check against Hugging Face). Then whole models on those ranks: attention
+// data-parallel (each rank its own prompts and KV cache), experts shared by all-to-all, equal to
+// one process generating each rank's prompts.
 #include <fstream>
 #include <random>
 
 #include <doctest/doctest.h>
 
+#include "engine/backend/cpu/cpu_backend.hpp"
 #include "engine/backend/cpu/moe.hpp"
+#include "engine/generate.hpp"
 #include "engine/model/model_config.hpp"
 #include "engine/model/safetensors.hpp"
 #include "golden.hpp"
@@ -143,7 +147,101 @@ void check_ranks(const std::vector<int64_t>& counts) {
   }
 }
 
+// Data-parallel attention over `P` forked ranks: rank r generates the golden prompts with their
+// ids moved by r (the same lengths everywhere, so that every rank runs the same steps: the ranks
+// must call forward() in lockstep), holding the whole attention and 1/P of the experts.
+void check_data_parallel(int P) {
+  auto dir = test::golden_model("tiny-qwen3-moe");
+  if (!dir)
+    return;
+  const kv_cache_options kv{.num_blocks = 64, .block_size = 4};
+  const generate_options opts{
+      .max_new_tokens = 12, .prefill_chunk = 5, .record_prompt_logits = true};
+  const auto base = test::golden_prompt_ids(*dir);
+  auto prompts_of = [&](int r) {
+    auto p = base;
+    for (auto& q : p)
+      for (auto& id : q)
+        id = (id * (r + 1) + 7 * r) % 4096;
+    return p;
+  };
+  auto outcomes = test::run_ranks(P, [&](int r, const std::filesystem::path& d) {
+    std::string result;
+    auto done = [&](int code) {
+      std::ofstream(d / fmt::format("rank{}.txt", r), std::ios::binary) << result;
+      return code;
+    };
+    auto fail = [&](const error& e) {
+      result = "error: " + e.to_string();
+      return done(1);
+    };
+    auto store = comm::make_folder_store((d / "store").string());
+    auto group = comm::make_gloo_communicator(*store, r, P, {.prefix = "dp", .timeout = 30s});
+    if (!group)
+      return fail(group.error());
+    auto config = load_model_config(*dir);
+    auto weights = weight_store::open(*dir);
+    if (!config || !weights)
+      return fail(config ? weights.error() : config.error());
+    auto model = cpu_backend::create(*config, *weights, kv, {.experts = group->get()});
+    if (!model)
+      return fail(model.error());
+    auto gens = generate_greedy(**model, prompts_of(r), opts);
+    if (!gens)
+      return fail(gens.error());
+    result = "ok";
+    for (const auto& g : *gens) {
+      test::put_vector(result, g.output);
+      test::put_vector(result, g.last_prompt_logits);
+    }
+    return done(0);
+  });
+  auto reference = cpu_backend::load(*dir, kv);
+  REQUIRE(reference.has_value());
+  for (int r = 0; r < P; ++r) {
+    CAPTURE(r);
+    const auto& msg = outcomes[static_cast<size_t>(r)].message;
+    REQUIRE_MESSAGE(outcomes[static_cast<size_t>(r)].exit_code == 0, msg);
+    REQUIRE(msg.substr(0, 2) == "ok");
+    auto want = generate_greedy(**reference, prompts_of(r), opts);
+    REQUIRE(want.has_value());
+    size_t at = 2;
+    for (size_t i = 0; i < want->size(); ++i) {
+      CAPTURE(i);
+      CHECK(test::take_vector<token_id>(msg, at) == (*want)[i].output);
+      auto logits = test::take_vector<float>(msg, at);
+      REQUIRE(logits.size() == (*want)[i].last_prompt_logits.size());
+      double worst = 0;
+      for (size_t v = 0; v < logits.size(); ++v)
+        worst = std::max(
+            worst, static_cast<double>(std::abs(logits[v] - (*want)[i].last_prompt_logits[v])));
+      CHECK(worst <= 1e-4);
+    }
+  }
+}
+
 } // namespace
+
+TEST_CASE("data-parallel attention, experts by all-to-all: 2 ranks equal one process each") {
+  check_data_parallel(2);
+}
+TEST_CASE("data-parallel attention, experts by all-to-all: 4 ranks equal one process each") {
+  check_data_parallel(4);
+}
+TEST_CASE("data-parallel attention with tensor > 1 is refused") {
+  auto dir = test::golden_model("tiny-qwen3-moe");
+  if (!dir)
+    return;
+  auto config = load_model_config(*dir);
+  auto weights = weight_store::open(*dir);
+  REQUIRE((config && weights));
+  auto one = comm::make_single_rank_communicator();
+  auto b = cpu_backend::create(*config, *weights, {.num_blocks = 8, .block_size = 4},
+                               {.layout = {.tp_size = 1, .pp_size = 2}, .experts = one.get()});
+  REQUIRE_FALSE(b.has_value());
+  CHECK(b.error().message() == "expert all-to-all over data-parallel attention needs tensor = "
+                               "pipeline = 1 on each rank, not 1 x 2");
+}
 
 TEST_CASE("expert all-to-all: 2 ranks of 4 whole experts, uneven token counts") {
   check_ranks({5, 8});

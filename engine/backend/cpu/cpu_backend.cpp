@@ -89,6 +89,18 @@ expected<std::unique_ptr<cpu_backend>> cpu_backend::create(model_config config,
   auto shard = plan_shard(config, par.layout);
   if (!shard)
     return std::move(shard).error();
+  if (par.experts != nullptr) {
+    if (par.layout.tp_size != 1 || par.layout.pp_size != 1)
+      return make_error(errc::invalid_argument,
+                        "expert all-to-all over data-parallel attention needs tensor = pipeline = "
+                        "1 on each rank, not {} x {}",
+                        par.layout.tp_size, par.layout.pp_size);
+    if (config.num_experts < par.experts->size())
+      return make_error(errc::invalid_argument,
+                        "num_experts={} is fewer than the {} ranks of the expert group",
+                        config.num_experts, par.experts->size());
+    shard->experts = split_range(config.num_experts, par.experts->size(), par.experts->rank());
+  }
   TROUPE_TRY_VOID(check_kv_fits(config, *shard, kv));
   std::unique_ptr<cpu_backend> b(new cpu_backend());
   if (par.tensor == nullptr) {
@@ -395,7 +407,17 @@ expected<void> cpu_backend::mlp_block(const layer& L, std::vector<float>& x, int
   std::vector<float> h(static_cast<size_t>(n * H));
   rms_norm(x.data(), n, H, L.post_norm.data(), c.rms_norm_eps, h.data());
   std::vector<float> y(static_cast<size_t>(n * H));
-  if (!L.experts.empty()) {
+  if (!L.experts.empty() && par_.experts != nullptr) {
+    // This rank's tokens only: dispatched to the experts' ranks and combined here; nothing to
+    // all-reduce (tensor = 1).
+    const cpu::moe_shape s{.hidden = c.hidden_size,
+                           .experts = c.num_experts,
+                           .top_k = c.num_experts_per_tok,
+                           .intermediate = c.moe_intermediate_size,
+                           .norm_topk_prob = c.norm_topk_prob};
+    TROUPE_TRY_VOID(cpu::moe_all_to_all(*par_.experts, s, L.router.data(), L.expert_views, h.data(),
+                                        n, y.data()));
+  } else if (!L.experts.empty()) {
     moe(L, h.data(), n, y.data());
   } else {
     const int64_t I = shard_.intermediate.size();
