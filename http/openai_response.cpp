@@ -57,6 +57,7 @@ json empty_logprobs(bool chat) {
 engine::request make_engine_request(const completion_request& req, const model_info& m) {
   engine::request r{
       .prompt = req.prompt, .sampling = req.sampling, .stop_token_ids = req.stop_token_ids};
+  r.constraint = req.constraint;
   if (!req.stop.empty()) {
     auto detok = std::make_shared<engine::incremental_detokenizer>(m.text->text, req.stop,
                                                                    req.skip_special_tokens);
