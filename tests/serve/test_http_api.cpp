@@ -6,6 +6,8 @@
 #include <chrono>
 #include <thread>
 
+#include <regex>
+
 #include <doctest/doctest.h>
 
 #include "actors/serving/deployment.hpp"
@@ -14,6 +16,7 @@
 #include "engine/tokenizer/chat_template.hpp"
 #include "golden.hpp"
 #include "http_client.hpp"
+#include "json_schema_check.hpp"
 
 using namespace troupe;
 using json = nlohmann::json;
@@ -483,10 +486,6 @@ TEST_CASE("http: tools reach the chat template, tool history with null content i
   CHECK(j["choices"][0]["finish_reason"] == "length");
   CHECK(!j["choices"][0]["message"].contains("tool_calls"));
 
-  body["tool_choice"] = "required";
-  auto req = test::http_call(s->port(), "POST", "/v1/chat/completions", body.dump());
-  CHECK(req.status == 400);
-  CHECK(req.json()["error"]["param"] == "tool_choice");
   body["tool_choice"] = "auto";
   body["tools"][0]["type"] = "retrieval";
   auto bad = test::http_call(s->port(), "POST", "/v1/chat/completions", body.dump());
@@ -525,26 +524,110 @@ TEST_CASE("http: logit_bias steers the sampled tokens, streamed and not") {
   }
 }
 
-TEST_CASE("http: structured-output requests are refused with 400 naming the field") {
+TEST_CASE("http: structured output (xgrammar) constrains what the model writes, streamed and not") {
   auto* s = server();
   if (!s)
     return;
-  const std::vector<std::pair<std::string, json>> cases = {
-      {"response_format", {{"type", "json_object"}}},
-      {"response_format", {{"type", "json_schema"}, {"json_schema", {{"name", "x"}}}}},
-      {"structured_outputs", {{"choice", {"a", "b"}}}},
-      {"guided_json", {{"type", "object"}}},
-      {"guided_regex", "[0-9]+"},
-      {"guided_choice", {"yes", "no"}},
-      {"guided_grammar", "root ::= \"a\""}};
-  for (const auto& [key, value] : cases) {
+  const json schema = json::parse(R"({"type": "object", "properties": {
+      "city": {"type": "string", "maxLength": 8}, "rain": {"type": "boolean"},
+      "temp": {"type": "integer", "minimum": -20, "maximum": 45}},
+      "required": ["city", "rain", "temp"], "additionalProperties": false})");
+  auto content_of = [&](json body) {
+    auto r = test::http_call(s->port(), "POST", "/v1/chat/completions", body.dump());
+    REQUIRE_MESSAGE(r.status == 200, r.body);
+    if (!body.value("stream", false)) {
+      auto j = r.json();
+      CHECK(j["choices"][0]["finish_reason"] == "stop");
+      return j["choices"][0]["message"]["content"].get<std::string>();
+    }
+    std::string text, finish;
+    for (const auto& e : test::sse_events(r.body))
+      if (e != "[DONE]")
+        for (const auto& c : e["choices"]) {
+          if (c["delta"].contains("content") && c["delta"]["content"].is_string())
+            text += c["delta"]["content"].get<std::string>();
+          if (c["finish_reason"].is_string())
+            finish = c["finish_reason"];
+        }
+    CHECK(finish == "stop");
+    return text;
+  };
+  for (bool stream : {false, true})
+    for (int seed = 0; seed < 3; ++seed) {
+      json body = chat_body(200, stream); // ignore_eos: the grammar still ends the output
+      body["temperature"] = 1.0;
+      body["seed"] = seed;
+      body["response_format"] = {
+          {"type", "json_schema"},
+          {"json_schema", {{"name", "w"}, {"schema", schema}, {"strict", true}}}};
+      const auto text = content_of(body);
+      json v;
+      REQUIRE_NOTHROW(v = json::parse(text));
+      CHECK(test::schema_violation(schema, v) == "");
+      body.erase("response_format");
+      body["guided_choice"] = {"Paris", "Lyon", "Nice"};
+      const auto choice = content_of(body);
+      CHECK_MESSAGE((choice == "Paris" || choice == "Lyon" || choice == "Nice"), choice);
+      body.erase("guided_choice");
+      body["structured_outputs"] = {{"regex", "[0-9]{3}-[a-z]{2}"}};
+      const auto re = content_of(body);
+      CHECK_MESSAGE(std::regex_match(re, std::regex("[0-9]{3}-[a-z]{2}")), re);
+    }
+  // The completions endpoint too.
+  auto r =
+      test::http_call(s->port(), "POST", "/v1/completions",
+                      R"({"prompt": "Answer:", "max_tokens": 20, "guided_regex": "(yes|no)!"})");
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  const auto t = r.json()["choices"][0]["text"].get<std::string>();
+  CHECK((t == "yes!" || t == "no!"));
+  // Bad input: 400 naming the field, before anything is queued.
+  const std::vector<std::pair<std::string, json>> bad = {
+      {"response_format",
+       {{"type", "json_schema"}, {"json_schema", {{"name", "x"}, {"schema", {{"type", 3}}}}}}},
+      {"guided_regex", "([0-9]"},
+      {"guided_grammar", "root ::= ("},
+      {"guided_choice", json::array()}};
+  for (const auto& [key, value] : bad) {
     json body = chat_body(2, false);
     body[key] = value;
-    auto r = test::http_call(s->port(), "POST", "/v1/chat/completions", body.dump());
-    CHECK_MESSAGE(r.status == 400, key);
-    CHECK(r.json()["error"]["param"] == key);
+    auto e = test::http_call(s->port(), "POST", "/v1/chat/completions", body.dump());
+    CHECK_MESSAGE(e.status == 400, key);
+    CHECK(e.json()["error"]["param"] == key);
   }
-  json body = chat_body(2, false);
-  body["response_format"] = {{"type", "text"}};
-  CHECK(test::http_call(s->port(), "POST", "/v1/chat/completions", body.dump()).status == 200);
+}
+
+TEST_CASE("http: tool_choice required and named give tool_calls that parse") {
+  auto* s = server();
+  if (!s)
+    return;
+  const json tools = json::parse(R"([{"type": "function", "function": {"name": "get_weather",
+      "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
+      "required": ["city"]}}}, {"type": "function", "function": {"name": "get_time",
+      "parameters": {"type": "object", "properties": {"tz": {"enum": ["UTC", "CET"]}},
+      "required": ["tz"]}}}])");
+  for (const json& choice :
+       {json("required"), json{{"type", "function"}, {"function", {{"name", "get_time"}}}}})
+    for (int seed = 0; seed < 3; ++seed) {
+      json body = chat_body(2, false);
+      body.erase("max_tokens"); // the rest of the context: the tools take most of it
+      body["temperature"] = 1.0;
+      body["seed"] = seed;
+      body["parallel_tool_calls"] = false; // one call: it fits what is left of the context
+      body["tools"] = tools;
+      body["tool_choice"] = choice;
+      auto r = test::http_call(s->port(), "POST", "/v1/chat/completions", body.dump());
+      REQUIRE_MESSAGE(r.status == 200, r.body);
+      const auto j = r.json()["choices"][0];
+      INFO(r.body);
+      CHECK(j["finish_reason"] == "tool_calls");
+      REQUIRE(j["message"].contains("tool_calls"));
+      for (const auto& call : j["message"]["tool_calls"]) {
+        const auto name = call["function"]["name"].get<std::string>();
+        if (choice.is_object())
+          CHECK(name == "get_time");
+        const auto args = json::parse(call["function"]["arguments"].get<std::string>());
+        const auto& params = tools[name == "get_weather" ? 0 : 1]["function"]["parameters"];
+        CHECK(test::schema_violation(params, args) == "");
+      }
+    }
 }
