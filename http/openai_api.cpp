@@ -406,13 +406,16 @@ std::optional<api_error> read_stops(const json& b, const model_info& m, completi
   return std::nullopt;
 }
 
+constexpr int32_t max_choices = 64;
+
 std::optional<api_error> read_limits(const json& b, bool chat, const model_info& m,
                                      completion_request& r) {
   int32_t n = 1;
   if (auto e = opt_number(b, "n", n))
     return e;
-  if (n != 1)
-    return bad("n", "only n=1 is supported");
+  if (n < 1 || n > max_choices)
+    return bad("n", fmt::format("'n' must be in [1, {}]", max_choices));
+  r.n = n;
   int32_t max_tokens = -1;
   if (auto e = opt_number(b, "max_tokens", max_tokens))
     return e;
@@ -704,12 +707,26 @@ std::variant<completion_request, api_error> parse_completion(const std::string& 
     return *e;
   if (auto e = opt_number(b, "skip_special_tokens", r.skip_special_tokens))
     return *e;
+  if (auto e = opt_number(b, "echo", r.echo))
+    return *e;
+  if (r.echo && chat)
+    return bad("echo", "'echo' is supported on /v1/completions only");
   if (auto e = read_sampling(b, chat, m.vocab_size, r))
     return *e;
   if (auto e = read_stops(b, m, r))
     return *e;
   if (auto e = read_limits(b, chat, m, r))
     return *e;
+  if (r.echo) {
+    if (r.top_logprobs >= 0)
+      return bad("echo", "'echo' with 'logprobs' would need the prompt's logprobs, which this "
+                         "server does not compute; drop one of them");
+    const json* p = &b["prompt"];
+    if (p->is_array() && p->size() == 1)
+      p = &(*p)[0];
+    r.echo_text = p->is_string() ? p->get<std::string>()
+                                 : m.text->text->decode(r.prompt, r.skip_special_tokens);
+  }
   // Last: compiling a grammar is the costly part of parsing.
   if (auto e = read_constraints(b, m, std::move(tool_grammar), r))
     return *e;

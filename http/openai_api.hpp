@@ -50,6 +50,13 @@ struct completion_request {
   bool include_usage = false;
   bool return_token_ids = false;
   bool skip_special_tokens = true;
+  // /v1/completions `echo`: the prompt's text goes before the completion's (the prompt string as
+  // given, or the prompt token ids decoded).
+  bool echo = false;
+  // `n` choices: n engine requests with the same prompt; choice i samples with seed `seed + i`
+  // (when the request has a seed) and its own copy of the constraint.
+  int32_t n = 1;
+  std::string echo_text;
   int32_t top_logprobs = -1; // -1: no logprobs
   std::vector<token_id> prompt;
   std::vector<token_id> stop_token_ids;

@@ -183,7 +183,8 @@ TEST_CASE("http: errors come in OpenAI's shape with the right status and paramet
   check("/v1/completions", R"({"prompt": "hi", "model": "gpt-4"})", 404, "model");
   check("/v1/completions", json{{"prompt", std::vector<int>(300, 5)}}.dump(), 400, "prompt");
   check("/v1/completions", R"({"prompt": "hi", "max_tokens": 1000})", 400, "max_tokens");
-  check("/v1/completions", R"({"prompt": "hi", "n": 2})", 400, "n");
+  check("/v1/completions", R"({"prompt": "hi", "n": 0})", 400, "n");
+  check("/v1/completions", R"({"prompt": "hi", "n": 65})", 400, "n");
   check("/v1/completions", R"({"prompt": "hi", "temperature": "hot"})", 400, "temperature");
   check("/v1/completions", R"({"prompt": [1, -4]})", 400, "prompt");
   check("/v1/chat/completions", R"({"messages": []})", 400, "messages");
@@ -630,4 +631,73 @@ TEST_CASE("http: tool_choice required and named give tool_calls that parse") {
         CHECK(test::schema_violation(params, args) == "");
       }
     }
+}
+
+TEST_CASE("http: n choices equal single requests with seeds seed + i, streamed and not") {
+  auto* s = server();
+  if (!s)
+    return;
+  json body = chat_body(6, false);
+  body["temperature"] = 1.0;
+  body["seed"] = 77;
+  std::vector<std::vector<token_id>> single;
+  for (int i = 0; i < 4; ++i) {
+    body["seed"] = 77 + i;
+    auto r = test::http_call(s->port(), "POST", "/v1/chat/completions", body.dump());
+    REQUIRE_MESSAGE(r.status == 200, r.body);
+    single.push_back(r.json()["choices"][0]["token_ids"].get<std::vector<token_id>>());
+  }
+  CHECK(single[0] != single[1]); // the seeds matter
+  body["seed"] = 77;
+  body["n"] = 4;
+  auto r = test::http_call(s->port(), "POST", "/v1/chat/completions", body.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  const auto j = r.json();
+  REQUIRE(j["choices"].size() == 4);
+  for (int i = 0; i < 4; ++i) {
+    CHECK(j["choices"][i]["index"] == i);
+    CHECK(j["choices"][i]["token_ids"].get<std::vector<token_id>>() == single[i]);
+  }
+  CHECK(j["usage"]["completion_tokens"] == 24);
+  CHECK(j["usage"]["prompt_tokens"] == j["prompt_token_ids"].size());
+
+  // Streamed: chunks carry their choice's index; each choice's text and ids as above.
+  body["stream"] = true;
+  auto st = test::http_call(s->port(), "POST", "/v1/chat/completions", body.dump());
+  REQUIRE(st.status == 200);
+  std::vector<std::vector<token_id>> ids(4);
+  std::vector<int> finished(4, 0);
+  int64_t usage_tokens = -1;
+  for (const auto& e : test::sse_events(st.body)) {
+    if (e == "[DONE]")
+      continue;
+    if (e.contains("usage") && !e["usage"].is_null())
+      usage_tokens = e["usage"]["completion_tokens"].get<int64_t>();
+    for (const auto& c : e["choices"]) {
+      const auto i = c["index"].get<size_t>();
+      REQUIRE(i < 4);
+      if (c.contains("token_ids"))
+        for (const auto& t : c["token_ids"])
+          ids[i].push_back(t.get<token_id>());
+      if (c["finish_reason"].is_string())
+        ++finished[i];
+    }
+  }
+  CHECK(ids == single);
+  CHECK(finished == std::vector<int>{1, 1, 1, 1});
+  CHECK(usage_tokens == 24);
+
+  // With a constraint, every choice follows it.
+  json guided = chat_body(20, false);
+  guided["temperature"] = 1.0;
+  guided["n"] = 3;
+  guided["guided_choice"] = {"red", "green", "blue"};
+  auto g = test::http_call(s->port(), "POST", "/v1/chat/completions", guided.dump());
+  REQUIRE_MESSAGE(g.status == 200, g.body);
+  const auto gj = g.json();
+  REQUIRE(gj["choices"].size() == 3);
+  for (const auto& c : gj["choices"]) {
+    const auto t = c["message"]["content"].get<std::string>();
+    CHECK_MESSAGE((t == "red" || t == "green" || t == "blue"), t);
+  }
 }
