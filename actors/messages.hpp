@@ -103,7 +103,8 @@ typename Inspector::result_type inspect(Inspector& f, sampling_params& x) {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, seq_step& x) {
   return f(caf::meta::type_name("seq_step"), x.id, x.start_pos, x.tokens, x.block_table, x.logits,
-           x.sampling, x.num_prompt_tokens, x.first_step, x.cached_prefix, x.banned_tokens);
+           x.sampling, x.num_prompt_tokens, x.first_step, x.cached_prefix, x.banned_tokens,
+           x.allowed_tokens);
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, step_plan& x) {
