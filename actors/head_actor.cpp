@@ -311,8 +311,11 @@ caf::result<msg::deployment_view> on_deploy(head* self, const head_config& cfg,
   }
   std::vector<cluster::group_spec> groups;
   for (const auto& g : replica_groups(dc))
-    groups.push_back(
-        {g.role, {g.parallel.tensor, g.parallel.pipeline, g.parallel.replicas, false}});
+    groups.push_back({g.role,
+                      {.tensor = g.parallel.tensor,
+                       .pipeline = g.parallel.pipeline,
+                       .replicas = g.parallel.replicas,
+                       .expert = g.parallel.expert}});
   auto rec =
       st.deployments.add_groups(name, groups, *model, st.members->nodes(), dc.device == "cpu");
   if (!rec) {
@@ -329,9 +332,12 @@ caf::result<msg::deployment_view> on_deploy(head* self, const head_config& cfg,
         fmt::format(" r{}/pp{}/tp{}@{}:{}", r.replica, r.pp_rank, r.tp_rank, r.node_id, r.device);
   std::string layout;
   for (const auto& g : groups)
-    layout += fmt::format("{}{}tensor={} pipeline={} replicas={}", layout.empty() ? "" : ", ",
-                          g.role.empty() ? "" : g.role + " ", g.spec.tensor, g.spec.pipeline,
-                          g.spec.replicas);
+    layout += fmt::format(
+        "{}{}tensor={} pipeline={} replicas={}{}", layout.empty() ? "" : ", ",
+        g.role.empty() ? "" : g.role + " ", g.spec.tensor, g.spec.pipeline, g.spec.replicas,
+        model->num_experts > 0
+            ? fmt::format(" expert={}", g.spec.expert > 0 ? g.spec.expert : g.spec.tensor)
+            : "");
   log::info("head: deploying '{}' ({}):{}", name, layout, where);
   auto serving = cfg.spawn_serving(self->system(), caf::actor_cast<caf::actor>(self));
   self->monitor(serving);

@@ -46,7 +46,7 @@ namespace troupe {
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, parallel_size& x) {
-  return f(caf::meta::type_name("parallel_size"), x.tensor, x.pipeline, x.replicas);
+  return f(caf::meta::type_name("parallel_size"), x.tensor, x.pipeline, x.replicas, x.expert);
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, http_limits& x) {
@@ -103,7 +103,8 @@ typename Inspector::result_type inspect(Inspector& f, sampling_params& x) {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, seq_step& x) {
   return f(caf::meta::type_name("seq_step"), x.id, x.start_pos, x.tokens, x.block_table, x.logits,
-           x.sampling, x.num_prompt_tokens, x.first_step, x.cached_prefix, x.banned_tokens);
+           x.sampling, x.num_prompt_tokens, x.first_step, x.cached_prefix, x.banned_tokens,
+           x.allowed_tokens);
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, step_plan& x) {
@@ -357,6 +358,7 @@ struct worker_spec {
   std::string ns;
   std::string model;
   int32_t tp_rank = 0, tp_size = 1, pp_rank = 0, pp_size = 1;
+  int32_t ep_size = 0; // parallel.expert (0: tp_size)
   int32_t device = 0;
   int32_t num_blocks = 0, block_size = 16;
   int64_t comm_timeout_ms = 10000; // Gloo rendezvous and collectives: a dead peer fails by then
@@ -376,9 +378,9 @@ struct worker_spec {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, worker_spec& x) {
   return f(caf::meta::type_name("worker_spec"), x.deployment, x.ns, x.model, x.tp_rank, x.tp_size,
-           x.pp_rank, x.pp_size, x.device, x.num_blocks, x.block_size, x.comm_timeout_ms, x.backend,
-           x.max_model_len, x.max_num_seqs, x.max_num_batched_tokens, x.gpu_memory_utilization,
-           x.kv_role, x.kv_provider);
+           x.pp_rank, x.pp_size, x.ep_size, x.device, x.num_blocks, x.block_size, x.comm_timeout_ms,
+           x.backend, x.max_model_len, x.max_num_seqs, x.max_num_batched_tokens,
+           x.gpu_memory_utilization, x.kv_role, x.kv_provider);
 }
 
 // Worker answers: (load_atom) -> worker_reply; (execute_atom, ticket, step_plan) ->

@@ -16,7 +16,11 @@ namespace {
 using worker = caf::stateful_actor<worker_state>;
 
 engine::parallel_layout layout_of(const msg::worker_spec& s) {
-  return {.tp_rank = s.tp_rank, .tp_size = s.tp_size, .pp_rank = s.pp_rank, .pp_size = s.pp_size};
+  return {.tp_rank = s.tp_rank,
+          .tp_size = s.tp_size,
+          .pp_rank = s.pp_rank,
+          .pp_size = s.pp_size,
+          .ep_size = s.ep_size};
 }
 
 // device: cuda. Blocks: NCCL rendezvous, then uploading this rank's shard to its GPU.

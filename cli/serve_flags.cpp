@@ -36,6 +36,8 @@ const flag_spec specs[] = {
     {"parallel.tensor", "--tensor-parallel-size", "Tensor ranks per pipeline stage"},
     {"parallel.pipeline", "--pipeline-parallel-size", "Pipeline stages per replica"},
     {"parallel.replicas", "--data-parallel-size", "Independent replicas behind the endpoint"},
+    {"parallel.expert", "--expert-parallel-size",
+     "MoE: expert groups among the tensor ranks, each holding whole experts (0: tensor)"},
     {"http.threads", "", "HTTP io threads"},
     {"http.max_connections", "", "Open HTTP connections; beyond them 503"},
     {"http.max_header_bytes", "", "Request line + headers; beyond them 431"},
@@ -69,9 +71,13 @@ void add_deployment_flags(CLI::App* cmd, deployment_flags& flags) {
     if (*s.aliases)
       names += std::string(",") + s.aliases;
     auto& slot = flags.values[s.key];
-    cmd->add_option(names, slot, std::string(s.help) + " (model.yaml: " + s.key + ")");
+    auto* opt = cmd->add_option(names, slot, std::string(s.help) + " (model.yaml: " + s.key + ")");
     if (std::string(s.key) == "api_key")
       add_secret_file_option(cmd, "api-key", slot);
+    if (std::string(s.key) == "parallel.expert")
+      cmd->add_flag("--enable-expert-parallel", flags.enable_expert_parallel,
+                    "MoE: whole experts on every tensor rank (same as --expert-parallel-size 0)")
+          ->excludes(opt);
   }
   auto* on = cmd->add_flag("--enable-prefix-caching", flags.enable_prefix_caching,
                            "Same as --prefix-caching true");
@@ -91,6 +97,8 @@ std::vector<deployment_flags::override> deployment_flags::given() const {
     out.push_back({"prefix_caching", "true", "--enable-prefix-caching"});
   if (no_enable_prefix_caching)
     out.push_back({"prefix_caching", "false", "--no-enable-prefix-caching"});
+  if (enable_expert_parallel)
+    out.push_back({"parallel.expert", "0", "--enable-expert-parallel"});
   return out;
 }
 

@@ -17,6 +17,7 @@ struct deployment_flags {
   // model.yaml key ("max_num_seqs", "parallel.tensor", "http.threads") -> the flag's value text.
   std::map<std::string, std::optional<std::string>> values;
   bool enable_prefix_caching = false, no_enable_prefix_caching = false;
+  bool enable_expert_parallel = false; // vLLM's flag: parallel.expert = 0 (tensor)
 
   // The keys given, with their values and the flag that set them (for error messages).
   struct override {

@@ -57,7 +57,7 @@ expected<placement> plan_placement(const parallel_spec& spec, const engine::mode
                                    const cluster_view& cluster) {
   if (spec.replicas < 1)
     return make_error(errc::invalid_argument, "replicas={} must be at least 1", spec.replicas);
-  TROUPE_TRY_VOID(engine::check_parallel_layout(model, spec.tensor, spec.pipeline));
+  TROUPE_TRY_VOID(engine::check_parallel_layout(model, spec.tensor, spec.pipeline, spec.expert));
   free_map free;
   size_t total_free = 0;
   for (const auto& n : cluster.nodes) {

@@ -1,7 +1,7 @@
-// The placement policy as plain C++: from a deployment's `parallel: {tensor, pipeline, replicas}`,
-// its model and the cluster's free devices to a grid of (node, device) per rank, or the reason it
-// cannot be placed. The placement actor (not yet wired) and `cluster serve` call plan_placement;
-// it does no I/O and does not block.
+// The placement policy as plain C++: from a deployment's `parallel: {tensor, pipeline, replicas,
+// expert}`, its model and the cluster's free devices to a grid of (node, device) per rank, or the
+// reason it cannot be placed. The placement actor (not yet wired) and `cluster serve` call
+// plan_placement; it does no I/O and does not block.
 #pragma once
 
 #include <cstdint>
@@ -15,6 +15,7 @@ namespace troupe::cluster {
 
 struct parallel_spec {
   int tensor = 1, pipeline = 1, replicas = 1;
+  int expert = 0; // MoE expert groups among the tensor ranks (engine/backend/shard.hpp); 0: tensor
   bool tensor_across_hosts = false; // tensor ranks must share a host unless this is set
 };
 

@@ -80,3 +80,20 @@ if(NOT TROUPE_FABRIC STREQUAL "OFF")
     message(FATAL_ERROR "TROUPE_FABRIC=ON but libfabric was not found (apt-get install libfabric-dev)")
   endif()
 endif()
+
+# xgrammar (structured output: JSON schema / regex / EBNF -> token masks) is not packaged in
+# Debian: scripts/fetch_xgrammar.sh builds its C++ core from the PyPI source distribution once per
+# machine (Release, static, Python bindings off; cached in ~/.cache/troupe/xgrammar-<version>) and
+# prints the install prefix. scripts/deps.sh runs it too; here it only prints the cached prefix.
+execute_process(COMMAND ${PROJECT_SOURCE_DIR}/scripts/fetch_xgrammar.sh
+                OUTPUT_VARIABLE XGRAMMAR_PREFIX OUTPUT_STRIP_TRAILING_WHITESPACE
+                RESULT_VARIABLE xgrammar_rc)
+if(NOT xgrammar_rc EQUAL 0 OR NOT EXISTS "${XGRAMMAR_PREFIX}/lib/libxgrammar.a")
+  message(FATAL_ERROR "xgrammar: scripts/fetch_xgrammar.sh failed (${xgrammar_rc}); run it to see why")
+endif()
+add_library(troupe::xgrammar STATIC IMPORTED)
+set_target_properties(troupe::xgrammar PROPERTIES
+  IMPORTED_LOCATION "${XGRAMMAR_PREFIX}/lib/libxgrammar.a"
+  INTERFACE_INCLUDE_DIRECTORIES "${XGRAMMAR_PREFIX}/include"
+  INTERFACE_LINK_LIBRARIES Threads::Threads)
+message(STATUS "troupe: xgrammar from ${XGRAMMAR_PREFIX}")

@@ -16,8 +16,8 @@ namespace troupe::serve {
 class strand_sink final : public request_sink, public std::enable_shared_from_this<strand_sink> {
  public:
   strand_sink(std::shared_ptr<post_gate> gate, boost::asio::any_io_executor ex,
-              std::weak_ptr<completion_stream> to)
-    : gate_(std::move(gate)), ex_(std::move(ex)), to_(std::move(to)) {}
+              std::weak_ptr<completion_stream> to, size_t choice)
+    : gate_(std::move(gate)), ex_(std::move(ex)), to_(std::move(to)), choice_(choice) {}
 
   void push(const engine::request_output& o) override {
     deliver([&] { q_.push_back(o); });
@@ -64,48 +64,91 @@ class strand_sink final : public request_sink, public std::enable_shared_from_th
       scheduled_ = false;
     }
     if (auto c = to_.lock())
-      c->on_outputs(outs, failure);
+      c->on_outputs(choice_, outs, failure);
   }
 
   std::shared_ptr<post_gate> gate_;
   boost::asio::any_io_executor ex_;
   std::weak_ptr<completion_stream> to_;
+  size_t choice_;
   std::mutex mu_;
   std::deque<engine::request_output> q_;
   std::optional<error> failure_;
   bool scheduled_ = false, detached_ = false;
 };
 
+namespace {
+
+std::vector<std::unique_ptr<openai_response>> make_choices(const completion_request& req,
+                                                           const model_info& m, std::string id) {
+  std::vector<std::unique_ptr<openai_response>> out;
+  const auto created = static_cast<int64_t>(std::time(nullptr));
+  for (int32_t i = 0; i < std::max(1, req.n); ++i)
+    out.push_back(std::make_unique<openai_response>(req, m, id, created, i));
+  return out;
+}
+
+} // namespace
+
 completion_stream::completion_stream(std::shared_ptr<http_session> session, completion_request req,
                                      bool keep_alive)
   : session_(std::move(session)), ctx_(session_->context()), req_(std::move(req)),
     keep_alive_(keep_alive),
-    resp_(req_, ctx_.model, fmt::format("{}-{}", req_.chat ? "chatcmpl" : "cmpl", ctx_.next_id++),
-          static_cast<int64_t>(std::time(nullptr))) {}
+    resps_(make_choices(req_, ctx_.model,
+                        fmt::format("{}-{}", req_.chat ? "chatcmpl" : "cmpl", ctx_.next_id++))),
+    resp_(*resps_[0]), done_(resps_.size(), 0) {}
 
 completion_stream::~completion_stream() {
-  if (sink_)
-    sink_->detach();
+  for (auto& s : sinks_)
+    s->detach();
   abort();
 }
 
 void completion_stream::start() {
-  sink_ = std::make_shared<strand_sink>(session_->gate(), session_->executor(), weak_from_this());
   running_ = true;
-  // Never blocks: the request goes to a replica as a message; its outputs (or a refusal found
-  // later) come back through the sink, posted to this strand.
-  auto id = ctx_.serving->submit(make_engine_request(req_, ctx_.model), sink_);
-  if (!id) {
-    running_ = false;
-    const auto status = http_status(id.error().code());
-    return session_->reply(status, error_body({status, id.error().message(), {}, {}}), keep_alive_);
+  // Never blocks: each request goes to a replica as a message; its outputs (or a refusal found
+  // later) come back through its sink, posted to this strand.
+  for (size_t i = 0; i < resps_.size(); ++i) {
+    auto r = make_engine_request(req_, ctx_.model);
+    if (i > 0) {
+      // Choice i: seed + i, so that a single request with that seed gives the same tokens; the
+      // constraint (fresh: nothing accepted yet) copied.
+      if (r.sampling.has_seed)
+        r.sampling.seed += i;
+      if (r.constraint)
+        r.constraint = r.constraint->fork();
+    }
+    sinks_.push_back(
+        std::make_shared<strand_sink>(session_->gate(), session_->executor(), weak_from_this(), i));
+    auto id = ctx_.serving->submit(std::move(r), sinks_.back());
+    if (!id) {
+      running_ = false;
+      for (auto prev : ids_)
+        ctx_.serving->cancel(prev);
+      const auto status = http_status(id.error().code());
+      return session_->reply(status, error_body({status, id.error().message(), {}, {}}),
+                             keep_alive_);
+    }
+    ids_.push_back(*id);
   }
-  id_ = *id;
   ++ctx_.in_flight;
-  log::debug("request {} received: prompt_tokens={} max_tokens={} stream={} temperature={}",
+  log::debug("request {} received: prompt_tokens={} max_tokens={} stream={} temperature={} n={}",
              resp_.id(), req_.prompt.size(), req_.sampling.max_tokens, req_.stream,
-             req_.sampling.temperature);
+             req_.sampling.temperature, resps_.size());
   ctx_.metrics->prompt_tokens += req_.prompt.size();
+}
+
+size_t completion_stream::completion_tokens() const {
+  size_t n = 0;
+  for (const auto& r : resps_)
+    n += r->completion_tokens();
+  return n;
+}
+
+void completion_stream::cancel_running() {
+  for (size_t i = 0; i < ids_.size(); ++i)
+    if (!done_[i])
+      ctx_.serving->cancel(ids_[i]); // frees its KV blocks; what it still sends is dropped
 }
 
 // Streams: the SSE header and the opening chunk, once, with the first output, so that a refusal
@@ -116,22 +159,23 @@ void completion_stream::open_stream() {
   headers_sent_ = true;
   session_->send("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
                  "Connection: close\r\n\r\n"); // the stream ends with the connection
-  if (auto c = resp_.opening_chunk())
-    event(*c);
+  for (auto& r : resps_)
+    if (auto c = r->opening_chunk())
+      event(*c);
 }
 
 void completion_stream::abort() {
   if (!running_)
     return;
   running_ = false;
-  ctx_.serving->cancel(id_); // frees its KV blocks
+  cancel_running();
   ended("abort", 499);
 }
 
 void completion_stream::shutdown() {
   if (!running_)
     return;
-  ctx_.serving->cancel(id_); // frees its KV blocks; what it still sends is dropped
+  cancel_running();
   failed(make_error(errc::cancelled, "the server is shutting down; the request did not finish "
                                      "within the grace period"));
 }
@@ -139,7 +183,7 @@ void completion_stream::shutdown() {
 void completion_stream::ended(const char* reason, int status) {
   --ctx_.in_flight;
   const double e2e = std::chrono::duration<double>(clock_type::now() - arrival_).count();
-  const auto tokens = static_cast<int64_t>(resp_.completion_tokens());
+  const auto tokens = static_cast<int64_t>(completion_tokens());
   ctx_.metrics->record({.finish_reason = reason,
                         .prompt_tokens = static_cast<int64_t>(req_.prompt.size()),
                         .generation_tokens = tokens,
@@ -161,7 +205,7 @@ void completion_stream::observe(const engine::request_output& o) {
     return;
   const auto now = clock_type::now();
   const double since = std::chrono::duration<double>(now - last_).count();
-  if (resp_.completion_tokens() == 0) {
+  if (completion_tokens() == 0) {
     ttft_ = since;
     queue_ = o.queue_s;
     ctx_.metrics->ttft.observe(since);
@@ -172,30 +216,41 @@ void completion_stream::observe(const engine::request_output& o) {
   ++ctx_.metrics->generation_tokens;
 }
 
-void completion_stream::on_outputs(const std::vector<engine::request_output>& outs,
+void completion_stream::on_outputs(size_t choice, const std::vector<engine::request_output>& outs,
                                    const std::optional<error>& failure) {
+  auto& resp = *resps_.at(choice);
   for (const auto& o : outs) {
-    if (!running_)
+    if (!running_ || done_[choice])
       return; // aborted, or finished: nothing comes after the end
     got_output_ = true;
     open_stream();
     observe(o);
-    auto chunk = resp_.add(o);
+    auto chunk = resp.add(o);
     if (chunk)
       event(*chunk);
-    if (!resp_.finished())
+    if (!resp.finished())
       continue;
+    done_[choice] = 1;
+    if (++num_done_ < resps_.size())
+      return;
     running_ = false;
     ended(engine::to_string(resp_.finish()), 200);
-    if (!req_.stream)
-      return session_->reply(200, dump(resp_.body()), keep_alive_);
+    if (!req_.stream) {
+      std::vector<const openai_response*> all;
+      for (const auto& r : resps_)
+        all.push_back(r.get());
+      return session_->reply(200, dump(openai_response::merged_body(all)), keep_alive_);
+    }
     if (req_.include_usage)
-      event(resp_.usage_chunk());
+      event(resp_.usage_chunk(static_cast<int64_t>(completion_tokens())));
     session_->send("data: [DONE]\n\n");
     return session_->finish(200, false);
   }
-  if (failure && running_)
+  if (failure && running_ && !done_[choice]) {
+    done_[choice] = 1; // it ended; the other choices are cancelled with the request
+    cancel_running();
     failed(*failure);
+  }
 }
 
 // The request ended without finishing: an error response while no header went out, else an SSE

@@ -1,6 +1,7 @@
 // One /v1/chat/completions or /v1/completions request on its session's strand: submits it to the
-// serving side with a sink that posts outputs to the strand (no polling), turns them into the
-// JSON body or SSE chunks (openai_response.hpp) and writes them through the session.
+// serving side (one engine request per choice when `n` > 1) with a sink that posts outputs to the
+// strand (no polling), turns them into the JSON body or SSE chunks (openai_response.hpp) and
+// writes them through the session.
 #pragma once
 
 #include <atomic>
@@ -31,13 +32,15 @@ class completion_stream : public std::enable_shared_from_this<completion_stream>
   // response with an error (503, or an `error` event on a stream).
   void shutdown();
   bool streaming() const { return req_.stream; }
-  // On the strand: outputs in order, then the failure that ended the request, if any.
-  void on_outputs(const std::vector<engine::request_output>& outs,
+  // On the strand: outputs of choice `choice` in order, then the failure that ended it, if any.
+  void on_outputs(size_t choice, const std::vector<engine::request_output>& outs,
                   const std::optional<error>& failure);
 
  private:
   void open_stream();
   void observe(const engine::request_output& o);
+  void cancel_running(); // every choice not yet finished
+  size_t completion_tokens() const;
   void failed(const error& why);
   void event(const json& j);
   // The request ended (finish reason stop / length / abort): metrics and the access log line.
@@ -50,10 +53,13 @@ class completion_stream : public std::enable_shared_from_this<completion_stream>
   const bool keep_alive_;
   const clock_type::time_point arrival_ = clock_type::now();
   clock_type::time_point last_ = arrival_;
-  double ttft_ = -1, queue_ = -1; // seconds; -1 until known
-  openai_response resp_;
-  std::shared_ptr<strand_sink> sink_;
-  seq_id id_ = 0;
+  double ttft_ = -1, queue_ = -1;                       // seconds; -1 until known
+  std::vector<std::unique_ptr<openai_response>> resps_; // one per choice
+  openai_response& resp_;                               // choice 0: the id, the usage chunk
+  std::vector<std::shared_ptr<strand_sink>> sinks_;
+  std::vector<seq_id> ids_;
+  std::vector<char> done_; // per choice: finished
+  size_t num_done_ = 0;
   bool running_ = false, headers_sent_ = false, got_output_ = false;
 };
 

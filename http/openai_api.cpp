@@ -135,9 +135,11 @@ bool valid_function_name(const std::string& n) {
 // `tools`, `tool_choice` and `parallel_tool_calls`: the tools to render (null for none) and, in
 // `r`, how to parse the output. Refuses what cannot be honoured.
 std::variant<json, api_error> read_tools(const json& body, const model_info& m,
-                                         completion_request* r) {
+                                         completion_request* r,
+                                         std::optional<engine::grammar_spec>* grammar) {
   json tools = json();
   std::vector<std::string> names;
+  std::string strict_tool, named; // a tool with 'strict': true; the function tool_choice names
   if (auto it = body.find("tools"); it != body.end() && !it->is_null()) {
     if (!it->is_array())
       return bad("tools", "'tools' must be a list of {\"type\": \"function\", \"function\": ...}");
@@ -160,9 +162,7 @@ std::variant<json, api_error> read_tools(const json& body, const model_info& m,
         return bad("tools",
                    fmt::format("the parameters of tool '{}' must be a JSON schema object", name));
       if (f.contains("strict") && f["strict"].is_boolean() && f["strict"].get<bool>())
-        return bad("tools", fmt::format("tool '{}': 'strict': true needs constrained decoding, "
-                                        "which this server does not support",
-                                        name));
+        strict_tool = name;
     }
     if (!it->empty())
       tools = *it;
@@ -182,16 +182,19 @@ std::variant<json, api_error> read_tools(const json& body, const model_info& m,
         return bad("tool_choice",
                    fmt::format("'tool_choice' names '{}', which is not in 'tools'", name));
       choice = "named";
+      named = name;
     } else {
       return bad("tool_choice", "'tool_choice' must be \"auto\", \"none\", \"required\" or "
                                 "{\"type\": \"function\", \"function\": {\"name\": ...}}");
     }
     if (tools.is_null() && choice != "none")
       return bad("tool_choice", "'tool_choice' other than \"none\" needs 'tools'");
-    if (choice == "required" || choice == "named")
-      return bad("tool_choice", "'tool_choice' \"required\" and named functions need constrained "
-                                "decoding, which this server does not support; use \"auto\"");
   }
+  if (!strict_tool.empty() && choice == "auto")
+    return bad("tools", fmt::format("tool '{}': 'strict': true is enforced only with 'tool_choice' "
+                                    "\"required\" or a named function (with \"auto\" the model "
+                                    "may answer in text)",
+                                    strict_tool));
   bool parallel = true;
   if (auto e = opt_number(body, "parallel_tool_calls", parallel))
     return *e;
@@ -206,6 +209,8 @@ std::variant<json, api_error> read_tools(const json& body, const model_info& m,
     r->tool_parsing = format;
     r->parallel_tool_calls = parallel;
   }
+  if (grammar && (choice == "required" || choice == "named"))
+    *grammar = tool_call_grammar(tools, named, format, parallel);
   return tools;
 }
 
@@ -242,14 +247,15 @@ std::variant<json, api_error> normalise_messages(const json& body) {
   return out;
 }
 
-std::variant<std::vector<token_id>, api_error> chat_prompt(const json& body, const model_info& m,
-                                                           completion_request* r = nullptr) {
+std::variant<std::vector<token_id>, api_error>
+chat_prompt(const json& body, const model_info& m, completion_request* r = nullptr,
+            std::optional<engine::grammar_spec>* tool_grammar = nullptr) {
   auto msgs = normalise_messages(body);
   if (auto* e = std::get_if<api_error>(&msgs))
     return *e;
   if (!m.text->chat)
     return bad("messages", fmt::format("model '{}' has no chat template", m.name));
-  auto tools = read_tools(body, m, r);
+  auto tools = read_tools(body, m, r, tool_grammar);
   if (auto* e = std::get_if<api_error>(&tools))
     return *e;
   engine::chat_options opts;
@@ -400,13 +406,16 @@ std::optional<api_error> read_stops(const json& b, const model_info& m, completi
   return std::nullopt;
 }
 
+constexpr int32_t max_choices = 64;
+
 std::optional<api_error> read_limits(const json& b, bool chat, const model_info& m,
                                      completion_request& r) {
   int32_t n = 1;
   if (auto e = opt_number(b, "n", n))
     return e;
-  if (n != 1)
-    return bad("n", "only n=1 is supported");
+  if (n < 1 || n > max_choices)
+    return bad("n", fmt::format("'n' must be in [1, {}]", max_choices));
+  r.n = n;
   int32_t max_tokens = -1;
   if (auto e = opt_number(b, "max_tokens", max_tokens))
     return e;
@@ -433,29 +442,206 @@ std::optional<api_error> read_limits(const json& b, bool chat, const model_info&
   return std::nullopt;
 }
 
-// Structured-output requests: this server has no grammar engine, so any constraint is refused
-// with the field's name rather than ignored (a "text" response_format asks for nothing).
-std::optional<api_error> refuse_constraints(const json& b) {
+// A JSON schema given as an object, or as a string holding one (vLLM accepts both).
+std::variant<std::string, api_error> schema_text(const json& v, const std::string& field) {
+  if (v.is_object() || v.is_boolean())
+    return dump(v);
+  if (v.is_string()) {
+    try {
+      const auto parsed = json::parse(v.get<std::string>());
+      if (parsed.is_object() || parsed.is_boolean())
+        return dump(parsed);
+    } catch (const json::exception&) {
+    }
+  }
+  return bad(field,
+             fmt::format("'{}' must be a JSON schema (an object, or a string holding one)", field));
+}
+
+std::variant<std::string, api_error> string_field(const json& v, const std::string& field) {
+  if (!v.is_string() || v.get<std::string>().empty())
+    return bad(field, fmt::format("'{}' must be a non-empty string", field));
+  return v.get<std::string>();
+}
+
+std::variant<std::vector<std::string>, api_error> choice_list(const json& v,
+                                                              const std::string& field) {
+  std::vector<std::string> out;
+  if (v.is_array())
+    for (const auto& c : v)
+      if (c.is_string() && !c.get<std::string>().empty())
+        out.push_back(c.get<std::string>());
+  if (!v.is_array() || v.empty() || out.size() != v.size())
+    return bad(field, fmt::format("'{}' must be a non-empty list of non-empty strings", field));
+  return out;
+}
+
+// One constraint kind (json / regex / choice / grammar) from vLLM's names.
+std::optional<api_error> read_guided(const std::string& kind, const json& v,
+                                     const std::string& field, engine::grammar_spec& g) {
+  using k = engine::grammar_spec::kind;
+  if (kind == "json") {
+    auto s = schema_text(v, field);
+    if (auto* e = std::get_if<api_error>(&s))
+      return *e;
+    g.type = k::json_schema;
+    g.text = std::get<std::string>(s);
+  } else if (kind == "regex" || kind == "grammar") {
+    auto s = string_field(v, field);
+    if (auto* e = std::get_if<api_error>(&s))
+      return *e;
+    g.type = kind == "regex" ? k::regex : k::ebnf;
+    g.text = std::get<std::string>(s);
+  } else if (kind == "choice") {
+    auto c = choice_list(v, field);
+    if (auto* e = std::get_if<api_error>(&c))
+      return *e;
+    g.type = k::choice;
+    g.choices = std::get<std::vector<std::string>>(c);
+  } else if (kind == "json_object") {
+    if (!v.is_boolean())
+      return bad(field, fmt::format("'{}' must be a boolean", field));
+    if (!v.get<bool>())
+      return std::nullopt;
+    g.type = k::json_object;
+  }
+  return std::nullopt;
+}
+
+// Structured output: response_format (OpenAI), structured_outputs and the older guided_* fields
+// (vLLM), and the tool-call grammar of tool_choice "required" / a named function. At most one
+// applies; it is compiled here (a bad schema, regex or grammar is a 400 naming the field) and its
+// matcher travels with the request.
+std::optional<api_error> read_constraints(const json& b, const model_info& m,
+                                          std::optional<engine::grammar_spec> tool_grammar,
+                                          completion_request& r) {
+  std::optional<engine::grammar_spec> spec;
+  std::string field;
+  auto set = [&](engine::grammar_spec g, std::string f) -> std::optional<api_error> {
+    if (spec)
+      return bad(f, fmt::format("'{}' and '{}' both constrain the output; give one", field, f));
+    spec = std::move(g);
+    field = std::move(f);
+    return std::nullopt;
+  };
+  if (tool_grammar)
+    (void)set(std::move(*tool_grammar), "tool_choice");
   if (auto it = b.find("response_format"); it != b.end() && !it->is_null()) {
     if (!it->is_object() || !it->contains("type") || !(*it)["type"].is_string())
       return bad("response_format", "'response_format' must be {\"type\": ...}");
     const auto type = (*it)["type"].get<std::string>();
-    if (type != "text")
+    engine::grammar_spec g;
+    if (type == "json_object") {
+      g.type = engine::grammar_spec::kind::json_object;
+    } else if (type == "json_schema") {
+      const auto& js = it->contains("json_schema") ? (*it)["json_schema"] : json();
+      if (!js.is_object() || !js.contains("name") || !js["name"].is_string())
+        return bad("response_format", "'response_format' of type \"json_schema\" needs "
+                                      "'json_schema': {\"name\": ..., \"schema\": {...}}");
+      auto s = schema_text(js.contains("schema") ? js["schema"] : json::object(),
+                           "response_format.json_schema.schema");
+      if (auto* e = std::get_if<api_error>(&s))
+        return *e;
+      g.type = engine::grammar_spec::kind::json_schema;
+      g.text = std::get<std::string>(s);
+      bool strict = false; // enforced either way: the output has only the listed properties
+      if (auto e = opt_number(js, "strict", strict))
+        return bad("response_format", "'response_format.json_schema.strict' must be a boolean");
+    } else if (type != "text") {
       return bad("response_format",
-                 fmt::format("'response_format' of type '{}' needs constrained decoding, which "
-                             "this server does not support; only \"text\" is accepted",
+                 fmt::format("'response_format' type '{}' is not one of \"text\", "
+                             "\"json_object\", \"json_schema\"",
                              type));
+    }
+    if (type != "text")
+      if (auto e = set(std::move(g), "response_format"))
+        return e;
   }
-  for (const char* key : {"structured_outputs", "guided_json", "guided_regex", "guided_choice",
-                          "guided_grammar", "guided_decoding_backend", "guided_whitespace_pattern"})
-    if (auto it = b.find(key); it != b.end() && !it->is_null())
-      return bad(key, fmt::format("'{}' needs constrained decoding, which this server does not "
-                                  "support",
-                                  key));
+  if (auto it = b.find("structured_outputs"); it != b.end() && !it->is_null()) {
+    if (!it->is_object())
+      return bad("structured_outputs", "'structured_outputs' must be an object");
+    for (const auto& [key, v] : it->items()) {
+      if (v.is_null())
+        continue;
+      const std::string f = "structured_outputs." + key;
+      if (key != "json" && key != "regex" && key != "choice" && key != "grammar" &&
+          key != "json_object")
+        return bad(f, fmt::format("'{}' is not supported (supported: json, regex, choice, "
+                                  "grammar, json_object)",
+                                  f));
+      engine::grammar_spec g;
+      if (key == "json_object" && v.is_boolean() && !v.get<bool>())
+        continue;
+      if (auto e = read_guided(key, v, f, g))
+        return e;
+      if (auto e = set(std::move(g), f))
+        return e;
+    }
+  }
+  for (const char* kind : {"json", "regex", "choice", "grammar"}) {
+    const std::string f = std::string("guided_") + kind;
+    if (auto it = b.find(f); it != b.end() && !it->is_null()) {
+      engine::grammar_spec g;
+      if (auto e = read_guided(kind, *it, f, g))
+        return e;
+      if (auto e = set(std::move(g), f))
+        return e;
+    }
+  }
+  if (auto it = b.find("guided_decoding_backend"); it != b.end() && !it->is_null())
+    if (!it->is_string() ||
+        (it->get<std::string>() != "xgrammar" && it->get<std::string>() != "auto"))
+      return bad("guided_decoding_backend", "'guided_decoding_backend' must be \"xgrammar\" (the "
+                                            "only structured-output engine here) or \"auto\"");
+  if (auto it = b.find("guided_whitespace_pattern"); it != b.end() && !it->is_null())
+    return bad("guided_whitespace_pattern", "'guided_whitespace_pattern' is not supported (JSON "
+                                            "output is written without optional whitespace)");
+  if (!spec)
+    return std::nullopt;
+  if (!m.grammar)
+    return bad(field, fmt::format("'{}' needs constrained decoding, which is not set up for model "
+                                  "'{}'",
+                                  field, m.name));
+  auto c = m.grammar->compile(*spec);
+  if (!c)
+    return bad(field, fmt::format("'{}': {}", field, c.error().message()));
+  r.constraint = std::shared_ptr<engine::token_constraint>(std::move(*c));
+  r.constraint_field = field;
   return std::nullopt;
 }
 
 } // namespace
+
+engine::grammar_spec tool_call_grammar(const json& tools, const std::string& only, tool_format f,
+                                       bool parallel) {
+  const char* args = f == tool_format::llama3_json ? "parameters" : "arguments";
+  json alts = json::array();
+  for (const auto& t : tools) {
+    const auto& fn = t["function"];
+    const auto name = fn["name"].get<std::string>();
+    if (!only.empty() && name != only)
+      continue;
+    json params = fn.contains("parameters") && fn["parameters"].is_object()
+                      ? fn["parameters"]
+                      : json{{"type", "object"}, {"properties", json::object()}};
+    alts.push_back({{"type", "object"},
+                    {"properties", {{"name", {{"const", name}}}, {args, std::move(params)}}},
+                    {"required", {"name", args}},
+                    {"additionalProperties", false}});
+  }
+  engine::grammar_spec g;
+  g.type = engine::grammar_spec::kind::tool_calls;
+  g.text = dump(alts.size() == 1 ? alts[0] : json{{"anyOf", alts}});
+  g.repeat = parallel && only.empty();
+  if (f == tool_format::llama3_json) {
+    g.call_separator = "; ";
+  } else { // hermes, as Qwen's chat templates show it
+    g.call_begin = "<tool_call>\n";
+    g.call_end = "\n</tool_call>";
+    g.call_separator = "\n";
+  }
+  return g;
+}
 
 std::string dump(const json& j) {
   return j.dump(-1, ' ', false, json::error_handler_t::replace);
@@ -507,7 +693,8 @@ std::variant<completion_request, api_error> parse_completion(const std::string& 
   }
   completion_request r;
   r.chat = chat;
-  auto prompt = chat ? chat_prompt(b, m, &r) : text_prompt(b, m);
+  std::optional<engine::grammar_spec> tool_grammar;
+  auto prompt = chat ? chat_prompt(b, m, &r, &tool_grammar) : text_prompt(b, m);
   if (auto* e = std::get_if<api_error>(&prompt))
     return *e;
   r.prompt = std::move(std::get<std::vector<token_id>>(prompt));
@@ -520,14 +707,33 @@ std::variant<completion_request, api_error> parse_completion(const std::string& 
     return *e;
   if (auto e = opt_number(b, "skip_special_tokens", r.skip_special_tokens))
     return *e;
-  if (auto e = refuse_constraints(b))
+  if (auto e = opt_number(b, "echo", r.echo))
     return *e;
+  if (r.echo && chat)
+    return bad("echo", "'echo' is supported on /v1/completions only");
   if (auto e = read_sampling(b, chat, m.vocab_size, r))
     return *e;
   if (auto e = read_stops(b, m, r))
     return *e;
   if (auto e = read_limits(b, chat, m, r))
     return *e;
+  if (r.echo) {
+    if (r.top_logprobs >= 0)
+      return bad("echo", "'echo' with 'logprobs' would need the prompt's logprobs, which this "
+                         "server does not compute; drop one of them");
+    const json* p = &b["prompt"];
+    if (p->is_array() && p->size() == 1)
+      p = &(*p)[0];
+    r.echo_text = p->is_string() ? p->get<std::string>()
+                                 : m.text->text->decode(r.prompt, r.skip_special_tokens);
+  }
+  // Last: compiling a grammar is the costly part of parsing.
+  if (auto e = read_constraints(b, m, std::move(tool_grammar), r))
+    return *e;
+  if (r.constraint && r.sampling.min_tokens > 0)
+    return bad("min_tokens", fmt::format("'min_tokens' cannot be combined with '{}' (the grammar "
+                                         "decides where the output ends)",
+                                         r.constraint_field));
   return r;
 }
 

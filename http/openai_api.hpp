@@ -10,6 +10,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "engine/grammar/grammar.hpp"
 #include "engine/tokenizer/chat_template.hpp"
 #include "http/tool_calls.hpp"
 #include "runtime/step.hpp"
@@ -37,6 +38,9 @@ struct model_info {
   int32_t max_model_len = 0;
   int64_t vocab_size = 0;
   const engine::model_tokenizer* text = nullptr;
+  // Structured output (response_format, structured_outputs, guided_*, tool_choice required or
+  // named); null: such requests are refused.
+  const engine::grammar_compiler* grammar = nullptr;
 };
 
 // A parsed completion request, ready for the engine.
@@ -46,6 +50,13 @@ struct completion_request {
   bool include_usage = false;
   bool return_token_ids = false;
   bool skip_special_tokens = true;
+  // /v1/completions `echo`: the prompt's text goes before the completion's (the prompt string as
+  // given, or the prompt token ids decoded).
+  bool echo = false;
+  // `n` choices: n engine requests with the same prompt; choice i samples with seed `seed + i`
+  // (when the request has a seed) and its own copy of the constraint.
+  int32_t n = 1;
+  std::string echo_text;
   int32_t top_logprobs = -1; // -1: no logprobs
   std::vector<token_id> prompt;
   std::vector<token_id> stop_token_ids;
@@ -54,10 +65,19 @@ struct completion_request {
   // Chat with `tools` (tool_choice not "none"): how to read tool calls back from the output.
   tool_format tool_parsing = tool_format::none;
   bool parallel_tool_calls = true; // false: only the first call is returned
+  // Structured output: the compiled grammar's matcher (the engine request takes it over).
+  std::shared_ptr<engine::token_constraint> constraint;
+  std::string constraint_field; // the request field it came from, e.g. "response_format"
 };
 
 std::variant<completion_request, api_error> parse_completion(const std::string& body, bool chat,
                                                              const model_info& m);
+
+// The structured-output grammar of tool_choice "required" (`only` empty: any of `tools`, several
+// calls when `parallel`) or of the named function `only`: calls in the model's format `f`, each
+// call's arguments following its tool's parameter schema, so the output always parses.
+engine::grammar_spec tool_call_grammar(const json& tools, const std::string& only, tool_format f,
+                                       bool parallel);
 
 // /tokenize and /detokenize: the response body, or an error.
 std::variant<json, api_error> tokenize(const std::string& body, const model_info& m);

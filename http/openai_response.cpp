@@ -57,6 +57,7 @@ json empty_logprobs(bool chat) {
 engine::request make_engine_request(const completion_request& req, const model_info& m) {
   engine::request r{
       .prompt = req.prompt, .sampling = req.sampling, .stop_token_ids = req.stop_token_ids};
+  r.constraint = req.constraint;
   if (!req.stop.empty()) {
     auto detok = std::make_shared<engine::incremental_detokenizer>(m.text->text, req.stop,
                                                                    req.skip_special_tokens);
@@ -71,10 +72,10 @@ engine::request make_engine_request(const completion_request& req, const model_i
 }
 
 openai_response::openai_response(const completion_request& req, const model_info& m, std::string id,
-                                 int64_t created)
-  : req_(req), model_(m), id_(std::move(id)), created_(created),
+                                 int64_t created, int32_t index)
+  : req_(req), model_(m), id_(std::move(id)), created_(created), index_(index),
     detok_(m.text->text, req.stop, req.skip_special_tokens),
-    sent_prompt_ids_(!req.return_token_ids), logprobs_(empty_logprobs(req.chat)),
+    sent_prompt_ids_(!req.return_token_ids || index > 0), logprobs_(empty_logprobs(req.chat)),
     tools_(req.tool_parsing) {}
 
 // New calls in OpenAI's shape (as stream deltas: with their index), appended to tool_calls_;
@@ -87,7 +88,8 @@ json openai_response::take_calls(std::vector<tool_call> calls) {
       break;
     const size_t index = tool_calls_.size();
     json call = {
-        {"id", fmt::format("call_{}_{}", num, index)},
+        {"id", index_ == 0 ? fmt::format("call_{}_{}", num, index)
+                           : fmt::format("call_{}_{}_{}", num, index_, index)},
         {"type", "function"},
         {"function", {{"name", std::move(c.name)}, {"arguments", std::move(c.arguments)}}}};
     tool_calls_.push_back(call);
@@ -110,9 +112,9 @@ json openai_response::base(bool chunk) const {
   return {{"id", id_}, {"object", object}, {"created", created_}, {"model", model_.name}};
 }
 
-json openai_response::usage() const {
+json openai_response::usage(int64_t completion_tokens) const {
   const auto n_prompt = static_cast<int64_t>(req_.prompt.size());
-  const auto n_out = static_cast<int64_t>(ids_.size());
+  const auto n_out = completion_tokens >= 0 ? completion_tokens : static_cast<int64_t>(ids_.size());
   return {{"prompt_tokens", n_prompt},
           {"completion_tokens", n_out},
           {"total_tokens", n_prompt + n_out}};
@@ -128,9 +130,14 @@ json openai_response::chunk(json choice) {
 }
 
 std::optional<json> openai_response::opening_chunk() {
+  if (req_.stream && req_.echo) // completions: the echoed prompt comes first
+    return chunk({{"index", index_},
+                  {"text", req_.echo_text},
+                  {"logprobs", nullptr},
+                  {"finish_reason", nullptr}});
   if (!req_.stream || !req_.chat)
     return std::nullopt;
-  return chunk({{"index", 0},
+  return chunk({{"index", index_},
                 {"delta", {{"role", "assistant"}, {"content", ""}}},
                 {"logprobs", nullptr},
                 {"finish_reason", nullptr}});
@@ -170,7 +177,7 @@ std::optional<json> openai_response::add(const engine::request_output& o) {
   const bool ids_chunk = req_.return_token_ids && o.has_token;
   if (!req_.stream || (delta.empty() && calls.empty() && !ends && !ids_chunk))
     return std::nullopt;
-  json choice = {{"index", 0}};
+  json choice = {{"index", index_}};
   if (req_.chat) {
     choice["delta"] = delta.empty() ? json::object() : json{{"content", delta}};
     if (!calls.empty())
@@ -185,15 +192,27 @@ std::optional<json> openai_response::add(const engine::request_output& o) {
   return chunk(std::move(choice));
 }
 
-json openai_response::usage_chunk() const {
+json openai_response::usage_chunk(int64_t completion_tokens) const {
   json c = base(true);
   c["choices"] = json::array();
-  c["usage"] = usage();
+  c["usage"] = usage(completion_tokens);
   return c;
 }
 
+json openai_response::merged_body(const std::vector<const openai_response*>& choices) {
+  json body = choices.at(0)->body();
+  int64_t tokens = 0;
+  for (size_t i = 0; i < choices.size(); ++i) {
+    tokens += static_cast<int64_t>(choices[i]->completion_tokens());
+    if (i > 0)
+      body["choices"].push_back(choices[i]->body()["choices"][0]);
+  }
+  body["usage"] = choices[0]->usage(tokens);
+  return body;
+}
+
 json openai_response::body() const {
-  json choice = {{"index", 0}};
+  json choice = {{"index", index_}};
   if (req_.chat) {
     choice["message"] = {
         {"role", "assistant"},
@@ -201,7 +220,7 @@ json openai_response::body() const {
     if (!tool_calls_.empty())
       choice["message"]["tool_calls"] = tool_calls_;
   } else {
-    choice["text"] = text_;
+    choice["text"] = req_.echo ? req_.echo_text + text_ : text_;
   }
   choice["logprobs"] = req_.top_logprobs >= 0 ? logprobs_ : json();
   choice["finish_reason"] = finish_reason();

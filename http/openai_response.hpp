@@ -20,9 +20,10 @@ engine::request make_engine_request(const completion_request& req, const model_i
 
 class openai_response {
  public:
-  // `id` is the response id ("chatcmpl-7"), `created` its Unix time.
+  // `id` is the response id ("chatcmpl-7"), `created` its Unix time, `index` the choice's index
+  // (with `n` > 1 one openai_response per choice; prompt_token_ids go with choice 0).
   openai_response(const completion_request& req, const model_info& m, std::string id,
-                  int64_t created);
+                  int64_t created, int32_t index = 0);
 
   // Streams: the first chunk (chat: the assistant role with empty content), or nullopt.
   std::optional<json> opening_chunk();
@@ -34,20 +35,24 @@ class openai_response {
   engine::finish_reason finish() const { return finish_; }
   const std::string& id() const { return id_; }
 
-  // Streams with stream_options.include_usage: the last chunk, with usage and no choices.
-  json usage_chunk() const;
+  // Streams with stream_options.include_usage: the last chunk, with usage and no choices;
+  // `completion_tokens`: of every choice (default: this one's).
+  json usage_chunk(int64_t completion_tokens = -1) const;
   // Non-streaming: the whole response body, once finished().
   json body() const;
+  // The body of several choices (responses[0]'s id, usage summed).
+  static json merged_body(const std::vector<const openai_response*>& choices);
 
  private:
   json base(bool chunk) const;
-  json usage() const;
+  json usage(int64_t completion_tokens = -1) const;
   json chunk(json choice);
 
   const completion_request& req_;
   const model_info& model_;
   std::string id_;
   int64_t created_;
+  int32_t index_;
   engine::incremental_detokenizer detok_;
   bool sent_prompt_ids_;
   std::string text_;

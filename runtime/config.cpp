@@ -10,7 +10,7 @@ namespace troupe {
 
 namespace {
 
-const std::vector<std::string_view> parallel_keys = {"tensor", "pipeline", "replicas"};
+const std::vector<std::string_view> parallel_keys = {"tensor", "pipeline", "replicas", "expert"};
 const std::vector<std::string_view> http_keys = {
     "threads",        "max_connections", "max_header_bytes", "max_body_bytes",
     "read_timeout_s", "idle_timeout_s",  "write_timeout_s"};
@@ -48,7 +48,7 @@ expected<void> read(std::string_view what, const YAML::Node& value, std::string_
 expected<void> read_parallel(std::string_view what, const YAML::Node& node, parallel_size& p) {
   if (!node.IsMap())
     return make_error(errc::invalid_argument,
-                      "{}: 'parallel' must be a mapping (tensor, pipeline, replicas)",
+                      "{}: 'parallel' must be a mapping (tensor, pipeline, replicas, expert)",
                       where(what, node.Mark()));
   for (const auto& kv : node) {
     const auto name = kv.first.Scalar();
@@ -59,6 +59,8 @@ expected<void> read_parallel(std::string_view what, const YAML::Node& node, para
       TROUPE_TRY_VOID(read(what, kv.second, full, p.pipeline));
     else if (name == "replicas")
       TROUPE_TRY_VOID(read(what, kv.second, full, p.replicas));
+    else if (name == "expert")
+      TROUPE_TRY_VOID(read(what, kv.second, full, p.expert));
     else
       return unknown_key(what, kv.first, name, parallel_keys, "parallel.");
   }
@@ -178,7 +180,7 @@ expected<void> check_disaggregation(std::string_view what, const deployment_conf
     return make_error(errc::invalid_argument, "{}: 'disaggregation.{}' {}", what, key, rule);
   };
   const auto& p = c.parallel;
-  if (p.tensor != 1 || p.pipeline != 1 || p.replicas != 1)
+  if (p.tensor != 1 || p.pipeline != 1 || p.replicas != 1 || p.expert != 0)
     return make_error(errc::invalid_argument,
                       "{}: 'parallel' and 'disaggregation' exclude each other: give each group "
                       "its sizes under disaggregation.prefill and disaggregation.decode",
@@ -284,6 +286,8 @@ expected<void> check_ranges(std::string_view what, const deployment_config& c) {
   const auto& p = c.parallel;
   if (p.tensor < 1 || p.pipeline < 1 || p.replicas < 1)
     return bad("parallel", "sizes must be >= 1");
+  if (p.expert < 0 || p.expert > p.tensor)
+    return bad("parallel.expert", "must be in [1, parallel.tensor] (0 = parallel.tensor)");
   TROUPE_TRY_VOID(check_disaggregation(what, c));
   return check_http(what, c.http);
 }

@@ -20,6 +20,9 @@ struct parallel_size {
   int32_t tensor = 1;
   int32_t pipeline = 1;
   int32_t replicas = 1;
+  // MoE models: the tensor ranks form `expert` groups, each holding whole experts and slicing
+  // them over its tensor/expert ranks; 0 = tensor (whole experts on every rank).
+  int32_t expert = 0;
 };
 
 // http: in model.yaml: the HTTP front end's pool and connection limits, each with a clear HTTP

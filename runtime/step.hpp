@@ -64,6 +64,10 @@ struct seq_step {
   std::vector<token_id> cached_prefix;
   // Token ids whose logits are -inf this step (EOS and stop_token_ids until min_tokens).
   std::vector<token_id> banned_tokens;
+  // Structured output: the tokens the request's grammar allows next, as a bitmask (token t is
+  // allowed when bit t % 32 of word t / 32 is set; ids past the end are not); every other logit is
+  // -inf. Empty: no constraint.
+  std::vector<uint32_t> allowed_tokens;
 };
 
 struct step_plan {

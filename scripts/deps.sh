@@ -25,3 +25,6 @@ if ((${#missing[@]} > 0)); then
   $sudo apt-get update -q
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
+
+# xgrammar's C++ core (structured output), built from its PyPI sdist once per machine.
+"$(dirname "$0")/fetch_xgrammar.sh" >/dev/null

@@ -22,6 +22,7 @@ struct deployment::parts {
   std::unique_ptr<caf::actor_system_config> own_config;
   std::unique_ptr<caf::actor_system> own_system;
   engine::model_tokenizer text;
+  std::shared_ptr<engine::grammar_compiler> grammar; // structured output over `text`
   std::unique_ptr<replica_router> router;
   size_t decoding = 0; // replicas [0, decoding) decode (or serve whole); the rest prefill
   serve_metrics metrics;
@@ -298,6 +299,17 @@ expected<std::unique_ptr<deployment>> deployment::start(const deployment_config&
   if (so.eos_token_ids.empty())
     so.eos_token_ids = config->eos_token_ids;
   TROUPE_TRY_VOID(engine::validate(so));
+  {
+    const auto t0 = std::chrono::steady_clock::now();
+    auto g = engine::grammar_compiler::create(*p.text.text, config->vocab_size, so.eos_token_ids);
+    if (!g)
+      log::warn("structured output is off for {}: {}", c.served_model_name, g.error().message());
+    else
+      p.grammar = std::move(*g);
+    log::info("structured output (xgrammar): vocabulary of {} tokens indexed in {:.2f} s",
+              config->vocab_size,
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
   p.router = std::make_unique<replica_router>(sys, c.served_model_name, decoding, so);
   p.decoding = decoding;
   int32_t blocks = 0;
@@ -321,7 +333,8 @@ expected<std::unique_ptr<deployment>> deployment::start(const deployment_config&
   p.ctx->model = {.name = c.served_model_name,
                   .max_model_len = kv->max_model_len,
                   .vocab_size = config->vocab_size,
-                  .text = &p.text};
+                  .text = &p.text,
+                  .grammar = p.grammar.get()};
   p.ctx->serving = p.router.get();
   p.ctx->metrics = &p.metrics;
   p.server = std::make_unique<http_server>(*p.ctx);

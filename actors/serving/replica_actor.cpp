@@ -216,6 +216,8 @@ void on_import(replica* self, handoff_job& job) {
   for_prefill.prompt = job.request.prompt;
   for_prefill.sampling = job.request.sampling;
   for_prefill.stop_token_ids = job.request.stop_token_ids;
+  if (job.request.constraint) // the prefill side samples the first token under its own copy
+    for_prefill.constraint = job.request.constraint->fork();
   for_prefill.handoff = engine::kv_handoff::export_kv;
   job.request.handoff = engine::kv_handoff::import_kv;
   auto id = st.loop->add_request(std::move(job.request));

@@ -42,6 +42,7 @@ expected<void> spawn_workers(caf::blocking_actor* self, const caf::actor& owner,
                           .tp_size = g.parallel.tensor,
                           .pp_rank = r.pp_rank,
                           .pp_size = g.parallel.pipeline,
+                          .ep_size = g.parallel.expert,
                           .device = r.device,
                           // cuda: 0 lets each GPU size its pool from gpu_memory_utilization
                           .num_blocks = c.device == "cuda" ? c.num_kv_blocks : kv.num_blocks,

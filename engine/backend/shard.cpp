@@ -10,7 +10,43 @@ index_range split_range(int64_t n, int parts, int r) {
   return {begin, begin + base + (r < extra ? 1 : 0)};
 }
 
-expected<void> check_parallel_layout(const model_config& c, int tensor, int pipeline) {
+namespace {
+
+expected<void> check_expert_layout(const model_config& c, int tensor, int expert) {
+  auto fail = [](std::string msg) { return error{errc::invalid_argument, std::move(msg)}; };
+  if (expert == 0) { // whole experts on every tensor rank, split as evenly as they go
+    if (c.num_experts > 0 && c.num_experts < tensor)
+      return fail(fmt::format("num_experts={} is fewer than tensor={}: every rank needs an expert",
+                              c.num_experts, tensor));
+    return {};
+  }
+  if (expert < 0)
+    return fail(fmt::format("expert={} must be at least 1 (or 0: tensor)", expert));
+  if (c.num_experts == 0) {
+    if (expert > 1)
+      return fail(fmt::format(
+          "expert={} needs a mixture-of-experts model (this one has no experts)", expert));
+    return {};
+  }
+  if (expert > tensor || tensor % expert != 0)
+    return fail(fmt::format("expert={} does not divide tensor={}: the tensor ranks form expert "
+                            "groups of the same size",
+                            expert, tensor));
+  if (c.num_experts % expert != 0)
+    return fail(fmt::format("num_experts={} is not divisible by expert={}: every expert group "
+                            "holds the same number of whole experts",
+                            c.num_experts, expert));
+  const int slices = tensor / expert;
+  if (c.moe_intermediate_size % slices != 0)
+    return fail(fmt::format("moe_intermediate_size={} is not divisible by tensor/expert={} (the "
+                            "ranks of an expert group slice each expert's intermediate dimension)",
+                            c.moe_intermediate_size, slices));
+  return {};
+}
+
+} // namespace
+
+expected<void> check_parallel_layout(const model_config& c, int tensor, int pipeline, int expert) {
   auto fail = [](std::string msg) { return error{errc::invalid_argument, std::move(msg)}; };
   if (tensor < 1 || pipeline < 1)
     return fail(fmt::format("tensor={} and pipeline={} must both be at least 1", tensor, pipeline));
@@ -24,9 +60,7 @@ expected<void> check_parallel_layout(const model_config& c, int tensor, int pipe
     return fail(fmt::format("tensor={} is not a multiple of num_key_value_heads={} (kv heads are "
                             "replicated only when each is shared by the same number of ranks)",
                             tensor, c.num_kv_heads));
-  if (c.num_experts > 0 && c.num_experts < tensor)
-    return fail(fmt::format("num_experts={} is fewer than tensor={}: every rank needs an expert",
-                            c.num_experts, tensor));
+  TROUPE_TRY_VOID(check_expert_layout(c, tensor, expert));
   if (c.intermediate_size > 0 && c.intermediate_size < tensor) // 0: every layer is MoE
     return fail(
         fmt::format("intermediate_size={} is smaller than tensor={}", c.intermediate_size, tensor));
@@ -37,7 +71,7 @@ expected<void> check_parallel_layout(const model_config& c, int tensor, int pipe
 }
 
 expected<shard_plan> plan_shard(const model_config& c, const parallel_layout& p) {
-  TROUPE_TRY_VOID(check_parallel_layout(c, p.tp_size, p.pp_size));
+  TROUPE_TRY_VOID(check_parallel_layout(c, p.tp_size, p.pp_size, p.ep_size));
   if (p.tp_rank < 0 || p.tp_rank >= p.tp_size || p.pp_rank < 0 || p.pp_rank >= p.pp_size)
     return make_error(errc::invalid_argument,
                       "rank (tensor {}, pipeline {}) is outside a {} x {} grid", p.tp_rank,
@@ -51,7 +85,9 @@ expected<shard_plan> plan_shard(const model_config& c, const parallel_layout& p)
     s.kv_heads = {kvh, kvh + 1};
   }
   s.intermediate = split_range(c.intermediate_size, p.tp_size, p.tp_rank);
-  s.experts = split_range(c.num_experts, p.tp_size, p.tp_rank);
+  const int groups = p.expert_groups(), per_group = p.tp_size / groups;
+  s.experts = split_range(c.num_experts, groups, p.tp_rank / per_group);
+  s.expert_slice = split_range(c.moe_intermediate_size, per_group, p.tp_rank % per_group);
   s.vocab_chunk = (c.vocab_size + p.tp_size - 1) / p.tp_size;
   s.vocab = {std::min(c.vocab_size, p.tp_rank * s.vocab_chunk),
              std::min(c.vocab_size, (p.tp_rank + 1) * s.vocab_chunk)};

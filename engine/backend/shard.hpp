@@ -1,8 +1,18 @@
 // How one rank of a tensor x pipeline grid slices a model (design.md §5): whole attention heads
 // per tensor rank (kv heads replicated when tensor > num_key_value_heads), MLP intermediate and
-// vocabulary split in contiguous ranges, MoE experts split across tensor ranks, contiguous layer
-// ranges per pipeline stage. Pure functions: the backends call them at load, the placement
-// planner calls check_parallel_layout to reject impossible layouts before placing anything.
+// vocabulary split in contiguous ranges, MoE experts placed by expert parallelism (below),
+// contiguous layer ranges per pipeline stage.
+//
+// Expert parallelism (parallel.expert = G, default tensor): the tensor ranks of a stage form G
+// expert groups of tensor/G consecutive ranks; group g holds the whole experts
+// split_range(num_experts, G, g), and the ranks of a group slice each of those experts'
+// intermediate dimension (gate/up rows, down columns). G = tensor: whole experts on every rank
+// (vLLM's --enable-expert-parallel); G = 1: every rank holds a slice of every expert (vLLM's
+// default). Attention stays tensor-parallel, so tokens are replicated on every rank after its
+// all-reduce: each rank runs its experts (or slices) on the tokens routed to them and the MoE
+// combine is the same all-reduce as a dense MLP's. Pure functions: the backends call them at load,
+// the placement planner calls check_parallel_layout to reject impossible layouts before placing
+// anything.
 #pragma once
 
 #include <cstdint>
@@ -17,6 +27,8 @@ namespace troupe::engine {
 struct parallel_layout {
   int tp_rank = 0, tp_size = 1;
   int pp_rank = 0, pp_size = 1;
+  int ep_size = 0; // expert groups among the tensor ranks (parallel.expert); 0: tp_size
+  int expert_groups() const { return ep_size > 0 ? ep_size : tp_size; }
   // Rank in the whole grid: stages are consecutive blocks of tp_size ranks.
   int world_rank() const { return pp_rank * tp_size + tp_rank; }
   int world_size() const { return tp_size * pp_size; }
@@ -36,7 +48,8 @@ struct shard_plan {
   index_range heads;        // query heads of this tensor rank
   index_range kv_heads;     // its key/value heads (one replicated head when tensor > kv heads)
   index_range intermediate; // dense MLP rows of gate/up, columns of down
-  index_range experts;      // MoE experts held whole by this rank
+  index_range experts;      // MoE experts of this rank's expert group
+  index_range expert_slice; // the rows of moe_intermediate_size each of them has here
   index_range vocab;        // embedding and lm_head rows
   int64_t vocab_chunk = 0;  // ceil(vocab / tensor): the padded slice size of the logits gather
   index_range layers;       // this pipeline stage's decoder layers
@@ -44,8 +57,9 @@ struct shard_plan {
 };
 
 // The reasons a layout cannot serve `config`, e.g. "num_attention_heads=40 is not divisible by
-// tensor=3"; the first one found. Ranks are not looked at.
-expected<void> check_parallel_layout(const model_config& config, int tensor, int pipeline);
+// tensor=3"; the first one found. Ranks are not looked at. expert: parallel.expert (0: tensor).
+expected<void> check_parallel_layout(const model_config& config, int tensor, int pipeline,
+                                     int expert = 0);
 
 // This rank's slices; fails like check_parallel_layout, or for ranks outside the grid.
 expected<shard_plan> plan_shard(const model_config& config, const parallel_layout& layout);

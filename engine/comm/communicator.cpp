@@ -35,6 +35,12 @@ class single_rank_communicator final : public communicator {
   expected<void> recv(std::span<float>, int from, uint32_t) override {
     return make_error(errc::invalid_argument, "recv from rank {} in a group of one", from);
   }
+  expected<void> all_to_all(std::span<const float> send, std::span<const int64_t> send_counts,
+                            std::span<float> recv, std::span<const int64_t> recv_counts) override {
+    TROUPE_TRY_VOID(check_all_to_all(1, send.size(), send_counts, recv.size(), recv_counts));
+    std::copy(send.begin(), send.end(), recv.begin());
+    return {};
+  }
   expected<void> barrier() override { return {}; }
 };
 
@@ -95,6 +101,37 @@ class folder_store final : public rendezvous_store {
 };
 
 } // namespace
+
+expected<std::pair<int64_t, int64_t>> all_to_all_totals(int size,
+                                                        std::span<const int64_t> send_counts,
+                                                        std::span<const int64_t> recv_counts) {
+  if (send_counts.size() != static_cast<size_t>(size) ||
+      recv_counts.size() != static_cast<size_t>(size))
+    return make_error(errc::invalid_argument,
+                      "all_to_all: {} send and {} receive counts for a group of {}",
+                      send_counts.size(), recv_counts.size(), size);
+  int64_t out = 0, in = 0;
+  for (int r = 0; r < size; ++r) {
+    if (send_counts[static_cast<size_t>(r)] < 0 || recv_counts[static_cast<size_t>(r)] < 0)
+      return make_error(errc::invalid_argument, "all_to_all: a negative count for rank {}", r);
+    out += send_counts[static_cast<size_t>(r)];
+    in += recv_counts[static_cast<size_t>(r)];
+  }
+  return std::pair{out, in};
+}
+
+expected<void> check_all_to_all(int size, size_t send_floats, std::span<const int64_t> send_counts,
+                                size_t recv_floats, std::span<const int64_t> recv_counts) {
+  auto totals = all_to_all_totals(size, send_counts, recv_counts);
+  if (!totals)
+    return std::move(totals).error();
+  if (static_cast<int64_t>(send_floats) != totals->first ||
+      static_cast<int64_t>(recv_floats) != totals->second)
+    return make_error(errc::invalid_argument,
+                      "all_to_all: buffers of {} and {} floats, the counts say {} and {}",
+                      send_floats, recv_floats, totals->first, totals->second);
+  return {};
+}
 
 std::unique_ptr<communicator> make_single_rank_communicator() {
   return std::make_unique<single_rank_communicator>();

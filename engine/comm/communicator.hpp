@@ -1,6 +1,7 @@
 // Collective and point-to-point communication between the ranks of one model-parallel group:
 // the interface the sharded backends call (all-reduce after o_proj/down_proj, all-gather of
-// vocab-parallel logits, send/recv of hidden states between pipeline stages). Implementations:
+// vocab-parallel logits, send/recv of hidden states between pipeline stages, all-to-all of MoE
+// token rows between expert ranks). Implementations:
 // single-rank (tensor=1), Gloo over TCP (CPU ranks), NCCL later on GPUs. Every call blocks the
 // calling thread until the operation completes on this rank; a dead peer ends in an error after
 // the communicator's timeout, never a hang.
@@ -11,6 +12,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "runtime/error.hpp"
@@ -30,11 +32,27 @@ class communicator {
   virtual expected<void> all_gather(std::span<const float> in, std::span<float> out) = 0;
   // data[n] on every rank becomes root's data[n].
   virtual expected<void> broadcast(std::span<float> data, int root) = 0;
+  // Personalised exchange: `send` holds, in rank order, send_counts[r] floats for each rank r;
+  // `recv` receives recv_counts[r] floats from each rank r, in rank order. Both count lists
+  // have size() entries and must agree across ranks (rank a's send_counts[b] is rank b's
+  // recv_counts[a]); zero counts are allowed.
+  virtual expected<void> all_to_all(std::span<const float> send,
+                                    std::span<const int64_t> send_counts, std::span<float> recv,
+                                    std::span<const int64_t> recv_counts) = 0;
   // Point to point; `tag` tells apart messages between the same pair of ranks.
   virtual expected<void> send(std::span<const float> data, int to, uint32_t tag) = 0;
   virtual expected<void> recv(std::span<float> data, int from, uint32_t tag) = 0;
   virtual expected<void> barrier() = 0;
 };
+
+// The floats an all_to_all sends and receives in all (the sums of its counts), after checking
+// that each count list has `size` entries, none negative.
+expected<std::pair<int64_t, int64_t>> all_to_all_totals(int size,
+                                                        std::span<const int64_t> send_counts,
+                                                        std::span<const int64_t> recv_counts);
+// The same, and that the buffers hold exactly what the counts add up to.
+expected<void> check_all_to_all(int size, size_t send_floats, std::span<const int64_t> send_counts,
+                                size_t recv_floats, std::span<const int64_t> recv_counts);
 
 // The communicator of a group of one: collectives are copies, send/recv are errors.
 std::unique_ptr<communicator> make_single_rank_communicator();

@@ -1,13 +1,15 @@
 // Collectives and point-to-point transfers on device buffers, enqueued on a CUDA stream: what the
 // sharded CUDA backend calls (all-reduce after o_proj/down_proj, logits all-gather, hidden states
-// between pipeline stages). NCCL, or host-staged over any host communicator (Gloo). Plain C++:
-// usable without nvcc. Calls enqueue and return (host-staged ones block); synchronize() blocks.
+// between pipeline stages, MoE token rows between expert ranks). NCCL, or host-staged over any host
+// communicator (Gloo). Plain C++: usable without nvcc. Calls enqueue and return (host-staged ones
+// block); synchronize() blocks.
 #pragma once
 
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 
 #include "engine/comm/communicator.hpp"
@@ -45,6 +47,13 @@ class device_communicator {
   // data[count] on every rank becomes root's data[count].
   virtual expected<void> broadcast(void* data, size_t count, device_dtype t, int root,
                                    device_stream s) = 0;
+  // Personalised exchange as communicator::all_to_all: send_counts[r] elements of `send` go to
+  // rank r, recv_counts[r] from rank r land in `recv`, both in rank order (host count lists of
+  // size() entries). NCCL: one group of ncclSend/ncclRecv pairs; capturable like the others only
+  // when the counts are the same at replay.
+  virtual expected<void> all_to_all(const void* send, std::span<const int64_t> send_counts,
+                                    void* recv, std::span<const int64_t> recv_counts,
+                                    device_dtype t, device_stream s) = 0;
   virtual expected<void> send(const void* data, size_t count, device_dtype t, int to,
                               device_stream s) = 0;
   virtual expected<void> recv(void* data, size_t count, device_dtype t, int from,

@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 #include <gloo/allgather.h>
 #include <gloo/allreduce.h>
+#include <gloo/alltoallv.h>
 #include <gloo/barrier.h>
 #include <gloo/broadcast.h>
 #include <gloo/math.h>
@@ -98,6 +99,21 @@ class gloo_communicator final : public communicator {
       o.setRoot(root);
       o.setTimeout(timeout_);
       gloo::broadcast(o);
+    });
+  }
+  expected<void> all_to_all(std::span<const float> send, std::span<const int64_t> send_counts,
+                            std::span<float> recv, std::span<const int64_t> recv_counts) override {
+    TROUPE_TRY_VOID(check_all_to_all(size(), send.size(), send_counts, recv.size(), recv_counts));
+    // Gloo wants a buffer even where nothing moves.
+    float none = 0;
+    auto* in = send.empty() ? &none : const_cast<float*>(send.data());
+    auto* out = recv.empty() ? &none : recv.data();
+    return guarded("all_to_all", rank(), [&] {
+      gloo::AlltoallvOptions o(ctx_);
+      o.setInput(in, std::vector<int64_t>(send_counts.begin(), send_counts.end()));
+      o.setOutput(out, std::vector<int64_t>(recv_counts.begin(), recv_counts.end()));
+      o.setTimeout(timeout_);
+      gloo::alltoallv(o);
     });
   }
   expected<void> send(std::span<const float> data, int to, uint32_t tag) override {

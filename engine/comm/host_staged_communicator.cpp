@@ -49,6 +49,17 @@ class host_staged_communicator final : public device_communicator {
     TROUPE_TRY_VOID(host_.broadcast(a_, root));
     return to_device(a_, data, t, s);
   }
+  expected<void> all_to_all(const void* send, std::span<const int64_t> send_counts, void* recv,
+                            std::span<const int64_t> recv_counts, device_dtype t,
+                            device_stream s) override {
+    auto totals = all_to_all_totals(size(), send_counts, recv_counts);
+    if (!totals)
+      return std::move(totals).error();
+    TROUPE_TRY_VOID(to_host(send, static_cast<size_t>(totals->first), t, s, a_));
+    b_.resize(static_cast<size_t>(totals->second));
+    TROUPE_TRY_VOID(host_.all_to_all(a_, send_counts, b_, recv_counts));
+    return to_device(b_, recv, t, s);
+  }
   expected<void> send(const void* data, size_t n, device_dtype t, int to,
                       device_stream s) override {
     TROUPE_TRY_VOID(to_host(data, n, t, s, a_));

@@ -56,6 +56,36 @@ class nccl_communicator final : public device_communicator {
                            device_stream s) override {
     return call("broadcast", ncclBroadcast(data, data, n, nccl_type(t), root, comm(), to_cuda(s)));
   }
+  expected<void> all_to_all(const void* send, std::span<const int64_t> send_counts, void* recv,
+                            std::span<const int64_t> recv_counts, device_dtype t,
+                            device_stream s) override {
+    auto totals = all_to_all_totals(size_, send_counts, recv_counts);
+    if (!totals)
+      return std::move(totals).error();
+    if (comm_ == nullptr)
+      return dead("all_to_all");
+    const size_t bytes = dtype_bytes(t);
+    const auto* in = static_cast<const char*>(send);
+    auto* out = static_cast<char*>(recv);
+    ncclResult_t first_error = ncclSuccess;
+    auto note = [&](ncclResult_t r) {
+      if (r != ncclSuccess && r != ncclInProgress && first_error == ncclSuccess)
+        first_error = r;
+    };
+    note(ncclGroupStart());
+    for (int r = 0; r < size_; ++r) {
+      const auto ns = static_cast<size_t>(send_counts[static_cast<size_t>(r)]);
+      const auto nr = static_cast<size_t>(recv_counts[static_cast<size_t>(r)]);
+      if (ns > 0)
+        note(ncclSend(in, ns, nccl_type(t), r, comm(), to_cuda(s)));
+      if (nr > 0)
+        note(ncclRecv(out, nr, nccl_type(t), r, comm(), to_cuda(s)));
+      in += ns * bytes;
+      out += nr * bytes;
+    }
+    const ncclResult_t end = ncclGroupEnd(); // always closes the group opened above
+    return call("all_to_all", first_error != ncclSuccess ? first_error : end);
+  }
   expected<void> send(const void* data, size_t n, device_dtype t, int to,
                       device_stream s) override {
     return call("send", ncclSend(data, n, nccl_type(t), to, comm(), to_cuda(s)));

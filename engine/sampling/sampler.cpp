@@ -167,6 +167,10 @@ seq_output sample_row(std::span<const float> logits, const sample_inputs& in,
   for (token_id t : in.banned)
     if (t >= 0 && static_cast<size_t>(t) < w.size())
       w[static_cast<size_t>(t)] = -std::numeric_limits<float>::infinity();
+  if (!in.allowed.empty()) // structured output: what the grammar does not allow is -inf
+    for (size_t t = 0; t < w.size(); ++t)
+      if (t / 32 >= in.allowed.size() || ((in.allowed[t / 32] >> (t % 32)) & 1u) == 0)
+        w[t] = -std::numeric_limits<float>::infinity();
   if (p.temperature < greedy_below) // argmax, lowest id on ties
     out.token = static_cast<token_id>(std::max_element(w.begin(), w.end()) - w.begin());
   else
@@ -224,7 +228,8 @@ expected<std::vector<row_job>> sampler::prepare(const step_plan& plan, const for
          .in = {.params = &s.sampling,
                 .index = static_cast<uint64_t>(std::max<int64_t>(0, end - s.num_prompt_tokens)),
                 .banned = s.banned_tokens,
-                .penalties = st}});
+                .penalties = st,
+                .allowed = s.allowed_tokens}});
   }
   return jobs;
 }

@@ -42,6 +42,7 @@ struct sample_inputs {
   uint64_t index = 0;                       // generated tokens before this one (random draw)
   std::span<const token_id> banned;         // logits forced to -inf
   const penalty_state* penalties = nullptr; // null when no penalty is on
+  std::span<const uint32_t> allowed;        // seq_step::allowed_tokens (empty: all)
 };
 
 // Samples one token from `logits` ([vocab]). `scratch` is reused between calls.

@@ -160,6 +160,7 @@ scheduler_stats engine_loop::stats() const {
     sum.preemptions += s.preemptions;
     sum.finished += s.finished;
     sum.prefix_hit_tokens += s.prefix_hit_tokens;
+    sum.constraint_violations += s.constraint_violations;
     sum.num_running += s.num_running;
     sum.num_waiting += s.num_waiting;
     sum.num_importing += s.num_importing;

@@ -19,6 +19,7 @@ struct scheduler::sequence {
   sampling_params sampling;
   std::vector<token_id> stop_ids;
   stop_hook stop_check;
+  std::shared_ptr<token_constraint> constraint;
   kv_handoff handoff = kv_handoff::none;
   state st = state::waiting;
   bool first_step = true;
@@ -113,6 +114,10 @@ expected<void> scheduler::validate(const request& r) const {
     if (t < 0 || (opt_.vocab_size > 0 && t >= opt_.vocab_size))
       return make_error(errc::invalid_argument, "stop_token_ids holds {}, not a token id", t);
   TROUPE_TRY_VOID(engine::validate(r.sampling));
+  if (r.constraint && r.sampling.min_tokens > 0)
+    return make_error(errc::invalid_argument,
+                      "min_tokens cannot be combined with structured output (the grammar decides "
+                      "where the output ends)");
   if (static_cast<int32_t>(waiting_.size()) >= opt_.max_waiting)
     return make_error(errc::resource_exhausted,
                       "the waiting queue is full ({} requests, max_waiting); retry later",
@@ -135,6 +140,7 @@ expected<seq_id> scheduler::add(request r) {
   }
   s->stop_ids = std::move(r.stop_token_ids);
   s->stop_check = std::move(r.stop_check);
+  s->constraint = std::move(r.constraint);
   s->handoff = r.handoff;
   waiting_.push_back(s.get());
   seq_id id = s->id;
@@ -255,6 +261,10 @@ void scheduler::emit(sequence& s, int32_t n, step_plan& plan, size_t& used) {
     st.banned_tokens = opt_.eos_token_ids;
     st.banned_tokens.insert(st.banned_tokens.end(), s.stop_ids.begin(), s.stop_ids.end());
   }
+  if (st.logits == logits_mode::last && s.constraint)
+    s.constraint->fill_mask(st.allowed_tokens);
+  else
+    st.allowed_tokens.clear();
   s.first_step = false;
   s.num_computed = end;
   s.scheduled_step = step_;
@@ -386,7 +396,7 @@ expected<void> scheduler::finish_import(seq_id id, const seq_output& first,
   r.top_logprobs = first.top_logprobs;
   finish_reason why;
   token_id which = -1;
-  if (should_stop(s, first.token, why, which)) {
+  if (should_stop(s, first.token, why, which) || constrained_stop(s, first.token, why, which)) {
     running_.pop_back();
     finish(s, why, which, &r);
   }
@@ -452,6 +462,21 @@ bool scheduler::should_stop(sequence& s, token_id t, finish_reason& why, token_i
   return false;
 }
 
+// Structured output: accepts `t` into the constraint; the output ends when the grammar is complete
+// (or, should the samplers have had no allowed token to pick, at a token it refuses).
+bool scheduler::constrained_stop(sequence& s, token_id t, finish_reason& why, token_id& which) {
+  if (!s.constraint)
+    return false;
+  const bool ok = s.constraint->accept(t);
+  if (ok && !s.constraint->terminated())
+    return false;
+  if (!ok)
+    ++stats_.constraint_violations;
+  why = finish_reason::stop;
+  which = contains(opt_.eos_token_ids, t) ? t : -1;
+  return true;
+}
+
 expected<void> scheduler::update(const step_plan& plan, const step_result& result,
                                  std::vector<request_output>& out) {
   if (plan.step != step_ || plan.seqs.size() != scheduled_.size())
@@ -501,7 +526,7 @@ expected<void> scheduler::update(const step_plan& plan, const step_result& resul
     if (s.handoff == kv_handoff::export_kv) {
       finish(s, finish_reason::handoff, -1, &r, true);
       any_finished = true;
-    } else if (should_stop(s, o->token, why, which)) {
+    } else if (should_stop(s, o->token, why, which) || constrained_stop(s, o->token, why, which)) {
       finish(s, why, which, &r);
       any_finished = true;
     }

@@ -12,6 +12,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "engine/grammar/constraint.hpp"
 #include "engine/kv/block_pool.hpp"
 #include "runtime/error.hpp"
 #include "runtime/step.hpp"
@@ -77,6 +78,10 @@ struct request {
   sampling_params sampling; // including max_tokens, min_tokens, ignore_eos
   std::vector<token_id> stop_token_ids;
   stop_hook stop_check; // optional
+  // Structured output (optional): each sampled token is restricted to what the constraint allows
+  // (seq_step::allowed_tokens), then accepted into it; when it terminates, the request finishes
+  // with `stop`. The scheduler owns it from add() on (a copy of the request must fork() it).
+  std::shared_ptr<token_constraint> constraint;
 };
 
 // What one step produced for one request: at most one token (with logprobs), and/or the end.
@@ -99,6 +104,9 @@ struct scheduler_stats {
   uint64_t preemptions = 0;
   uint64_t finished = 0;
   uint64_t prefix_hit_tokens = 0; // prompt tokens served from the prefix cache
+  // Structured output: sampled tokens the grammar refused (none unless a sampler ignored the mask
+  // or every allowed token was banned); each ended its request.
+  uint64_t constraint_violations = 0;
   int32_t num_running = 0;
   int32_t num_waiting = 0;
   int32_t num_importing = 0; // decode side: blocks reserved, KV not yet arrived
@@ -171,6 +179,7 @@ class scheduler {
   bool admit_import(sequence& s);
   expected<sequence*> take_importing(seq_id id); // out of importing_, or why not
   bool should_stop(sequence& s, token_id t, finish_reason& why, token_id& which) const;
+  bool constrained_stop(sequence& s, token_id t, finish_reason& why, token_id& which);
   expected<void> validate(const request& r) const;
 
   scheduler_options opt_;

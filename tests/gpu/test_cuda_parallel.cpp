@@ -3,6 +3,7 @@
 // ranks on one GPU): tensor=2, pipeline=2 and tensor=2 x pipeline=2 on the golden models must
 // match tensor=1 on the same GPU. NCCL itself runs at one rank. The parent process never touches
 // CUDA (a forked child could not use it then): every GPU call happens in a child.
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <fstream>
@@ -160,8 +161,9 @@ rank_result parse(const std::string& msg, size_t prompts) {
 }
 
 // The grid's ranks (forked, sharing GPU 0 through host-staged Gloo, or one GPU each over NCCL)
-// against tensor=1 on GPU 0.
-void check_grid(const std::string& name, int tensor, int pipeline, bool nccl = false) {
+// against tensor=1 on GPU 0. expert: parallel.expert (0: tensor).
+void check_grid(const std::string& name, int tensor, int pipeline, bool nccl = false,
+                int expert = 0) {
   auto dir = test::golden_model(name);
   if (!dir)
     return;
@@ -169,8 +171,11 @@ void check_grid(const std::string& name, int tensor, int pipeline, bool nccl = f
   auto outcomes = test::run_ranks(
       tensor * pipeline,
       [&](int r, const std::filesystem::path& d) {
-        parallel_layout lay{
-            .tp_rank = r % tensor, .tp_size = tensor, .pp_rank = r / tensor, .pp_size = pipeline};
+        parallel_layout lay{.tp_rank = r % tensor,
+                            .tp_size = tensor,
+                            .pp_rank = r / tensor,
+                            .pp_size = pipeline,
+                            .ep_size = expert};
         return run_rank(*dir, lay, prompts, d, nccl);
       },
       180s);
@@ -236,6 +241,12 @@ TEST_CASE("cuda tensor=2 x pipeline=2 (4 processes): tiny-qwen2") {
 TEST_CASE("cuda tensor=2 x pipeline=2: tiny-qwen3-moe") {
   check_grid("tiny-qwen3-moe", 2, 2);
 }
+TEST_CASE("cuda tensor=2 expert=1: tiny-qwen3-moe (every expert sliced over both ranks)") {
+  check_grid("tiny-qwen3-moe", 2, 1, false, 1);
+}
+TEST_CASE("cuda tensor=4 expert=2: tiny-qwen3-moe (two groups of four experts, sliced in two)") {
+  check_grid("tiny-qwen3-moe", 4, 1, false, 2);
+}
 
 namespace {
 
@@ -250,8 +261,9 @@ namespace {
       return make_error(errc::internal, "check failed: {}", #cond);                                \
   } while (false)
 
-// NCCL at one rank: init through a folder store, every collective an identity on f32 and bf16,
-// an all-gather recorded into a CUDA graph and replayed, then a clean destroy.
+// NCCL at one rank: init through a folder store, every collective an identity on f32 and bf16
+// (all-to-all a copy), an all-gather recorded into a CUDA graph and replayed, then a clean
+// destroy.
 expected<void> nccl_one_rank(const std::filesystem::path& dir) {
   auto store = comm::make_folder_store((dir / "store").string());
   std::unique_ptr<comm::device_communicator> c;
@@ -284,6 +296,13 @@ expected<void> nccl_one_rank(const std::filesystem::path& dir) {
   CHILD_CUDA(cudaMemcpy(br.data(), db, n * 2, cudaMemcpyDeviceToHost));
   CHILD_CHECK(xr == x);
   CHILD_CHECK(br == b);
+  // All-to-all at one rank: a copy.
+  CHILD_CUDA(cudaMemset(dout, 0, n * 4));
+  const std::vector<int64_t> all{static_cast<int64_t>(n)};
+  TROUPE_TRY_VOID(c->all_to_all(dx, all, dout, all, comm::device_dtype::f32, ds));
+  TROUPE_TRY_VOID(c->synchronize(ds));
+  CHILD_CUDA(cudaMemcpy(xr.data(), dout, n * 4, cudaMemcpyDeviceToHost));
+  CHILD_CHECK(xr == x);
   // All-gather (out of place) captured into a graph: only the replay can fill `dout`.
   CHILD_CUDA(cudaMemset(dout, 0, n * 4));
   cudaGraph_t graph = nullptr;
@@ -304,6 +323,43 @@ expected<void> nccl_one_rank(const std::filesystem::path& dir) {
   cudaFree(dout);
   cudaFree(db);
   cudaStreamDestroy(s);
+  return {};
+}
+
+// Host-staged all-to-all over Gloo at `rank` of 3 (forked ranks sharing GPU 0): rank r sends
+// (r + 2k) % 3 values to rank k (none for some pairs), in bf16, each value naming its sender,
+// receiver and position.
+expected<void> staged_all_to_all(const std::filesystem::path& dir, int rank) {
+  auto store = comm::make_folder_store((dir / "store").string());
+  std::unique_ptr<comm::communicator> host;
+  TROUPE_ASSIGN(host, comm::make_gloo_communicator(*store, rank, 3, {.prefix = "a2a"}));
+  std::unique_ptr<comm::device_communicator> c;
+  TROUPE_ASSIGN(c, comm::make_host_staged_communicator(*host));
+  std::vector<int64_t> sc(3), rc(3);
+  std::vector<uint16_t> out, want;
+  auto value = [](int from, int to, int j) { // exact in bf16: small integers
+    return static_cast<uint16_t>(
+        std::bit_cast<uint32_t>(static_cast<float>(9 * from + 3 * to + j)) >> 16);
+  };
+  for (int k = 0; k < 3; ++k) {
+    sc[static_cast<size_t>(k)] = (rank + 2 * k) % 3;
+    rc[static_cast<size_t>(k)] = (k + 2 * rank) % 3;
+    for (int j = 0; j < sc[static_cast<size_t>(k)]; ++j)
+      out.push_back(value(rank, k, j));
+    for (int j = 0; j < rc[static_cast<size_t>(k)]; ++j)
+      want.push_back(value(k, rank, j));
+  }
+  uint16_t *din = nullptr, *dout = nullptr;
+  CHILD_CUDA(cudaMalloc(&din, out.size() * 2 + 2));
+  CHILD_CUDA(cudaMalloc(&dout, want.size() * 2 + 2));
+  CHILD_CUDA(cudaMemcpy(din, out.data(), out.size() * 2, cudaMemcpyHostToDevice));
+  TROUPE_TRY_VOID(c->all_to_all(din, sc, dout, rc, comm::device_dtype::bf16, nullptr));
+  TROUPE_TRY_VOID(c->synchronize(nullptr));
+  std::vector<uint16_t> got(want.size());
+  CHILD_CUDA(cudaMemcpy(got.data(), dout, got.size() * 2, cudaMemcpyDeviceToHost));
+  cudaFree(din);
+  cudaFree(dout);
+  CHILD_CHECK(got == want);
   return {};
 }
 
@@ -331,6 +387,23 @@ TEST_CASE("cuda pipeline=2 over NCCL (2 GPUs): tiny-llama") {
 }
 TEST_CASE("cuda tensor=2 x pipeline=2 over NCCL (4 GPUs): tiny-qwen3-moe") {
   check_grid("tiny-qwen3-moe", 2, 2, true);
+}
+
+TEST_CASE("host-staged all-to-all over gloo (3 processes on one GPU): uneven and empty counts") {
+  auto out = test::run_ranks(
+      3,
+      [&](int r, const std::filesystem::path& d) {
+        if (auto why = cuda_unavailable_reason(); !why.empty())
+          return write_result(d, r, "SKIP: " + why);
+        auto ok = staged_all_to_all(d, r);
+        return write_result(d, r, ok ? "ok" : "error: " + ok.error().to_string());
+      },
+      60s);
+  for (size_t r = 0; r < out.size(); ++r) {
+    CAPTURE(r);
+    MESSAGE(out[r].message);
+    CHECK(out[r].exit_code == 0);
+  }
 }
 
 TEST_CASE("nccl at one rank: folder-store init, identities on f32 and bf16, graph capture") {

@@ -1,7 +1,9 @@
 // The GPU sampler against the host sampler (sampler.cpp) over many random logits rows and
 // parameter mixes: same tokens, logprobs and top logprobs; and cuda_executor on a golden model:
 // greedy equals the backend's forward_greedy, sampling equals the host sampler on the same
-// logits (local_executor over the same CUDA backend). Label `gpu`; skips without a GPU.
+// logits (local_executor over the same CUDA backend); structured-output masks (random and real
+// xgrammar ones) applied on the device pick what the host sampler picks. Label `gpu`; skips
+// without a GPU.
 #include <cmath>
 #include <random>
 
@@ -13,6 +15,8 @@
 #include "engine/backend/cuda/gpu_sampler.hpp"
 #include "engine/exec/cuda_executor.hpp"
 #include "engine/exec/local_executor.hpp"
+#include "engine/grammar/grammar.hpp"
+#include "engine/tokenizer/chat_template.hpp"
 #include "golden.hpp"
 #include "gpu_test_util.hpp"
 
@@ -251,4 +255,121 @@ TEST_CASE("cuda_executor on a golden model: greedy equals forward_greedy, sampli
     });
     CHECK(on_gpu == on_host);
   }
+}
+
+TEST_CASE("gpu sampler applies structured-output masks exactly as the host sampler") {
+  if (!test::have_gpu())
+    return;
+  auto gs = make_gpu_sampler();
+  REQUIRE_MESSAGE(gs.has_value(), (gs ? "" : gs.error().to_string()));
+  std::mt19937_64 rng(20261206);
+  std::normal_distribution<float> normal(0, 1);
+  // Real masks: the JSON-schema grammar over the Qwen3 vocabulary, along a random walk.
+  std::vector<std::vector<uint32_t>> real;
+  if (auto dir = test::golden_model("tiny-qwen3")) {
+    auto text = model_tokenizer::load(*dir);
+    REQUIRE(text.has_value());
+    auto gc = grammar_compiler::create(*text->text, 151936, text->eos_ids);
+    REQUIRE(gc.has_value());
+    auto c = (*gc)->compile({.type = grammar_spec::kind::json_schema,
+                             .text = R"({"type": "object", "properties": {"a": {"type": "string",
+                                 "maxLength": 6}, "b": {"type": "integer"}}, "required": ["a"]})"});
+    REQUIRE(c.has_value());
+    for (int step = 0; step < 40; ++step) {
+      auto& m = real.emplace_back();
+      (*c)->fill_mask(m);
+      std::vector<token_id> allowed;
+      for (token_id t = 0; t < 151936; ++t)
+        if (mask_allows(m, t))
+          allowed.push_back(t);
+      if (!(*c)->accept(allowed[rng() % allowed.size()]) || (*c)->terminated())
+        break;
+    }
+  }
+  int rows_checked = 0, constrained = 0, mismatched = 0;
+  for (int64_t V : {7, 1000, 151936}) {
+    const int rows = V > 100000 ? 90 : 180;
+    const size_t words = static_cast<size_t>((V + 31) / 32);
+    std::vector<float> logits(static_cast<size_t>(rows * V));
+    std::vector<sampling_params> params(static_cast<size_t>(rows));
+    std::vector<std::vector<uint32_t>> masks(static_cast<size_t>(rows));
+    std::vector<std::vector<token_id>> banned(static_cast<size_t>(rows));
+    std::vector<row_job> jobs;
+    for (int r = 0; r < rows; ++r) {
+      for (int64_t i = 0; i < V; ++i)
+        logits[static_cast<size_t>(r * V + i)] = normal(rng) * ((r / 9) % 2 ? 4.0f : 1.0f);
+      params[r] = mix_params(r % 8, rng); // mix 8 (everything banned) is left out
+      auto& m = masks[r];
+      switch (r % 5) {
+      case 0: // unconstrained row in the same batch
+        break;
+      case 1: // a few allowed tokens
+        m.assign(words, 0);
+        for (int k = 0, n = 1 + static_cast<int>(rng() % 12); k < n; ++k) {
+          const auto t = rng() % static_cast<uint64_t>(V);
+          m[t / 32] |= 1u << (t % 32);
+        }
+        break;
+      case 2: // about half
+        m.resize(words);
+        for (auto& w : m)
+          w = static_cast<uint32_t>(rng());
+        m[0] |= 1u;
+        break;
+      case 3: // shorter than the vocabulary: the ids past it are not allowed
+        m.assign(std::max<size_t>(1, words / 2), 0xffffffffu);
+        break;
+      default: // a real grammar mask when the vocabulary is Qwen's
+        if (V == 151936 && !real.empty())
+          m = real[static_cast<size_t>(r) % real.size()];
+        else
+          m.assign(words, 0x0f0f0f0fu);
+        break;
+      }
+      if (r % 7 == 3) // banned tokens too
+        for (int k = 0; k < 5; ++k)
+          banned[r].push_back(static_cast<token_id>(rng() % V));
+      jobs.push_back({.seq = static_cast<size_t>(r),
+                      .row = r,
+                      .in = {.params = &params[r],
+                             .index = rng() % 1000,
+                             .banned = banned[r],
+                             .allowed = masks[r]}});
+    }
+    float* d = nullptr;
+    REQUIRE(cudaMalloc(&d, logits.size() * 4) == cudaSuccess);
+    REQUIRE(cudaMemcpy(d, logits.data(), logits.size() * 4, cudaMemcpyHostToDevice) == cudaSuccess);
+    auto got = (*gs)->sample(d, V, jobs, nullptr);
+    cudaFree(d);
+    REQUIRE_MESSAGE(got.has_value(), (got ? "" : got.error().to_string()));
+    std::vector<float> scratch;
+    for (int r = 0; r < rows; ++r) {
+      CAPTURE(V);
+      CAPTURE(r);
+      std::span<const float> row(logits.data() + r * V, static_cast<size_t>(V));
+      auto want = sample_row(row, jobs[r].in, scratch);
+      const auto& g = (*got)[r];
+      ++rows_checked;
+      bool any = true; // some token is allowed and not banned
+      if (!masks[r].empty()) {
+        ++constrained;
+        any = false;
+        for (token_id t = 0; t < V && !any; ++t)
+          any = mask_allows(masks[r], t) &&
+                std::find(banned[r].begin(), banned[r].end(), t) == banned[r].end();
+        if (any)
+          CHECK(mask_allows(masks[r], g.token));
+      }
+      if (g.token != want.token) {
+        ++mismatched;
+        MESSAGE("token " << g.token << " != host " << want.token);
+        continue;
+      }
+      if (any) // else the documented fallback: the GPU reports -inf, the host the raw logprob
+        CHECK(g.logprob == doctest::Approx(want.logprob).epsilon(1e-5).scale(1));
+    }
+  }
+  MESSAGE(rows_checked << " rows (" << constrained << " constrained, " << real.size()
+                       << " real grammar masks), " << mismatched << " tokens differ");
+  CHECK(mismatched == 0);
 }

@@ -7,7 +7,8 @@
 // devices left the deployment waits (degraded, HTTP 503 saying why) until --stop. Replicas: two
 // tensor=2 replicas share the requests; SIGKILL of one replica's node fails only its stream,
 // the other replica serves on, and the lost replica restarts on a node that joins later; an idle
-// replica whose node leaves (`cluster stop`) restarts on the devices left.
+// replica whose node leaves (`cluster stop`) restarts on the devices left. MoE: tiny-qwen3-moe
+// with its experts sliced over the tensor ranks (parallel.expert) equals `cluster generate`.
 #include <doctest/doctest.h>
 
 #include <csignal>
@@ -54,11 +55,13 @@ fs::path write_yaml(cluster_fixture& fx, const std::string& file, const std::str
   return path;
 }
 
+// expert: parallel.expert, left out when 0.
 std::string yaml_for(const fs::path& model, const std::string& name, int tensor, int pipeline,
-                     int replicas = 1) {
+                     int replicas = 1, int expert = 0) {
   return fmt::format("model: {}\nserved_model_name: {}\nmax_model_len: 256\nnum_kv_blocks: 64\n"
-                     "port: 0\nparallel: {{tensor: {}, pipeline: {}, replicas: {}}}\n",
-                     model.string(), name, tensor, pipeline, replicas);
+                     "port: 0\nparallel: {{tensor: {}, pipeline: {}, replicas: {}{}}}\n",
+                     model.string(), name, tensor, pipeline, replicas,
+                     expert != 0 ? fmt::format(", expert: {}", expert) : "");
 }
 
 run_result serve(cluster_fixture& fx, const fs::path& yaml) {
@@ -283,6 +286,55 @@ TEST_CASE("cluster serve: tensor=2 x pipeline=2 over two nodes answers like clus
   // The freed devices serve the next deployment.
   auto next = serve(fx, write_yaml(fx, "big.yaml", yaml_for(*model, "big", 2, 1)));
   CHECK_MESSAGE(next.exit_code == 0, next.output);
+}
+
+TEST_CASE("cluster serve: MoE experts sliced over the tensor ranks (expert=1) answer like "
+          "cluster generate") {
+  auto golden = golden_model("tiny-qwen3-moe");
+  auto dense = golden_model("tiny-qwen3");
+  if (!golden || !dense)
+    return;
+  cluster_fixture fx;
+  // The golden MoE model has no tokenizer: served with tiny-qwen3's (the prompts are ids).
+  const auto model = std::optional<fs::path>(fx.dir("tiny-qwen3-moe"));
+  fs::create_directories(*model);
+  const auto qwen3 = golden->parent_path().parent_path() / "tokenizers" / "qwen3";
+  for (auto [from, file] : {std::pair{*golden, "config.json"},
+                            {*golden, "model.safetensors"},
+                            {qwen3, "tokenizer.json"},
+                            {qwen3, "tokenizer_config.json"}})
+    fs::create_symlink(from / file, *model / file);
+  start_cluster(fx);
+  // Layouts the model or the ranks cannot take are refused with the reason before placing.
+  auto uneven = serve(fx, write_yaml(fx, "uneven.yaml", yaml_for(*model, "uneven", 4, 1, 1, 3)));
+  CHECK(uneven.exit_code != 0);
+  CHECK_MESSAGE(uneven.output.find("expert=3 does not divide tensor=4") != std::string::npos,
+                uneven.output);
+  auto no_experts = serve(fx, write_yaml(fx, "dense.yaml", yaml_for(*dense, "dense", 2, 1, 1, 2)));
+  CHECK(no_experts.exit_code != 0);
+  CHECK_MESSAGE(no_experts.output.find("expert=2 needs a mixture-of-experts model") !=
+                    std::string::npos,
+                no_experts.output);
+  CHECK(status_json(fx)["deployments"].empty());
+
+  // tensor=2 x pipeline=2 over both nodes, every expert sliced over its stage's two ranks.
+  auto served = serve(fx, write_yaml(fx, "moe.yaml", yaml_for(*model, "moe", 2, 2, 1, 1)));
+  REQUIRE_MESSAGE(served.exit_code == 0, served.output);
+  const uint16_t port = port_of(served.output);
+  REQUIRE_MESSAGE(port != 0, served.output);
+  CHECK(deployment_of(fx, "moe")["ranks"].size() == 4);
+  for (const std::string prompt : {"970,11,1879,0,520", "17,300,4000,12"}) {
+    CAPTURE(prompt);
+    auto reply = http_call(port, "POST", "/v1/completions",
+                           fmt::format(R"({{"model": "moe", "prompt": [{}], "max_tokens": 8,
+                                            "temperature": 0, "ignore_eos": true,
+                                            "return_token_ids": true}})",
+                                       prompt));
+    REQUIRE_MESSAGE(reply.status == 200, reply.body);
+    CHECK(reply.json()["choices"][0]["token_ids"].get<std::vector<int>>() ==
+          generate_ids(fx, *model, prompt, 8));
+  }
+  CHECK(stop_serving(fx, "moe").exit_code == 0);
 }
 
 TEST_CASE("cluster serve: SIGKILL of a rank's node fails the stream, without devices it waits") {

@@ -42,7 +42,8 @@ std::vector<T> take_vector(const std::string& s, size_t& at) {
   if (at + sizeof n + n * sizeof(T) > s.size())
     throw std::out_of_range("rank result cut short");
   std::vector<T> v(n);
-  std::memcpy(v.data(), s.data() + at + sizeof n, n * sizeof(T));
+  if (n > 0) // an empty vector's data() may be null
+    std::memcpy(v.data(), s.data() + at + sizeof n, n * sizeof(T));
   at += sizeof n + n * sizeof(T);
   return v;
 }

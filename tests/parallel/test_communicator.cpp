@@ -24,6 +24,15 @@ TEST_CASE("single-rank communicator: collectives are identities, point to point 
   CHECK(y == x);
   CHECK(c->broadcast(x, 0).has_value());
   CHECK_FALSE(c->broadcast(x, 1).has_value());
+  std::vector<float> z(3);
+  const std::vector<int64_t> three{3}, two{2};
+  CHECK(c->all_to_all(x, three, z, three).has_value());
+  CHECK(z == x);
+  auto short_counts = c->all_to_all(x, two, z, two);
+  REQUIRE_FALSE(short_counts.has_value());
+  CHECK(short_counts.error().message() ==
+        "all_to_all: buffers of 3 and 3 floats, the counts say 2 and 2");
+  CHECK_FALSE(c->all_to_all(x, std::vector<int64_t>{3, 0}, z, three).has_value());
   CHECK_FALSE(c->send(x, 1, 0).has_value());
   CHECK(c->barrier().has_value());
 }
@@ -65,6 +74,21 @@ std::string exercise(communicator& c) {
   std::vector<float> b(7, static_cast<float>(r));
   if (!c.broadcast(b, n - 1) || b != std::vector<float>(7, static_cast<float>(n - 1)))
     return "broadcast";
+  // All-to-all: rank r sends (r + 2k) % 3 values to rank k (none to some), each naming its
+  // sender, receiver and position.
+  std::vector<int64_t> sc(static_cast<size_t>(n)), rc(static_cast<size_t>(n));
+  std::vector<float> to_send, want;
+  for (int k = 0; k < n; ++k) {
+    sc[static_cast<size_t>(k)] = (r + 2 * k) % 3;
+    rc[static_cast<size_t>(k)] = (k + 2 * r) % 3;
+    for (int j = 0; j < sc[static_cast<size_t>(k)]; ++j)
+      to_send.push_back(static_cast<float>(100 * r + 10 * k + j));
+    for (int j = 0; j < rc[static_cast<size_t>(k)]; ++j)
+      want.push_back(static_cast<float>(100 * k + 10 * r + j));
+  }
+  std::vector<float> got(want.size(), -1.0f);
+  if (!c.all_to_all(to_send, sc, got, rc) || got != want)
+    return "all_to_all";
   // A ring of sends: each rank passes its id to the next.
   std::vector<float> out{static_cast<float>(r)}, in{-1};
   auto sent = std::async(std::launch::async, [&] { return c.send(out, (r + 1) % n, 7); });
@@ -77,7 +101,8 @@ std::string exercise(communicator& c) {
 
 } // namespace
 
-TEST_CASE("gloo over loopback: all-reduce, all-gather, broadcast, send/recv, barrier on 3 ranks") {
+TEST_CASE("gloo over loopback: all-reduce, all-gather, broadcast, all-to-all, send/recv, barrier "
+          "on 3 ranks") {
   auto outcomes = test::run_ranks(3, [](int rank, const std::filesystem::path& dir) {
     auto store = make_folder_store((dir / "store").string());
     auto c = make_gloo_communicator(*store, rank, 3, {.prefix = "t", .timeout = 20s});

@@ -1,11 +1,13 @@
-// Tensor- and pipeline-parallel float32 CPU backend on the golden models: every rank a separate
-// process, Gloo over loopback; greedy tokens equal tensor=1 and logits within 1e-4 on every rank.
-// Also the layout rejections of engine/backend/shard.hpp.
+// Tensor-, pipeline- and expert-parallel float32 CPU backend on the golden models: every rank a
+// separate process, Gloo over loopback; greedy tokens equal tensor=1 and logits within 1e-4 on
+// every rank, and each rank reads only its share of the expert weights. Also the layout
+// rejections of engine/backend/shard.hpp.
 #include <cmath>
 #include <csignal>
 #include <cstring>
 #include <fstream>
 #include <sstream>
+#include <tuple>
 
 #include <doctest/doctest.h>
 
@@ -41,6 +43,36 @@ class dying_backend final : public backend {
   int left_;
 };
 
+// Counts the floats read of MoE expert tensors (mlp.experts.*) on the way to the real store.
+class counting_source final : public weight_source {
+ public:
+  explicit counting_source(const weight_source& inner) : inner_(inner) {}
+  bool contains(std::string_view name) const override { return inner_.contains(name); }
+  expected<std::vector<float>> load_f32(std::string_view name,
+                                        std::vector<int64_t> shape) const override {
+    return count(name, inner_.load_f32(name, std::move(shape)));
+  }
+  expected<std::vector<float>> load_f32_rows(std::string_view name, std::vector<int64_t> shape,
+                                             int64_t b, int64_t e) const override {
+    return count(name, inner_.load_f32_rows(name, std::move(shape), b, e));
+  }
+  expected<std::vector<float>> load_f32_cols(std::string_view name, std::vector<int64_t> shape,
+                                             int64_t b, int64_t e) const override {
+    return count(name, inner_.load_f32_cols(name, std::move(shape), b, e));
+  }
+  int64_t expert_floats() const { return expert_floats_; }
+
+ private:
+  expected<std::vector<float>> count(std::string_view name,
+                                     expected<std::vector<float>> got) const {
+    if (got && name.find(".mlp.experts.") != std::string_view::npos)
+      expert_floats_ += static_cast<int64_t>(got->size());
+    return got;
+  }
+  const weight_source& inner_;
+  mutable int64_t expert_floats_ = 0;
+};
+
 // One rank: join its tensor group (and the world group when pipelined), load its shard, generate.
 // die_at >= 0: this rank is killed at that step (the others must fail within `timeout`).
 int run_rank(const std::filesystem::path& model, parallel_layout lay,
@@ -70,7 +102,8 @@ int run_rank(const std::filesystem::path& model, parallel_layout lay,
   auto weights = weight_store::open(model);
   if (!config || !weights)
     return fail(config ? weights.error() : config.error());
-  auto backend = cpu_backend::create(*config, *weights, kv, {lay, tensor->get(), world.get()});
+  counting_source counted(*weights);
+  auto backend = cpu_backend::create(*config, counted, kv, {lay, tensor->get(), world.get()});
   if (!backend)
     return fail(backend.error());
   dying_backend dying(**backend, die_at);
@@ -78,6 +111,7 @@ int run_rank(const std::filesystem::path& model, parallel_layout lay,
   if (!gens)
     return fail(gens.error());
   result = "ok";
+  test::put_vector(result, std::vector<int64_t>{counted.expert_floats()});
   for (const auto& g : *gens) {
     test::put_vector(result, g.output);
     test::put_vector(result, g.prompt_argmax);
@@ -87,7 +121,8 @@ int run_rank(const std::filesystem::path& model, parallel_layout lay,
   return 0;
 }
 
-void check_grid(const std::string& name, int tensor, int pipeline) {
+// expert: parallel.expert (0: tensor).
+void check_grid(const std::string& name, int tensor, int pipeline, int expert = 0) {
   auto dir = test::golden_model(name);
   if (!dir)
     return;
@@ -98,16 +133,29 @@ void check_grid(const std::string& name, int tensor, int pipeline) {
   REQUIRE(want.has_value());
 
   auto outcomes = test::run_ranks(tensor * pipeline, [&](int r, const std::filesystem::path& d) {
-    parallel_layout lay{
-        .tp_rank = r % tensor, .tp_size = tensor, .pp_rank = r / tensor, .pp_size = pipeline};
+    parallel_layout lay{.tp_rank = r % tensor,
+                        .tp_size = tensor,
+                        .pp_rank = r / tensor,
+                        .pp_size = pipeline,
+                        .ep_size = expert};
     return run_rank(*dir, lay, prompts, d);
   });
+  auto config = load_model_config(*dir);
+  REQUIRE(config.has_value());
+  const auto& c = *config;
   for (size_t r = 0; r < outcomes.size(); ++r) {
     CAPTURE(r);
     const auto& msg = outcomes[r].message;
     REQUIRE_MESSAGE(outcomes[r].exit_code == 0, msg);
     REQUIRE(msg.substr(0, 2) == "ok");
     size_t at = 2;
+    // Whichever way the experts are cut, a rank holds 1/tensor of its stage's expert weights.
+    const auto stage = split_range(c.num_layers, pipeline, static_cast<int>(r) / tensor);
+    int64_t all_experts = 0;
+    for (int64_t l = stage.begin; l < stage.end; ++l)
+      if (c.is_moe_layer(l))
+        all_experts += c.num_experts * 3 * c.hidden_size * c.moe_intermediate_size;
+    CHECK(test::take_vector<int64_t>(msg, at) == std::vector<int64_t>{all_experts / tensor});
     for (size_t i = 0; i < prompts.size(); ++i) {
       CAPTURE(i);
       CHECK(test::take_vector<token_id>(msg, at) == (*want)[i].output);
@@ -158,8 +206,8 @@ model_config heads(int64_t q, int64_t kv) {
   return c;
 }
 
-std::string rejection(const model_config& c, int tensor, int pipeline) {
-  auto r = check_parallel_layout(c, tensor, pipeline);
+std::string rejection(const model_config& c, int tensor, int pipeline, int expert = 0) {
+  auto r = check_parallel_layout(c, tensor, pipeline, expert);
   return r ? "" : r.error().message();
 }
 
@@ -192,6 +240,18 @@ TEST_CASE("tensor=2 x pipeline=2: tiny-qwen2") {
 TEST_CASE("tensor=2 x pipeline=2: tiny-qwen3-moe") {
   check_grid("tiny-qwen3-moe", 2, 2);
 }
+TEST_CASE("tensor=4 expert=4: tiny-qwen3-moe (two whole experts per rank)") {
+  check_grid("tiny-qwen3-moe", 4, 1, 4);
+}
+TEST_CASE("tensor=2 expert=1: tiny-qwen3-moe (every expert sliced over both ranks)") {
+  check_grid("tiny-qwen3-moe", 2, 1, 1);
+}
+TEST_CASE("tensor=4 expert=2: tiny-qwen3-moe (two groups of four experts, each sliced in two)") {
+  check_grid("tiny-qwen3-moe", 4, 1, 2);
+}
+TEST_CASE("tensor=2 x pipeline=2 expert=1: tiny-qwen3-moe") {
+  check_grid("tiny-qwen3-moe", 2, 2, 1);
+}
 
 TEST_CASE("tensor=2: a rank SIGKILLed mid-stream fails its peer within seconds, no hang") {
   check_rank_killed_mid_stream();
@@ -216,6 +276,47 @@ TEST_CASE("layout rejections name the model field and the parallel size") {
   auto out_of_grid = plan_shard(heads(8, 8), {.tp_rank = 2, .tp_size = 2});
   REQUIRE_FALSE(out_of_grid.has_value());
   CHECK(out_of_grid.error().message() == "rank (tensor 2, pipeline 0) is outside a 2 x 1 grid");
+}
+
+TEST_CASE("expert layout rejections name the model field and the parallel sizes") {
+  auto moe = heads(8, 8);
+  moe.num_experts = 60;
+  moe.moe_intermediate_size = 96;
+  CHECK(rejection(moe, 8, 1) == "");    // expert = tensor: whole experts, 7 or 8 per rank
+  CHECK(rejection(moe, 8, 1, 4) == ""); // 15 experts per group of 2 ranks, 48 rows each
+  CHECK(rejection(moe, 8, 1, 1) == ""); // every expert in 8 slices of 12 rows
+  CHECK(rejection(moe, 8, 1, 8) ==
+        "num_experts=60 is not divisible by expert=8: every expert group holds the same number "
+        "of whole experts");
+  CHECK(rejection(moe, 8, 1, 3) ==
+        "expert=3 does not divide tensor=8: the tensor ranks form expert groups of the same size");
+  CHECK(rejection(moe, 2, 1, 4) ==
+        "expert=4 does not divide tensor=2: the tensor ranks form expert groups of the same size");
+  CHECK(rejection(moe, 4, 1, -1) == "expert=-1 must be at least 1 (or 0: tensor)");
+  moe.moe_intermediate_size = 90;
+  CHECK(rejection(moe, 8, 1, 2) ==
+        "moe_intermediate_size=90 is not divisible by tensor/expert=4 (the ranks of an expert "
+        "group slice each expert's intermediate dimension)");
+  CHECK(rejection(heads(8, 8), 2, 1, 2) ==
+        "expert=2 needs a mixture-of-experts model (this one has no experts)");
+  CHECK(rejection(heads(8, 8), 2, 1, 1) == ""); // no expert parallelism: true of a dense model
+}
+
+TEST_CASE("shard plan: expert groups hold whole experts, their ranks slice them") {
+  auto c = heads(8, 8);
+  c.num_experts = 8;
+  c.moe_intermediate_size = 48;
+  auto at = [&](int rank, int tensor, int expert) {
+    auto s = plan_shard(c, {.tp_rank = rank, .tp_size = tensor, .ep_size = expert});
+    REQUIRE(s.has_value());
+    return std::tuple{s->experts.begin, s->experts.end, s->expert_slice.begin, s->expert_slice.end};
+  };
+  using r = std::tuple<int64_t, int64_t, int64_t, int64_t>;
+  CHECK(at(3, 4, 0) == r{6, 8, 0, 48});  // default: whole experts on every rank
+  CHECK(at(3, 4, 4) == r{6, 8, 0, 48});  // the same, said explicitly
+  CHECK(at(2, 4, 2) == r{4, 8, 0, 24});  // group 1 (ranks 2, 3): experts 4..7, first half
+  CHECK(at(3, 4, 2) == r{4, 8, 24, 48}); // ... second half
+  CHECK(at(1, 4, 1) == r{0, 8, 12, 24}); // one group: every expert, a quarter of each
 }
 
 TEST_CASE("shard plan: replicated kv heads and uneven splits") {

@@ -45,6 +45,11 @@ expect(["serve", "/nonexistent/folder", "--max-num-seqs", "0"], 2,
 expect(["serve", "/nonexistent/folder", "--device", "tpu"], 2,
        "--device: 'device' must be auto, cpu or cuda")
 expect(["serve", "/nonexistent/folder", "--port", "eighty"], 2, "'port' has an invalid value")
+expect(["serve", "--help"], 0, "--enable-expert-parallel")
+expect(["serve", "/nonexistent/folder", "--tensor-parallel-size", "2", "--expert-parallel-size",
+        "4"], 2, "--expert: 'parallel.expert' must be in [1, parallel.tensor]")
+expect(["serve", "/nonexistent/folder", "--enable-expert-parallel", "--expert-parallel-size", "2"],
+       2, "--expert excludes --enable-expert-parallel")
 print("typos, usage errors and exit codes: ok")
 
 golden = os.environ.get("TROUPE_GOLDEN_DIR", golden_arg)

@@ -1,8 +1,10 @@
 """Driven by openai_sdk.sh: the official SDK's chat and completions calls, streaming and not,
-against a real `cluster serve --block`; greedy SDK output equals the raw HTTP token ids."""
-import os, re, signal, subprocess, sys, tempfile
+against a real `cluster serve --block`; greedy SDK output equals the raw HTTP token ids; structured
+output through parse() with a pydantic model and forced tool calls."""
+import json, os, re, signal, subprocess, sys, tempfile, typing
 
 import openai
+import pydantic
 
 cluster, golden = sys.argv[1], os.environ.get("TROUPE_GOLDEN_DIR", sys.argv[2])
 model = os.path.join(golden, "models", "tiny-qwen3")
@@ -73,13 +75,44 @@ try:
                                             max_tokens=4, temperature=0, extra_body=extra)
     assert answer.choices[0].finish_reason == "length", answer
     assert not answer.choices[0].message.tool_calls, answer
-    for bad in ({"tool_choice": "required", "tools": tools},
-                {"response_format": {"type": "json_object"}}):
-        try:
-            client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, **bad)
-            raise AssertionError(f"{bad} accepted")
-        except openai.BadRequestError as e:
-            assert next(iter(bad)) in str(e), e
+    # Structured output: parse() with a pydantic model (the SDK sends a strict json_schema) and
+    # tool_choice "required" / a named function (streamed), constrained so that they always parse.
+    class Weather(pydantic.BaseModel):
+        city: typing.Literal["Paris", "Lyon", "Nice"]
+        rain: bool
+        temp: int = pydantic.Field(ge=-20, le=45)
+    for seed in range(3):
+        parsed = client.chat.completions.parse(model="tiny", messages=msgs, response_format=Weather,
+                                               max_tokens=200, temperature=1.0, seed=seed)
+        assert isinstance(parsed.choices[0].message.parsed, Weather), parsed
+    tools[0]["function"]["parameters"]["properties"]["city"]["maxLength"] = 8
+    tools[0]["function"]["parameters"]["required"] = ["city"]
+    # No max_tokens: the tools take most of the 256-token context; one call fits in the rest.
+    forced = client.chat.completions.create(model="tiny", messages=msgs, tools=tools,
+                                            tool_choice="required", parallel_tool_calls=False,
+                                            temperature=1.0, seed=1)
+    assert forced.choices[0].finish_reason == "tool_calls", forced
+    for call in forced.choices[0].message.tool_calls:
+        assert call.function.name == "get_weather", call
+        assert isinstance(json.loads(call.function.arguments)["city"], str), call
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    names, args = set(), {}
+    for chunk in client.chat.completions.create(model="tiny", messages=msgs, tools=tools,
+                                                tool_choice=named, temperature=1.0, seed=2,
+                                                stream=True):
+        for call in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            if call.function and call.function.name:
+                names.add(call.function.name)
+            if call.function and call.function.arguments:
+                args[call.index] = args.get(call.index, "") + call.function.arguments
+    assert names == {"get_weather"} and args, (names, args)
+    assert all("city" in json.loads(a) for a in args.values()), args
+    try:
+        client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2,
+                                       extra_body={"guided_regex": "(unclosed"})
+        raise AssertionError("a bad regex was accepted")
+    except openai.BadRequestError as e:
+        assert "guided_regex" in str(e), e
     biased = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=4,
                                             temperature=0.7, seed=3, logit_bias={"13": 100},
                                             extra_body=extra)

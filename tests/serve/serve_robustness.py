@@ -154,7 +154,7 @@ def one(port, i):
         elif case == 1:
             req["max_tokens"], param = "lots", "max_tokens"
         elif case == 2:
-            req["n"], param = 3, "n"
+            req["n"], param = 100, "n"
         elif case == 3:
             req["temperature"], what = -1.0, "temperature"
         elif case == 4:

@@ -123,6 +123,25 @@ TEST_CASE("model.yaml: tensor x pipeline x replicas layouts parse, sizes below 1
   CHECK(r.error().message().find("'parallel' sizes must be >= 1") != std::string::npos);
 }
 
+TEST_CASE("model.yaml: parallel.expert defaults to 0 (tensor) and stays within the tensor ranks") {
+  auto d = parse_deployment("model: /m\nparallel: {tensor: 4}\n", "m.yaml");
+  REQUIRE(d.has_value());
+  CHECK(d->parallel.expert == 0);
+  auto e = parse_deployment("model: /m\nparallel: {tensor: 4, expert: 2}\n", "m.yaml");
+  REQUIRE_MESSAGE(e.has_value(), (e ? "" : e.error().to_string()));
+  CHECK(e->parallel.expert == 2);
+  for (const char* bad : {"{tensor: 2, expert: 4}", "{expert: -1}"}) {
+    CAPTURE(bad);
+    auto r = parse_deployment(fmt::format("model: /m\nparallel: {}\n", bad), "m.yaml");
+    REQUIRE(!r.has_value());
+    CHECK(r.error().message() ==
+          "m.yaml: 'parallel.expert' must be in [1, parallel.tensor] (0 = parallel.tensor)");
+  }
+  auto typo = parse_deployment("model: /m\nparallel: {experts: 2}\n", "m.yaml");
+  REQUIRE(!typo.has_value());
+  CHECK(typo.error().message().find("did you mean 'parallel.expert'?") != std::string::npos);
+}
+
 TEST_CASE("model.yaml: http limits have defaults, parse, and are range-checked by name") {
   auto d = parse_deployment("model: /m\n", "m.yaml");
   REQUIRE(d.has_value());

@@ -6,6 +6,8 @@
 #include <chrono>
 #include <thread>
 
+#include <regex>
+
 #include <doctest/doctest.h>
 
 #include "actors/serving/deployment.hpp"
@@ -14,6 +16,7 @@
 #include "engine/tokenizer/chat_template.hpp"
 #include "golden.hpp"
 #include "http_client.hpp"
+#include "json_schema_check.hpp"
 
 using namespace troupe;
 using json = nlohmann::json;
@@ -180,7 +183,8 @@ TEST_CASE("http: errors come in OpenAI's shape with the right status and paramet
   check("/v1/completions", R"({"prompt": "hi", "model": "gpt-4"})", 404, "model");
   check("/v1/completions", json{{"prompt", std::vector<int>(300, 5)}}.dump(), 400, "prompt");
   check("/v1/completions", R"({"prompt": "hi", "max_tokens": 1000})", 400, "max_tokens");
-  check("/v1/completions", R"({"prompt": "hi", "n": 2})", 400, "n");
+  check("/v1/completions", R"({"prompt": "hi", "n": 0})", 400, "n");
+  check("/v1/completions", R"({"prompt": "hi", "n": 65})", 400, "n");
   check("/v1/completions", R"({"prompt": "hi", "temperature": "hot"})", 400, "temperature");
   check("/v1/completions", R"({"prompt": [1, -4]})", 400, "prompt");
   check("/v1/chat/completions", R"({"messages": []})", 400, "messages");
@@ -483,10 +487,6 @@ TEST_CASE("http: tools reach the chat template, tool history with null content i
   CHECK(j["choices"][0]["finish_reason"] == "length");
   CHECK(!j["choices"][0]["message"].contains("tool_calls"));
 
-  body["tool_choice"] = "required";
-  auto req = test::http_call(s->port(), "POST", "/v1/chat/completions", body.dump());
-  CHECK(req.status == 400);
-  CHECK(req.json()["error"]["param"] == "tool_choice");
   body["tool_choice"] = "auto";
   body["tools"][0]["type"] = "retrieval";
   auto bad = test::http_call(s->port(), "POST", "/v1/chat/completions", body.dump());
@@ -525,26 +525,179 @@ TEST_CASE("http: logit_bias steers the sampled tokens, streamed and not") {
   }
 }
 
-TEST_CASE("http: structured-output requests are refused with 400 naming the field") {
+TEST_CASE("http: structured output (xgrammar) constrains what the model writes, streamed and not") {
   auto* s = server();
   if (!s)
     return;
-  const std::vector<std::pair<std::string, json>> cases = {
-      {"response_format", {{"type", "json_object"}}},
-      {"response_format", {{"type", "json_schema"}, {"json_schema", {{"name", "x"}}}}},
-      {"structured_outputs", {{"choice", {"a", "b"}}}},
-      {"guided_json", {{"type", "object"}}},
-      {"guided_regex", "[0-9]+"},
-      {"guided_choice", {"yes", "no"}},
-      {"guided_grammar", "root ::= \"a\""}};
-  for (const auto& [key, value] : cases) {
+  const json schema = json::parse(R"({"type": "object", "properties": {
+      "city": {"type": "string", "maxLength": 8}, "rain": {"type": "boolean"},
+      "temp": {"type": "integer", "minimum": -20, "maximum": 45}},
+      "required": ["city", "rain", "temp"], "additionalProperties": false})");
+  auto content_of = [&](json body) {
+    auto r = test::http_call(s->port(), "POST", "/v1/chat/completions", body.dump());
+    REQUIRE_MESSAGE(r.status == 200, r.body);
+    if (!body.value("stream", false)) {
+      auto j = r.json();
+      CHECK(j["choices"][0]["finish_reason"] == "stop");
+      return j["choices"][0]["message"]["content"].get<std::string>();
+    }
+    std::string text, finish;
+    for (const auto& e : test::sse_events(r.body))
+      if (e != "[DONE]")
+        for (const auto& c : e["choices"]) {
+          if (c["delta"].contains("content") && c["delta"]["content"].is_string())
+            text += c["delta"]["content"].get<std::string>();
+          if (c["finish_reason"].is_string())
+            finish = c["finish_reason"];
+        }
+    CHECK(finish == "stop");
+    return text;
+  };
+  for (bool stream : {false, true})
+    for (int seed = 0; seed < 3; ++seed) {
+      json body = chat_body(200, stream); // ignore_eos: the grammar still ends the output
+      body["temperature"] = 1.0;
+      body["seed"] = seed;
+      body["response_format"] = {
+          {"type", "json_schema"},
+          {"json_schema", {{"name", "w"}, {"schema", schema}, {"strict", true}}}};
+      const auto text = content_of(body);
+      json v;
+      REQUIRE_NOTHROW(v = json::parse(text));
+      CHECK(test::schema_violation(schema, v) == "");
+      body.erase("response_format");
+      body["guided_choice"] = {"Paris", "Lyon", "Nice"};
+      const auto choice = content_of(body);
+      CHECK_MESSAGE((choice == "Paris" || choice == "Lyon" || choice == "Nice"), choice);
+      body.erase("guided_choice");
+      body["structured_outputs"] = {{"regex", "[0-9]{3}-[a-z]{2}"}};
+      const auto re = content_of(body);
+      CHECK_MESSAGE(std::regex_match(re, std::regex("[0-9]{3}-[a-z]{2}")), re);
+    }
+  // The completions endpoint too.
+  auto r =
+      test::http_call(s->port(), "POST", "/v1/completions",
+                      R"({"prompt": "Answer:", "max_tokens": 20, "guided_regex": "(yes|no)!"})");
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  const auto t = r.json()["choices"][0]["text"].get<std::string>();
+  CHECK((t == "yes!" || t == "no!"));
+  // Bad input: 400 naming the field, before anything is queued.
+  const std::vector<std::pair<std::string, json>> bad = {
+      {"response_format",
+       {{"type", "json_schema"}, {"json_schema", {{"name", "x"}, {"schema", {{"type", 3}}}}}}},
+      {"guided_regex", "([0-9]"},
+      {"guided_grammar", "root ::= ("},
+      {"guided_choice", json::array()}};
+  for (const auto& [key, value] : bad) {
     json body = chat_body(2, false);
     body[key] = value;
-    auto r = test::http_call(s->port(), "POST", "/v1/chat/completions", body.dump());
-    CHECK_MESSAGE(r.status == 400, key);
-    CHECK(r.json()["error"]["param"] == key);
+    auto e = test::http_call(s->port(), "POST", "/v1/chat/completions", body.dump());
+    CHECK_MESSAGE(e.status == 400, key);
+    CHECK(e.json()["error"]["param"] == key);
   }
-  json body = chat_body(2, false);
-  body["response_format"] = {{"type", "text"}};
-  CHECK(test::http_call(s->port(), "POST", "/v1/chat/completions", body.dump()).status == 200);
+}
+
+TEST_CASE("http: tool_choice required and named give tool_calls that parse") {
+  auto* s = server();
+  if (!s)
+    return;
+  const json tools = json::parse(R"([{"type": "function", "function": {"name": "get_weather",
+      "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
+      "required": ["city"]}}}, {"type": "function", "function": {"name": "get_time",
+      "parameters": {"type": "object", "properties": {"tz": {"enum": ["UTC", "CET"]}},
+      "required": ["tz"]}}}])");
+  for (const json& choice :
+       {json("required"), json{{"type", "function"}, {"function", {{"name", "get_time"}}}}})
+    for (int seed = 0; seed < 3; ++seed) {
+      json body = chat_body(2, false);
+      body.erase("max_tokens"); // the rest of the context: the tools take most of it
+      body["temperature"] = 1.0;
+      body["seed"] = seed;
+      body["parallel_tool_calls"] = false; // one call: it fits what is left of the context
+      body["tools"] = tools;
+      body["tool_choice"] = choice;
+      auto r = test::http_call(s->port(), "POST", "/v1/chat/completions", body.dump());
+      REQUIRE_MESSAGE(r.status == 200, r.body);
+      const auto j = r.json()["choices"][0];
+      INFO(r.body);
+      CHECK(j["finish_reason"] == "tool_calls");
+      REQUIRE(j["message"].contains("tool_calls"));
+      for (const auto& call : j["message"]["tool_calls"]) {
+        const auto name = call["function"]["name"].get<std::string>();
+        if (choice.is_object())
+          CHECK(name == "get_time");
+        const auto args = json::parse(call["function"]["arguments"].get<std::string>());
+        const auto& params = tools[name == "get_weather" ? 0 : 1]["function"]["parameters"];
+        CHECK(test::schema_violation(params, args) == "");
+      }
+    }
+}
+
+TEST_CASE("http: n choices equal single requests with seeds seed + i, streamed and not") {
+  auto* s = server();
+  if (!s)
+    return;
+  json body = chat_body(6, false);
+  body["temperature"] = 1.0;
+  body["seed"] = 77;
+  std::vector<std::vector<token_id>> single;
+  for (int i = 0; i < 4; ++i) {
+    body["seed"] = 77 + i;
+    auto r = test::http_call(s->port(), "POST", "/v1/chat/completions", body.dump());
+    REQUIRE_MESSAGE(r.status == 200, r.body);
+    single.push_back(r.json()["choices"][0]["token_ids"].get<std::vector<token_id>>());
+  }
+  CHECK(single[0] != single[1]); // the seeds matter
+  body["seed"] = 77;
+  body["n"] = 4;
+  auto r = test::http_call(s->port(), "POST", "/v1/chat/completions", body.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  const auto j = r.json();
+  REQUIRE(j["choices"].size() == 4);
+  for (int i = 0; i < 4; ++i) {
+    CHECK(j["choices"][i]["index"] == i);
+    CHECK(j["choices"][i]["token_ids"].get<std::vector<token_id>>() == single[i]);
+  }
+  CHECK(j["usage"]["completion_tokens"] == 24);
+  CHECK(j["usage"]["prompt_tokens"] == j["prompt_token_ids"].size());
+
+  // Streamed: chunks carry their choice's index; each choice's text and ids as above.
+  body["stream"] = true;
+  auto st = test::http_call(s->port(), "POST", "/v1/chat/completions", body.dump());
+  REQUIRE(st.status == 200);
+  std::vector<std::vector<token_id>> ids(4);
+  std::vector<int> finished(4, 0);
+  int64_t usage_tokens = -1;
+  for (const auto& e : test::sse_events(st.body)) {
+    if (e == "[DONE]")
+      continue;
+    if (e.contains("usage") && !e["usage"].is_null())
+      usage_tokens = e["usage"]["completion_tokens"].get<int64_t>();
+    for (const auto& c : e["choices"]) {
+      const auto i = c["index"].get<size_t>();
+      REQUIRE(i < 4);
+      if (c.contains("token_ids"))
+        for (const auto& t : c["token_ids"])
+          ids[i].push_back(t.get<token_id>());
+      if (c["finish_reason"].is_string())
+        ++finished[i];
+    }
+  }
+  CHECK(ids == single);
+  CHECK(finished == std::vector<int>{1, 1, 1, 1});
+  CHECK(usage_tokens == 24);
+
+  // With a constraint, every choice follows it.
+  json guided = chat_body(20, false);
+  guided["temperature"] = 1.0;
+  guided["n"] = 3;
+  guided["guided_choice"] = {"red", "green", "blue"};
+  auto g = test::http_call(s->port(), "POST", "/v1/chat/completions", guided.dump());
+  REQUIRE_MESSAGE(g.status == 200, g.body);
+  const auto gj = g.json();
+  REQUIRE(gj["choices"].size() == 3);
+  for (const auto& c : gj["choices"]) {
+    const auto t = c["message"]["content"].get<std::string>();
+    CHECK_MESSAGE((t == "red" || t == "green" || t == "blue"), t);
+  }
 }

@@ -85,3 +85,43 @@ TEST_CASE("openai_response: a chat stream and a text body from the same outputs"
   CHECK(!body.contains("prompt_token_ids"));
   CHECK(body["usage"]["total_tokens"] == 1 + ids.size());
 }
+
+TEST_CASE("openai_response: echo puts the prompt's text before the completion, streamed and not") {
+  auto dir = test::golden_model("tiny-qwen3");
+  if (!dir)
+    return;
+  auto text = engine::model_tokenizer::load_for_model(*dir);
+  REQUIRE(text.has_value());
+  const model_info m{.name = "tiny", .max_model_len = 256, .vocab_size = 0, .text = &*text};
+  const auto ids = *text->text->encode(" is the capital");
+  for (bool stream : {false, true})
+    for (const json& prompt :
+         {json("Paris"), json::array({"Paris"}), json(*text->text->encode("Paris"))}) {
+      json b = {{"prompt", prompt}, {"echo", true}, {"stream", stream}, {"max_tokens", 8}};
+      auto parsed = parse_completion(b.dump(), false, m);
+      REQUIRE(std::holds_alternative<completion_request>(parsed));
+      const auto& req = std::get<completion_request>(parsed);
+      CHECK(req.echo_text == "Paris");
+      openai_response r(req, m, "cmpl-3", 42);
+      std::string streamed;
+      if (auto c = r.opening_chunk())
+        streamed += (*c)["choices"][0]["text"].get<std::string>();
+      for (size_t i = 0; i < ids.size(); ++i)
+        if (auto c = r.add(token(ids[i], i + 1 == ids.size() ? engine::finish_reason::stop
+                                                             : engine::finish_reason::none)))
+          streamed += (*c)["choices"][0]["text"].get<std::string>();
+      if (stream)
+        CHECK(streamed == "Paris is the capital");
+      else
+        CHECK(r.body()["choices"][0]["text"] == "Paris is the capital");
+    }
+  auto refused = [&](const std::string& body, bool chat) {
+    auto r = parse_completion(body, chat, m);
+    REQUIRE(std::holds_alternative<api_error>(r));
+    return std::get<api_error>(r).param;
+  };
+  CHECK(refused(R"({"prompt": "a", "echo": true, "logprobs": 2})", false) == "echo");
+  CHECK(refused(R"({"prompt": "a", "echo": "yes"})", false) == "echo");
+  CHECK(refused(R"({"messages": [{"role": "user", "content": "a"}], "echo": true})", true) ==
+        "echo");
+}

@@ -89,6 +89,18 @@ expected<std::unique_ptr<cpu_backend>> cpu_backend::create(model_config config,
   auto shard = plan_shard(config, par.layout);
   if (!shard)
     return std::move(shard).error();
+  if (par.experts != nullptr) {
+    if (par.layout.tp_size != 1 || par.layout.pp_size != 1)
+      return make_error(errc::invalid_argument,
+                        "expert all-to-all over data-parallel attention needs tensor = pipeline = "
+                        "1 on each rank, not {} x {}",
+                        par.layout.tp_size, par.layout.pp_size);
+    if (config.num_experts < par.experts->size())
+      return make_error(errc::invalid_argument,
+                        "num_experts={} is fewer than the {} ranks of the expert group",
+                        config.num_experts, par.experts->size());
+    shard->experts = split_range(config.num_experts, par.experts->size(), par.experts->rank());
+  }
   TROUPE_TRY_VOID(check_kv_fits(config, *shard, kv));
   std::unique_ptr<cpu_backend> b(new cpu_backend());
   if (par.tensor == nullptr) {
@@ -159,16 +171,19 @@ expected<void> cpu_backend::load_layer(const weight_source& w, int64_t l) {
     TROUPE_LOAD(L.k_norm, p + "self_attn.k_norm.weight", D);
   }
   if (c.is_moe_layer(l)) {
+    // Only this rank's experts, and of each only its slice of the intermediate dimension.
     const int64_t I = c.moe_intermediate_size;
     TROUPE_LOAD(L.router, p + "mlp.gate.weight", c.num_experts, H);
     L.experts.resize(static_cast<size_t>(s.experts.size()));
     for (int64_t e = s.experts.begin; e < s.experts.end; ++e) {
       auto& E = L.experts[static_cast<size_t>(e - s.experts.begin)];
       const std::string ep = fmt::format("{}mlp.experts.{}.", p, e);
-      TROUPE_LOAD(E.gate, ep + "gate_proj.weight", I, H);
-      TROUPE_LOAD(E.up, ep + "up_proj.weight", I, H);
-      TROUPE_LOAD(E.down, ep + "down_proj.weight", H, I);
+      TROUPE_LOAD_ROWS(E.gate, ep + "gate_proj.weight", s.expert_slice, I, H);
+      TROUPE_LOAD_ROWS(E.up, ep + "up_proj.weight", s.expert_slice, I, H);
+      TROUPE_LOAD_COLS(E.down, ep + "down_proj.weight", s.expert_slice, H, I);
     }
+    for (const auto& E : L.experts)
+      L.expert_views.push_back({E.gate.data(), E.up.data(), E.down.data()});
   } else {
     const int64_t I = c.intermediate_size;
     TROUPE_LOAD_ROWS(L.gate, p + "mlp.gate_proj.weight", s.intermediate, I, H);
@@ -385,13 +400,24 @@ void cpu_backend::attend(int64_t l, std::span<const int32_t> table, int32_t pos,
 }
 
 expected<void> cpu_backend::mlp_block(const layer& L, std::vector<float>& x, int64_t n) {
-  // This rank's intermediate slice (or experts); down_proj's partial sums joined by all-reduce.
+  // This rank's intermediate slice (or experts' slices); down_proj's partial sums joined by
+  // all-reduce.
   const auto& c = config_;
   const int64_t H = c.hidden_size;
   std::vector<float> h(static_cast<size_t>(n * H));
   rms_norm(x.data(), n, H, L.post_norm.data(), c.rms_norm_eps, h.data());
   std::vector<float> y(static_cast<size_t>(n * H));
-  if (!L.experts.empty()) {
+  if (!L.experts.empty() && par_.experts != nullptr) {
+    // This rank's tokens only: dispatched to the experts' ranks and combined here; nothing to
+    // all-reduce (tensor = 1).
+    const cpu::moe_shape s{.hidden = c.hidden_size,
+                           .experts = c.num_experts,
+                           .top_k = c.num_experts_per_tok,
+                           .intermediate = c.moe_intermediate_size,
+                           .norm_topk_prob = c.norm_topk_prob};
+    TROUPE_TRY_VOID(cpu::moe_all_to_all(*par_.experts, s, L.router.data(), L.expert_views, h.data(),
+                                        n, y.data()));
+  } else if (!L.experts.empty()) {
     moe(L, h.data(), n, y.data());
   } else {
     const int64_t I = shard_.intermediate.size();
@@ -409,49 +435,17 @@ expected<void> cpu_backend::mlp_block(const layer& L, std::vector<float>& x, int
 
 void cpu_backend::moe(const layer& L, const float* h, int64_t n, float* out) const {
   // Softmax router, top-k experts per token (ties to the lower id), optionally renormalised;
-  // only this rank's experts contribute to `out` (the caller all-reduces).
+  // only this rank's experts (its slice of each) contribute to `out` (the caller all-reduces).
   const auto& c = config_;
-  const int64_t H = c.hidden_size, E = c.num_experts, K = c.num_experts_per_tok;
-  const int64_t I = c.moe_intermediate_size;
-  std::vector<float> probs(static_cast<size_t>(n * E));
-  matmul_nt(h, n, H, L.router.data(), E, probs.data());
-  std::vector<std::vector<std::pair<int64_t, float>>> routed(static_cast<size_t>(E));
-  std::vector<int64_t> order(static_cast<size_t>(E));
-  for (int64_t t = 0; t < n; ++t) {
-    float* p = probs.data() + t * E;
-    cpu::softmax(p, E);
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return p[a] > p[b]; });
-    float sum = 0;
-    for (int64_t k = 0; k < K; ++k)
-      sum += p[order[k]];
-    for (int64_t k = 0; k < K; ++k) {
-      float weight = c.norm_topk_prob ? p[order[k]] / sum : p[order[k]];
-      routed[static_cast<size_t>(order[k])].emplace_back(t, weight);
-    }
-  }
-  std::fill_n(out, n * H, 0.0f);
-  std::vector<float> xs, g, u, y;
-  for (int64_t e = shard_.experts.begin; e < shard_.experts.end; ++e) {
-    const auto& tokens = routed[static_cast<size_t>(e)];
-    if (tokens.empty())
-      continue;
-    const auto m = static_cast<int64_t>(tokens.size());
-    xs.resize(static_cast<size_t>(m * H));
-    for (int64_t i = 0; i < m; ++i)
-      std::copy_n(h + tokens[i].first * H, H, xs.data() + i * H);
-    g.resize(static_cast<size_t>(m * I));
-    u.resize(static_cast<size_t>(m * I));
-    y.resize(static_cast<size_t>(m * H));
-    const auto& X = L.experts[static_cast<size_t>(e - shard_.experts.begin)];
-    matmul_nt(xs.data(), m, H, X.gate.data(), I, g.data());
-    matmul_nt(xs.data(), m, H, X.up.data(), I, u.data());
-    cpu::silu_mul(g.data(), u.data(), m, I, g.data());
-    matmul_nt(g.data(), m, I, X.down.data(), H, y.data());
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t d = 0; d < H; ++d)
-        out[tokens[i].first * H + d] += tokens[i].second * y[i * H + d];
-  }
+  const cpu::moe_shape s{.hidden = c.hidden_size,
+                         .experts = c.num_experts,
+                         .top_k = c.num_experts_per_tok,
+                         .intermediate = shard_.expert_slice.size(),
+                         .norm_topk_prob = c.norm_topk_prob};
+  std::vector<int32_t> ids;
+  std::vector<float> weights;
+  cpu::moe_route(s, L.router.data(), h, n, ids, weights);
+  cpu::moe_local(s, ids.data(), weights.data(), n, h, shard_.experts.begin, L.expert_views, out);
 }
 
 } // namespace troupe::engine

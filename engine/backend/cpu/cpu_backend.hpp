@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "engine/backend/backend.hpp"
+#include "engine/backend/cpu/moe.hpp"
 #include "engine/backend/shard.hpp"
 #include "engine/comm/communicator.hpp"
 #include "engine/model/safetensors.hpp"
@@ -27,6 +28,13 @@ struct parallel_context {
   comm::communicator* tensor = nullptr;
   comm::communicator* world = nullptr;
   bool broadcast_logits = true;
+  // Expert parallelism over data-parallel attention: each rank of `experts` is a whole model for
+  // attention (tensor = pipeline = 1) with its own sequences, KV cache and batch, and holds the
+  // whole experts split_range(num_experts, experts->size(), experts->rank()); MoE layers send
+  // each token's rows to the experts' ranks and back (cpu::moe_all_to_all). Every rank of the
+  // group must run forward() the same number of times, in lockstep (the serving layer does not
+  // arrange that yet: only tests drive this). Null: experts as parallel_layout places them.
+  comm::communicator* experts = nullptr;
 };
 
 class cpu_backend final : public backend {
@@ -59,13 +67,14 @@ class cpu_backend final : public backend {
     std::vector<float> down;     // [hidden, moe_intermediate]
   };
   struct layer {
-    std::vector<float> input_norm, post_norm; // [hidden]
-    std::vector<float> wq, wk, wv, wo;        // local: [q, hidden], [kv, hidden] x2, [hidden, q]
-    std::vector<float> bq, bk, bv, bo;        // empty when the model has no such bias
-    std::vector<float> q_norm, k_norm;        // [head_dim] (Qwen3)
-    std::vector<float> gate, up, down;        // dense MLP, this rank's intermediate slice
-    std::vector<float> router;                // [num_experts, hidden] (MoE)
-    std::vector<expert> experts;              // this rank's experts, shard_.experts
+    std::vector<float> input_norm, post_norm;   // [hidden]
+    std::vector<float> wq, wk, wv, wo;          // local: [q, hidden], [kv, hidden] x2, [hidden, q]
+    std::vector<float> bq, bk, bv, bo;          // empty when the model has no such bias
+    std::vector<float> q_norm, k_norm;          // [head_dim] (Qwen3)
+    std::vector<float> gate, up, down;          // dense MLP, this rank's intermediate slice
+    std::vector<float> router;                  // [num_experts, hidden] (MoE)
+    std::vector<expert> experts;                // this rank's experts, shard_.experts
+    std::vector<cpu::expert_view> expert_views; // into `experts`
   };
   // Per-step token bookkeeping shared by the layer functions.
   struct batch {

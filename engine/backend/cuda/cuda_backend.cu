@@ -259,19 +259,21 @@ expected<void> cuda_backend_impl::load_layer(const weight_source* w, int64_t l) 
     TROUPE_ASSIGN(L.router,
                   matrix(w, {whole(p + "mlp.gate.weight", {c.num_experts, H})}, in_scale));
     // Each weight kind of all this rank's experts in one allocation: the grouped GEMMs index
-    // them by local expert.
+    // them by local expert. Of each expert only this rank's slice of the intermediate dimension
+    // (the whole expert unless parallel.expert < tensor).
     const size_t n = static_cast<size_t>(s.experts.size());
-    const size_t one = static_cast<size_t>(H * I); // elements of one expert's [I, H] or [H, I]
+    const size_t one = static_cast<size_t>(H * s.expert_slice.size()); // [I_local, H], [H, I_local]
     TROUPE_ASSIGN(L.experts_gate_up, alloc<bf16>(n * 2 * one));
     TROUPE_ASSIGN(L.experts_down, alloc<bf16>(n * one));
     for (int64_t e = s.experts.begin; e < s.experts.end; ++e) {
       const std::string ep = p + "mlp.experts." + std::to_string(e) + ".";
       const size_t mine = static_cast<size_t>(e - s.experts.begin);
-      TROUPE_TRY_VOID(matrix_into(
-          w, {whole(ep + "gate_proj.weight", {I, H}), whole(ep + "up_proj.weight", {I, H})},
-          in_scale, L.experts_gate_up + mine * 2 * one));
-      TROUPE_TRY_VOID(matrix_into(w, {whole(ep + "down_proj.weight", {H, I})}, down_scale,
-                                  L.experts_down + mine * one));
+      TROUPE_TRY_VOID(matrix_into(w,
+                                  {rows_of(ep + "gate_proj.weight", {I, H}, s.expert_slice),
+                                   rows_of(ep + "up_proj.weight", {I, H}, s.expert_slice)},
+                                  in_scale, L.experts_gate_up + mine * 2 * one));
+      TROUPE_TRY_VOID(matrix_into(w, {cols_of(ep + "down_proj.weight", {H, I}, s.expert_slice)},
+                                  down_scale, L.experts_down + mine * one));
     }
   } else {
     const int64_t I = c.intermediate_size;
@@ -424,7 +426,7 @@ expected<void> cuda_backend_impl::init(const model_config& c, const weight_sourc
     return error{errc::invalid_argument, "KV cache needs block_size > 0 and num_blocks >= 0"};
   if (c.num_experts > 0) {
     moe_dims_ = {.H = static_cast<int>(c.hidden_size),
-                 .I = static_cast<int>(c.moe_intermediate_size),
+                 .I = static_cast<int>(shard_.expert_slice.size()),
                  .E = static_cast<int>(c.num_experts),
                  .K = static_cast<int>(c.num_experts_per_tok),
                  .expert_begin = static_cast<int>(shard_.experts.begin),

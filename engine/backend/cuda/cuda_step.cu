@@ -162,8 +162,8 @@ expected<void> cuda_backend_impl::moe(const gpu_layer& w, const float* next_norm
   // Router logits, then routing, permutation, grouped expert GEMMs and the weighted combine on
   // the device (moe.cu): nothing comes back to the host, so MoE decode steps are graph-captured.
   // At tensor = 1 the combine also adds to the residual stream and applies next_norm; at
-  // tensor > 1 each rank sums its own experts, the fp32 partial sums are all-reduced and proj_
-  // holds the result.
+  // tensor > 1 each rank sums its own experts (or its slices of its expert group's experts,
+  // parallel.expert < tensor), the fp32 partial sums are all-reduced and proj_ holds the result.
   const int H = static_cast<int>(config_.hidden_size), E = static_cast<int>(config_.num_experts);
   TROUPE_TRY_VOID(gemm_.run(h_, T_, H, w.router, E, router_, stream_));
   moe_dims d = moe_dims_;

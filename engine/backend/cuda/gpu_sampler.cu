@@ -1,7 +1,8 @@
 // The GPU sampler: one thread block per logits row does what sampler.cpp's sample_row does on the
 // host, in the same order, so that both pick the same token for the same (seed, index):
 //   1. logsumexp and the top-n logprobs of the raw row (ties: lower id),
-//   2. penalties, then logit_bias, then banned tokens set to -inf, written into the row in place,
+//   2. penalties, then logit_bias, then banned tokens set to -inf, then (structured output) every
+//      token the row's grammar bitmask does not allow set to -inf, written into the row in place,
 //   3. greedy: argmax (lower id on ties); else the candidates of top-k, top-p and min-p, and a
 //      draw u * total over them: in rank order (value desc, id asc) when top-k or top-p sorted
 //      the host's candidates, else in id order.
@@ -45,6 +46,7 @@ struct row_params {
   uint64_t seed, index;
   int32_t logprobs;
   int32_t pen_begin, pen_end, bias_begin, bias_end, ban_begin, ban_end;
+  int32_t mask_begin, mask_words; // word range of the allowed-token bitmask; mask_begin -1: none
 };
 
 struct row_result {
@@ -258,7 +260,7 @@ __global__ void __launch_bounds__(threads)
     sample_kernel(float* logits, int V, const row_params* params, const int32_t* pen_tokens,
                   const int32_t* pen_counts, float* pen_saved, const int32_t* bias_tokens,
                   const float* bias_values, float* bias_saved, const int32_t* banned,
-                  float* ban_saved, row_result* results) {
+                  float* ban_saved, const uint32_t* masks, row_result* results) {
   __shared__ shared_state sh;
   const row_params& p = params[blockIdx.x];
   row_result& res = results[blockIdx.x];
@@ -320,6 +322,16 @@ __global__ void __launch_bounds__(threads)
     if (banned[j] >= 0 && banned[j] < V)
       w[banned[j]] = -INFINITY;
   __syncthreads();
+  // Structured output. The sampled token is always allowed (its raw logit stays in the row),
+  // unless nothing is: then the pick falls back as for "everything banned" and its logprob is -inf
+  // here where the host reports the raw one; the scheduler ends such a request.
+  if (p.mask_begin >= 0) {
+    const uint32_t* m = masks + p.mask_begin;
+    for (int i = threadIdx.x; i < V; i += blockDim.x)
+      if ((i >> 5) >= p.mask_words || ((m[i >> 5] >> (i & 31)) & 1u) == 0)
+        w[i] = -INFINITY;
+    __syncthreads();
+  }
 
   // 3. The token.
   uint64_t top_key = 0;
@@ -382,10 +394,11 @@ class gpu_sampler_impl final : public gpu_sampler {
  private:
   std::vector<row_params> params_;
   std::vector<int32_t> pen_tokens_, pen_counts_, bias_tokens_, banned_;
+  std::vector<uint32_t> masks_;
   std::vector<float> bias_values_;
   std::vector<row_result> results_;
   device_buffer d_params_, d_pen_tokens_, d_pen_counts_, d_pen_saved_, d_bias_tokens_,
-      d_bias_values_, d_bias_saved_, d_banned_, d_ban_saved_, d_results_;
+      d_bias_values_, d_bias_saved_, d_banned_, d_ban_saved_, d_masks_, d_results_;
 };
 
 expected<std::vector<seq_output>> gpu_sampler_impl::sample(float* logits, int64_t vocab,
@@ -403,6 +416,7 @@ expected<std::vector<seq_output>> gpu_sampler_impl::sample(float* logits, int64_
   bias_tokens_.clear();
   bias_values_.clear();
   banned_.clear();
+  masks_.clear();
   for (const auto& j : jobs) {
     const auto& sp = *j.in.params;
     row_params r{};
@@ -432,6 +446,9 @@ expected<std::vector<seq_output>> gpu_sampler_impl::sample(float* logits, int64_
     r.ban_begin = static_cast<int32_t>(banned_.size());
     banned_.insert(banned_.end(), j.in.banned.begin(), j.in.banned.end());
     r.ban_end = static_cast<int32_t>(banned_.size());
+    r.mask_begin = j.in.allowed.empty() ? -1 : static_cast<int32_t>(masks_.size());
+    r.mask_words = static_cast<int32_t>(j.in.allowed.size());
+    masks_.insert(masks_.end(), j.in.allowed.begin(), j.in.allowed.end());
     params_.push_back(r);
   }
   const size_t n = jobs.size(), np = std::max<size_t>(1, pen_tokens_.size()),
@@ -447,6 +464,7 @@ expected<std::vector<seq_output>> gpu_sampler_impl::sample(float* logits, int64_
   TROUPE_TRY_VOID(reserve(d_bias_saved_, nl * 4));
   TROUPE_TRY_VOID(reserve(d_banned_, nb * 4));
   TROUPE_TRY_VOID(reserve(d_ban_saved_, nb * 4));
+  TROUPE_TRY_VOID(reserve(d_masks_, std::max<size_t>(1, masks_.size()) * 4));
   TROUPE_CUDA(cudaMemcpyAsync(d_params_.as<void>(), params_.data(), n * sizeof(row_params),
                               cudaMemcpyHostToDevice, s));
   if (!pen_tokens_.empty()) {
@@ -464,11 +482,14 @@ expected<std::vector<seq_output>> gpu_sampler_impl::sample(float* logits, int64_
   if (!banned_.empty())
     TROUPE_CUDA(cudaMemcpyAsync(d_banned_.as<void>(), banned_.data(), banned_.size() * 4,
                                 cudaMemcpyHostToDevice, s));
+  if (!masks_.empty()) // one upload for every constrained row of the step
+    TROUPE_CUDA(cudaMemcpyAsync(d_masks_.as<void>(), masks_.data(), masks_.size() * 4,
+                                cudaMemcpyHostToDevice, s));
   sample_kernel<<<static_cast<unsigned>(n), threads, 0, s>>>(
       logits, static_cast<int>(vocab), d_params_.as<row_params>(), d_pen_tokens_.as<int32_t>(),
       d_pen_counts_.as<int32_t>(), d_pen_saved_.as<float>(), d_bias_tokens_.as<int32_t>(),
       d_bias_values_.as<float>(), d_bias_saved_.as<float>(), d_banned_.as<int32_t>(),
-      d_ban_saved_.as<float>(), d_results_.as<row_result>());
+      d_ban_saved_.as<float>(), d_masks_.as<uint32_t>(), d_results_.as<row_result>());
   TROUPE_CUDA_LAUNCH();
   results_.resize(n);
   TROUPE_CUDA(cudaMemcpyAsync(results_.data(), d_results_.as<void>(), n * sizeof(row_result),
