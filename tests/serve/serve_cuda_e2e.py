@@ -2,7 +2,8 @@
 """End to end on the GPU: `cluster serve model.yaml --block` with device: cuda on the golden
 tiny-qwen3 model (bf16 CUDA backend + GPU sampler), raw HTTP through urllib: a greedy chat request
 equals `cluster generate --device cuda` on the same prompt ids, a sampled completion with a seed
-and logprobs is reproducible, and dtype: float32 is refused for cuda. Without a usable GPU the
+and logprobs is reproducible, sampled structured output (a JSON schema) parses and matches, and
+dtype: float32 is refused for cuda. Without a usable GPU the
 server must refuse with a clear reason, and the test skips (exit 77).
 Usage: serve_cuda_e2e.py PATH/TO/cluster GOLDEN_DIR."""
 import json, math, os, re, signal, subprocess, sys, tempfile
@@ -77,6 +78,25 @@ try:
     if a["usage"]["completion_tokens"] != 12:
         fail(f"usage: {a['usage']}")
     print("completion (cuda, sampled, seed 1234):", repr(ca["text"]))
+
+    # Structured output on the GPU sampler: sampled JSON that parses and has the schema's keys.
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                               "sunny": {"type": "boolean"}},
+              "required": ["city", "sunny"], "additionalProperties": False}
+    for seed in range(3):
+        s = post_json(base, "/v1/chat/completions",
+                      {"model": "tiny", "messages": msgs, "max_tokens": 60, "temperature": 1.0,
+                       "seed": seed, "response_format": {"type": "json_schema", "json_schema": {
+                           "name": "answer", "schema": schema, "strict": True}}})
+        text = s["choices"][0]["message"]["content"]
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            fail(f"structured output on cuda is not JSON: {text!r}")
+        if sorted(obj) != ["city", "sunny"] or not isinstance(obj["sunny"], bool) or \
+                not isinstance(obj["city"], str) or len(obj["city"]) > 12:
+            fail(f"structured output on cuda does not match its schema: {text!r}")
+    print("structured output (cuda, sampled):", text)
 finally:
     proc.send_signal(signal.SIGTERM)
     try:
