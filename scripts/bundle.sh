@@ -16,13 +16,7 @@ for t in "${targets[@]}"; do
   bin=$(find build/release -type f -name "$t" -perm -u+x | head -n 1)
   cp "$bin" "$out/bin/"
   # Every resolved dependency except the C/C++ runtime, the loader and CUDA's own libraries.
-  ldd "$bin" | awk '/=> \//{print $3}' | while read -r lib; do
-    case "$(basename "$lib")" in
-      libc.so*|libm.so*|libstdc++*|libgcc_s*|ld-linux*|libpthread*|libdl.so*|librt.so*) ;;
-      libcuda.so*|libcudart*|libcublas*|libnccl*|libnvidia*) ;;
-      *) cp -nL "$lib" "$out/lib/" ;;
-    esac
-  done
+  ./packaging/docker/copy_libs.sh "$bin" "$out/lib"
 done
 # Bundled libraries find each other in lib/ (a binary's RUNPATH does not reach its libraries'
 # own dependencies, e.g. libgloo -> libhiredis).

@@ -150,6 +150,19 @@ std::vector<int> generate_ids(cluster_fixture& fx, const fs::path& model,
   return ids;
 }
 
+// The token ids of a greedy completion (ignore_eos) of `ids` (comma-separated prompt ids) on
+// `model`, or {-status} when the request failed.
+std::vector<int> greedy_ids(uint16_t port, const std::string& model, const std::string& ids,
+                            int max_tokens) {
+  auto r = http_call(port, "POST", "/v1/completions",
+                     fmt::format(R"({{"model": "{}", "prompt": [{}], "max_tokens": {},
+                                     "temperature": 0, "ignore_eos": true,
+                                     "return_token_ids": true}})",
+                                 model, ids, max_tokens));
+  return r.status == 200 ? r.json()["choices"][0]["token_ids"].get<std::vector<int>>()
+                         : std::vector<int>{-r.status};
+}
+
 // A Prometheus sample's value; -1 when absent.
 double metric(uint16_t port, const std::string& sample) {
   auto r = http_call(port, "GET", "/metrics");
@@ -231,14 +244,7 @@ TEST_CASE("cluster serve: tensor=2 x pipeline=2 over two nodes answers like clus
   // Pipelining: the two stages work on two lanes' plans at once. Concurrent requests must each
   // get what they get alone.
   auto complete = [&](int first) {
-    auto r =
-        http_call(port, "POST", "/v1/completions",
-                  fmt::format(R"({{"model": "tiny", "prompt": [{}, 11, 1879, 0], "max_tokens": 10,
-                                      "temperature": 0, "ignore_eos": true,
-                                      "return_token_ids": true}})",
-                              first));
-    return r.status == 200 ? r.json()["choices"][0]["token_ids"].get<std::vector<int>>()
-                           : std::vector<int>{-r.status};
+    return greedy_ids(port, "tiny", fmt::format("{}, 11, 1879, 0", first), 10);
   };
   std::vector<std::vector<int>> alone, together(6);
   for (int i = 0; i < 6; ++i)
@@ -584,13 +590,7 @@ TEST_CASE("cluster serve: prefill tensor=2 -> decode tensor=1 over tcp answers l
 
   // Greedy completions equal `cluster generate`, one at a time and all at once.
   auto complete = [&](int first) {
-    auto r = http_call(port, "POST", "/v1/completions",
-                       fmt::format(R"({{"model": "pd", "prompt": [{}, 11, 1879, 0, 5209, 13, 42],
-                                  "max_tokens": 10, "temperature": 0, "ignore_eos": true,
-                                  "return_token_ids": true}})",
-                                   first));
-    return r.status == 200 ? r.json()["choices"][0]["token_ids"].get<std::vector<int>>()
-                           : std::vector<int>{-r.status};
+    return greedy_ids(port, "pd", fmt::format("{}, 11, 1879, 0, 5209, 13, 42", first), 10);
   };
   CHECK(complete(9707) == generate_ids(fx, *model, "9707,11,1879,0,5209,13,42", 10));
   std::vector<std::vector<int>> alone, together(5);
@@ -658,15 +658,7 @@ TEST_CASE("cluster serve: prefill tensor=2 -> decode tensor=1 over tcp answers l
   CHECK_MESSAGE(d2["transfer"].get<std::string>().find("1 prefill rank(s) -> 2 decode rank(s)") !=
                     std::string::npos,
                 d2.dump());
-  auto complete2 = [&](const std::string& prompt) {
-    auto r = http_call(port2, "POST", "/v1/completions",
-                       fmt::format(R"({{"model": "pd2", "prompt": [{}], "max_tokens": 8,
-                                       "temperature": 0, "ignore_eos": true,
-                                       "return_token_ids": true}})",
-                                   prompt));
-    return r.status == 200 ? r.json()["choices"][0]["token_ids"].get<std::vector<int>>()
-                           : std::vector<int>{-r.status};
-  };
+  auto complete2 = [&](const std::string& prompt) { return greedy_ids(port2, "pd2", prompt, 8); };
   std::string shared;
   for (int i = 0; i < 40; ++i)
     shared += fmt::format("{}{}", i ? "," : "", 300 + i);
@@ -723,15 +715,7 @@ TEST_CASE("cluster serve: a hung prefill node's handoff is retried on the other 
 
   // Two requests at once: one to each prefill replica (ties in turn); one of them hangs.
   kill(victim_pid, SIGSTOP);
-  auto complete = [&](const std::string& ids) {
-    auto r = http_call(port, "POST", "/v1/completions",
-                       fmt::format(R"({{"model": "retry", "prompt": [{}], "max_tokens": 8,
-                                       "temperature": 0, "ignore_eos": true,
-                                       "return_token_ids": true}})",
-                                   ids));
-    return r.status == 200 ? r.json()["choices"][0]["token_ids"].get<std::vector<int>>()
-                           : std::vector<int>{-r.status};
-  };
+  auto complete = [&](const std::string& ids) { return greedy_ids(port, "retry", ids, 8); };
   const std::vector<std::string> prompts{"9707,11,1879,0", "400,401,402,403,404"};
   std::vector<std::vector<int>> got(2);
   const auto t0 = std::chrono::steady_clock::now();
