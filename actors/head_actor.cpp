@@ -1,5 +1,7 @@
 #include "actors/head_actor.hpp"
 
+#include <thread>
+
 #include <caf/event_based_actor.hpp>
 #include <caf/sec.hpp>
 
@@ -9,11 +11,22 @@
 #include "engine/model/gguf_weights.hpp"
 #include "runtime/log.hpp"
 
+namespace troupe::actors::detail {
+// A model's config as read by a thread of its own (peeked_atom, read id, this).
+struct model_peek {
+  std::shared_ptr<const expected<engine::model_config>> result;
+};
+} // namespace troupe::actors::detail
+
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(troupe::actors::detail::model_peek)
+
 namespace troupe::actors {
 
 namespace {
 
+using peeked_atom = caf::atom_constant<caf::atom("peeked")>;
 using head = caf::stateful_actor<head_state>;
+using deploy_done = std::function<void(expected<msg::deployment_view>)>;
 using ms = std::chrono::milliseconds;
 
 void fail_node_deployments(head* self, const std::string& node_id, const std::string& why);
@@ -21,6 +34,7 @@ msg::deployment_view view_of(const cluster::deployment_record& rec);
 void on_state_report(head* self, const std::string& name, const std::string& state,
                      const std::string& reason);
 void restart_due(head* self, const head_config& cfg);
+void restore_due(head* self, const head_config& cfg);
 void drop_namespace(head* self, const std::string& ns);
 
 caf::error refuse(const troupe::error& err) {
@@ -82,6 +96,23 @@ void on_tick(head* self, const head_config& cfg) {
     fail_node_deployments(self, id, st.members->find(id)->reason);
   }
   restart_due(self, cfg);
+  for (auto it = st.reads.begin(); it != st.reads.end();) {
+    if (now < it->second.deadline) {
+      ++it;
+      continue;
+    }
+    auto done = std::move(it->second.done);
+    const auto model = it->second.config.model;
+    it = st.reads.erase(it);
+    done(make_error(errc::timeout,
+                    "reading the config of model {} took longer than {} s (a hung or very slow "
+                    "filesystem?); nothing was deployed",
+                    model, cfg.read_timeout.count()));
+  }
+  if (now >= st.next_restore) {
+    st.next_restore = now + std::chrono::seconds(1);
+    restore_due(self, cfg);
+  }
   for (auto id : st.kv.expire(now)) {
     auto it = st.waiters.find(id);
     if (it == st.waiters.end())
@@ -109,6 +140,15 @@ msg::cluster_view make_view(head* self) {
   }
   for (const auto& [name, rec] : st.deployments.all())
     view.deployments.push_back(view_of(rec));
+  for (const auto& [name, r] : st.restore)
+    if (!st.deployments.find(name))
+      view.deployments.push_back({.name = name,
+                                  .state = "restoring",
+                                  .reason = r.reason,
+                                  .tensor = r.config.parallel.tensor,
+                                  .pipeline = r.config.parallel.pipeline,
+                                  .replicas = r.config.parallel.replicas,
+                                  .device = r.config.device});
   return view;
 }
 
@@ -285,21 +325,37 @@ void restart_due(head* self, const head_config& cfg) {
   }
 }
 
-caf::result<msg::deployment_view> on_deploy(head* self, const head_config& cfg,
-                                            deployment_config& dc) {
+// Checks that need no file, then the model's config is read on a thread of its own (a hung
+// filesystem must not stall heartbeats); on_peeked places the deployment when it answers, and
+// on_tick gives up after cfg.read_timeout. `done` gets the ready deployment or why it failed.
+void start_deployment(head* self, const head_config& cfg, deployment_config dc, deploy_done done) {
   auto& st = self->state;
   if (!cfg.spawn_serving)
-    return refuse(make_error(errc::unsupported, "this head does not serve deployments"));
+    return done(make_error(errc::unsupported, "this head does not serve deployments"));
   if (dc.disaggregation.enabled && dc.disaggregation.provider == "local")
-    return refuse(make_error(errc::invalid_argument,
-                             "deployment '{}': disaggregation.provider 'local' moves KV within one "
-                             "process (`cluster serve --block`); across the cluster's processes "
-                             "use auto, tcp, verbs, efa or socket",
-                             dc.served_model_name));
+    return done(make_error(errc::invalid_argument,
+                           "deployment '{}': disaggregation.provider 'local' moves KV within one "
+                           "process (`cluster serve --block`); across the cluster's processes "
+                           "use auto, tcp, verbs, efa or socket",
+                           dc.served_model_name));
+  const uint64_t id = ++st.next_read;
+  const std::string model = dc.model;
+  st.reads.emplace(id, head_state::pending_read{std::move(dc), std::move(done),
+                                                cluster::clock::now() + cfg.read_timeout});
+  std::thread([head = self->address(), id, model] {
+    detail::model_peek peek{
+        std::make_shared<const expected<engine::model_config>>(engine::peek_model_config(model))};
+    if (auto h = caf::actor_cast<caf::actor>(head))
+      caf::anon_send(h, peeked_atom::value, id, std::move(peek));
+  }).detach();
+}
+
+// Places the deployment whose model config was read, spawns its serving actor and waits for
+// every replica to load.
+void place(head* self, const head_config& cfg, deployment_config dc,
+           const engine::model_config& model, deploy_done done) {
+  auto& st = self->state;
   const std::string name = dc.served_model_name;
-  auto model = engine::peek_model_config(dc.model);
-  if (!model)
-    return refuse(std::move(model).error().context("model " + dc.model + " (read on the head)"));
   if (dc.device == "auto") { // cuda when an alive node offers a real GPU, else cpu
     std::vector<cluster::gpu_info> gpus;
     for (const auto& n : st.members->nodes())
@@ -317,10 +373,10 @@ caf::result<msg::deployment_view> on_deploy(head* self, const head_config& cfg,
                        .replicas = g.parallel.replicas,
                        .expert = g.parallel.expert}});
   auto rec =
-      st.deployments.add_groups(name, groups, *model, st.members->nodes(), dc.device == "cpu");
+      st.deployments.add_groups(name, groups, model, st.members->nodes(), dc.device == "cpu");
   if (!rec) {
     log::warn("head: refused deployment '{}': {}", name, rec.error().message());
-    return refuse(rec.error());
+    return done(std::move(rec).error());
   }
   const std::string ns = (*rec)->ns;
   msg::deployment_plan plan{.config = dc, .ns = ns, .replicas = {}};
@@ -335,55 +391,126 @@ caf::result<msg::deployment_view> on_deploy(head* self, const head_config& cfg,
     layout += fmt::format(
         "{}{}tensor={} pipeline={} replicas={}{}", layout.empty() ? "" : ", ",
         g.role.empty() ? "" : g.role + " ", g.spec.tensor, g.spec.pipeline, g.spec.replicas,
-        model->num_experts > 0
+        model.num_experts > 0
             ? fmt::format(" expert={}", g.spec.expert > 0 ? g.spec.expert : g.spec.tensor)
             : "");
   log::info("head: deploying '{}' ({}):{}", name, layout, where);
   auto serving = cfg.spawn_serving(self->system(), caf::actor_cast<caf::actor>(self));
   self->monitor(serving);
   st.serving[name] = serving;
-  auto rp = self->make_response_promise<msg::deployment_view>();
   auto current = [self, name, ns]() -> cluster::deployment_record* {
     auto* r = self->state.deployments.find(name);
     return r && r->ns == ns ? r : nullptr;
   };
   self->request(serving, cfg.deploy_timeout, msg::deploy_atom::value, std::move(plan))
       .then(
-          [self, name, rp, current](std::string& endpoint) mutable {
+          [self, name, done, current, dc, store = cfg.store](std::string& endpoint) mutable {
             auto* r = current();
-            if (!r) {
-              rp.deliver(refuse(
-                  make_error(errc::cancelled, "deployment '{}' was stopped while loading", name)));
-              return;
-            }
+            if (!r)
+              return done(
+                  make_error(errc::cancelled, "deployment '{}' was stopped while loading", name));
             if (r->state != "loading") { // a node died while loading
               auto err =
                   make_error(errc::unavailable, "deployment '{}' failed: {}", name, r->reason);
               remove_deployment(self, name);
-              rp.deliver(refuse(err));
-              return;
+              return done(std::move(err));
             }
             self->state.deployments.mark_ready(name);
             r->endpoint = endpoint;
             log::info("head: deployment '{}' is ready at {}", name, endpoint);
-            rp.deliver(view_of(*r));
+            // Recorded with the port it got, so that a restarted head serves it at the same one.
+            if (auto colon = endpoint.rfind(':'); colon != std::string::npos)
+              dc.port = std::atoi(endpoint.c_str() + colon + 1);
+            if (auto saved = store.save(dc); !saved)
+              log::warn("head: deployment '{}' is not recorded (a restarted head will not serve "
+                        "it again): {}",
+                        name, saved.error().message());
+            done(view_of(*r));
           },
-          [self, name, rp, current](caf::error& e) mutable {
+          [self, name, done, current](caf::error& e) mutable {
             auto err = from_caf(e, &self->system());
             log::warn("head: deployment '{}' failed to start: {}", name, err.message());
-            if (current()) {
+            if (current())
               remove_deployment(self, name);
-            }
-            rp.deliver(refuse(err));
+            done(std::move(err));
           });
+}
+
+void on_peeked(head* self, const head_config& cfg, uint64_t id, const detail::model_peek& peek) {
+  auto& st = self->state;
+  auto it = st.reads.find(id);
+  if (it == st.reads.end())
+    return; // it took too long and was given up
+  auto read = std::move(it->second);
+  st.reads.erase(it);
+  if (!*peek.result)
+    return read.done(troupe::error(peek.result->error())
+                         .context("model " + read.config.model + " (read on the head)"));
+  place(self, cfg, std::move(read.config), **peek.result, std::move(read.done));
+}
+
+caf::result<msg::deployment_view> on_deploy(head* self, const head_config& cfg,
+                                            deployment_config& dc) {
+  if (self->state.restore.count(dc.served_model_name))
+    return refuse(make_error(errc::invalid_argument,
+                             "a deployment named '{}' is being restored from the previous head "
+                             "(cluster serve --stop {} first)",
+                             dc.served_model_name, dc.served_model_name));
+  auto rp = self->make_response_promise<msg::deployment_view>();
+  start_deployment(self, cfg, std::move(dc), [rp](expected<msg::deployment_view> v) mutable {
+    if (v)
+      rp.deliver(std::move(*v));
+    else
+      rp.deliver(refuse(v.error()));
+  });
   return rp;
 }
 
-caf::result<bool> on_undeploy(head* self, const std::string& name) {
+// Serves a crashed head's deployments again, each once its devices are back: placement that
+// finds too few devices (nodes still rejoining) or a failed load is tried again every second;
+// any other refusal drops the record, saying why.
+void restore_due(head* self, const head_config& cfg) {
+  for (auto& [name, r] : self->state.restore) {
+    if (r.attempting || self->state.deployments.find(name))
+      continue;
+    r.attempting = true;
+    start_deployment(self, cfg, r.config,
+                     [self, name = name, store = cfg.store](expected<msg::deployment_view> v) {
+                       auto& restore = self->state.restore;
+                       auto it = restore.find(name);
+                       if (it == restore.end())
+                         return; // stopped meanwhile
+                       if (v) {
+                         log::info("head: deployment '{}' restored at {}", name, v->endpoint);
+                         restore.erase(it);
+                         return;
+                       }
+                       const auto code = v.error().code();
+                       if (code == errc::resource_exhausted || code == errc::unavailable ||
+                           code == errc::timeout) {
+                         if (it->second.reason != v.error().message())
+                           log::warn("head: deployment '{}' not restored yet: {}", name,
+                                     v.error().message());
+                         it->second.reason = v.error().message();
+                         it->second.attempting = false;
+                         return;
+                       }
+                       log::error("head: cannot restore deployment '{}': {}; its record is removed",
+                                  name, v.error().message());
+                       store.remove(name);
+                       restore.erase(it);
+                     });
+  }
+}
+
+caf::result<bool> on_undeploy(head* self, const head_config& cfg, const std::string& name) {
   auto& st = self->state;
-  if (!st.deployments.find(name))
+  const bool restoring = st.restore.erase(name) > 0;
+  if (!st.deployments.find(name) && !restoring)
     return refuse(make_error(errc::not_found, "no deployment named '{}'", name));
-  remove_deployment(self, name);
+  cfg.store.remove(name);
+  if (st.deployments.find(name))
+    remove_deployment(self, name);
   log::info("head: deployment '{}' stopped; its devices are free", name);
   return true;
 }
@@ -403,6 +530,11 @@ void on_state_report(head* self, const std::string& name, const std::string& sta
 
 caf::behavior head_actor(caf::stateful_actor<head_state>* self, head_config cfg) {
   self->state.members.emplace(cfg.token, cfg.version, cfg.membership);
+  for (auto& dc : cfg.recovered)
+    self->state.restore[dc.served_model_name].config = dc;
+  cfg.recovered.clear();
+  // Give the nodes a few heartbeats to rejoin, so restored replicas land where they were.
+  self->state.next_restore = cluster::clock::now() + 3 * cfg.heartbeat;
   self->set_down_handler([self](caf::down_msg& dm) { on_down(self, dm); });
   // Anyone who can open the port could send an exit message; only this process may stop the head.
   self->set_exit_handler([self](caf::exit_msg& em) {
@@ -462,10 +594,11 @@ caf::behavior head_actor(caf::stateful_actor<head_state>* self, head_config cfg)
           on_kv_wait(self, rp, ns, key, timeout_ms);
         return rp;
       },
-      [self, authorized](msg::stop_atom, const std::string& token) -> caf::result<bool> {
+      [self, cfg, authorized](msg::stop_atom, const std::string& token) -> caf::result<bool> {
         if (auto ok = authorized(token); !ok)
           return refuse(ok.error());
         self->state.stopping = true;
+        cfg.store.clear(); // a clean stop: the next head starts without deployments
         for (auto& [name, serving] : self->state.serving) {
           self->demonitor(serving);
           self->send_exit(serving, caf::exit_reason::user_shutdown);
@@ -483,17 +616,23 @@ caf::behavior head_actor(caf::stateful_actor<head_state>* self, head_config cfg)
           return refuse(ok.error());
         return on_deploy(self, cfg, dc);
       },
-      [self, authorized](msg::undeploy_atom, const std::string& token,
-                         const std::string& name) -> caf::result<bool> {
+      [self, cfg, authorized](msg::undeploy_atom, const std::string& token,
+                              const std::string& name) -> caf::result<bool> {
         if (auto ok = authorized(token); !ok)
           return refuse(ok.error());
-        return on_undeploy(self, name);
+        return on_undeploy(self, cfg, name);
       },
       [self](msg::ready_atom, const std::string& name, const std::string& state,
              const std::string& reason) { on_state_report(self, name, state, reason); },
       [self](msg::failed_atom, const std::string& name, const std::string& ns,
              const std::string& why) { on_replica_failed(self, name, ns, why); },
-      [self, cfg](msg::restart_atom) { restart_due(self, cfg); },
+      [self, cfg](msg::restart_atom) {
+        restart_due(self, cfg);
+        restore_due(self, cfg);
+      },
+      [self, cfg](peeked_atom, uint64_t id, const detail::model_peek& peek) {
+        on_peeked(self, cfg, id, peek);
+      },
       [self](msg::linked_atom, const std::string& name, const std::string& transfer) {
         if (auto* rec = self->state.deployments.find(name))
           rec->transfer = transfer;

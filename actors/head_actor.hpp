@@ -6,8 +6,11 @@
 // the serving actor reports a worker gone or a failed step) the registry releases its devices,
 // the serving actor drops it, and the head places it again on free devices of alive nodes
 // (at once, on every tick once its retry time has come, and whenever a node joins) and has the
-// serving actor restart it (restart_atom). Event-based; never blocks (but for reading a model's
-// config.json when placing).
+// serving actor restart it (restart_atom). Event-based; never blocks: a model's config is read
+// on a thread of its own (a hung filesystem fails that deployment after read_timeout, nothing
+// else), and only small records in its own temp dir are written here. Ready deployments are
+// recorded in a deployment_store; a head started over a crashed one's records serves them
+// again once their devices are back (`cluster status` shows them as "restoring" until then).
 #pragma once
 
 #include <chrono>
@@ -22,6 +25,8 @@
 
 #include <functional>
 
+#include "actors/deployment_store.hpp"
+#include "actors/messages.hpp"
 #include "cluster/deployments.hpp"
 #include "cluster/kv_store.hpp"
 #include "cluster/membership.hpp"
@@ -38,6 +43,9 @@ struct head_config {
   // scheduler over remote workers). Unset: `cluster serve` is refused.
   std::function<caf::actor(caf::actor_system&, caf::actor head)> spawn_serving;
   std::chrono::seconds deploy_timeout{600}; // loading weights on every rank
+  std::chrono::seconds read_timeout{30};    // reading a model's config.json / GGUF header
+  deployment_store store;                   // where ready deployments are recorded
+  std::vector<deployment_config> recovered; // a crashed head's deployments, to serve again
 };
 
 struct head_state {
@@ -51,6 +59,22 @@ struct head_state {
   std::map<std::string, node_link> links;
   cluster::deployment_registry deployments;
   std::map<std::string, caf::actor> serving; // deployment name -> its serving actor
+  // A deployment whose model config is being read (off this actor's thread).
+  struct pending_read {
+    deployment_config config;
+    std::function<void(expected<msg::deployment_view>)> done;
+    cluster::clock::time_point deadline;
+  };
+  std::map<uint64_t, pending_read> reads;
+  uint64_t next_read = 0;
+  // A crashed head's deployments not yet placed again: config, why not yet, attempt running.
+  struct restoring {
+    deployment_config config;
+    std::string reason = "waiting for its nodes to join the restarted head";
+    bool attempting = false;
+  };
+  std::map<std::string, restoring> restore;
+  cluster::clock::time_point next_restore{};
   bool stopping = false;
   static inline const char* name = "head_actor";
 };

@@ -164,6 +164,11 @@ expected<session_files> prepare_session(const std::string& temp_dir, const std::
 
 // Control-plane daemons are mostly idle: CAF's work-sharing scheduler wakes a worker on every
 // message, where work stealing polls with sleeps of up to 10 ms (bench/RESULTS.md compares them).
+// What a head keeps across its own crash: <temp root>/head_state/{token, deployments/}.
+fs::path head_state_dir(const fs::path& root) {
+  return root / "head_state";
+}
+
 caf::actor_system_config& troupe_config(actors::system_config& cfg) {
   msg::add_message_types(cfg);
   cfg.set("scheduler.policy", caf::atom("sharing"));
@@ -183,7 +188,11 @@ int start_head(const head_options& opts) {
     fmt::print(stderr, "error: {}\n", files.error().message());
     return 1;
   }
-  const std::string token = opts.token.empty() ? cluster::random_token() : opts.token;
+  // A head that did not stop cleanly left its token and deployments here: the nodes rejoin
+  // with that token, and its deployments are served again.
+  const auto saved_token = cluster::read_text(head_state_dir(files->root) / "token");
+  const std::string token =
+      !opts.token.empty() ? opts.token : saved_token.value_or(cluster::random_token());
   int ready_fd = -1;
   if (!opts.block) {
     int rc = daemonize(files->session / "logs" / "head.log", 60, ready_fd);
@@ -221,6 +230,15 @@ int run_head_daemon(const head_options& opts, const session_files& files, const 
   actors::system_config cfg;
   caf::actor_system sys{troupe_config(cfg)};
   actors::head_config hc{.token = token, .version = TROUPE_VERSION};
+  const fs::path state_dir = head_state_dir(files.root);
+  hc.store = actors::deployment_store(state_dir / "deployments", TROUPE_VERSION);
+  auto previous = hc.store.load_all();
+  for (const auto& skipped : previous.skipped)
+    log::warn("head: a deployment of the previous head is not restored: {}", skipped.message());
+  std::string restoring;
+  for (const auto& dc : previous.configs)
+    restoring += (restoring.empty() ? "" : ", ") + dc.served_model_name;
+  hc.recovered = std::move(previous.configs);
   // Deployments are served from this process: one detached serving actor each.
   hc.spawn_serving = [](caf::actor_system& sys, caf::actor head) {
     return sys.spawn<caf::detached>(serve::serving_actor, std::move(head),
@@ -243,8 +261,14 @@ int run_head_daemon(const head_options& opts, const session_files& files, const 
   (void)cluster::write_pid_file(files.session, "head");
   (void)cluster::write_text(files.session / "head_address", head_addr + "\n");
   (void)cluster::write_text(files.session / "token", token + "\n", true);
+  std::error_code ec;
+  fs::create_directories(state_dir, ec);
+  (void)cluster::write_text(state_dir / "token", token + "\n", true);
   log::info("head: troupe {} listening on {} (session {})", TROUPE_VERSION, head_addr,
             fs::canonical(files.session).string());
+  if (!restoring.empty())
+    log::info("head: the previous head did not stop cleanly; restoring its deployments: {}",
+              restoring);
 
   actors::node_config nc{.local_head = head,
                          .token = token,
@@ -252,8 +276,13 @@ int run_head_daemon(const head_options& opts, const session_files& files, const 
                          .info = local_node_info(files.root, "head", address, opts.num_gpus, true)};
   const std::string join_line = fmt::format(
       "troupe head started (pid {}), listening on {}\n  logs: {}\nTo add a node, run on it:\n"
-      "  cluster join {} --token {}\nThen: cluster status    To stop: cluster stop\n",
-      getpid(), head_addr, (fs::canonical(files.session) / "logs").string(), head_addr, token);
+      "  cluster join {} --token {}\nThen: cluster status    To stop: cluster stop\n{}",
+      getpid(), head_addr, (fs::canonical(files.session) / "logs").string(), head_addr, token,
+      restoring.empty()
+          ? ""
+          : fmt::format("Restoring the deployments of the previous head, which did not stop "
+                        "cleanly: {} (`cluster serve --stop NAME` drops one)\n",
+                        restoring));
   nc.on_joined = [&ready, join_line](const std::string&) { ready.report("ok " + join_line); };
   nc.on_shutdown = [] {}; // the head process itself decides when to exit
   auto node = sys.spawn(actors::node_actor, nc);
@@ -266,8 +295,10 @@ int run_head_daemon(const head_options& opts, const session_files& files, const 
   std::this_thread::sleep_for(milliseconds(200)); // let the shutdown messages leave
   self->send_exit(node, caf::exit_reason::user_shutdown);
   self->send_exit(head, caf::exit_reason::user_shutdown);
-  std::error_code ec;
   fs::remove(files.session / "head.pid", ec);
+  fs::remove(state_dir / "token", ec); // stopped cleanly: nothing to restore
+  fs::remove(state_dir / "deployments", ec);
+  fs::remove(state_dir, ec);
   return 0;
 }
 

@@ -59,21 +59,62 @@ int run_on_cluster(const serve_args& args, const deployment_config* config) {
                   [&](caf::error& e) { out = actors::from_caf(e, &sys); });
           return out;
         }
-        self->request(head, timeout, msg::deploy_atom::value, target->token, *config)
-            .receive(
-                [&](msg::deployment_view& v) {
-                  std::string ranks;
-                  for (const auto& r : v.ranks)
-                    ranks += v.replicas > 1
-                                 ? fmt::format(" r{}/pp{}/tp{}@{}", r.replica, r.pp_rank, r.tp_rank,
-                                               r.node_id)
-                                 : fmt::format(" pp{}/tp{}@{}", r.pp_rank, r.tp_rank, r.node_id);
-                  fmt::print("serving '{}' at {} ({}, tensor={} pipeline={}{}, ranks:{})\n", v.name,
-                             v.endpoint, v.device, v.tensor, v.pipeline,
-                             v.replicas > 1 ? fmt::format(" replicas={}", v.replicas) : "", ranks);
-                  out = {};
-                },
-                [&](caf::error& e) { out = actors::from_caf(e, &sys); });
+        // The verdict can take minutes (weights loading): ping the head every 2 s meanwhile,
+        // so that a head that dies (connection lost) or hangs (4 pings unanswered) ends the
+        // wait within seconds instead of after --timeout.
+        self->monitor(head);
+        self->send(head, msg::deploy_atom::value, target->token, *config);
+        const auto deadline = std::chrono::steady_clock::now() + timeout;
+        for (int unanswered = 0;;) {
+          bool waiting = true;
+          self->receive(
+              [&](msg::deployment_view& v) {
+                std::string ranks;
+                for (const auto& r : v.ranks)
+                  ranks += v.replicas > 1
+                               ? fmt::format(" r{}/pp{}/tp{}@{}", r.replica, r.pp_rank, r.tp_rank,
+                                             r.node_id)
+                               : fmt::format(" pp{}/tp{}@{}", r.pp_rank, r.tp_rank, r.node_id);
+                fmt::print("serving '{}' at {} ({}, tensor={} pipeline={}{}, ranks:{})\n", v.name,
+                           v.endpoint, v.device, v.tensor, v.pipeline,
+                           v.replicas > 1 ? fmt::format(" replicas={}", v.replicas) : "", ranks);
+                out = {};
+                waiting = false;
+              },
+              [&](msg::cluster_view&) { unanswered = 0; },
+              [&](caf::error& e) {
+                out = actors::from_caf(e, &sys);
+                waiting = false;
+              },
+              [&](caf::down_msg& dm) {
+                out = make_error(errc::unavailable,
+                                 "lost the head at {}:{} while the deployment loaded ({}); it "
+                                 "may have crashed (see its log); if it restarts it serves the "
+                                 "deployments that were ready, not this one",
+                                 target->host, target->port, sys.render(dm.reason));
+                waiting = false;
+              },
+              caf::after(std::chrono::seconds(2)) >>
+                  [&] {
+                    if (std::chrono::steady_clock::now() > deadline) {
+                      out = make_error(errc::timeout,
+                                       "the deployment was not ready within {} s (--timeout); it "
+                                       "goes on loading: see `cluster status`",
+                                       args.timeout_s);
+                      waiting = false;
+                    } else if (++unanswered > 3) {
+                      out = make_error(errc::unavailable,
+                                       "the head at {}:{} stopped answering (4 pings in 8 s); "
+                                       "it may hang or be overloaded",
+                                       target->host, target->port);
+                      waiting = false;
+                    } else {
+                      self->send(head, msg::status_atom::value, target->token);
+                    }
+                  });
+          if (!waiting)
+            break;
+        }
         return out;
       });
   if (!done) {

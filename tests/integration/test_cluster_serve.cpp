@@ -24,114 +24,12 @@
 #include "golden.hpp"
 #include "process_harness.hpp"
 #include "serve/http_client.hpp"
+#include "serve_fixture.hpp"
 
 using namespace troupe::test;
 using namespace std::chrono_literals;
 
 namespace {
-
-nlohmann::json status_json(cluster_fixture& fx) {
-  auto r = fx.cluster(
-      {"status", "--json", "--address", fx.head_address(), "--token", fx.token(), "--timeout", "5"},
-      20s);
-  if (r.exit_code != 0)
-    return {};
-  return nlohmann::json::parse(r.output, nullptr, false);
-}
-
-nlohmann::json deployment_of(cluster_fixture& fx, const std::string& name) {
-  auto s = status_json(fx);
-  if (!s.is_object())
-    return {};
-  for (auto& d : s["deployments"])
-    if (d["name"] == name)
-      return d;
-  return {};
-}
-
-fs::path write_yaml(cluster_fixture& fx, const std::string& file, const std::string& text) {
-  auto path = fx.dir(file);
-  std::ofstream(path) << text;
-  return path;
-}
-
-// expert: parallel.expert, left out when 0.
-std::string yaml_for(const fs::path& model, const std::string& name, int tensor, int pipeline,
-                     int replicas = 1, int expert = 0) {
-  return fmt::format("model: {}\nserved_model_name: {}\nmax_model_len: 256\nnum_kv_blocks: 64\n"
-                     "port: 0\nparallel: {{tensor: {}, pipeline: {}, replicas: {}{}}}\n",
-                     model.string(), name, tensor, pipeline, replicas,
-                     expert != 0 ? fmt::format(", expert: {}", expert) : "");
-}
-
-run_result serve(cluster_fixture& fx, const fs::path& yaml) {
-  return fx.cluster({"serve", yaml.string(), "--address", fx.head_address(), "--token", fx.token()},
-                    90s);
-}
-
-run_result stop_serving(cluster_fixture& fx, const std::string& name) {
-  return fx.cluster(
-      {"serve", "--stop", name, "--address", fx.head_address(), "--token", fx.token()});
-}
-
-uint16_t port_of(const std::string& output) {
-  std::smatch m;
-  if (!std::regex_search(output, m, std::regex(R"(at http://[^:]+:(\d+)/v1)")))
-    return 0;
-  return static_cast<uint16_t>(std::stoi(m[1]));
-}
-
-// One streamed completion on its own connection, read as it arrives. A hang fails the test
-// (30 s receive timeout) instead of blocking it.
-class sse_stream {
- public:
-  sse_stream(uint16_t port, const std::string& body) : sock_(ioc_) {
-    sock_.connect({boost::asio::ip::make_address("127.0.0.1"), port});
-    timeval tv{30, 0};
-    setsockopt(sock_.native_handle(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    boost::asio::write(sock_,
-                       boost::asio::buffer(http_request_text("POST", "/v1/completions", body, "")));
-  }
-  // Reads until `text` arrived or the stream ended; true when it arrived.
-  bool read_until(const std::string& text) {
-    while (raw_.find(text) == std::string::npos && !ec_)
-      read_some();
-    return raw_.find(text) != std::string::npos;
-  }
-  // Reads to the end; returns how long that took.
-  std::chrono::milliseconds read_to_end() {
-    const auto t0 = std::chrono::steady_clock::now();
-    while (!ec_)
-      read_some();
-    return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() -
-                                                                 t0);
-  }
-  bool ended_cleanly() const { return ec_ == boost::asio::error::eof; }
-  const std::string& raw() const { return raw_; }
-  std::string tail() const { return raw_.substr(raw_.size() > 600 ? raw_.size() - 600 : 0); }
-  // The token ids of every chunk (return_token_ids), in order.
-  std::vector<int> token_ids() const {
-    std::vector<int> ids;
-    auto events = sse_events(parse_reply(raw_).body);
-    for (const auto& e : events)
-      if (e.is_object() && e.contains("choices") && !e["choices"].empty() &&
-          e["choices"][0].contains("token_ids"))
-        for (const auto& id : e["choices"][0]["token_ids"])
-          ids.push_back(id.get<int>());
-    return ids;
-  }
-
- private:
-  void read_some() {
-    char buf[4096];
-    auto n = sock_.read_some(boost::asio::buffer(buf), ec_);
-    raw_.append(buf, n);
-  }
-  boost::asio::io_context ioc_;
-  boost::asio::ip::tcp::socket sock_;
-  std::string raw_;
-  boost::system::error_code ec_;
-};
 
 // The greedy ids `cluster generate` gives for `prompt_ids` (comma-separated).
 std::vector<int> generate_ids(cluster_fixture& fx, const fs::path& model,
@@ -150,19 +48,6 @@ std::vector<int> generate_ids(cluster_fixture& fx, const fs::path& model,
   return ids;
 }
 
-// The token ids of a greedy completion (ignore_eos) of `ids` (comma-separated prompt ids) on
-// `model`, or {-status} when the request failed.
-std::vector<int> greedy_ids(uint16_t port, const std::string& model, const std::string& ids,
-                            int max_tokens) {
-  auto r = http_call(port, "POST", "/v1/completions",
-                     fmt::format(R"({{"model": "{}", "prompt": [{}], "max_tokens": {},
-                                     "temperature": 0, "ignore_eos": true,
-                                     "return_token_ids": true}})",
-                                 model, ids, max_tokens));
-  return r.status == 200 ? r.json()["choices"][0]["token_ids"].get<std::vector<int>>()
-                         : std::vector<int>{-r.status};
-}
-
 // A Prometheus sample's value; -1 when absent.
 double metric(uint16_t port, const std::string& sample) {
   auto r = http_call(port, "GET", "/metrics");
@@ -174,24 +59,6 @@ double metric(uint16_t port, const std::string& sample) {
 
 std::string replica_sample(const std::string& name, const std::string& model, int replica) {
   return fmt::format("{}{{model_name=\"{}\",replica=\"{}\"}}", name, model, replica);
-}
-
-// A head (no devices) and two nodes with two CPU stand-in devices each, all alive.
-std::vector<pid_t> start_cluster(cluster_fixture& fx) {
-  fx.start_head_blocking();
-  std::vector<pid_t> nodes{fx.join_blocking("w1"), fx.join_blocking("w2")};
-  REQUIRE(eventually(
-      [&] {
-        auto n = fx.nodes();
-        if (n.size() != 3)
-          return false;
-        for (auto& [id, j] : n)
-          if (j["state"] != "alive")
-            return false;
-        return true;
-      },
-      30s));
-  return nodes;
 }
 
 } // namespace

@@ -1,0 +1,91 @@
+#include "serve_fixture.hpp"
+
+#include <fstream>
+#include <regex>
+
+#include <doctest/doctest.h>
+#include <fmt/format.h>
+
+namespace troupe::test {
+
+using namespace std::chrono_literals;
+
+nlohmann::json status_json(cluster_fixture& fx) {
+  auto r = fx.cluster(
+      {"status", "--json", "--address", fx.head_address(), "--token", fx.token(), "--timeout", "5"},
+      20s);
+  if (r.exit_code != 0)
+    return {};
+  return nlohmann::json::parse(r.output, nullptr, false);
+}
+
+nlohmann::json deployment_of(cluster_fixture& fx, const std::string& name) {
+  auto s = status_json(fx);
+  if (!s.is_object())
+    return {};
+  for (auto& d : s["deployments"])
+    if (d["name"] == name)
+      return d;
+  return {};
+}
+
+fs::path write_yaml(cluster_fixture& fx, const std::string& file, const std::string& text) {
+  auto path = fx.dir(file);
+  std::ofstream(path) << text;
+  return path;
+}
+
+std::string yaml_for(const fs::path& model, const std::string& name, int tensor, int pipeline,
+                     int replicas, int expert) {
+  return fmt::format("model: {}\nserved_model_name: {}\nmax_model_len: 256\nnum_kv_blocks: 64\n"
+                     "port: 0\nparallel: {{tensor: {}, pipeline: {}, replicas: {}{}}}\n",
+                     model.string(), name, tensor, pipeline, replicas,
+                     expert != 0 ? fmt::format(", expert: {}", expert) : "");
+}
+
+run_result serve(cluster_fixture& fx, const fs::path& yaml) {
+  return fx.cluster({"serve", yaml.string(), "--address", fx.head_address(), "--token", fx.token()},
+                    90s);
+}
+
+run_result stop_serving(cluster_fixture& fx, const std::string& name) {
+  return fx.cluster(
+      {"serve", "--stop", name, "--address", fx.head_address(), "--token", fx.token()});
+}
+
+uint16_t port_of(const std::string& output) {
+  std::smatch m;
+  if (!std::regex_search(output, m, std::regex(R"(at http://[^:]+:(\d+)/v1)")))
+    return 0;
+  return static_cast<uint16_t>(std::stoi(m[1]));
+}
+
+std::vector<int> greedy_ids(uint16_t port, const std::string& model, const std::string& ids,
+                            int max_tokens) {
+  auto r = http_call(port, "POST", "/v1/completions",
+                     fmt::format(R"({{"model": "{}", "prompt": [{}], "max_tokens": {},
+                                     "temperature": 0, "ignore_eos": true,
+                                     "return_token_ids": true}})",
+                                 model, ids, max_tokens));
+  return r.status == 200 ? r.json()["choices"][0]["token_ids"].get<std::vector<int>>()
+                         : std::vector<int>{-r.status};
+}
+
+std::vector<pid_t> start_cluster(cluster_fixture& fx) {
+  fx.start_head_blocking();
+  std::vector<pid_t> nodes{fx.join_blocking("w1"), fx.join_blocking("w2")};
+  REQUIRE(eventually(
+      [&] {
+        auto n = fx.nodes();
+        if (n.size() != 3)
+          return false;
+        for (auto& [id, j] : n)
+          if (j["state"] != "alive")
+            return false;
+        return true;
+      },
+      30s));
+  return nodes;
+}
+
+} // namespace troupe::test
