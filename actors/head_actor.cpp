@@ -526,6 +526,43 @@ void on_state_report(head* self, const std::string& name, const std::string& sta
   log::warn("head: deployment '{}' is {}: {}", name, state, reason);
 }
 
+// A clean stop: every deployment drains (no new requests; those in flight get up to `grace_s`
+// to finish, the rest end with an error), then the serving actors exit and the nodes are told
+// to shut down. Answers once all of that is done.
+caf::result<bool> on_stop(head* self, const head_config& cfg, double grace_s) {
+  auto& st = self->state;
+  st.stopping = true;
+  cfg.store.clear(); // a clean stop: the next head starts without deployments
+  auto rp = self->make_response_promise<bool>();
+  auto finish = [self, rp]() mutable {
+    auto& st = self->state;
+    for (auto& [name, serving] : st.serving) {
+      self->demonitor(serving);
+      self->send_exit(serving, caf::exit_reason::user_shutdown);
+    }
+    st.serving.clear();
+    for (auto& [id, link] : st.links)
+      if (link.actor)
+        self->send(link.actor, msg::shutdown_atom::value);
+    log::info("head: stopping; told {} node(s)", st.links.size());
+    rp.deliver(true);
+  };
+  if (st.serving.empty()) {
+    finish();
+    return rp;
+  }
+  log::info("head: stopping; {} deployment(s) get up to {:.0f} s to finish their requests",
+            st.serving.size(), grace_s);
+  auto left = std::make_shared<size_t>(st.serving.size());
+  const auto wait =
+      std::chrono::milliseconds(static_cast<int64_t>(grace_s * 1000)) + std::chrono::seconds(5);
+  for (auto& [name, serving] : st.serving)
+    self->request(serving, wait, msg::stop_atom::value, grace_s)
+        .then([left, finish](bool) mutable { --*left == 0 ? finish() : void(); },
+              [left, finish](caf::error&) mutable { --*left == 0 ? finish() : void(); });
+  return rp;
+}
+
 } // namespace
 
 caf::behavior head_actor(caf::stateful_actor<head_state>* self, head_config cfg) {
@@ -594,21 +631,11 @@ caf::behavior head_actor(caf::stateful_actor<head_state>* self, head_config cfg)
           on_kv_wait(self, rp, ns, key, timeout_ms);
         return rp;
       },
-      [self, cfg, authorized](msg::stop_atom, const std::string& token) -> caf::result<bool> {
+      [self, cfg, authorized](msg::stop_atom, const std::string& token,
+                              double grace_s) -> caf::result<bool> {
         if (auto ok = authorized(token); !ok)
           return refuse(ok.error());
-        self->state.stopping = true;
-        cfg.store.clear(); // a clean stop: the next head starts without deployments
-        for (auto& [name, serving] : self->state.serving) {
-          self->demonitor(serving);
-          self->send_exit(serving, caf::exit_reason::user_shutdown);
-        }
-        self->state.serving.clear();
-        for (auto& [id, link] : self->state.links)
-          if (link.actor)
-            self->send(link.actor, msg::shutdown_atom::value);
-        log::info("head: stopping; told {} node(s)", self->state.links.size());
-        return true;
+        return on_stop(self, cfg, grace_s);
       },
       [self, cfg, authorized](msg::deploy_atom, const std::string& token,
                               deployment_config& dc) -> caf::result<msg::deployment_view> {

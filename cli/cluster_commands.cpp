@@ -180,6 +180,8 @@ bool stop_daemon(const fs::path& session, const std::string& role, std::chrono::
   auto pid = cluster::live_pid(session, role);
   if (!pid)
     return false;
+  // The head drains its deployments for the grace period, less the time it needs to exit.
+  (void)cluster::write_text(session / "stop_grace", std::to_string(grace.count()) + "\n");
   kill(*pid, SIGTERM);
   auto deadline = std::chrono::steady_clock::now() + grace;
   while (cluster::process_alive(*pid) && std::chrono::steady_clock::now() < deadline)
@@ -293,6 +295,10 @@ void add_start_command(CLI::App& app, int& exit_code) {
   add_secret_file_option(cmd, "token", o->token);
   cmd->add_option("--num-gpus", o->num_gpus, "CPU stand-in GPUs for the head's own node");
   cmd->add_flag("--block", o->block, "Stay in the foreground");
+  cmd->add_option("--grace", o->grace_s,
+                  "SIGTERM: seconds the deployments' requests in flight get to finish (default 25; "
+                  "`cluster stop --grace` sets its own)")
+      ->check(CLI::Range(0.0, 3600.0));
   add_temp_dir(cmd, o->temp_dir);
   cmd->callback([o, head, &exit_code] { exit_code = start_head(*o); });
 }
@@ -330,9 +336,11 @@ void add_status_command(CLI::App& app, int& exit_code) {
 
 void add_stop_command(CLI::App& app, int& exit_code) {
   auto dir = std::make_shared<std::string>();
-  auto grace = std::make_shared<int>(10);
+  auto grace = std::make_shared<int>(30);
   auto* cmd = app.add_subcommand("stop", "Stop this host's daemons (the head tells its nodes)");
-  cmd->add_option("--grace", *grace, "Seconds before SIGKILL")->check(CLI::Range(0, 600));
+  cmd->add_option("--grace", *grace,
+                  "Seconds before SIGKILL; the head's deployments drain for all but 3 of them")
+      ->check(CLI::Range(0, 600));
   add_temp_dir(cmd, *dir);
   cmd->callback([dir, grace, &exit_code] { exit_code = run_stop(*dir, *grace); });
 }

@@ -288,9 +288,15 @@ int run_head_daemon(const head_options& opts, const session_files& files, const 
   auto node = sys.spawn(actors::node_actor, nc);
 
   int sig = wait_for_signal(signals);
-  log::info("head: signal {}: telling the nodes and stopping", sig);
+  // `cluster stop --grace G` leaves G in the session: drain for all of it but the time to exit.
+  double grace = opts.grace_s;
+  if (auto g = cluster::read_text(files.session / "stop_grace"))
+    grace = std::max(0.0, std::strtod(g->c_str(), nullptr) - 3);
+  log::info("head: signal {}: draining the deployments (up to {:.0f} s), then telling the nodes",
+            sig, grace);
   caf::scoped_actor self{sys};
-  self->request(head, std::chrono::seconds(3), msg::stop_atom::value, token)
+  self->request(head, milliseconds(static_cast<int64_t>(grace * 1000)) + std::chrono::seconds(8),
+                msg::stop_atom::value, token, grace)
       .receive([](bool) {}, [](caf::error&) {});
   std::this_thread::sleep_for(milliseconds(200)); // let the shutdown messages leave
   self->send_exit(node, caf::exit_reason::user_shutdown);

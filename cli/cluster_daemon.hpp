@@ -16,6 +16,7 @@ struct head_options {
   int32_t num_gpus = -1; // CPU stand-in GPUs for the head's own node; -1: discover
   bool block = false;
   std::string temp_dir;
+  double grace_s = 25; // SIGTERM: requests in flight get this long (`cluster stop` sets its own)
 };
 
 struct join_options {

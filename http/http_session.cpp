@@ -351,8 +351,17 @@ void http_session::on_peer(error_code ec) {
   if (ec != boost::asio::error::eof)
     return client_gone(); // reset: cancel now
   peer_eof_ = true;       // maybe a half-close: keep answering
-  if (!active_ || !active_->streaming())
+  if (!active_)
     return;
+  // A whole-body answer writes nothing until it is done, so nothing would draw the RST of a
+  // client that closed (most clients close, few half-close). An interim 100 response (which
+  // every HTTP/1.1 client must skip, RFC 9110 §15.2) draws it now; a half-closed client skips
+  // it and gets its answer.
+  if (!active_->streaming()) {
+    if (version_ < 11)
+      return;
+    send("HTTP/1.1 100 Continue\r\n\r\n");
+  }
   sock_.async_wait(tcp::socket::wait_error, [self = shared_from_this()](error_code ec) {
     if (!ec && !self->closed_ && self->active_)
       self->client_gone(); // the RST our last write drew

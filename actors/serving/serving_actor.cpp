@@ -533,6 +533,13 @@ caf::behavior serving_actor(caf::stateful_actor<serving_state>* self, caf::actor
       [self](msg::restart_atom, const msg::replica_plan& plan) -> caf::result<std::string> {
         return on_restart(self, plan);
       },
+      // The head stops cleanly: no new requests; those in flight get up to grace_s to finish,
+      // the rest end with an error. Blocks this (detached) actor meanwhile.
+      [self](msg::stop_atom, double grace_s) {
+        if (self->state.served)
+          self->state.served->drain(grace_s);
+        return true;
+      },
   };
 }
 

@@ -111,7 +111,7 @@ TEST_CASE("head_actor: every client message needs the token") {
   CHECK(s.error().message().find("wrong cluster token") != str::npos);
   CHECK_FALSE(fx.ask<bool>(msg::kv_set_atom::value, str("nope"), str("d"), str("k"), str("v")));
   CHECK_FALSE(fx.ask<str>(msg::kv_wait_atom::value, str("nope"), str("d"), str("k"), int64_t{1}));
-  CHECK_FALSE(fx.ask<bool>(msg::stop_atom::value, str("nope")));
+  CHECK_FALSE(fx.ask<bool>(msg::stop_atom::value, str("nope"), 0.0));
   CHECK_FALSE(fx.ask<str>(msg::kv_get_atom::value, str("tok"), str("d"), str("k"))); // never set
   // Heartbeats from nodes that never joined are refused (they must join first).
   auto hb = fx.ask<bool>(msg::heartbeat_atom::value, str("ghost"), uint64_t{1});
@@ -173,7 +173,7 @@ TEST_CASE("head_actor: stop tells every joined node") {
   nc.on_shutdown = [&told] { told.set_value(); };
   auto node = fx.sys.spawn(actors::node_actor, nc);
   REQUIRE(joined.get_future().wait_for(5s) == std::future_status::ready);
-  CHECK(fx.ask<bool>(msg::stop_atom::value, std::string("tok")));
+  CHECK(fx.ask<bool>(msg::stop_atom::value, std::string("tok"), 0.0));
   CHECK(told.get_future().wait_for(5s) == std::future_status::ready);
   caf::anon_send_exit(node, caf::exit_reason::user_shutdown);
 }

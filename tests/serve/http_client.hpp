@@ -28,7 +28,10 @@ inline std::string http_request_text(const std::string& method, const std::strin
          "\r\n" + extra_headers + "\r\n" + body;
 }
 
-inline http_reply parse_reply(const std::string& raw) {
+inline http_reply parse_reply(std::string raw) {
+  // Interim 1xx responses may come before the final one (RFC 9110 §15.2): skipped, as clients do.
+  while (raw.rfind("HTTP/1.1 1", 0) == 0 && raw.find("\r\n\r\n") != std::string::npos)
+    raw.erase(0, raw.find("\r\n\r\n") + 4);
   http_reply r;
   const auto split = raw.find("\r\n\r\n");
   r.head = raw.substr(0, split);
