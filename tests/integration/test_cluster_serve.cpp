@@ -605,3 +605,57 @@ TEST_CASE("cluster serve: a hung prefill node's handoff is retried on the other 
   CHECK(eventually([&] { return troupe::test::metric_value(port, "troupe_kv_blocks_in_use") == 0; },
                    15s));
 }
+
+TEST_CASE("cluster serve: SIGKILL of the decode node mid-stream ends the stream and the decode "
+          "replica restarts") {
+  auto model = golden_model("tiny-qwen3");
+  if (!model)
+    return;
+  cluster_fixture fx;
+  auto node_pids = start_cluster(fx);
+  // prefill tensor=2 and decode tensor=2: one whole node each.
+  auto yaml = write_yaml(
+      fx, "dk.yaml",
+      fmt::format("model: {}\nserved_model_name: dk\nmax_model_len: 256\nnum_kv_blocks: 64\n"
+                  "port: 0\ndisaggregation:\n  prefill: {{tensor: 2}}\n"
+                  "  decode: {{tensor: 2}}\n  provider: tcp\n  timeout_s: 3\n",
+                  model->string()));
+  auto served = serve(fx, yaml);
+  REQUIRE_MESSAGE(served.exit_code == 0, served.output);
+  const uint16_t port = port_of(served.output);
+  auto d = deployment_of(fx, "dk");
+  std::map<int, std::set<std::string>> nodes_of;
+  for (const auto& r : d["ranks"])
+    nodes_of[r["replica"].get<int>()].insert(r["node_id"].get<std::string>());
+  REQUIRE(nodes_of[0].size() == 1);
+  REQUIRE(nodes_of[1].size() == 1);
+  const std::string decode_node = *nodes_of[0].begin();
+  REQUIRE(decode_node != *nodes_of[1].begin());
+  const pid_t victim = decode_node == fx.node_id("w1") ? node_pids[0] : node_pids[1];
+  const auto expected = generate_ids(fx, *model, "9707,11,1879,0", 8);
+  CHECK(greedy_ids(port, "dk", "9707,11,1879,0", 8) == expected);
+
+  sse_stream stream(port, R"({"model": "dk", "prompt": "hello", "max_tokens": 240,
+                              "temperature": 0, "ignore_eos": true, "stream": true})");
+  REQUIRE_MESSAGE(stream.read_until("data: "), stream.raw());
+  kill(victim, SIGKILL);
+  const auto took = stream.read_to_end();
+  MESSAGE("SIGKILL of the decode node -> stream ended in ", took.count(), " ms");
+  CHECK(took < 10s);
+  CHECK(stream.ended_cleanly());
+  CHECK_MESSAGE(stream.raw().find("\"error\"") != std::string::npos, stream.tail());
+  // No decode replica: new requests get 503 saying why; the prefill side holds nothing.
+  CHECK(eventually([&] { return deployment_of(fx, "dk")["state"] == "degraded"; }, 15s));
+  auto refused = http_call(port, "POST", "/v1/completions",
+                           R"({"model": "dk", "prompt": "hi", "max_tokens": 2})");
+  CHECK_MESSAGE(refused.status == 503, refused.body);
+  CHECK(eventually([&] { return troupe::test::metric_value(port, "troupe_kv_blocks_in_use") == 0; },
+                   10s));
+  // A node with two devices joins: the decode replica restarts there, the prefill replica links
+  // to it, and handoffs serve again.
+  fx.join_blocking("w3");
+  CHECK(eventually([&] { return deployment_of(fx, "dk")["state"] == "ready"; }, 60s));
+  const auto handed = troupe::test::metric_value(port, "troupe_kv_handoffs_total");
+  CHECK(greedy_ids(port, "dk", "9707,11,1879,0", 8) == expected);
+  CHECK(troupe::test::metric_value(port, "troupe_kv_handoffs_total") == handed + 1);
+}
