@@ -78,7 +78,7 @@ void connect(node* self, const node_config& cfg) {
     return;
   }
   st.connecting = true;
-  auto mm = self->system().middleman().actor_handle();
+  auto mm = connector(self->system()); // mutual TLS in the daemons
   self->request(mm, cfg.connect_timeout, caf::connect_atom::value, cfg.head_host, cfg.head_port)
       .then(
           [self, cfg](const caf::node_id&, caf::strong_actor_ptr& ptr,

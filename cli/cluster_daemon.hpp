@@ -21,7 +21,8 @@ struct head_options {
 struct join_options {
   std::string address; // HOST[:PORT] of the head
   std::string token;
-  std::string node_ip; // advertised address; empty: the interface that routes to the head
+  std::string ca_sha256; // the cluster CA's fingerprint, printed by `cluster start --head`
+  std::string node_ip;   // advertised address; empty: the interface that routes to the head
   int32_t num_gpus = -1;
   bool block = false;
   std::string temp_dir;

@@ -31,9 +31,9 @@ using namespace std::chrono_literals;
 namespace {
 
 nlohmann::json status_json(cluster_fixture& fx) {
-  auto r = fx.cluster(
-      {"status", "--json", "--address", fx.head_address(), "--token", fx.token(), "--timeout", "5"},
-      20s);
+  auto r = fx.cluster({"status", "--json", "--address", fx.head_address(), "--token", fx.token(),
+                       "--ca-sha256", fx.ca_sha256(), "--timeout", "5"},
+                      20s);
   if (r.exit_code != 0)
     return {};
   return nlohmann::json::parse(r.output, nullptr, false);
@@ -65,13 +65,14 @@ std::string yaml_for(const fs::path& model, const std::string& name, int tensor,
 }
 
 run_result serve(cluster_fixture& fx, const fs::path& yaml) {
-  return fx.cluster({"serve", yaml.string(), "--address", fx.head_address(), "--token", fx.token()},
+  return fx.cluster({"serve", yaml.string(), "--address", fx.head_address(), "--token", fx.token(),
+                     "--ca-sha256", fx.ca_sha256()},
                     90s);
 }
 
 run_result stop_serving(cluster_fixture& fx, const std::string& name) {
-  return fx.cluster(
-      {"serve", "--stop", name, "--address", fx.head_address(), "--token", fx.token()});
+  return fx.cluster({"serve", "--stop", name, "--address", fx.head_address(), "--token", fx.token(),
+                     "--ca-sha256", fx.ca_sha256()});
 }
 
 uint16_t port_of(const std::string& output) {
@@ -585,7 +586,8 @@ TEST_CASE("cluster serve: prefill tensor=2 -> decode tensor=1 over tcp answers l
   CHECK_MESSAGE(d["transfer"].get<std::string>().find("provider tcp: 2 prefill rank(s) -> 1 decode "
                                                       "rank(s)") == 0,
                 d.dump());
-  auto table = fx.cluster({"status", "--address", fx.head_address(), "--token", fx.token()});
+  auto table = fx.cluster({"status", "--address", fx.head_address(), "--token", fx.token(),
+                           "--ca-sha256", fx.ca_sha256()});
   CHECK_MESSAGE(table.output.find("prefill  group: tensor=2") != std::string::npos, table.output);
 
   // Greedy completions equal `cluster generate`, one at a time and all at once.
