@@ -240,9 +240,23 @@ void add_secret_file_option(CLI::App* cmd, const std::string& name,
 }
 
 void add_ca_option(CLI::App* cmd, std::string& ca_sha256) {
-  cmd->add_option("--ca-sha256", ca_sha256,
-                  "SHA-256 fingerprint of the cluster CA, as printed by `cluster start --head` "
-                  "(default: $TROUPE_CA_SHA256)");
+  auto* sha = cmd->add_option("--ca-sha256", ca_sha256,
+                              "SHA-256 fingerprint of the cluster CA, as printed by `cluster start "
+                              "--head` (default: $TROUPE_CA_SHA256)");
+  cmd->add_option_function<std::string>(
+         "--ca-file",
+         [&ca_sha256](const std::string& path) {
+           auto pem = cluster::read_text(path);
+           auto fp = pem ? cluster::tls::fingerprint(*pem + "\n")
+                         : expected<std::string>(make_error(errc::io_error, "unreadable"));
+           if (!fp)
+             throw CLI::ValidationError(
+                 "--ca-file", "'" + path + "' is not a PEM certificate: " + fp.error().message());
+           ca_sha256 = *fp;
+         },
+         "The cluster CA's certificate (instead of --ca-sha256: its fingerprint is pinned)")
+      ->check(CLI::ExistingFile)
+      ->excludes(sha);
 }
 
 namespace {
@@ -357,6 +371,9 @@ void add_start_command(CLI::App& app, int& exit_code) {
   cmd->add_option("--port", o->port, "Port to listen on");
   cmd->add_option("--token", o->token, "Cluster token (generated when not given)");
   add_secret_file_option(cmd, "token", o->token);
+  cmd->add_option("--ca-dir", o->ca_dir,
+                  "The cluster CA's folder (ca.pem, ca.key; created when absent; default: "
+                  "TEMP/cluster_ca, deleted by a clean stop)");
   cmd->add_option("--num-gpus", o->num_gpus, "CPU stand-in GPUs for the head's own node");
   cmd->add_flag("--block", o->block, "Stay in the foreground");
   add_temp_dir(cmd, o->temp_dir);

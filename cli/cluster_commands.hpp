@@ -29,8 +29,9 @@ void add_join_command(CLI::App& app, int& exit_code);
 void add_status_command(CLI::App& app, int& exit_code);
 void add_stop_command(CLI::App& app, int& exit_code);
 
-// Adds `--ca-sha256 FINGERPRINT` (default $TROUPE_CA_SHA256): the cluster CA a command that
-// names the head by --address (or a join) checks the head against.
+// Adds `--ca-sha256 FINGERPRINT` (default $TROUPE_CA_SHA256) and `--ca-file CA_PEM` (its
+// fingerprint): the cluster CA a join, or a command that names the head by --address, checks
+// the head against.
 void add_ca_option(CLI::App* cmd, std::string& ca_sha256);
 
 // The head to talk to and the control-plane certificate to talk with. Without --address: this

@@ -205,8 +205,9 @@ int join_cluster(const join_options& opts) {
     return 2;
   }
   if (opts.ca_sha256.empty()) {
-    fmt::print(stderr, "error: pass --ca-sha256 FINGERPRINT (or set TROUPE_CA_SHA256) as printed "
-                       "by `cluster start --head`: the node checks that it joins that head\n");
+    fmt::print(stderr, "error: pass --ca-sha256 FINGERPRINT as printed by `cluster start --head` "
+                       "(or --ca-file CA_PEM, or set TROUPE_CA_SHA256): the node checks that it "
+                       "joins that head\n");
     return 2;
   }
   auto files = prepare_session(opts.temp_dir, "node", false);
@@ -234,9 +235,14 @@ struct head_tls {
   std::string fingerprint;
 };
 
-expected<head_tls> prepare_head_tls(const session_files& files, const std::string& name) {
+fs::path ca_dir_of(const head_options& opts, const session_files& files) {
+  return opts.ca_dir.empty() ? files.root / "cluster_ca" : fs::path(opts.ca_dir);
+}
+
+expected<head_tls> prepare_head_tls(const head_options& opts, const session_files& files,
+                                    const std::string& name) {
   head_tls t;
-  TROUPE_ASSIGN(t.ca, cluster::tls::open_ca(files.root / "cluster_ca"));
+  TROUPE_ASSIGN(t.ca, cluster::tls::open_ca(ca_dir_of(opts, files)));
   TROUPE_ASSIGN(t.fingerprint, cluster::tls::fingerprint(t.ca.cert_pem));
   TROUPE_ASSIGN(t.id, cluster::tls::issue_identity(t.ca, name));
   TROUPE_ASSIGN(t.files, cluster::tls::write_identity(files.session / "tls", "head", t.id));
@@ -276,7 +282,7 @@ int run_head_daemon(const head_options& opts, const session_files& files, const 
                     ready_pipe& ready) {
   sigset_t signals = block_signals();
   const auto node_info = local_node_info(files.root, "head", "", opts.num_gpus, true);
-  auto tls = prepare_head_tls(files, node_info.node_id);
+  auto tls = prepare_head_tls(opts, files, node_info.node_id);
   if (!tls) {
     ready.report("error " + tls.error().message());
     return 1;
@@ -332,12 +338,13 @@ int run_head_daemon(const head_options& opts, const session_files& files, const 
   self->send_exit(head, caf::exit_reason::user_shutdown);
   bootstrap->reset();
   // The cluster ends with its head: no secret outlives it (a SIGKILLed head keeps the CA, so
-  // that a restarted head takes its nodes back).
+  // that a restarted head takes its nodes back; a CA given by --ca-dir is the operator's).
   std::error_code ec;
   fs::remove(files.session / "head.pid", ec);
   fs::remove(files.session / "token", ec);
   cluster::tls::remove_identity(files.session / "tls", "head");
-  fs::remove_all(files.root / "cluster_ca", ec);
+  if (opts.ca_dir.empty())
+    fs::remove_all(ca_dir_of(opts, files), ec);
   return 0;
 }
 

@@ -13,6 +13,7 @@ struct head_options {
   std::string host; // interface to listen on; empty: all
   uint16_t port = 6380;
   std::string token;     // generated when empty
+  std::string ca_dir;    // the cluster CA's folder (ca.pem, ca.key); empty: <temp>/cluster_ca
   int32_t num_gpus = -1; // CPU stand-in GPUs for the head's own node; -1: discover
   bool block = false;
   std::string temp_dir;
