@@ -3,9 +3,16 @@
 #include <caf/atom.hpp>
 #include <caf/io/middleman.hpp>
 #include <caf/message.hpp>
+#include <caf/openssl/manager.hpp>
 #include <caf/sec.hpp>
 
+#include "runtime/log.hpp"
+
 namespace troupe::actors {
+
+namespace detail {
+bool openssl_guard_active(); // openssl_guard.cpp
+} // namespace detail
 
 namespace {
 
@@ -52,6 +59,22 @@ troupe::error from_caf(const caf::error& err, const caf::actor_system* sys) {
 system_config::system_config() {
   add_error_category(error_category(), render_error);
   load<caf::io::middleman>();
+}
+
+system_config::system_config(const cluster::tls::identity_files& tls) : system_config() {
+  if (!detail::openssl_guard_active())
+    log::error("TLS: the OpenSSL error-queue guard is not in effect (link the executable with "
+               "troupe_actors' openssl_guard.cpp exported); one peer's TLS error may close "
+               "other connections");
+  load<caf::openssl::manager>();
+  openssl_certificate = tls.cert.string();
+  openssl_key = tls.key.string();
+  openssl_cafile = tls.ca.string();
+}
+
+caf::io::middleman_actor connector(caf::actor_system& sys) {
+  return sys.has_openssl_manager() ? sys.openssl_manager().actor_handle()
+                                   : sys.middleman().actor_handle();
 }
 
 } // namespace troupe::actors

@@ -5,7 +5,9 @@
 #include <caf/actor_system.hpp>
 #include <caf/actor_system_config.hpp>
 #include <caf/error.hpp>
+#include <caf/io/middleman_actor.hpp>
 
+#include "cluster/tls.hpp"
 #include "runtime/error.hpp"
 
 namespace troupe::actors {
@@ -21,6 +23,15 @@ troupe::error from_caf(const caf::error& err, const caf::actor_system* sys = nul
 class system_config : public caf::actor_system_config {
  public:
   system_config();
+  // Also loads CAF's OpenSSL module with this identity: every connection made with connector()
+  // or published with caf::openssl::publish is mutual TLS against the cluster CA
+  // (docs/security.md). The files must stay in place while the system runs (CAF reads them
+  // for every new connection).
+  explicit system_config(const cluster::tls::identity_files& tls);
 };
+
+// The middleman actor to connect to the head through: the OpenSSL module's when the system
+// was configured with TLS, else the plain one (in-process tests).
+caf::io::middleman_actor connector(caf::actor_system& sys);
 
 } // namespace troupe::actors

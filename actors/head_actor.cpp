@@ -25,7 +25,7 @@ namespace troupe::actors {
 namespace {
 
 using peeked_atom = caf::atom_constant<caf::atom("peeked")>;
-using head = caf::stateful_actor<head_state>;
+using head = caf::stateful_actor<head_state, guarded_actor>;
 using deploy_done = std::function<void(expected<msg::deployment_view>)>;
 using ms = std::chrono::milliseconds;
 
@@ -41,8 +41,53 @@ caf::error refuse(const troupe::error& err) {
   return to_caf(err);
 }
 
+// ---- Roles (docs/security.md): who may send what ----
+
+bool from_self(head* self) {
+  return self->current_sender() == self->ctrl();
+}
+
+// The deployment's own serving actor (spawned by this head, in this process).
+bool from_serving(head* self, const std::string& name) {
+  auto it = self->state.serving.find(name);
+  return it != self->state.serving.end() &&
+         self->current_sender() == caf::actor_cast<caf::strong_actor_ptr>(it->second) &&
+         same_process(self->current_sender(), self->node());
+}
+
+// The node actor that joined as `id`.
+bool from_node(head* self, const std::string& id) {
+  auto it = self->state.links.find(id);
+  return it != self->state.links.end() && it->second.actor &&
+         self->current_sender() == caf::actor_cast<caf::strong_actor_ptr>(it->second.actor);
+}
+
+// A process other than the head's that runs a joined node (nodes never deploy, undeploy or stop).
+bool from_remote_node_process(head* self) {
+  const auto& sender = self->current_sender();
+  if (!sender || sender->node() == self->node())
+    return false;
+  for (const auto& [id, link] : self->state.links)
+    if (link.actor && link.actor.node() == sender->node())
+      return true;
+  return false;
+}
+
+// Drops the current message (logged, rate-limited per peer and kind); `what` names it and its
+// role, its first word is the kind.
+void drop(head* self, const std::string& what) {
+  self->refuse_current(what.substr(0, what.find(' ')), what);
+}
+
+caf::error refuse_role(head* self, const std::string& what) {
+  drop(self, what);
+  return to_caf(make_error(errc::invalid_argument, "{}: not accepted from this sender", what));
+}
+
 caf::result<msg::join_reply> on_join(head* self, const head_config& cfg, msg::join_request& req) {
   auto& st = self->state;
+  if (!self->current_sender())
+    return refuse_role(self, "join (from an anonymous sender)");
   const uint64_t key = cluster::random_u64();
   auto rec = st.members->join(req.token, req.version, req.info, key, cluster::clock::now());
   if (!rec) {
@@ -565,7 +610,7 @@ caf::result<bool> on_stop(head* self, const head_config& cfg, double grace_s) {
 
 } // namespace
 
-caf::behavior head_actor(caf::stateful_actor<head_state>* self, head_config cfg) {
+caf::behavior head_actor(caf::stateful_actor<head_state, guarded_actor>* self, head_config cfg) {
   self->state.members.emplace(cfg.token, cfg.version, cfg.membership);
   for (auto& dc : cfg.recovered)
     self->state.restore[dc.served_model_name].config = dc;
@@ -589,10 +634,18 @@ caf::behavior head_actor(caf::stateful_actor<head_state>* self, head_config cfg)
   return {
       [self, cfg](msg::join_atom, msg::join_request& req) { return on_join(self, cfg, req); },
       [self](msg::heartbeat_atom, const std::string& id, uint64_t key) {
+        if (!from_node(self, id)) {
+          drop(self, "heartbeat for node " + id + " (not from that node)");
+          return false;
+        }
         return self->state.members->heartbeat(id, key, cluster::clock::now()) ==
                cluster::heartbeat_result::ok;
       },
       [self](msg::leave_atom, const std::string& id, uint64_t key) {
+        if (!from_node(self, id)) {
+          drop(self, "leave for node " + id + " (not from that node)");
+          return false;
+        }
         bool left = self->state.members->leave(id, key);
         if (left) {
           log::info("head: node {} left the cluster", id);
@@ -633,38 +686,62 @@ caf::behavior head_actor(caf::stateful_actor<head_state>* self, head_config cfg)
       },
       [self, cfg, authorized](msg::stop_atom, const std::string& token,
                               double grace_s) -> caf::result<bool> {
+        if (from_remote_node_process(self))
+          return refuse_role(self, "stop (from a node's process)");
         if (auto ok = authorized(token); !ok)
           return refuse(ok.error());
         return on_stop(self, cfg, grace_s);
       },
       [self, cfg, authorized](msg::deploy_atom, const std::string& token,
                               deployment_config& dc) -> caf::result<msg::deployment_view> {
+        if (from_remote_node_process(self))
+          return refuse_role(self, "deploy (from a node's process)");
         if (auto ok = authorized(token); !ok)
           return refuse(ok.error());
         return on_deploy(self, cfg, dc);
       },
       [self, cfg, authorized](msg::undeploy_atom, const std::string& token,
                               const std::string& name) -> caf::result<bool> {
+        if (from_remote_node_process(self))
+          return refuse_role(self, "undeploy (from a node's process)");
         if (auto ok = authorized(token); !ok)
           return refuse(ok.error());
         return on_undeploy(self, cfg, name);
       },
       [self](msg::ready_atom, const std::string& name, const std::string& state,
-             const std::string& reason) { on_state_report(self, name, state, reason); },
+             const std::string& reason) {
+        if (!from_serving(self, name))
+          return drop(self, "ready for deployment '" + name + "' (not from its serving actor)");
+        on_state_report(self, name, state, reason);
+      },
       [self](msg::failed_atom, const std::string& name, const std::string& ns,
-             const std::string& why) { on_replica_failed(self, name, ns, why); },
+             const std::string& why) {
+        if (!from_serving(self, name))
+          return drop(self, "failed for deployment '" + name + "' (not from its serving actor)");
+        on_replica_failed(self, name, ns, why);
+      },
       [self, cfg](msg::restart_atom) {
+        if (!from_self(self))
+          return drop(self, "restart (only the head sends it to itself)");
         restart_due(self, cfg);
         restore_due(self, cfg);
       },
       [self, cfg](peeked_atom, uint64_t id, const detail::model_peek& peek) {
+        if (self->current_sender()) // anonymous: the head's own reader threads
+          return drop(self, "peeked (only the head's reader threads send it)");
         on_peeked(self, cfg, id, peek);
       },
       [self](msg::linked_atom, const std::string& name, const std::string& transfer) {
+        if (!from_serving(self, name))
+          return drop(self, "linked for deployment '" + name + "' (not from its serving actor)");
         if (auto* rec = self->state.deployments.find(name))
           rec->transfer = transfer;
       },
-      [self, cfg](msg::tick_atom) { on_tick(self, cfg); },
+      [self, cfg](msg::tick_atom) {
+        if (!from_self(self))
+          return drop(self, "tick (only the head sends it to itself)");
+        on_tick(self, cfg);
+      },
   };
 }
 

@@ -27,6 +27,7 @@
 
 #include "actors/deployment_store.hpp"
 #include "actors/messages.hpp"
+#include "actors/role_guard.hpp"
 #include "cluster/deployments.hpp"
 #include "cluster/kv_store.hpp"
 #include "cluster/membership.hpp"
@@ -79,6 +80,11 @@ struct head_state {
   static inline const char* name = "head_actor";
 };
 
-caf::behavior head_actor(caf::stateful_actor<head_state>* self, head_config cfg);
+// Every state-changing message is accepted only from the role that may send it
+// (docs/security.md): join and kv from members with the token, heartbeat and leave from the node
+// that joined (its actor and session key), deploy, undeploy and stop from clients with the token
+// but not from a node's process, ready/failed/linked from the deployment's own serving actor,
+// tick and restart from the head itself. Others are dropped and logged (rate-limited).
+caf::behavior head_actor(caf::stateful_actor<head_state, guarded_actor>* self, head_config cfg);
 
 } // namespace troupe::actors

@@ -13,7 +13,7 @@ namespace troupe::actors {
 
 namespace {
 
-using node = caf::stateful_actor<node_state>;
+using node = caf::stateful_actor<node_state, guarded_actor>;
 using ms = std::chrono::milliseconds;
 constexpr ms retry_delay{1000};
 
@@ -78,7 +78,7 @@ void connect(node* self, const node_config& cfg) {
     return;
   }
   st.connecting = true;
-  auto mm = self->system().middleman().actor_handle();
+  auto mm = connector(self->system()); // mutual TLS in the daemons
   self->request(mm, cfg.connect_timeout, caf::connect_atom::value, cfg.head_host, cfg.head_port)
       .then(
           [self, cfg](const caf::node_id&, caf::strong_actor_ptr& ptr,
@@ -131,9 +131,19 @@ void heartbeat(node* self, const node_config& cfg) {
           });
 }
 
+// The head's process: the head (remote, or this process for the head's own node).
+bool from_head_process(node* self) {
+  const auto& head = self->state.head;
+  return head && same_process(self->current_sender(), head.node());
+}
+
+bool from_self(node* self) {
+  return self->current_sender() == self->ctrl();
+}
+
 } // namespace
 
-caf::behavior node_actor(caf::stateful_actor<node_state>* self, node_config cfg) {
+caf::behavior node_actor(caf::stateful_actor<node_state, guarded_actor>* self, node_config cfg) {
   self->set_down_handler([self](caf::down_msg& dm) {
     if (self->state.head && dm.source == self->state.head.address())
       lose_head(self, "connection closed (" + self->system().render(dm.reason) + ")");
@@ -141,9 +151,19 @@ caf::behavior node_actor(caf::stateful_actor<node_state>* self, node_config cfg)
   self->send(self, msg::reconnect_atom::value);
   self->send(self, msg::tick_atom::value);
   return {
-      [self, cfg](msg::reconnect_atom) { connect(self, cfg); },
-      [self, cfg](msg::tick_atom) { heartbeat(self, cfg); },
+      [self, cfg](msg::reconnect_atom) {
+        if (!from_self(self))
+          return self->refuse_current("reconnect", "reconnect (only the node sends it to itself)");
+        connect(self, cfg);
+      },
+      [self, cfg](msg::tick_atom) {
+        if (!from_self(self))
+          return self->refuse_current("tick", "tick (only the node sends it to itself)");
+        heartbeat(self, cfg);
+      },
       [self, cfg](msg::shutdown_atom) {
+        if (!from_head_process(self))
+          return self->refuse_current("shutdown", "shutdown (not from the head)");
         log::info("node: the head is stopping the cluster; exiting");
         self->state.joined = false;
         self->state.refused = true; // no reconnect
@@ -153,6 +173,10 @@ caf::behavior node_actor(caf::stateful_actor<node_state>* self, node_config cfg)
       [self, cfg](msg::spawn_atom, msg::worker_spec& spec,
                   caf::actor& owner) -> caf::result<caf::actor> {
         auto& st = self->state;
+        if (!from_head_process(self)) {
+          self->refuse_current("spawn", "spawn (not from the head's process)");
+          return to_caf(make_error(errc::invalid_argument, "spawn: not accepted from this sender"));
+        }
         if (!st.joined || !st.head)
           return to_caf(
               make_error(errc::unavailable, "node {} is not joined to the head", cfg.info.node_id));
@@ -161,6 +185,10 @@ caf::behavior node_actor(caf::stateful_actor<node_state>* self, node_config cfg)
       },
       [self, cfg](msg::leave_atom) -> caf::result<bool> {
         auto& st = self->state;
+        if (!same_process(self->current_sender(), self->node())) {
+          self->refuse_current("leave", "leave (only this node's daemon sends it)");
+          return false;
+        }
         st.refused = true; // stop reconnecting
         if (!st.joined || !st.head)
           return false;

@@ -13,6 +13,7 @@
 #include <caf/event_based_actor.hpp>
 #include <caf/stateful_actor.hpp>
 
+#include "actors/role_guard.hpp"
 #include "cluster/membership.hpp"
 #include "runtime/error.hpp"
 
@@ -47,6 +48,8 @@ struct node_state {
 
 // Messages besides the head's: (leave_atom) -> bool, sent by the daemon on SIGTERM;
 // (spawn_atom, worker_spec, owner) -> actor: a detached worker_actor for one deployment rank.
-caf::behavior node_actor(caf::stateful_actor<node_state>* self, node_config cfg);
+// Roles (docs/security.md): spawn and shutdown only from the head's process, leave only from
+// this process, reconnect and tick only from itself; others are dropped and logged.
+caf::behavior node_actor(caf::stateful_actor<node_state, guarded_actor>* self, node_config cfg);
 
 } // namespace troupe::actors

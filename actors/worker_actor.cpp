@@ -13,7 +13,7 @@ namespace troupe::actors {
 
 namespace {
 
-using worker = caf::stateful_actor<worker_state>;
+using worker = caf::stateful_actor<worker_state, guarded_actor>;
 
 engine::parallel_layout layout_of(const msg::worker_spec& s) {
   return {.tp_rank = s.tp_rank,
@@ -125,8 +125,8 @@ expected<void> open_kv(worker* self, const msg::worker_spec& spec, const worker_
 
 } // namespace
 
-caf::behavior worker_actor(caf::stateful_actor<worker_state>* self, msg::worker_spec spec,
-                           worker_context ctx) {
+caf::behavior worker_actor(caf::stateful_actor<worker_state, guarded_actor>* self,
+                           msg::worker_spec spec, worker_context ctx) {
   const int32_t rank = layout_of(spec).world_rank();
   if (ctx.owner)
     self->monitor(ctx.owner);
@@ -136,8 +136,20 @@ caf::behavior worker_actor(caf::stateful_actor<worker_state>* self, msg::worker_
   });
   log::info("worker {} rank {} (tp {}/{}, pp {}/{}) started on device {}", spec.deployment, rank,
             spec.tp_rank, spec.tp_size, spec.pp_rank, spec.pp_size, spec.device);
+  // The serving side (the owner's process) drives this rank; nobody else may.
+  const caf::node_id serving_node = ctx.owner ? ctx.owner.node() : self->node();
+  // The serving side stops ranks with exit messages (linked replica actors, anon_send_exit).
+  self->set_exit_policy({.trusted = serving_node, .anonymous = true});
+  auto from_serving = [self, serving_node](const char* what) {
+    if (same_process(self->current_sender(), serving_node))
+      return true;
+    self->refuse_current(what, fmt::format("{} (not from the serving process)", what));
+    return false;
+  };
   return {
-      [self, spec, ctx, rank](msg::load_atom) {
+      [self, spec, ctx, rank, from_serving](msg::load_atom) {
+        if (!from_serving("load"))
+          return;
         auto sender = caf::actor_cast<caf::actor>(self->current_sender());
         msg::worker_reply reply{.rank = rank};
         log::info("worker {} rank {}: loading {} on {} ...", spec.deployment, rank, spec.model,
@@ -160,7 +172,9 @@ caf::behavior worker_actor(caf::stateful_actor<worker_state>* self, msg::worker_
         }
         self->send(sender, std::move(reply));
       },
-      [self, spec, rank](msg::execute_atom, uint64_t ticket, const step_plan& plan) {
+      [self, spec, rank, from_serving](msg::execute_atom, uint64_t ticket, const step_plan& plan) {
+        if (!from_serving("execute"))
+          return;
         auto sender = caf::actor_cast<caf::actor>(self->current_sender());
         msg::worker_reply reply{.rank = rank, .ticket = ticket};
         auto& st = self->state;
@@ -175,13 +189,17 @@ caf::behavior worker_actor(caf::stateful_actor<worker_state>* self, msg::worker_
         }
         self->send(sender, std::move(reply));
       },
-      [self](msg::link_atom, const msg::kv_link& link) -> std::string {
+      [self, from_serving](msg::link_atom, const msg::kv_link& link) -> std::string {
+        if (!from_serving("link"))
+          return "link: not accepted from this sender";
         if (!self->state.kv)
           return "this rank has no KV transfer endpoint";
         auto ok = self->state.kv->link(link);
         return ok ? std::string() : ok.error().to_string();
       },
-      [self](msg::push_atom, const msg::kv_push& push) {
+      [self, from_serving](msg::push_atom, const msg::kv_push& push) {
+        if (!from_serving("push"))
+          return;
         auto sender = caf::actor_cast<caf::actor>(self->current_sender());
         if (self->state.kv)
           self->state.kv->push(push, sender);
@@ -191,11 +209,15 @@ caf::behavior worker_actor(caf::stateful_actor<worker_state>* self, msg::worker_
                                     .rank = 0,
                                     .error = "this rank has no KV transfer endpoint"});
       },
-      [self](msg::cancel_atom, uint64_t lease) {
+      [self, serving_node](msg::cancel_atom, uint64_t lease) {
+        if (self->current_sender() && !same_process(self->current_sender(), serving_node))
+          return self->refuse_current("cancel", "cancel (not from the serving process)");
         if (self->state.kv)
           self->state.kv->cancel(lease);
       },
-      [self](msg::kv_notify_atom) {
+      [self, from_serving](msg::kv_notify_atom) {
+        if (!from_serving("kv_notify"))
+          return;
         if (self->state.kv)
           self->state.kv->notify(caf::actor_cast<caf::actor>(self->current_sender()));
       },

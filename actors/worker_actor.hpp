@@ -13,6 +13,8 @@
 // It quits when `owner` (the deployment's serving actor) goes away.
 #pragma once
 
+#include "actors/role_guard.hpp"
+
 #include <memory>
 #include <string>
 
@@ -48,7 +50,10 @@ struct worker_context {
   caf::actor owner;    // the serving actor: the worker quits when it is down
 };
 
-caf::behavior worker_actor(caf::stateful_actor<worker_state>* self, msg::worker_spec spec,
-                           worker_context ctx);
+// Roles (docs/security.md): load, execute, link and push only from the owner's process (the
+// serving side), cancel also from anonymous senders of it (a cancelled lease only aborts a
+// transfer); others are dropped and logged.
+caf::behavior worker_actor(caf::stateful_actor<worker_state, guarded_actor>* self,
+                           msg::worker_spec spec, worker_context ctx);
 
 } // namespace troupe::actors

@@ -23,7 +23,7 @@ namespace {
 namespace fs = std::filesystem;
 
 struct client_options {
-  std::string address, token, temp_dir;
+  std::string address, token, temp_dir, ca_sha256;
   bool json = false;
   int timeout_s = 5;
 };
@@ -145,10 +145,11 @@ void print_table(const msg::cluster_view& v, const std::string& head) {
 }
 
 int run_status(const client_options& o) {
-  auto target = resolve_head(o.address, o.token, o.temp_dir);
-  if (!target) {
+  auto target = resolve_head(o.address, o.token, o.temp_dir, o.ca_sha256);
+  if (!target) { // refused at the join bootstrap (3), a usage error (2), unreachable (1)
     fmt::print(stderr, "error: {}\n", target.error().message());
-    return target.error().code() == errc::invalid_argument ? 2 : 1;
+    const auto code = target.error().code();
+    return code == errc::invalid_argument ? 3 : code == errc::parse_error ? 2 : 1;
   }
   expected<msg::cluster_view> view = make_error(errc::internal, "no reply");
   auto ok = with_head(*target, std::chrono::seconds(o.timeout_s),
@@ -240,11 +241,73 @@ void add_secret_file_option(CLI::App* cmd, const std::string& name,
   add_secret_option(cmd, name, [&secret](std::string s) { secret = std::move(s); });
 }
 
+void add_ca_option(CLI::App* cmd, std::string& ca_sha256) {
+  auto* sha = cmd->add_option("--ca-sha256", ca_sha256,
+                              "SHA-256 fingerprint of the cluster CA, as printed by `cluster start "
+                              "--head` (default: $TROUPE_CA_SHA256)");
+  cmd->add_option_function<std::string>(
+         "--ca-file",
+         [&ca_sha256](const std::string& path) {
+           auto pem = cluster::read_text(path);
+           auto fp = pem ? cluster::tls::fingerprint(*pem + "\n")
+                         : expected<std::string>(make_error(errc::io_error, "unreadable"));
+           if (!fp)
+             throw CLI::ValidationError(
+                 "--ca-file", "'" + path + "' is not a PEM certificate: " + fp.error().message());
+           ca_sha256 = *fp;
+         },
+         "The cluster CA's certificate (instead of --ca-sha256: its fingerprint is pinned)")
+      ->check(CLI::ExistingFile)
+      ->excludes(sha);
+}
+
+namespace {
+
+// A certificate for this command, from the head's join bootstrap, in a private folder that is
+// removed with the returned handle.
+expected<std::pair<cluster::tls::identity_files, std::shared_ptr<void>>>
+bootstrap_client(const head_target& t, const std::string& ca_sha256) {
+  std::string pin = ca_sha256;
+  if (pin.empty())
+    if (const char* env = std::getenv("TROUPE_CA_SHA256"))
+      pin = env;
+  if (pin.empty())
+    return make_error(errc::parse_error,
+                      "--address needs the cluster CA's fingerprint: pass --ca-sha256 (or set "
+                      "TROUPE_CA_SHA256) as printed by `cluster start --head`");
+  if (t.token.empty())
+    return make_error(errc::parse_error,
+                      "--address needs the cluster token: --token-file FILE, $TROUPE_TOKEN or "
+                      "--token");
+  auto key = cluster::tls::new_private_key();
+  if (!key)
+    return std::move(key).error();
+  auto id = cluster::tls::bootstrap(t.host, cluster::tls::bootstrap_port(t.port), t.token, pin,
+                                    fmt::format("cli-{}", getpid()), *key);
+  if (!id)
+    return std::move(id).error();
+  std::string dir = (fs::temp_directory_path() / "troupe-cli-XXXXXX").string();
+  if (::mkdtemp(dir.data()) == nullptr)
+    return make_error(errc::io_error, "cannot create a private folder under {}: {}",
+                      fs::temp_directory_path().string(), strerror(errno));
+  std::shared_ptr<void> remove(nullptr, [dir](void*) {
+    std::error_code ec;
+    fs::remove_all(dir, ec);
+  });
+  auto files = cluster::tls::write_identity(fs::path(dir) / "tls", "client", *id);
+  if (!files)
+    return std::move(files).error();
+  return std::pair{*files, remove};
+}
+
+} // namespace
+
 expected<head_target> resolve_head(const std::string& address, const std::string& token,
-                                   const std::string& temp_dir) {
+                                   const std::string& temp_dir, const std::string& ca_sha256) {
   const fs::path latest = cluster::temp_root(temp_dir) / "session_latest";
-  head_target t{address, {}, 0, token};
-  if (t.address.empty())
+  head_target t{address, {}, 0, token, {}, {}};
+  const bool from_session = t.address.empty();
+  if (from_session)
     t.address = cluster::read_text(latest / "head_address").value_or("");
   if (t.address.empty())
     return make_error(errc::not_found,
@@ -257,9 +320,26 @@ expected<head_target> resolve_head(const std::string& address, const std::string
     t.token = cluster::read_text(latest / "token").value_or("");
   auto addr = cluster::parse_address(t.address, 6380);
   if (!addr)
-    return make_error(errc::invalid_argument, "{}", addr.error().message());
+    return make_error(errc::parse_error, "{}", addr.error().message());
   t.host = addr->first;
   t.port = addr->second;
+  if (from_session) {
+    auto files = cluster::tls::find_identity(latest / "tls", "head");
+    if (!files)
+      files = cluster::tls::find_identity(latest / "tls", "node");
+    if (!files)
+      return make_error(errc::not_found,
+                        "this host's session ({}) has no control-plane certificate (is its "
+                        "daemon running?); pass --address, --token-file and --ca-sha256",
+                        fs::weakly_canonical(latest).string());
+    t.tls = *files;
+    return t;
+  }
+  auto client = bootstrap_client(t, ca_sha256);
+  if (!client)
+    return std::move(client).error();
+  t.tls = client->first;
+  t.temporary = client->second;
   return t;
 }
 
@@ -267,14 +347,14 @@ expected<void>
 with_head(const head_target& target, std::chrono::seconds connect_timeout,
           const std::function<expected<void>(caf::scoped_actor& self, const caf::actor& head,
                                              caf::actor_system& sys)>& fn) {
-  actors::system_config cfg;
+  actors::system_config cfg{target.tls};
   msg::add_message_types(cfg);
   caf::actor_system sys{cfg};
   caf::scoped_actor self{sys};
   caf::actor head;
   troupe::error failure;
-  self->request(sys.middleman().actor_handle(), connect_timeout, caf::connect_atom::value,
-                target.host, target.port)
+  self->request(actors::connector(sys), connect_timeout, caf::connect_atom::value, target.host,
+                target.port)
       .receive([&](const caf::node_id&, caf::strong_actor_ptr& ptr,
                    const std::set<std::string>&) { head = caf::actor_cast<caf::actor>(ptr); },
                [&](caf::error& e) { failure = actors::from_caf(e, &sys); });
@@ -293,6 +373,9 @@ void add_start_command(CLI::App& app, int& exit_code) {
   cmd->add_option("--port", o->port, "Port to listen on");
   cmd->add_option("--token", o->token, "Cluster token (generated when not given)");
   add_secret_file_option(cmd, "token", o->token);
+  cmd->add_option("--ca-dir", o->ca_dir,
+                  "The cluster CA's folder (ca.pem, ca.key; created when absent; default: "
+                  "TEMP/cluster_ca, deleted by a clean stop)");
   cmd->add_option("--num-gpus", o->num_gpus, "CPU stand-in GPUs for the head's own node");
   cmd->add_flag("--block", o->block, "Stay in the foreground");
   cmd->add_option("--grace", o->grace_s,
@@ -308,8 +391,10 @@ void add_join_command(CLI::App& app, int& exit_code) {
   auto* cmd = app.add_subcommand("join", "Start this host's node daemon and join a head");
   cmd->add_option("address", o->address, "Head address HOST[:PORT]")->required();
   cmd->add_option("--token", o->token,
-                  "Cluster token printed by `cluster start --head` (default: $TROUPE_TOKEN)");
+                  "Cluster token printed by `cluster start --head` (default: $TROUPE_TOKEN); "
+                  "--token-file keeps it out of `ps`");
   add_secret_file_option(cmd, "token", o->token);
+  add_ca_option(cmd, o->ca_sha256);
   cmd->add_option("--node-ip", o->node_ip, "Address to advertise (default: routes to the head)");
   cmd->add_option("--num-gpus", o->num_gpus, "CPU stand-in GPUs (CPU-only hosts and tests)");
   cmd->add_flag("--block", o->block, "Stay in the foreground");
@@ -317,6 +402,8 @@ void add_join_command(CLI::App& app, int& exit_code) {
   cmd->callback([o, &exit_code] {
     if (const char* env = std::getenv("TROUPE_TOKEN"); o->token.empty() && env != nullptr)
       o->token = env;
+    if (const char* env = std::getenv("TROUPE_CA_SHA256"); o->ca_sha256.empty() && env != nullptr)
+      o->ca_sha256 = env;
     exit_code = join_cluster(*o);
   });
 }
@@ -327,6 +414,7 @@ void add_status_command(CLI::App& app, int& exit_code) {
   cmd->add_option("--address", o->address, "Head address (default: this host's session)");
   cmd->add_option("--token", o->token, "Cluster token (default: $TROUPE_TOKEN or the session)");
   add_secret_file_option(cmd, "token", o->token);
+  add_ca_option(cmd, o->ca_sha256);
   cmd->add_flag("--json", o->json, "Print JSON");
   cmd->add_option("--timeout", o->timeout_s, "Seconds to wait for the head")
       ->check(CLI::Range(1, 600));

@@ -5,10 +5,13 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/wait.h>
+#include <thread>
 #include <unistd.h>
 
 #include <caf/actor_system.hpp>
 #include <caf/io/middleman.hpp>
+#include <caf/openssl/manager.hpp>
+#include <caf/openssl/publish.hpp>
 #include <caf/scoped_actor.hpp>
 #include <fmt/format.h>
 
@@ -18,6 +21,7 @@
 #include "actors/node_actor.hpp"
 #include "actors/serving/serving_actor.hpp"
 #include "cluster/session.hpp"
+#include "cluster/tls.hpp"
 #include "runtime/log.hpp"
 
 #ifndef TROUPE_VERSION
@@ -209,6 +213,12 @@ int join_cluster(const join_options& opts) {
     fmt::print(stderr, "error: {}\n", addr.error().message());
     return 2;
   }
+  if (opts.ca_sha256.empty()) {
+    fmt::print(stderr, "error: pass --ca-sha256 FINGERPRINT as printed by `cluster start --head` "
+                       "(or --ca-file CA_PEM, or set TROUPE_CA_SHA256): the node checks that it "
+                       "joins that head\n");
+    return 2;
+  }
   auto files = prepare_session(opts.temp_dir, "node", false);
   if (!files) {
     fmt::print(stderr, "error: {}\n", files.error().message());
@@ -224,10 +234,69 @@ int join_cluster(const join_options& opts) {
   return run_node_daemon(opts, *files, addr->first, addr->second, ready);
 }
 
+// The head's TLS material: the cluster CA (kept in <temp>/cluster_ca across head restarts, so
+// joined nodes' certificates stay valid; removed by a clean stop) and this head's identity in
+// the session's tls/ folder.
+struct head_tls {
+  cluster::tls::certificate_authority ca;
+  cluster::tls::identity id;
+  cluster::tls::identity_files files;
+  std::string fingerprint;
+};
+
+fs::path ca_dir_of(const head_options& opts, const session_files& files) {
+  return opts.ca_dir.empty() ? files.root / "cluster_ca" : fs::path(opts.ca_dir);
+}
+
+expected<head_tls> prepare_head_tls(const head_options& opts, const session_files& files,
+                                    const std::string& name) {
+  head_tls t;
+  TROUPE_ASSIGN(t.ca, cluster::tls::open_ca(ca_dir_of(opts, files)));
+  TROUPE_ASSIGN(t.fingerprint, cluster::tls::fingerprint(t.ca.cert_pem));
+  TROUPE_ASSIGN(t.id, cluster::tls::issue_identity(t.ca, name));
+  TROUPE_ASSIGN(t.files, cluster::tls::write_identity(files.session / "tls", "head", t.id));
+  return t;
+}
+
+// Publishes the head over mutual TLS on `port` and starts the join bootstrap on port + 1; with
+// port 0, tries free ports until port + 1 is free too.
+expected<std::unique_ptr<cluster::tls::bootstrap_server>>
+listen_head(const caf::actor& head, const head_options& opts, const head_tls& tls,
+            const std::string& token, uint16_t& port) {
+  const char* bind = opts.host.empty() ? nullptr : opts.host.c_str();
+  troupe::error last;
+  for (int attempt = 0; attempt < (opts.port == 0 ? 20 : 1); ++attempt) {
+    auto published = caf::openssl::publish(head, opts.port, bind, true);
+    if (!published)
+      return make_error(errc::unavailable, "cannot listen on {}:{}: {}",
+                        opts.host.empty() ? "*" : opts.host, opts.port,
+                        head.home_system().render(published.error()));
+    auto boot = cluster::tls::bootstrap_server::start(
+        opts.host, cluster::tls::bootstrap_port(*published), tls.ca, tls.id, token);
+    if (boot) {
+      port = *published;
+      return boot;
+    }
+    last = std::move(boot).error();
+    caf::scoped_actor self{
+        head.home_system()}; // (Debian's caf::openssl::unpublish does not compile)
+    self->request(head.home_system().openssl_manager().actor_handle(), std::chrono::seconds(5),
+                  caf::unpublish_atom::value, head.address(), *published)
+        .receive([] {}, [](caf::error&) {});
+  }
+  return std::move(last).context("the join bootstrap listens on the control-plane port + 1");
+}
+
 int run_head_daemon(const head_options& opts, const session_files& files, const std::string& token,
                     ready_pipe& ready) {
   sigset_t signals = block_signals();
-  actors::system_config cfg;
+  const auto node_info = local_node_info(files.root, "head", "", opts.num_gpus, true);
+  auto tls = prepare_head_tls(opts, files, node_info.node_id);
+  if (!tls) {
+    ready.report("error " + tls.error().message());
+    return 1;
+  }
+  actors::system_config cfg{tls->files};
   caf::actor_system sys{troupe_config(cfg)};
   actors::head_config hc{.token = token, .version = TROUPE_VERSION};
   const fs::path state_dir = head_state_dir(files.root);
@@ -245,39 +314,40 @@ int run_head_daemon(const head_options& opts, const session_files& files, const 
                                     std::string(TROUPE_VERSION));
   };
   auto head = sys.spawn(actors::head_actor, hc);
-  const char* bind = opts.host.empty() ? nullptr : opts.host.c_str();
-  auto port = sys.middleman().publish(head, opts.port, bind, true);
-  if (!port) {
-    ready.report(fmt::format("error cannot listen on {}:{}: {}",
-                             opts.host.empty() ? "*" : opts.host, opts.port,
-                             sys.render(port.error())));
+  uint16_t port = 0;
+  auto bootstrap = listen_head(head, opts, *tls, token, port);
+  if (!bootstrap) {
+    ready.report("error " + bootstrap.error().message());
     caf::scoped_actor self{sys};
     self->send_exit(head, caf::exit_reason::user_shutdown); // head_actor ignores anonymous exits
     return 1;
   }
   const bool any = opts.host.empty() || opts.host == "0.0.0.0";
   const std::string address = any ? cluster::primary_address() : opts.host;
-  const std::string head_addr = fmt::format("{}:{}", address, *port);
+  const std::string head_addr = fmt::format("{}:{}", address, port);
   (void)cluster::write_pid_file(files.session, "head");
   (void)cluster::write_text(files.session / "head_address", head_addr + "\n");
   (void)cluster::write_text(files.session / "token", token + "\n", true);
   std::error_code ec;
   fs::create_directories(state_dir, ec);
   (void)cluster::write_text(state_dir / "token", token + "\n", true);
-  log::info("head: troupe {} listening on {} (session {})", TROUPE_VERSION, head_addr,
+  log::info("head: troupe {} listening on {} (mutual TLS; join bootstrap on port {}; CA "
+            "sha256 {}; session {})",
+            TROUPE_VERSION, head_addr, (*bootstrap)->port(), tls->fingerprint,
             fs::canonical(files.session).string());
   if (!restoring.empty())
     log::info("head: the previous head did not stop cleanly; restoring its deployments: {}",
               restoring);
 
-  actors::node_config nc{.local_head = head,
-                         .token = token,
-                         .version = TROUPE_VERSION,
-                         .info = local_node_info(files.root, "head", address, opts.num_gpus, true)};
+  actors::node_config nc{
+      .local_head = head, .token = token, .version = TROUPE_VERSION, .info = node_info};
+  nc.info.address = address;
   const std::string join_line = fmt::format(
-      "troupe head started (pid {}), listening on {}\n  logs: {}\nTo add a node, run on it:\n"
-      "  cluster join {} --token {}\nThen: cluster status    To stop: cluster stop\n{}",
+      "troupe head started (pid {}), listening on {} (mutual TLS)\n  logs: {}\nTo add a node, "
+      "run on it:\n  cluster join {} --token {} --ca-sha256 {}\n(or keep the token in a file: "
+      "--token-file FILE)\nThen: cluster status    To stop: cluster stop\n{}",
       getpid(), head_addr, (fs::canonical(files.session) / "logs").string(), head_addr, token,
+      tls->fingerprint,
       restoring.empty()
           ? ""
           : fmt::format("Restoring the deployments of the previous head, which did not stop "
@@ -301,11 +371,56 @@ int run_head_daemon(const head_options& opts, const session_files& files, const 
   std::this_thread::sleep_for(milliseconds(200)); // let the shutdown messages leave
   self->send_exit(node, caf::exit_reason::user_shutdown);
   self->send_exit(head, caf::exit_reason::user_shutdown);
+  bootstrap->reset();
+  // The cluster ends with its head: no secret outlives it (a SIGKILLed head keeps the CA, its
+  // token and its deployments, so that a restarted head takes its nodes back and serves them
+  // again; a CA given by --ca-dir is the operator's).
   fs::remove(files.session / "head.pid", ec);
-  fs::remove(state_dir / "token", ec); // stopped cleanly: nothing to restore
+  fs::remove(files.session / "token", ec);
+  fs::remove(state_dir / "token", ec);
   fs::remove(state_dir / "deployments", ec);
   fs::remove(state_dir, ec);
+  cluster::tls::remove_identity(files.session / "tls", "head");
+  if (opts.ca_dir.empty())
+    fs::remove_all(ca_dir_of(opts, files), ec);
   return 0;
+}
+
+// Proves the token at the head's join bootstrap (retrying while the head is not up yet: once a
+// second, for 55 s, or for ever with --block) and writes the certificate it gets with this
+// node's new key to the session's tls/ folder. A refusal or a fingerprint mismatch is
+// errc::invalid_argument, already reported.
+expected<cluster::tls::identity_files>
+node_identity(const join_options& opts, const session_files& files, const std::string& head_host,
+              uint16_t head_port, const std::string& name, ready_pipe& ready) {
+  auto key = cluster::tls::new_private_key();
+  if (!key) {
+    ready.report("error " + key.error().message());
+    return std::move(key).error();
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(55);
+  for (int attempt = 0;; ++attempt) {
+    auto id = cluster::tls::bootstrap(head_host, cluster::tls::bootstrap_port(head_port),
+                                      opts.token, opts.ca_sha256, name, *key);
+    if (id) {
+      auto written = cluster::tls::write_identity(files.session / "tls", "node", *id);
+      if (!written)
+        ready.report("error " + written.error().message());
+      return written;
+    }
+    if (id.error().code() == errc::invalid_argument) {
+      log::error("node: {}", id.error().message());
+      ready.report("refused " + id.error().message());
+      return std::move(id).error();
+    }
+    if (!opts.block && std::chrono::steady_clock::now() > deadline) {
+      ready.report("error " + id.error().message());
+      return std::move(id).error();
+    }
+    if (attempt % 10 == 0)
+      log::warn("node: {}; retrying", id.error().message());
+    std::this_thread::sleep_for(std::chrono::seconds(1));
+  }
 }
 
 int run_node_daemon(const join_options& opts, const session_files& files,
@@ -320,7 +435,11 @@ int run_node_daemon(const join_options& opts, const session_files& files,
     }
     address = *routed;
   }
-  actors::system_config cfg;
+  auto info = local_node_info(files.root, "node", address, opts.num_gpus, false);
+  auto tls = node_identity(opts, files, head_host, head_port, info.node_id, ready);
+  if (!tls)
+    return tls.error().code() == errc::invalid_argument ? 3 : 1;
+  actors::system_config cfg{*tls};
   caf::actor_system sys{troupe_config(cfg)};
   (void)cluster::write_pid_file(files.session, "node");
   (void)cluster::write_text(files.session / "head_address",
@@ -333,8 +452,7 @@ int run_node_daemon(const join_options& opts, const session_files& files,
                          .head_port = head_port,
                          .token = opts.token,
                          .version = TROUPE_VERSION,
-                         .info =
-                             local_node_info(files.root, "node", address, opts.num_gpus, false)};
+                         .info = std::move(info)};
   const std::string id = nc.info.node_id;
   nc.on_joined = [&ready, id, address, head_host, head_port](const std::string&) {
     ready.report(fmt::format("ok troupe node {} ({}) joined the head at {}:{} (pid {})\n", id,
@@ -360,6 +478,8 @@ int run_node_daemon(const join_options& opts, const session_files& files,
   self->send_exit(node, caf::exit_reason::user_shutdown);
   std::error_code ec;
   fs::remove(files.session / "node.pid", ec);
+  fs::remove(files.session / "token", ec);
+  cluster::tls::remove_identity(files.session / "tls", "node");
   return exit_code.load();
 }
 

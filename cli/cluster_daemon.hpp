@@ -13,6 +13,7 @@ struct head_options {
   std::string host; // interface to listen on; empty: all
   uint16_t port = 6380;
   std::string token;     // generated when empty
+  std::string ca_dir;    // the cluster CA's folder (ca.pem, ca.key); empty: <temp>/cluster_ca
   int32_t num_gpus = -1; // CPU stand-in GPUs for the head's own node; -1: discover
   bool block = false;
   std::string temp_dir;
@@ -22,7 +23,8 @@ struct head_options {
 struct join_options {
   std::string address; // HOST[:PORT] of the head
   std::string token;
-  std::string node_ip; // advertised address; empty: the interface that routes to the head
+  std::string ca_sha256; // the cluster CA's fingerprint, printed by `cluster start --head`
+  std::string node_ip;   // advertised address; empty: the interface that routes to the head
   int32_t num_gpus = -1;
   bool block = false;
   std::string temp_dir;

@@ -27,7 +27,7 @@ struct serve_args {
   std::string target; // model.yaml, model folder, .gguf file or HF id
   bool block = false;
   std::string stop; // --stop NAME
-  std::string address, token, temp_dir;
+  std::string address, token, temp_dir, ca_sha256;
   int timeout_s = 600;
   double grace_s = 30; // --block: SIGTERM lets requests finish this long
   deployment_flags flags;
@@ -35,13 +35,14 @@ struct serve_args {
 
 // Sends the deployment (or --stop NAME) to the head and waits for its verdict.
 int run_on_cluster(const serve_args& args, const deployment_config* config) {
-  auto target = resolve_head(args.address, args.token, args.temp_dir);
+  auto target = resolve_head(args.address, args.token, args.temp_dir, args.ca_sha256);
   if (!target) {
-    fmt::print(stderr,
-               "error: {}; start a head (`cluster start --head`) or serve in this process with "
-               "--block\n",
-               target.error().message());
-    return exit_usage;
+    const bool no_head = target.error().code() == errc::not_found;
+    fmt::print(stderr, "error: {}{}\n", target.error().message(),
+               no_head ? "; start a head (`cluster start --head`) or serve in this process with "
+                         "--block"
+                       : "");
+    return no_head ? exit_usage : exit_status_of(target.error().code());
   }
   const auto timeout = std::chrono::seconds(args.timeout_s);
   auto done = with_head(
@@ -187,6 +188,7 @@ void add_serve_command(CLI::App& app, int& exit_code) {
   cmd->add_option("--address", args->address, "Head address (default: this host's session)");
   cmd->add_option("--token", args->token, "Cluster token (default: $TROUPE_TOKEN or the session)");
   add_secret_file_option(cmd, "token", args->token);
+  add_ca_option(cmd, args->ca_sha256);
   cmd->add_option("--temp-dir", args->temp_dir,
                   "Session root (default $TROUPE_TEMP_DIR or /tmp/troupe)");
   cmd->add_option("--timeout", args->timeout_s, "Seconds to wait for the deployment to load")

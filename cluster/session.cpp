@@ -22,6 +22,24 @@ fs::path temp_root(const std::string& option) {
   return "/tmp/troupe";
 }
 
+namespace {
+
+void scrub_old_sessions(const fs::path& root, const std::string& keep) {
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(root, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (name == keep || name.rfind("session_", 0) != 0 || name == "session_latest" ||
+        !entry.is_directory(ec))
+      continue;
+    if (live_pid(entry.path(), "head") || live_pid(entry.path(), "node"))
+      continue;
+    fs::remove(entry.path() / "token", ec);
+    fs::remove_all(entry.path() / "tls", ec);
+  }
+}
+
+} // namespace
+
 expected<fs::path> open_session(const fs::path& root, bool fresh) {
   std::error_code ec;
   fs::create_directories(root, ec);
@@ -48,6 +66,7 @@ expected<fs::path> open_session(const fs::path& root, bool fresh) {
   if (ec)
     return make_error(errc::io_error, "cannot point {} at {}: {}", latest.string(), name,
                       ec.message());
+  scrub_old_sessions(root, name);
   return latest;
 }
 

@@ -19,6 +19,8 @@ namespace fs = std::filesystem;
 fs::path temp_root(const std::string& option);
 
 // <root>/session_latest, created (with a fresh session_<time>_<pid> target) when `fresh` or absent.
+// A new session also scrubs the secrets (token, tls/) from older session folders whose daemons
+// are gone (killed, so they could not remove their own).
 expected<fs::path> open_session(const fs::path& root, bool fresh);
 
 // Pid files: <session>/<role>.pid. live_pid: the pid when that process is still running

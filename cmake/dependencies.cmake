@@ -19,6 +19,12 @@ set_target_properties(caf::core PROPERTIES IMPORTED_LOCATION ${CAF_CORE_LIBRARY}
 add_library(caf::io UNKNOWN IMPORTED)
 set_target_properties(caf::io PROPERTIES IMPORTED_LOCATION ${CAF_IO_LIBRARY}
                       INTERFACE_LINK_LIBRARIES caf::core)
+# The control plane's mutual TLS: CAF's OpenSSL module (in libcaf-dev) and OpenSSL (libssl-dev).
+find_package(OpenSSL 3 REQUIRED)
+find_library(CAF_OPENSSL_LIBRARY caf_openssl REQUIRED)
+add_library(caf::openssl UNKNOWN IMPORTED)
+set_target_properties(caf::openssl PROPERTIES IMPORTED_LOCATION ${CAF_OPENSSL_LIBRARY}
+                      INTERFACE_LINK_LIBRARIES "caf::io;OpenSSL::SSL;OpenSSL::Crypto")
 
 # CUDA: AUTO builds the CUDA parts when nvcc and NCCL are both present.
 set(TROUPE_WITH_CUDA OFF)

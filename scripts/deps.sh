@@ -5,7 +5,7 @@ set -euo pipefail
 
 packages=(
   build-essential cmake ninja-build ccache pkg-config git python3 python3-venv
-  libcaf-dev libboost-dev libmsgpack-cxx-dev libfmt-dev doctest-dev libyaml-cpp-dev
+  libcaf-dev libssl-dev libboost-dev libmsgpack-cxx-dev libfmt-dev doctest-dev libyaml-cpp-dev
   nlohmann-json3-dev libpcre2-dev libutf8proc-dev libcli11-dev libgloo-dev
   libibverbs-dev librdmacm-dev libfabric-dev libfabric-bin clang-format
   iproute2

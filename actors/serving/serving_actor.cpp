@@ -162,8 +162,13 @@ expected<replica_executor> executor_of(serving* self, const caf::actor& head,
                       "gpu_memory_utilization or lower max_model_len",
                       r.replica, r.kv_blocks, g.block_size, kv.max_model_len, per_seq);
   auto health = std::make_shared<replica_health>();
-  auto on_failure = [head, name = c.served_model_name, ns = r.ns](const std::string& why) {
-    caf::anon_send(head, msg::failed_atom::value, name, ns, why);
+  // Sent as the serving actor: the head accepts `failed` only from a deployment's own serving
+  // actor (weak: the executor lives in this actor's state).
+  auto on_failure = [head, me = caf::actor_cast<caf::weak_actor_ptr>(self),
+                     name = c.served_model_name, ns = r.ns](const std::string& why) {
+    if (auto strong = me.lock())
+      caf::send_as(caf::actor_cast<caf::actor>(strong), head, msg::failed_atom::value, name, ns,
+                   why);
   };
   // The last stage's tensor rank 0 answers (it samples). One plan per stage in flight, and two
   // at pipeline 1, so the ranks never wait for scheduling. A plan may wait behind the others in
@@ -536,6 +541,9 @@ caf::behavior serving_actor(caf::stateful_actor<serving_state>* self, caf::actor
       // The head stops cleanly: no new requests; those in flight get up to grace_s to finish,
       // the rest end with an error. Blocks this (detached) actor meanwhile.
       [self](msg::stop_atom, double grace_s) {
+        const auto& sender = self->current_sender();
+        if (sender && sender->node() != self->node())
+          return false; // only the head, in this process, stops a deployment
         if (self->state.served)
           self->state.served->drain(grace_s);
         return true;

@@ -45,6 +45,13 @@ struct fixture {
     return out;
   }
 
+  // An exit message from this process (head and node actors drop anonymous ones: they could
+  // come from anywhere).
+  void exit(const caf::actor& a, caf::exit_reason reason) {
+    caf::scoped_actor self{sys};
+    self->send_exit(a, reason);
+  }
+
   msg::cluster_view view() {
     auto v = ask<msg::cluster_view>(msg::status_atom::value, std::string("tok"));
     REQUIRE(v);
@@ -134,7 +141,7 @@ TEST_CASE("node_actor: joins, heartbeats, and is declared dead when it goes away
   REQUIRE(v.nodes.size() == 1);
   CHECK(v.nodes[0].state == "alive");
   CHECK(v.nodes[0].heartbeat_age_ms < 600);
-  caf::anon_send_exit(node, caf::exit_reason::kill);
+  fx.exit(node, caf::exit_reason::kill);
   CHECK(eventually([&] { return fx.view().nodes[0].state == "dead"; }, 3s));
 }
 
@@ -148,12 +155,13 @@ TEST_CASE("node_actor: a wrong token is refused and reported") {
   REQUIRE(f.wait_for(5s) == std::future_status::ready);
   CHECK(f.get().find("wrong cluster token") != std::string::npos);
   CHECK(fx.view().nodes.empty());
-  caf::anon_send_exit(node, caf::exit_reason::user_shutdown);
+  fx.exit(node, caf::exit_reason::user_shutdown);
 }
 
 TEST_CASE("head_actor: ignores anonymous exit messages, obeys exits from its own process") {
   fixture fx;
   caf::anon_send_exit(fx.head, caf::exit_reason::user_shutdown); // no sender: refused
+  caf::anon_send_exit(fx.head, caf::exit_reason::kill);          // CAF would end any actor on kill
   std::this_thread::sleep_for(100ms);
   CHECK(fx.ask<bool>(msg::kv_set_atom::value, std::string("tok"), std::string("d"),
                      std::string("k"), std::string("v")));
@@ -175,5 +183,33 @@ TEST_CASE("head_actor: stop tells every joined node") {
   REQUIRE(joined.get_future().wait_for(5s) == std::future_status::ready);
   CHECK(fx.ask<bool>(msg::stop_atom::value, std::string("tok"), 0.0));
   CHECK(told.get_future().wait_for(5s) == std::future_status::ready);
-  caf::anon_send_exit(node, caf::exit_reason::user_shutdown);
+  fx.exit(node, caf::exit_reason::user_shutdown);
+}
+
+TEST_CASE("head_actor: heartbeat and leave count only from the node that joined") {
+  fixture fx;
+  caf::scoped_actor joiner{fx.sys};
+  cluster::node_info info;
+  info.node_id = "n1";
+  info.address = "127.0.0.1";
+  uint64_t key = 0;
+  joiner->request(fx.head, 5s, msg::join_atom::value, msg::join_request{"tok", "1.0", info})
+      .receive([&](const msg::join_reply& r) { key = r.session_key; },
+               [&](caf::error& e) { FAIL(fx.sys.render(e)); });
+  REQUIRE(key != 0);
+  // Another actor with the right key: refused, the node stays alive.
+  CHECK_FALSE(*fx.ask<bool>(msg::leave_atom::value, std::string("n1"), key));
+  CHECK_FALSE(*fx.ask<bool>(msg::heartbeat_atom::value, std::string("n1"), key));
+  auto v = fx.view();
+  REQUIRE(v.nodes.size() == 1);
+  CHECK(v.nodes[0].state == "alive");
+  // The node itself: accepted.
+  bool ok = false;
+  joiner->request(fx.head, 5s, msg::heartbeat_atom::value, std::string("n1"), key)
+      .receive([&](bool b) { ok = b; }, [&](caf::error&) {});
+  CHECK(ok);
+  joiner->request(fx.head, 5s, msg::leave_atom::value, std::string("n1"), key)
+      .receive([&](bool b) { ok = b; }, [&](caf::error&) {});
+  CHECK(ok);
+  CHECK(fx.view().nodes[0].state == "left");
 }

@@ -1,5 +1,7 @@
 #include "process_harness.hpp"
 
+#include "cluster/tls.hpp"
+
 #include <csignal>
 #include <fcntl.h>
 #include <fstream>
@@ -140,17 +142,33 @@ pid_t cluster_fixture::start_head_blocking(const std::string& name) {
                            token_, "--temp-dir", dir(name).string()});
 }
 
+std::string cluster_fixture::ca_sha256(const std::string& head) const {
+  const auto pem = read_file(dir(head) / "cluster_ca" / "ca.pem");
+  if (pem.empty())
+    return {};
+  auto fp = troupe::cluster::tls::fingerprint(pem);
+  return fp ? *fp : std::string{};
+}
+
+std::string cluster_fixture::wait_ca_sha256(const std::string& head) const {
+  std::string fp;
+  eventually([&] { return !(fp = ca_sha256(head)).empty(); }, std::chrono::seconds(30));
+  return fp;
+}
+
 pid_t cluster_fixture::join_blocking(const std::string& name, const std::string& address,
                                      std::vector<std::string> prefix) {
   return cluster_bg(name,
                     {"join", address.empty() ? head_address() : address, "--block", "--token",
-                     token_, "--num-gpus", "2", "--temp-dir", dir(name).string()},
+                     token_, "--ca-sha256", wait_ca_sha256(), "--num-gpus", "2", "--temp-dir",
+                     dir(name).string()},
                     std::move(prefix));
 }
 
 std::map<std::string, nlohmann::json> cluster_fixture::nodes() {
-  auto r = cluster(
-      {"status", "--json", "--address", head_address(), "--token", token_, "--timeout", "2"}, 10s);
+  auto r = cluster({"status", "--json", "--address", head_address(), "--token", token_,
+                    "--ca-sha256", ca_sha256(), "--timeout", "2"},
+                   10s);
   std::map<std::string, nlohmann::json> out;
   if (r.exit_code != 0)
     return out;

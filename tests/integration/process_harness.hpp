@@ -59,6 +59,11 @@ class cluster_fixture {
   const std::string& token() const { return token_; }
   fs::path dir(const std::string& name) const { return root_ / name; }
   std::string head_address() const { return "127.0.0.1:" + std::to_string(port_); }
+  // The cluster CA's fingerprint (`--ca-sha256`) of the head started in dir(head); empty until
+  // that head has created its CA.
+  std::string ca_sha256(const std::string& head = "head") const;
+  // Waits (up to 30 s) for it.
+  std::string wait_ca_sha256(const std::string& head = "head") const;
 
   // `cluster <args...>` to completion.
   run_result cluster(std::vector<std::string> args,

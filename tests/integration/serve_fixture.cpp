@@ -11,9 +11,9 @@ namespace troupe::test {
 using namespace std::chrono_literals;
 
 nlohmann::json status_json(cluster_fixture& fx) {
-  auto r = fx.cluster(
-      {"status", "--json", "--address", fx.head_address(), "--token", fx.token(), "--timeout", "5"},
-      20s);
+  auto r = fx.cluster({"status", "--json", "--address", fx.head_address(), "--token", fx.token(),
+                       "--ca-sha256", fx.ca_sha256(), "--timeout", "5"},
+                      20s);
   if (r.exit_code != 0)
     return {};
   return nlohmann::json::parse(r.output, nullptr, false);
@@ -44,13 +44,14 @@ std::string yaml_for(const fs::path& model, const std::string& name, int tensor,
 }
 
 run_result serve(cluster_fixture& fx, const fs::path& yaml) {
-  return fx.cluster({"serve", yaml.string(), "--address", fx.head_address(), "--token", fx.token()},
+  return fx.cluster({"serve", yaml.string(), "--address", fx.head_address(), "--token", fx.token(),
+                     "--ca-sha256", fx.ca_sha256()},
                     90s);
 }
 
 run_result stop_serving(cluster_fixture& fx, const std::string& name) {
-  return fx.cluster(
-      {"serve", "--stop", name, "--address", fx.head_address(), "--token", fx.token()});
+  return fx.cluster({"serve", "--stop", name, "--address", fx.head_address(), "--token", fx.token(),
+                     "--ca-sha256", fx.ca_sha256()});
 }
 
 uint16_t port_of(const std::string& output) {

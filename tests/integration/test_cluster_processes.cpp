@@ -39,8 +39,8 @@ TEST_CASE("cluster: head and two workers join, status shows them, stop leaves no
   CHECK(head.output.find("cluster join") != std::string::npos);
   CHECK(head.output.find("--token " + fx.token()) != std::string::npos);
   for (const char* w : {"w1", "w2"}) {
-    auto j = fx.cluster({"join", fx.head_address(), "--token", fx.token(), "--num-gpus", "2",
-                         "--temp-dir", fx.dir(w).string()});
+    auto j = fx.cluster({"join", fx.head_address(), "--token", fx.token(), "--ca-sha256",
+                         fx.ca_sha256(), "--num-gpus", "2", "--temp-dir", fx.dir(w).string()});
     REQUIRE_MESSAGE(j.exit_code == 0, j.output);
   }
   const std::string h = fx.node_id("head", "head"), w1 = fx.node_id("w1"), w2 = fx.node_id("w2");
@@ -108,8 +108,8 @@ TEST_CASE("cluster: a wrong token is refused, with the reason logged on both sid
   cluster_fixture fx;
   fx.start_head_blocking();
   REQUIRE(eventually([&] { return fx.nodes().size() == 1; }, 20s));
-  auto j = fx.cluster(
-      {"join", fx.head_address(), "--token", "wrong", "--temp-dir", fx.dir("w1").string()});
+  auto j = fx.cluster({"join", fx.head_address(), "--token", "wrong", "--ca-sha256", fx.ca_sha256(),
+                       "--temp-dir", fx.dir("w1").string()});
   CHECK(j.exit_code == 3);
   CHECK(j.output.find("wrong cluster token") != std::string::npos);
   auto head_log = read_file(fx.dir("head") / "foreground.log");
@@ -118,7 +118,8 @@ TEST_CASE("cluster: a wrong token is refused, with the reason logged on both sid
   CHECK(node_log.find("refused") != std::string::npos);
   CHECK(fx.nodes().size() == 1);
   // Status with a wrong token, and with no head at all: clear message, non-zero exit.
-  auto s = fx.cluster({"status", "--address", fx.head_address(), "--token", "wrong"});
+  auto s = fx.cluster({"status", "--address", fx.head_address(), "--token", "wrong", "--ca-sha256",
+                       fx.ca_sha256()});
   CHECK(s.exit_code != 0);
   CHECK(s.output.find("wrong cluster token") != std::string::npos);
   // The token from a file (kept out of `ps`): the right one is let in, a wrong one refused.
@@ -126,15 +127,15 @@ TEST_CASE("cluster: a wrong token is refused, with the reason logged on both sid
   std::filesystem::create_directories(right.parent_path());
   std::ofstream(right) << fx.token() << "\n";
   std::ofstream(wrong) << "wrong\n";
-  auto by_file = fx.cluster(
-      {"status", "--address", fx.head_address(), "--token-file", right.string(), "--timeout", "5"});
+  auto by_file = fx.cluster({"status", "--address", fx.head_address(), "--token-file",
+                             right.string(), "--ca-sha256", fx.ca_sha256(), "--timeout", "5"});
   CHECK_MESSAGE(by_file.exit_code == 0, by_file.output);
-  auto wrong_file = fx.cluster(
-      {"status", "--address", fx.head_address(), "--token-file", wrong.string(), "--timeout", "5"});
+  auto wrong_file = fx.cluster({"status", "--address", fx.head_address(), "--token-file",
+                                wrong.string(), "--ca-sha256", fx.ca_sha256(), "--timeout", "5"});
   CHECK(wrong_file.exit_code != 0);
   CHECK(wrong_file.output.find("wrong cluster token") != std::string::npos);
   auto gone = fx.cluster({"status", "--address", fmt::format("127.0.0.1:{}", free_port()),
-                          "--token", "x", "--timeout", "2"});
+                          "--token", "x", "--ca-sha256", fx.ca_sha256(), "--timeout", "2"});
   CHECK(gone.exit_code == 1);
   CHECK(gone.output.find("cannot reach the head") != std::string::npos);
 }

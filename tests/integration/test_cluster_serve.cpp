@@ -452,7 +452,8 @@ TEST_CASE("cluster serve: prefill tensor=2 -> decode tensor=1 over tcp answers l
   CHECK_MESSAGE(d["transfer"].get<std::string>().find("provider tcp: 2 prefill rank(s) -> 1 decode "
                                                       "rank(s)") == 0,
                 d.dump());
-  auto table = fx.cluster({"status", "--address", fx.head_address(), "--token", fx.token()});
+  auto table = fx.cluster({"status", "--address", fx.head_address(), "--token", fx.token(),
+                           "--ca-sha256", fx.ca_sha256()});
   CHECK_MESSAGE(table.output.find("prefill  group: tensor=2") != std::string::npos, table.output);
 
   // Greedy completions equal `cluster generate`, one at a time and all at once.

@@ -36,8 +36,8 @@ bool all_alive(cluster_fixture& fx, size_t count) {
 }
 
 pid_t serve_bg(cluster_fixture& fx, const std::string& name, const fs::path& yaml) {
-  return fx.cluster_bg(
-      name, {"serve", yaml.string(), "--address", fx.head_address(), "--token", fx.token()});
+  return fx.cluster_bg(name, {"serve", yaml.string(), "--address", fx.head_address(), "--token",
+                              fx.token(), "--ca-sha256", fx.ca_sha256()});
 }
 
 pid_t head_pid(cluster_fixture& fx) {
