@@ -414,7 +414,8 @@ struct replica_job {
 //   (kv_get_atom, token, ns, key) -> string | error not_found
 //   (kv_wait_atom, token, ns, key, int64 timeout_ms) -> string | error timeout
 // Heartbeats: (heartbeat_atom, node_id, session_key) -> bool (false: join again).
-// Leave: (leave_atom, node_id, session_key) -> bool. Stop: (stop_atom, token) -> bool.
+// Leave: (leave_atom, node_id, session_key) -> bool. Stop: (stop_atom, token, grace_s) -> bool
+// (the deployments drain for up to grace_s first; head -> serving actor: (stop_atom, grace_s)).
 
 // Registers every type above with a CAF config; both ends of a connection must call it.
 inline void add_message_types(caf::actor_system_config& cfg) {
