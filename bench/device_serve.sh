@@ -2,7 +2,9 @@
 # Serving benchmark on the lent GPU machine: a random-weight Qwen3 model of a real shape (written
 # by bench/make_random_qwen3.py with the real Qwen3 tokenizer) served by `cluster serve --block`
 # on the GPU, measured over HTTP by bench/serve_bench (random 512 in / 128 out, ignore_eos, at
-# concurrency 1 and 64; IN, OUT_LEN, CONC="1 64 256" and MAX_SEQS override). The engine's own
+# concurrency 1 and 64; IN, OUT_LEN, CONC="1 64 256" and MAX_SEQS override; GRAMMAR=1 repeats
+# each concurrency with a JSON-schema response_format, for the per-token cost of structured
+# output). The engine's own
 # decode step time at the same batch sizes comes from cuda_bench in the same run
 # (bench/device_run.sh bench, or ENGINE=1 here). Logs and JSON results go to $OUT.
 # Usage: bench/device_serve.sh [qwen3-8b|qwen3-0.6b]   (TROUPE_BUNDLE: the bundle, dist/troupe)
@@ -50,11 +52,17 @@ if [ -z "$url" ]; then
   echo "server did not start:"; tail -20 "$out/serve-$shape.log"; exit 1
 fi
 echo "serving $shape at $url"
+schema='{"response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema":
+  {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}}}}'
 for c in $conc; do
   n=$(( c == 1 ? 8 : 2 * c ))
-  "$bin/serve_bench" --base-url "$url" --endpoint /v1/completions --model "$shape" --tokenizer "$model" \
-    --dataset-name random --random-input-len $in_len --random-output-len $out_len --ignore-eos \
-    --num-prompts $n --max-concurrency $c --seed 1 --result-file "$out/serve-$shape-c$c.json" \
-    2>&1 | tee "$out/serve_bench-$shape-c$c.log" | tail -25
+  for variant in plain ${GRAMMAR:+json}; do
+    extra='{}'; [ "$variant" = json ] && extra=$schema
+    "$bin/serve_bench" --base-url "$url" --endpoint /v1/completions --model "$shape" --tokenizer "$model" \
+      --dataset-name random --random-input-len $in_len --random-output-len $out_len --ignore-eos \
+      --num-prompts $n --max-concurrency $c --seed 1 --extra-body "$extra" \
+      --result-file "$out/serve-$shape-c$c-$variant.json" \
+      2>&1 | tee "$out/serve_bench-$shape-c$c-$variant.log" | tail -25
+  done
 done
 kill $server; wait $server 2>/dev/null

@@ -60,6 +60,7 @@ struct options {
   std::string result_file, api_key, label;
   double temperature = 0.0;
   double timeout_s = 600;
+  json extra_body = json::object(); // --extra-body: merged into every request
 };
 
 struct sample {
@@ -206,6 +207,7 @@ std::string request_body(const options& o, const sample& s) {
   b["stream_options"] = {{"include_usage", true}};
   if (o.ignore_eos)
     b["ignore_eos"] = true;
+  b.update(o.extra_body);
   return b.dump();
 }
 
@@ -417,11 +419,21 @@ int main(int argc, char** argv) {
   app.add_option("--max-concurrency", o.max_concurrency, "requests in flight at most (0: no cap)");
   app.add_option("--seed", o.seed);
   app.add_option("--temperature", o.temperature);
+  std::string extra_body;
+  app.add_option("--extra-body", extra_body,
+                 "JSON object merged into every request (e.g. a response_format), as vLLM's");
   app.add_option("--result-file", o.result_file, "write the result JSON here");
   app.add_option("--api-key", o.api_key, "Bearer token (default: $OPENAI_API_KEY)");
   app.add_option("--request-timeout", o.timeout_s, "not enforced; accepted for compatibility");
   app.add_flag("--disable-tqdm", o.disable_tqdm, "accepted for compatibility");
   CLI11_PARSE(app, argc, argv);
+  if (!extra_body.empty()) {
+    o.extra_body = json::parse(extra_body, nullptr, false);
+    if (!o.extra_body.is_object()) {
+      std::cerr << "error: --extra-body must be a JSON object\n";
+      return 2;
+    }
+  }
   if (o.api_key.empty())
     if (const char* k = std::getenv("OPENAI_API_KEY"))
       o.api_key = k;
