@@ -138,6 +138,10 @@ int run(const serve_args& args) {
     fmt::print(stderr, "error: {}\n", config.error().message());
     return exit_status_of(config.error().code());
   }
+  // The API key from the environment when neither model.yaml nor a flag gives one (so that it
+  // need not be on a command line or in a file).
+  if (const char* env = std::getenv("TROUPE_API_KEY"); config->api_key.empty() && env != nullptr)
+    config->api_key = env;
   if (!args.block)
     return run_on_cluster(args, &*config);
   if (config->device == "auto") {

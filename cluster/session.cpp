@@ -2,7 +2,9 @@
 
 #include <arpa/inet.h>
 #include <csignal>
+#include <cstring>
 #include <ctime>
+#include <fcntl.h>
 #include <fstream>
 #include <ifaddrs.h>
 #include <net/if.h>
@@ -72,15 +74,16 @@ expected<fs::path> open_session(const fs::path& root, bool fresh) {
 
 expected<void> write_text(const fs::path& file, const std::string& text, bool secret) {
   const fs::path tmp = file.string() + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    if (!out)
-      return make_error(errc::io_error, "cannot write {}", file.string());
-    out << text;
-  }
   std::error_code ec;
-  if (secret)
-    fs::permissions(tmp, fs::perms::owner_read | fs::perms::owner_write, ec);
+  fs::remove(tmp, ec);
+  // A secret's file is 0600 from its creation on: never readable by others, not even briefly.
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, secret ? 0600 : 0644);
+  if (fd < 0)
+    return make_error(errc::io_error, "cannot write {}: {}", file.string(), std::strerror(errno));
+  const bool ok = ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size());
+  ::close(fd);
+  if (!ok)
+    return make_error(errc::io_error, "cannot write {}: {}", file.string(), std::strerror(errno));
   fs::rename(tmp, file, ec);
   if (ec)
     return make_error(errc::io_error, "cannot write {}: {}", file.string(), ec.message());

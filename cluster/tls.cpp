@@ -414,11 +414,13 @@ class server_impl final : public bootstrap_server {
       return refuse("wrong cluster token");
     if (!valid_name(name))
       return refuse("the name must be 1 to 64 letters, digits, '.', '-' or '_'");
-    auto cert = issue_certificate(ca_, req.rest, name);
+    // A CLI call's certificate serves one command: valid for a day, not ten years.
+    const bool client = req.field("role") == "client";
+    auto cert = issue_certificate(ca_, req.rest, name, client ? 1 : 3650);
     if (!cert)
       return refuse(cert.error().message());
     ++issued_;
-    if (req.field("role") == "client") // `cluster status` and the like: one per command
+    if (client) // `cluster status` and the like: one per command
       log::debug("head: issued a control-plane certificate to client {} ({})", name, peer);
     else
       log::info("head: issued a control-plane certificate to node {} ({})", name, peer);
