@@ -7,6 +7,8 @@
 
 #include <fmt/format.h>
 
+#include "runtime/json_depth.hpp"
+
 namespace troupe::serve {
 
 namespace {
@@ -16,36 +18,14 @@ api_error bad(std::string param, std::string message) {
 }
 
 // Request bodies nest a few levels (messages -> content parts); anything deeper is refused before
-// parsing, so no recursive walk (dump, copy, comparison) ever sees attacker-chosen depth.
-constexpr int max_json_depth = 32;
-
-// True when `text` nests arrays and objects at most `limit` deep (brackets in strings ignored).
-bool nesting_within(std::string_view text, int limit) {
-  int depth = 0;
-  bool in_string = false;
-  for (size_t i = 0; i < text.size(); ++i) {
-    const char c = text[i];
-    if (in_string) {
-      if (c == '\\')
-        ++i;
-      else if (c == '"')
-        in_string = false;
-    } else if (c == '"') {
-      in_string = true;
-    } else if (c == '[' || c == '{') {
-      if (++depth > limit)
-        return false;
-    } else if (c == ']' || c == '}') {
-      --depth;
-    }
-  }
-  return true;
-}
+// parsing, so no recursive walk (dump, copy, comparison) ever sees attacker-chosen depth. The
+// same holds for JSON carried in strings (tool call arguments, schemas): checked before parsing.
+constexpr int max_body_depth = 32;
 
 // The request body as a JSON object, or the 400 that says why not.
 std::variant<json, api_error> parse_object(const std::string& body) {
-  if (!nesting_within(body, max_json_depth))
-    return bad("", fmt::format("the JSON body nests deeper than {} levels", max_json_depth));
+  if (!json_nesting_within(body, max_body_depth))
+    return bad("", fmt::format("the JSON body nests deeper than {} levels", max_body_depth));
   json b;
   try {
     b = json::parse(body);
@@ -114,8 +94,13 @@ std::optional<api_error> normalise_tool_calls(json& msg) {
     auto& f = call["function"];
     if (f.contains("arguments") && f["arguments"].is_string()) {
       json args;
+      const auto& text = f["arguments"].get_ref<const std::string&>();
+      if (!json_nesting_within(text, max_body_depth))
+        return bad("messages", fmt::format("the arguments of tool call '{}' nest deeper than {} "
+                                           "levels",
+                                           f["name"].get<std::string>(), max_body_depth));
       try {
-        args = json::parse(f["arguments"].get<std::string>());
+        args = json::parse(text);
       } catch (const json::exception&) {
         return bad("messages", fmt::format("the arguments of tool call '{}' are not valid JSON",
                                            f["name"].get<std::string>()));
@@ -447,6 +432,8 @@ std::variant<std::string, api_error> schema_text(const json& v, const std::strin
   if (v.is_object() || v.is_boolean())
     return dump(v);
   if (v.is_string()) {
+    if (!json_nesting_within(v.get_ref<const std::string&>(), max_body_depth))
+      return bad(field, fmt::format("'{}' nests deeper than {} levels", field, max_body_depth));
     try {
       const auto parsed = json::parse(v.get<std::string>());
       if (parsed.is_object() || parsed.is_boolean())

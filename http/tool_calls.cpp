@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "runtime/json_depth.hpp"
+
 namespace troupe::serve {
 
 namespace {
@@ -37,6 +39,8 @@ size_t partial_tag(std::string_view s, std::string_view tag) {
 }
 
 std::optional<ojson> parse_json(std::string_view text) {
+  if (!json_nesting_within(text)) // a model can be prompted to write any depth
+    return std::nullopt;
   try {
     return ojson::parse(text);
   } catch (const ojson::exception&) {

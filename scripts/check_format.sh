@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mapfile -t files < <(git ls-files 'runtime/*' 'engine/*' 'cluster/*' 'http/*' 'actors/*' 'cli/*' \
-                       'tests/*' 'bench/*' | grep -E '\.(cpp|hpp|cu|cuh)$')
+                       'tests/*' 'bench/*' 'fuzz/*' | grep -E '\.(cpp|hpp|cu|cuh)$')
 bad=()
 for f in "${files[@]}"; do
   [ -f "$f" ] || continue

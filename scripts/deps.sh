@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs troupe's build and test dependencies from Debian 12 packages (design.md §9).
 # Idempotent: asks apt only for what is missing; used by both README commands.
+# `deps.sh --fuzz` also installs clang 14 and its libFuzzer runtime (scripts/fuzz.sh).
 set -euo pipefail
 
 packages=(
@@ -10,6 +11,9 @@ packages=(
   libibverbs-dev librdmacm-dev libfabric-dev libfabric-bin clang-format
   iproute2
 )
+if [ "${1:-}" = "--fuzz" ]; then
+  packages+=(clang-14 libclang-rt-14-dev)
+fi
 
 missing=()
 for p in "${packages[@]}"; do

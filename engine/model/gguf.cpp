@@ -177,6 +177,12 @@ expected<gguf_value> read_value(cursor& c, gguf_type t, const std::string& key) 
   if (!n)
     return std::move(n).error();
   v.elem_type = static_cast<gguf_type>(*et);
+  // Real arrays (vocabularies, merges) hold up to a few million; more would only be memory the
+  // file names without holding (an i8 array becomes int64s, an empty string 32 bytes).
+  constexpr uint64_t max_array_items = uint64_t{1} << 26;
+  if (*n > max_array_items)
+    return make_error(errc::parse_error, "{}: {}: an array of {} elements (at most {})", c.where(),
+                      key, *n, max_array_items);
   if (v.elem_type == gguf_type::string) {
     std::vector<std::string> out;
     for (uint64_t i = 0; i < *n; ++i) {

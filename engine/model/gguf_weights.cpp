@@ -96,6 +96,9 @@ expected<void> read_special_ids(const gguf_file& f, model_config& c) {
       return std::move(id).error();
     if (!*id)
       continue;
+    if (**id < 0 || **id >= c.vocab_size)
+      return make_error(errc::parse_error, "{}: {} {} is outside the vocabulary (size {})",
+                        f.path().string(), key, **id, c.vocab_size);
     if (is_bos)
       c.bos_token_id = static_cast<int32_t>(**id);
     else if (std::find(c.eos_token_ids.begin(), c.eos_token_ids.end(), **id) ==

@@ -7,6 +7,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "runtime/json_depth.hpp"
+
 namespace troupe::engine {
 
 namespace fs = std::filesystem;
@@ -38,31 +40,64 @@ expected<int64_t> require_int(const json& j, const char* key, std::string_view s
   return v;
 }
 
+// An optional field; a wrong type throws json::type_error (caught as "wrong type"). An integer
+// field holding a float is refused too: converting 1e300 to int64 is undefined behaviour.
 template <class T>
 T get_or(const json& j, const char* key, T fallback) {
   auto it = j.find(key);
   if (it == j.end() || it->is_null())
     return fallback;
+  if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>)
+    if (!it->is_number_integer())
+      throw json::type_error::create(302, fmt::format("\"{}\" must be an integer", key), &*it);
   return it->get<T>();
 }
 
-// A token id field may be an integer or a list of them.
-void add_token_ids(const json& j, const char* key, std::vector<int32_t>& out) {
+// A token id: an integer in [0, 2^31).
+expected<int32_t> token_id_value(const json& v, const char* key, std::string_view source) {
+  const int64_t id =
+      v.is_number_unsigned()
+          ? static_cast<int64_t>(std::min<uint64_t>(v.get<uint64_t>(), uint64_t(INT64_MAX)))
+          : v.get<int64_t>();
+  if (id < 0 || id > INT32_MAX)
+    return make_error(errc::parse_error, "{}: {} {} is not a token id", source, key, id);
+  return static_cast<int32_t>(id);
+}
+
+// A token id field may be an integer or a list of them (other values are not ids: skipped).
+expected<void> add_token_ids(const json& j, const char* key, std::vector<int32_t>& out,
+                             std::string_view source) {
   auto it = j.find(key);
   if (it == j.end() || it->is_null())
-    return;
-  auto add = [&](const json& v) {
-    if (v.is_number_integer()) {
-      auto id = v.get<int32_t>();
-      if (std::find(out.begin(), out.end(), id) == out.end())
-        out.push_back(id);
-    }
+    return {};
+  auto add = [&](const json& v) -> expected<void> {
+    if (!v.is_number_integer())
+      return {};
+    auto id = token_id_value(v, key, source);
+    if (!id)
+      return std::move(id).error();
+    if (std::find(out.begin(), out.end(), *id) == out.end())
+      out.push_back(*id);
+    return {};
   };
-  if (it->is_array())
+  if (it->is_array()) {
     for (auto& v : *it)
-      add(v);
-  else
-    add(*it);
+      TROUPE_TRY_VOID(add(v));
+    return {};
+  }
+  return add(*it);
+}
+
+// bos_token_id when it is an integer.
+expected<void> read_bos(const json& j, std::optional<int32_t>& out, std::string_view source) {
+  auto bos = j.find("bos_token_id");
+  if (bos == j.end() || !bos->is_number_integer())
+    return {};
+  auto id = token_id_value(*bos, "bos_token_id", source);
+  if (!id)
+    return std::move(id).error();
+  out = *id;
+  return {};
 }
 
 // rope_theta/rope_scaling at top level (older checkpoints) or rope_parameters (transformers 5).
@@ -118,7 +153,48 @@ bool model_config::is_moe_layer(int64_t layer) const {
   return (layer + 1) % std::max<int64_t>(decoder_sparse_step, 1) == 0;
 }
 
+namespace {
+
+// A dimension in [1, limit]: far above any real model, low enough that products of them (weights
+// per layer, KV bytes per token) cannot overflow int64 and loops over them end.
+expected<void> check_dim(std::string_view source, const char* key, int64_t v, int64_t limit) {
+  if (v < 1 || v > limit)
+    return make_error(errc::parse_error, "{}: {} must be in [1, {}], got {}", source, key, limit,
+                      v);
+  return {};
+}
+
+} // namespace
+
 expected<void> check_values(const model_config& c, std::string_view source) {
+  TROUPE_TRY_VOID(check_dim(source, "vocab_size", c.vocab_size, INT32_MAX));
+  TROUPE_TRY_VOID(check_dim(source, "hidden_size", c.hidden_size, 1 << 20));
+  TROUPE_TRY_VOID(check_dim(source, "num_hidden_layers", c.num_layers, 1 << 16));
+  TROUPE_TRY_VOID(check_dim(source, "num_attention_heads", c.num_heads, 1 << 14));
+  TROUPE_TRY_VOID(check_dim(source, "num_key_value_heads", c.num_kv_heads, 1 << 14));
+  TROUPE_TRY_VOID(check_dim(source, "head_dim", c.head_dim, 1 << 14));
+  if (c.head_dim % 2 != 0)
+    return make_error(errc::parse_error, "{}: head_dim={} must be even for RoPE", source,
+                      c.head_dim);
+  if (c.num_heads % c.num_kv_heads != 0)
+    return make_error(errc::parse_error,
+                      "{}: num_attention_heads={} is not a multiple of num_key_value_heads={}",
+                      source, c.num_heads, c.num_kv_heads);
+  TROUPE_TRY_VOID(check_dim(source, "max_position_embeddings", c.max_position_embeddings, 1 << 30));
+  if (c.intermediate_size != 0) // 0: every layer is MoE
+    TROUPE_TRY_VOID(check_dim(source, "intermediate_size", c.intermediate_size, 1 << 24));
+  if (c.num_experts != 0) {
+    TROUPE_TRY_VOID(check_dim(source, "num_experts", c.num_experts, 1 << 16));
+    TROUPE_TRY_VOID(check_dim(source, "num_experts_per_tok", c.num_experts_per_tok, c.num_experts));
+    TROUPE_TRY_VOID(check_dim(source, "moe_intermediate_size", c.moe_intermediate_size, 1 << 24));
+    TROUPE_TRY_VOID(check_dim(source, "decoder_sparse_step", c.decoder_sparse_step, 1 << 16));
+  }
+  if (c.rope.type == rope_config::kind::llama3)
+    TROUPE_TRY_VOID(check_dim(source, "rope original_max_position_embeddings",
+                              c.rope.original_max_position, 1 << 30));
+  if (c.bos_token_id && (*c.bos_token_id < 0 || *c.bos_token_id >= c.vocab_size))
+    return make_error(errc::parse_error, "{}: bos_token_id {} is outside the vocabulary (size {})",
+                      source, *c.bos_token_id, c.vocab_size);
   auto positive = [&](const char* key, double v) -> expected<void> {
     if (!std::isfinite(v) || v <= 0)
       return make_error(errc::parse_error, "{}: {} must be a finite positive number, got {}",
@@ -137,6 +213,8 @@ expected<void> check_values(const model_config& c, std::string_view source) {
 }
 
 expected<model_config> parse_model_config(std::string_view text, std::string_view source) {
+  if (!json_nesting_within(text))
+    return make_error(errc::parse_error, "{}: nests deeper than {} levels", source, max_json_depth);
   json j;
   try {
     j = json::parse(text);
@@ -175,6 +253,7 @@ expected<model_config> parse_model_config(std::string_view text, std::string_vie
     TROUPE_TRY_VOID(assign(c.vocab_size, "vocab_size"));
     TROUPE_TRY_VOID(assign(c.hidden_size, "hidden_size"));
     TROUPE_TRY_VOID(assign(c.num_layers, "num_hidden_layers"));
+    TROUPE_TRY_VOID(check_dim(source, "num_hidden_layers", c.num_layers, 1 << 16)); // loops below
     TROUPE_TRY_VOID(assign(c.num_heads, "num_attention_heads"));
     c.num_kv_heads = get_or<int64_t>(j, "num_key_value_heads", c.num_heads);
     c.head_dim = get_or<int64_t>(j, "head_dim", 0);
@@ -232,7 +311,11 @@ expected<model_config> parse_model_config(std::string_view text, std::string_vie
       c.decoder_sparse_step = get_or<int64_t>(j, "decoder_sparse_step", 1);
       if (c.decoder_sparse_step <= 0)
         return make_error(errc::parse_error, "{}: decoder_sparse_step must be positive", source);
-      c.mlp_only_layers = get_or<std::vector<int64_t>>(j, "mlp_only_layers", {});
+      for (const auto& l : get_or<json>(j, "mlp_only_layers", json::array())) {
+        if (!l.is_number_integer())
+          throw json::type_error::create(302, "\"mlp_only_layers\" must hold integers", &l);
+        c.mlp_only_layers.push_back(l.get<int64_t>());
+      }
     }
     // Dense layers need intermediate_size; an all-MoE model may omit it.
     bool any_dense = false;
@@ -245,9 +328,8 @@ expected<model_config> parse_model_config(std::string_view text, std::string_vie
     if (!rope)
       return std::move(rope).error();
     c.rope = *rope;
-    if (auto bos = j.find("bos_token_id"); bos != j.end() && bos->is_number_integer())
-      c.bos_token_id = bos->get<int32_t>();
-    add_token_ids(j, "eos_token_id", c.eos_token_ids);
+    TROUPE_TRY_VOID(read_bos(j, c.bos_token_id, source));
+    TROUPE_TRY_VOID(add_token_ids(j, "eos_token_id", c.eos_token_ids, source));
     TROUPE_TRY_VOID(check_values(c, source));
     return c;
   } catch (const json::exception& e) {
@@ -277,11 +359,13 @@ expected<model_config> load_model_config(const fs::path& dir) {
     auto gen_text = read(gen_path);
     if (!gen_text)
       return std::move(gen_text).error();
+    if (!json_nesting_within(*gen_text))
+      return make_error(errc::parse_error, "{}: nests deeper than {} levels", gen_path.string(),
+                        max_json_depth);
     try {
       auto gen = json::parse(*gen_text);
-      add_token_ids(gen, "eos_token_id", config->eos_token_ids);
-      if (auto bos = gen.find("bos_token_id"); bos != gen.end() && bos->is_number_integer())
-        config->bos_token_id = bos->get<int32_t>();
+      TROUPE_TRY_VOID(add_token_ids(gen, "eos_token_id", config->eos_token_ids, gen_path.string()));
+      TROUPE_TRY_VOID(read_bos(gen, config->bos_token_id, gen_path.string()));
     } catch (const json::exception& e) {
       return make_error(errc::parse_error, "{}: not valid JSON: {}", gen_path.string(), e.what());
     }

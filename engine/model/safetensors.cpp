@@ -12,6 +12,8 @@
 #include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
+#include "runtime/json_depth.hpp"
+
 namespace troupe::engine {
 
 namespace fs = std::filesystem;
@@ -88,10 +90,16 @@ expected<tensor_info> parse_entry(const std::string& name, const json& entry,
   auto shape = entry.find("shape");
   if (shape == entry.end() || !shape->is_array())
     return bad("missing \"shape\"");
+  // The elements, without overflow: numel() is then safe in any dimension order.
+  int64_t nonzero = 1;
   for (auto& d : *shape) {
     if (!d.is_number_unsigned())
       return bad("shape holds a value that is not a non-negative integer");
-    t.shape.push_back(d.get<int64_t>());
+    const uint64_t v = d.get<uint64_t>();
+    if (v > uint64_t(INT64_MAX) ||
+        (v > 0 && __builtin_mul_overflow(nonzero, static_cast<int64_t>(v), &nonzero)))
+      return bad(fmt::format("shape {} has more than 2^63 elements", shape->dump()));
+    t.shape.push_back(static_cast<int64_t>(v));
   }
   auto off = entry.find("data_offsets");
   if (off == entry.end() || !off->is_array() || off->size() != 2 ||
@@ -103,7 +111,10 @@ expected<tensor_info> parse_entry(const std::string& name, const json& entry,
     return make_error(errc::out_of_range,
                       "{}: tensor '{}': data_offsets [{}, {}) end before they begin", file, name,
                       t.begin, t.end);
-  uint64_t need = static_cast<uint64_t>(t.numel()) * dtype_size(t.type);
+  uint64_t need = 0;
+  if (__builtin_mul_overflow(static_cast<uint64_t>(t.numel()), dtype_size(t.type), &need))
+    return bad(fmt::format("shape {} of {} needs more than 2^64 bytes", format_shape(t.shape),
+                           dtype_name(t.type)));
   if (t.end - t.begin != need)
     return make_error(
         errc::parse_error,
@@ -140,6 +151,9 @@ expected<safetensors_file> safetensors_file::parse(std::shared_ptr<mapped_file> 
   json header;
   try {
     auto text = reinterpret_cast<const char*>(bytes.data() + 8);
+    if (!json_nesting_within({text, header_len}))
+      return make_error(errc::parse_error, "{}: header JSON nests deeper than {} levels", name,
+                        max_json_depth);
     header = json::parse(text, text + header_len);
   } catch (const json::exception& e) {
     return make_error(errc::parse_error, "{}: header is not valid JSON: {}", name, e.what());
@@ -206,7 +220,11 @@ expected<weight_store> weight_store::open(const fs::path& path) {
       json j;
       try {
         std::ifstream in(index);
-        j = json::parse(in);
+        const std::string text{std::istreambuf_iterator<char>(in), {}};
+        if (!json_nesting_within(text))
+          return make_error(errc::parse_error, "{}: nests deeper than {} levels", index.string(),
+                            max_json_depth);
+        j = json::parse(text);
       } catch (const json::exception& e) {
         return make_error(errc::parse_error, "{}: not valid JSON: {}", index.string(), e.what());
       }

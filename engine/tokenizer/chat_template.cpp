@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "engine/tokenizer/model_files.hpp"
+#include "runtime/json_depth.hpp"
 
 namespace troupe::engine {
 
@@ -50,6 +51,9 @@ expected<ojson> read_json(const std::filesystem::path& path, bool optional) {
   auto text = read_model_file(path);
   if (!text)
     return std::move(text).error();
+  if (!json_nesting_within(*text))
+    return make_error(errc::parse_error, "{}: nests deeper than {} levels", path.string(),
+                      max_json_depth);
   try {
     return ojson::parse(*text);
   } catch (const ojson::exception& e) {

@@ -1,6 +1,7 @@
 // Values and syntax tree of the Jinja subset (jinja.hpp). Internal to engine/tokenizer.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -10,6 +11,17 @@
 #include <fmt/format.h>
 
 namespace troupe::engine::jinja {
+
+// What one template and one render may use, so that neither a template (from a model folder) nor
+// the messages it renders (from a request) can exhaust the stack, memory or time; each is a
+// parse or render error naming the limit.
+inline constexpr int max_nesting = 64;             // () [] {} and unary operators; blocks
+inline constexpr size_t max_tag_tokens = 2048;     // tokens in one {{ }} or {% %} tag
+inline constexpr int max_value_depth = 128;        // lists and dicts in lists and dicts
+inline constexpr int max_eval_depth = 2048;        // the syntax tree, as evaluated
+inline constexpr int64_t max_steps = 1'000'000;    // expressions, nodes, loop iterations
+inline constexpr size_t max_text_bytes = 64 << 20; // any string value, and the output
+inline constexpr int64_t max_list_items = 1 << 20; // a list made while rendering
 
 struct value;
 using array = std::vector<value>;
@@ -34,6 +46,7 @@ struct value {
   std::string s;
   std::shared_ptr<array> a;
   std::shared_ptr<object> o; // object and namespace
+  int32_t depth = 0;         // lists and dicts nested in this one, itself included
 
   static value none() { return with(kind::none); }
   static value boolean(bool v) {
@@ -58,11 +71,17 @@ struct value {
   }
   static value list(array v) {
     auto x = with(kind::array);
+    x.depth = 1;
+    for (const auto& item : v)
+      x.depth = std::max(x.depth, item.depth + 1);
     x.a = std::make_shared<array>(std::move(v));
     return x;
   }
   static value dict(object v, kind k = kind::object) {
     auto x = with(k);
+    x.depth = 1;
+    for (const auto& item : v)
+      x.depth = std::max(x.depth, item.second.depth + 1);
     x.o = std::make_shared<object>(std::move(v));
     return x;
   }

@@ -131,10 +131,22 @@ value call_method(const value& self, const std::string& name, const std::vector<
     if (name == "replace" && args.size() >= 2) {
       if (args[0].s.empty())
         fail(line, "replace() with an empty pattern is not supported");
-      std::string out = s;
-      for (size_t pos = 0; (pos = out.find(args[0].s, pos)) != std::string::npos;
-           pos += args[1].s.size())
-        out.replace(pos, args[0].s.size(), args[1].s);
+      const std::string &from = args[0].s, &to = args[1].s;
+      size_t count = 0;
+      for (size_t pos = 0; (pos = s.find(from, pos)) != std::string::npos; pos += from.size())
+        ++count;
+      const double bytes = double(s.size()) + double(count) * (double(to.size()) - from.size());
+      if (bytes > double(max_text_bytes))
+        fail(line, fmt::format("replace() would make a string of {} bytes (at most {})", bytes,
+                               max_text_bytes));
+      std::string out;
+      out.reserve(static_cast<size_t>(bytes));
+      size_t done = 0;
+      for (size_t pos = 0; (pos = s.find(from, pos)) != std::string::npos; pos += from.size()) {
+        out.append(s, done, pos - done).append(to);
+        done = pos + from.size();
+      }
+      out.append(s, done);
       return value::string(std::move(out));
     }
   }
@@ -162,8 +174,11 @@ value apply_filter(const std::string& name, const value& input, const std::vecto
     for (size_t i = 0; i < args.size(); ++i) {
       const size_t kw = i + kwnames.size() - args.size(); // index into kwnames when keyword
       const bool is_indent = i + kwnames.size() < args.size() ? i == 0 : kwnames[kw] == "indent";
-      if (is_indent && args[i].type == value::kind::integer)
+      if (is_indent && args[i].type == value::kind::integer) {
+        if (args[i].i < 0 || args[i].i > 64)
+          fail(line, fmt::format("tojson indent {} is outside [0, 64]", args[i].i));
         indent = static_cast<int>(args[i].i);
+      }
     }
     return value::string(to_json(input, indent));
   }
@@ -187,8 +202,12 @@ value apply_filter(const std::string& name, const value& input, const std::vecto
   }
   if (name == "join" && input.type == value::kind::array) {
     std::string out;
-    for (size_t i = 0; i < input.a->size(); ++i)
-      out += (i > 0 && !args.empty() ? to_text(args[0]) : "") + to_text((*input.a)[i]);
+    const std::string sep = args.empty() ? "" : to_text(args[0]);
+    for (size_t i = 0; i < input.a->size(); ++i) {
+      out += (i > 0 ? sep : "") + to_text((*input.a)[i]);
+      if (out.size() > max_text_bytes)
+        fail(line, fmt::format("join() makes a string of more than {} bytes", max_text_bytes));
+    }
     return value::string(std::move(out));
   }
   if (name == "list" && input.type == value::kind::array)
@@ -256,9 +275,16 @@ value call_global(const std::string& name, const std::vector<value>& args,
       step = args[2].i;
     if (step == 0)
       fail(line, "range() step cannot be zero");
+    // Python's length, in 128 bits: no overflow for any int64 arguments.
+    const __int128 span = step > 0 ? __int128(stop) - start : __int128(start) - stop;
+    const __int128 mag = step > 0 ? __int128(step) : -__int128(step);
+    const __int128 n = span <= 0 ? 0 : (span + mag - 1) / mag;
+    if (n > max_list_items)
+      fail(line,
+           fmt::format("range() of {} items (at most {})", static_cast<double>(n), max_list_items));
     array out;
-    for (int64_t i = start; step > 0 ? i < stop : i > stop; i += step)
-      out.push_back(value::integer(i));
+    for (int64_t k = 0; k < static_cast<int64_t>(n); ++k)
+      out.push_back(value::integer(static_cast<int64_t>(start + __int128(k) * step)));
     return value::list(std::move(out));
   }
   fail(line, fmt::format("function '{}' is not supported", name));

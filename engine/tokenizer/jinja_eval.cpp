@@ -20,7 +20,9 @@ value call_global(const std::string& name, const std::vector<value>& args,
 
 namespace {
 
-value from_json(const nlohmann::ordered_json& j) {
+value from_json(const nlohmann::ordered_json& j, int depth = 0) {
+  if (depth > max_value_depth)
+    fail(0, fmt::format("the template's input nests deeper than {} levels", max_value_depth));
   switch (j.type()) {
   case nlohmann::ordered_json::value_t::null:
     return value::none();
@@ -36,13 +38,13 @@ value from_json(const nlohmann::ordered_json& j) {
   case nlohmann::ordered_json::value_t::array: {
     array a;
     for (const auto& item : j)
-      a.push_back(from_json(item));
+      a.push_back(from_json(item, depth + 1));
     return value::list(std::move(a));
   }
   case nlohmann::ordered_json::value_t::object: {
     object o;
     for (auto it = j.begin(); it != j.end(); ++it)
-      o.emplace_back(it.key(), from_json(it.value()));
+      o.emplace_back(it.key(), from_json(it.value(), depth + 1));
     return value::dict(std::move(o));
   }
   default:
@@ -58,16 +60,29 @@ int64_t to_index(const value& v, int line) {
   fail(line, "an index must be an integer, got " + to_text(v));
 }
 
+void check_text_size(size_t bytes, int line) {
+  if (bytes > max_text_bytes)
+    fail(line, fmt::format("a string of {} bytes (at most {})", bytes, max_text_bytes));
+}
+
 value arithmetic(const std::string& op, const value& a, const value& b, int line) {
   using k = value::kind;
-  if (op == "+" && a.type == k::string && b.type == k::string)
+  if (op == "+" && a.type == k::string && b.type == k::string) {
+    check_text_size(a.s.size() + b.s.size(), line);
     return value::string(a.s + b.s);
+  }
   if (op == "+" && a.type == k::array && b.type == k::array) {
+    if (a.a->size() + b.a->size() > size_t(max_list_items))
+      fail(line, fmt::format("a list of {} items (at most {})", a.a->size() + b.a->size(),
+                             max_list_items));
     array out = *a.a;
     out.insert(out.end(), b.a->begin(), b.a->end());
     return value::list(std::move(out));
   }
   if (op == "*" && a.type == k::string && b.type == k::integer) {
+    if (b.i > 0 && !a.s.empty() && uint64_t(b.i) > max_text_bytes / a.s.size())
+      fail(line, fmt::format("a string of {} bytes repeated {} times (at most {} bytes)",
+                             a.s.size(), b.i, max_text_bytes));
     std::string out;
     for (int64_t i = 0; i < b.i; ++i)
       out += a.s;
@@ -86,16 +101,21 @@ value arithmetic(const std::string& op, const value& a, const value& b, int line
     fail(line, "division by zero");
   if (ints) {
     const int64_t p = a.type == k::integer ? a.i : a.b, q = b.type == k::integer ? b.i : b.b;
-    if (op == "+")
-      return value::integer(p + q);
-    if (op == "-")
-      return value::integer(p - q);
-    if (op == "*")
-      return value::integer(p * q);
-    if (op == "//")
-      return value::integer(static_cast<int64_t>(std::floor(double(p) / double(q))));
-    if (op == "%")
-      return value::integer(((p % q) + q) % q);
+    int64_t r = 0;
+    const bool overflow = op == "+"   ? __builtin_add_overflow(p, q, &r)
+                          : op == "-" ? __builtin_sub_overflow(p, q, &r)
+                          : op == "*" ? __builtin_mul_overflow(p, q, &r)
+                                      : p == INT64_MIN && q == -1; // // and %
+    if (overflow)
+      fail(line, fmt::format("integer overflow in {} {} {}", p, op, q));
+    if (op == "+" || op == "-" || op == "*")
+      return value::integer(r);
+    if (op == "//") // Python's floor division
+      return value::integer(p / q - ((p % q != 0) && ((p < 0) != (q < 0)) ? 1 : 0));
+    if (op == "%") { // Python's: the sign of q
+      const int64_t m = p % q;
+      return value::integer(m != 0 && ((m < 0) != (q < 0)) ? m + q : m);
+    }
   }
   if (op == "+")
     return value::number(x + y);
@@ -187,7 +207,33 @@ class evaluator {
     return value();
   }
 
+  // Every expression and node counts against max_steps; what an expression makes is checked
+  // against the size and nesting limits.
   value eval(const expr& e) {
+    if (++depth_ > max_eval_depth)
+      fail(e.line, fmt::format("expressions nest deeper than {} levels", max_eval_depth));
+    step(e.line);
+    value v = eval_node(e);
+    --depth_;
+    if (v.depth > max_value_depth)
+      fail(e.line, fmt::format("a value nests deeper than {} levels", max_value_depth));
+    if (v.type == value::kind::string)
+      check_text_size(v.s.size(), e.line);
+    return v;
+  }
+
+  void run(const std::vector<node>& nodes, std::string& out) {
+    for (const auto& n : nodes)
+      run(n, out);
+  }
+
+ private:
+  void step(int line) {
+    if (++steps_ > max_steps)
+      fail(line, fmt::format("the template ran more than {} steps", max_steps));
+  }
+
+  value eval_node(const expr& e) {
     using op = expr::op;
     switch (e.kind) {
     case op::literal:
@@ -243,20 +289,18 @@ class evaluator {
     }
     case op::ternary:
       return truthy(eval(e.args[1])) ? eval(e.args[0]) : eval(e.args[2]);
-    case op::concat:
-      return value::string(to_text(eval(e.args[0])) + to_text(eval(e.args[1])));
+    case op::concat: {
+      std::string a = to_text(eval(e.args[0]));
+      const std::string b = to_text(eval(e.args[1]));
+      check_text_size(a.size() + b.size(), e.line);
+      return value::string(a + b);
+    }
     case op::binary:
       return binary(e);
     }
     return value();
   }
 
-  void run(const std::vector<node>& nodes, std::string& out) {
-    for (const auto& n : nodes)
-      run(n, out);
-  }
-
- private:
   value index(const value& target, const value& key, int line) {
     if (target.is_mapping()) {
       const value* v = target.find(to_text(key));
@@ -310,6 +354,12 @@ class evaluator {
   }
 
   void run(const node& n, std::string& out) {
+    step(n.line);
+    run_node(n, out);
+    check_text_size(out.size(), n.line);
+  }
+
+  void run_node(const node& n, std::string& out) {
     switch (n.kind) {
     case node::type::text:
       out += n.text;
@@ -333,6 +383,8 @@ class evaluator {
       value target = lookup(n.vars[0]);
       if (target.type != value::kind::ns)
         fail(n.line, "'set " + n.vars[0] + "." + n.attr + "' needs a namespace()");
+      if (holds_namespace(v)) // a namespace inside a namespace could hold itself: a cycle
+        fail(n.line, "'set " + n.vars[0] + "." + n.attr + "' cannot store a namespace");
       target.put(n.attr, std::move(v)); // shares the namespace's storage
       return;
     }
@@ -358,6 +410,7 @@ class evaluator {
     if (n.filter) { // `for x in xs if cond`: loop.* counts only the kept items
       array kept;
       for (auto& item : items) {
+        step(n.line);
         frames_.push_back(value::dict({}));
         bind(n, item);
         const bool keep = truthy(eval(*n.filter));
@@ -373,6 +426,7 @@ class evaluator {
     }
     const int64_t len = items.size();
     for (int64_t i = 0; i < len; ++i) {
+      step(n.line); // an iteration counts even when its body is empty
       value frame = value::dict({});
       value loop = value::dict({{"index", value::integer(i + 1)},
                                 {"index0", value::integer(i)},
@@ -403,7 +457,20 @@ class evaluator {
       frames_.back().put(n.vars[k], (*item.a)[k]);
   }
 
+  static bool holds_namespace(const value& v) {
+    if (v.type == value::kind::ns)
+      return true;
+    if (v.type == value::kind::array)
+      return std::any_of(v.a->begin(), v.a->end(), holds_namespace);
+    if (v.type == value::kind::object)
+      return std::any_of(v.o->begin(), v.o->end(),
+                         [](const auto& kv) { return holds_namespace(kv.second); });
+    return false;
+  }
+
   std::vector<value> frames_;
+  int depth_ = 0;
+  int64_t steps_ = 0;
 };
 
 } // namespace
@@ -418,10 +485,9 @@ void fail(int line, const std::string& what) {
 }
 
 expected<std::string> template_program::render(const nlohmann::ordered_json& context) const {
-  value globals = context.is_object() ? from_json(context) : value::dict({});
-  evaluator ev(std::move(globals));
   std::string out;
   try {
+    evaluator ev(context.is_object() ? from_json(context) : value::dict({}));
     ev.run(program_->nodes, out);
   } catch (const render_error& e) {
     return make_error(errc::invalid_argument, "chat template line {}: {}", e.line, e.what);

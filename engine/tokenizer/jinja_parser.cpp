@@ -10,7 +10,10 @@ namespace {
 
 class expr_parser {
  public:
-  expr_parser(std::vector<token> tokens, int line) : t_(std::move(tokens)), line_(line) {}
+  expr_parser(std::vector<token> tokens, int line) : t_(std::move(tokens)), line_(line) {
+    if (t_.size() > max_tag_tokens)
+      fail(fmt::format("a tag of {} tokens (at most {})", t_.size(), max_tag_tokens));
+  }
 
   bool at(std::string_view op) const {
     return (t_[p_].kind == token::type::op || t_[p_].kind == token::type::name) &&
@@ -42,7 +45,20 @@ class expr_parser {
   expr parse() { return ternary(); }
   expr or_expr() { return or_(); }
 
+  // Counts the recursion of the descent (parentheses, lists, calls, unary operators).
+  struct nested {
+    explicit nested(expr_parser& p) : p_(p) {
+      if (++p_.depth_ > max_nesting)
+        p_.fail(fmt::format("an expression nests deeper than {} levels", max_nesting));
+    }
+    ~nested() { --p_.depth_; }
+    nested(const nested&) = delete;
+    nested& operator=(const nested&) = delete;
+    expr_parser& p_;
+  };
+
   expr ternary() {
+    nested guard(*this);
     expr e = or_();
     if (accept("if")) {
       expr cond = or_();
@@ -81,6 +97,7 @@ class expr_parser {
     return e;
   }
   expr not_() {
+    nested guard(*this);
     if (accept("not")) {
       expr e = make(expr::op::not_);
       e.args.push_back(not_());
@@ -129,6 +146,7 @@ class expr_parser {
     return e;
   }
   expr unary() {
+    nested guard(*this);
     if (accept("-")) {
       expr e = make(expr::op::neg);
       e.args.push_back(unary());
@@ -275,6 +293,7 @@ class expr_parser {
   std::vector<token> t_;
   size_t p_ = 0;
   int line_;
+  int depth_ = 0;
 };
 
 class block_parser {
@@ -284,6 +303,13 @@ class block_parser {
   // Parses nodes until a statement whose first word is in `stops`; returns that word ("" at end).
   std::string parse_block(std::vector<node>& out, std::initializer_list<std::string_view> stops,
                           expr_parser** stop_parser) {
+    if (++depth_ > max_nesting)
+      throw expr_parser::error_at{i_ < s_.size() ? s_[i_].line : 0,
+                                  fmt::format("blocks nest deeper than {} levels", max_nesting)};
+    struct leave {
+      int& depth;
+      ~leave() { --depth; }
+    } left{depth_};
     while (i_ < s_.size()) {
       const segment& seg = s_[i_++];
       if (seg.kind == segment::type::text) {
@@ -373,6 +399,7 @@ class block_parser {
 
   std::vector<segment> s_;
   size_t i_ = 0;
+  int depth_ = 0;
   std::vector<std::unique_ptr<expr_parser>> parsers_;
 };
 

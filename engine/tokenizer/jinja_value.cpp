@@ -15,6 +15,7 @@ const value* value::find(const std::string& key) const {
 }
 
 void value::put(const std::string& key, value v) {
+  depth = std::max(depth, v.depth + 1);
   for (auto& [k, existing] : *o)
     if (k == key) {
       existing = std::move(v);

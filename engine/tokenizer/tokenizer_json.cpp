@@ -4,12 +4,25 @@
 
 #include "engine/tokenizer/model_files.hpp"
 #include "engine/tokenizer/tokenizer.hpp"
+#include "runtime/json_depth.hpp"
 
 namespace troupe::engine {
 
 namespace {
 
 using json = nlohmann::json;
+
+// A token id in [0, 2^24]: an integer (converting a float such as 1e120 is undefined behaviour,
+// found by fuzz/tokenizer_json.cpp), within any real vocabulary.
+expected<int64_t> token_id_of(const json& v, std::string_view what) {
+  if (!v.is_number_integer() ||
+      (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX)))
+    return make_error(errc::parse_error, "{} must be an integer token id", what);
+  const int64_t id = v.get<int64_t>();
+  if (id < 0 || id > (1 << 24))
+    return make_error(errc::out_of_range, "{} has id {}", what, id);
+  return id;
+}
 
 std::string type_of(const json& j) {
   return j.is_object() ? j.value("type", std::string()) : "";
@@ -102,9 +115,8 @@ expected<void> read_model(const json& m, tokenizer_parts& parts) {
   parts.ignore_merges = m.value("ignore_merges", false);
   const json& vocab = m.at("vocab");
   for (auto it = vocab.begin(); it != vocab.end(); ++it) {
-    const int64_t id = it.value().get<int64_t>();
-    if (id < 0 || id > (1 << 24))
-      return make_error(errc::out_of_range, "vocab token '{}' has id {}", it.key(), id);
+    int64_t id = 0;
+    TROUPE_ASSIGN(id, token_id_of(it.value(), fmt::format("vocab token '{}'", it.key())));
     if (static_cast<size_t>(id) >= parts.vocab.size())
       parts.vocab.resize(id + 1);
     parts.vocab[id] = it.key();
@@ -130,7 +142,9 @@ expected<void> read_added(const json& list, tokenizer_parts& parts) {
     if (a.value("single_word", false))
       return make_error(errc::unsupported, "added token '{}' with single_word is not supported",
                         a.at("content").get<std::string>());
-    parts.added_tokens.push_back(added_token{.id = a.at("id").get<token_id>(),
+    int64_t id = 0;
+    TROUPE_ASSIGN(id, token_id_of(a.at("id"), "added token"));
+    parts.added_tokens.push_back(added_token{.id = static_cast<token_id>(id),
                                              .content = a.at("content").get<std::string>(),
                                              .special = a.value("special", false),
                                              .lstrip = a.value("lstrip", false),
@@ -156,6 +170,8 @@ expected<tokenizer_parts> read_parts(const json& j) {
 } // namespace
 
 expected<tokenizer> tokenizer::from_json(std::string_view json_text, std::string_view what) {
+  if (!json_nesting_within(json_text))
+    return make_error(errc::parse_error, "{}: nests deeper than {} levels", what, max_json_depth);
   try {
     const json j = json::parse(json_text);
     auto parts = read_parts(j);

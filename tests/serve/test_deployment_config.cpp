@@ -252,3 +252,28 @@ disaggregation:
           "'parallel' and 'disaggregation' exclude each other");
   refused("model: /m\ndisaggregation: [1, 2]\n", "'disaggregation' must be a mapping");
 }
+
+TEST_CASE("model.yaml: hostile files are errors: deep nesting, NaN, out-of-range numbers") {
+  auto refused = [](const std::string& text, const char* in_message) {
+    auto c = parse_deployment(text, "m.yaml");
+    REQUIRE_FALSE(c.has_value());
+    CHECK_MESSAGE(c.error().message().find(in_message) != std::string::npos, c.error().message());
+  };
+  // yaml-cpp's parser stops at its depth limit, before the stack does.
+  refused("model: " + std::string(100000, '[') + std::string(100000, ']') + "\n", "m.yaml");
+  std::string maps = "model: ";
+  for (int i = 0; i < 100000; ++i)
+    maps += "{a: ";
+  refused(maps + "1" + std::string(100000, '}') + "\n", "m.yaml");
+  std::string block = "model: x\nparallel:\n";
+  for (int i = 1; i < 3000; ++i)
+    block += std::string(i, ' ') + "-\n";
+  refused(block, "m.yaml");
+  refused("model: x\ngpu_memory_utilization: .nan\n", "'gpu_memory_utilization' must be in (0, 1]");
+  refused("model: x\nlog_stats_interval_s: .inf\n", "'log_stats_interval_s' must be in");
+  refused("model: x\nhttp: {read_timeout_s: .nan}\n", "'http.read_timeout_s' must be in");
+  refused("model: x\nnum_kv_blocks: 1e9\n", "'num_kv_blocks' has an invalid value '1e9'");
+  refused("model: x\nnum_kv_blocks: 99999999999\n", "'num_kv_blocks' has an invalid value");
+  refused("model: x\nmax_model_len: -5\n", "'max_model_len' must be >= 0");
+  refused("model: x\nseed: -1\n", "'seed' has an invalid value '-1'");
+}

@@ -79,3 +79,60 @@ TEST_CASE("jinja: errors at parse time name the line, raise_exception at render 
   REQUIRE_FALSE(out.has_value());
   CHECK(out.error().message().find("roles must alternate") != std::string::npos);
 }
+
+TEST_CASE("jinja: limits make hostile templates and inputs errors, never crashes or hangs") {
+  auto parse_error = [](const std::string& source, const char* in_message) {
+    auto t = template_program::parse(source);
+    REQUIRE_FALSE(t.has_value());
+    CHECK_MESSAGE(t.error().message().find(in_message) != std::string::npos, t.error().message());
+  };
+  auto render_error = [](const std::string& source, const char* in_message,
+                         const ojson& context = ojson::object()) {
+    CAPTURE(source);
+    auto t = template_program::parse(source);
+    REQUIRE_MESSAGE(t.has_value(), (t ? "" : t.error().to_string()));
+    auto out = t->render(context);
+    REQUIRE_FALSE(out.has_value());
+    CHECK_MESSAGE(out.error().message().find(in_message) != std::string::npos,
+                  out.error().message());
+  };
+  const std::string deep(100000, '(');
+  parse_error("{{ " + deep + "1" + std::string(100000, ')') + " }}", "tokens (at most 2048)");
+  parse_error("{{ " + std::string(200, '(') + "1" + std::string(200, ')') + " }}",
+              "nests deeper than 64 levels");
+  parse_error("{{ " + std::string(200, '-') + "1 }}", "nests deeper than 64 levels");
+  std::string blocks;
+  for (int i = 0; i < 100; ++i)
+    blocks += "{% if true %}";
+  parse_error(blocks, "blocks nest deeper than 64 levels");
+  render_error("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+               "ran more than 1000000 steps");
+  render_error("{{ range(9223372036854775807) }}", "range() of");
+  render_error("{{ range(-9223372036854775807, 9223372036854775807, 3) }}", "range() of");
+  render_error("{{ 'ab' * 9223372036854775807 }}", "repeated 9223372036854775807 times");
+  render_error("{{ 9223372036854775807 + 1 }}", "integer overflow");
+  render_error("{{ -9223372036854775807 - 2 }}", "integer overflow");
+  render_error("{{ 4294967296 * 4294967296 }}", "integer overflow");
+  render_error("{{ [1]|tojson(indent=1000000000) }}", "outside [0, 64]");
+  render_error("{% set x = 'a' * 1000000 %}{% for i in range(100) %}{{ x }}{% endfor %}",
+               "a string of");
+  render_error("{% set x = 'ab' * 1000000 %}{{ x.replace('a', x) }}", "replace() would make");
+  render_error("{% set ns = namespace(x=1) %}{% set ns.x = [ns] %}{{ ns|tojson }}",
+               "cannot store a namespace");
+  render_error("{% set ns = namespace(x=[]) %}{% for i in range(1000) %}{% set ns.x = [ns.x] %}"
+               "{% endfor %}{{ ns.x }}",
+               "a value nests deeper than 128 levels");
+  render_error("{% set ns = namespace(x=[1]) %}{% for i in range(30) %}{% set ns.x = ns.x + ns.x %}"
+               "{% endfor %}",
+               "a list of");
+  // Inputs (request messages) nesting deeper than any real request are refused, not recursed.
+  ojson deep_value = ojson::array();
+  for (int i = 0; i < 1000; ++i)
+    deep_value = ojson::array({std::move(deep_value)});
+  render_error("{{ m }}", "nests deeper than 128 levels", {{"m", deep_value}});
+  // Python semantics kept where limits do not bite.
+  CHECK(
+      render("{{ -7 // 2 }}|{{ 7 // -2 }}|{{ -7 % 3 }}|{{ 7 % -3 }}|{{ range(10, 0, -3)|list }}") ==
+      "-4|-4|2|-2|[10, 7, 4, 1]");
+  CHECK(render("{{ 'abcabc'.replace('b', 'XY') }}") == "aXYcaXYc");
+}

@@ -235,3 +235,45 @@ TEST_CASE("config: values that would compute NaN are refused, naming the key") {
   ok["rms_norm_eps"] = 1e-5;
   CHECK(parse(ok).has_value());
 }
+
+TEST_CASE("config: every dimension is range-checked at load, naming the key and value") {
+  auto refused = [](const char* key, json v, const char* in_message) {
+    CAPTURE(key);
+    auto j = qwen3_moe();
+    j[key] = v;
+    auto c = parse(j);
+    REQUIRE_FALSE(c.has_value());
+    CHECK_MESSAGE(c.error().message().find(in_message) != std::string::npos, c.error().message());
+  };
+  // A layer count of 2^62 once made the parse loop over every layer (a hang).
+  refused("num_hidden_layers", int64_t{1} << 62, "num_hidden_layers must be in [1, 65536], got");
+  refused("vocab_size", int64_t{1} << 40, "vocab_size must be in [1, 2147483647], got");
+  refused("hidden_size", int64_t{1} << 30, "hidden_size must be in [1, 1048576], got 1073741824");
+  refused("num_attention_heads", 1 << 20, "num_attention_heads must be in");
+  refused("num_key_value_heads", -2, "num_attention_heads=4 is not a multiple of");
+  refused("head_dim", -16, "head_dim must be in [1, 16384], got -16");
+  refused("head_dim", 15, "head_dim=15 must be even");
+  refused("max_position_embeddings", -1, "max_position_embeddings must be in [1, 1073741824]");
+  refused("moe_intermediate_size", int64_t{1} << 40, "moe_intermediate_size must be in");
+  refused("num_experts", 1 << 20, "num_experts must be in [1, 65536]");
+  refused("decoder_sparse_step", int64_t{1} << 40, "decoder_sparse_step must be in");
+  refused("bos_token_id", int64_t{1} << 33, "bos_token_id 8589934592 is not a token id");
+  refused("bos_token_id", 100, "bos_token_id 100 is outside the vocabulary (size 100)");
+  refused("eos_token_id", json{5, -1}, "eos_token_id -1 is not a token id");
+  // JSON has no NaN, and an overflowing literal is a parse error, not infinity.
+  std::string inf = qwen3_moe().dump();
+  inf.insert(inf.size() - 1, R"(, "rms_norm_eps": 1e999)");
+  auto c_inf = parse_model_config(inf, "config.json");
+  REQUIRE_FALSE(c_inf.has_value());
+  CHECK_MESSAGE(c_inf.error().message().find("1e999") != std::string::npos,
+                c_inf.error().message());
+  // An integer field holding a float (converting 1e300 to int64 is undefined behaviour).
+  refused("num_key_value_heads", 1e300, "\"num_key_value_heads\" must be an integer");
+  refused("mlp_only_layers", json{1.5e300}, "\"mlp_only_layers\" must hold integers");
+  // Deep JSON is refused before it is parsed.
+  std::string deep = qwen3_moe().dump();
+  deep.insert(deep.size() - 1, R"(, "x": )" + std::string(100000, '[') + std::string(100000, ']'));
+  auto c = parse_model_config(deep, "config.json");
+  REQUIRE_FALSE(c.has_value());
+  CHECK(c.error().message().find("nests deeper than 64 levels") != std::string::npos);
+}
