@@ -178,8 +178,12 @@ expected<gguf_value> read_value(cursor& c, gguf_type t, const std::string& key) 
     return std::move(n).error();
   v.elem_type = static_cast<gguf_type>(*et);
   // Real arrays (vocabularies, merges) hold up to a few million; more would only be memory the
-  // file names without holding (an i8 array becomes int64s, an empty string 32 bytes).
+  // file names without holding (an i8 array becomes int64s, an empty string 32 bytes). A count
+  // the file cannot hold is truncation (every element needs at least its size, 8 for a string).
   constexpr uint64_t max_array_items = uint64_t{1} << 26;
+  const size_t min_size = v.elem_type == gguf_type::string ? 8 : scalar_size(v.elem_type);
+  if (min_size > 0 && *n > c.remaining() / min_size)
+    return c.truncated(key);
   if (*n > max_array_items)
     return make_error(errc::parse_error, "{}: {}: an array of {} elements (at most {})", c.where(),
                       key, *n, max_array_items);
