@@ -43,6 +43,23 @@ std::string yaml_for(const fs::path& model, const std::string& name, int tensor,
                      expert != 0 ? fmt::format(", expert: {}", expert) : "");
 }
 
+fs::path disagg_yaml(cluster_fixture& fx, const fs::path& model, const std::string& name,
+                     const std::string& prefill, const std::string& decode, int timeout_s) {
+  return write_yaml(fx, name + ".yaml",
+                    fmt::format("model: {}\nserved_model_name: {}\nmax_model_len: 256\n"
+                                "num_kv_blocks: 64\nport: 0\ndisaggregation:\n"
+                                "  prefill: {}\n  decode: {}\n  provider: tcp\n"
+                                "  timeout_s: {}\n",
+                                model.string(), name, prefill, decode, timeout_s));
+}
+
+std::map<int, std::set<std::string>> replica_nodes(const nlohmann::json& deployment) {
+  std::map<int, std::set<std::string>> out;
+  for (const auto& r : deployment["ranks"])
+    out[r["replica"].get<int>()].insert(r["node_id"].get<std::string>());
+  return out;
+}
+
 run_result serve(cluster_fixture& fx, const fs::path& yaml) {
   return fx.cluster({"serve", yaml.string(), "--address", fx.head_address(), "--token", fx.token(),
                      "--ca-sha256", fx.ca_sha256()},

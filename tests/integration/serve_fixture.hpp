@@ -3,6 +3,8 @@
 #pragma once
 
 #include <chrono>
+#include <map>
+#include <set>
 #include <string>
 #include <sys/socket.h>
 #include <vector>
@@ -22,6 +24,12 @@ fs::path write_yaml(cluster_fixture& fx, const std::string& file, const std::str
 // expert: parallel.expert, left out when 0.
 std::string yaml_for(const fs::path& model, const std::string& name, int tensor, int pipeline,
                      int replicas = 1, int expert = 0);
+// A disaggregated deployment over tcp; `prefill` and `decode` are YAML flow maps
+// ("{tensor: 2}").
+fs::path disagg_yaml(cluster_fixture& fx, const fs::path& model, const std::string& name,
+                     const std::string& prefill, const std::string& decode, int timeout_s);
+// Replica index -> the nodes its ranks are on, from a deployment's status JSON.
+std::map<int, std::set<std::string>> replica_nodes(const nlohmann::json& deployment);
 run_result serve(cluster_fixture& fx, const fs::path& yaml);
 run_result stop_serving(cluster_fixture& fx, const std::string& name);
 // The port of "... at http://host:PORT/v1" in `cluster serve`'s output; 0 when absent.

@@ -190,7 +190,7 @@ TEST_CASE("security: a certified peer sending other roles' messages changes noth
       .receive([&](const msg::deployment_view&) { refused = "accepted"; },
                [&](caf::error& e) { refused = sys.render(e); });
   CHECK(refused.find("not accepted") != std::string::npos);
-  self->request(target, 10s, msg::stop_atom::value, fx.token())
+  self->request(target, 10s, msg::stop_atom::value, fx.token(), 0.0)
       .receive([&](bool) { refused = "accepted"; },
                [&](caf::error& e) { refused = sys.render(e); });
   CHECK(refused.find("not accepted") != std::string::npos);

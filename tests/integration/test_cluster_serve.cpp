@@ -427,12 +427,7 @@ TEST_CASE("cluster serve: prefill tensor=2 -> decode tensor=1 over tcp answers l
   cluster_fixture fx;
   auto node_pids = start_cluster(fx);
   auto yaml = [&](const std::string& name, const std::string& prefill, const std::string& decode) {
-    return write_yaml(fx, name + ".yaml",
-                      fmt::format("model: {}\nserved_model_name: {}\nmax_model_len: 256\n"
-                                  "num_kv_blocks: 64\nport: 0\ndisaggregation:\n"
-                                  "  prefill: {}\n  decode: {}\n  provider: tcp\n"
-                                  "  timeout_s: 5\n",
-                                  model->string(), name, prefill, decode));
+    return disagg_yaml(fx, *model, name, prefill, decode, 5);
   };
   auto served = serve(fx, yaml("pd", "{tensor: 2}", "{tensor: 1, block_size: 32}"));
   REQUIRE_MESSAGE(served.exit_code == 0, served.output);
@@ -562,19 +557,11 @@ TEST_CASE("cluster serve: a hung prefill node's handoff is retried on the other 
   cluster_fixture fx;
   auto node_pids = start_cluster(fx);
   // Two prefill replicas of tensor=2 take one node each; the decode replica the head's CPU rank.
-  auto yaml = write_yaml(
-      fx, "retry.yaml",
-      fmt::format("model: {}\nserved_model_name: retry\nmax_model_len: 256\nnum_kv_blocks: 64\n"
-                  "port: 0\ndisaggregation:\n  prefill: {{tensor: 2, replicas: 2}}\n"
-                  "  decode: {{tensor: 1}}\n  provider: tcp\n  timeout_s: 3\n",
-                  model->string()));
+  auto yaml = disagg_yaml(fx, *model, "retry", "{tensor: 2, replicas: 2}", "{tensor: 1}", 3);
   auto served = serve(fx, yaml);
   REQUIRE_MESSAGE(served.exit_code == 0, served.output);
   const uint16_t port = port_of(served.output);
-  auto d = deployment_of(fx, "retry");
-  std::map<int, std::set<std::string>> nodes_of;
-  for (const auto& r : d["ranks"])
-    nodes_of[r["replica"].get<int>()].insert(r["node_id"].get<std::string>());
+  auto nodes_of = replica_nodes(deployment_of(fx, "retry"));
   REQUIRE(nodes_of[1].size() == 1);
   REQUIRE(nodes_of[2].size() == 1);
   REQUIRE(*nodes_of[1].begin() != *nodes_of[2].begin());
@@ -615,19 +602,11 @@ TEST_CASE("cluster serve: SIGKILL of the decode node mid-stream ends the stream 
   cluster_fixture fx;
   auto node_pids = start_cluster(fx);
   // prefill tensor=2 and decode tensor=2: one whole node each.
-  auto yaml = write_yaml(
-      fx, "dk.yaml",
-      fmt::format("model: {}\nserved_model_name: dk\nmax_model_len: 256\nnum_kv_blocks: 64\n"
-                  "port: 0\ndisaggregation:\n  prefill: {{tensor: 2}}\n"
-                  "  decode: {{tensor: 2}}\n  provider: tcp\n  timeout_s: 3\n",
-                  model->string()));
+  auto yaml = disagg_yaml(fx, *model, "dk", "{tensor: 2}", "{tensor: 2}", 3);
   auto served = serve(fx, yaml);
   REQUIRE_MESSAGE(served.exit_code == 0, served.output);
   const uint16_t port = port_of(served.output);
-  auto d = deployment_of(fx, "dk");
-  std::map<int, std::set<std::string>> nodes_of;
-  for (const auto& r : d["ranks"])
-    nodes_of[r["replica"].get<int>()].insert(r["node_id"].get<std::string>());
+  auto nodes_of = replica_nodes(deployment_of(fx, "dk"));
   REQUIRE(nodes_of[0].size() == 1);
   REQUIRE(nodes_of[1].size() == 1);
   const std::string decode_node = *nodes_of[0].begin();
