@@ -575,8 +575,11 @@ void on_down(replica* self, const caf::down_msg& dm) {
 } // namespace
 
 replica_state::~replica_state() {
-  fail_live(*this, make_error(errc::cancelled, "the replica stopped (the server is shutting "
-                                               "down or the replica was taken down)"));
+  if (spec.health && spec.health->failed()) // taken down for a failure: say which
+    fail_live(*this, make_error(errc::unavailable, "{}", spec.health->why()));
+  else
+    fail_live(*this, make_error(errc::cancelled, "the replica stopped (the server is shutting "
+                                                 "down or the replica was taken down)"));
 }
 
 caf::behavior replica_actor(replica* self, replica_spec spec) {

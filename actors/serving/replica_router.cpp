@@ -132,6 +132,8 @@ void replica_router::take_down(size_t i, const std::string& why) {
   std::lock_guard lk(mu_);
   if (i >= slots_.size())
     return;
+  if (const auto& u = slots_[i].u) // its live requests end with the cause, not a bare stop
+    u->health->fail(why);
   slots_[i].u.reset();
   slots_[i].down = why;
 }
@@ -140,6 +142,8 @@ void replica_router::take_down_prefill(size_t i, const std::string& why) {
   std::lock_guard lk(mu_);
   if (i >= prefill_slots_.size())
     return;
+  if (const auto& u = prefill_slots_[i].u) // its live requests end with the cause, not a bare stop
+    u->health->fail(why);
   prefill_slots_[i].u.reset();
   prefill_slots_[i].down = why;
 }

@@ -229,6 +229,22 @@ TEST_CASE_FIXTURE(actor_system_fixture,
 }
 
 TEST_CASE_FIXTURE(actor_system_fixture,
+                  "router: a replica taken down ends its streams with the head's reason") {
+  replica_router router(sys, "m", 1, options());
+  auto [r0, h0] = install(router, 0, 10);
+  r0->gate(false);
+  auto a = submit(router, req(50)); // held in its first step
+  REQUIRE(a.has_value());
+  router.take_down(0, "replica 0 failed: node w1 holding a rank died: connection lost");
+  r0->gate(true);
+  bool failed = false;
+  drain(*a->second, &failed);
+  CHECK(failed);
+  CHECK_MESSAGE(a->second->failure().find("node w1 holding a rank died") != std::string::npos,
+                a->second->failure());
+}
+
+TEST_CASE_FIXTURE(actor_system_fixture,
                   "router: cancel reaches the replica that took the request") {
   // Both engines number their first request 1: a cancel sent to the wrong replica would end
   // the other request.
