@@ -7,7 +7,8 @@
 # output). The engine's own
 # decode step time at the same batch sizes comes from cuda_bench in the same run
 # (bench/device_run.sh bench, or ENGINE=1 here). Logs and JSON results go to $OUT.
-# Usage: bench/device_serve.sh [qwen3-8b|qwen3-0.6b]   (TROUPE_BUNDLE: the bundle, dist/troupe)
+# Usage: bench/device_serve.sh [qwen3-8b|qwen3-0.6b]   (TROUPE_BUNDLE: the bundle, dist/troupe;
+# CLUSTER: another binary in its bin/ to serve with, e.g. a baseline build side by side)
 set -uo pipefail
 shape=${1:-qwen3-8b}
 out=${OUT:-/tmp}
@@ -39,7 +40,7 @@ max_num_batched_tokens: 8192
 gpu_memory_utilization: 0.85
 port: 0
 YAML
-"$bin/cluster" serve /tmp/serve-$shape.yaml --block > "$out/serve-$shape.log" 2>&1 &
+"$bin/${CLUSTER:-cluster}" serve /tmp/serve-$shape.yaml --block > "$out/serve-$shape.log" 2>&1 &
 server=$!
 url=""
 for _ in $(seq 1 300); do

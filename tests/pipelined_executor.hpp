@@ -21,18 +21,18 @@ class pipelined_executor final : public engine::executor {
 
   int32_t depth() const override { return depth_; }
   expected<step_result> execute(const step_plan& plan) override { return inner_.execute(plan); }
-  expected<void> submit(const step_plan& plan) override {
-    for (const step_plan* other : queue_)
-      conflicts += overlap(*other, plan);
-    queue_.push_back(&plan);
+  expected<void> submit(const step_plan& plan, const mask_fill& fill) override {
+    for (const auto& other : queue_)
+      conflicts += overlap(*other.plan, plan);
+    queue_.push_back({&plan, fill});
     max_in_flight = std::max(max_in_flight, queue_.size());
     return {};
   }
   expected<step_result> collect() override {
     REQUIRE_FALSE(queue_.empty());
-    const step_plan* p = queue_.front();
+    auto q = queue_.front();
     queue_.pop_front();
-    return inner_.execute(*p);
+    return inner_.execute_filling(*q.plan, q.fill);
   }
 
  private:
@@ -53,7 +53,11 @@ class pipelined_executor final : public engine::executor {
   }
   engine::executor& inner_;
   int32_t depth_;
-  std::deque<const step_plan*> queue_;
+  struct queued {
+    const step_plan* plan;
+    mask_fill fill;
+  };
+  std::deque<queued> queue_;
 };
 
 } // namespace troupe::test

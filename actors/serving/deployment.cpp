@@ -39,6 +39,9 @@ class owning_executor final : public engine::executor {
   owning_executor(std::unique_ptr<engine::backend> model, std::unique_ptr<engine::executor> exec)
     : model_(std::move(model)), exec_(std::move(exec)) {}
   expected<step_result> execute(const step_plan& plan) override { return exec_->execute(plan); }
+  expected<step_result> execute_filling(const step_plan& plan, const mask_fill& fill) override {
+    return exec_->execute_filling(plan, fill);
+  }
 
  private:
   std::unique_ptr<engine::backend> model_;

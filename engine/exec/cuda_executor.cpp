@@ -11,8 +11,10 @@ expected<std::unique_ptr<cuda_executor>> cuda_executor::create(cuda_backend& mod
   return std::unique_ptr<cuda_executor>(new cuda_executor(model, std::move(*gpu)));
 }
 
-expected<step_result> cuda_executor::execute(const step_plan& plan) {
+expected<step_result> cuda_executor::execute_filling(const step_plan& plan, const mask_fill& fill) {
   step_result result{.step = plan.step};
+  if (fill && !model_.makes_logits())
+    fill(); // nothing samples here; the masks stay correct for whoever reads the plan
   if (plan.seqs.empty()) {
     prepare_output(plan, model_.config().vocab_size, out_, false);
     TROUPE_TRY_VOID(host_.prepare(plan, out_)); // still drops state of finished sequences
@@ -22,9 +24,11 @@ expected<step_result> cuda_executor::execute(const step_plan& plan) {
     TROUPE_TRY_VOID(model_.forward(plan, out_));
     return result;
   }
-  auto logits = model_.forward_on_device(plan, out_);
+  auto logits = model_.forward_on_device(plan, out_); // queued on the GPU, not waited for
   if (!logits)
     return std::move(logits).error();
+  if (fill)
+    fill(); // the grammar masks, on this thread while the GPU runs the forward pass
   auto jobs = host_.prepare(plan, out_);
   if (!jobs)
     return std::move(jobs).error();

@@ -18,7 +18,10 @@ class cuda_executor final : public executor {
  public:
   // `model` must outlive the executor. Errors when built without CUDA.
   static expected<std::unique_ptr<cuda_executor>> create(cuda_backend& model);
-  expected<step_result> execute(const step_plan& plan) override;
+  expected<step_result> execute(const step_plan& plan) override {
+    return execute_filling(plan, {});
+  }
+  expected<step_result> execute_filling(const step_plan& plan, const mask_fill& fill) override;
 
  private:
   cuda_executor(cuda_backend& model, std::unique_ptr<gpu_sampler> gpu)

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <deque>
+#include <functional>
 
 #include "runtime/error.hpp"
 #include "runtime/step.hpp"
@@ -17,13 +18,25 @@ class executor {
   // Blocks the calling thread until the step is done.
   virtual expected<step_result> execute(const step_plan& plan) = 0;
 
+  // Structured output: writes the plan's grammar masks (seq_step::allowed_tokens) in place; the
+  // plan is the caller's, passed as const only so the executor does not change it otherwise.
+  using mask_fill = std::function<void()>;
+  // execute(), calling `fill` (when set) once before the masks are read, as late as is useful:
+  // cuda_executor calls it once the forward pass is queued on the GPU, so the masks are
+  // computed while the GPU runs. The default calls it first.
+  virtual expected<step_result> execute_filling(const step_plan& plan, const mask_fill& fill) {
+    if (fill)
+      fill();
+    return execute(plan);
+  }
+
   // Pipelined use (engine_loop): how many plans this executor can usefully work on at once.
   // A pipeline of P stages keeps P plans in flight, one per stage, so no stage idles.
   virtual int32_t depth() const { return 1; }
-  // Starts `plan`; the caller keeps it alive and unchanged until its result is collected.
-  // Results come back in submission order. The default runs the plan now.
-  virtual expected<void> submit(const step_plan& plan) {
-    done_.push_back(execute(plan));
+  // Starts `plan`; the caller keeps it alive and unchanged (but for `fill`) until its result
+  // is collected. Results come back in submission order. The default runs the plan now.
+  virtual expected<void> submit(const step_plan& plan, const mask_fill& fill = {}) {
+    done_.push_back(execute_filling(plan, fill));
     return {};
   }
   // The result of the oldest submitted plan not yet collected; blocks until it is done.

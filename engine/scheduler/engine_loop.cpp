@@ -71,8 +71,10 @@ expected<std::vector<size_t>> engine_loop::plan(std::vector<request_output>& out
     return make_error(errc::unavailable, "a step failed; call fail_all() before planning again");
   std::vector<size_t> started;
   for (size_t i = 0; i < lanes_.size(); ++i)
-    if (start(i, out))
+    if (start(i, out)) {
+      lanes_[i]->sched.fill_masks(lanes_[i]->plan); // the plan goes to the ranks as it is
       started.push_back(i);
+    }
   return started;
 }
 
@@ -100,7 +102,8 @@ expected<std::vector<request_output>> engine_loop::step() {
   for (size_t i = 0; i < lanes_.size(); ++i) {
     if (!start(i, out))
       continue;
-    if (auto s = exec_->submit(lanes_[i]->plan); !s) {
+    lane& l = *lanes_[i];
+    if (auto s = exec_->submit(l.plan, [&l] { l.sched.fill_masks(l.plan); }); !s) {
       in_flight_.pop_back(); // never submitted: nothing to collect
       lanes_[i]->busy = false;
       failed_ = true;

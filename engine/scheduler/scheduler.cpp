@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 
+#include "engine/backend/cpu/thread_pool.hpp"
 #include "engine/sampling/sampler.hpp"
 
 namespace troupe::engine {
@@ -261,14 +262,28 @@ void scheduler::emit(sequence& s, int32_t n, step_plan& plan, size_t& used) {
     st.banned_tokens = opt_.eos_token_ids;
     st.banned_tokens.insert(st.banned_tokens.end(), s.stop_ids.begin(), s.stop_ids.end());
   }
-  if (st.logits == logits_mode::last && s.constraint)
-    s.constraint->fill_mask(st.allowed_tokens);
-  else
-    st.allowed_tokens.clear();
+  st.allowed_tokens.clear(); // constrained rows: fill_masks()
   s.first_step = false;
   s.num_computed = end;
   s.scheduled_step = step_;
   scheduled_.push_back(&s);
+}
+
+void scheduler::fill_masks(step_plan& plan) {
+  std::vector<std::pair<token_constraint*, std::vector<uint32_t>*>> rows;
+  for (size_t i = 0; i < plan.seqs.size() && i < scheduled_.size(); ++i)
+    if (plan.seqs[i].logits == logits_mode::last && scheduled_[i]->constraint)
+      rows.emplace_back(scheduled_[i]->constraint.get(), &plan.seqs[i].allowed_tokens);
+  // A mask takes ~1-60 us (xgrammar; longest inside JSON strings). Each constraint is its own
+  // matcher, so rows fill on separate threads; a few are not worth the hand-off.
+  constexpr size_t parallel_from = 4;
+  const auto fill = [&](int64_t begin, int64_t end) {
+    for (auto i = begin; i < end; ++i)
+      rows[static_cast<size_t>(i)].first->fill_mask(*rows[static_cast<size_t>(i)].second);
+  };
+  if (rows.size() < parallel_from)
+    return fill(0, static_cast<int64_t>(rows.size()));
+  cpu::thread_pool::shared().parallel_for(static_cast<int64_t>(rows.size()), 1, fill);
 }
 
 void scheduler::schedule(step_plan& plan) {

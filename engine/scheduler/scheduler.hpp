@@ -149,6 +149,11 @@ class scheduler {
     schedule(p);
     return p;
   }
+  // Structured output: writes the grammar masks (seq_step::allowed_tokens) of `plan`, the last
+  // scheduled, for its constrained rows; schedule() leaves them empty. Call it before the plan's
+  // tokens are sampled and before update(); the engine loop calls it while the GPU runs the
+  // forward pass (executor::mask_fill). Many constrained rows are filled in parallel.
+  void fill_masks(step_plan& plan);
   // Consumes the result of `plan` (the last scheduled) and appends the outputs to `out`.
   expected<void> update(const step_plan& plan, const step_result& result,
                         std::vector<request_output>& out);

@@ -5,6 +5,7 @@
 // driven engine on the random-weight tiny-qwen3 model with sampling on returns outputs that
 // validate against their schemas, without changing what an unconstrained request in the same
 // batch generates.
+#include <algorithm>
 #include <map>
 #include <random>
 #include <regex>
@@ -106,6 +107,31 @@ std::vector<json> bounded_schemas() {
       json::parse(R"({"enum": ["alpha", "beta", "gamma delta"]})"),
   };
 }
+
+// Runs plans on `inner`, recording when the grammar masks appear: none may be in a plan before
+// the engine loop's fill runs (it runs while a GPU computes the forward pass), every constrained
+// row has one after.
+class mask_observer final : public executor {
+ public:
+  explicit mask_observer(executor& inner) : inner_(inner) {}
+  size_t masks_before_fill = 0, most_masks_in_a_step = 0;
+  expected<step_result> execute(const step_plan& plan) override { return inner_.execute(plan); }
+  expected<step_result> execute_filling(const step_plan& plan, const mask_fill& fill) override {
+    masks_before_fill += masks(plan);
+    if (fill)
+      fill();
+    most_masks_in_a_step = std::max(most_masks_in_a_step, masks(plan));
+    return inner_.execute(plan);
+  }
+
+ private:
+  static size_t masks(const step_plan& plan) {
+    return static_cast<size_t>(std::count_if(plan.seqs.begin(), plan.seqs.end(), [](const auto& s) {
+      return !s.allowed_tokens.empty();
+    }));
+  }
+  executor& inner_;
+};
 
 } // namespace
 
@@ -276,7 +302,8 @@ TEST_CASE("grammar: tiny-qwen3 with sampling writes schema-valid JSON through th
     return;
   auto model = cpu_backend::load(*dir, {.num_blocks = 512, .block_size = 16});
   REQUIRE_MESSAGE(model.has_value(), (model ? "" : model.error().to_string()));
-  local_executor exec(**model);
+  local_executor local(**model);
+  mask_observer exec(local);
   scheduler_options o{.num_blocks = 512, .block_size = 16, .max_num_seqs = 32};
   o.vocab_size = (*model)->config().vocab_size;
   o.eos_token_ids = f->text.eos_ids;
@@ -342,4 +369,7 @@ TEST_CASE("grammar: tiny-qwen3 with sampling writes schema-valid JSON through th
     CHECK(test::schema_violation(schema, v) == "");
   }
   CHECK(loop.stats().constraint_violations == 0);
+  // The masks were filled at the executor's call, many in one step (on the pool's threads).
+  CHECK(exec.masks_before_fill == 0);
+  CHECK(exec.most_masks_in_a_step == schemas.size() * 2);
 }
