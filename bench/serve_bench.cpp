@@ -18,6 +18,7 @@
 #include <ctime>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <mutex>
 #include <numeric>
 #include <random>
@@ -60,7 +61,8 @@ struct options {
   std::string result_file, api_key, label;
   double temperature = 0.0;
   double timeout_s = 600;
-  json extra_body = json::object(); // --extra-body: merged into every request
+  json extra_body = json::object();      // --extra-body: merged into every request
+  std::map<std::string, double> goodput; // --goodput: SLO in ms per metric (ttft, tpot, e2el)
 };
 
 struct sample {
@@ -420,6 +422,10 @@ int main(int argc, char** argv) {
   app.add_option("--seed", o.seed);
   app.add_option("--temperature", o.temperature);
   std::string extra_body;
+  std::vector<std::string> goodput;
+  app.add_option("--goodput", goodput,
+                 "service level objectives KEY:MS (ttft, tpot, e2el): also report the request "
+                 "goodput, requests/s meeting all of them");
   app.add_option("--extra-body", extra_body,
                  "JSON object merged into every request (e.g. a response_format), as vLLM's");
   app.add_option("--result-file", o.result_file, "write the result JSON here");
@@ -427,6 +433,18 @@ int main(int argc, char** argv) {
   app.add_option("--request-timeout", o.timeout_s, "not enforced; accepted for compatibility");
   app.add_flag("--disable-tqdm", o.disable_tqdm, "accepted for compatibility");
   CLI11_PARSE(app, argc, argv);
+  for (const auto& g : goodput) { // as vllm bench serve: "ttft:500 tpot:50"
+    const auto colon = g.find(':');
+    const std::string key = g.substr(0, colon);
+    char* end = nullptr;
+    const double ms = colon == std::string::npos ? -1 : std::strtod(g.c_str() + colon + 1, &end);
+    if ((key != "ttft" && key != "tpot" && key != "e2el") || !(ms >= 0) || *end != '\0') {
+      std::cerr << "error: --goodput takes KEY:MS with KEY ttft, tpot or e2el and MS >= 0, not '"
+                << g << "'\n";
+      return 2;
+    }
+    o.goodput[key] = ms;
+  }
   if (!extra_body.empty()) {
     o.extra_body = json::parse(extra_body, nullptr, false);
     if (!o.extra_body.is_object()) {
@@ -518,7 +536,7 @@ int main(int argc, char** argv) {
   const double duration = std::chrono::duration<double>(clock_type::now() - bench_start).count();
 
   // Metrics, as vLLM's calculate_metrics.
-  int completed = 0;
+  int completed = 0, good = 0;
   long total_input = 0, total_output = 0;
   std::vector<double> ttfts, tpots, itls, e2els;
   std::vector<int> output_lens;
@@ -538,8 +556,13 @@ int main(int argc, char** argv) {
     errors.emplace_back();
     total_input += r.prompt_len;
     total_output += r.output_tokens;
+    const double tpot = r.output_tokens > 1 ? (r.latency - r.ttft) / (r.output_tokens - 1) : 0.0;
     if (r.output_tokens > 1)
-      tpots.push_back((r.latency - r.ttft) / (r.output_tokens - 1));
+      tpots.push_back(tpot);
+    const std::map<std::string, double> got{
+        {"ttft", r.ttft * 1000.0}, {"tpot", tpot * 1000.0}, {"e2el", r.latency * 1000.0}};
+    good += std::all_of(o.goodput.begin(), o.goodput.end(),
+                        [&](const auto& slo) { return got.at(slo.first) <= slo.second; });
     itls.insert(itls.end(), r.itl.begin(), r.itl.end());
     ttfts.push_back(r.ttft);
     e2els.push_back(r.latency);
@@ -594,6 +617,7 @@ int main(int argc, char** argv) {
   out["total_input_tokens"] = total_input;
   out["total_output_tokens"] = total_output;
   out["request_throughput"] = completed / duration;
+  out["request_goodput"] = o.goodput.empty() ? json() : json(good / duration);
   out["output_throughput"] = total_output / duration;
   out["total_token_throughput"] = (total_input + total_output) / duration;
   out["max_output_tokens_per_s"] = peak_tps;
@@ -641,6 +665,8 @@ int main(int argc, char** argv) {
   line("Total input tokens:", std::to_string(total_input));
   line("Total generated tokens:", std::to_string(total_output));
   line("Request throughput (req/s):", completed / duration);
+  if (!o.goodput.empty())
+    line("Request goodput (req/s):", good / duration);
   line("Output token throughput (tok/s):", total_output / duration);
   line("Peak output token throughput (tok/s):", peak_tps);
   line("Peak concurrent requests:", static_cast<double>(peak));

@@ -106,6 +106,20 @@ try:
     check("chat-poisson",
           run_bench(base, "chat", *rand, "--endpoint", "/v1/chat/completions", "--num-prompts", "6",
                     "--request-rate", "20"), 6, 32, 12)
+    # Goodput (vllm bench serve --goodput): the requests within every SLO, per second; counted
+    # here again from the per-request times of the same result.
+    r = run_bench(base, "goodput", *rand, "--num-prompts", "8", "--max-concurrency", "4",
+                  "--goodput", "ttft:40", "e2el:400")
+    good = sum(t * 1000 <= 40 and e * 1000 <= 400 for t, e in zip(r["ttfts"], r["e2els"]))
+    if round(r["request_goodput"] * r["duration"]) != good:
+        fail(f"goodput: {r['request_goodput']} req/s over {r['duration']} s, {good} good requests")
+    r = run_bench(base, "goodput-loose", *rand, "--num-prompts", "4", "--goodput", "tpot:1e9")
+    if abs(r["request_goodput"] - r["request_throughput"]) > 1e-9:
+        fail(f"goodput-loose: {r['request_goodput']} != {r['request_throughput']}")
+    p = subprocess.run([bench, "--base-url", base, "--model", "tiny", "--tokenizer", model,
+                        "--goodput", "itl:5"], capture_output=True, text=True, timeout=60)
+    if p.returncode != 2 or "--goodput takes KEY:MS" not in p.stderr:
+        fail(f"goodput itl:5: rc={p.returncode} {p.stderr}")
     # Range ratio: input lengths vary within [16, 48], and each prompt re-encodes to its length.
     r = run_bench(base, "ratio", *rand, "--num-prompts", "8", "--random-range-ratio", "0.5",
                   "--max-concurrency", "4")
