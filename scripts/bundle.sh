@@ -39,7 +39,7 @@ done
 cat > "$out/README.txt" <<TXT
 troupe $(git describe --always --dirty 2>/dev/null || echo dev) for x86-64 Linux, built on Debian 12.
 Needs on the target: glibc and libstdc++ as new as Debian 12's. CPU serving needs nothing more.
-The CUDA backend (lib/libtroupe_cuda.so, loaded only for device: cuda or auto) needs an NVIDIA
+The CUDA backend (lib/libtroupe_cuda.so, loaded only when GPUs are looked for) needs an NVIDIA
 driver and the CUDA 13 runtime, cuBLASLt 13 and NCCL 2.x on the library path (not bundled).
 TXT
 du -sh "$out"

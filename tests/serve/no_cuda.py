@@ -15,7 +15,7 @@ import glob, os, re, shutil, signal, subprocess, sys, tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from serve_util import fail, golden_model, post  # noqa: E402
 
-cluster, model = os.path.abspath(sys.argv[1]), golden_model(sys.argv[2])
+cluster, model = os.path.abspath(sys.argv[1]), os.path.abspath(golden_model(sys.argv[2]))
 CUDA_LIB = re.compile(r"^lib(cudart|cublasLt|cublas|nccl|cuda)\.so")
 plugin = os.path.join(os.path.dirname(os.path.dirname(cluster)), "lib", "libtroupe_cuda.so")
 with_cuda = os.path.isfile(plugin)
@@ -32,7 +32,8 @@ print(f"CUDA plugin: {plugin if with_cuda else 'none (a build without CUDA)'}")
 # 2. Where the loader could find a CUDA library on this machine.
 def cuda_files():
     files = set()
-    cache = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout
+    ldconfig = shutil.which("ldconfig") or "/sbin/ldconfig"
+    cache = subprocess.run([ldconfig, "-p"], capture_output=True, text=True).stdout
     for m in re.finditer(r"^\s*(\S+) .*=> (\S+)$", cache, re.M):
         if CUDA_LIB.match(m.group(1)):
             files.add(m.group(2))
