@@ -43,9 +43,8 @@ struct plugin_table {
   uint32_t abi_version = plugin_abi_version; // first, so that any plugin's can be read
   plugin_layout layout;
   std::string (*unavailable_reason)() = nullptr;
-  expected<std::unique_ptr<cuda_backend>> (*make_backend)(const model_config&,
-                                                           const weight_source*, kv_cache_options,
-                                                           cuda_options) = nullptr;
+  expected<std::unique_ptr<cuda_backend>> (*make_backend)(const model_config&, const weight_source*,
+                                                          kv_cache_options, cuda_options) = nullptr;
   expected<std::unique_ptr<gpu_sampler>> (*make_sampler)() = nullptr;
   expected<std::unique_ptr<comm::device_communicator>> (*make_nccl_communicator)(
       comm::rendezvous_store&, int, int, const comm::nccl_options&) = nullptr;
