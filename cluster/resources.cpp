@@ -7,9 +7,8 @@
 
 #include <fmt/format.h>
 
-#ifdef TROUPE_WITH_CUDA
-#include <cuda_runtime_api.h>
-#endif
+#include "engine/backend/cuda/cuda_device.hpp"
+
 #ifdef TROUPE_WITH_RDMA
 #include <infiniband/verbs.h>
 #endif
@@ -33,28 +32,19 @@ uint64_t total_memory_bytes() {
 }
 
 void discover_gpus(host_resources& r) {
-#ifdef TROUPE_WITH_CUDA
-  int count = 0;
-  cudaError_t err = cudaGetDeviceCount(&count);
-  if (err != cudaSuccess) {
-    r.gpu_discovery_note = fmt::format("CUDA: {}", cudaGetErrorString(err));
+  auto devices = engine::cuda_devices(); // through the CUDA plugin: the reason when it cannot load
+  if (!devices) {
+    r.gpu_discovery_note = devices.error().message();
     return;
   }
-  for (int i = 0; i < count; ++i) {
-    cudaDeviceProp prop{};
-    if (cudaGetDeviceProperties(&prop, i) != cudaSuccess)
-      continue;
-    r.gpus.push_back({.index = i,
-                      .name = prop.name,
-                      .memory_bytes = prop.totalGlobalMem,
-                      .cc_major = prop.major,
-                      .cc_minor = prop.minor});
-  }
-  if (count == 0)
+  for (const auto& d : *devices)
+    r.gpus.push_back({.index = d.index,
+                      .name = d.name,
+                      .memory_bytes = d.memory_bytes,
+                      .cc_major = d.cc_major,
+                      .cc_minor = d.cc_minor});
+  if (devices->empty())
     r.gpu_discovery_note = "CUDA reports no devices";
-#else
-  r.gpu_discovery_note = "built without CUDA";
-#endif
 }
 
 void discover_rdma(host_resources& r) {

@@ -5,19 +5,16 @@
 #include <deque>
 #include <thread>
 
-#ifdef TROUPE_WITH_CUDA
-#include <cuda_runtime.h>
-#endif
-
 #include "cluster/transfer/write_plan.hpp"
+#include "engine/backend/cuda/cuda_backend.hpp"
+#include "engine/backend/cuda/cuda_device.hpp"
 
 namespace troupe::cluster::transfer {
 
 expected<region_id> local_transport::register_memory(void* ptr, size_t length, memory_kind kind) {
-#ifndef TROUPE_WITH_CUDA
-  if (kind == memory_kind::cuda)
-    return make_error(errc::unsupported, "register_memory: built without CUDA");
-#endif
+  if (kind == memory_kind::cuda) // GPU memory is copied through the CUDA plugin
+    if (auto why = engine::cuda_unavailable_reason(); !why.empty())
+      return make_error(errc::unsupported, "register_memory of GPU memory: {}", why);
   return regions_.add(ptr, length, kind);
 }
 
@@ -32,13 +29,8 @@ expected<void> local_transport::check_live(const region_descriptor& d) const {
 namespace {
 
 expected<void> copy_bytes(void* dst, const void* src, uint64_t n, bool device) {
-#ifdef TROUPE_WITH_CUDA
-  if (device) {
-    if (cudaError_t rc = cudaMemcpy(dst, src, n, cudaMemcpyDefault); rc != cudaSuccess)
-      return make_error(errc::io_error, "cudaMemcpy of {} bytes: {}", n, cudaGetErrorString(rc));
-    return {};
-  }
-#endif
+  if (device)
+    return engine::cuda_copy(dst, src, n);
   std::memcpy(dst, src, n);
   return {};
 }
@@ -47,11 +39,7 @@ expected<void> copy_bytes(void* dst, const void* src, uint64_t n, bool device) {
 // legacy default stream, which the backends' own streams do not wait for): the batch's data is in
 // place, and its notice may go out, only once that stream has drained.
 expected<void> finish_device_copies() {
-#ifdef TROUPE_WITH_CUDA
-  if (cudaError_t rc = cudaStreamSynchronize(cudaStreamLegacy); rc != cudaSuccess)
-    return make_error(errc::io_error, "waiting for device copies: {}", cudaGetErrorString(rc));
-#endif
-  return {};
+  return engine::cuda_wait_default_stream();
 }
 
 // Notices for one direction; shared by the writing end (producer) and the notified end (consumer).

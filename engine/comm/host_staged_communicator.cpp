@@ -7,7 +7,7 @@
 #include <cuda_runtime.h>
 #include <fmt/format.h>
 
-#include "engine/comm/device_communicator.hpp"
+#include "engine/backend/cuda/cuda_plugin.hpp"
 #include "engine/model/dtype.hpp"
 
 namespace troupe::engine::comm {
@@ -116,8 +116,14 @@ class host_staged_communicator final : public device_communicator {
 
 } // namespace
 
-expected<std::unique_ptr<device_communicator>> make_host_staged_communicator(communicator& host) {
-  return std::unique_ptr<device_communicator>(std::make_unique<host_staged_communicator>(host));
+} // namespace troupe::engine::comm
+
+namespace troupe::engine::cuda {
+
+expected<std::unique_ptr<comm::device_communicator>>
+make_host_staged_communicator(comm::communicator& host) {
+  return std::unique_ptr<comm::device_communicator>(
+      std::make_unique<comm::host_staged_communicator>(host));
 }
 
-} // namespace troupe::engine::comm
+} // namespace troupe::engine::cuda

@@ -8,7 +8,7 @@
 #include <fmt/format.h>
 #include <nccl.h>
 
-#include "engine/comm/device_communicator.hpp"
+#include "engine/backend/cuda/cuda_plugin.hpp"
 
 namespace troupe::engine::comm {
 
@@ -187,9 +187,11 @@ class nccl_communicator final : public device_communicator {
 
 } // namespace
 
-bool nccl_available() {
-  return true;
-}
+} // namespace troupe::engine::comm
+
+namespace troupe::engine::cuda {
+
+using namespace comm;
 
 expected<std::unique_ptr<device_communicator>>
 make_nccl_communicator(rendezvous_store& store, int rank, int size, const nccl_options& options) {
@@ -221,4 +223,4 @@ make_nccl_communicator(rendezvous_store& store, int rank, int size, const nccl_o
   return std::unique_ptr<device_communicator>(std::move(c));
 }
 
-} // namespace troupe::engine::comm
+} // namespace troupe::engine::cuda

@@ -1,4 +1,5 @@
 #include "engine/backend/cuda/cuda_backend_impl.cuh"
+#include "engine/backend/cuda/cuda_plugin.hpp"
 
 #include <algorithm>
 #include <chrono>
@@ -11,9 +12,9 @@
 #include "engine/model/rope.hpp"
 #include "engine/model/safetensors.hpp"
 
-namespace troupe::engine {
+namespace troupe::engine::cuda {
 
-std::string cuda_unavailable_reason() {
+std::string unavailable_reason() {
   int n = 0;
   cudaError_t e = cudaGetDeviceCount(&n);
   if (e != cudaSuccess)
@@ -23,7 +24,7 @@ std::string cuda_unavailable_reason() {
   return {};
 }
 
-} // namespace troupe::engine
+} // namespace troupe::engine::cuda
 
 namespace troupe::engine::cuda {
 

@@ -1,6 +1,7 @@
 // Builds without CUDA: the CUDA entry points exist and say why they cannot run, so that callers
 // (deployment, `cluster generate --device cuda`, GPU tests) need no #ifdef.
 #include "engine/backend/cuda/cuda_backend.hpp"
+#include "engine/backend/cuda/cuda_device.hpp"
 #include "engine/backend/cuda/gpu_sampler.hpp"
 
 namespace troupe::engine {
@@ -20,6 +21,18 @@ expected<std::unique_ptr<cuda_backend>> make_cuda_backend(const model_config&, c
 }
 
 expected<std::unique_ptr<gpu_sampler>> make_gpu_sampler() {
+  return error{errc::unsupported, why};
+}
+
+expected<std::vector<cuda_device_info>> cuda_devices() {
+  return error{errc::unsupported, why};
+}
+
+expected<void> cuda_copy(void*, const void*, size_t) {
+  return error{errc::unsupported, why};
+}
+
+expected<void> cuda_wait_default_stream() {
   return error{errc::unsupported, why};
 }
 

@@ -5,6 +5,7 @@
 #include <optional>
 
 #include "engine/backend/cuda/cuda_backend_impl.cuh"
+#include "engine/backend/cuda/cuda_plugin.hpp"
 
 namespace troupe::engine::cuda {
 
@@ -344,18 +345,13 @@ expected<void> cuda_backend_impl::forward_greedy(const step_plan& plan,
   return sync();
 }
 
-} // namespace troupe::engine::cuda
-
-namespace troupe::engine {
-
-expected<std::unique_ptr<cuda_backend>> make_cuda_backend(const model_config& config,
-                                                          const weight_source* weights,
-                                                          kv_cache_options kv,
-                                                          cuda_options options) {
-  auto b = std::make_unique<cuda::cuda_backend_impl>();
+expected<std::unique_ptr<cuda_backend>> make_backend(const model_config& config,
+                                                     const weight_source* weights,
+                                                     kv_cache_options kv, cuda_options options) {
+  auto b = std::make_unique<cuda_backend_impl>();
   if (auto r = b->init(config, weights, kv, options); !r)
     return std::move(r).error().context("CUDA backend for " + config.architecture);
   return std::unique_ptr<cuda_backend>(std::move(b));
 }
 
-} // namespace troupe::engine
+} // namespace troupe::engine::cuda

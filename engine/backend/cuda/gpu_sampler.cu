@@ -29,6 +29,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "engine/backend/cuda/cuda_common.cuh"
+#include "engine/backend/cuda/cuda_plugin.hpp"
 
 namespace troupe::engine::cuda {
 
@@ -508,12 +509,8 @@ expected<std::vector<seq_output>> gpu_sampler_impl::sample(float* logits, int64_
 
 } // namespace
 
-} // namespace troupe::engine::cuda
-
-namespace troupe::engine {
-
-expected<std::unique_ptr<gpu_sampler>> make_gpu_sampler() {
-  return std::unique_ptr<gpu_sampler>(std::make_unique<cuda::gpu_sampler_impl>());
+expected<std::unique_ptr<gpu_sampler>> make_sampler() {
+  return std::unique_ptr<gpu_sampler>(std::make_unique<gpu_sampler_impl>());
 }
 
-} // namespace troupe::engine
+} // namespace troupe::engine::cuda

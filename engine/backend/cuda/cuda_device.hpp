@@ -1,0 +1,34 @@
+// The few CUDA runtime calls that code outside the CUDA backend needs (GPU discovery for
+// cluster/resources, device copies for the local KV transport), as plain C++ so that callers need
+// neither the CUDA headers nor the CUDA libraries: they go through the CUDA plugin
+// (cuda_plugin.hpp) and fail with the reason when it cannot load or the build has no CUDA.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "runtime/error.hpp"
+
+namespace troupe::engine {
+
+struct cuda_device_info {
+  int index = 0;
+  std::string name;
+  uint64_t memory_bytes = 0;
+  int cc_major = 0;
+  int cc_minor = 0;
+};
+
+// Every CUDA device this process sees (possibly none); an error says why CUDA cannot be asked
+// (built without CUDA, the plugin or a CUDA library missing, the driver's error).
+expected<std::vector<cuda_device_info>> cuda_devices();
+
+// cudaMemcpy(dst, src, bytes, cudaMemcpyDefault): either side may be host or device memory.
+expected<void> cuda_copy(void* dst, const void* src, size_t bytes);
+
+// Waits for the legacy default stream, where cuda_copy's device-to-device copies may still run.
+expected<void> cuda_wait_default_stream();
+
+} // namespace troupe::engine
