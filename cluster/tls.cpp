@@ -1,11 +1,16 @@
 #include "cluster/tls.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <csignal>
 #include <cstring>
 #include <fcntl.h>
+#include <list>
+#include <mutex>
 #include <netdb.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sys/socket.h>
 #include <thread>
 #include <unistd.h>
@@ -27,6 +32,29 @@
 namespace troupe::cluster::tls {
 
 namespace {
+
+// OpenSSL writes to the socket with write(): a peer that has gone away raises SIGPIPE, whose
+// default action ends the process (a client closing early would kill the head). Blocked on this
+// thread while the guard lives; one raised meanwhile is consumed, the old mask restored.
+class sigpipe_guard {
+ public:
+  sigpipe_guard() {
+    sigemptyset(&pipe_);
+    sigaddset(&pipe_, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &pipe_, &old_);
+  }
+  ~sigpipe_guard() {
+    const timespec now{};
+    while (sigtimedwait(&pipe_, nullptr, &now) > 0) {
+    }
+    pthread_sigmask(SIG_SETMASK, &old_, nullptr);
+  }
+  sigpipe_guard(const sigpipe_guard&) = delete;
+  sigpipe_guard& operator=(const sigpipe_guard&) = delete;
+
+ private:
+  sigset_t pipe_{}, old_{};
+};
 
 using clock = std::chrono::steady_clock;
 
@@ -345,7 +373,7 @@ class server_impl final : public bootstrap_server {
     if (wake_[1] >= 0) {
       [[maybe_unused]] auto n = ::write(wake_[1], "x", 1);
     }
-    thread_.join();
+    thread_.join(); // which joins the connections' threads
     ::close(fd_);
     for (int w : wake_)
       if (w >= 0)
@@ -372,13 +400,48 @@ class server_impl final : public bootstrap_server {
       char host[NI_MAXHOST] = "?";
       ::getnameinfo(reinterpret_cast<sockaddr*>(&peer), len, host, sizeof host, nullptr, 0,
                     NI_NUMERICHOST);
-      serve(conn, host);
-      ::close(conn);
+      start(conn, host);
     }
+    for (auto& c : conns_)
+      c.thread.join();
+  }
+
+  // Each connection on its own thread, so that a client that stalls (for up to server_deadline)
+  // delays no one else; at most max_per_peer at once from one address, max_conns in all.
+  static constexpr size_t max_conns = 64, max_per_peer = 8;
+  struct conn_thread {
+    std::string peer;
+    std::atomic<bool> done{false};
+    std::thread thread;
+  };
+  void start(int conn, const std::string& peer) {
+    conns_.remove_if([](conn_thread& c) {
+      if (!c.done)
+        return false;
+      c.thread.join();
+      return true;
+    });
+    const auto from_peer = std::count_if(conns_.begin(), conns_.end(),
+                                         [&](const conn_thread& c) { return c.peer == peer; });
+    if (conns_.size() >= max_conns || static_cast<size_t>(from_peer) >= max_per_peer) {
+      note_refusal("? from " + peer, fmt::format("too many joins at once ({} from this address, "
+                                                 "{} in all)",
+                                                 from_peer, conns_.size()));
+      ::close(conn);
+      return;
+    }
+    auto& c = conns_.emplace_back();
+    c.peer = peer;
+    c.thread = std::thread([this, conn, &c] {
+      serve(conn, c.peer);
+      ::close(conn);
+      c.done = true;
+    });
   }
 
   // One connection, within server_deadline: handshake, request, reply.
   void serve(int conn, const std::string& peer) {
+    const sigpipe_guard no_sigpipe;
     const auto deadline = clock::now() + server_deadline;
     ssl_ptr ssl(SSL_new(ctx_.get()));
     if (!ssl || SSL_set_fd(ssl.get(), conn) != 1)
@@ -430,6 +493,7 @@ class server_impl final : public bootstrap_server {
   // Logged once per 10 s at most, with the count since the last line.
   void note_refusal(const std::string& who, const std::string& why) {
     ++refused_;
+    std::lock_guard lk(log_mu_);
     ++unlogged_;
     const auto now = clock::now();
     if (now - last_log_ < std::chrono::seconds(10) && logged_once_)
@@ -450,6 +514,8 @@ class server_impl final : public bootstrap_server {
   int wake_[2] = {-1, -1};
   std::atomic<bool> stop_{false};
   std::atomic<uint64_t> issued_{0}, refused_{0};
+  std::list<conn_thread> conns_; // the accepting thread's
+  std::mutex log_mu_;            // note_refusal's counters
   uint64_t unlogged_ = 0;
   clock::time_point last_log_{};
   bool logged_once_ = false;
@@ -694,6 +760,7 @@ bootstrap_server::start(const std::string& host, uint16_t port, certificate_auth
 expected<identity> bootstrap(const std::string& host, uint16_t port, const std::string& token,
                              const std::string& ca_sha256, const std::string& name,
                              const std::string& key_pem, std::chrono::milliseconds timeout) {
+  const sigpipe_guard no_sigpipe;
   std::string pin;
   for (char c : ca_sha256)
     if (c != ':')

@@ -10,6 +10,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <vector>
 
 #include "cluster/tls.hpp"
 
@@ -123,6 +124,29 @@ TEST_CASE("tls: the join bootstrap survives garbage and silent clients") {
   REQUIRE(key);
   auto ok = tls::bootstrap("127.0.0.1", port, "s3cret", head.fingerprint, "n2", *key);
   CHECK_MESSAGE(ok.has_value(), (ok ? std::string() : ok.error().message()));
+}
+
+TEST_CASE("tls: clients that stall at the join bootstrap do not hold up a node joining") {
+  head_fixture head;
+  const uint16_t port = head.server->port();
+  // Six connections that never say anything: each holds its server thread for the 5 s deadline.
+  // Served one after another they would keep the node below waiting past its 10 s timeout.
+  std::vector<int> silent;
+  for (int i = 0; i < 6; ++i) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(port);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE(connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+    silent.push_back(fd);
+  }
+  auto key = tls::new_private_key();
+  REQUIRE(key);
+  auto ok = tls::bootstrap("127.0.0.1", port, "s3cret", head.fingerprint, "n3", *key);
+  CHECK_MESSAGE(ok.has_value(), (ok ? std::string() : ok.error().message()));
+  for (int fd : silent)
+    close(fd);
 }
 
 TEST_CASE("tls: secrets compare equal only when equal") {
