@@ -52,6 +52,17 @@ struct head_fixture {
   }
 };
 
+// A plain TCP connection to 127.0.0.1:port.
+int connect_to(uint16_t port) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+  return fd;
+}
+
 } // namespace
 
 TEST_CASE("tls: the CA is created 0600 once and reused") {
@@ -109,12 +120,7 @@ TEST_CASE("tls: the join bootstrap survives garbage and silent clients") {
   head_fixture head;
   const uint16_t port = head.server->port();
   for (int i = 0; i < 3; ++i) {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_port = htons(port);
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    REQUIRE(connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+    const int fd = connect_to(port);
     const char junk[] = "\x16\x03\x01\xff\xff not TLS at all";
     if (i != 0) // the first one sends nothing
       CHECK(write(fd, junk, sizeof junk) > 0);
@@ -133,12 +139,7 @@ TEST_CASE("tls: clients that stall at the join bootstrap do not hold up a node j
   // Served one after another they would keep the node below waiting past its 10 s timeout.
   std::vector<int> silent;
   for (int i = 0; i < 6; ++i) {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_port = htons(port);
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    REQUIRE(connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+    const int fd = connect_to(port);
     silent.push_back(fd);
   }
   auto key = tls::new_private_key();
