@@ -68,6 +68,8 @@ print(f"hiding: tmpfs over {hide_dirs or 'nothing'}, /dev/null over {hide_files 
 
 
 def hidden(args):
+    if not files:  # nothing to hide (a machine without CUDA): no namespace needed
+        return ["env", "-u", "LD_LIBRARY_PATH"] + args
     return ["unshare", "-rm", "sh", "-c", script, "sh"] + args
 
 
