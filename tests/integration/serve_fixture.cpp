@@ -106,4 +106,8 @@ std::vector<pid_t> start_cluster(cluster_fixture& fx) {
   return nodes;
 }
 
+pid_t node_pid(cluster_fixture& fx, const std::vector<pid_t>& pids, const std::string& node_id) {
+  return node_id == fx.node_id("w1") ? pids[0] : pids[1];
+}
+
 } // namespace troupe::test

@@ -40,6 +40,8 @@ std::vector<int> greedy_ids(uint16_t port, const std::string& model, const std::
                             int max_tokens);
 // A head (no devices) and two nodes ("w1", "w2") with two CPU stand-in devices each, all alive.
 std::vector<pid_t> start_cluster(cluster_fixture& fx);
+// The process of node `node_id` ("w1" or "w2"), given start_cluster's pids.
+pid_t node_pid(cluster_fixture& fx, const std::vector<pid_t>& pids, const std::string& node_id);
 
 // One streamed completion on its own connection, read as it arrives. A hang fails the test
 // (30 s receive timeout) instead of blocking it.

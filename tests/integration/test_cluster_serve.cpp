@@ -224,7 +224,7 @@ TEST_CASE("cluster serve: SIGKILL of a rank's node fails the stream, without dev
   REQUIRE(d["ranks"].size() == 4);
   const std::string victim = d["ranks"][3]["node_id"]; // the last stage's node
   const std::string survivor = victim == fx.node_id("w1") ? fx.node_id("w2") : fx.node_id("w1");
-  const pid_t victim_pid = victim == fx.node_id("w1") ? node_pids[0] : node_pids[1];
+  const pid_t victim_pid = node_pid(fx, node_pids, victim);
 
   sse_stream stream(port, R"({"model": "pp", "prompt": "hello", "max_tokens": 240,
                               "temperature": 0, "ignore_eos": true, "stream": true})");
@@ -326,7 +326,7 @@ TEST_CASE("cluster serve: replicas share requests, a killed replica fails alone 
                          "return_token_ids": true})");
   REQUIRE_MESSAGE(b.read_until("data: "), b.raw());
   CHECK(requests(1 - lost) == 2);
-  const pid_t victim_pid = node_of[lost] == fx.node_id("w1") ? node_pids[0] : node_pids[1];
+  const pid_t victim_pid = node_pid(fx, node_pids, node_of[lost]);
   kill(victim_pid, SIGKILL);
   const auto took = a.read_to_end();
   MESSAGE("SIGKILL of replica ", lost, "'s node -> its stream ended in ", took.count(), " ms");
@@ -486,7 +486,7 @@ TEST_CASE("cluster serve: prefill tensor=2 -> decode tensor=1 over tcp answers l
       prefill_node = r["node_id"];
   std::string decode_node = ranks[0]["node_id"];
   REQUIRE(prefill_node != decode_node);
-  const pid_t victim = prefill_node == fx.node_id("w1") ? node_pids[0] : node_pids[1];
+  const pid_t victim = node_pid(fx, node_pids, prefill_node);
   kill(victim, SIGKILL);
   const auto t0 = std::chrono::steady_clock::now();
   auto after = complete(9707);
@@ -566,7 +566,7 @@ TEST_CASE("cluster serve: a hung prefill node's handoff is retried on the other 
   REQUIRE(nodes_of[2].size() == 1);
   REQUIRE(*nodes_of[1].begin() != *nodes_of[2].begin());
   const std::string victim = *nodes_of[2].begin();
-  const pid_t victim_pid = victim == fx.node_id("w1") ? node_pids[0] : node_pids[1];
+  const pid_t victim_pid = node_pid(fx, node_pids, victim);
 
   // Two requests at once: one to each prefill replica (ties in turn); one of them hangs.
   kill(victim_pid, SIGSTOP);
@@ -611,7 +611,7 @@ TEST_CASE("cluster serve: SIGKILL of the decode node mid-stream ends the stream 
   REQUIRE(nodes_of[1].size() == 1);
   const std::string decode_node = *nodes_of[0].begin();
   REQUIRE(decode_node != *nodes_of[1].begin());
-  const pid_t victim = decode_node == fx.node_id("w1") ? node_pids[0] : node_pids[1];
+  const pid_t victim = node_pid(fx, node_pids, decode_node);
   const auto expected = generate_ids(fx, *model, "9707,11,1879,0", 8);
   CHECK(greedy_ids(port, "dk", "9707,11,1879,0", 8) == expected);
 

@@ -172,7 +172,7 @@ TEST_CASE("head: a node hung mid-stream ends the stream within seconds of its de
   auto d = deployment_of(fx, "hang");
   REQUIRE(d["ranks"].size() == 2);
   const std::string victim = d["ranks"][0]["node_id"];
-  const pid_t victim_pid = victim == fx.node_id("w1") ? node_pids[0] : node_pids[1];
+  const pid_t victim_pid = node_pid(fx, node_pids, victim);
 
   sse_stream stream(port, R"({"model": "hang", "prompt": "hello", "max_tokens": 240,
                               "temperature": 0, "ignore_eos": true, "stream": true})");
