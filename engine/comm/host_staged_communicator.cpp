@@ -7,7 +7,7 @@
 #include <cuda_runtime.h>
 #include <fmt/format.h>
 
-#include "engine/backend/cuda/cuda_plugin.hpp"
+#include "engine/comm/cuda_communicators.hpp"
 #include "engine/model/dtype.hpp"
 
 namespace troupe::engine::comm {

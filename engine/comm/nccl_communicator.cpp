@@ -8,7 +8,7 @@
 #include <fmt/format.h>
 #include <nccl.h>
 
-#include "engine/backend/cuda/cuda_plugin.hpp"
+#include "engine/comm/cuda_communicators.hpp"
 
 namespace troupe::engine::comm {
 

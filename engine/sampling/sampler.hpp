@@ -8,7 +8,7 @@
 #include <unordered_map>
 #include <vector>
 
-#include "engine/backend/backend.hpp"
+#include "engine/sampling/logits.hpp"
 #include "runtime/error.hpp"
 #include "runtime/step.hpp"
 

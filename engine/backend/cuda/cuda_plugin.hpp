@@ -16,7 +16,7 @@
 #include "engine/backend/cuda/cuda_backend.hpp"
 #include "engine/backend/cuda/cuda_device.hpp"
 #include "engine/backend/cuda/gpu_sampler.hpp"
-#include "engine/comm/device_communicator.hpp"
+#include "engine/comm/cuda_communicators.hpp"
 
 namespace troupe::engine::cuda {
 
@@ -62,11 +62,7 @@ expected<std::unique_ptr<cuda_backend>> make_backend(const model_config& config,
                                                      const weight_source* weights,
                                                      kv_cache_options kv, cuda_options options);
 expected<std::unique_ptr<gpu_sampler>> make_sampler();
-expected<std::unique_ptr<comm::device_communicator>>
-make_nccl_communicator(comm::rendezvous_store& store, int rank, int size,
-                       const comm::nccl_options& options);
-expected<std::unique_ptr<comm::device_communicator>>
-make_host_staged_communicator(comm::communicator& host);
+// make_nccl_communicator, make_host_staged_communicator: engine/comm/cuda_communicators.hpp.
 
 } // namespace troupe::engine::cuda
 
