@@ -109,7 +109,7 @@ void completion_stream::start() {
   // Never blocks: each request goes to a replica as a message; its outputs (or a refusal found
   // later) come back through its sink, posted to this strand.
   for (size_t i = 0; i < resps_.size(); ++i) {
-    auto r = make_engine_request(req_, ctx_.model);
+    auto r = make_engine_request(req_);
     if (i > 0) {
       // Choice i: seed + i, so that a single request with that seed gives the same tokens; the
       // constraint (fresh: nothing accepted yet) copied.
@@ -231,6 +231,8 @@ void completion_stream::on_outputs(size_t choice, const std::vector<engine::requ
     if (!resp.finished())
       continue;
     done_[choice] = 1;
+    if (o.finish == engine::finish_reason::none)
+      ctx_.serving->cancel(ids_[choice]); // a stop string: the engine would go on
     if (++num_done_ < resps_.size())
       return;
     running_ = false;

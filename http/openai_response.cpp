@@ -54,20 +54,10 @@ json empty_logprobs(bool chat) {
 
 } // namespace
 
-engine::request make_engine_request(const completion_request& req, const model_info& m) {
+engine::request make_engine_request(const completion_request& req) {
   engine::request r{
       .prompt = req.prompt, .sampling = req.sampling, .stop_token_ids = req.stop_token_ids};
   r.constraint = req.constraint;
-  if (!req.stop.empty()) {
-    auto detok = std::make_shared<engine::incremental_detokenizer>(m.text->text, req.stop,
-                                                                   req.skip_special_tokens);
-    auto fed = std::make_shared<size_t>(0);
-    r.stop_check = [detok, fed](seq_id, std::span<const token_id> generated) {
-      for (; *fed < generated.size(); ++*fed)
-        detok->push(generated[*fed]);
-      return detok->stopped();
-    };
-  }
   return r;
 }
 
@@ -148,15 +138,16 @@ std::optional<json> openai_response::add(const engine::request_output& o) {
   json lp_delta = empty_logprobs(req_.chat);
   if (o.has_token) {
     ids_.push_back(o.token);
-    delta = detok_.push(o.token);
+    delta = detok_.push(o.token, static_cast<int32_t>(ids_.size()) >= req_.sampling.min_tokens);
     if (req_.top_logprobs >= 0) {
       add_logprobs(logprobs_, o, *model_.text->text, req_.chat);
       add_logprobs(lp_delta, o, *model_.text->text, req_.chat);
     }
   }
-  const bool ends = o.finish != engine::finish_reason::none;
+  // A stop string ends the choice here; the caller cancels the engine's request.
+  const bool ends = o.finish != engine::finish_reason::none || detok_.stopped();
   if (ends) {
-    finish_ = o.finish;
+    finish_ = detok_.stopped() ? engine::finish_reason::stop : o.finish;
     delta += detok_.finish();
   }
   text_ += delta;

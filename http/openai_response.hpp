@@ -14,9 +14,8 @@
 
 namespace troupe::serve {
 
-// The engine request of a parsed completion, with its stop-string hook (a second incremental
-// detokenizer, fed on the serving side's thread) when the request has stop strings.
-engine::request make_engine_request(const completion_request& req, const model_info& m);
+// The engine request of a parsed completion. Stop strings stay here: openai_response finds them.
+engine::request make_engine_request(const completion_request& req);
 
 class openai_response {
  public:
@@ -28,7 +27,9 @@ class openai_response {
   // Streams: the first chunk (chat: the assistant role with empty content), or nullopt.
   std::optional<json> opening_chunk();
   // Takes one engine output; for streams returns its chunk, or nullopt when it has nothing to
-  // show yet (text held back inside a UTF-8 character or a possible stop string).
+  // show yet (text held back inside a UTF-8 character or a possible stop string). The choice
+  // finishes at the engine's finish or at a stop string, whichever comes first: after a stop
+  // string, the engine's request is still running and the caller cancels it.
   std::optional<json> add(const engine::request_output& o);
   bool finished() const { return finish_ != engine::finish_reason::none; }
   size_t completion_tokens() const { return ids_.size(); }

@@ -41,8 +41,7 @@ class engine_loop {
   // plan()/complete() only: the caller runs the plans, up to `depth` at once.
   engine_loop(scheduler_options options, int32_t depth);
 
-  // Queues a request in the least loaded lane (see scheduler::add for the errors). Stop
-  // strings: set request::stop_check from the detokenizer.
+  // Queues a request in the least loaded lane (see scheduler::add for the errors).
   expected<seq_id> add_request(request r);
   expected<void> cancel(seq_id id);
 

@@ -19,7 +19,6 @@ struct scheduler::sequence {
   int32_t num_cached_blocks = 0;      // leading blocks already in the prefix cache
   sampling_params sampling;
   std::vector<token_id> stop_ids;
-  stop_hook stop_check;
   std::shared_ptr<token_constraint> constraint;
   kv_handoff handoff = kv_handoff::none;
   state st = state::waiting;
@@ -140,7 +139,6 @@ expected<seq_id> scheduler::add(request r) {
     s->sampling.seed = mix_seed(opt_.seed, s->id);
   }
   s->stop_ids = std::move(r.stop_token_ids);
-  s->stop_check = std::move(r.stop_check);
   s->constraint = std::move(r.constraint);
   s->handoff = r.handoff;
   waiting_.push_back(s.get());
@@ -460,11 +458,6 @@ bool scheduler::should_stop(sequence& s, token_id t, finish_reason& why, token_i
     if ((!s.sampling.ignore_eos && contains(opt_.eos_token_ids, t)) || contains(s.stop_ids, t)) {
       why = finish_reason::stop;
       which = t;
-      return true;
-    }
-    if (s.stop_check && s.stop_check(s.id, {s.tokens.data() + s.num_prompt,
-                                            static_cast<size_t>(s.num_generated())})) {
-      why = finish_reason::stop;
       return true;
     }
   }

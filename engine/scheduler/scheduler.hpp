@@ -6,7 +6,6 @@
 
 #include <cstdint>
 #include <deque>
-#include <functional>
 #include <memory>
 #include <span>
 #include <unordered_map>
@@ -50,12 +49,6 @@ uint64_t mix_seed(uint64_t base, seq_id id);
 enum class finish_reason : uint8_t { none, stop, length, cancelled, handoff };
 const char* to_string(finish_reason r);
 
-// Stop strings are matched by the detokenizer (engine/tokenizer), not here: it sets this hook,
-// which is called with all generated tokens after each new one (once min_tokens is reached);
-// returning true finishes the request with `stop` (the text after the match is the
-// detokenizer's to trim). Runs on the scheduler's thread, so it must be cheap.
-using stop_hook = std::function<bool(seq_id, std::span<const token_id> generated)>;
-
 // Prefill/decode disaggregation (design.md §6). export_kv (prefill side): prefill, sample the
 // first token, then finish with finish_reason::handoff, keeping the blocks held (their ids in
 // request_output::blocks) until release_held(). import_kv (decode side): when admitted, blocks for
@@ -76,8 +69,9 @@ struct request {
   std::vector<token_id> prompt;
   kv_handoff handoff = kv_handoff::none;
   sampling_params sampling; // including max_tokens, min_tokens, ignore_eos
+  // Stop strings are not the engine's: the front end's detokenizer finds them in the text it
+  // makes anyway and cancels the request (vLLM v1's output processor does the same).
   std::vector<token_id> stop_token_ids;
-  stop_hook stop_check; // optional
   // Structured output (optional): each sampled token is restricted to what the constraint allows
   // (seq_step::allowed_tokens), then accepted into it; when it terminates, the request finishes
   // with `stop`. The scheduler owns it from add() on (a copy of the request must fork() it).

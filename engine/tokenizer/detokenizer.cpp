@@ -13,13 +13,14 @@ incremental_detokenizer::incremental_detokenizer(std::shared_ptr<const tokenizer
       stops_.push_back(std::move(s));
 }
 
-std::string incremental_detokenizer::push(token_id id) {
+std::string incremental_detokenizer::push(token_id id, bool may_stop) {
+  may_stop_ = may_stop;
   if (stopped_ || (skip_special_ && tok_->is_special(id)))
     return {};
   pending_bytes_.append(tok_->token_bytes(id));
   const size_t used = utf8::append_lossy(held_, pending_bytes_, false);
   pending_bytes_.erase(0, used);
-  return release(false);
+  return release(false, may_stop);
 }
 
 std::string incremental_detokenizer::finish() {
@@ -27,15 +28,15 @@ std::string incremental_detokenizer::finish() {
     return {};
   utf8::append_lossy(held_, pending_bytes_, true);
   pending_bytes_.clear();
-  return release(true);
+  return release(true, may_stop_);
 }
 
-std::string incremental_detokenizer::release(bool final) {
+std::string incremental_detokenizer::release(bool final, bool may_stop) {
   // The earliest complete stop string ends the text.
   size_t first = std::string::npos;
   const std::string* which = nullptr;
   for (const auto& stop : stops_) {
-    const size_t at = held_.find(stop);
+    const size_t at = may_stop ? held_.find(stop) : std::string::npos;
     if (at < first) {
       first = at;
       which = &stop;

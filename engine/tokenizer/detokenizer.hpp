@@ -18,8 +18,10 @@ class incremental_detokenizer {
                           std::vector<std::string> stop_strings = {}, bool skip_special = true);
 
   // Feeds one generated token; returns the text that is now final (possibly empty). After a stop
-  // string has appeared, returns the text before it once and then nothing.
-  std::string push(token_id id);
+  // string has appeared, returns the text before it once and then nothing. `may_stop` false
+  // (fewer tokens than the request's min_tokens): a stop string does not end the text yet; the
+  // text that could still grow into one is held back all the same.
+  std::string push(token_id id, bool may_stop = true);
 
   // End of generation: returns the held text (an unfinished character as U+FFFD, as decode()).
   // The concatenation of every push() and finish() equals tokenizer::decode of all ids, cut before
@@ -31,7 +33,7 @@ class incremental_detokenizer {
   const std::optional<std::string>& stop_string() const { return stopped_; }
 
  private:
-  std::string release(bool final);
+  std::string release(bool final, bool may_stop);
 
   std::shared_ptr<const tokenizer> tok_;
   std::vector<std::string> stops_;
@@ -39,6 +41,7 @@ class incremental_detokenizer {
   std::string pending_bytes_; // bytes of an unfinished UTF-8 character
   std::string held_;          // whole characters that may be the start of a stop string
   std::optional<std::string> stopped_;
+  bool may_stop_ = true; // as of the last push()
 };
 
 } // namespace troupe::engine

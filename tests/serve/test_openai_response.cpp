@@ -86,6 +86,40 @@ TEST_CASE("openai_response: a chat stream and a text body from the same outputs"
   CHECK(body["usage"]["total_tokens"] == 1 + ids.size());
 }
 
+TEST_CASE("openai_response: a stop string ends the choice while the engine still runs") {
+  auto dir = test::golden_model("tiny-qwen3");
+  if (!dir)
+    return;
+  auto text = engine::model_tokenizer::load_for_model(*dir);
+  REQUIRE(text.has_value());
+  const model_info m{.name = "tiny", .max_model_len = 256, .vocab_size = 0, .text = &*text};
+  const auto ids = *text->text->encode(" Paris is the capital of France");
+  REQUIRE(ids.size() >= 4);
+  // The stop string is the text of token 2 (0-based): the choice ends at that token, with the
+  // text before it, though no output carries a finish (the caller then cancels the engine's).
+  const auto stop = text->text->decode(std::vector<token_id>{ids[2]}, true);
+  const auto before = text->text->decode(std::vector<token_id>{ids[0], ids[1]}, true);
+  for (int32_t min_tokens : {0, 3, 5}) {
+    completion_request req{.prompt = {7}, .stop = std::vector<std::string>{stop}};
+    req.sampling.min_tokens = min_tokens;
+    openai_response r(req, m, "cmpl-4", 42);
+    size_t fed = 0;
+    while (fed < ids.size() && !r.finished())
+      r.add(token(ids[fed++]));
+    auto body = r.body();
+    if (min_tokens <= 3) { // stop strings count from min_tokens on, as stop tokens
+      CHECK(fed == 3);
+      CHECK(r.finish() == engine::finish_reason::stop);
+      CHECK(body["choices"][0]["text"] == before);
+      CHECK(body["choices"][0]["stop_reason"] == stop);
+      CHECK(body["usage"]["completion_tokens"] == 3);
+    } else {
+      CHECK(fed == ids.size()); // not stopped: the text goes on past it
+      CHECK_FALSE(r.finished());
+    }
+  }
+}
+
 TEST_CASE("openai_response: echo puts the prompt's text before the completion, streamed and not") {
   auto dir = test::golden_model("tiny-qwen3");
   if (!dir)

@@ -86,7 +86,7 @@ engine::request req(int32_t max_tokens) {
   sampling_params p;
   p.temperature = 0;
   p.max_tokens = max_tokens;
-  return {.prompt = {1, 2, 3}, .sampling = p, .stop_token_ids = {}, .stop_check = {}};
+  return {.prompt = {1, 2, 3}, .sampling = p, .stop_token_ids = {}};
 }
 
 // Installs a fake replica; returns it (owned by the router) and its health.

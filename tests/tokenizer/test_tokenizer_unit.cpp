@@ -202,6 +202,21 @@ TEST_CASE("detokenizer: whole characters only, stop strings across tokens") {
   CHECK(stream_all(h, {256, 'c', 'd'}) == "abcd");
   CHECK_FALSE(h.stopped());
 
+  // Before min_tokens (may_stop false) a complete stop string does not stop; a prefix of one is
+  // still held, so a stop string that completes once stopping is allowed is found.
+  incremental_detokenizer m(shared, {"c<"});
+  CHECK(m.push('c', false).empty());
+  CHECK(m.push('<', false) == "c<");
+  CHECK_FALSE(m.stopped());
+  CHECK(m.push('c', false).empty());
+  CHECK(m.push('<', true).empty());
+  CHECK(m.stopped());
+  incremental_detokenizer late(shared, {"c<"});
+  CHECK(late.push('c', false).empty());
+  CHECK(late.push('<', false) == "c<");
+  CHECK(late.finish().empty());
+  CHECK_FALSE(late.stopped());
+
   // Special tokens are skipped by default; an unfinished character ends as U+FFFD.
   incremental_detokenizer f(shared);
   CHECK(stream_all(f, {'a', 300, 0xE4}) == "a\xEF\xBF\xBD");
