@@ -117,7 +117,8 @@ TEST_CASE("transfer: socket transport: the target going away fails the transfer,
   p.ba.reset();
   auto t0 = clock::now();
   CHECK(p.ab->wait(*id).error().code() == errc::unavailable);
-  CHECK(clock::now() - t0 < 2s);
+  // Well before the 20 s deadline (the bound is loose: a loaded 2-core CI machine under ASan).
+  CHECK(clock::now() - t0 < 10s);
   CHECK(p.a->deregister(*s));
   CHECK(p.b->deregister(*d));
 }
