@@ -401,6 +401,7 @@ void place(head* self, const head_config& cfg, deployment_config dc,
            const engine::model_config& model, deploy_done done) {
   auto& st = self->state;
   const std::string name = dc.served_model_name;
+  std::string auto_device;
   if (dc.device == "auto") { // cuda when an alive node offers a real GPU, else cpu
     std::vector<cluster::gpu_info> gpus;
     for (const auto& n : st.members->nodes())
@@ -408,8 +409,15 @@ void place(head* self, const head_config& cfg, deployment_config dc,
         gpus.insert(gpus.end(), n.info.resources.gpus.begin(), n.info.resources.gpus.end());
     const auto choice = cluster::choose_device(gpus, "no alive node has a GPU");
     log::info("head: deployment '{}': device auto -> {} ({})", name, choice.device, choice.why);
-    dc.device = choice.device;
+    auto_device = choice.device;
   }
+  // Everything the config and the model decide, once, before any rank is placed or loads.
+  auto resolved = serve::resolve(std::move(dc), model, auto_device);
+  if (!resolved) {
+    log::warn("head: refused deployment '{}': {}", name, resolved.error().message());
+    return done(std::move(resolved).error());
+  }
+  dc = resolved->config;
   std::vector<cluster::group_spec> groups;
   for (const auto& g : replica_groups(dc))
     groups.push_back({g.role,
@@ -424,7 +432,10 @@ void place(head* self, const head_config& cfg, deployment_config dc,
     return done(std::move(rec).error());
   }
   const std::string ns = (*rec)->ns;
-  msg::deployment_plan plan{.config = dc, .ns = ns, .replicas = {}};
+  msg::deployment_plan plan{
+      .resolved = std::make_shared<const serve::resolved_deployment>(std::move(*resolved)),
+      .ns = ns,
+      .replicas = {}};
   std::string where;
   for (const auto& rep : (*rec)->replicas)
     plan.replicas.push_back(plan_of(self, rep));

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -13,6 +14,7 @@
 #include <caf/atom.hpp>
 #include <caf/meta/type_name.hpp>
 
+#include "actors/serving/resolve.hpp"
 #include "cluster/membership.hpp"
 #include "engine/kv/kv_layout.hpp"
 #include "http/serving_port.hpp"
@@ -271,15 +273,13 @@ template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, replica_plan& x) {
   return f(caf::meta::type_name("replica_plan"), x.replica, x.ns, x.ranks, x.nodes);
 }
+// Head -> serving actor, within the head's process only (never serialized): the deployment as
+// resolved before placing it (serve::resolve), and where its replicas' ranks are.
 struct deployment_plan {
-  deployment_config config;
+  std::shared_ptr<const serve::resolved_deployment> resolved;
   std::string ns; // the deployment's namespace prefix in the head's KV store
   std::vector<replica_plan> replicas;
 };
-template <class Inspector>
-typename Inspector::result_type inspect(Inspector& f, deployment_plan& x) {
-  return f(caf::meta::type_name("deployment_plan"), x.config, x.ns, x.replicas);
-}
 // Failure and restart of one replica (the head's registry decides, the serving actor acts):
 //   (failed_atom, name, ns, why)         serving -> head: the replica of attempt `ns` failed
 //   (drop_atom, int32 replica, ns, why)   head -> serving: take it out of routing, stop its workers
@@ -456,7 +456,6 @@ inline void add_message_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<std::vector<rank_view>>("std::vector<troupe::rank_view>");
   cfg.add_message_type<deployment_view>("troupe::deployment_view");
   cfg.add_message_type<deployment_config>("troupe::deployment_config");
-  cfg.add_message_type<deployment_plan>("troupe::deployment_plan");
   cfg.add_message_type<replica_plan>("troupe::replica_plan");
   cfg.add_message_type<replica_loaded>("troupe::replica_loaded");
   cfg.add_message_type<worker_spec>("troupe::worker_spec");
@@ -473,3 +472,4 @@ inline void add_message_types(caf::actor_system_config& cfg) {
 } // namespace troupe::msg
 
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(troupe::msg::replica_job)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(troupe::msg::deployment_plan)

@@ -125,31 +125,21 @@ expected<local_replica> start_local(const deployment_config& c, const kv_plan& k
 
 // Both groups of a disaggregated deployment in this process, linked: the decode replicas, then
 // the prefill replicas (their prefill role set).
-expected<std::vector<replica_executor>> start_disaggregated(const deployment_config& c,
-                                                            const engine::model_config& model) {
+expected<std::vector<replica_executor>> start_disaggregated(const resolved_deployment& rd) {
+  const auto& c = rd.config;
   const auto& d = c.disaggregation;
-  std::vector<local_replica> groups[2]; // decode, prefill
+  std::vector<local_replica> groups[2]; // decode, prefill: rd.groups' order
   const int32_t all = d.decode.parallel.replicas + d.prefill.parallel.replicas;
   int32_t loaded = 0;
   for (int g = 0; g < 2; ++g) {
-    const auto& group = g == 0 ? d.decode : d.prefill;
-    const char* name = g == 0 ? "decode" : "prefill";
-    if (group.parallel.tensor != 1 || group.parallel.pipeline != 1)
-      return make_error(errc::unsupported,
-                        "disaggregation.{}: tensor={} pipeline={}: in one process (--block) each "
-                        "replica runs one rank",
-                        name, group.parallel.tensor, group.parallel.pipeline);
+    const auto& group = rd.groups.at(static_cast<size_t>(g));
     deployment_config gc = c;
-    if (group.block_size > 0)
-      gc.block_size = group.block_size;
-    auto kv = plan_kv(gc, model);
-    if (!kv)
-      return std::move(kv).error().context(fmt::format("disaggregation.{}", name));
-    for (int32_t i = 0; i < group.parallel.replicas; ++i) {
+    gc.block_size = group.group.block_size;
+    for (int32_t i = 0; i < group.group.parallel.replicas; ++i) {
       gc.gpu_memory_utilization = share(c, loaded++, all);
-      auto r = start_local(gc, *kv);
+      auto r = start_local(gc, group.kv);
       if (!r)
-        return std::move(r).error().context(fmt::format("{} replica {}", name, i));
+        return std::move(r).error().context(fmt::format("{} replica {}", group.group.role, i));
       r->r.block_size = gc.block_size;
       groups[g].push_back(std::move(*r));
     }
@@ -183,63 +173,44 @@ expected<std::vector<replica_executor>> start_disaggregated(const deployment_con
 
 } // namespace
 
-expected<kv_plan> plan_kv(const deployment_config& c, const engine::model_config& m) {
-  kv_plan p;
-  const int64_t model_len = m.max_position_embeddings > 0 ? m.max_position_embeddings : 4096;
-  p.max_model_len = c.max_model_len > 0 ? c.max_model_len
-                                        : static_cast<int32_t>(std::min<int64_t>(model_len, 4096));
-  if (m.max_position_embeddings > 0 && p.max_model_len > m.max_position_embeddings)
-    return make_error(errc::invalid_argument,
-                      "max_model_len {} exceeds the model's max_position_embeddings {}",
-                      p.max_model_len, m.max_position_embeddings);
-  const int64_t per_seq = (p.max_model_len + c.block_size - 1) / c.block_size;
-  if (c.num_kv_blocks > 0) {
-    if (c.num_kv_blocks < per_seq)
-      return make_error(errc::invalid_argument,
-                        "num_kv_blocks {} cannot hold one context of max_model_len {} ({} blocks "
-                        "of {} tokens)",
-                        c.num_kv_blocks, p.max_model_len, per_seq, c.block_size);
-    p.num_blocks = c.num_kv_blocks;
-    return p;
-  }
-  const int64_t block_bytes = 2 * m.num_layers * c.block_size * m.kv_size() * 4;
-  const int64_t cap =
-      std::max<int64_t>(per_seq, (int64_t{1} << 30) / std::max<int64_t>(1, block_bytes));
-  p.num_blocks = static_cast<int32_t>(std::min<int64_t>(per_seq * c.max_num_seqs, cap));
-  return p;
-}
-
 expected<std::unique_ptr<deployment>> deployment::start(const deployment_config& config,
                                                         std::string version) {
-  deployment_config c = config;
-  if (c.device == "auto") { // cuda where this process sees a GPU, else cpu
+  for (const auto& g : replica_groups(config))
+    if (g.parallel.tensor != 1 || g.parallel.pipeline != 1)
+      return make_error(errc::unsupported,
+                        "{}tensor={} pipeline={}: serving in this process (--block) runs one rank "
+                        "per replica; serve through the cluster (`cluster serve` without --block)",
+                        g.role.empty() ? "parallel " : "disaggregation." + g.role + ": ",
+                        g.parallel.tensor, g.parallel.pipeline);
+  auto model = engine::peek_model_config(config.model);
+  if (!model)
+    return std::move(model).error().context("model " + config.model);
+  std::string auto_device;
+  if (config.device == "auto") { // cuda where this process sees a GPU, else cpu
     const auto here = cluster::discover_resources();
     const auto choice = cluster::choose_device(here.gpus, here.gpu_discovery_note);
     log::info("device auto -> {} ({})", choice.device, choice.why);
-    c.device = choice.device;
+    auto_device = choice.device;
   }
-  if (c.parallel.tensor != 1 || c.parallel.pipeline != 1)
-    return make_error(errc::unsupported,
-                      "parallel tensor={} pipeline={}: serving in this process (--block) runs "
-                      "one rank per replica; serve through the cluster (`cluster serve` without "
-                      "--block)",
-                      c.parallel.tensor, c.parallel.pipeline);
+  auto rd = resolve(config, std::move(*model), auto_device);
+  if (!rd)
+    return std::move(rd).error();
   auto cfg = std::make_unique<caf::actor_system_config>();
   cfg->set("scheduler.max-threads", size_t{1}); // the replica actors are detached
   auto sys = std::make_unique<caf::actor_system>(*cfg);
-  auto d = start(c, std::move(version), *sys,
-                 [&c](const engine::model_config& model,
-                      const kv_plan& kv) -> expected<std::vector<replica_executor>> {
-                   if (c.disaggregation.enabled)
-                     return start_disaggregated(c, model);
+  auto d = start(*rd, std::move(version), *sys,
+                 [](const resolved_deployment& r) -> expected<std::vector<replica_executor>> {
+                   if (r.config.disaggregation.enabled)
+                     return start_disaggregated(r);
                    std::vector<replica_executor> all;
-                   deployment_config rc = c;
-                   for (int32_t i = 0; i < c.parallel.replicas; ++i) {
-                     rc.gpu_memory_utilization = share(c, i, c.parallel.replicas);
-                     auto r = start_local(rc, kv);
-                     if (!r)
-                       return std::move(r).error().context(fmt::format("replica {}", i));
-                     all.push_back(std::move(r->r));
+                   deployment_config rc = r.config;
+                   const int32_t n = rc.parallel.replicas;
+                   for (int32_t i = 0; i < n; ++i) {
+                     rc.gpu_memory_utilization = share(r.config, i, n);
+                     auto one = start_local(rc, r.groups.front().kv);
+                     if (!one)
+                       return std::move(one).error().context(fmt::format("replica {}", i));
+                     all.push_back(std::move(one->r));
                    }
                    return all;
                  });
@@ -252,33 +223,20 @@ expected<std::unique_ptr<deployment>> deployment::start(const deployment_config&
   return d;
 }
 
-expected<std::unique_ptr<deployment>> deployment::start(const deployment_config& c,
+expected<std::unique_ptr<deployment>> deployment::start(const resolved_deployment& rd,
                                                         std::string version, caf::actor_system& sys,
                                                         const executor_factory& make_executor) {
-  if (c.device == "cuda" && c.dtype != "auto" && c.dtype != "bfloat16")
-    return make_error(errc::unsupported,
-                      "dtype '{}': the CUDA backend computes in bfloat16; use "
-                      "dtype: auto or bfloat16",
-                      c.dtype);
-  if (c.device == "cpu" && c.dtype != "auto" && c.dtype != "float32")
-    return make_error(errc::unsupported,
-                      "dtype '{}': the CPU backend computes in float32; use "
-                      "dtype: auto or float32",
-                      c.dtype);
+  const auto& c = rd.config;
+  const auto* config = &rd.model;
+  const auto* kv = &rd.groups.front().kv; // the serving (decode) group's
   auto d = std::unique_ptr<deployment>(new deployment());
   d->parts_ = std::make_unique<parts>();
   auto& p = *d->parts_;
-  auto config = engine::peek_model_config(c.model);
-  if (!config)
-    return std::move(config).error().context("model " + c.model);
-  auto kv = plan_kv(c, *config);
-  if (!kv)
-    return std::move(kv).error();
   auto text = engine::model_tokenizer::load_for_model(c.model);
   if (!text)
     return std::move(text).error().context("tokenizer of " + c.model);
   p.text = std::move(*text);
-  auto replicas = make_executor(*config, *kv);
+  auto replicas = make_executor(rd);
   if (!replicas)
     return std::move(replicas).error();
   const size_t decoding = static_cast<size_t>(

@@ -14,36 +14,26 @@
 #include <caf/actor_system.hpp>
 
 #include "actors/serving/replica_router.hpp"
+#include "actors/serving/resolve.hpp"
 #include "engine/exec/executor.hpp"
-#include "engine/model/model_config.hpp"
 #include "runtime/config.hpp"
 
 namespace troupe::serve {
 
-// The context limit and KV pool size a config gets on `model` (0s in the config are derived:
-// max_model_len = the model's limit capped at 4096; KV blocks for max_num_seqs full contexts,
-// capped at 1 GiB of float32 KV but never below one full context).
-struct kv_plan {
-  int32_t max_model_len = 0;
-  int32_t num_blocks = 0;
-};
-expected<kv_plan> plan_kv(const deployment_config& config, const engine::model_config& model);
-
-// Makes every replica's executor once the model's config and the KV plan are known: a backend
-// in this process (`--block`) or each replica's worker ranks (the head's serving actor), with
-// the size of its KV pool (kv.num_blocks, or what a CUDA pool had room for). Blocks while
-// loading.
-using executor_factory = std::function<expected<std::vector<replica_executor>>(
-    const engine::model_config&, const kv_plan&)>;
+// Makes every replica's executor for a resolved deployment: a backend in this process
+// (`--block`) or each replica's worker ranks (the head's serving actor), with the size of its KV
+// pool (the group's kv.num_blocks, or what a CUDA pool had room for). Blocks while loading.
+using executor_factory =
+    std::function<expected<std::vector<replica_executor>>(const resolved_deployment&)>;
 
 class deployment {
  public:
-  // In this process on the config's device (tensor = pipeline = replicas = 1 only), with an
-  // actor system of its own for the replica actor.
+  // In this process on the config's device (tensor = pipeline = 1 only), with an actor system
+  // of its own for the replica actors: reads the model's config, resolves, loads.
   static expected<std::unique_ptr<deployment>> start(const deployment_config& config,
                                                      std::string version);
   // Replica actors spawned in `sys`, which must outlive the deployment.
-  static expected<std::unique_ptr<deployment>> start(const deployment_config& config,
+  static expected<std::unique_ptr<deployment>> start(const resolved_deployment& resolved,
                                                      std::string version, caf::actor_system& sys,
                                                      const executor_factory& make_executor);
   ~deployment();

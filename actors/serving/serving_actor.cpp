@@ -9,7 +9,6 @@
 #include <caf/scoped_actor.hpp>
 
 #include "actors/caf_glue.hpp"
-#include "engine/model/gguf_weights.hpp"
 #include "runtime/log.hpp"
 
 namespace troupe::serve {
@@ -359,11 +358,11 @@ void finish_first_load(serving* self, const caf::actor& head, const std::string&
   if (st.config.disaggregation.enabled)
     if (auto ok = link_all(self, head, loaded, executors); !ok)
       return fail(ok.error());
-  auto d = deployment::start(
-      st.config, version, self->system(),
-      [&](const engine::model_config&, const kv_plan&) -> expected<std::vector<replica_executor>> {
-        return std::move(executors);
-      });
+  auto d =
+      deployment::start(*st.resolved, version, self->system(),
+                        [&](const resolved_deployment&) -> expected<std::vector<replica_executor>> {
+                          return std::move(executors);
+                        });
   if (!d)
     return fail(d.error());
   st.served = std::move(*d);
@@ -412,21 +411,15 @@ void finish_restart(serving* self, const caf::actor& head, msg::replica_loaded& 
 
 caf::result<std::string> on_deploy(serving* self, const msg::deployment_plan& plan) {
   auto& st = self->state;
-  st.config = plan.config;
-  auto model = engine::peek_model_config(st.config.model);
-  if (!model)
-    return actors::to_caf(std::move(model).error().context("model " + st.config.model));
-  st.groups = replica_groups(st.config);
+  if (!plan.resolved)
+    return actors::to_caf(make_error(errc::internal, "a deployment plan without its resolution"));
+  st.resolved = plan.resolved;
+  st.config = plan.resolved->config;
+  st.groups.clear();
   st.group_kv.clear();
-  for (const auto& g : st.groups) {
-    deployment_config gc = st.config;
-    gc.block_size = g.block_size;
-    auto kv = plan_kv(gc, *model);
-    if (!kv)
-      return actors::to_caf(g.role.empty()
-                                ? kv.error()
-                                : troupe::error(kv.error()).context("the " + g.role + " group"));
-    st.group_kv.push_back(*kv);
+  for (const auto& g : plan.resolved->groups) {
+    st.groups.push_back(g.group);
+    st.group_kv.push_back(g.kv);
   }
   st.handoffs = std::make_shared<handoff_stats>();
   const size_t n = plan.replicas.size();

@@ -38,8 +38,10 @@ namespace troupe::serve {
 
 struct serving_state {
   std::unique_ptr<deployment> served;
+  // The deployment as the head resolved it, and parts of it at hand: its config, and per group
+  // (one, or decode then prefill) the layout and the KV plan.
+  std::shared_ptr<const resolved_deployment> resolved;
   deployment_config config;
-  // Per group (replica_groups: one, or decode then prefill): its layout and KV plan.
   std::vector<replica_group> groups;
   std::vector<kv_plan> group_kv;
   // Disaggregated: each replica's ranks' KV endpoints (its current attempt), and the handoffs'

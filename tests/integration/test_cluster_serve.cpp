@@ -145,6 +145,12 @@ TEST_CASE("cluster serve: tensor=2 x pipeline=2 over two nodes answers like clus
   auto big = serve(fx, write_yaml(fx, "big.yaml", yaml_for(*model, "big", 2, 1)));
   CHECK(big.exit_code != 0); // all four stand-ins are held by "tiny"
   CHECK_MESSAGE(big.output.find("free") != std::string::npos, big.output);
+  // Resolved on the head before placement: a dtype the device cannot compute in.
+  auto f16 = serve(fx, write_yaml(fx, "f16.yaml",
+                                  yaml_for(*model, "f16", 1, 1) + "device: cpu\ndtype: float16\n"));
+  CHECK(f16.exit_code != 0);
+  CHECK_MESSAGE(f16.output.find("the CPU backend computes in float32") != std::string::npos,
+                f16.output);
   CHECK(status_json(fx)["deployments"].size() == 1);
 
   // --stop removes it and frees its devices; the endpoint goes away.
