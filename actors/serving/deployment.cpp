@@ -63,7 +63,27 @@ struct local_replica {
   engine::kv_layout kv;
 };
 
-expected<local_replica> start_cuda(const deployment_config& c, const kv_plan& kv) {
+using progress_fn = std::function<void(const msg::rank_progress&)>;
+
+// The load progress of replica `replica` of group `role` in this process, for `progress`; none
+// when `progress` is unset.
+engine::load_callback replica_progress(const progress_fn& progress, const deployment_config& c,
+                                       const std::string& role, int32_t replica) {
+  if (!progress)
+    return {};
+  return [&progress, name = c.served_model_name, role, replica](const engine::load_report& r) {
+    progress({.deployment = name,
+              .role = role,
+              .replica = replica,
+              .bytes = r.bytes,
+              .total = r.total,
+              .elapsed_s = r.elapsed_s,
+              .done = r.done});
+  };
+}
+
+expected<local_replica> start_cuda(const deployment_config& c, const kv_plan& kv,
+                                   const engine::load_callback& progress) {
   engine::cuda_options o{.device = 0,
                          .max_num_batched_tokens = std::max(c.max_num_batched_tokens, 1),
                          .max_num_seqs = c.max_num_seqs,
@@ -72,7 +92,7 @@ expected<local_replica> start_cuda(const deployment_config& c, const kv_plan& kv
                          .gpu_memory_utilization = static_cast<float>(c.gpu_memory_utilization)};
   const auto t0 = std::chrono::steady_clock::now();
   auto model = engine::load_cuda_backend(
-      c.model, {.num_blocks = c.num_kv_blocks, .block_size = c.block_size}, o);
+      c.model, {.num_blocks = c.num_kv_blocks, .block_size = c.block_size}, o, progress);
   if (!model)
     return std::move(model).error().context("device: cuda, model " + c.model);
   const double load_s =
@@ -109,11 +129,12 @@ expected<local_replica> start_cuda(const deployment_config& c, const kv_plan& kv
       std::move(layout)};
 }
 
-expected<local_replica> start_local(const deployment_config& c, const kv_plan& kv) {
+expected<local_replica> start_local(const deployment_config& c, const kv_plan& kv,
+                                    const engine::load_callback& progress) {
   if (c.device == "cuda")
-    return start_cuda(c, kv);
-  auto model =
-      engine::cpu_backend::load(c.model, {.num_blocks = kv.num_blocks, .block_size = c.block_size});
+    return start_cuda(c, kv, progress);
+  auto model = engine::cpu_backend::load(
+      c.model, {.num_blocks = kv.num_blocks, .block_size = c.block_size}, {}, progress);
   if (!model)
     return std::move(model).error();
   auto layout = (*model)->kv_memory();
@@ -126,7 +147,8 @@ expected<local_replica> start_local(const deployment_config& c, const kv_plan& k
 // Both groups of a disaggregated deployment in this process, linked: the decode replicas, then
 // the prefill replicas (their prefill role set).
 expected<std::vector<replica_executor>> start_disaggregated(const deployment_config& c,
-                                                            const engine::model_config& model) {
+                                                            const engine::model_config& model,
+                                                            const progress_fn& progress) {
   const auto& d = c.disaggregation;
   std::vector<local_replica> groups[2]; // decode, prefill
   const int32_t all = d.decode.parallel.replicas + d.prefill.parallel.replicas;
@@ -147,7 +169,7 @@ expected<std::vector<replica_executor>> start_disaggregated(const deployment_con
       return std::move(kv).error().context(fmt::format("disaggregation.{}", name));
     for (int32_t i = 0; i < group.parallel.replicas; ++i) {
       gc.gpu_memory_utilization = share(c, loaded++, all);
-      auto r = start_local(gc, *kv);
+      auto r = start_local(gc, *kv, replica_progress(progress, c, name, i));
       if (!r)
         return std::move(r).error().context(fmt::format("{} replica {}", name, i));
       r->r.block_size = gc.block_size;
@@ -210,7 +232,8 @@ expected<kv_plan> plan_kv(const deployment_config& c, const engine::model_config
 }
 
 expected<std::unique_ptr<deployment>> deployment::start(const deployment_config& config,
-                                                        std::string version) {
+                                                        std::string version,
+                                                        const progress_fn& progress) {
   deployment_config c = config;
   if (c.device == "auto") { // cuda where this process sees a GPU, else cpu
     const auto here = cluster::discover_resources();
@@ -228,15 +251,15 @@ expected<std::unique_ptr<deployment>> deployment::start(const deployment_config&
   cfg->set("scheduler.max-threads", size_t{1}); // the replica actors are detached
   auto sys = std::make_unique<caf::actor_system>(*cfg);
   auto d = start(c, std::move(version), *sys,
-                 [&c](const engine::model_config& model,
-                      const kv_plan& kv) -> expected<std::vector<replica_executor>> {
+                 [&c, &progress](const engine::model_config& model,
+                                 const kv_plan& kv) -> expected<std::vector<replica_executor>> {
                    if (c.disaggregation.enabled)
-                     return start_disaggregated(c, model);
+                     return start_disaggregated(c, model, progress);
                    std::vector<replica_executor> all;
                    deployment_config rc = c;
                    for (int32_t i = 0; i < c.parallel.replicas; ++i) {
                      rc.gpu_memory_utilization = share(c, i, c.parallel.replicas);
-                     auto r = start_local(rc, kv);
+                     auto r = start_local(rc, kv, replica_progress(progress, c, "", i));
                      if (!r)
                        return std::move(r).error().context(fmt::format("replica {}", i));
                      all.push_back(std::move(r->r));

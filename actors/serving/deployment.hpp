@@ -13,6 +13,7 @@
 
 #include <caf/actor_system.hpp>
 
+#include "actors/messages.hpp"
 #include "actors/serving/replica_router.hpp"
 #include "engine/exec/executor.hpp"
 #include "engine/model/model_config.hpp"
@@ -38,10 +39,12 @@ using executor_factory = std::function<expected<std::vector<replica_executor>>(
 
 class deployment {
  public:
-  // In this process on the config's device (tensor = pipeline = replicas = 1 only), with an
-  // actor system of its own for the replica actor.
-  static expected<std::unique_ptr<deployment>> start(const deployment_config& config,
-                                                     std::string version);
+  // In this process on the config's device (tensor = pipeline = 1 only), with an actor system
+  // of its own for the replica actor. `progress`, when set, gets each replica's load progress
+  // (node_id empty), called from one loading thread at a time.
+  static expected<std::unique_ptr<deployment>>
+  start(const deployment_config& config, std::string version,
+        const std::function<void(const msg::rank_progress&)>& progress = {});
   // Replica actors spawned in `sys`, which must outlive the deployment.
   static expected<std::unique_ptr<deployment>> start(const deployment_config& config,
                                                      std::string version, caf::actor_system& sys,

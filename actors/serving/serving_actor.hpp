@@ -37,6 +37,7 @@
 namespace troupe::serve {
 
 struct serving_state {
+  caf::actor head; // the head that spawned this actor
   std::unique_ptr<deployment> served;
   deployment_config config;
   // Per group (replica_groups: one, or decode then prefill): its layout and KV plan.
