@@ -36,7 +36,7 @@ size_t count(const std::string& text, const std::string& what) {
 
 } // namespace
 
-TEST_CASE("load_display: plain lines at start, each 10% step and the end of every rank") {
+TEST_CASE("load_display: plain lines at start and each 10% step and the end of every rank") {
   std::vector<std::string> lines;
   load_display d(load_display::style::lines, [&](const std::string& l) { lines.push_back(l); });
   // Two ranks reporting every 1% (interleaved), then their ends.
@@ -56,7 +56,7 @@ TEST_CASE("load_display: plain lines at start, each 10% step and the end of ever
   CHECK(lines[21].find("rank 1 (pp 0, tp 1)") != std::string::npos);
 }
 
-TEST_CASE("load_display: groups and replicas are named; a report that jumps prints once") {
+TEST_CASE("load_display: groups and replicas are named and a report that jumps prints once") {
   std::vector<std::string> lines;
   load_display d(load_display::style::lines, [&](const std::string& l) { lines.push_back(l); });
   d.update(report("prefill", 1, 0, 0, false));
@@ -73,7 +73,7 @@ TEST_CASE("load_display: groups and replicas are named; a report that jumps prin
   CHECK(rank_name(local) == "replica 0 rank 0 (pp 0, tp 0)");
 }
 
-TEST_CASE("load_display: bars, one line per rank, redrawn in place") {
+TEST_CASE("load_display: bars with one line per rank redrawn in place") {
   std::string screen;
   load_display d(
       load_display::style::bars, [&](const std::string& t) { screen += t; }, 100);

@@ -77,7 +77,8 @@ kv_cache_options small_kv() {
 
 } // namespace
 
-TEST_CASE("load_progress: at most one report per interval, monotonic, the last one at the total") {
+TEST_CASE(
+    "load_progress: at most one report per interval and monotonic with the last one at the total") {
   recorder rec;
   constexpr uint64_t total = 3'000'000;
   const auto t0 = std::chrono::steady_clock::now();
@@ -132,7 +133,7 @@ TEST_CASE("load_progress: counted_weights counts each slice's stored bytes") {
   CHECK(w.store() == &*store); // the CUDA loader's direct path still sees the store
 }
 
-TEST_CASE("load_progress: a CPU rank of one reads every tensor once, ending at the total") {
+TEST_CASE("load_progress: a CPU rank of one reads every tensor once and ends at the total") {
   for (const char* name : {"tiny-qwen3", "tiny-qwen2", "tiny-llama", "tiny-qwen3-moe"}) {
     CAPTURE(name);
     auto dir = test::golden_model(name);
@@ -145,7 +146,7 @@ TEST_CASE("load_progress: a CPU rank of one reads every tensor once, ending at t
   }
 }
 
-TEST_CASE("load_progress: tensor=2 ranks each read about half, pipeline=2 stages their layers") {
+TEST_CASE("load_progress: tensor=2 ranks each read about half and pipeline=2 stages their layers") {
   for (auto [tp, pp] : {std::pair{2, 1}, std::pair{1, 2}}) {
     for (const char* name : {"tiny-qwen3", "tiny-qwen3-moe"}) {
       CAPTURE(name);
