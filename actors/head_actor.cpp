@@ -303,6 +303,7 @@ void drop_namespace(head* self, const std::string& ns) {
 // Removes a deployment: its serving actor, its devices, its rendezvous namespaces.
 void remove_deployment(head* self, const std::string& name) {
   stop_serving(self, name);
+  self->state.load_clients.erase(name);
   if (const auto* rec = self->state.deployments.find(name))
     for (const auto& rep : rec->replicas)
       drop_namespace(self, rep.ns);
@@ -373,7 +374,8 @@ void restart_due(head* self, const head_config& cfg) {
 // Checks that need no file, then the model's config is read on a thread of its own (a hung
 // filesystem must not stall heartbeats); on_peeked places the deployment when it answers, and
 // on_tick gives up after cfg.read_timeout. `done` gets the ready deployment or why it failed.
-void start_deployment(head* self, const head_config& cfg, deployment_config dc, deploy_done done) {
+void start_deployment(head* self, const head_config& cfg, deployment_config dc, deploy_done done,
+                      caf::actor client = {}) {
   auto& st = self->state;
   if (!cfg.spawn_serving)
     return done(make_error(errc::unsupported, "this head does not serve deployments"));
@@ -386,7 +388,8 @@ void start_deployment(head* self, const head_config& cfg, deployment_config dc, 
   const uint64_t id = ++st.next_read;
   const std::string model = dc.model;
   st.reads.emplace(id, head_state::pending_read{std::move(dc), std::move(done),
-                                                cluster::clock::now() + cfg.read_timeout});
+                                                cluster::clock::now() + cfg.read_timeout,
+                                                std::move(client)});
   std::thread([head = self->address(), id, model] {
     detail::model_peek peek{
         std::make_shared<const expected<engine::model_config>>(engine::peek_model_config(model))};
@@ -398,7 +401,7 @@ void start_deployment(head* self, const head_config& cfg, deployment_config dc, 
 // Places the deployment whose model config was read, spawns its serving actor and waits for
 // every replica to load.
 void place(head* self, const head_config& cfg, deployment_config dc,
-           const engine::model_config& model, deploy_done done) {
+           const engine::model_config& model, deploy_done done, const caf::actor& client) {
   auto& st = self->state;
   const std::string name = dc.served_model_name;
   std::string auto_device;
@@ -451,6 +454,8 @@ void place(head* self, const head_config& cfg, deployment_config dc,
             ? fmt::format(" expert={}", g.spec.expert > 0 ? g.spec.expert : g.spec.tensor)
             : "");
   log::info("head: deploying '{}' ({}):{}", name, layout, where);
+  if (client)
+    st.load_clients[name] = client;
   auto serving = cfg.spawn_serving(self->system(), caf::actor_cast<caf::actor>(self));
   self->monitor(serving);
   st.serving[name] = serving;
@@ -461,6 +466,7 @@ void place(head* self, const head_config& cfg, deployment_config dc,
   self->request(serving, cfg.deploy_timeout, msg::deploy_atom::value, std::move(plan))
       .then(
           [self, name, done, current, dc, store = cfg.store](std::string& endpoint) mutable {
+            self->state.load_clients.erase(name);
             auto* r = current();
             if (!r)
               return done(
@@ -484,6 +490,7 @@ void place(head* self, const head_config& cfg, deployment_config dc,
             done(view_of(*r));
           },
           [self, name, done, current](caf::error& e) mutable {
+            self->state.load_clients.erase(name);
             auto err = from_caf(e, &self->system());
             log::warn("head: deployment '{}' failed to start: {}", name, err.message());
             if (current())
@@ -502,7 +509,7 @@ void on_peeked(head* self, const head_config& cfg, uint64_t id, const detail::mo
   if (!*peek.result)
     return read.done(troupe::error(peek.result->error())
                          .context("model " + read.config.model + " (read on the head)"));
-  place(self, cfg, std::move(read.config), **peek.result, std::move(read.done));
+  place(self, cfg, std::move(read.config), **peek.result, std::move(read.done), read.client);
 }
 
 caf::result<msg::deployment_view> on_deploy(head* self, const head_config& cfg,
@@ -512,13 +519,18 @@ caf::result<msg::deployment_view> on_deploy(head* self, const head_config& cfg,
                              "a deployment named '{}' is being restored from the previous head "
                              "(cluster serve --stop {} first)",
                              dc.served_model_name, dc.served_model_name));
+  // Before the promise, which takes the sender over from the current message.
+  auto client = caf::actor_cast<caf::actor>(self->current_sender());
   auto rp = self->make_response_promise<msg::deployment_view>();
-  start_deployment(self, cfg, std::move(dc), [rp](expected<msg::deployment_view> v) mutable {
-    if (v)
-      rp.deliver(std::move(*v));
-    else
-      rp.deliver(refuse(v.error()));
-  });
+  start_deployment(
+      self, cfg, std::move(dc),
+      [rp](expected<msg::deployment_view> v) mutable {
+        if (v)
+          rp.deliver(std::move(*v));
+        else
+          rp.deliver(refuse(v.error()));
+      },
+      std::move(client));
   return rp;
 }
 
@@ -741,6 +753,14 @@ caf::behavior head_actor(caf::stateful_actor<head_state, guarded_actor>* self, h
         if (self->current_sender()) // anonymous: the head's own reader threads
           return drop(self, "peeked (only the head's reader threads send it)");
         on_peeked(self, cfg, id, peek);
+      },
+      [self](msg::progress_atom, msg::rank_progress& p) {
+        if (!from_serving(self, p.deployment))
+          return drop(self, "progress for deployment '" + p.deployment +
+                                "' (not from its serving actor)");
+        if (auto it = self->state.load_clients.find(p.deployment);
+            it != self->state.load_clients.end())
+          self->send(it->second, msg::progress_atom::value, std::move(p));
       },
       [self](msg::linked_atom, const std::string& name, const std::string& transfer) {
         if (!from_serving(self, name))

@@ -65,8 +65,12 @@ struct head_state {
     deployment_config config;
     std::function<void(expected<msg::deployment_view>)> done;
     cluster::clock::time_point deadline;
+    caf::actor client; // the `cluster serve` waiting (null for a restored deployment)
   };
   std::map<uint64_t, pending_read> reads;
+  // Deployment name -> the `cluster serve` client waiting for it while it first loads: its
+  // ranks' load progress (progress_atom from the serving actor) goes there.
+  std::map<std::string, caf::actor> load_clients;
   uint64_t next_read = 0;
   // A crashed head's deployments not yet placed again: config, why not yet, attempt running.
   struct restoring {
@@ -83,7 +87,8 @@ struct head_state {
 // Every state-changing message is accepted only from the role that may send it
 // (docs/security.md): join and kv from members with the token, heartbeat and leave from the node
 // that joined (its actor and session key), deploy, undeploy and stop from clients with the token
-// but not from a node's process, ready/failed/linked from the deployment's own serving actor,
+// but not from a node's process, ready/failed/linked/progress from the deployment's own serving
+// actor,
 // tick and restart from the head itself. Others are dropped and logged (rate-limited).
 caf::behavior head_actor(caf::stateful_actor<head_state, guarded_actor>* self, head_config cfg);
 

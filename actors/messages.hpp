@@ -158,6 +158,8 @@ using submit_atom = caf::atom_constant<caf::atom("submit")>;       // router -> 
 using cancel_atom = caf::atom_constant<caf::atom("cancel")>;       // router -> replica
 using step_atom = caf::atom_constant<caf::atom("step")>;           // replica -> itself
 using expire_atom = caf::atom_constant<caf::atom("expire")>;       // replica -> itself (timer)
+using progress_atom =
+    caf::atom_constant<caf::atom("progress")>; // worker -> loader -> head -> client
 
 // (join_atom, join_request) -> join_reply | error (wrong token, version mismatch)
 struct join_request {
@@ -425,6 +427,28 @@ typename Inspector::result_type inspect(Inspector& f, worker_reply& x) {
            x.kv);
 }
 
+// Load progress of one rank: (progress_atom, rank_progress), a worker's while it reads its
+// weights (at most every 250 ms, and once at the end with done) to the sender of its load_atom
+// (the replica's loader), which names the replica and node and sends it on to the head as the
+// serving actor; the head sends it to the `cluster serve` client that waits on the deployment.
+struct rank_progress {
+  std::string deployment;
+  std::string role;    // the group: "" (not disaggregated) | "decode" | "prefill"
+  int32_t replica = 0; // the replica's index within its group
+  int32_t rank = 0;    // world rank within the replica
+  int32_t tp_rank = 0, pp_rank = 0;
+  std::string node_id;  // where the rank runs ("" in a `--block` process)
+  uint64_t bytes = 0;   // weight bytes read so far
+  uint64_t total = 0;   // this rank's total (its shard, not the whole checkpoint)
+  double elapsed_s = 0; // since the rank began reading
+  bool done = false;    // the last report of this load
+};
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, rank_progress& x) {
+  return f(caf::meta::type_name("rank_progress"), x.deployment, x.role, x.replica, x.rank,
+           x.tp_rank, x.pp_rank, x.node_id, x.bytes, x.total, x.elapsed_s, x.done);
+}
+
 // (submit_atom, replica_job) router -> replica actor, in one process only (never serialized):
 // the request's outputs go to `sink`, its errors to sink->fail(). `id` is the router's id,
 // which (cancel_atom, seq_id id) names.
@@ -467,6 +491,7 @@ inline void add_message_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<kv_link>("troupe::kv_link");
   cfg.add_message_type<kv_push>("troupe::kv_push");
   cfg.add_message_type<kv_pushed>("troupe::kv_pushed");
+  cfg.add_message_type<rank_progress>("troupe::rank_progress");
 }
 
 } // namespace troupe::msg

@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <chrono>
+#include <memory>
 
 #include "actors/head_rendezvous_store.hpp"
+#include "actors/load_display.hpp"
 #include "engine/backend/cpu/cpu_backend.hpp"
 #include "engine/exec/cuda_executor.hpp"
 #include "engine/exec/local_executor.hpp"
@@ -24,7 +26,8 @@ engine::parallel_layout layout_of(const msg::worker_spec& s) {
 }
 
 // device: cuda. Blocks: NCCL rendezvous, then uploading this rank's shard to its GPU.
-expected<void> load_cuda(worker* self, const msg::worker_spec& spec) {
+expected<void> load_cuda(worker* self, const msg::worker_spec& spec,
+                         const engine::load_callback& progress) {
   auto& st = self->state;
   const auto lay = layout_of(spec);
   const std::chrono::milliseconds timeout{spec.comm_timeout_ms};
@@ -57,7 +60,7 @@ expected<void> load_cuda(worker* self, const msg::worker_spec& spec) {
                          .world = st.gpu_world.get(),
                          .broadcast_logits = false}; // only the last stage samples
   auto model = engine::load_cuda_backend(
-      spec.model, {.num_blocks = spec.num_blocks, .block_size = spec.block_size}, o);
+      spec.model, {.num_blocks = spec.num_blocks, .block_size = spec.block_size}, o, progress);
   if (!model)
     return std::move(model).error();
   auto exec = engine::cuda_executor::create(**model);
@@ -69,15 +72,16 @@ expected<void> load_cuda(worker* self, const msg::worker_spec& spec) {
 }
 
 // Blocks: Gloo (cpu) or NCCL (cuda) rendezvous with the other ranks, then reading this rank's
-// weight shard.
-expected<void> load(worker* self, const msg::worker_spec& spec, const worker_context& ctx) {
+// weight shard, reporting its progress to `progress`.
+expected<void> load(worker* self, const msg::worker_spec& spec, const worker_context& ctx,
+                    const engine::load_callback& progress) {
   auto& st = self->state;
   const auto lay = layout_of(spec);
   const std::chrono::milliseconds timeout{spec.comm_timeout_ms};
   const std::chrono::milliseconds stage_wait{std::max(spec.comm_timeout_ms, spec.stage_wait_ms)};
   st.store = std::make_unique<head_rendezvous_store>(self->system(), ctx.head, ctx.token, spec.ns);
   if (spec.backend == "cuda")
-    return load_cuda(self, spec);
+    return load_cuda(self, spec, progress);
   if (spec.tp_size > 1) {
     auto t = engine::comm::make_gloo_communicator(
         *st.store, spec.tp_rank, spec.tp_size,
@@ -98,12 +102,36 @@ expected<void> load(worker* self, const msg::worker_spec& spec, const worker_con
   }
   auto model = engine::cpu_backend::load(
       spec.model, {.num_blocks = spec.num_blocks, .block_size = spec.block_size},
-      {lay, st.tensor.get(), st.world.get(), /*broadcast_logits=*/false});
+      {lay, st.tensor.get(), st.world.get(), /*broadcast_logits=*/false}, progress);
   if (!model)
     return std::move(model).error();
   st.exec = std::make_unique<engine::local_executor>(**model);
   st.model = std::move(*model);
   return {};
+}
+
+// Sends each report of this rank's load to `to` (the sender of load_atom) as this worker (from the
+// loading threads: send_as is safe off the actor's thread), and logs its 10% steps.
+engine::load_callback progress_to(worker* self, const caf::actor& to, const msg::worker_spec& spec,
+                                  int32_t rank) {
+  auto steps = std::make_shared<progress_steps>();
+  return [me = caf::actor_cast<caf::actor>(self), to, spec, rank,
+          steps](const engine::load_report& r) {
+    msg::rank_progress p{.deployment = spec.deployment,
+                         .role = spec.kv_role,
+                         .rank = rank,
+                         .tp_rank = spec.tp_rank,
+                         .pp_rank = spec.pp_rank,
+                         .bytes = r.bytes,
+                         .total = r.total,
+                         .elapsed_s = r.elapsed_s,
+                         .done = r.done};
+    if (steps->due(p))
+      log::info("worker {} rank {}: {} of {} read ({}%)", spec.deployment, rank,
+                format_bytes(static_cast<double>(r.bytes)),
+                format_bytes(static_cast<double>(r.total)), percent_of(r.bytes, r.total));
+    caf::send_as(me, to, msg::progress_atom::value, std::move(p));
+  };
 }
 
 // A disaggregated deployment's rank: its KV cache registered with the transfer provider.
@@ -155,7 +183,7 @@ caf::behavior worker_actor(caf::stateful_actor<worker_state, guarded_actor>* sel
         log::info("worker {} rank {}: loading {} on {} ...", spec.deployment, rank, spec.model,
                   spec.backend);
         const auto t0 = std::chrono::steady_clock::now();
-        if (auto ok = load(self, spec, ctx); !ok) {
+        if (auto ok = load(self, spec, ctx, progress_to(self, sender, spec, rank)); !ok) {
           reply.error = ok.error().to_string();
           log::error("worker {} rank {}: load failed: {}", spec.deployment, rank, reply.error);
         } else if (auto kv = open_kv(self, spec, ctx, rank); !kv) {

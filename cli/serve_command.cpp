@@ -1,12 +1,18 @@
 #include "cli/serve_command.hpp"
 
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+#include <algorithm>
 #include <csignal>
+#include <cstdio>
 #include <memory>
 #include <optional>
 
 #include <fmt/format.h>
 
 #include "actors/caf_glue.hpp"
+#include "actors/load_display.hpp"
 #include "actors/messages.hpp"
 #include "actors/serving/deployment.hpp"
 #include "cli/cluster_commands.hpp"
@@ -32,6 +38,25 @@ struct serve_args {
   double grace_s = 30; // --block: SIGTERM lets requests finish this long
   deployment_flags flags;
 };
+
+// How the ranks' load progress is shown: on a terminal (stderr, text logs) bars redrawn in place,
+// else log lines at each 10% of every rank's bytes (JSON lines with --log-format json).
+actors::load_display make_load_display() {
+  if (isatty(STDERR_FILENO) == 1 && log::current_format() == log::format::text) {
+    winsize ws{};
+    const int columns =
+        ioctl(STDERR_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 0 ? ws.ws_col : 80;
+    return actors::load_display(
+        actors::load_display::style::bars,
+        [](const std::string& text) {
+          std::fputs(text.c_str(), stderr);
+          std::fflush(stderr);
+        },
+        std::min(columns - 1, 120)); // a line as wide as the terminal would wrap
+  }
+  return actors::load_display(actors::load_display::style::lines,
+                              [](const std::string& line) { log::info("{}", line); });
+}
 
 // Sends the deployment (or --stop NAME) to the head and waits for its verdict.
 int run_on_cluster(const serve_args& args, const deployment_config* config) {
@@ -65,7 +90,9 @@ int run_on_cluster(const serve_args& args, const deployment_config* config) {
         // wait within seconds instead of after --timeout.
         self->monitor(head);
         self->send(head, msg::deploy_atom::value, target->token, *config);
+        auto display = make_load_display();
         const auto deadline = std::chrono::steady_clock::now() + timeout;
+        auto next_ping = std::chrono::steady_clock::now() + std::chrono::seconds(2);
         for (int unanswered = 0;;) {
           bool waiting = true;
           self->receive(
@@ -83,6 +110,10 @@ int run_on_cluster(const serve_args& args, const deployment_config* config) {
                 waiting = false;
               },
               [&](msg::cluster_view&) { unanswered = 0; },
+              [&](msg::progress_atom, const msg::rank_progress& p) {
+                if (p.deployment == config->served_model_name)
+                  display.update(p);
+              },
               [&](caf::error& e) {
                 out = actors::from_caf(e, &sys);
                 waiting = false;
@@ -95,27 +126,33 @@ int run_on_cluster(const serve_args& args, const deployment_config* config) {
                                  target->host, target->port, sys.render(dm.reason));
                 waiting = false;
               },
-              caf::after(std::chrono::seconds(2)) >>
-                  [&] {
-                    if (std::chrono::steady_clock::now() > deadline) {
-                      out = make_error(errc::timeout,
-                                       "the deployment was not ready within {} s (--timeout); it "
-                                       "goes on loading: see `cluster status`",
-                                       args.timeout_s);
-                      waiting = false;
-                    } else if (++unanswered > 3) {
-                      out = make_error(errc::unavailable,
-                                       "the head at {}:{} stopped answering (4 pings in 8 s); "
-                                       "it may hang or be overloaded",
-                                       target->host, target->port);
-                      waiting = false;
-                    } else {
-                      self->send(head, msg::status_atom::value, target->token);
-                    }
-                  });
+              caf::after(std::max(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                      next_ping - std::chrono::steady_clock::now()),
+                                  std::chrono::milliseconds(1))) >>
+                  [] {});
+          // Every 2 s, whether progress reports arrive or not: the deadline, then a ping.
+          if (const auto now = std::chrono::steady_clock::now(); waiting && now >= next_ping) {
+            next_ping = now + std::chrono::seconds(2);
+            if (now > deadline) {
+              out = make_error(errc::timeout,
+                               "the deployment was not ready within {} s (--timeout); it "
+                               "goes on loading: see `cluster status`",
+                               args.timeout_s);
+              waiting = false;
+            } else if (++unanswered > 3) {
+              out = make_error(errc::unavailable,
+                               "the head at {}:{} stopped answering (4 pings in 8 s); "
+                               "it may hang or be overloaded",
+                               target->host, target->port);
+              waiting = false;
+            } else {
+              self->send(head, msg::status_atom::value, target->token);
+            }
+          }
           if (!waiting)
             break;
         }
+        display.flush();
         return out;
       });
   if (!done) {
@@ -158,7 +195,10 @@ int run(const serve_args& args) {
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
   log::info("loading {} on {} ...", config->model, config->device);
   const auto t0 = std::chrono::steady_clock::now();
-  auto d = serve::deployment::start(*config, TROUPE_VERSION);
+  auto display = make_load_display();
+  auto d = serve::deployment::start(*config, TROUPE_VERSION,
+                                    [&display](const msg::rank_progress& p) { display.update(p); });
+  display.flush();
   if (!d) {
     fmt::print(stderr, "error: {}\n", d.error().to_string());
     return exit_status_of(d.error().code());

@@ -63,7 +63,27 @@ struct local_replica {
   engine::kv_layout kv;
 };
 
-expected<local_replica> start_cuda(const deployment_config& c, const kv_plan& kv) {
+using progress_fn = std::function<void(const msg::rank_progress&)>;
+
+// The load progress of replica `replica` of group `role` in this process, for `progress`; none
+// when `progress` is unset.
+engine::load_callback replica_progress(const progress_fn& progress, const deployment_config& c,
+                                       const std::string& role, int32_t replica) {
+  if (!progress)
+    return {};
+  return [&progress, name = c.served_model_name, role, replica](const engine::load_report& r) {
+    progress({.deployment = name,
+              .role = role,
+              .replica = replica,
+              .bytes = r.bytes,
+              .total = r.total,
+              .elapsed_s = r.elapsed_s,
+              .done = r.done});
+  };
+}
+
+expected<local_replica> start_cuda(const deployment_config& c, const kv_plan& kv,
+                                   const engine::load_callback& progress) {
   engine::cuda_options o{.device = 0,
                          .max_num_batched_tokens = std::max(c.max_num_batched_tokens, 1),
                          .max_num_seqs = c.max_num_seqs,
@@ -72,7 +92,7 @@ expected<local_replica> start_cuda(const deployment_config& c, const kv_plan& kv
                          .gpu_memory_utilization = static_cast<float>(c.gpu_memory_utilization)};
   const auto t0 = std::chrono::steady_clock::now();
   auto model = engine::load_cuda_backend(
-      c.model, {.num_blocks = c.num_kv_blocks, .block_size = c.block_size}, o);
+      c.model, {.num_blocks = c.num_kv_blocks, .block_size = c.block_size}, o, progress);
   if (!model)
     return std::move(model).error().context("device: cuda, model " + c.model);
   const double load_s =
@@ -109,11 +129,12 @@ expected<local_replica> start_cuda(const deployment_config& c, const kv_plan& kv
       std::move(layout)};
 }
 
-expected<local_replica> start_local(const deployment_config& c, const kv_plan& kv) {
+expected<local_replica> start_local(const deployment_config& c, const kv_plan& kv,
+                                    const engine::load_callback& progress) {
   if (c.device == "cuda")
-    return start_cuda(c, kv);
-  auto model =
-      engine::cpu_backend::load(c.model, {.num_blocks = kv.num_blocks, .block_size = c.block_size});
+    return start_cuda(c, kv, progress);
+  auto model = engine::cpu_backend::load(
+      c.model, {.num_blocks = kv.num_blocks, .block_size = c.block_size}, {}, progress);
   if (!model)
     return std::move(model).error();
   auto layout = (*model)->kv_memory();
@@ -125,7 +146,8 @@ expected<local_replica> start_local(const deployment_config& c, const kv_plan& k
 
 // Both groups of a disaggregated deployment in this process, linked: the decode replicas, then
 // the prefill replicas (their prefill role set).
-expected<std::vector<replica_executor>> start_disaggregated(const resolved_deployment& rd) {
+expected<std::vector<replica_executor>> start_disaggregated(const resolved_deployment& rd,
+                                                            const progress_fn& progress) {
   const auto& c = rd.config;
   const auto& d = c.disaggregation;
   std::vector<local_replica> groups[2]; // decode, prefill: rd.groups' order
@@ -137,7 +159,7 @@ expected<std::vector<replica_executor>> start_disaggregated(const resolved_deplo
     gc.block_size = group.group.block_size;
     for (int32_t i = 0; i < group.group.parallel.replicas; ++i) {
       gc.gpu_memory_utilization = share(c, loaded++, all);
-      auto r = start_local(gc, group.kv);
+      auto r = start_local(gc, group.kv, replica_progress(progress, c, group.group.role, i));
       if (!r)
         return std::move(r).error().context(fmt::format("{} replica {}", group.group.role, i));
       r->r.block_size = gc.block_size;
@@ -174,7 +196,8 @@ expected<std::vector<replica_executor>> start_disaggregated(const resolved_deplo
 } // namespace
 
 expected<std::unique_ptr<deployment>> deployment::start(const deployment_config& config,
-                                                        std::string version) {
+                                                        std::string version,
+                                                        const progress_fn& progress) {
   for (const auto& g : replica_groups(config))
     if (g.parallel.tensor != 1 || g.parallel.pipeline != 1)
       return make_error(errc::unsupported,
@@ -198,22 +221,24 @@ expected<std::unique_ptr<deployment>> deployment::start(const deployment_config&
   auto cfg = std::make_unique<caf::actor_system_config>();
   cfg->set("scheduler.max-threads", size_t{1}); // the replica actors are detached
   auto sys = std::make_unique<caf::actor_system>(*cfg);
-  auto d = start(*rd, std::move(version), *sys,
-                 [](const resolved_deployment& r) -> expected<std::vector<replica_executor>> {
-                   if (r.config.disaggregation.enabled)
-                     return start_disaggregated(r);
-                   std::vector<replica_executor> all;
-                   deployment_config rc = r.config;
-                   const int32_t n = rc.parallel.replicas;
-                   for (int32_t i = 0; i < n; ++i) {
-                     rc.gpu_memory_utilization = share(r.config, i, n);
-                     auto one = start_local(rc, r.groups.front().kv);
-                     if (!one)
-                       return std::move(one).error().context(fmt::format("replica {}", i));
-                     all.push_back(std::move(one->r));
-                   }
-                   return all;
-                 });
+  auto d =
+      start(*rd, std::move(version), *sys,
+            [&progress](const resolved_deployment& r) -> expected<std::vector<replica_executor>> {
+              if (r.config.disaggregation.enabled)
+                return start_disaggregated(r, progress);
+              std::vector<replica_executor> all;
+              deployment_config rc = r.config;
+              const int32_t n = rc.parallel.replicas;
+              for (int32_t i = 0; i < n; ++i) {
+                rc.gpu_memory_utilization = share(r.config, i, n);
+                auto one = start_local(rc, r.groups.front().kv,
+                                       replica_progress(progress, r.config, "", i));
+                if (!one)
+                  return std::move(one).error().context(fmt::format("replica {}", i));
+                all.push_back(std::move(one->r));
+              }
+              return all;
+            });
   if (d) {
     (*d)->parts_->own_config = std::move(cfg);
     (*d)->parts_->own_system = std::move(sys);

@@ -13,6 +13,7 @@
 
 #include <caf/actor_system.hpp>
 
+#include "actors/messages.hpp"
 #include "actors/serving/replica_router.hpp"
 #include "actors/serving/resolve.hpp"
 #include "engine/exec/executor.hpp"
@@ -29,9 +30,12 @@ using executor_factory =
 class deployment {
  public:
   // In this process on the config's device (tensor = pipeline = 1 only), with an actor system
-  // of its own for the replica actors: reads the model's config, resolves, loads.
-  static expected<std::unique_ptr<deployment>> start(const deployment_config& config,
-                                                     std::string version);
+  // of its own for the replica actors: reads the model's config, resolves, loads. `progress`,
+  // when set, gets each replica's load progress (node_id empty), called from one loading thread
+  // at a time.
+  static expected<std::unique_ptr<deployment>>
+  start(const deployment_config& config, std::string version,
+        const std::function<void(const msg::rank_progress&)>& progress = {});
   // Replica actors spawned in `sys`, which must outlive the deployment.
   static expected<std::unique_ptr<deployment>> start(const resolved_deployment& resolved,
                                                      std::string version, caf::actor_system& sys,

@@ -1,6 +1,7 @@
 #include "actors/serving/serving_actor.hpp"
 
 #include <algorithm>
+#include <functional>
 #include <optional>
 #include <set>
 
@@ -66,10 +67,11 @@ expected<void> spawn_workers(caf::blocking_actor* self, const caf::actor& owner,
 
 // Has every worker load its shard; fails on the first error or a worker that dies. Blocks.
 // Returns the smallest KV pool among the ranks (the pool the replica's scheduler may use).
-// errc::cancelled when `owner` went away meanwhile.
+// errc::cancelled when `owner` went away meanwhile. The ranks' load progress goes to `progress`.
 expected<int32_t> load_workers(caf::blocking_actor* self, const caf::actor& owner,
                                const std::vector<caf::actor>& workers,
-                               const msg::replica_plan& plan, std::vector<msg::kv_rank>& kv) {
+                               const msg::replica_plan& plan, std::vector<msg::kv_rank>& kv,
+                               const std::function<void(msg::rank_progress&)>& progress) {
   kv.assign(workers.size(), {});
   for (const auto& w : workers) {
     self->monitor(w);
@@ -94,6 +96,12 @@ expected<int32_t> load_workers(caf::blocking_actor* self, const caf::actor& owne
           if (r.error.empty() && rank < kv.size())
             kv[rank] = std::move(r.kv);
         },
+        [&](msg::progress_atom, msg::rank_progress& p) {
+          const auto rank = static_cast<size_t>(p.rank);
+          if (rank < workers.size() &&
+              caf::actor_cast<caf::actor_addr>(self->current_sender()) == workers[rank].address())
+            progress(p);
+        },
         [&](caf::down_msg& dm) {
           if (dm.source == owner.address())
             err = make_error(errc::cancelled, "the deployment was stopped");
@@ -114,14 +122,27 @@ expected<int32_t> load_workers(caf::blocking_actor* self, const caf::actor& owne
 
 // One replica's loader (a detached blocking actor): spawns and loads its workers, then tells
 // the serving actor (loaded_atom), which owns them from then on. Exits quietly, stopping what
-// it spawned, when the serving actor goes away.
-void replica_loader(caf::blocking_actor* self, caf::actor owner, deployment_config c,
-                    replica_group g, kv_plan kv, msg::replica_plan plan) {
+// it spawned, when the serving actor goes away. Its ranks' load progress goes to the head as
+// the serving actor's (the head passes it to the `cluster serve` client waiting), named by the
+// replica's index within its group (`first`: the group's first replica) and each rank's node.
+void replica_loader(caf::blocking_actor* self, caf::actor owner, caf::actor head,
+                    deployment_config c, replica_group g, int32_t first, kv_plan kv,
+                    msg::replica_plan plan) {
   self->monitor(owner);
   msg::replica_loaded out{.replica = plan.replica, .ns = plan.ns};
   std::vector<caf::actor> workers;
+  auto progress = [&](msg::rank_progress& p) {
+    p.deployment = c.served_model_name;
+    p.role = g.role;
+    p.replica = plan.replica - first;
+    p.node_id = static_cast<size_t>(p.rank) < plan.ranks.size()
+                    ? plan.ranks[static_cast<size_t>(p.rank)].node_id
+                    : "";
+    if (head)
+      caf::send_as(owner, head, msg::progress_atom::value, std::move(p));
+  };
   auto ok = spawn_workers(self, owner, c, g, kv, plan, workers);
-  expected<int32_t> blocks = ok ? load_workers(self, owner, workers, plan, out.kv)
+  expected<int32_t> blocks = ok ? load_workers(self, owner, workers, plan, out.kv, progress)
                                 : expected<int32_t>(std::move(ok).error());
   if (!blocks) {
     stop_workers(workers);
@@ -141,8 +162,12 @@ bool is_prefill(const serving_state& st, int32_t replica) {
 
 void start_loader(serving* self, const msg::replica_plan& plan) {
   const auto g = group_index(self->state.groups, plan.replica);
-  self->spawn<caf::detached>(replica_loader, caf::actor_cast<caf::actor>(self), self->state.config,
-                             self->state.groups[g], self->state.group_kv[g], plan);
+  int32_t first = 0;
+  for (size_t k = 0; k < g; ++k)
+    first += self->state.groups[k].parallel.replicas;
+  self->spawn<caf::detached>(replica_loader, caf::actor_cast<caf::actor>(self), self->state.head,
+                             self->state.config, self->state.groups[g], first,
+                             self->state.group_kv[g], plan);
 }
 
 // A loaded replica's workers, driven by its replica actor. Their failure marks the replica
@@ -517,6 +542,7 @@ serving_state::~serving_state() {
 
 caf::behavior serving_actor(caf::stateful_actor<serving_state>* self, caf::actor head,
                             std::string version) {
+  self->state.head = head;
   self->set_down_handler([self, head](caf::down_msg& dm) { on_worker_down(self, head, dm); });
   return {
       [self](msg::deploy_atom, const msg::deployment_plan& plan) -> caf::result<std::string> {

@@ -37,6 +37,7 @@
 namespace troupe::serve {
 
 struct serving_state {
+  caf::actor head; // the head that spawned this actor
   std::unique_ptr<deployment> served;
   // The deployment as the head resolved it, and parts of it at hand: its config, and per group
   // (one, or decode then prefill) the layout and the KV plan.

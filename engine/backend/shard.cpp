@@ -110,4 +110,80 @@ kv_layout shard_kv_layout(const model_config& c, const shard_plan& s, int32_t bl
           .num_blocks = num_blocks};
 }
 
+namespace {
+
+weight_slice rows_of(std::string name, std::vector<int64_t> shape, index_range r) {
+  return {std::move(name), std::move(shape), r.begin, r.end, false};
+}
+weight_slice cols_of(std::string name, std::vector<int64_t> shape, index_range r) {
+  return {std::move(name), std::move(shape), r.begin, r.end, true};
+}
+weight_slice whole(std::string name, std::vector<int64_t> shape) {
+  const int64_t n = shape[0];
+  return {std::move(name), std::move(shape), 0, n, false};
+}
+
+void layer_reads(const model_config& c, const shard_plan& s, const parallel_layout& lay,
+                 shard_reader reader, int64_t l, std::vector<weight_slice>& out) {
+  const int64_t H = c.hidden_size, D = c.head_dim;
+  const index_range q{s.heads.begin * D, s.heads.end * D};
+  const index_range kv{s.kv_heads.begin * D, s.kv_heads.end * D};
+  const std::string p = fmt::format("model.layers.{}.", l), a = p + "self_attn.";
+  out.push_back(whole(p + "input_layernorm.weight", {H}));
+  out.push_back(whole(p + "post_attention_layernorm.weight", {H}));
+  out.push_back(rows_of(a + "q_proj.weight", {c.q_size(), H}, q));
+  out.push_back(rows_of(a + "k_proj.weight", {c.kv_size(), H}, kv));
+  out.push_back(rows_of(a + "v_proj.weight", {c.kv_size(), H}, kv));
+  out.push_back(cols_of(a + "o_proj.weight", {H, c.q_size()}, q));
+  if (c.attention_bias) {
+    out.push_back(rows_of(a + "q_proj.bias", {c.q_size()}, q));
+    out.push_back(rows_of(a + "k_proj.bias", {c.kv_size()}, kv));
+    out.push_back(rows_of(a + "v_proj.bias", {c.kv_size()}, kv));
+  }
+  if (c.o_proj_bias && (reader == shard_reader::cuda || lay.tp_rank == 0))
+    out.push_back(whole(a + "o_proj.bias", {H}));
+  if (c.qk_norm) {
+    out.push_back(whole(a + "q_norm.weight", {D}));
+    out.push_back(whole(a + "k_norm.weight", {D}));
+  }
+  if (c.is_moe_layer(l)) {
+    const int64_t I = c.moe_intermediate_size;
+    out.push_back(whole(p + "mlp.gate.weight", {c.num_experts, H}));
+    for (int64_t e = s.experts.begin; e < s.experts.end; ++e) {
+      const std::string ep = fmt::format("{}mlp.experts.{}.", p, e);
+      out.push_back(rows_of(ep + "gate_proj.weight", {I, H}, s.expert_slice));
+      out.push_back(rows_of(ep + "up_proj.weight", {I, H}, s.expert_slice));
+      out.push_back(cols_of(ep + "down_proj.weight", {H, I}, s.expert_slice));
+    }
+  } else {
+    const int64_t I = c.intermediate_size;
+    out.push_back(rows_of(p + "mlp.gate_proj.weight", {I, H}, s.intermediate));
+    out.push_back(rows_of(p + "mlp.up_proj.weight", {I, H}, s.intermediate));
+    out.push_back(cols_of(p + "mlp.down_proj.weight", {H, I}, s.intermediate));
+  }
+}
+
+} // namespace
+
+std::vector<weight_slice> shard_weight_reads(const model_config& c, const shard_plan& s,
+                                             const parallel_layout& lay, shard_reader reader) {
+  std::vector<weight_slice> out;
+  const int64_t H = c.hidden_size;
+  const bool last = s.layers.end == c.num_layers;
+  const auto embed = rows_of("model.embed_tokens.weight", {c.vocab_size, H}, s.vocab);
+  // The embedding on the first stage; on the last the lm_head, or the tied embedding's rows
+  // again where the first stage is another rank.
+  if (s.first_stage())
+    out.push_back(embed);
+  if (last && c.tie_word_embeddings && !s.first_stage())
+    out.push_back(embed);
+  if (last || reader == shard_reader::cuda)
+    out.push_back(whole("model.norm.weight", {H}));
+  if (last && !c.tie_word_embeddings)
+    out.push_back(rows_of("lm_head.weight", {c.vocab_size, H}, s.vocab));
+  for (int64_t l = s.layers.begin; l < s.layers.end; ++l)
+    layer_reads(c, s, lay, reader, l, out);
+  return out;
+}
+
 } // namespace troupe::engine

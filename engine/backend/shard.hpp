@@ -20,6 +20,7 @@
 
 #include "engine/kv/kv_layout.hpp"
 #include "engine/model/model_config.hpp"
+#include "engine/model/weight_source.hpp"
 #include "runtime/error.hpp"
 
 namespace troupe::engine {
@@ -63,6 +64,17 @@ expected<void> check_parallel_layout(const model_config& config, int tensor, int
 
 // This rank's slices; fails like check_parallel_layout, or for ranks outside the grid.
 expected<shard_plan> plan_shard(const model_config& config, const parallel_layout& layout);
+
+// The backends read slightly different sets: the CUDA backend keeps the final norm on every
+// stage and the o_proj bias on every tensor rank; the CPU backend only where it applies them.
+enum class shard_reader { cpu, cuda };
+
+// Every slice of the weights a rank with shard `s` (of `layout`) reads when its backend loads,
+// in load order: the total of its load progress (load_progress.hpp). The backends' loaders and
+// this list must agree; the load-progress tests check that the bytes counted while loading end
+// at exactly the total.
+std::vector<weight_slice> shard_weight_reads(const model_config& c, const shard_plan& s,
+                                             const parallel_layout& layout, shard_reader reader);
 
 // A rank's KV layout as its shard decides it (layers, kv heads, blocks, dtype); the backend adds
 // where its memory is (allocations, planes).

@@ -44,13 +44,32 @@ expected<step_result> cuda_executor::execute_filling(const step_plan& plan, cons
   return result;
 }
 
-expected<std::unique_ptr<cuda_backend>>
-load_cuda_backend(const std::filesystem::path& model, kv_cache_options kv, cuda_options options) {
+expected<std::unique_ptr<cuda_backend>> load_cuda_backend(const std::filesystem::path& model,
+                                                          kv_cache_options kv, cuda_options options,
+                                                          const load_callback& progress) {
   if (auto why = cuda_unavailable_reason(); !why.empty())
     return make_error(errc::unsupported, "device: cuda cannot run here: {}", why);
-  return open_model(model, [&](model_config config, const weight_source& weights) {
-    return make_cuda_backend(config, &weights, kv, options);
-  });
+  return open_model(model,
+                    [&](model_config config,
+                        const weight_source& weights) -> expected<std::unique_ptr<cuda_backend>> {
+                      if (!progress || options.random_weights)
+                        return make_cuda_backend(config, &weights, kv, options);
+                      auto shard = plan_shard(config, options.layout);
+                      if (!shard)
+                        return std::move(shard).error();
+                      auto total = total_read_bytes(
+                          weights,
+                          shard_weight_reads(config, *shard, options.layout, shard_reader::cuda));
+                      if (!total)
+                        return std::move(total).error();
+                      load_progress counter(*total, progress);
+                      const counted_weights counted(weights, counter);
+                      options.progress = &counter;
+                      auto b = make_cuda_backend(config, &counted, kv, options);
+                      if (b)
+                        counter.finish();
+                      return b;
+                    });
 }
 
 } // namespace troupe::engine

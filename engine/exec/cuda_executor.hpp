@@ -34,8 +34,10 @@ class cuda_executor final : public executor {
 
 // Loads a Hugging Face folder or a .gguf file onto a GPU (bf16): weights, then workspace, then a
 // KV pool of kv.num_blocks blocks (0 = sized from options.gpu_memory_utilization). Errors name
-// the reason when no GPU is usable. Blocks while loading.
-expected<std::unique_ptr<cuda_backend>>
-load_cuda_backend(const std::filesystem::path& model, kv_cache_options kv, cuda_options options);
+// the reason when no GPU is usable. Blocks while loading. `progress`, when set, gets the rank's
+// load progress (load_progress.hpp), on this thread and the loader's threads.
+expected<std::unique_ptr<cuda_backend>> load_cuda_backend(const std::filesystem::path& model,
+                                                          kv_cache_options kv, cuda_options options,
+                                                          const load_callback& progress = {});
 
 } // namespace troupe::engine

@@ -332,4 +332,15 @@ expected<std::vector<float>> gguf_weights::load_f32_cols(std::string_view name,
   return out;
 }
 
+expected<uint64_t> gguf_weights::read_bytes(const weight_slice& p) const {
+  auto loc = checked(p.name, p.shape);
+  if (!loc)
+    return std::move(loc).error();
+  const gguf_tensor_info& t = *loc->info;
+  // Rows of a matrix are dequantised row by row; a vector, or columns, from the whole tensor.
+  if (p.by_cols || p.shape.size() < 2 || t.num_rows() == 0)
+    return t.bytes;
+  return t.bytes / static_cast<uint64_t>(t.num_rows()) * static_cast<uint64_t>(p.end - p.begin);
+}
+
 } // namespace troupe::engine

@@ -49,6 +49,7 @@ class gguf_weights final : public weight_source {
                                              int64_t row_begin, int64_t row_end) const override;
   expected<std::vector<float>> load_f32_cols(std::string_view name, std::vector<int64_t> shape,
                                              int64_t col_begin, int64_t col_end) const override;
+  expected<uint64_t> read_bytes(const weight_slice& slice) const override;
 
  private:
   struct located {

@@ -370,4 +370,15 @@ expected<std::vector<float>> weight_store::load_f32_cols(std::string_view name,
   return out;
 }
 
+expected<uint64_t> weight_store::read_bytes(const weight_slice& p) const {
+  auto found = checked(p.name, p.shape);
+  if (!found)
+    return std::move(found).error();
+  const auto* info = found->second;
+  // Rows: whole rows of every trailing dimension; columns: that width of every row.
+  const int64_t per_row = p.shape.empty() ? 1 : info->numel() / std::max<int64_t>(p.shape[0], 1);
+  const int64_t elems = p.by_cols ? p.rows() * (p.end - p.begin) : (p.end - p.begin) * per_row;
+  return static_cast<uint64_t>(elems) * dtype_size(info->type);
+}
+
 } // namespace troupe::engine

@@ -89,6 +89,8 @@ class weight_store final : public weight_source {
                                              int64_t row_begin, int64_t row_end) const override;
   expected<std::vector<float>> load_f32_cols(std::string_view name, std::vector<int64_t> shape,
                                              int64_t col_begin, int64_t col_end) const override;
+  expected<uint64_t> read_bytes(const weight_slice& slice) const override;
+  const weight_store* store() const override { return this; }
 
  private:
   expected<std::pair<const safetensors_file*, const tensor_info*>>

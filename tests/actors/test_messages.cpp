@@ -41,3 +41,34 @@ TEST_CASE("messages: a step plan's sampling parameters survive serialization") {
   CHECK(b.ignore_eos);
   CHECK(back.seqs[0].banned_tokens == s.banned_tokens);
 }
+
+TEST_CASE("messages: a rank's load progress survives serialization") {
+  msg::rank_progress p{.deployment = "m",
+                       .role = "prefill",
+                       .replica = 1,
+                       .rank = 3,
+                       .tp_rank = 1,
+                       .pp_rank = 1,
+                       .node_id = "w2",
+                       .bytes = 5'000'000'000,
+                       .total = 9'000'000'000,
+                       .elapsed_s = 2.5,
+                       .done = true};
+  std::vector<char> buf;
+  caf::binary_serializer sink{nullptr, buf};
+  REQUIRE(!sink(p));
+  msg::rank_progress b;
+  caf::binary_deserializer source{nullptr, buf};
+  REQUIRE(!source(b));
+  CHECK(b.deployment == "m");
+  CHECK(b.role == "prefill");
+  CHECK(b.replica == 1);
+  CHECK(b.rank == 3);
+  CHECK(b.tp_rank == 1);
+  CHECK(b.pp_rank == 1);
+  CHECK(b.node_id == "w2");
+  CHECK(b.bytes == 5'000'000'000);
+  CHECK(b.total == 9'000'000'000);
+  CHECK(b.elapsed_s == 2.5);
+  CHECK(b.done);
+}

@@ -1,12 +1,14 @@
 // The CUDA backend on the golden models: logits within bf16 tolerance of the float32 CPU reference,
 // greedy tokens equal to Hugging Face's wherever the reference margin exceeds bf16 error, graph
-// replay identical to eager, and a request's tokens independent of its batch. Label `gpu`.
+// replay identical to eager, and a request's tokens independent of its batch; load progress
+// counted through the uploader ending at exactly the rank's total. Label `gpu`.
 #include <cmath>
 
 #include <doctest/doctest.h>
 
 #include "engine/backend/cpu/cpu_backend.hpp"
 #include "engine/backend/cuda/cuda_backend.hpp"
+#include "engine/exec/cuda_executor.hpp"
 #include "engine/generate.hpp"
 #include "golden.hpp"
 #include "gpu/golden_check.hpp"
@@ -109,4 +111,39 @@ TEST_CASE("cuda golden tiny-llama") {
 }
 TEST_CASE("cuda golden tiny-qwen3-moe") {
   run_model("tiny-qwen3-moe");
+}
+
+TEST_CASE("cuda load progress: the bytes the loader copies end at exactly the rank's total") {
+  if (!test::have_gpu())
+    return;
+  for (const char* name : {"tiny-qwen3", "tiny-qwen2", "tiny-qwen3-moe"}) {
+    CAPTURE(name);
+    auto dir = test::golden_model(name);
+    if (!dir)
+      return;
+    std::vector<load_report> reports;
+    auto gpu = load_cuda_backend(*dir, {.num_blocks = 64, .block_size = 16},
+                                 {.max_num_batched_tokens = 256,
+                                  .max_num_seqs = 8,
+                                  .max_logit_rows = 8,
+                                  .max_model_len = 256},
+                                 [&](const load_report& r) { reports.push_back(r); });
+    REQUIRE_MESSAGE(gpu.has_value(), (gpu ? "" : gpu.error().to_string()));
+    REQUIRE(reports.size() >= 2);
+    CHECK(reports.front().bytes == 0);
+    for (size_t i = 1; i < reports.size(); ++i)
+      CHECK(reports[i].bytes >= reports[i - 1].bytes);
+    CHECK(reports.back().done);
+    CHECK(reports.back().bytes == reports.back().total);
+    // One rank of one reads every tensor of the checkpoint once.
+    uint64_t whole = 0;
+    for (const auto& e : std::filesystem::directory_iterator(*dir))
+      if (e.path().extension() == ".safetensors") {
+        auto f = safetensors_file::open(e.path());
+        REQUIRE(f.has_value());
+        for (const auto& t : f->tensors())
+          whole += t.end - t.begin;
+      }
+    CHECK(reports.back().total == whole);
+  }
 }

@@ -2,6 +2,7 @@
 
 #include <fstream>
 #include <regex>
+#include <sstream>
 
 #include <doctest/doctest.h>
 #include <fmt/format.h>
@@ -69,6 +70,43 @@ run_result serve(cluster_fixture& fx, const fs::path& yaml) {
 run_result stop_serving(cluster_fixture& fx, const std::string& name) {
   return fx.cluster({"serve", "--stop", name, "--address", fx.head_address(), "--token", fx.token(),
                      "--ca-sha256", fx.ca_sha256()});
+}
+
+std::map<std::string, rank_load_lines> load_lines(const std::string& output,
+                                                  const std::string& name) {
+  static const std::regex line(
+      R"((loading|loaded) '([^']+)' (?:(prefill|decode) )?replica (\d+) rank (\d+) \(pp (\d+), )"
+      R"(tp (\d+)\)(?: on node (\S+))?: (\d+)%)");
+  std::map<std::string, rank_load_lines> out;
+  std::istringstream in(output);
+  for (std::string text; std::getline(in, text);) {
+    std::smatch m;
+    if (!std::regex_search(text, m, line) || m[2] != name)
+      continue;
+    const std::string key =
+        (m[3].matched ? m[3].str() + " " : std::string()) + "r" + m[4].str() + "/" + m[5].str();
+    auto& r = out[key];
+    r.node = m[8].matched ? m[8].str() : "";
+    r.pp = std::stoi(m[6]);
+    r.tp = std::stoi(m[7]);
+    r.percents.push_back(std::stoi(m[9]));
+    r.loaded = m[1] == "loaded";
+  }
+  return out;
+}
+
+std::string check_load_lines(const rank_load_lines& r) {
+  if (r.percents.empty())
+    return "no lines";
+  if (r.percents.front() != 0)
+    return fmt::format("the first line is at {}%, not 0%", r.percents.front());
+  for (size_t i = 1; i < r.percents.size(); ++i)
+    if (r.percents[i] < r.percents[i - 1])
+      return fmt::format("went back from {}% to {}%", r.percents[i - 1], r.percents[i]);
+  if (!r.loaded || r.percents.back() != 100)
+    return fmt::format("the last line is at {}%{}", r.percents.back(),
+                       r.loaded ? "" : " and not 'loaded'");
+  return "";
 }
 
 uint16_t port_of(const std::string& output) {

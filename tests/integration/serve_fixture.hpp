@@ -32,6 +32,20 @@ fs::path disagg_yaml(cluster_fixture& fx, const fs::path& model, const std::stri
 std::map<int, std::set<std::string>> replica_nodes(const nlohmann::json& deployment);
 run_result serve(cluster_fixture& fx, const fs::path& yaml);
 run_result stop_serving(cluster_fixture& fx, const std::string& name);
+// The load progress lines of deployment `name` in `cluster serve`'s output (not a terminal:
+// plain log lines), per rank as "[ROLE ]rREPLICA/RANK": its node, every percent in order, and
+// whether the last line said "loaded".
+struct rank_load_lines {
+  std::string node;
+  int pp = -1, tp = -1;
+  std::vector<int> percents;
+  bool loaded = false;
+};
+std::map<std::string, rank_load_lines> load_lines(const std::string& output,
+                                                  const std::string& name);
+// What is wrong with one rank's lines ("" when fine): they start at 0%, never go back, and end
+// with "loaded" at 100%.
+std::string check_load_lines(const rank_load_lines& lines);
 // The port of "... at http://host:PORT/v1" in `cluster serve`'s output; 0 when absent.
 uint16_t port_of(const std::string& output);
 // The token ids of a greedy completion (ignore_eos) of `ids` (comma-separated prompt ids) on

@@ -93,6 +93,21 @@ TEST_CASE("cluster serve: tensor=2 x pipeline=2 over two nodes answers like clus
   CHECK(nodes[w1]["gpus_used"] == 2);
   CHECK(nodes[w2]["gpus_used"] == 2);
 
+  // While it loaded, `cluster serve` (output not a terminal) printed each rank's progress as
+  // plain lines, from 0% to "loaded ... 100%", naming the node the status shows for that rank.
+  auto progress = load_lines(served.output, "tiny");
+  CHECK_MESSAGE(progress.size() == 4, served.output);
+  for (auto& r : d["ranks"]) {
+    const int pp = r["pp_rank"].get<int>(), tp = r["tp_rank"].get<int>();
+    const auto key = fmt::format("r0/{}", pp * 2 + tp);
+    CAPTURE(key);
+    REQUIRE_MESSAGE(progress.count(key), served.output);
+    CHECK_MESSAGE(check_load_lines(progress[key]) == "", served.output);
+    CHECK(progress[key].node == r["node_id"].get<std::string>());
+    CHECK(progress[key].pp == pp);
+    CHECK(progress[key].tp == tp);
+  }
+
   // Greedy completions through HTTP equal `cluster generate` on the same prompt ids.
   const std::string body =
       R"({"model": "tiny", "prompt": [9707, 11, 1879, 0, 5209], "max_tokens": 8,
@@ -304,6 +319,14 @@ TEST_CASE("cluster serve: replicas share requests, a killed replica fails alone 
     node_of[r["replica"].get<int>()] = r["node_id"].get<std::string>();
   REQUIRE(node_of.size() == 2);
   CHECK(node_of[0] != node_of[1]);
+  // Load progress names each replica's ranks.
+  auto progress = load_lines(served.output, "rep");
+  CHECK_MESSAGE(progress.size() == 4, served.output);
+  for (const auto* key : {"r0/0", "r0/1", "r1/0", "r1/1"}) {
+    CAPTURE(key);
+    CHECK_MESSAGE(check_load_lines(progress[key]) == "", served.output);
+    CHECK(progress[key].node == node_of[key[1] - '0']);
+  }
 
   // Sequential requests alternate over the idle replicas; both answer the greedy tokens.
   const std::string short_body = R"({"model": "rep", "prompt": [9707, 11, 1879, 0, 5209],
@@ -450,6 +473,13 @@ TEST_CASE("cluster serve: prefill tensor=2 -> decode tensor=1 over tcp answers l
   CHECK(d["groups"][1]["role"] == "prefill");
   CHECK(d["groups"][1]["tensor"] == 2);
   CHECK(d["ranks"].size() == 3);
+  // Load progress names the group of each rank.
+  auto progress = load_lines(served.output, "pd");
+  CHECK_MESSAGE(progress.size() == 3, served.output);
+  for (const auto* key : {"decode r0/0", "prefill r0/0", "prefill r0/1"}) {
+    CAPTURE(key);
+    CHECK_MESSAGE(check_load_lines(progress[key]) == "", served.output);
+  }
   CHECK_MESSAGE(d["transfer"].get<std::string>().find("provider tcp: 2 prefill rank(s) -> 1 decode "
                                                       "rank(s)") == 0,
                 d.dump());

@@ -60,6 +60,9 @@ class counting_source final : public weight_source {
                                              int64_t b, int64_t e) const override {
     return count(name, inner_.load_f32_cols(name, std::move(shape), b, e));
   }
+  expected<uint64_t> read_bytes(const weight_slice& slice) const override {
+    return inner_.read_bytes(slice);
+  }
   int64_t expert_floats() const { return expert_floats_; }
 
  private:

@@ -78,6 +78,19 @@ def models(base):
         return json.loads(r.read())["data"][0]
 
 
+def load_lines(err, name):
+    """The load progress lines of `name` on stderr (not a terminal): (verb, replica, percent)."""
+    return [(v, int(r), int(p)) for v, r, p in re.findall(
+        rf"(loading|loaded) '{re.escape(name)}' replica (\d+) rank 0 \(pp 0, tp 0\): (\d+)%", err)]
+
+
+def check_load_lines(lines, replica, what):
+    mine = [(v, p) for v, r, p in lines if r == replica]
+    if not mine or mine[0][1] != 0 or mine[-1] != ("loaded", 100) or \
+            any(b[1] < a[1] for a, b in zip(mine, mine[1:])):
+        fail(f"{what}: replica {replica}'s load progress lines go {mine}")
+
+
 def stop(proc):
     proc.send_signal(signal.SIGTERM)
     try:
@@ -100,7 +113,8 @@ if m["id"] != "tiny-qwen3" or m["max_model_len"] != 128:
     fail(f"folder served as {m}")
 if f"device: auto -> {device}" not in err:
     fail(f"device auto not reported: {err!r}")
-print(f"folder: served as {m['id']} on {device} (device: auto)")
+check_load_lines(load_lines(err, "tiny-qwen3"), 0, "--block")
+print(f"folder: served as {m['id']} on {device} (device: auto), load progress from 0% to 100%")
 
 # Flags override model.yaml; what the flags leave alone comes from the file.
 yaml = os.path.join(tmp, "model.yaml")
@@ -114,6 +128,21 @@ stop(proc)
 if m["id"] != "from-yaml" or m["max_model_len"] != 64 or device != "cpu":
     fail(f"yaml + flags served {m} on {device}")
 print("model.yaml + flags: flags win, the file fills the rest")
+
+# Two replicas in this process, JSON logs: each replica's load progress as JSON lines.
+proc = serve(yaml, "--port", "0", "--data-parallel-size", "2", "--log-format", "json")
+endpoint(proc)
+err = stop(proc)
+msgs = []
+for line in err.splitlines():
+    try:
+        msgs.append(json.loads(line)["msg"])
+    except (ValueError, KeyError):
+        fail(f"--log-format json: a stderr line that is not a JSON log object: {line!r}")
+lines = load_lines("\n".join(msgs), "from-yaml")
+for replica in (0, 1):
+    check_load_lines(lines, replica, "--log-format json, replicas 2")
+print("two replicas, JSON logs: each replica's load progress from 0% to 100%")
 
 # An HF id from the cache, laid out as huggingface_hub does (blobs linked from a snapshot).
 repo = os.path.join(hub, "models--troupe-test--tiny-qwen3")

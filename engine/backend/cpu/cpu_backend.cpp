@@ -34,13 +34,29 @@ expected<std::unique_ptr<cpu_backend>> cpu_backend::load(const std::filesystem::
 }
 
 expected<std::unique_ptr<cpu_backend>> cpu_backend::load(const std::filesystem::path& model_dir,
-                                                         kv_cache_options kv,
-                                                         parallel_context par) {
-  const bool sharded = par.layout.world_size() > 1;
-  return open_model(model_dir, [&](model_config config, const weight_source& weights) {
-    return sharded ? create(std::move(config), weights, kv, par)
-                   : create(std::move(config), weights, kv);
-  });
+                                                         kv_cache_options kv, parallel_context par,
+                                                         const load_callback& progress) {
+  return open_model(
+      model_dir,
+      [&](model_config config,
+          const weight_source& weights) -> expected<std::unique_ptr<cpu_backend>> {
+        // One rank of one: the parallel context's communicators are not needed.
+        const parallel_context ctx = par.layout.world_size() > 1 ? par : parallel_context{};
+        if (!progress)
+          return create(std::move(config), weights, kv, ctx);
+        auto shard = shard_of(config, ctx);
+        if (!shard)
+          return std::move(shard).error();
+        auto total = total_read_bytes(
+            weights, shard_weight_reads(config, *shard, ctx.layout, shard_reader::cpu));
+        if (!total)
+          return std::move(total).error();
+        load_progress counter(*total, progress);
+        auto b = create(std::move(config), counted_weights(weights, counter), kv, ctx);
+        if (b)
+          counter.finish();
+        return b;
+      });
 }
 
 namespace {
@@ -75,6 +91,24 @@ expected<void> check_kv_fits(const model_config& c, const shard_plan& s, kv_cach
 
 } // namespace
 
+expected<shard_plan> cpu_backend::shard_of(const model_config& config,
+                                           const parallel_context& par) {
+  auto shard = plan_shard(config, par.layout);
+  if (!shard || par.experts == nullptr)
+    return shard;
+  if (par.layout.tp_size != 1 || par.layout.pp_size != 1)
+    return make_error(errc::invalid_argument,
+                      "expert all-to-all over data-parallel attention needs tensor = pipeline = "
+                      "1 on each rank, not {} x {}",
+                      par.layout.tp_size, par.layout.pp_size);
+  if (config.num_experts < par.experts->size())
+    return make_error(errc::invalid_argument,
+                      "num_experts={} is fewer than the {} ranks of the expert group",
+                      config.num_experts, par.experts->size());
+  shard->experts = split_range(config.num_experts, par.experts->size(), par.experts->rank());
+  return shard;
+}
+
 expected<std::unique_ptr<cpu_backend>>
 cpu_backend::create(model_config config, const weight_source& w, kv_cache_options kv) {
   return create(std::move(config), w, kv, parallel_context{});
@@ -86,21 +120,9 @@ expected<std::unique_ptr<cpu_backend>> cpu_backend::create(model_config config,
                                                            parallel_context par) {
   if (kv.num_blocks <= 0 || kv.block_size <= 0)
     return make_error(errc::invalid_argument, "KV cache needs num_blocks > 0 and block_size > 0");
-  auto shard = plan_shard(config, par.layout);
+  auto shard = shard_of(config, par);
   if (!shard)
     return std::move(shard).error();
-  if (par.experts != nullptr) {
-    if (par.layout.tp_size != 1 || par.layout.pp_size != 1)
-      return make_error(errc::invalid_argument,
-                        "expert all-to-all over data-parallel attention needs tensor = pipeline = "
-                        "1 on each rank, not {} x {}",
-                        par.layout.tp_size, par.layout.pp_size);
-    if (config.num_experts < par.experts->size())
-      return make_error(errc::invalid_argument,
-                        "num_experts={} is fewer than the {} ranks of the expert group",
-                        config.num_experts, par.experts->size());
-    shard->experts = split_range(config.num_experts, par.experts->size(), par.experts->rank());
-  }
   TROUPE_TRY_VOID(check_kv_fits(config, *shard, kv));
   std::unique_ptr<cpu_backend> b(new cpu_backend());
   if (par.tensor == nullptr) {

@@ -13,6 +13,7 @@
 #include "engine/backend/cpu/moe.hpp"
 #include "engine/backend/shard.hpp"
 #include "engine/comm/communicator.hpp"
+#include "engine/model/load_progress.hpp"
 #include "engine/model/safetensors.hpp"
 
 namespace troupe::engine {
@@ -44,9 +45,11 @@ class cpu_backend final : public backend {
   // no config.json (see gguf_model_file).
   static expected<std::unique_ptr<cpu_backend>> load(const std::filesystem::path& model_dir,
                                                      kv_cache_options kv);
-  // The same, this rank's shard only (see create with a parallel_context below).
+  // The same, this rank's shard only (see create with a parallel_context below). `progress`,
+  // when set, gets this rank's load progress (load_progress.hpp) on this thread.
   static expected<std::unique_ptr<cpu_backend>> load(const std::filesystem::path& model_dir,
-                                                     kv_cache_options kv, parallel_context par);
+                                                     kv_cache_options kv, parallel_context par,
+                                                     const load_callback& progress = {});
   static expected<std::unique_ptr<cpu_backend>>
   create(model_config config, const weight_source& weights, kv_cache_options kv);
   // This rank's shard only: reads just its slices from `weights`. forward() on every rank of
@@ -83,6 +86,8 @@ class cpu_backend final : public backend {
   };
 
   cpu_backend() = default;
+  // The slices of the weights this rank holds (the experts' group overridden by par.experts).
+  static expected<shard_plan> shard_of(const model_config& config, const parallel_context& par);
   expected<void> load_layer(const weight_source& w, int64_t l);
   expected<void> attention_block(const layer& w, int64_t l, const step_plan& plan, const batch& b,
                                  std::vector<float>& x);

@@ -107,7 +107,7 @@ expected<void> cuda_backend_impl::upload_slice(const weight_source* w, const wei
                                                bf16* dst) {
   // A safetensors tensor of a plain float type travels as its stored bytes; anything else (GGUF,
   // other types) is decoded to floats here and converted to bf16 on the GPU.
-  if (const auto* store = dynamic_cast<const weight_store*>(w); store != nullptr) {
+  if (const auto* store = w->store(); store != nullptr) {
     auto found = store->lookup(p.name);
     if (found && plain(*found->second, p)) {
       const auto [file, info] = *found;
@@ -204,7 +204,8 @@ expected<void> cuda_backend_impl::load_all_weights(const weight_source* w) {
     threads = std::atoi(env);
   const auto t0 = std::chrono::steady_clock::now();
   if (!opt_.random_weights)
-    TROUPE_ASSIGN(uploader_, weight_uploader::create(opt_.device, threads, 2, size_t{16} << 20));
+    TROUPE_ASSIGN(uploader_, weight_uploader::create(opt_.device, threads, 2, size_t{16} << 20,
+                                                     opt_.progress));
   auto loaded = load_weights(w);
   if (uploader_) {
     auto st = uploader_->finish();

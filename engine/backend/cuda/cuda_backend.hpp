@@ -12,6 +12,7 @@
 #include "engine/backend/backend.hpp"
 #include "engine/backend/shard.hpp"
 #include "engine/comm/device_communicator.hpp"
+#include "engine/model/load_progress.hpp"
 #include "engine/model/weight_source.hpp"
 
 namespace troupe::engine {
@@ -35,6 +36,9 @@ struct cuda_options {
   // false: only the last stage makes logits; earlier stages' forward() leaves them empty and
   // returns once the hidden states are passed on (see backend::makes_logits).
   bool broadcast_logits = true;
+  // Counts the bytes the loader copies directly from a safetensors store (the weights that are
+  // a counted_weights count the rest); null: not counted.
+  load_progress* progress = nullptr;
 };
 
 // Where a cold start's time went (cuda_backend::load_timings), for the serve log.

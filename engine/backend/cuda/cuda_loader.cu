@@ -46,8 +46,10 @@ expected<void> to_bf16(const void* src, dtype type, size_t n, bf16* dst, cudaStr
 }
 
 expected<std::unique_ptr<weight_uploader>> weight_uploader::create(int device, int workers,
-                                                                   int slots, size_t slot_bytes) {
+                                                                   int slots, size_t slot_bytes,
+                                                                   load_progress* progress) {
   std::unique_ptr<weight_uploader> u(new weight_uploader());
+  u->progress_ = progress;
   if (auto r = u->setup(device, std::max(workers, 1), std::max(slots, 1), slot_bytes); !r)
     return std::move(r).error();
   return expected<std::unique_ptr<weight_uploader>>(std::move(u));
@@ -171,6 +173,8 @@ void weight_uploader::run(worker& w) {
     }
     auto r = skip ? expected<void>{} : piece(w, w.slots[k++ % w.slots.size()], j);
     const size_t owned = j.owner ? job_bytes(j) : 0;
+    if (r && !skip && !j.owner && progress_ != nullptr) // file bytes read into staging
+      progress_->add(job_bytes(j));
     j.owner.reset(); // the bytes are in the staging buffer now
     {
       std::lock_guard lk(mu_);

@@ -18,6 +18,7 @@
 
 #include "engine/backend/cuda/cuda_common.cuh"
 #include "engine/model/dtype.hpp"
+#include "engine/model/load_progress.hpp"
 
 namespace troupe::engine::cuda {
 
@@ -41,9 +42,10 @@ struct upload_stats {
 
 class weight_uploader {
  public:
-  // `workers` threads with `slots` staging buffers of `slot_bytes` each, on `device`.
-  static expected<std::unique_ptr<weight_uploader>> create(int device, int workers, int slots,
-                                                           size_t slot_bytes);
+  // `workers` threads with `slots` staging buffers of `slot_bytes` each, on `device`. File bytes
+  // gathered into staging are added to `progress` (when set) as each piece is read.
+  static expected<std::unique_ptr<weight_uploader>>
+  create(int device, int workers, int slots, size_t slot_bytes, load_progress* progress = nullptr);
   ~weight_uploader();
   weight_uploader(const weight_uploader&) = delete;
   weight_uploader& operator=(const weight_uploader&) = delete;
@@ -74,6 +76,7 @@ class weight_uploader {
 
   int device_ = 0;
   size_t slot_bytes_ = 0;
+  load_progress* progress_ = nullptr;
   bool advise_ =
       true; // madvise(WILLNEED) each file slice when queued (TROUPE_LOAD_WILLNEED=0: off)
   std::vector<std::unique_ptr<worker>> workers_;
