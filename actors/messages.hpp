@@ -456,6 +456,9 @@ struct replica_job {
   seq_id id = 0;
   engine::request request;
   std::shared_ptr<serve::request_sink> sink;
+  // OpenAI `n` > 1: the other choices of the same prompt (each with its own id and sink), admitted
+  // with this one into one lane so that they share the prompt's KV blocks.
+  std::vector<replica_job> siblings;
 };
 
 // Key-value messages, all carrying the token first:

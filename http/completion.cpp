@@ -106,8 +106,10 @@ completion_stream::~completion_stream() {
 
 void completion_stream::start() {
   running_ = true;
-  // Never blocks: each request goes to a replica as a message; its outputs (or a refusal found
-  // later) come back through its sink, posted to this strand.
+  // Never blocks: the requests go to a replica as a message; their outputs (or a refusal found
+  // later) come back through their sinks, posted to this strand. With `n` > 1 they go together
+  // and share the prompt's KV blocks.
+  std::vector<engine::request> rs;
   for (size_t i = 0; i < resps_.size(); ++i) {
     auto r = make_engine_request(req_);
     if (i > 0) {
@@ -118,19 +120,19 @@ void completion_stream::start() {
       if (r.constraint)
         r.constraint = r.constraint->fork();
     }
+    rs.push_back(std::move(r));
     sinks_.push_back(
         std::make_shared<strand_sink>(session_->gate(), session_->executor(), weak_from_this(), i));
-    auto id = ctx_.serving->submit(std::move(r), sinks_.back());
-    if (!id) {
-      running_ = false;
-      for (auto prev : ids_)
-        ctx_.serving->cancel(prev);
-      const auto status = http_status(id.error().code());
-      return session_->reply(status, error_body({status, id.error().message(), {}, {}}),
-                             keep_alive_);
-    }
-    ids_.push_back(*id);
   }
+  auto ids = ctx_.serving->submit_choices(
+      std::move(rs), std::vector<std::shared_ptr<request_sink>>(sinks_.begin(), sinks_.end()));
+  if (!ids) {
+    running_ = false;
+    const auto status = http_status(ids.error().code());
+    return session_->reply(status, error_body({status, ids.error().message(), {}, {}}),
+                           keep_alive_);
+  }
+  ids_ = std::move(*ids);
   ++ctx_.in_flight;
   log::debug("request {} received: prompt_tokens={} max_tokens={} stream={} temperature={} n={}",
              resp_.id(), req_.prompt.size(), req_.sampling.max_tokens, req_.stream,

@@ -128,6 +128,10 @@ std::string metrics_text(const engine_gauges& g, const serve_metrics& m,
        "Prompt tokens looked up in the prefix cache.", m.prompt_tokens.load());
   both("counter", "troupe_prefix_cache_hits_total", "vllm:prefix_cache_hits_total",
        "Prompt tokens found in the prefix cache.", g.prefix_hit_tokens);
+  both("counter", "troupe_shared_prompt_tokens_total", "",
+       "Prompt tokens a choice of an n > 1 request took from a sibling's KV blocks instead of "
+       "computing them.",
+       g.shared_prompt_tokens);
   both("counter", "troupe_num_preemptions_total", "vllm:num_preemptions_total",
        "Requests preempted (recomputed later).", g.preemptions);
   both("counter", "troupe_prompt_tokens_total", "vllm:prompt_tokens_total",

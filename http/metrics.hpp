@@ -63,6 +63,7 @@ struct serve_metrics {
 struct engine_gauges {
   int64_t running = 0, waiting = 0, kv_blocks_used = 0, kv_blocks_total = 0;
   uint64_t preemptions = 0, prefix_hit_tokens = 0, prefix_lookups = 0, prefix_hits = 0;
+  uint64_t shared_prompt_tokens = 0; // `n` choices: prompt tokens taken from a sibling's KV
   double kv_usage() const {
     return kv_blocks_total ? static_cast<double>(kv_blocks_used) / kv_blocks_total : 0.0;
   }

@@ -427,6 +427,32 @@ std::optional<api_error> read_limits(const json& b, bool chat, const model_info&
   return std::nullopt;
 }
 
+// Fields of OpenAI's or vLLM's API that this server does not implement: given with a value that
+// asks for their behaviour, they are a 400 naming them rather than silently ignored.
+std::optional<api_error> refuse_unsupported(const json& b, const completion_request& r) {
+  auto given = [&](const char* key) {
+    auto it = b.find(key);
+    return it != b.end() && !it->is_null() && !(it->is_boolean() && !it->get<bool>()) &&
+           !(it->is_string() && it->get<std::string>().empty()) && !(it->is_array() && it->empty());
+  };
+  if (given("prompt_logprobs"))
+    return bad("prompt_logprobs", "'prompt_logprobs' is not supported (the prompt's logprobs are "
+                                  "not computed)");
+  if (auto it = b.find("best_of");
+      it != b.end() && !it->is_null() && !(it->is_number_integer() && it->get<int64_t>() == r.n))
+    return bad("best_of", "'best_of' other than 'n' is not supported (every choice sampled is "
+                          "returned)");
+  if (given("use_beam_search"))
+    return bad("use_beam_search", "'use_beam_search' is not supported (no beam search)");
+  if (given("suffix"))
+    return bad("suffix", "'suffix' is not supported (no fill-in-the-middle)");
+  for (const char* key : {"allowed_token_ids", "bad_words", "truncate_prompt_tokens",
+                          "include_stop_str_in_output", "prediction", "logits_processors"})
+    if (given(key))
+      return bad(key, fmt::format("'{}' is not supported", key));
+  return std::nullopt;
+}
+
 // A JSON schema given as an object, or as a string holding one (vLLM accepts both).
 std::variant<std::string, api_error> schema_text(const json& v, const std::string& field) {
   if (v.is_object() || v.is_boolean())
@@ -461,6 +487,65 @@ std::variant<std::vector<std::string>, api_error> choice_list(const json& v,
   if (!v.is_array() || v.empty() || out.size() != v.size())
     return bad(field, fmt::format("'{}' must be a non-empty list of non-empty strings", field));
   return out;
+}
+
+// A structural tag (free text in which tagged parts follow a format: a JSON schema, a regex, ...),
+// as xgrammar reads it: {"type": "structural_tag", "format": {...}}. Given so (`v` is the
+// response_format object, or vLLM's structured_outputs.structural_tag, an object or a string
+// holding one), or in vLLM's older form {"structures": [{"begin", "schema", "end"}, ...],
+// "triggers": [...]}, which becomes the "triggered_tags" format it stands for (as xgrammar's
+// StructuralTag.from_legacy_structural_tag converts it).
+std::variant<std::string, api_error> structural_tag_text(const json& v, const std::string& field) {
+  json tag = v;
+  if (v.is_string()) {
+    if (!json_nesting_within(v.get_ref<const std::string&>(), max_body_depth))
+      return bad(field, fmt::format("'{}' nests deeper than {} levels", field, max_body_depth));
+    try {
+      tag = json::parse(v.get<std::string>());
+    } catch (const json::exception&) {
+      return bad(field, fmt::format("'{}' is not valid JSON", field));
+    }
+  }
+  if (!tag.is_object())
+    return bad(field, fmt::format("'{}' must be a structural tag object", field));
+  if (auto t = tag.find("type"); t != tag.end() && *t != "structural_tag")
+    return bad(field, fmt::format("'{}' must have \"type\": \"structural_tag\"", field));
+  if (tag.contains("format"))
+    return dump(json{{"type", "structural_tag"}, {"format", tag["format"]}});
+  const auto structures = tag.find("structures");
+  const auto triggers = tag.find("triggers");
+  if (structures == tag.end() || triggers == tag.end())
+    return bad(field, fmt::format("'{}' needs 'format' (a structural tag format), or "
+                                  "'structures' and 'triggers'",
+                                  field));
+  if (!structures->is_array() || structures->empty())
+    return bad(field, fmt::format("'{}.structures' must be a non-empty list", field));
+  auto trigger_list = choice_list(*triggers, field + ".triggers");
+  if (auto* e = std::get_if<api_error>(&trigger_list))
+    return *e;
+  json tags = json::array();
+  for (const auto& st : *structures) {
+    if (!st.is_object() || !st.contains("begin") || !st["begin"].is_string() ||
+        !st.contains("end") || !st["end"].is_string())
+      return bad(field, fmt::format("each of '{}.structures' needs 'begin' and 'end' strings and "
+                                    "a 'schema'",
+                                    field));
+    auto schema = schema_text(st.contains("schema") ? st["schema"] : json::object(),
+                              field + ".structures.schema");
+    if (auto* e = std::get_if<api_error>(&schema))
+      return *e;
+    tags.push_back(
+        {{"type", "tag"},
+         {"begin", st["begin"]},
+         {"content",
+          {{"type", "json_schema"}, {"json_schema", json::parse(std::get<std::string>(schema))}}},
+         {"end", st["end"]}});
+  }
+  return dump(json{{"type", "structural_tag"},
+                   {"format",
+                    {{"type", "triggered_tags"},
+                     {"triggers", std::get<std::vector<std::string>>(trigger_list)},
+                     {"tags", tags}}}});
 }
 
 // One constraint kind (json / regex / choice / grammar) from vLLM's names.
@@ -534,10 +619,16 @@ std::optional<api_error> read_constraints(const json& b, const model_info& m,
       bool strict = false; // enforced either way: the output has only the listed properties
       if (auto e = opt_number(js, "strict", strict))
         return bad("response_format", "'response_format.json_schema.strict' must be a boolean");
+    } else if (type == "structural_tag") {
+      auto tag = structural_tag_text(*it, "response_format");
+      if (auto* e = std::get_if<api_error>(&tag))
+        return *e;
+      g.type = engine::grammar_spec::kind::structural_tag;
+      g.text = std::get<std::string>(tag);
     } else if (type != "text") {
       return bad("response_format",
                  fmt::format("'response_format' type '{}' is not one of \"text\", "
-                             "\"json_object\", \"json_schema\"",
+                             "\"json_object\", \"json_schema\", \"structural_tag\"",
                              type));
     }
     if (type != "text")
@@ -552,15 +643,22 @@ std::optional<api_error> read_constraints(const json& b, const model_info& m,
         continue;
       const std::string f = "structured_outputs." + key;
       if (key != "json" && key != "regex" && key != "choice" && key != "grammar" &&
-          key != "json_object")
+          key != "json_object" && key != "structural_tag")
         return bad(f, fmt::format("'{}' is not supported (supported: json, regex, choice, "
-                                  "grammar, json_object)",
+                                  "grammar, json_object, structural_tag)",
                                   f));
       engine::grammar_spec g;
       if (key == "json_object" && v.is_boolean() && !v.get<bool>())
         continue;
-      if (auto e = read_guided(key, v, f, g))
+      if (key == "structural_tag") {
+        auto tag = structural_tag_text(v, f);
+        if (auto* e = std::get_if<api_error>(&tag))
+          return *e;
+        g.type = engine::grammar_spec::kind::structural_tag;
+        g.text = std::get<std::string>(tag);
+      } else if (auto e = read_guided(key, v, f, g)) {
         return e;
+      }
       if (auto e = set(std::move(g), f))
         return e;
     }
@@ -703,6 +801,8 @@ std::variant<completion_request, api_error> parse_completion(const std::string& 
   if (auto e = read_stops(b, m, r))
     return *e;
   if (auto e = read_limits(b, chat, m, r))
+    return *e;
+  if (auto e = refuse_unsupported(b, r))
     return *e;
   if (r.echo) {
     if (r.top_logprobs >= 0)

@@ -30,6 +30,12 @@ class serving_port {
   // later comes through sink->fail(), typed: invalid_argument (the request is invalid for the
   // engine: HTTP 400), resource_exhausted (the queue is full or the prompt cannot fit: 503).
   virtual expected<seq_id> submit(engine::request r, std::shared_ptr<request_sink> sink) = 0;
+  // The choices of one prompt (OpenAI `n`): request i's outputs go to sinks[i]; their ids, in
+  // order. They are admitted together and share the prompt's KV blocks (engine
+  // scheduler::add_group). Errors as submit(), for all of them.
+  virtual expected<std::vector<seq_id>>
+  submit_choices(std::vector<engine::request> rs,
+                 std::vector<std::shared_ptr<request_sink>> sinks) = 0;
   // Cancels a live request and frees its KV blocks (no-op once it finished). Never blocks.
   virtual void cancel(seq_id id) = 0;
   // The Prometheus text of /metrics: `m`'s counters and histograms plus the engines' gauges.

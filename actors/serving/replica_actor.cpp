@@ -151,13 +151,34 @@ void kick(replica* self) {
 
 void on_submit(replica* self, msg::replica_job& job) {
   auto& st = self->state;
-  if (!st.broken.empty())
+  if (!st.broken.empty()) {
+    for (auto& j : job.siblings)
+      j.sink->fail(make_error(errc::unavailable, "{}", st.broken));
     return job.sink->fail(make_error(errc::unavailable, "{}", st.broken));
-  auto id = st.loop->add_request(std::move(job.request));
-  if (!id)
-    return job.sink->fail(id.error());
-  st.local_of[job.id] = *id;
-  st.live[*id] = {job.id, std::move(job.sink)};
+  }
+  if (!job.siblings.empty()) { // the choices of one prompt, sharing its KV blocks
+    std::vector<msg::replica_job> jobs = std::move(job.siblings);
+    jobs.insert(jobs.begin(), std::move(job));
+    std::vector<engine::request> rs;
+    for (auto& j : jobs)
+      rs.push_back(std::move(j.request));
+    auto ids = st.loop->add_group(std::move(rs));
+    if (!ids) {
+      for (auto& j : jobs)
+        j.sink->fail(ids.error());
+      return;
+    }
+    for (size_t i = 0; i < jobs.size(); ++i) {
+      st.local_of[jobs[i].id] = (*ids)[i];
+      st.live[(*ids)[i]] = {jobs[i].id, std::move(jobs[i].sink)};
+    }
+  } else {
+    auto id = st.loop->add_request(std::move(job.request));
+    if (!id)
+      return job.sink->fail(id.error());
+    st.local_of[job.id] = *id;
+    st.live[*id] = {job.id, std::move(job.sink)};
+  }
   kick(self);
   st.spec.gauges->publish(*st.loop); // waiting counts before any step
 }

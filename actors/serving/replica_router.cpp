@@ -1,5 +1,7 @@
 #include "actors/serving/replica_router.hpp"
 
+#include <algorithm>
+
 #include <caf/send.hpp>
 #include <fmt/format.h>
 
@@ -148,44 +150,54 @@ void replica_router::take_down_prefill(size_t i, const std::string& why) {
   prefill_slots_[i].down = why;
 }
 
+// Under mu_: the serving replica for `prompt` (the least loaded; or the one holding its longest
+// prefix when that is not much busier), counted as taking `n` requests.
+expected<size_t> replica_router::pick_replica(std::span<const token_id> prompt, size_t n) {
+  prune();
+  size_t pick = slots_.size(), best_load = 0;
+  std::string why;
+  for (size_t k = 0; k < slots_.size(); ++k) {
+    const size_t i = (next_turn_ + k) % slots_.size();
+    const auto& s = slots_[i];
+    if (!serving(s)) {
+      const std::string down =
+          s.u ? fmt::format("replica {} failed: {}", i, s.u->health->why()) : s.down;
+      why += (why.empty() ? "" : "; ") + down;
+      continue;
+    }
+    const size_t l = load(i);
+    if (pick == slots_.size() || l < best_load) {
+      pick = i;
+      best_load = l;
+    }
+  }
+  if (pick == slots_.size())
+    return make_error(errc::unavailable,
+                      "deployment '{}' is restarting, no replica is serving ({}); try again "
+                      "later (`cluster status` shows its progress)",
+                      deployment_, why);
+  // Where the prompt's longest prefix went, unless that replica is much busier.
+  if (auto m = affinity_.lookup(prompt); m && m->replica < slots_.size() &&
+                                         serving(slots_[m->replica]) &&
+                                         load(m->replica) <= best_load + affinity_slack)
+    pick = m->replica;
+  else
+    next_turn_ = (pick + 1) % slots_.size();
+  affinity_.record(pick, prompt);
+  slots_[pick].submitted += n;
+  return pick;
+}
+
 expected<seq_id> replica_router::submit(engine::request r, std::shared_ptr<request_sink> sink) {
   caf::actor target, prefill;
   std::vector<caf::actor> fallbacks;
   seq_id id = 0;
   {
     std::lock_guard lk(mu_);
-    prune();
-    size_t pick = slots_.size(), best_load = 0;
-    std::string why;
-    for (size_t k = 0; k < slots_.size(); ++k) {
-      const size_t i = (next_turn_ + k) % slots_.size();
-      const auto& s = slots_[i];
-      if (!serving(s)) {
-        const std::string down =
-            s.u ? fmt::format("replica {} failed: {}", i, s.u->health->why()) : s.down;
-        why += (why.empty() ? "" : "; ") + down;
-        continue;
-      }
-      const size_t l = load(i);
-      if (pick == slots_.size() || l < best_load) {
-        pick = i;
-        best_load = l;
-      }
-    }
-    if (pick == slots_.size())
-      return make_error(errc::unavailable,
-                        "deployment '{}' is restarting, no replica is serving ({}); try again "
-                        "later (`cluster status` shows its progress)",
-                        deployment_, why);
-    // Where the prompt's longest prefix went, unless that replica is much busier.
-    if (auto m = affinity_.lookup(r.prompt); m && m->replica < slots_.size() &&
-                                             serving(slots_[m->replica]) &&
-                                             load(m->replica) <= best_load + affinity_slack)
-      pick = m->replica;
-    else
-      next_turn_ = (pick + 1) % slots_.size();
-    affinity_.record(pick, r.prompt);
-    ++slots_[pick].submitted;
+    auto picked = pick_replica(r.prompt, 1);
+    if (!picked)
+      return std::move(picked).error();
+    const size_t pick = *picked;
     id = next_id_++;
     live_[id] = {.slot = pick, .owner = slots_[pick].u, .sink = sink};
     target = slots_[pick].u->actor;
@@ -214,6 +226,55 @@ expected<seq_id> replica_router::submit(engine::request r, std::shared_ptr<reque
   caf::anon_send(target, msg::submit_atom::value,
                  msg::replica_job{.id = id, .request = std::move(r), .sink = std::move(sink)});
   return id;
+}
+
+expected<std::vector<seq_id>>
+replica_router::submit_choices(std::vector<engine::request> rs,
+                               std::vector<std::shared_ptr<request_sink>> sinks) {
+  if (rs.empty() || rs.size() != sinks.size())
+    return make_error(errc::internal, "submit_choices: {} requests for {} sinks", rs.size(),
+                      sinks.size());
+  std::vector<seq_id> ids;
+  bool disaggregated = false;
+  {
+    std::lock_guard lk(mu_);
+    disaggregated = std::any_of(prefill_slots_.begin(), prefill_slots_.end(),
+                                [this](const slot& s) { return serving(s); });
+  }
+  if (disaggregated || rs.size() == 1) {
+    // Each choice is handed off on its own (their prompts' KV are not shared).
+    for (size_t i = 0; i < rs.size(); ++i) {
+      auto id = submit(std::move(rs[i]), std::move(sinks[i]));
+      if (!id) {
+        for (seq_id prev : ids)
+          cancel(prev);
+        return std::move(id).error();
+      }
+      ids.push_back(*id);
+    }
+    return ids;
+  }
+  caf::actor target;
+  msg::replica_job job;
+  {
+    std::lock_guard lk(mu_);
+    auto picked = pick_replica(rs.front().prompt, rs.size());
+    if (!picked)
+      return std::move(picked).error();
+    const size_t pick = *picked;
+    target = slots_[pick].u->actor;
+    for (size_t i = 0; i < rs.size(); ++i) {
+      const seq_id id = next_id_++;
+      live_[id] = {.slot = pick, .owner = slots_[pick].u, .sink = sinks[i]};
+      ids.push_back(id);
+      auto& j = i == 0 ? job : job.siblings.emplace_back();
+      j.id = id;
+      j.request = std::move(rs[i]);
+      j.sink = std::move(sinks[i]);
+    }
+  }
+  caf::anon_send(target, msg::submit_atom::value, std::move(job));
+  return ids;
 }
 
 void replica_router::cancel(seq_id id) {

@@ -61,6 +61,11 @@ class replica_router final : public serving_port {
   // Returns at once: the request goes to the chosen replica as a message; what it finds wrong
   // (invalid for the scheduler, queue full) reaches sink->fail().
   expected<seq_id> submit(engine::request r, std::shared_ptr<request_sink> sink) override;
+  // n > 1: the choices go to one replica together (one lane there), so that they share the
+  // prompt's KV blocks; a disaggregated deployment hands each off on its own.
+  expected<std::vector<seq_id>>
+  submit_choices(std::vector<engine::request> rs,
+                 std::vector<std::shared_ptr<request_sink>> sinks) override;
   void cancel(seq_id id) override;
   // The replicas' gauges summed, plus per replica: whether it serves (troupe_replica_up) and
   // the requests it took (troupe_replica_requests_total).
@@ -93,6 +98,7 @@ class replica_router final : public serving_port {
   // one holding the prompt's longest prefix when it is not much busier; prefill_slots_.size()
   // for none.
   size_t pick_prefill(std::span<const token_id> prompt);
+  expected<size_t> pick_replica(std::span<const token_id> prompt, size_t n); // under mu_
   void prune();                // under mu_: forgets finished requests
   size_t load(size_t i) const; // under mu_: unfinished requests of replica i
 

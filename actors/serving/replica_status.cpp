@@ -21,6 +21,7 @@ void replica_gauges::publish(const engine::engine_loop& loop) {
            .waiting = st.num_waiting,
            .preemptions = st.preemptions,
            .prefix_hit_tokens = st.prefix_hit_tokens,
+           .shared_prompt_tokens = st.shared_prompt_tokens,
            .pool = pool};
 }
 
@@ -36,6 +37,7 @@ engine_gauges sum_gauges(const std::vector<replica_snapshot>& replicas) {
     g.waiting += r.waiting;
     g.preemptions += r.preemptions;
     g.prefix_hit_tokens += r.prefix_hit_tokens;
+    g.shared_prompt_tokens += r.shared_prompt_tokens;
     g.kv_blocks_used += r.pool.blocks_used;
     g.kv_blocks_total += r.pool.num_blocks;
     g.prefix_lookups += r.pool.lookups;

@@ -30,7 +30,7 @@ class replica_health {
 // One replica's gauges after its last step.
 struct replica_snapshot {
   int32_t running = 0, waiting = 0;
-  uint64_t preemptions = 0, prefix_hit_tokens = 0;
+  uint64_t preemptions = 0, prefix_hit_tokens = 0, shared_prompt_tokens = 0;
   engine::pool_usage pool;
 };
 

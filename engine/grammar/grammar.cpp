@@ -192,6 +192,8 @@ expected<std::unique_ptr<token_constraint>> grammar_compiler::compile(const gram
         ebnf += "\n";
         return xc.CompileGrammar(xgrammar::Grammar::FromEBNF(ebnf, "troupe_tool_calls"));
       });
+    case kind::structural_tag:
+      return guarded("structural_tag", [&] { return xc.CompileStructuralTag(g.text); });
     }
     return make_error(errc::invalid_argument, "unknown grammar kind");
   }();

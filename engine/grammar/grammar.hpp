@@ -22,13 +22,15 @@ namespace troupe::engine {
 // What a request's output must match.
 struct grammar_spec {
   enum class kind : uint8_t {
-    json_object, // any JSON object
-    json_schema, // `text`: a JSON schema; objects get only the properties it lists (xgrammar's
-                 // strict mode, as vLLM uses it)
-    regex,       // `text`: a regular expression the whole output matches
-    choice,      // exactly one of `choices`
-    ebnf,        // `text`: an EBNF grammar in xgrammar's dialect (GBNF-like), start rule `root`
-    tool_calls,  // `text`: the JSON schema of one call object, wrapped as below
+    json_object,    // any JSON object
+    json_schema,    // `text`: a JSON schema; objects get only the properties it lists (xgrammar's
+                    // strict mode, as vLLM uses it)
+    regex,          // `text`: a regular expression the whole output matches
+    choice,         // exactly one of `choices`
+    ebnf,           // `text`: an EBNF grammar in xgrammar's dialect (GBNF-like), start rule `root`
+    tool_calls,     // `text`: the JSON schema of one call object, wrapped as below
+    structural_tag, // `text`: an xgrammar structural tag, {"type": "structural_tag", "format":
+                    // {...}} (free text with tagged, schema-constrained parts, ...)
   };
   kind type = kind::json_object;
   std::string text;

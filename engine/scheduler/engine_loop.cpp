@@ -34,7 +34,7 @@ engine_loop::engine_loop(scheduler_options options, int32_t depth) {
   }
 }
 
-expected<seq_id> engine_loop::add_request(request r) {
+engine_loop::lane& engine_loop::least_loaded() {
   auto load = [](const lane& l) {
     const auto s = l.sched.stats();
     return s.num_running + s.num_waiting;
@@ -43,7 +43,15 @@ expected<seq_id> engine_loop::add_request(request r) {
   for (const auto& l : lanes_)
     if (load(*l) < load(*best))
       best = l.get();
-  return best->sched.add(std::move(r));
+  return *best;
+}
+
+expected<seq_id> engine_loop::add_request(request r) {
+  return least_loaded().sched.add(std::move(r));
+}
+
+expected<std::vector<seq_id>> engine_loop::add_group(std::vector<request> rs) {
+  return least_loaded().sched.add_group(std::move(rs));
 }
 
 expected<void> engine_loop::cancel(seq_id id) {
@@ -163,6 +171,7 @@ scheduler_stats engine_loop::stats() const {
     sum.preemptions += s.preemptions;
     sum.finished += s.finished;
     sum.prefix_hit_tokens += s.prefix_hit_tokens;
+    sum.shared_prompt_tokens += s.shared_prompt_tokens;
     sum.constraint_violations += s.constraint_violations;
     sum.num_running += s.num_running;
     sum.num_waiting += s.num_waiting;

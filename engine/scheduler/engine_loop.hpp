@@ -43,6 +43,9 @@ class engine_loop {
 
   // Queues a request in the least loaded lane (see scheduler::add for the errors).
   expected<seq_id> add_request(request r);
+  // The choices of one prompt (scheduler::add_group), all in the least loaded lane so that they
+  // share the prompt's KV blocks.
+  expected<std::vector<seq_id>> add_group(std::vector<request> rs);
   expected<void> cancel(seq_id id);
 
   // Schedules every idle lane that has work; returns those lanes, whose plans (plan_of) the
@@ -89,6 +92,7 @@ class engine_loop {
     step_plan plan;
     bool busy = false; // `plan` is in flight
   };
+  lane& least_loaded();
   lane& lane_of(seq_id id) { return *lanes_[(id - 1) % lanes_.size()]; }
   bool start(size_t i, std::vector<request_output>& out); // schedules idle lane i
 

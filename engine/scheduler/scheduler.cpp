@@ -8,8 +8,18 @@
 
 namespace troupe::engine {
 
+// The choices of one prompt (add_group) and how many leading prompt tokens they share: the full
+// blocks before the block of the prompt's last token, which each choice computes itself (its
+// first token's logits come from it).
+struct scheduler::group {
+  std::vector<sequence*> members; // unfinished ones
+  int32_t shared_tokens = 0;      // a multiple of block_size, > 0
+};
+
 struct scheduler::sequence {
-  enum class state : uint8_t { waiting, running, importing, finished };
+  // parked: a choice of a group waiting, off the queue, for a sibling to compute the shared
+  // prompt blocks.
+  enum class state : uint8_t { waiting, running, importing, parked, finished };
   seq_id id = 0;
   std::vector<token_id> tokens; // prompt, then generated tokens
   int32_t num_prompt = 0;
@@ -20,6 +30,7 @@ struct scheduler::sequence {
   sampling_params sampling;
   std::vector<token_id> stop_ids;
   std::shared_ptr<token_constraint> constraint;
+  std::shared_ptr<group> grp; // add_group with a prompt longer than one block
   kv_handoff handoff = kv_handoff::none;
   state st = state::waiting;
   bool first_step = true;
@@ -92,7 +103,7 @@ scheduler::scheduler(scheduler_options options)
 
 scheduler::~scheduler() = default;
 
-expected<void> scheduler::validate(const request& r) const {
+expected<void> scheduler::validate(const request& r, size_t queued) const {
   if (r.prompt.empty())
     return make_error(errc::invalid_argument, "prompt must not be empty");
   const auto n = static_cast<int64_t>(r.prompt.size());
@@ -118,15 +129,55 @@ expected<void> scheduler::validate(const request& r) const {
     return make_error(errc::invalid_argument,
                       "min_tokens cannot be combined with structured output (the grammar decides "
                       "where the output ends)");
-  if (static_cast<int32_t>(waiting_.size()) >= opt_.max_waiting)
+  if (static_cast<int64_t>(waiting_.size() + parked_.size() + queued) > opt_.max_waiting)
     return make_error(errc::resource_exhausted,
-                      "the waiting queue is full ({} requests, max_waiting); retry later",
-                      waiting_.size());
+                      "the waiting queue is full ({} requests, max_waiting {}); retry later",
+                      waiting_.size() + parked_.size(), opt_.max_waiting);
   return {};
 }
 
 expected<seq_id> scheduler::add(request r) {
   TROUPE_TRY_VOID(validate(r));
+  auto s = make_sequence(std::move(r));
+  waiting_.push_back(s.get());
+  seq_id id = s->id;
+  live_.emplace(id, std::move(s));
+  return id;
+}
+
+expected<std::vector<seq_id>> scheduler::add_group(std::vector<request> rs) {
+  if (rs.empty())
+    return make_error(errc::invalid_argument, "a group of choices needs at least one request");
+  for (const auto& r : rs) {
+    TROUPE_TRY_VOID(validate(r, rs.size()));
+    if (r.prompt != rs.front().prompt)
+      return make_error(errc::invalid_argument, "the choices of a group must have one prompt");
+    if (rs.size() > 1 && r.handoff != kv_handoff::none)
+      return make_error(errc::invalid_argument,
+                        "the choices of a group cannot hand their KV off (disaggregation)");
+  }
+  const auto prompt_len = static_cast<int32_t>(rs.front().prompt.size());
+  const int32_t shared = (prompt_len - 1) / opt_.block_size * opt_.block_size;
+  std::shared_ptr<group> g;
+  if (rs.size() > 1 && shared > 0) {
+    g = std::make_shared<group>();
+    g->shared_tokens = shared;
+  }
+  std::vector<seq_id> ids;
+  for (auto& r : rs) {
+    auto s = make_sequence(std::move(r));
+    if (g) {
+      s->grp = g;
+      g->members.push_back(s.get());
+    }
+    waiting_.push_back(s.get());
+    ids.push_back(s->id);
+    live_.emplace(s->id, std::move(s));
+  }
+  return ids;
+}
+
+std::unique_ptr<scheduler::sequence> scheduler::make_sequence(request r) {
   auto s = std::make_unique<sequence>();
   s->id = next_id_;
   next_id_ += opt_.id_stride;
@@ -141,10 +192,62 @@ expected<seq_id> scheduler::add(request r) {
   s->stop_ids = std::move(r.stop_token_ids);
   s->constraint = std::move(r.constraint);
   s->handoff = r.handoff;
-  waiting_.push_back(s.get());
-  seq_id id = s->id;
-  live_.emplace(id, std::move(s));
-  return id;
+  return s;
+}
+
+// A running member of s's group (not s) whose KV holds at least `min_computed` tokens (0: any
+// running member), or null.
+scheduler::sequence* scheduler::running_sibling(const sequence& s, int32_t min_computed) const {
+  if (!s.grp)
+    return nullptr;
+  for (sequence* m : s.grp->members)
+    if (m != &s && m->st == sequence::state::running && m->num_computed >= min_computed)
+      return m;
+  return nullptr;
+}
+
+// After a step (every sequence's KV is as num_computed says): parked choices whose sibling now
+// holds the shared prompt blocks take references to them and run, computing the rest of the
+// prompt. They were counted against max_num_seqs when they parked.
+void scheduler::fork_parked() {
+  std::erase_if(parked_, [&](sequence* p) {
+    const int32_t shared = p->grp->shared_tokens;
+    sequence* m = running_sibling(*p, shared);
+    if (!m)
+      return false;
+    const int32_t k = shared / opt_.block_size;
+    for (int32_t i = 0; i < k; ++i) {
+      pool_.acquire(m->blocks[static_cast<size_t>(i)]);
+      p->blocks.push_back(m->blocks[static_cast<size_t>(i)]);
+    }
+    // The prefix cache's chained hashes (and which blocks are registered) carry over.
+    p->num_cached_blocks = std::min(m->num_cached_blocks, k);
+    p->hashes.assign(m->hashes.begin(),
+                     m->hashes.begin() +
+                         std::min<ptrdiff_t>(static_cast<ptrdiff_t>(m->hashes.size()), k));
+    p->num_computed = shared;
+    p->first_step = true;
+    p->st = sequence::state::running;
+    if (p->queue_s < 0)
+      p->queue_s =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - p->arrival).count();
+    running_.push_back(p);
+    stats_.shared_prompt_tokens += static_cast<uint64_t>(shared);
+    return true;
+  });
+}
+
+// Parked choices with no running sibling left (it was preempted, cancelled or finished) go back
+// to the head of the queue, in order: the first admitted prefills for the others.
+void scheduler::unpark() {
+  for (size_t i = parked_.size(); i-- > 0;) {
+    sequence* p = parked_[i];
+    if (running_sibling(*p, 0))
+      continue;
+    p->st = sequence::state::waiting;
+    waiting_.push_front(p);
+    parked_.erase(parked_.begin() + static_cast<ptrdiff_t>(i));
+  }
 }
 
 expected<void> scheduler::cancel(seq_id id) {
@@ -155,6 +258,8 @@ expected<void> scheduler::cancel(seq_id id) {
   const bool importing = s.st == sequence::state::importing;
   if (s.st == sequence::state::waiting)
     waiting_.erase(std::find(waiting_.begin(), waiting_.end(), &s));
+  else if (s.st == sequence::state::parked)
+    parked_.erase(std::find(parked_.begin(), parked_.end(), &s));
   else if (importing)
     importing_.erase(std::find(importing_.begin(), importing_.end(), &s));
   else
@@ -172,6 +277,8 @@ void scheduler::finish(sequence& s, finish_reason why, token_id stop_token, requ
   else
     pool_.release_all(s.blocks);
   s.blocks.clear();
+  if (s.grp)
+    std::erase(s.grp->members, &s);
   s.st = sequence::state::finished;
   o->id = s.id;
   o->finish = why;
@@ -314,10 +421,18 @@ void scheduler::schedule(step_plan& plan) {
       budget -= n;
     }
   std::erase_if(running_, [](sequence* s) { return s->st != sequence::state::running; });
+  unpark();
   // Then waiting requests in arrival order, unless this step had to preempt.
   while (!preempted && !waiting_.empty() && budget > 0 &&
-         static_cast<int32_t>(running_.size() + importing_.size()) < opt_.max_num_seqs) {
+         static_cast<int32_t>(running_.size() + importing_.size() + parked_.size()) <
+             opt_.max_num_seqs) {
     sequence& s = *waiting_.front();
+    if (running_sibling(s, 0)) { // a sibling computes (or holds) the shared prompt blocks
+      waiting_.pop_front();
+      s.st = sequence::state::parked;
+      parked_.push_back(&s);
+      continue;
+    }
     if (s.handoff == kv_handoff::import_kv) {
       if (!admit_import(s))
         break; // head of line waits for blocks
@@ -491,6 +606,8 @@ expected<void> scheduler::update(const step_plan& plan, const step_result& resul
     return make_error(errc::internal, "update: plan {} is not the last scheduled (step {})",
                       plan.step, step_);
   take_pending(out);
+  if (!parked_.empty()) // before any sibling finishes (and releases the blocks) below
+    fork_parked();
   size_t k = 0;
   bool any_finished = false;
   for (size_t i = 0; i < plan.seqs.size(); ++i) {
@@ -563,7 +680,7 @@ std::vector<seq_id> scheduler::unfinished() const {
 scheduler_stats scheduler::stats() const {
   scheduler_stats s = stats_;
   s.num_running = static_cast<int32_t>(running_.size());
-  s.num_waiting = static_cast<int32_t>(waiting_.size());
+  s.num_waiting = static_cast<int32_t>(waiting_.size() + parked_.size());
   s.num_importing = static_cast<int32_t>(importing_.size());
   s.num_held = static_cast<int32_t>(held_.size());
   return s;
@@ -573,7 +690,8 @@ expected<void> scheduler::check() const {
   TROUPE_TRY_VOID(pool_.check());
   std::vector<int32_t> refs(static_cast<size_t>(pool_.num_blocks()), 0);
   for (const auto& [id, s] : live_) {
-    if (s->st == sequence::state::waiting && (!s->blocks.empty() || s->num_computed != 0))
+    if ((s->st == sequence::state::waiting || s->st == sequence::state::parked) &&
+        (!s->blocks.empty() || s->num_computed != 0))
       return make_error(errc::internal, "waiting sequence {} holds {} blocks", id,
                         s->blocks.size());
     if (static_cast<int64_t>(s->blocks.size()) * opt_.block_size < s->num_computed)
@@ -589,9 +707,10 @@ expected<void> scheduler::check() const {
     if (refs[static_cast<size_t>(b)] != pool_.ref_count(b))
       return make_error(errc::internal, "block {} has ref count {} but {} table entries", b,
                         pool_.ref_count(b), refs[static_cast<size_t>(b)]);
-  if (running_.size() + waiting_.size() + importing_.size() != live_.size())
-    return make_error(errc::internal, "{} running + {} waiting + {} importing != {} live",
-                      running_.size(), waiting_.size(), importing_.size(), live_.size());
+  if (running_.size() + waiting_.size() + importing_.size() + parked_.size() != live_.size())
+    return make_error(
+        errc::internal, "{} running + {} waiting + {} importing + {} parked != {} live",
+        running_.size(), waiting_.size(), importing_.size(), parked_.size(), live_.size());
   return {};
 }
 

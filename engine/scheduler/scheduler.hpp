@@ -98,6 +98,9 @@ struct scheduler_stats {
   uint64_t preemptions = 0;
   uint64_t finished = 0;
   uint64_t prefix_hit_tokens = 0; // prompt tokens served from the prefix cache
+  // Parallel sampling (add_group): prompt tokens a sequence took from a sibling's KV blocks
+  // instead of computing them.
+  uint64_t shared_prompt_tokens = 0;
   // Structured output: sampled tokens the grammar refused (none unless a sampler ignored the mask
   // or every allowed token was banned); each ended its request.
   uint64_t constraint_violations = 0;
@@ -115,6 +118,15 @@ class scheduler {
   // Validates and queues a request. Errors: invalid_argument naming the parameter;
   // resource_exhausted when the waiting queue is full or the prompt can never fit the pool.
   expected<seq_id> add(request r);
+  // Parallel sampling (OpenAI `n`): the choices of one prompt, each with its own sampling (seed)
+  // and constraint, queued together. The prompt's full blocks (all but the block of its last
+  // token) are computed once: the first choice admitted prefills; the others park until its KV
+  // holds those blocks, then reference them (shared, reference counted) and compute only the
+  // rest of the prompt (1 to block_size tokens, for their own first-token logits) into blocks of
+  // their own. A preempted or cancelled choice releases only its references; should no choice
+  // be running, a parked one prefills instead. Same errors as add(), for any of them; the prompts
+  // must be equal and none may hand off its KV. Returns the ids in the order of `rs`.
+  expected<std::vector<seq_id>> add_group(std::vector<request> rs);
   // Ends a request in any state; its blocks are freed now and the next update() (or
   // take_pending()) reports it `cancelled`. not_found if it is unknown or already finished.
   // An importing request's blocks are held instead (a transfer may still write them) until
@@ -157,7 +169,9 @@ class scheduler {
   bool has_unfinished() const { return !live_.empty(); }
   // Something a step can advance: running or waiting requests, or outputs not yet reported
   // (importing requests wait for their KV, not for a step).
-  bool has_work() const { return !running_.empty() || !waiting_.empty() || !pending_.empty(); }
+  bool has_work() const {
+    return !running_.empty() || !waiting_.empty() || !parked_.empty() || !pending_.empty();
+  }
   std::vector<seq_id> unfinished() const; // ids of waiting and running requests
   scheduler_stats stats() const;
   const kv::block_pool& pool() const { return pool_; }
@@ -167,6 +181,11 @@ class scheduler {
 
  private:
   struct sequence;
+  struct group;
+  std::unique_ptr<sequence> make_sequence(request r);
+  sequence* running_sibling(const sequence& s, int32_t min_computed) const;
+  void fork_parked();
+  void unpark();
   bool allocate_for(sequence& s, int32_t end_tokens);
   sequence* pick_victim(const sequence& except);
   void preempt(sequence& s, step_plan& plan);
@@ -179,7 +198,7 @@ class scheduler {
   expected<sequence*> take_importing(seq_id id); // out of importing_, or why not
   bool should_stop(sequence& s, token_id t, finish_reason& why, token_id& which) const;
   bool constrained_stop(sequence& s, token_id t, finish_reason& why, token_id& which);
-  expected<void> validate(const request& r) const;
+  expected<void> validate(const request& r, size_t queued = 1) const;
 
   scheduler_options opt_;
   kv::block_pool pool_;
@@ -188,6 +207,7 @@ class scheduler {
   std::vector<sequence*> running_;   // priority order: preemption takes from the back
   std::vector<sequence*> scheduled_; // per seq_step of the last plan
   std::vector<sequence*> importing_; // decode side: waiting for their KV
+  std::vector<sequence*> parked_;    // add_group: waiting for a sibling's prompt blocks
   std::vector<kv_reservation> reservations_;
   std::unordered_map<seq_id, std::vector<int32_t>> held_; // blocks held for a transfer
   std::vector<seq_id> dropped_;                           // for the next plan's `finished`

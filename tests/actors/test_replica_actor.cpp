@@ -78,6 +78,10 @@ struct fake_ranks {
     if (r.error.empty() && static_cast<size_t>(h.rank) == answer_rank) {
       for (const auto& s : h.plan.seqs) { // prompt tokens the model sees for the first time
         auto& t = truth[s.id];
+        // A choice of an n > 1 request starts past the prompt blocks it took from a sibling:
+        // its history begins with what those blocks hold.
+        for (int64_t q = static_cast<int64_t>(t.size()); q < s.start_pos; ++q)
+          t.push_back(model.kv_slot(s.block_table[static_cast<size_t>(q / 4)], q % 4).first);
         for (size_t k = 0; k < s.tokens.size(); ++k)
           if (s.start_pos + static_cast<int64_t>(k) == static_cast<int64_t>(t.size()))
             t.push_back(s.tokens[k]);
@@ -247,6 +251,37 @@ TEST_CASE("replica actor: two plans in flight at pipeline 1, never sharing a seq
   CHECK(g.running == 0);
   CHECK(f.failures.empty());
   CHECK_FALSE(f.health->failed());
+}
+
+TEST_CASE("replica actor: a job's siblings (n choices) share the prompt's blocks in one lane") {
+  fixture f;
+  const std::vector<token_id> prompt{5, 6, 7, 8, 9, 10, 11, 12, 13, 14}; // 2 full blocks of 4
+  sampling_params p;
+  p.temperature = 0;
+  p.max_tokens = 6;
+  p.ignore_eos = true;
+  msg::replica_job job;
+  std::vector<std::shared_ptr<record_sink>> sinks;
+  for (int i = 0; i < 3; ++i) {
+    auto& j = i == 0 ? job : job.siblings.emplace_back();
+    j.id = f.next_id++;
+    j.request = {.prompt = prompt, .sampling = p};
+    sinks.push_back(std::make_shared<record_sink>());
+    j.sink = sinks.back();
+  }
+  caf::anon_send(f.replica, msg::submit_atom::value, std::move(job));
+  f.sched.run();
+  CHECK(f.ranks.tickets().size() == 1); // one lane: the other has nothing to do
+  f.answer_all();
+  for (const auto& sink : sinks) {
+    REQUIRE(sink->ended());
+    CHECK_FALSE(sink->failed);
+    CHECK(sink->tokens() == f.alone(prompt, 6));
+  }
+  CHECK(f.ranks.model.errors == 0);
+  const auto g = f.gauges->get();
+  CHECK(g.shared_prompt_tokens == 2 * 8); // the others took the first's two full blocks
+  CHECK(g.pool.blocks_used == 0);
 }
 
 TEST_CASE("replica actor: submit and cancel at every point of a step") {

@@ -50,7 +50,7 @@ struct run_result {
 
 run_result run_all(backend& model, scheduler_options o,
                    const std::vector<std::pair<std::vector<token_id>, sampling_params>>& reqs,
-                   std::vector<seq_id>& ids, int32_t depth = 1) {
+                   std::vector<seq_id>& ids, int32_t depth = 1, bool as_group = false) {
   local_executor local(model);
   test::pipelined_executor exec(local, depth);
   o.vocab_size = model.config().vocab_size;
@@ -59,8 +59,16 @@ run_result run_all(backend& model, scheduler_options o,
   REQUIRE(loop.num_lanes() == static_cast<size_t>(depth));
   run_result r;
   ids.clear();
-  for (const auto& [prompt, sp] : reqs) {
-    auto id = loop.add_request({.prompt = prompt, .sampling = sp});
+  if (as_group) { // the choices of one prompt (OpenAI n)
+    std::vector<request> rs;
+    for (const auto& [prompt, sp] : reqs)
+      rs.push_back({.prompt = prompt, .sampling = sp});
+    auto added = loop.add_group(std::move(rs));
+    REQUIRE_MESSAGE(added.has_value(), (added ? "" : added.error().to_string()));
+    ids = *added;
+  }
+  for (size_t i = 0; i < reqs.size() && !as_group; ++i) {
+    auto id = loop.add_request({.prompt = reqs[i].first, .sampling = reqs[i].second});
     REQUIRE_MESSAGE(id.has_value(), (id ? "" : id.error().to_string()));
     ids.push_back(*id);
   }
@@ -80,7 +88,8 @@ run_result run_all(backend& model, scheduler_options o,
     }
   }
   CHECK(exec.conflicts == 0);
-  CHECK(exec.max_in_flight == static_cast<size_t>(depth));
+  if (!as_group) // a group stays in one lane: one plan in flight
+    CHECK(exec.max_in_flight == static_cast<size_t>(depth));
   r.stats = loop.stats();
   r.hit_rate = loop.usage().hit_rate();
   return r;
@@ -211,6 +220,82 @@ TEST_CASE("engine loop tiny-qwen3: a seeded request samples the same tokens alon
   auto model3 = load(*dir, {.num_blocks = 128, .block_size = 16});
   auto reseeded = run_all(*model3, o, {{target, sp}}, ids);
   CHECK(reseeded.tokens[ids[0]] != solo_tokens);
+}
+
+TEST_CASE(
+    "engine loop tiny-qwen3: n seeded choices share the prompt's KV and equal seeded singles") {
+  auto dir = test::golden_model("tiny-qwen3");
+  if (!dir)
+    return;
+  const auto prompts = prompts_of(*dir);
+  const auto& target = prompts[prompts.size() - 3]; // the longest: 100 tokens
+  REQUIRE(target.size() >= 100);
+  const auto len = static_cast<int32_t>(target.size());
+  sampling_params sp;
+  sp.temperature = 0.8f;
+  sp.top_k = 40;
+  sp.presence_penalty = 0.5f; // penalties: a choice rebuilds them from the prompt it did not feed
+  sp.repetition_penalty = 1.1f;
+  sp.has_seed = true;
+  sp.max_tokens = 16;
+  sp.ignore_eos = true;
+  std::vector<std::pair<std::vector<token_id>, sampling_params>> choices;
+  std::vector<std::vector<token_id>> single;
+  std::vector<seq_id> ids;
+  for (uint64_t i = 0; i < 4; ++i) {
+    sp.seed = 2024 + i;
+    choices.push_back({target, sp});
+    auto model = load(*dir, {.num_blocks = 64, .block_size = 16});
+    auto r = run_all(*model, {.num_blocks = 64, .block_size = 16, .max_num_batched_tokens = 48},
+                     {{target, sp}}, ids);
+    single.push_back(r.tokens[ids[0]]);
+    REQUIRE(single.back().size() == 16);
+  }
+  CHECK(single[0] != single[1]); // the seeds matter
+
+  struct config {
+    const char* what;
+    kv_cache_options kv;
+    bool caching;
+    int32_t budget;
+    int32_t depth = 1;
+  };
+  for (const auto& c :
+       {config{"prefix caching", {128, 16}, true, 48},
+        config{"no prefix caching", {128, 16}, false, 48},
+        config{"no prefix caching, whole prompt in one step", {128, 16}, false, 256},
+        config{"tiny pool, preemption", {36, 4}, false, 32},
+        config{"tiny pool, preemption, caching", {36, 4}, true, 32},
+        config{"two lanes in flight", {256, 16}, false, 64, 2}}) {
+    CAPTURE(c.what);
+    auto model = load(*dir, c.kv);
+    auto r = run_all(*model,
+                     {.num_blocks = c.kv.num_blocks,
+                      .block_size = c.kv.block_size,
+                      .prefix_caching = c.caching,
+                      .max_num_batched_tokens = c.budget,
+                      .max_num_seqs = 8,
+                      .max_model_len = 128},
+                     choices, ids, c.depth, true);
+    REQUIRE(ids.size() == 4);
+    for (seq_id id : ids) // one lane (ids are lane-strided)
+      CHECK((id - 1) % static_cast<seq_id>(c.depth) == (ids[0] - 1) % static_cast<seq_id>(c.depth));
+    for (size_t i = 0; i < 4; ++i) {
+      CAPTURE(i);
+      CHECK(r.tokens[ids[i]] == single[i]);
+      CHECK(r.finish[ids[i]] == finish_reason::length);
+    }
+    MESSAGE(std::string(c.what) << ": shared prompt tokens " << r.stats.shared_prompt_tokens
+                                << ", preemptions " << r.stats.preemptions);
+    // The full blocks before the last prompt token's, which each other choice took.
+    const auto shared = static_cast<uint64_t>((len - 1) / c.kv.block_size * c.kv.block_size);
+    if (c.kv.num_blocks < 100) {
+      CHECK(r.stats.preemptions > 0);
+      CHECK(r.stats.shared_prompt_tokens >= 3 * shared);
+    } else {
+      CHECK(r.stats.shared_prompt_tokens == 3 * shared);
+    }
+  }
 }
 
 TEST_CASE("engine loop tiny-qwen3: cancelling mid-generation frees every block") {

@@ -79,6 +79,15 @@ json chat_body(int max_tokens, bool stream) {
           {"stream_options", {{"include_usage", true}}}};
 }
 
+// A counter of /metrics (the tiny-qwen3 model's sample).
+uint64_t metric(uint16_t port, const std::string& name) {
+  const auto text = test::http_call(port, "GET", "/metrics").body;
+  const auto key = name + "{model_name=\"tiny-qwen3\"} ";
+  const auto at = text.find(key);
+  REQUIRE_MESSAGE(at != std::string::npos, name);
+  return std::stoull(text.substr(at + key.size()));
+}
+
 } // namespace
 
 TEST_CASE("http: greedy chat completion equals engine generate_greedy, streamed and not") {
@@ -638,6 +647,7 @@ TEST_CASE("http: n choices equal single requests with seeds seed + i, streamed a
   if (!s)
     return;
   json body = chat_body(6, false);
+  body["messages"][0]["content"] = "What is the capital of France? Answer in one sentence.";
   body["temperature"] = 1.0;
   body["seed"] = 77;
   std::vector<std::vector<token_id>> single;
@@ -650,10 +660,17 @@ TEST_CASE("http: n choices equal single requests with seeds seed + i, streamed a
   CHECK(single[0] != single[1]); // the seeds matter
   body["seed"] = 77;
   body["n"] = 4;
+  const auto shared_before = metric(s->port(), "troupe_shared_prompt_tokens_total");
   auto r = test::http_call(s->port(), "POST", "/v1/chat/completions", body.dump());
   REQUIRE_MESSAGE(r.status == 200, r.body);
   const auto j = r.json();
   REQUIRE(j["choices"].size() == 4);
+  // The prompt's full blocks (16 tokens each, all but the last token's) were computed once: the
+  // other three choices took them from the first's KV.
+  const auto prompt_len = j["prompt_token_ids"].size();
+  const auto shared = (prompt_len - 1) / 16 * 16;
+  REQUIRE(shared > 0);
+  CHECK(metric(s->port(), "troupe_shared_prompt_tokens_total") - shared_before == 3 * shared);
   for (int i = 0; i < 4; ++i) {
     CHECK(j["choices"][i]["index"] == i);
     CHECK(j["choices"][i]["token_ids"].get<std::vector<token_id>>() == single[i]);

@@ -202,6 +202,29 @@ TEST_CASE("structured output: what cannot be honoured is a 400 naming the field"
       {{{"guided_decoding_backend", "outlines"}}, "guided_decoding_backend"},
       {{{"guided_regex", "a"}, {"guided_choice", {"a"}}}, "guided_choice"},
       {{{"guided_regex", "a"}, {"min_tokens", 2}}, "min_tokens"},
+      {{{"response_format", {{"type", "structural_tag"}}}}, "response_format"},
+      {{{"response_format", {{"type", "structural_tag"}, {"format", {{"type", "no_such"}}}}}},
+       "response_format"},
+      {{{"response_format",
+         {{"type", "structural_tag"},
+          {"structures", {{{"begin", "<a>"}, {"schema", {{"type", "nope"}}}, {"end", "</a>"}}}},
+          {"triggers", {"<a"}}}}},
+       "response_format"},
+      {{{"response_format",
+         {{"type", "structural_tag"},
+          {"structures", {{{"begin", "<a>"}, {"end", "</a>"}}}},
+          {"triggers", json::array()}}}},
+       "response_format.triggers"},
+      {{{"structured_outputs", {{"structural_tag", "{not json"}}}},
+       "structured_outputs.structural_tag"},
+      {{{"prompt_logprobs", 1}}, "prompt_logprobs"},
+      {{{"best_of", 3}}, "best_of"},
+      {{{"use_beam_search", true}}, "use_beam_search"},
+      {{{"suffix", "end"}}, "suffix"},
+      {{{"allowed_token_ids", {1, 2}}}, "allowed_token_ids"},
+      {{{"bad_words", {"x"}}}, "bad_words"},
+      {{{"truncate_prompt_tokens", 5}}, "truncate_prompt_tokens"},
+      {{{"include_stop_str_in_output", true}}, "include_stop_str_in_output"},
   };
   for (const auto& [extra, field] : bad) {
     INFO(extra.dump());
@@ -213,6 +236,61 @@ TEST_CASE("structured output: what cannot be honoured is a 400 naming the field"
   model_info none = m;
   none.grammar = nullptr;
   CHECK(refused(chat(none, {{"guided_regex", "a"}})).param == "guided_regex");
+}
+
+// Whether `text` (then an EOS, when `complete`) is a whole output `r`'s constraint allows.
+bool allows(const served& s, const completion_request& r, const std::string& text, bool complete) {
+  REQUIRE(r.constraint);
+  auto c = r.constraint->fork();
+  auto ids = s.text.text->encode(text);
+  REQUIRE(ids.has_value());
+  for (token_id t : *ids)
+    if (!c->accept(t))
+      return false;
+  if (!complete)
+    return true;
+  return c->accept(s.text.eos_ids.front()) && c->terminated();
+}
+
+TEST_CASE("structured output: structural tags constrain the tagged parts (xgrammar's and vLLM's "
+          "forms)") {
+  auto s = golden("qwen3");
+  if (!s)
+    return;
+  const json schema = json::parse(R"({"type": "object", "properties": {
+      "city": {"type": "string"}, "days": {"type": "integer"}},
+      "required": ["city", "days"], "additionalProperties": false})");
+  // xgrammar's form: the whole output is one tag.
+  const json tag = {{"type", "structural_tag"},
+                    {"format",
+                     {{"type", "tag"},
+                      {"begin", "<answer>"},
+                      {"content", {{"type", "json_schema"}, {"json_schema", schema}}},
+                      {"end", "</answer>"}}}};
+  auto r = accepted(chat(s->info, {{"response_format", tag}}));
+  CHECK(r.constraint_field == "response_format");
+  CHECK(allows(*s, r, R"(<answer>{"city": "Paris", "days": 3}</answer>)", true));
+  CHECK_FALSE(allows(*s, r, R"(<answer>{"city": 3)", false));
+  CHECK_FALSE(allows(*s, r, "Paris", false));
+  CHECK_FALSE(allows(*s, r, R"(<answer>{"city": "Paris", "days": 3})", true)); // no end tag
+  // The same as vLLM's structured_outputs.structural_tag (a string holding it).
+  auto so = accepted(chat(s->info, {{"structured_outputs", {{"structural_tag", tag.dump()}}}}));
+  CHECK(so.constraint_field == "structured_outputs.structural_tag");
+  CHECK(allows(*s, so, R"(<answer>{"city": "Oslo", "days": 1}</answer>)", true));
+
+  // vLLM's older form: free text; after a trigger, the tag's schema holds until its end.
+  const json legacy = {
+      {"type", "structural_tag"},
+      {"structures",
+       {{{"begin", "<function=get_weather>"}, {"schema", schema}, {"end", "</function>"}}}},
+      {"triggers", {"<function="}}};
+  auto l = accepted(chat(s->info, {{"response_format", legacy}}));
+  CHECK(allows(*s, l, "No call needed.", true));
+  CHECK(allows(
+      *s, l, R"(Let me look. <function=get_weather>{"city": "Paris", "days": 2}</function> Done.)",
+      true));
+  CHECK_FALSE(allows(*s, l, R"(Let me look. <function=get_weather>{"town")", false));
+  CHECK_FALSE(allows(*s, l, R"(<function=get_forecast>)", false)); // no such tag
 }
 
 TEST_CASE("structured output: tool_choice required and named always parse into tool calls (Qwen)") {

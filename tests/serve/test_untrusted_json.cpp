@@ -83,6 +83,8 @@ const char* const fields[] = {"model",
                               "chat_template_kwargs",
                               "add_generation_prompt",
                               "user",
+                              "prompt_logprobs",
+                              "best_of",
                               "no_such_field"};
 
 } // namespace
