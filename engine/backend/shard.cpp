@@ -110,8 +110,6 @@ kv_layout shard_kv_layout(const model_config& c, const shard_plan& s, int32_t bl
           .num_blocks = num_blocks};
 }
 
-namespace {
-
 weight_slice rows_of(std::string name, std::vector<int64_t> shape, index_range r) {
   return {std::move(name), std::move(shape), r.begin, r.end, false};
 }
@@ -122,6 +120,8 @@ weight_slice whole(std::string name, std::vector<int64_t> shape) {
   const int64_t n = shape[0];
   return {std::move(name), std::move(shape), 0, n, false};
 }
+
+namespace {
 
 void layer_reads(const model_config& c, const shard_plan& s, const parallel_layout& lay,
                  shard_reader reader, int64_t l, std::vector<weight_slice>& out) {

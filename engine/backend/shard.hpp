@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "engine/kv/kv_layout.hpp"
 #include "engine/model/model_config.hpp"
@@ -67,6 +68,11 @@ expected<shard_plan> plan_shard(const model_config& config, const parallel_layou
 
 // The backends read slightly different sets: the CUDA backend keeps the final norm on every
 // stage and the o_proj bias on every tensor rank; the CPU backend only where it applies them.
+// Slices of one tensor as the loaders read them: rows r, columns r of a 2-D one, or all of it.
+weight_slice rows_of(std::string name, std::vector<int64_t> shape, index_range r);
+weight_slice cols_of(std::string name, std::vector<int64_t> shape, index_range r);
+weight_slice whole(std::string name, std::vector<int64_t> shape);
+
 enum class shard_reader { cpu, cuda };
 
 // Every slice of the weights a rank with shard `s` (of `layout`) reads when its backend loads,

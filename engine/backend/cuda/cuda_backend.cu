@@ -155,21 +155,6 @@ expected<float*> cuda_backend_impl::vector_f32(const weight_source* w, const std
   return dst;
 }
 
-namespace {
-
-weight_slice rows_of(std::string name, std::vector<int64_t> shape, index_range r) {
-  return {std::move(name), std::move(shape), r.begin, r.end, false};
-}
-weight_slice cols_of(std::string name, std::vector<int64_t> shape, index_range r) {
-  return {std::move(name), std::move(shape), r.begin, r.end, true};
-}
-weight_slice whole(std::string name, std::vector<int64_t> shape) {
-  const int64_t n = shape[0];
-  return {std::move(name), std::move(shape), 0, n, false};
-}
-
-} // namespace
-
 expected<void> cuda_backend_impl::load_weights(const weight_source* w) {
   // Embedding rows of this rank's vocabulary slice on the first stage, lm_head rows (or the tied
   // embedding's) on the last; the final norm everywhere (a stage's last layer normalises with it).

@@ -12,6 +12,7 @@
 #include "engine/backend/cuda/gemm.cuh"
 #include "engine/backend/cuda/kernels.cuh"
 #include "engine/backend/cuda/moe.cuh"
+#include "engine/model/weight_source.hpp"
 
 namespace troupe::engine::cuda {
 
@@ -34,15 +35,9 @@ struct gpu_layer {
   bf16* experts_down = nullptr; // [local experts, H, I]
 };
 
-// Part of one weight tensor of `shape` (1-D or 2-D): rows [begin, end), or columns when by_cols.
-struct weight_slice {
-  std::string name;
-  std::vector<int64_t> shape;
-  int64_t begin = 0, end = 0;
-  bool by_cols = false;
-  int64_t cols() const { return by_cols ? end - begin : shape.size() > 1 ? shape[1] : 1; }
-  int64_t rows() const { return by_cols ? shape[0] : end - begin; }
-};
+// Part of one weight tensor: the engine's (engine/model/weight_source.hpp), as the shard's read
+// list (shard_weight_reads) names it.
+using engine::weight_slice;
 
 // Per-step metadata, laid out in one pinned host buffer and one device buffer.
 struct step_meta {
