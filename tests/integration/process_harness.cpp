@@ -80,16 +80,49 @@ run_result run(const std::vector<std::string>& args, std::chrono::milliseconds t
   return r;
 }
 
-uint16_t free_port() {
+namespace {
+
+// A socket bound to 127.0.0.1:port (0: any free port); -1 when that port is taken.
+int bound_socket(uint16_t port) {
   int fd = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in a{};
   a.sin_family = AF_INET;
   a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  a.sin_port = htons(port);
+  if (bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
+    close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+uint16_t port_of(int fd) {
+  sockaddr_in a{};
   socklen_t len = sizeof a;
   getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  close(fd);
   return ntohs(a.sin_port);
+}
+
+} // namespace
+
+uint16_t free_port() {
+  int fd = bound_socket(0);
+  const uint16_t port = port_of(fd);
+  close(fd);
+  return port;
+}
+
+uint16_t free_port_pair() {
+  for (;;) {
+    int fd = bound_socket(0);
+    const uint16_t port = port_of(fd);
+    int next = port < 65535 ? bound_socket(port + 1) : -1;
+    close(fd);
+    if (next >= 0) {
+      close(next);
+      return port;
+    }
+  }
 }
 
 std::string read_file(const fs::path& file) {
@@ -97,7 +130,7 @@ std::string read_file(const fs::path& file) {
   return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
 }
 
-cluster_fixture::cluster_fixture() : binary_(TROUPE_CLUSTER_BIN), port_(free_port()) {
+cluster_fixture::cluster_fixture() : binary_(TROUPE_CLUSTER_BIN), port_(free_port_pair()) {
   prctl(PR_SET_CHILD_SUBREAPER, 1);
   std::random_device rd;
   token_ = "test-token-" + std::to_string(rd());
@@ -191,6 +224,23 @@ std::string cluster_fixture::node_id(const std::string& name, const std::string&
   while (!id.empty() && id.back() == '\n')
     id.pop_back();
   return id;
+}
+
+std::string cluster_fixture::logs(size_t lines_each) const {
+  std::string out;
+  std::error_code ec;
+  for (auto it = fs::recursive_directory_iterator(root_, ec);
+       !ec && it != fs::recursive_directory_iterator(); it.increment(ec)) {
+    if (!it->is_regular_file() || it->path().extension() != ".log")
+      continue;
+    const auto text = read_file(it->path());
+    size_t start = text.size();
+    for (size_t n = 0; start > 0 && n <= lines_each; --start)
+      if (text[start - 1] == '\n')
+        ++n;
+    out += "--- " + fs::relative(it->path(), root_).string() + "\n" + text.substr(start);
+  }
+  return out;
 }
 
 } // namespace troupe::test

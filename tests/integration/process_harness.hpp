@@ -31,6 +31,9 @@ run_result run(const std::vector<std::string>& args,
 bool wait_exit(pid_t pid, std::chrono::milliseconds timeout, int* status = nullptr);
 bool alive(pid_t pid); // running and not a zombie
 uint16_t free_port();
+// A free port whose successor is free too (a head listens on both: control plane and join
+// bootstrap).
+uint16_t free_port_pair();
 std::string read_file(const fs::path& file);
 
 // Polls `pred` every 50 ms until true or `limit` passes. Returns the elapsed time when true.
@@ -79,6 +82,8 @@ class cluster_fixture {
   std::map<std::string, nlohmann::json> nodes();
   std::string state_of(const std::string& node_id);
   std::string node_id(const std::string& name, const std::string& role = "node") const;
+  // For failure messages: the last lines of every daemon's foreground and session logs.
+  std::string logs(size_t lines_each = 30) const;
 
   void track(pid_t pid) { pids_.push_back(pid); }
 

@@ -130,17 +130,20 @@ std::vector<int> greedy_ids(uint16_t port, const std::string& model, const std::
 std::vector<pid_t> start_cluster(cluster_fixture& fx) {
   fx.start_head_blocking();
   std::vector<pid_t> nodes{fx.join_blocking("w1"), fx.join_blocking("w2")};
-  REQUIRE(eventually(
-      [&] {
-        auto n = fx.nodes();
-        if (n.size() != 3)
-          return false;
-        for (auto& [id, j] : n)
-          if (j["state"] != "alive")
-            return false;
-        return true;
-      },
-      30s));
+  std::map<std::string, nlohmann::json> last;
+  const bool up = eventually(
+                      [&] {
+                        last = fx.nodes();
+                        if (last.size() != 3)
+                          return false;
+                        for (auto& [id, j] : last)
+                          if (j["state"] != "alive")
+                            return false;
+                        return true;
+                      },
+                      30s)
+                      .has_value();
+  REQUIRE_MESSAGE(up, "nodes: ", nlohmann::json(last).dump(), "\n", fx.logs());
   return nodes;
 }
 
