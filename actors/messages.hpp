@@ -101,21 +101,28 @@ template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, sampling_params& x) {
   return f(caf::meta::type_name("sampling_params"), x.temperature, x.top_p, x.top_k, x.min_p,
            x.repetition_penalty, x.presence_penalty, x.frequency_penalty, x.has_seed, x.seed,
-           x.logprobs, x.bias_tokens, x.bias_values, x.max_tokens, x.min_tokens, x.ignore_eos);
+           x.logprobs, x.prompt_logprobs, x.bias_tokens, x.bias_values, x.max_tokens, x.min_tokens,
+           x.ignore_eos);
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, seq_step& x) {
   return f(caf::meta::type_name("seq_step"), x.id, x.start_pos, x.tokens, x.block_table, x.logits,
-           x.sampling, x.num_prompt_tokens, x.first_step, x.cached_prefix, x.banned_tokens,
-           x.allowed_tokens);
+           x.sampling, x.num_prompt_tokens, x.first_step, x.cached_prefix, x.next_prompt_token,
+           x.banned_tokens, x.allowed_tokens);
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, step_plan& x) {
   return f(caf::meta::type_name("step_plan"), x.step, x.seqs, x.finished);
 }
 template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, position_logprobs& x) {
+  return f(caf::meta::type_name("position_logprobs"), x.position, x.token, x.logprob, x.rank,
+           x.top_ids, x.top_logprobs);
+}
+template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, seq_output& x) {
-  return f(caf::meta::type_name("seq_output"), x.id, x.token, x.logprob, x.top_ids, x.top_logprobs);
+  return f(caf::meta::type_name("seq_output"), x.id, x.token, x.logprob, x.top_ids, x.top_logprobs,
+           x.prompt_logprobs);
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, step_result& x) {

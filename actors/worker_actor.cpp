@@ -9,6 +9,7 @@
 #include "engine/backend/cpu/cpu_backend.hpp"
 #include "engine/exec/cuda_executor.hpp"
 #include "engine/exec/local_executor.hpp"
+#include "engine/scheduler/scheduler.hpp"
 #include "runtime/log.hpp"
 
 namespace troupe::actors {
@@ -52,7 +53,7 @@ expected<void> load_cuda(worker* self, const msg::worker_spec& spec,
   engine::cuda_options o{.device = spec.device,
                          .max_num_batched_tokens = std::max(spec.max_num_batched_tokens, 1),
                          .max_num_seqs = spec.max_num_seqs,
-                         .max_logit_rows = spec.max_num_seqs,
+                         .max_logit_rows = spec.max_num_seqs + engine::default_prompt_logprob_rows,
                          .max_model_len = spec.max_model_len,
                          .gpu_memory_utilization = spec.gpu_memory_utilization,
                          .layout = lay,

@@ -368,6 +368,12 @@ std::optional<api_error> read_sampling(const json& b, bool chat, int64_t vocab,
     r.top_logprobs = n < 0 ? -1 : n;
   }
   s.logprobs = r.top_logprobs;
+  // vLLM's prompt_logprobs: each prompt token's logprob, rank and the top ones there.
+  if (auto e = opt_number(b, "prompt_logprobs", r.prompt_logprobs))
+    return e;
+  if (r.prompt_logprobs < -1 || r.prompt_logprobs > 20)
+    return bad("prompt_logprobs", "'prompt_logprobs' must be in [0, 20]");
+  s.prompt_logprobs = r.prompt_logprobs;
   return std::nullopt;
 }
 
@@ -435,9 +441,6 @@ std::optional<api_error> refuse_unsupported(const json& b, const completion_requ
     return it != b.end() && !it->is_null() && !(it->is_boolean() && !it->get<bool>()) &&
            !(it->is_string() && it->get<std::string>().empty()) && !(it->is_array() && it->empty());
   };
-  if (given("prompt_logprobs"))
-    return bad("prompt_logprobs", "'prompt_logprobs' is not supported (the prompt's logprobs are "
-                                  "not computed)");
   if (auto it = b.find("best_of");
       it != b.end() && !it->is_null() && !(it->is_number_integer() && it->get<int64_t>() == r.n))
     return bad("best_of", "'best_of' other than 'n' is not supported (every choice sampled is "
@@ -805,9 +808,8 @@ std::variant<completion_request, api_error> parse_completion(const std::string& 
   if (auto e = refuse_unsupported(b, r))
     return *e;
   if (r.echo) {
-    if (r.top_logprobs >= 0)
-      return bad("echo", "'echo' with 'logprobs' would need the prompt's logprobs, which this "
-                         "server does not compute; drop one of them");
+    if (r.top_logprobs >= 0) // the logprobs cover the echoed prompt too
+      r.sampling.prompt_logprobs = std::max(r.sampling.prompt_logprobs, r.top_logprobs);
     const json* p = &b["prompt"];
     if (p->is_array() && p->size() == 1)
       p = &(*p)[0];

@@ -58,6 +58,9 @@ struct completion_request {
   int32_t n = 1;
   std::string echo_text;
   int32_t top_logprobs = -1; // -1: no logprobs
+  // vLLM's prompt_logprobs (-1: none). sampling.prompt_logprobs is the larger of it and, with
+  // `echo`, top_logprobs: what the engine computes for both.
+  int32_t prompt_logprobs = -1;
   std::vector<token_id> prompt;
   std::vector<token_id> stop_token_ids;
   std::vector<std::string> stop; // stop strings

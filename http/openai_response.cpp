@@ -52,6 +52,30 @@ json empty_logprobs(bool chat) {
   return chat ? json{{"content", json::array()}} : json::object();
 }
 
+// Completions' logprobs object `from` appended to `to` (token by token).
+void append_logprobs(json& to, const json& from) {
+  for (const char* key : {"tokens", "token_logprobs", "top_logprobs"})
+    if (from.contains(key))
+      for (const auto& v : from[key])
+        to[key].push_back(v);
+}
+
+// One prompt position in vLLM's prompt_logprobs shape: the prompt token and the `k` most likely
+// ones there, {"<id>": {logprob, rank, decoded_token}}.
+json position_entry(const position_logprobs& p, int32_t k, const engine::tokenizer& tok) {
+  json e = json::object();
+  const auto n = std::min<size_t>(static_cast<size_t>(std::max(k, 0)), p.top_ids.size());
+  for (size_t i = 0; i < n; ++i)
+    e[std::to_string(p.top_ids[i])] = {
+        {"logprob", p.top_logprobs[i]},
+        {"rank", i + 1},
+        {"decoded_token", std::string(tok.token_bytes(p.top_ids[i]))}};
+  e[std::to_string(p.token)] = {{"logprob", p.logprob},
+                                {"rank", p.rank},
+                                {"decoded_token", std::string(tok.token_bytes(p.token))}};
+  return e;
+}
+
 } // namespace
 
 engine::request make_engine_request(const completion_request& req) {
@@ -119,8 +143,48 @@ json openai_response::chunk(json choice) {
   return c;
 }
 
+// vLLM's prompt_logprobs: null for the first prompt token (nothing predicts it), then one entry
+// per prompt token.
+json openai_response::prompt_logprobs() const {
+  json out = json::array({nullptr});
+  for (const auto& p : prompt_lp_)
+    out.push_back(position_entry(p, req_.prompt_logprobs, *model_.text->text));
+  return out;
+}
+
+// Completions with `echo` and `logprobs`: the prompt's tokens in the logprobs object, the first
+// without a logprob, each with the top `logprobs` there (and the prompt token itself).
+json openai_response::echo_logprobs() const {
+  const auto& tok = *model_.text->text;
+  json lp = {{"tokens", json::array()},
+             {"token_logprobs", json::array()},
+             {"top_logprobs", json::array()}};
+  for (size_t i = 0; i < req_.prompt.size(); ++i) {
+    lp["tokens"].push_back(std::string(tok.token_bytes(req_.prompt[i])));
+    if (i == 0 || i > prompt_lp_.size()) {
+      lp["token_logprobs"].push_back(nullptr);
+      lp["top_logprobs"].push_back(nullptr);
+      continue;
+    }
+    const auto& p = prompt_lp_[i - 1];
+    json top = json::object();
+    const auto n = std::min<size_t>(static_cast<size_t>(req_.top_logprobs), p.top_ids.size());
+    for (size_t k = 0; k < n; ++k)
+      top[std::string(tok.token_bytes(p.top_ids[k]))] = p.top_logprobs[k];
+    top[std::string(tok.token_bytes(p.token))] = p.logprob;
+    lp["token_logprobs"].push_back(p.logprob);
+    lp["top_logprobs"].push_back(std::move(top));
+  }
+  return lp;
+}
+
+bool openai_response::echoes_logprobs() const {
+  return req_.echo && req_.top_logprobs >= 0;
+}
+
 std::optional<json> openai_response::opening_chunk() {
-  if (req_.stream && req_.echo) // completions: the echoed prompt comes first
+  // Completions: the echoed prompt comes first (with its logprobs: with the first token).
+  if (req_.stream && req_.echo && !echoes_logprobs())
     return chunk({{"index", index_},
                   {"text", req_.echo_text},
                   {"logprobs", nullptr},
@@ -136,6 +200,16 @@ std::optional<json> openai_response::opening_chunk() {
 std::optional<json> openai_response::add(const engine::request_output& o) {
   std::string delta;
   json lp_delta = empty_logprobs(req_.chat);
+  prompt_lp_.insert(prompt_lp_.end(), o.prompt_logprobs.begin(), o.prompt_logprobs.end());
+  // Streams: what waited for the prompt's logprobs goes with the first token (or the end).
+  const bool prompt_part = req_.stream && !prompt_sent_ &&
+                           (o.has_token || o.finish != engine::finish_reason::none) &&
+                           (req_.prompt_logprobs >= 0 || echoes_logprobs());
+  if (prompt_part) {
+    prompt_sent_ = true;
+    if (echoes_logprobs())
+      lp_delta = echo_logprobs();
+  }
   if (o.has_token) {
     ids_.push_back(o.token);
     delta = detok_.push(o.token, static_cast<int32_t>(ids_.size()) >= req_.sampling.min_tokens);
@@ -166,7 +240,7 @@ std::optional<json> openai_response::add(const engine::request_output& o) {
   // A token whose text is held back (part of a UTF-8 character or of a possible stop string)
   // still gets its chunk when the client asked for token ids (as vLLM), or its id is lost.
   const bool ids_chunk = req_.return_token_ids && o.has_token;
-  if (!req_.stream || (delta.empty() && calls.empty() && !ends && !ids_chunk))
+  if (!req_.stream || (delta.empty() && calls.empty() && !ends && !ids_chunk && !prompt_part))
     return std::nullopt;
   json choice = {{"index", index_}};
   if (req_.chat) {
@@ -174,13 +248,18 @@ std::optional<json> openai_response::add(const engine::request_output& o) {
     if (!calls.empty())
       choice["delta"]["tool_calls"] = std::move(calls);
   } else {
-    choice["text"] = delta;
+    choice["text"] = prompt_part && echoes_logprobs() ? req_.echo_text + delta : delta;
   }
-  choice["logprobs"] = req_.top_logprobs >= 0 && o.has_token ? lp_delta : json();
+  choice["logprobs"] = req_.top_logprobs >= 0 && (o.has_token || prompt_part) ? lp_delta : json();
   choice["finish_reason"] = ends ? json(finish_reason()) : json();
   if (req_.return_token_ids && o.has_token)
     choice["token_ids"] = json::array({o.token});
-  return chunk(std::move(choice));
+  if (prompt_part && req_.prompt_logprobs >= 0 && !req_.chat)
+    choice["prompt_logprobs"] = prompt_logprobs();
+  json c = chunk(std::move(choice));
+  if (prompt_part && req_.prompt_logprobs >= 0 && req_.chat) // chat: beside the choices (vLLM)
+    c["prompt_logprobs"] = prompt_logprobs();
+  return c;
 }
 
 json openai_response::usage_chunk(int64_t completion_tokens) const {
@@ -213,7 +292,15 @@ json openai_response::body() const {
   } else {
     choice["text"] = req_.echo ? req_.echo_text + text_ : text_;
   }
-  choice["logprobs"] = req_.top_logprobs >= 0 ? logprobs_ : json();
+  if (echoes_logprobs()) {
+    json lp = echo_logprobs();
+    append_logprobs(lp, logprobs_);
+    choice["logprobs"] = std::move(lp);
+  } else {
+    choice["logprobs"] = req_.top_logprobs >= 0 ? logprobs_ : json();
+  }
+  if (req_.prompt_logprobs >= 0 && !req_.chat)
+    choice["prompt_logprobs"] = prompt_logprobs();
   choice["finish_reason"] = finish_reason();
   if (!req_.stop.empty() && detok_.stop_string())
     choice["stop_reason"] = *detok_.stop_string();
@@ -224,6 +311,8 @@ json openai_response::body() const {
   body["usage"] = usage();
   if (req_.return_token_ids)
     body["prompt_token_ids"] = req_.prompt;
+  if (req_.prompt_logprobs >= 0 && req_.chat) // beside the choices (vLLM)
+    body["prompt_logprobs"] = prompt_logprobs();
   return body;
 }
 

@@ -48,6 +48,9 @@ class openai_response {
   json base(bool chunk) const;
   json usage(int64_t completion_tokens = -1) const;
   json chunk(json choice);
+  json prompt_logprobs() const;
+  json echo_logprobs() const;
+  bool echoes_logprobs() const;
 
   const completion_request& req_;
   const model_info& model_;
@@ -59,6 +62,8 @@ class openai_response {
   std::string text_;
   std::vector<token_id> ids_;
   json logprobs_;
+  std::vector<position_logprobs> prompt_lp_; // prompt positions 1, 2, ... scored so far
+  bool prompt_sent_ = false;                 // streams: the prompt's logprobs went out
   engine::finish_reason finish_ = engine::finish_reason::none;
   // Chat with tools: the output split into content and OpenAI tool_calls.
   tool_call_parser tools_;

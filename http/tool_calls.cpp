@@ -18,10 +18,6 @@ bool is_space(char c) {
   return c == ' ' || c == '\n' || c == '\t' || c == '\r';
 }
 
-bool all_space(std::string_view s) {
-  return std::all_of(s.begin(), s.end(), is_space);
-}
-
 std::string_view trim(std::string_view s) {
   while (!s.empty() && is_space(s.front()))
     s.remove_prefix(1);

@@ -23,6 +23,10 @@ struct sampling_params {
   bool has_seed = false;
   uint64_t seed = 0;
   int32_t logprobs = -1; // -1 = none, else number of top logprobs to return (0 = sampled only)
+  // The prompt's logprobs (vLLM prompt_logprobs; OpenAI echo with logprobs): -1 = none, else the
+  // number of top logprobs per prompt position beside the prompt token's own. A request with them
+  // computes its whole prompt (no prefix cache, no KV handoff).
+  int32_t prompt_logprobs = -1;
   // OpenAI logit_bias: bias_values[i] in [-100, 100] is added to the logit of bias_tokens[i]
   // (ascending distinct ids) after the penalties, before sampling; logprobs stay those of the raw
   // logits.
@@ -64,6 +68,9 @@ struct seq_step {
   std::vector<token_id> cached_prefix;
   // Token ids whose logits are -inf this step (EOS and stop_token_ids until min_tokens).
   std::vector<token_id> banned_tokens;
+  // logits_mode::all with sampling.prompt_logprobs, for a chunk that ends inside the prompt: the
+  // prompt token after the chunk (what its last row's logits are scored against); else -1.
+  token_id next_prompt_token = -1;
   // Structured output: the tokens the request's grammar allows next, as a bitmask (token t is
   // allowed when bit t % 32 of word t / 32 is set; ids past the end are not); every other logit is
   // -inf. Empty: no constraint.
@@ -85,18 +92,33 @@ struct step_plan {
   }
 };
 
+// A prompt token's log-probability under the logits of the position before it (raw logits, as
+// the sampled tokens' logprobs), its rank in that distribution (1 = the most likely) and the top
+// candidates there (ties: lower id first).
+struct position_logprobs {
+  int32_t position = 0; // of `token` in the sequence (>= 1)
+  token_id token = -1;
+  float logprob = 0.0f;
+  int32_t rank = 0;
+  std::vector<token_id> top_ids;
+  std::vector<float> top_logprobs;
+};
+
 // What the last pipeline stage (TP rank 0) sends back for one sequence.
 struct seq_output {
   seq_id id = 0;
-  token_id token = -1;  // sampled token, -1 when the plan asked for no logits
+  token_id token = -1;  // sampled token; -1 when this step samples none (a prompt chunk)
   float logprob = 0.0f; // log-probability of `token` under the model (log-softmax of raw logits)
   std::vector<token_id> top_ids; // top logprobs when requested (raw logits, ties: lower id)
   std::vector<float> top_logprobs;
+  // sampling.prompt_logprobs: the prompt positions this step's rows score, in order.
+  std::vector<position_logprobs> prompt_logprobs;
 };
 
 struct step_result {
   uint64_t step = 0;
-  std::vector<seq_output> outputs; // one per seq_step with logits != none, in plan order
+  // One per seq_step with logits != none, in plan order.
+  std::vector<seq_output> outputs;
 };
 
 } // namespace troupe

@@ -12,6 +12,7 @@
 #include "engine/exec/local_executor.hpp"
 #include "engine/model/gguf_weights.hpp"
 #include "engine/sampling/sampler.hpp"
+#include "engine/scheduler/scheduler.hpp"
 #include "http/http_server.hpp"
 #include "runtime/log.hpp"
 
@@ -87,7 +88,7 @@ expected<local_replica> start_cuda(const deployment_config& c, const kv_plan& kv
   engine::cuda_options o{.device = 0,
                          .max_num_batched_tokens = std::max(c.max_num_batched_tokens, 1),
                          .max_num_seqs = c.max_num_seqs,
-                         .max_logit_rows = c.max_num_seqs,
+                         .max_logit_rows = c.max_num_seqs + engine::default_prompt_logprob_rows,
                          .max_model_len = kv.max_model_len,
                          .gpu_memory_utilization = static_cast<float>(c.gpu_memory_utilization)};
   const auto t0 = std::chrono::steady_clock::now();

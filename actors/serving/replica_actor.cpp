@@ -149,6 +149,18 @@ void kick(replica* self) {
   }
 }
 
+// Queues one request on the engine; its outputs go to `sink` (its refusal too).
+void admit(replica* self, seq_id router_id, engine::request r, std::shared_ptr<request_sink> sink) {
+  auto& st = self->state;
+  auto id = st.loop->add_request(std::move(r));
+  if (!id)
+    return sink->fail(id.error());
+  st.local_of[router_id] = *id;
+  st.live[*id] = {router_id, std::move(sink)};
+  kick(self);
+  st.spec.gauges->publish(*st.loop); // waiting counts before any step
+}
+
 void on_submit(replica* self, msg::replica_job& job) {
   auto& st = self->state;
   if (!st.broken.empty()) {
@@ -172,15 +184,11 @@ void on_submit(replica* self, msg::replica_job& job) {
       st.local_of[jobs[i].id] = (*ids)[i];
       st.live[(*ids)[i]] = {jobs[i].id, std::move(jobs[i].sink)};
     }
+    kick(self);
+    st.spec.gauges->publish(*st.loop); // waiting counts before any step
   } else {
-    auto id = st.loop->add_request(std::move(job.request));
-    if (!id)
-      return job.sink->fail(id.error());
-    st.local_of[job.id] = *id;
-    st.live[*id] = {job.id, std::move(job.sink)};
+    admit(self, job.id, std::move(job.request), std::move(job.sink));
   }
-  kick(self);
-  st.spec.gauges->publish(*st.loop); // waiting counts before any step
 }
 
 void on_cancel(replica* self, seq_id router_id) {
@@ -233,6 +241,10 @@ void on_import(replica* self, handoff_job& job) {
   if (!st.spec.decode)
     return job.sink->fail(make_error(errc::internal, "a handoff reached a replica that does not "
                                                      "decode for prefill replicas"));
+  if (job.request.sampling.prompt_logprobs >= 0) { // scored where it is computed: here
+    ++st.spec.decode->stats->local_prefills;
+    return admit(self, job.id, std::move(job.request), std::move(job.sink));
+  }
   engine::request for_prefill;
   for_prefill.prompt = job.request.prompt;
   for_prefill.sampling = job.request.sampling;

@@ -24,6 +24,12 @@ expected<step_result> cuda_executor::execute_filling(const step_plan& plan, cons
     TROUPE_TRY_VOID(model_.forward(plan, out_));
     return result;
   }
+  if (scores_prompt(plan)) { // prompt logprobs: every row's logits to the host, sampled there
+    TROUPE_TRY_VOID(model_.forward(plan, out_));
+    if (fill)
+      fill();
+    return host_.sample(plan, out_);
+  }
   auto logits = model_.forward_on_device(plan, out_); // queued on the GPU, not waited for
   if (!logits)
     return std::move(logits).error();

@@ -99,6 +99,37 @@ token_id draw(const std::vector<float>& w, const sampling_params& p, double u) {
   return cand[last_nonzero]; // rounding: u * total reached the end
 }
 
+// log(sum(exp(logits))), from the maximum for range.
+float log_normalizer(std::span<const float> logits) {
+  const float top = *std::max_element(logits.begin(), logits.end());
+  double z = 0;
+  for (float x : logits)
+    z += std::exp(static_cast<double>(x - top));
+  return top + static_cast<float>(std::log(z));
+}
+
+// The n most likely ids (ties: lower id) and their logprobs, in one pass over the row.
+void top_logprobs(std::span<const float> logits, float log_z, int32_t n, std::vector<token_id>& ids,
+                  std::vector<float>& logprobs) {
+  n = std::min<int32_t>(n, static_cast<int32_t>(logits.size()));
+  if (n <= 0)
+    return;
+  const by_value_desc order{logits.data()};
+  std::vector<int32_t> best; // in order, at most n
+  best.reserve(static_cast<size_t>(n) + 1);
+  for (int32_t t = 0; t < static_cast<int32_t>(logits.size()); ++t) {
+    if (static_cast<int32_t>(best.size()) == n && !order(t, best.back()))
+      continue;
+    best.insert(std::upper_bound(best.begin(), best.end(), t, order), t);
+    if (static_cast<int32_t>(best.size()) > n)
+      best.pop_back();
+  }
+  for (int32_t t : best) {
+    ids.push_back(t);
+    logprobs.push_back(logits[static_cast<size_t>(t)] - log_z);
+  }
+}
+
 } // namespace
 
 expected<void> validate(const sampling_params& p) {
@@ -124,6 +155,10 @@ expected<void> validate(const sampling_params& p) {
     return make_error(errc::invalid_argument,
                       "logprobs must be in [0, {}] (or -1 for none), got {}", max_logprobs,
                       p.logprobs);
+  if (p.prompt_logprobs < -1 || p.prompt_logprobs > max_logprobs)
+    return make_error(errc::invalid_argument,
+                      "prompt_logprobs must be in [0, {}] (or -1 for none), got {}", max_logprobs,
+                      p.prompt_logprobs);
   if (p.bias_tokens.size() != p.bias_values.size())
     return make_error(errc::invalid_argument, "logit_bias: {} token ids but {} biases",
                       p.bias_tokens.size(), p.bias_values.size());
@@ -177,23 +212,44 @@ seq_output sample_row(std::span<const float> logits, const sample_inputs& in,
     out.token = draw(w, p, sample_uniform(p.seed, in.index));
 
   // Logprobs under the model: log-softmax of the raw logits.
-  float top = *std::max_element(logits.begin(), logits.end());
-  double z = 0;
-  for (float x : logits)
-    z += std::exp(static_cast<double>(x - top));
-  const float log_z = top + static_cast<float>(std::log(z));
+  const float log_z = log_normalizer(logits);
   out.logprob = logits[static_cast<size_t>(out.token)] - log_z;
-  if (p.logprobs > 0) {
-    const int32_t n = std::min<int32_t>(p.logprobs, static_cast<int32_t>(logits.size()));
-    std::vector<int32_t> idx(logits.size());
-    std::iota(idx.begin(), idx.end(), 0);
-    std::partial_sort(idx.begin(), idx.begin() + n, idx.end(), by_value_desc{logits.data()});
-    for (int32_t i = 0; i < n; ++i) {
-      out.top_ids.push_back(idx[i]);
-      out.top_logprobs.push_back(logits[static_cast<size_t>(idx[i])] - log_z);
-    }
-  }
+  if (p.logprobs > 0)
+    top_logprobs(logits, log_z, p.logprobs, out.top_ids, out.top_logprobs);
   return out;
+}
+
+bool scores_prompt(const step_plan& plan) {
+  return std::any_of(plan.seqs.begin(), plan.seqs.end(), [](const seq_step& s) {
+    return s.logits == logits_mode::all && s.sampling.prompt_logprobs >= 0 &&
+           s.start_pos + 1 < s.num_prompt_tokens;
+  });
+}
+
+expected<void> score_prompt(const seq_step& s, const forward_output& out, size_t i,
+                            std::vector<position_logprobs>& scored) {
+  const int32_t k = s.sampling.prompt_logprobs;
+  for (int32_t r = 0; r < out.num_rows[i]; ++r) {
+    const int32_t target = s.start_pos + r + 1; // the position this row's logits predict
+    if (target >= s.num_prompt_tokens)
+      break;
+    const auto logits = out.row(out.first_row[i] + r);
+    position_logprobs& p = scored.emplace_back();
+    p.position = target;
+    p.token = static_cast<size_t>(r) + 1 < s.tokens.size() ? s.tokens[static_cast<size_t>(r) + 1]
+                                                           : s.next_prompt_token;
+    if (p.token < 0 || static_cast<size_t>(p.token) >= logits.size())
+      return make_error(errc::internal, "sequence {}: prompt position {} holds token {}", s.id,
+                        target, p.token);
+    const float x = logits[static_cast<size_t>(p.token)];
+    const float log_z = log_normalizer(logits);
+    p.logprob = x - log_z;
+    p.rank = 1 + static_cast<int32_t>(
+                     std::count_if(logits.begin(), logits.end(), [x](float v) { return v > x; }));
+    if (k > 0)
+      top_logprobs(logits, log_z, k, p.top_ids, p.top_logprobs);
+  }
+  return {};
 }
 
 expected<std::vector<row_job>> sampler::prepare(const step_plan& plan, const forward_output& out) {
@@ -222,6 +278,8 @@ expected<std::vector<row_job>> sampler::prepare(const step_plan& plan, const for
       return make_error(errc::internal, "step {}: sequence {} asked for logits but got none",
                         plan.step, s.id);
     const int64_t end = s.start_pos + static_cast<int64_t>(s.tokens.size());
+    if (end < s.num_prompt_tokens) // a prompt chunk scored for its logprobs: nothing to sample
+      continue;
     jobs.push_back(
         {.seq = i,
          .row = out.first_row[i] + out.num_rows[i] - 1,
@@ -240,9 +298,19 @@ expected<step_result> sampler::sample(const step_plan& plan, const forward_outpu
     return std::move(jobs).error();
   step_result result;
   result.step = plan.step;
-  for (const auto& j : *jobs) {
-    auto o = sample_row(out.row(j.row), j.in, scratch_);
-    o.id = plan.seqs[j.seq].id;
+  auto job = jobs->begin();
+  for (size_t i = 0; i < plan.seqs.size(); ++i) {
+    const auto& s = plan.seqs[i];
+    if (s.logits == logits_mode::none)
+      continue;
+    seq_output o;
+    if (job != jobs->end() && job->seq == i) {
+      o = sample_row(out.row(job->row), job->in, scratch_);
+      ++job;
+    }
+    o.id = s.id;
+    if (s.logits == logits_mode::all && s.sampling.prompt_logprobs >= 0)
+      TROUPE_TRY_VOID(score_prompt(s, out, i, o.prompt_logprobs));
     result.outputs.push_back(std::move(o));
   }
   return result;

@@ -49,6 +49,13 @@ struct sample_inputs {
 seq_output sample_row(std::span<const float> logits, const sample_inputs& in,
                       std::vector<float>& scratch);
 
+// Prompt logprobs (sampling.prompt_logprobs): scores the prompt positions that seq_step i's rows
+// predict (a logits_mode::all step) into `scored`. internal error for a token outside the logits.
+expected<void> score_prompt(const seq_step& s, const forward_output& out, size_t i,
+                            std::vector<position_logprobs>& scored);
+// Whether any seq_step of `plan` has prompt positions to score (needs its logits on the host).
+bool scores_prompt(const step_plan& plan);
+
 // The uniform draw in [0, 1) for (seed, index): splitmix64, shared bit for bit by the GPU
 // sampler (engine/backend/cuda/gpu_sampler.cu), so that both pick the same token.
 double sample_uniform(uint64_t seed, uint64_t index);
@@ -62,14 +69,15 @@ struct row_job {
 };
 
 // The per-worker sampler: keeps penalty state per sequence across steps (dropped on
-// plan.finished and seq_step::first_step) and samples every seq_step that asked for logits.
+// plan.finished and seq_step::first_step) and samples every seq_step that asked for logits
+// (except prompt chunks that ask only for their prompt logprobs), scoring prompt positions too.
 class sampler {
  public:
   expected<step_result> sample(const step_plan& plan, const forward_output& out);
 
   // The bookkeeping half of sample(): updates the penalty state with the plan's tokens and lists
   // the rows to sample, in plan order (out.logits is not read). The GPU sampler samples these rows
-  // on the device; sample() samples them here.
+  // on the device; sample() samples them here. Prompt scoring is sample()'s only.
   expected<std::vector<row_job>> prepare(const step_plan& plan, const forward_output& out);
 
   size_t num_tracked() const { return state_.size(); }

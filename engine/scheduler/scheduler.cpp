@@ -36,10 +36,13 @@ struct scheduler::sequence {
   bool first_step = true;
   uint64_t scheduled_step = 0;
   std::chrono::steady_clock::time_point arrival = std::chrono::steady_clock::now();
-  double queue_s = -1; // arrival to first scheduled, once scheduled
+  double queue_s = -1;       // arrival to first scheduled, once scheduled
+  int32_t prompt_scored = 0; // prompt logprobs: positions [1, prompt_scored] reported
 
   int32_t len() const { return static_cast<int32_t>(tokens.size()); }
   int32_t num_generated() const { return len() - num_prompt; }
+  // Prompt logprobs still to report: the prompt is computed here, every row's logits back.
+  bool scoring() const { return sampling.prompt_logprobs >= 0 && prompt_scored < num_prompt - 1; }
 };
 
 namespace {
@@ -69,6 +72,7 @@ expected<void> validate(const scheduler_options& o) {
   TROUPE_TRY_VOID(positive(o.max_num_seqs, "max_num_seqs"));
   TROUPE_TRY_VOID(positive(o.max_waiting, "max_waiting"));
   TROUPE_TRY_VOID(positive(o.max_model_len, "max_model_len"));
+  TROUPE_TRY_VOID(positive(o.max_prompt_logprob_rows, "max_prompt_logprob_rows"));
   TROUPE_TRY_VOID(positive(static_cast<int64_t>(o.first_id), "first_id"));
   TROUPE_TRY_VOID(positive(static_cast<int64_t>(o.id_stride), "id_stride"));
   if (o.block_offset < 0)
@@ -129,6 +133,10 @@ expected<void> scheduler::validate(const request& r, size_t queued) const {
     return make_error(errc::invalid_argument,
                       "min_tokens cannot be combined with structured output (the grammar decides "
                       "where the output ends)");
+  if (r.sampling.prompt_logprobs >= 0 && r.handoff != kv_handoff::none)
+    return make_error(errc::invalid_argument,
+                      "prompt logprobs need the prompt computed where they are asked for, not its "
+                      "KV handed over");
   if (static_cast<int64_t>(waiting_.size() + parked_.size() + queued) > opt_.max_waiting)
     return make_error(errc::resource_exhausted,
                       "the waiting queue is full ({} requests, max_waiting {}); retry later",
@@ -321,7 +329,7 @@ void scheduler::preempt(sequence& s, step_plan& plan) {
 
 // Takes the longest cached prefix of full blocks (leaving at least one token to compute).
 bool scheduler::admit_prefix(sequence& s, bool whole_prompt) {
-  if (!opt_.prefix_caching || !s.blocks.empty())
+  if (!opt_.prefix_caching || !s.blocks.empty() || s.scoring()) // cached rows have no logits
     return false;
   const int32_t bs = opt_.block_size;
   // Computing leaves at least one token to feed (its logits); an import feeds none.
@@ -344,6 +352,17 @@ bool scheduler::admit_prefix(sequence& s, bool whole_prompt) {
   return s.num_computed > 0;
 }
 
+// Tokens of s to feed this step: what is left, within the step's token budget and, for a prompt
+// whose every row of logits comes back, within the step's rows for those (taken from it).
+int32_t scheduler::chunk_size(const sequence& s, int32_t budget, int32_t& score_budget) const {
+  int32_t n = std::min(s.len() - s.num_computed, budget);
+  if (s.scoring()) {
+    n = std::min(n, score_budget);
+    score_budget -= n;
+  }
+  return n;
+}
+
 void scheduler::emit(sequence& s, int32_t n, step_plan& plan, size_t& used) {
   if (used == plan.seqs.size())
     plan.seqs.emplace_back();
@@ -355,7 +374,11 @@ void scheduler::emit(sequence& s, int32_t n, step_plan& plan, size_t& used) {
   st.block_table.resize(s.blocks.size());
   for (size_t i = 0; i < s.blocks.size(); ++i)
     st.block_table[i] = s.blocks[i] + opt_.block_offset;
-  st.logits = end == s.len() ? logits_mode::last : logits_mode::none;
+  st.logits = s.scoring()      ? logits_mode::all
+              : end == s.len() ? logits_mode::last
+                               : logits_mode::none;
+  st.next_prompt_token =
+      st.logits == logits_mode::all && end < s.num_prompt ? s.tokens[static_cast<size_t>(end)] : -1;
   st.sampling = s.sampling;
   st.num_prompt_tokens = s.num_prompt;
   st.first_step = s.first_step;
@@ -363,7 +386,7 @@ void scheduler::emit(sequence& s, int32_t n, step_plan& plan, size_t& used) {
   if (s.first_step && start > 0 && uses_penalties(s.sampling))
     st.cached_prefix.assign(s.tokens.begin(), s.tokens.begin() + start);
   st.banned_tokens.clear();
-  if (st.logits == logits_mode::last && s.num_generated() < s.sampling.min_tokens) {
+  if (end == s.len() && s.num_generated() < s.sampling.min_tokens) {
     st.banned_tokens = opt_.eos_token_ids;
     st.banned_tokens.insert(st.banned_tokens.end(), s.stop_ids.begin(), s.stop_ids.end());
   }
@@ -377,7 +400,7 @@ void scheduler::emit(sequence& s, int32_t n, step_plan& plan, size_t& used) {
 void scheduler::fill_masks(step_plan& plan) {
   std::vector<std::pair<token_constraint*, std::vector<uint32_t>*>> rows;
   for (size_t i = 0; i < plan.seqs.size() && i < scheduled_.size(); ++i)
-    if (plan.seqs[i].logits == logits_mode::last && scheduled_[i]->constraint)
+    if (scheduled_[i]->constraint && scheduled_[i]->num_computed == scheduled_[i]->len())
       rows.emplace_back(scheduled_[i]->constraint.get(), &plan.seqs[i].allowed_tokens);
   // A mask takes ~1-60 us (xgrammar; longest inside JSON strings). Each constraint is its own
   // matcher, so rows fill on separate threads; a few are not worth the hand-off.
@@ -399,6 +422,7 @@ void scheduler::schedule(step_plan& plan) {
   plan.finished.swap(dropped_);
   size_t used = 0;
   int32_t budget = opt_.max_num_batched_tokens;
+  int32_t score_budget = opt_.max_prompt_logprob_rows;
   bool preempted = false;
   // Running sequences first, decodes before prefill chunks, each in priority order.
   for (int phase = 0; phase < 2; ++phase)
@@ -407,7 +431,9 @@ void scheduler::schedule(step_plan& plan) {
       const bool decoding = s.num_computed >= s.num_prompt;
       if (s.st != sequence::state::running || s.scheduled_step == step_ || decoding != (phase == 0))
         continue;
-      const int32_t n = std::min(s.len() - s.num_computed, budget);
+      const int32_t n = chunk_size(s, budget, score_budget);
+      if (n == 0)
+        continue;
       while (!allocate_for(s, s.num_computed + n)) {
         sequence* victim = pick_victim(s);
         preempt(victim ? *victim : s, plan);
@@ -427,7 +453,8 @@ void scheduler::schedule(step_plan& plan) {
          static_cast<int32_t>(running_.size() + importing_.size() + parked_.size()) <
              opt_.max_num_seqs) {
     sequence& s = *waiting_.front();
-    if (running_sibling(s, 0)) { // a sibling computes (or holds) the shared prompt blocks
+    // A sibling computes (or holds) the shared prompt blocks (unless this one scores its prompt).
+    if (!s.scoring() && running_sibling(s, 0)) {
       waiting_.pop_front();
       s.st = sequence::state::parked;
       parked_.push_back(&s);
@@ -439,8 +466,8 @@ void scheduler::schedule(step_plan& plan) {
       continue;
     }
     const bool hit = admit_prefix(s);
-    const int32_t n = std::min(s.len() - s.num_computed, budget);
-    if (!allocate_for(s, s.num_computed + n)) {
+    const int32_t n = chunk_size(s, budget, score_budget);
+    if (n == 0 || !allocate_for(s, s.num_computed + n)) {
       pool_.release_all(s.blocks); // head of line waits for blocks
       s.num_computed = s.num_cached_blocks = 0;
       break;
@@ -626,11 +653,24 @@ expected<void> scheduler::update(const step_plan& plan, const step_result& resul
       cache_full_blocks(s);
     if (!o)
       continue;
+    std::vector<position_logprobs> scored;
+    for (const auto& p : o->prompt_logprobs) // each once (a recompute after preemption repeats)
+      if (p.position > s.prompt_scored && p.position < s.num_prompt) {
+        scored.push_back(p);
+        s.prompt_scored = p.position;
+      }
+    const bool samples = st.start_pos + static_cast<int32_t>(st.tokens.size()) == s.len();
+    if (!samples) { // a prompt chunk scored for its logprobs
+      if (!scored.empty())
+        out.push_back({.id = s.id, .prompt_logprobs = std::move(scored)});
+      continue;
+    }
     if (o->token < 0 || (opt_.vocab_size > 0 && o->token >= opt_.vocab_size))
       return make_error(errc::internal, "step {}: sequence {} sampled token {}", plan.step, s.id,
                         o->token);
     s.tokens.push_back(o->token);
     request_output& r = out.emplace_back();
+    r.prompt_logprobs = std::move(scored);
     if (s.handoff == kv_handoff::export_kv) { // prefill side: the decode side takes it from here
       r.blocks.resize(s.blocks.size());
       for (size_t b = 0; b < s.blocks.size(); ++b)

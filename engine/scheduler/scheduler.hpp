@@ -18,6 +18,9 @@
 
 namespace troupe::engine {
 
+// scheduler_options::max_prompt_logprob_rows unless set.
+inline constexpr int32_t default_prompt_logprob_rows = 64;
+
 struct scheduler_options {
   int32_t num_blocks = 256; // must match the workers' KV pool
   int32_t block_size = 16;
@@ -29,6 +32,10 @@ struct scheduler_options {
   int64_t vocab_size = 0;                // > 0: prompt and stop ids are checked against it
   std::vector<token_id> eos_token_ids;   // the model's EOS ids (finish `stop` unless ignore_eos)
   uint64_t seed = 0;                     // seeds requests that bring none
+  // Prompt logprobs (sampling.prompt_logprobs): the prompt tokens fed per step whose every row of
+  // logits comes back, all such requests together. Each step has at most max_num_seqs +
+  // max_prompt_logprob_rows logits rows (a backend sizes its logits buffer from that).
+  int32_t max_prompt_logprob_rows = default_prompt_logprob_rows;
   // One lane of a shared pool and id space (engine_loop runs several schedulers over one
   // executor): plans name blocks [block_offset, block_offset + num_blocks), and ids go
   // first_id, first_id + id_stride, ...
@@ -86,6 +93,9 @@ struct request_output {
   float logprob = 0.0f;
   std::vector<token_id> top_ids;
   std::vector<float> top_logprobs;
+  // sampling.prompt_logprobs: prompt positions scored by this step (each reported once, in
+  // order; position 0 has none). Such outputs may come without a token (a prompt chunk).
+  std::vector<position_logprobs> prompt_logprobs;
   finish_reason finish = finish_reason::none;
   token_id stop_token = -1;    // the EOS or stop_token_id that ended it
   std::vector<int32_t> blocks; // finish_reason::handoff: the held blocks (physical)
@@ -190,6 +200,7 @@ class scheduler {
   sequence* pick_victim(const sequence& except);
   void preempt(sequence& s, step_plan& plan);
   bool admit_prefix(sequence& s, bool whole_prompt = false);
+  int32_t chunk_size(const sequence& s, int32_t budget, int32_t& score_budget) const;
   void emit(sequence& s, int32_t n, step_plan& plan, size_t& used);
   void cache_full_blocks(sequence& s);
   void finish(sequence& s, finish_reason why, token_id stop_token, request_output* o,

@@ -328,3 +328,113 @@ TEST_CASE("engine loop tiny-qwen3: cancelling mid-generation frees every block")
   CHECK_FALSE(loop.has_unfinished());
   CHECK(loop.sched().pool().num_free() == 64);
 }
+
+// Prompt logprobs (vLLM prompt_logprobs, OpenAI echo with logprobs): the prompt position holding a
+// token the model generated scores it as its sampling did (logprob, rank 1, the same top ids);
+// every position is reported once and in order, whatever the chunking, and never from the prefix
+// cache (cached positions have no logits), also for n choices of one prompt.
+TEST_CASE("engine loop tiny-qwen3: prompt logprobs score generated tokens as sampling did") {
+  auto dir = test::golden_model("tiny-qwen3");
+  if (!dir)
+    return;
+  auto prompt = test::golden_prompt_ids(*dir).back();
+  prompt.resize(37);
+  auto model = load(*dir, {.num_blocks = 64, .block_size = 16});
+  local_executor exec(*model);
+  const auto& cfg = model->config();
+  auto drain = [](engine_loop& loop) {
+    std::map<seq_id, std::vector<request_output>> outs;
+    for (int i = 0; loop.has_unfinished(); ++i) {
+      REQUIRE(i < 10000);
+      auto out = loop.step();
+      REQUIRE_MESSAGE(out.has_value(), (out ? "" : out.error().to_string()));
+      for (auto& o : *out)
+        outs[o.id].push_back(std::move(o));
+    }
+    return outs;
+  };
+
+  // Greedy with logprobs: what the model generates after the prompt.
+  scheduler_options o{.num_blocks = 64,
+                      .block_size = 16,
+                      .vocab_size = cfg.vocab_size,
+                      .eos_token_ids = cfg.eos_token_ids};
+  engine_loop first(o, exec);
+  sampling_params g;
+  g.temperature = 0;
+  g.max_tokens = 6;
+  g.ignore_eos = true;
+  g.logprobs = 3;
+  auto id = first.add_request({.prompt = prompt, .sampling = g});
+  REQUIRE(id.has_value());
+  auto gen = drain(first)[*id];
+  REQUIRE(gen.size() == 6);
+
+  // The prompt followed by five of them, scored: positions 37..41 hold the generated tokens.
+  auto scored_prompt = prompt;
+  for (size_t i = 0; i < 5; ++i)
+    scored_prompt.push_back(gen[i].token);
+  const auto n = static_cast<int32_t>(scored_prompt.size());
+  sampling_params s = g;
+  s.max_tokens = 1;
+  s.logprobs = -1;
+  s.prompt_logprobs = 3;
+  for (int32_t rows : {5, 64})
+    for (int32_t budget : {16, 2048})
+      for (bool group : {false, true}) {
+        CAPTURE(rows);
+        CAPTURE(budget);
+        CAPTURE(group);
+        auto oo = o;
+        oo.max_prompt_logprob_rows = rows;
+        oo.max_num_batched_tokens = budget;
+        oo.max_num_seqs = 8;
+        engine_loop loop(oo, exec);
+        // The plain prompt first: its full blocks land in the prefix cache.
+        auto warm = loop.add_request({.prompt = scored_prompt, .sampling = g});
+        REQUIRE(warm.has_value());
+        drain(loop);
+        const auto hits = loop.stats().prefix_hit_tokens;
+        std::vector<seq_id> ids;
+        if (group) {
+          auto added = loop.add_group(
+              {{.prompt = scored_prompt, .sampling = s}, {.prompt = scored_prompt, .sampling = s}});
+          REQUIRE(added.has_value());
+          ids = *added;
+        } else {
+          auto added = loop.add_request({.prompt = scored_prompt, .sampling = s});
+          REQUIRE(added.has_value());
+          ids = {*added};
+        }
+        auto outs = drain(loop);
+        CHECK(loop.stats().prefix_hit_tokens == hits);
+        for (seq_id sid : ids) {
+          std::vector<position_logprobs> scored;
+          int32_t tokens = 0;
+          for (const auto& out : outs[sid]) {
+            scored.insert(scored.end(), out.prompt_logprobs.begin(), out.prompt_logprobs.end());
+            tokens += out.has_token;
+            if (out.has_token)
+              CHECK(out.token == gen[5].token);
+          }
+          CHECK(tokens == 1);
+          REQUIRE(scored.size() == static_cast<size_t>(n - 1));
+          for (int32_t p = 1; p < n; ++p) {
+            const auto& e = scored[static_cast<size_t>(p - 1)];
+            CHECK(e.position == p);
+            CHECK(e.token == scored_prompt[static_cast<size_t>(p)]);
+            CHECK(e.rank >= 1);
+            CHECK(e.logprob <= 0.0f);
+            REQUIRE(e.top_ids.size() == 3);
+            CHECK(e.top_logprobs[0] >= e.logprob);
+          }
+          for (size_t i = 0; i < 5; ++i) {
+            const auto& e = scored[prompt.size() - 1 + i];
+            CHECK(e.token == gen[i].token);
+            CHECK(e.rank == 1);
+            CHECK(e.logprob == doctest::Approx(gen[i].logprob).epsilon(1e-3));
+            CHECK(e.top_ids == gen[i].top_ids);
+          }
+        }
+      }
+}

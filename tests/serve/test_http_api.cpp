@@ -718,3 +718,61 @@ TEST_CASE("http: n choices equal single requests with seeds seed + i, streamed a
     CHECK_MESSAGE((t == "red" || t == "green" || t == "blue"), t);
   }
 }
+
+// What lm-evaluation-harness sends for log-likelihoods (echo, logprobs 1, max_tokens 1): the
+// continuation's prompt positions carry the logprobs the model gave those tokens when it generated
+// them, and its greedy check (the top entry is the token) holds; streamed the same.
+TEST_CASE("http: echo with logprobs scores the prompt as generation did (lm-eval loglikelihood)") {
+  auto* s = server();
+  if (!s)
+    return;
+  const auto golden = test::read_json(s->dir / "golden.json");
+  const auto prompt = golden["cases"].back()["prompt_ids"].get<std::vector<token_id>>();
+  json gen_body = {{"prompt", prompt},   {"max_tokens", 4},          {"temperature", 0},
+                   {"ignore_eos", true}, {"return_token_ids", true}, {"logprobs", 1}};
+  auto gen = test::http_call(s->port(), "POST", "/v1/completions", gen_body.dump());
+  REQUIRE_MESSAGE(gen.status == 200, gen.body);
+  const auto ids = gen.json()["choices"][0]["token_ids"].get<std::vector<token_id>>();
+  const auto lps = gen.json()["choices"][0]["logprobs"]["token_logprobs"];
+  REQUIRE(ids.size() == 4);
+  auto scored = prompt;
+  scored.insert(scored.end(), ids.begin(), ids.end());
+  for (bool stream : {false, true}) {
+    CAPTURE(stream);
+    json body = {{"prompt", scored}, {"max_tokens", 1}, {"temperature", 0},
+                 {"logprobs", 1},    {"echo", true},    {"stream", stream}};
+    auto r = test::http_call(s->port(), "POST", "/v1/completions", body.dump());
+    REQUIRE_MESSAGE(r.status == 200, r.body);
+    json lp = {{"tokens", json::array()},
+               {"token_logprobs", json::array()},
+               {"top_logprobs", json::array()}};
+    if (!stream) {
+      lp = r.json()["choices"][0]["logprobs"];
+    } else { // the chunks' logprobs, concatenated
+      for (const auto& e : test::sse_events(r.body))
+        if (e.contains("choices") && !e["choices"].empty() &&
+            !e["choices"][0]["logprobs"].is_null())
+          for (const char* k : {"tokens", "token_logprobs", "top_logprobs"})
+            for (const auto& v : e["choices"][0]["logprobs"][k])
+              lp[k].push_back(v);
+    }
+    REQUIRE(lp["token_logprobs"].size() == scored.size() + 1);
+    CHECK(lp["token_logprobs"][0].is_null());
+    for (size_t i = 1; i < scored.size(); ++i)
+      CHECK(lp["token_logprobs"][i].get<double>() <= 0.0);
+    for (size_t i = 0; i < ids.size(); ++i) {
+      const size_t at = prompt.size() + i;
+      CHECK(lp["token_logprobs"][at].get<double>() ==
+            doctest::Approx(lps[i].get<double>()).epsilon(1e-3));
+      const auto& top = lp["top_logprobs"][at];
+      std::string best;
+      double best_lp = -1e30;
+      for (const auto& [k, v] : top.items())
+        if (v.get<double>() > best_lp) {
+          best = k;
+          best_lp = v.get<double>();
+        }
+      CHECK(best == lp["tokens"][at].get<std::string>()); // greedy, as lm-eval checks
+    }
+  }
+}

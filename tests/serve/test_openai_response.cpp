@@ -154,8 +154,94 @@ TEST_CASE("openai_response: echo puts the prompt's text before the completion, s
     REQUIRE(std::holds_alternative<api_error>(r));
     return std::get<api_error>(r).param;
   };
-  CHECK(refused(R"({"prompt": "a", "echo": true, "logprobs": 2})", false) == "echo");
   CHECK(refused(R"({"prompt": "a", "echo": "yes"})", false) == "echo");
   CHECK(refused(R"({"messages": [{"role": "user", "content": "a"}], "echo": true})", true) ==
         "echo");
+}
+
+TEST_CASE("openai_response: echo with logprobs and prompt_logprobs render the prompt's scores") {
+  auto dir = test::golden_model("tiny-qwen3");
+  if (!dir)
+    return;
+  auto text = engine::model_tokenizer::load_for_model(*dir);
+  REQUIRE(text.has_value());
+  const model_info m{.name = "tiny", .max_model_len = 256, .vocab_size = 0, .text = &*text};
+  const auto prompt = *text->text->encode("Paris is the");
+  REQUIRE(prompt.size() == 3);
+  const auto piece = [&](token_id t) { return std::string(text->text->token_bytes(t)); };
+  // What the engine reports for prompt positions 1 and 2 (one output each, as two chunks would).
+  std::vector<engine::request_output> outs(2);
+  outs[0].id = outs[1].id = 1;
+  outs[0].prompt_logprobs = {{.position = 1,
+                              .token = prompt[1],
+                              .logprob = -2.5f,
+                              .rank = 4,
+                              .top_ids = {11, 12},
+                              .top_logprobs = {-0.5f, -1.0f}}};
+  outs[1].prompt_logprobs = {{.position = 2,
+                              .token = prompt[2],
+                              .logprob = -0.25f,
+                              .rank = 1,
+                              .top_ids = {prompt[2], 13},
+                              .top_logprobs = {-0.25f, -3.0f}}};
+  outs[1].has_token = true;
+  outs[1].token = 42;
+  outs[1].logprob = -0.125f;
+  outs[1].top_ids = {42};
+  outs[1].top_logprobs = {-0.125f};
+  outs[1].finish = engine::finish_reason::length;
+
+  for (bool stream : {false, true}) {
+    CAPTURE(stream);
+    json b = {{"prompt", "Paris is the"}, {"echo", true},         {"logprobs", 1},
+              {"stream", stream},         {"prompt_logprobs", 2}, {"max_tokens", 1}};
+    auto parsed = parse_completion(b.dump(), false, m);
+    REQUIRE(std::holds_alternative<completion_request>(parsed));
+    const auto& req = std::get<completion_request>(parsed);
+    CHECK(req.sampling.prompt_logprobs == 2);
+    openai_response r(req, m, "cmpl-5", 42);
+    CHECK(!r.opening_chunk().has_value()); // the echo waits for the prompt's logprobs
+    json choice;
+    for (const auto& o : outs)
+      if (auto c = r.add(o))
+        choice = (*c)["choices"][0];
+    if (!stream)
+      choice = r.body()["choices"][0];
+    CHECK(choice["text"] == "Paris is the" + piece(42));
+    const auto& lp = choice["logprobs"];
+    CHECK(lp["tokens"] == json({piece(prompt[0]), piece(prompt[1]), piece(prompt[2]), piece(42)}));
+    CHECK(lp["token_logprobs"] == json({nullptr, -2.5, -0.25, -0.125}));
+    CHECK(lp["top_logprobs"][0].is_null());
+    // logprobs 1: the most likely token there, and the prompt's own.
+    CHECK(lp["top_logprobs"][1] == json({{piece(11), -0.5}, {piece(prompt[1]), -2.5}}));
+    CHECK(lp["top_logprobs"][2] == json({{piece(prompt[2]), -0.25}}));
+    // vLLM's shape: keyed by token id, with ranks; prompt_logprobs 2 of them.
+    const auto& pl = choice["prompt_logprobs"];
+    REQUIRE(pl.size() == 3);
+    CHECK(pl[0].is_null());
+    CHECK(pl[1].size() == 3);
+    CHECK(pl[1][std::to_string(prompt[1])] ==
+          json({{"logprob", -2.5}, {"rank", 4}, {"decoded_token", piece(prompt[1])}}));
+    CHECK(pl[1]["12"]["rank"] == 2);
+    CHECK(pl[2].size() == 2);
+    CHECK(pl[2][std::to_string(prompt[2])]["rank"] == 1);
+  }
+  // Chat: prompt_logprobs beside the choices.
+  json b = {{"messages", {{{"role", "user"}, {"content", "hi"}}}}, {"prompt_logprobs", 0}};
+  auto parsed = parse_completion(b.dump(), true, m);
+  REQUIRE(std::holds_alternative<completion_request>(parsed));
+  openai_response r(std::get<completion_request>(parsed), m, "chatcmpl-6", 42);
+  for (const auto& o : outs)
+    r.add(o);
+  auto body = r.body();
+  REQUIRE(body["prompt_logprobs"].size() == 3);
+  CHECK(body["prompt_logprobs"][1].size() == 1); // the prompt token only
+  CHECK(!body["choices"][0].contains("prompt_logprobs"));
+  auto refused = [&](const json& body) {
+    auto r = parse_completion(body.dump(), false, m);
+    REQUIRE(std::holds_alternative<api_error>(r));
+    return std::get<api_error>(r).param;
+  };
+  CHECK(refused({{"prompt", "a"}, {"prompt_logprobs", 21}}) == "prompt_logprobs");
+  CHECK(refused({{"prompt", "a"}, {"prompt_logprobs", "all"}}) == "prompt_logprobs");
 }

@@ -217,7 +217,7 @@ TEST_CASE("structured output: what cannot be honoured is a 400 naming the field"
        "response_format.triggers"},
       {{{"structured_outputs", {{"structural_tag", "{not json"}}}},
        "structured_outputs.structural_tag"},
-      {{{"prompt_logprobs", 1}}, "prompt_logprobs"},
+      {{{"prompt_logprobs", 21}}, "prompt_logprobs"},
       {{{"best_of", 3}}, "best_of"},
       {{{"use_beam_search", true}}, "use_beam_search"},
       {{{"suffix", "end"}}, "suffix"},

@@ -177,3 +177,76 @@ TEST_CASE("sampler: penalty state comes from the plan's tokens and is dropped wh
   REQUIRE(s.sample(done, none).has_value());
   CHECK(s.num_tracked() == 0);
 }
+
+TEST_CASE("sampler: prompt logprobs score each prompt position from the row before it") {
+  // A 5-token prompt fed as chunks [0, 3) and [3, 5), every row's logits back (vocab 4).
+  const std::vector<float> rows = {0.0f, 2.0f, 1.0f, 1.0f,  // predicts position 1 (token 2)
+                                   3.0f, 0.0f, 0.0f, 0.0f,  // position 2 (token 0)
+                                   0.0f, 0.0f, 0.0f, 5.0f,  // position 3 (token 1)
+                                   1.0f, 1.0f, 1.0f, 1.0f,  // position 4 (token 3)
+                                   0.0f, 0.0f, 9.0f, 0.0f}; // after the prompt: sampled
+  const std::vector<token_id> prompt = {1, 2, 0, 1, 3};
+  auto log_softmax = [&](size_t row, token_id t) {
+    double z = 0;
+    for (size_t i = 0; i < 4; ++i)
+      z += std::exp(static_cast<double>(rows[row * 4 + i]));
+    return static_cast<float>(rows[row * 4 + static_cast<size_t>(t)] - std::log(z));
+  };
+  sampler s;
+  std::vector<position_logprobs> scored;
+  for (int32_t chunk = 0; chunk < 2; ++chunk) {
+    const int32_t begin = chunk == 0 ? 0 : 3, end = chunk == 0 ? 3 : 5;
+    step_plan plan;
+    seq_step st;
+    st.id = 9;
+    st.start_pos = begin;
+    st.tokens.assign(prompt.begin() + begin, prompt.begin() + end);
+    st.logits = logits_mode::all;
+    st.num_prompt_tokens = 5;
+    st.sampling = temp(0);
+    st.sampling.prompt_logprobs = 2;
+    st.next_prompt_token = end < 5 ? prompt[static_cast<size_t>(end)] : -1;
+    plan.seqs.push_back(st);
+    forward_output out{.vocab_size = 4,
+                       .logits = {rows.begin() + begin * 4, rows.begin() + end * 4},
+                       .first_row = {0},
+                       .num_rows = {end - begin}};
+    CHECK(scores_prompt(plan));
+    auto r = s.sample(plan, out);
+    REQUIRE(r.has_value());
+    REQUIRE(r->outputs.size() == 1);
+    CHECK(r->outputs[0].id == 9);
+    // The first chunk samples nothing; the last samples from its last row.
+    CHECK(r->outputs[0].token == (chunk == 0 ? -1 : 2));
+    scored.insert(scored.end(), r->outputs[0].prompt_logprobs.begin(),
+                  r->outputs[0].prompt_logprobs.end());
+  }
+  REQUIRE(scored.size() == 4);
+  const int32_t ranks[] = {2, 1, 2, 1}; // 1 + the logits above it (ties share a rank)
+  for (int32_t p = 1; p <= 4; ++p) {
+    const auto& e = scored[static_cast<size_t>(p - 1)];
+    CAPTURE(p);
+    CHECK(e.position == p);
+    CHECK(e.token == prompt[static_cast<size_t>(p)]);
+    CHECK(e.logprob == doctest::Approx(log_softmax(static_cast<size_t>(p - 1), e.token)));
+    CHECK(e.rank == ranks[p - 1]);
+    REQUIRE(e.top_ids.size() == 2);
+    CHECK(e.top_logprobs[0] >= e.top_logprobs[1]);
+  }
+  CHECK(scored[0].top_ids == std::vector<token_id>{1, 2}); // 2.0, then 1.0 (lower id of the tie)
+  CHECK(scored[2].top_ids == std::vector<token_id>{3, 0});
+  // Without prompt logprobs no step scores, and a bad token is an internal error.
+  step_plan plain;
+  plain.seqs.push_back({.id = 1, .tokens = {0}, .num_prompt_tokens = 1});
+  CHECK_FALSE(scores_prompt(plain));
+  step_plan bad;
+  seq_step b{.id = 2, .tokens = {0, 7}, .logits = logits_mode::all, .num_prompt_tokens = 3};
+  b.sampling.prompt_logprobs = 0;
+  b.next_prompt_token = 1;
+  bad.seqs.push_back(b);
+  forward_output two{
+      .vocab_size = 4, .logits = std::vector<float>(8, 0.0f), .first_row = {0}, .num_rows = {2}};
+  auto r = sampler{}.sample(bad, two);
+  REQUIRE_FALSE(r.has_value());
+  CHECK(r.error().code() == errc::internal);
+}
