@@ -112,7 +112,7 @@ void socket_connection::fail(error why) {
     log::warn("transfer: {}", why.to_string());
   shutdown(fd_, SHUT_RDWR);
   for (auto& [id, j] : jobs_)
-    if (!j.done) {
+    if (!j.done && !j.sending) { // the one being sent is ended by send_loop
       j.done = true;
       j.failure = make_error(errc::unavailable, "lease {}: connection lost: {}", j.batch.lease_id,
                              why.message());
@@ -131,7 +131,17 @@ void socket_connection::send_loop() {
       return;
     transfer_id id = queue_.front();
     queue_.pop_front();
-    send_job(jobs_[id], lock);
+    job& j = jobs_[id];
+    j.sending = true;
+    send_job(j, lock);
+    j.sending = false;
+    if (!j.done) { // the connection broke while it was being sent
+      j.done = true;
+      j.failure = make_error(errc::unavailable, "lease {}: connection lost: {}", j.batch.lease_id,
+                             broken_.message());
+      transport_->release(j.batch.locals);
+      cv_.notify_all();
+    }
   }
 }
 

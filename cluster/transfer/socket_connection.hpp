@@ -33,6 +33,9 @@ class socket_connection final : public kv_connection {
     std::vector<region_descriptor> locals;
     bool cancel = false;
     bool done = false;
+    // The send thread is writing it (the lock released around each segment): only that thread
+    // ends it, so that wait() cannot free it underneath.
+    bool sending = false;
     uint64_t bytes = 0;
     uint64_t segments = 0;
     error failure;
