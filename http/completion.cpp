@@ -79,22 +79,32 @@ class strand_sink final : public request_sink, public std::enable_shared_from_th
 
 namespace {
 
-std::vector<std::unique_ptr<openai_response>> make_choices(const completion_request& req,
-                                                           const model_info& m, std::string id) {
+// Choice prompt * n + i answers reqs[prompt].
+std::vector<std::unique_ptr<openai_response>>
+make_choices(const std::vector<completion_request>& reqs, const model_info& m, std::string id) {
   std::vector<std::unique_ptr<openai_response>> out;
   const auto created = static_cast<int64_t>(std::time(nullptr));
-  for (int32_t i = 0; i < std::max(1, req.n); ++i)
-    out.push_back(std::make_unique<openai_response>(req, m, id, created, i));
+  for (const auto& req : reqs)
+    for (int32_t i = 0; i < std::max(1, req.n); ++i)
+      out.push_back(
+          std::make_unique<openai_response>(req, m, id, created, static_cast<int32_t>(out.size())));
   return out;
+}
+
+int64_t prompt_tokens_of(const std::vector<completion_request>& reqs) {
+  int64_t n = 0;
+  for (const auto& r : reqs)
+    n += static_cast<int64_t>(r.prompt.size());
+  return n;
 }
 
 } // namespace
 
-completion_stream::completion_stream(std::shared_ptr<http_session> session, completion_request req,
-                                     bool keep_alive)
-  : session_(std::move(session)), ctx_(session_->context()), req_(std::move(req)),
-    keep_alive_(keep_alive),
-    resps_(make_choices(req_, ctx_.model,
+completion_stream::completion_stream(std::shared_ptr<http_session> session,
+                                     std::vector<completion_request> reqs, bool keep_alive)
+  : session_(std::move(session)), ctx_(session_->context()), reqs_(std::move(reqs)),
+    req_(reqs_.at(0)), prompt_tokens_(prompt_tokens_of(reqs_)), keep_alive_(keep_alive),
+    resps_(make_choices(reqs_, ctx_.model,
                         fmt::format("{}-{}", req_.chat ? "chatcmpl" : "cmpl", ctx_.next_id++))),
     resp_(*resps_[0]), done_(resps_.size(), 0) {}
 
@@ -107,37 +117,43 @@ completion_stream::~completion_stream() {
 void completion_stream::start() {
   running_ = true;
   // Never blocks: the requests go to a replica as a message; their outputs (or a refusal found
-  // later) come back through their sinks, posted to this strand. With `n` > 1 they go together
-  // and share the prompt's KV blocks.
-  std::vector<engine::request> rs;
-  for (size_t i = 0; i < resps_.size(); ++i) {
-    auto r = make_engine_request(req_);
-    if (i > 0) {
-      // Choice i: seed + i, so that a single request with that seed gives the same tokens; the
-      // constraint (fresh: nothing accepted yet) copied.
-      if (r.sampling.has_seed)
-        r.sampling.seed += i;
-      if (r.constraint)
-        r.constraint = r.constraint->fork();
+  // later) come back through their sinks, posted to this strand. The `n` choices of a prompt go
+  // together and share the prompt's KV blocks.
+  for (const auto& req : reqs_) {
+    std::vector<engine::request> rs;
+    std::vector<std::shared_ptr<request_sink>> sinks;
+    for (int32_t i = 0; i < std::max(1, req.n); ++i) {
+      auto r = make_engine_request(req);
+      if (i > 0) {
+        // Choice i: seed + i, so that a single request with that seed gives the same tokens; the
+        // constraint (fresh: nothing accepted yet) copied.
+        if (r.sampling.has_seed)
+          r.sampling.seed += static_cast<uint64_t>(i);
+        if (r.constraint)
+          r.constraint = r.constraint->fork();
+      }
+      rs.push_back(std::move(r));
+      sinks_.push_back(std::make_shared<strand_sink>(session_->gate(), session_->executor(),
+                                                     weak_from_this(), sinks_.size()));
+      sinks.push_back(sinks_.back());
     }
-    rs.push_back(std::move(r));
-    sinks_.push_back(
-        std::make_shared<strand_sink>(session_->gate(), session_->executor(), weak_from_this(), i));
+    auto ids = ctx_.serving->submit_choices(std::move(rs), std::move(sinks));
+    if (!ids) { // the prompts before it are cancelled
+      for (seq_id id : ids_)
+        ctx_.serving->cancel(id);
+      running_ = false;
+      const auto status = http_status(ids.error().code());
+      return session_->reply(status, error_body({status, ids.error().message(), {}, {}}),
+                             keep_alive_);
+    }
+    ids_.insert(ids_.end(), ids->begin(), ids->end());
   }
-  auto ids = ctx_.serving->submit_choices(
-      std::move(rs), std::vector<std::shared_ptr<request_sink>>(sinks_.begin(), sinks_.end()));
-  if (!ids) {
-    running_ = false;
-    const auto status = http_status(ids.error().code());
-    return session_->reply(status, error_body({status, ids.error().message(), {}, {}}),
-                           keep_alive_);
-  }
-  ids_ = std::move(*ids);
   ++ctx_.in_flight;
-  log::debug("request {} received: prompt_tokens={} max_tokens={} stream={} temperature={} n={}",
-             resp_.id(), req_.prompt.size(), req_.sampling.max_tokens, req_.stream,
+  log::debug("request {} received: prompts={} prompt_tokens={} max_tokens={} stream={} "
+             "temperature={} choices={}",
+             resp_.id(), reqs_.size(), prompt_tokens_, req_.sampling.max_tokens, req_.stream,
              req_.sampling.temperature, resps_.size());
-  ctx_.metrics->prompt_tokens += req_.prompt.size();
+  ctx_.metrics->prompt_tokens += static_cast<uint64_t>(prompt_tokens_);
 }
 
 size_t completion_stream::completion_tokens() const {
@@ -187,7 +203,7 @@ void completion_stream::ended(const char* reason, int status) {
   const double e2e = std::chrono::duration<double>(clock_type::now() - arrival_).count();
   const auto tokens = static_cast<int64_t>(completion_tokens());
   ctx_.metrics->record({.finish_reason = reason,
-                        .prompt_tokens = static_cast<int64_t>(req_.prompt.size()),
+                        .prompt_tokens = prompt_tokens_,
                         .generation_tokens = tokens,
                         .max_tokens = req_.sampling.max_tokens,
                         .e2e = e2e,
@@ -195,7 +211,7 @@ void completion_stream::ended(const char* reason, int status) {
                         .queue = queue_});
   log::info("request {} {} status={} finish={} prompt_tokens={} tokens={} ttft={} duration={:.3f}s",
             resp_.id(), req_.chat ? "/v1/chat/completions" : "/v1/completions", status, reason,
-            req_.prompt.size(), tokens, ttft_ >= 0 ? fmt::format("{:.3f}s", ttft_) : "-", e2e);
+            prompt_tokens_, tokens, ttft_ >= 0 ? fmt::format("{:.3f}s", ttft_) : "-", e2e);
 }
 
 void completion_stream::event(const json& j) {
@@ -246,7 +262,7 @@ void completion_stream::on_outputs(size_t choice, const std::vector<engine::requ
       return session_->reply(200, dump(openai_response::merged_body(all)), keep_alive_);
     }
     if (req_.include_usage)
-      event(resp_.usage_chunk(static_cast<int64_t>(completion_tokens())));
+      event(resp_.usage_chunk(static_cast<int64_t>(completion_tokens()), prompt_tokens_));
     session_->send("data: [DONE]\n\n");
     return session_->finish(200, false);
   }

@@ -1,6 +1,6 @@
 // One /v1/chat/completions or /v1/completions request on its session's strand: submits it to the
-// serving side (one engine request per choice when `n` > 1) with a sink that posts outputs to the
-// strand (no polling), turns them into the JSON body or SSE chunks (openai_response.hpp) and
+// serving side (one engine request per choice: `n` per prompt) with a sink that posts outputs to
+// the strand (no polling), turns them into the JSON body or SSE chunks (openai_response.hpp) and
 // writes them through the session.
 #pragma once
 
@@ -21,7 +21,9 @@ class strand_sink;
 class completion_stream : public std::enable_shared_from_this<completion_stream> {
  public:
   // Holds the session alive until the session drops it (the response ended or it closed).
-  completion_stream(std::shared_ptr<http_session> session, completion_request req, bool keep_alive);
+  // `reqs`: one per prompt (a completions body with a list of prompts), at least one.
+  completion_stream(std::shared_ptr<http_session> session, std::vector<completion_request> reqs,
+                    bool keep_alive);
   ~completion_stream();
 
   // Submits (never blocks); an error at once is answered with its HTTP status.
@@ -49,7 +51,9 @@ class completion_stream : public std::enable_shared_from_this<completion_stream>
   using clock_type = std::chrono::steady_clock;
   std::shared_ptr<http_session> session_;
   serve_context& ctx_;
-  const completion_request req_;
+  const std::vector<completion_request> reqs_; // one per prompt
+  const completion_request& req_;              // the first: what all share (stream, n, ...)
+  const int64_t prompt_tokens_;                // of every prompt
   const bool keep_alive_;
   const clock_type::time_point arrival_ = clock_type::now();
   clock_type::time_point last_ = arrival_;

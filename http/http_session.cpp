@@ -201,11 +201,12 @@ void http_session::route(request_t& req, const std::string& target) {
     return reply(503, error_body({503, "the server is shutting down"}), false);
   }
   if (completions && post) {
-    auto parsed = parse_completion(req.body(), target == "/v1/chat/completions", ctx.model);
+    auto parsed = parse_completions(req.body(), target == "/v1/chat/completions", ctx.model);
     if (auto* e = std::get_if<api_error>(&parsed))
       return reply(e->status, error_body(*e), keep_alive_);
     active_ = std::make_shared<completion_stream>(
-        shared_from_this(), std::move(std::get<completion_request>(parsed)), keep_alive_);
+        shared_from_this(), std::move(std::get<std::vector<completion_request>>(parsed)),
+        keep_alive_);
     return active_->start();
   }
   auto json_route = [&](const std::variant<json, api_error>& r) {

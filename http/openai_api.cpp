@@ -765,12 +765,9 @@ std::string error_body(const api_error& e) {
   return dump(json{{"error", err}});
 }
 
-std::variant<completion_request, api_error> parse_completion(const std::string& body, bool chat,
-                                                             const model_info& m) {
-  auto parsed = parse_object(body);
-  if (auto* e = std::get_if<api_error>(&parsed))
-    return *e;
-  json& b = std::get<json>(parsed);
+namespace {
+
+std::variant<completion_request, api_error> parse_body(json& b, bool chat, const model_info& m) {
   if (auto it = b.find("model"); it != b.end() && !it->is_null()) {
     if (!it->is_string() || it->get<std::string>() != m.name)
       return api_error{404,
@@ -824,6 +821,55 @@ std::variant<completion_request, api_error> parse_completion(const std::string& 
                                          "decides where the output ends)",
                                          r.constraint_field));
   return r;
+}
+
+// A list of several prompts (strings or token-id lists), not one prompt's token ids.
+bool several_prompts(const json& b) {
+  auto it = b.find("prompt");
+  return it != b.end() && it->is_array() && it->size() > 1 &&
+         ((*it)[0].is_string() || (*it)[0].is_array());
+}
+
+constexpr size_t max_batch_choices = 256;
+
+} // namespace
+
+std::variant<completion_request, api_error> parse_completion(const std::string& body, bool chat,
+                                                             const model_info& m) {
+  auto parsed = parse_object(body);
+  if (auto* e = std::get_if<api_error>(&parsed))
+    return *e;
+  return parse_body(std::get<json>(parsed), chat, m);
+}
+
+std::variant<std::vector<completion_request>, api_error>
+parse_completions(const std::string& body, bool chat, const model_info& m) {
+  auto parsed = parse_object(body);
+  if (auto* e = std::get_if<api_error>(&parsed))
+    return *e;
+  json& b = std::get<json>(parsed);
+  if (chat || !several_prompts(b)) {
+    auto one = parse_body(b, chat, m);
+    if (auto* e = std::get_if<api_error>(&one))
+      return *e;
+    return std::vector<completion_request>{std::move(std::get<completion_request>(one))};
+  }
+  json prompts = std::move(b["prompt"]);
+  std::vector<completion_request> out;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    b["prompt"] = std::move(prompts[i]);
+    auto one = parse_body(b, chat, m);
+    if (auto* e = std::get_if<api_error>(&one)) {
+      e->message = fmt::format("prompt {}: {}", i, e->message);
+      return *e;
+    }
+    out.push_back(std::move(std::get<completion_request>(one)));
+    out.back().num_prompts = static_cast<int32_t>(prompts.size());
+    if (out.size() * static_cast<size_t>(out.back().n) > max_batch_choices)
+      return bad("prompt", fmt::format("{} prompts with n = {} make more than {} choices",
+                                       prompts.size(), out.back().n, max_batch_choices));
+  }
+  return out;
 }
 
 std::variant<json, api_error> tokenize(const std::string& body, const model_info& m) {

@@ -56,6 +56,9 @@ struct completion_request {
   // `n` choices: n engine requests with the same prompt; choice i samples with seed `seed + i`
   // (when the request has a seed) and its own copy of the constraint.
   int32_t n = 1;
+  // /v1/completions with a list of prompts: one request per prompt, each with the body's other
+  // fields; its choices have indexes prompt * n + i.
+  int32_t num_prompts = 1;
   std::string echo_text;
   int32_t top_logprobs = -1; // -1: no logprobs
   // vLLM's prompt_logprobs (-1: none). sampling.prompt_logprobs is the larger of it and, with
@@ -75,6 +78,10 @@ struct completion_request {
 
 std::variant<completion_request, api_error> parse_completion(const std::string& body, bool chat,
                                                              const model_info& m);
+// The same for a body whose `prompt` may be a list of prompts (completions): one request each,
+// in order (an error names the prompt's index); several prompts times `n` at most 256 choices.
+std::variant<std::vector<completion_request>, api_error>
+parse_completions(const std::string& body, bool chat, const model_info& m);
 
 // The structured-output grammar of tool_choice "required" (`only` empty: any of `tools`, several
 // calls when `parallel`) or of the named function `only`: calls in the model's format `f`, each

@@ -89,8 +89,8 @@ openai_response::openai_response(const completion_request& req, const model_info
                                  int64_t created, int32_t index)
   : req_(req), model_(m), id_(std::move(id)), created_(created), index_(index),
     detok_(m.text->text, req.stop, req.skip_special_tokens),
-    sent_prompt_ids_(!req.return_token_ids || index > 0), logprobs_(empty_logprobs(req.chat)),
-    tools_(req.tool_parsing) {}
+    sent_prompt_ids_(!req.return_token_ids || index % std::max(1, req.n) > 0),
+    logprobs_(empty_logprobs(req.chat)), tools_(req.tool_parsing) {}
 
 // New calls in OpenAI's shape (as stream deltas: with their index), appended to tool_calls_;
 // without parallel_tool_calls only the first call of the output is kept.
@@ -126,8 +126,9 @@ json openai_response::base(bool chunk) const {
   return {{"id", id_}, {"object", object}, {"created", created_}, {"model", model_.name}};
 }
 
-json openai_response::usage(int64_t completion_tokens) const {
-  const auto n_prompt = static_cast<int64_t>(req_.prompt.size());
+json openai_response::usage(int64_t completion_tokens, int64_t prompt_tokens) const {
+  const auto n_prompt =
+      prompt_tokens >= 0 ? prompt_tokens : static_cast<int64_t>(req_.prompt.size());
   const auto n_out = completion_tokens >= 0 ? completion_tokens : static_cast<int64_t>(ids_.size());
   return {{"prompt_tokens", n_prompt},
           {"completion_tokens", n_out},
@@ -262,22 +263,25 @@ std::optional<json> openai_response::add(const engine::request_output& o) {
   return c;
 }
 
-json openai_response::usage_chunk(int64_t completion_tokens) const {
+json openai_response::usage_chunk(int64_t completion_tokens, int64_t prompt_tokens) const {
   json c = base(true);
   c["choices"] = json::array();
-  c["usage"] = usage(completion_tokens);
+  c["usage"] = usage(completion_tokens, prompt_tokens);
   return c;
 }
 
 json openai_response::merged_body(const std::vector<const openai_response*>& choices) {
   json body = choices.at(0)->body();
-  int64_t tokens = 0;
+  int64_t tokens = 0, prompt_tokens = 0;
   for (size_t i = 0; i < choices.size(); ++i) {
-    tokens += static_cast<int64_t>(choices[i]->completion_tokens());
+    const auto& c = *choices[i];
+    tokens += static_cast<int64_t>(c.completion_tokens());
+    if (c.index_ % std::max(1, c.req_.n) == 0) // each prompt once
+      prompt_tokens += static_cast<int64_t>(c.req_.prompt.size());
     if (i > 0)
-      body["choices"].push_back(choices[i]->body()["choices"][0]);
+      body["choices"].push_back(c.body()["choices"][0]);
   }
-  body["usage"] = choices[0]->usage(tokens);
+  body["usage"] = choices[0]->usage(tokens, prompt_tokens);
   return body;
 }
 
@@ -306,10 +310,12 @@ json openai_response::body() const {
     choice["stop_reason"] = *detok_.stop_string();
   if (req_.return_token_ids)
     choice["token_ids"] = ids_;
+  if (req_.return_token_ids && req_.num_prompts > 1) // several prompts: each choice has its own
+    choice["prompt_token_ids"] = req_.prompt;
   json body = base(false);
   body["choices"] = json::array({choice});
   body["usage"] = usage();
-  if (req_.return_token_ids)
+  if (req_.return_token_ids && req_.num_prompts == 1)
     body["prompt_token_ids"] = req_.prompt;
   if (req_.prompt_logprobs >= 0 && req_.chat) // beside the choices (vLLM)
     body["prompt_logprobs"] = prompt_logprobs();

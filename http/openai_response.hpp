@@ -20,7 +20,8 @@ engine::request make_engine_request(const completion_request& req);
 class openai_response {
  public:
   // `id` is the response id ("chatcmpl-7"), `created` its Unix time, `index` the choice's index
-  // (with `n` > 1 one openai_response per choice; prompt_token_ids go with choice 0).
+  // (with `n` > 1 one openai_response per choice; prompt_token_ids go with the prompt's first
+  // choice; several prompts: prompt * n + i).
   openai_response(const completion_request& req, const model_info& m, std::string id,
                   int64_t created, int32_t index = 0);
 
@@ -37,16 +38,17 @@ class openai_response {
   const std::string& id() const { return id_; }
 
   // Streams with stream_options.include_usage: the last chunk, with usage and no choices;
-  // `completion_tokens`: of every choice (default: this one's).
-  json usage_chunk(int64_t completion_tokens = -1) const;
+  // `completion_tokens`: of every choice (default: this one's); `prompt_tokens`: of every prompt
+  // (default: this one's).
+  json usage_chunk(int64_t completion_tokens = -1, int64_t prompt_tokens = -1) const;
   // Non-streaming: the whole response body, once finished().
   json body() const;
-  // The body of several choices (responses[0]'s id, usage summed).
+  // The body of several choices (responses[0]'s id, usage summed over choices and prompts).
   static json merged_body(const std::vector<const openai_response*>& choices);
 
  private:
   json base(bool chunk) const;
-  json usage(int64_t completion_tokens = -1) const;
+  json usage(int64_t completion_tokens = -1, int64_t prompt_tokens = -1) const;
   json chunk(json choice);
   json prompt_logprobs() const;
   json echo_logprobs() const;

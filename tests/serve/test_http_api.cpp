@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <map>
 #include <thread>
 
 #include <regex>
@@ -775,4 +776,74 @@ TEST_CASE("http: echo with logprobs scores the prompt as generation did (lm-eval
       CHECK(best == lp["tokens"][at].get<std::string>()); // greedy, as lm-eval checks
     }
   }
+}
+
+// /v1/completions with a list of prompts (as the OpenAI API and lm-evaluation-harness batches):
+// choice p * n + i answers prompt p, each as a single request with that prompt would; usage
+// sums every prompt and choice; streamed the same.
+TEST_CASE("http: a list of prompts gets n choices each, as single requests would") {
+  auto* s = server();
+  if (!s)
+    return;
+  const auto golden = test::read_json(s->dir / "golden.json");
+  const json prompts = {"The capital of France is", golden["cases"][1]["prompt_ids"],
+                        "Once upon a time"};
+  auto complete = [&](const json& prompt, int n, bool stream) {
+    json body = {{"prompt", prompt},
+                 {"max_tokens", 6},
+                 {"temperature", 0},
+                 {"ignore_eos", true},
+                 {"n", n},
+                 {"stream", stream},
+                 {"return_token_ids", true},
+                 {"stream_options", {{"include_usage", true}}}};
+    auto r = test::http_call(s->port(), "POST", "/v1/completions", body.dump());
+    REQUIRE_MESSAGE(r.status == 200, r.body);
+    // index -> token ids, and the usage.
+    std::map<int, std::vector<token_id>> ids;
+    json usage;
+    if (!stream) {
+      const auto whole = r.json();
+      for (const auto& c : whole["choices"])
+        ids[c["index"].get<int>()] = c["token_ids"].get<std::vector<token_id>>();
+      usage = whole["usage"];
+    } else {
+      for (const auto& e : test::sse_events(r.body)) {
+        if (!e.is_object())
+          continue;
+        if (e.contains("usage") && !e["usage"].is_null())
+          usage = e["usage"];
+        for (const auto& c : e.value("choices", json::array()))
+          for (const auto& t : c.value("token_ids", json::array()))
+            ids[c["index"].get<int>()].push_back(t.get<token_id>());
+      }
+    }
+    return std::make_pair(ids, usage);
+  };
+  std::vector<std::vector<token_id>> alone;
+  int64_t prompt_tokens = 0;
+  for (const auto& p : prompts) {
+    auto [ids, usage] = complete(p, 1, false);
+    alone.push_back(ids[0]);
+    prompt_tokens += usage["prompt_tokens"].get<int64_t>();
+  }
+  for (bool stream : {false, true}) {
+    CAPTURE(stream);
+    auto [ids, usage] = complete(prompts, 2, stream);
+    REQUIRE(ids.size() == 6);
+    for (int c = 0; c < 6; ++c)
+      CHECK(ids[c] == alone[static_cast<size_t>(c / 2)]);
+    CHECK(usage["prompt_tokens"] == prompt_tokens);
+    CHECK(usage["completion_tokens"] == 36);
+  }
+  // A bad prompt names its index; too many choices are refused.
+  auto bad =
+      test::http_call(s->port(), "POST", "/v1/completions", json{{"prompt", {"a", ""}}}.dump());
+  CHECK(bad.status == 400);
+  CHECK_MESSAGE(bad.body.find("prompt 1: ") != std::string::npos, bad.body);
+  auto many =
+      test::http_call(s->port(), "POST", "/v1/completions",
+                      json{{"prompt", json::array({"a", "b", "c", "d", "e"})}, {"n", 64}}.dump());
+  CHECK(many.status == 400);
+  CHECK_MESSAGE(many.body.find("256 choices") != std::string::npos, many.body);
 }

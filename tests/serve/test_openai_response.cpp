@@ -1,6 +1,8 @@
 // openai_response without sockets: engine outputs -> the chat/text completion body and the SSE
 // chunks of a stream (role chunk, prompt ids once, token ids, finish, usage), and the one
 // errc -> HTTP status map. Uses the golden tiny-qwen3 tokenizer.
+#include <optional>
+
 #include <doctest/doctest.h>
 
 #include "golden.hpp"
@@ -13,6 +15,19 @@ namespace {
 
 engine::request_output token(token_id t, engine::finish_reason f = engine::finish_reason::none) {
   return {.id = 1, .has_token = true, .token = t, .finish = f};
+}
+
+// The golden tiny-qwen3 tokenizer, loaded once; null without golden data.
+const engine::model_tokenizer* tiny_tokenizer() {
+  static const auto text = []() -> std::optional<engine::model_tokenizer> {
+    auto dir = test::golden_model("tiny-qwen3");
+    if (!dir)
+      return std::nullopt;
+    auto t = engine::model_tokenizer::load_for_model(*dir);
+    REQUIRE(t.has_value());
+    return std::move(*t);
+  }();
+  return text ? &*text : nullptr;
 }
 
 } // namespace
@@ -28,12 +43,10 @@ TEST_CASE("openai_response: errc -> HTTP status") {
 }
 
 TEST_CASE("openai_response: a chat stream and a text body from the same outputs") {
-  auto dir = test::golden_model("tiny-qwen3");
-  if (!dir)
+  const auto* text = tiny_tokenizer();
+  if (!text)
     return;
-  auto text = engine::model_tokenizer::load_for_model(*dir);
-  REQUIRE(text.has_value());
-  const model_info m{.name = "tiny", .max_model_len = 256, .vocab_size = 0, .text = &*text};
+  const model_info m{.name = "tiny", .max_model_len = 256, .vocab_size = 0, .text = text};
   const auto ids = *text->text->encode(" Paris is the capital");
   REQUIRE(ids.size() >= 3);
 
@@ -87,12 +100,10 @@ TEST_CASE("openai_response: a chat stream and a text body from the same outputs"
 }
 
 TEST_CASE("openai_response: a stop string ends the choice while the engine still runs") {
-  auto dir = test::golden_model("tiny-qwen3");
-  if (!dir)
+  const auto* text = tiny_tokenizer();
+  if (!text)
     return;
-  auto text = engine::model_tokenizer::load_for_model(*dir);
-  REQUIRE(text.has_value());
-  const model_info m{.name = "tiny", .max_model_len = 256, .vocab_size = 0, .text = &*text};
+  const model_info m{.name = "tiny", .max_model_len = 256, .vocab_size = 0, .text = text};
   const auto ids = *text->text->encode(" Paris is the capital of France");
   REQUIRE(ids.size() >= 4);
   // The stop string is the text of token 2 (0-based): the choice ends at that token, with the
@@ -121,12 +132,10 @@ TEST_CASE("openai_response: a stop string ends the choice while the engine still
 }
 
 TEST_CASE("openai_response: echo puts the prompt's text before the completion, streamed and not") {
-  auto dir = test::golden_model("tiny-qwen3");
-  if (!dir)
+  const auto* text = tiny_tokenizer();
+  if (!text)
     return;
-  auto text = engine::model_tokenizer::load_for_model(*dir);
-  REQUIRE(text.has_value());
-  const model_info m{.name = "tiny", .max_model_len = 256, .vocab_size = 0, .text = &*text};
+  const model_info m{.name = "tiny", .max_model_len = 256, .vocab_size = 0, .text = text};
   const auto ids = *text->text->encode(" is the capital");
   for (bool stream : {false, true})
     for (const json& prompt :
@@ -160,12 +169,10 @@ TEST_CASE("openai_response: echo puts the prompt's text before the completion, s
 }
 
 TEST_CASE("openai_response: echo with logprobs and prompt_logprobs render the prompt's scores") {
-  auto dir = test::golden_model("tiny-qwen3");
-  if (!dir)
+  const auto* text = tiny_tokenizer();
+  if (!text)
     return;
-  auto text = engine::model_tokenizer::load_for_model(*dir);
-  REQUIRE(text.has_value());
-  const model_info m{.name = "tiny", .max_model_len = 256, .vocab_size = 0, .text = &*text};
+  const model_info m{.name = "tiny", .max_model_len = 256, .vocab_size = 0, .text = text};
   const auto prompt = *text->text->encode("Paris is the");
   REQUIRE(prompt.size() == 3);
   const auto piece = [&](token_id t) { return std::string(text->text->token_bytes(t)); };
