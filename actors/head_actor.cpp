@@ -30,7 +30,7 @@ using deploy_done = std::function<void(expected<msg::deployment_view>)>;
 using ms = std::chrono::milliseconds;
 
 void fail_node_deployments(head* self, const std::string& node_id, const std::string& why);
-msg::deployment_view view_of(const cluster::deployment_record& rec);
+msg::deployment_view view_of(const cluster::deployment_record& rec, const load_board& loads);
 void on_state_report(head* self, const std::string& name, const std::string& state,
                      const std::string& reason);
 void restart_due(head* self, const head_config& cfg);
@@ -184,7 +184,7 @@ msg::cluster_view make_view(head* self) {
          .gpus_used = st.deployments.devices_used(r.info.node_id)});
   }
   for (const auto& [name, rec] : st.deployments.all())
-    view.deployments.push_back(view_of(rec));
+    view.deployments.push_back(view_of(rec, st.loads));
   for (const auto& [name, r] : st.restore)
     if (!st.deployments.find(name))
       view.deployments.push_back({.name = name,
@@ -219,7 +219,7 @@ void on_kv_set(head* self, const std::string& ns, const std::string& key,
   }
 }
 
-msg::deployment_view view_of(const cluster::deployment_record& rec) {
+msg::deployment_view view_of(const cluster::deployment_record& rec, const load_board& loads) {
   msg::deployment_view v{.name = rec.name,
                          .state = rec.state,
                          .endpoint = rec.endpoint,
@@ -252,6 +252,7 @@ msg::deployment_view view_of(const cluster::deployment_record& rec) {
     v.ranks.push_back({r.pp_rank, r.tp_rank, r.node_id, r.device, r.replica});
   for (const auto& r : rec.replicas)
     v.replica_states.push_back(r.state);
+  v.loading = loads.lines(rec.name);
   return v;
 }
 
@@ -274,6 +275,7 @@ void drop_replica(head* self, const std::string& name, const std::string& ns) {
   if (!rec)
     return;
   log::warn("head: deployment '{}' is {}: {}", name, rec->state, rec->reason);
+  st.loads.forget(name); // the failed attempt's reports; loading ranks report again soon
   drop_namespace(self, ns);
   auto serving = st.serving.find(name);
   if (rec->state != "degraded" || serving == st.serving.end())
@@ -304,6 +306,7 @@ void drop_namespace(head* self, const std::string& ns) {
 void remove_deployment(head* self, const std::string& name) {
   stop_serving(self, name);
   self->state.load_clients.erase(name);
+  self->state.loads.forget(name);
   if (const auto* rec = self->state.deployments.find(name))
     for (const auto& rep : rec->replicas)
       drop_namespace(self, rep.ns);
@@ -487,10 +490,11 @@ void place(head* self, const head_config& cfg, deployment_config dc,
               log::warn("head: deployment '{}' is not recorded (a restarted head will not serve "
                         "it again): {}",
                         name, saved.error().message());
-            done(view_of(*r));
+            done(view_of(*r, self->state.loads));
           },
           [self, name, done, current](caf::error& e) mutable {
             self->state.load_clients.erase(name);
+            self->state.loads.forget(name);
             auto err = from_caf(e, &self->system());
             log::warn("head: deployment '{}' failed to start: {}", name, err.message());
             if (current())
@@ -758,6 +762,7 @@ caf::behavior head_actor(caf::stateful_actor<head_state, guarded_actor>* self, h
         if (!from_serving(self, p.deployment))
           return drop(self, "progress for deployment '" + p.deployment +
                                 "' (not from its serving actor)");
+        self->state.loads.update(p);
         if (auto it = self->state.load_clients.find(p.deployment);
             it != self->state.load_clients.end())
           self->send(it->second, msg::progress_atom::value, std::move(p));

@@ -26,6 +26,7 @@
 #include <functional>
 
 #include "actors/deployment_store.hpp"
+#include "actors/load_display.hpp"
 #include "actors/messages.hpp"
 #include "actors/role_guard.hpp"
 #include "cluster/deployments.hpp"
@@ -71,6 +72,7 @@ struct head_state {
   // Deployment name -> the `cluster serve` client waiting for it while it first loads: its
   // ranks' load progress (progress_atom from the serving actor) goes there.
   std::map<std::string, caf::actor> load_clients;
+  load_board loads; // every deployment's ranks still loading, for status
   uint64_t next_read = 0;
   // A crashed head's deployments not yet placed again: config, why not yet, attempt running.
   struct restoring {

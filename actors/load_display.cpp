@@ -1,6 +1,7 @@
 #include "actors/load_display.hpp"
 
 #include <algorithm>
+#include <climits>
 
 #include <fmt/format.h>
 
@@ -53,6 +54,26 @@ std::string progress_line(const msg::rank_progress& p) {
                      percent_of(p.bytes, p.total), format_bytes(static_cast<double>(p.bytes)),
                      format_bytes(static_cast<double>(p.total)),
                      p.bytes > 0 ? fmt::format(", {}/s", format_bytes(rate)) : "");
+}
+
+void load_board::update(const msg::rank_progress& p) {
+  auto key = std::tuple{p.deployment, p.role, p.replica, p.rank};
+  if (p.done)
+    ranks_.erase(key);
+  else
+    ranks_[key] = p;
+}
+
+void load_board::forget(const std::string& deployment) {
+  std::erase_if(ranks_, [&](const auto& kv) { return std::get<0>(kv.first) == deployment; });
+}
+
+std::vector<std::string> load_board::lines(const std::string& deployment) const {
+  std::vector<std::string> out;
+  for (auto it = ranks_.lower_bound({deployment, "", INT32_MIN, INT32_MIN});
+       it != ranks_.end() && std::get<0>(it->first) == deployment; ++it)
+    out.push_back(progress_line(it->second));
+  return out;
 }
 
 bool progress_steps::due(const msg::rank_progress& p) {

@@ -11,6 +11,7 @@
 #include <map>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "actors/messages.hpp"
 
@@ -35,6 +36,20 @@ class progress_steps {
 
  private:
   std::map<std::tuple<std::string, int32_t, int32_t>, int> last_; // (role, replica, rank) -> step
+};
+
+// The head's view of the loads in flight, for `cluster status`: each rank still reading its
+// weights, by its last report (a first load's or a restarted replica's).
+class load_board {
+ public:
+  void update(const msg::rank_progress& p); // a `done` report forgets the rank
+  // A replica attempt failed or the deployment went away: its reports are stale.
+  void forget(const std::string& deployment);
+  // progress_line() of each of `deployment`'s loading ranks, in (role, replica, rank) order.
+  std::vector<std::string> lines(const std::string& deployment) const;
+
+ private:
+  std::map<std::tuple<std::string, std::string, int32_t, int32_t>, msg::rank_progress> ranks_;
 };
 
 class load_display {

@@ -245,12 +245,14 @@ struct deployment_view {
   std::string device;                      // cpu | cuda (model.yaml's auto resolved)
   std::vector<group_view> groups;          // disaggregated: decode and prefill; else empty
   std::string transfer; // disaggregated: the KV transfer provider and layout contract
+  // Ranks still reading their weights (first load or a restart): one progress line each.
+  std::vector<std::string> loading;
 };
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, deployment_view& x) {
   return f(caf::meta::type_name("deployment_view"), x.name, x.state, x.endpoint, x.reason, x.tensor,
            x.pipeline, x.ranks, x.replicas, x.replica_states, x.restarts, x.device, x.groups,
-           x.transfer);
+           x.transfer, x.loading);
 }
 
 // (status_atom, token) -> cluster_view
@@ -437,7 +439,8 @@ typename Inspector::result_type inspect(Inspector& f, worker_reply& x) {
 // Load progress of one rank: (progress_atom, rank_progress), a worker's while it reads its
 // weights (at most every 250 ms, and once at the end with done) to the sender of its load_atom
 // (the replica's loader), which names the replica and node and sends it on to the head as the
-// serving actor; the head sends it to the `cluster serve` client that waits on the deployment.
+// serving actor; the head sends it to the `cluster serve` client that waits on the deployment
+// and keeps the last report of each rank still loading for `cluster status`.
 struct rank_progress {
   std::string deployment;
   std::string role;    // the group: "" (not disaggregated) | "decode" | "prefill"

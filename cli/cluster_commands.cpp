@@ -90,7 +90,8 @@ nlohmann::json to_json(const msg::cluster_view& v, const std::string& head) {
                            {"restarts", d.restarts},
                            {"ranks", ranks},
                            {"groups", groups},
-                           {"transfer", d.transfer}});
+                           {"transfer", d.transfer},
+                           {"loading", d.loading}});
   }
   return {{"head", head},
           {"version", v.head_version},
@@ -138,6 +139,8 @@ void print_table(const msg::cluster_view& v, const std::string& head) {
                  g.replicas);
     if (!d.transfer.empty())
       fmt::print("  KV transfer: {}\n", d.transfer);
+    for (const auto& line : d.loading)
+      fmt::print("  {}\n", line);
   }
   fmt::print("kv namespaces (one per replica): {}\n",
              v.kv_namespaces.empty() ? "none"

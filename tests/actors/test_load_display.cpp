@@ -93,3 +93,26 @@ TEST_CASE("load_display: bars with one line per rank redrawn in place") {
   CHECK(cells.find_first_not_of("#.") == std::string::npos);
   CHECK(count(cells, "#") * 100 / cells.size() / 10 == 4); // 44% filled, to a cell
 }
+
+TEST_CASE("load_board: each loading rank's last report until it is done or forgotten") {
+  load_board board;
+  board.update(report("", 0, 1, 8'200'000'000, false));
+  board.update(report("", 0, 0, 1'640'000'000, false));
+  board.update(report("", 0, 0, 3'280'000'000, false)); // replaces rank 0's
+  auto other = report("", 0, 0, 0, false);
+  other.deployment = "other";
+  board.update(other);
+  auto lines = board.lines("qwen3-8b");
+  REQUIRE(lines.size() == 2);
+  CHECK(lines[0].find("rank 0 (pp 0, tp 0) on node w1: 20% (3.28 GB of 16.40 GB") !=
+        std::string::npos);
+  CHECK(lines[1].find("rank 1 (pp 0, tp 1) on node w1: 50%") != std::string::npos);
+  board.update(report("", 0, 1, 16'400'000'000, true)); // done: no longer loading
+  CHECK(board.lines("qwen3-8b").size() == 1);
+  board.update(report("prefill", 1, 0, 0, false));
+  CHECK(board.lines("qwen3-8b").size() == 2);
+  board.forget("qwen3-8b"); // a replica attempt failed: the reports are stale
+  CHECK(board.lines("qwen3-8b").empty());
+  CHECK(board.lines("other").size() == 1);
+  CHECK(board.lines("none").empty());
+}
