@@ -201,7 +201,7 @@ caf::behavior worker_actor(caf::stateful_actor<worker_state, guarded_actor>* sel
         }
         self->send(sender, std::move(reply));
       },
-      [self, spec, rank, from_serving](msg::execute_atom, uint64_t ticket, const step_plan& plan) {
+      [self, spec, rank, from_serving](msg::execute_atom, uint64_t ticket, step_plan& plan) {
         if (!from_serving("execute"))
           return;
         auto sender = caf::actor_cast<caf::actor>(self->current_sender());
@@ -209,7 +209,7 @@ caf::behavior worker_actor(caf::stateful_actor<worker_state, guarded_actor>* sel
         auto& st = self->state;
         if (!st.exec) {
           reply.error = "not loaded";
-        } else if (auto r = st.exec->execute(plan); r) {
+        } else if (auto r = st.exec->run(plan); r) {
           reply.result = std::move(*r);
         } else {
           reply.error = r.error().to_string();

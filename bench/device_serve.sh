@@ -4,7 +4,8 @@
 # on the GPU, measured over HTTP by bench/serve_bench (random 512 in / 128 out, ignore_eos, at
 # concurrency 1 and 64; IN, OUT_LEN, CONC="1 64 256" and MAX_SEQS override; GRAMMAR=1 repeats
 # each concurrency with a JSON-schema response_format, for the per-token cost of structured
-# output). The engine's own
+# output; ROUNDS=2 runs every concurrency twice, the second round warm: CUDA graphs captured and
+# GEMMs tuned for the batch sizes the first one met). The engine's own
 # decode step time at the same batch sizes comes from cuda_bench in the same run
 # (bench/device_run.sh bench, or ENGINE=1 here). Logs and JSON results go to $OUT.
 # Usage: bench/device_serve.sh [qwen3-8b|qwen3-0.6b]   (TROUPE_BUNDLE: the bundle, dist/troupe;
@@ -55,15 +56,19 @@ fi
 echo "serving $shape at $url"
 schema='{"response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema":
   {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}}}}'
-for c in $conc; do
-  n=$(( c == 1 ? 8 : 2 * c ))
-  for variant in plain ${GRAMMAR:+json}; do
-    extra='{}'; [ "$variant" = json ] && extra=$schema
-    "$bin/serve_bench" --base-url "$url" --endpoint /v1/completions --model "$shape" --tokenizer "$model" \
-      --dataset-name random --random-input-len $in_len --random-output-len $out_len --ignore-eos \
-      --num-prompts $n --max-concurrency $c --seed 1 --extra-body "$extra" \
-      --result-file "$out/serve-$shape-c$c-$variant.json" \
-      2>&1 | tee "$out/serve_bench-$shape-c$c-$variant.log" | tail -25
+for round in $(seq 1 "${ROUNDS:-1}"); do
+  for c in $conc; do
+    n=$(( c == 1 ? 8 : 2 * c ))
+    for variant in plain ${GRAMMAR:+json}; do
+      extra='{}'; [ "$variant" = json ] && extra=$schema
+      tag=$shape-c$c-$variant; [ "${ROUNDS:-1}" -gt 1 ] && tag=$tag-r$round
+      echo "== round $round, concurrency $c, $variant"
+      "$bin/serve_bench" --base-url "$url" --endpoint /v1/completions --model "$shape" --tokenizer "$model" \
+        --dataset-name random --random-input-len $in_len --random-output-len $out_len --ignore-eos \
+        --num-prompts $n --max-concurrency $c --seed 1 --extra-body "$extra" \
+        --result-file "$out/serve-$tag.json" \
+        2>&1 | tee "$out/serve_bench-$tag.log" | tail -25
+    done
   done
 done
 kill $server; wait $server 2>/dev/null

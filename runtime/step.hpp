@@ -47,6 +47,12 @@ enum class logits_mode : uint8_t {
   all,  // logits of every fed token (prompt logprobs, conformance tests)
 };
 
+// In seq_step::tokens of a plan made ahead (engine_loop at pipeline 1 schedules step n+1 while
+// step n runs), for a decode token: the token this sequence samples in step n, unknown when the
+// plan was made. An executor puts it in before computing (executor::run), from what it sampled
+// itself.
+inline constexpr token_id previous_sample = -1;
+
 // One sequence's share of a step: feed `tokens` at positions start_pos .. start_pos+n-1.
 struct seq_step {
   seq_id id = 0;

@@ -1,9 +1,13 @@
 // An executor that keeps `depth` plans in flight around any other executor: submit() only
 // queues, collect() runs the oldest, as a pipeline of `depth` stages returns them. Checks what
-// plans in flight together must never share: a sequence or a KV block.
+// plans in flight together must never share: a sequence or a KV block. With `ahead` (depth 1,
+// overlaps()), it runs as an executor on a thread of its own would, and engine_loop plans ahead:
+// then a sequence in two plans in flight must continue in the later one where the earlier ends,
+// feeding previous_sample if the earlier samples.
 #pragma once
 
 #include <deque>
+#include <map>
 #include <set>
 
 #include <doctest/doctest.h>
@@ -14,16 +18,19 @@ namespace troupe::test {
 
 class pipelined_executor final : public engine::executor {
  public:
-  pipelined_executor(engine::executor& inner, int32_t depth) : inner_(inner), depth_(depth) {}
+  pipelined_executor(engine::executor& inner, int32_t depth, bool ahead = false)
+    : inner_(inner), depth_(depth), ahead_(ahead) {}
 
   size_t max_in_flight = 0; // the most plans queued at once
-  size_t conflicts = 0;     // plans in flight together that named the same sequence or block
+  size_t conflicts = 0;     // plans in flight together that shared what they must not
+  size_t continued = 0;     // ahead: sequences continued in a later plan in flight
 
   int32_t depth() const override { return depth_; }
+  bool overlaps() const override { return ahead_; }
   expected<step_result> execute(const step_plan& plan) override { return inner_.execute(plan); }
-  expected<void> submit(const step_plan& plan, const mask_fill& fill) override {
+  expected<void> submit(step_plan& plan, const mask_fill& fill) override {
     for (const auto& other : queue_)
-      conflicts += overlap(*other.plan, plan);
+      conflicts += ahead_ ? broken_continuation(*other.plan, plan) : overlap(*other.plan, plan);
     queue_.push_back({&plan, fill});
     max_in_flight = std::max(max_in_flight, queue_.size());
     return {};
@@ -32,7 +39,7 @@ class pipelined_executor final : public engine::executor {
     REQUIRE_FALSE(queue_.empty());
     auto q = queue_.front();
     queue_.pop_front();
-    return inner_.execute_filling(*q.plan, q.fill);
+    return inner_.run(*q.plan, q.fill);
   }
 
  private:
@@ -51,10 +58,28 @@ class pipelined_executor final : public engine::executor {
     }
     return false;
   }
+  size_t broken_continuation(const step_plan& a, const step_plan& b) {
+    std::map<seq_id, const seq_step*> earlier;
+    for (const auto& s : a.seqs)
+      earlier[s.id] = &s;
+    size_t n = 0;
+    for (const auto& s : b.seqs) {
+      auto it = earlier.find(s.id);
+      if (it == earlier.end())
+        continue;
+      ++continued;
+      const seq_step& e = *it->second;
+      const bool samples = e.logits != logits_mode::none;
+      n += s.start_pos != e.start_pos + static_cast<int32_t>(e.tokens.size()) ||
+           (samples && (s.tokens.size() != 1 || s.tokens[0] != previous_sample));
+    }
+    return n;
+  }
   engine::executor& inner_;
   int32_t depth_;
+  bool ahead_;
   struct queued {
-    const step_plan* plan;
+    step_plan* plan;
     mask_fill fill;
   };
   std::deque<queued> queue_;

@@ -10,6 +10,7 @@
 #include "engine/backend/cpu/cpu_backend.hpp"
 #include "engine/exec/cuda_executor.hpp"
 #include "engine/exec/local_executor.hpp"
+#include "engine/exec/threaded_executor.hpp"
 #include "engine/model/gguf_weights.hpp"
 #include "engine/sampling/sampler.hpp"
 #include "engine/scheduler/scheduler.hpp"
@@ -34,7 +35,7 @@ struct deployment::parts {
 namespace {
 
 // A backend in this process and the executor over it (which refers to the backend, so it goes
-// first).
+// first). Run on a thread of its own (in_process()).
 class owning_executor final : public engine::executor {
  public:
   owning_executor(std::unique_ptr<engine::backend> model, std::unique_ptr<engine::executor> exec)
@@ -48,6 +49,12 @@ class owning_executor final : public engine::executor {
   std::unique_ptr<engine::backend> model_;
   std::unique_ptr<engine::executor> exec_;
 };
+
+std::unique_ptr<engine::executor> in_process(std::unique_ptr<engine::backend> model,
+                                             std::unique_ptr<engine::executor> exec) {
+  return std::make_unique<engine::threaded_executor>(
+      std::make_unique<owning_executor>(std::move(model), std::move(exec)));
+}
 
 // Loads the model onto GPU 0 (bf16) with the KV pool sized from gpu_memory_utilization unless
 // num_kv_blocks fixes it; kv.num_blocks becomes the pool's real size.
@@ -125,9 +132,8 @@ expected<local_replica> start_cuda(const deployment_config& c, const kv_plan& kv
             t.loader_threads > 0 ? t.read_s / t.loader_threads : 0.0, t.loader_threads,
             t.workspace_s, t.kv_s, load_s - t.weights_s - t.workspace_s - t.kv_s);
   auto layout = (*model)->kv_memory();
-  return local_replica{
-      {std::make_unique<owning_executor>(std::move(*model), std::move(*exec)), blocks},
-      std::move(layout)};
+  return local_replica{{in_process(std::move(*model), std::move(*exec)), blocks},
+                       std::move(layout)};
 }
 
 expected<local_replica> start_local(const deployment_config& c, const kv_plan& kv,
@@ -140,9 +146,8 @@ expected<local_replica> start_local(const deployment_config& c, const kv_plan& k
     return std::move(model).error();
   auto layout = (*model)->kv_memory();
   auto exec = std::make_unique<engine::local_executor>(**model);
-  return local_replica{
-      {std::make_unique<owning_executor>(std::move(*model), std::move(exec)), kv.num_blocks},
-      std::move(layout)};
+  return local_replica{{in_process(std::move(*model), std::move(exec)), kv.num_blocks},
+                       std::move(layout)};
 }
 
 // Both groups of a disaggregated deployment in this process, linked: the decode replicas, then

@@ -100,20 +100,20 @@ void fail_ranks(replica* self, std::string why) {
 
 void send_exports(replica* self);
 
-// Worker ranks: a plan for every idle lane with work goes to every rank.
+// Worker ranks: every plan the engine starts (one per idle lane, or one made ahead) goes to
+// every rank.
 void pump(replica* self) {
   auto& st = self->state;
   if (!st.broken.empty())
     return;
   std::vector<engine::request_output> out;
-  auto lanes = st.loop->plan(out);
-  if (!lanes)
-    return fail_ranks(self, lanes.error().message());
-  for (size_t lane : *lanes) {
-    const auto& plan = st.loop->plan_of(lane);
-    const uint64_t ticket = st.group->start(plan.step);
+  auto started = st.loop->plan(out);
+  if (!started)
+    return fail_ranks(self, started.error().message());
+  for (const auto& [lane, plan] : *started) {
+    const uint64_t ticket = st.group->start(plan->step);
     st.lane_of[ticket] = lane;
-    auto m = caf::make_message(msg::execute_atom::value, ticket, plan); // one copy for all ranks
+    auto m = caf::make_message(msg::execute_atom::value, ticket, *plan); // one copy for all ranks
     for (const auto& w : st.spec.ranks.workers)
       self->send(w, m);
     self->delayed_send(self, st.spec.ranks.timeout, msg::expire_atom::value, ticket);
@@ -622,7 +622,7 @@ caf::behavior replica_actor(replica* self, replica_spec spec) {
     st.loop = std::make_unique<engine::engine_loop>(st.spec.options, *st.spec.exec);
   } else {
     const auto& r = st.spec.ranks;
-    st.loop = std::make_unique<engine::engine_loop>(st.spec.options, r.depth);
+    st.loop = std::make_unique<engine::engine_loop>(st.spec.options, r.stages, true);
     st.group = std::make_unique<worker_group>(r.workers.size(), r.answer_rank);
     for (const auto& w : r.workers)
       self->monitor(w);

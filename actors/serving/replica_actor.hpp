@@ -1,10 +1,12 @@
 // replica_actor: one replica's engine (design.md §3), spawned by replica_router. It owns the
 // replica's engine_loop, takes requests and cancels as messages (the sender never waits), runs
 // plans, and hands each request's outputs to its sink. Two kinds:
-//   in-process executor: detached; each step runs synchronously on its thread, one (step_atom)
-//     message per step, so submits and cancels that arrived meanwhile are taken between steps;
-//   worker ranks: event-based, never blocks; (execute_atom, ticket, plan) to every rank with up
-//     to `depth` plans in flight, replies gathered by ticket (worker_group). A rank that fails,
+//   in-process executor: detached; one (step_atom) message per step, so submits and cancels
+//     that arrived meanwhile are taken between steps; a step waits for the oldest plan in
+//     flight (an executor that overlaps, threaded_executor, runs the next one meanwhile);
+//   worker ranks: event-based, never blocks; (execute_atom, ticket, plan) to every rank, one
+//     plan per pipeline stage in flight, two at one stage (the next made ahead), replies
+//     gathered by ticket (worker_group). A rank that fails,
 //     goes down, or leaves a plan unanswered past the timeout fails the replica: every request
 //     fails through its sink, the health is marked, `on_failure` is told once.
 //   (submit_atom, msg::replica_job)  router -> replica; errors (invalid, queue full) to the sink
@@ -37,9 +39,9 @@ namespace troupe::serve {
 // A replica's worker ranks (world rank order) and how to drive them.
 struct worker_ranks {
   std::vector<caf::actor> workers;
-  size_t answer_rank = 0;                             // the last stage's tensor rank 0: it samples
-  std::chrono::milliseconds timeout{0};               // a plan's replies, from its sending
-  int32_t depth = 1;                                  // plans in flight
+  size_t answer_rank = 0;               // the last stage's tensor rank 0: it samples
+  std::chrono::milliseconds timeout{0}; // a plan's replies, from its sending
+  int32_t stages = 1; // pipeline stages: a lane each; at one, plans are made ahead
   std::function<void(const std::string&)> on_failure; // told once, on the replica's thread
 };
 

@@ -207,7 +207,7 @@ expected<replica_executor> executor_of(serving* self, const caf::actor& head,
                           .ranks = {.workers = r.workers,
                                     .answer_rank = answer,
                                     .timeout = step_timeout,
-                                    .depth = depth,
+                                    .stages = g.parallel.pipeline,
                                     .on_failure = std::move(on_failure)},
                           .block_size = g.block_size};
 }

@@ -5,6 +5,7 @@
 
 #include <deque>
 #include <functional>
+#include <unordered_map>
 
 #include "runtime/error.hpp"
 #include "runtime/step.hpp"
@@ -15,7 +16,8 @@ class executor {
  public:
   virtual ~executor() = default;
   // Runs `plan` and returns one seq_output per seq_step that asked for logits, in plan order.
-  // Blocks the calling thread until the step is done.
+  // Blocks the calling thread until the step is done. The plan holds no previous_sample (run()
+  // puts those in).
   virtual expected<step_result> execute(const step_plan& plan) = 0;
 
   // Structured output: writes the plan's grammar masks (seq_step::allowed_tokens) in place; the
@@ -30,13 +32,23 @@ class executor {
     return execute(plan);
   }
 
+  // What callers use: puts in the plan's previous_sample tokens, each the token this executor
+  // sampled for that sequence in the plan before (an error if it sampled none), then
+  // execute_filling(), and remembers what it sampled. Every rank that feeds tokens samples
+  // (the same token, from the same seed), so each can do this for itself.
+  expected<step_result> run(step_plan& plan, const mask_fill& fill = {});
+
   // Pipelined use (engine_loop): how many plans this executor can usefully work on at once.
   // A pipeline of P stages keeps P plans in flight, one per stage, so no stage idles.
   virtual int32_t depth() const { return 1; }
-  // Starts `plan`; the caller keeps it alive and unchanged (but for `fill`) until its result
-  // is collected. Results come back in submission order. The default runs the plan now.
-  virtual expected<void> submit(const step_plan& plan, const mask_fill& fill = {}) {
-    done_.push_back(execute_filling(plan, fill));
+  // Runs a submitted plan while the caller goes on (on a thread of its own), so that at depth
+  // 1 engine_loop makes the next plan, ahead, while this one runs.
+  virtual bool overlaps() const { return false; }
+  // Starts `plan`; the caller keeps it alive and unchanged (but for `fill` and the executor's
+  // previous_sample tokens) until its result is collected. Results come back in submission
+  // order. The default runs the plan now.
+  virtual expected<void> submit(step_plan& plan, const mask_fill& fill = {}) {
+    done_.push_back(run(plan, fill));
     return {};
   }
   // The result of the oldest submitted plan not yet collected; blocks until it is done.
@@ -50,6 +62,7 @@ class executor {
 
  private:
   std::deque<expected<step_result>> done_;
+  std::unordered_map<seq_id, token_id> sampled_; // by run(): each sequence's last sampled token
 };
 
 } // namespace troupe::engine

@@ -7,11 +7,12 @@
 namespace troupe::engine {
 
 engine_loop::engine_loop(scheduler_options options, executor& exec)
-  : engine_loop(std::move(options), exec.depth()) {
+  : engine_loop(std::move(options), exec.depth(), exec.overlaps()) {
   exec_ = &exec;
 }
 
-engine_loop::engine_loop(scheduler_options options, int32_t depth) {
+engine_loop::engine_loop(scheduler_options options, int32_t depth, bool plan_ahead)
+  : plan_ahead_(plan_ahead && depth == 1) {
   const int32_t per_context =
       (options.max_model_len + options.block_size - 1) / std::max(options.block_size, 1);
   const int32_t fit = std::max(1, options.num_blocks / std::max(per_context, 1));
@@ -62,28 +63,36 @@ expected<void> engine_loop::cancel(seq_id id) {
 
 bool engine_loop::start(size_t i, std::vector<request_output>& out) {
   lane& l = *lanes_[i];
-  if (l.busy)
+  if (l.busy >= (plan_ahead_ ? 2u : 1u) || (l.busy && !l.sched.can_plan_ahead()))
     return false;
-  l.sched.schedule(l.plan);
-  if (l.plan.seqs.empty() && l.plan.finished.empty()) {
+  step_plan& p = l.at(l.busy);
+  l.sched.schedule(p);
+  if (p.seqs.empty() && p.finished.empty()) {
     l.sched.take_pending(out);
     return false;
   }
-  l.busy = true;
+  ++l.busy;
   in_flight_.push_back(i);
   return true;
 }
 
-expected<std::vector<size_t>> engine_loop::plan(std::vector<request_output>& out) {
+void engine_loop::finish_oldest(lane& l) {
+  l.first = (l.first + 1) % l.plans.size();
+  --l.busy;
+}
+
+expected<std::vector<engine_loop::started>> engine_loop::plan(std::vector<request_output>& out) {
   if (failed_)
     return make_error(errc::unavailable, "a step failed; call fail_all() before planning again");
-  std::vector<size_t> started;
+  std::vector<started> s;
   for (size_t i = 0; i < lanes_.size(); ++i)
-    if (start(i, out)) {
-      lanes_[i]->sched.fill_masks(lanes_[i]->plan); // the plan goes to the ranks as it is
-      started.push_back(i);
+    while (start(i, out)) {
+      lane& l = *lanes_[i];
+      step_plan& p = l.at(l.busy - 1);
+      l.sched.fill_masks(p); // the plan goes to the ranks as it is
+      s.push_back({i, &p});
     }
-  return started;
+  return s;
 }
 
 expected<void> engine_loop::complete(size_t i, const step_result& result,
@@ -93,8 +102,9 @@ expected<void> engine_loop::complete(size_t i, const step_result& result,
   if (!l.busy || it == in_flight_.end())
     return make_error(errc::internal, "complete: lane {} has no plan in flight", i);
   in_flight_.erase(it);
-  l.busy = false;
-  if (auto u = l.sched.update(l.plan, result, out); !u) {
+  const step_plan& p = l.at(0);
+  finish_oldest(l); // p stays intact until this lane plans again
+  if (auto u = l.sched.update(p, result, out); !u) {
     failed_ = true;
     return std::move(u).error();
   }
@@ -107,26 +117,27 @@ expected<std::vector<request_output>> engine_loop::step() {
     return make_error(errc::unavailable, "a step failed; call fail_all() before stepping again");
   if (!exec_)
     return make_error(errc::internal, "step: this engine_loop has no executor");
-  for (size_t i = 0; i < lanes_.size(); ++i) {
-    if (!start(i, out))
-      continue;
-    lane& l = *lanes_[i];
-    if (auto s = exec_->submit(l.plan, [&l] { l.sched.fill_masks(l.plan); }); !s) {
-      in_flight_.pop_back(); // never submitted: nothing to collect
-      lanes_[i]->busy = false;
-      failed_ = true;
-      return std::move(s).error().context(fmt::format("step {}", lanes_[i]->plan.step));
+  for (size_t i = 0; i < lanes_.size(); ++i)
+    while (start(i, out)) {
+      lane& l = *lanes_[i];
+      step_plan& p = l.at(l.busy - 1);
+      if (auto s = exec_->submit(p, [&l, &p] { l.sched.fill_masks(p); }); !s) {
+        in_flight_.pop_back(); // never submitted: nothing to collect
+        --l.busy;
+        failed_ = true;
+        return std::move(s).error().context(fmt::format("step {}", p.step));
+      }
     }
-  }
   if (in_flight_.empty())
     return out;
   const size_t i = in_flight_.front();
   auto result = exec_->collect();
   if (!result) {
     in_flight_.pop_front();
-    lanes_[i]->busy = false;
+    const uint64_t step = lanes_[i]->at(0).step;
+    finish_oldest(*lanes_[i]);
     failed_ = true;
-    return std::move(result).error().context(fmt::format("step {}", lanes_[i]->plan.step));
+    return std::move(result).error().context(fmt::format("step {}", step));
   }
   TROUPE_TRY_VOID(complete(i, *result, out));
   return out;
@@ -136,10 +147,11 @@ std::vector<request_output> engine_loop::fail_all() {
   for (; !in_flight_.empty(); in_flight_.pop_front()) {
     if (exec_)
       (void)exec_->collect(); // its requests are cancelled below; keeps the executor in step
-    lanes_[in_flight_.front()]->busy = false;
+    finish_oldest(*lanes_[in_flight_.front()]);
   }
   std::vector<request_output> out;
   for (auto& l : lanes_) {
+    l->sched.forget_outstanding();
     for (seq_id id : l->sched.unfinished())
       (void)l->sched.cancel(id);
     l->sched.take_pending(out);
@@ -154,8 +166,8 @@ bool engine_loop::has_unfinished() const {
 }
 
 bool engine_loop::has_work() const {
-  return std::any_of(lanes_.begin(), lanes_.end(),
-                     [](const auto& l) { return l->sched.has_work(); });
+  return !in_flight_.empty() || std::any_of(lanes_.begin(), lanes_.end(),
+                                            [](const auto& l) { return l->sched.has_work(); });
 }
 
 void engine_loop::take_reservations(std::vector<kv_reservation>& out) {

@@ -8,9 +8,14 @@
 // parallelism). A request stays in the lane that admitted it (the least loaded). Lanes are
 // fewer when a slice could not hold one full context (max_model_len).
 //
+// Planning ahead (depth 1, an executor that overlaps, or worker ranks): one lane with up to two
+// plans in flight; step n+1 is scheduled while step n runs (scheduler::can_plan_ahead), so the
+// device goes from one step to the next without waiting for scheduling or output delivery.
+//
 // Only step() blocks (for the executor). One thread at a time.
 #pragma once
 
+#include <array>
 #include <deque>
 #include <memory>
 #include <vector>
@@ -36,10 +41,11 @@ struct pool_usage {
 
 class engine_loop {
  public:
-  // step() runs plans on `exec`, whose depth gives the lanes.
+  // step() runs plans on `exec`, whose depth gives the lanes; planning ahead if it overlaps.
   engine_loop(scheduler_options options, executor& exec);
-  // plan()/complete() only: the caller runs the plans, up to `depth` at once.
-  engine_loop(scheduler_options options, int32_t depth);
+  // plan()/complete() only: the caller runs the plans, `depth` lanes, at depth 1 up to two plans
+  // with `plan_ahead` (every rank that feeds tokens samples: executor::run).
+  engine_loop(scheduler_options options, int32_t depth, bool plan_ahead = false);
 
   // Queues a request in the least loaded lane (see scheduler::add for the errors).
   expected<seq_id> add_request(request r);
@@ -48,13 +54,17 @@ class engine_loop {
   expected<std::vector<seq_id>> add_group(std::vector<request> rs);
   expected<void> cancel(seq_id id);
 
-  // Schedules every idle lane that has work; returns those lanes, whose plans (plan_of) the
-  // caller runs and hands back to complete(). Two plans in flight never share a sequence or a
-  // block. Idle lanes' pending cancellations go to `out`. Errors once a step failed.
-  expected<std::vector<size_t>> plan(std::vector<request_output>& out);
-  const step_plan& plan_of(size_t lane) const { return lanes_.at(lane)->plan; }
-  // The result of lane `lane`'s plan (in any order across lanes): its requests' deltas go to
-  // `out`. An error (a bug) fails the engine as step() does.
+  // Schedules every lane that has work and room for a plan; returns the plans started, in
+  // order, which the caller runs (each lane's in order) and hands back to complete(). Plans of
+  // different lanes never share a sequence or a block; a lane's plan made ahead may. Idle lanes'
+  // pending cancellations go to `out`. Errors once a step failed.
+  struct started {
+    size_t lane = 0;
+    const step_plan* plan = nullptr; // valid until its complete()
+  };
+  expected<std::vector<started>> plan(std::vector<request_output>& out);
+  // The result of lane `lane`'s oldest plan (in any order across lanes): its requests' deltas go
+  // to `out`. An error (a bug) fails the engine as step() does.
   expected<void> complete(size_t lane, const step_result& result, std::vector<request_output>& out);
 
   // Submits a plan for every idle lane that has work, then waits for the oldest plan in flight
@@ -69,7 +79,8 @@ class engine_loop {
   std::vector<request_output> fail_all();
 
   bool has_unfinished() const;
-  bool has_work() const; // a plan would advance something (see scheduler::has_work)
+  // A plan is in flight, or one would advance something (see scheduler::has_work).
+  bool has_work() const;
 
   // Prefill/decode disaggregation, per request (scheduler has the meaning of each).
   void take_reservations(std::vector<kv_reservation>& out);
@@ -89,14 +100,17 @@ class engine_loop {
   struct lane {
     explicit lane(scheduler_options o) : sched(std::move(o)) {}
     scheduler sched;
-    step_plan plan;
-    bool busy = false; // `plan` is in flight
+    std::array<step_plan, 2> plans; // a ring: `busy` plans in flight from plans[first]
+    size_t first = 0, busy = 0;
+    step_plan& at(size_t k) { return plans[(first + k) % plans.size()]; }
   };
   lane& least_loaded();
   lane& lane_of(seq_id id) { return *lanes_[(id - 1) % lanes_.size()]; }
-  bool start(size_t i, std::vector<request_output>& out); // schedules idle lane i
+  bool start(size_t i, std::vector<request_output>& out); // schedules lane i if it may
+  void finish_oldest(lane& l);
 
   std::vector<std::unique_ptr<lane>> lanes_;
+  bool plan_ahead_ = false;
   std::deque<size_t> in_flight_; // lane indices, oldest first (the executor's order)
   executor* exec_ = nullptr;     // step() only
   bool failed_ = false;

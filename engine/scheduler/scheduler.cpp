@@ -23,7 +23,8 @@ struct scheduler::sequence {
   seq_id id = 0;
   std::vector<token_id> tokens; // prompt, then generated tokens
   int32_t num_prompt = 0;
-  int32_t num_computed = 0; // tokens whose KV is in `blocks` (after the in-flight step)
+  int32_t num_computed = 0; // tokens whose KV is in `blocks` (after the outstanding plans)
+  int32_t pending = 0;      // tokens sampled by outstanding plans, not yet in `tokens`
   std::vector<int32_t> blocks;
   std::vector<kv::block_hash> hashes; // chained hashes of the full blocks of `tokens`
   int32_t num_cached_blocks = 0;      // leading blocks already in the prefix cache
@@ -40,6 +41,7 @@ struct scheduler::sequence {
   int32_t prompt_scored = 0; // prompt logprobs: positions [1, prompt_scored] reported
 
   int32_t len() const { return static_cast<int32_t>(tokens.size()); }
+  int32_t ahead_len() const { return len() + pending; } // once the outstanding plans are done
   int32_t num_generated() const { return len() - num_prompt; }
   // Prompt logprobs still to report: the prompt is computed here, every row's logits back.
   bool scoring() const { return sampling.prompt_logprobs >= 0 && prompt_scored < num_prompt - 1; }
@@ -294,7 +296,7 @@ void scheduler::finish(sequence& s, finish_reason why, token_id stop_token, requ
   dropped_.push_back(s.id);
   ++stats_.finished;
   auto it = live_.find(s.id);
-  graveyard_.push_back(std::move(it->second)); // alive until no plan can name it
+  graveyard_.emplace_back(step_, std::move(it->second)); // alive until no plan can name it
   live_.erase(it);
 }
 
@@ -355,7 +357,7 @@ bool scheduler::admit_prefix(sequence& s, bool whole_prompt) {
 // Tokens of s to feed this step: what is left, within the step's token budget and, for a prompt
 // whose every row of logits comes back, within the step's rows for those (taken from it).
 int32_t scheduler::chunk_size(const sequence& s, int32_t budget, int32_t& score_budget) const {
-  int32_t n = std::min(s.len() - s.num_computed, budget);
+  int32_t n = std::min(s.ahead_len() - s.num_computed, budget);
   if (s.scoring()) {
     n = std::min(n, score_budget);
     score_budget -= n;
@@ -370,13 +372,15 @@ void scheduler::emit(sequence& s, int32_t n, step_plan& plan, size_t& used) {
   const int32_t start = s.num_computed, end = start + n;
   st.id = s.id;
   st.start_pos = start;
-  st.tokens.assign(s.tokens.begin() + start, s.tokens.begin() + end);
+  // Tokens sampled by the outstanding plan are not known yet (a plan made ahead).
+  st.tokens.assign(s.tokens.begin() + start,
+                   s.tokens.begin() + std::max(start, std::min(end, s.len())));
+  st.tokens.resize(static_cast<size_t>(n), previous_sample);
   st.block_table.resize(s.blocks.size());
   for (size_t i = 0; i < s.blocks.size(); ++i)
     st.block_table[i] = s.blocks[i] + opt_.block_offset;
-  st.logits = s.scoring()      ? logits_mode::all
-              : end == s.len() ? logits_mode::last
-                               : logits_mode::none;
+  const bool samples = end == s.ahead_len();
+  st.logits = s.scoring() ? logits_mode::all : samples ? logits_mode::last : logits_mode::none;
   st.next_prompt_token =
       st.logits == logits_mode::all && end < s.num_prompt ? s.tokens[static_cast<size_t>(end)] : -1;
   st.sampling = s.sampling;
@@ -386,7 +390,7 @@ void scheduler::emit(sequence& s, int32_t n, step_plan& plan, size_t& used) {
   if (s.first_step && start > 0 && uses_penalties(s.sampling))
     st.cached_prefix.assign(s.tokens.begin(), s.tokens.begin() + start);
   st.banned_tokens.clear();
-  if (end == s.len() && s.num_generated() < s.sampling.min_tokens) {
+  if (samples && s.ahead_len() - s.num_prompt < s.sampling.min_tokens) {
     st.banned_tokens = opt_.eos_token_ids;
     st.banned_tokens.insert(st.banned_tokens.end(), s.stop_ids.begin(), s.stop_ids.end());
   }
@@ -394,14 +398,41 @@ void scheduler::emit(sequence& s, int32_t n, step_plan& plan, size_t& used) {
   s.first_step = false;
   s.num_computed = end;
   s.scheduled_step = step_;
-  scheduled_.push_back(&s);
+  auto& record = outstanding_.back();
+  record.seqs.push_back(&s);
+  if ((samples && s.constraint) || s.scoring())
+    record.blocks_ahead = true;
+  if (samples)
+    ++s.pending;
+}
+
+bool scheduler::can_plan_ahead() const {
+  return outstanding_.size() == 1 && !outstanding_.front().blocks_ahead && !starved_;
+}
+
+// Whether a plan made ahead takes s, which the outstanding plan names: not when that plan ends it
+// for certain (should_stop's lengths, once its token is in; a handoff after the first token).
+bool scheduler::carried_ahead(const sequence& s) const {
+  if (s.pending == 0)
+    return true; // a prompt chunk in flight: the next one's tokens are known
+  if (s.handoff == kv_handoff::export_kv || s.constraint)
+    return false;
+  const int32_t len = s.ahead_len();
+  return len - s.num_prompt < s.sampling.max_tokens && len < opt_.max_model_len &&
+         len < opt_.num_blocks * opt_.block_size;
 }
 
 void scheduler::fill_masks(step_plan& plan) {
   std::vector<std::pair<token_constraint*, std::vector<uint32_t>*>> rows;
-  for (size_t i = 0; i < plan.seqs.size() && i < scheduled_.size(); ++i)
-    if (scheduled_[i]->constraint && scheduled_[i]->num_computed == scheduled_[i]->len())
-      rows.emplace_back(scheduled_[i]->constraint.get(), &plan.seqs[i].allowed_tokens);
+  auto record = std::find_if(outstanding_.begin(), outstanding_.end(),
+                             [&](const auto& o) { return o.step == plan.step; });
+  if (record == outstanding_.end())
+    return;
+  // A constrained sequence is never in two outstanding plans (it blocks planning ahead), so a
+  // pending token is this plan's.
+  for (size_t i = 0; i < plan.seqs.size() && i < record->seqs.size(); ++i)
+    if (const sequence* s = record->seqs[i]; s->constraint && s->pending > 0)
+      rows.emplace_back(s->constraint.get(), &plan.seqs[i].allowed_tokens);
   // A mask takes ~1-60 us (xgrammar; longest inside JSON strings). Each constraint is its own
   // matcher, so rows fill on separate threads; a few are not worth the hand-off.
   constexpr size_t parallel_from = 4;
@@ -415,9 +446,15 @@ void scheduler::fill_masks(step_plan& plan) {
 }
 
 void scheduler::schedule(step_plan& plan) {
-  graveyard_.clear();
-  scheduled_.clear();
+  const bool ahead = !outstanding_.empty();
+  // Sequences named by an outstanding plan have scheduled_step >= in_flight_from.
+  const uint64_t in_flight_from = ahead ? outstanding_.front().step : step_ + 1;
+  if (!ahead) {
+    graveyard_.clear();
+    starved_ = false;
+  }
   plan.step = ++step_;
+  outstanding_.push_back({.step = step_});
   plan.finished.clear();
   plan.finished.swap(dropped_);
   size_t used = 0;
@@ -431,9 +468,15 @@ void scheduler::schedule(step_plan& plan) {
       const bool decoding = s.num_computed >= s.num_prompt;
       if (s.st != sequence::state::running || s.scheduled_step == step_ || decoding != (phase == 0))
         continue;
+      if (s.scheduled_step >= in_flight_from && !carried_ahead(s))
+        continue;
       const int32_t n = chunk_size(s, budget, score_budget);
       if (n == 0)
         continue;
+      if (ahead && !allocate_for(s, s.num_computed + n)) { // no preemption ahead
+        starved_ = true;
+        continue;
+      }
       while (!allocate_for(s, s.num_computed + n)) {
         sequence* victim = pick_victim(s);
         preempt(victim ? *victim : s, plan);
@@ -448,8 +491,9 @@ void scheduler::schedule(step_plan& plan) {
     }
   std::erase_if(running_, [](sequence* s) { return s->st != sequence::state::running; });
   unpark();
-  // Then waiting requests in arrival order, unless this step had to preempt.
-  while (!preempted && !waiting_.empty() && budget > 0 &&
+  // Then waiting requests in arrival order, unless this step had to preempt (or, made ahead,
+  // lacked blocks for a running sequence).
+  while (!preempted && !starved_ && !waiting_.empty() && budget > 0 &&
          static_cast<int32_t>(running_.size() + importing_.size() + parked_.size()) <
              opt_.max_num_seqs) {
     sequence& s = *waiting_.front();
@@ -484,6 +528,8 @@ void scheduler::schedule(step_plan& plan) {
     budget -= n;
   }
   plan.seqs.resize(used);
+  if (plan.seqs.empty() && plan.finished.empty()) // never submitted, never updated
+    outstanding_.pop_back();
   ++stats_.steps;
 }
 
@@ -583,7 +629,7 @@ expected<void> scheduler::release_held(seq_id id) {
 
 void scheduler::cache_full_blocks(sequence& s) {
   const int32_t bs = opt_.block_size;
-  const int32_t full = s.num_computed / bs;
+  const int32_t full = std::min(s.num_computed, s.len()) / bs; // tokens known
   for (int32_t i = s.num_cached_blocks; i < full; ++i) {
     std::span<const token_id> toks{s.tokens.data() + static_cast<size_t>(i) * bs,
                                    static_cast<size_t>(bs)};
@@ -629,9 +675,16 @@ bool scheduler::constrained_stop(sequence& s, token_id t, finish_reason& why, to
 
 expected<void> scheduler::update(const step_plan& plan, const step_result& result,
                                  std::vector<request_output>& out) {
-  if (plan.step != step_ || plan.seqs.size() != scheduled_.size())
-    return make_error(errc::internal, "update: plan {} is not the last scheduled (step {})",
-                      plan.step, step_);
+  // An empty plan was never outstanding; passing it here is allowed (it reports cancellations).
+  const bool empty = plan.seqs.empty() && plan.finished.empty();
+  const bool oldest = !outstanding_.empty() && plan.step == outstanding_.front().step;
+  if ((!oldest && !empty) || (oldest && plan.seqs.size() != outstanding_.front().seqs.size()))
+    return make_error(errc::internal, "update: plan {} is not the oldest outstanding", plan.step);
+  std::vector<sequence*> scheduled;
+  if (oldest) {
+    scheduled = std::move(outstanding_.front().seqs);
+    outstanding_.pop_front();
+  }
   take_pending(out);
   if (!parked_.empty()) // before any sibling finishes (and releases the blocks) below
     fork_parked();
@@ -639,7 +692,7 @@ expected<void> scheduler::update(const step_plan& plan, const step_result& resul
   bool any_finished = false;
   for (size_t i = 0; i < plan.seqs.size(); ++i) {
     const seq_step& st = plan.seqs[i];
-    sequence& s = *scheduled_[i];
+    sequence& s = *scheduled[i];
     const seq_output* o = nullptr;
     if (st.logits != logits_mode::none) {
       if (k >= result.outputs.size() || result.outputs[k].id != st.id)
@@ -669,6 +722,7 @@ expected<void> scheduler::update(const step_plan& plan, const step_result& resul
       return make_error(errc::internal, "step {}: sequence {} sampled token {}", plan.step, s.id,
                         o->token);
     s.tokens.push_back(o->token);
+    --s.pending;
     request_output& r = out.emplace_back();
     r.prompt_logprobs = std::move(scored);
     if (s.handoff == kv_handoff::export_kv) { // prefill side: the decode side takes it from here
@@ -698,9 +752,14 @@ expected<void> scheduler::update(const step_plan& plan, const step_result& resul
   }
   if (any_finished)
     std::erase_if(running_, [](sequence* s) { return s->st != sequence::state::running; });
-  scheduled_.clear();
-  graveyard_.clear();
+  std::erase_if(graveyard_, [&](const auto& g) { return g.first <= plan.step; });
   return {};
+}
+
+void scheduler::forget_outstanding() {
+  outstanding_.clear();
+  for (auto& [id, s] : live_)
+    s->pending = 0;
 }
 
 void scheduler::take_pending(std::vector<request_output>& out) {
@@ -734,6 +793,10 @@ expected<void> scheduler::check() const {
         (!s->blocks.empty() || s->num_computed != 0))
       return make_error(errc::internal, "waiting sequence {} holds {} blocks", id,
                         s->blocks.size());
+    if (s->pending < 0 || (outstanding_.empty() && s->pending != 0))
+      return make_error(errc::internal,
+                        "sequence {} has {} tokens pending with {} plans outstanding", id,
+                        s->pending, outstanding_.size());
     if (static_cast<int64_t>(s->blocks.size()) * opt_.block_size < s->num_computed)
       return make_error(errc::internal, "sequence {} computed {} tokens in {} blocks", id,
                         s->num_computed, s->blocks.size());

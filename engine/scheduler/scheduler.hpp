@@ -157,22 +157,38 @@ class scheduler {
   // when `id` holds none.
   expected<void> release_held(seq_id id);
 
-  // The next step's work into `plan` (its buffers are reused). An empty plan means nothing to
-  // run. Precondition: the previous plan was passed to update().
+  // The next step's work into `plan` (its buffers are reused). An empty plan (no seqs, nothing
+  // finished) means nothing to run and is not outstanding. A plan is outstanding from here until
+  // its result is passed to update(); with one outstanding (step n) this plans step n+1 ahead,
+  // only when can_plan_ahead() says so.
   void schedule(step_plan& plan);
   step_plan schedule() {
     step_plan p;
     schedule(p);
     return p;
   }
-  // Structured output: writes the grammar masks (seq_step::allowed_tokens) of `plan`, the last
-  // scheduled, for its constrained rows; schedule() leaves them empty. Call it before the plan's
-  // tokens are sampled and before update(); the engine loop calls it while the GPU runs the
-  // forward pass (executor::mask_fill). Many constrained rows are filled in parallel.
+  // Whether schedule() may make step n+1 while step n is outstanding (vLLM's async scheduling):
+  // a sequence that samples in step n then feeds previous_sample in step n+1 (the executor puts
+  // in the token), one whose prompt chunk is in step n gets its next chunk. Not when step n
+  // samples under a grammar or scores a prompt (what comes next depends on its result), nor after
+  // a plan made ahead lacked KV blocks for a sequence (a plan made with nothing outstanding may
+  // preempt; one made ahead never does). Sequences that step n ends for certain (max_tokens, the
+  // context limit, a KV handoff) are left out; one it ends by a sampled stop token computes one
+  // token that is dropped. Plans run in order, so step n+1 may use blocks step n writes, and
+  // blocks freed meanwhile are reused only by later plans.
+  bool can_plan_ahead() const;
+  size_t outstanding() const { return outstanding_.size(); }
+  // Structured output: writes the grammar masks (seq_step::allowed_tokens) of outstanding `plan`
+  // for its constrained rows; schedule() leaves them empty. Call it before the plan's tokens are
+  // sampled and before update(); the engine loop calls it while the GPU runs the forward pass
+  // (executor::mask_fill). Many constrained rows are filled in parallel.
   void fill_masks(step_plan& plan);
-  // Consumes the result of `plan` (the last scheduled) and appends the outputs to `out`.
+  // Consumes the result of `plan` (the oldest outstanding) and appends the outputs to `out`.
   expected<void> update(const step_plan& plan, const step_result& result,
                         std::vector<request_output>& out);
+  // The outstanding plans' results will never come (the executor failed): forget them. Their
+  // sequences' KV state is unknown; cancel them.
+  void forget_outstanding();
   // Outputs of cancellations that no update() has reported yet (when nothing is running).
   void take_pending(std::vector<request_output>& out);
 
@@ -202,6 +218,7 @@ class scheduler {
   bool admit_prefix(sequence& s, bool whole_prompt = false);
   int32_t chunk_size(const sequence& s, int32_t budget, int32_t& score_budget) const;
   void emit(sequence& s, int32_t n, step_plan& plan, size_t& used);
+  bool carried_ahead(const sequence& s) const;
   void cache_full_blocks(sequence& s);
   void finish(sequence& s, finish_reason why, token_id stop_token, request_output* o,
               bool hold_blocks = false);
@@ -215,15 +232,22 @@ class scheduler {
   kv::block_pool pool_;
   std::unordered_map<seq_id, std::unique_ptr<sequence>> live_;
   std::deque<sequence*> waiting_;
-  std::vector<sequence*> running_;   // priority order: preemption takes from the back
-  std::vector<sequence*> scheduled_; // per seq_step of the last plan
+  std::vector<sequence*> running_; // priority order: preemption takes from the back
+  struct outstanding_plan {
+    uint64_t step = 0;
+    std::vector<sequence*> seqs; // per seq_step
+    bool blocks_ahead = false;   // samples under a grammar or scores a prompt
+  };
+  std::deque<outstanding_plan> outstanding_; // oldest first
+  bool starved_ = false; // a plan made ahead lacked blocks for a sequence it should carry
   std::vector<sequence*> importing_; // decode side: waiting for their KV
   std::vector<sequence*> parked_;    // add_group: waiting for a sibling's prompt blocks
   std::vector<kv_reservation> reservations_;
   std::unordered_map<seq_id, std::vector<int32_t>> held_; // blocks held for a transfer
   std::vector<seq_id> dropped_;                           // for the next plan's `finished`
   std::vector<request_output> pending_;
-  std::vector<std::unique_ptr<sequence>> graveyard_; // finished, maybe named by the last plan
+  // Finished sequences, alive while an outstanding plan may name them (up to the step noted).
+  std::vector<std::pair<uint64_t, std::unique_ptr<sequence>>> graveyard_;
   seq_id next_id_ = 1;
   uint64_t step_ = 0;
   scheduler_stats stats_;

@@ -1,9 +1,9 @@
 // replica_actor over worker ranks on CAF's deterministic test coordinator (no threads, no
 // sleeps): the ranks are actors that hold each plan until the test answers it, computing the
 // answer with the fake model (tests/unit/fake_executor.hpp), which checks the KV cache and the
-// tokens fed. Covers two plans in flight at pipeline 1 (never sharing a sequence or a block),
-// submit and cancel at every point of a step, refusals through the sink, a reply that never
-// comes, a rank that fails or dies, and stopping the replica.
+// tokens fed. Covers two plans in flight at pipeline 1 (the second made ahead, continuing each
+// sequence where the first ends), submit and cancel at every point of a step, refusals through
+// the sink, a reply that never comes, a rank that fails or dies, and stopping the replica.
 #include <doctest/doctest.h>
 
 #include <deque>
@@ -83,11 +83,12 @@ struct fake_ranks {
         for (int64_t q = static_cast<int64_t>(t.size()); q < s.start_pos; ++q)
           t.push_back(model.kv_slot(s.block_table[static_cast<size_t>(q / 4)], q % 4).first);
         for (size_t k = 0; k < s.tokens.size(); ++k)
-          if (s.start_pos + static_cast<int64_t>(k) == static_cast<int64_t>(t.size()))
+          if (s.start_pos + static_cast<int64_t>(k) == static_cast<int64_t>(t.size()) &&
+              s.tokens[k] != previous_sample)
             t.push_back(s.tokens[k]);
       }
-      auto res = model.execute(h.plan);
-      REQUIRE(res.has_value());
+      auto res = model.run(h.plan); // puts in previous_sample, as a worker rank does
+      REQUIRE_MESSAGE(res.has_value(), (res ? "" : res.error().to_string()));
       for (const auto& o : res->outputs)
         truth[o.id].push_back(o.token);
       r.result = std::move(*res);
@@ -110,22 +111,27 @@ struct fake_ranks {
       t.insert(h.ticket);
     return t;
   }
-  // Plans held together never share a sequence or a KV block.
-  size_t conflicts() const {
+  // A sequence in two plans held together continues in the later one where the earlier ends,
+  // feeding previous_sample when the earlier samples (the KV itself the fake model checks).
+  size_t continued = 0;
+  size_t conflicts() {
     size_t n = 0;
     for (size_t a = 0; a < held.size(); ++a)
       for (size_t b = a + 1; b < held.size(); ++b) {
-        if (held[a].ticket == held[b].ticket)
+        if (held[a].ticket >= held[b].ticket || held[a].rank != held[b].rank)
           continue;
-        std::set<int64_t> ids, blocks;
-        for (const auto& s : held[a].plan.seqs) {
-          ids.insert(static_cast<int64_t>(s.id));
-          blocks.insert(s.block_table.begin(), s.block_table.end());
-        }
+        std::map<seq_id, const seq_step*> earlier;
+        for (const auto& s : held[a].plan.seqs)
+          earlier[s.id] = &s;
         for (const auto& s : held[b].plan.seqs) {
-          n += ids.count(static_cast<int64_t>(s.id));
-          for (int32_t blk : s.block_table)
-            n += blocks.count(blk);
+          auto it = earlier.find(s.id);
+          if (it == earlier.end())
+            continue;
+          ++continued;
+          const seq_step& e = *it->second;
+          n +=
+              s.start_pos != e.start_pos + static_cast<int32_t>(e.tokens.size()) ||
+              (e.logits != logits_mode::none && s.tokens != std::vector<token_id>{previous_sample});
         }
       }
     return n;
@@ -157,7 +163,7 @@ struct fixture {
     msg::add_message_types(c);
     return c;
   }
-  explicit fixture(size_t num_ranks = 1, int32_t depth = 2, int32_t max_waiting = 64)
+  explicit fixture(size_t num_ranks = 1, int32_t stages = 1, int32_t max_waiting = 64)
     : sys(testing(cfg)), sched(dynamic_cast<caf::scheduler::test_coordinator&>(sys.scheduler())) {
     ranks.answer_rank = num_ranks - 1;
     for (size_t r = 0; r < num_ranks; ++r)
@@ -175,7 +181,7 @@ struct fixture {
         .ranks = {.workers = workers,
                   .answer_rank = num_ranks - 1,
                   .timeout = timeout,
-                  .depth = depth,
+                  .stages = stages,
                   .on_failure = [this](const std::string& why) { failures.push_back(why); }},
         .health = health,
         .gauges = gauges};
@@ -223,8 +229,8 @@ struct fixture {
 
 } // namespace
 
-TEST_CASE("replica actor: two plans in flight at pipeline 1, never sharing a sequence or "
-          "block, every request as if alone") {
+TEST_CASE("replica actor: two plans in flight at pipeline 1, the second made ahead, every "
+          "request as if alone") {
   fixture f;
   std::vector<std::pair<std::vector<token_id>, std::shared_ptr<record_sink>>> reqs;
   for (token_id t = 1; t <= 6; ++t) {
@@ -232,10 +238,11 @@ TEST_CASE("replica actor: two plans in flight at pipeline 1, never sharing a seq
     reqs.emplace_back(p, f.submit(p, 7 + t));
   }
   f.sched.run();
-  CHECK(f.ranks.tickets().size() == 2); // both lanes' plans went out at once
+  CHECK(f.ranks.tickets().size() == 2); // the first plan and the one made ahead went out at once
   size_t max_in_flight = 0;
   f.answer_all(&max_in_flight);
   CHECK(max_in_flight == 2);
+  CHECK(f.ranks.continued > 0);
   for (size_t i = 0; i < reqs.size(); ++i) {
     CAPTURE(i);
     const auto& [prompt, sink] = reqs[i];
@@ -253,7 +260,7 @@ TEST_CASE("replica actor: two plans in flight at pipeline 1, never sharing a seq
   CHECK_FALSE(f.health->failed());
 }
 
-TEST_CASE("replica actor: a job's siblings (n choices) share the prompt's blocks in one lane") {
+TEST_CASE("replica actor: a job's siblings (n choices) share the prompt's blocks") {
   fixture f;
   const std::vector<token_id> prompt{5, 6, 7, 8, 9, 10, 11, 12, 13, 14}; // 2 full blocks of 4
   sampling_params p;
@@ -271,7 +278,8 @@ TEST_CASE("replica actor: a job's siblings (n choices) share the prompt's blocks
   }
   caf::anon_send(f.replica, msg::submit_atom::value, std::move(job));
   f.sched.run();
-  CHECK(f.ranks.tickets().size() == 1); // one lane: the other has nothing to do
+  // The first choice's prefill and, made ahead, its next decode: the others wait for its blocks.
+  CHECK(f.ranks.tickets().size() == 2);
   f.answer_all();
   for (const auto& sink : sinks) {
     REQUIRE(sink->ended());
@@ -289,7 +297,7 @@ TEST_CASE("replica actor: submit and cancel at every point of a step") {
   // answered, between the two ranks' answers, and after the result (before the next plan's).
   for (int point = 0; point < 4; ++point) {
     CAPTURE(point);
-    fixture f(2, 2);
+    fixture f(2);
     seq_id victim_id = 0;
     auto keeper = f.submit({1, 2, 3}, 12);
     auto victim = f.submit({4, 5, 6, 7}, 30, &victim_id);
@@ -339,19 +347,22 @@ TEST_CASE("replica actor: submit and cancel at every point of a step") {
 
 TEST_CASE("replica actor: a cancelled sequence is named finished to the ranks and never run "
           "again") {
-  fixture f(1, 2);
+  fixture f(1);
   seq_id id = 0;
   auto a = f.submit({1, 2, 3, 4, 5}, 40, &id);
   f.sched.run();
-  REQUIRE(f.ranks.held.size() == 1);
+  REQUIRE(f.ranks.held.size() == 2); // the prefill and, made ahead, the first decode
   const seq_id engine_id = f.ranks.held.front().plan.seqs.at(0).id;
   f.cancel(id);
   f.sched.run();
+  const auto sent_before = f.ranks.tickets(); // these still name it
   f.ranks.answer_oldest();
   f.sched.run();
   bool told = false, ran = false;
   for (int i = 0; i < 10 && !f.ranks.held.empty(); ++i) {
     for (const auto& h : f.ranks.held) {
+      if (sent_before.count(h.ticket))
+        continue;
       for (auto s : h.plan.finished)
         told = told || s == engine_id;
       for (const auto& s : h.plan.seqs)
@@ -397,11 +408,11 @@ TEST_CASE("replica actor: an invalid request and a full queue fail through the s
 }
 
 TEST_CASE("replica actor: a reply that never comes fails the replica at the timeout, once") {
-  fixture f(2, 2);
+  fixture f(2);
   auto a = f.submit({1, 2, 3}, 20);
   auto b = f.submit({4, 5, 6}, 20);
   f.sched.run();
-  REQUIRE(f.ranks.held.size() == 4); // two plans, two ranks
+  REQUIRE(f.ranks.held.size() == 4); // the plan and the one made ahead, two ranks
   f.ranks.answer_oldest();           // the first plan completes; the next goes out
   f.sched.run();
   // Rank 1 never answers again. Before the timeout nothing happens.
@@ -441,7 +452,7 @@ TEST_CASE("replica actor: a reply that never comes fails the replica at the time
 
 TEST_CASE("replica actor: a rank that dies or reports an error fails the replica") {
   SUBCASE("dies") {
-    fixture f(2, 2);
+    fixture f(2);
     auto a = f.submit({1, 2, 3}, 20);
     f.sched.run();
     caf::anon_send_exit(f.workers[1], caf::exit_reason::kill);
@@ -456,10 +467,10 @@ TEST_CASE("replica actor: a rank that dies or reports an error fails the replica
     CHECK(f.failures.size() == 1);
   }
   SUBCASE("reports an error") {
-    fixture f(2, 1);
+    fixture f(2);
     auto a = f.submit({1, 2, 3}, 20);
     f.sched.run();
-    REQUIRE(f.ranks.held.size() == 2);
+    REQUIRE(f.ranks.held.size() == 4); // the plan and the one made ahead, two ranks
     f.ranks.answer(0, "CUDA error: an illegal memory access");
     f.sched.run();
     REQUIRE(a->failed);
@@ -471,7 +482,7 @@ TEST_CASE("replica actor: a rank that dies or reports an error fails the replica
 }
 
 TEST_CASE("replica actor: stopping it ends its live requests as cancelled") {
-  fixture f(1, 2);
+  fixture f(1);
   auto a = f.submit({1, 2, 3}, 20);
   f.sched.run();
   caf::anon_send_exit(f.replica, caf::exit_reason::user_shutdown);

@@ -50,9 +50,10 @@ struct run_result {
 
 run_result run_all(backend& model, scheduler_options o,
                    const std::vector<std::pair<std::vector<token_id>, sampling_params>>& reqs,
-                   std::vector<seq_id>& ids, int32_t depth = 1, bool as_group = false) {
+                   std::vector<seq_id>& ids, int32_t depth = 1, bool as_group = false,
+                   bool ahead = false) {
   local_executor local(model);
-  test::pipelined_executor exec(local, depth);
+  test::pipelined_executor exec(local, depth, ahead);
   o.vocab_size = model.config().vocab_size;
   o.eos_token_ids = model.config().eos_token_ids;
   engine_loop loop(o, exec);
@@ -88,8 +89,12 @@ run_result run_all(backend& model, scheduler_options o,
     }
   }
   CHECK(exec.conflicts == 0);
-  if (!as_group) // a group stays in one lane: one plan in flight
+  if (ahead) {
+    CHECK(exec.max_in_flight == 2);
+    CHECK(exec.continued > 0);
+  } else if (!as_group) { // a group stays in one lane: one plan in flight
     CHECK(exec.max_in_flight == static_cast<size_t>(depth));
+  }
   r.stats = loop.stats();
   r.hit_rate = loop.usage().hit_rate();
   return r;
@@ -133,13 +138,16 @@ void run_model(const std::string& name) {
     bool caching;
     int32_t budget;
     int32_t depth = 1;
+    bool ahead = false;
   };
   for (const auto& c : {config{"prefix caching", {256, 16}, true, 64},
                         config{"no prefix caching", {256, 16}, false, 64},
                         config{"tiny pool, preemption", {48, 4}, true, 32},
                         config{"tiny pool, no caching", {48, 4}, false, 48},
                         config{"two lanes in flight, prefix caching", {256, 16}, true, 64, 2},
-                        config{"two lanes in flight, preemption", {96, 4}, true, 32, 2}}) {
+                        config{"two lanes in flight, preemption", {96, 4}, true, 32, 2},
+                        config{"planned ahead, prefix caching", {256, 16}, true, 64, 1, true},
+                        config{"planned ahead, preemption", {48, 4}, true, 32, 1, true}}) {
     CAPTURE(c.what);
     auto model = load(*dir, c.kv);
     std::vector<seq_id> ids;
@@ -150,7 +158,7 @@ void run_model(const std::string& name) {
                       .max_num_batched_tokens = c.budget,
                       .max_num_seqs = 16,
                       .max_model_len = 128},
-                     reqs, ids, c.depth);
+                     reqs, ids, c.depth, false, c.ahead);
     for (size_t i = 0; i < ids.size(); ++i) {
       CAPTURE(i);
       CHECK(r.tokens[ids[i]] == alone[which[i]]);
@@ -215,6 +223,12 @@ TEST_CASE("engine loop tiny-qwen3: a seeded request samples the same tokens alon
   auto batched = run_all(*model2, o, reqs, ids);
   CHECK(batched.tokens[ids.back()] == solo_tokens);
   CHECK(batched.stats.prefix_hit_tokens > 0);
+  // Planned ahead: the penalties count the tokens the executor put in for previous_sample.
+  auto model4 = load(*dir, {.num_blocks = 128, .block_size = 16});
+  auto ahead = run_all(*model4, o, reqs, ids, 1, false, true);
+  CHECK(ahead.tokens[ids.back()] == solo_tokens);
+  for (size_t i = 0; i + 1 < ids.size(); ++i)
+    CHECK(ahead.tokens[ids[i]] == batched.tokens[ids[i]]);
   // Different seed, different tokens (16 draws from top-40: equal by chance is negligible).
   sp.seed = 7;
   auto model3 = load(*dir, {.num_blocks = 128, .block_size = 16});
@@ -259,6 +273,7 @@ TEST_CASE(
     bool caching;
     int32_t budget;
     int32_t depth = 1;
+    bool ahead = false;
   };
   for (const auto& c :
        {config{"prefix caching", {128, 16}, true, 48},
@@ -266,7 +281,8 @@ TEST_CASE(
         config{"no prefix caching, whole prompt in one step", {128, 16}, false, 256},
         config{"tiny pool, preemption", {36, 4}, false, 32},
         config{"tiny pool, preemption, caching", {36, 4}, true, 32},
-        config{"two lanes in flight", {256, 16}, false, 64, 2}}) {
+        config{"two lanes in flight", {256, 16}, false, 64, 2},
+        config{"planned ahead", {128, 16}, true, 48, 1, true}}) {
     CAPTURE(c.what);
     auto model = load(*dir, c.kv);
     auto r = run_all(*model,
@@ -276,7 +292,7 @@ TEST_CASE(
                       .max_num_batched_tokens = c.budget,
                       .max_num_seqs = 8,
                       .max_model_len = 128},
-                     choices, ids, c.depth, true);
+                     choices, ids, c.depth, true, c.ahead);
     REQUIRE(ids.size() == 4);
     for (seq_id id : ids) // one lane (ids are lane-strided)
       CHECK((id - 1) % static_cast<seq_id>(c.depth) == (ids[0] - 1) % static_cast<seq_id>(c.depth));

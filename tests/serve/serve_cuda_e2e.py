@@ -2,7 +2,7 @@
 """End to end on the GPU: `cluster serve model.yaml --block` with device: cuda on the golden
 tiny-qwen3 model (bf16 CUDA backend + GPU sampler), raw HTTP through urllib: a greedy chat request
 equals `cluster generate --device cuda` on the same prompt ids, a sampled completion with a seed
-and logprobs is reproducible, sampled structured output (a JSON schema) parses and matches, and
+and logprobs is reproducible, echo with logprobs scores the prompt, sampled structured output (a JSON schema) parses and matches, and
 dtype: float32 is refused for cuda. Without a usable GPU the
 server must refuse with a clear reason, and the test skips (exit 77).
 Usage: serve_cuda_e2e.py PATH/TO/cluster GOLDEN_DIR."""
@@ -78,6 +78,23 @@ try:
     if a["usage"]["completion_tokens"] != 12:
         fail(f"usage: {a['usage']}")
     print("completion (cuda, sampled, seed 1234):", repr(ca["text"]))
+
+    # Prompt logprobs (lm-eval's loglikelihood shape): every prompt row's logits scored on the
+    # host, the first token without one; the sampled token as the GPU sampler picks it greedily.
+    plain = post_json(base, "/v1/completions", {"model": "tiny", "prompt": "The capital of France is",
+                                                 "max_tokens": 1, "temperature": 0, "logprobs": 1})
+    echo = post_json(base, "/v1/completions", {"model": "tiny", "prompt": "The capital of France is",
+                                                "max_tokens": 1, "temperature": 0, "logprobs": 1,
+                                                "echo": True})
+    lp = echo["choices"][0]["logprobs"]
+    n_prompt = echo["usage"]["prompt_tokens"]
+    if len(lp["token_logprobs"]) != n_prompt + 1 or lp["token_logprobs"][0] is not None or \
+            any(not (x <= 0 and math.isfinite(x)) for x in lp["token_logprobs"][1:]):
+        fail(f"echo with logprobs on cuda: {lp}")
+    if lp["tokens"][-1] != plain["choices"][0]["logprobs"]["tokens"][0] or \
+            abs(lp["token_logprobs"][-1] - plain["choices"][0]["logprobs"]["token_logprobs"][0]) > 0.05:
+        fail(f"echo's generated token differs from the plain request's: {lp} vs {plain}")
+    print("prompt logprobs (cuda):", [round(x, 3) for x in lp["token_logprobs"][1:]])
 
     # Structured output on the GPU sampler: sampled JSON that parses and has the schema's keys.
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},

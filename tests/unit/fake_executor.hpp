@@ -1,7 +1,10 @@
 // A fake model for scheduler tests: the next token is a hash of the last token and its
 // position, so a request's output depends only on its prompt, never on batching. It keeps what
 // each KV slot holds and checks every step against the true token history: cached-prefix reads,
-// preemption and block reuse must all see exactly the tokens they should.
+// preemption and block reuse must all see exactly the tokens they should. The history comes from
+// the test (history_fn) or, without one, from what this executor saw: each position's token as
+// first fed (or found in the KV slots a sequence starts past), then every token it sampled, as
+// the ranks of a replica know it (plans made ahead, cancellations while a plan runs).
 #pragma once
 
 #include <algorithm>
@@ -41,7 +44,7 @@ class fake_executor final : public engine::executor {
     }
     step_result r{.step = plan.step};
     for (const auto& s : plan.seqs) {
-      const auto* truth = history_(s.id);
+      const auto* truth = history_ ? history_(s.id) : &seen(s);
       REQUIRE(truth != nullptr);
       const int64_t end = s.start_pos + static_cast<int64_t>(s.tokens.size());
       REQUIRE(static_cast<int64_t>(s.block_table.size()) * bs_ >= end);
@@ -58,6 +61,8 @@ class fake_executor final : public engine::executor {
       while (std::find(s.banned_tokens.begin(), s.banned_tokens.end(), t) != s.banned_tokens.end())
         t = (t + 1) % vocab_;
       r.outputs.push_back({.id = s.id, .token = t, .logprob = -1.0f});
+      if (!history_ && static_cast<int64_t>(seen_[s.id].size()) == end)
+        seen_[s.id].push_back(t);
     }
     return r;
   }
@@ -72,6 +77,16 @@ class fake_executor final : public engine::executor {
   std::pair<token_id, int64_t>& slot(const seq_step& s, int64_t p) {
     return kv_[static_cast<size_t>(s.block_table[static_cast<size_t>(p / bs_)]) * bs_ + p % bs_];
   }
+  // Without a history_fn: s's tokens as this executor knows them, extended by this step's.
+  const std::vector<token_id>& seen(const seq_step& s) {
+    auto& t = seen_[s.id];
+    for (auto q = static_cast<int64_t>(t.size()); q < s.start_pos; ++q) // started past them
+      t.push_back(slot(s, q).first);
+    for (size_t k = 0; k < s.tokens.size(); ++k)
+      if (s.start_pos + static_cast<int64_t>(k) == static_cast<int64_t>(t.size()))
+        t.push_back(s.tokens[k]);
+    return t;
+  }
   void expect(bool ok, seq_id id, int64_t p) {
     if (!ok) {
       ++errors;
@@ -81,6 +96,7 @@ class fake_executor final : public engine::executor {
   int32_t bs_, vocab_;
   history_fn history_;
   std::vector<std::pair<token_id, int64_t>> kv_;
+  std::map<seq_id, std::vector<token_id>> seen_;
 };
 
 // The output a request gets when it runs alone: the fake model's chain from its prompt.

@@ -219,15 +219,15 @@ TEST_CASE("engine_loop: plan() and complete() as an actor drives them, results i
   bool newest_first = true;
   for (int i = 0; i < 100 && loop.has_unfinished(); ++i) {
     std::vector<request_output> out;
-    auto lanes = loop.plan(out);
-    REQUIRE(lanes.has_value());
+    auto started = loop.plan(out);
+    REQUIRE(started.has_value());
     REQUIRE(loop.in_flight() <= 2);
-    std::vector<size_t> order(lanes->begin(), lanes->end());
+    std::vector<engine_loop::started> order(started->begin(), started->end());
     if (newest_first) // the later lane's result first
       std::reverse(order.begin(), order.end());
     newest_first = !newest_first;
-    for (size_t lane : order) {
-      auto r = f.exec.execute(loop.plan_of(lane));
+    for (const auto& [lane, plan] : order) {
+      auto r = f.exec.execute(*plan);
       REQUIRE(r.has_value());
       REQUIRE(loop.complete(lane, *r, out).has_value());
     }

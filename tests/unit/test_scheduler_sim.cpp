@@ -2,7 +2,8 @@
 // with random prompt and output lengths, arrivals, shared prefixes and cancellations (also while
 // a step is in flight). Every step checks the budget, block accounting (no leak, no double
 // free) and, through the fake KV, that every cached or recomputed token is the right one.
-// At the end every request finished exactly once, with the tokens it would get alone.
+// At the end every request finished exactly once, with the tokens it would get alone. Each runs
+// twice: one plan at a time, and planned ahead (two outstanding, as at pipeline 1).
 #include <random>
 #include <set>
 
@@ -25,7 +26,7 @@ struct sim_config {
   int32_t num_requests;
 };
 
-void simulate(const sim_config& c, uint64_t seed) {
+void simulate(const sim_config& c, uint64_t seed, bool ahead) {
   scheduler_options o{.num_blocks = c.num_blocks,
                       .block_size = c.block_size,
                       .prefix_caching = c.prefix_caching,
@@ -35,7 +36,7 @@ void simulate(const sim_config& c, uint64_t seed) {
                       .max_model_len = 400,
                       .vocab_size = vocab,
                       .eos_token_ids = {eos}};
-  sched_driver d(o, vocab);
+  sched_driver d(o, vocab, ahead);
   std::mt19937_64 rng(seed);
   auto uni = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
   // A few shared "system prompts" of various lengths.
@@ -76,15 +77,26 @@ void simulate(const sim_config& c, uint64_t seed) {
     }
     if (uni(0, 99) < 3)
       cancel_random();
+    if (ahead) {
+      if (uni(0, 99) < 2 && !d.queued.empty())
+        cancel_random(); // while plans are outstanding
+      d.step_ahead();
+      continue;
+    }
     d.schedule();
     if (uni(0, 99) < 2)
       cancel_random(); // while the step is in flight
     d.execute_and_update();
   }
+  while (d.step_ahead()) // a plan made ahead for requests that ended meanwhile
+    ;
+  if (ahead)
+    CHECK(d.continued > 0);
   const auto st = d.sched.stats();
   MESSAGE("steps " << steps << ", preemptions " << st.preemptions << ", prefix-hit tokens "
                    << st.prefix_hit_tokens << ", hit rate " << d.sched.pool().hit_rate()
-                   << ", cancelled " << cancelled.size());
+                   << ", cancelled " << cancelled.size() << ", fed previous_sample "
+                   << d.continued);
   CHECK(d.exec.errors == 0);
   CHECK(d.sched.pool().num_free() == c.num_blocks); // nothing leaked
   CHECK(static_cast<int>(d.req.size()) == c.num_requests);
@@ -111,31 +123,46 @@ void simulate(const sim_config& c, uint64_t seed) {
 } // namespace
 
 TEST_CASE("scheduler simulation: prefix caching, ample pool") {
-  simulate({.num_blocks = 2048,
-            .block_size = 16,
-            .budget = 256,
-            .max_seqs = 32,
-            .prefix_caching = true,
-            .num_requests = 1500},
-           1);
+  const sim_config c{.num_blocks = 2048,
+                     .block_size = 16,
+                     .budget = 256,
+                     .max_seqs = 32,
+                     .prefix_caching = true,
+                     .num_requests = 1500};
+  SUBCASE("one plan at a time") {
+    simulate(c, 1, false);
+  }
+  SUBCASE("planned ahead") {
+    simulate(c, 1, true);
+  }
 }
 
 TEST_CASE("scheduler simulation: prefix caching, small pool forces preemption") {
-  simulate({.num_blocks = 96,
-            .block_size = 8,
-            .budget = 128,
-            .max_seqs = 24,
-            .prefix_caching = true,
-            .num_requests = 1500},
-           2);
+  const sim_config c{.num_blocks = 96,
+                     .block_size = 8,
+                     .budget = 128,
+                     .max_seqs = 24,
+                     .prefix_caching = true,
+                     .num_requests = 1500};
+  SUBCASE("one plan at a time") {
+    simulate(c, 2, false);
+  }
+  SUBCASE("planned ahead") {
+    simulate(c, 2, true);
+  }
 }
 
 TEST_CASE("scheduler simulation: no prefix caching, tiny blocks, small pool") {
-  simulate({.num_blocks = 200,
-            .block_size = 2,
-            .budget = 64,
-            .max_seqs = 16,
-            .prefix_caching = false,
-            .num_requests = 1000},
-           3);
+  const sim_config c{.num_blocks = 200,
+                     .block_size = 2,
+                     .budget = 64,
+                     .max_seqs = 16,
+                     .prefix_caching = false,
+                     .num_requests = 1000};
+  SUBCASE("one plan at a time") {
+    simulate(c, 3, false);
+  }
+  SUBCASE("planned ahead") {
+    simulate(c, 3, true);
+  }
 }

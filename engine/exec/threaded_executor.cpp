@@ -1,0 +1,83 @@
+#include "engine/exec/threaded_executor.hpp"
+
+namespace troupe::engine {
+
+threaded_executor::threaded_executor(std::unique_ptr<executor> inner)
+  : inner_(std::move(inner)), thread_([this] { loop(); }) {}
+
+threaded_executor::~threaded_executor() {
+  {
+    std::lock_guard lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  thread_.join();
+}
+
+void threaded_executor::loop() {
+  std::unique_lock lock(mu_);
+  for (;;) {
+    job* j = nullptr;
+    cv_.wait(lock, [&] {
+      for (auto& q : jobs_)
+        if (!q.started) {
+          j = &q;
+          return true;
+        }
+      return stop_;
+    });
+    if (!j)
+      return; // stopping, and every submitted plan ran
+    j->started = true;
+    mask_fill wait_for_masks;
+    if (j->fills)
+      wait_for_masks = [this, j] {
+        std::unique_lock l(mu_);
+        cv_.wait(l, [j] { return j->filled; });
+      };
+    lock.unlock();
+    auto r = inner_->run(*j->plan, wait_for_masks);
+    lock.lock();
+    j->result = std::move(r);
+    cv_.notify_all();
+  }
+}
+
+expected<step_result> threaded_executor::execute(const step_plan& plan) {
+  {
+    std::lock_guard lock(mu_);
+    if (!jobs_.empty())
+      return make_error(errc::internal, "execute: plans are in flight on the executor thread");
+  }
+  return inner_->execute(plan);
+}
+
+expected<void> threaded_executor::submit(step_plan& plan, const mask_fill& fill) {
+  job* j = nullptr;
+  {
+    std::lock_guard lock(mu_);
+    j = &jobs_.emplace_back(job{.plan = &plan, .fills = static_cast<bool>(fill)});
+  }
+  cv_.notify_all();
+  if (fill) { // while the thread runs the forward pass
+    fill();
+    {
+      std::lock_guard lock(mu_);
+      j->filled = true;
+    }
+    cv_.notify_all();
+  }
+  return {};
+}
+
+expected<step_result> threaded_executor::collect() {
+  std::unique_lock lock(mu_);
+  if (jobs_.empty())
+    return make_error(errc::internal, "collect: no plan was submitted");
+  cv_.wait(lock, [&] { return jobs_.front().result.has_value(); });
+  auto r = std::move(*jobs_.front().result);
+  jobs_.pop_front();
+  return r;
+}
+
+} // namespace troupe::engine

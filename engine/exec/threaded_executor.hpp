@@ -1,0 +1,50 @@
+// An executor on a thread of its own around another: submit() hands the plan over and returns,
+// collect() waits for the oldest result. engine_loop then makes the next plan, ahead, while this
+// one runs (overlaps()), so the device does not wait for scheduling, output delivery or new
+// requests: the in-process counterpart of worker ranks, which run plans in their own processes.
+// A plan's grammar masks are filled on the caller's thread within submit(), while this thread
+// runs the forward pass; the inner executor waits for them before it samples.
+#pragma once
+
+#include <condition_variable>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <thread>
+
+#include "engine/exec/executor.hpp"
+
+namespace troupe::engine {
+
+class threaded_executor final : public executor {
+ public:
+  explicit threaded_executor(std::unique_ptr<executor> inner);
+  ~threaded_executor() override; // finishes the plans submitted, then stops the thread
+
+  // The inner executor on the caller's thread; only while nothing is in flight.
+  expected<step_result> execute(const step_plan& plan) override;
+  int32_t depth() const override { return inner_->depth(); }
+  bool overlaps() const override { return true; }
+  expected<void> submit(step_plan& plan, const mask_fill& fill) override;
+  expected<step_result> collect() override;
+
+ private:
+  struct job {
+    step_plan* plan = nullptr;
+    bool fills = false;  // masks come from the caller's thread
+    bool filled = false; // they are written
+    bool started = false;
+    std::optional<expected<step_result>> result;
+  };
+  void loop();
+
+  std::unique_ptr<executor> inner_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<job> jobs_; // submitted and not collected, oldest first
+  bool stop_ = false;
+  std::thread thread_;
+};
+
+} // namespace troupe::engine

@@ -1,0 +1,250 @@
+// Planning ahead (pipeline 1): the scheduler makes step n+1 while step n is outstanding, feeding
+// previous_sample for what step n samples; executor::run puts the token in. Covered here: the
+// rules of can_plan_ahead() and which sequences a plan made ahead carries, a stop sampled in step
+// n (step n+1's token dropped), no preemption ahead, the executor's side, threaded_executor under
+// an engine loop, and a failure with two plans in flight. The randomised simulation
+// (test_scheduler_sim.cpp) and the golden models (engine_loop_tests) run planned ahead too.
+#include <doctest/doctest.h>
+
+#include "engine/exec/threaded_executor.hpp"
+#include "engine/scheduler/engine_loop.hpp"
+#include "pipelined_executor.hpp"
+#include "sched_driver.hpp"
+
+using namespace troupe;
+using namespace troupe::engine;
+using troupe::test::sched_driver;
+
+namespace {
+
+constexpr int32_t vocab = 100;
+
+// Allows every token and never ends.
+struct any_token final : token_constraint {
+  void fill_mask(std::vector<uint32_t>& mask) override { mask.assign((vocab + 31) / 32, ~0u); }
+  bool accept(token_id) override { return true; }
+  bool terminated() const override { return false; }
+  std::unique_ptr<token_constraint> fork() const override { return std::make_unique<any_token>(); }
+};
+
+sampling_params greedy(int32_t max_tokens) {
+  sampling_params p;
+  p.temperature = 0;
+  p.max_tokens = max_tokens;
+  p.ignore_eos = true;
+  return p;
+}
+
+} // namespace
+
+TEST_CASE("scheduler, planned ahead: a decode feeds previous_sample, and a stop sampled in step n "
+          "drops step n+1's token") {
+  const std::vector<token_id> prompt{5, 6, 7};
+  const auto chain = test::fake_alone(prompt, 10, vocab, -1, 0, 64);
+  const token_id eos = chain[2]; // the third token ends it
+  REQUIRE((chain[0] != eos && chain[1] != eos));
+  sched_driver d({.num_blocks = 32,
+                  .block_size = 4,
+                  .max_model_len = 64,
+                  .vocab_size = vocab,
+                  .eos_token_ids = {eos}},
+                 vocab, true);
+  sampling_params sp = greedy(10);
+  sp.ignore_eos = false;
+  const seq_id id = d.add(prompt, sp);
+
+  step_plan p1, p2;
+  d.schedule_into(p1);
+  REQUIRE(p1.seqs.size() == 1);
+  CHECK(p1.seqs[0].tokens == prompt);
+  CHECK(d.sched.can_plan_ahead());
+  d.schedule_into(p2);
+  REQUIRE(p2.seqs.size() == 1);
+  CHECK(p2.seqs[0].start_pos == 3);
+  CHECK(p2.seqs[0].tokens == std::vector<token_id>{previous_sample});
+  CHECK(p2.seqs[0].logits == logits_mode::last);
+  CHECK(d.sched.outstanding() == 2);
+  CHECK_FALSE(d.sched.can_plan_ahead()); // two already
+  d.queued = {p1, p2};
+  while (d.step_ahead())
+    ;
+  const auto& rec = d.req.at(id);
+  CHECK(rec.output == std::vector<token_id>(chain.begin(), chain.begin() + 3));
+  CHECK(rec.finish == finish_reason::stop);
+  CHECK(rec.stop_token == eos);
+  CHECK(d.continued > 0);
+  CHECK(d.exec.errors == 0);
+  CHECK(d.sched.outstanding() == 0);
+  CHECK(d.sched.pool().num_free() == 32);
+  CHECK(d.sched.check().has_value());
+}
+
+TEST_CASE("scheduler, planned ahead: what ends for certain is left out, grammar rows and prompt "
+          "logprobs plan one step at a time") {
+  sched_driver d({.num_blocks = 32, .block_size = 4, .max_model_len = 64, .vocab_size = vocab},
+                 vocab, true);
+  step_plan p1, p2;
+  SUBCASE("max_tokens reached in step n") {
+    d.add({1, 2, 3}, greedy(1));
+    d.schedule_into(p1);
+    REQUIRE(d.sched.can_plan_ahead());
+    d.schedule_into(p2);
+    CHECK(p2.seqs.empty()); // nothing else to run: not outstanding
+    CHECK(d.sched.outstanding() == 1);
+  }
+  SUBCASE("the context limit reached in step n") {
+    sched_driver e({.num_blocks = 32, .block_size = 4, .max_model_len = 4, .vocab_size = vocab},
+                   vocab, true);
+    e.add({1, 2, 3}, greedy(10));
+    e.schedule_into(p1);
+    e.schedule_into(p2);
+    CHECK(p2.seqs.empty());
+  }
+  SUBCASE("a grammar row") {
+    auto id = d.sched.add(
+        {.prompt = {1, 2, 3}, .sampling = greedy(5), .constraint = std::make_shared<any_token>()});
+    REQUIRE(id.has_value());
+    d.req[*id] = {.tokens = {1, 2, 3}, .num_prompt = 3};
+    d.fed[*id] = {1, 2, 3};
+    d.schedule_into(p1);
+    CHECK_FALSE(d.sched.can_plan_ahead());
+    d.sched.fill_masks(p1);
+    CHECK_FALSE(p1.seqs[0].allowed_tokens.empty());
+  }
+  SUBCASE("prompt logprobs") {
+    sampling_params sp = greedy(3);
+    sp.prompt_logprobs = 0;
+    d.add({1, 2, 3, 4, 5}, sp);
+    d.schedule_into(p1);
+    CHECK(p1.seqs[0].logits == logits_mode::all);
+    CHECK_FALSE(d.sched.can_plan_ahead());
+  }
+  SUBCASE("a new request joins the plan made ahead, beside the continued decode") {
+    d.add({1, 2, 3}, greedy(4));
+    d.schedule_into(p1);
+    d.add({9, 8}, greedy(4));
+    d.schedule_into(p2);
+    REQUIRE(p2.seqs.size() == 2);
+    CHECK(p2.seqs[0].tokens == std::vector<token_id>{previous_sample});
+    CHECK(p2.seqs[1].tokens == std::vector<token_id>{9, 8});
+  }
+}
+
+TEST_CASE("scheduler, planned ahead: short of blocks, a plan made ahead never preempts, the next "
+          "one made alone does") {
+  sched_driver d({.num_blocks = 4, .block_size = 2, .max_model_len = 64, .vocab_size = vocab},
+                 vocab, true);
+  const std::vector<token_id> a{1, 2}, b{3, 4};
+  const seq_id ia = d.add(a, greedy(6)), ib = d.add(b, greedy(6));
+  size_t most = 0;
+  for (int i = 0; i < 100 && d.step_ahead(); ++i)
+    most = std::max(most, d.sched.outstanding() + 1);
+  CHECK(most == 2);
+  CHECK(d.sched.stats().preemptions > 0);
+  CHECK(d.req.at(ia).output == test::fake_alone(a, 6, vocab, -1, 0, 64));
+  CHECK(d.req.at(ib).output == test::fake_alone(b, 6, vocab, -1, 0, 64));
+  CHECK(d.exec.errors == 0);
+  CHECK(d.sched.pool().num_free() == 4);
+}
+
+TEST_CASE("executor::run puts in previous_sample from what it sampled, and refuses one it "
+          "cannot") {
+  test::fake_executor exec(16, 4, vocab, nullptr);
+  auto decode = [](seq_id id, int32_t pos) {
+    step_plan p;
+    p.seqs.push_back(
+        {.id = id, .start_pos = pos, .tokens = {previous_sample}, .block_table = {0, 1}});
+    return p;
+  };
+  step_plan p1;
+  p1.step = 1;
+  p1.seqs.push_back({.id = 1, .start_pos = 0, .tokens = {4, 5, 6}, .block_table = {0, 1}});
+  auto r1 = exec.run(p1);
+  REQUIRE(r1.has_value());
+  REQUIRE(r1->outputs.size() == 1);
+  auto p2 = decode(1, 3);
+  p2.step = 2;
+  auto r2 = exec.run(p2);
+  REQUIRE(r2.has_value());
+  CHECK(p2.seqs[0].tokens[0] == r1->outputs[0].token);
+  CHECK(exec.errors == 0);
+
+  auto p3 = decode(2, 0); // never sampled
+  auto r3 = exec.run(p3);
+  REQUIRE_FALSE(r3.has_value());
+  CHECK(r3.error().code() == errc::internal);
+  CHECK(r3.error().message().find("sampled none") != std::string::npos);
+  auto p4 = decode(1, 4);
+  p4.finished = {1}; // dropped since
+  CHECK_FALSE(exec.run(p4).has_value());
+}
+
+TEST_CASE("threaded_executor: an engine loop plans ahead over it, every request as if alone") {
+  auto owned = std::make_unique<test::fake_executor>(64, 4, vocab, nullptr);
+  auto* fake = owned.get();
+  threaded_executor exec(std::move(owned));
+  CHECK(exec.overlaps());
+  engine_loop loop({.num_blocks = 64,
+                    .block_size = 4,
+                    .max_num_batched_tokens = 16,
+                    .max_model_len = 48,
+                    .vocab_size = vocab},
+                   exec);
+  std::map<seq_id, std::vector<token_id>> prompts, got;
+  for (token_id t = 1; t <= 6; ++t) {
+    std::vector<token_id> p(static_cast<size_t>(t + 2), t);
+    auto id = loop.add_request({.prompt = p, .sampling = greedy(5 + t)});
+    REQUIRE(id.has_value());
+    prompts[*id] = p;
+  }
+  bool two_in_flight = false;
+  for (int i = 0; i < 500 && loop.has_work(); ++i) {
+    auto out = loop.step();
+    REQUIRE_MESSAGE(out.has_value(), (out ? "" : out.error().to_string()));
+    two_in_flight |= loop.in_flight() == 1; // the plan made ahead runs on while this returns
+    if (loop.in_flight())                   // nothing may run beside it on the caller's thread
+      CHECK_FALSE(exec.execute(step_plan{}).has_value());
+    for (const auto& o : *out)
+      if (o.has_token)
+        got[o.id].push_back(o.token);
+  }
+  CHECK_FALSE(loop.has_unfinished());
+  CHECK(loop.in_flight() == 0);
+  CHECK(two_in_flight);
+  for (const auto& [id, p] : prompts) {
+    CAPTURE(id);
+    CHECK(got[id] == test::fake_alone(p, 5 + static_cast<int32_t>(p[0]), vocab, -1, 0, 48));
+  }
+  CHECK(fake->errors == 0);
+  CHECK(loop.usage().blocks_used == 0);
+}
+
+TEST_CASE("engine_loop, planned ahead: a failure with two plans in flight ends every request") {
+  std::map<seq_id, std::vector<token_id>> hist;
+  test::fake_executor fake(32, 4, vocab, nullptr);
+  test::pipelined_executor exec(fake, 1, true);
+  engine_loop loop({.num_blocks = 32,
+                    .block_size = 4,
+                    .max_num_batched_tokens = 16,
+                    .max_model_len = 32,
+                    .vocab_size = vocab},
+                   exec);
+  REQUIRE(loop.add_request({.prompt = {1, 2, 3}, .sampling = greedy(20)}).has_value());
+  REQUIRE(loop.add_request({.prompt = {4, 5}, .sampling = greedy(20)}).has_value());
+  REQUIRE(loop.step().has_value()); // two submitted, the first collected
+  CHECK(loop.in_flight() == 1);
+  fake.fail_next = true;
+  auto r = loop.step();
+  REQUIRE_FALSE(r.has_value());
+  auto ended = loop.fail_all();
+  CHECK(ended.size() == 2);
+  CHECK(loop.in_flight() == 0);
+  CHECK_FALSE(loop.has_unfinished());
+  CHECK(loop.usage().blocks_used == 0);
+  CHECK(loop.sched().outstanding() == 0);
+  REQUIRE(loop.add_request({.prompt = {7, 8}, .sampling = greedy(2)}).has_value()); // usable
+  for (int i = 0; i < 10 && loop.has_work(); ++i)
+    REQUIRE(loop.step().has_value());
+  CHECK_FALSE(loop.has_unfinished());
+  CHECK(exec.conflicts == 0);
+}
