@@ -35,6 +35,7 @@ class pipelined_executor final : public engine::executor {
     max_in_flight = std::max(max_in_flight, queue_.size());
     return {};
   }
+  expected<void> submit_unmasked(step_plan& plan) override { return submit(plan, {}); }
   expected<step_result> collect() override {
     REQUIRE_FALSE(queue_.empty());
     auto q = queue_.front();

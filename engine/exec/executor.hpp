@@ -51,6 +51,19 @@ class executor {
     done_.push_back(run(plan, fill));
     return {};
   }
+  // A plan made ahead that samples under a grammar, whose masks depend on the plan before
+  // (engine_loop, over an executor that overlaps): submit_unmasked() starts it without masks;
+  // the caller writes them once the plan before is done and calls masks_filled(plan), and the
+  // executor samples it only after that. Only executors that overlap support it.
+  virtual expected<void> submit_unmasked(step_plan&) {
+    return make_error(errc::unsupported, "this executor runs a plan when it is submitted");
+  }
+  virtual void masks_filled(const step_plan&) {}
+  // run() on the caller's thread, nothing being in flight: for a plan that nothing will be
+  // planned ahead of, where an executor that overlaps would only add hand-offs.
+  virtual expected<step_result> run_here(step_plan& plan, const mask_fill& fill) {
+    return run(plan, fill);
+  }
   // The result of the oldest submitted plan not yet collected; blocks until it is done.
   virtual expected<step_result> collect() {
     if (done_.empty())

@@ -33,7 +33,7 @@ void threaded_executor::loop() {
     if (j->fills)
       wait_for_masks = [this, j] {
         std::unique_lock l(mu_);
-        cv_.wait(l, [j] { return j->filled; });
+        cv_.wait(l, [this, j] { return j->filled || stop_; });
       };
     lock.unlock();
     auto r = inner_->run(*j->plan, wait_for_masks);
@@ -50,6 +50,34 @@ expected<step_result> threaded_executor::execute(const step_plan& plan) {
       return make_error(errc::internal, "execute: plans are in flight on the executor thread");
   }
   return inner_->execute(plan);
+}
+
+expected<step_result> threaded_executor::run_here(step_plan& plan, const mask_fill& fill) {
+  {
+    std::lock_guard lock(mu_);
+    if (!jobs_.empty())
+      return make_error(errc::internal, "run_here: plans are in flight on the executor thread");
+  }
+  return inner_->run(plan, fill); // the thread is idle: the inner executor is this thread's
+}
+
+expected<void> threaded_executor::submit_unmasked(step_plan& plan) {
+  {
+    std::lock_guard lock(mu_);
+    jobs_.push_back(job{.plan = &plan, .fills = true});
+  }
+  cv_.notify_all();
+  return {};
+}
+
+void threaded_executor::masks_filled(const step_plan& plan) {
+  {
+    std::lock_guard lock(mu_);
+    for (auto& j : jobs_)
+      if (j.plan == &plan)
+        j.filled = true;
+  }
+  cv_.notify_all();
 }
 
 expected<void> threaded_executor::submit(step_plan& plan, const mask_fill& fill) {

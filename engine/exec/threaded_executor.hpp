@@ -27,6 +27,9 @@ class threaded_executor final : public executor {
   int32_t depth() const override { return inner_->depth(); }
   bool overlaps() const override { return true; }
   expected<void> submit(step_plan& plan, const mask_fill& fill) override;
+  expected<step_result> run_here(step_plan& plan, const mask_fill& fill) override;
+  expected<void> submit_unmasked(step_plan& plan) override;
+  void masks_filled(const step_plan& plan) override;
   expected<step_result> collect() override;
 
  private:

@@ -9,6 +9,7 @@ namespace troupe::engine {
 engine_loop::engine_loop(scheduler_options options, executor& exec)
   : engine_loop(std::move(options), exec.depth(), exec.overlaps()) {
   exec_ = &exec;
+  masks_later_ = plan_ahead_;
 }
 
 engine_loop::engine_loop(scheduler_options options, int32_t depth, bool plan_ahead)
@@ -63,7 +64,7 @@ expected<void> engine_loop::cancel(seq_id id) {
 
 bool engine_loop::start(size_t i, std::vector<request_output>& out) {
   lane& l = *lanes_[i];
-  if (l.busy >= (plan_ahead_ ? 2u : 1u) || (l.busy && !l.sched.can_plan_ahead()))
+  if (l.busy >= (plan_ahead_ ? 2u : 1u) || (l.busy && !l.sched.can_plan_ahead(masks_later_)))
     return false;
   step_plan& p = l.at(l.busy);
   l.sched.schedule(p);
@@ -79,6 +80,16 @@ bool engine_loop::start(size_t i, std::vector<request_output>& out) {
 void engine_loop::finish_oldest(lane& l) {
   l.first = (l.first + 1) % l.plans.size();
   --l.busy;
+}
+
+void engine_loop::fill_unmasked(lane& l, bool fill) {
+  if (!l.unmasked || !l.busy || l.unmasked != &l.at(0))
+    return;
+  step_plan& p = l.at(0);
+  if (fill)
+    l.sched.fill_masks(p);
+  exec_->masks_filled(p);
+  l.unmasked = nullptr;
 }
 
 expected<std::vector<engine_loop::started>> engine_loop::plan(std::vector<request_output>& out) {
@@ -121,7 +132,26 @@ expected<std::vector<request_output>> engine_loop::step() {
     while (start(i, out)) {
       lane& l = *lanes_[i];
       step_plan& p = l.at(l.busy - 1);
-      if (auto s = exec_->submit(p, [&l, &p] { l.sched.fill_masks(p); }); !s) {
+      const auto fill = [&l, &p] { l.sched.fill_masks(p); };
+      // Nothing else in flight and nothing to plan ahead of it (it scores a prompt): run it on
+      // this thread rather than hand it to the executor's and wait.
+      if (plan_ahead_ && in_flight_.size() == 1 && !l.sched.can_plan_ahead(masks_later_)) {
+        auto result = exec_->run_here(p, fill);
+        if (!result) {
+          in_flight_.pop_back();
+          --l.busy;
+          failed_ = true;
+          return std::move(result).error().context(fmt::format("step {}", p.step));
+        }
+        TROUPE_TRY_VOID(complete(i, *result, out));
+        return out;
+      }
+      // Made ahead under a grammar: its masks wait until the plan before is updated.
+      const bool later = l.busy > 1 && l.sched.constrained(p);
+      if (later)
+        l.unmasked = &p;
+      if (auto s = later ? exec_->submit_unmasked(p) : exec_->submit(p, fill); !s) {
+        l.unmasked = nullptr;
         in_flight_.pop_back(); // never submitted: nothing to collect
         --l.busy;
         failed_ = true;
@@ -140,14 +170,18 @@ expected<std::vector<request_output>> engine_loop::step() {
     return std::move(result).error().context(fmt::format("step {}", step));
   }
   TROUPE_TRY_VOID(complete(i, *result, out));
+  fill_unmasked(*lanes_[i], true); // while its forward pass runs
   return out;
 }
 
 std::vector<request_output> engine_loop::fail_all() {
   for (; !in_flight_.empty(); in_flight_.pop_front()) {
-    if (exec_)
-      (void)exec_->collect(); // its requests are cancelled below; keeps the executor in step
-    finish_oldest(*lanes_[in_flight_.front()]);
+    lane& l = *lanes_[in_flight_.front()];
+    if (exec_) {
+      fill_unmasked(l, false); // sampled without masks: its results are dropped
+      (void)exec_->collect();  // its requests are cancelled below; keeps the executor in step
+    }
+    finish_oldest(l);
   }
   std::vector<request_output> out;
   for (auto& l : lanes_) {

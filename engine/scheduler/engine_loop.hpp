@@ -10,7 +10,9 @@
 //
 // Planning ahead (depth 1, an executor that overlaps, or worker ranks): one lane with up to two
 // plans in flight; step n+1 is scheduled while step n runs (scheduler::can_plan_ahead), so the
-// device goes from one step to the next without waiting for scheduling or output delivery.
+// device goes from one step to the next without waiting for scheduling or output delivery. Over
+// an executor that overlaps, also past grammar rows: step n+1 goes out without its masks, which
+// are filled once step n is updated (executor::submit_unmasked), while step n+1's forward runs.
 //
 // Only step() blocks (for the executor). One thread at a time.
 #pragma once
@@ -102,15 +104,18 @@ class engine_loop {
     scheduler sched;
     std::array<step_plan, 2> plans; // a ring: `busy` plans in flight from plans[first]
     size_t first = 0, busy = 0;
+    const step_plan* unmasked = nullptr; // in flight, its masks to fill when it is the oldest
     step_plan& at(size_t k) { return plans[(first + k) % plans.size()]; }
   };
   lane& least_loaded();
   lane& lane_of(seq_id id) { return *lanes_[(id - 1) % lanes_.size()]; }
   bool start(size_t i, std::vector<request_output>& out); // schedules lane i if it may
   void finish_oldest(lane& l);
+  void fill_unmasked(lane& l, bool fill); // the oldest plan's masks, if it went out without
 
   std::vector<std::unique_ptr<lane>> lanes_;
   bool plan_ahead_ = false;
+  bool masks_later_ = false;     // grammar rows planned ahead too (executor::submit_unmasked)
   std::deque<size_t> in_flight_; // lane indices, oldest first (the executor's order)
   executor* exec_ = nullptr;     // step() only
   bool failed_ = false;

@@ -400,14 +400,22 @@ void scheduler::emit(sequence& s, int32_t n, step_plan& plan, size_t& used) {
   s.scheduled_step = step_;
   auto& record = outstanding_.back();
   record.seqs.push_back(&s);
-  if ((samples && s.constraint) || s.scoring())
-    record.blocks_ahead = true;
+  record.grammar = record.grammar || (samples && s.constraint);
+  record.scoring = record.scoring || s.scoring();
   if (samples)
     ++s.pending;
 }
 
-bool scheduler::can_plan_ahead() const {
-  return outstanding_.size() == 1 && !outstanding_.front().blocks_ahead && !starved_;
+bool scheduler::can_plan_ahead(bool masks_later) const {
+  if (outstanding_.size() != 1 || starved_)
+    return false;
+  const auto& o = outstanding_.front();
+  return !o.scoring && (!o.grammar || masks_later);
+}
+
+bool scheduler::constrained(const step_plan& plan) const {
+  return std::any_of(outstanding_.begin(), outstanding_.end(),
+                     [&](const auto& o) { return o.step == plan.step && o.grammar; });
 }
 
 // Whether a plan made ahead takes s, which the outstanding plan names: not when that plan ends it
@@ -415,7 +423,7 @@ bool scheduler::can_plan_ahead() const {
 bool scheduler::carried_ahead(const sequence& s) const {
   if (s.pending == 0)
     return true; // a prompt chunk in flight: the next one's tokens are known
-  if (s.handoff == kv_handoff::export_kv || s.constraint)
+  if (s.handoff == kv_handoff::export_kv)
     return false;
   const int32_t len = s.ahead_len();
   return len - s.num_prompt < s.sampling.max_tokens && len < opt_.max_model_len &&
@@ -428,10 +436,11 @@ void scheduler::fill_masks(step_plan& plan) {
                              [&](const auto& o) { return o.step == plan.step; });
   if (record == outstanding_.end())
     return;
-  // A constrained sequence is never in two outstanding plans (it blocks planning ahead), so a
-  // pending token is this plan's.
+  // The oldest outstanding plan: a pending token of a running sequence is this plan's.
   for (size_t i = 0; i < plan.seqs.size() && i < record->seqs.size(); ++i)
-    if (const sequence* s = record->seqs[i]; s->constraint && s->pending > 0)
+    if (const sequence* s = record->seqs[i]; s->constraint && s->pending > 0 &&
+                                             s->st == sequence::state::running &&
+                                             plan.seqs[i].logits != logits_mode::none)
       rows.emplace_back(s->constraint.get(), &plan.seqs[i].allowed_tokens);
   // A mask takes ~1-60 us (xgrammar; longest inside JSON strings). Each constraint is its own
   // matcher, so rows fill on separate threads; a few are not worth the hand-off.

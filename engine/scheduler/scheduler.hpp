@@ -170,20 +170,25 @@ class scheduler {
   // Whether schedule() may make step n+1 while step n is outstanding (vLLM's async scheduling):
   // a sequence that samples in step n then feeds previous_sample in step n+1 (the executor puts
   // in the token), one whose prompt chunk is in step n gets its next chunk. Not when step n
-  // samples under a grammar or scores a prompt (what comes next depends on its result), nor after
-  // a plan made ahead lacked KV blocks for a sequence (a plan made with nothing outstanding may
-  // preempt; one made ahead never does). Sequences that step n ends for certain (max_tokens, the
-  // context limit, a KV handoff) are left out; one it ends by a sampled stop token computes one
-  // token that is dropped. Plans run in order, so step n+1 may use blocks step n writes, and
-  // blocks freed meanwhile are reused only by later plans.
-  bool can_plan_ahead() const;
+  // scores a prompt (the next chunk depends on its result), nor when it samples under a grammar
+  // unless `masks_later` (step n+1's masks are then filled once step n is updated: fill_masks),
+  // nor after a plan made ahead lacked KV blocks for a sequence (a plan made with nothing
+  // outstanding may preempt; one made ahead never does). Sequences that step n ends for certain
+  // (max_tokens, the context limit, a KV handoff) are left out; one it ends by a sampled stop
+  // token (or a finished grammar) computes one token that is dropped. Plans run in order, so step
+  // n+1 may use blocks step n writes, and blocks freed meanwhile are reused only by later plans.
+  bool can_plan_ahead(bool masks_later = false) const;
+  // Whether outstanding `plan` samples under a grammar.
+  bool constrained(const step_plan& plan) const;
   size_t outstanding() const { return outstanding_.size(); }
-  // Structured output: writes the grammar masks (seq_step::allowed_tokens) of outstanding `plan`
-  // for its constrained rows; schedule() leaves them empty. Call it before the plan's tokens are
-  // sampled and before update(); the engine loop calls it while the GPU runs the forward pass
-  // (executor::mask_fill). Many constrained rows are filled in parallel.
+  // Structured output: writes the grammar masks (seq_step::allowed_tokens) of `plan`, the oldest
+  // outstanding (each grammar has then seen every token before), for its constrained rows;
+  // schedule() leaves them empty. Call it before the plan's tokens are sampled and before
+  // update(); the engine loop calls it while the GPU runs the forward pass (executor::mask_fill).
+  // Many constrained rows are filled in parallel.
   void fill_masks(step_plan& plan);
-  // Consumes the result of `plan` (the oldest outstanding) and appends the outputs to `out`.
+  // Consumes the result of `plan` (the oldest outstanding, or an empty plan) and appends the
+  // outputs to `out`.
   expected<void> update(const step_plan& plan, const step_result& result,
                         std::vector<request_output>& out);
   // The outstanding plans' results will never come (the executor failed): forget them. Their
@@ -236,7 +241,8 @@ class scheduler {
   struct outstanding_plan {
     uint64_t step = 0;
     std::vector<sequence*> seqs; // per seq_step
-    bool blocks_ahead = false;   // samples under a grammar or scores a prompt
+    bool grammar = false;        // samples under a grammar
+    bool scoring = false;        // scores a prompt
   };
   std::deque<outstanding_plan> outstanding_; // oldest first
   bool starved_ = false; // a plan made ahead lacked blocks for a sequence it should carry

@@ -15,6 +15,7 @@
 #include <doctest/doctest.h>
 
 #include "engine/exec/executor.hpp"
+#include "engine/grammar/constraint.hpp"
 
 namespace troupe::test {
 
@@ -59,6 +60,10 @@ class fake_executor final : public engine::executor {
         continue;
       token_id t = fake_next(s.tokens.back(), end - 1, vocab_);
       while (std::find(s.banned_tokens.begin(), s.banned_tokens.end(), t) != s.banned_tokens.end())
+        t = (t + 1) % vocab_;
+      for (int32_t k = 0;
+           k < vocab_ && !s.allowed_tokens.empty() && !engine::mask_allows(s.allowed_tokens, t);
+           ++k) // a grammar's mask, as the samplers apply it
         t = (t + 1) % vocab_;
       r.outputs.push_back({.id = s.id, .token = t, .logprob = -1.0f});
       if (!history_ && static_cast<int64_t>(seen_[s.id].size()) == end)

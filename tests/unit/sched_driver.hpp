@@ -138,6 +138,15 @@ struct sched_driver {
   }
 };
 
+// Greedy, max_tokens tokens, EOS ignored.
+inline sampling_params greedy(int32_t max_tokens) {
+  sampling_params p;
+  p.temperature = 0;
+  p.max_tokens = max_tokens;
+  p.ignore_eos = true;
+  return p;
+}
+
 inline std::vector<token_id> iota_tokens(int32_t n, token_id first = 1) {
   std::vector<token_id> v(static_cast<size_t>(n));
   for (int32_t i = 0; i < n; ++i)

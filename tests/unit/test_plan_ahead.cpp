@@ -2,8 +2,12 @@
 // previous_sample for what step n samples; executor::run puts the token in. Covered here: the
 // rules of can_plan_ahead() and which sequences a plan made ahead carries, a stop sampled in step
 // n (step n+1's token dropped), no preemption ahead, the executor's side, threaded_executor under
-// an engine loop, and a failure with two plans in flight. The randomised simulation
-// (test_scheduler_sim.cpp) and the golden models (engine_loop_tests) run planned ahead too.
+// an engine loop (a plan nothing is planned ahead of runs on the caller's thread), and a failure
+// with two plans in flight. The randomised simulation (test_scheduler_sim.cpp) and the golden
+// models (engine_loop_tests) run planned ahead too.
+#include <algorithm>
+#include <thread>
+
 #include <doctest/doctest.h>
 
 #include "engine/exec/threaded_executor.hpp"
@@ -13,6 +17,7 @@
 
 using namespace troupe;
 using namespace troupe::engine;
+using troupe::test::greedy;
 using troupe::test::sched_driver;
 
 namespace {
@@ -26,14 +31,6 @@ struct any_token final : token_constraint {
   bool terminated() const override { return false; }
   std::unique_ptr<token_constraint> fork() const override { return std::make_unique<any_token>(); }
 };
-
-sampling_params greedy(int32_t max_tokens) {
-  sampling_params p;
-  p.temperature = 0;
-  p.max_tokens = max_tokens;
-  p.ignore_eos = true;
-  return p;
-}
 
 } // namespace
 
@@ -108,6 +105,8 @@ TEST_CASE("scheduler, planned ahead: what ends for certain is left out, grammar 
     d.fed[*id] = {1, 2, 3};
     d.schedule_into(p1);
     CHECK_FALSE(d.sched.can_plan_ahead());
+    CHECK(d.sched.can_plan_ahead(true)); // its masks filled once step n is updated
+    CHECK(d.sched.constrained(p1));
     d.sched.fill_masks(p1);
     CHECK_FALSE(p1.seqs[0].allowed_tokens.empty());
   }
@@ -217,6 +216,100 @@ TEST_CASE("threaded_executor: an engine loop plans ahead over it, every request 
   }
   CHECK(fake->errors == 0);
   CHECK(loop.usage().blocks_used == 0);
+}
+
+namespace {
+// Notes the thread each plan ran on.
+struct thread_recorder final : executor {
+  explicit thread_recorder(std::unique_ptr<executor> inner) : inner_(std::move(inner)) {}
+  std::vector<std::thread::id> ran_on;
+  expected<step_result> execute(const step_plan& plan) override {
+    ran_on.push_back(std::this_thread::get_id());
+    return inner_->execute(plan);
+  }
+  std::unique_ptr<executor> inner_;
+};
+} // namespace
+
+TEST_CASE("threaded_executor: a plan nothing is planned ahead of (prompt logprobs) runs on the "
+          "caller's thread") {
+  auto owned = std::make_unique<thread_recorder>(
+      std::make_unique<test::fake_executor>(64, 4, vocab, nullptr));
+  auto* rec = owned.get();
+  threaded_executor exec(std::move(owned));
+  engine_loop loop({.num_blocks = 64, .block_size = 4, .max_model_len = 48, .vocab_size = vocab},
+                   exec);
+  auto run = [&](request r) {
+    REQUIRE(loop.add_request(std::move(r)).has_value());
+    for (int i = 0; i < 100 && loop.has_work(); ++i)
+      REQUIRE(loop.step().has_value());
+    CHECK_FALSE(loop.has_unfinished());
+  };
+  sampling_params scored = greedy(4);
+  scored.prompt_logprobs = 0;
+  run({.prompt = {1, 2, 3}, .sampling = scored});
+  REQUIRE(rec->ran_on.size() == 4);
+  // It scores the prompt (the fake model reports no prompt logprobs, so every step does).
+  for (auto id : rec->ran_on)
+    CHECK(id == std::this_thread::get_id());
+  rec->ran_on.clear();
+  run({.prompt = {1, 2, 3}, .sampling = greedy(4)});
+  CHECK(std::count(rec->ran_on.begin(), rec->ran_on.end(), std::this_thread::get_id()) == 0);
+}
+
+namespace {
+// Tokens alternate even, odd, even, ...: each mask depends on every token accepted before.
+struct parity final : token_constraint {
+  int accepted = 0;
+  void fill_mask(std::vector<uint32_t>& mask) override {
+    mask.assign((vocab + 31) / 32, 0u);
+    for (token_id t = accepted % 2; t < vocab; t += 2)
+      mask[static_cast<size_t>(t) / 32] |= 1u << (static_cast<uint32_t>(t) % 32);
+  }
+  bool accept(token_id t) override {
+    if (t % 2 != accepted % 2)
+      return false;
+    ++accepted;
+    return true;
+  }
+  bool terminated() const override { return false; }
+  std::unique_ptr<token_constraint> fork() const override {
+    return std::make_unique<parity>(*this);
+  }
+};
+} // namespace
+
+TEST_CASE("threaded_executor: grammar rows are planned ahead, their masks filled once the step "
+          "before is updated") {
+  auto owned = std::make_unique<test::fake_executor>(64, 4, vocab, nullptr);
+  threaded_executor exec(std::move(owned));
+  engine_loop loop({.num_blocks = 64, .block_size = 4, .max_model_len = 48, .vocab_size = vocab},
+                   exec);
+  std::map<seq_id, std::vector<token_id>> got;
+  for (token_id t = 1; t <= 3; ++t) {
+    auto id = loop.add_request(
+        {.prompt = {t, t, t}, .sampling = greedy(12), .constraint = std::make_shared<parity>()});
+    REQUIRE(id.has_value());
+    got[*id];
+  }
+  bool two_in_flight = false;
+  for (int i = 0; i < 100 && loop.has_work(); ++i) {
+    auto out = loop.step();
+    REQUIRE_MESSAGE(out.has_value(), (out ? "" : out.error().to_string()));
+    two_in_flight |= loop.in_flight() == 1;
+    for (const auto& o : *out)
+      if (o.has_token)
+        got[o.id].push_back(o.token);
+  }
+  CHECK_FALSE(loop.has_unfinished());
+  CHECK(two_in_flight);
+  CHECK(loop.stats().constraint_violations == 0);
+  for (const auto& [id, toks] : got) {
+    CAPTURE(id);
+    REQUIRE(toks.size() == 12);
+    for (size_t k = 0; k < toks.size(); ++k)
+      CHECK(toks[k] % 2 == static_cast<token_id>(k % 2));
+  }
 }
 
 TEST_CASE("engine_loop, planned ahead: a failure with two plans in flight ends every request") {

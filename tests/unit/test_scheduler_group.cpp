@@ -9,6 +9,7 @@
 
 using namespace troupe;
 using namespace troupe::engine;
+using troupe::test::greedy;
 
 namespace {
 
@@ -19,14 +20,6 @@ std::vector<token_id> prompt_of(int32_t n) {
   for (int32_t i = 0; i < n; ++i)
     p.push_back(100 + i * 7 % 300);
   return p;
-}
-
-sampling_params params(int32_t max_tokens) {
-  sampling_params sp;
-  sp.temperature = 0;
-  sp.max_tokens = max_tokens;
-  sp.ignore_eos = true;
-  return sp;
 }
 
 std::vector<seq_id> add_group(test::sched_driver& d, const std::vector<token_id>& prompt, int n,
@@ -87,7 +80,7 @@ plan_figures run(test::sched_driver& d, size_t n, int32_t shared_blocks) {
 std::vector<token_id> alone(scheduler_options o, const std::vector<token_id>& prompt,
                             int32_t max_tokens) {
   test::sched_driver d(o, vocab);
-  auto id = d.add(prompt, params(max_tokens));
+  auto id = d.add(prompt, greedy(max_tokens));
   d.run();
   return d.req[id].output;
 }
@@ -107,7 +100,7 @@ TEST_CASE("scheduler group: n choices compute the prompt's full blocks once and 
     const auto want = alone(o, prompt, 6);
 
     test::sched_driver d(o, vocab);
-    const auto ids = add_group(d, prompt, 4, params(6));
+    const auto ids = add_group(d, prompt, 4, greedy(6));
     const auto f = run(d, 4, 3);
     MESSAGE("n=4, 14-token prompt, block 4: prompt tokens computed "
             << f.prompt_tokens << ", max blocks in use " << f.max_blocks_used);
@@ -125,7 +118,7 @@ TEST_CASE("scheduler group: n choices compute the prompt's full blocks once and 
     // Without a group, the four compute the whole prompt each (and hold their own copies).
     test::sched_driver apart(o, vocab);
     for (int i = 0; i < 4; ++i)
-      apart.add(prompt, params(6));
+      apart.add(prompt, greedy(6));
     const auto g = run(apart, 4, 0);
     CHECK(g.prompt_tokens == 4 * 14);
     CHECK(g.max_blocks_used == 4 * 5);
@@ -135,7 +128,7 @@ TEST_CASE("scheduler group: n choices compute the prompt's full blocks once and 
 TEST_CASE("scheduler group: a prompt of one block has nothing to share") {
   scheduler_options o{.num_blocks = 64, .block_size = 4, .max_num_batched_tokens = 64};
   test::sched_driver d(o, vocab);
-  const auto ids = add_group(d, prompt_of(4), 3, params(3));
+  const auto ids = add_group(d, prompt_of(4), 3, greedy(3));
   const auto f = run(d, 3, 0);
   CHECK(f.prompt_tokens == 3 * 4);
   CHECK(d.sched.stats().shared_prompt_tokens == 0);
@@ -155,7 +148,7 @@ TEST_CASE("scheduler group: the choices wait for a chunked prefill, then share i
     const auto prompt = prompt_of(30); // 7 full blocks shared, 2 tokens per choice
     const auto want = alone(o, prompt, 5);
     test::sched_driver d(o, vocab);
-    const auto ids = add_group(d, prompt, 4, params(5));
+    const auto ids = add_group(d, prompt, 4, greedy(5));
     const auto f = run(d, 4, 7);
     CHECK(f.prompt_tokens == 30 + 3 * 2);
     CHECK(d.sched.stats().shared_prompt_tokens == 3 * 28);
@@ -177,7 +170,7 @@ TEST_CASE("scheduler group: cancelling one choice, the prefilling one, or all") 
 
   SUBCASE("one choice while all decode: the others go on over the shared blocks") {
     test::sched_driver d(o, vocab);
-    const auto ids = add_group(d, prompt, 4, params(6));
+    const auto ids = add_group(d, prompt, 4, greedy(6));
     for (int i = 0; i < 3; ++i) { // prefill, the others' last blocks, a decode
       d.schedule();
       d.execute_and_update();
@@ -196,7 +189,7 @@ TEST_CASE("scheduler group: cancelling one choice, the prefilling one, or all") 
   }
   SUBCASE("the prefilling choice while the others wait for it: one of them prefills instead") {
     test::sched_driver d(o, vocab);
-    const auto ids = add_group(d, prompt, 4, params(6));
+    const auto ids = add_group(d, prompt, 4, greedy(6));
     d.schedule();
     REQUIRE(d.plan.seqs.size() == 1); // the first prefills, the others wait
     CHECK(d.plan.seqs[0].id == ids[0]);
@@ -212,7 +205,7 @@ TEST_CASE("scheduler group: cancelling one choice, the prefilling one, or all") 
   }
   SUBCASE("every choice, in every state") {
     test::sched_driver d(o, vocab);
-    const auto ids = add_group(d, prompt, 4, params(6));
+    const auto ids = add_group(d, prompt, 4, greedy(6));
     d.schedule();
     d.execute_and_update(); // the first ran its prefill; the others fork from it
     for (seq_id id : ids)
@@ -242,7 +235,7 @@ TEST_CASE("scheduler group: preempted choices release only their references") {
     const auto prompt = prompt_of(14);
     const auto want = alone(o, prompt, 12);
     test::sched_driver d(o, vocab);
-    const auto ids = add_group(d, prompt, 4, params(12));
+    const auto ids = add_group(d, prompt, 4, greedy(12));
     const auto f = run(d, 4, 3);
     const auto st = d.sched.stats();
     MESSAGE("preemptions " << st.preemptions << ", shared prompt tokens " << st.shared_prompt_tokens

@@ -8,6 +8,7 @@
 
 using namespace troupe;
 using namespace troupe::engine;
+using troupe::test::greedy;
 using troupe::test::iota_tokens;
 using troupe::test::sched_driver;
 
@@ -23,13 +24,6 @@ scheduler_options opts(int32_t block_size, int32_t num_blocks = 64) {
           .max_model_len = 256,
           .vocab_size = vocab,
           .eos_token_ids = {0}};
-}
-sampling_params greedy(int32_t max_tokens) {
-  sampling_params p;
-  p.temperature = 0;
-  p.max_tokens = max_tokens;
-  p.ignore_eos = true;
-  return p;
 }
 
 // Adds an import request to the decode driver (its record holds the prompt).
