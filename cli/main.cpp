@@ -1,6 +1,8 @@
 // The `cluster` executable: every troupe subcommand behind one binary. Exit codes come from one
 // mapping (cli/exit_codes.hpp); a mistyped command or option is answered with the closest valid
 // one.
+#include <csignal>
+
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
@@ -63,6 +65,10 @@ int unexpected(CLI::App& app, const CLI::ExtrasError& e) {
 } // namespace
 
 int main(int argc, char** argv) {
+  // A peer that goes away is an EPIPE error on that socket, never the end of the process: Gloo
+  // writes to its sockets with writev, so one dead rank would otherwise take down every rank
+  // (of every deployment) in the daemon that talked to it.
+  std::signal(SIGPIPE, SIG_IGN);
   CLI::App app{"troupe: actor-based distributed runtime for model-parallel LLM serving", "cluster"};
   app.require_subcommand(1);
   app.set_version_flag("--version", TROUPE_VERSION);

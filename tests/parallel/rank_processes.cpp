@@ -1,6 +1,7 @@
 #include "parallel/rank_processes.hpp"
 
 #include <csignal>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 #include <thread>
@@ -23,6 +24,7 @@ run_ranks(int ranks, const std::function<int(int rank, const std::filesystem::pa
   for (int r = 0; r < ranks; ++r) {
     pid_t pid = ::fork();
     if (pid == 0) {
+      std::signal(SIGPIPE, SIG_IGN); // as the cluster's processes do (cli/main.cpp)
       int rc = 1;
       try {
         rc = body(r, folder);
@@ -45,6 +47,8 @@ run_ranks(int ranks, const std::function<int(int rank, const std::filesystem::pa
       done[r] = true;
       --left;
       out[r].exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+      if (WIFSIGNALED(status))
+        out[r].signal = WTERMSIG(status);
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
@@ -57,6 +61,8 @@ run_ranks(int ranks, const std::function<int(int rank, const std::filesystem::pa
     std::stringstream ss;
     ss << f.rdbuf();
     out[r].message = ss.str();
+    if (out[r].message.empty() && out[r].signal != 0) // says why in a failing check
+      out[r].message = std::string("killed by signal ") + ::strsignal(out[r].signal);
   }
   std::filesystem::remove_all(folder);
   return out;

@@ -16,7 +16,8 @@ namespace troupe::test {
 
 struct rank_outcome {
   int exit_code = -1;  // -1 when killed or timed out
-  std::string message; // what the rank wrote to its result file
+  int signal = 0;      // the signal that ended it, if one did
+  std::string message; // what the rank wrote to its result file (or which signal ended it)
 };
 
 // Forks `ranks` children; child r runs body(r, folder) and exits with its return value; its

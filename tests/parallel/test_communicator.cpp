@@ -123,8 +123,15 @@ TEST_CASE("gloo: a rank that dies fails its peer's all-reduce within the timeout
     auto c = make_gloo_communicator(*store, rank, 2, {.prefix = "d", .timeout = 3s});
     if (!c)
       return 3;
-    if (rank == 1)
-      ::_exit(0); // gone without a word, as a SIGKILLed worker would be
+    const auto connected = dir / "rank0-connected";
+    if (rank == 0)
+      std::ofstream(connected) << "";
+    if (rank == 1) { // once rank 0 has its communicator too, gone without a word, as a
+                     // SIGKILLed worker would be
+      for (int i = 0; i < 2000 && !std::filesystem::exists(connected); ++i)
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      ::_exit(0);
+    }
     std::vector<float> x(16, 1.0f);
     auto start = std::chrono::steady_clock::now();
     auto r = (*c)->all_reduce_sum(x);
