@@ -6,9 +6,9 @@
 //     flight (an executor that overlaps, threaded_executor, runs the next one meanwhile);
 //   worker ranks: event-based, never blocks; (execute_atom, ticket, plan) to every rank, one
 //     plan per pipeline stage in flight, two at one stage (the next made ahead), replies
-//     gathered by ticket (worker_group). A rank that fails,
-//     goes down, or leaves a plan unanswered past the timeout fails the replica: every request
-//     fails through its sink, the health is marked, `on_failure` is told once.
+//     gathered by ticket (worker_group). A rank that fails, goes down, or leaves a plan
+//     unanswered past the timeout fails the replica: every request fails through its sink, the
+//     health is marked, `on_failure` is told once.
 //   (submit_atom, msg::replica_job)  router -> replica; errors (invalid, queue full) to the sink
 //   (cancel_atom, seq_id)            router -> replica, the router's id; frees the KV blocks
 // Stopping it (an exit message) fails its live requests with errc::cancelled.

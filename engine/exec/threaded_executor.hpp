@@ -2,8 +2,10 @@
 // collect() waits for the oldest result. engine_loop then makes the next plan, ahead, while this
 // one runs (overlaps()), so the device does not wait for scheduling, output delivery or new
 // requests: the in-process counterpart of worker ranks, which run plans in their own processes.
-// A plan's grammar masks are filled on the caller's thread within submit(), while this thread
-// runs the forward pass; the inner executor waits for them before it samples.
+// A plan's grammar masks are filled on the caller's thread, within submit() or, for a plan made
+// ahead (submit_unmasked), once the plan before is done (masks_filled), while this thread runs
+// the forward pass; the inner executor waits for them before it samples. A plan nothing is
+// planned ahead of runs on the caller's thread (run_here).
 #pragma once
 
 #include <condition_variable>
