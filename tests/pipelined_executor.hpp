@@ -16,6 +16,27 @@
 
 namespace troupe::test {
 
+// Two plans in flight together, `later` made ahead of `earlier`: the sequences of `later` that do
+// not continue where `earlier` ends them (feeding previous_sample when `earlier` samples);
+// `continued` counts the sequences in both.
+inline size_t broken_continuations(const step_plan& earlier, const step_plan& later,
+                                   size_t& continued) {
+  std::map<seq_id, const seq_step*> by_id;
+  for (const auto& s : earlier.seqs)
+    by_id[s.id] = &s;
+  size_t n = 0;
+  for (const auto& s : later.seqs) {
+    auto it = by_id.find(s.id);
+    if (it == by_id.end())
+      continue;
+    ++continued;
+    const seq_step& e = *it->second;
+    n += s.start_pos != e.start_pos + static_cast<int32_t>(e.tokens.size()) ||
+         (e.logits != logits_mode::none && s.tokens != std::vector<token_id>{previous_sample});
+  }
+  return n;
+}
+
 class pipelined_executor final : public engine::executor {
  public:
   pipelined_executor(engine::executor& inner, int32_t depth, bool ahead = false)
@@ -30,7 +51,8 @@ class pipelined_executor final : public engine::executor {
   expected<step_result> execute(const step_plan& plan) override { return inner_.execute(plan); }
   expected<void> submit(step_plan& plan, const mask_fill& fill) override {
     for (const auto& other : queue_)
-      conflicts += ahead_ ? broken_continuation(*other.plan, plan) : overlap(*other.plan, plan);
+      conflicts +=
+          ahead_ ? broken_continuations(*other.plan, plan, continued) : overlap(*other.plan, plan);
     queue_.push_back({&plan, fill});
     max_in_flight = std::max(max_in_flight, queue_.size());
     return {};
@@ -58,23 +80,6 @@ class pipelined_executor final : public engine::executor {
           return true;
     }
     return false;
-  }
-  size_t broken_continuation(const step_plan& a, const step_plan& b) {
-    std::map<seq_id, const seq_step*> earlier;
-    for (const auto& s : a.seqs)
-      earlier[s.id] = &s;
-    size_t n = 0;
-    for (const auto& s : b.seqs) {
-      auto it = earlier.find(s.id);
-      if (it == earlier.end())
-        continue;
-      ++continued;
-      const seq_step& e = *it->second;
-      const bool samples = e.logits != logits_mode::none;
-      n += s.start_pos != e.start_pos + static_cast<int32_t>(e.tokens.size()) ||
-           (samples && (s.tokens.size() != 1 || s.tokens[0] != previous_sample));
-    }
-    return n;
   }
   engine::executor& inner_;
   int32_t depth_;

@@ -9,7 +9,6 @@ namespace troupe::engine {
 engine_loop::engine_loop(scheduler_options options, executor& exec)
   : engine_loop(std::move(options), exec.depth(), exec.overlaps()) {
   exec_ = &exec;
-  masks_later_ = plan_ahead_;
 }
 
 engine_loop::engine_loop(scheduler_options options, int32_t depth, bool plan_ahead)
@@ -64,7 +63,7 @@ expected<void> engine_loop::cancel(seq_id id) {
 
 bool engine_loop::start(size_t i, std::vector<request_output>& out) {
   lane& l = *lanes_[i];
-  if (l.busy >= (plan_ahead_ ? 2u : 1u) || (l.busy && !l.sched.can_plan_ahead(masks_later_)))
+  if (l.busy >= (plan_ahead_ ? 2u : 1u) || (l.busy && !l.sched.can_plan_ahead(masks_later())))
     return false;
   step_plan& p = l.at(l.busy);
   l.sched.schedule(p);
@@ -80,6 +79,16 @@ bool engine_loop::start(size_t i, std::vector<request_output>& out) {
 void engine_loop::finish_oldest(lane& l) {
   l.first = (l.first + 1) % l.plans.size();
   --l.busy;
+}
+
+error engine_loop::drop_newest(lane& l, error why) {
+  const uint64_t step = l.at(l.busy - 1).step;
+  if (l.unmasked == &l.at(l.busy - 1))
+    l.unmasked = nullptr;
+  in_flight_.pop_back();
+  --l.busy;
+  failed_ = true;
+  return std::move(why).context(fmt::format("step {}", step));
 }
 
 void engine_loop::fill_unmasked(lane& l, bool fill) {
@@ -135,14 +144,10 @@ expected<std::vector<request_output>> engine_loop::step() {
       const auto fill = [&l, &p] { l.sched.fill_masks(p); };
       // Nothing else in flight and nothing to plan ahead of it (it scores a prompt): run it on
       // this thread rather than hand it to the executor's and wait.
-      if (plan_ahead_ && in_flight_.size() == 1 && !l.sched.can_plan_ahead(masks_later_)) {
+      if (plan_ahead_ && in_flight_.size() == 1 && !l.sched.can_plan_ahead(masks_later())) {
         auto result = exec_->run_here(p, fill);
-        if (!result) {
-          in_flight_.pop_back();
-          --l.busy;
-          failed_ = true;
-          return std::move(result).error().context(fmt::format("step {}", p.step));
-        }
+        if (!result)
+          return drop_newest(l, std::move(result).error());
         TROUPE_TRY_VOID(complete(i, *result, out));
         return out;
       }
@@ -150,13 +155,8 @@ expected<std::vector<request_output>> engine_loop::step() {
       const bool later = l.busy > 1 && l.sched.constrained(p);
       if (later)
         l.unmasked = &p;
-      if (auto s = later ? exec_->submit_unmasked(p) : exec_->submit(p, fill); !s) {
-        l.unmasked = nullptr;
-        in_flight_.pop_back(); // never submitted: nothing to collect
-        --l.busy;
-        failed_ = true;
-        return std::move(s).error().context(fmt::format("step {}", p.step));
-      }
+      if (auto s = later ? exec_->submit_unmasked(p) : exec_->submit(p, fill); !s)
+        return drop_newest(l, std::move(s).error()); // never submitted: nothing to collect
     }
   if (in_flight_.empty())
     return out;

@@ -112,10 +112,12 @@ class engine_loop {
   bool start(size_t i, std::vector<request_output>& out); // schedules lane i if it may
   void finish_oldest(lane& l);
   void fill_unmasked(lane& l, bool fill); // the oldest plan's masks, if it went out without
+  error drop_newest(lane& l, error why);  // it never ran: the engine fails
+  // Grammar rows planned ahead too: only over an executor (worker ranks get masks in the plan).
+  bool masks_later() const { return plan_ahead_ && exec_ != nullptr; }
 
   std::vector<std::unique_ptr<lane>> lanes_;
   bool plan_ahead_ = false;
-  bool masks_later_ = false;     // grammar rows planned ahead too (executor::submit_unmasked)
   std::deque<size_t> in_flight_; // lane indices, oldest first (the executor's order)
   executor* exec_ = nullptr;     // step() only
   bool failed_ = false;

@@ -18,6 +18,7 @@
 
 #include "actors/messages.hpp"
 #include "actors/serving/replica_actor.hpp"
+#include "pipelined_executor.hpp"
 #include "unit/fake_executor.hpp"
 
 using namespace troupe;
@@ -118,21 +119,8 @@ struct fake_ranks {
     size_t n = 0;
     for (size_t a = 0; a < held.size(); ++a)
       for (size_t b = a + 1; b < held.size(); ++b) {
-        if (held[a].ticket >= held[b].ticket || held[a].rank != held[b].rank)
-          continue;
-        std::map<seq_id, const seq_step*> earlier;
-        for (const auto& s : held[a].plan.seqs)
-          earlier[s.id] = &s;
-        for (const auto& s : held[b].plan.seqs) {
-          auto it = earlier.find(s.id);
-          if (it == earlier.end())
-            continue;
-          ++continued;
-          const seq_step& e = *it->second;
-          n +=
-              s.start_pos != e.start_pos + static_cast<int32_t>(e.tokens.size()) ||
-              (e.logits != logits_mode::none && s.tokens != std::vector<token_id>{previous_sample});
-        }
+        if (held[a].ticket < held[b].ticket && held[a].rank == held[b].rank)
+          n += test::broken_continuations(held[a].plan, held[b].plan, continued);
       }
     return n;
   }
