@@ -638,9 +638,10 @@ int main(int argc, char** argv) {
   }
   // Per-request arrays, in request order (vLLM's keys; times in seconds as vLLM writes them).
   json input_lens = json::array(), ttft_arr = json::array(), itl_arr = json::array(),
-       e2el_arr = json::array(), texts = json::array();
+       e2el_arr = json::array(), texts = json::array(), starts = json::array();
   for (const auto& r : results) {
     input_lens.push_back(r.prompt_len);
+    starts.push_back(r.start);
     ttft_arr.push_back(r.ttft);
     itl_arr.push_back(r.itl);
     e2el_arr.push_back(r.latency);
@@ -651,6 +652,7 @@ int main(int argc, char** argv) {
   out["ttfts"] = ttft_arr;
   out["itls"] = itl_arr;
   out["e2els"] = e2el_arr;
+  out["start_times"] = starts; // seconds from the benchmark's start (not in vLLM's output)
   out["generated_texts"] = texts;
   out["errors"] = errors;
 

@@ -1,5 +1,7 @@
 #include "actors/serving/replica_actor.hpp"
 
+#include <chrono>
+
 #include <caf/event_based_actor.hpp>
 #include <caf/system_messages.hpp>
 
@@ -126,12 +128,18 @@ void pump(replica* self) {
 void step(replica* self) {
   auto& st = self->state;
   st.step_queued = false;
+  const auto t0 = std::chrono::steady_clock::now();
   auto out = st.loop->step();
   if (!out) {
     log::error("replica: engine step failed, ending every request: {}", out.error().to_string());
     fail_live(st, out.error());
   } else {
+    const auto t1 = std::chrono::steady_clock::now();
     deliver(self, *out);
+    log::debug(
+        "replica: step took {:.0f} us, delivering {} outputs {:.0f} us",
+        std::chrono::duration<double, std::micro>(t1 - t0).count(), out->size(),
+        std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t1).count());
   }
   send_exports(self);
   st.spec.gauges->publish(*st.loop);

@@ -1,5 +1,9 @@
 #include "engine/exec/cuda_executor.hpp"
 
+#include <chrono>
+
+#include "runtime/log.hpp"
+
 #include "engine/model/gguf_weights.hpp"
 
 namespace troupe::engine {
@@ -30,9 +34,11 @@ expected<step_result> cuda_executor::execute_filling(const step_plan& plan, cons
       fill();
     return host_.sample(plan, out_);
   }
+  const auto t0 = std::chrono::steady_clock::now();
   auto logits = model_.forward_on_device(plan, out_); // queued on the GPU, not waited for
   if (!logits)
     return std::move(logits).error();
+  const auto queued = std::chrono::steady_clock::now();
   if (fill)
     fill(); // the grammar masks, on this thread while the GPU runs the forward pass
   auto jobs = host_.prepare(plan, out_);
@@ -42,6 +48,10 @@ expected<step_result> cuda_executor::execute_filling(const step_plan& plan, cons
   auto outputs = gpu_->sample(*logits, model_.config().vocab_size, *jobs, model_.stream());
   if (!outputs)
     return std::move(outputs).error();
+  log::debug(
+      "cuda: step {} ({} tokens) queued in {:.0f} us, sampled {:.0f} us later", plan.step,
+      plan.num_tokens(), std::chrono::duration<double, std::micro>(queued - t0).count(),
+      std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - queued).count());
   for (size_t i = 0; i < jobs->size(); ++i) {
     auto& o = (*outputs)[i];
     o.id = plan.seqs[(*jobs)[i].seq].id;

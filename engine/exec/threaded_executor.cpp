@@ -1,5 +1,9 @@
 #include "engine/exec/threaded_executor.hpp"
 
+#include <chrono>
+
+#include "runtime/log.hpp"
+
 namespace troupe::engine {
 
 threaded_executor::threaded_executor(std::unique_ptr<executor> inner)
@@ -36,7 +40,11 @@ void threaded_executor::loop() {
         cv_.wait(l, [this, j] { return j->filled || stop_; });
       };
     lock.unlock();
+    const auto t0 = std::chrono::steady_clock::now();
     auto r = inner_->run(*j->plan, wait_for_masks);
+    log::debug(
+        "executor: step {} ran in {:.0f} us", j->plan->step,
+        std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
     lock.lock();
     j->result = std::move(r);
     cv_.notify_all();

@@ -1,6 +1,7 @@
 #include "engine/scheduler/engine_loop.hpp"
 
 #include <algorithm>
+#include <chrono>
 
 #include "runtime/log.hpp"
 
@@ -161,7 +162,17 @@ expected<std::vector<request_output>> engine_loop::step() {
   if (in_flight_.empty())
     return out;
   const size_t i = in_flight_.front();
+  const bool timed = log::threshold() <= log::level::debug;
+  const auto t0 =
+      timed ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
   auto result = exec_->collect();
+  if (timed) {
+    const step_plan& p = lanes_[i]->at(0);
+    log::debug(
+        "engine: step {} ({} sequences, {} tokens) collected after {:.0f} us", p.step,
+        p.seqs.size(), p.num_tokens(),
+        std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
+  }
   if (!result) {
     in_flight_.pop_front();
     const uint64_t step = lanes_[i]->at(0).step;
