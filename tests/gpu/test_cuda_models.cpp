@@ -91,6 +91,19 @@ void run_model(const std::string& name) {
   for (size_t i = 0; i < prompts.size(); ++i)
     check_greedy(**cpu, prompts[i], (*batched)[i].output, alone[i].output);
 
+  // Decode batches padded to their bucket (3 -> 4 rows, 5 -> 8): the padding rows write no
+  // cache entry and their logits go unread, so every request's tokens are as alone.
+  for (size_t n : {3u, 5u}) {
+    CAPTURE(n);
+    std::vector<std::vector<token_id>> some;
+    for (size_t i = 0; i < n; ++i)
+      some.push_back(prompts[i % prompts.size()]);
+    auto padded = generate_greedy(**gpu, some, opts);
+    REQUIRE_MESSAGE(padded.has_value(), (padded ? "" : padded.error().to_string()));
+    for (size_t i = 0; i < n; ++i)
+      check_greedy(**cpu, some[i], (*padded)[i].output, alone[i % prompts.size()].output);
+  }
+
   // The longest prompt alone in chunks: steps whose only sequence wants no logits (R = 0).
   auto chunked =
       generate_greedy(**gpu, {prompts.back()}, {.max_new_tokens = 4, .prefill_chunk = 5});

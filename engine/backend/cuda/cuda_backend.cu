@@ -461,6 +461,10 @@ expected<void> cuda_backend_impl::init(const model_config& c, const weight_sourc
   TROUPE_TRY_VOID(alloc_kv(workspace));
   TROUPE_CUDA(cudaStreamSynchronize(stream_));
   timings_.kv_s = seconds_since(t0);
+  t0 = std::chrono::steady_clock::now();
+  if (auto r = warm_up(); !r)
+    return std::move(r).error().context("warming up the decode steps");
+  timings_.warm_up_s = seconds_since(t0);
   return {};
 }
 

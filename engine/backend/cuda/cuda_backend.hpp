@@ -49,6 +49,8 @@ struct cuda_load_timings {
   size_t weight_file_bytes = 0; // bytes read from the checkpoint (stored types)
   double workspace_s = 0;       // activation workspace allocation
   double kv_s = 0;              // KV pool allocation
+  double warm_up_s = 0;         // decode steps of every batch bucket: GEMMs timed, graphs captured
+  int warm_up_steps = 0;
 };
 
 class cuda_backend : public backend {

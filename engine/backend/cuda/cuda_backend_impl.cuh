@@ -81,6 +81,10 @@ class cuda_backend_impl final : public cuda_backend {
   // Uploads the plan's metadata and sets T_/S_/R_, the attention split and graph_step_.
   expected<void> upload(const step_plan& plan);
   void choose_split(int max_ctx);
+  // One decode step of every batch bucket up to the backend's limits, at load: each bucket's
+  // GEMMs are timed and its graph captured then, not when a batch size is first met under
+  // load. A single rank only (ranks of a group would have to warm up in lockstep).
+  expected<void> warm_up();
   void drop_graphs();
   expected<void> run_model(); // every kernel of one step, on stream_ (graph-capturable)
   expected<void> run_step();  // run_model eagerly, or through a captured graph
@@ -165,12 +169,13 @@ class cuda_backend_impl final : public cuda_backend {
   size_t meta_ints_ = 0;
   step_meta dev_{}, host_{};
   int T_ = 0, S_ = 0, R_ = 0, mb_ = 0, splits_ = 1;
+  int pad_ = 0; // padding rows at the end of a decode step (in T_, S_ and R_)
   int sm_count_ = 132;
   bool graph_step_ = false; // a pure decode step: fixed shapes, replayable as a graph
   attention_args route_;    // this step's flash tiles / split tokens (counts, device pointers)
   std::vector<int> seq_tokens_;
 
-  // CUDA graphs for pure decode steps, keyed by batch size.
+  // CUDA graphs for pure decode steps, keyed by padded batch size.
   bool use_graphs_ = true;
   std::map<int, cudaGraphExec_t> graphs_;
 };

@@ -30,6 +30,12 @@ step_meta layout(int32_t* base, int T, int R) {
 // Sequences with at least this many query tokens use the tensor-core prefill kernel.
 constexpr int flash_min_tokens = 8;
 
+// The batch size a decode step of n sequences runs at (padded up to it): its size_bucket, so
+// that few sizes, each captured once, serve every step; never above `cap`.
+int decode_bucket(int n, int cap) {
+  return std::max(n, std::min(size_bucket(n), cap));
+}
+
 } // namespace
 
 void cuda_backend_impl::choose_split(int max_ctx) {
@@ -67,15 +73,24 @@ expected<void> cuda_backend_impl::upload(const step_plan& plan) {
     return error{errc::out_of_range,
                  strf("step %llu: context of %d tokens exceeds max_model_len %d",
                       static_cast<unsigned long long>(plan.step), max_ctx, opt_.max_model_len)};
-  // Decode steps use fixed shapes (every table max_blocks_ wide, split for max_model_len) so that
-  // one captured graph per batch size serves every such step, and eager runs of them (graphs
-  // off) compute exactly the same sums.
+  // Decode steps use fixed shapes (every table max_blocks_ wide, split for max_model_len, the
+  // batch padded to its bucket) so that one captured graph per bucket serves every such step,
+  // and eager runs of them (graphs off) compute exactly the same sums.
+  pad_ = 0;
+  if (graph_step_ && S_ > 0) {
+    const int cap = std::min({opt_.max_num_seqs, opt_.max_num_batched_tokens, opt_.max_logit_rows});
+    pad_ = decode_bucket(S_, cap) - S_;
+  }
+  const int real_T = T_;
+  T_ += pad_;
+  S_ += pad_;
+  R_ += pad_;
   mb_ = graph_step_ ? max_blocks_ : static_cast<int>(std::max<size_t>(widest, 1));
   choose_split(graph_step_ ? opt_.max_model_len : max_ctx);
   host_ = layout(meta_host_, T_, R_);
   dev_ = layout(meta_dev_.as<int32_t>(), T_, R_);
   int t = 0, r = 0;
-  for (int i = 0; i < S_; ++i) {
+  for (int i = 0; i < S_ - pad_; ++i) {
     const auto& s = plan.seqs[static_cast<size_t>(i)];
     const int n = static_cast<int>(s.tokens.size());
     for (int j = 0; j < n; ++j, ++t) {
@@ -91,12 +106,24 @@ expected<void> cuda_backend_impl::upload(const step_plan& plan) {
     std::copy(s.block_table.begin(), s.block_table.end(),
               host_.block_tables + static_cast<size_t>(i) * mb_);
   }
+  // Padding rows repeat the last sequence's token, position and block table (so attention reads
+  // what it reads) but write no cache entry (slot -1), and their logits rows go unread.
+  for (int i = S_ - pad_; i < S_; ++i, ++t) {
+    host_.tokens[t] = host_.tokens[real_T - 1];
+    host_.positions[t] = host_.positions[real_T - 1];
+    host_.token_seq[t] = i;
+    host_.slots[t] = -1;
+    host_.logit_src[r++] = t;
+    std::copy_n(host_.block_tables + static_cast<size_t>(S_ - pad_ - 1) * mb_, mb_,
+                host_.block_tables + static_cast<size_t>(i) * mb_);
+  }
   // Pure decode steps route every token the same way at a given batch size (one decode tile
   // each), so a graph captured once stays valid.
   route_ = attention_args{};
   seq_tokens_.clear();
   for (const auto& s : plan.seqs)
     seq_tokens_.push_back(static_cast<int>(s.tokens.size()));
+  seq_tokens_.resize(static_cast<size_t>(S_), 1);
   route_attention(seq_tokens_.data(), S_, heads_, flash_min_tokens, host_.flash_tiles,
                   host_.split_tokens, host_.decode_tiles, route_);
   route_.flash_tiles = dev_.flash_tiles;
@@ -105,6 +132,32 @@ expected<void> cuda_backend_impl::upload(const step_plan& plan) {
   const size_t ints = 11 * static_cast<size_t>(T_) + R_ + static_cast<size_t>(S_) * mb_;
   TROUPE_CUDA(
       cudaMemcpyAsync(dev_.tokens, host_.tokens, ints * 4, cudaMemcpyHostToDevice, stream_));
+  return {};
+}
+
+expected<void> cuda_backend_impl::warm_up() {
+  if (!use_graphs_ || tp_ != 1 || opt_.layout.pp_size != 1 || kv_.num_blocks < 1)
+    return {};
+  const int cap = std::min({opt_.max_num_seqs, opt_.max_num_batched_tokens, opt_.max_logit_rows});
+  step_plan plan;
+  for (int n = 1; n <= cap; n = decode_bucket(n, cap) + 1) {
+    // Every row at position 0 of block 0: the pool holds nothing yet, and what the rows write
+    // there is overwritten by the first sequence that gets the block.
+    plan.seqs.resize(static_cast<size_t>(decode_bucket(n, cap)));
+    for (size_t i = 0; i < plan.seqs.size(); ++i) {
+      auto& s = plan.seqs[i];
+      s.id = static_cast<seq_id>(i);
+      s.tokens = {0};
+      s.start_pos = 0;
+      s.num_prompt_tokens = 1;
+      s.block_table = {0};
+      s.logits = logits_mode::last;
+    }
+    TROUPE_TRY_VOID(upload(plan));
+    TROUPE_TRY_VOID(run_step());
+    ++timings_.warm_up_steps;
+  }
+  TROUPE_CUDA(cudaStreamSynchronize(stream_));
   return {};
 }
 
@@ -266,6 +319,7 @@ expected<void> cuda_backend_impl::run_model() {
 }
 
 expected<void> cuda_backend_impl::run_step() {
+  gemm_.time_new_shapes = graph_step_; // decode shapes repeat; a mixed step's rarely do
   if (!graph_step_ || !use_graphs_ || !comm_capturable_)
     return run_model();
   auto it = graphs_.find(T_);
@@ -331,7 +385,7 @@ expected<float*> cuda_backend_impl::forward_on_device(const step_plan& plan, for
 expected<void> cuda_backend_impl::forward_greedy(const step_plan& plan,
                                                  std::vector<token_id>& tokens) {
   TROUPE_TRY_VOID(upload(plan));
-  tokens.resize(static_cast<size_t>(R_));
+  tokens.resize(static_cast<size_t>(R_ - pad_));
   if (T_ == 0)
     return {};
   TROUPE_TRY_VOID(run_step());

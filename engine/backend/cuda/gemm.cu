@@ -185,6 +185,26 @@ cublasLtMatmulAlgo_t gemm_runner::fastest(const plan& p,
   return best;
 }
 
+void gemm_runner::settle(plan& p, int T, int in, int out, bool f32_out, const bf16* x,
+                         const bf16* w, void* y, cudaStream_t s) {
+  const auto bucket = std::tuple{size_bucket(T), in, out, f32_out};
+  if (auto tuned = tuned_.find(bucket); tuned != tuned_.end()) {
+    cublasLtMatmulHeuristicResult_t check{};
+    if (cublasLtMatmulAlgoCheck(handle_, p.op, p.a, p.b, p.c, p.c, &tuned->second, &check) ==
+        CUBLAS_STATUS_SUCCESS)
+      p.algo = tuned->second;
+    p.num_candidates = 0; // settled: the bucket's algorithm, or the heuristic's first
+    return;
+  }
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  if (!time_new_shapes || cudaStreamIsCapturing(s, &capturing) != cudaSuccess ||
+      capturing != cudaStreamCaptureStatusNone)
+    return; // the heuristic's first until a step that may be timed meets this bucket
+  p.algo = fastest(p, p.candidates, p.num_candidates, x, w, y, s);
+  tuned_.emplace(bucket, p.algo);
+  p.num_candidates = 0;
+}
+
 expected<void> gemm_runner::run_lt(const bf16* x, int T, int in, const bf16* w, int out, void* y,
                                    bool f32_out, cudaStream_t s) {
   if (T == 0)
@@ -219,10 +239,14 @@ expected<void> gemm_runner::run_lt(const bf16* x, int T, int in, const bf16* w, 
       return error{errc::unsupported,
                    strf("cuBLASLt has no algorithm for [%dx%d]·[%dx%d]^T", T, in, out, in)};
     p.algo = results[0].algo;
-    if (autotune && T <= autotune_max_tokens && found > 1)
-      p.algo = fastest(p, results, found, x, w, y, s);
+    if (autotune && T <= autotune_max_tokens && found > 1) { // timed once its bucket is
+      std::copy(results, results + found, p.candidates);
+      p.num_candidates = found;
+    }
     it = plans_.emplace(key, p).first;
   }
+  if (it->second.num_candidates > 0)
+    settle(it->second, T, in, out, f32_out, x, w, y, s);
   const float alpha = 1.0f, beta = 0.0f;
   const auto& p = it->second;
   TROUPE_CUBLAS(cublasLtMatmul(handle_, p.op, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c,

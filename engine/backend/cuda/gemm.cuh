@@ -10,6 +10,13 @@
 
 namespace troupe::engine::cuda {
 
+// The size that n rows are treated as where shapes should repeat (vLLM's capture sizes): 1, 2,
+// 4, then multiples of 8 up to 256 and of 32 beyond. Decode steps are padded to it (one CUDA
+// graph per bucket), and cuBLASLt is timed once per bucket.
+inline int size_bucket(int n) {
+  return n <= 2 ? n : n <= 4 ? 4 : n <= 256 ? (n + 7) / 8 * 8 : (n + 31) / 32 * 32;
+}
+
 class gemm_runner {
  public:
   gemm_runner() = default;
@@ -33,10 +40,15 @@ class gemm_runner {
   static constexpr int skinny_max_tokens = 8;
   static constexpr int skinny_auto_tokens = 1;
   bool use_skinny = true; // benchmarks compare both paths
-  // cuBLASLt plans for up to autotune_max_tokens rows (decode batches, whose shapes repeat) time
-  // the heuristic's first autotune_candidates algorithms once and keep the fastest; larger
-  // (prefill) shapes take the first. Off: TROUPE_GEMM_AUTOTUNE=0 (benchmarks compare).
+  // cuBLASLt plans for up to autotune_max_tokens rows time the heuristic's first
+  // autotune_candidates algorithms once per size_bucket of rows, and only while
+  // time_new_shapes is set (the backend sets it for decode steps, whose padded shapes repeat
+  // every step: timing stalls the stream for milliseconds, which a mixed prefill step of a
+  // one-off token count would pay under load); other row counts in the bucket reuse the fastest
+  // where cuBLASLt accepts it for their shape, else keep the heuristic's first, as larger
+  // (prefill) shapes do. Off: TROUPE_GEMM_AUTOTUNE=0 (benchmarks compare).
   bool autotune = true;
+  bool time_new_shapes = true;
   static constexpr int autotune_candidates = 8;
   static constexpr int autotune_max_tokens = 512;
 
@@ -47,13 +59,21 @@ class gemm_runner {
     cublasLtMatmulDesc_t op = nullptr;
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
     cublasLtMatmulAlgo_t algo{};
+    // Until settled (autotune): the heuristic's first num_candidates algorithms.
+    cublasLtMatmulHeuristicResult_t candidates[autotune_candidates]{};
+    int num_candidates = 0;
   };
+  // Gives an autotuned plan its bucket's algorithm, timing the candidates if the bucket has
+  // none and time_new_shapes allows.
+  void settle(plan& p, int T, int in, int out, bool f32_out, const bf16* x, const bf16* w, void* y,
+              cudaStream_t s);
   // The fastest of the candidates on these operands; the first one when timing is impossible.
   cublasLtMatmulAlgo_t fastest(const plan& p, const cublasLtMatmulHeuristicResult_t* results,
                                int found, const bf16* x, const bf16* w, void* y, cudaStream_t s);
   cublasLtHandle_t handle_ = nullptr;
   device_buffer workspace_;
-  std::map<std::tuple<int, int, int, bool>, plan> plans_;
+  std::map<std::tuple<int, int, int, bool>, plan> plans_; // by rows, in, out, f32 output
+  std::map<std::tuple<int, int, int, bool>, cublasLtMatmulAlgo_t> tuned_; // by size_bucket(rows)
 };
 
 // The skinny kernel alone, for tests: requires T <= 8 and in % 8 == 0.

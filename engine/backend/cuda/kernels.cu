@@ -100,6 +100,8 @@ __global__ void qkv_rope_cache_kernel(bf16* qkv, const bf16* bias, const float* 
   float inv = 1.0f;
   if (norm != nullptr)
     inv = rsqrtf(warp_sum(ss) / D + eps);
+  if (!is_q && slots[t] < 0)
+    return; // a padding row of a decode step: no cache entry
   const int pos = positions[t];
   bf16* dst = v;
   if (is_k)
