@@ -125,14 +125,12 @@ expected<local_replica> start_cuda(const deployment_config& c, const kv_plan& kv
   const auto t = (*model)->load_timings();
   log::info("device: cuda: loaded in {:.2f} s: weights {:.2f} s ({:.2f} GB from the files at "
             "{:.1f} GB/s; reading into staging {:.2f} s over {} threads, overlapped with the "
-            "upload), workspace {:.2f} s, KV pool {:.2f} s, {} decode batch sizes warmed up "
-            "(GEMMs timed, CUDA graphs captured) {:.2f} s, the rest (config, CUDA context, "
+            "upload), workspace {:.2f} s, KV pool {:.2f} s, the rest (config, CUDA context, "
             "cuBLASLt) {:.2f} s",
             load_s, t.weights_s, t.weight_file_bytes / 1e9,
             t.weights_s > 0 ? t.weight_file_bytes / 1e9 / t.weights_s : 0.0,
             t.loader_threads > 0 ? t.read_s / t.loader_threads : 0.0, t.loader_threads,
-            t.workspace_s, t.kv_s, t.warm_up_steps, t.warm_up_s,
-            load_s - t.weights_s - t.workspace_s - t.kv_s - t.warm_up_s);
+            t.workspace_s, t.kv_s, load_s - t.weights_s - t.workspace_s - t.kv_s);
   auto layout = (*model)->kv_memory();
   return local_replica{{in_process(std::move(*model), std::move(*exec)), blocks},
                        std::move(layout)};

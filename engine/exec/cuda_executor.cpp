@@ -15,6 +15,25 @@ expected<std::unique_ptr<cuda_executor>> cuda_executor::create(cuda_backend& mod
   return std::unique_ptr<cuda_executor>(new cuda_executor(model, std::move(*gpu)));
 }
 
+bool cuda_executor::idle_work() {
+  const auto t0 = std::chrono::steady_clock::now();
+  auto more = model_.warm_up_next();
+  warm_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (!more) { // the next step reports what broke, if anything did
+    log::warn("cuda: warming up decode batch sizes stopped: {}", more.error().to_string());
+    return false;
+  }
+  if (*more) {
+    ++warmed_;
+    return true;
+  }
+  if (warmed_ > 0)
+    log::info("cuda: {} decode batch sizes warmed up while idle (GEMMs timed, CUDA graphs "
+              "captured) in {:.2f} s",
+              warmed_, warm_s_);
+  return false;
+}
+
 expected<step_result> cuda_executor::execute_filling(const step_plan& plan, const mask_fill& fill) {
   step_result result{.step = plan.step};
   if (fill && !model_.makes_logits())

@@ -22,6 +22,7 @@ class cuda_executor final : public executor {
     return execute_filling(plan, {});
   }
   expected<step_result> execute_filling(const step_plan& plan, const mask_fill& fill) override;
+  bool idle_work() override; // a decode batch bucket warmed up (cuda_backend::warm_up_next)
 
  private:
   cuda_executor(cuda_backend& model, std::unique_ptr<gpu_sampler> gpu)
@@ -30,6 +31,8 @@ class cuda_executor final : public executor {
   std::unique_ptr<gpu_sampler> gpu_;
   sampler host_;
   forward_output out_;
+  int warmed_ = 0;      // idle_work(): buckets warmed up so far
+  double warm_s_ = 0.0; // and the time they took
 };
 
 // Loads a Hugging Face folder or a .gguf file onto a GPU (bf16): weights, then workspace, then a

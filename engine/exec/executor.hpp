@@ -64,6 +64,9 @@ class executor {
   virtual expected<step_result> run_here(step_plan& plan, const mask_fill& fill) {
     return run(plan, fill);
   }
+  // Work worth doing while no plan waits (cuda_executor: warming up the next decode batch
+  // bucket); returns whether more remains. threaded_executor calls it on its thread.
+  virtual bool idle_work() { return false; }
   // The result of the oldest submitted plan not yet collected; blocks until it is done.
   virtual expected<step_result> collect() {
     if (done_.empty())

@@ -20,16 +20,27 @@ threaded_executor::~threaded_executor() {
 
 void threaded_executor::loop() {
   std::unique_lock lock(mu_);
+  bool idle_work = true; // the inner executor may have some
   for (;;) {
     job* j = nullptr;
-    cv_.wait(lock, [&] {
+    const auto ready = [&] {
       for (auto& q : jobs_)
         if (!q.started) {
           j = &q;
           return true;
         }
       return stop_;
-    });
+    };
+    cv_.wait(lock, [&] { return ready() || (idle_work && !held_); });
+    if (!j && !stop_) { // nothing waits: the inner executor's idle work, one piece
+      idling_ = true;
+      lock.unlock();
+      idle_work = inner_->idle_work();
+      lock.lock();
+      idling_ = false;
+      cv_.notify_all();
+      continue;
+    }
     if (!j)
       return; // stopping, and every submitted plan ran
     j->started = true;
@@ -51,22 +62,30 @@ void threaded_executor::loop() {
   }
 }
 
-expected<step_result> threaded_executor::execute(const step_plan& plan) {
+template <class F>
+expected<step_result> threaded_executor::on_this_thread(const char* what, F&& f) {
+  {
+    std::unique_lock lock(mu_);
+    if (!jobs_.empty())
+      return make_error(errc::internal, "{}: plans are in flight on the executor thread", what);
+    held_ = true; // no idle work starts, and the piece running ends first
+    cv_.wait(lock, [this] { return !idling_; });
+  }
+  auto r = f(); // the thread is idle: the inner executor is this thread's
   {
     std::lock_guard lock(mu_);
-    if (!jobs_.empty())
-      return make_error(errc::internal, "execute: plans are in flight on the executor thread");
+    held_ = false;
   }
-  return inner_->execute(plan);
+  cv_.notify_all();
+  return r;
+}
+
+expected<step_result> threaded_executor::execute(const step_plan& plan) {
+  return on_this_thread("execute", [&] { return inner_->execute(plan); });
 }
 
 expected<step_result> threaded_executor::run_here(step_plan& plan, const mask_fill& fill) {
-  {
-    std::lock_guard lock(mu_);
-    if (!jobs_.empty())
-      return make_error(errc::internal, "run_here: plans are in flight on the executor thread");
-  }
-  return inner_->run(plan, fill); // the thread is idle: the inner executor is this thread's
+  return on_this_thread("run_here", [&] { return inner_->run(plan, fill); });
 }
 
 expected<void> threaded_executor::submit_unmasked(step_plan& plan) {

@@ -5,7 +5,9 @@
 // A plan's grammar masks are filled on the caller's thread, within submit() or, for a plan made
 // ahead (submit_unmasked), once the plan before is done (masks_filled), while this thread runs
 // the forward pass; the inner executor waits for them before it samples. A plan nothing is
-// planned ahead of runs on the caller's thread (run_here).
+// planned ahead of runs on the caller's thread (run_here). While no plan waits, the thread does
+// the inner executor's idle work (CUDA: warming up decode batch sizes), one piece at a time, so
+// a plan submitted meanwhile waits for at most one piece.
 #pragma once
 
 #include <condition_variable>
@@ -43,12 +45,17 @@ class threaded_executor final : public executor {
     std::optional<expected<step_result>> result;
   };
   void loop();
+  // f() on the caller's thread, once nothing is in flight and no idle work runs.
+  template <class F>
+  expected<step_result> on_this_thread(const char* what, F&& f);
 
   std::unique_ptr<executor> inner_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<job> jobs_; // submitted and not collected, oldest first
   bool stop_ = false;
+  bool held_ = false;   // the caller's thread uses the inner executor (on_this_thread)
+  bool idling_ = false; // this thread runs the inner executor's idle_work()
   std::thread thread_;
 };
 

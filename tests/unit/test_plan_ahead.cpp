@@ -6,6 +6,8 @@
 // with two plans in flight. The randomised simulation (test_scheduler_sim.cpp) and the golden
 // models (engine_loop_tests) run planned ahead too.
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <thread>
 
 #include <doctest/doctest.h>
@@ -216,6 +218,65 @@ TEST_CASE("threaded_executor: an engine loop plans ahead over it, every request 
   }
   CHECK(fake->errors == 0);
   CHECK(loop.usage().blocks_used == 0);
+}
+
+namespace {
+// Idle work in pieces of ~1 ms (as a CUDA warm-up step would be), noting any overlap with a plan.
+struct idle_recorder final : executor {
+  explicit idle_recorder(std::unique_ptr<executor> inner) : inner_(std::move(inner)) {}
+  std::atomic<int> pieces{0}, overlaps{0};
+  std::atomic<bool> in_piece{false};
+  int limit = 50;
+  expected<step_result> execute(const step_plan& plan) override {
+    overlaps += in_piece.load();
+    return inner_->execute(plan);
+  }
+  bool idle_work() override {
+    in_piece = true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    in_piece = false;
+    return ++pieces < limit;
+  }
+  std::unique_ptr<executor> inner_;
+};
+} // namespace
+
+TEST_CASE("threaded_executor: idle work runs while no plan waits, never beside a plan, and stops "
+          "when done") {
+  auto owned =
+      std::make_unique<idle_recorder>(std::make_unique<test::fake_executor>(64, 4, vocab, nullptr));
+  auto* rec = owned.get();
+  threaded_executor exec(std::move(owned));
+  for (int i = 0; i < 200 && rec->pieces == 0; ++i) // it starts on its own
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  CHECK(rec->pieces > 0);
+  engine_loop loop({.num_blocks = 64,
+                    .block_size = 4,
+                    .max_num_batched_tokens = 16,
+                    .max_model_len = 48,
+                    .vocab_size = vocab},
+                   exec);
+  std::vector<token_id> prompt(5, 3);
+  auto id = loop.add_request({.prompt = prompt, .sampling = greedy(7)});
+  REQUIRE(id.has_value());
+  std::vector<token_id> got;
+  for (int i = 0; i < 500 && loop.has_work(); ++i) {
+    auto out = loop.step();
+    REQUIRE_MESSAGE(out.has_value(), (out ? "" : out.error().to_string()));
+    for (const auto& o : *out)
+      if (o.has_token)
+        got.push_back(o.token);
+    // On this thread, between steps: waits for a piece running, none starts meanwhile.
+    if (!loop.in_flight())
+      CHECK(exec.execute(step_plan{}).has_value());
+  }
+  CHECK(got == test::fake_alone(prompt, 7, vocab, -1, 0, 48));
+  for (int i = 0; i < 2000 && rec->pieces < rec->limit; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  CHECK(rec->pieces == rec->limit);
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  CHECK(rec->pieces == rec->limit); // no more once it said none is left
+  CHECK(rec->overlaps == 0);
 }
 
 namespace {

@@ -372,6 +372,8 @@ expected<void> cuda_backend_impl::alloc_kv(size_t workspace_bytes) {
   if (auto r = kv_buf_.allocate(layer_kv_elems_ * 2 * 2 * layers); !r)
     return std::move(r).error().context(
         strf("allocating %d KV blocks of %d tokens", kv_.num_blocks, kv_.block_size));
+  // Zeros, so that what warm-up and padding rows read before any sequence wrote there is finite.
+  TROUPE_CUDA(cudaMemsetAsync(kv_buf_.as<char>(), 0, kv_buf_.bytes(), stream_));
   return {};
 }
 
@@ -461,10 +463,6 @@ expected<void> cuda_backend_impl::init(const model_config& c, const weight_sourc
   TROUPE_TRY_VOID(alloc_kv(workspace));
   TROUPE_CUDA(cudaStreamSynchronize(stream_));
   timings_.kv_s = seconds_since(t0);
-  t0 = std::chrono::steady_clock::now();
-  if (auto r = warm_up(); !r)
-    return std::move(r).error().context("warming up the decode steps");
-  timings_.warm_up_s = seconds_since(t0);
   return {};
 }
 

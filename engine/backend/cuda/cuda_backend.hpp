@@ -49,8 +49,6 @@ struct cuda_load_timings {
   size_t weight_file_bytes = 0; // bytes read from the checkpoint (stored types)
   double workspace_s = 0;       // activation workspace allocation
   double kv_s = 0;              // KV pool allocation
-  double warm_up_s = 0;         // decode steps of every batch bucket: GEMMs timed, graphs captured
-  int warm_up_steps = 0;
 };
 
 class cuda_backend : public backend {
@@ -69,6 +67,11 @@ class cuda_backend : public backend {
   // Decode steps replay CUDA graphs captured per batch size; off = always eager (and always off
   // with a communicator that cannot be captured).
   virtual void set_use_graphs(bool on) = 0;
+  // Runs a decode step of the next batch bucket not yet met (its GEMMs timed, its graph
+  // captured), so that no batch size is first met under load: true if it ran one, false once
+  // none is left (at once on a rank of a tensor or pipeline group, whose ranks would have to do
+  // it in lockstep). For idle time: the executor's thread calls it while no plan waits.
+  virtual expected<bool> warm_up_next() = 0;
   virtual void set_use_skinny_gemm(bool on) = 0;
 };
 

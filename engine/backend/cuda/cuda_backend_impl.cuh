@@ -70,6 +70,7 @@ class cuda_backend_impl final : public cuda_backend {
   size_t kv_bytes() const override { return kv_buf_.bytes(); }
   cuda_load_timings load_timings() const override { return timings_; }
   void set_use_graphs(bool on) override { use_graphs_ = on; }
+  expected<bool> warm_up_next() override;
   void set_use_skinny_gemm(bool on) override {
     if (on != gemm_.use_skinny)
       drop_graphs(); // they captured the other GEMM path
@@ -81,10 +82,7 @@ class cuda_backend_impl final : public cuda_backend {
   // Uploads the plan's metadata and sets T_/S_/R_, the attention split and graph_step_.
   expected<void> upload(const step_plan& plan);
   void choose_split(int max_ctx);
-  // One decode step of every batch bucket up to the backend's limits, at load: each bucket's
-  // GEMMs are timed and its graph captured then, not when a batch size is first met under
-  // load. A single rank only (ranks of a group would have to warm up in lockstep).
-  expected<void> warm_up();
+
   void drop_graphs();
   expected<void> run_model(); // every kernel of one step, on stream_ (graph-capturable)
   expected<void> run_step();  // run_model eagerly, or through a captured graph
@@ -178,6 +176,7 @@ class cuda_backend_impl final : public cuda_backend {
   // CUDA graphs for pure decode steps, keyed by padded batch size.
   bool use_graphs_ = true;
   std::map<int, cudaGraphExec_t> graphs_;
+  int warm_next_ = 1; // warm_up_next(): the batch size whose bucket comes next
 };
 
 } // namespace troupe::engine::cuda

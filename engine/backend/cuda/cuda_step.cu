@@ -135,30 +135,37 @@ expected<void> cuda_backend_impl::upload(const step_plan& plan) {
   return {};
 }
 
-expected<void> cuda_backend_impl::warm_up() {
-  if (!use_graphs_ || tp_ != 1 || opt_.layout.pp_size != 1 || kv_.num_blocks < 1)
-    return {};
+expected<bool> cuda_backend_impl::warm_up_next() {
   const int cap = std::min({opt_.max_num_seqs, opt_.max_num_batched_tokens, opt_.max_logit_rows});
-  step_plan plan;
-  for (int n = 1; n <= cap; n = decode_bucket(n, cap) + 1) {
-    // Every row at position 0 of block 0: the pool holds nothing yet, and what the rows write
-    // there is overwritten by the first sequence that gets the block.
-    plan.seqs.resize(static_cast<size_t>(decode_bucket(n, cap)));
+  if (!use_graphs_ || tp_ != 1 || opt_.layout.pp_size != 1 || kv_.num_blocks < 1)
+    return false;
+  for (; warm_next_ <= cap; warm_next_ = decode_bucket(warm_next_, cap) + 1) {
+    const int n = decode_bucket(warm_next_, cap);
+    if (graphs_.count(n))
+      continue; // met already
+    // Every row at position 0 of block 0, writing no cache entry (slot -1, as padding rows do):
+    // sequences may hold the block by now.
+    step_plan plan;
+    plan.seqs.resize(static_cast<size_t>(n));
     for (size_t i = 0; i < plan.seqs.size(); ++i) {
       auto& s = plan.seqs[i];
       s.id = static_cast<seq_id>(i);
       s.tokens = {0};
-      s.start_pos = 0;
       s.num_prompt_tokens = 1;
       s.block_table = {0};
       s.logits = logits_mode::last;
     }
     TROUPE_TRY_VOID(upload(plan));
+    for (int t = 0; t < T_; ++t)
+      host_.slots[t] = -1;
+    TROUPE_CUDA(cudaMemcpyAsync(dev_.slots, host_.slots, static_cast<size_t>(T_) * 4,
+                                cudaMemcpyHostToDevice, stream_));
     TROUPE_TRY_VOID(run_step());
-    ++timings_.warm_up_steps;
+    TROUPE_CUDA(cudaStreamSynchronize(stream_));
+    warm_next_ = n + 1;
+    return true;
   }
-  TROUPE_CUDA(cudaStreamSynchronize(stream_));
-  return {};
+  return false;
 }
 
 expected<void> cuda_backend_impl::layer(int l) {
