@@ -25,6 +25,12 @@ using troupe::test::sched_driver;
 namespace {
 
 constexpr int32_t vocab = 100;
+// Prompts in chunks of up to 16 tokens, contexts of up to 48.
+const scheduler_options chunked{.num_blocks = 64,
+                                .block_size = 4,
+                                .max_num_batched_tokens = 16,
+                                .max_model_len = 48,
+                                .vocab_size = vocab};
 
 // Allows every token and never ends.
 struct any_token final : token_constraint {
@@ -185,12 +191,7 @@ TEST_CASE("threaded_executor: an engine loop plans ahead over it, every request 
   auto* fake = owned.get();
   threaded_executor exec(std::move(owned));
   CHECK(exec.overlaps());
-  engine_loop loop({.num_blocks = 64,
-                    .block_size = 4,
-                    .max_num_batched_tokens = 16,
-                    .max_model_len = 48,
-                    .vocab_size = vocab},
-                   exec);
+  engine_loop loop(chunked, exec);
   std::map<seq_id, std::vector<token_id>> prompts, got;
   for (token_id t = 1; t <= 6; ++t) {
     std::vector<token_id> p(static_cast<size_t>(t + 2), t);
@@ -250,12 +251,7 @@ TEST_CASE("threaded_executor: idle work runs while no plan waits, never beside a
   for (int i = 0; i < 200 && rec->pieces == 0; ++i) // it starts on its own
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   CHECK(rec->pieces > 0);
-  engine_loop loop({.num_blocks = 64,
-                    .block_size = 4,
-                    .max_num_batched_tokens = 16,
-                    .max_model_len = 48,
-                    .vocab_size = vocab},
-                   exec);
+  engine_loop loop(chunked, exec);
   std::vector<token_id> prompt(5, 3);
   auto id = loop.add_request({.prompt = prompt, .sampling = greedy(7)});
   REQUIRE(id.has_value());
