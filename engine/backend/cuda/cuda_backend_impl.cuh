@@ -2,6 +2,7 @@
 // weight loading) and cuda_step.cu (running steps). Not for use outside engine/backend/cuda.
 #pragma once
 
+#include <algorithm>
 #include <map>
 #include <memory>
 #include <string>
@@ -82,6 +83,10 @@ class cuda_backend_impl final : public cuda_backend {
   // Uploads the plan's metadata and sets T_/S_/R_, the attention split and graph_step_.
   expected<void> upload(const step_plan& plan);
   void choose_split(int max_ctx);
+  // The largest decode batch the backend's limits allow (sequences, tokens, logits rows).
+  int max_decode_batch() const {
+    return std::min({opt_.max_num_seqs, opt_.max_num_batched_tokens, opt_.max_logit_rows});
+  }
 
   void drop_graphs();
   expected<void> run_model(); // every kernel of one step, on stream_ (graph-capturable)

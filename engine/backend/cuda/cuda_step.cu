@@ -78,8 +78,7 @@ expected<void> cuda_backend_impl::upload(const step_plan& plan) {
   // and eager runs of them (graphs off) compute exactly the same sums.
   pad_ = 0;
   if (graph_step_ && S_ > 0) {
-    const int cap = std::min({opt_.max_num_seqs, opt_.max_num_batched_tokens, opt_.max_logit_rows});
-    pad_ = decode_bucket(S_, cap) - S_;
+    pad_ = decode_bucket(S_, max_decode_batch()) - S_;
   }
   const int real_T = T_;
   T_ += pad_;
@@ -136,7 +135,7 @@ expected<void> cuda_backend_impl::upload(const step_plan& plan) {
 }
 
 expected<bool> cuda_backend_impl::warm_up_next() {
-  const int cap = std::min({opt_.max_num_seqs, opt_.max_num_batched_tokens, opt_.max_logit_rows});
+  const int cap = max_decode_batch();
   if (!use_graphs_ || tp_ != 1 || opt_.layout.pp_size != 1 || kv_.num_blocks < 1)
     return false;
   for (; warm_next_ <= cap; warm_next_ = decode_bucket(warm_next_, cap) + 1) {
