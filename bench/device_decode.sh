@@ -92,24 +92,21 @@ run_disk() { # the disk's own sequential read rate, for the cold-page-cache load
   dd if=/tmp/disk_probe of=/dev/null bs=16M 2>&1 | tail -1
   rm -f /tmp/disk_probe
 }
-run_profile() { # per-kernel GPU time of eager batch-1 decode steps (nsys, when the image has it)
-  echo "== profile"
-  local nsys
-  nsys=$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems*/bin/nsys 2>/dev/null | head -n 1)
-  if [ -z "$nsys" ]; then
-    echo "no nsys on this machine"
+run_profile() { # per-kernel GPU time of eager decode steps, from ncu (kernels serialised, clocks
+  # and caches left as they are), and the step's sum of kernel times against its host-clock time
+  echo "== profile (${PROFILE_ARGS:=1 512})"
+  local ncu
+  ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute*/ncu 2>/dev/null | head -n 1)
+  if [ -z "$ncu" ]; then
+    echo "no ncu on this machine"
     return
   fi
-  for shape in qwen3-0.6b qwen3-8b; do
-    "$nsys" profile -t cuda --force-overwrite true -o "/tmp/prof-$shape" \
-      "$B/bin/cuda_bench" --shape "$shape" --profile-decode 1 512 > /dev/null 2>&1
-    echo "-- $shape (6 eager steps: 3 warm-up, 3 timed)"
-    "$nsys" stats -q -r cuda_gpu_kern_sum --format csv "/tmp/prof-$shape.nsys-rep" 2>/dev/null |
-      python3 -c 'import csv, sys
-rows = list(csv.reader(sys.stdin))[1:]  # Time (%), Total, Instances, Avg, Med, Min, Max, StdDev, Name
-for r in rows[:14]:
-    print("%5.1f%%  %6d  med %8.2f us  %s" % (float(r[0]), int(r[2]), float(r[4]) / 1e3, r[8][:90]))' |
-      tee -a "$out/profile.log"
+  for shape in ${PROFILE_SHAPES:-qwen3-0.6b qwen3-8b}; do
+    timeout 300 "$ncu" --csv --page raw --metrics gpu__time_duration.sum,dram__bytes_read.sum,launch__grid_size --cache-control none \
+      --clock-control none --print-units base "$B/bin/cuda_bench" --shape "$shape" \
+      --profile-decode $PROFILE_ARGS > "/tmp/prof-$shape.csv" 2> "/tmp/prof-$shape.err"; tail -3 "/tmp/prof-$shape.err"
+    echo "-- $shape, the last eager decode step (batch, ctx: $PROFILE_ARGS)"
+    python3 "$(dirname "$0")/ncu_step.py" "/tmp/prof-$shape.csv" | tee -a "$out/profile.log"
   done
 }
 for step in ${steps//,/ }; do # in the order given

@@ -44,6 +44,7 @@ class owning_executor final : public engine::executor {
   expected<step_result> execute_filling(const step_plan& plan, const mask_fill& fill) override {
     return exec_->execute_filling(plan, fill);
   }
+  bool idle_work() override { return exec_->idle_work(); } // the CUDA buckets' warm-up
 
  private:
   std::unique_ptr<engine::backend> model_;
