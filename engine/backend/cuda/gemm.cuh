@@ -37,6 +37,9 @@ class gemm_runner {
   // was neutral (H100, 2026-12-06, batch 1 ctx 512: 8B 6.208 vs 6.176 ms, 0.6B 1.351 vs
   // 1.367 ms) and was dropped; so were an L2 prefetch of each block's weight rows before
   // griddepcontrol.wait (+0.21 ms on 8B) and the combine fused into the decode kernel (+0.4 ms).
+  // Later (bench/RESULTS.md, session 14): persistent per-layer kernels with grid barriers (8B
+  // 6.79 vs 6.16 ms), the RMSNorms folded into the batch-1 projections (within 1%) and 8 loads
+  // in flight per lane (no change) were measured and dropped too.
   static constexpr int skinny_max_tokens = 8;
   static constexpr int skinny_auto_tokens = 1;
   bool use_skinny = true; // benchmarks compare both paths
