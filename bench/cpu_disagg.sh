@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Prefill/decode disaggregation on CPU ranks against colocated replicas at the same device count.
-# Two node daemons on this machine (the head's own node and one joined node), each one CPU device
-# with THREADS threads, serve one model twice in turn:
-#   colocated: two replicas, one per node; each interleaves prefill chunks with its decodes;
-#   1p1d:      one prefill and one decode replica, the KV moved between the node processes by the
-#              transfer layer (PROVIDER, default tcp: libfabric's tcp provider).
+# NODES node daemons on this machine (default 2: the head's own node and joined ones), each one
+# CPU device with THREADS threads, serve one model once per layout in MODES (default "colocated
+# 1p1d"):
+#   colocated: NODES replicas, one per node; each interleaves prefill chunks with its decodes;
+#   XpYd:      X prefill and Y decode replicas (X + Y = NODES), the KV moved between the node
+#              processes by the transfer layer (PROVIDER, default tcp: libfabric's tcp provider).
 # serve_bench sends the same mixed workload to both: N requests at RATE requests/s (Poisson),
 # IN prompt tokens (+- RANGE) and OUT_LEN output tokens, ignore_eos. It reports ITL p99 and the
 # goodput: requests/s meeting TTFT <= SLO_TTFT_MS and TPOT <= SLO_TPOT_MS (vllm bench serve's
 # --goodput). Logs and result JSON go to $OUT.
-# Usage: bench/cpu_disagg.sh MODEL TOKENIZER
+# Usage: [NODES=3 MODES="colocated 2p1d"] bench/cpu_disagg.sh MODEL TOKENIZER
 #   MODEL: a Hugging Face folder or .gguf; TOKENIZER: the folder or .gguf serve_bench encodes with.
 #   TROUPE_BUNDLE (default dist/troupe) holds bin/cluster and bin/serve_bench.
 set -uo pipefail
@@ -17,7 +18,9 @@ model=$(realpath "$1")
 tokenizer=$(realpath "$2")
 out=${OUT:-/tmp/cpu_disagg}
 bin=$(realpath "${TROUPE_BUNDLE:-dist/troupe}/bin")
-threads=${THREADS:-$(( $(nproc) / 2 ))}
+nodes=${NODES:-2}
+modes=${MODES:-colocated 1p1d}
+threads=${THREADS:-$(( $(nproc) / nodes ))}
 in_len=${IN:-1024}
 range=${RANGE:-0.5}
 out_len=${OUT_LEN:-128}
@@ -31,7 +34,9 @@ mkdir -p "$out"
 work=$(mktemp -d)
 export TROUPE_TEMP_DIR="$work/head"
 stop_all() {
-  TROUPE_TEMP_DIR="$work/node" "$bin/cluster" stop >/dev/null 2>&1
+  for k in $(seq 1 $(( nodes - 1 ))); do
+    TROUPE_TEMP_DIR="$work/node$k" "$bin/cluster" stop >/dev/null 2>&1
+  done
   "$bin/cluster" stop >/dev/null 2>&1
   rm -rf "$work"
 }
@@ -40,19 +45,24 @@ TROUPE_CPU_THREADS=$threads "$bin/cluster" start --head --port 0 --num-gpus 1 > 
   { cat "$out/head.txt"; exit 1; }
 join=$(grep -o 'cluster join .*' "$out/head.txt" | head -n 1 | sed 's/^cluster //')
 [ -n "$join" ] || { echo "no join command in:"; cat "$out/head.txt"; exit 1; }
-# shellcheck disable=SC2086 # the join command's words
-TROUPE_TEMP_DIR="$work/node" TROUPE_CPU_THREADS=$threads "$bin/cluster" $join --num-gpus 1 \
-  > "$out/node.txt" 2>&1 || { cat "$out/node.txt"; exit 1; }
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); 2 nodes x $threads threads"
-for mode in colocated 1p1d; do
+for k in $(seq 1 $(( nodes - 1 ))); do
+  # shellcheck disable=SC2086 # the join command's words
+  TROUPE_TEMP_DIR="$work/node$k" TROUPE_CPU_THREADS=$threads "$bin/cluster" $join --num-gpus 1 \
+    > "$out/node$k.txt" 2>&1 || { cat "$out/node$k.txt"; exit 1; }
+done
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $nodes nodes x $threads threads"
+for mode in $modes; do
   {
     echo "model: $model"; echo "served_model_name: bench"; echo "device: cpu"
     echo "max_model_len: $max_len"; echo "max_num_seqs: 32"; echo "max_num_batched_tokens: 2048"
     echo "port: 0"
-    if [ $mode = colocated ]; then
-      echo "parallel: {replicas: 2}"
-    else
-      printf 'disaggregation:\n  prefill: {replicas: 1}\n  decode: {replicas: 1}\n  provider: %s\n' "$provider"
+    if [ "$mode" = colocated ]; then
+      echo "parallel: {replicas: $nodes}"
+    else # XpYd
+      p=${mode%%p*} d=${mode#*p}
+      d=${d%d}
+      printf 'disaggregation:\n  prefill: {replicas: %s}\n  decode: {replicas: %s}\n  provider: %s\n' \
+        "$p" "$d" "$provider"
     fi
   } > "$work/$mode.yaml"
   if ! "$bin/cluster" serve "$work/$mode.yaml" > "$out/serve-$mode.txt" 2>&1; then
