@@ -34,27 +34,10 @@ struct deployment::parts {
 
 namespace {
 
-// A backend in this process and the executor over it (which refers to the backend, so it goes
-// first). Run on a thread of its own (in_process()).
-class owning_executor final : public engine::executor {
- public:
-  owning_executor(std::unique_ptr<engine::backend> model, std::unique_ptr<engine::executor> exec)
-    : model_(std::move(model)), exec_(std::move(exec)) {}
-  expected<step_result> execute(const step_plan& plan) override { return exec_->execute(plan); }
-  expected<step_result> execute_filling(const step_plan& plan, const mask_fill& fill) override {
-    return exec_->execute_filling(plan, fill);
-  }
-  bool idle_work() override { return exec_->idle_work(); } // the CUDA buckets' warm-up
-
- private:
-  std::unique_ptr<engine::backend> model_;
-  std::unique_ptr<engine::executor> exec_;
-};
-
+// A replica in this process: its executor on a thread of its own, owning the backend it runs on.
 std::unique_ptr<engine::executor> in_process(std::unique_ptr<engine::backend> model,
                                              std::unique_ptr<engine::executor> exec) {
-  return std::make_unique<engine::threaded_executor>(
-      std::make_unique<owning_executor>(std::move(model), std::move(exec)));
+  return std::make_unique<engine::threaded_executor>(std::move(exec), std::move(model));
 }
 
 // Loads the model onto GPU 0 (bf16) with the KV pool sized from gpu_memory_utilization unless

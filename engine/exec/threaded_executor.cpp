@@ -6,8 +6,9 @@
 
 namespace troupe::engine {
 
-threaded_executor::threaded_executor(std::unique_ptr<executor> inner)
-  : inner_(std::move(inner)), thread_([this] { loop(); }) {}
+threaded_executor::threaded_executor(std::unique_ptr<executor> inner,
+                                     std::unique_ptr<backend> model)
+  : model_(std::move(model)), inner_(std::move(inner)), thread_([this] { loop(); }) {}
 
 threaded_executor::~threaded_executor() {
   {

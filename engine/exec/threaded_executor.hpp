@@ -17,13 +17,17 @@
 #include <optional>
 #include <thread>
 
+#include "engine/backend/backend.hpp"
 #include "engine/exec/executor.hpp"
 
 namespace troupe::engine {
 
 class threaded_executor final : public executor {
  public:
-  explicit threaded_executor(std::unique_ptr<executor> inner);
+  // `model`, when given, is the backend `inner` runs on, kept until after `inner` is gone (an
+  // in-process replica's executor owns its model so).
+  explicit threaded_executor(std::unique_ptr<executor> inner,
+                             std::unique_ptr<backend> model = nullptr);
   ~threaded_executor() override; // finishes the plans submitted, then stops the thread
 
   // The inner executor on the caller's thread; only while nothing is in flight.
@@ -49,6 +53,7 @@ class threaded_executor final : public executor {
   template <class F>
   expected<step_result> on_this_thread(const char* what, F&& f);
 
+  std::unique_ptr<backend> model_; // destroyed after inner_, which refers to it
   std::unique_ptr<executor> inner_;
   std::mutex mu_;
   std::condition_variable cv_;

@@ -8,7 +8,9 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <string>
 #include <thread>
+#include <vector>
 
 #include <doctest/doctest.h>
 
@@ -397,4 +399,48 @@ TEST_CASE("engine_loop, planned ahead: a failure with two plans in flight ends e
     REQUIRE(loop.step().has_value());
   CHECK_FALSE(loop.has_unfinished());
   CHECK(exec.conflicts == 0);
+}
+
+namespace {
+// Notes when it is destroyed, into a log shared with the executor that runs on it.
+struct logged_backend final : backend {
+  explicit logged_backend(std::vector<std::string>& log) : log_(log) {}
+  ~logged_backend() override { log_.push_back("backend"); }
+  const model_config& config() const override { return config_; }
+  kv_cache_options kv_options() const override { return {}; }
+  kv_layout kv_memory() const override { return {}; }
+  expected<void> forward(const step_plan&, forward_output&) override { return {}; }
+  std::vector<std::string>& log_;
+  model_config config_;
+};
+struct logged_executor final : executor {
+  logged_executor(std::vector<std::string>& log, std::unique_ptr<executor> inner)
+    : log_(log), inner_(std::move(inner)) {}
+  ~logged_executor() override { log_.push_back("executor"); }
+  expected<step_result> execute(const step_plan& plan) override { return inner_->execute(plan); }
+  bool idle_work() override {
+    ++idle;
+    return false;
+  }
+  std::vector<std::string>& log_;
+  std::unique_ptr<executor> inner_;
+  std::atomic<int> idle{0};
+};
+} // namespace
+
+TEST_CASE("threaded_executor: the backend it owns outlives the executor that runs on it, whose "
+          "idle work it does") {
+  std::vector<std::string> log;
+  {
+    auto inner = std::make_unique<logged_executor>(
+        log, std::make_unique<test::fake_executor>(64, 4, vocab, nullptr));
+    auto* rec = inner.get();
+    threaded_executor exec(std::move(inner), std::make_unique<logged_backend>(log));
+    for (int i = 0; i < 200 && rec->idle == 0; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    CHECK(rec->idle == 1); // asked once; it had none, so never again
+    CHECK(exec.execute(step_plan{}).has_value());
+    CHECK(log.empty());
+  }
+  CHECK(log == std::vector<std::string>{"executor", "backend"});
 }
