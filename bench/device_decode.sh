@@ -92,8 +92,8 @@ run_disk() { # the disk's own sequential read rate, for the cold-page-cache load
   dd if=/tmp/disk_probe of=/dev/null bs=16M 2>&1 | tail -1
   rm -f /tmp/disk_probe
 }
-run_profile() { # per-kernel GPU time of eager decode steps, from ncu (kernels serialised, clocks
-  # and caches left as they are), and the step's sum of kernel times against its host-clock time
+run_profile() { # per-kernel GPU time and DRAM bytes of an eager decode step, from ncu (kernels
+  # serialised, clocks and caches left as they are); PROFILE_ARGS "batch ctx", PROFILE_SHAPES
   echo "== profile (${PROFILE_ARGS:=1 512})"
   local ncu
   ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute*/ncu 2>/dev/null | head -n 1)
@@ -102,9 +102,11 @@ run_profile() { # per-kernel GPU time of eager decode steps, from ncu (kernels s
     return
   fi
   for shape in ${PROFILE_SHAPES:-qwen3-0.6b qwen3-8b}; do
-    timeout 300 "$ncu" --csv --page raw --metrics gpu__time_duration.sum,dram__bytes_read.sum,launch__grid_size --cache-control none \
-      --clock-control none --print-units base "$B/bin/cuda_bench" --shape "$shape" \
-      --profile-decode $PROFILE_ARGS > "/tmp/prof-$shape.csv" 2> "/tmp/prof-$shape.err"; tail -3 "/tmp/prof-$shape.err"
+    timeout 300 "$ncu" --csv --page raw --cache-control none --clock-control none \
+      --metrics gpu__time_duration.sum,dram__bytes_read.sum,launch__grid_size --print-units base \
+      "$B/bin/cuda_bench" --shape "$shape" --profile-decode $PROFILE_ARGS \
+      > "/tmp/prof-$shape.csv" 2> "/tmp/prof-$shape.err"
+    tail -3 "/tmp/prof-$shape.err"
     echo "-- $shape, the last eager decode step (batch, ctx: $PROFILE_ARGS)"
     python3 "$(dirname "$0")/ncu_step.py" "/tmp/prof-$shape.csv" | tee -a "$out/profile.log"
   done
