@@ -4,17 +4,25 @@
 // all-to-all. Each rank's output equals the MoE layer over every expert in one process (the path
 // the golden tests check against Hugging Face). Then whole models on those ranks: attention
 // data-parallel (each rank its own prompts and KV cache), experts shared by all-to-all, equal to
-// one process generating each rank's prompts.
+// one process generating each rank's prompts: in step by construction (prompts of the same
+// lengths), and through lockstep executors with each rank scheduling its own requests.
+#include <cstdlib>
 #include <fstream>
+#include <map>
 #include <random>
+#include <thread>
 
 #include <doctest/doctest.h>
 
 #include "engine/backend/cpu/cpu_backend.hpp"
 #include "engine/backend/cpu/moe.hpp"
+#include "engine/exec/local_executor.hpp"
+#include "engine/exec/lockstep_executor.hpp"
+#include "engine/exec/threaded_executor.hpp"
 #include "engine/generate.hpp"
 #include "engine/model/model_config.hpp"
 #include "engine/model/safetensors.hpp"
+#include "engine/scheduler/engine_loop.hpp"
 #include "golden.hpp"
 #include "parallel/rank_processes.hpp"
 
@@ -220,6 +228,113 @@ void check_data_parallel(int P) {
   }
 }
 
+// Data-parallel ranks that schedule on their own (lockstep_executor): rank r serves its own
+// requests through an engine_loop over threaded_executor(lockstep_executor(local_executor)) -
+// different prompt counts, lengths and output lengths per rank, the last rank idle for a while
+// first - and each request's greedy tokens equal one process's with every expert.
+void check_lockstep(int P) {
+  auto dir = test::golden_model("tiny-qwen3-moe");
+  if (!dir)
+    return;
+  const kv_cache_options kv{.num_blocks = 64, .block_size = 4};
+  const auto base = test::golden_prompt_ids(*dir);
+  struct job {
+    std::vector<token_id> prompt;
+    int32_t max_tokens = 0;
+  };
+  auto jobs_of = [&](int r) {
+    std::vector<job> jobs;
+    for (size_t i = static_cast<size_t>(r) % 2; i < base.size(); ++i) {
+      auto p = base[i];
+      for (auto& id : p)
+        id = (id * (r + 1) + 7 * r) % 4096;
+      jobs.push_back({p, 4 + 3 * r + static_cast<int32_t>(i)});
+    }
+    return jobs;
+  };
+  auto outcomes = test::run_ranks(P, [&](int r, const std::filesystem::path& d) {
+    std::string result;
+    auto done = [&](int code) {
+      std::ofstream(d / fmt::format("rank{}.txt", r), std::ios::binary) << result;
+      return code;
+    };
+    auto fail = [&](const error& e) { // exits at once: plans may be in flight on `exec`
+      result = "error: " + e.to_string();
+      done(1);
+      std::_Exit(1);
+      return 1;
+    };
+    auto store = comm::make_folder_store((d / "store").string());
+    auto group = comm::make_gloo_communicator(*store, r, P, {.prefix = "dp", .timeout = 30s});
+    if (!group)
+      return fail(group.error());
+    auto config = load_model_config(*dir);
+    auto weights = weight_store::open(*dir);
+    if (!config || !weights)
+      return fail(config ? weights.error() : config.error());
+    auto model = cpu_backend::create(*config, *weights, kv, {.experts = group->get()});
+    if (!model)
+      return fail(model.error());
+    auto lock = std::make_unique<lockstep_executor>(std::make_unique<local_executor>(**model),
+                                                    **model, **group);
+    auto* rounds = lock.get();
+    threaded_executor exec(std::move(lock));
+    if (r == P - 1) // idle at first: its thread answers the others' rounds meanwhile
+      std::this_thread::sleep_for(200ms);
+    engine_loop loop({.num_blocks = kv.num_blocks,
+                      .block_size = kv.block_size,
+                      .max_num_batched_tokens = 24,
+                      .max_model_len = 160,
+                      .vocab_size = config->vocab_size},
+                     exec);
+    const auto jobs = jobs_of(r);
+    std::map<seq_id, size_t> index;
+    std::vector<std::vector<token_id>> got(jobs.size());
+    for (size_t i = 0; i < jobs.size(); ++i) {
+      sampling_params greedy;
+      greedy.temperature = 0;
+      greedy.max_tokens = jobs[i].max_tokens;
+      greedy.ignore_eos = true;
+      auto id = loop.add_request({.prompt = jobs[i].prompt, .sampling = greedy});
+      if (!id)
+        return fail(id.error());
+      index[*id] = i;
+    }
+    for (int i = 0; i < 2000 && loop.has_work(); ++i) {
+      auto out = loop.step();
+      if (!out)
+        return fail(out.error());
+      for (const auto& o : *out)
+        if (o.has_token)
+          got[index[o.id]].push_back(o.token);
+    }
+    rounds->leave(); // then wait for the others, answering their rounds
+    for (int i = 0; i < 30000 && !rounds->done(); ++i)
+      std::this_thread::sleep_for(1ms);
+    if (!rounds->done())
+      return fail(error{errc::timeout, "the group never finished"});
+    result = "ok";
+    for (const auto& g : got)
+      test::put_vector(result, g);
+    return done(0);
+  });
+  auto reference = cpu_backend::load(*dir, kv);
+  REQUIRE(reference.has_value());
+  for (int r = 0; r < P; ++r) {
+    CAPTURE(r);
+    const auto& msg = outcomes[static_cast<size_t>(r)].message;
+    REQUIRE_MESSAGE(outcomes[static_cast<size_t>(r)].exit_code == 0, msg);
+    REQUIRE(msg.substr(0, 2) == "ok");
+    size_t at = 2;
+    for (const auto& j : jobs_of(r)) {
+      CAPTURE(j.prompt.size());
+      auto want = generate_greedy(**reference, {j.prompt}, {.max_new_tokens = j.max_tokens});
+      REQUIRE(want.has_value());
+      CHECK(test::take_vector<token_id>(msg, at) == want->front().output);
+    }
+  }
+}
+
 } // namespace
 
 TEST_CASE("data-parallel attention, experts by all-to-all: 2 ranks equal one process each") {
@@ -227,6 +342,14 @@ TEST_CASE("data-parallel attention, experts by all-to-all: 2 ranks equal one pro
 }
 TEST_CASE("data-parallel attention, experts by all-to-all: 4 ranks equal one process each") {
   check_data_parallel(4);
+}
+TEST_CASE("data-parallel attention through lockstep executors: 2 ranks scheduling on their own "
+          "equal one process") {
+  check_lockstep(2);
+}
+TEST_CASE("data-parallel attention through lockstep executors: 3 ranks scheduling on their own "
+          "equal one process") {
+  check_lockstep(3);
 }
 TEST_CASE("data-parallel attention with tensor > 1 is refused") {
   auto dir = test::golden_model("tiny-qwen3-moe");

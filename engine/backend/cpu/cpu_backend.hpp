@@ -33,8 +33,9 @@ struct parallel_context {
   // attention (tensor = pipeline = 1) with its own sequences, KV cache and batch, and holds the
   // whole experts split_range(num_experts, experts->size(), experts->rank()); MoE layers send
   // each token's rows to the experts' ranks and back (cpu::moe_all_to_all). Every rank of the
-  // group must run forward() the same number of times, in lockstep (the serving layer does not
-  // arrange that yet: only tests drive this). Null: experts as parallel_layout places them.
+  // group must run forward() the same number of times, in lockstep (lockstep_executor arranges
+  // that; deployments do not build such groups yet). Null: experts as parallel_layout places
+  // them.
   comm::communicator* experts = nullptr;
 };
 
