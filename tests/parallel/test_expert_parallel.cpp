@@ -279,8 +279,11 @@ void check_lockstep(int P) {
                                                     **model, **group);
     auto* rounds = lock.get();
     threaded_executor exec(std::move(lock));
-    if (r == P - 1) // idle at first: its thread answers the others' rounds meanwhile
+    uint64_t idle_rounds = 0;
+    if (r == P - 1) { // idle at first: its thread answers the others' rounds meanwhile
       std::this_thread::sleep_for(200ms);
+      idle_rounds = rounds->rounds();
+    }
     engine_loop loop({.num_blocks = kv.num_blocks,
                       .block_size = kv.block_size,
                       .max_num_batched_tokens = 24,
@@ -314,6 +317,7 @@ void check_lockstep(int P) {
     if (!rounds->done())
       return fail(error{errc::timeout, "the group never finished"});
     result = "ok";
+    test::put_vector(result, std::vector<uint64_t>{idle_rounds});
     for (const auto& g : got)
       test::put_vector(result, g);
     return done(0);
@@ -326,6 +330,9 @@ void check_lockstep(int P) {
     REQUIRE_MESSAGE(outcomes[static_cast<size_t>(r)].exit_code == 0, msg);
     REQUIRE(msg.substr(0, 2) == "ok");
     size_t at = 2;
+    const auto idle_rounds = test::take_vector<uint64_t>(msg, at).at(0);
+    if (r == P - 1) // the others' passes went on meanwhile, with this rank in them
+      CHECK(idle_rounds > 0);
     for (const auto& j : jobs_of(r)) {
       CAPTURE(j.prompt.size());
       auto want = generate_greedy(**reference, {j.prompt}, {.max_new_tokens = j.max_tokens});
