@@ -11,28 +11,51 @@ lockstep_executor::lockstep_executor(std::unique_ptr<executor> inner, backend& m
                                      comm::communicator& group, std::chrono::microseconds poll)
   : inner_(std::move(inner)), model_(model), group_(group), poll_(poll) {}
 
+lockstep_executor::~lockstep_executor() {
+  leave();
+  while (!done_ && !failed_)
+    if (!round(nullptr, nullptr))
+      break;
+}
+
+expected<step_result> lockstep_executor::broken() const {
+  return make_error(errc::unavailable, "data-parallel group: {}",
+                    failed_ ? "a pass failed, the group is broken" : "every rank has left");
+}
+
 expected<step_result> lockstep_executor::round(const step_plan* plan, const mask_fill* fill) {
-  const int32_t mine = plan != nullptr ? plan->num_tokens() : 0;
+  if (failed_ || done_)
+    return broken();
+  // A plan the backend would refuse brings nothing: this rank still joins the others' pass.
+  expected<void> valid{};
+  if (plan != nullptr && !plan->seqs.empty())
+    valid = validate_plan(*plan, model_.config(), model_.kv_options());
+  const int32_t mine = plan != nullptr && valid ? plan->num_tokens() : 0;
   // [tokens brought, ranks still in]: float sums are exact far beyond any step's token count.
   std::array<float, 2> agree{static_cast<float>(mine), left_ ? 0.0f : 1.0f};
   if (auto r = group_.all_reduce_sum(agree); !r) {
-    done_ = true;
-    return std::move(r).error().context("agreeing on a data-parallel step");
+    failed_ = true;
+    return std::move(r).error().context("data-parallel group: agreeing on a pass");
   }
-  ++rounds_;
-  const bool forward = agree[0] > 0.0f;
-  last_used_ = forward;
-  if (!forward && agree[1] == 0.0f)
+  const bool pass = agree[0] > 0.0f;
+  last_used_ = pass;
+  if (!pass && agree[1] == 0.0f)
     done_ = true; // every rank has left, and nobody brought work
-  if (mine > 0)
-    return fill != nullptr ? inner_->execute_filling(*plan, *fill) : inner_->execute(*plan);
-  // Nothing of ours to compute; the inner executor still sees an empty plan (it drops the state
-  // of finished sequences), and the group's pass needs this rank's collectives.
-  step_result result{.step = plan != nullptr ? plan->step : 0};
-  if (plan != nullptr)
-    TROUPE_ASSIGN(result, inner_->execute(*plan));
-  if (forward)
-    TROUPE_TRY_VOID(model_.forward(step_plan{}, empty_out_));
+  if (pass)
+    ++passes_;
+  expected<step_result> result = step_result{.step = plan != nullptr ? plan->step : 0};
+  if (mine > 0) {
+    result = fill != nullptr ? inner_->execute_filling(*plan, *fill) : inner_->execute(*plan);
+  } else {
+    if (pass && !model_.forward(step_plan{}, empty_out_)) // the group's pass needs this rank
+      result = make_error(errc::internal, "data-parallel group: an empty pass failed");
+    if (result && plan != nullptr && valid) // a plan of no tokens: finished sequences dropped
+      result = fill != nullptr ? inner_->execute_filling(*plan, *fill) : inner_->execute(*plan);
+  }
+  if (!result)
+    failed_ = true; // the others' collectives in this pass may be left waiting
+  if (!valid)       // refused before the round: the group is fine
+    return std::move(valid).error();
   return result;
 }
 
@@ -46,12 +69,12 @@ expected<step_result> lockstep_executor::execute_filling(const step_plan& plan,
 }
 
 bool lockstep_executor::idle_work() {
-  if (done_)
+  if (done_ || failed_)
     return false;
   if (!last_used_) // nobody worked last round: wait a little before asking again
     std::this_thread::sleep_for(poll_);
   if (auto r = round(nullptr, nullptr); !r) {
-    log::warn("data-parallel group: {}", r.error().to_string());
+    log::warn("{}", r.error().to_string());
     return false;
   }
   return !done_;

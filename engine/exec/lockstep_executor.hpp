@@ -4,11 +4,14 @@
 // makes that so while each rank schedules its own requests. Work happens in rounds: every rank
 // says, by an all-reduce over the group, how many tokens it brings and whether it is still in;
 // when any rank brings tokens, every rank runs one forward pass, those without a plan an empty
-// one. execute() is a round with this rank's plan; idle_work() is a round without one (so the
-// thread of a threaded_executor around it keeps the rank answering while it has no requests,
-// pausing `poll` between rounds that nobody used). After leave(), a rank still joins rounds
-// until every rank has left; then idle_work() returns false. The group's collectives all run on
-// the one thread that calls execute() or idle_work() (as threaded_executor does).
+// one. execute() is a round with this rank's plan; idle_work() is a round without one, so that a
+// threaded_executor around it keeps the rank answering while it has no requests (pausing `poll`
+// after a round that nobody used). After leave(), idle rounds go on until every rank has left
+// (done()); the destructor leaves and runs the rounds still needed itself. A plan the backend
+// would refuse is refused before the round (the rank brings nothing, and still joins the pass);
+// a pass that fails breaks the group: this and every later call fail at once (failed()), and the
+// other ranks' collectives end at the communicator's timeout. Calls must not overlap (one at a
+// time, from any thread: threaded_executor guarantees it).
 #pragma once
 
 #include <atomic>
@@ -26,30 +29,32 @@ class lockstep_executor final : public executor {
   // `inner` runs this rank's plans on `model`; `group` is the one the model's MoE layers use.
   lockstep_executor(std::unique_ptr<executor> inner, backend& model, comm::communicator& group,
                     std::chrono::microseconds poll = std::chrono::microseconds(500));
+  ~lockstep_executor() override; // leaves, and joins rounds until every rank has
 
   expected<step_result> execute(const step_plan& plan) override;
   expected<step_result> execute_filling(const step_plan& plan, const mask_fill& fill) override;
   int32_t depth() const override { return inner_->depth(); }
   bool idle_work() override;
 
-  // This rank has no more requests; it answers rounds until every rank has left.
+  // This rank has no more requests; idle rounds go on until every rank has left.
   void leave() { left_ = true; }
-  // Every rank has left (a round said so), or a round failed.
-  bool done() const { return done_; }
-  uint64_t rounds() const { return rounds_; }
+  bool done() const { return done_; }         // every rank has left (a round said so)
+  bool failed() const { return failed_; }     // a round failed: the group is broken
+  uint64_t passes() const { return passes_; } // forward passes run, empty ones included
 
  private:
   // One round: agree with the group, then (if anyone brings tokens) run `plan` through the inner
   // executor, or an empty forward pass when this rank brings none.
   expected<step_result> round(const step_plan* plan, const mask_fill* fill);
+  expected<step_result> broken() const;
 
   std::unique_ptr<executor> inner_;
   backend& model_;
   comm::communicator& group_;
   std::chrono::microseconds poll_;
-  std::atomic<bool> left_{false}, done_{false};
-  std::atomic<uint64_t> rounds_{0};
-  bool last_used_ = true; // the previous idle round ran a forward pass (no pause before the next)
+  std::atomic<bool> left_{false}, done_{false}, failed_{false};
+  std::atomic<uint64_t> passes_{0};
+  bool last_used_ = true; // the previous round ran a pass (no pause before the next)
   forward_output empty_out_;
 };
 

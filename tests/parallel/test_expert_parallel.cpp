@@ -279,10 +279,11 @@ void check_lockstep(int P) {
                                                     **model, **group);
     auto* rounds = lock.get();
     threaded_executor exec(std::move(lock));
-    uint64_t idle_rounds = 0;
-    if (r == P - 1) { // idle at first: its thread answers the others' rounds meanwhile
-      std::this_thread::sleep_for(200ms);
-      idle_rounds = rounds->rounds();
+    uint64_t idle_passes = 0;
+    if (r == P - 1) { // idle at first: its thread joins the others' passes meanwhile
+      for (int i = 0; i < 20000 && rounds->passes() == 0; ++i)
+        std::this_thread::sleep_for(1ms);
+      idle_passes = rounds->passes();
     }
     engine_loop loop({.num_blocks = kv.num_blocks,
                       .block_size = kv.block_size,
@@ -312,12 +313,14 @@ void check_lockstep(int P) {
           got[index[o.id]].push_back(o.token);
     }
     rounds->leave(); // then wait for the others, answering their rounds
-    for (int i = 0; i < 30000 && !rounds->done(); ++i)
+    for (int i = 0; i < 60000 && !rounds->done() && !rounds->failed(); ++i)
       std::this_thread::sleep_for(1ms);
-    if (!rounds->done())
-      return fail(error{errc::timeout, "the group never finished"});
+    if (!rounds->done() || rounds->failed())
+      return fail(error{errc::timeout, "the group never finished, or broke"});
+    if (exec.execute(step_plan{}).has_value()) // nobody is left to meet
+      return fail(error{errc::internal, "a round ran after the group ended"});
     result = "ok";
-    test::put_vector(result, std::vector<uint64_t>{idle_rounds});
+    test::put_vector(result, std::vector<uint64_t>{idle_passes});
     for (const auto& g : got)
       test::put_vector(result, g);
     return done(0);
@@ -330,9 +333,9 @@ void check_lockstep(int P) {
     REQUIRE_MESSAGE(outcomes[static_cast<size_t>(r)].exit_code == 0, msg);
     REQUIRE(msg.substr(0, 2) == "ok");
     size_t at = 2;
-    const auto idle_rounds = test::take_vector<uint64_t>(msg, at).at(0);
+    const auto idle_passes = test::take_vector<uint64_t>(msg, at).at(0);
     if (r == P - 1) // the others' passes went on meanwhile, with this rank in them
-      CHECK(idle_rounds > 0);
+      CHECK(idle_passes > 0);
     for (const auto& j : jobs_of(r)) {
       CAPTURE(j.prompt.size());
       auto want = generate_greedy(**reference, {j.prompt}, {.max_new_tokens = j.max_tokens});
