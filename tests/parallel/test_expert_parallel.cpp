@@ -6,9 +6,10 @@
 // data-parallel (each rank its own prompts and KV cache), experts shared by all-to-all, equal to
 // one process generating each rank's prompts: in step by construction (prompts of the same
 // lengths), and through lockstep executors with each rank scheduling its own requests.
-#include <cstdlib>
 #include <fstream>
+#include <functional>
 #include <map>
+#include <optional>
 #include <random>
 #include <thread>
 
@@ -155,6 +156,42 @@ void check_ranks(const std::vector<int64_t>& counts) {
   }
 }
 
+// Runs body(r, model, group) as rank r of P forked data-parallel ranks of the golden model in
+// `dir`, each holding 1/P of the experts over a Gloo group; the text it returns (or its error)
+// comes back as the rank's outcome message.
+using dp_body =
+    std::function<expected<std::string>(int r, cpu_backend& model, comm::communicator& group)>;
+std::vector<test::rank_outcome> run_dp_ranks(int P, const std::filesystem::path& dir,
+                                             const kv_cache_options& kv, const dp_body& body) {
+  return test::run_ranks(P, [&](int r, const std::filesystem::path& d) {
+    auto result = [&]() -> expected<std::string> {
+      auto store = comm::make_folder_store((d / "store").string());
+      auto group = comm::make_gloo_communicator(*store, r, P, {.prefix = "dp", .timeout = 30s});
+      if (!group)
+        return std::move(group).error();
+      auto config = load_model_config(dir);
+      auto weights = weight_store::open(dir);
+      if (!config || !weights)
+        return config ? std::move(weights).error() : std::move(config).error();
+      auto model = cpu_backend::create(*config, *weights, kv, {.experts = group->get()});
+      if (!model)
+        return std::move(model).error();
+      return body(r, **model, **group);
+    }();
+    std::ofstream(d / fmt::format("rank{}.txt", r), std::ios::binary)
+        << (result ? *result : "error: " + result.error().to_string());
+    return result ? 0 : 1;
+  });
+}
+
+// Rank r's result text, which must start with "ok" (else the test case fails with it).
+const std::string& ok_result(const std::vector<test::rank_outcome>& outcomes, int r) {
+  const auto& o = outcomes.at(static_cast<size_t>(r));
+  REQUIRE_MESSAGE(o.exit_code == 0, o.message);
+  REQUIRE(o.message.substr(0, 2) == "ok");
+  return o.message;
+}
+
 // Data-parallel attention over `P` forked ranks: rank r generates the golden prompts with their
 // ids moved by r (the same lengths everywhere, so that every rank runs the same steps: the ranks
 // must call forward() in lockstep), holding the whole attention and 1/P of the experts.
@@ -173,44 +210,22 @@ void check_data_parallel(int P) {
         id = (id * (r + 1) + 7 * r) % 4096;
     return p;
   };
-  auto outcomes = test::run_ranks(P, [&](int r, const std::filesystem::path& d) {
-    std::string result;
-    auto done = [&](int code) {
-      std::ofstream(d / fmt::format("rank{}.txt", r), std::ios::binary) << result;
-      return code;
-    };
-    auto fail = [&](const error& e) {
-      result = "error: " + e.to_string();
-      return done(1);
-    };
-    auto store = comm::make_folder_store((d / "store").string());
-    auto group = comm::make_gloo_communicator(*store, r, P, {.prefix = "dp", .timeout = 30s});
-    if (!group)
-      return fail(group.error());
-    auto config = load_model_config(*dir);
-    auto weights = weight_store::open(*dir);
-    if (!config || !weights)
-      return fail(config ? weights.error() : config.error());
-    auto model = cpu_backend::create(*config, *weights, kv, {.experts = group->get()});
-    if (!model)
-      return fail(model.error());
-    auto gens = generate_greedy(**model, prompts_of(r), opts);
+  auto outcomes = run_dp_ranks(P, *dir, kv, [&](int r, cpu_backend& model, comm::communicator&) {
+    auto gens = generate_greedy(model, prompts_of(r), opts);
     if (!gens)
-      return fail(gens.error());
-    result = "ok";
+      return expected<std::string>(std::move(gens).error());
+    std::string result = "ok";
     for (const auto& g : *gens) {
       test::put_vector(result, g.output);
       test::put_vector(result, g.last_prompt_logits);
     }
-    return done(0);
+    return expected<std::string>(std::move(result));
   });
   auto reference = cpu_backend::load(*dir, kv);
   REQUIRE(reference.has_value());
   for (int r = 0; r < P; ++r) {
     CAPTURE(r);
-    const auto& msg = outcomes[static_cast<size_t>(r)].message;
-    REQUIRE_MESSAGE(outcomes[static_cast<size_t>(r)].exit_code == 0, msg);
-    REQUIRE(msg.substr(0, 2) == "ok");
+    const auto& msg = ok_result(outcomes, r);
     auto want = generate_greedy(**reference, prompts_of(r), opts);
     REQUIRE(want.has_value());
     size_t at = 2;
@@ -252,86 +267,65 @@ void check_lockstep(int P) {
     }
     return jobs;
   };
-  auto outcomes = test::run_ranks(P, [&](int r, const std::filesystem::path& d) {
-    std::string result;
-    auto done = [&](int code) {
-      std::ofstream(d / fmt::format("rank{}.txt", r), std::ios::binary) << result;
-      return code;
-    };
-    auto fail = [&](const error& e) { // exits at once: plans may be in flight on `exec`
-      result = "error: " + e.to_string();
-      done(1);
-      std::_Exit(1);
-      return 1;
-    };
-    auto store = comm::make_folder_store((d / "store").string());
-    auto group = comm::make_gloo_communicator(*store, r, P, {.prefix = "dp", .timeout = 30s});
-    if (!group)
-      return fail(group.error());
-    auto config = load_model_config(*dir);
-    auto weights = weight_store::open(*dir);
-    if (!config || !weights)
-      return fail(config ? weights.error() : config.error());
-    auto model = cpu_backend::create(*config, *weights, kv, {.experts = group->get()});
-    if (!model)
-      return fail(model.error());
-    auto lock = std::make_unique<lockstep_executor>(std::make_unique<local_executor>(**model),
-                                                    **model, **group);
-    auto* rounds = lock.get();
-    threaded_executor exec(std::move(lock));
-    uint64_t idle_passes = 0;
-    if (r == P - 1) { // idle at first: its thread joins the others' passes meanwhile
-      for (int i = 0; i < 20000 && rounds->passes() == 0; ++i)
-        std::this_thread::sleep_for(1ms);
-      idle_passes = rounds->passes();
-    }
-    engine_loop loop({.num_blocks = kv.num_blocks,
-                      .block_size = kv.block_size,
-                      .max_num_batched_tokens = 24,
-                      .max_model_len = 160,
-                      .vocab_size = config->vocab_size},
+  auto outcomes = run_dp_ranks(
+      P, *dir, kv,
+      [&](int r, cpu_backend& model, comm::communicator& group) -> expected<std::string> {
+        auto lock = std::make_unique<lockstep_executor>(std::make_unique<local_executor>(model),
+                                                        model, group);
+        auto* rounds = lock.get();
+        std::optional<engine_loop> loop; // goes after exec: plans in flight refer to it
+        threaded_executor exec(std::move(lock));
+        uint64_t idle_passes = 0;
+        if (r == P - 1) { // idle at first: its thread joins the others' passes meanwhile
+          for (int i = 0; i < 20000 && rounds->passes() == 0; ++i)
+            std::this_thread::sleep_for(1ms);
+          idle_passes = rounds->passes();
+        }
+        loop.emplace(scheduler_options{.num_blocks = kv.num_blocks,
+                                       .block_size = kv.block_size,
+                                       .max_num_batched_tokens = 24,
+                                       .max_model_len = 160,
+                                       .vocab_size = model.config().vocab_size},
                      exec);
-    const auto jobs = jobs_of(r);
-    std::map<seq_id, size_t> index;
-    std::vector<std::vector<token_id>> got(jobs.size());
-    for (size_t i = 0; i < jobs.size(); ++i) {
-      sampling_params greedy;
-      greedy.temperature = 0;
-      greedy.max_tokens = jobs[i].max_tokens;
-      greedy.ignore_eos = true;
-      auto id = loop.add_request({.prompt = jobs[i].prompt, .sampling = greedy});
-      if (!id)
-        return fail(id.error());
-      index[*id] = i;
-    }
-    for (int i = 0; i < 2000 && loop.has_work(); ++i) {
-      auto out = loop.step();
-      if (!out)
-        return fail(out.error());
-      for (const auto& o : *out)
-        if (o.has_token)
-          got[index[o.id]].push_back(o.token);
-    }
-    rounds->leave(); // then wait for the others, answering their rounds
-    for (int i = 0; i < 60000 && !rounds->done() && !rounds->failed(); ++i)
-      std::this_thread::sleep_for(1ms);
-    if (!rounds->done() || rounds->failed())
-      return fail(error{errc::timeout, "the group never finished, or broke"});
-    if (exec.execute(step_plan{}).has_value()) // nobody is left to meet
-      return fail(error{errc::internal, "a round ran after the group ended"});
-    result = "ok";
-    test::put_vector(result, std::vector<uint64_t>{idle_passes});
-    for (const auto& g : got)
-      test::put_vector(result, g);
-    return done(0);
-  });
+        const auto jobs = jobs_of(r);
+        std::map<seq_id, size_t> index;
+        std::vector<std::vector<token_id>> got(jobs.size());
+        for (size_t i = 0; i < jobs.size(); ++i) {
+          sampling_params greedy;
+          greedy.temperature = 0;
+          greedy.max_tokens = jobs[i].max_tokens;
+          greedy.ignore_eos = true;
+          auto id = loop->add_request({.prompt = jobs[i].prompt, .sampling = greedy});
+          if (!id)
+            return std::move(id).error();
+          index[*id] = i;
+        }
+        for (int i = 0; i < 2000 && loop->has_work(); ++i) {
+          auto out = loop->step();
+          if (!out)
+            return std::move(out).error();
+          for (const auto& o : *out)
+            if (o.has_token)
+              got[index[o.id]].push_back(o.token);
+        }
+        rounds->leave(); // then wait for the others, answering their rounds
+        for (int i = 0; i < 60000 && !rounds->done() && !rounds->failed(); ++i)
+          std::this_thread::sleep_for(1ms);
+        if (!rounds->done() || rounds->failed())
+          return error{errc::timeout, "the group never finished, or broke"};
+        if (exec.execute(step_plan{}).has_value()) // nobody is left to meet
+          return error{errc::internal, "a round ran after the group ended"};
+        std::string result = "ok";
+        test::put_vector(result, std::vector<uint64_t>{idle_passes});
+        for (const auto& g : got)
+          test::put_vector(result, g);
+        return result;
+      });
   auto reference = cpu_backend::load(*dir, kv);
   REQUIRE(reference.has_value());
   for (int r = 0; r < P; ++r) {
     CAPTURE(r);
-    const auto& msg = outcomes[static_cast<size_t>(r)].message;
-    REQUIRE_MESSAGE(outcomes[static_cast<size_t>(r)].exit_code == 0, msg);
-    REQUIRE(msg.substr(0, 2) == "ok");
+    const auto& msg = ok_result(outcomes, r);
     size_t at = 2;
     const auto idle_passes = test::take_vector<uint64_t>(msg, at).at(0);
     if (r == P - 1) // the others' passes went on meanwhile, with this rank in them
