@@ -12,6 +12,8 @@ lockstep_executor::lockstep_executor(std::unique_ptr<executor> inner, backend& m
   : inner_(std::move(inner)), model_(model), group_(group), poll_(poll) {}
 
 lockstep_executor::~lockstep_executor() {
+  // Rounds until every rank has left; a rank gone without leaving ends them at the
+  // communicator's timeout.
   leave();
   while (!done_ && !failed_)
     if (!round(nullptr, nullptr))
@@ -43,14 +45,18 @@ expected<step_result> lockstep_executor::round(const step_plan* plan, const mask
     done_ = true; // every rank has left, and nobody brought work
   if (pass)
     ++passes_;
+  auto run_inner = [&] {
+    return fill != nullptr ? inner_->execute_filling(*plan, *fill) : inner_->execute(*plan);
+  };
   expected<step_result> result = step_result{.step = plan != nullptr ? plan->step : 0};
   if (mine > 0) {
-    result = fill != nullptr ? inner_->execute_filling(*plan, *fill) : inner_->execute(*plan);
+    result = run_inner();
   } else {
-    if (pass && !model_.forward(step_plan{}, empty_out_)) // the group's pass needs this rank
-      result = make_error(errc::internal, "data-parallel group: an empty pass failed");
+    if (pass) // the group's pass needs this rank's collectives
+      if (auto f = model_.forward(step_plan{}, empty_out_); !f)
+        result = std::move(f).error().context("data-parallel group: this rank's empty pass");
     if (result && plan != nullptr && valid) // a plan of no tokens: finished sequences dropped
-      result = fill != nullptr ? inner_->execute_filling(*plan, *fill) : inner_->execute(*plan);
+      result = run_inner();
   }
   if (!result)
     failed_ = true; // the others' collectives in this pass may be left waiting
