@@ -29,8 +29,7 @@ expected<region_id> fabric_domain::add(void* ptr, size_t length, memory_kind kin
     return make_error(errc::invalid_argument, "register_memory: empty region");
   if (kind == memory_kind::cuda && !(info->caps & FI_HMEM))
     return make_error(errc::unsupported,
-                      "register_memory: provider {} does not report FI_HMEM (CUDA memory); stage "
-                      "GPU KV through pinned host buffers (cuda_staging)",
+                      "register_memory: provider {} does not report FI_HMEM (CUDA memory)",
                       info->fabric_attr->prov_name);
   region_id id = 0;
   {

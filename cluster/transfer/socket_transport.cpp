@@ -58,7 +58,7 @@ socket_transport::~socket_transport() {
 
 expected<region_id> socket_transport::register_memory(void* ptr, size_t length, memory_kind kind) {
   if (kind == memory_kind::cuda)
-    return make_error(errc::unsupported, "socket transport: stage CUDA memory through pinned host");
+    return make_error(errc::unsupported, "the socket transport registers host memory only");
   return regions_.add(ptr, length, kind);
 }
 

@@ -5,11 +5,13 @@
 #include <algorithm>
 #include <map>
 #include <numeric>
+#include <optional>
 
 #include <doctest/doctest.h>
 
 #include "cluster/transfer/kv_handoff.hpp"
 #include "cluster/transfer/local_transport.hpp"
+#include "cluster/transfer/staging.hpp"
 
 using namespace troupe;
 using namespace troupe::cluster::transfer;
@@ -72,8 +74,11 @@ struct group {
 };
 
 // Runs one request's handoff between two groups through the local transport and checks every
-// decode rank's cache.
-void check_handoff(group pg, group dg, int32_t prompt, int32_t cached) {
+// decode rank's cache. `staged`: as over a transport that cannot reach the KV memory, the
+// prefill side writes from a staging buffer into the decode ranks' landing areas, which are
+// then copied into their caches (cluster/transfer/staging.hpp).
+void check_handoff(group pg, group dg, int32_t prompt, int32_t cached, bool staged = false) {
+  CAPTURE(staged);
   CAPTURE(pg.tp);
   CAPTURE(pg.pp);
   CAPTURE(pg.block_size);
@@ -106,8 +111,22 @@ void check_handoff(group pg, group dg, int32_t prompt, int32_t cached) {
   std::vector<kv_layout> pl, dl;
   for (auto& r : P)
     pl.push_back(r.layout);
-  for (auto& r : D)
-    dl.push_back(r.layout);
+  // Staged: the decode ranks publish landing areas, their blocks handed out from the end; the
+  // entries before the first block sent are never read.
+  constexpr int32_t landing_blocks = 40;
+  std::vector<staging_buffer> landing;
+  std::vector<int32_t> lb;
+  for (int32_t i = 0; i < (prompt + dg.block_size - 1) / dg.block_size; ++i)
+    lb.push_back(i < cached / dg.block_size ? -1 : landing_blocks - 1 - i);
+  for (auto& r : D) {
+    if (!staged) {
+      dl.push_back(r.layout);
+      continue;
+    }
+    dl.push_back(landing_layout(r.layout, landing_blocks));
+    landing.push_back(*staging_buffer::allocate(dl.back().allocations[0].bytes, false));
+    dl.back().allocations[0].base = landing.back().data();
+  }
   auto plan = kv_handoff_plan::make(pl, dl);
   REQUIRE_MESSAGE(plan.has_value(), (plan ? "" : plan.error().to_string()));
   // Every decode rank is fed by the pairs that name it; each P rank's heads are sent once.
@@ -118,10 +137,23 @@ void check_handoff(group pg, group dg, int32_t prompt, int32_t cached) {
     write_batch batch{.lease_id = i + 1};
     for (const auto& a : P[p].layout.allocations)
       batch.locals.push_back(*pt->register_memory(a.base, a.bytes, memory_kind::host));
-    for (const auto& a : D[d].layout.allocations)
+    for (const auto& a : dl[d].allocations)
       batch.remotes.push_back(
           *dt->describe(*dt->register_memory(a.base, a.bytes, memory_kind::host)));
-    REQUIRE(plan->ranges(i, pb, db, cached, prompt, batch.ranges).has_value());
+    REQUIRE(plan->ranges(i, pb, staged ? lb : db, cached, prompt, batch.ranges).has_value());
+    std::optional<staging_buffer> out_buffer;
+    if (staged) { // through a staging buffer, at an offset into it
+      uint64_t bytes = 0;
+      for (const auto& r : batch.ranges)
+        bytes += r.length;
+      out_buffer = *staging_buffer::allocate(bytes + 100, false);
+      const auto id =
+          *pt->register_memory(out_buffer->data(), out_buffer->size(), memory_kind::host);
+      std::vector<engine::copy_span> copies;
+      CHECK(stage_batch(batch, P[p].layout.allocations, out_buffer->data() + 100, id, 100,
+                        copies) == bytes);
+      REQUIRE(copy_all(copies, false).has_value());
+    }
     auto [out, in] = local_transport::connect_pair(pt, dt);
     auto id = out->post(std::move(batch));
     REQUIRE_MESSAGE(id.has_value(), (id ? "" : id.error().to_string()));
@@ -131,6 +163,12 @@ void check_handoff(group pg, group dg, int32_t prompt, int32_t cached) {
     auto notice = in->wait_notice(clock::now() + std::chrono::seconds(5));
     REQUIRE(notice.has_value());
     CHECK(notice->lease_id == i + 1);
+  }
+  for (size_t d = 0; staged && d < D.size(); ++d) { // the landing areas into the caches
+    std::vector<engine::copy_span> copies;
+    REQUIRE(unstage_copies(dl[d], landing[d].data(), D[d].layout, lb, db, cached, prompt, copies)
+                .has_value());
+    REQUIRE(copy_all(copies, false).has_value());
   }
   const uint64_t replicas = dg.tp > heads ? static_cast<uint64_t>(dg.tp / heads) : 1;
   CHECK(total_bytes == plan->bytes_per_token() * static_cast<uint64_t>(prompt - cached) * replicas);
@@ -186,6 +224,59 @@ TEST_CASE("kv handoff: pipeline sizes differ, with tensor and block size") {
   check_handoff({1, 2, 4}, {1, 1, 8}, 21, 0);
   check_handoff({2, 2, 4}, {1, 4, 2}, 21, 6);
   check_handoff({1, 4, 16}, {2, 2, 4}, 40, 16);
+}
+
+TEST_CASE("kv handoff: staged through host buffers and landing areas, every layout") {
+  check_handoff({1, 1, 4}, {1, 1, 4}, 23, 0, true);
+  check_handoff({1, 1, 4}, {1, 1, 4}, 23, 9, true);
+  check_handoff({1, 1, 3}, {1, 1, 5}, 29, 10, true);
+  check_handoff({2, 1, 4}, {1, 1, 8}, 19, 0, true);
+  check_handoff({1, 1, 4}, {2, 1, 4}, 19, 4, true);
+  check_handoff({1, 1, 4}, {8, 1, 4}, 9, 0, true);
+  check_handoff({2, 2, 4}, {1, 4, 2}, 21, 6, true);
+}
+
+TEST_CASE("staging ring: hands out in order, reuses what every older range gave back") {
+  staging_ring ring(100);
+  CHECK(!ring.allocate(0));
+  CHECK(!ring.allocate(101));
+  auto a = ring.allocate(40), b = ring.allocate(40);
+  REQUIRE((a && b));
+  CHECK(*a == 0);
+  CHECK(*b == 40);
+  CHECK(!ring.allocate(30)); // 20 left at the end, nothing before
+  ring.release(*b);          // out of order: a still holds the start
+  CHECK(!ring.allocate(30));
+  ring.release(*a);
+  CHECK(ring.empty());
+  auto c = ring.allocate(70), d = ring.allocate(30);
+  REQUIRE((c && d));
+  CHECK(*c == 0);
+  CHECK(*d == 70);
+  ring.release(*c);
+  auto e = ring.allocate(60); // wraps in front of d
+  REQUIRE(e);
+  CHECK(*e == 0);
+  CHECK(!ring.allocate(20)); // between e's end (60) and d (70): only 10
+  auto f = ring.allocate(10);
+  REQUIRE(f);
+  CHECK(*f == 60);
+  ring.release(*d);
+  ring.release(*e);
+  ring.release(*f);
+  CHECK(ring.empty());
+}
+
+TEST_CASE("staging: copies that continue each other merge") {
+  std::vector<char> src(64), dst(64);
+  std::vector<engine::copy_span> copies;
+  add_copy(copies, dst.data(), src.data(), 8);
+  add_copy(copies, dst.data() + 8, src.data() + 8, 8);   // continues both sides
+  add_copy(copies, dst.data() + 16, src.data() + 32, 8); // source jumps
+  add_copy(copies, dst.data() + 24, src.data() + 40, 0); // empty: dropped
+  REQUIRE(copies.size() == 2);
+  CHECK(copies[0].bytes == 16);
+  CHECK(copies[1].src == src.data() + 32);
 }
 
 TEST_CASE("kv handoff: whole-block runs coalesce into few writes") {

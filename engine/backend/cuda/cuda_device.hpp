@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -30,5 +31,20 @@ expected<void> cuda_copy(void* dst, const void* src, size_t bytes);
 
 // Waits for the legacy default stream, where cuda_copy's device-to-device copies may still run.
 expected<void> cuda_wait_default_stream();
+
+// Page-locked host memory (cudaHostAlloc): what GPU KV is staged through for a transport that
+// registers host memory only. Freed with cuda_free_host.
+expected<void*> cuda_alloc_host(size_t bytes);
+void cuda_free_host(void* ptr);
+
+struct copy_span {
+  void* dst = nullptr;
+  const void* src = nullptr;
+  size_t bytes = 0;
+};
+// Runs every copy (either side host or device memory) on a non-blocking stream of the calling
+// thread, on the device the first device pointer belongs to, and waits for all of them. Not
+// ordered with any other stream: callers copy only memory no kernel uses meanwhile.
+expected<void> cuda_copy_all(std::span<const copy_span> copies);
 
 } // namespace troupe::engine

@@ -36,4 +36,14 @@ expected<void> cuda_wait_default_stream() {
   return error{errc::unsupported, why};
 }
 
+expected<void*> cuda_alloc_host(size_t) {
+  return error{errc::unsupported, why};
+}
+
+void cuda_free_host(void*) {}
+
+expected<void> cuda_copy_all(std::span<const copy_span>) {
+  return error{errc::unsupported, why};
+}
+
 } // namespace troupe::engine

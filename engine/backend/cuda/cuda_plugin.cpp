@@ -5,6 +5,10 @@
 #include <cuda_runtime.h>
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <utility>
+#include <vector>
+
 namespace troupe::engine::cuda {
 namespace {
 
@@ -42,6 +46,87 @@ expected<void> wait_default_stream() {
   return {};
 }
 
+expected<void*> alloc_host(size_t bytes) {
+  void* p = nullptr;
+  if (cudaError_t rc = cudaHostAlloc(&p, bytes, cudaHostAllocDefault); rc != cudaSuccess)
+    return runtime_error(
+        fmt::format("cudaHostAlloc of {} bytes (page-locked staging memory)", bytes), rc);
+  return p;
+}
+
+void free_host(void* ptr) {
+  (void)cudaFreeHost(ptr);
+}
+
+// A non-blocking stream per (thread, device), destroyed with the thread.
+class thread_streams {
+ public:
+  ~thread_streams() {
+    for (auto [device, stream] : streams_)
+      (void)cudaStreamDestroy(stream);
+  }
+  expected<cudaStream_t> get(int device) {
+    for (auto [d, s] : streams_)
+      if (d == device)
+        return s;
+    cudaStream_t s = nullptr;
+    if (cudaError_t rc = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking); rc != cudaSuccess)
+      return runtime_error("cudaStreamCreate", rc);
+    streams_.emplace_back(device, s);
+    return s;
+  }
+
+ private:
+  std::vector<std::pair<int, cudaStream_t>> streams_;
+};
+
+expected<void> copy_all(std::span<const copy_span> copies) {
+  if (copies.empty())
+    return {};
+  int device = -1; // the first device pointer's
+  for (const auto& c : copies) {
+    for (const void* p : {static_cast<const void*>(c.dst), c.src}) {
+      cudaPointerAttributes a{};
+      if (cudaPointerGetAttributes(&a, p) == cudaSuccess && a.type == cudaMemoryTypeDevice) {
+        device = a.device;
+        break;
+      }
+    }
+    if (device >= 0)
+      break;
+  }
+  (void)cudaGetLastError(); // an unregistered host pointer may leave an error behind
+  if (device >= 0)
+    if (cudaError_t rc = cudaSetDevice(device); rc != cudaSuccess)
+      return runtime_error(fmt::format("cudaSetDevice({})", device), rc);
+  thread_local thread_streams streams;
+  auto stream = streams.get(std::max(device, 0));
+  if (!stream)
+    return std::move(stream).error();
+  // One batch: a KV handoff is thousands of block-sized copies, whose one-by-one submission
+  // would cost more than the copying.
+  std::vector<void*> dsts;
+  std::vector<const void*> srcs;
+  std::vector<size_t> sizes;
+  for (const auto& c : copies) {
+    dsts.push_back(c.dst);
+    srcs.push_back(c.src);
+    sizes.push_back(c.bytes);
+  }
+  cudaMemcpyAttributes attr{};
+  attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+  size_t first = 0;
+  if (cudaError_t rc = cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), copies.size(),
+                                            &attr, &first, 1, *stream);
+      rc != cudaSuccess) {
+    (void)cudaStreamSynchronize(*stream); // what was queued ends before the memory may
+    return runtime_error(fmt::format("cudaMemcpyBatchAsync of {} copies", copies.size()), rc);
+  }
+  if (cudaError_t rc = cudaStreamSynchronize(*stream); rc != cudaSuccess)
+    return runtime_error(fmt::format("{} staging copies", copies.size()), rc);
+  return {};
+}
+
 const plugin_table table{
     .unavailable_reason = unavailable_reason,
     .make_backend = make_backend,
@@ -51,6 +136,9 @@ const plugin_table table{
     .devices = devices,
     .copy = copy,
     .wait_default_stream = wait_default_stream,
+    .alloc_host = alloc_host,
+    .free_host = free_host,
+    .copy_all = copy_all,
 };
 
 } // namespace

@@ -21,7 +21,7 @@
 namespace troupe::engine::cuda {
 
 // Bump when the table or a type passed through it changes meaning.
-inline constexpr uint32_t plugin_abi_version = 1;
+inline constexpr uint32_t plugin_abi_version = 2;
 inline constexpr const char* plugin_file = "libtroupe_cuda.so";
 inline constexpr const char* plugin_entry_symbol = "troupe_cuda_plugin";
 
@@ -53,6 +53,9 @@ struct plugin_table {
   expected<std::vector<cuda_device_info>> (*devices)() = nullptr;
   expected<void> (*copy)(void* dst, const void* src, size_t bytes) = nullptr;
   expected<void> (*wait_default_stream)() = nullptr;
+  expected<void*> (*alloc_host)(size_t bytes) = nullptr;
+  void (*free_host)(void* ptr) = nullptr;
+  expected<void> (*copy_all)(std::span<const copy_span> copies) = nullptr;
 };
 
 // The implementations inside the plugin (and in troupe_cuda_static, for the GPU tests and

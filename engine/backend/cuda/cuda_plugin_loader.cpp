@@ -116,6 +116,23 @@ expected<void> cuda_wait_default_stream() {
   return not_loaded();
 }
 
+expected<void*> cuda_alloc_host(size_t bytes) {
+  if (const auto* t = plugin().table)
+    return t->alloc_host(bytes);
+  return not_loaded();
+}
+
+void cuda_free_host(void* ptr) {
+  if (const auto* t = plugin().table; t != nullptr && ptr != nullptr)
+    t->free_host(ptr);
+}
+
+expected<void> cuda_copy_all(std::span<const copy_span> copies) {
+  if (const auto* t = plugin().table)
+    return t->copy_all(copies);
+  return not_loaded();
+}
+
 namespace comm {
 
 bool nccl_available() {
