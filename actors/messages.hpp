@@ -63,7 +63,8 @@ typename Inspector::result_type inspect(Inspector& f, kv_group& x) {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, disaggregation_config& x) {
   return f(caf::meta::type_name("disaggregation_config"), x.enabled, x.prefill, x.decode,
-           x.provider, x.timeout_s, x.min_prefill_tokens, x.on_prefill_failure);
+           x.provider, x.timeout_s, x.min_prefill_tokens, x.on_prefill_failure, x.staging,
+           x.staging_tokens);
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, deployment_config& x) {
@@ -161,6 +162,8 @@ using push_atom = caf::atom_constant<caf::atom("push")>;           // replica ->
 using kv_pushed_atom = caf::atom_constant<caf::atom("kv_pushed")>; // prefill rank -> replica
 using kv_notify_atom = caf::atom_constant<caf::atom("kv_notify")>; // replica -> decode rank
 using landed_atom = caf::atom_constant<caf::atom("landed")>;       // decode rank -> replica
+using unstage_atom = caf::atom_constant<caf::atom("unstage")>;     // replica -> decode rank
+using unstaged_atom = caf::atom_constant<caf::atom("unstaged")>;   // decode rank -> replica
 using submit_atom = caf::atom_constant<caf::atom("submit")>;       // router -> replica
 using cancel_atom = caf::atom_constant<caf::atom("cancel")>;       // router -> replica
 using step_atom = caf::atom_constant<caf::atom("step")>;           // replica -> itself
@@ -305,10 +308,15 @@ struct deployment_plan {
 // (kv_pushed_atom, kv_pushed) once its batches completed or failed; (cancel_atom, uint64 lease)
 // stops them. A decode replica's actor registers with its ranks, (kv_notify_atom), and each rank
 // sends it (landed_atom, uint64 lease, bool cancelled) for every batch written into it.
+// A decode rank whose KV the transport cannot reach (GPU memory over a host-only provider)
+// publishes a landing area instead (landing_blocks > 0): prefill ranks write into landing
+// blocks the replica reserved, and once every notice came the replica has its ranks copy them
+// into the cache, (unstage_atom, kv_unstage) -> (unstaged_atom, kv_pushed).
 struct kv_rank {
   std::string endpoint;                      // endpoint_address::serialize(); "" for prefill
   std::vector<std::vector<uint8_t>> regions; // region_descriptor::serialize(), per allocation
   engine::kv_layout layout;                  // allocation bases are not sent
+  int32_t landing_blocks = 0;                // decode: > 0 when `layout` is the landing area
 };
 struct kv_link {
   uint32_t decode = 0;          // the decode replica's index
@@ -321,6 +329,11 @@ struct kv_push {
   std::vector<int32_t> prefill_blocks, decode_blocks;
   int32_t begin = 0, end = 0; // prompt positions to move
   int64_t timeout_ms = 0;     // from receipt (clocks of hosts differ)
+};
+struct kv_unstage {
+  uint64_t lease = 0;
+  std::vector<int32_t> landing_blocks, blocks; // by position / block_size
+  int32_t begin = 0, end = 0;                  // prompt positions to copy
 };
 struct kv_pushed {
   uint64_t lease = 0;
@@ -350,10 +363,11 @@ template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, kv_rank& x) {
   int8_rows regions(x.regions);
   if constexpr (std::is_void_v<typename Inspector::result_type>) {
-    f(caf::meta::type_name("kv_rank"), x.endpoint, regions.rows, x.layout);
+    f(caf::meta::type_name("kv_rank"), x.endpoint, regions.rows, x.layout, x.landing_blocks);
     regions.copy_to(x.regions);
   } else {
-    auto result = f(caf::meta::type_name("kv_rank"), x.endpoint, regions.rows, x.layout);
+    auto result =
+        f(caf::meta::type_name("kv_rank"), x.endpoint, regions.rows, x.layout, x.landing_blocks);
     regions.copy_to(x.regions);
     return result;
   }
@@ -366,6 +380,10 @@ template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, kv_push& x) {
   return f(caf::meta::type_name("kv_push"), x.lease, x.decode, x.prefill_blocks, x.decode_blocks,
            x.begin, x.end, x.timeout_ms);
+}
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, kv_unstage& x) {
+  return f(caf::meta::type_name("kv_unstage"), x.lease, x.landing_blocks, x.blocks, x.begin, x.end);
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, kv_pushed& x) {
@@ -407,16 +425,19 @@ struct worker_spec {
   int32_t max_model_len = 0, max_num_seqs = 0, max_num_batched_tokens = 0;
   float gpu_memory_utilization = 0.9f;
   // Disaggregated deployments: this rank's group ("decode" | "prefill"; "" colocated) and the
-  // KV transport it opens (auto | tcp | verbs | efa | socket).
+  // KV transport it opens (auto | tcp | verbs | efa | socket), and whether KV is staged through
+  // host memory (auto | always | never) with room for how many tokens.
   std::string kv_role;
   std::string kv_provider;
+  std::string kv_staging = "auto";
+  int32_t kv_staging_tokens = 0;
 };
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, worker_spec& x) {
   return f(caf::meta::type_name("worker_spec"), x.deployment, x.ns, x.model, x.tp_rank, x.tp_size,
            x.pp_rank, x.pp_size, x.ep_size, x.device, x.num_blocks, x.block_size, x.comm_timeout_ms,
            x.backend, x.max_model_len, x.max_num_seqs, x.max_num_batched_tokens,
-           x.gpu_memory_utilization, x.kv_role, x.kv_provider);
+           x.gpu_memory_utilization, x.kv_role, x.kv_provider, x.kv_staging, x.kv_staging_tokens);
 }
 
 // Worker answers: (load_atom) -> worker_reply; (execute_atom, ticket, step_plan) ->
@@ -504,6 +525,7 @@ inline void add_message_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<kv_link>("troupe::kv_link");
   cfg.add_message_type<kv_push>("troupe::kv_push");
   cfg.add_message_type<kv_pushed>("troupe::kv_pushed");
+  cfg.add_message_type<kv_unstage>("troupe::kv_unstage");
   cfg.add_message_type<rank_progress>("troupe::rank_progress");
 }
 

@@ -140,14 +140,23 @@ expected<void> open_kv(worker* self, const msg::worker_spec& spec, const worker_
                        int32_t rank) {
   if (spec.kv_role.empty())
     return {};
-  auto kv = serve::kv_rank_endpoint::open(spec.kv_role, spec.kv_provider, ctx.address,
+  // Staged KV has room for two full contexts unless model.yaml says otherwise.
+  const int32_t tokens =
+      spec.kv_staging_tokens > 0 ? spec.kv_staging_tokens : 2 * std::max(spec.max_model_len, 1);
+  auto kv = serve::kv_rank_endpoint::open({.role = spec.kv_role,
+                                           .provider = spec.kv_provider,
+                                           .host = ctx.address,
+                                           .staging = spec.kv_staging,
+                                           .staging_tokens = tokens},
                                           self->state.model->kv_memory(), rank);
   if (!kv)
     return std::move(kv).error().context(
         fmt::format("the {} group's KV transfer endpoint", spec.kv_role));
-  log::info(
-      "worker {} rank {}: {} KV over {}{}", spec.deployment, rank, spec.kv_role, (*kv)->provider(),
-      (*kv)->describe().endpoint.empty() ? "" : ", listening at " + (*kv)->describe().endpoint);
+  const auto staging = (*kv)->staging();
+  log::info("worker {} rank {}: {} KV over {}{}{}", spec.deployment, rank, spec.kv_role,
+            (*kv)->provider(), staging.empty() ? "" : ", " + staging,
+            (*kv)->describe().endpoint.empty() ? ""
+                                               : ", listening at " + (*kv)->describe().endpoint);
   self->state.kv = std::move(*kv);
   return {};
 }
@@ -243,6 +252,18 @@ caf::behavior worker_actor(caf::stateful_actor<worker_state, guarded_actor>* sel
           return self->refuse_current("cancel", "cancel (not from the serving process)");
         if (self->state.kv)
           self->state.kv->cancel(lease);
+      },
+      [self, from_serving](msg::unstage_atom, msg::kv_unstage& job) {
+        if (!from_serving("unstage"))
+          return;
+        auto sender = caf::actor_cast<caf::actor>(self->current_sender());
+        if (self->state.kv)
+          self->state.kv->unstage(std::move(job), sender);
+        else
+          self->send(sender, msg::unstaged_atom::value,
+                     msg::kv_pushed{.lease = job.lease,
+                                    .rank = 0,
+                                    .error = "this rank has no KV transfer endpoint"});
       },
       [self, from_serving](msg::kv_notify_atom) {
         if (!from_serving("kv_notify"))

@@ -117,7 +117,8 @@ expected<void> check_http(std::string_view what, const http_limits& h) {
 }
 
 const std::vector<std::string_view> disaggregation_keys = {
-    "prefill", "decode", "provider", "timeout_s", "min_prefill_tokens", "on_prefill_failure"};
+    "prefill", "decode",        "provider", "timeout_s", "min_prefill_tokens", "on_prefill_failure",
+    "staging", "staging_tokens"};
 const std::vector<std::string_view> group_keys = {"tensor", "pipeline", "replicas", "block_size"};
 
 expected<void> read_group(std::string_view what, const YAML::Node& node, std::string_view name,
@@ -166,6 +167,10 @@ expected<void> read_disaggregation(std::string_view what, const YAML::Node& node
       TROUPE_TRY_VOID(read(what, v, full, d.min_prefill_tokens));
     else if (key == "on_prefill_failure")
       TROUPE_TRY_VOID(read(what, v, full, d.on_prefill_failure));
+    else if (key == "staging")
+      TROUPE_TRY_VOID(read(what, v, full, d.staging));
+    else if (key == "staging_tokens")
+      TROUPE_TRY_VOID(read(what, v, full, d.staging_tokens));
     else
       return unknown_key(what, kv.first, key, disaggregation_keys, "disaggregation.");
   }
@@ -204,6 +209,10 @@ expected<void> check_disaggregation(std::string_view what, const deployment_conf
   if (d.on_prefill_failure != "decode" && d.on_prefill_failure != "fail")
     return bad("on_prefill_failure",
                fmt::format("must be decode or fail, got '{}'", d.on_prefill_failure));
+  if (d.staging != "auto" && d.staging != "always" && d.staging != "never")
+    return bad("staging", fmt::format("must be auto, always or never, got '{}'", d.staging));
+  if (d.staging_tokens < 0 || d.staging_tokens > (1 << 24))
+    return bad("staging_tokens", "must be in [0, 16777216] (0 = twice max_model_len)");
   return {};
 }
 

@@ -55,6 +55,11 @@ struct disaggregation_config {
   // When the prefill side or the transfer fails: prefill on the decode replica ("decode") or
   // end the request with the error ("fail").
   std::string on_prefill_failure = "decode";
+  // KV moved through host memory: auto (when the provider cannot register the GPU memory the KV
+  // is in) | always | never (refuse such a provider); room for this many tokens per rank and
+  // side (0 = twice max_model_len). Prompts that do not fit are prefilled on the decode replica.
+  std::string staging = "auto";
+  int32_t staging_tokens = 0;
 };
 
 struct deployment_config {

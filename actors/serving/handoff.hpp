@@ -120,6 +120,9 @@ struct decode_role {
   // Completion notices per handoff: one per (prefill rank, decode rank) pair of the contract.
   // Over worker ranks they come from the ranks (landed_atom), which the replica registers with.
   uint32_t notices = 1;
+  // > 0: the ranks stage KV through a landing area of this many blocks (msg::kv_rank); the
+  // replica reserves landing blocks for each handoff and has its ranks copy them into the cache.
+  int32_t landing_blocks = 0;
   std::chrono::milliseconds timeout{10000};
   int32_t min_prefill_tokens = 0;
   bool prefill_on_failure = true; // else the request ends with the error

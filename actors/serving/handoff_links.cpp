@@ -81,8 +81,11 @@ expected<std::vector<tr::region_id>> register_kv(tr::kv_transport& t,
     auto id = t.register_memory(a.base, a.bytes,
                                 a.on_gpu ? tr::memory_kind::cuda : tr::memory_kind::host);
     if (!id)
-      return std::move(id).error().context(
-          fmt::format("registering {} bytes of KV cache with the {} transport", a.bytes, t.name()));
+      return std::move(id).error().context(fmt::format(
+          "registering {} bytes of KV cache with the {} transport{}", a.bytes, t.name(),
+          a.on_gpu ? " (in one process GPU KV moves over provider local or auto; staging through "
+                     "host memory runs between node processes)"
+                   : ""));
     ids.push_back(*id);
   }
   return ids;
@@ -93,6 +96,10 @@ expected<std::vector<tr::region_id>> register_kv(tr::kv_transport& t,
 expected<handoff_links> link_in_process(const disaggregation_config& config,
                                         const std::vector<engine::kv_layout>& prefill,
                                         const std::vector<engine::kv_layout>& decode) {
+  if (config.staging == "always")
+    return make_error(errc::invalid_argument,
+                      "disaggregation.staging: always stages KV between node processes; in one "
+                      "process the groups share memory (use staging: auto)");
   handoff_links links;
   links.stats = std::make_shared<handoff_stats>();
   std::vector<std::unique_ptr<endpoint>> d_ends; // decode ends listen for every prefill end

@@ -26,42 +26,125 @@ expected<std::vector<tr::region_descriptor>> parse_regions(const msg::kv_rank& r
 
 } // namespace
 
-expected<std::unique_ptr<kv_rank_endpoint>>
-kv_rank_endpoint::open(const std::string& role, const std::string& provider,
-                       const std::string& host, const engine::kv_layout& layout, int32_t rank) {
-  if (role != "decode" && role != "prefill")
-    return make_error(errc::invalid_argument, "KV role '{}': expected decode or prefill", role);
-  auto net = open_net_transport(provider, host);
+expected<std::unique_ptr<kv_rank_endpoint>> kv_rank_endpoint::open(const kv_endpoint_options& o,
+                                                                   const engine::kv_layout& layout,
+                                                                   int32_t rank) {
+  if (o.role != "decode" && o.role != "prefill")
+    return make_error(errc::invalid_argument, "KV role '{}': expected decode or prefill", o.role);
+  auto net = open_net_transport(o.provider, o.host);
   if (!net)
     return std::move(net).error();
   auto e = std::unique_ptr<kv_rank_endpoint>(new kv_rank_endpoint());
   e->net_ = std::move(*net);
-  e->role_ = role;
+  e->role_ = o.role;
   e->rank_ = rank;
-  e->self_.layout = layout;
-  for (auto& a : e->self_.layout.allocations) {
-    auto id = e->net_.transport->register_memory(
-        a.base, a.bytes, a.on_gpu ? tr::memory_kind::cuda : tr::memory_kind::host);
-    if (!id)
-      return std::move(id).error().context(fmt::format("registering {} bytes of KV cache with {}",
-                                                       a.bytes, e->net_.transport->name()));
-    e->locals_.push_back(*id);
-    auto d = e->net_.transport->describe(*id);
-    if (!d)
-      return std::move(d).error();
-    e->self_.regions.push_back(d->serialize());
-    a.base = nullptr; // what travels has no addresses but the descriptors'
+  e->kv_ = layout;
+  for (const auto& a : layout.allocations)
+    e->on_gpu_ = e->on_gpu_ || a.on_gpu;
+  bool staged = o.staging == "always";
+  if (!staged) {
+    auto ok = e->register_kv();
+    if (!ok && ok.error().code() == errc::unsupported && e->on_gpu_ && o.staging == "auto") {
+      staged = true;
+      log::info("KV rank {}: {}; staging GPU KV through page-locked host memory", rank,
+                ok.error().message());
+    } else if (!ok) {
+      return std::move(ok).error().context(o.staging == "never" ? "disaggregation.staging: never"
+                                                                : "the KV cache");
+    }
   }
-  if (role == "decode") {
+  if (staged)
+    TROUPE_TRY_VOID(e->open_staging(o));
+  if (o.role == "decode") {
     auto at = e->net_.listen(0);
     if (!at)
       return std::move(at).error().context("listening for prefill ranks");
     e->self_.endpoint = tr::endpoint_address{e->net_.transport->name(), *at}.serialize();
     e->main_ = std::jthread([p = e.get()](std::stop_token s) { p->accept_loop(s); });
+    if (staged)
+      e->copier_ = std::jthread([p = e.get()](std::stop_token s) { p->unstage_loop(s); });
   } else {
     e->main_ = std::jthread([p = e.get()](std::stop_token s) { p->wait_loop(s); });
+    if (staged)
+      e->copier_ = std::jthread([p = e.get()](std::stop_token s) { p->stage_loop(s); });
   }
   return e;
+}
+
+// Registers every KV allocation (none on failure) and publishes them.
+expected<void> kv_rank_endpoint::register_kv() {
+  auto& t = *net_.transport;
+  for (const auto& a : kv_.allocations) {
+    auto id = t.register_memory(a.base, a.bytes,
+                                a.on_gpu ? tr::memory_kind::cuda : tr::memory_kind::host);
+    if (!id) {
+      for (auto done : locals_)
+        (void)t.deregister(done);
+      locals_.clear();
+      return std::move(id).error().context(
+          fmt::format("registering {} bytes of KV cache with {}", a.bytes, t.name()));
+    }
+    locals_.push_back(*id);
+  }
+  self_.layout = kv_;
+  for (size_t i = 0; i < locals_.size(); ++i) {
+    auto d = t.describe(locals_[i]);
+    if (!d)
+      return std::move(d).error();
+    self_.regions.push_back(d->serialize());
+    self_.layout.allocations[i].base = nullptr; // what travels has no addresses but the regions'
+  }
+  return {};
+}
+
+// The staging buffer, registered in place of the KV: a ring of `staging_tokens` tokens of this
+// rank's KV (prefill), or that many tokens' landing blocks (decode).
+expected<void> kv_rank_endpoint::open_staging(const kv_endpoint_options& o) {
+  if (o.staging_tokens <= 0)
+    return make_error(errc::invalid_argument, "staging KV needs room for some tokens, got {}",
+                      o.staging_tokens);
+  const uint64_t token =
+      kv_.token_bytes() * 2 * static_cast<uint64_t>(kv_.layer_end - kv_.layer_begin);
+  uint64_t bytes = token * static_cast<uint64_t>(o.staging_tokens);
+  if (role_ == "decode") {
+    landing_ = tr::landing_layout(kv_, (o.staging_tokens + kv_.block_size - 1) / kv_.block_size);
+    bytes = landing_.allocations.front().bytes;
+  }
+  auto buffer = tr::staging_buffer::allocate(bytes, on_gpu_);
+  if (!buffer)
+    return std::move(buffer).error().context(fmt::format(
+        "the KV staging buffer ({} tokens, disaggregation.staging_tokens)", o.staging_tokens));
+  staging_ = std::move(*buffer);
+  auto id = net_.transport->register_memory(staging_->data(), staging_->size(),
+                                            staging_->pinned() ? tr::memory_kind::pinned_host
+                                                               : tr::memory_kind::host);
+  if (!id)
+    return std::move(id).error().context("registering the KV staging buffer");
+  locals_ = {*id};
+  auto d = net_.transport->describe(*id);
+  if (!d)
+    return std::move(d).error();
+  self_.regions = {d->serialize()};
+  if (role_ == "decode") {
+    self_.layout = landing_;
+    self_.landing_blocks = landing_.num_blocks;
+  } else {
+    self_.layout = kv_;
+    for (auto& a : self_.layout.allocations)
+      a.base = nullptr;
+    ring_.emplace(staging_->size());
+  }
+  return {};
+}
+
+std::string kv_rank_endpoint::staging() const {
+  if (!staging_)
+    return {};
+  const double mib = static_cast<double>(staging_->size()) / (1 << 20);
+  return fmt::format("staged through {} of {} host memory",
+                     mib < 1024 ? fmt::format("{:.1f} MiB", mib)
+                                : fmt::format("{:.2f} GiB", mib / 1024),
+                     staging_->pinned() ? "page-locked" : "plain");
 }
 
 kv_rank_endpoint::~kv_rank_endpoint() {
@@ -71,8 +154,11 @@ kv_rank_endpoint::~kv_rank_endpoint() {
       for (auto& [conn, t] : p.batches)
         conn->cancel(t);
   }
+  copier_.request_stop();
   main_.request_stop();
   cv_.notify_all();
+  if (copier_.joinable()) // it may still post: before the waiting thread ends
+    copier_.join();
   if (main_.joinable())
     main_.join();
   listeners_.clear(); // nothing adds to them any more: the accepting thread is done
@@ -184,6 +270,7 @@ void kv_rank_endpoint::push(const msg::kv_push& p, caf::actor reply_to) {
   const auto link = it->second; // copies shared pointers: a re-link may replace it meanwhile
   lock.unlock();
   const auto deadline = tr::clock::now() + std::chrono::milliseconds(p.timeout_ms);
+  std::vector<std::pair<conn_ptr, tr::write_batch>> batches;
   for (const auto& pl : link.pairs) {
     tr::write_batch batch{.lease_id = p.lease,
                           .locals = locals_,
@@ -194,10 +281,20 @@ void kv_rank_endpoint::push(const msg::kv_push& p, caf::actor reply_to) {
                                     batch.ranges);
         !ok)
       return fail(ok.error());
-    auto posted = pl.conn->post(std::move(batch));
+    batches.emplace_back(pl.conn, std::move(batch));
+  }
+  if (staging_) { // the copying thread stages and posts them
+    lock.lock();
+    staging_queue_.push_back(
+        {.job = std::move(job), .batches = std::move(batches), .deadline = deadline});
+    cv_.notify_all();
+    return;
+  }
+  for (auto& [conn, batch] : batches) {
+    auto posted = conn->post(std::move(batch));
     if (!posted)
       return fail(posted.error());
-    job.batches.emplace_back(pl.conn, *posted);
+    job.batches.emplace_back(conn, *posted);
   }
   lock.lock();
   queue_.push_back(std::move(job));
@@ -206,10 +303,111 @@ void kv_rank_endpoint::push(const msg::kv_push& p, caf::actor reply_to) {
 
 void kv_rank_endpoint::cancel(uint64_t lease) {
   std::lock_guard lock(mu_);
+  for (auto& s : staging_queue_)
+    s.cancelled = s.cancelled || s.job.answer.lease == lease;
   for (auto& p : queue_)
     if (p.answer.lease == lease)
       for (auto& [conn, t] : p.batches)
         conn->cancel(t);
+  cv_.notify_all();
+}
+
+void kv_rank_endpoint::stage_loop(std::stop_token stop) {
+  for (;;) {
+    std::unique_lock lock(mu_);
+    if (!cv_.wait(lock, stop, [&] { return !staging_queue_.empty(); }))
+      return;
+    to_stage& s = staging_queue_.front(); // stays queued (cancel() flags it) until posted
+    uint64_t bytes = 0;
+    for (const auto& [conn, batch] : s.batches)
+      for (const auto& r : batch.ranges)
+        bytes += r.length;
+    troupe::error failure;
+    std::optional<uint64_t> at;
+    if (bytes > ring_->size())
+      failure = make_error(errc::resource_exhausted,
+                           "{} bytes of KV to stage, the staging ring holds {} "
+                           "(disaggregation.staging_tokens)",
+                           bytes, ring_->size());
+    else if (bytes > 0 && !cv_.wait_until(lock, stop, s.deadline, [&] {
+               return s.cancelled || (at = ring_->allocate(bytes)).has_value();
+             })) {
+      if (stop.stop_requested())
+        return;
+      failure = make_error(errc::timeout, "no room in the KV staging ring before the deadline");
+    }
+    if (s.cancelled) {
+      failure = make_error(errc::cancelled, "cancelled before it was staged");
+      if (at)
+        ring_->release(*at);
+      at.reset();
+    }
+    lock.unlock();
+    pending job = std::move(s.job);
+    job.staged_at = at;
+    if (failure.code() == errc::ok) {
+      std::vector<engine::copy_span> copies;
+      uint64_t packed = at.value_or(0);
+      for (auto& [conn, batch] : s.batches)
+        packed += tr::stage_batch(batch, kv_.allocations, staging_->data() + packed,
+                                  locals_.front(), packed, copies);
+      if (auto ok = tr::copy_all(copies, on_gpu_); !ok)
+        failure = std::move(ok).error().context("staging KV out of the cache");
+      for (size_t i = 0; failure.code() == errc::ok && i < s.batches.size(); ++i) {
+        auto& [conn, batch] = s.batches[i];
+        auto posted = conn->post(std::move(batch));
+        if (!posted)
+          failure = std::move(posted).error();
+        else
+          job.batches.emplace_back(conn, *posted);
+      }
+    }
+    lock.lock();
+    if (failure.code() != errc::ok) {
+      for (auto& [conn, t] : job.batches)
+        conn->cancel(t);
+      job.answer.cancelled = failure.code() == errc::cancelled;
+      job.answer.error = failure.to_string();
+    }
+    staging_queue_.pop_front();
+    queue_.push_back(std::move(job)); // the waiting thread answers and frees its room
+    cv_.notify_all();
+  }
+}
+
+void kv_rank_endpoint::unstage(msg::kv_unstage job, caf::actor reply_to) {
+  if (!staging_ || role_ != "decode") {
+    caf::anon_send(
+        reply_to, msg::unstaged_atom::value,
+        msg::kv_pushed{.lease = job.lease, .rank = rank_, .error = "this rank's KV is not staged"});
+    return;
+  }
+  std::lock_guard lock(mu_);
+  unstage_queue_.emplace_back(std::move(job), std::move(reply_to));
+  cv_.notify_all();
+}
+
+void kv_rank_endpoint::unstage_loop(std::stop_token stop) {
+  for (;;) {
+    std::unique_lock lock(mu_);
+    if (!cv_.wait(lock, stop, [&] { return !unstage_queue_.empty(); }))
+      return;
+    auto [job, reply_to] = std::move(unstage_queue_.front());
+    unstage_queue_.pop_front();
+    lock.unlock();
+    msg::kv_pushed answer{.lease = job.lease, .rank = rank_};
+    std::vector<engine::copy_span> copies;
+    auto ok = tr::unstage_copies(landing_, staging_->data(), kv_, job.landing_blocks, job.blocks,
+                                 job.begin, job.end, copies);
+    if (ok)
+      ok = tr::copy_all(copies, on_gpu_);
+    if (!ok)
+      answer.error = "copying landed KV into the cache: " + ok.error().to_string();
+    for (const auto& c : copies)
+      answer.bytes += c.bytes;
+    answer.writes = copies.size();
+    caf::anon_send(reply_to, msg::unstaged_atom::value, std::move(answer));
+  }
 }
 
 void kv_rank_endpoint::wait_loop(std::stop_token stop) {
@@ -233,6 +431,10 @@ void kv_rank_endpoint::wait_loop(std::stop_token stop) {
     lock.lock();
     auto job = std::move(queue_.front());
     queue_.pop_front();
+    if (job.staged_at) { // the provider no longer reads it
+      ring_->release(*job.staged_at);
+      cv_.notify_all();
+    }
     lock.unlock();
     if (job.answer.error.empty() && first.code() != errc::ok) {
       job.answer.cancelled = first.code() == errc::cancelled;

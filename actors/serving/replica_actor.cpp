@@ -50,6 +50,21 @@ void cancel_pushes(const replica_state& st, uint64_t lease) {
     caf::anon_send(st.spec.ranks.workers[r], msg::cancel_atom::value, lease);
 }
 
+// The import of `id` is over: its landing blocks are free again.
+void forget_import(replica_state& st, seq_id id) {
+  auto it = st.imports.find(id);
+  for (int32_t b : it->second.landing)
+    st.landing_free.push_back(b);
+  st.import_of.erase(it->second.lease);
+  st.imports.erase(it);
+}
+
+// Nothing writes an import's blocks any more: the prefill side is not writing (not asked yet, or
+// it answered) and no decode rank is copying it into the cache.
+bool import_idle(const replica_state::pending_import& im) {
+  return (!im.sent || im.first) && im.unstaging == 0;
+}
+
 // Ends every live request with `why` (the replica failed or stops).
 void fail_live(replica_state& st, const troupe::error& why) {
   if (st.loop)
@@ -66,15 +81,15 @@ void fail_live(replica_state& st, const troupe::error& why) {
     it = st.exports.erase(it);
   }
   for (auto it = st.imports.begin(); it != st.imports.end();) {
-    if (it->second.sent && !it->second.first) { // released when the prefill side answers
+    if (!import_idle(it->second)) { // released when the prefill side (or the ranks) answer
       it->second.cancelled = true;
       ++it;
       continue;
     }
     if (st.loop)
       (void)st.loop->release_held(it->first);
-    st.import_of.erase(it->second.lease);
-    it = st.imports.erase(it);
+    const seq_id id = (it++)->first;
+    forget_import(st, id);
   }
   auto live = std::move(st.live);
   st.live.clear();
@@ -209,13 +224,13 @@ void on_cancel(replica* self, seq_id router_id) {
   st.live.erase(id);
   (void)st.loop->cancel(id); // an importing request's blocks stay held
   if (auto im = st.imports.find(id); im != st.imports.end()) {
-    if (!im->second.sent || im->second.first) { // nothing writes its blocks (any more)
+    if (import_idle(im->second)) {
       (void)st.loop->release_held(id);
-      st.import_of.erase(im->second.lease);
-      st.imports.erase(im);
-    } else { // released when the prefill side answers
+      forget_import(st, id);
+    } else { // released when the prefill side (or the copying ranks) answer
       im->second.cancelled = true;
-      self->send(im->second.prefill, abort_atom::value, im->second.lease);
+      if (!im->second.first)
+        self->send(im->second.prefill, abort_atom::value, im->second.lease);
     }
   }
   kick(self); // the next plan tells the executor it finished
@@ -281,7 +296,7 @@ void send_export(replica* self, replica_state::pending_import& im) {
   const auto& role = *self->state.spec.decode;
   export_job job{.lease = im.lease,
                  .request = im.request,
-                 .blocks = im.blocks,
+                 .blocks = im.landing.empty() ? im.blocks : im.landing,
                  .cached_tokens = im.cached_tokens,
                  .decode_index = role.index,
                  .decode = caf::actor_cast<caf::actor>(self),
@@ -292,8 +307,26 @@ void send_export(replica* self, replica_state::pending_import& im) {
   self->delayed_send(self, role.timeout, lease_atom::value, im.lease);
 }
 
+// Staged ranks: landing blocks for the prompt positions from `cached` on (by position /
+// block_size; the cached positions' entries are never read). False when too few are free.
+bool reserve_landing(replica_state& st, replica_state::pending_import& im, int32_t cached) {
+  const int32_t bs = st.spec.options.block_size;
+  if (st.spec.decode->landing_blocks == 0)
+    return true;
+  const auto prompt = static_cast<int32_t>(im.request.prompt.size());
+  const int32_t first = cached / bs, count = (prompt + bs - 1) / bs;
+  if (st.landing_free.size() < static_cast<size_t>(count - first))
+    return false;
+  im.landing.assign(static_cast<size_t>(count), -1);
+  for (int32_t b = first; b < count; ++b) {
+    im.landing[static_cast<size_t>(b)] = st.landing_free.back();
+    st.landing_free.pop_back();
+  }
+  return true;
+}
+
 // Reservations made by the last plan: each goes to its prefill replica, or (a short or mostly
-// cached prompt) is prefilled here.
+// cached prompt, or one the landing area cannot take now) is prefilled here.
 void send_exports(replica* self) {
   auto& st = self->state;
   if (!st.spec.decode)
@@ -305,11 +338,15 @@ void send_exports(replica* self) {
   for (auto& r : reserved) {
     auto& im = st.imports.at(r.id);
     const auto missing = static_cast<int32_t>(im.request.prompt.size()) - r.cached_tokens;
-    if (missing < role.min_prefill_tokens) {
+    const bool fits = reserve_landing(st, im, r.cached_tokens);
+    if (missing < role.min_prefill_tokens || !fits) {
+      if (!fits)
+        log::debug("replica: request {} is prefilled here: its {} tokens do not fit the free "
+                   "landing blocks (disaggregation.staging_tokens)",
+                   r.id, missing);
       (void)st.loop->prefill_locally(r.id);
       ++role.stats->local_prefills;
-      st.import_of.erase(im.lease);
-      st.imports.erase(r.id);
+      forget_import(st, r.id);
       local = true;
       continue;
     }
@@ -327,6 +364,19 @@ void try_decode(replica* self, seq_id id) {
   auto& im = st.imports.at(id);
   if (!im.first || !im.landed)
     return;
+  if (!im.landing.empty() && !im.unstaged) { // staged: the ranks copy it into the cache first
+    if (im.unstaging == 0) {
+      im.unstaging = st.spec.ranks.workers.size();
+      for (const auto& w : st.spec.ranks.workers)
+        self->send(w, msg::unstage_atom::value,
+                   msg::kv_unstage{.lease = im.lease,
+                                   .landing_blocks = im.landing,
+                                   .blocks = im.blocks,
+                                   .begin = im.cached_tokens,
+                                   .end = static_cast<int32_t>(im.request.prompt.size())});
+    }
+    return;
+  }
   const seq_output first = *im.first;
   log::debug(
       "handoff {}: {} prompt tokens ({} cached here), {} KV bytes; first token after "
@@ -334,8 +384,7 @@ void try_decode(replica* self, seq_id id) {
       im.lease, im.request.prompt.size(), im.cached_tokens, im.bytes,
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - im.sent_at)
           .count());
-  st.import_of.erase(im.lease);
-  st.imports.erase(id);
+  forget_import(st, id);
   std::vector<engine::request_output> out;
   if (auto ok = st.loop->finish_import(id, first, out); !ok) {
     log::error("replica: handoff of request {}: {}", id, ok.error().to_string());
@@ -367,11 +416,11 @@ void import_failed(replica* self, seq_id id, const troupe::error& why) {
     im.notices = 0;
     im.aborted = false;
     im.bytes = 0;
+    im.unstage_failure = {};
     return send_export(self, im);
   }
   const bool cancelled = im.cancelled;
-  st.import_of.erase(im.lease);
-  st.imports.erase(id);
+  forget_import(st, id);
   if (cancelled) { // the client left: only the blocks remain
     (void)st.loop->release_held(id);
     st.spec.gauges->publish(*st.loop);
@@ -420,12 +469,34 @@ void on_landed(replica* self, uint64_t lease, bool cancelled) {
   try_decode(self, it->second);
 }
 
+// A decode rank copied (or failed to copy) a staged handoff into the cache.
+void on_unstaged(replica* self, const msg::kv_pushed& r) {
+  auto& st = self->state;
+  auto it = st.import_of.find(r.lease);
+  if (it == st.import_of.end())
+    return;
+  const seq_id id = it->second;
+  auto& im = st.imports.at(id);
+  if (im.unstaging == 0)
+    return;
+  if (!r.error.empty() && im.unstage_failure.code() == errc::ok)
+    im.unstage_failure = make_error(errc::io_error, "decode rank {}: {}", r.rank, r.error);
+  if (--im.unstaging > 0)
+    return;
+  if (im.cancelled || im.unstage_failure.code() != errc::ok)
+    return import_failed(self, id, im.unstage_failure);
+  im.unstaged = true;
+  try_decode(self, id);
+}
+
 void on_lease_expired(replica* self, uint64_t lease) {
   auto& st = self->state;
   auto it = st.import_of.find(lease);
   if (it == st.import_of.end())
     return;
   auto& im = st.imports.at(it->second);
+  if (im.unstaging > 0) // landed: the ranks' copies into the cache end it
+    return;
   const auto timeout = st.spec.decode->timeout;
   if (!im.cancelled)
     ++st.spec.decode->stats->expired;
@@ -646,6 +717,8 @@ caf::behavior replica_actor(replica* self, replica_spec spec) {
       st.waiters.push_back(std::move(w));
     }
   if (st.spec.decode) {
+    for (int32_t b = st.spec.decode->landing_blocks - 1; b >= 0; --b)
+      st.landing_free.push_back(b); // handed out lowest first
     for (const auto& conn : st.spec.decode->inbound)
       st.listeners.push_back(std::make_unique<notice_listener>(conn, me));
     for (const auto& w : st.spec.ranks.workers) // over worker ranks: their notices come here
@@ -667,6 +740,7 @@ caf::behavior replica_actor(replica* self, replica_spec spec) {
       [self](prefill_atom, export_job& job) { on_prefill(self, job); },
       [self](pushed_atom, push_result& r) { on_pushed(self, r); },
       [self](msg::kv_pushed_atom, const msg::kv_pushed& r) { on_rank_pushed(self, r); },
+      [self](msg::unstaged_atom, const msg::kv_pushed& r) { on_unstaged(self, r); },
       [self](abort_atom, uint64_t lease) { on_abort(self, lease); },
       [self](msg::expire_atom, uint64_t ticket) {
         auto& st = self->state;

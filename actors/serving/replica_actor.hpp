@@ -77,6 +77,10 @@ struct replica_state {
     std::vector<caf::actor> fallbacks; // the ones to try next, in turn
     engine::request request;           // what the prefill replica gets (export_kv)
     std::vector<int32_t> blocks;       // the reservation (kept for a retry)
+    std::vector<int32_t> landing;      // staged: its landing blocks, by position / block_size
+    size_t unstaging = 0;              // staged: decode ranks still copying it into the cache
+    bool unstaged = false;             // staged: it is in the cache
+    troupe::error unstage_failure;     // staged: the first rank's error
     std::optional<seq_output> first;   // handed over
     bool landed = false;               // every batch's completion notice arrived
     uint32_t notices = 0;              // of them, arrived
@@ -89,6 +93,7 @@ struct replica_state {
   };
   std::unordered_map<seq_id, pending_import> imports;
   std::unordered_map<uint64_t, seq_id> import_of; // lease -> engine id
+  std::vector<int32_t> landing_free;              // staged: free landing blocks
   std::vector<std::unique_ptr<notice_listener>> listeners;
   // Prefill side: export jobs by engine id.
   struct pending_export {

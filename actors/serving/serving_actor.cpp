@@ -53,7 +53,9 @@ expected<void> spawn_workers(caf::blocking_actor* self, const caf::actor& owner,
                           .max_num_batched_tokens = c.max_num_batched_tokens,
                           .gpu_memory_utilization = static_cast<float>(c.gpu_memory_utilization),
                           .kv_role = g.role,
-                          .kv_provider = c.disaggregation.provider};
+                          .kv_provider = c.disaggregation.provider,
+                          .kv_staging = c.disaggregation.staging,
+                          .kv_staging_tokens = c.disaggregation.staging_tokens};
     troupe::error err;
     self->request(plan.nodes[i], 10s, msg::spawn_atom::value, std::move(spec), owner)
         .receive([&](caf::actor& w) { workers.push_back(std::move(w)); },
@@ -290,6 +292,11 @@ void add_role(serving_state& st, int32_t replica, const cluster::transfer::kv_ha
   } else {
     ex.decode = make_decode_role(st.config.disaggregation, static_cast<uint32_t>(replica),
                                  static_cast<uint32_t>(plan.pairs().size()), st.handoffs);
+    // Staged ranks publish their landing areas (all of one size: one configuration).
+    for (const auto& r : st.kv_ranks[static_cast<size_t>(replica)])
+      ex.decode->landing_blocks = ex.decode->landing_blocks == 0
+                                      ? r.landing_blocks
+                                      : std::min(ex.decode->landing_blocks, r.landing_blocks);
   }
 }
 
@@ -314,7 +321,13 @@ expected<void> link_all(serving* self, const caf::actor& head,
       TROUPE_TRY_VOID(link(self, p, loaded[p].workers, d));
   for (size_t i = 0; i < executors.size(); ++i)
     add_role(st, static_cast<int32_t>(i), *plan, executors[i]);
-  const auto text = fmt::format("provider {}: {}", at->transport, plan->describe());
+  const int32_t landing = st.kv_ranks[0].front().landing_blocks;
+  const auto text = fmt::format(
+      "provider {}: {}{}", at->transport, plan->describe(),
+      landing > 0 ? fmt::format("; KV staged through host memory ({} landing blocks per decode "
+                                "rank)",
+                                landing)
+                  : "");
   log::info("serving: '{}': {} prefill -> {} decode replica(s) linked, {}",
             st.config.served_model_name, loaded.size() - decoding, decoding, text);
   self->send(head, msg::linked_atom::value, st.config.served_model_name, text);

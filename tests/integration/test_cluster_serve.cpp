@@ -583,6 +583,69 @@ TEST_CASE("cluster serve: prefill tensor=2 -> decode tensor=1 over tcp answers l
   CHECK(troupe::test::metric_value(port2, "troupe_kv_handoff_failures_total") == 0);
 }
 
+// KV staged through host memory between node processes (what GPU KV over tcp does; forced here
+// on CPU KV with staging: always): prefill ranks write from a staging ring, the decode ranks'
+// landing areas are copied into their caches. Prompts the landing area cannot take are
+// prefilled on the decode replica.
+TEST_CASE("cluster serve: KV staged through host memory answers like generate") {
+  auto model = golden_model("tiny-qwen3");
+  if (!model)
+    return;
+  cluster_fixture fx;
+  start_cluster(fx);
+  // 128 tokens of staging: 8 landing blocks of 16 per decode rank.
+  auto yaml =
+      write_yaml(fx, "staged.yaml",
+                 read_file(disagg_yaml(fx, *model, "staged", "{tensor: 2}", "{tensor: 2}", 5)) +
+                     "  staging: always\n  staging_tokens: 128\n");
+  auto served = serve(fx, yaml);
+  REQUIRE_MESSAGE(served.exit_code == 0, served.output);
+  const uint16_t port = port_of(served.output);
+  auto d = deployment_of(fx, "staged");
+  CHECK_MESSAGE(d["transfer"].get<std::string>().find(
+                    "KV staged through host memory (8 landing blocks per decode rank)") !=
+                    std::string::npos,
+                d.dump());
+  auto complete = [&](const std::string& ids) { return greedy_ids(port, "staged", ids, 8); };
+  CHECK(complete("9707,11,1879,0,5209,13,42") ==
+        generate_ids(fx, *model, "9707,11,1879,0,5209,13,42", 8));
+  // Five at once, as alone; a shared prefix sends only what the decode side lacks.
+  std::vector<std::string> prompts;
+  for (int i = 0; i < 5; ++i)
+    prompts.push_back(fmt::format("{},11,1879,0,5209,13,42", 200 + i));
+  std::vector<std::vector<int>> together(5);
+  std::vector<std::thread> clients;
+  for (size_t i = 0; i < 5; ++i)
+    clients.emplace_back([&, i] { together[i] = complete(prompts[i]); });
+  for (auto& t : clients)
+    t.join();
+  for (size_t i = 0; i < 5; ++i) {
+    CAPTURE(i);
+    CHECK(together[i] == generate_ids(fx, *model, prompts[i], 8));
+  }
+  CHECK(troupe::test::metric_value(port, "troupe_kv_handoffs_total") == 6);
+  CHECK(troupe::test::metric_value(port, "troupe_kv_local_prefills_total") == 0);
+  // 150 tokens need 10 landing blocks: prefilled on the decode replica, same answer.
+  std::string long_prompt;
+  for (int i = 0; i < 150; ++i)
+    long_prompt += fmt::format("{}{}", i ? "," : "", 300 + i);
+  CHECK(complete(long_prompt) == generate_ids(fx, *model, long_prompt, 8));
+  CHECK(troupe::test::metric_value(port, "troupe_kv_local_prefills_total") == 1);
+  // A client that leaves mid-stream frees its blocks; the landing blocks serve on.
+  {
+    sse_stream stream(port, R"({"model": "staged", "prompt": "hello there", "max_tokens": 200,
+                                "temperature": 0, "ignore_eos": true, "stream": true})");
+    REQUIRE_MESSAGE(stream.read_until("data: "), stream.raw());
+  }
+  CHECK(eventually([&] { return troupe::test::metric_value(port, "troupe_kv_blocks_in_use") == 0; },
+                   10s));
+  for (int round = 0; round < 3; ++round) // more handoffs than landing blocks: all given back
+    CHECK(complete(prompts[0]) == together[0]);
+  CHECK(troupe::test::metric_value(port, "troupe_kv_local_prefills_total") == 1);
+  CHECK(troupe::test::metric_value(port, "troupe_kv_handoff_failures_total") == 0);
+  CHECK(troupe::test::metric_value(port, "troupe_kv_blocks_in_use") == 0);
+}
+
 // A prefill replica whose node hangs (SIGSTOP): the handoff it had is tried again on the other
 // prefill replica, into the same reserved blocks, and the request completes as if nothing
 // happened.

@@ -205,6 +205,8 @@ disaggregation:
   timeout_s: 5
   min_prefill_tokens: 64
   on_prefill_failure: fail
+  staging: always
+  staging_tokens: 8192
 )",
                             "m.yaml");
   REQUIRE_MESSAGE(c.has_value(), (c ? "" : c.error().to_string()));
@@ -231,6 +233,8 @@ disaggregation:
   CHECK(d.timeout_s == 5);
   CHECK(d.min_prefill_tokens == 64);
   CHECK(d.on_prefill_failure == "fail");
+  CHECK(d.staging == "always");
+  CHECK(d.staging_tokens == 8192);
   CHECK_FALSE(parse_deployment("model: /m\n", "m.yaml")->disaggregation.enabled);
 
   auto refused = [](const char* yaml, const char* says) {
@@ -248,6 +252,9 @@ disaggregation:
   refused("model: /m\ndisaggregation: {decode: {tensor: 0}}\n",
           "'disaggregation.decode' sizes must be >= 1");
   refused("model: /m\ndisaggregation: {on_prefill_failure: retry}\n", "must be decode or fail");
+  refused("model: /m\ndisaggregation: {staging: sometimes}\n",
+          "'disaggregation.staging' must be auto, always or never");
+  refused("model: /m\ndisaggregation: {staging_tokens: -1}\n", "'disaggregation.staging_tokens'");
   refused("model: /m\nparallel: {replicas: 2}\ndisaggregation: {}\n",
           "'parallel' and 'disaggregation' exclude each other");
   refused("model: /m\ndisaggregation: [1, 2]\n", "'disaggregation' must be a mapping");
