@@ -240,6 +240,11 @@ TEST_CASE("disaggregation: impossible specs are refused with the reason before s
   d = serve::deployment::start(c, "test");
   REQUIRE_FALSE(d.has_value()); // no RDMA device here, or no libfabric: named, never replaced
   CHECK(d.error().message().find("verbs") != std::string::npos);
+  c = disaggregated(*dir, 1, 1, "tcp");
+  c.disaggregation.staging = "always"; // staging runs between node processes only
+  d = serve::deployment::start(c, "test");
+  REQUIRE_FALSE(d.has_value());
+  CHECK(d.error().message().find("staging: always") != std::string::npos);
 }
 
 TEST_CASE("disaggregation: the shipped 1P2D example serves with handoffs") {
