@@ -345,23 +345,9 @@ void kv_rank_endpoint::stage_loop(std::stop_token stop) {
     lock.unlock();
     pending job = std::move(s.job);
     job.staged_at = at;
-    if (failure.code() == errc::ok) {
-      std::vector<engine::copy_span> copies;
-      uint64_t packed = at.value_or(0);
-      for (auto& [conn, batch] : s.batches)
-        packed += tr::stage_batch(batch, kv_.allocations, staging_->data() + packed,
-                                  locals_.front(), packed, copies);
-      if (auto ok = tr::copy_all(copies, on_gpu_); !ok)
-        failure = std::move(ok).error().context("staging KV out of the cache");
-      for (size_t i = 0; failure.code() == errc::ok && i < s.batches.size(); ++i) {
-        auto& [conn, batch] = s.batches[i];
-        auto posted = conn->post(std::move(batch));
-        if (!posted)
-          failure = std::move(posted).error();
-        else
-          job.batches.emplace_back(conn, *posted);
-      }
-    }
+    if (failure.code() == errc::ok)
+      if (auto ok = stage_and_post(s, at.value_or(0), job); !ok)
+        failure = std::move(ok).error();
     lock.lock();
     if (failure.code() != errc::ok) {
       for (auto& [conn, t] : job.batches)
@@ -373,6 +359,29 @@ void kv_rank_endpoint::stage_loop(std::stop_token stop) {
     queue_.push_back(std::move(job)); // the waiting thread answers and frees its room
     cv_.notify_all();
   }
+}
+
+// Posts a push's batches through the ring from `at` on, each a chunk at a time (post_staged).
+expected<void> kv_rank_endpoint::stage_and_post(to_stage& s, uint64_t at, pending& job) {
+  constexpr uint64_t chunk_bytes = 16ull << 20;
+  auto cancelled = [&] {
+    std::lock_guard lock(mu_);
+    return s.cancelled;
+  };
+  for (auto& [conn, batch] : s.batches) {
+    uint64_t bytes = 0;
+    for (const auto& r : batch.ranges)
+      bytes += r.length;
+    auto posted = tr::post_staged(*conn, batch, kv_.allocations, on_gpu_, staging_->data() + at,
+                                  locals_.front(), at, chunk_bytes, cancelled);
+    if (!posted)
+      return std::move(posted).error();
+    job.batches.emplace_back(conn, posted->last);
+    job.answer.bytes += posted->silent.bytes;
+    job.answer.writes += posted->silent.posted_writes;
+    at += bytes;
+  }
+  return {};
 }
 
 void kv_rank_endpoint::unstage(msg::kv_unstage job, caf::actor reply_to) {
@@ -440,8 +449,8 @@ void kv_rank_endpoint::wait_loop(std::stop_token stop) {
       job.answer.cancelled = first.code() == errc::cancelled;
       job.answer.error = first.to_string();
     }
-    job.answer.bytes = bytes;
-    job.answer.writes = writes;
+    job.answer.bytes += bytes; // staged: the silent chunks' are counted already
+    job.answer.writes += writes;
     caf::anon_send(job.reply_to, msg::kv_pushed_atom::value, std::move(job.answer));
   }
 }

@@ -76,6 +76,9 @@ class kv_rank_endpoint {
   void listen_loop(std::stop_token stop, std::shared_ptr<cluster::transfer::kv_connection> conn);
   void wait_loop(std::stop_token stop);
   void stage_loop(std::stop_token stop);
+  struct to_stage;
+  struct pending;
+  expected<void> stage_and_post(to_stage& s, uint64_t at, pending& job);
   void unstage_loop(std::stop_token stop);
 
   using conn_ptr = std::shared_ptr<cluster::transfer::kv_connection>;

@@ -192,6 +192,13 @@ void fabric_connection::post_pending(std::unique_lock<std::mutex>&) {
       else if (rc != 0)
         return fail_connection(fi_error(errc::unavailable, "fi_write", rc));
     }
+    if (b.next == b.writes.size() && b.outstanding == 0 && !b.notice_posted && !b.batch.notify) {
+      b.notice_posted = true; // a silent batch ends with its writes
+      finish(id, b,
+             b.cancel ? make_error(errc::cancelled, "lease {}: cancelled after {} bytes",
+                                   b.batch.lease_id, b.bytes)
+                      : error{});
+    }
     if (b.next == b.writes.size() && b.outstanding == 0 && !b.notice_posted) {
       if (free_send_slots_.empty() || tx_outstanding_ >= tx_depth_)
         return;

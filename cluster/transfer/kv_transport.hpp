@@ -63,6 +63,9 @@ struct write_batch {
   std::vector<region_descriptor> remotes;
   std::vector<write_range> ranges;
   clock::time_point deadline = clock::now() + std::chrono::seconds(30);
+  // false: no notice (not even a cancelled one). A transfer posted as several batches on one
+  // connection notifies with its last, posted once the others completed (wait()).
+  bool notify = true;
 };
 
 // The target side's view of one finished batch. `cancelled` notices release the target's blocks.

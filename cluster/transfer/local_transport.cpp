@@ -188,17 +188,15 @@ class local_connection final : public kv_connection {
         return;
       }
     }
-    if (j.cancel || stop_) {
+    const bool cancelled = j.cancel || stop_, late = j.bytes < total_bytes(j.writes);
+    if (cancelled)
       j.failure = make_error(errc::cancelled, "lease {}: cancelled after {} bytes",
                              j.batch.lease_id, j.bytes);
-      out_->push({j.batch.lease_id, j.bytes, true});
-    } else if (j.bytes < total_bytes(j.writes)) {
+    else if (late)
       j.failure = make_error(errc::timeout, "lease {}: deadline passed after {} bytes",
                              j.batch.lease_id, j.bytes);
-      out_->push({j.batch.lease_id, j.bytes, true});
-    } else {
-      out_->push({j.batch.lease_id, j.bytes, false});
-    }
+    if (j.batch.notify)
+      out_->push({j.batch.lease_id, j.bytes, cancelled || late});
   }
 
   std::shared_ptr<local_transport> self_, peer_;

@@ -14,8 +14,8 @@
 namespace troupe::cluster::transfer::detail {
 namespace {
 
-constexpr uint32_t segment_magic = 0x47534b54; // "TKSG"
-constexpr uint32_t flag_last = 1, flag_cancelled = 2;
+constexpr uint32_t segment_magic = 0x47534b54;                         // "TKSG"
+constexpr uint32_t flag_last = 1, flag_cancelled = 2, flag_silent = 4; // silent: no notice
 constexpr size_t max_ranges = 512;                         // per segment (and per sendmsg/readv)
 constexpr uint64_t max_segment_bytes = uint64_t{64} << 20; // cancel/deadline granularity
 constexpr int poll_ms = 20;
@@ -150,11 +150,12 @@ void socket_connection::send_loop() {
 // (mid-segment the stream cannot be resynchronised, so the connection closes).
 void socket_connection::send_job(job& j, std::unique_lock<std::mutex>& lock) {
   size_t next = 0;
+  const uint32_t silent = j.batch.notify ? 0 : flag_silent;
   while (!j.done) {
     bool late = clock::now() >= j.batch.deadline;
     if (j.cancel || late) {
       lock.unlock();
-      auto sent = send_segment(j, next, 0, flag_last | flag_cancelled);
+      auto sent = send_segment(j, next, 0, flag_last | flag_cancelled | silent);
       lock.lock();
       if (!sent)
         return fail(std::move(sent).error());
@@ -171,7 +172,7 @@ void socket_connection::send_job(job& j, std::unique_lock<std::mutex>& lock) {
       bytes += j.writes[next + count++].length;
     bool last = next + count == j.writes.size();
     lock.unlock();
-    auto sent = send_segment(j, next, count, last ? flag_last : 0);
+    auto sent = send_segment(j, next, count, last ? flag_last | silent : 0);
     lock.lock();
     if (!sent) {
       error why = std::move(sent).error();
@@ -287,7 +288,8 @@ expected<void> socket_connection::read_segment() {
   uint64_t& total = incoming_bytes_[h.lease_id];
   total += bytes;
   if (h.flags & flag_last) {
-    notices_.push_back({h.lease_id, total, (h.flags & flag_cancelled) != 0});
+    if (!(h.flags & flag_silent))
+      notices_.push_back({h.lease_id, total, (h.flags & flag_cancelled) != 0});
     incoming_bytes_.erase(h.lease_id);
     cv_.notify_all();
   }

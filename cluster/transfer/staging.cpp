@@ -79,6 +79,71 @@ uint64_t stage_batch(write_batch& batch, std::span<const engine::kv_layout::allo
   return packed;
 }
 
+expected<staged_post> post_staged(kv_connection& conn, const write_batch& batch,
+                                  std::span<const engine::kv_layout::allocation> sources,
+                                  bool device, char* at, region_id staged, uint64_t offset,
+                                  uint64_t chunk_bytes, const std::function<bool()>& cancelled) {
+  staged_post out;
+  std::vector<transfer_id> silent;
+  auto drain = [&](bool cancel) -> expected<void> { // the silent chunks, in order
+    error first;
+    for (auto id : silent) {
+      if (cancel)
+        conn.cancel(id);
+      auto r = conn.wait(id);
+      if (r) {
+        out.silent.bytes += r->bytes;
+        out.silent.posted_writes += r->posted_writes;
+      } else if (first.code() == errc::ok) {
+        first = std::move(r).error();
+      }
+    }
+    silent.clear();
+    if (first.code() != errc::ok)
+      return first;
+    return {};
+  };
+  uint64_t packed = 0;
+  size_t next = 0;
+  for (;;) {
+    if (cancelled()) {
+      (void)drain(true);
+      return make_error(errc::cancelled, "cancelled while it was staged");
+    }
+    write_batch chunk{.lease_id = batch.lease_id,
+                      .locals = {},
+                      .remotes = batch.remotes,
+                      .ranges = {},
+                      .deadline = batch.deadline,
+                      .notify = false};
+    for (uint64_t bytes = 0; next < batch.ranges.size() && bytes < chunk_bytes; ++next) {
+      bytes += batch.ranges[next].length;
+      chunk.ranges.push_back(batch.ranges[next]);
+    }
+    std::vector<engine::copy_span> copies;
+    packed += stage_batch(chunk, sources, at + packed, staged, offset + packed, copies);
+    if (auto ok = copy_all(copies, device); !ok) {
+      (void)drain(true);
+      return std::move(ok).error().context("staging KV out of the cache");
+    }
+    const bool last = next == batch.ranges.size();
+    if (last) {
+      TROUPE_TRY_VOID(drain(false));
+      chunk.notify = batch.notify;
+    }
+    auto posted = conn.post(std::move(chunk));
+    if (!posted) {
+      (void)drain(true);
+      return std::move(posted).error();
+    }
+    if (last) {
+      out.last = *posted;
+      return out;
+    }
+    silent.push_back(*posted);
+  }
+}
+
 engine::kv_layout landing_layout(const engine::kv_layout& kv, int32_t blocks) {
   engine::kv_layout l = kv;
   l.num_blocks = blocks;

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <optional>
 #include <span>
 #include <vector>
@@ -50,6 +51,21 @@ expected<void> copy_all(std::span<const engine::copy_span> copies, bool device);
 uint64_t stage_batch(write_batch& batch, std::span<const engine::kv_layout::allocation> sources,
                      char* at, region_id staged, uint64_t staged_offset,
                      std::vector<engine::copy_span>& copies);
+
+// Posts `batch` (locals: `sources`) through the staging buffer `at` (registered as `staged`, at
+// `offset` in it), a chunk of about `chunk_bytes` at a time, so that the copy of a chunk runs
+// while the one before it is on the wire. The chunks but the last are silent; the last (its
+// notice) is posted once they completed. `cancelled` is asked between chunks. Returns the last
+// chunk's id, to wait for, and what the silent ones moved; on failure the posted chunks are
+// cancelled and waited for (the provider reads no staging memory any more).
+struct staged_post {
+  transfer_id last = 0;
+  transfer_result silent;
+};
+expected<staged_post> post_staged(kv_connection& conn, const write_batch& batch,
+                                  std::span<const engine::kv_layout::allocation> sources,
+                                  bool device, char* at, region_id staged, uint64_t offset,
+                                  uint64_t chunk_bytes, const std::function<bool()>& cancelled);
 
 // The landing area for `blocks` blocks of `kv`'s shape: one allocation (base unset) holding every
 // local (layer, K/V) plane in turn.

@@ -141,28 +141,33 @@ void check_handoff(group pg, group dg, int32_t prompt, int32_t cached, bool stag
       batch.remotes.push_back(
           *dt->describe(*dt->register_memory(a.base, a.bytes, memory_kind::host)));
     REQUIRE(plan->ranges(i, pb, staged ? lb : db, cached, prompt, batch.ranges).has_value());
+    auto [out, in] = local_transport::connect_pair(pt, dt);
     std::optional<staging_buffer> out_buffer;
-    if (staged) { // through a staging buffer, at an offset into it
+    transfer_id id = 0;
+    if (staged) { // through a staging buffer, at an offset into it, in chunks of ~200 bytes
       uint64_t bytes = 0;
       for (const auto& r : batch.ranges)
         bytes += r.length;
       out_buffer = *staging_buffer::allocate(bytes + 100, false);
-      const auto id =
+      const auto region =
           *pt->register_memory(out_buffer->data(), out_buffer->size(), memory_kind::host);
-      std::vector<engine::copy_span> copies;
-      CHECK(stage_batch(batch, P[p].layout.allocations, out_buffer->data() + 100, id, 100,
-                        copies) == bytes);
-      REQUIRE(copy_all(copies, false).has_value());
+      auto posted = post_staged(*out, batch, P[p].layout.allocations, false,
+                                out_buffer->data() + 100, region, 100, 200, [] { return false; });
+      REQUIRE_MESSAGE(posted.has_value(), (posted ? "" : posted.error().to_string()));
+      total_bytes += posted->silent.bytes;
+      id = posted->last;
+    } else {
+      auto posted = out->post(std::move(batch));
+      REQUIRE_MESSAGE(posted.has_value(), (posted ? "" : posted.error().to_string()));
+      id = *posted;
     }
-    auto [out, in] = local_transport::connect_pair(pt, dt);
-    auto id = out->post(std::move(batch));
-    REQUIRE_MESSAGE(id.has_value(), (id ? "" : id.error().to_string()));
-    auto done = out->wait(*id);
+    auto done = out->wait(id);
     REQUIRE(done.has_value());
     total_bytes += done->bytes;
     auto notice = in->wait_notice(clock::now() + std::chrono::seconds(5));
     REQUIRE(notice.has_value());
     CHECK(notice->lease_id == i + 1);
+    CHECK_FALSE(in->wait_notice(clock::now())); // one notice per batch, chunked or not
   }
   for (size_t d = 0; staged && d < D.size(); ++d) { // the landing areas into the caches
     std::vector<engine::copy_span> copies;

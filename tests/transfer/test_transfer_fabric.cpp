@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cluster/transfer/fabric_transport.hpp"
+#include "silent_batches.hpp"
 #include "transfer_test_util.hpp"
 
 using namespace troupe::cluster::transfer;
@@ -97,6 +98,11 @@ TEST_CASE("transfer: fabric tcp writes 0, 1, unaligned and many small ranges, on
   CHECK(std::memcmp(&dst[524288], &src[65536], 256 * 1024) == 0);
   REQUIRE(p.a->deregister(*s));
   REQUIRE(p.b->deregister(*d));
+}
+
+TEST_CASE("transfer: fabric tcp: silent batches land, the last one notifies") {
+  auto p = connect_tcp();
+  test::check_silent_batches(*p.a, *p.b, *p.ab, *p.ba);
 }
 
 TEST_CASE("transfer: fabric splits a large range at max_write and refuses out-of-bounds ranges") {

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "cluster/transfer/local_transport.hpp"
+#include "silent_batches.hpp"
 
 using namespace troupe::cluster::transfer;
 using namespace std::chrono_literals;
@@ -44,6 +45,12 @@ TEST_CASE("transfer: local writes land, one notice per batch, bounds and livenes
   CHECK(ab->post(batch).error().code() == errc::not_found); // the peer deregistered it
   REQUIRE(a->deregister(*s));
   CHECK(a->registration_count() == 0);
+}
+
+TEST_CASE("transfer: local: silent batches land, the last one notifies") {
+  auto a = std::make_shared<local_transport>(), b = std::make_shared<local_transport>();
+  auto [ab, ba] = local_transport::connect_pair(a, b);
+  test::check_silent_batches(*a, *b, *ab, *ba);
 }
 
 TEST_CASE("transfer: local cancel and deadline fail the batch and send a cancelled notice") {

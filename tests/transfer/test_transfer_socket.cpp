@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cluster/transfer/socket_transport.hpp"
+#include "silent_batches.hpp"
 
 using namespace troupe::cluster::transfer;
 using namespace std::chrono_literals;
@@ -69,6 +70,11 @@ TEST_CASE("transfer: socket transport writes 0, 1, unaligned and 5,000 scattered
   CHECK(p.ab->post(batch).error().code() == errc::out_of_range);
   CHECK(p.a->deregister(*s));
   CHECK(p.b->deregister(*d));
+}
+
+TEST_CASE("transfer: socket transport: silent batches land, the last one notifies") {
+  socket_pair p;
+  test::check_silent_batches(*p.a, *p.b, *p.ab, *p.ba);
 }
 
 TEST_CASE("transfer: socket transport cancel and deadline") {
