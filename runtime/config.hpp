@@ -57,7 +57,8 @@ struct disaggregation_config {
   std::string on_prefill_failure = "decode";
   // KV moved through host memory: auto (when the provider cannot register the GPU memory the KV
   // is in) | always | never (refuse such a provider); room for this many tokens per rank and
-  // side (0 = twice max_model_len). Prompts that do not fit are prefilled on the decode replica.
+  // side (0 = twice max_model_len). Handoffs wait for room; prompts larger than it are prefilled
+  // on the decode replica.
   std::string staging = "auto";
   int32_t staging_tokens = 0;
 };

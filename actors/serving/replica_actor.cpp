@@ -91,6 +91,7 @@ void fail_live(replica_state& st, const troupe::error& why) {
     const seq_id id = (it++)->first;
     forget_import(st, id);
   }
+  st.landing_wait.clear();
   auto live = std::move(st.live);
   st.live.clear();
   st.local_of.clear();
@@ -307,16 +308,24 @@ void send_export(replica* self, replica_state::pending_import& im) {
   self->delayed_send(self, role.timeout, lease_atom::value, im.lease);
 }
 
-// Staged ranks: landing blocks for the prompt positions from `cached` on (by position /
-// block_size; the cached positions' entries are never read). False when too few are free.
-bool reserve_landing(replica_state& st, replica_state::pending_import& im, int32_t cached) {
+// Staged ranks: how many landing blocks the prompt positions from the cached ones on take.
+int32_t landing_needed(const replica_state& st, const replica_state::pending_import& im) {
   const int32_t bs = st.spec.options.block_size;
-  if (st.spec.decode->landing_blocks == 0)
-    return true;
   const auto prompt = static_cast<int32_t>(im.request.prompt.size());
-  const int32_t first = cached / bs, count = (prompt + bs - 1) / bs;
-  if (st.landing_free.size() < static_cast<size_t>(count - first))
+  return st.spec.decode->landing_blocks == 0 ? 0 : (prompt + bs - 1) / bs - im.cached_tokens / bs;
+}
+
+// Staged ranks: landing blocks for those positions (by position / block_size; the cached
+// positions' entries are never read). False while too few are free.
+bool reserve_landing(replica_state& st, replica_state::pending_import& im) {
+  const int32_t bs = st.spec.options.block_size;
+  const int32_t need = landing_needed(st, im);
+  if (need == 0)
+    return true;
+  if (st.landing_free.size() < static_cast<size_t>(need))
     return false;
+  const auto prompt = static_cast<int32_t>(im.request.prompt.size());
+  const int32_t first = im.cached_tokens / bs, count = (prompt + bs - 1) / bs;
   im.landing.assign(static_cast<size_t>(count), -1);
   for (int32_t b = first; b < count; ++b) {
     im.landing[static_cast<size_t>(b)] = st.landing_free.back();
@@ -326,7 +335,8 @@ bool reserve_landing(replica_state& st, replica_state::pending_import& im, int32
 }
 
 // Reservations made by the last plan: each goes to its prefill replica, or (a short or mostly
-// cached prompt, or one the landing area cannot take now) is prefilled here.
+// cached prompt, or one larger than the whole landing area) is prefilled here. Over staged ranks
+// they go out in order as landing blocks come back.
 void send_exports(replica* self) {
   auto& st = self->state;
   if (!st.spec.decode)
@@ -337,22 +347,30 @@ void send_exports(replica* self) {
   bool local = false;
   for (auto& r : reserved) {
     auto& im = st.imports.at(r.id);
+    im.blocks = std::move(r.blocks);
+    im.cached_tokens = r.cached_tokens;
     const auto missing = static_cast<int32_t>(im.request.prompt.size()) - r.cached_tokens;
-    const bool fits = reserve_landing(st, im, r.cached_tokens);
-    if (missing < role.min_prefill_tokens || !fits) {
-      if (!fits)
-        log::debug("replica: request {} is prefilled here: its {} tokens do not fit the free "
-                   "landing blocks (disaggregation.staging_tokens)",
-                   r.id, missing);
+    const bool too_big = landing_needed(st, im) > role.landing_blocks;
+    if (missing < role.min_prefill_tokens || too_big) {
+      if (too_big)
+        log::debug("replica: request {} is prefilled here: its {} tokens need more than the "
+                   "{} landing blocks (disaggregation.staging_tokens)",
+                   r.id, missing, role.landing_blocks);
       (void)st.loop->prefill_locally(r.id);
       ++role.stats->local_prefills;
       forget_import(st, r.id);
       local = true;
       continue;
     }
-    im.blocks = std::move(r.blocks);
-    im.cached_tokens = r.cached_tokens;
-    send_export(self, im);
+    st.landing_wait.push_back(r.id);
+  }
+  while (!st.landing_wait.empty()) {
+    auto it = st.imports.find(st.landing_wait.front());
+    if (it != st.imports.end() && !reserve_landing(st, it->second))
+      break; // until landing blocks come back
+    st.landing_wait.pop_front();
+    if (it != st.imports.end()) // else cancelled meanwhile
+      send_export(self, it->second);
   }
   if (local)
     kick(self);
@@ -423,6 +441,7 @@ void import_failed(replica* self, seq_id id, const troupe::error& why) {
   forget_import(st, id);
   if (cancelled) { // the client left: only the blocks remain
     (void)st.loop->release_held(id);
+    kick(self); // its landing blocks may let a waiting handoff go
     st.spec.gauges->publish(*st.loop);
     return;
   }

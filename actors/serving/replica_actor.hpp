@@ -15,6 +15,7 @@
 #pragma once
 
 #include <chrono>
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -94,6 +95,8 @@ struct replica_state {
   std::unordered_map<seq_id, pending_import> imports;
   std::unordered_map<uint64_t, seq_id> import_of; // lease -> engine id
   std::vector<int32_t> landing_free;              // staged: free landing blocks
+  std::deque<seq_id> landing_wait; // reserved imports waiting to be sent, in order (staged: for
+                                   // landing blocks)
   std::vector<std::unique_ptr<notice_listener>> listeners;
   // Prefill side: export jobs by engine id.
   struct pending_export {

@@ -585,31 +585,31 @@ TEST_CASE("cluster serve: prefill tensor=2 -> decode tensor=1 over tcp answers l
 
 // KV staged through host memory between node processes (what GPU KV over tcp does; forced here
 // on CPU KV with staging: always): prefill ranks write from a staging ring, the decode ranks'
-// landing areas are copied into their caches. Prompts the landing area cannot take are
-// prefilled on the decode replica.
+// landing areas are copied into their caches. Handoffs wait for free landing blocks; prompts
+// larger than the whole landing area are prefilled on the decode replica.
 TEST_CASE("cluster serve: KV staged through host memory answers like generate") {
   auto model = golden_model("tiny-qwen3");
   if (!model)
     return;
   cluster_fixture fx;
   start_cluster(fx);
-  // 128 tokens of staging: 8 landing blocks of 16 per decode rank.
+  // 32 tokens of staging: 2 landing blocks of 16 per decode rank, fewer than requests at once.
   auto yaml =
       write_yaml(fx, "staged.yaml",
                  read_file(disagg_yaml(fx, *model, "staged", "{tensor: 2}", "{tensor: 2}", 5)) +
-                     "  staging: always\n  staging_tokens: 128\n");
+                     "  staging: always\n  staging_tokens: 32\n");
   auto served = serve(fx, yaml);
   REQUIRE_MESSAGE(served.exit_code == 0, served.output);
   const uint16_t port = port_of(served.output);
   auto d = deployment_of(fx, "staged");
   CHECK_MESSAGE(d["transfer"].get<std::string>().find(
-                    "KV staged through host memory (8 landing blocks per decode rank)") !=
+                    "KV staged through host memory (2 landing blocks per decode rank)") !=
                     std::string::npos,
                 d.dump());
   auto complete = [&](const std::string& ids) { return greedy_ids(port, "staged", ids, 8); };
   CHECK(complete("9707,11,1879,0,5209,13,42") ==
         generate_ids(fx, *model, "9707,11,1879,0,5209,13,42", 8));
-  // Five at once, as alone; a shared prefix sends only what the decode side lacks.
+  // Five at once (one landing block each): as alone, every one handed off in turn.
   std::vector<std::string> prompts;
   for (int i = 0; i < 5; ++i)
     prompts.push_back(fmt::format("{},11,1879,0,5209,13,42", 200 + i));
@@ -625,7 +625,7 @@ TEST_CASE("cluster serve: KV staged through host memory answers like generate") 
   }
   CHECK(troupe::test::metric_value(port, "troupe_kv_handoffs_total") == 6);
   CHECK(troupe::test::metric_value(port, "troupe_kv_local_prefills_total") == 0);
-  // 150 tokens need 10 landing blocks: prefilled on the decode replica, same answer.
+  // 150 tokens need 10 landing blocks, more than there are: prefilled on the decode replica.
   std::string long_prompt;
   for (int i = 0; i < 150; ++i)
     long_prompt += fmt::format("{}{}", i ? "," : "", 300 + i);
