@@ -150,6 +150,8 @@ std::string kv_rank_endpoint::staging() const {
 kv_rank_endpoint::~kv_rank_endpoint() {
   {
     std::lock_guard lock(mu_);
+    for (auto& s : staging_queue_) // the copying thread stops between chunks
+      s.cancelled = true;
     for (auto& p : queue_)
       for (auto& [conn, t] : p.batches)
         conn->cancel(t);
@@ -342,9 +344,9 @@ void kv_rank_endpoint::stage_loop(std::stop_token stop) {
         ring_->release(*at);
       at.reset();
     }
-    lock.unlock();
     pending job = std::move(s.job);
     job.staged_at = at;
+    lock.unlock();
     if (failure.code() == errc::ok)
       if (auto ok = stage_and_post(s, at.value_or(0), job); !ok)
         failure = std::move(ok).error();
