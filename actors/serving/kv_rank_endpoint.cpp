@@ -371,9 +371,6 @@ expected<void> kv_rank_endpoint::stage_and_post(to_stage& s, uint64_t at, pendin
     return s.cancelled;
   };
   for (auto& [conn, batch] : s.batches) {
-    uint64_t bytes = 0;
-    for (const auto& r : batch.ranges)
-      bytes += r.length;
     auto posted = tr::post_staged(*conn, batch, kv_.allocations, on_gpu_, staging_->data() + at,
                                   locals_.front(), at, chunk_bytes, cancelled);
     if (!posted)
@@ -381,7 +378,7 @@ expected<void> kv_rank_endpoint::stage_and_post(to_stage& s, uint64_t at, pendin
     job.batches.emplace_back(conn, posted->last);
     job.answer.bytes += posted->silent.bytes;
     job.answer.writes += posted->silent.posted_writes;
-    at += bytes;
+    at += posted->staged;
   }
   return {};
 }

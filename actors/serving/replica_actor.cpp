@@ -318,16 +318,14 @@ int32_t landing_needed(const replica_state& st, const replica_state::pending_imp
 // Staged ranks: landing blocks for those positions (by position / block_size; the cached
 // positions' entries are never read). False while too few are free.
 bool reserve_landing(replica_state& st, replica_state::pending_import& im) {
-  const int32_t bs = st.spec.options.block_size;
   const int32_t need = landing_needed(st, im);
   if (need == 0)
     return true;
   if (st.landing_free.size() < static_cast<size_t>(need))
     return false;
-  const auto prompt = static_cast<int32_t>(im.request.prompt.size());
-  const int32_t first = im.cached_tokens / bs, count = (prompt + bs - 1) / bs;
+  const int32_t count = im.cached_tokens / st.spec.options.block_size + need;
   im.landing.assign(static_cast<size_t>(count), -1);
-  for (int32_t b = first; b < count; ++b) {
+  for (int32_t b = count - need; b < count; ++b) {
     im.landing[static_cast<size_t>(b)] = st.landing_free.back();
     st.landing_free.pop_back();
   }

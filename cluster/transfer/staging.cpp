@@ -103,7 +103,6 @@ expected<staged_post> post_staged(kv_connection& conn, const write_batch& batch,
       return first;
     return {};
   };
-  uint64_t packed = 0;
   size_t next = 0;
   for (;;) {
     if (cancelled()) {
@@ -121,7 +120,7 @@ expected<staged_post> post_staged(kv_connection& conn, const write_batch& batch,
       chunk.ranges.push_back(batch.ranges[next]);
     }
     std::vector<engine::copy_span> copies;
-    packed += stage_batch(chunk, sources, at + packed, staged, offset + packed, copies);
+    out.staged += stage_batch(chunk, sources, at + out.staged, staged, offset + out.staged, copies);
     if (auto ok = copy_all(copies, device); !ok) {
       (void)drain(true);
       return std::move(ok).error().context("staging KV out of the cache");

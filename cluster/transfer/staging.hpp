@@ -56,11 +56,12 @@ uint64_t stage_batch(write_batch& batch, std::span<const engine::kv_layout::allo
 // `offset` in it), a chunk of about `chunk_bytes` at a time, so that the copy of a chunk runs
 // while the one before it is on the wire. The chunks but the last are silent; the last (its
 // notice) is posted once they completed. `cancelled` is asked between chunks. Returns the last
-// chunk's id, to wait for, and what the silent ones moved; on failure the posted chunks are
-// cancelled and waited for (the provider reads no staging memory any more).
+// chunk's id, to wait for, what the silent ones moved and the staging bytes used; on failure the
+// posted chunks are cancelled and waited for (the provider reads no staging memory any more).
 struct staged_post {
   transfer_id last = 0;
   transfer_result silent;
+  uint64_t staged = 0;
 };
 expected<staged_post> post_staged(kv_connection& conn, const write_batch& batch,
                                   std::span<const engine::kv_layout::allocation> sources,

@@ -43,7 +43,7 @@ struct copy_span {
   size_t bytes = 0;
 };
 // Runs every copy (either side host or device memory) on a non-blocking stream of the calling
-// thread, on the device the first device pointer belongs to, and waits for all of them. Not
+// thread, on the device the first copy's device side belongs to, and waits for all of them. Not
 // ordered with any other stream: callers copy only memory no kernel uses meanwhile.
 expected<void> cuda_copy_all(std::span<const copy_span> copies);
 

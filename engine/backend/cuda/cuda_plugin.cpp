@@ -80,22 +80,21 @@ class thread_streams {
   std::vector<std::pair<int, cudaStream_t>> streams_;
 };
 
+// The device `p` points into, or -1 (host memory).
+int device_of(const void* p) {
+  cudaPointerAttributes a{};
+  const bool on_device =
+      cudaPointerGetAttributes(&a, p) == cudaSuccess && a.type == cudaMemoryTypeDevice;
+  (void)cudaGetLastError(); // an unregistered host pointer may leave an error behind
+  return on_device ? a.device : -1;
+}
+
 expected<void> copy_all(std::span<const copy_span> copies) {
   if (copies.empty())
     return {};
-  int device = -1; // the first device pointer's
-  for (const auto& c : copies) {
-    for (const void* p : {static_cast<const void*>(c.dst), c.src}) {
-      cudaPointerAttributes a{};
-      if (cudaPointerGetAttributes(&a, p) == cudaSuccess && a.type == cudaMemoryTypeDevice) {
-        device = a.device;
-        break;
-      }
-    }
-    if (device >= 0)
-      break;
-  }
-  (void)cudaGetLastError(); // an unregistered host pointer may leave an error behind
+  int device = device_of(copies.front().dst);
+  if (device < 0)
+    device = device_of(copies.front().src);
   if (device >= 0)
     if (cudaError_t rc = cudaSetDevice(device); rc != cudaSuccess)
       return runtime_error(fmt::format("cudaSetDevice({})", device), rc);
