@@ -304,14 +304,16 @@ struct deployment_plan {
 // rank listens and accepts connections from prefill ranks at any time. The serving actor links
 // every prefill replica to every decode replica: (link_atom, kv_link) to each prefill rank,
 // which connects to the decode ranks it writes to -> worker_reply (error empty: linked). A
-// prefill replica's actor has its ranks push one request's KV: (push_atom, kv_push) ->
-// (kv_pushed_atom, kv_pushed) once its batches completed or failed; (cancel_atom, uint64 lease)
-// stops them. A decode replica's actor registers with its ranks, (kv_notify_atom), and each rank
-// sends it (landed_atom, uint64 lease, bool cancelled) for every batch written into it.
-// A decode rank whose KV the transport cannot reach (GPU memory over a host-only provider)
-// publishes a landing area instead (landing_blocks > 0): prefill ranks write into landing
-// blocks the replica reserved, and once every notice came the replica has its ranks copy them
-// into the cache, (unstage_atom, kv_unstage) -> (unstaged_atom, kv_pushed).
+// prefill replica's actor has its ranks push one request's KV: (push_atom, kv_push), sent when
+// the request is added (before any plan holding it), arms the push; each rank sends its layers
+// while the step completing the prompt computes the later ones, and answers (kv_pushed_atom,
+// kv_pushed) once its batches completed or failed; (cancel_atom, uint64 lease) stops them (an
+// armed push answers as cancelled). A decode replica's actor registers with its ranks,
+// (kv_notify_atom), and each rank sends it (landed_atom, uint64 lease, bool cancelled) for every
+// batch written into it. A decode rank whose KV the transport cannot reach (GPU memory over a
+// host-only provider) publishes a landing area instead (landing_blocks > 0): prefill ranks write
+// into landing blocks the replica reserved, and once every notice came the replica has its ranks
+// copy them into the cache, (unstage_atom, kv_unstage) -> (unstaged_atom, kv_pushed).
 struct kv_rank {
   std::string endpoint;                      // endpoint_address::serialize(); "" for prefill
   std::vector<std::vector<uint8_t>> regions; // region_descriptor::serialize(), per allocation
@@ -326,7 +328,8 @@ struct kv_link {
 struct kv_push {
   uint64_t lease = 0;
   uint32_t decode = 0; // which link
-  std::vector<int32_t> prefill_blocks, decode_blocks;
+  uint64_t seq = 0;    // the prefill replica's engine id (its block table comes with the step)
+  std::vector<int32_t> decode_blocks;
   int32_t begin = 0, end = 0; // prompt positions to move
   int64_t timeout_ms = 0;     // from receipt (clocks of hosts differ)
 };
@@ -341,6 +344,7 @@ struct kv_pushed {
   std::string error; // empty: every batch of this rank completed
   bool cancelled = false;
   uint64_t bytes = 0, writes = 0;
+  double seconds = 0; // from the first write posted to the last one done
 };
 
 // CAF 0.17 loads a std::vector<uint8_t> by resizing it to the length the peer claims (up to
@@ -378,8 +382,8 @@ typename Inspector::result_type inspect(Inspector& f, kv_link& x) {
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, kv_push& x) {
-  return f(caf::meta::type_name("kv_push"), x.lease, x.decode, x.prefill_blocks, x.decode_blocks,
-           x.begin, x.end, x.timeout_ms);
+  return f(caf::meta::type_name("kv_push"), x.lease, x.decode, x.seq, x.decode_blocks, x.begin,
+           x.end, x.timeout_ms);
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, kv_unstage& x) {
@@ -388,7 +392,7 @@ typename Inspector::result_type inspect(Inspector& f, kv_unstage& x) {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, kv_pushed& x) {
   return f(caf::meta::type_name("kv_pushed"), x.lease, x.rank, x.error, x.cancelled, x.bytes,
-           x.writes);
+           x.writes, x.seconds);
 }
 
 struct replica_loaded {

@@ -40,6 +40,10 @@ struct worker_state {
   std::unique_ptr<engine::executor> exec; // refers to model: declared after it, destroyed first
   // Disaggregated deployments: this rank's KV registered for transfers (before the model goes).
   std::unique_ptr<serve::kv_rank_endpoint> kv;
+  ~worker_state() {
+    if (model && kv) // it listens to the model's layers
+      (void)model->set_kv_listener(nullptr);
+  }
   static inline const char* name = "worker_actor";
 };
 

@@ -207,8 +207,13 @@ int main(int argc, char** argv) {
                       .deadline = clock::now() + 60s};
     ok_or_exit(plan.ranges(0, pb, lb, 0, tokens, whole.ranges), "ranges");
     t0 = clock::now();
-    auto staged = ok_or_exit(post_staged(*ab, whole, src.allocations, true, out_buf.data(), out_id,
-                                         0, 16ull << 20, [] { return false; }),
+    auto staged = ok_or_exit(post_staged(*ab, whole,
+                                         {.at = out_buf.data(),
+                                          .staged = out_id,
+                                          .offset = 0,
+                                          .sources = src.allocations,
+                                          .device = true},
+                                         16ull << 20, [] { return false; }),
                              "post_staged");
     const auto last = ok_or_exit(ab->wait(staged.last), "wait");
     ok_or_exit(ba->wait_notice(clock::now() + 60s), "notice");

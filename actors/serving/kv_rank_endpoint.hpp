@@ -4,15 +4,17 @@
 //     replica links while this one serves) and sends (landed_atom, lease, cancelled) to the
 //     decode replica's actor for every batch written into it.
 //   prefill rank: links to each decode replica (connects to the decode ranks it writes to,
-//     from the layout contract), posts one request's batches per push, and answers each push
-//     with (kv_pushed_atom, kv_pushed) from a waiting thread once its batches are done.
+//     from the layout contract). A push is armed when its request is added; as the rank's
+//     backend reports the layers of the step that completes the prompt (kv_layer_listener), a
+//     posting thread sends each layer's writes while the later layers compute (one transfer per
+//     decode rank, in parts: the last part carries its notice), and a waiting thread answers
+//     the push with (kv_pushed_atom, kv_pushed) once every transfer is done.
 // When the transport cannot register the KV memory (GPU KV over a host-only provider, or
 // `staging: always`), both ends stage through host memory (cluster/transfer/staging.hpp): a
-// prefill rank copies each push into a staging ring and posts from there (a thread of its own,
-// in push order); a decode rank publishes a landing area and copies a handoff's landing blocks
-// into its cache when the replica asks, (unstage_atom, kv_unstage), answering
-// (unstaged_atom, kv_pushed).
-// The worker calls it from its own thread; the threads here never block the worker.
+// prefill rank's posting thread copies each part into a staging ring and posts from there; a
+// decode rank publishes a landing area and copies a handoff's landing blocks into its cache when
+// the replica asks, (unstage_atom, kv_unstage), answering (unstaged_atom, kv_pushed).
+// The worker and its backend call it from the worker's thread; nothing here blocks them.
 #pragma once
 
 #include <condition_variable>
@@ -31,6 +33,7 @@
 #include "actors/serving/kv_net.hpp"
 #include "cluster/transfer/kv_handoff.hpp"
 #include "cluster/transfer/staging.hpp"
+#include "engine/backend/backend.hpp"
 
 namespace troupe::serve {
 
@@ -42,11 +45,11 @@ struct kv_endpoint_options {
   int32_t staging_tokens = 0;   // staged: room for this many tokens of KV (> 0)
 };
 
-class kv_rank_endpoint {
+class kv_rank_endpoint final : public engine::kv_layer_listener {
  public:
   static expected<std::unique_ptr<kv_rank_endpoint>>
   open(const kv_endpoint_options& options, const engine::kv_layout& layout, int32_t rank);
-  ~kv_rank_endpoint(); // stops the threads, closes the connections, deregisters
+  ~kv_rank_endpoint() override; // stops the threads, closes the connections, deregisters
 
   // What the other group needs to reach this rank (and its layout).
   const msg::kv_rank& describe() const { return self_; }
@@ -59,11 +62,17 @@ class kv_rank_endpoint {
 
   // Prefill: (re)links to decode replica `link.decode`; blocks while connecting.
   expected<void> link(const msg::kv_link& link);
-  // Prefill: posts this rank's batches of `push`; the answer goes to `reply_to` when they are
-  // done (or at once, with the error, when nothing could be posted).
+  // Prefill: arms `push`: this rank's share of sequence push.seq's KV goes out during the step
+  // that completes its prompt (the backend must report to this endpoint: set_kv_listener). The
+  // answer goes to `reply_to` when every batch is done or failed.
   void push(const msg::kv_push& push, caf::actor reply_to);
-  // Prefill: stops the batches of `lease` (they answer as cancelled).
+  // Prefill: stops the push of `lease` (it answers as cancelled).
   void cancel(uint64_t lease);
+
+  // kv_layer_listener (prefill), called by the backend during forward().
+  bool step_begins(const step_plan& plan) override;
+  void layer_written(int32_t layer, std::function<expected<void>()> written) override;
+  void step_ends(bool ok) override;
   // Decode, staged: copies a handoff from its landing blocks into the cache; the answer goes to
   // `reply_to`.
   void unstage(msg::kv_unstage job, caf::actor reply_to);
@@ -75,10 +84,10 @@ class kv_rank_endpoint {
   void accept_loop(std::stop_token stop);
   void listen_loop(std::stop_token stop, std::shared_ptr<cluster::transfer::kv_connection> conn);
   void wait_loop(std::stop_token stop);
-  void stage_loop(std::stop_token stop);
-  struct to_stage;
+  struct outgoing;
   struct pending;
-  expected<void> stage_and_post(to_stage& s, uint64_t at, pending& job);
+  void post_loop(std::stop_token stop);
+  void post_layers(const std::vector<std::shared_ptr<outgoing>>& group, std::vector<pending>& jobs);
   void unstage_loop(std::stop_token stop);
 
   using conn_ptr = std::shared_ptr<cluster::transfer::kv_connection>;
@@ -91,17 +100,22 @@ class kv_rank_endpoint {
     std::shared_ptr<const cluster::transfer::kv_handoff_plan> plan;
     std::vector<pair_link> pairs; // the pairs this rank sends
   };
-  struct pending {
+  struct pending { // a push whose last parts are posted: the waiting thread answers it
     msg::kv_pushed answer;
     caf::actor reply_to;
     std::vector<std::pair<conn_ptr, cluster::transfer::transfer_id>> batches;
     std::optional<uint64_t> staged_at; // its room in the staging ring
+    cluster::transfer::clock::time_point started;
+    decode_link link; // where it goes
   };
-  struct to_stage { // a staged push waiting for its copy-out
-    pending job;
-    std::vector<std::pair<conn_ptr, cluster::transfer::write_batch>> batches;
+  struct outgoing { // a push from arming until its last parts are posted
+    msg::kv_push spec;
+    caf::actor reply_to;
     cluster::transfer::clock::time_point deadline;
-    bool cancelled = false;
+    uint64_t step = 0;                   // the step completing its prompt, once it began
+    std::vector<int32_t> prefill_blocks; // that step's block table
+    std::vector<std::function<expected<void>()>> written; // its layers heard of, in order
+    bool step_over = false, step_failed = false, cancelled = false;
   };
 
   net_transport net_;
@@ -122,11 +136,13 @@ class kv_rank_endpoint {
   std::vector<conn_ptr> inbound_;         // decode
   std::map<uint32_t, decode_link> links_; // prefill: by decode replica
   std::deque<pending> queue_;             // prefill: pushes being written, in post order
-  std::deque<to_stage> staging_queue_;    // prefill, staged: pushes to copy out, in order
+  std::map<uint64_t, std::shared_ptr<outgoing>> armed_; // prefill: by sequence, step not begun
+  std::vector<std::shared_ptr<outgoing>> in_step_;      // prefill: the running step's
+  std::deque<std::shared_ptr<outgoing>> posting_;       // prefill: to post, in step order
   std::deque<std::pair<msg::kv_unstage, caf::actor>> unstage_queue_; // decode, staged
   std::vector<std::jthread> listeners_; // decode: one per inbound connection
   std::jthread main_;                   // decode: accepting; prefill: waiting for pushes
-  std::jthread copier_;                 // staged: prefill copy-out / decode copy-in
+  std::jthread copier_;                 // prefill: posting; decode, staged: copying in
 };
 
 } // namespace troupe::serve

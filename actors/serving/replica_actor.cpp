@@ -531,6 +531,25 @@ void on_lease_expired(replica* self, uint64_t lease) {
 
 // ---- Prefill side ----
 
+// Worker ranks push, each its share, while the step that completes the prompt runs.
+void arm_pushes(replica* self, seq_id id, replica_state::pending_export& ex) {
+  auto& st = self->state;
+  const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+      ex.job.deadline - std::chrono::steady_clock::now());
+  for (size_t r : st.spec.prefill->pushers)
+    self->send(st.spec.ranks.workers[r], msg::push_atom::value,
+               msg::kv_push{.lease = ex.job.lease,
+                            .decode = ex.job.decode_index,
+                            .seq = id,
+                            .decode_blocks = ex.job.blocks,
+                            .begin = ex.job.cached_tokens,
+                            .end = static_cast<int32_t>(ex.job.request.prompt.size()),
+                            .timeout_ms = std::max<int64_t>(left.count(), 1)});
+  ex.pushing = true;
+  ex.awaiting = st.spec.prefill->pushers.size();
+  ex.pushed = {.id = id};
+}
+
 void on_prefill(replica* self, export_job& job) {
   auto& st = self->state;
   replica_state::pending_export ex{.job = std::move(job)};
@@ -548,7 +567,9 @@ void on_prefill(replica* self, export_job& job) {
   if (!id)
     return answer(ex, id.error());
   st.export_of[ex.job.lease] = *id;
-  st.exports.emplace(*id, std::move(ex));
+  auto& added = st.exports.emplace(*id, std::move(ex)).first->second;
+  if (!st.spec.prefill->pushers.empty()) // before any plan holds it
+    arm_pushes(self, *id, added);
   kick(self);
   st.spec.gauges->publish(*st.loop);
 }
@@ -564,37 +585,35 @@ void end_export(replica* self, seq_id id, troupe::error failure, uint64_t bytes 
   st.spec.gauges->publish(*st.loop);
 }
 
-// The prefill of an exported request ended: push its KV to the decode replica's blocks.
+void on_pushed(replica* self, push_result& r);
+
+// The prefill of an exported request ended: push its KV to the decode replica's blocks (worker
+// ranks pushed it meanwhile: the export ends once they all answered).
 void on_exported(replica* self, seq_id id, const engine::request_output& o) {
   auto& st = self->state;
   auto& ex = st.exports.at(id);
-  if (o.finish != engine::finish_reason::handoff)
-    return end_export(self, id,
-                      make_error(errc::cancelled, "the prefill replica ended the request ({})",
-                                 engine::to_string(o.finish)));
+  const auto& role = *st.spec.prefill;
+  ex.prefilled = true;
+  if (o.finish != engine::finish_reason::handoff) {
+    auto why = make_error(errc::cancelled, "the prefill replica ended the request ({})",
+                          engine::to_string(o.finish));
+    if (!ex.awaiting)
+      return end_export(self, id, ex.pushed.failure.code() != errc::ok ? ex.pushed.failure : why);
+    if (ex.pushed.failure.code() == errc::ok)
+      ex.pushed.failure = std::move(why);
+    return cancel_pushes(st, ex.job.lease); // their answers end it
+  }
   ex.first = {.id = 0,
               .token = o.token,
               .logprob = o.logprob,
               .top_ids = o.top_ids,
               .top_logprobs = o.top_logprobs};
-  const auto& role = *st.spec.prefill;
   const auto prompt = static_cast<int32_t>(ex.job.request.prompt.size());
-  if (!role.pushers.empty()) { // worker ranks push, each its share
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-        ex.job.deadline - std::chrono::steady_clock::now());
-    for (size_t r : role.pushers)
-      self->send(st.spec.ranks.workers[r], msg::push_atom::value,
-                 msg::kv_push{.lease = ex.job.lease,
-                              .decode = ex.job.decode_index,
-                              .prefill_blocks = o.blocks,
-                              .decode_blocks = ex.job.blocks,
-                              .begin = ex.job.cached_tokens,
-                              .end = prompt,
-                              .timeout_ms = std::max<int64_t>(left.count(), 1)});
-    ex.pushing = true;
-    ex.awaiting = role.pushers.size();
-    ex.pushed = {.id = id};
-    ex.pushed_at = std::chrono::steady_clock::now();
+  if (!role.pushers.empty()) {
+    if (ex.awaiting == 0) {
+      auto done = std::move(ex.pushed);
+      on_pushed(self, done);
+    }
     return;
   }
   const auto& link = role.links[ex.job.decode_index];
@@ -630,27 +649,32 @@ void on_pushed(replica* self, push_result& r) {
   end_export(self, r.id, std::move(r.failure), r.bytes);
 }
 
-// One worker rank's batches of an export are done: once every pusher answered, the push is.
+// One worker rank's batches of an export are done: once every pusher answered and the prefill
+// ended, the push is.
 void on_rank_pushed(replica* self, const msg::kv_pushed& r) {
   auto& st = self->state;
   auto it = st.export_of.find(r.lease);
   if (it == st.export_of.end())
     return;
-  auto& ex = st.exports.at(it->second);
+  const seq_id id = it->second;
+  auto& ex = st.exports.at(id);
   if (!ex.awaiting)
     return;
   auto& p = ex.pushed;
   p.bytes += r.bytes;
   p.writes += r.writes;
+  p.seconds = std::max(p.seconds, r.seconds);
   if (!r.error.empty() && p.failure.code() == errc::ok) {
     p.failure = make_error(r.cancelled ? errc::cancelled : errc::unavailable, "prefill rank {}: {}",
                            r.rank, r.error);
     cancel_pushes(st, r.lease); // the other ranks' batches are of no use now
+    if (!ex.prefilled) {        // nor the prefill: its cancelled output ends it
+      (void)st.loop->cancel(id);
+      kick(self);
+    }
   }
-  if (--ex.awaiting > 0)
+  if (--ex.awaiting > 0 || !ex.prefilled)
     return;
-  p.seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - ex.pushed_at).count();
   auto done = std::move(p);
   on_pushed(self, done);
 }
@@ -661,8 +685,14 @@ void on_abort(replica* self, uint64_t lease) {
   if (it == st.export_of.end())
     return;
   auto& ex = st.exports.at(it->second);
-  if (ex.pushing && ex.awaiting) // the ranks report their cancelled batches
-    return cancel_pushes(st, lease);
+  if (ex.awaiting) { // the ranks report their cancelled pushes, the engine its cancelled output
+    cancel_pushes(st, lease);
+    if (!ex.prefilled) {
+      (void)st.loop->cancel(it->second);
+      kick(self);
+    }
+    return;
+  }
   if (ex.pushing) { // the waiter reports the cancelled batch
     st.spec.prefill->links[ex.job.decode_index].conn->cancel(ex.transfer);
     return;

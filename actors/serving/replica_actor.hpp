@@ -103,10 +103,12 @@ struct replica_state {
     export_job job;
     seq_output first;
     cluster::transfer::transfer_id transfer = 0;
+    // In one process: the transfer is posted. Worker ranks: pushes armed (they push while the
+    // prompt's last step runs) and not all answered.
     bool pushing = false;
-    size_t awaiting = 0; // worker ranks: pushers yet to answer
-    push_result pushed;  // worker ranks: their answers summed
-    std::chrono::steady_clock::time_point pushed_at;
+    size_t awaiting = 0;    // worker ranks: pushers yet to answer
+    bool prefilled = false; // worker ranks: the prefill ended (first token, or a failure)
+    push_result pushed;     // worker ranks: their answers summed, the first failure
   };
   std::unordered_map<seq_id, pending_export> exports;
   std::unordered_map<uint64_t, seq_id> export_of; // lease -> engine id

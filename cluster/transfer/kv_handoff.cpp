@@ -89,7 +89,7 @@ expected<kv_handoff_plan> kv_handoff_plan::make(std::vector<engine::kv_layout> p
 
 expected<void> kv_handoff_plan::ranges(size_t pair, std::span<const int32_t> pb,
                                        std::span<const int32_t> db, int32_t begin, int32_t end,
-                                       std::vector<write_range>& out) const {
+                                       std::vector<write_range>& out, int32_t layer) const {
   if (pair >= pairs_.size())
     return make_error(errc::invalid_argument, "handoff pair {} of {}", pair, pairs_.size());
   const auto& P = prefill_[pairs_[pair].first];
@@ -103,6 +103,8 @@ expected<void> kv_handoff_plan::ranges(size_t pair, std::span<const int32_t> pb,
                       end, pb.size(), P.block_size, db.size(), D.block_size);
   for (size_t r = pair_begin_[pair]; r < pair_begin_[pair + 1]; ++r) {
     const auto& route = routes_[r];
+    if (layer >= 0 && route.layer != layer)
+      continue;
     const int32_t heads = route.head_end - route.head_begin;
     const uint64_t run = static_cast<uint64_t>(heads) * P.head_dim * P.elem_bytes;
     // Whole tokens are contiguous on a side only when the route covers all its local heads.
@@ -136,6 +138,16 @@ expected<void> kv_handoff_plan::ranges(size_t pair, std::span<const int32_t> pb,
 uint64_t kv_handoff_plan::bytes_per_token() const {
   const auto& k = prefill_.front();
   return 2ull * k.num_layers * k.num_kv_heads * k.head_dim * k.elem_bytes;
+}
+
+uint64_t kv_handoff_plan::bytes_per_token(uint32_t rank) const {
+  uint64_t bytes = 0;
+  for (const auto& r : routes_)
+    if (r.prefill_rank == rank) {
+      const auto& p = prefill_[rank];
+      bytes += 2ull * static_cast<uint64_t>(r.head_end - r.head_begin) * p.head_dim * p.elem_bytes;
+    }
+  return bytes;
 }
 
 std::string kv_handoff_plan::describe() const {

@@ -41,11 +41,14 @@ class kv_handoff_plan {
   // prefill rank's blocks to the decode rank's: local indices are the prefill rank's
   // allocations, remote indices the decode rank's. Ranges contiguous on both sides are whole
   // runs of tokens where the head split allows. Errors when a block table is too short.
+  // `layer` >= 0: only that layer's ranges (a push sent layer by layer while the prefill runs).
   expected<void> ranges(size_t pair, std::span<const int32_t> prefill_blocks,
                         std::span<const int32_t> decode_blocks, int32_t begin, int32_t end,
-                        std::vector<write_range>& out) const;
+                        std::vector<write_range>& out, int32_t layer = -1) const;
   // Bytes one token's KV takes over all layers and heads (what a transfer moves per position).
   uint64_t bytes_per_token() const;
+  // What prefill rank `rank` sends per position, to every decode rank together.
+  uint64_t bytes_per_token(uint32_t rank) const;
   // "2 prefill ranks -> 1 decode rank, 28 layers, 8 kv heads x 128 bfloat16, blocks 16 -> 32".
   std::string describe() const;
 

@@ -28,19 +28,9 @@ expected<void> local_transport::check_live(const region_descriptor& d) const {
 
 namespace {
 
-expected<void> copy_bytes(void* dst, const void* src, uint64_t n, bool device) {
-  if (device)
-    return engine::cuda_copy(dst, src, n);
-  std::memcpy(dst, src, n);
-  return {};
-}
-
-// cudaMemcpy between device buffers may return before the copy is done (it is queued on the
-// legacy default stream, which the backends' own streams do not wait for): the batch's data is in
-// place, and its notice may go out, only once that stream has drained.
-expected<void> finish_device_copies() {
-  return engine::cuda_wait_default_stream();
-}
+// Writes touching GPU memory go to the CUDA plugin in groups of about this many bytes (one
+// batched copy each, waited for), so that cancel and deadline are looked at between groups.
+constexpr uint64_t device_group_bytes = uint64_t{64} << 20;
 
 // Notices for one direction; shared by the writing end (producer) and the notified end (consumer).
 struct notice_queue {
@@ -159,34 +149,48 @@ class local_connection final : public kv_connection {
     }
   }
 
-  // Copies write by write, unlocked; cancel and deadline are looked at between writes.
+  // Copies unlocked: host writes one by one, device writes in batched groups; cancel and
+  // deadline are looked at between them.
   void execute(std::unique_lock<std::mutex>& lock, job& j) {
-    bool any_device = false;
+    std::vector<engine::copy_span> group;
+    uint64_t group_bytes = 0;
+    auto flush = [&]() -> expected<void> {
+      if (group.empty())
+        return {};
+      lock.unlock();
+      auto copied = engine::cuda_copy_all(group);
+      lock.lock();
+      if (copied)
+        j.bytes += group_bytes;
+      group.clear();
+      group_bytes = 0;
+      return copied;
+    };
     for (const planned_write& w : j.writes) {
       if (j.cancel || stop_ || clock::now() >= j.batch.deadline)
         break;
       const region_descriptor &src = j.locals[w.local], &dst = j.batch.remotes[w.remote];
-      bool device = src.kind == memory_kind::cuda || dst.kind == memory_kind::cuda;
-      any_device = any_device || device;
-      lock.unlock();
-      auto copied =
-          copy_bytes(reinterpret_cast<char*>(dst.addr) + w.remote_offset,
-                     reinterpret_cast<const char*>(src.addr) + w.local_offset, w.length, device);
-      lock.lock();
-      if (!copied) {
-        j.failure = std::move(copied).error();
-        return;
+      void* to = reinterpret_cast<char*>(dst.addr) + w.remote_offset;
+      const void* from = reinterpret_cast<const char*>(src.addr) + w.local_offset;
+      if (src.kind == memory_kind::cuda || dst.kind == memory_kind::cuda) {
+        group.push_back({to, from, w.length});
+        group_bytes += w.length;
+        if (group_bytes < device_group_bytes)
+          continue;
+        if (auto ok = flush(); !ok) {
+          j.failure = std::move(ok).error();
+          return;
+        }
+        continue;
       }
+      lock.unlock();
+      std::memcpy(to, from, w.length);
+      lock.lock();
       j.bytes += w.length;
     }
-    if (any_device) {
-      lock.unlock();
-      auto done = finish_device_copies();
-      lock.lock();
-      if (!done) {
-        j.failure = std::move(done).error();
-        return;
-      }
+    if (auto ok = flush(); !ok) {
+      j.failure = std::move(ok).error();
+      return;
     }
     const bool cancelled = j.cancel || stop_, late = j.bytes < total_bytes(j.writes);
     if (cancelled)

@@ -1,5 +1,5 @@
-// Same-process transport: writes are memcpy (host) or cudaMemcpy (GPU memory, when built with
-// CUDA), on a worker thread per connection so post() never blocks. Used by co-located
+// Same-process transport: writes are memcpy (host) or batched CUDA copies (GPU memory, when built
+// with CUDA), on a worker thread per connection so post() never blocks. Used by co-located
 // prefill/decode ranks and as the reference the fabric transport is tested against.
 #pragma once
 

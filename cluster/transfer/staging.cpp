@@ -1,5 +1,6 @@
 #include "cluster/transfer/staging.hpp"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -79,68 +80,84 @@ uint64_t stage_batch(write_batch& batch, std::span<const engine::kv_layout::allo
   return packed;
 }
 
-expected<staged_post> post_staged(kv_connection& conn, const write_batch& batch,
-                                  std::span<const engine::kv_layout::allocation> sources,
-                                  bool device, char* at, region_id staged, uint64_t offset,
-                                  uint64_t chunk_bytes, const std::function<bool()>& cancelled) {
-  staged_post out;
-  std::vector<transfer_id> silent;
-  auto drain = [&](bool cancel) -> expected<void> { // the silent chunks, in order
-    error first;
-    for (auto id : silent) {
-      if (cancel)
-        conn.cancel(id);
-      auto r = conn.wait(id);
-      if (r) {
-        out.silent.bytes += r->bytes;
-        out.silent.posted_writes += r->posted_writes;
-      } else if (first.code() == errc::ok) {
-        first = std::move(r).error();
+parted_transfer::parted_transfer(kv_connection& conn, write_batch head, uint64_t chunk_bytes,
+                                 std::optional<stage_area> stage)
+  : conn_(conn), head_(std::move(head)), chunk_bytes_(std::max<uint64_t>(chunk_bytes, 1)),
+    stage_(stage) {
+  head_.ranges.clear();
+}
+
+expected<void> parted_transfer::drain(bool cancel) { // the silent chunks, in order
+  error first;
+  for (auto id : silent_) {
+    if (cancel)
+      conn_.cancel(id);
+    auto r = conn_.wait(id);
+    if (r) {
+      out_.silent.bytes += r->bytes;
+      out_.silent.posted_writes += r->posted_writes;
+    } else if (first.code() == errc::ok) {
+      first = std::move(r).error();
+    }
+  }
+  silent_.clear();
+  if (first.code() != errc::ok)
+    return first;
+  return {};
+}
+
+expected<void> parted_transfer::post(std::span<const write_range> ranges, bool last,
+                                     const std::function<bool()>& cancelled) {
+  size_t next = 0;
+  do {
+    if (cancelled()) {
+      abort();
+      return make_error(errc::cancelled, "cancelled while it was posted");
+    }
+    write_batch chunk{.lease_id = head_.lease_id,
+                      .locals = head_.locals,
+                      .remotes = head_.remotes,
+                      .ranges = {},
+                      .deadline = head_.deadline,
+                      .notify = false};
+    for (uint64_t bytes = 0; next < ranges.size() && bytes < chunk_bytes_; ++next) {
+      bytes += ranges[next].length;
+      chunk.ranges.push_back(ranges[next]);
+    }
+    if (stage_) {
+      std::vector<engine::copy_span> copies;
+      out_.staged += stage_batch(chunk, stage_->sources, stage_->at + out_.staged, stage_->staged,
+                                 stage_->offset + out_.staged, copies);
+      if (auto ok = copy_all(copies, stage_->device); !ok) {
+        abort();
+        return std::move(ok).error().context("staging KV out of the cache");
       }
     }
-    silent.clear();
-    if (first.code() != errc::ok)
-      return first;
-    return {};
-  };
-  size_t next = 0;
-  for (;;) {
-    if (cancelled()) {
-      (void)drain(true);
-      return make_error(errc::cancelled, "cancelled while it was staged");
+    const bool final = last && next == ranges.size();
+    if (final) {
+      if (auto ok = drain(false); !ok)
+        return ok;
+      chunk.notify = head_.notify;
     }
-    write_batch chunk{.lease_id = batch.lease_id,
-                      .locals = {},
-                      .remotes = batch.remotes,
-                      .ranges = {},
-                      .deadline = batch.deadline,
-                      .notify = false};
-    for (uint64_t bytes = 0; next < batch.ranges.size() && bytes < chunk_bytes; ++next) {
-      bytes += batch.ranges[next].length;
-      chunk.ranges.push_back(batch.ranges[next]);
-    }
-    std::vector<engine::copy_span> copies;
-    out.staged += stage_batch(chunk, sources, at + out.staged, staged, offset + out.staged, copies);
-    if (auto ok = copy_all(copies, device); !ok) {
-      (void)drain(true);
-      return std::move(ok).error().context("staging KV out of the cache");
-    }
-    const bool last = next == batch.ranges.size();
-    if (last) {
-      TROUPE_TRY_VOID(drain(false));
-      chunk.notify = batch.notify;
-    }
-    auto posted = conn.post(std::move(chunk));
+    auto posted = conn_.post(std::move(chunk));
     if (!posted) {
-      (void)drain(true);
+      abort();
       return std::move(posted).error();
     }
-    if (last) {
-      out.last = *posted;
-      return out;
-    }
-    silent.push_back(*posted);
-  }
+    if (final)
+      out_.last = *posted;
+    else
+      silent_.push_back(*posted);
+  } while (next < ranges.size());
+  return {};
+}
+
+expected<staged_post> post_staged(kv_connection& conn, const write_batch& batch,
+                                  const stage_area& area, uint64_t chunk_bytes,
+                                  const std::function<bool()>& cancelled) {
+  parted_transfer t(conn, batch, chunk_bytes, area);
+  TROUPE_TRY_VOID(t.post(batch.ranges, true, cancelled));
+  return t.result();
 }
 
 engine::kv_layout landing_layout(const engine::kv_layout& kv, int32_t blocks) {

@@ -52,21 +52,54 @@ uint64_t stage_batch(write_batch& batch, std::span<const engine::kv_layout::allo
                      char* at, region_id staged, uint64_t staged_offset,
                      std::vector<engine::copy_span>& copies);
 
-// Posts `batch` (locals: `sources`) through the staging buffer `at` (registered as `staged`, at
-// `offset` in it), a chunk of about `chunk_bytes` at a time, so that the copy of a chunk runs
-// while the one before it is on the wire. The chunks but the last are silent; the last (its
-// notice) is posted once they completed. `cancelled` is asked between chunks. Returns the last
-// chunk's id, to wait for, what the silent ones moved and the staging bytes used; on failure the
-// posted chunks are cancelled and waited for (the provider reads no staging memory any more).
-struct staged_post {
-  transfer_id last = 0;
-  transfer_result silent;
-  uint64_t staged = 0;
+// Where a transfer is staged: the buffer `at` (registered as `staged`, at `offset` in it) and the
+// memory its ranges read (`sources`, the KV allocations; `device`: GPU memory).
+struct stage_area {
+  char* at = nullptr;
+  region_id staged = 0;
+  uint64_t offset = 0;
+  std::span<const engine::kv_layout::allocation> sources;
+  bool device = false;
 };
+
+// One transfer to one connection, posted in parts as they become ready (a layer at a time while
+// the prefill computes the next), each part in chunks of about `chunk_bytes`; staged (the copy of
+// a chunk runs while the one before it is on the wire) when given a stage_area. Every chunk but
+// the last is silent; the last, with the transfer's one notice, is posted once the others
+// completed, so the target hears of it only when everything landed. `head`: lease, locals,
+// remotes and deadline (its ranges unused). Not thread-safe; post() blocks in waits for chunks.
+struct staged_post {
+  transfer_id last = 0;   // the notifying chunk, to wait for
+  transfer_result silent; // what the silent chunks moved
+  uint64_t staged = 0;    // staging bytes used
+};
+class parted_transfer {
+ public:
+  parted_transfer(kv_connection& conn, write_batch head, uint64_t chunk_bytes,
+                  std::optional<stage_area> stage = std::nullopt);
+  // Posts `ranges` (indexing the head's locals and remotes); `last`: the final part.
+  // `cancelled` is asked between chunks. On failure the chunks posted so far are cancelled and
+  // waited for (the provider reads none of our memory any more).
+  expected<void> post(std::span<const write_range> ranges, bool last,
+                      const std::function<bool()>& cancelled);
+  // Ends a transfer that will get no last part: cancels and waits for the chunks posted.
+  void abort() { (void)drain(true); }
+  const staged_post& result() const { return out_; } // after the last part
+
+ private:
+  expected<void> drain(bool cancel);
+  kv_connection& conn_;
+  write_batch head_;
+  uint64_t chunk_bytes_;
+  std::optional<stage_area> stage_;
+  std::vector<transfer_id> silent_;
+  staged_post out_;
+};
+
+// `batch` as one part of a parted_transfer staged through `area`.
 expected<staged_post> post_staged(kv_connection& conn, const write_batch& batch,
-                                  std::span<const engine::kv_layout::allocation> sources,
-                                  bool device, char* at, region_id staged, uint64_t offset,
-                                  uint64_t chunk_bytes, const std::function<bool()>& cancelled);
+                                  const stage_area& area, uint64_t chunk_bytes,
+                                  const std::function<bool()>& cancelled);
 
 // The landing area for `blocks` blocks of `kv`'s shape: one allocation (base unset) holding every
 // local (layer, K/V) plane in turn.

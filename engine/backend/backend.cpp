@@ -4,6 +4,10 @@
 
 namespace troupe::engine {
 
+expected<void> backend::set_kv_listener(kv_layer_listener*) {
+  return make_error(errc::unsupported, "this backend does not report layers as it computes");
+}
+
 expected<void> validate_plan(const step_plan& plan, const model_config& config,
                              const kv_cache_options& kv) {
   std::unordered_set<seq_id> seen;

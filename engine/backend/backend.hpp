@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <vector>
@@ -19,6 +20,22 @@ namespace troupe::engine {
 struct kv_cache_options {
   int32_t num_blocks = 256;
   int32_t block_size = 16;
+};
+
+// Told by a backend, during forward(), as each of its layers' keys and values for the step are
+// written, so that finished layers can move (prefill/decode disaggregation pushes a prompt's KV
+// layer by layer while the later layers compute). Called on the forward's thread; must not block.
+class kv_layer_listener {
+ public:
+  virtual ~kv_layer_listener() = default;
+  // Before a step's first layer: whether to hear of its layers.
+  virtual bool step_begins(const step_plan& plan) = 0;
+  // Layer `layer` (the model's index) of the step is in the KV cache once `written` returns (a
+  // GPU backend's kernels may still run: it waits for them; it blocks, so call it elsewhere, and
+  // before the backend's next step). Layers come in order.
+  virtual void layer_written(int32_t layer, std::function<expected<void>()> written) = 0;
+  // The step is over (`ok` false: it failed, and layers not heard of will not come).
+  virtual void step_ends(bool ok) = 0;
 };
 
 class backend {
@@ -38,6 +55,9 @@ class backend {
   // Where this rank's KV cache lives, for moving it to another deployment's ranks. Valid for the
   // backend's lifetime.
   virtual kv_layout kv_memory() const = 0;
+  // From now on, tells `listener` (nullptr: nobody) of every step's layers as they are written.
+  // Unsupported unless a backend says otherwise.
+  virtual expected<void> set_kv_listener(kv_layer_listener* listener);
 };
 
 // Checks a plan against a model and KV layout: token ids within the vocabulary, block tables

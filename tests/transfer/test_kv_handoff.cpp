@@ -76,9 +76,12 @@ struct group {
 // Runs one request's handoff between two groups through the local transport and checks every
 // decode rank's cache. `staged`: as over a transport that cannot reach the KV memory, the
 // prefill side writes from a staging buffer into the decode ranks' landing areas, which are
-// then copied into their caches (cluster/transfer/staging.hpp).
-void check_handoff(group pg, group dg, int32_t prompt, int32_t cached, bool staged = false) {
+// then copied into their caches (cluster/transfer/staging.hpp). `layered`: each batch is posted
+// a layer at a time as one parted_transfer (as a prefill rank does while its step runs).
+void check_handoff(group pg, group dg, int32_t prompt, int32_t cached, bool staged = false,
+                   bool layered = false) {
   CAPTURE(staged);
+  CAPTURE(layered);
   CAPTURE(pg.tp);
   CAPTURE(pg.pp);
   CAPTURE(pg.block_size);
@@ -143,16 +146,41 @@ void check_handoff(group pg, group dg, int32_t prompt, int32_t cached, bool stag
     REQUIRE(plan->ranges(i, pb, staged ? lb : db, cached, prompt, batch.ranges).has_value());
     auto [out, in] = local_transport::connect_pair(pt, dt);
     std::optional<staging_buffer> out_buffer;
-    transfer_id id = 0;
-    if (staged) { // through a staging buffer, at an offset into it, in chunks of ~200 bytes
+    std::optional<stage_area> area;
+    if (staged) { // a staging buffer, used at an offset into it
       uint64_t bytes = 0;
       for (const auto& r : batch.ranges)
         bytes += r.length;
       out_buffer = *staging_buffer::allocate(bytes + 100, false);
-      const auto region =
-          *pt->register_memory(out_buffer->data(), out_buffer->size(), memory_kind::host);
-      auto posted = post_staged(*out, batch, P[p].layout.allocations, false,
-                                out_buffer->data() + 100, region, 100, 200, [] { return false; });
+      area = stage_area{
+          .at = out_buffer->data() + 100,
+          .staged = *pt->register_memory(out_buffer->data(), out_buffer->size(), memory_kind::host),
+          .offset = 100,
+          .sources = P[p].layout.allocations,
+          .device = false};
+    }
+    transfer_id id = 0;
+    if (layered) { // the layers in turn, the last with any range notifying, chunks of ~200 bytes
+      std::vector<std::vector<write_range>> by_layer;
+      int32_t last = 0;
+      for (int32_t l = 0; l < layers; ++l) {
+        REQUIRE(plan->ranges(i, pb, staged ? lb : db, cached, prompt, by_layer.emplace_back(), l)
+                    .has_value());
+        if (!by_layer.back().empty())
+          last = l;
+      }
+      size_t split = 0;
+      for (const auto& r : by_layer)
+        split += r.size();
+      CHECK(split == batch.ranges.size()); // the layers' ranges are the batch's
+      parted_transfer t(*out, batch, 200, area);
+      for (int32_t l = 0; l <= last; ++l)
+        REQUIRE(
+            t.post(by_layer[static_cast<size_t>(l)], l == last, [] { return false; }).has_value());
+      total_bytes += t.result().silent.bytes;
+      id = t.result().last;
+    } else if (staged) { // in chunks of ~200 bytes
+      auto posted = post_staged(*out, batch, *area, 200, [] { return false; });
       REQUIRE_MESSAGE(posted.has_value(), (posted ? "" : posted.error().to_string()));
       total_bytes += posted->silent.bytes;
       id = posted->last;
@@ -239,6 +267,16 @@ TEST_CASE("kv handoff: staged through host buffers and landing areas, every layo
   check_handoff({1, 1, 4}, {2, 1, 4}, 19, 4, true);
   check_handoff({1, 1, 4}, {8, 1, 4}, 9, 0, true);
   check_handoff({2, 2, 4}, {1, 4, 2}, 21, 6, true);
+}
+
+TEST_CASE("kv handoff: layer by layer, staged or not, every layout") {
+  for (bool staged : {false, true}) {
+    check_handoff({1, 1, 4}, {1, 1, 4}, 23, 0, staged, true);
+    check_handoff({1, 1, 3}, {1, 1, 5}, 29, 10, staged, true);
+    check_handoff({2, 1, 4}, {1, 1, 8}, 19, 0, staged, true);
+    check_handoff({1, 1, 4}, {8, 1, 4}, 9, 0, staged, true);
+    check_handoff({2, 2, 4}, {1, 4, 2}, 21, 6, staged, true);
+  }
 }
 
 TEST_CASE("staging ring: hands out in order, reuses what every older range gave back") {

@@ -280,6 +280,14 @@ expected<void> cpu_backend::logits(const std::vector<float>& h, int32_t rows, fo
 }
 
 expected<void> cpu_backend::forward(const step_plan& plan, forward_output& out) {
+  const bool listening = listener_ != nullptr && listener_->step_begins(plan);
+  auto done = run(plan, out, listening);
+  if (listening)
+    listener_->step_ends(done.has_value());
+  return done;
+}
+
+expected<void> cpu_backend::run(const step_plan& plan, forward_output& out, bool listening) {
   TROUPE_TRY_VOID(validate_plan(plan, config_, kv_));
   const auto& c = config_;
   const int64_t H = c.hidden_size;
@@ -305,6 +313,8 @@ expected<void> cpu_backend::forward(const step_plan& plan, forward_output& out) 
   for (int64_t l = shard_.layers.begin; l < shard_.layers.end; ++l) {
     const auto& L = layers_[static_cast<size_t>(l)];
     TROUPE_TRY_VOID(attention_block(L, l, plan, b, x));
+    if (listening) // its keys and values are in the cache now
+      listener_->layer_written(static_cast<int32_t>(l), [] { return expected<void>{}; });
     TROUPE_TRY_VOID(mlp_block(L, x, T));
   }
 

@@ -64,6 +64,10 @@ class cpu_backend final : public backend {
   expected<void> forward(const step_plan& plan, forward_output& out) override;
   bool makes_logits() const override;
   kv_layout kv_memory() const override;
+  expected<void> set_kv_listener(kv_layer_listener* listener) override {
+    listener_ = listener;
+    return {};
+  }
 
  private:
   struct expert {
@@ -87,6 +91,7 @@ class cpu_backend final : public backend {
   };
 
   cpu_backend() = default;
+  expected<void> run(const step_plan& plan, forward_output& out, bool listening);
   // The slices of the weights this rank holds (the experts' group overridden by par.experts).
   static expected<shard_plan> shard_of(const model_config& config, const parallel_context& par);
   expected<void> load_layer(const weight_source& w, int64_t l);
@@ -116,6 +121,7 @@ class cpu_backend final : public backend {
   std::vector<layer> layers_;     // this stage's layers only (others left empty)
   // [stage layers][num_blocks][block_size][local kv heads][head_dim]
   mutable std::vector<float> k_cache_, v_cache_;
+  kv_layer_listener* listener_ = nullptr;
 };
 
 } // namespace troupe::engine

@@ -63,6 +63,9 @@ void cuda_backend_impl::drop_graphs() {
 
 cuda_backend_impl::~cuda_backend_impl() {
   drop_graphs();
+  for (cudaEvent_t e : layer_events_)
+    if (e != nullptr)
+      cudaEventDestroy(e);
   if (meta_host_ != nullptr)
     cudaFreeHost(meta_host_);
   if (stream_ != nullptr)

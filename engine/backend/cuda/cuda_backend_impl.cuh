@@ -72,6 +72,10 @@ class cuda_backend_impl final : public cuda_backend {
   cuda_load_timings load_timings() const override { return timings_; }
   void set_use_graphs(bool on) override { use_graphs_ = on; }
   expected<bool> warm_up_next() override;
+  expected<void> set_kv_listener(kv_layer_listener* listener) override {
+    listener_ = listener;
+    return {};
+  }
   void set_use_skinny_gemm(bool on) override {
     if (on != gemm_.use_skinny)
       drop_graphs(); // they captured the other GEMM path
@@ -90,7 +94,10 @@ class cuda_backend_impl final : public cuda_backend {
 
   void drop_graphs();
   expected<void> run_model(); // every kernel of one step, on stream_ (graph-capturable)
-  expected<void> run_step();  // run_model eagerly, or through a captured graph
+  // The step's kernels; tells the KV listener of `plan`'s layers (none for warm-up steps).
+  expected<void> run_step(const step_plan* plan);
+  expected<void> launch_step();        // run_model eagerly, or through a captured graph
+  expected<void> layer_written(int l); // to the KV listener, with an event after layer l
   expected<void> layer(int l);
   // The MoE block into proj_ (next_norm null), or added to resid_ and normalised with next_norm
   // into h_ (tensor = 1).
@@ -130,6 +137,9 @@ class cuda_backend_impl final : public cuda_backend {
   bool comm_capturable_ = true; // every communicator may be recorded into a graph
   head_layout heads_;           // this rank's heads
   cudaStream_t stream_ = nullptr;
+  kv_layer_listener* listener_ = nullptr;
+  bool listening_ = false;                // this step's layers go to listener_ (eager steps)
+  std::vector<cudaEvent_t> layer_events_; // by stage layer: recorded after it, for listener_
   gemm_runner gemm_;
   std::vector<device_buffer> weights_; // every weight allocation
   size_t weight_bytes_ = 0;

@@ -159,7 +159,7 @@ expected<bool> cuda_backend_impl::warm_up_next() {
       host_.slots[t] = -1;
     TROUPE_CUDA(cudaMemcpyAsync(dev_.slots, host_.slots, static_cast<size_t>(T_) * 4,
                                 cudaMemcpyHostToDevice, stream_));
-    TROUPE_TRY_VOID(run_step());
+    TROUPE_TRY_VOID(run_step(nullptr));
     TROUPE_CUDA(cudaStreamSynchronize(stream_));
     warm_next_ = n + 1;
     return true;
@@ -315,8 +315,11 @@ expected<void> cuda_backend_impl::run_model() {
   const int first = static_cast<int>(shard_.layers.begin);
   TROUPE_TRY_VOID(
       rms_norm(resid_, T_, H, layers_[static_cast<size_t>(first)].in_norm, eps, h_, stream_));
-  for (int l = first; l < static_cast<int>(shard_.layers.end); ++l)
+  for (int l = first; l < static_cast<int>(shard_.layers.end); ++l) {
     TROUPE_TRY_VOID(layer(l));
+    if (listening_)
+      TROUPE_TRY_VOID(layer_written(l));
+  }
   if (!last_stage_)
     return opt_.world->send(resid_, TH, comm::device_dtype::f32, lay.world_rank() + lay.tp_size,
                             stream_);
@@ -324,9 +327,35 @@ expected<void> cuda_backend_impl::run_model() {
   return lm_head();
 }
 
-expected<void> cuda_backend_impl::run_step() {
+expected<void> cuda_backend_impl::layer_written(int l) {
+  const size_t i = static_cast<size_t>(l - shard_.layers.begin);
+  if (layer_events_.size() <= i)
+    layer_events_.resize(static_cast<size_t>(shard_.layers.size()), nullptr);
+  cudaEvent_t& e = layer_events_[i];
+  if (e == nullptr)
+    TROUPE_CUDA(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  TROUPE_CUDA(cudaEventRecord(e, stream_));
+  // Waited for later, perhaps after a later step recorded it again: then for that one.
+  listener_->layer_written(l, [e]() -> expected<void> {
+    TROUPE_CUDA(cudaEventSynchronize(e));
+    return {};
+  });
+  return {};
+}
+
+expected<void> cuda_backend_impl::run_step(const step_plan* plan) {
+  listening_ = plan != nullptr && listener_ != nullptr && listener_->step_begins(*plan);
+  auto done = launch_step();
+  if (listening_)
+    listener_->step_ends(done.has_value());
+  listening_ = false;
+  return done;
+}
+
+expected<void> cuda_backend_impl::launch_step() {
   gemm_.time_new_shapes = graph_step_; // decode shapes repeat; a mixed step's rarely do
-  if (!graph_step_ || !use_graphs_ || !comm_capturable_)
+  // A step whose layers are listened to runs eagerly: the listener hears of each as it is queued.
+  if (!graph_step_ || !use_graphs_ || !comm_capturable_ || listening_)
     return run_model();
   auto it = graphs_.find(T_);
   if (it == graphs_.end()) {
@@ -368,7 +397,7 @@ expected<void> cuda_backend_impl::forward(const step_plan& plan, forward_output&
   prepare_output(plan, config_.vocab_size, out, makes_logits());
   if (T_ == 0)
     return {};
-  TROUPE_TRY_VOID(run_step());
+  TROUPE_TRY_VOID(run_step(&plan));
   TROUPE_TRY_VOID(from_last_stage(logits_, out.logits.size()));
   if (!out.logits.empty()) // none when no sequence wants logits this step
     TROUPE_CUDA(cudaMemcpyAsync(out.logits.data(), logits_, out.logits.size() * 4,
@@ -381,7 +410,7 @@ expected<float*> cuda_backend_impl::forward_on_device(const step_plan& plan, for
   const int32_t rows = prepare_output(plan, config_.vocab_size, out, false);
   if (T_ == 0)
     return nullptr;
-  TROUPE_TRY_VOID(run_step()); // also for steps without logits: they write KV
+  TROUPE_TRY_VOID(run_step(&plan)); // also for steps without logits: they write KV
   if (rows == 0)
     return nullptr;
   TROUPE_TRY_VOID(from_last_stage(logits_, static_cast<size_t>(rows) * config_.vocab_size));
@@ -394,7 +423,7 @@ expected<void> cuda_backend_impl::forward_greedy(const step_plan& plan,
   tokens.resize(static_cast<size_t>(R_ - pad_));
   if (T_ == 0)
     return {};
-  TROUPE_TRY_VOID(run_step());
+  TROUPE_TRY_VOID(run_step(&plan));
   if (last_stage_)
     TROUPE_TRY_VOID(
         argmax_rows(logits_, R_, static_cast<int>(config_.vocab_size), argmax_, stream_));
