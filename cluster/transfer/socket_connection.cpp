@@ -248,10 +248,13 @@ expected<void> socket_connection::copy_by_ipc(job& j, size_t first, size_t count
   for (size_t i = first; i < first + count; ++i) {
     const planned_write& w = j.writes[i];
     const region_descriptor &to = j.batch.remotes[w.remote], &from = j.locals[w.local];
-    char* base = nullptr;
-    TROUPE_ASSIGN(base, mapped(*to.ipc, from));
-    copies.push_back({base + to.ipc->offset + w.remote_offset,
-                      reinterpret_cast<const char*>(from.addr) + w.local_offset, w.length});
+    char* dst = reinterpret_cast<char*>(to.addr) + w.remote_offset; // in this process: as is
+    if (!socket_transport::exported_here(to.ipc->handle)) {
+      char* base = nullptr;
+      TROUPE_ASSIGN(base, mapped(*to.ipc, from));
+      dst = base + to.ipc->offset + w.remote_offset;
+    }
+    copies.push_back({dst, reinterpret_cast<const char*>(from.addr) + w.local_offset, w.length});
   }
   return engine::cuda_copy_all(copies);
 }

@@ -46,7 +46,23 @@ expected<sockaddr_in> resolve(const std::string& host, const std::string& port) 
   return a;
 }
 
+// The handles of this process's live CUDA IPC registrations (any transport), with their counts.
+struct exported_handles {
+  std::mutex mu;
+  std::map<std::array<uint8_t, 64>, int> live;
+};
+exported_handles& exported_handles_of_process() {
+  static exported_handles e;
+  return e;
+}
+
 } // namespace
+
+bool socket_transport::exported_here(const std::array<uint8_t, 64>& handle) {
+  auto& e = exported_handles_of_process();
+  std::lock_guard lock(e.mu);
+  return e.live.count(handle) > 0;
+}
 
 std::shared_ptr<socket_transport> socket_transport::create(std::string host) {
   auto here = this_host_id();
@@ -82,11 +98,28 @@ expected<region_id> socket_transport::register_memory(void* ptr, size_t length, 
   auto exported = engine::cuda_ipc_export(ptr, length);
   if (!exported)
     return std::move(exported).error().context("registering GPU memory for CUDA IPC");
-  return regions_.add(ptr, length, kind,
-                      cuda_ipc_part{.handle = exported->handle,
-                                    .offset = exported->offset,
-                                    .device = exported->device,
-                                    .host = *here_});
+  auto id = regions_.add(ptr, length, kind,
+                         cuda_ipc_part{.handle = exported->handle,
+                                       .offset = exported->offset,
+                                       .device = exported->device,
+                                       .host = *here_});
+  if (id) {
+    std::lock_guard lock(exported_handles_of_process().mu);
+    ++exported_handles_of_process().live[exported->handle];
+  }
+  return id;
+}
+
+expected<void> socket_transport::deregister(region_id id) {
+  auto d = regions_.describe(id);
+  TROUPE_TRY_VOID(regions_.remove(id));
+  if (d && d->ipc) {
+    auto& e = exported_handles_of_process();
+    std::lock_guard lock(e.mu);
+    if (auto it = e.live.find(d->ipc->handle); it != e.live.end() && --it->second == 0)
+      e.live.erase(it);
+  }
+  return {};
 }
 
 expected<void> socket_transport::check_writable(const region_descriptor& remote) const {

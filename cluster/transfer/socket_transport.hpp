@@ -29,7 +29,7 @@ class socket_transport final : public kv_transport,
   std::string name() const override { return "socket"; }
   bool cuda_ipc() const { return cuda_ipc_; }
   expected<region_id> register_memory(void* ptr, size_t length, memory_kind kind) override;
-  expected<void> deregister(region_id id) override { return regions_.remove(id); }
+  expected<void> deregister(region_id id) override;
   expected<region_descriptor> describe(region_id id) const override {
     return regions_.describe(id);
   }
@@ -49,6 +49,9 @@ class socket_transport final : public kv_transport,
   // Whether this transport can write into the peer's region `remote` (GPU memory: by CUDA IPC,
   // from this host, in IPC mode); the error says why not.
   expected<void> check_writable(const region_descriptor& remote) const;
+  // Whether a live CUDA IPC registration of this very process has this handle: two ranks of one
+  // node process, where cudaIpcOpenMemHandle refuses the handle and the address is valid as is.
+  static bool exported_here(const std::array<uint8_t, 64>& handle);
 
  private:
   socket_transport(std::string host, bool cuda_ipc, std::optional<host_id> here)

@@ -202,7 +202,80 @@ int prefill_rank(const std::filesystem::path& dir) {
   return finish(dir, 1, "ok");
 }
 
+// Two ranks of one node process: the decode rank's handle is this process's own, which
+// cudaIpcOpenMemHandle refuses; the writer copies to its address as it stands.
+int same_process(const std::filesystem::path& dir) {
+  auto devices = engine::cuda_devices();
+  if (!devices || devices->empty())
+    return finish(
+        dir, 0, "SKIP: " + (devices ? std::string("no CUDA device") : devices.error().to_string()));
+  auto a = socket_transport::create_with_cuda_ipc(), b = socket_transport::create_with_cuda_ipc();
+  if (!a || !b)
+    return finish(dir, 0, "create_with_cuda_ipc failed");
+  char *mem = nullptr, *gpu = nullptr;
+  std::vector<uint8_t> host(host_bytes), staged(gpu_bytes);
+  for (size_t i = 0; i < host.size(); ++i)
+    host[i] = host_byte(i);
+  for (size_t i = 0; i < staged.size(); ++i)
+    staged[i] = gpu_byte(i);
+  if (cudaMalloc(&mem, alloc_bytes) != cudaSuccess ||
+      cudaMemset(mem, 0, alloc_bytes) != cudaSuccess ||
+      cudaMalloc(&gpu, gpu_bytes) != cudaSuccess ||
+      cudaMemcpy(gpu, staged.data(), gpu_bytes, cudaMemcpyHostToDevice) != cudaSuccess)
+    return finish(dir, 0, "cudaMalloc/cudaMemcpy failed");
+  auto d = (*b)->register_memory(mem + region_offset, region_bytes, memory_kind::cuda);
+  auto h = (*a)->register_memory(host.data(), host.size(), memory_kind::host);
+  auto g = (*a)->register_memory(gpu, gpu_bytes, memory_kind::cuda);
+  if (!d || !h || !g)
+    return finish(dir, 0, "register_memory failed");
+  if (!socket_transport::exported_here((*b)->describe(*d)->ipc->handle))
+    return finish(dir, 0, "the decode region is not known as this process's own");
+  auto at = (*b)->listen(0);
+  if (!at)
+    return finish(dir, 0, "listen: " + at.error().to_string());
+  expected<std::unique_ptr<kv_connection>> in = make_error(errc::timeout, "not accepted");
+  std::thread acceptor([&] { in = (*b)->accept(clock::now() + 30s); });
+  auto out = (*a)->connect(*at, clock::now() + 30s);
+  acceptor.join();
+  if (!out || !in)
+    return finish(dir, 0, "connect/accept failed");
+  write_batch batch{.lease_id = 7,
+                    .locals = {*h, *g},
+                    .remotes = {*(*b)->describe(*d)},
+                    .ranges = first_ranges()};
+  auto id = (*out)->post(batch);
+  if (!id)
+    return finish(dir, 0, "post: " + id.error().to_string());
+  auto done = (*out)->wait(*id);
+  if (!done)
+    return finish(dir, 0, "wait: " + done.error().to_string());
+  auto n = (*in)->wait_notice(clock::now() + 30s);
+  if (!n || n->lease_id != 7 || n->bytes != done->bytes)
+    return finish(dir, 0, "no notice, or not this batch's");
+  std::vector<uint8_t> got(region_bytes);
+  cudaMemcpy(got.data(), mem + region_offset, region_bytes, cudaMemcpyDeviceToHost);
+  if (got != expected_region({first_ranges()}))
+    return finish(dir, 0, "the region does not hold what was written");
+  out->reset();
+  in->reset();
+  (void)(*b)->deregister(*d);
+  if (socket_transport::exported_here(batch.remotes[0].ipc->handle))
+    return finish(dir, 0, "the handle is still known after deregistering");
+  return finish(dir, 0, "ok");
+}
+
 } // namespace
+
+TEST_CASE("gpu: CUDA IPC between two ranks of one process writes to the address as it stands") {
+  auto outcome = test::run_ranks(
+      1, [](int, const std::filesystem::path& d) { return same_process(d); }, 120s);
+  if (outcome[0].message.starts_with("SKIP")) {
+    MESSAGE(outcome[0].message);
+    return;
+  }
+  CHECK_MESSAGE(outcome[0].exit_code == 0, outcome[0].message);
+  CHECK(outcome[0].message == "ok");
+}
 
 TEST_CASE("gpu: CUDA IPC writes another process's GPU memory from host and GPU memory") {
   auto outcomes = test::run_ranks(
