@@ -326,9 +326,11 @@ void on_replica_failed(head* self, const std::string& name, const std::string& n
 }
 
 msg::replica_plan plan_of(head* self, const cluster::replica_record& rep) {
-  msg::replica_plan plan{.replica = rep.index, .ns = rep.ns, .ranks = {}, .nodes = {}};
+  msg::replica_plan plan{.replica = rep.index, .ns = rep.ns, .ranks = {}, .nodes = {}, .hosts = {}};
   for (const auto& r : rep.ranks) {
     plan.ranks.push_back({r.pp_rank, r.tp_rank, r.node_id, r.device, r.replica});
+    const auto* node = self->state.members->find(r.node_id);
+    plan.hosts.push_back(node != nullptr ? cluster::host_identity(node->info) : std::string());
     auto link = self->state.links.find(r.node_id);
     plan.nodes.push_back(link == self->state.links.end() ? caf::actor{} : link->second.actor);
   }

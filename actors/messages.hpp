@@ -35,7 +35,7 @@ typename Inspector::result_type inspect(Inspector& f, rdma_device_info& x) {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, host_resources& x) {
   return f(caf::meta::type_name("host_resources"), x.hostname, x.num_cpus, x.memory_bytes, x.gpus,
-           x.rdma_devices, x.gpu_discovery_note);
+           x.rdma_devices, x.gpu_discovery_note, x.boot_id);
 }
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, node_info& x) {
@@ -280,12 +280,13 @@ typename Inspector::result_type inspect(Inspector& f, cluster_view& x) {
 struct replica_plan {
   int32_t replica = 0;
   std::string ns;
-  std::vector<rank_view> ranks;  // world rank order: pp_rank * tensor + tp_rank
-  std::vector<caf::actor> nodes; // the node_actor hosting each rank
+  std::vector<rank_view> ranks;   // world rank order: pp_rank * tensor + tp_rank
+  std::vector<caf::actor> nodes;  // the node_actor hosting each rank
+  std::vector<std::string> hosts; // each rank's node's cluster::host_identity ("" unknown)
 };
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, replica_plan& x) {
-  return f(caf::meta::type_name("replica_plan"), x.replica, x.ns, x.ranks, x.nodes);
+  return f(caf::meta::type_name("replica_plan"), x.replica, x.ns, x.ranks, x.nodes, x.hosts);
 }
 // Head -> serving actor, within the head's process only (never serialized): the deployment as
 // resolved before placing it (serve::resolve), and where its replicas' ranks are.
@@ -435,13 +436,17 @@ struct worker_spec {
   std::string kv_provider;
   std::string kv_staging = "auto";
   int32_t kv_staging_tokens = 0;
+  // Every rank of both groups on this host with GPU KV (serve::kv_cuda_ipc_host): the KV goes
+  // device to device by CUDA IPC over the socket transport, never staged.
+  bool kv_cuda_ipc = false;
 };
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, worker_spec& x) {
   return f(caf::meta::type_name("worker_spec"), x.deployment, x.ns, x.model, x.tp_rank, x.tp_size,
            x.pp_rank, x.pp_size, x.ep_size, x.device, x.num_blocks, x.block_size, x.comm_timeout_ms,
            x.backend, x.max_model_len, x.max_num_seqs, x.max_num_batched_tokens,
-           x.gpu_memory_utilization, x.kv_role, x.kv_provider, x.kv_staging, x.kv_staging_tokens);
+           x.gpu_memory_utilization, x.kv_role, x.kv_provider, x.kv_staging, x.kv_staging_tokens,
+           x.kv_cuda_ipc);
 }
 
 // Worker answers: (load_atom) -> worker_reply; (execute_atom, ticket, step_plan) ->

@@ -147,7 +147,8 @@ expected<void> open_kv(worker* self, const msg::worker_spec& spec, const worker_
                                            .provider = spec.kv_provider,
                                            .host = ctx.address,
                                            .staging = spec.kv_staging,
-                                           .staging_tokens = tokens},
+                                           .staging_tokens = tokens,
+                                           .cuda_ipc = spec.kv_cuda_ipc},
                                           self->state.model->kv_memory(), rank);
   if (!kv)
     return std::move(kv).error().context(

@@ -14,6 +14,10 @@ std::string_view to_string(node_state s) {
   return "unknown";
 }
 
+std::string host_identity(const node_info& n) {
+  return n.resources.boot_id.empty() ? std::string() : n.hostname + "/" + n.resources.boot_id;
+}
+
 bool tokens_equal(const std::string& a, const std::string& b) {
   unsigned char diff = a.size() == b.size() ? 0 : 1;
   for (size_t i = 0; i < a.size(); ++i)

@@ -25,6 +25,10 @@ struct node_info {
   host_resources resources;
 };
 
+// Which host a node runs on, to share GPU memory between node processes: "hostname/boot id",
+// or "" when the node reported no boot id.
+std::string host_identity(const node_info& n);
+
 // alive -> dead (silence or lost connection) -> alive (rejoin under the same id);
 // alive -> left (graceful stop) -> alive (rejoin).
 enum class node_state : uint8_t { alive, dead, left };

@@ -96,6 +96,7 @@ host_resources discover_resources(int32_t cpu_standin_gpus) {
     discover_gpus(r);
   }
   discover_rdma(r);
+  std::getline(std::ifstream("/proc/sys/kernel/random/boot_id"), r.boot_id);
   return r;
 }
 

@@ -31,6 +31,9 @@ struct host_resources {
   std::vector<gpu_info> gpus;
   std::vector<rdma_device_info> rdma_devices;
   std::string gpu_discovery_note; // why no GPUs were found, when none were
+  // The running kernel's boot id (/proc/sys/kernel/random/boot_id; "" where there is none):
+  // processes that report the same one run on one host (CUDA IPC between them).
+  std::string boot_id;
 };
 
 // Discovers this host. `cpu_standin_gpus` > 0 adds that many CPU stand-in devices (like

@@ -22,7 +22,18 @@ net_transport wrap(std::shared_ptr<T> t) {
 
 } // namespace
 
-expected<net_transport> open_net_transport(const std::string& provider, const std::string& host) {
+expected<net_transport> open_net_transport(const std::string& provider, const std::string& host,
+                                           bool cuda_ipc) {
+  if (cuda_ipc) {
+    if (provider != "auto" && provider != "socket")
+      return make_error(errc::invalid_argument,
+                        "KV by CUDA IPC goes over the socket transport, not provider '{}'",
+                        provider);
+    auto t = tr::socket_transport::create_with_cuda_ipc(host);
+    if (!t)
+      return std::move(t).error();
+    return wrap(std::move(*t));
+  }
   if (provider == "socket")
     return wrap(tr::socket_transport::create(host));
 #ifdef TROUPE_WITH_FABRIC
@@ -38,6 +49,17 @@ expected<net_transport> open_net_transport(const std::string& provider, const st
                     "libfabric-dev and rebuild), use socket",
                     provider);
 #endif
+}
+
+std::string kv_cuda_ipc_host(const deployment_config& c, std::span<const std::string> rank_hosts) {
+  const auto& d = c.disaggregation;
+  if (!d.enabled || c.device != "cuda" || (d.provider != "auto" && d.provider != "socket") ||
+      d.staging == "always" || rank_hosts.empty() || rank_hosts.front().empty())
+    return {};
+  for (const auto& h : rank_hosts)
+    if (h != rank_hosts.front())
+      return {};
+  return rank_hosts.front();
 }
 
 } // namespace troupe::serve

@@ -6,9 +6,11 @@
 
 #include <functional>
 #include <memory>
+#include <span>
 #include <string>
 
 #include "cluster/transfer/kv_transport.hpp"
+#include "runtime/config.hpp"
 
 namespace troupe::serve {
 
@@ -26,7 +28,15 @@ struct net_transport {
 // `provider`: socket, or a libfabric provider (tcp, verbs, efa; auto = the best of them, as
 // fabric_transport picks; sockets in a build
 // without libfabric). `host`: the local address to listen on. Errors name why (a provider
-// that is absent, a build without libfabric).
-expected<net_transport> open_net_transport(const std::string& provider, const std::string& host);
+// that is absent, a build without libfabric). `cuda_ipc`: the socket transport in its CUDA IPC
+// mode (GPU memory registers; provider auto or socket only; errors where CUDA is unusable).
+expected<net_transport> open_net_transport(const std::string& provider, const std::string& host,
+                                           bool cuda_ipc = false);
+
+// Whether a disaggregated deployment's GPU KV goes device to device by CUDA IPC, decided once
+// when it loads from where its ranks run: `device: cuda`, every rank of both groups on one host
+// (`rank_hosts`: each rank's node's host_identity(), "" when unknown), provider auto or socket,
+// and staging not `always`. Returns that host, or "" (the provider, staging what it must).
+std::string kv_cuda_ipc_host(const deployment_config& c, std::span<const std::string> rank_hosts);
 
 } // namespace troupe::serve

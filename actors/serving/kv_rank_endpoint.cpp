@@ -31,7 +31,10 @@ expected<std::unique_ptr<kv_rank_endpoint>> kv_rank_endpoint::open(const kv_endp
                                                                    int32_t rank) {
   if (o.role != "decode" && o.role != "prefill")
     return make_error(errc::invalid_argument, "KV role '{}': expected decode or prefill", o.role);
-  auto net = open_net_transport(o.provider, o.host);
+  if (o.cuda_ipc && o.staging == "always")
+    return make_error(errc::invalid_argument,
+                      "KV by CUDA IPC is never staged: disaggregation.staging is 'always'");
+  auto net = open_net_transport(o.provider, o.host, o.cuda_ipc);
   if (!net)
     return std::move(net).error();
   auto e = std::unique_ptr<kv_rank_endpoint>(new kv_rank_endpoint());
@@ -44,13 +47,15 @@ expected<std::unique_ptr<kv_rank_endpoint>> kv_rank_endpoint::open(const kv_endp
   bool staged = o.staging == "always";
   if (!staged) {
     auto ok = e->register_kv();
-    if (!ok && ok.error().code() == errc::unsupported && e->on_gpu_ && o.staging == "auto") {
+    if (!ok && ok.error().code() == errc::unsupported && e->on_gpu_ && o.staging == "auto" &&
+        !o.cuda_ipc) {
       staged = true;
       log::info("KV rank {}: {}; staging GPU KV through page-locked host memory", rank,
                 ok.error().message());
     } else if (!ok) {
-      return std::move(ok).error().context(o.staging == "never" ? "disaggregation.staging: never"
-                                                                : "the KV cache");
+      return std::move(ok).error().context(o.cuda_ipc             ? "the KV cache by CUDA IPC"
+                                           : o.staging == "never" ? "disaggregation.staging: never"
+                                                                  : "the KV cache");
     }
   }
   if (staged)

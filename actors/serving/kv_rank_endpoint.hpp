@@ -43,6 +43,9 @@ struct kv_endpoint_options {
   std::string host;             // this node's address
   std::string staging = "auto"; // auto (GPU KV the transport cannot register) | always | never
   int32_t staging_tokens = 0;   // staged: room for this many tokens of KV (> 0)
+  // Every rank of both groups on this host (serve::kv_cuda_ipc_host): the socket transport in
+  // its CUDA IPC mode, so GPU KV registers and is never staged (provider auto or socket).
+  bool cuda_ipc = false;
 };
 
 class kv_rank_endpoint final : public engine::kv_layer_listener {

@@ -10,6 +10,7 @@
 #include <caf/scoped_actor.hpp>
 
 #include "actors/caf_glue.hpp"
+#include "actors/serving/kv_net.hpp"
 #include "runtime/log.hpp"
 
 namespace troupe::serve {
@@ -29,7 +30,8 @@ void stop_workers(const std::vector<caf::actor>& workers) {
 // exit when it does). Blocks. `workers` holds those spawned, also on error.
 expected<void> spawn_workers(caf::blocking_actor* self, const caf::actor& owner,
                              const deployment_config& c, const replica_group& g, const kv_plan& kv,
-                             const msg::replica_plan& plan, std::vector<caf::actor>& workers) {
+                             const msg::replica_plan& plan, bool kv_cuda_ipc,
+                             std::vector<caf::actor>& workers) {
   for (size_t i = 0; i < plan.ranks.size(); ++i) {
     const auto& r = plan.ranks[i];
     if (i >= plan.nodes.size() || !plan.nodes[i])
@@ -55,7 +57,8 @@ expected<void> spawn_workers(caf::blocking_actor* self, const caf::actor& owner,
                           .kv_role = g.role,
                           .kv_provider = c.disaggregation.provider,
                           .kv_staging = c.disaggregation.staging,
-                          .kv_staging_tokens = c.disaggregation.staging_tokens};
+                          .kv_staging_tokens = c.disaggregation.staging_tokens,
+                          .kv_cuda_ipc = kv_cuda_ipc};
     troupe::error err;
     self->request(plan.nodes[i], 10s, msg::spawn_atom::value, std::move(spec), owner)
         .receive([&](caf::actor& w) { workers.push_back(std::move(w)); },
@@ -129,7 +132,7 @@ expected<int32_t> load_workers(caf::blocking_actor* self, const caf::actor& owne
 // replica's index within its group (`first`: the group's first replica) and each rank's node.
 void replica_loader(caf::blocking_actor* self, caf::actor owner, caf::actor head,
                     deployment_config c, replica_group g, int32_t first, kv_plan kv,
-                    msg::replica_plan plan) {
+                    msg::replica_plan plan, bool kv_cuda_ipc) {
   self->monitor(owner);
   msg::replica_loaded out{.replica = plan.replica, .ns = plan.ns};
   std::vector<caf::actor> workers;
@@ -143,7 +146,7 @@ void replica_loader(caf::blocking_actor* self, caf::actor owner, caf::actor head
     if (head)
       caf::send_as(owner, head, msg::progress_atom::value, std::move(p));
   };
-  auto ok = spawn_workers(self, owner, c, g, kv, plan, workers);
+  auto ok = spawn_workers(self, owner, c, g, kv, plan, kv_cuda_ipc, workers);
   expected<int32_t> blocks = ok ? load_workers(self, owner, workers, plan, out.kv, progress)
                                 : expected<int32_t>(std::move(ok).error());
   if (!blocks) {
@@ -169,7 +172,7 @@ void start_loader(serving* self, const msg::replica_plan& plan) {
     first += self->state.groups[k].parallel.replicas;
   self->spawn<caf::detached>(replica_loader, caf::actor_cast<caf::actor>(self), self->state.head,
                              self->state.config, self->state.groups[g], first,
-                             self->state.group_kv[g], plan);
+                             self->state.group_kv[g], plan, !self->state.kv_ipc_host.empty());
 }
 
 // A loaded replica's workers, driven by its replica actor. Their failure marks the replica
@@ -322,12 +325,13 @@ expected<void> link_all(serving* self, const caf::actor& head,
   for (size_t i = 0; i < executors.size(); ++i)
     add_role(st, static_cast<int32_t>(i), *plan, executors[i]);
   const int32_t landing = st.kv_ranks[0].front().landing_blocks;
-  const auto text = fmt::format(
-      "provider {}: {}{}", at->transport, plan->describe(),
-      landing > 0 ? fmt::format("; KV staged through host memory ({} landing blocks per decode "
-                                "rank)",
-                                landing)
-                  : "");
+  std::string how; // GPU KV: by CUDA IPC (same host), staged, or straight from the GPU
+  if (landing > 0)
+    how =
+        fmt::format("; KV staged through host memory ({} landing blocks per decode rank)", landing);
+  else if (!st.kv_ipc_host.empty())
+    how = "; KV by CUDA IPC (same host)";
+  const auto text = fmt::format("provider {}: {}{}", at->transport, plan->describe(), how);
   log::info("serving: '{}': {} prefill -> {} decode replica(s) linked, {}",
             st.config.served_model_name, loaded.size() - decoding, decoding, text);
   self->send(head, msg::linked_atom::value, st.config.served_model_name, text);
@@ -467,13 +471,20 @@ caf::result<std::string> on_deploy(serving* self, const msg::deployment_plan& pl
   st.rank_nodes.assign(n, {});
   log::info("serving: starting '{}': {} replica(s) of {} rank(s)", st.config.served_model_name, n,
             n ? plan.replicas.front().ranks.size() : 0);
+  std::vector<std::string> hosts; // of every rank of every group
   for (const auto& r : plan.replicas) {
     if (r.replica < 0 || static_cast<size_t>(r.replica) >= n)
       return actors::to_caf(make_error(errc::internal, "replica {} of {}", r.replica, n));
     st.ns[static_cast<size_t>(r.replica)] = r.ns;
-    for (const auto& rank : r.ranks)
-      st.rank_nodes[static_cast<size_t>(r.replica)].push_back(rank.node_id);
+    for (size_t k = 0; k < r.ranks.size(); ++k) {
+      st.rank_nodes[static_cast<size_t>(r.replica)].push_back(r.ranks[k].node_id);
+      hosts.push_back(k < r.hosts.size() ? r.hosts[k] : std::string());
+    }
   }
+  st.kv_ipc_host = kv_cuda_ipc_host(st.config, hosts);
+  if (!st.kv_ipc_host.empty())
+    log::info("serving: '{}': every rank runs on host {}: GPU KV goes by CUDA IPC",
+              st.config.served_model_name, st.kv_ipc_host);
   for (const auto& r : plan.replicas)
     start_loader(self, r);
   st.first = self->make_response_promise<std::string>();
@@ -504,6 +515,16 @@ caf::result<std::string> on_restart(serving* self, const msg::replica_plan& plan
   if (!st.served || plan.replica < 0 || i >= st.ns.size())
     return actors::to_caf(
         make_error(errc::invalid_argument, "no replica {} being served", plan.replica));
+  if (!st.kv_ipc_host.empty()) // the KV path was decided when the deployment loaded
+    for (size_t k = 0; k < plan.ranks.size(); ++k)
+      if (k >= plan.hosts.size() || plan.hosts[k] != st.kv_ipc_host)
+        return actors::to_caf(make_error(
+            errc::unavailable,
+            "replica {} rank {} was placed on node {} ({}), off host {} where this deployment's "
+            "KV goes by CUDA IPC",
+            plan.replica, k, plan.ranks[k].node_id,
+            k < plan.hosts.size() && !plan.hosts[k].empty() ? plan.hosts[k] : "unknown host",
+            st.kv_ipc_host));
   if (auto it = st.restarting.find(plan.replica); it != st.restarting.end()) {
     it->second.deliver(
         actors::to_caf(make_error(errc::cancelled, "superseded by the restart under {}", plan.ns)));

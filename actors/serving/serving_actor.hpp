@@ -49,6 +49,9 @@ struct serving_state {
   // counters shared by every replica.
   std::vector<std::vector<msg::kv_rank>> kv_ranks;
   std::shared_ptr<handoff_stats> handoffs;
+  // Disaggregated with GPU KV and every rank on one host (kv_cuda_ipc_host, decided when it
+  // loads): that host, and the KV goes by CUDA IPC; "" otherwise.
+  std::string kv_ipc_host;
   // Per replica: the namespace of the attempt it serves or loads ("" after a drop: every
   // message of an older attempt is stale), and its workers once loaded.
   std::vector<std::string> ns;

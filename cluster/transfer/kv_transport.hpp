@@ -3,9 +3,11 @@
 // (libfabric) and local_transport (same process); prefill/decode disaggregation is the caller.
 #pragma once
 
+#include <array>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -19,6 +21,24 @@ using clock = std::chrono::steady_clock;
 enum class memory_kind : uint8_t { host = 0, pinned_host = 1, cuda = 2 };
 std::string_view to_string(memory_kind kind);
 
+// Which host a process runs on: the kernel's boot id (/proc/sys/kernel/random/boot_id), shared by
+// every process of one running kernel (hence able to use CUDA IPC between them), new at each boot.
+using host_id = std::array<uint8_t, 16>;
+expected<host_id> this_host_id();
+// The boot id's text form (36 characters, "8-4-4-4-12" hex digits).
+expected<host_id> parse_host_id(std::string_view text);
+std::string to_string(const host_id& host);
+
+// A CUDA registration that another process of the same host can map (CUDA IPC): the allocation's
+// handle, where the region starts in it, its device (the registrant's numbering) and the host.
+struct cuda_ipc_part {
+  std::array<uint8_t, 64> handle{};
+  uint64_t offset = 0;
+  int32_t device = 0;
+  host_id host{};
+  friend bool operator==(const cuda_ipc_part&, const cuda_ipc_part&) = default;
+};
+
 // What a peer needs to write into one registration; travels as bytes (serialize/parse) through the
 // head's KV store or any other channel. `addr` is the registrant's virtual address
 // (FI_MR_VIRT_ADDR).
@@ -27,8 +47,10 @@ struct region_descriptor {
   uint64_t length = 0;
   uint64_t key = 0; // provider key (FI_MR_PROV_KEY); 0 for the local transport
   memory_kind kind = memory_kind::host;
+  std::optional<cuda_ipc_part> ipc; // CUDA memory a writer of this host maps (socket transport)
 
-  std::vector<uint8_t> serialize() const; // 32 bytes, little-endian, versioned
+  // Little-endian, versioned: 32 bytes ("TKV1"), or 128 with the IPC part ("TKV2", cuda only).
+  std::vector<uint8_t> serialize() const;
   static expected<region_descriptor> parse(std::span<const uint8_t> bytes);
   friend bool operator==(const region_descriptor&, const region_descriptor&) = default;
 };

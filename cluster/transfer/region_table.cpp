@@ -2,12 +2,14 @@
 
 namespace troupe::cluster::transfer {
 
-expected<region_id> region_table::add(void* ptr, size_t length, memory_kind kind) {
+expected<region_id> region_table::add(void* ptr, size_t length, memory_kind kind,
+                                      std::optional<cuda_ipc_part> ipc) {
   if (ptr == nullptr || length == 0)
     return make_error(errc::invalid_argument, "register_memory: empty region");
   std::lock_guard lock(mu_);
   const region_id id = next_id_++;
-  regions_[id] = {region_descriptor{reinterpret_cast<uint64_t>(ptr), length, id, kind}, 0};
+  regions_[id] = {
+      region_descriptor{reinterpret_cast<uint64_t>(ptr), length, id, kind, std::move(ipc)}, 0};
   return id;
 }
 

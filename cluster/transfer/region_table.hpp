@@ -15,8 +15,10 @@ namespace troupe::cluster::transfer {
 
 class region_table {
  public:
-  // A new region whose descriptor's key is its id. Errors: an empty region.
-  expected<region_id> add(void* ptr, size_t length, memory_kind kind);
+  // A new region whose descriptor's key is its id (with `ipc` when another process of this host
+  // may map it). Errors: an empty region.
+  expected<region_id> add(void* ptr, size_t length, memory_kind kind,
+                          std::optional<cuda_ipc_part> ipc = {});
   // Errors: unknown id (not_found), or a transfer still uses it (invalid_argument).
   expected<void> remove(region_id id);
   expected<region_descriptor> describe(region_id id) const;

@@ -9,26 +9,15 @@
 #include <cerrno>
 #include <cstring>
 
+#include "engine/backend/cuda/cuda_device.hpp"
 #include "runtime/log.hpp"
 
 namespace troupe::cluster::transfer::detail {
 namespace {
 
-constexpr uint32_t segment_magic = 0x47534b54;                         // "TKSG"
-constexpr uint32_t flag_last = 1, flag_cancelled = 2, flag_silent = 4; // silent: no notice
 constexpr size_t max_ranges = 512;                         // per segment (and per sendmsg/readv)
 constexpr uint64_t max_segment_bytes = uint64_t{64} << 20; // cancel/deadline granularity
 constexpr int poll_ms = 20;
-
-struct segment_header {
-  uint32_t magic = segment_magic;
-  uint32_t flags = 0;
-  uint64_t lease_id = 0;
-  uint64_t ranges = 0;
-};
-struct wire_range {
-  uint64_t key = 0, offset = 0, length = 0;
-};
 
 } // namespace
 
@@ -51,6 +40,9 @@ socket_connection::~socket_connection() {
   for (auto& [id, j] : jobs_)
     if (!j.done)
       transport_->release(j.batch.locals);
+  for (auto& [handle, base] : mapped_)
+    if (auto closed = engine::cuda_ipc_close(base); !closed)
+      log::warn("transfer: {}: {}", path_, closed.error().to_string());
 }
 
 expected<transfer_id> socket_connection::post(write_batch batch) {
@@ -61,6 +53,17 @@ expected<transfer_id> socket_connection::post(write_batch batch) {
   for (const auto& d : *acquired)
     lengths.push_back(d.length);
   auto writes = plan_writes(batch, lengths, max_segment_bytes);
+  for (size_t i = 0; writes && i < writes->size(); ++i) { // GPU memory: written by CUDA IPC only
+    const planned_write& w = (*writes)[i];
+    const region_descriptor& to = batch.remotes[w.remote];
+    if (auto ok = transport_->check_writable(to); !ok)
+      writes = std::move(ok).error();
+    else if ((*acquired)[w.local].kind == memory_kind::cuda && !to.ipc)
+      writes = make_error(errc::unsupported,
+                          "local region {} is GPU memory: the socket transport writes it into a "
+                          "peer's GPU memory by CUDA IPC only, not into region {} ({})",
+                          batch.locals[w.local], to.key, to_string(to.kind));
+  }
   std::lock_guard lock(mu_);
   if (!writes || broken_) {
     transport_->release(batch.locals);
@@ -148,31 +151,47 @@ void socket_connection::send_loop() {
 // Segments of at most max_ranges writes / max_segment_bytes; cancel and deadline are looked at
 // between segments (a clean stop: the peer gets a cancelled notice), and inside a segment by io_all
 // (mid-segment the stream cannot be resynchronised, so the connection closes).
+// A segment's writes go all into GPU memory by CUDA IPC (copied first, then sent as the table
+// alone) or all over the socket; a failed copy ends the batch like a cancel, with its error.
 void socket_connection::send_job(job& j, std::unique_lock<std::mutex>& lock) {
   size_t next = 0;
   const uint32_t silent = j.batch.notify ? 0 : flag_silent;
+  auto by_ipc = [&](size_t i) { return j.batch.remotes[j.writes[i].remote].ipc.has_value(); };
+  error copy_failed;
   while (!j.done) {
     bool late = clock::now() >= j.batch.deadline;
-    if (j.cancel || late) {
+    if (j.cancel || late || copy_failed) {
       lock.unlock();
       auto sent = send_segment(j, next, 0, flag_last | flag_cancelled | silent);
       lock.lock();
       if (!sent)
         return fail(std::move(sent).error());
-      j.failure = late ? make_error(errc::timeout, "lease {}: deadline passed after {} bytes",
-                                    j.batch.lease_id, j.bytes)
-                       : make_error(errc::cancelled, "lease {}: cancelled after {} bytes",
-                                    j.batch.lease_id, j.bytes);
+      j.failure = copy_failed ? std::move(copy_failed)
+                  : late ? make_error(errc::timeout, "lease {}: deadline passed after {} bytes",
+                                      j.batch.lease_id, j.bytes)
+                         : make_error(errc::cancelled, "lease {}: cancelled after {} bytes",
+                                      j.batch.lease_id, j.bytes);
       break;
     }
     size_t count = 0;
     uint64_t bytes = 0;
     while (next + count < j.writes.size() && count < max_ranges &&
-           (count == 0 || bytes + j.writes[next + count].length <= max_segment_bytes))
+           (count == 0 || (bytes + j.writes[next + count].length <= max_segment_bytes &&
+                           by_ipc(next + count) == by_ipc(next))))
       bytes += j.writes[next + count++].length;
     bool last = next + count == j.writes.size();
+    const uint32_t written = count > 0 && by_ipc(next) ? flag_written : 0;
     lock.unlock();
-    auto sent = send_segment(j, next, count, last ? flag_last | silent : 0);
+    if (written) {
+      auto copied = copy_by_ipc(j, next, count);
+      if (!copied) {
+        lock.lock();
+        copy_failed = std::move(copied).error().context(
+            fmt::format("lease {}: CUDA IPC copy after {} bytes", j.batch.lease_id, j.bytes));
+        continue;
+      }
+    }
+    auto sent = send_segment(j, next, count, (last ? flag_last | silent : 0) | written);
     lock.lock();
     if (!sent) {
       error why = std::move(sent).error();
@@ -204,10 +223,40 @@ expected<void> socket_connection::send_segment(job& j, size_t first, size_t coun
   for (size_t i = 0; i < count; ++i) {
     const planned_write& w = j.writes[first + i];
     table[i] = {j.batch.remotes[w.remote].key, w.remote_offset, w.length};
-    iov.push_back({reinterpret_cast<char*>(j.locals[w.local].addr) + w.local_offset, w.length});
+    if (!(flags & flag_written))
+      iov.push_back({reinterpret_cast<char*>(j.locals[w.local].addr) + w.local_offset, w.length});
   }
   ++j.segments;
   return io_all(true, iov.data(), static_cast<int>(iov.size()), j.batch.deadline);
+}
+
+expected<char*> socket_connection::mapped(const cuda_ipc_part& remote,
+                                          const region_descriptor& local) {
+  if (auto it = mapped_.find(remote.handle); it != mapped_.end())
+    return it->second;
+  // On the device the copies read from (GPU memory), else the thread's current one.
+  auto base = engine::cuda_ipc_open(remote.handle, local.ipc ? local.ipc->device : -1);
+  if (!base)
+    return std::move(base).error().context(
+        fmt::format("{}: mapping the peer's GPU memory (its device {})", path_, remote.device));
+  return mapped_[remote.handle] = static_cast<char*>(*base);
+}
+
+expected<void> socket_connection::copy_by_ipc(job& j, size_t first, size_t count) {
+  std::vector<engine::copy_span> copies;
+  copies.reserve(count);
+  for (size_t i = first; i < first + count; ++i) {
+    const planned_write& w = j.writes[i];
+    const region_descriptor &to = j.batch.remotes[w.remote], &from = j.locals[w.local];
+    char* dst = reinterpret_cast<char*>(to.addr) + w.remote_offset; // in this process: as is
+    if (!socket_transport::exported_here(to.ipc->handle)) {
+      char* base = nullptr;
+      TROUPE_ASSIGN(base, mapped(*to.ipc, from));
+      dst = base + to.ipc->offset + w.remote_offset;
+    }
+    copies.push_back({dst, reinterpret_cast<const char*>(from.addr) + w.local_offset, w.length});
+  }
+  return engine::cuda_copy_all(copies);
 }
 
 // sendmsg/readv until every iovec is done, polling in short steps so stop, peer loss and the
@@ -267,7 +316,7 @@ expected<void> socket_connection::read_segment() {
   segment_header h;
   iovec hv{&h, sizeof h};
   TROUPE_TRY_VOID(io_all(false, &hv, 1, forever));
-  if (h.magic != segment_magic || h.ranges > max_ranges)
+  if (h.magic != segment_magic || h.ranges > max_ranges || (h.flags & ~known_flags) != 0)
     return make_error(errc::parse_error, "{}: not a transfer segment", path_);
   std::vector<wire_range> table(h.ranges);
   std::vector<iovec> iov;
@@ -282,7 +331,7 @@ expected<void> socket_connection::read_segment() {
     iov.push_back({dst, r.length});
     bytes += r.length;
   }
-  if (!iov.empty())
+  if (!iov.empty() && !(h.flags & flag_written)) // written: by the peer, through CUDA IPC
     TROUPE_TRY_VOID(io_all(false, iov.data(), static_cast<int>(iov.size()), forever));
   std::lock_guard lock(mu_);
   uint64_t& total = incoming_bytes_[h.lease_id];

@@ -1,6 +1,9 @@
 // One TCP stream of the socket transport: a sender thread turns batches into segments (header,
 // range table, payload gathered with sendmsg) and a reader thread scatters the peer's segments into
 // our registrations (readv) and queues their notices. Made by socket_transport::connect/accept.
+// A segment into the peer's GPU memory (CUDA IPC mode) is copied by the sender through the mapped
+// allocation first and then sent as its header and range table only (flag_written); the reader
+// checks the ranges against its registrations and counts them, reading no payload.
 #pragma once
 
 #include <sys/uio.h>
@@ -14,6 +17,22 @@
 #include "cluster/transfer/write_plan.hpp"
 
 namespace troupe::cluster::transfer::detail {
+
+// The stream: segments of (header, `ranges` wire_ranges, their payload unless flag_written).
+inline constexpr uint32_t segment_magic = 0x47534b54; // "TKSG"
+inline constexpr uint32_t flag_last = 1, flag_cancelled = 2;
+inline constexpr uint32_t flag_silent = 4;  // the batch's last segment, but no notice
+inline constexpr uint32_t flag_written = 8; // the sender wrote the ranges (CUDA IPC): no payload
+inline constexpr uint32_t known_flags = flag_last | flag_cancelled | flag_silent | flag_written;
+struct segment_header {
+  uint32_t magic = segment_magic;
+  uint32_t flags = 0;
+  uint64_t lease_id = 0;
+  uint64_t ranges = 0;
+};
+struct wire_range {
+  uint64_t key = 0, offset = 0, length = 0;
+};
 
 class socket_connection final : public kv_connection {
  public:
@@ -43,6 +62,9 @@ class socket_connection final : public kv_connection {
   void send_loop();
   void send_job(job& j, std::unique_lock<std::mutex>& lock);
   expected<void> send_segment(job& j, size_t first, size_t count, uint32_t flags);
+  // CUDA IPC: the writes [first, first + count) copied into the peer's mapped GPU memory.
+  expected<void> copy_by_ipc(job& j, size_t first, size_t count);
+  expected<char*> mapped(const cuda_ipc_part& remote, const region_descriptor& local);
   void read_loop();
   expected<void> read_segment();
   expected<void> io_all(bool sending, iovec* iov, int count, clock::time_point deadline);
@@ -61,6 +83,7 @@ class socket_connection final : public kv_connection {
   transfer_id next_id_ = 1;
   bool stop_ = false;
   error broken_;
+  std::map<std::array<uint8_t, 64>, char*> mapped_; // the peer's allocations (sender thread)
   std::thread sender_, reader_;
 };
 

@@ -15,6 +15,7 @@
 #include <cstring>
 
 #include "cluster/transfer/socket_connection.hpp"
+#include "engine/backend/cuda/cuda_device.hpp"
 
 namespace troupe::cluster::transfer {
 namespace {
@@ -45,10 +46,41 @@ expected<sockaddr_in> resolve(const std::string& host, const std::string& port) 
   return a;
 }
 
+// The handles of this process's live CUDA IPC registrations (any transport), with their counts.
+struct exported_handles {
+  std::mutex mu;
+  std::map<std::array<uint8_t, 64>, int> live;
+};
+exported_handles& exported_handles_of_process() {
+  static exported_handles e;
+  return e;
+}
+
 } // namespace
 
+bool socket_transport::exported_here(const std::array<uint8_t, 64>& handle) {
+  auto& e = exported_handles_of_process();
+  std::lock_guard lock(e.mu);
+  return e.live.count(handle) > 0;
+}
+
 std::shared_ptr<socket_transport> socket_transport::create(std::string host) {
-  return std::shared_ptr<socket_transport>(new socket_transport(std::move(host)));
+  auto here = this_host_id();
+  return std::shared_ptr<socket_transport>(new socket_transport(
+      std::move(host), false, here ? std::optional<host_id>(*here) : std::nullopt));
+}
+
+expected<std::shared_ptr<socket_transport>>
+socket_transport::create_with_cuda_ipc(std::string host) {
+  auto devices = engine::cuda_devices();
+  if (!devices)
+    return std::move(devices).error().context("the socket transport's CUDA IPC mode");
+  if (devices->empty())
+    return make_error(errc::unsupported, "the socket transport's CUDA IPC mode: no CUDA device");
+  auto here = this_host_id();
+  if (!here)
+    return std::move(here).error().context("the socket transport's CUDA IPC mode");
+  return std::shared_ptr<socket_transport>(new socket_transport(std::move(host), true, *here));
 }
 
 socket_transport::~socket_transport() {
@@ -57,9 +89,59 @@ socket_transport::~socket_transport() {
 }
 
 expected<region_id> socket_transport::register_memory(void* ptr, size_t length, memory_kind kind) {
-  if (kind == memory_kind::cuda)
-    return make_error(errc::unsupported, "the socket transport registers host memory only");
-  return regions_.add(ptr, length, kind);
+  if (kind != memory_kind::cuda)
+    return regions_.add(ptr, length, kind);
+  if (!cuda_ipc_)
+    return make_error(errc::unsupported, "the socket transport registers host memory only (GPU "
+                                         "memory in its CUDA IPC mode, between processes of one "
+                                         "host)");
+  auto exported = engine::cuda_ipc_export(ptr, length);
+  if (!exported)
+    return std::move(exported).error().context("registering GPU memory for CUDA IPC");
+  auto id = regions_.add(ptr, length, kind,
+                         cuda_ipc_part{.handle = exported->handle,
+                                       .offset = exported->offset,
+                                       .device = exported->device,
+                                       .host = *here_});
+  if (id) {
+    std::lock_guard lock(exported_handles_of_process().mu);
+    ++exported_handles_of_process().live[exported->handle];
+  }
+  return id;
+}
+
+expected<void> socket_transport::deregister(region_id id) {
+  auto d = regions_.describe(id);
+  TROUPE_TRY_VOID(regions_.remove(id));
+  if (d && d->ipc) {
+    auto& e = exported_handles_of_process();
+    std::lock_guard lock(e.mu);
+    if (auto it = e.live.find(d->ipc->handle); it != e.live.end() && --it->second == 0)
+      e.live.erase(it);
+  }
+  return {};
+}
+
+expected<void> socket_transport::check_writable(const region_descriptor& remote) const {
+  if (remote.kind != memory_kind::cuda)
+    return {};
+  if (!remote.ipc)
+    return make_error(errc::unsupported,
+                      "the peer's region {} is GPU memory without a CUDA IPC "
+                      "handle: the socket transport cannot write it",
+                      remote.key);
+  if (!here_ || remote.ipc->host != *here_)
+    return make_error(errc::unsupported,
+                      "the peer's region {} is GPU memory of another host (boot id {}, this "
+                      "host's {}): CUDA IPC works between processes of one host only",
+                      remote.key, to_string(remote.ipc->host),
+                      here_ ? to_string(*here_) : std::string("unknown"));
+  if (!cuda_ipc_)
+    return make_error(errc::unsupported,
+                      "the peer's region {} is GPU memory: this socket "
+                      "transport is not in CUDA IPC mode",
+                      remote.key);
+  return {};
 }
 
 expected<char*> socket_transport::target_range(uint64_t key, uint64_t offset,

@@ -2,13 +2,16 @@
 """Prefill/decode disaggregation between node processes on the GPU: `cluster start --head` (its
 node sees this host's GPU) and `cluster join` of a second node daemon on the same host (it sees
 the same GPU), then `cluster serve` of the golden tiny-qwen3 model with device: cuda, first
-colocated, then as 1P1D over the libfabric tcp provider, which cannot register GPU memory: the KV
-is staged through page-locked host memory on both sides (staging: auto). Greedy tokens of prompts
-sent one at a time must equal the colocated deployment's (in bf16 a random model's near-ties make
-`cluster generate`, whose prefill runs other kernels, a poor reference), concurrent ones must
-equal those (waiting in turn for the landing blocks), a prompt longer than the staging room is
-prefilled on the decode replica with the same answer, and no KV block stays in use. Skips (77)
-without a GPU.
+colocated, then twice as 1P1D:
+- provider auto: both ranks on one host, so the KV goes device to device by CUDA IPC (the
+  transfer text says "KV by CUDA IPC (same host)"), never staged: every prompt, the long one too,
+  is handed off;
+- PROVIDER (default tcp) with staging: always: the KV is staged through page-locked host memory
+  on both sides; a prompt longer than the staging room is prefilled on the decode replica.
+Greedy tokens of prompts sent one at a time must equal the colocated deployment's (in bf16 a
+random model's near-ties make `cluster generate`, whose prefill runs other kernels, a poor
+reference), concurrent ones must equal those, and no KV block stays in use. Skips (77) without a
+GPU.
 Usage: disagg_cuda_nodes_e2e.py PATH/TO/cluster GOLDEN_DIR [PROVIDER]."""
 import json, os, re, subprocess, sys, tempfile, threading, time, urllib.request
 
@@ -70,6 +73,89 @@ def complete(base, name, p):
     return json.loads(post(base, "/v1/completions", body)[1])["choices"][0]["token_ids"]
 
 
+def logs_say(text):
+    for dirpath, _, files in os.walk(tmp):
+        for f in files:
+            if f.endswith(".log"):
+                with open(os.path.join(dirpath, f), errors="replace") as log:
+                    if text in log.read():
+                        return True
+    return False
+
+
+def check_1p1d(name, kv_provider, extra, staged):
+    base = serve(name, "disaggregation:\n  prefill: {replicas: 1}\n  decode: {replicas: 1}\n"
+                 f"  provider: {kv_provider}\n  staging_tokens: 64\n" + extra)
+    status = json.loads(run("status", "--json").stdout)
+    dep = next(d for d in status["deployments"] if d["name"] == name)
+    nodes = {r["node_id"] for r in dep["ranks"]}
+    transfer = dep.get("transfer", "")
+    print(f"{name} transfer:", transfer)
+    if len(nodes) != 2:
+        fail(f"prefill and decode ranks share a node: {dep['ranks']}")
+    if staged and "staged through host memory" not in transfer:
+        fail(f"the GPU KV is not staged: {transfer}")
+    if not staged and ("KV by CUDA IPC (same host)" not in transfer or "staged" in transfer):
+        fail(f"the GPU KV does not go by CUDA IPC: {transfer}")
+    if not staged and not logs_say(f"serving: '{name}': every rank runs on host"):
+        fail("the serve log does not say the KV goes by CUDA IPC")
+
+    def tiny(p):
+        return complete(base, name, p)
+
+    alone = [tiny(p) for p in prompts]
+    for i, (got, exp) in enumerate(zip(alone, want)):
+        if got != exp:
+            fail(f"{name}: prompt {i} ({len(prompts[i])} tokens): 1P1D {got} != colocated {exp}")
+    together = [None] * len(prompts)
+
+    def one(i):
+        together[i] = tiny(prompts[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if together != alone:
+        fail(f"{name}: concurrent {together} != one at a time {alone}")
+
+    def metric(metric_name):
+        text = urllib.request.urlopen(base + "/metrics", timeout=30).read().decode()
+        found = re.search("^" + re.escape(metric_name) + r"\{[^}]*\} (\S+)$", text, re.M)
+        if not found:
+            fail(f"{metric_name} missing from /metrics")
+        return float(found.group(1))
+
+    handed, local = metric("troupe_kv_handoffs_total"), metric("troupe_kv_local_prefills_total")
+    # Staged, 64 tokens of room: the 61-token prompt fits alone; at once they wait for landing
+    # blocks in turn. Every request was handed off, none failed.
+    if handed != 2 * len(prompts) or local != 0:
+        fail(f"{name}: {handed} handoffs and {local} local prefills for {2 * len(prompts)} "
+             "requests")
+    if metric("troupe_kv_handoff_failures_total") != 0:
+        fail(f"{name}: handoffs failed")
+    if tiny(long_prompt) != want_long:
+        fail(f"{name}: the {len(long_prompt)}-token prompt differs from colocated")
+    if staged and metric("troupe_kv_local_prefills_total") != local + 1:
+        fail("the prompt longer than the staging room was not prefilled on the decode replica")
+    if not staged and metric("troupe_kv_handoffs_total") != handed + 1:
+        fail("by CUDA IPC the long prompt was not handed off (nothing limits it)")
+    deadline = time.time() + 20
+    while metric("troupe_kv_blocks_in_use") > 0 and time.time() < deadline:
+        time.sleep(0.05)
+    if metric("troupe_kv_blocks_in_use") != 0:
+        fail(f"{name}: KV blocks still in use after every request ended")
+    moved = int(metric("troupe_kv_transfer_bytes_total"))
+    if moved <= 0:
+        fail(f"{name}: no KV bytes moved")
+    print(f"1P1D between node processes on cuda, {transfer}:",
+          int(metric("troupe_kv_handoffs_total")), "handoffs,", moved, "bytes; greedy == colocated")
+    stop = run("serve", "--stop", name)
+    if stop.returncode != 0:
+        fail(f"serve --stop {name}: {stop.stdout} {stop.stderr}")
+
+
 head = run("start", "--head", "--port", "0", timeout=60)
 join = re.search(r"cluster join (\S+) --token (\S+) --ca-sha256 (\S+)", head.stdout)
 if head.returncode != 0 or not join:
@@ -93,66 +179,8 @@ try:
     stop = run("serve", "--stop", "solo")
     if stop.returncode != 0:
         fail(f"serve --stop solo: {stop.stdout} {stop.stderr}")
-    base = serve("tiny", "disaggregation:\n  prefill: {replicas: 1}\n  decode: {replicas: 1}\n"
-                 f"  provider: {provider}\n  staging_tokens: 64\n")
-    status = json.loads(run("status", "--json").stdout)
-    dep = next(d for d in status["deployments"] if d["name"] == "tiny")
-    nodes = {r["node_id"] for r in dep["ranks"]}
-    print("transfer:", dep.get("transfer"))
-    if len(nodes) != 2:
-        fail(f"prefill and decode ranks share a node: {dep['ranks']}")
-    if "staged through host memory" not in dep.get("transfer", ""):
-        fail(f"the GPU KV is not staged: {dep.get('transfer')}")
-
-    def tiny(p):
-        return complete(base, "tiny", p)
-
-    alone = [tiny(p) for p in prompts]
-    for i, (got, exp) in enumerate(zip(alone, want)):
-        if got != exp:
-            fail(f"prompt {i} ({len(prompts[i])} tokens): 1P1D {got} != colocated {exp}")
-    together = [None] * len(prompts)
-
-    def one(i):
-        together[i] = tiny(prompts[i])
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if together != alone:
-        fail(f"concurrent {together} != one at a time {alone}")
-
-    def metric(name):
-        text = urllib.request.urlopen(base + "/metrics", timeout=30).read().decode()
-        found = re.search("^" + re.escape(name) + r"\{[^}]*\} (\S+)$", text, re.M)
-        if not found:
-            fail(f"{name} missing from /metrics")
-        return float(found.group(1))
-
-    handed, local = metric("troupe_kv_handoffs_total"), metric("troupe_kv_local_prefills_total")
-    # 64 tokens of staging: the 61-token prompt fits alone; at once they wait for landing blocks
-    # in turn. Every request was handed off, none failed.
-    if handed != 2 * len(prompts) or local != 0:
-        fail(f"{handed} handoffs and {local} local prefills for {2 * len(prompts)} requests")
-    if metric("troupe_kv_handoff_failures_total") != 0:
-        fail("handoffs failed")
-    if tiny(long_prompt) != want_long:
-        fail("the prompt longer than the staging room differs from colocated")
-    if metric("troupe_kv_local_prefills_total") != local + 1:
-        fail("the prompt longer than the staging room was not prefilled on the decode replica")
-    deadline = time.time() + 20
-    while metric("troupe_kv_blocks_in_use") > 0 and time.time() < deadline:
-        time.sleep(0.05)
-    if metric("troupe_kv_blocks_in_use") != 0:
-        fail("KV blocks still in use after every request ended")
-    print(f"1P1D between node processes on cuda over {provider}, KV staged through host memory:",
-          int(handed), "handoffs,", int(metric("troupe_kv_transfer_bytes_total")), "bytes; greedy "
-          "== colocated")
-    stop = run("serve", "--stop", "tiny")
-    if stop.returncode != 0:
-        fail(f"serve --stop: {stop.stdout} {stop.stderr}")
+    check_1p1d("ipc", "auto", "", staged=False)
+    check_1p1d("staged", provider, "  staging: always\n", staged=True)
 finally:
     stop_all()
 print("PASS")

@@ -46,4 +46,16 @@ expected<void> cuda_copy_all(std::span<const copy_span>) {
   return error{errc::unsupported, why};
 }
 
+expected<cuda_ipc_memory> cuda_ipc_export(const void*, size_t) {
+  return error{errc::unsupported, why};
+}
+
+expected<void*> cuda_ipc_open(const std::array<uint8_t, 64>&, int32_t) {
+  return error{errc::unsupported, why};
+}
+
+expected<void> cuda_ipc_close(void*) {
+  return error{errc::unsupported, why};
+}
+
 } // namespace troupe::engine

@@ -2,10 +2,12 @@
 // (cuda_plugin.hpp), and the runtime calls of cuda_device.hpp. Built only into the plugin.
 #include "engine/backend/cuda/cuda_plugin.hpp"
 
+#include <cuda.h> // CUresult, CUdeviceptr: the driver is reached through the runtime, not linked
 #include <cuda_runtime.h>
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -126,6 +128,78 @@ expected<void> copy_all(std::span<const copy_span> copies) {
   return {};
 }
 
+static_assert(sizeof(cudaIpcMemHandle_t) == sizeof(cuda_ipc_memory::handle));
+
+// The cudaMalloc allocation `p` lies in (base, size): cuMemGetAddressRange, looked up through the
+// runtime so that the plugin does not link libcuda.
+expected<std::pair<uintptr_t, size_t>> allocation_of(const void* p) {
+  using get_range_fn = CUresult (*)(CUdeviceptr*, size_t*, CUdeviceptr);
+  void* fn = nullptr;
+  cudaDriverEntryPointQueryResult found{};
+  if (cudaError_t rc = cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &fn, 12000,
+                                                        cudaEnableDefault, &found);
+      rc != cudaSuccess || found != cudaDriverEntryPointSuccess || fn == nullptr)
+    return runtime_error("looking up cuMemGetAddressRange in the CUDA driver",
+                         rc != cudaSuccess ? rc : cudaErrorSymbolNotFound);
+  CUdeviceptr base = 0;
+  size_t size = 0;
+  if (CUresult rc =
+          reinterpret_cast<get_range_fn>(fn)(&base, &size, reinterpret_cast<CUdeviceptr>(p));
+      rc != CUDA_SUCCESS)
+    return make_error(errc::io_error, "cuMemGetAddressRange({}): CUDA driver error {}", p,
+                      static_cast<int>(rc));
+  return std::pair{static_cast<uintptr_t>(base), size};
+}
+
+expected<cuda_ipc_memory> ipc_export(const void* ptr, size_t bytes) {
+  cudaPointerAttributes a{};
+  if (cudaError_t rc = cudaPointerGetAttributes(&a, ptr); rc != cudaSuccess)
+    return runtime_error(fmt::format("cudaPointerGetAttributes({})", ptr), rc);
+  if (a.type != cudaMemoryTypeDevice)
+    return make_error(errc::invalid_argument,
+                      "CUDA IPC exports device memory only: {} is not (memory type {})", ptr,
+                      static_cast<int>(a.type));
+  if (cudaError_t rc = cudaSetDevice(a.device); rc != cudaSuccess)
+    return runtime_error(fmt::format("cudaSetDevice({})", a.device), rc);
+  auto range = allocation_of(ptr);
+  if (!range)
+    return std::move(range).error();
+  const auto [base, size] = *range;
+  const uint64_t offset = reinterpret_cast<uintptr_t>(ptr) - base;
+  if (offset > size || bytes > size - offset)
+    return make_error(errc::invalid_argument,
+                      "CUDA IPC: [{}, +{}) extends past its allocation of {} bytes at {:#x}", ptr,
+                      bytes, size, base);
+  cudaIpcMemHandle_t h{};
+  if (cudaError_t rc = cudaIpcGetMemHandle(&h, reinterpret_cast<void*>(base)); rc != cudaSuccess)
+    return runtime_error(fmt::format("cudaIpcGetMemHandle of the allocation at {:#x} ({} bytes, "
+                                     "device {}; only cudaMalloc memory can be exported)",
+                                     base, size, a.device),
+                         rc);
+  cuda_ipc_memory out{.offset = offset, .device = a.device};
+  std::memcpy(out.handle.data(), &h, sizeof h);
+  return out;
+}
+
+expected<void*> ipc_open(const std::array<uint8_t, 64>& handle, int32_t device) {
+  if (device >= 0)
+    if (cudaError_t rc = cudaSetDevice(device); rc != cudaSuccess)
+      return runtime_error(fmt::format("cudaSetDevice({})", device), rc);
+  cudaIpcMemHandle_t h{};
+  std::memcpy(&h, handle.data(), sizeof h);
+  void* base = nullptr;
+  if (cudaError_t rc = cudaIpcOpenMemHandle(&base, h, cudaIpcMemLazyEnablePeerAccess);
+      rc != cudaSuccess)
+    return runtime_error("cudaIpcOpenMemHandle (GPU memory of another process of this host)", rc);
+  return base;
+}
+
+expected<void> ipc_close(void* base) {
+  if (cudaError_t rc = cudaIpcCloseMemHandle(base); rc != cudaSuccess)
+    return runtime_error(fmt::format("cudaIpcCloseMemHandle({})", base), rc);
+  return {};
+}
+
 const plugin_table table{
     .unavailable_reason = unavailable_reason,
     .make_backend = make_backend,
@@ -138,6 +212,9 @@ const plugin_table table{
     .alloc_host = alloc_host,
     .free_host = free_host,
     .copy_all = copy_all,
+    .ipc_export = ipc_export,
+    .ipc_open = ipc_open,
+    .ipc_close = ipc_close,
 };
 
 } // namespace

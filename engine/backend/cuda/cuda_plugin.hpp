@@ -21,7 +21,7 @@
 namespace troupe::engine::cuda {
 
 // Bump when the table or a type passed through it changes meaning.
-inline constexpr uint32_t plugin_abi_version = 2;
+inline constexpr uint32_t plugin_abi_version = 3;
 inline constexpr const char* plugin_file = "libtroupe_cuda.so";
 inline constexpr const char* plugin_entry_symbol = "troupe_cuda_plugin";
 
@@ -56,6 +56,9 @@ struct plugin_table {
   expected<void*> (*alloc_host)(size_t bytes) = nullptr;
   void (*free_host)(void* ptr) = nullptr;
   expected<void> (*copy_all)(std::span<const copy_span> copies) = nullptr;
+  expected<cuda_ipc_memory> (*ipc_export)(const void* ptr, size_t bytes) = nullptr;
+  expected<void*> (*ipc_open)(const std::array<uint8_t, 64>& handle, int32_t device) = nullptr;
+  expected<void> (*ipc_close)(void* base) = nullptr;
 };
 
 // The implementations inside the plugin (and in troupe_cuda_static, for the GPU tests and

@@ -133,6 +133,24 @@ expected<void> cuda_copy_all(std::span<const copy_span> copies) {
   return not_loaded();
 }
 
+expected<cuda_ipc_memory> cuda_ipc_export(const void* ptr, size_t bytes) {
+  if (const auto* t = plugin().table)
+    return t->ipc_export(ptr, bytes);
+  return not_loaded();
+}
+
+expected<void*> cuda_ipc_open(const std::array<uint8_t, 64>& handle, int32_t device) {
+  if (const auto* t = plugin().table)
+    return t->ipc_open(handle, device);
+  return not_loaded();
+}
+
+expected<void> cuda_ipc_close(void* base) {
+  if (const auto* t = plugin().table)
+    return t->ipc_close(base);
+  return not_loaded();
+}
+
 namespace comm {
 
 bool nccl_available() {
