@@ -27,12 +27,6 @@ struct cuda_device_info {
 // (built without CUDA, the plugin or a CUDA library missing, the driver's error).
 expected<std::vector<cuda_device_info>> cuda_devices();
 
-// cudaMemcpy(dst, src, bytes, cudaMemcpyDefault): either side may be host or device memory.
-expected<void> cuda_copy(void* dst, const void* src, size_t bytes);
-
-// Waits for the legacy default stream, where cuda_copy's device-to-device copies may still run.
-expected<void> cuda_wait_default_stream();
-
 // Page-locked host memory (cudaHostAlloc): what GPU KV is staged through for a transport that
 // registers host memory only. Freed with cuda_free_host.
 expected<void*> cuda_alloc_host(size_t bytes);

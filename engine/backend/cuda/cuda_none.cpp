@@ -28,14 +28,6 @@ expected<std::vector<cuda_device_info>> cuda_devices() {
   return error{errc::unsupported, why};
 }
 
-expected<void> cuda_copy(void*, const void*, size_t) {
-  return error{errc::unsupported, why};
-}
-
-expected<void> cuda_wait_default_stream() {
-  return error{errc::unsupported, why};
-}
-
 expected<void*> cuda_alloc_host(size_t) {
   return error{errc::unsupported, why};
 }

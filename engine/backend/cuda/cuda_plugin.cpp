@@ -36,18 +36,6 @@ expected<std::vector<cuda_device_info>> devices() {
   return out;
 }
 
-expected<void> copy(void* dst, const void* src, size_t bytes) {
-  if (cudaError_t rc = cudaMemcpy(dst, src, bytes, cudaMemcpyDefault); rc != cudaSuccess)
-    return runtime_error(fmt::format("cudaMemcpy of {} bytes", bytes), rc);
-  return {};
-}
-
-expected<void> wait_default_stream() {
-  if (cudaError_t rc = cudaStreamSynchronize(cudaStreamLegacy); rc != cudaSuccess)
-    return runtime_error("waiting for device copies", rc);
-  return {};
-}
-
 expected<void*> alloc_host(size_t bytes) {
   void* p = nullptr;
   if (cudaError_t rc = cudaHostAlloc(&p, bytes, cudaHostAllocDefault); rc != cudaSuccess)
@@ -207,8 +195,6 @@ const plugin_table table{
     .make_nccl_communicator = make_nccl_communicator,
     .make_host_staged_communicator = make_host_staged_communicator,
     .devices = devices,
-    .copy = copy,
-    .wait_default_stream = wait_default_stream,
     .alloc_host = alloc_host,
     .free_host = free_host,
     .copy_all = copy_all,

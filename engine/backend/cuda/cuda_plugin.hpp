@@ -51,8 +51,6 @@ struct plugin_table {
   expected<std::unique_ptr<comm::device_communicator>> (*make_host_staged_communicator)(
       comm::communicator&) = nullptr;
   expected<std::vector<cuda_device_info>> (*devices)() = nullptr;
-  expected<void> (*copy)(void* dst, const void* src, size_t bytes) = nullptr;
-  expected<void> (*wait_default_stream)() = nullptr;
   expected<void*> (*alloc_host)(size_t bytes) = nullptr;
   void (*free_host)(void* ptr) = nullptr;
   expected<void> (*copy_all)(std::span<const copy_span> copies) = nullptr;

@@ -104,18 +104,6 @@ expected<std::vector<cuda_device_info>> cuda_devices() {
   return not_loaded();
 }
 
-expected<void> cuda_copy(void* dst, const void* src, size_t bytes) {
-  if (const auto* t = plugin().table)
-    return t->copy(dst, src, bytes);
-  return not_loaded();
-}
-
-expected<void> cuda_wait_default_stream() {
-  if (const auto* t = plugin().table)
-    return t->wait_default_stream();
-  return not_loaded();
-}
-
 expected<void*> cuda_alloc_host(size_t bytes) {
   if (const auto* t = plugin().table)
     return t->alloc_host(bytes);
