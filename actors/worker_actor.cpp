@@ -154,7 +154,7 @@ expected<void> open_kv(worker* self, const msg::worker_spec& spec, const worker_
     return std::move(kv).error().context(
         fmt::format("the {} group's KV transfer endpoint", spec.kv_role));
   if (spec.kv_role == "prefill") // its layers go out as the backend writes them
-    TROUPE_TRY_VOID(self->state.model->set_kv_listener(kv->get()));
+    TROUPE_TRY_VOID(self->state.model->set_kv_listener((*kv)->pusher()));
   const auto staging = (*kv)->staging();
   log::info("worker {} rank {}: {} KV over {}{}{}", spec.deployment, rank, spec.kv_role,
             (*kv)->provider(), staging.empty() ? "" : ", " + staging,

@@ -41,7 +41,7 @@ struct worker_state {
   // Disaggregated deployments: this rank's KV registered for transfers (before the model goes).
   std::unique_ptr<serve::kv_rank_endpoint> kv;
   ~worker_state() {
-    if (model && kv) // it listens to the model's layers
+    if (model && kv) // its pusher listens to the model's layers
       (void)model->set_kv_listener(nullptr);
   }
   static inline const char* name = "worker_actor";

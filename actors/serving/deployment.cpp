@@ -49,10 +49,11 @@ double share(const deployment_config& c, int32_t k, int32_t n) {
   return c.gpu_memory_utilization * (k + 1) / n;
 }
 
-// A replica in this process and where its KV cache lives.
+// A replica in this process, where its KV cache lives and its backend (owned by r.exec).
 struct local_replica {
   replica_executor r;
   engine::kv_layout kv;
+  engine::backend* model = nullptr;
 };
 
 using progress_fn = std::function<void(const msg::rank_progress&)>;
@@ -116,8 +117,9 @@ expected<local_replica> start_cuda(const deployment_config& c, const kv_plan& kv
             t.loader_threads > 0 ? t.read_s / t.loader_threads : 0.0, t.loader_threads,
             t.workspace_s, t.kv_s, load_s - t.weights_s - t.workspace_s - t.kv_s);
   auto layout = (*model)->kv_memory();
-  return local_replica{{in_process(std::move(*model), std::move(*exec)), blocks},
-                       std::move(layout)};
+  engine::backend* backend = model->get();
+  return local_replica{
+      {in_process(std::move(*model), std::move(*exec)), blocks}, std::move(layout), backend};
 }
 
 expected<local_replica> start_local(const deployment_config& c, const kv_plan& kv,
@@ -130,8 +132,9 @@ expected<local_replica> start_local(const deployment_config& c, const kv_plan& k
     return std::move(model).error();
   auto layout = (*model)->kv_memory();
   auto exec = std::make_unique<engine::local_executor>(**model);
-  return local_replica{{in_process(std::move(*model), std::move(exec)), kv.num_blocks},
-                       std::move(layout)};
+  engine::backend* backend = model->get();
+  return local_replica{
+      {in_process(std::move(*model), std::move(exec)), kv.num_blocks}, std::move(layout), backend};
 }
 
 // Both groups of a disaggregated deployment in this process, linked: the decode replicas, then
@@ -160,7 +163,10 @@ expected<std::vector<replica_executor>> start_disaggregated(const resolved_deplo
   for (int g = 0; g < 2; ++g)
     for (const auto& r : groups[g])
       layouts[g].push_back(r.kv);
-  auto links = link_in_process(d, layouts[1], layouts[0]);
+  std::vector<std::shared_ptr<void>> decode_owners; // their executors own their KV memory
+  for (const auto& r : groups[0])
+    decode_owners.push_back(r.r.exec);
+  auto links = link_in_process(d, layouts[1], layouts[0], decode_owners);
   if (!links)
     return std::move(links).error();
   log::info("disaggregation: {} prefill -> {} decode replica(s), {}", groups[1].size(),
@@ -172,11 +178,9 @@ expected<std::vector<replica_executor>> start_disaggregated(const resolved_deplo
   }
   for (size_t i = 0; i < groups[1].size(); ++i) {
     auto& r = groups[1][i].r;
-    // A link keeps both replicas' KV memory alive while a transfer may still touch it.
-    for (size_t k = 0; k < links->prefill[i]->links.size(); ++k)
-      links->prefill[i]->links[k].keepalive = std::make_shared<
-          std::pair<std::shared_ptr<engine::executor>, std::shared_ptr<engine::executor>>>(
-          r.exec, out[k].exec);
+    // The backend reports its layers to its pusher, which it owns (and stops before its KV
+    // memory goes).
+    TROUPE_TRY_VOID(groups[1][i].model->set_kv_listener(links->pushers[i]));
     r.prefill = links->prefill[i];
     out.push_back(std::move(r));
   }

@@ -1,12 +1,13 @@
 // Prefill/decode disaggregation inside the replica actors (design.md §6). A decode replica
 // reserves blocks for a request's prompt and asks a prefill replica to fill them; the prefill
-// replica prefills, samples the first token, pushes the prompt's KV into the reserved blocks over
-// a kv_connection (one batch of one-sided writes per request, from kv_handoff_plan) and hands the
-// first token over; the decode replica starts decoding once the first token and the batch's
-// completion notice (the data is in place) have both arrived. Every handoff is a lease named by
-// the router's request id: its deadline, a cancel, a failed transfer or a failed prefill frees
-// the blocks on both sides (the decode side's only once nothing can write them any more) and
-// either prefills on the decode replica or ends the request with the error, as configured.
+// replica prefills, pushes the prompt's KV into the reserved blocks over a kv_connection layer by
+// layer while the prefill runs (layer_pusher: one-sided writes from kv_handoff_plan, one notice
+// per decode rank) and hands the first token over; the decode replica starts decoding once the
+// first token and the completion notices (the data is in place) have all arrived. Every handoff is
+// a lease named by the router's request id: its deadline, a cancel, a failed transfer or a failed
+// prefill frees the blocks on both sides (the decode side's only once nothing can write them any
+// more) and either prefills on the decode replica or ends the request with the error, as
+// configured.
 //
 // Messages (one process; never serialized):
 //   (import_atom, handoff_job)      router -> decode replica
@@ -14,7 +15,7 @@
 //   (handed_atom, handoff_result)   prefill -> decode replica: the first token, or why not
 //   (abort_atom, lease)             decode -> prefill replica: stop (cancel, deadline)
 //   (landed_atom, lease, cancelled) a decode replica's notice listener -> itself
-//   (pushed_atom, push_result)      a prefill replica's transfer waiter -> itself
+//   (kv_pushed_atom, kv_pushed)     a prefill replica's pusher(s) -> itself (messages.hpp)
 #pragma once
 
 #include <atomic>
@@ -30,6 +31,7 @@
 #include <caf/atom.hpp>
 
 #include "actors/messages.hpp"
+#include "actors/serving/layer_pusher.hpp"
 #include "cluster/transfer/kv_handoff.hpp"
 #include "cluster/transfer/kv_transport.hpp"
 #include "engine/scheduler/scheduler.hpp"
@@ -43,8 +45,6 @@ using prefill_atom = caf::atom_constant<caf::atom("prefill")>;
 using handed_atom = caf::atom_constant<caf::atom("handed")>;
 using abort_atom = caf::atom_constant<caf::atom("abort")>;
 using landed_atom = msg::landed_atom;
-using pushed_atom = caf::atom_constant<caf::atom("pushed")>;
-using wait_atom = caf::atom_constant<caf::atom("wait")>;
 using lease_atom = caf::atom_constant<caf::atom("lease")>;
 
 // What the deployment's handoffs did, for /metrics; shared by its replicas, thread-safe.
@@ -93,22 +93,15 @@ struct push_result {
   double seconds = 0;
 };
 
-// One prefill replica's link to one decode replica, and their layout contract.
-struct outbound_link {
-  std::shared_ptr<void> keepalive; // what owns the decode replica's KV memory: outlives `conn`
-  std::shared_ptr<cluster::transfer::kv_connection> conn;
-  std::vector<cluster::transfer::region_descriptor> remote; // the decode rank's KV allocations
-  std::shared_ptr<const cluster::transfer::kv_handoff_plan> plan;
-};
-
-// A prefill replica's part. In one process: its KV registered with the transport, and a link per
-// decode replica. Over worker ranks: the ranks that push (their own links, kv_rank_endpoint).
+// A prefill replica's part. In one process: its transport and its pusher (linked to every
+// decode replica; owned by the replica's backend, which reports its layers to it). Over worker
+// ranks: the ranks that push (each its own pusher, in its kv_rank_endpoint).
 struct prefill_role {
   std::shared_ptr<cluster::transfer::kv_transport> transport;
-  std::vector<cluster::transfer::region_id> locals; // per KV allocation
-  std::vector<outbound_link> links;                 // by decode index
-  std::vector<size_t> pushers; // worker ranks with something to send; empty: in one process
+  std::weak_ptr<layer_pusher> pusher; // in one process
+  std::vector<size_t> pushers;        // worker ranks with something to send
   std::shared_ptr<handoff_stats> stats;
+  size_t pushing_ranks() const { return pushers.empty() ? 1 : pushers.size(); }
 };
 
 // A decode replica's part: the links prefill replicas write through (their notices), and the
@@ -159,4 +152,3 @@ class notice_listener {
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(troupe::serve::handoff_job)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(troupe::serve::export_job)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(troupe::serve::handoff_result)
-CAF_ALLOW_UNSAFE_MESSAGE_TYPE(troupe::serve::push_result)

@@ -95,7 +95,8 @@ expected<std::vector<tr::region_id>> register_kv(tr::kv_transport& t,
 
 expected<handoff_links> link_in_process(const disaggregation_config& config,
                                         const std::vector<engine::kv_layout>& prefill,
-                                        const std::vector<engine::kv_layout>& decode) {
+                                        const std::vector<engine::kv_layout>& decode,
+                                        const std::vector<std::shared_ptr<void>>& decode_owners) {
   if (config.staging == "always")
     return make_error(errc::invalid_argument,
                       "disaggregation.staging: always stages KV between node processes; in one "
@@ -134,7 +135,7 @@ expected<handoff_links> link_in_process(const disaggregation_config& config,
     auto ids = register_kv(*role->transport, prefill[p]);
     if (!ids)
       return std::move(ids).error();
-    role->locals = std::move(*ids);
+    auto pusher = std::make_shared<layer_pusher>(prefill[p], std::move(*ids), 0, std::nullopt);
     role->stats = links.stats;
     for (size_t d = 0; d < decode.size(); ++d) {
       auto plan = tr::kv_handoff_plan::make({prefill[p]}, {decode[d]});
@@ -146,12 +147,14 @@ expected<handoff_links> link_in_process(const disaggregation_config& config,
       if (!ends)
         return std::move(ends).error().context(
             fmt::format("linking prefill replica {} to decode replica {}", p, d));
-      role->links.push_back(
-          {.conn = std::move(ends->first),
-           .remote = d_regions[d],
-           .plan = std::make_shared<const tr::kv_handoff_plan>(std::move(*plan))});
+      pusher->link(static_cast<uint32_t>(d),
+                   {.plan = std::make_shared<const tr::kv_handoff_plan>(std::move(*plan)),
+                    .pairs = {{.pair = 0, .conn = std::move(ends->first), .remote = d_regions[d]}},
+                    .keepalive = d < decode_owners.size() ? decode_owners[d] : nullptr});
       links.decode[d]->inbound.push_back(std::move(ends->second));
     }
+    role->pusher = pusher;
+    links.pushers.push_back(std::move(pusher));
     links.prefill.push_back(std::move(role)); // keeps the transport; the endpoint is done
   }
   links.stats->provider =

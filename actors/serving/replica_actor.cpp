@@ -46,6 +46,8 @@ void answer(const replica_state::pending_export& ex, troupe::error failure, uint
 
 // Worker ranks: stops the pushers' batches of `lease` (they answer as cancelled).
 void cancel_pushes(const replica_state& st, uint64_t lease) {
+  if (auto p = st.spec.prefill->pusher.lock())
+    p->cancel(lease);
   for (size_t r : st.spec.prefill->pushers)
     caf::anon_send(st.spec.ranks.workers[r], msg::cancel_atom::value, lease);
 }
@@ -70,13 +72,17 @@ void fail_live(replica_state& st, const troupe::error& why) {
   if (st.loop)
     (void)st.loop->fail_all(); // importing requests' blocks stay held
   for (auto it = st.exports.begin(); it != st.exports.end();) {
-    if (it->second.pushing && it->second.awaiting == 0) { // its transfer waiter ends it
+    auto& ex = it->second;
+    if (ex.awaiting) // told to stop
+      cancel_pushes(st, ex.job.lease);
+    if (ex.awaiting && st.spec.prefill->pushers.empty()) { // the pusher answers: that ends it
+      ex.prefilled = true;
+      if (ex.pushed.failure.code() == errc::ok)
+        ex.pushed.failure = why;
       ++it;
       continue;
     }
-    if (it->second.awaiting) // worker ranks pushing: told to stop (failed ones never answer)
-      cancel_pushes(st, it->second.job.lease);
-    answer(it->second, why);
+    answer(ex, why); // failed worker ranks may never answer
     st.export_of.erase(it->second.job.lease);
     it = st.exports.erase(it);
   }
@@ -531,22 +537,31 @@ void on_lease_expired(replica* self, uint64_t lease) {
 
 // ---- Prefill side ----
 
-// Worker ranks push, each its share, while the step that completes the prompt runs.
+// The replica's pusher, or its worker ranks' (each its share), push the prompt's KV while the
+// step that completes it runs; each answers (kv_pushed_atom, kv_pushed).
 void arm_pushes(replica* self, seq_id id, replica_state::pending_export& ex) {
   auto& st = self->state;
+  const auto& role = *st.spec.prefill;
   const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
       ex.job.deadline - std::chrono::steady_clock::now());
-  for (size_t r : st.spec.prefill->pushers)
-    self->send(st.spec.ranks.workers[r], msg::push_atom::value,
-               msg::kv_push{.lease = ex.job.lease,
-                            .decode = ex.job.decode_index,
-                            .seq = id,
-                            .decode_blocks = ex.job.blocks,
-                            .begin = ex.job.cached_tokens,
-                            .end = static_cast<int32_t>(ex.job.request.prompt.size()),
-                            .timeout_ms = std::max<int64_t>(left.count(), 1)});
-  ex.pushing = true;
-  ex.awaiting = st.spec.prefill->pushers.size();
+  const msg::kv_push push{.lease = ex.job.lease,
+                          .decode = ex.job.decode_index,
+                          .seq = id,
+                          .decode_blocks = ex.job.blocks,
+                          .begin = ex.job.cached_tokens,
+                          .end = static_cast<int32_t>(ex.job.request.prompt.size()),
+                          .timeout_ms = std::max<int64_t>(left.count(), 1)};
+  auto me = caf::actor_cast<caf::actor>(self);
+  if (role.pushers.empty()) {
+    if (auto p = role.pusher.lock())
+      p->push(push, me);
+    else // its backend is gone
+      self->send(me, msg::kv_pushed_atom::value,
+                 msg::kv_pushed{.lease = push.lease, .rank = 0, .error = "the replica stopped"});
+  }
+  for (size_t r : role.pushers)
+    self->send(st.spec.ranks.workers[r], msg::push_atom::value, push);
+  ex.awaiting = role.pushing_ranks();
   ex.pushed = {.id = id};
 }
 
@@ -558,9 +573,6 @@ void on_prefill(replica* self, export_job& job) {
     return answer(ex, make_error(errc::unavailable, "{}", st.broken));
   if (!st.spec.prefill)
     return answer(ex, make_error(errc::internal, "this replica does not prefill for others"));
-  if (st.spec.prefill->pushers.empty() && ex.job.decode_index >= st.spec.prefill->links.size())
-    return answer(ex,
-                  make_error(errc::internal, "no link to decode replica {}", ex.job.decode_index));
   if (std::chrono::steady_clock::now() >= ex.job.deadline)
     return answer(ex, make_error(errc::timeout, "the handoff's deadline passed before prefill"));
   auto id = st.loop->add_request(ex.job.request);
@@ -568,8 +580,7 @@ void on_prefill(replica* self, export_job& job) {
     return answer(ex, id.error());
   st.export_of[ex.job.lease] = *id;
   auto& added = st.exports.emplace(*id, std::move(ex)).first->second;
-  if (!st.spec.prefill->pushers.empty()) // before any plan holds it
-    arm_pushes(self, *id, added);
+  arm_pushes(self, *id, added); // before any plan holds it
   kick(self);
   st.spec.gauges->publish(*st.loop);
 }
@@ -587,12 +598,11 @@ void end_export(replica* self, seq_id id, troupe::error failure, uint64_t bytes 
 
 void on_pushed(replica* self, push_result& r);
 
-// The prefill of an exported request ended: push its KV to the decode replica's blocks (worker
-// ranks pushed it meanwhile: the export ends once they all answered).
+// The prefill of an exported request ended (its KV was pushed meanwhile): the export ends once
+// every pushing rank answered too.
 void on_exported(replica* self, seq_id id, const engine::request_output& o) {
   auto& st = self->state;
   auto& ex = st.exports.at(id);
-  const auto& role = *st.spec.prefill;
   ex.prefilled = true;
   if (o.finish != engine::finish_reason::handoff) {
     auto why = make_error(errc::cancelled, "the prefill replica ended the request ({})",
@@ -608,31 +618,10 @@ void on_exported(replica* self, seq_id id, const engine::request_output& o) {
               .logprob = o.logprob,
               .top_ids = o.top_ids,
               .top_logprobs = o.top_logprobs};
-  const auto prompt = static_cast<int32_t>(ex.job.request.prompt.size());
-  if (!role.pushers.empty()) {
-    if (ex.awaiting == 0) {
-      auto done = std::move(ex.pushed);
-      on_pushed(self, done);
-    }
-    return;
+  if (ex.awaiting == 0) {
+    auto done = std::move(ex.pushed);
+    on_pushed(self, done);
   }
-  const auto& link = role.links[ex.job.decode_index];
-  cluster::transfer::write_batch batch{.lease_id = ex.job.lease,
-                                       .locals = role.locals,
-                                       .remotes = link.remote,
-                                       .ranges = {},
-                                       .deadline = ex.job.deadline};
-  if (auto ok =
-          link.plan->ranges(0, o.blocks, ex.job.blocks, ex.job.cached_tokens, prompt, batch.ranges);
-      !ok)
-    return end_export(self, id, ok.error());
-  auto posted = link.conn->post(std::move(batch));
-  if (!posted)
-    return end_export(self, id, posted.error());
-  ex.transfer = *posted;
-  ex.pushing = true;
-  self->send(st.waiters[ex.job.decode_index], wait_atom::value, id, *posted,
-             std::chrono::steady_clock::now().time_since_epoch().count());
 }
 
 void on_pushed(replica* self, push_result& r) {
@@ -649,7 +638,7 @@ void on_pushed(replica* self, push_result& r) {
   end_export(self, r.id, std::move(r.failure), r.bytes);
 }
 
-// One worker rank's batches of an export are done: once every pusher answered and the prefill
+// One pushing rank's batches of an export are done: once every one answered and the prefill
 // ended, the push is.
 void on_rank_pushed(replica* self, const msg::kv_pushed& r) {
   auto& st = self->state;
@@ -685,42 +674,12 @@ void on_abort(replica* self, uint64_t lease) {
   if (it == st.export_of.end())
     return;
   auto& ex = st.exports.at(it->second);
-  if (ex.awaiting) { // the ranks report their cancelled pushes, the engine its cancelled output
+  if (ex.awaiting) // they answer as cancelled
     cancel_pushes(st, lease);
-    if (!ex.prefilled) {
-      (void)st.loop->cancel(it->second);
-      kick(self);
-    }
-    return;
+  if (!ex.prefilled) { // its cancelled output ends the export (once the ranks answered)
+    (void)st.loop->cancel(it->second);
+    kick(self);
   }
-  if (ex.pushing) { // the waiter reports the cancelled batch
-    st.spec.prefill->links[ex.job.decode_index].conn->cancel(ex.transfer);
-    return;
-  }
-  (void)st.loop->cancel(it->second); // its cancelled output ends the export
-  kick(self);
-}
-
-// Waits for one link's pushes, off the prefill replica's thread.
-caf::behavior push_waiter(caf::event_based_actor* self, outbound_link link, caf::actor owner) {
-  auto conn = link.conn;
-  return {[self, link, conn, owner](wait_atom, seq_id id, cluster::transfer::transfer_id t,
-                                    int64_t posted_ns) {
-    auto r = conn->wait(t);
-    const auto now = std::chrono::steady_clock::now().time_since_epoch().count();
-    push_result p{.id = id,
-                  .failure = {},
-                  .bytes = 0,
-                  .writes = 0,
-                  .seconds = static_cast<double>(now - posted_ns) / 1e9};
-    if (r) {
-      p.bytes = r->bytes;
-      p.writes = r->posted_writes;
-    } else {
-      p.failure = std::move(r).error();
-    }
-    self->send(owner, pushed_atom::value, std::move(p));
-  }};
 }
 
 void on_down(replica* self, const caf::down_msg& dm) {
@@ -757,12 +716,6 @@ caf::behavior replica_actor(replica* self, replica_spec spec) {
   if (!st.spec.gauges)
     st.spec.gauges = std::make_shared<replica_gauges>();
   auto me = caf::actor_cast<caf::actor>(self);
-  if (st.spec.prefill)
-    for (const auto& link : st.spec.prefill->links) {
-      auto w = self->system().spawn<caf::detached>(push_waiter, link, me);
-      self->link_to(w); // stops with this actor
-      st.waiters.push_back(std::move(w));
-    }
   if (st.spec.decode) {
     for (int32_t b = st.spec.decode->landing_blocks - 1; b >= 0; --b)
       st.landing_free.push_back(b); // handed out lowest first
@@ -785,7 +738,6 @@ caf::behavior replica_actor(replica* self, replica_spec spec) {
       [self](landed_atom, uint64_t lease, bool cancelled) { on_landed(self, lease, cancelled); },
       [self](lease_atom, uint64_t lease) { on_lease_expired(self, lease); },
       [self](prefill_atom, export_job& job) { on_prefill(self, job); },
-      [self](pushed_atom, push_result& r) { on_pushed(self, r); },
       [self](msg::kv_pushed_atom, const msg::kv_pushed& r) { on_rank_pushed(self, r); },
       [self](msg::unstaged_atom, const msg::kv_pushed& r) { on_unstaged(self, r); },
       [self](abort_atom, uint64_t lease) { on_abort(self, lease); },

@@ -102,17 +102,14 @@ struct replica_state {
   struct pending_export {
     export_job job;
     seq_output first;
-    cluster::transfer::transfer_id transfer = 0;
-    // In one process: the transfer is posted. Worker ranks: pushes armed (they push while the
-    // prompt's last step runs) and not all answered.
-    bool pushing = false;
-    size_t awaiting = 0;    // worker ranks: pushers yet to answer
-    bool prefilled = false; // worker ranks: the prefill ended (first token, or a failure)
-    push_result pushed;     // worker ranks: their answers summed, the first failure
+    // Pushes are armed when the export enters the scheduler and run while the prompt's last
+    // step does: the replica's pusher (in one process) or its worker ranks'.
+    size_t awaiting = 0;    // pushing ranks yet to answer
+    bool prefilled = false; // the prefill ended (first token, or a failure)
+    push_result pushed;     // their answers summed, the first failure
   };
   std::unordered_map<seq_id, pending_export> exports;
   std::unordered_map<uint64_t, seq_id> export_of; // lease -> engine id
-  std::vector<caf::actor> waiters;                // by decode index: waits for pushes
   ~replica_state();                               // fails the live requests (cancelled)
   static inline const char* name = "replica_actor";
 };

@@ -4,7 +4,7 @@
 
 namespace troupe::engine {
 
-expected<void> backend::set_kv_listener(kv_layer_listener*) {
+expected<void> backend::set_kv_listener(std::shared_ptr<kv_layer_listener>) {
   return make_error(errc::unsupported, "this backend does not report layers as it computes");
 }
 

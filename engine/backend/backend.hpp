@@ -55,9 +55,10 @@ class backend {
   // Where this rank's KV cache lives, for moving it to another deployment's ranks. Valid for the
   // backend's lifetime.
   virtual kv_layout kv_memory() const = 0;
-  // From now on, tells `listener` (nullptr: nobody) of every step's layers as they are written.
-  // Unsupported unless a backend says otherwise.
-  virtual expected<void> set_kv_listener(kv_layer_listener* listener);
+  // From now on, tells `listener` (null: nobody) of every step's layers as they are written. The
+  // backend keeps it alive and lets it go first when destroyed, before its KV memory (so that a
+  // listener reading that memory stops in time). Unsupported unless a backend says otherwise.
+  virtual expected<void> set_kv_listener(std::shared_ptr<kv_layer_listener> listener);
 };
 
 // Checks a plan against a model and KV layout: token ids within the vocabulary, block tables

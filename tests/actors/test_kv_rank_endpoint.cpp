@@ -138,12 +138,12 @@ TEST_CASE("kv rank endpoint: an armed push goes out layer by layer as the step w
   e.prefill->push(e.push(7, 42), caf::actor_cast<caf::actor>(self));
 
   // A chunk before the prompt's last: nothing to hear of.
-  CHECK_FALSE(e.prefill->step_begins(step(1, 42, 0, 4)));
-  e.prefill->step_ends(true);
+  CHECK_FALSE(e.prefill->pusher()->step_begins(step(1, 42, 0, 4)));
+  e.prefill->pusher()->step_ends(true);
   // The prompt's last chunk: the push starts with its first layer, before the others exist.
-  REQUIRE(e.prefill->step_begins(step(2, 42, 4, prompt - 4)));
+  REQUIRE(e.prefill->pusher()->step_begins(step(2, 42, 4, prompt - 4)));
   for (int32_t l = 0; l < layers; ++l) {
-    e.prefill->layer_written(l, written_now);
+    e.prefill->pusher()->layer_written(l, written_now);
     CHECK(eventually([&] { return landed(e.d, l) == per_layer; }));
     if (l + 1 == layers)
       break;
@@ -154,7 +154,7 @@ TEST_CASE("kv rank endpoint: an armed push goes out layer by layer as the step w
                   caf::after(50ms) >> [] {});
     CHECK_FALSE(early);
   }
-  e.prefill->step_ends(true);
+  e.prefill->pusher()->step_ends(true);
   int notices = 0;
   std::optional<msg::kv_pushed> answer;
   for (int i = 0; i < 2; ++i)
@@ -194,9 +194,9 @@ TEST_CASE("kv rank endpoint: a failed step, a cancel and a layer that never come
   };
   SUBCASE("the step fails after its first layer") {
     e.prefill->push(e.push(1, 10), caf::actor_cast<caf::actor>(self));
-    REQUIRE(e.prefill->step_begins(step(1, 10, 0, prompt)));
-    e.prefill->layer_written(0, written_now);
-    e.prefill->step_ends(false);
+    REQUIRE(e.prefill->pusher()->step_begins(step(1, 10, 0, prompt)));
+    e.prefill->pusher()->layer_written(0, written_now);
+    e.prefill->pusher()->step_ends(false);
     auto r = answer();
     CHECK(r.lease == 1);
     CHECK(r.error.find("prefill step failed") != std::string::npos);
@@ -207,16 +207,17 @@ TEST_CASE("kv rank endpoint: a failed step, a cancel and a layer that never come
     auto r = answer();
     CHECK(r.lease == 2);
     CHECK(r.cancelled);
-    CHECK_FALSE(e.prefill->step_begins(step(1, 20, 0, prompt))); // disarmed
-    e.prefill->step_ends(true);
+    CHECK_FALSE(e.prefill->pusher()->step_begins(step(1, 20, 0, prompt))); // disarmed
+    e.prefill->pusher()->step_ends(true);
   }
   SUBCASE("the backend reports a layer it could not wait for") {
     e.prefill->push(e.push(3, 30), caf::actor_cast<caf::actor>(self));
-    REQUIRE(e.prefill->step_begins(step(1, 30, 0, prompt)));
-    e.prefill->layer_written(0, [] { return expected<void>(make_error(errc::internal, "boom")); });
+    REQUIRE(e.prefill->pusher()->step_begins(step(1, 30, 0, prompt)));
+    e.prefill->pusher()->layer_written(
+        0, [] { return expected<void>(make_error(errc::internal, "boom")); });
     auto r = answer();
     CHECK(r.error.find("boom") != std::string::npos);
-    e.prefill->step_ends(true);
+    e.prefill->pusher()->step_ends(true);
   }
   bool noticed = false; // a push that failed notifies nobody: its parts were silent
   self->receive([&](msg::landed_atom, uint64_t, bool) { noticed = true; },

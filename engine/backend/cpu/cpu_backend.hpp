@@ -59,13 +59,14 @@ class cpu_backend final : public backend {
                                                        const weight_source& weights,
                                                        kv_cache_options kv, parallel_context par);
 
+  ~cpu_backend() override { listener_.reset(); } // before the KV memory it may read
   const model_config& config() const override { return config_; }
   kv_cache_options kv_options() const override { return kv_; }
   expected<void> forward(const step_plan& plan, forward_output& out) override;
   bool makes_logits() const override;
   kv_layout kv_memory() const override;
-  expected<void> set_kv_listener(kv_layer_listener* listener) override {
-    listener_ = listener;
+  expected<void> set_kv_listener(std::shared_ptr<kv_layer_listener> listener) override {
+    listener_ = std::move(listener);
     return {};
   }
 
@@ -121,7 +122,7 @@ class cpu_backend final : public backend {
   std::vector<layer> layers_;     // this stage's layers only (others left empty)
   // [stage layers][num_blocks][block_size][local kv heads][head_dim]
   mutable std::vector<float> k_cache_, v_cache_;
-  kv_layer_listener* listener_ = nullptr;
+  std::shared_ptr<kv_layer_listener> listener_;
 };
 
 } // namespace troupe::engine

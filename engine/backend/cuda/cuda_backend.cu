@@ -62,6 +62,7 @@ void cuda_backend_impl::drop_graphs() {
 }
 
 cuda_backend_impl::~cuda_backend_impl() {
+  listener_.reset(); // before the KV memory it may read and the events it may wait for
   drop_graphs();
   for (cudaEvent_t e : layer_events_)
     if (e != nullptr)

@@ -72,8 +72,8 @@ class cuda_backend_impl final : public cuda_backend {
   cuda_load_timings load_timings() const override { return timings_; }
   void set_use_graphs(bool on) override { use_graphs_ = on; }
   expected<bool> warm_up_next() override;
-  expected<void> set_kv_listener(kv_layer_listener* listener) override {
-    listener_ = listener;
+  expected<void> set_kv_listener(std::shared_ptr<kv_layer_listener> listener) override {
+    listener_ = std::move(listener);
     return {};
   }
   void set_use_skinny_gemm(bool on) override {
@@ -137,7 +137,7 @@ class cuda_backend_impl final : public cuda_backend {
   bool comm_capturable_ = true; // every communicator may be recorded into a graph
   head_layout heads_;           // this rank's heads
   cudaStream_t stream_ = nullptr;
-  kv_layer_listener* listener_ = nullptr;
+  std::shared_ptr<kv_layer_listener> listener_;
   bool listening_ = false;                // this step's layers go to listener_ (eager steps)
   std::vector<cudaEvent_t> layer_events_; // by stage layer: recorded after it, for listener_
   gemm_runner gemm_;
