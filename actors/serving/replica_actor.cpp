@@ -56,7 +56,8 @@ void cancel_pushes(const replica_state& st, uint64_t lease) {
 void forget_import(replica_state& st, seq_id id) {
   auto it = st.imports.find(id);
   for (int32_t b : it->second.landing)
-    st.landing_free.push_back(b);
+    if (b >= 0) // the cached positions' entries hold none
+      st.landing_free.push_back(b);
   st.import_of.erase(it->second.lease);
   st.imports.erase(it);
 }

@@ -642,6 +642,20 @@ TEST_CASE("cluster serve: KV staged through host memory answers like generate") 
   for (int round = 0; round < 3; ++round) // more handoffs than landing blocks: all given back
     CHECK(complete(prompts[0]) == together[0]);
   CHECK(troupe::test::metric_value(port, "troupe_kv_local_prefills_total") == 1);
+  // A prompt whose first block the decode replica has cached takes one landing block (its
+  // table's cached entry holds none, and none goes back to the free ones), then handoffs go on.
+  std::string head;
+  for (int i = 0; i < 16; ++i)
+    head += fmt::format("{}{}", i ? "," : "", 500 + i);
+  CHECK(complete(head + ",7,8,9") == generate_ids(fx, *model, head + ",7,8,9", 8));
+  CHECK(complete(head + ",10,11") == generate_ids(fx, *model, head + ",10,11", 8));
+  std::string two_blocks; // both landing blocks
+  for (int i = 0; i < 20; ++i)
+    two_blocks += fmt::format("{}{}", i ? "," : "", 600 + i);
+  const auto want = generate_ids(fx, *model, two_blocks, 8);
+  for (int round = 0; round < 2; ++round)
+    CHECK(complete(two_blocks) == want);
+  CHECK(troupe::test::metric_value(port, "troupe_kv_local_prefills_total") == 1);
   CHECK(troupe::test::metric_value(port, "troupe_kv_handoff_failures_total") == 0);
   CHECK(troupe::test::metric_value(port, "troupe_kv_blocks_in_use") == 0);
 }
