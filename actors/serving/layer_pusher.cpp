@@ -193,7 +193,7 @@ void layer_pusher::post_layers(const std::vector<std::shared_ptr<outgoing>>& gro
     conn_ptr conn;
     std::unique_ptr<tr::parted_transfer> parts;
     std::vector<std::vector<tr::write_range>> by_layer; // [stage layer]
-    int32_t last = 0; // its last layer with anything to move (else the stage's last)
+    int32_t last = 0; // its last layer with anything to move (the stage's last when none has)
   };
   std::vector<transfer> transfers;
   auto fail = [&](size_t push, const troupe::error& e) {
@@ -214,7 +214,6 @@ void layer_pusher::post_layers(const std::vector<std::shared_ptr<outgoing>>& gro
     for (const auto& pl : jobs[i].link.pairs) {
       transfer t{.push = i, .conn = pl.conn, .parts = {}, .by_layer = {}, .last = layers - 1};
       uint64_t bytes = 0;
-      bool any = false;
       for (int32_t l = 0; l < layers && jobs[i].answer.error.empty(); ++l) {
         auto& ranges = t.by_layer.emplace_back();
         if (auto ok =
@@ -224,15 +223,11 @@ void layer_pusher::post_layers(const std::vector<std::shared_ptr<outgoing>>& gro
           fail(i, ok.error());
         for (const auto& r : ranges)
           bytes += r.length;
-        if (!ranges.empty()) {
+        if (!ranges.empty())
           t.last = l;
-          any = true;
-        }
       }
       if (!jobs[i].answer.error.empty())
         break;
-      if (!any)
-        t.last = layers - 1; // nothing to move: its notice goes with the stage's last layer
       std::optional<tr::stage_area> area;
       if (staging_)
         area = tr::stage_area{.at = staging_->buffer.data() + at,
